@@ -1,0 +1,177 @@
+// The torch binding layer: every op schema in one place, then the CPU and Meta
+// (fake) kernels. The kernels themselves are framework-free (csrc/cpu, csrc/cuda);
+// this file only checks tensors, allocates outputs and passes raw pointers.
+//
+// Data-dependent checks (NaN rows, parameter values) belong to the Python
+// wrappers; kernels here never raise on data: invalid rows come back marked.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu/sampling.h"
+
+namespace dk = decodekit;
+
+namespace {
+
+// ------------------------------------------------------------- helpers ----
+dk::cpu::ScalarKind logits_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return dk::cpu::ScalarKind::kFloat32;
+    case at::kHalf: return dk::cpu::ScalarKind::kFloat16;
+    case at::kBFloat16: return dk::cpu::ScalarKind::kBFloat16;
+    default:
+      TORCH_CHECK(false, "decodekit: logits must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_logits(const at::Tensor& logits, int64_t vocab_size) {
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V], got ", logits.dim(), "-D");
+  TORCH_CHECK(logits.stride(1) == 1, "decodekit: logits rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(logits.size(1) > 0, "decodekit: logits must have V >= 1 columns");
+  TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "decodekit: V must be < 2^31");
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= logits.size(1),
+              "decodekit: vocab_size must be in [1, V=", logits.size(1), "], got ", vocab_size);
+  logits_kind(logits);
+}
+
+dk::cpu::LogitsView logits_view(const at::Tensor& logits, int64_t vocab_size) {
+  return dk::cpu::LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0), logits.size(1),
+                             logits.stride(0), vocab_size};
+}
+
+template <typename T>
+dk::cpu::RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::ScalarType dtype,
+                               int64_t B, const char* name) {
+  dk::cpu::RowParam<T> p;
+  p.scalar = scalar;
+  if (t.has_value()) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "decodekit: ", name, " must be a 1-D tensor of length B=", B);
+    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
+    p.values = t->data_ptr<T>();
+  }
+  return p;
+}
+
+void check_same_device(const at::Tensor& logits, const std::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value())
+    TORCH_CHECK(t->device() == logits.device(), "decodekit: ", name, " is on ", t->device(),
+                " but logits are on ", logits.device());
+}
+
+// ------------------------------------------------------------ CPU ops ----
+at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
+                       double temperature_val, int64_t vocab_size, bool deterministic) {
+  check_logits(logits, vocab_size);
+  check_same_device(logits, temperature, "temperature");
+  const int64_t B = logits.size(0);
+  auto probs = at::empty({B, logits.size(1)}, logits.options().dtype(at::kFloat));
+  const auto temp = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, B, "temperature");
+  dk::cpu::softmax(logits_view(logits, vocab_size), temp, deterministic, at::get_num_threads(),
+                   probs.data_ptr<float>());
+  return probs;
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_cpu(const at::Tensor& logits, int64_t vocab_size) {
+  check_logits(logits, vocab_size);
+  const int64_t B = logits.size(0);
+  auto ids = at::empty({B}, logits.options().dtype(at::kLong));
+  auto valid = at::empty({B}, logits.options().dtype(at::kBool));
+  dk::cpu::argmax(logits_view(logits, vocab_size), at::get_num_threads(), ids.data_ptr<int64_t>(),
+                  valid.data_ptr<bool>());
+  return {ids, valid};
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_from_logits_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
+    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val,
+    const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
+    int64_t offset_val, int64_t vocab_size, bool deterministic) {
+  check_logits(logits, vocab_size);
+  for (auto [t, name] : {std::pair{&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
+                         {&min_p, "min_p"}, {&seed, "seed"}, {&offset, "offset"}})
+    check_same_device(logits, *t, name);
+  const int64_t B = logits.size(0);
+  dk::cpu::SamplingParams prm;
+  prm.temperature = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, B, "temperature");
+  prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, B, "top_k");
+  prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, B, "top_p");
+  prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, B, "min_p");
+  prm.seed = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
+  prm.offset = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  auto ids = at::empty({B}, logits.options().dtype(at::kLong));
+  auto valid = at::empty({B}, logits.options().dtype(at::kBool));
+  dk::cpu::sample_from_logits(logits_view(logits, vocab_size), prm, deterministic, at::get_num_threads(),
+                              ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+  return {ids, valid};
+}
+
+// ----------------------------------------------------- Meta (fake) ops ----
+at::Tensor softmax_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double, int64_t, bool) {
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
+  return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> ids_and_valid_meta(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
+  return {at::empty({logits.size(0)}, logits.options().dtype(at::kLong)),
+          at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_meta(const at::Tensor& logits, int64_t) {
+  return ids_and_valid_meta(logits);
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_from_logits_meta(
+    const at::Tensor& logits, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+    int64_t, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, int64_t, int64_t, bool) {
+  return ids_and_valid_meta(logits);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------- schemas ----
+TORCH_LIBRARY(decodekit, m) {
+  m.def("softmax(Tensor logits, Tensor? temperature, float temperature_val, int vocab_size, "
+        "bool deterministic) -> Tensor");
+  m.def("argmax(Tensor logits, int vocab_size) -> (Tensor, Tensor)");
+  m.def("sample_from_logits(Tensor logits, Tensor? temperature, float temperature_val, "
+        "Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, "
+        "Tensor? seed, int seed_val, Tensor? offset, int offset_val, int vocab_size, "
+        "bool deterministic) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
+  m.impl("softmax", &softmax_cpu);
+  m.impl("argmax", &argmax_cpu);
+  m.impl("sample_from_logits", &sample_from_logits_cpu);
+}
+
+TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
+  m.impl("softmax", &softmax_meta);
+  m.impl("argmax", &argmax_meta);
+  m.impl("sample_from_logits", &sample_from_logits_meta);
+}
+
+// ------------------------------------------------------ Python module ----
+// Importing decodekit._C runs the registrations above; the module itself only
+// reports what it was built with.
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "decodekit compiled ops (registered under torch.ops.decodekit)";
+  mod.attr("built_with_torch") = DK_TORCH_VERSION;
+#ifdef DK_WITH_CUDA
+  mod.attr("has_cuda_ops") = true;
+#else
+  mod.attr("has_cuda_ops") = false;
+#endif
+}

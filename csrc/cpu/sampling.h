@@ -1,0 +1,56 @@
+// CPU kernels of the sampling family: softmax with temperature, argmax and the
+// fused sampler (temperature -> top-k -> top-p -> min-p -> inverse-CDF draw).
+//
+// Framework-free: raw pointers, sizes and strides in, results out. The torch
+// binding layer (csrc/bindings.cpp) validates tensors and calls these.
+#pragma once
+
+#include <cstdint>
+
+namespace decodekit {
+namespace cpu {
+
+enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A per-row parameter: a pointer to B values, or one value for every row.
+template <typename T>
+struct RowParam {
+  const T* values = nullptr;  // B values, or nullptr
+  T scalar{};
+  T at(int64_t row) const { return values ? values[row] : scalar; }
+};
+
+struct SamplingParams {
+  RowParam<float> temperature;  // >= 0; 0 means greedy
+  RowParam<int64_t> top_k;      // <= 0 or >= vocab: disabled
+  RowParam<double> top_p;       // in [0, 1]; 1 disables
+  RowParam<float> min_p;        // in [0, 1]; 0 disables
+  RowParam<int64_t> seed;       // Philox key (as 64 bits)
+  RowParam<int64_t> offset;     // Philox counter words 0-1 (as 64 bits)
+};
+
+struct LogitsView {
+  const void* data;
+  ScalarKind kind;
+  int64_t batch;       // B
+  int64_t vocab;       // V (row length)
+  int64_t row_stride;  // elements between rows
+  int64_t vocab_size;  // columns >= vocab_size are padding (vocab_size <= vocab)
+};
+
+// probs[b, :] = softmax(logits[b, :vocab_size] / T_b), 0 in padding columns.
+// T_b == 0 gives one-hot at the argmax. Rows that cannot be normalised (a NaN,
+// no finite logit, or +inf with T > 0) are all NaN.
+void softmax(const LogitsView& logits, RowParam<float> temperature, bool deterministic,
+             int num_threads, float* probs /* [B, V] contiguous */);
+
+// ids[b] = lowest index of the maximum of logits[b, :vocab_size]; valid[b] is
+// false (and ids[b] == -1) for rows with a NaN or with every entry -inf.
+void argmax(const LogitsView& logits, int num_threads, int64_t* ids, bool* valid);
+
+// The fused sampler. ids[b] in [0, vocab_size) for valid rows, -1 otherwise.
+void sample_from_logits(const LogitsView& logits, const SamplingParams& params,
+                        bool deterministic, int num_threads, int64_t* ids, bool* valid);
+
+}  // namespace cpu
+}  // namespace decodekit

@@ -1,0 +1,77 @@
+// Numeric helpers shared by the CPU and CUDA kernels: our own exp and the
+// half / bfloat16 to float conversions, written with plain IEEE float
+// arithmetic so that every instruction set (scalar, AVX2, AVX-512, CUDA)
+// produces the same bits. Build with -ffp-contract=off (no FMA contraction).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "decodekit/philox.h"  // DK_HOST_DEVICE
+
+namespace decodekit {
+
+DK_HOST_DEVICE float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+DK_HOST_DEVICE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+#endif
+}
+
+// exp(x) for x <= 0 (x = (logit - max) / T), including -inf. Cephes-style:
+// x = n ln2 + r with n = round(x log2 e), a degree-6 polynomial for exp(r),
+// and 2^n assembled in the exponent bits. Inputs below -87.33 (where the
+// result would be subnormal) give 0. exp(0) is exactly 1. Relative error
+// about 1 ulp. NaN inputs give an unspecified finite value (callers mark such
+// rows invalid before using the result).
+DK_HOST_DEVICE float exp_nonpositive(float x) {
+  const float xc = x > -87.0f ? x : -87.0f;  // also maps NaN to -87
+  const float t = xc * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest even, |t| < 2^22
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;  // n in [-126, 0]
+  const float scale = bits_to_float(static_cast<uint32_t>(e) << 23);
+  const float out = y * scale;
+  return x > -87.0f ? out : 0.0f;
+}
+
+// IEEE binary16 -> float32, exact for every input (subnormals, inf, NaN).
+DK_HOST_DEVICE float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t mag = h & 0x7fffu;
+  // Shift exponent and mantissa into place and rescale by 2^112: exact for
+  // normals and subnormals because float32 has more exponent range.
+  const float scaled = bits_to_float(mag << 13) * 5.192296858534828e+33f;  // 2^112
+  const uint32_t finite_bits = float_to_bits(scaled);
+  const uint32_t special_bits = 0x7f800000u | (mag & 0x3ffu) << 13;  // inf / NaN
+  const uint32_t bits = mag >= 0x7c00u ? special_bits : finite_bits;
+  return bits_to_float(sign | bits);
+}
+
+// bfloat16 -> float32 (exact: bfloat16 is the top half of a float32).
+DK_HOST_DEVICE float bf16_bits_to_float(uint16_t h) {
+  return bits_to_float(static_cast<uint32_t>(h) << 16);
+}
+
+}  // namespace decodekit

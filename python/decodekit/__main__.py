@@ -1,0 +1,5 @@
+"""``python -m decodekit``: see :mod:`decodekit.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())

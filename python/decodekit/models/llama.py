@@ -1,0 +1,428 @@
+"""A compact Llama-family decoder in plain PyTorch, float32, with a contiguous KV cache.
+
+The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2:
+
+    x = embed[ids]
+    for each layer:
+        x = x + Wo · Attention(RoPE(Wq · norm(x)), RoPE(Wk · norm(x)), Wv · norm(x))
+        x = x + Wdown · (silu(Wgate · norm(x)) * (Wup · norm(x)))
+    logits = Whead · norm(x)
+
+- RMSNorm (Zhang & Sennrich, 2019): ``w * x / sqrt(mean(x^2) + eps)``, computed in float32.
+- RoPE (Su et al., 2021, "RoFormer") in the "rotate half" layout: dimension ``i`` of a head is
+  paired with dimension ``i + head_dim / 2`` and rotated by ``position * theta^(-2i / head_dim)``.
+- Grouped-query attention (Ainslie et al., 2023): ``num_heads / num_kv_heads`` query heads share
+  one key/value head.
+- SwiGLU feed-forward (Shazeer, 2020, "GLU Variants Improve Transformer").
+
+Every matrix multiplication with a weight goes through :meth:`LlamaModel._linear`, so the whole
+model can switch to another GEMM implementation by replacing that one method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "KVCache", "LlamaModel",
+           "rms_norm", "rope_cos_sin", "apply_rope"]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family decoder.
+
+    Attributes:
+        vocab_size: number of rows of the embedding and of the LM head (``V``).
+        hidden_size: model width (``H``).
+        intermediate_size: width of the SwiGLU feed-forward layer (``I``).
+        num_layers: number of transformer blocks.
+        num_heads: query heads (``Hq``).
+        num_kv_heads: key/value heads (``Hkv``); must divide ``num_heads``.
+        head_dim: per-head width (``D``), even.
+        rope_theta: RoPE base frequency.
+        rms_norm_eps: epsilon added to the mean square in RMSNorm.
+        max_seq_len: longest sequence (context length) the model supports.
+        tie_word_embeddings: whether the LM head is the token embedding matrix.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if not (self.rope_theta > 0 and self.rms_norm_eps >= 0):
+            raise ValueError(f"LlamaConfig needs rope_theta > 0 and rms_norm_eps >= 0, got "
+                             f"{self.rope_theta!r} and {self.rms_norm_eps!r}")
+
+
+@dataclass
+class LlamaLayerWeights:
+    """Weights of one transformer block, all float32, linear weights in ``[out, in]`` layout.
+
+    Shapes (``Hq = num_heads``, ``Hkv = num_kv_heads``, ``D = head_dim``):
+    ``attn_norm [H]``, ``wq [Hq*D, H]``, ``wk [Hkv*D, H]``, ``wv [Hkv*D, H]``, ``wo [H, Hq*D]``,
+    ``ffn_norm [H]``, ``w_gate [I, H]``, ``w_up [I, H]``, ``w_down [H, I]``.
+    The rows of ``wq`` and ``wk`` are in the "rotate half" RoPE order (the Hugging Face layout).
+    """
+
+    attn_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+@dataclass
+class LlamaWeights:
+    """All weights of a :class:`LlamaModel`.
+
+    Attributes:
+        embed: ``[V, H]`` token embedding.
+        layers: one :class:`LlamaLayerWeights` per block.
+        norm: ``[H]`` final RMSNorm weight.
+        lm_head: ``[V, H]`` output projection, or ``None`` to tie it to ``embed``.
+    """
+
+    embed: torch.Tensor
+    layers: List[LlamaLayerWeights]
+    norm: torch.Tensor
+    lm_head: Optional[torch.Tensor] = None
+
+
+class KVCache:
+    """Contiguous key/value cache: per layer, ``k`` and ``v`` of shape ``[B, max_seq_len, Hkv, D]``.
+
+    All ``B`` rows hold the same number of positions, ``length``; positions ``[0, length)`` are
+    valid and later ones are uninitialised memory that is never read. The model writes the keys
+    and values of new tokens at ``[length, length + T)`` and then advances ``length``.
+
+    Args:
+        num_layers, batch_size, max_seq_len, num_kv_heads, head_dim: the sizes above (positive ints).
+        dtype: storage dtype (default float32).
+        device: storage device (default CPU).
+
+    Memory: ``2 * num_layers * B * max_seq_len * Hkv * D * dtype.itemsize`` bytes.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
+                 head_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
+                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached position (the memory is kept for reuse)."""
+        self.length = 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``weight * x / sqrt(mean(x^2, -1) + eps)``.
+
+    Args:
+        x: ``[..., H]`` float32.
+        weight: ``[H]`` float32.
+        eps: added to the mean square.
+
+    Returns:
+        ``[..., H]`` float32.
+    """
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the RoPE angles for the "rotate half" layout.
+
+    The angle of position ``p`` and pair ``i`` (``0 <= i < D/2``) is ``p * theta^(-2i/D)``;
+    it is used by dimensions ``i`` and ``i + D/2``.
+
+    Args:
+        positions: ``[T]`` int64 absolute positions.
+        head_dim: ``D`` (even).
+        theta: base frequency.
+
+    Returns:
+        ``(cos, sin)``, each ``[T, D]`` float32.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each head of ``x`` by the RoPE angles (rotate-half layout).
+
+    Args:
+        x: ``[B, T, heads, D]`` float32.
+        cos, sin: ``[T, D]`` from :func:`rope_cos_sin`.
+
+    Returns:
+        ``[B, T, heads, D]``: ``x * cos + rotate_half(x) * sin`` with
+        ``rotate_half([a, b]) = [-b, a]`` (``a``, ``b`` the two halves of the head).
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    return x * cos + rotated * sin
+
+
+class _Block:
+    """Weights of one block as the forward pass uses them (Q/K/V and gate/up fused)."""
+
+    __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+
+    def __init__(self, w: LlamaLayerWeights) -> None:
+        self.attn_norm = w.attn_norm.contiguous()
+        self.wqkv = torch.cat((w.wq, w.wk, w.wv), dim=0).contiguous()
+        self.wo = w.wo.contiguous()
+        self.ffn_norm = w.ffn_norm.contiguous()
+        self.w_gate_up = torch.cat((w.w_gate, w.w_up), dim=0).contiguous()
+        self.w_down = w.w_down.contiguous()
+
+
+class LlamaModel:
+    """Llama-family decoder (float32) that runs new tokens against a :class:`KVCache`.
+
+    Args:
+        config: the :class:`LlamaConfig`.
+        weights: the :class:`LlamaWeights`; shapes are checked against ``config``.
+
+    Raises:
+        ValueError: when a weight has the wrong shape.
+
+    Example:
+        >>> cache = model.new_cache(batch_size=1, max_seq_len=64)
+        >>> logits = model.prefill(torch.tensor([[1, 2, 3]]), cache)   # [1, V]
+        >>> next_id = logits.argmax(-1)                                  # [1]
+        >>> logits = model.decode_step(next_id, cache)                  # [1, V]
+    """
+
+    def __init__(self, config: LlamaConfig, weights: LlamaWeights) -> None:
+        self.config = config
+        c = config
+        _check_shape("embed", weights.embed, (c.vocab_size, c.hidden_size))
+        _check_shape("norm", weights.norm, (c.hidden_size,))
+        if len(weights.layers) != c.num_layers:
+            raise ValueError(f"LlamaModel: config has {c.num_layers} layers but weights have "
+                             f"{len(weights.layers)}")
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for i, layer in enumerate(weights.layers):
+            for name, shape in (("attn_norm", (c.hidden_size,)), ("wq", (q_out, c.hidden_size)),
+                                ("wk", (kv_out, c.hidden_size)), ("wv", (kv_out, c.hidden_size)),
+                                ("wo", (c.hidden_size, q_out)), ("ffn_norm", (c.hidden_size,)),
+                                ("w_gate", (c.intermediate_size, c.hidden_size)),
+                                ("w_up", (c.intermediate_size, c.hidden_size)),
+                                ("w_down", (c.hidden_size, c.intermediate_size))):
+                _check_shape(f"layers[{i}].{name}", getattr(layer, name), shape)
+        if weights.lm_head is not None:
+            _check_shape("lm_head", weights.lm_head, (c.vocab_size, c.hidden_size))
+
+        self.embed = weights.embed.contiguous()
+        self.lm_head = self.embed if weights.lm_head is None else weights.lm_head.contiguous()
+        self.norm = weights.norm.contiguous()
+        self.blocks = [_Block(layer) for layer in weights.layers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: Optional[int] = None) -> KVCache:
+        """Allocate an empty :class:`KVCache` for this model.
+
+        Args:
+            batch_size: rows ``B``.
+            max_seq_len: positions per row; defaults to the model's context length
+                (``config.max_seq_len``), which can be large: pass the prompt length plus the
+                number of tokens to generate.
+
+        Raises:
+            ValueError: when ``max_seq_len`` exceeds the context length or a size is not positive.
+        """
+        c = self.config
+        max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
+        if isinstance(max_seq_len, int) and max_seq_len > c.max_seq_len:
+            raise ValueError(f"new_cache: max_seq_len={max_seq_len} exceeds the model's context "
+                             f"length {c.max_seq_len}")
+        return KVCache(c.num_layers, batch_size, max_seq_len, c.num_kv_heads, c.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``."""
+        return F.linear(x, weight)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run ``T`` new tokens per row after the ``cache.length`` cached ones.
+
+        Keys and values of the new tokens are written to the cache at positions
+        ``[cache.length, cache.length + T)`` and ``cache.length`` advances by ``T``.
+
+        Args:
+            input_ids: ``[B, T]`` integer token ids (``B = cache.batch_size``, ``T >= 1``).
+            cache: the :class:`KVCache` of this sequence batch.
+            all_logits: return the logits of every new position instead of the last one.
+
+        Returns:
+            float32 logits ``[B, V]`` for the last new position, or ``[B, T, V]`` with
+            ``all_logits=True``.
+
+        Raises:
+            ValueError: on a wrong shape, or when the cache has no room for ``T`` more positions.
+        """
+        c = self.config
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"forward: input_ids must be [B, T] with T >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"forward: input_ids must be an integer tensor, got {input_ids.dtype}")
+        B, T = input_ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"forward: input_ids has {B} rows but the cache has {cache.batch_size}")
+        start = cache.length
+        end = start + T
+        if end > cache.max_seq_len:
+            raise ValueError(f"forward: {T} new tokens after {start} cached ones exceed the cache "
+                             f"size {cache.max_seq_len}")
+
+        input_ids = input_ids.to(device=self.device, dtype=torch.long)
+        x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
+        positions = torch.arange(start, end, device=self.device)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)             # [T, D]
+        if T == 1:                          # one query sees the whole cache
+            mask, causal = None, False
+        elif start == 0:                    # prefill from scratch: plain causal mask
+            mask, causal = None, True
+        else:                               # new query i sees cached keys and new keys <= i
+            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+            causal = False
+
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for i, block in enumerate(self.blocks):
+            h = rms_norm(x, block.attn_norm, c.rms_norm_eps)
+            q, k, v = self._linear(h, block.wqkv).split((q_size, kv_size, kv_size), dim=-1)
+            q = apply_rope(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+            cache.k[i][:, start:end] = k
+            cache.v[i][:, start:end] = v.view(B, T, c.num_kv_heads, c.head_dim)
+            keys = cache.k[i][:, :end].transpose(1, 2)                           # [B, Hkv, L, D]
+            values = cache.v[i][:, :end].transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                  is_causal=causal, enable_gqa=True)  # [B, Hq, T, D]
+            x = x + self._linear(attn.transpose(1, 2).reshape(B, T, q_size), block.wo)
+
+            h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
+            gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, block.w_down)
+        cache.length = end
+
+        if not all_logits:
+            x = x[:, -1]
+        return self._linear(rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run a prompt into ``cache`` (which is reset first) and return its last logits.
+
+        Args:
+            input_ids: ``[B, T]`` (or ``[T]``, taken as one row) integer prompt ids, ``T >= 1``.
+            cache: a :class:`KVCache` from :meth:`new_cache` with ``B`` rows and room for
+                ``T`` positions plus the tokens to be generated.
+
+        Returns:
+            float32 logits ``[B, V]`` for the last prompt position.
+
+        Raises:
+            ValueError: as :meth:`forward`.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        cache.reset()
+        return self.forward(input_ids, cache)
+
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run one new token per row and return the next-token logits.
+
+        Args:
+            token_ids: ``[B]`` (or ``[B, 1]``) integer ids of the tokens just chosen.
+            cache: the :class:`KVCache` filled by :meth:`prefill` and earlier steps.
+
+        Returns:
+            float32 logits ``[B, V]``.
+        """
+        if token_ids.dim() == 1:
+            token_ids = token_ids[:, None]
+        return self.forward(token_ids, cache)
+
+    def to(self, device: torch.device | str) -> "LlamaModel":
+        """Move every weight to ``device`` in place; returns ``self``."""
+        tied = self.lm_head is self.embed
+        self.embed = self.embed.to(device)
+        self.lm_head = self.embed if tied else self.lm_head.to(device)
+        self.norm = self.norm.to(device)
+        for block in self.blocks:
+            for name in _Block.__slots__:
+                setattr(block, name, getattr(block, name).to(device))
+        return self
+
+    def num_parameters(self) -> int:
+        """Number of distinct weight elements (a tied LM head is counted once)."""
+        n = self.embed.numel() + self.norm.numel()
+        if self.lm_head is not self.embed:
+            n += self.lm_head.numel()
+        return n + sum(getattr(b, name).numel() for b in self.blocks for name in _Block.__slots__)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"LlamaModel: weight {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"LlamaModel: weight {name} has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(shape)}")

@@ -1,0 +1,395 @@
+"""Validated Python wrappers of the compiled ops (``torch.ops.decodekit.*``).
+
+Every wrapper checks shapes, dtypes, devices and parameter ranges and raises
+``TypeError``/``ValueError`` naming the argument, what was given and what is
+allowed. The checks that look at tensor *data* (parameter tensors out of range,
+NaN rows) synchronise with the device; ``validate=False`` skips them (for CUDA
+graphs and ``torch.compile``), in which case invalid rows come back marked
+instead of raising. Conventions (tie-breaks, RNG keying, chain order) are those
+of the project's DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ._loader import HAS_CUDA_OPS, ops
+
+__all__ = ["SamplingOutput", "softmax", "argmax", "sample_from_logits"]
+
+Number = Union[int, float]
+RowParam = Union[Number, torch.Tensor]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_OPS = {"softmax"} if HAS_CUDA_OPS else set()
+_INT64_MIN, _UINT64_END = -(2**63), 2**64
+
+
+class SamplingOutput(NamedTuple):
+    """What a sampling op returns when more than the ids is asked for.
+
+    ``token_ids``: int64 ``[B]`` (-1 for invalid rows). ``valid``: bool ``[B]``
+    (None unless ``return_valid``). ``logprobs``, ``top_ids``, ``top_logprobs``:
+    reserved for the logprob outputs; None when not requested.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: Optional[torch.Tensor] = None
+    top_ids: Optional[torch.Tensor] = None
+    top_logprobs: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+
+
+# ----------------------------------------------------------------- checks ----
+def _check_logits(logits, op: str) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor [B, V], got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{op}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.size(1) < 1:
+        raise ValueError(f"{op}: logits must have at least one column (V >= 1), got shape {tuple(logits.shape)}")
+    if logits.size(1) >= 2**31:
+        raise ValueError(f"{op}: V must be < 2^31, got {logits.size(1)}")
+    dev = logits.device.type
+    if dev == "meta":
+        return logits
+    if dev != "cpu" and not (dev == "cuda" and op in _CUDA_OPS):
+        have = "CPU" + (" and CUDA" if op in _CUDA_OPS else "")
+        raise ValueError(f"{op}: logits are on {logits.device}, but this op has kernels for: {have}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return logits
+
+
+def _check_vocab_size(vocab_size, V: int, op: str) -> int:
+    if vocab_size is None:
+        return V
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"{op}: vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= V:
+        raise ValueError(f"{op}: vocab_size must be in [1, V={V}], got {vocab_size}")
+    return vocab_size
+
+
+def _row_param(
+    value,
+    name: str,
+    op: str,
+    logits: torch.Tensor,
+    *,
+    integer: bool,
+    dtype: torch.dtype,
+    lo: Optional[float],
+    hi: Optional[float],
+    validate: bool,
+    allowed: str,
+):
+    """Splits a per-row parameter into (tensor or None, scalar) for the kernel."""
+    B = logits.size(0)
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            if validate or value.device.type == "cpu":
+                value = value.item()
+            else:
+                value = value.reshape(1).expand(B)
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 1 or value.size(0) != B:
+                raise ValueError(f"{op}: {name} must be a scalar or a 1-D tensor of length B={B}, got shape {tuple(value.shape)}")
+            if value.device != logits.device and logits.device.type != "meta":
+                raise ValueError(f"{op}: {name} is on {value.device} but logits are on {logits.device}")
+            if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+                raise TypeError(f"{op}: {name} must be an integer tensor, got {value.dtype}")
+            if not integer and not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+            t = value.to(dtype).contiguous()
+            if validate and B > 0 and t.device.type != "meta":
+                check = value.double() if not integer else value
+                bad = torch.isnan(check) if not integer else torch.zeros_like(check, dtype=torch.bool)
+                if lo is not None:
+                    bad |= check < lo
+                if hi is not None:
+                    bad |= check > hi
+                if not integer:
+                    bad |= torch.isinf(check)
+                if bool(bad.any()):
+                    rows = torch.nonzero(bad).flatten().tolist()[:8]
+                    vals = [check[r].item() for r in rows]
+                    raise ValueError(f"{op}: {name} must be {allowed}; rows {rows} have {vals}")
+            return t, 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number or a [B] tensor, got {type(value).__name__}")
+    if integer and not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if not integer and (math.isnan(value) or math.isinf(value)):
+        raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
+    return None, value
+
+
+def _to_int64_bits(v: int, name: str, op: str) -> int:
+    """Maps an int in [-2^63, 2^64) to the int64 with the same low 64 bits."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    if not _INT64_MIN <= v < _UINT64_END:
+        raise ValueError(f"{op}: {name} must be in [-2^63, 2^64), got {v}")
+    return v - _UINT64_END if v >= 2**63 else v
+
+
+def _raise_invalid_rows(op: str, valid: torch.Tensor) -> None:
+    rows = torch.nonzero(~valid).flatten().tolist()
+    shown = rows[:16]
+    more = "" if len(rows) <= 16 else f" (and {len(rows) - 16} more)"
+    raise ValueError(
+        f"{op}: rows {shown}{more} have a NaN, no finite logit, or +inf logits with temperature > 0; "
+        "pass return_valid=True to get -1 for those rows and a validity mask instead"
+    )
+
+
+# -------------------------------------------------------------------- ops ----
+def softmax(
+    logits: torch.Tensor,
+    temperature: RowParam = 1.0,
+    *,
+    vocab_size: Optional[int] = None,
+    deterministic: bool = True,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Fused ``softmax(logits / temperature)`` per row, in float32.
+
+    Args:
+        logits: ``[B, V]`` float32, float16 or bfloat16 (CPU, or CUDA when built
+            with CUDA). Arithmetic is float32.
+        temperature: a number or a ``[B]`` tensor, each ``>= 0`` and finite.
+            ``0`` gives one-hot probabilities at the argmax of the raw logits
+            (lowest index on ties), never a division by a tiny epsilon.
+        vocab_size: columns at or past it are padding and get probability 0.
+        deterministic: bit-identical rows whatever the batch, row position,
+            neighbours and thread count (the default); ``False`` allows the
+            kernel to choose its splits.
+        validate: check data-dependent conditions (synchronises).
+
+    Returns:
+        probs: ``[B, V]`` float32, each row summing to 1 within float32 rounding.
+
+    Raises:
+        TypeError / ValueError naming the argument for a wrong type, rank,
+        dtype, device or range; ValueError naming the rows whose logits contain
+        a NaN, no finite value, or +inf with temperature > 0 (with
+        ``validate=False`` such rows come back as NaN).
+
+    Source: max-subtracted softmax; our own float32 ``exp`` (Cephes-style
+    polynomial) so every instruction set gives the same bits.
+
+    Example:
+        >>> decodekit.softmax(torch.tensor([[1.0, 2.0, 3.0]]), 0.5)
+    """
+    op = "softmax"
+    logits = _check_logits(logits, op)
+    vs = _check_vocab_size(vocab_size, logits.size(1), op)
+    t_tensor, t_val = _row_param(
+        temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0, hi=None,
+        validate=validate, allowed="finite and >= 0",
+    )
+    probs = ops.softmax(logits, t_tensor, float(t_val), vs, bool(deterministic))
+    if validate and probs.numel() and probs.device.type != "meta":
+        bad = torch.isnan(probs[:, 0])
+        if bool(bad.any()):
+            _raise_invalid_rows(op, ~bad)
+    return probs
+
+
+def argmax(
+    logits: torch.Tensor,
+    *,
+    vocab_size: Optional[int] = None,
+    return_valid: bool = False,
+    validate: bool = True,
+):
+    """Index of the largest logit per row; the lowest index wins ties.
+
+    Args:
+        logits: ``[B, V]`` float32, float16 or bfloat16 on the CPU.
+        vocab_size: only columns ``< vocab_size`` are considered.
+        return_valid: also return a bool ``[B]`` mask (rows with a NaN or with
+            every entry -inf are invalid and get id -1) instead of raising.
+        validate: raise for invalid rows (synchronises).
+
+    Returns:
+        int64 ``[B]`` ids, or ``(ids, valid)`` when ``return_valid``.
+
+    Raises:
+        TypeError / ValueError naming the argument; ValueError naming the rows
+        with a NaN or no value above -inf (unless ``return_valid``).
+
+    Source: a single streaming pass with 16 lanes, each keeping its first
+    maximum; lanes combine by (value desc, index asc).
+    """
+    op = "argmax"
+    logits = _check_logits(logits, op)
+    vs = _check_vocab_size(vocab_size, logits.size(1), op)
+    ids, valid = ops.argmax(logits, vs)
+    if return_valid:
+        return ids, valid
+    if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
+        _raise_invalid_rows(op, valid)
+    return ids
+
+
+def _seed_and_offset(seed, offset, generator, B: int, logits: torch.Tensor, op: str, needs_rng: bool, validate: bool):
+    if seed is not None and generator is not None:
+        raise ValueError(f"{op}: pass either seed (with offset) or generator, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+        drawn = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, device=generator.device, dtype=torch.int64))
+        base = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
+        if isinstance(offset, torch.Tensor) or base != offset:
+            raise ValueError(f"{op}: with a generator, offset must be a plain int (got {type(offset).__name__})")
+        # Each row gets its own counter so rows drawn from one generator are independent.
+        offs = torch.arange(B, dtype=torch.int64, device=logits.device) + _to_int64_bits(base, "offset", op)
+        return None, drawn, offs, 0
+    if seed is None:
+        if needs_rng:
+            raise ValueError(
+                f"{op}: a seed (int or [B] int64 tensor) or a torch.Generator is required when any row samples "
+                "(temperature > 0 with top_k != 1 and top_p > 0)"
+            )
+        seed = 0
+    if isinstance(seed, torch.Tensor):
+        s_t, s_v = _row_param(seed, "seed", op, logits, integer=True, dtype=torch.int64, lo=None, hi=None,
+                              validate=False, allowed="an int64")
+        if s_t is None:
+            s_v = _to_int64_bits(int(s_v), "seed", op)
+    else:
+        s_t, s_v = None, _to_int64_bits(seed, "seed", op)
+    if isinstance(offset, torch.Tensor):
+        o_t, o_v = _row_param(offset, "offset", op, logits, integer=True, dtype=torch.int64, lo=0, hi=None,
+                              validate=validate, allowed=">= 0")
+        if o_t is None:
+            o_v = _to_int64_bits(int(o_v), "offset", op)
+    else:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"{op}: offset must be an int >= 0 or a [B] int64 tensor, got {offset!r}")
+        o_t, o_v = None, _to_int64_bits(offset, "offset", op)
+    return s_t, s_v, o_t, o_v
+
+
+def _all_greedy(t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
+    """True when no row samples (T == 0, top_k == 1 or top_p == 0 in every row)."""
+    greedy = None
+    for tensor, val, test in (
+        (t_tensor, t_val, lambda x: x == 0),
+        (k_tensor, k_val, lambda x: x == 1),
+        (p_tensor, p_val, lambda x: x == 0),
+    ):
+        g = test(tensor) if tensor is not None else torch.tensor(bool(test(val)))
+        greedy = g if greedy is None else (greedy | g)
+    return bool(greedy.all())
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: RowParam = 1.0,
+    top_k: RowParam = 0,
+    top_p: RowParam = 1.0,
+    min_p: RowParam = 0.0,
+    *,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    deterministic: bool = True,
+    return_valid: bool = False,
+    validate: bool = True,
+):
+    """Samples one token per row: temperature -> top-k -> top-p -> min-p, fused.
+
+    One pass over the logits and no sort of the vocabulary: top-k candidates are
+    kept in a bounded buffer during the streaming read, top-p looks only at the
+    tokens that can be in the nucleus, and the draw is an inverse CDF over the
+    kept tokens in ascending index order with one float64 Philox uniform.
+
+    Args:
+        logits: ``[B, V]`` float32, float16 or bfloat16 on the CPU.
+        temperature: number or ``[B]`` tensor, finite and ``>= 0``. ``0`` is
+            exact greedy: the argmax of the raw logits, lowest index on ties.
+        top_k: int or ``[B]`` integer tensor; keep the ``k`` highest logits
+            (lowest index wins ties at the boundary). ``k <= 0`` or
+            ``k >= vocab_size`` disables; ``k == 1`` is exactly argmax.
+        top_p: number or ``[B]`` tensor in ``[0, 1]``; keep the shortest prefix
+            in rank order (logit desc, index asc) whose float64 probability
+            mass (after top-k renormalisation) is ``>= top_p``. ``1`` disables
+            exactly; ``0`` keeps only the top token.
+        min_p: number or ``[B]`` tensor in ``[0, 1]``; keep tokens with
+            ``prob >= min_p * max_prob`` (after top-k and top-p). ``0`` disables.
+        seed: int (every row the same Philox key) or ``[B]`` int64 tensor. The
+            random numbers of a row depend only on (seed, offset), never on the
+            batch. Required (or ``generator``) unless every row is greedy.
+        offset: int ``>= 0`` or ``[B]`` int64 tensor: the Philox counter, e.g.
+            the decoding step.
+        generator: a ``torch.Generator`` instead of ``seed``: one seed is drawn
+            from it per call and row ``b`` uses offset ``offset + b``.
+        vocab_size: columns at or past it are padding and never sampled.
+        deterministic: bit-identical result per row whatever the batch size,
+            row position, neighbours, thread count and instruction set.
+        return_valid: return a :class:`SamplingOutput` whose ``valid`` mask
+            marks rows that could not be sampled (id -1) instead of raising.
+        validate: check parameter tensors' values and raise for invalid rows
+            (synchronises); ``False`` for CUDA graphs / ``torch.compile``.
+
+    Returns:
+        int64 ``[B]`` token ids in ``[0, vocab_size)``, or a
+        :class:`SamplingOutput` when ``return_valid``.
+
+    Raises:
+        TypeError / ValueError naming the argument for a wrong type, shape,
+        dtype, device or range (temperature < 0, NaN or inf; top_p or min_p
+        outside [0, 1] or NaN; a [B] tensor of the wrong length; neither seed
+        nor generator while some row samples). ValueError naming the rows
+        with a NaN, no finite logit, or +inf at temperature > 0 (unless
+        ``return_valid``).
+
+    Source: the chain order of HF transformers' logits warpers; nucleus
+    sampling (Holtzman et al., ICLR 2020); min-p (Nguyen et al., 2024); Philox
+    4x32-10 (Salmon et al., SC'11).
+
+    Example:
+        >>> ids = decodekit.sample_from_logits(logits, 0.7, top_k=50, top_p=0.9, seed=1234)
+    """
+    op = "sample_from_logits"
+    logits = _check_logits(logits, op)
+    B, V = logits.shape
+    vs = _check_vocab_size(vocab_size, V, op)
+    common = dict(op=op, logits=logits, validate=validate)
+    t_t, t_v = _row_param(temperature, "temperature", integer=False, dtype=torch.float32, lo=0.0, hi=None,
+                          allowed="finite and >= 0", **common)
+    k_t, k_v = _row_param(top_k, "top_k", integer=True, dtype=torch.int64, lo=None, hi=None,
+                          allowed="an int (<= 0 disables)", **common)
+    p_t, p_v = _row_param(top_p, "top_p", integer=False, dtype=torch.float64, lo=0.0, hi=1.0,
+                          allowed="in [0, 1]", **common)
+    m_t, m_v = _row_param(min_p, "min_p", integer=False, dtype=torch.float32, lo=0.0, hi=1.0,
+                          allowed="in [0, 1]", **common)
+    if isinstance(k_v, int):
+        k_v = max(min(k_v, 2**62), -(2**62))
+    needs_rng = True
+    if seed is None and generator is None and B > 0 and logits.device.type != "meta":
+        needs_rng = not _all_greedy(t_t, t_v, k_t, k_v, p_t, p_v)
+    s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, logits, op, needs_rng, validate)
+    ids, valid = ops.sample_from_logits(
+        logits, t_t, float(t_v), k_t, int(k_v), p_t, float(p_v), m_t, float(m_v),
+        s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic),
+    )
+    if return_valid:
+        return SamplingOutput(token_ids=ids, valid=valid)
+    if validate and B > 0 and ids.device.type != "meta" and not bool(valid.all()):
+        _raise_invalid_rows(op, valid)
+    return ids
