@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "cpu/sampling.h"
+#include "decodekit/philox.h"
 
 namespace dk = decodekit;
 
@@ -169,6 +170,20 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "decodekit compiled ops (registered under torch.ops.decodekit)";
   mod.attr("built_with_torch") = DK_TORCH_VERSION;
+  // The Philox header as compiled into the kernels, for known-answer tests.
+  mod.def(
+      "philox4x32_10",
+      [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+        const auto r = dk::philox4x32_10(c0, c1, c2, c3, k0, k1);
+        return pybind11::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
+      },
+      "One Philox4x32-10 block: (counter c0..c3, key k0, k1) -> 4 x uint32.");
+  mod.def(
+      "philox_uniform_double",
+      [](uint64_t seed, uint64_t offset, uint32_t stream, uint64_t i) {
+        return dk::PhiloxStreamRef{seed, offset, stream}.uniform_double(i);
+      },
+      "The float64 uniform number i of stream (seed, offset, stream), as the kernels draw it.");
 #ifdef DK_WITH_CUDA
   mod.attr("has_cuda_ops") = true;
 #else

@@ -1,0 +1,119 @@
+"""Slow, obviously-right float64 references for the decodekit ops.
+
+Plain Python / torch, written from DESIGN.md, sharing no code with the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------ Philox ----
+def philox4x32_10(c, k):
+    """Philox4x32-10 (Salmon et al., SC'11) on Python ints: counter c[4], key k[2]."""
+    c0, c1, c2, c3 = c
+    k0, k1 = k
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1 & MASK32, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0 & MASK32
+        k0 = (k0 + 0x9E3779B9) & MASK32
+        k1 = (k1 + 0xBB67AE85) & MASK32
+    return c0, c1, c2, c3
+
+
+def philox_element(seed: int, offset: int, stream: int, i: int) -> int:
+    seed &= 2**64 - 1
+    offset &= 2**64 - 1
+    block = philox4x32_10((offset & MASK32, offset >> 32, stream, i // 4), (seed & MASK32, seed >> 32))
+    return block[i % 4]
+
+
+def uniform_double(seed: int, offset: int, stream: int, i: int) -> float:
+    a = philox_element(seed, offset, stream, 2 * i)
+    b = philox_element(seed, offset, stream, 2 * i + 1)
+    return ((a >> 5) * 2**26 + (b >> 6)) * 2.0**-53
+
+
+# ---------------------------------------------------------------- sampling ----
+def softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float64 softmax(x / T) of one row; T == 0 gives one-hot at the first max."""
+    x = logits.double()
+    if temperature == 0:
+        out = torch.zeros_like(x)
+        out[argmax(x)] = 1.0
+        return out
+    return torch.softmax((x - x.max()) / temperature, dim=0)
+
+
+def argmax(x: torch.Tensor) -> int:
+    """Lowest index of the maximum (x has no NaN)."""
+    m = x.max()
+    return int(torch.nonzero(x == m)[0, 0])
+
+
+def rank_order(x: torch.Tensor) -> torch.Tensor:
+    """Indices by value descending, index ascending on ties."""
+    return torch.sort(-x.double(), stable=True).indices
+
+
+def filtered_probs(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """The distribution sample_from_logits draws from, for one row, in float64.
+
+    Chain: temperature -> top-k -> top-p -> min-p, renormalising after each filter.
+    Top-k and top-p rank the raw logits (desc, index asc); padding columns get 0.
+    """
+    V = logits.numel()
+    vs = V if vocab_size is None else vocab_size
+    x = logits[:vs].double()
+    out = torch.zeros(V, dtype=torch.float64)
+    if temperature == 0 or top_k == 1 or top_p == 0:
+        out[argmax(x)] = 1.0
+        return out
+    probs = softmax(x, temperature)
+    order = rank_order(x)
+    keep = torch.ones(vs, dtype=torch.bool)
+    if 0 < top_k < vs:
+        keep[:] = False
+        keep[order[:top_k]] = True
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum()
+    if top_p < 1.0:
+        cum = 0.0
+        new_keep = torch.zeros(vs, dtype=torch.bool)
+        for i in order.tolist():
+            if not keep[i]:
+                continue
+            new_keep[i] = True
+            cum += float(probs[i])
+            if cum >= top_p:
+                break
+        probs = torch.where(new_keep, probs, 0.0)
+        probs = probs / probs.sum()
+    if min_p > 0.0:
+        probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
+        probs = probs / probs.sum()
+    out[:vs] = probs
+    return out
+
+
+def draw(probs: torch.Tensor, u: float) -> int:
+    """Inverse CDF in ascending index order: the first index whose cumulative sum exceeds u * total."""
+    cum = torch.cumsum(probs.double(), 0)
+    target = u * float(cum[-1])
+    idx = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64), right=True)[0])
+    return min(idx, probs.numel() - 1)
+
+
+def sample(logits: torch.Tensor, seed: int, offset: int = 0, **params) -> int:
+    """One reference draw with the same Philox uniform as the kernels (stream 0, number 0)."""
+    return draw(filtered_probs(logits, **params), uniform_double(seed, offset, 0, 0))
