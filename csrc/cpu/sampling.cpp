@@ -10,7 +10,7 @@
 //   pass A   one streaming read of the row: max, argmax, NaN/+inf flags and,
 //            when top-k is on, the exact top-k candidates (a bounded buffer
 //            compacted with nth_element, threshold rising as it goes).
-//   pass B   (no top-k) exp((x - max) / T) with 16 float64 lanes: either block
+//   pass B   (no top-k) exp((x - max) * (1/T)) with 16 float64 lanes: either block
 //            sums for a direct inverse-CDF draw (no filter / min-p only), or a
 //            gather of the only tokens that can be in the top-p nucleus
 //            (a token with weight <= (1 - p) W / V never is).
@@ -26,6 +26,7 @@
 
 #include "decodekit/math.h"
 #include "decodekit/philox.h"
+#include "vec.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(DK_NO_MULTIVERSION)
 #define DK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -45,27 +46,31 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ---------------------------------------------------------------- loading --
 struct LoadF32 {
   using T = float;
+  static DK_INLINE v16f load16(const T* p) { return load_f32(p); }
   static DK_INLINE float load(const T* p, int64_t i) { return p[i]; }
 };
 struct LoadF16 {
   using T = uint16_t;
+  static DK_INLINE v16f load16(const T* p) { return load_f16(p); }
   static DK_INLINE float load(const T* p, int64_t i) { return half_bits_to_float(p[i]); }
 };
 struct LoadBF16 {
   using T = uint16_t;
+  static DK_INLINE v16f load16(const T* p) { return load_bf16(p); }
   static DK_INLINE float load(const T* p, int64_t i) { return bf16_bits_to_float(p[i]); }
 };
 
-DK_INLINE double combine_lanes(double* s) {
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) s[j] += s[j + w];
-  return s[0];
+// A chunk of 16 float32 values starting at c, -inf past n (tail chunks).
+DK_INLINE v16f load_tail(const float* x, int64_t c, int64_t n) {
+  float tmp[kLanes];
+  for (int j = 0; j < kLanes; ++j) tmp[j] = c + j < n ? x[c + j] : -kInf;
+  return load_f32(tmp);
 }
 
 // ----------------------------------------------------------- top-k buffer --
 struct Cand {
   float x;      // logit (as float32)
-  float e;      // exp((x - max) / T)
+  float e;      // exp((x - max) * (1 / T))
   int32_t idx;  // token id
 };
 
@@ -118,47 +123,36 @@ struct RowStats {
 // gathers the exact top-k candidates.
 template <typename L>
 DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf, TopKGather* g) {
-  float vmax[kLanes];
-  int64_t vidx[kLanes];
-  bool vnan[kLanes], vpinf[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    vmax[j] = -kInf;
-    vidx[j] = j;
-    vnan[j] = false;
-    vpinf[j] = false;
+  v16f vmax = splat(-kInf);
+  v16i vidx = iota16();
+  v16i vnan = splati(0), vpinf = splati(0);
+  const v16f inf = splat(kInf);
+  auto step = [&](v16f xs, int64_t c) __attribute__((always_inline)) {
+    const v16i gt = xs > vmax;
+    vmax = gt ? xs : vmax;
+    vidx = gt ? iota16() + static_cast<int32_t>(c) : vidx;
+    vnan |= xs != xs;
+    vpinf |= xs == inf;
+    if (g && any_lane(xs > splat(g->thr)))
+      for (int j = 0; j < kLanes; ++j)
+        if (xs[j] > g->thr) g->push(xs[j], c + j);
+  };
+  int64_t c = 0;
+  for (; c + kLanes <= V; c += kLanes) {
+    const v16f xs = L::load16(row + c);
+    if (xbuf) store_f32(xbuf + c, xs);
+    step(xs, c);
   }
-  for (int64_t c = 0; c < V; c += kLanes) {
-    float xs[kLanes];
-    if (c + kLanes <= V) {
-      for (int j = 0; j < kLanes; ++j) xs[j] = L::load(row, c + j);
-      if (xbuf)
-        for (int j = 0; j < kLanes; ++j) xbuf[c + j] = xs[j];
-    } else {
-      for (int j = 0; j < kLanes; ++j) xs[j] = c + j < V ? L::load(row, c + j) : -kInf;
-      if (xbuf)
-        for (int64_t j = 0; c + j < V; ++j) xbuf[c + j] = xs[j];
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      const bool gt = xs[j] > vmax[j];
-      vmax[j] = gt ? xs[j] : vmax[j];
-      vidx[j] = gt ? c + j : vidx[j];
-      vnan[j] = vnan[j] | (xs[j] != xs[j]);
-      vpinf[j] = vpinf[j] | (xs[j] == kInf);
-    }
-    if (g) {
-      bool any = false;
-      for (int j = 0; j < kLanes; ++j) any |= xs[j] > g->thr;
-      if (any)
-        for (int j = 0; j < kLanes; ++j)
-          if (xs[j] > g->thr) g->push(xs[j], c + j);
-    }
+  if (c < V) {
+    float tmp[kLanes];
+    for (int j = 0; j < kLanes; ++j) tmp[j] = c + j < V ? L::load(row, c + j) : -kInf;
+    if (xbuf)
+      for (int64_t j = 0; c + j < V; ++j) xbuf[c + j] = tmp[j];
+    step(load_f32(tmp), c);
   }
-  RowStats s{-kInf, 0, false, false};
-  for (int j = 0; j < kLanes; ++j) {
-    s.has_nan |= vnan[j];
-    s.has_pinf |= vpinf[j];
+  RowStats s{-kInf, 0, any_lane(vnan), any_lane(vpinf)};
+  for (int j = 0; j < kLanes; ++j)
     if (vmax[j] > s.max) s.max = vmax[j];
-  }
   int64_t best = std::numeric_limits<int64_t>::max();
   for (int j = 0; j < kLanes; ++j)
     if (vmax[j] == s.max && vidx[j] < best) best = vidx[j];
@@ -194,30 +188,21 @@ RowStats load_row(const LogitsView& lv, int64_t b, std::vector<float>& xbuf, Top
 }
 
 // --------------------------------------------------------------- pass B ----
-// Block sums of w_i = e_i if e_i >= min_e else 0, e_i = exp((x_i - m) / T),
+// Block sums of w_i = e_i if e_i >= min_e else 0, e_i = exp((x_i - m) * inv_t),
 // in 16 float64 lanes per block. Returns the total (blocks added in order).
-DK_CLONES double block_sums(const float* x, int64_t V, float m, float T, float min_e,
+DK_CLONES double block_sums(const float* x, int64_t V, float m, float inv_t, float min_e,
                             double* sums) {
   double total = 0.0;
+  const v16f vm = splat(m), vT = splat(inv_t), vmin = splat(min_e), zero = splat(0.0f);
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t end = std::min(V, b0 + kBlock);
-    double acc[kLanes] = {0};
+    Acc16d acc;
     for (int64_t c = b0; c < end; c += kLanes) {
-      float w[kLanes];
-      if (c + kLanes <= end) {
-        for (int j = 0; j < kLanes; ++j) {
-          const float e = exp_nonpositive((x[c + j] - m) / T);
-          w[j] = e >= min_e ? e : 0.0f;
-        }
-      } else {
-        for (int j = 0; j < kLanes; ++j) {
-          const float e = c + j < end ? exp_nonpositive((x[c + j] - m) / T) : 0.0f;
-          w[j] = e >= min_e ? e : 0.0f;
-        }
-      }
-      for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(w[j]);
+      const v16f xs = c + kLanes <= end ? load_f32(x + c) : load_tail(x, c, end);
+      const v16f e = exp16((xs - vm) * vT);
+      acc.add(e >= vmin ? e : zero);
     }
-    sums[blk] = combine_lanes(acc);
+    sums[blk] = acc.sum();
     total += sums[blk];
   }
   return total;
@@ -226,42 +211,31 @@ DK_CLONES double block_sums(const float* x, int64_t V, float m, float T, float m
 // Gathers every token whose weight can put it in the top-p nucleus: weight >
 // bound, where bound = 0.5 (1 - p) W_partial / V only grows as W_partial does
 // (the final test uses the final W, so this gathers a superset). Returns W.
-DK_CLONES double gather_nucleus(const float* x, int64_t V, float m, float T, double p,
+DK_CLONES double gather_nucleus(const float* x, int64_t V, float m, float inv_t, double p,
                                 std::vector<Cand>& out) {
   out.clear();
-  double lanes[kLanes] = {0};
+  Acc16d acc;
   double running = 1.0;  // the max token alone has weight exactly 1
   float bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
+  const v16f vm = splat(m), vT = splat(inv_t);
   for (int64_t c = 0; c < V; c += kLanes) {
-    float e[kLanes];
-    if (c + kLanes <= V) {
-      for (int j = 0; j < kLanes; ++j) e[j] = exp_nonpositive((x[c + j] - m) / T);
-    } else {
-      for (int j = 0; j < kLanes; ++j) e[j] = c + j < V ? exp_nonpositive((x[c + j] - m) / T) : 0.0f;
-    }
-    double chunk[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      chunk[j] = static_cast<double>(e[j]);
-      lanes[j] += chunk[j];
-    }
-    bool any = false;
-    for (int j = 0; j < kLanes; ++j) any |= e[j] > bound;
-    if (any)
+    const v16f xs = c + kLanes <= V ? load_f32(x + c) : load_tail(x, c, V);
+    const v16f e = exp16((xs - vm) * vT);
+    acc.add(e);
+    if (any_lane(e > splat(bound)))
       for (int j = 0; j < kLanes; ++j)
-        if (e[j] > bound) out.push_back(Cand{x[c + j], e[j], static_cast<int32_t>(c + j)});
+        if (e[j] > bound) out.push_back(Cand{xs[j], e[j], static_cast<int32_t>(c + j)});
     if ((c & (kBlock - 1)) == kBlock - kLanes) {
-      double t[kLanes];
-      for (int j = 0; j < kLanes; ++j) t[j] = lanes[j];
-      running = std::max(running, combine_lanes(t));
+      running = std::max(running, acc.sum());
       bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
     }
   }
-  return combine_lanes(lanes);
+  return acc.sum();
 }
 
 // Inverse CDF over block sums: the first index (ascending) whose running
 // float64 sum exceeds target. Zero-weight tokens are never returned.
-int64_t draw_from_blocks(const float* x, int64_t V, float m, float T, float min_e,
+int64_t draw_from_blocks(const float* x, int64_t V, float m, float inv_t, float min_e,
                          const double* sums, double target, int64_t fallback) {
   const int64_t nblocks = (V + kBlock - 1) / kBlock;
   double cum = 0.0;
@@ -272,7 +246,7 @@ int64_t draw_from_blocks(const float* x, int64_t V, float m, float T, float min_
   }
   int64_t last_positive = fallback;
   for (int64_t i = std::min(blk, nblocks - 1) * kBlock; i < V; ++i) {
-    const float e = exp_nonpositive((x[i] - m) / T);
+    const float e = exp_nonpositive((x[i] - m) * inv_t);
     if (!(e >= min_e) || e == 0.0f) continue;
     last_positive = i;
     cum += static_cast<double>(e);
@@ -282,16 +256,46 @@ int64_t draw_from_blocks(const float* x, int64_t V, float m, float T, float min_
 }
 
 // --------------------------------------------------------- candidate set ---
-// Shortest rank-order prefix of cands (sorted in place by rank) whose float64
-// mass reaches p * total. Returns the prefix length, or -1 when even the whole
-// candidate list falls short (then every token of the stage is kept).
-int64_t top_p_prefix(std::vector<Cand>& cands, double p, double total) {
-  std::sort(cands.begin(), cands.end(), rank_before);
+// Top-p over a candidate list that contains the nucleus: reorders cands so
+// that cands[0, L) is the shortest rank-order prefix whose float64 mass reaches
+// p * total, and returns L (-1 when even all candidates fall short: then every
+// token of the stage is kept). A quickselect on mass (median-of-three pivots,
+// partitions summed in float64) narrows the boundary to <= 32 candidates,
+// which are sorted and scanned in rank order. Expected O(n), no full sort.
+// The partition sums may round differently from one running sum in rank
+// order only when p * total lies within float64 rounding of a prefix mass.
+int64_t top_p_select(std::vector<Cand>& cands, double p, double total) {
   const double target = p * total;
-  double cum = 0.0;
-  for (size_t i = 0; i < cands.size(); ++i) {
-    cum += static_cast<double>(cands[i].e);
-    if (cum >= target) return static_cast<int64_t>(i) + 1;
+  Cand* c = cands.data();
+  int64_t lo = 0, hi = static_cast<int64_t>(cands.size());
+  double acc = 0.0;  // mass of c[0, lo), all kept
+  while (hi - lo > 32) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    Cand a = c[lo], b = c[mid], d = c[hi - 1];
+    if (rank_before(b, a)) std::swap(a, b);
+    if (rank_before(d, b)) std::swap(b, d);
+    if (rank_before(b, a)) std::swap(a, b);
+    const Cand pivot = b;  // median of three by rank
+    // [lo, split): rank strictly before pivot; then the pivot; then the rest.
+    Cand* split = std::partition(c + lo, c + hi, [&](const Cand& x) { return rank_before(x, pivot); });
+    Cand* piv = std::find_if(split, c + hi, [&](const Cand& x) { return x.idx == pivot.idx; });
+    std::swap(*split, *piv);
+    double left = 0.0;
+    for (Cand* q = c + lo; q < split; ++q) left += static_cast<double>(q->e);
+    const int64_t s = split - c;
+    if (acc + left >= target) {
+      hi = s;
+    } else if (acc + left + static_cast<double>(split->e) >= target) {
+      return s + 1;
+    } else {
+      acc += left + static_cast<double>(split->e);
+      lo = s + 1;
+    }
+  }
+  std::sort(c + lo, c + hi, rank_before);
+  for (int64_t i = lo; i < hi; ++i) {
+    acc += static_cast<double>(c[i].e);
+    if (acc >= target) return i + 1;
   }
   return -1;
 }
@@ -361,14 +365,15 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
                             static_cast<uint64_t>(prm.offset.at(b)), kStreamSample};
   const double u = rng.uniform_double(0);
   const float m = s.max;
+  const float inv_t = inverse_temperature(T);
 
   if (!use_k && !use_p) {
     // Temperature (and min-p) only: w_i >= min_p * max_w, and max_w == 1.
     const float min_e = use_min_p ? min_p : 0.0f;
     const int64_t nblocks = (V + kBlock - 1) / kBlock;
     if (static_cast<int64_t>(sc.sums.size()) < nblocks) sc.sums.resize(nblocks);
-    const double W = block_sums(x, V, m, T, min_e, sc.sums.data());
-    return draw_from_blocks(x, V, m, T, min_e, sc.sums.data(), u * W, s.argmax);
+    const double W = block_sums(x, V, m, inv_t, min_e, sc.sums.data());
+    return draw_from_blocks(x, V, m, inv_t, min_e, sc.sums.data(), u * W, s.argmax);
   }
 
   std::vector<Cand>& cands = sc.cands;
@@ -378,26 +383,22 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
     g.finish();
     cands.resize(g.n);
     stage_total = 0.0;
-    for (Cand& c : cands) c.e = exp_nonpositive((c.x - m) / T);
+    for (Cand& c : cands) c.e = exp_nonpositive((c.x - m) * inv_t);
     stage_size = k_raw;
   } else {
-    stage_total = gather_nucleus(x, V, m, T, p, cands);
+    stage_total = gather_nucleus(x, V, m, inv_t, p, cands);
     stage_size = V;
   }
   if (use_p) {
     if (use_k) {
-      // Mass of the top-k stage, summed in rank order.
-      std::sort(cands.begin(), cands.end(), rank_before);
       for (const Cand& c : cands) stage_total += static_cast<double>(c.e);
-      const float bound = static_cast<float>(0.5 * (1.0 - p) * stage_total / static_cast<double>(stage_size));
-      cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
-                  cands.end());
     } else {
+      // No token with weight <= (1 - p) W / V can be in the nucleus.
       const float bound = static_cast<float>(0.5 * (1.0 - p) * stage_total / static_cast<double>(stage_size));
       cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
                   cands.end());
     }
-    const int64_t keep = top_p_prefix(cands, p, stage_total);
+    const int64_t keep = top_p_select(cands, p, stage_total);
     if (keep >= 0) {
       cands.resize(keep);
     } else if (!use_k) {
@@ -405,8 +406,8 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
       const float min_e = use_min_p ? min_p : 0.0f;
       const int64_t nblocks = (V + kBlock - 1) / kBlock;
       if (static_cast<int64_t>(sc.sums.size()) < nblocks) sc.sums.resize(nblocks);
-      const double W = block_sums(x, V, m, T, min_e, sc.sums.data());
-      return draw_from_blocks(x, V, m, T, min_e, sc.sums.data(), u * W, s.argmax);
+      const double W = block_sums(x, V, m, inv_t, min_e, sc.sums.data());
+      return draw_from_blocks(x, V, m, inv_t, min_e, sc.sums.data(), u * W, s.argmax);
     }
   }
   if (use_min_p) {
@@ -417,21 +418,22 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
   return draw_from_cands(cands, u, s.argmax);
 }
 
-// Softmax of one row into out[0, V).
-DK_CLONES double exp_store(const float* x, int64_t V, float m, float T, float* out) {
-  double acc[kLanes] = {0};
-  for (int64_t c = 0; c < V; c += kLanes) {
-    float e[kLanes];
-    if (c + kLanes <= V) {
-      for (int j = 0; j < kLanes; ++j) e[j] = exp_nonpositive((x[c + j] - m) / T);
-      for (int j = 0; j < kLanes; ++j) out[c + j] = e[j];
-    } else {
-      for (int j = 0; j < kLanes; ++j) e[j] = c + j < V ? exp_nonpositive((x[c + j] - m) / T) : 0.0f;
-      for (int64_t j = 0; c + j < V; ++j) out[c + j] = e[j];
-    }
-    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(e[j]);
+// Softmax of one row into out[0, V): stores e and returns their float64 sum.
+DK_CLONES double exp_store(const float* x, int64_t V, float m, float inv_t, float* out) {
+  Acc16d acc;
+  const v16f vm = splat(m), vT = splat(inv_t);
+  int64_t c = 0;
+  for (; c + kLanes <= V; c += kLanes) {
+    const v16f e = exp16((load_f32(x + c) - vm) * vT);
+    store_f32(out + c, e);
+    acc.add(e);
   }
-  return combine_lanes(acc);
+  if (c < V) {
+    const v16f e = exp16((load_tail(x, c, V) - vm) * vT);
+    for (int64_t j = 0; c + j < V; ++j) out[c + j] = e[j];
+    acc.add(e);
+  }
+  return acc.sum();
 }
 
 DK_CLONES void scale_store(float* out, int64_t V, float inv) {
@@ -458,7 +460,7 @@ void softmax(const LogitsView& lv, RowParam<float> temperature, bool /*determini
       out[s.argmax] = 1.0f;
       return;
     }
-    const double total = exp_store(x, lv.vocab_size, s.max, T, out);
+    const double total = exp_store(x, lv.vocab_size, s.max, inverse_temperature(T), out);
     scale_store(out, lv.vocab_size, static_cast<float>(1.0 / total));
   });
 }

@@ -87,10 +87,11 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  // Pass 2: e = exp((x - m) / T), stored, summed in float64.
+  // Pass 2: e = exp((x - m) * (1 / T)), stored, summed in float64.
+  const float inv_t = inverse_temperature(T);
   double sum = 0.0;
   for (int64_t i = tid; i < vocab_size; i += kThreads) {
-    const float e = exp_nonpositive((load_logit<Kind>(row_base, i) - m) / T);
+    const float e = exp_nonpositive((load_logit<Kind>(row_base, i) - m) * inv_t);
     out[i] = e;
     sum += static_cast<double>(e);
   }

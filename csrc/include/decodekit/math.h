@@ -56,6 +56,14 @@ DK_HOST_DEVICE float exp_nonpositive(float x) {
   return x > -87.0f ? out : 0.0f;
 }
 
+// 1 / T for T > 0, capped at FLT_MAX so that a subnormal T still gives
+// (x - max) * inv_t == 0 at the max and a very negative value elsewhere (never
+// 0 * inf). Every kernel scales by this instead of dividing by T.
+DK_HOST_DEVICE float inverse_temperature(float T) {
+  const float r = 1.0f / T;
+  return r < 3.4028234663852886e+38f ? r : 3.4028234663852886e+38f;
+}
+
 // IEEE binary16 -> float32, exact for every input (subnormals, inf, NaN).
 DK_HOST_DEVICE float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
