@@ -34,7 +34,8 @@ dk::cpu::ScalarKind logits_kind(const at::Tensor& t) {
 
 void check_logits(const at::Tensor& logits, int64_t vocab_size) {
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V], got ", logits.dim(), "-D");
-  TORCH_CHECK(logits.stride(1) == 1, "decodekit: logits rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.size(0) == 0,
+              "decodekit: logits rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(logits.size(1) > 0, "decodekit: logits must have V >= 1 columns");
   TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "decodekit: V must be < 2^31");
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= logits.size(1),

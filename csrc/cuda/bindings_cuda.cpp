@@ -26,7 +26,8 @@ int logits_kind(const at::Tensor& t) {
 at::Tensor softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
                         double temperature_val, int64_t vocab_size, bool /*deterministic*/) {
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
-  TORCH_CHECK(logits.stride(1) == 1, "decodekit: logits rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.size(0) == 0,
+              "decodekit: logits rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= logits.size(1), "decodekit: vocab_size must be in [1, V]");
   const int64_t B = logits.size(0);
   const float* temps = nullptr;

