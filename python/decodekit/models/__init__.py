@@ -1,6 +1,6 @@
 """Model definitions and loaders: a float32 Llama-family decoder and its GGUF loader."""
 
-from .gguf import LoadedModel, default_model_path, load_gguf, load_model
+from .gguf_loader import LoadedModel, default_model_path, load_gguf, load_model
 from .llama import KVCache, LlamaConfig, LlamaModel
 
 __all__ = ["KVCache", "LlamaConfig", "LlamaModel", "LoadedModel", "default_model_path",

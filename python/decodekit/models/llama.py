@@ -145,10 +145,12 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
+        """Rows ``B``."""
         return self.k[0].shape[0]
 
     @property
     def max_seq_len(self) -> int:
+        """Positions each row can hold."""
         return self.k[0].shape[1]
 
     def reset(self) -> None:
@@ -268,10 +270,12 @@ class LlamaModel:
 
     @property
     def device(self) -> torch.device:
+        """Device of the weights."""
         return self.embed.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the weights and activations (float32 when loaded from GGUF)."""
         return self.embed.dtype
 
     def new_cache(self, batch_size: int = 1, max_seq_len: Optional[int] = None) -> KVCache:

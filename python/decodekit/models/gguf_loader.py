@@ -91,6 +91,7 @@ class LoadedModel:
 
     @property
     def config(self) -> LlamaConfig:
+        """The model's :class:`LlamaConfig`."""
         return self.model.config
 
 
