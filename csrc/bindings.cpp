@@ -185,6 +185,8 @@ PYBIND11_MODULE(_C, mod) {
         return dk::PhiloxStreamRef{seed, offset, stream}.uniform_double(i);
       },
       "The float64 uniform number i of stream (seed, offset, stream), as the kernels draw it.");
+  mod.def("cpu_isa", &dk::cpu::active_isa,
+          "The instruction set the CPU kernels run with: avx512, avx2 or baseline (all give the same bits).");
 #ifdef DK_WITH_CUDA
   mod.attr("has_cuda_ops") = true;
 #else

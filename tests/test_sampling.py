@@ -399,3 +399,37 @@ def test_import_under_other_torch_fails_naming_both_versions():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0
     assert "ImportError" in r.stderr and "0.0.1+other" in r.stderr and decodekit.BUILT_WITH_TORCH in r.stderr
+
+
+# --------------------------------------------------------- instruction sets ----
+_ISA_SCRIPT = r"""
+import hashlib, torch, decodekit
+from decodekit import _C
+g = torch.Generator().manual_seed(12)
+h = hashlib.sha256()
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    x = (torch.randn(16, 5003, generator=g) * 5).to(dtype)
+    x[3, 7] = float("inf"); x[5, :] = -float("inf"); x[6, 100] = float("nan")
+    temps = torch.tensor([0.0, 0.3, 0.7, 1.0, 1.7, 1e-6, 4.0, 0.9] * 2)
+    h.update(decodekit.softmax(x, temps, validate=False).numpy().tobytes())
+    h.update(decodekit.argmax(x, return_valid=True)[0].numpy().tobytes())
+    for k, p, mp in [(0, 1.0, 0.0), (40, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.05), (300, 0.95, 0.01)]:
+        out = decodekit.sample_from_logits(x, temps, k, p, mp, seed=torch.arange(16) * 977, return_valid=True)
+        h.update(out.token_ids.numpy().tobytes())
+print(_C.cpu_isa(), h.hexdigest())
+"""
+
+
+def test_every_instruction_set_gives_the_same_bits():
+    # Each build (AVX-512, AVX2, baseline x86-64) runs in its own process, forced by
+    # DECODEKIT_CPU_ISA; probs, ids and argmax must hash identically.
+    import os
+
+    digests = {}
+    for isa in ("avx512", "avx2", "baseline"):
+        env = dict(os.environ, DECODEKIT_CPU_ISA=isa)
+        r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, check=True)
+        ran, digest = r.stdout.split()
+        digests[ran] = digest
+    assert "baseline" in digests and len(digests) >= 2 or decodekit._C.cpu_isa() == "baseline"
+    assert len(set(digests.values())) == 1, digests

@@ -2,9 +2,11 @@
 //
 // Every row is processed by one thread with a fixed 16-lane reduction order
 // that depends only on the vocabulary size, so a row's result is bit-identical
-// whatever the batch, its position, the thread count or the instruction set
-// (the hot loops are compiled for AVX-512, AVX2 and baseline x86-64 through
-// function multiversioning; -ffp-contract=off keeps the arithmetic identical).
+// whatever the batch, its position, the thread count or the instruction set.
+// This file is compiled once per instruction set (AVX-512, AVX2, baseline
+// x86-64) into namespace DK_ISA; dispatch.cpp picks one at run time. The
+// lane-wise arithmetic is the same IEEE operations in every build
+// (-ffp-contract=off, explicit FMAs), so all builds give the same bits.
 //
 // The sampler never sorts the vocabulary:
 //   pass A   one streaming read of the row: max, argmax, NaN/+inf flags and,
@@ -20,6 +22,8 @@
 #include "sampling.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -28,15 +32,14 @@
 #include "decodekit/philox.h"
 #include "vec.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(DK_NO_MULTIVERSION)
-#define DK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DK_CLONES
+#ifndef DK_ISA
+#define DK_ISA baseline
 #endif
 #define DK_INLINE inline __attribute__((always_inline))
 
 namespace decodekit {
 namespace cpu {
+namespace DK_ISA {
 namespace {
 
 constexpr int kLanes = 16;        // fixed lane count of every reduction
@@ -46,28 +49,50 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ---------------------------------------------------------------- loading --
 struct LoadF32 {
   using T = float;
-  static DK_INLINE v16f load16(const T* p) { return load_f32(p); }
+  static DK_INLINE VF load16(const T* p) { return load_f32(p); }
   static DK_INLINE float load(const T* p, int64_t i) { return p[i]; }
 };
 struct LoadF16 {
   using T = uint16_t;
-  static DK_INLINE v16f load16(const T* p) { return load_f16(p); }
+  static DK_INLINE VF load16(const T* p) { return load_f16(p); }
   static DK_INLINE float load(const T* p, int64_t i) { return half_bits_to_float(p[i]); }
 };
 struct LoadBF16 {
   using T = uint16_t;
-  static DK_INLINE v16f load16(const T* p) { return load_bf16(p); }
+  static DK_INLINE VF load16(const T* p) { return load_bf16(p); }
   static DK_INLINE float load(const T* p, int64_t i) { return bf16_bits_to_float(p[i]); }
 };
 
 // A chunk of 16 float32 values starting at c, -inf past n (tail chunks).
-DK_INLINE v16f load_tail(const float* x, int64_t c, int64_t n) {
+DK_INLINE VF load_tail(const float* x, int64_t c, int64_t n) {
   float tmp[kLanes];
   for (int j = 0; j < kLanes; ++j) tmp[j] = c + j < n ? x[c + j] : -kInf;
   return load_f32(tmp);
 }
 
 // ----------------------------------------------------------- top-k buffer --
+// A grow-only scratch buffer. Defined here (internal linkage) rather than
+// std::vector<float>, whose out-of-line members would be shared between the
+// per-instruction-set builds of this file at link time.
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  int64_t n = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  int64_t size() const { return n; }
+  T* data() { return p; }
+  void resize(int64_t need) {  // contents are not preserved
+    if (need <= n) return;
+    std::free(p);
+    p = static_cast<T*>(std::malloc(static_cast<size_t>(need) * sizeof(T)));
+    if (!p) throw std::bad_alloc();
+    n = need;
+  }
+};
+
 struct Cand {
   float x;      // logit (as float32)
   float e;      // exp((x - max) * (1 / T))
@@ -123,23 +148,26 @@ struct RowStats {
 // gathers the exact top-k candidates.
 template <typename L>
 DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf, TopKGather* g) {
-  v16f vmax = splat(-kInf);
-  v16i vidx = iota16();
-  v16i vnan = splati(0), vpinf = splati(0);
-  const v16f inf = splat(kInf);
-  auto step = [&](v16f xs, int64_t c) __attribute__((always_inline)) {
-    const v16i gt = xs > vmax;
-    vmax = gt ? xs : vmax;
-    vidx = gt ? iota16() + static_cast<int32_t>(c) : vidx;
+  VF vmax = splat(-kInf);
+  VI vidx = iota16();
+  VI vnan = splati(0), vpinf = splati(0);
+  const VF inf = splat(kInf);
+  auto step = [&](VF xs, int64_t c) __attribute__((always_inline)) {
+    const VI gt = xs > vmax;
+    vmax = select(gt, xs, vmax);
+    vidx = select(gt, iota16() + splati(static_cast<int32_t>(c)), vidx);
     vnan |= xs != xs;
     vpinf |= xs == inf;
-    if (g && any_lane(xs > splat(g->thr)))
+    if (g && any_lane(xs > splat(g->thr))) {
+      float xa[kLanes];
+      to_array(xs, xa);
       for (int j = 0; j < kLanes; ++j)
-        if (xs[j] > g->thr) g->push(xs[j], c + j);
+        if (xa[j] > g->thr) g->push(xa[j], c + j);
+    }
   };
   int64_t c = 0;
   for (; c + kLanes <= V; c += kLanes) {
-    const v16f xs = L::load16(row + c);
+    const VF xs = L::load16(row + c);
     if (xbuf) store_f32(xbuf + c, xs);
     step(xs, c);
   }
@@ -151,28 +179,32 @@ DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf,
     step(load_f32(tmp), c);
   }
   RowStats s{-kInf, 0, any_lane(vnan), any_lane(vpinf)};
+  float ma[kLanes];
+  int32_t ia[kLanes];
+  to_array(vmax, ma);
+  to_array(vidx, ia);
   for (int j = 0; j < kLanes; ++j)
-    if (vmax[j] > s.max) s.max = vmax[j];
+    if (ma[j] > s.max) s.max = ma[j];
   int64_t best = std::numeric_limits<int64_t>::max();
   for (int j = 0; j < kLanes; ++j)
-    if (vmax[j] == s.max && vidx[j] < best) best = vidx[j];
+    if (ma[j] == s.max && ia[j] < best) best = ia[j];
   s.argmax = best;
   return s;
 }
 
-DK_CLONES RowStats pass_a_f32(const float* r, int64_t V, float* xb, TopKGather* g) {
+RowStats pass_a_f32(const float* r, int64_t V, float* xb, TopKGather* g) {
   return pass_a_impl<LoadF32>(r, V, xb, g);
 }
-DK_CLONES RowStats pass_a_f16(const uint16_t* r, int64_t V, float* xb, TopKGather* g) {
+RowStats pass_a_f16(const uint16_t* r, int64_t V, float* xb, TopKGather* g) {
   return pass_a_impl<LoadF16>(r, V, xb, g);
 }
-DK_CLONES RowStats pass_a_bf16(const uint16_t* r, int64_t V, float* xb, TopKGather* g) {
+RowStats pass_a_bf16(const uint16_t* r, int64_t V, float* xb, TopKGather* g) {
   return pass_a_impl<LoadBF16>(r, V, xb, g);
 }
 
 // Loads row b into float32: returns a pointer to float32 logits (the input
 // itself for float32, else the converted copy in xbuf) and the row stats.
-RowStats load_row(const LogitsView& lv, int64_t b, std::vector<float>& xbuf, TopKGather* g,
+RowStats load_row(const LogitsView& lv, int64_t b, Buf<float>& xbuf, TopKGather* g,
                   const float** x_out) {
   const int64_t V = lv.vocab_size;
   if (lv.kind == ScalarKind::kFloat32) {
@@ -190,17 +222,17 @@ RowStats load_row(const LogitsView& lv, int64_t b, std::vector<float>& xbuf, Top
 // --------------------------------------------------------------- pass B ----
 // Block sums of w_i = e_i if e_i >= min_e else 0, e_i = exp((x_i - m) * inv_t),
 // in 16 float64 lanes per block. Returns the total (blocks added in order).
-DK_CLONES double block_sums(const float* x, int64_t V, float m, float inv_t, float min_e,
+double block_sums(const float* x, int64_t V, float m, float inv_t, float min_e,
                             double* sums) {
   double total = 0.0;
-  const v16f vm = splat(m), vT = splat(inv_t), vmin = splat(min_e), zero = splat(0.0f);
+  const VF vm = splat(m), vT = splat(inv_t), vmin = splat(min_e), zero = splat(0.0f);
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t end = std::min(V, b0 + kBlock);
     Acc16d acc;
     for (int64_t c = b0; c < end; c += kLanes) {
-      const v16f xs = c + kLanes <= end ? load_f32(x + c) : load_tail(x, c, end);
-      const v16f e = exp16((xs - vm) * vT);
-      acc.add(e >= vmin ? e : zero);
+      const VF xs = c + kLanes <= end ? load_f32(x + c) : load_tail(x, c, end);
+      const VF e = exp16((xs - vm) * vT);
+      acc.add(select(e >= vmin, e, zero));
     }
     sums[blk] = acc.sum();
     total += sums[blk];
@@ -211,20 +243,24 @@ DK_CLONES double block_sums(const float* x, int64_t V, float m, float inv_t, flo
 // Gathers every token whose weight can put it in the top-p nucleus: weight >
 // bound, where bound = 0.5 (1 - p) W_partial / V only grows as W_partial does
 // (the final test uses the final W, so this gathers a superset). Returns W.
-DK_CLONES double gather_nucleus(const float* x, int64_t V, float m, float inv_t, double p,
+double gather_nucleus(const float* x, int64_t V, float m, float inv_t, double p,
                                 std::vector<Cand>& out) {
   out.clear();
   Acc16d acc;
   double running = 1.0;  // the max token alone has weight exactly 1
   float bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
-  const v16f vm = splat(m), vT = splat(inv_t);
+  const VF vm = splat(m), vT = splat(inv_t);
   for (int64_t c = 0; c < V; c += kLanes) {
-    const v16f xs = c + kLanes <= V ? load_f32(x + c) : load_tail(x, c, V);
-    const v16f e = exp16((xs - vm) * vT);
+    const VF xs = c + kLanes <= V ? load_f32(x + c) : load_tail(x, c, V);
+    const VF e = exp16((xs - vm) * vT);
     acc.add(e);
-    if (any_lane(e > splat(bound)))
+    if (any_lane(e > splat(bound))) {
+      float ea[kLanes], xa[kLanes];
+      to_array(e, ea);
+      to_array(xs, xa);
       for (int j = 0; j < kLanes; ++j)
-        if (e[j] > bound) out.push_back(Cand{xs[j], e[j], static_cast<int32_t>(c + j)});
+        if (ea[j] > bound) out.push_back(Cand{xa[j], ea[j], static_cast<int32_t>(c + j)});
+    }
     if ((c & (kBlock - 1)) == kBlock - kLanes) {
       running = std::max(running, acc.sum());
       bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
@@ -318,9 +354,9 @@ int64_t draw_from_cands(std::vector<Cand>& cands, double u, int64_t fallback) {
 }
 
 struct Scratch {
-  std::vector<float> xbuf;
+  Buf<float> xbuf;
   std::vector<Cand> cands;
-  std::vector<double> sums;
+  Buf<double> sums;
 };
 
 Scratch& thread_scratch() {
@@ -419,24 +455,26 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
 }
 
 // Softmax of one row into out[0, V): stores e and returns their float64 sum.
-DK_CLONES double exp_store(const float* x, int64_t V, float m, float inv_t, float* out) {
+double exp_store(const float* x, int64_t V, float m, float inv_t, float* out) {
   Acc16d acc;
-  const v16f vm = splat(m), vT = splat(inv_t);
+  const VF vm = splat(m), vT = splat(inv_t);
   int64_t c = 0;
   for (; c + kLanes <= V; c += kLanes) {
-    const v16f e = exp16((load_f32(x + c) - vm) * vT);
+    const VF e = exp16((load_f32(x + c) - vm) * vT);
     store_f32(out + c, e);
     acc.add(e);
   }
   if (c < V) {
-    const v16f e = exp16((load_tail(x, c, V) - vm) * vT);
-    for (int64_t j = 0; c + j < V; ++j) out[c + j] = e[j];
+    const VF e = exp16((load_tail(x, c, V) - vm) * vT);
+    float ea[kLanes];
+    to_array(e, ea);
+    for (int64_t j = 0; c + j < V; ++j) out[c + j] = ea[j];
     acc.add(e);
   }
   return acc.sum();
 }
 
-DK_CLONES void scale_store(float* out, int64_t V, float inv) {
+void scale_store(float* out, int64_t V, float inv) {
   for (int64_t i = 0; i < V; ++i) out[i] *= inv;
 }
 
@@ -485,5 +523,6 @@ void sample_from_logits(const LogitsView& lv, const SamplingParams& params, bool
   });
 }
 
+}  // namespace DK_ISA
 }  // namespace cpu
 }  // namespace decodekit

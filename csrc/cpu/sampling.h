@@ -52,5 +52,21 @@ void argmax(const LogitsView& logits, int num_threads, int64_t* ids, bool* valid
 void sample_from_logits(const LogitsView& logits, const SamplingParams& params,
                         bool deterministic, int num_threads, int64_t* ids, bool* valid);
 
+// The instruction set the functions above run with: "avx512", "avx2" or
+// "baseline". Chosen once, at the first call, as the best the CPU supports,
+// or from the environment variable DECODEKIT_CPU_ISA when it names one the
+// CPU supports. All give the same bits; the choice only changes speed.
+const char* active_isa();
+
+// The same API compiled for one instruction set (see dispatch.cpp).
+#define DK_SAMPLING_API                                                                    \
+  void softmax(const LogitsView&, RowParam<float>, bool, int, float*);                     \
+  void argmax(const LogitsView&, int, int64_t*, bool*);                                    \
+  void sample_from_logits(const LogitsView&, const SamplingParams&, bool, int, int64_t*, bool*);
+namespace avx512 { DK_SAMPLING_API }
+namespace avx2 { DK_SAMPLING_API }
+namespace baseline { DK_SAMPLING_API }
+#undef DK_SAMPLING_API
+
 }  // namespace cpu
 }  // namespace decodekit

@@ -1,105 +1,225 @@
-// 16-lane float vectors for the CPU kernels, written with GCC/Clang vector
-// extensions. Each function applies exactly the same IEEE operations, in the
-// same order, as its scalar twin in decodekit/math.h, so a lane's result is the
-// same bits whatever the instruction set the compiler lowers it to (one
-// AVX-512 register, two AVX2 registers, four SSE registers) and equal to the
-// scalar function. Requires -ffp-contract=off.
+// 16-lane vectors for the CPU kernels. A VF holds 16 floats as one AVX-512
+// register, two AVX2 registers or four SSE registers, depending on the
+// instruction set this translation unit is compiled for; every operation is
+// applied lane-wise with the same IEEE operation, so a lane's result is the
+// same bits in every build (and equal to the scalar twins in decodekit/math.h).
+// Requires -ffp-contract=off. Reductions across lanes happen only in the
+// fixed orders written here, never in an order the compiler picks.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace decodekit {
 namespace cpu {
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#define DK_NATIVE_LANES 16
+#elif defined(__AVX__)
+#define DK_NATIVE_LANES 8
+#else
+#define DK_NATIVE_LANES 4
+#endif
+
+constexpr int kVecLanes = 16;
+constexpr int kParts = kVecLanes / DK_NATIVE_LANES;
+
+typedef float nf __attribute__((vector_size(4 * DK_NATIVE_LANES)));
+typedef int32_t ni __attribute__((vector_size(4 * DK_NATIVE_LANES)));
+typedef uint32_t nu __attribute__((vector_size(4 * DK_NATIVE_LANES)));
+typedef uint16_t nh __attribute__((vector_size(2 * DK_NATIVE_LANES)));
+// Unaligned views for loads and stores (one native register each, so loads
+// are never split into smaller moves through the stack).
+typedef float nf_u __attribute__((vector_size(4 * DK_NATIVE_LANES), aligned(4), may_alias));
+typedef int32_t ni_u __attribute__((vector_size(4 * DK_NATIVE_LANES), aligned(4), may_alias));
+typedef uint16_t nh_u __attribute__((vector_size(2 * DK_NATIVE_LANES), aligned(2), may_alias));
 
 #define DK_VINLINE inline __attribute__((always_inline))
 
-DK_VINLINE v16f splat(float x) { return v16f{} + x; }
-DK_VINLINE v16i splati(int32_t x) { return v16i{} + x; }
-DK_VINLINE v16i iota16() { return v16i{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+struct VF {  // 16 float lanes
+  nf p[kParts];
+};
+struct VI {  // 16 int32 lanes; comparison masks are -1 (true) / 0 (false)
+  ni p[kParts];
+};
 
-DK_VINLINE v16f load_f32(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+#define DK_LANEWISE(R, A, B, expr)              \
+  R r;                                          \
+  for (int i = 0; i < kParts; ++i) r.p[i] = expr; \
+  return r;
+
+DK_VINLINE VF operator+(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] + b.p[i]) }
+DK_VINLINE VF operator-(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] - b.p[i]) }
+DK_VINLINE VF operator*(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] * b.p[i]) }
+DK_VINLINE VI operator>(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] > b.p[i]) }
+DK_VINLINE VI operator>=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] >= b.p[i]) }
+DK_VINLINE VI operator==(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] == b.p[i]) }
+DK_VINLINE VI operator!=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] != b.p[i]) }
+DK_VINLINE VI operator+(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] + b.p[i]) }
+DK_VINLINE VI operator|(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] | b.p[i]) }
+DK_VINLINE VI& operator|=(VI& a, VI b) { return a = a | b; }
+
+// m ? a : b, lane-wise.
+DK_VINLINE VF select(VI m, VF a, VF b) { DK_LANEWISE(VF, a, b, m.p[i] ? a.p[i] : b.p[i]) }
+DK_VINLINE VI select(VI m, VI a, VI b) { DK_LANEWISE(VI, a, b, m.p[i] ? a.p[i] : b.p[i]) }
+
+DK_VINLINE VF splat(float x) {
+  VF r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = nf{} + x;
+  return r;
 }
-DK_VINLINE void store_f32(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
-
-// binary16 -> float32, exact (as half_bits_to_float).
-DK_VINLINE v16f load_f16(const uint16_t* p) {
-  v16h h;
-  std::memcpy(&h, p, sizeof h);
-  const v16u u = __builtin_convertvector(h, v16u);
-  const v16u sign = (u & 0x8000u) << 16;
-  const v16u mag = u & 0x7fffu;
-  const v16f scaled = (v16f)(mag << 13) * splat(5.192296858534828e+33f);
-  const v16u finite = (v16u)scaled;
-  const v16u special = ((mag & 0x3ffu) << 13) | 0x7f800000u;
-  const v16u bits = (v16u)((mag >= 0x7c00u) ? (v16i)special : (v16i)finite);
-  return (v16f)(sign | bits);
+DK_VINLINE VI splati(int32_t x) {
+  VI r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = ni{} + x;
+  return r;
+}
+DK_VINLINE VI iota16() {
+  alignas(64) static const int32_t v[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  VI r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = *reinterpret_cast<const ni_u*>(v + i * DK_NATIVE_LANES);
+  return r;
 }
 
-// bfloat16 -> float32, exact.
-DK_VINLINE v16f load_bf16(const uint16_t* p) {
-  v16h h;
-  std::memcpy(&h, p, sizeof h);
-  return (v16f)(__builtin_convertvector(h, v16u) << 16);
+DK_VINLINE VF load_f32(const float* p) {
+  VF r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = *reinterpret_cast<const nf_u*>(p + i * DK_NATIVE_LANES);
+  return r;
 }
-
-// exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h.
-DK_VINLINE v16f exp16(v16f x) {
-  const v16f lo = splat(-87.0f);
-  const v16f xc = x > lo ? x : lo;
-  const v16f t = xc * splat(1.44269504088896341f);
-  const v16f n = (t + splat(12582912.0f)) - splat(12582912.0f);
-  v16f r = xc - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  v16f p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  const v16f y = p * (r * r) + r + splat(1.0f);
-  const v16i e = __builtin_convertvector(n, v16i) + 127;
-  const v16f scale = (v16f)(e << 23);
-  const v16f out = y * scale;
-  return x > lo ? out : splat(0.0f);
+DK_VINLINE void store_f32(float* p, VF v) {
+  for (int i = 0; i < kParts; ++i) *reinterpret_cast<nf_u*>(p + i * DK_NATIVE_LANES) = v.p[i];
+}
+DK_VINLINE void to_array(VF v, float* out) { store_f32(out, v); }
+DK_VINLINE void to_array(VI v, int32_t* out) {
+  for (int i = 0; i < kParts; ++i) *reinterpret_cast<ni_u*>(out + i * DK_NATIVE_LANES) = v.p[i];
 }
 
 // True when any lane of the mask is set.
-DK_VINLINE bool any_lane(v16i m) {
-  uint64_t w[8];
-  std::memcpy(w, &m, sizeof w);
-  return (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0;
+DK_VINLINE bool any_lane(VI m) {
+  ni acc = m.p[0];
+  for (int i = 1; i < kParts; ++i) acc |= m.p[i];
+  uint64_t w[sizeof(ni) / 8];
+  std::memcpy(w, &acc, sizeof w);
+  uint64_t o = 0;
+  for (size_t i = 0; i < sizeof(ni) / 8; ++i) o |= w[i];
+  return o != 0;
 }
 
-// 16 float64 lanes as two halves: lane j < 8 in lo[j], lane j >= 8 in hi[j - 8].
-struct Acc16d {
-  v8d lo{};
-  v8d hi{};
-  DK_VINLINE void add(v16f v) {
-    v8f a, b;
-    std::memcpy(&a, &v, sizeof a);
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-    lo += __builtin_convertvector(a, v8d);
-    hi += __builtin_convertvector(b, v8d);
+// binary16 -> float32, exact (as half_bits_to_float in decodekit/math.h).
+DK_VINLINE VF load_f16(const uint16_t* p) {
+  VF r;
+  for (int i = 0; i < kParts; ++i) {
+    const nh h = *reinterpret_cast<const nh_u*>(p + i * DK_NATIVE_LANES);
+    const nu u = __builtin_convertvector(h, nu);
+    const nu sign = (u & 0x8000u) << 16;
+    const nu mag = u & 0x7fffu;
+    const nf scaled = (nf)(mag << 13) * (nf{} + 5.192296858534828e+33f);  // 2^112
+    const nu finite = (nu)scaled;
+    const nu special = ((mag & 0x3ffu) << 13) | 0x7f800000u;
+    const ni is_special = (ni)(mag >= 0x7c00u);
+    const nu bits = is_special ? special : finite;
+    r.p[i] = (nf)(sign | bits);
   }
+  return r;
+}
+
+// bfloat16 -> float32, exact.
+DK_VINLINE VF load_bf16(const uint16_t* p) {
+  VF r;
+  for (int i = 0; i < kParts; ++i) {
+    const nh h = *reinterpret_cast<const nh_u*>(p + i * DK_NATIVE_LANES);
+    r.p[i] = (nf)(__builtin_convertvector(h, nu) << 16);
+  }
+  return r;
+}
+
+// Lane-wise correctly rounded a * b + c.
+DK_VINLINE VF fma16(VF a, VF b, VF c) {
+#if defined(__AVX512F__)
+  VF r;
+  r.p[0] = (nf)_mm512_fmadd_ps((__m512)a.p[0], (__m512)b.p[0], (__m512)c.p[0]);
+  return r;
+#elif defined(__FMA__)
+  DK_LANEWISE(VF, a, b, (nf)_mm256_fmadd_ps((__m256)a.p[i], (__m256)b.p[i], (__m256)c.p[i]))
+#else
+  float fa[16], fb[16], fc[16];
+  to_array(a, fa);
+  to_array(b, fb);
+  to_array(c, fc);
+  for (int j = 0; j < 16; ++j) fa[j] = std::fmaf(fa[j], fb[j], fc[j]);  // libm: exact, slower
+  return load_f32(fa);
+#endif
+}
+
+// exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h.
+DK_VINLINE VF exp16(VF x) {
+  const VF lo = splat(-87.0f);
+  const VI in_range = x > lo;
+  const VF xc = select(in_range, x, lo);
+  const VF n = (xc * splat(1.44269504088896341f) + splat(12582912.0f)) - splat(12582912.0f);
+  VF r = fma16(n, splat(-0.693359375f), xc);
+  r = fma16(n, splat(2.12194440e-4f), r);
+  VF p = splat(1.9875691500e-4f);
+  p = fma16(p, r, splat(1.3981999507e-3f));
+  p = fma16(p, r, splat(8.3334519073e-3f));
+  p = fma16(p, r, splat(4.1665795894e-2f));
+  p = fma16(p, r, splat(1.6666665459e-1f));
+  p = fma16(p, r, splat(5.0000001201e-1f));
+  const VF y = fma16(p, r * r, r) + splat(1.0f);
+  VF scale;
+  for (int i = 0; i < kParts; ++i) scale.p[i] = (nf)((__builtin_convertvector(n.p[i], ni) + 127) << 23);
+  return select(in_range, y * scale, splat(0.0f));
+}
+
+// 16 float64 lanes (lane j accumulates the j-th float lane of every add).
+struct Acc16d {
+#if defined(__AVX512F__)
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  DK_VINLINE void add(VF v) {
+    const __m512 x = (__m512)v.p[0];
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+  }
+  DK_VINLINE void lanes(double* out) const {
+    _mm512_storeu_pd(out, lo);
+    _mm512_storeu_pd(out + 8, hi);
+  }
+#elif defined(__AVX__)
+  __m256d q[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  DK_VINLINE void add(VF v) {
+    for (int i = 0; i < 2; ++i) {
+      const __m256 x = (__m256)v.p[i];
+      q[2 * i] = _mm256_add_pd(q[2 * i], _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+      q[2 * i + 1] = _mm256_add_pd(q[2 * i + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    }
+  }
+  DK_VINLINE void lanes(double* out) const {
+    for (int i = 0; i < 4; ++i) _mm256_storeu_pd(out + 4 * i, q[i]);
+  }
+#else
+  double d[16] = {0};
+  DK_VINLINE void add(VF v) {
+    float f[16];
+    to_array(v, f);
+    for (int j = 0; j < 16; ++j) d[j] += static_cast<double>(f[j]);
+  }
+  DK_VINLINE void lanes(double* out) const { std::memcpy(out, d, sizeof d); }
+#endif
   // Fixed tree: lane j += lane j + 8, then + 4, + 2, + 1.
   DK_VINLINE double sum() const {
-    const v8d s = lo + hi;
-    const double a0 = s[0] + s[4], a1 = s[1] + s[5], a2 = s[2] + s[6], a3 = s[3] + s[7];
-    const double b0 = a0 + a2, b1 = a1 + a3;
-    return b0 + b1;
+    double s[16];
+    lanes(s);
+    for (int w = 8; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) s[j] += s[j + w];
+    return s[0];
   }
 };
+
+#undef DK_LANEWISE
 
 }  // namespace cpu
 }  // namespace decodekit

@@ -1,9 +1,12 @@
 // Numeric helpers shared by the CPU and CUDA kernels: our own exp and the
-// half / bfloat16 to float conversions, written with plain IEEE float
-// arithmetic so that every instruction set (scalar, AVX2, AVX-512, CUDA)
-// produces the same bits. Build with -ffp-contract=off (no FMA contraction).
+// half / bfloat16 to float conversions, written with IEEE float operations
+// and explicit fused multiply-adds (fmaf, correctly rounded everywhere) so
+// that every instruction set (AVX2, AVX-512, baseline x86-64 through libm's
+// fmaf, CUDA) produces the same bits. Build with -ffp-contract=off so the
+// compiler adds no FMA of its own.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -31,28 +34,34 @@ DK_HOST_DEVICE uint32_t float_to_bits(float f) {
 #endif
 }
 
+DK_HOST_DEVICE float fma_f32(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fmaf(a, b, c);
+#endif
+}
+
 // exp(x) for x <= 0 (x = (logit - max) / T), including -inf. Cephes-style:
-// x = n ln2 + r with n = round(x log2 e), a degree-6 polynomial for exp(r),
-// and 2^n assembled in the exponent bits. Inputs below -87.33 (where the
-// result would be subnormal) give 0. exp(0) is exactly 1. Relative error
-// about 1 ulp. NaN inputs give an unspecified finite value (callers mark such
-// rows invalid before using the result).
+// x = n ln2 + r with n = round(x log2 e), a degree-6 polynomial for exp(r)
+// evaluated with FMAs, and 2^n assembled in the exponent bits. Inputs below
+// -87 give 0 (the result would be near the subnormal range). exp(0) is
+// exactly 1. Relative error about 1 ulp. NaN inputs give an unspecified
+// finite value (callers mark such rows invalid before using the result).
 DK_HOST_DEVICE float exp_nonpositive(float x) {
   const float xc = x > -87.0f ? x : -87.0f;  // also maps NaN to -87
-  const float t = xc * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest even, |t| < 2^22
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest even
+  float r = fma_f32(n, -0.693359375f, xc);
+  r = fma_f32(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * (r * r) + r + 1.0f;
+  p = fma_f32(p, r, 1.3981999507e-3f);
+  p = fma_f32(p, r, 8.3334519073e-3f);
+  p = fma_f32(p, r, 4.1665795894e-2f);
+  p = fma_f32(p, r, 1.6666665459e-1f);
+  p = fma_f32(p, r, 5.0000001201e-1f);
+  const float y = fma_f32(p, r * r, r) + 1.0f;
   const int32_t e = static_cast<int32_t>(n) + 127;  // n in [-126, 0]
-  const float scale = bits_to_float(static_cast<uint32_t>(e) << 23);
-  const float out = y * scale;
+  const float out = y * bits_to_float(static_cast<uint32_t>(e) << 23);
   return x > -87.0f ? out : 0.0f;
 }
 

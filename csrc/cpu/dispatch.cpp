@@ -1,0 +1,88 @@
+// Run-time choice of the instruction set for the CPU kernels. Each kernel file
+// is compiled once per instruction set (CMakeLists.txt); this file forwards
+// the public API to the build the CPU supports. DECODEKIT_CPU_ISA=avx2 (or
+// avx512, baseline) forces one, e.g. to check that every build gives the same
+// bits; a value the CPU cannot run falls back to the best supported one.
+#include <cstdlib>
+#include <cstring>
+
+#include "sampling.h"
+
+namespace decodekit {
+namespace cpu {
+namespace {
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+bool cpu_supports(Isa isa) {
+#if defined(__x86_64__) && defined(DK_MULTI_ISA)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("f16c");
+    case Isa::kBaseline:
+      return true;
+  }
+  return false;
+#else
+  return isa == Isa::kBaseline;
+#endif
+}
+
+Isa choose() {
+  const char* env = std::getenv("DECODEKIT_CPU_ISA");
+  if (env) {
+    if (!std::strcmp(env, "avx512") && cpu_supports(Isa::kAvx512)) return Isa::kAvx512;
+    if (!std::strcmp(env, "avx2") && cpu_supports(Isa::kAvx2)) return Isa::kAvx2;
+    if (!std::strcmp(env, "baseline")) return Isa::kBaseline;
+  }
+  if (cpu_supports(Isa::kAvx512)) return Isa::kAvx512;
+  if (cpu_supports(Isa::kAvx2)) return Isa::kAvx2;
+  return Isa::kBaseline;
+}
+
+Isa isa() {
+  static const Isa chosen = choose();
+  return chosen;
+}
+
+}  // namespace
+
+#if defined(DK_MULTI_ISA)
+#define DK_DISPATCH(fn, ...)                                \
+  switch (isa()) {                                          \
+    case Isa::kAvx512: return avx512::fn(__VA_ARGS__);      \
+    case Isa::kAvx2: return avx2::fn(__VA_ARGS__);          \
+    case Isa::kBaseline: return baseline::fn(__VA_ARGS__);  \
+  }
+#else
+#define DK_DISPATCH(fn, ...) return baseline::fn(__VA_ARGS__);
+#endif
+
+const char* active_isa() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kBaseline: return "baseline";
+  }
+  return "baseline";
+}
+
+void softmax(const LogitsView& lv, RowParam<float> t, bool det, int nt, float* probs) {
+  DK_DISPATCH(softmax, lv, t, det, nt, probs)
+}
+
+void argmax(const LogitsView& lv, int nt, int64_t* ids, bool* valid) { DK_DISPATCH(argmax, lv, nt, ids, valid) }
+
+void sample_from_logits(const LogitsView& lv, const SamplingParams& p, bool det, int nt, int64_t* ids,
+                        bool* valid) {
+  DK_DISPATCH(sample_from_logits, lv, p, det, nt, ids, valid)
+}
+
+}  // namespace cpu
+}  // namespace decodekit
