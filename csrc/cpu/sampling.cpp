@@ -116,7 +116,7 @@ struct TopKGather {
 
   void init(int64_t k_, std::vector<Cand>* b) {
     k = k_;
-    cap = k_ + std::max<int64_t>(k_, 1024);
+    cap = k_ + std::max<int64_t>(k_, 64);
     buf = b;
     if (static_cast<int64_t>(buf->size()) < cap) buf->resize(cap);
     n = 0;
