@@ -219,19 +219,33 @@ RowStats load_row(const LogitsView& lv, int64_t b, Buf<float>& xbuf, TopKGather*
                                          : pass_a_bf16(row, V, xbuf.data(), g);
 }
 
+// --------------------------------------------------------------- weights ---
+// A token's sampling weight from its float32 value x. From logits it is
+// exp((x - max) / T), so the top token weighs exactly 1; from probabilities
+// it is the probability itself. Every pass below is written once for both.
+struct LogitWeight {
+  float m, inv_t;
+  DK_INLINE VF operator()(VF x) const { return exp16((x - splat(m)) * splat(inv_t)); }
+  DK_INLINE float operator()(float x) const { return exp_nonpositive((x - m) * inv_t); }
+};
+struct ProbWeight {
+  DK_INLINE VF operator()(VF x) const { return x; }
+  DK_INLINE float operator()(float x) const { return x; }
+};
+
 // --------------------------------------------------------------- pass B ----
-// Block sums of w_i = e_i if e_i >= min_e else 0, e_i = exp((x_i - m) * inv_t),
-// in 16 float64 lanes per block. Returns the total (blocks added in order).
-double block_sums(const float* x, int64_t V, float m, float inv_t, float min_e,
-                            double* sums) {
+// Block sums of w_i if w_i >= min_w else 0, in 16 float64 lanes per block of
+// kBlock tokens. Returns the total (blocks added in order).
+template <class Wt>
+double block_sums(const float* x, int64_t V, const Wt& w, float min_w, double* sums) {
   double total = 0.0;
-  const VF vm = splat(m), vT = splat(inv_t), vmin = splat(min_e), zero = splat(0.0f);
+  const VF vmin = splat(min_w), zero = splat(0.0f);
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t end = std::min(V, b0 + kBlock);
     Acc16d acc;
     for (int64_t c = b0; c < end; c += kLanes) {
       const VF xs = c + kLanes <= end ? load_f32(x + c) : load_tail(x, c, end);
-      const VF e = exp16((xs - vm) * vT);
+      const VF e = select(xs > splat(-kInf), w(xs), zero);
       acc.add(select(e >= vmin, e, zero));
     }
     sums[blk] = acc.sum();
@@ -243,16 +257,15 @@ double block_sums(const float* x, int64_t V, float m, float inv_t, float min_e,
 // Gathers every token whose weight can put it in the top-p nucleus: weight >
 // bound, where bound = 0.5 (1 - p) W_partial / V only grows as W_partial does
 // (the final test uses the final W, so this gathers a superset). Returns W.
-double gather_nucleus(const float* x, int64_t V, float m, float inv_t, double p,
-                                std::vector<Cand>& out) {
+template <class Wt>
+double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out) {
   out.clear();
   Acc16d acc;
-  double running = 1.0;  // the max token alone has weight exactly 1
+  double running = w_max;  // the top token alone
   float bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
-  const VF vm = splat(m), vT = splat(inv_t);
   for (int64_t c = 0; c < V; c += kLanes) {
     const VF xs = c + kLanes <= V ? load_f32(x + c) : load_tail(x, c, V);
-    const VF e = exp16((xs - vm) * vT);
+    const VF e = select(xs > splat(-kInf), w(xs), splat(0.0f));
     acc.add(e);
     if (any_lane(e > splat(bound))) {
       float ea[kLanes], xa[kLanes];
@@ -271,8 +284,9 @@ double gather_nucleus(const float* x, int64_t V, float m, float inv_t, double p,
 
 // Inverse CDF over block sums: the first index (ascending) whose running
 // float64 sum exceeds target. Zero-weight tokens are never returned.
-int64_t draw_from_blocks(const float* x, int64_t V, float m, float inv_t, float min_e,
-                         const double* sums, double target, int64_t fallback) {
+template <class Wt>
+int64_t draw_from_blocks(const float* x, int64_t V, const Wt& w, float min_w, const double* sums,
+                         double target, int64_t fallback) {
   const int64_t nblocks = (V + kBlock - 1) / kBlock;
   double cum = 0.0;
   int64_t blk = 0;
@@ -282,8 +296,9 @@ int64_t draw_from_blocks(const float* x, int64_t V, float m, float inv_t, float 
   }
   int64_t last_positive = fallback;
   for (int64_t i = std::min(blk, nblocks - 1) * kBlock; i < V; ++i) {
-    const float e = exp_nonpositive((x[i] - m) * inv_t);
-    if (!(e >= min_e) || e == 0.0f) continue;
+    if (!(x[i] > -kInf)) continue;
+    const float e = w(x[i]);
+    if (!(e >= min_w) || e == 0.0f) continue;
     last_positive = i;
     cum += static_cast<double>(e);
     if (cum > target) return i;
@@ -353,6 +368,72 @@ int64_t draw_from_cands(std::vector<Cand>& cands, double u, int64_t fallback) {
   return last_positive;
 }
 
+// ------------------------------------------------------------ the chain ----
+// Which tokens survive top-k -> top-p -> min-p. Either the whole row passes
+// top-k and top-p (full_row: kept = {i : w_i >= min_w}), or `cands` holds
+// exactly the kept tokens (in no particular order) with their weights.
+struct Kept {
+  bool full_row;
+  float min_w;
+};
+
+struct ChainParams {
+  bool use_k;
+  int64_t k;
+  bool use_p;
+  double p;
+  bool use_min_p;
+  float min_p;
+};
+
+// `g` holds the top-k candidates gathered in pass A when cp.use_k. w_max is
+// the weight of the top token (1 from logits, the max probability from probs);
+// min-p keeps w >= min_p * w_max, in float32.
+template <class Wt>
+Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const ChainParams& cp, TopKGather& g,
+                 std::vector<Cand>& cands) {
+  const float min_w = cp.use_min_p ? cp.min_p * w_max : 0.0f;
+  if (!cp.use_k && !cp.use_p) return Kept{true, min_w};
+  double stage_total = 0.0;
+  if (cp.use_k) {
+    g.finish();
+    cands.resize(g.n);
+    for (Cand& c : cands) {
+      c.e = w(c.x);
+      stage_total += static_cast<double>(c.e);
+    }
+  } else {
+    stage_total = gather_nucleus(x, V, w, w_max, cp.p, cands);
+    // No token with weight <= (1 - p) W / V can be in the nucleus.
+    const float bound = static_cast<float>(0.5 * (1.0 - cp.p) * stage_total / static_cast<double>(V));
+    cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
+                cands.end());
+  }
+  if (cp.use_p) {
+    const int64_t keep = top_p_select(cands, cp.p, stage_total);
+    if (keep >= 0) {
+      cands.resize(keep);
+    } else if (!cp.use_k) {
+      return Kept{true, min_w};  // rounding left the nucleus short of p: every token stays
+    }
+  }
+  if (cp.use_min_p) {
+    // The top token is always a candidate, so the stage's max weight is w_max.
+    cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e >= min_w); }),
+                cands.end());
+  }
+  return Kept{false, min_w};
+}
+
+template <class Wt>
+int64_t draw_kept(const float* x, int64_t V, const Wt& w, const Kept& kept, std::vector<Cand>& cands,
+                  Buf<double>& sums, double u, int64_t fallback) {
+  if (!kept.full_row) return draw_from_cands(cands, u, fallback);
+  sums.resize((V + kBlock - 1) / kBlock);
+  const double W = block_sums(x, V, w, kept.min_w, sums.data());
+  return draw_from_blocks(x, V, w, kept.min_w, sums.data(), u * W, fallback);
+}
+
 struct Scratch {
   Buf<float> xbuf;
   std::vector<Cand> cands;
@@ -381,77 +462,22 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
   Scratch& sc = thread_scratch();
   const int64_t V = lv.vocab_size;
   const float T = prm.temperature.at(b);
-  const int64_t k_raw = prm.top_k.at(b);
-  const double p = prm.top_p.at(b);
-  const float min_p = prm.min_p.at(b);
-  const bool use_k = T > 0.0f && k_raw > 0 && k_raw < V;
-  const bool use_p = p < 1.0;
-  const bool use_min_p = min_p > 0.0f;
-
+  const int64_t k = prm.top_k.at(b);
+  const ChainParams cp{T > 0.0f && k > 0 && k < V, k, prm.top_p.at(b) < 1.0, prm.top_p.at(b),
+                       prm.min_p.at(b) > 0.0f, prm.min_p.at(b)};
   TopKGather g;
-  if (use_k && k_raw > 1) g.init(k_raw, &sc.cands);
+  if (cp.use_k && k > 1) g.init(k, &sc.cands);
   const float* x = nullptr;
-  const RowStats s = load_row(lv, b, sc.xbuf, (use_k && k_raw > 1) ? &g : nullptr, &x);
+  const RowStats s = load_row(lv, b, sc.xbuf, (cp.use_k && k > 1) ? &g : nullptr, &x);
   *ok = row_is_valid(s, T);
   if (!*ok) return -1;
   // Greedy: T == 0, top_k == 1 and top_p == 0 all keep only the top token.
-  if (T == 0.0f || (use_k && k_raw == 1) || p <= 0.0) return s.argmax;
-
-  const PhiloxStreamRef rng{static_cast<uint64_t>(prm.seed.at(b)),
-                            static_cast<uint64_t>(prm.offset.at(b)), kStreamSample};
-  const double u = rng.uniform_double(0);
-  const float m = s.max;
-  const float inv_t = inverse_temperature(T);
-
-  if (!use_k && !use_p) {
-    // Temperature (and min-p) only: w_i >= min_p * max_w, and max_w == 1.
-    const float min_e = use_min_p ? min_p : 0.0f;
-    const int64_t nblocks = (V + kBlock - 1) / kBlock;
-    if (static_cast<int64_t>(sc.sums.size()) < nblocks) sc.sums.resize(nblocks);
-    const double W = block_sums(x, V, m, inv_t, min_e, sc.sums.data());
-    return draw_from_blocks(x, V, m, inv_t, min_e, sc.sums.data(), u * W, s.argmax);
-  }
-
-  std::vector<Cand>& cands = sc.cands;
-  double stage_total;
-  int64_t stage_size;
-  if (use_k) {
-    g.finish();
-    cands.resize(g.n);
-    stage_total = 0.0;
-    for (Cand& c : cands) c.e = exp_nonpositive((c.x - m) * inv_t);
-    stage_size = k_raw;
-  } else {
-    stage_total = gather_nucleus(x, V, m, inv_t, p, cands);
-    stage_size = V;
-  }
-  if (use_p) {
-    if (use_k) {
-      for (const Cand& c : cands) stage_total += static_cast<double>(c.e);
-    } else {
-      // No token with weight <= (1 - p) W / V can be in the nucleus.
-      const float bound = static_cast<float>(0.5 * (1.0 - p) * stage_total / static_cast<double>(stage_size));
-      cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
-                  cands.end());
-    }
-    const int64_t keep = top_p_select(cands, p, stage_total);
-    if (keep >= 0) {
-      cands.resize(keep);
-    } else if (!use_k) {
-      // Rounding left the nucleus short of p: keep every token of the row.
-      const float min_e = use_min_p ? min_p : 0.0f;
-      const int64_t nblocks = (V + kBlock - 1) / kBlock;
-      if (static_cast<int64_t>(sc.sums.size()) < nblocks) sc.sums.resize(nblocks);
-      const double W = block_sums(x, V, m, inv_t, min_e, sc.sums.data());
-      return draw_from_blocks(x, V, m, inv_t, min_e, sc.sums.data(), u * W, s.argmax);
-    }
-  }
-  if (use_min_p) {
-    // The top token (weight exactly 1) is always a candidate, so max_w == 1.
-    cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e >= min_p); }),
-                cands.end());
-  }
-  return draw_from_cands(cands, u, s.argmax);
+  if (T == 0.0f || (cp.use_k && k == 1) || cp.p <= 0.0) return s.argmax;
+  const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
+                                   kStreamSample}.uniform_double(0);
+  const LogitWeight w{s.max, inverse_temperature(T)};
+  const Kept kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands);
+  return draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax);
 }
 
 // Softmax of one row into out[0, V): stores e and returns their float64 sum.
