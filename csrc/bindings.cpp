@@ -117,6 +117,78 @@ std::tuple<at::Tensor, at::Tensor> sample_from_logits_cpu(
   return {ids, valid};
 }
 
+void check_probs(const at::Tensor& probs, int64_t vocab_size) {
+  TORCH_CHECK(probs.dim() == 2, "decodekit: probs must be 2-D [B, V], got ", probs.dim(), "-D");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat, "decodekit: probs must be float32, got ", probs.scalar_type());
+  TORCH_CHECK(probs.stride(1) == 1 || probs.size(1) == 1 || probs.size(0) == 0,
+              "decodekit: probs rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(probs.size(1) > 0 && probs.size(1) < (int64_t{1} << 31), "decodekit: probs must have 1 <= V < 2^31");
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= probs.size(1),
+              "decodekit: vocab_size must be in [1, V=", probs.size(1), "], got ", vocab_size);
+}
+
+dk::cpu::ProbsView probs_view(const at::Tensor& probs, int64_t vocab_size) {
+  return dk::cpu::ProbsView{probs.data_ptr<float>(), probs.size(0), probs.size(1), probs.stride(0), vocab_size};
+}
+
+dk::cpu::FilterParams filter_params(const at::Tensor& like, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                    const std::optional<at::Tensor>& top_p, double top_p_val,
+                                    const std::optional<at::Tensor>& min_p, double min_p_val) {
+  const int64_t B = like.size(0);
+  for (auto [t, name] : {std::pair{&top_k, "top_k"}, {&top_p, "top_p"}, {&min_p, "min_p"}})
+    check_same_device(like, *t, name);
+  dk::cpu::FilterParams fp;
+  fp.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, B, "top_k");
+  fp.top_p = row_param<double>(top_p, top_p_val, at::kDouble, B, "top_p");
+  fp.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, B, "min_p");
+  return fp;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_from_probs_cpu(
+    const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+    const std::optional<at::Tensor>& top_p, double top_p_val, const std::optional<at::Tensor>& min_p,
+    double min_p_val, const std::optional<at::Tensor>& seed, int64_t seed_val,
+    const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size, bool deterministic) {
+  check_probs(probs, vocab_size);
+  check_same_device(probs, seed, "seed");
+  check_same_device(probs, offset, "offset");
+  const int64_t B = probs.size(0);
+  const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
+  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  auto ids = at::empty({B}, probs.options().dtype(at::kLong));
+  auto valid = at::empty({B}, probs.options().dtype(at::kBool));
+  dk::cpu::sample_from_probs(probs_view(probs, vocab_size), fp, s, o, deterministic, at::get_num_threads(),
+                             ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+  return {ids, valid};
+}
+
+std::tuple<at::Tensor, at::Tensor> filter_probs_cpu(const at::Tensor& probs, const std::optional<at::Tensor>& top_k,
+                                                    int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+                                                    double top_p_val, const std::optional<at::Tensor>& min_p,
+                                                    double min_p_val, int64_t vocab_size) {
+  check_probs(probs, vocab_size);
+  const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
+  auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
+  dk::cpu::filter_probs(probs_view(probs, vocab_size), fp, at::get_num_threads(), out.data_ptr<float>(),
+                        valid.data_ptr<bool>());
+  return {out, valid};
+}
+
+std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cpu(const at::Tensor& logits,
+                                                         const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                                         int64_t vocab_size) {
+  check_logits(logits, vocab_size);
+  check_same_device(logits, top_k, "top_k");
+  const auto k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits.size(0), "top_k");
+  auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  dk::cpu::top_k_mask_logits(logits_view(logits, vocab_size), k, at::get_num_threads(), out.data_ptr(),
+                             valid.data_ptr<bool>());
+  return {out, valid};
+}
+
 // ----------------------------------------------------- Meta (fake) ops ----
 at::Tensor softmax_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double, int64_t, bool) {
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
@@ -140,6 +212,28 @@ std::tuple<at::Tensor, at::Tensor> sample_from_logits_meta(
   return ids_and_valid_meta(logits);
 }
 
+std::tuple<at::Tensor, at::Tensor> sample_from_probs_meta(
+    const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, int64_t,
+    const std::optional<at::Tensor>&, int64_t, int64_t, bool) {
+  return ids_and_valid_meta(probs);
+}
+
+std::tuple<at::Tensor, at::Tensor> filter_probs_meta(const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t,
+                                                     const std::optional<at::Tensor>&, double,
+                                                     const std::optional<at::Tensor>&, double, int64_t) {
+  TORCH_CHECK(probs.dim() == 2, "decodekit: probs must be 2-D [B, V]");
+  return {at::empty({probs.size(0), probs.size(1)}, probs.options()),
+          at::empty({probs.size(0)}, probs.options().dtype(at::kBool))};
+}
+
+std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_meta(const at::Tensor& logits, const std::optional<at::Tensor>&,
+                                                          int64_t, int64_t) {
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
+  return {at::empty({logits.size(0), logits.size(1)}, logits.options()),
+          at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
+}
+
 }  // namespace
 
 // ------------------------------------------------------------- schemas ----
@@ -151,18 +245,30 @@ TORCH_LIBRARY(decodekit, m) {
         "Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, "
         "Tensor? seed, int seed_val, Tensor? offset, int offset_val, int vocab_size, "
         "bool deterministic) -> (Tensor, Tensor)");
+  m.def("sample_from_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
+        "Tensor? min_p, float min_p_val, Tensor? seed, int seed_val, Tensor? offset, int offset_val, "
+        "int vocab_size, bool deterministic) -> (Tensor, Tensor)");
+  m.def("filter_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
+        "Tensor? min_p, float min_p_val, int vocab_size) -> (Tensor, Tensor)");
+  m.def("top_k_mask_logits(Tensor logits, Tensor? top_k, int top_k_val, int vocab_size) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("softmax", &softmax_cpu);
   m.impl("argmax", &argmax_cpu);
   m.impl("sample_from_logits", &sample_from_logits_cpu);
+  m.impl("sample_from_probs", &sample_from_probs_cpu);
+  m.impl("filter_probs", &filter_probs_cpu);
+  m.impl("top_k_mask_logits", &top_k_mask_logits_cpu);
 }
 
 TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("softmax", &softmax_meta);
   m.impl("argmax", &argmax_meta);
   m.impl("sample_from_logits", &sample_from_logits_meta);
+  m.impl("sample_from_probs", &sample_from_probs_meta);
+  m.impl("filter_probs", &filter_probs_meta);
+  m.impl("top_k_mask_logits", &top_k_mask_logits_meta);
 }
 
 // ------------------------------------------------------ Python module ----

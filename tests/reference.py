@@ -117,3 +117,46 @@ def draw(probs: torch.Tensor, u: float) -> int:
 def sample(logits: torch.Tensor, seed: int, offset: int = 0, **params) -> int:
     """One reference draw with the same Philox uniform as the kernels (stream 0, number 0)."""
     return draw(filtered_probs(logits, **params), uniform_double(seed, offset, 0, 0))
+
+
+def filter_probs(
+    probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, vocab_size: int | None = None
+) -> torch.Tensor:
+    """float64 top-k -> top-p -> min-p over one probability row, ranked by probability (index asc on ties).
+
+    Renormalises after each filter; min-p compares in float32 against the input values
+    (p >= min_p * max p); a row from which no positive entry is removed comes back unchanged.
+    """
+    V = probs.numel()
+    vs = V if vocab_size is None else vocab_size
+    p = probs[:vs].double()
+    order = rank_order(p)
+    keep = torch.ones(vs, dtype=torch.bool)
+    if top_k == 1 or top_p == 0:
+        keep[:] = False
+        keep[order[0]] = True
+    else:
+        if 0 < top_k < vs:
+            keep[:] = False
+            keep[order[:top_k]] = True
+        if top_p < 1.0:
+            total = float(p[keep].sum())
+            cum = 0.0
+            new_keep = torch.zeros(vs, dtype=torch.bool)
+            for i in order.tolist():
+                if not keep[i]:
+                    continue
+                new_keep[i] = True
+                cum += float(p[i])
+                if cum >= top_p * total:
+                    break
+            keep = new_keep
+        if min_p > 0.0:
+            f32 = probs[:vs].float()
+            keep &= f32 >= torch.tensor(min_p, dtype=torch.float32) * f32.max()
+    out = torch.zeros(V, dtype=torch.float64)
+    if bool(((p > 0) & ~keep).any()):
+        out[:vs] = torch.where(keep, p, 0.0) / float(p[keep].sum())
+    else:
+        out[:vs] = p
+    return out

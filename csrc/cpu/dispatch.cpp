@@ -84,5 +84,18 @@ void sample_from_logits(const LogitsView& lv, const SamplingParams& p, bool det,
   DK_DISPATCH(sample_from_logits, lv, p, det, nt, ids, valid)
 }
 
+void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int64_t> seed, RowParam<int64_t> offset,
+                       bool det, int nt, int64_t* ids, bool* valid) {
+  DK_DISPATCH(sample_from_probs, pv, fp, seed, offset, det, nt, ids, valid)
+}
+
+void filter_probs(const ProbsView& pv, const FilterParams& fp, int nt, float* out, bool* valid) {
+  DK_DISPATCH(filter_probs, pv, fp, nt, out, valid)
+}
+
+void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> k, int nt, void* out, bool* valid) {
+  DK_DISPATCH(top_k_mask_logits, lv, k, nt, out, valid)
+}
+
 }  // namespace cpu
 }  // namespace decodekit

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <cmath>
 #include <limits>
@@ -217,6 +218,48 @@ RowStats load_row(const LogitsView& lv, int64_t b, Buf<float>& xbuf, TopKGather*
   *x_out = xbuf.data();
   return lv.kind == ScalarKind::kFloat16 ? pass_a_f16(row, V, xbuf.data(), g)
                                          : pass_a_bf16(row, V, xbuf.data(), g);
+}
+
+// Pass A over a probability row: max, argmax, a "bad" flag (NaN, negative or
+// infinite entries) and the number of positive entries; optionally the exact
+// top-k candidates (ranked by probability, lowest index on ties).
+RowStats pass_a_probs(const float* row, int64_t V, TopKGather* g, int64_t* npos) {
+  VF vmax = splat(-kInf);
+  VI vidx = iota16();
+  VI vbad = splati(0), vpos = splati(0);
+  const VF inf = splat(kInf), zero = splat(0.0f);
+  for (int64_t c = 0; c < V; c += kLanes) {
+    const VF xs = c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V);
+    const VI valid_lane = iota16() + splati(static_cast<int32_t>(c)) < splati(static_cast<int32_t>(V));
+    const VI gt = xs > vmax;
+    vmax = select(gt, xs, vmax);
+    vidx = select(gt, iota16() + splati(static_cast<int32_t>(c)), vidx);
+    vbad |= select(valid_lane, (xs != xs) | (xs == inf) | (zero > xs), splati(0));
+    vpos = vpos + select(xs > zero, splati(1), splati(0));
+    if (g && any_lane(xs > splat(g->thr))) {
+      float xa[kLanes];
+      to_array(xs, xa);
+      for (int j = 0; j < kLanes && c + j < V; ++j)
+        if (xa[j] > g->thr) g->push(xa[j], c + j);
+    }
+  }
+  RowStats s{-kInf, 0, any_lane(vbad), false};
+  float ma[kLanes];
+  int32_t ia[kLanes], pa[kLanes];
+  to_array(vmax, ma);
+  to_array(vidx, ia);
+  to_array(vpos, pa);
+  int64_t count = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    count += pa[j];
+    if (ma[j] > s.max) s.max = ma[j];
+  }
+  int64_t best = std::numeric_limits<int64_t>::max();
+  for (int j = 0; j < kLanes; ++j)
+    if (ma[j] == s.max && ia[j] < best) best = ia[j];
+  s.argmax = best;
+  *npos = count;
+  return s;
 }
 
 // --------------------------------------------------------------- weights ---
@@ -504,6 +547,78 @@ void scale_store(float* out, int64_t V, float inv) {
   for (int64_t i = 0; i < V; ++i) out[i] *= inv;
 }
 
+// ------------------------------------------------------ probability rows ---
+struct ProbRow {
+  const float* x;
+  RowStats s;
+  int64_t npos;  // entries > 0
+  bool valid;
+  Kept kept;
+};
+
+// Pass A and the chain for probability row b. A row is invalid when it has a
+// NaN, a negative or an infinite entry, or no positive entry.
+ProbRow prepare_probs_row(const ProbsView& pv, int64_t b, const FilterParams& fp, Scratch& sc) {
+  const int64_t V = pv.vocab_size;
+  const int64_t k = fp.top_k.at(b);
+  const double p = fp.top_p.at(b);
+  const float min_p = fp.min_p.at(b);
+  const ChainParams cp{k > 0 && k < V, k, p < 1.0, p, min_p > 0.0f, min_p};
+  ProbRow r;
+  r.x = pv.data + b * pv.row_stride;
+  TopKGather g;
+  if (cp.use_k && k > 1) g.init(k, &sc.cands);
+  r.s = pass_a_probs(r.x, V, (cp.use_k && k > 1) ? &g : nullptr, &r.npos);
+  r.valid = !r.s.has_nan && r.s.max > 0.0f;
+  if (!r.valid) return r;
+  if ((cp.use_k && k == 1) || p <= 0.0) {  // only the top token
+    sc.cands.assign(1, Cand{r.s.max, r.s.max, static_cast<int32_t>(r.s.argmax)});
+    r.kept = Kept{false, 0.0f};
+    return r;
+  }
+  r.kept = apply_chain(r.x, V, ProbWeight{}, r.s.max, cp, g, sc.cands);
+  return r;
+}
+
+// Writes the filtered, renormalised row. A row from which no positive entry
+// was removed is copied bit for bit (no renormalisation).
+void write_filtered_row(const ProbRow& r, int64_t V, std::vector<Cand>& cands, float* out) {
+  if (r.kept.full_row) {
+    if (r.kept.min_w <= 0.0f) {
+      std::memcpy(out, r.x, static_cast<size_t>(V) * sizeof(float));
+      return;
+    }
+    double W = 0.0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < V; ++i)
+      if (r.x[i] >= r.kept.min_w && r.x[i] > 0.0f) {
+        W += static_cast<double>(r.x[i]);
+        ++count;
+      }
+    if (count == r.npos) {
+      std::memcpy(out, r.x, static_cast<size_t>(V) * sizeof(float));
+      return;
+    }
+    for (int64_t i = 0; i < V; ++i)
+      out[i] = r.x[i] >= r.kept.min_w ? static_cast<float>(static_cast<double>(r.x[i]) / W) : 0.0f;
+    return;
+  }
+  std::sort(cands.begin(), cands.end(), [](const Cand& a, const Cand& c) { return a.idx < c.idx; });
+  double W = 0.0;
+  int64_t count = 0;
+  for (const Cand& c : cands)
+    if (c.e > 0.0f) {
+      W += static_cast<double>(c.e);
+      ++count;
+    }
+  if (count == r.npos) {
+    std::memcpy(out, r.x, static_cast<size_t>(V) * sizeof(float));
+    return;
+  }
+  std::fill(out, out + V, 0.0f);
+  for (const Cand& c : cands) out[c.idx] = static_cast<float>(static_cast<double>(c.e) / W);
+}
+
 }  // namespace
 
 void softmax(const LogitsView& lv, RowParam<float> temperature, bool /*deterministic*/,
@@ -546,6 +661,74 @@ void sample_from_logits(const LogitsView& lv, const SamplingParams& params, bool
     const int64_t id = sample_row(lv, b, params, &ok);
     valid[b] = ok;
     ids[b] = ok ? id : -1;
+  });
+}
+
+void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int64_t> seed,
+                       RowParam<int64_t> offset, bool /*deterministic*/, int num_threads, int64_t* ids,
+                       bool* valid) {
+  for_each_row(pv.batch, num_threads, [&](int64_t b) {
+    Scratch& sc = thread_scratch();
+    const ProbRow r = prepare_probs_row(pv, b, fp, sc);
+    valid[b] = r.valid;
+    if (!r.valid) {
+      ids[b] = -1;
+      return;
+    }
+    const double u = PhiloxStreamRef{static_cast<uint64_t>(seed.at(b)), static_cast<uint64_t>(offset.at(b)),
+                                     kStreamSample}.uniform_double(0);
+    ids[b] = draw_kept(r.x, pv.vocab_size, ProbWeight{}, r.kept, sc.cands, sc.sums, u, r.s.argmax);
+  });
+}
+
+void filter_probs(const ProbsView& pv, const FilterParams& fp, int num_threads, float* out, bool* valid) {
+  for_each_row(pv.batch, num_threads, [&](int64_t b) {
+    Scratch& sc = thread_scratch();
+    float* o = out + b * pv.vocab;
+    std::fill(o + pv.vocab_size, o + pv.vocab, 0.0f);
+    const ProbRow r = prepare_probs_row(pv, b, fp, sc);
+    valid[b] = r.valid;
+    if (!r.valid) {
+      std::fill(o, o + pv.vocab_size, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    write_filtered_row(r, pv.vocab_size, sc.cands, o);
+  });
+}
+
+void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> top_k, int num_threads, void* out, bool* valid) {
+  const size_t esize = lv.kind == ScalarKind::kFloat32 ? 4 : 2;
+  const uint32_t ninf = lv.kind == ScalarKind::kFloat32 ? 0xFF800000u : (lv.kind == ScalarKind::kFloat16 ? 0xFC00u : 0xFF80u);
+  auto fill_ninf = [&](char* dst, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * esize, &ninf, esize);  // little-endian low bytes
+  };
+  for_each_row(lv.batch, num_threads, [&](int64_t b) {
+    Scratch& sc = thread_scratch();
+    const int64_t V = lv.vocab_size;
+    const char* in_row = static_cast<const char*>(lv.data) + b * lv.row_stride * static_cast<int64_t>(esize);
+    char* o = static_cast<char*>(out) + b * lv.vocab * static_cast<int64_t>(esize);
+    fill_ninf(o + V * esize, lv.vocab - V);
+    const int64_t k = top_k.at(b);
+    const bool use_k = k > 0 && k < V;
+    TopKGather g;
+    if (use_k && k > 1) g.init(k, &sc.cands);
+    const float* x = nullptr;
+    const RowStats s = load_row(lv, b, sc.xbuf, (use_k && k > 1) ? &g : nullptr, &x);
+    valid[b] = !s.has_nan;
+    if (!use_k || s.has_nan) {
+      std::memcpy(o, in_row, static_cast<size_t>(V) * esize);
+      return;
+    }
+    fill_ninf(o, V);
+    if (k == 1) {
+      std::memcpy(o + s.argmax * esize, in_row + s.argmax * esize, esize);
+      return;
+    }
+    g.finish();
+    for (int64_t i = 0; i < g.n; ++i) {
+      const int64_t idx = (*g.buf)[i].idx;
+      std::memcpy(o + idx * esize, in_row + idx * esize, esize);
+    }
   });
 }
 

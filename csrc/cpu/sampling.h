@@ -29,6 +29,21 @@ struct SamplingParams {
   RowParam<int64_t> offset;     // Philox counter words 0-1 (as 64 bits)
 };
 
+struct FilterParams {
+  RowParam<int64_t> top_k;  // <= 0 or >= vocab: disabled
+  RowParam<double> top_p;   // in [0, 1]; 1 disables
+  RowParam<float> min_p;    // in [0, 1]; 0 disables
+};
+
+// Probability rows: float32, row stride in elements, padding at >= vocab_size.
+struct ProbsView {
+  const float* data;
+  int64_t batch;
+  int64_t vocab;
+  int64_t row_stride;
+  int64_t vocab_size;
+};
+
 struct LogitsView {
   const void* data;
   ScalarKind kind;
@@ -52,6 +67,24 @@ void argmax(const LogitsView& logits, int num_threads, int64_t* ids, bool* valid
 void sample_from_logits(const LogitsView& logits, const SamplingParams& params,
                         bool deterministic, int num_threads, int64_t* ids, bool* valid);
 
+// Samples from probability rows after top-k -> top-p -> min-p (ranked by
+// probability). Rows with a NaN, negative or infinite entry, or no positive
+// entry, are invalid (-1).
+void sample_from_probs(const ProbsView& probs, const FilterParams& params, RowParam<int64_t> seed,
+                       RowParam<int64_t> offset, bool deterministic, int num_threads, int64_t* ids,
+                       bool* valid);
+
+// out = the filtered, renormalised probabilities [B, V] (0 in padding; a row
+// from which no positive entry is removed is copied bit for bit; invalid rows NaN).
+void filter_probs(const ProbsView& probs, const FilterParams& params, int num_threads, float* out,
+                  bool* valid);
+
+// out (same dtype as logits, [B, V] contiguous) = logits with every entry
+// outside the row's top-k (lowest index wins ties) set to -inf. Rows with a
+// NaN are copied and marked invalid.
+void top_k_mask_logits(const LogitsView& logits, RowParam<int64_t> top_k, int num_threads, void* out,
+                       bool* valid);
+
 // The instruction set the functions above run with: "avx512", "avx2" or
 // "baseline". Chosen once, at the first call, as the best the CPU supports,
 // or from the environment variable DECODEKIT_CPU_ISA when it names one the
@@ -62,7 +95,11 @@ const char* active_isa();
 #define DK_SAMPLING_API                                                                    \
   void softmax(const LogitsView&, RowParam<float>, bool, int, float*);                     \
   void argmax(const LogitsView&, int, int64_t*, bool*);                                    \
-  void sample_from_logits(const LogitsView&, const SamplingParams&, bool, int, int64_t*, bool*);
+  void sample_from_logits(const LogitsView&, const SamplingParams&, bool, int, int64_t*, bool*);           \
+  void sample_from_probs(const ProbsView&, const FilterParams&, RowParam<int64_t>, RowParam<int64_t>, bool, \
+                         int, int64_t*, bool*);                                                            \
+  void filter_probs(const ProbsView&, const FilterParams&, int, float*, bool*);                            \
+  void top_k_mask_logits(const LogitsView&, RowParam<int64_t>, int, void*, bool*);
 namespace avx512 { DK_SAMPLING_API }
 namespace avx2 { DK_SAMPLING_API }
 namespace baseline { DK_SAMPLING_API }

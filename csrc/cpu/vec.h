@@ -61,6 +61,7 @@ DK_VINLINE VI operator>=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] >= b.p[i]) }
 DK_VINLINE VI operator==(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] == b.p[i]) }
 DK_VINLINE VI operator!=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] != b.p[i]) }
 DK_VINLINE VI operator+(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] + b.p[i]) }
+DK_VINLINE VI operator<(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] < b.p[i]) }
 DK_VINLINE VI operator|(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] | b.p[i]) }
 DK_VINLINE VI& operator|=(VI& a, VI b) { return a = a | b; }
 

@@ -1,17 +1,32 @@
 """decodekit: fused, deterministic kernels for LLM token decoding.
 
 Ops (validated wrappers of ``torch.ops.decodekit.*``):
-    softmax, argmax, sample_from_logits
+    softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
+    top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits
 
 Decode loop:
     generate (a real model, SmolLM2-135M-Instruct by default)
 """
 
 from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS  # noqa: F401  (checks the torch version first)
-from .ops import SamplingOutput, argmax, sample_from_logits, softmax
+from .ops import (
+    SamplingOutput,
+    argmax,
+    filter_probs,
+    min_p_renorm_probs,
+    sample_from_logits,
+    sample_from_probs,
+    softmax,
+    top_k_mask_logits,
+    top_k_renorm_probs,
+    top_p_renorm_probs,
+)
 from .generate import GenerationResult, generate  # model packages load lazily, on first use
 
 __version__ = "0.1.0"
 
-__all__ = ["SamplingOutput", "argmax", "sample_from_logits", "softmax", "generate", "GenerationResult",
-           "__version__"]
+__all__ = [
+    "SamplingOutput", "argmax", "softmax", "sample_from_logits", "sample_from_probs", "filter_probs",
+    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
+    "generate", "GenerationResult", "__version__",
+]

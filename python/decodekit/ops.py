@@ -18,7 +18,10 @@ import torch
 
 from ._loader import HAS_CUDA_OPS, ops
 
-__all__ = ["SamplingOutput", "softmax", "argmax", "sample_from_logits"]
+__all__ = [
+    "SamplingOutput", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
+    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
+]
 
 Number = Union[int, float]
 RowParam = Union[Number, torch.Tensor]
@@ -64,6 +67,22 @@ def _check_logits(logits, op: str) -> torch.Tensor:
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return logits
+
+
+def _check_probs(probs, op: str) -> torch.Tensor:
+    if not isinstance(probs, torch.Tensor):
+        raise TypeError(f"{op}: probs must be a torch.Tensor [B, V], got {type(probs).__name__}")
+    if probs.dim() != 2:
+        raise ValueError(f"{op}: probs must be 2-D [B, V], got shape {tuple(probs.shape)}")
+    if probs.dtype != torch.float32:
+        raise TypeError(f"{op}: probs must be float32, got {probs.dtype}")
+    if probs.size(1) < 1 or probs.size(1) >= 2**31:
+        raise ValueError(f"{op}: probs must have 1 <= V < 2^31 columns, got shape {tuple(probs.shape)}")
+    if probs.device.type not in ("cpu", "meta"):
+        raise ValueError(f"{op}: probs are on {probs.device}, but this op has kernels for: CPU")
+    if probs.stride(1) != 1:
+        probs = probs.contiguous()
+    return probs
 
 
 def _check_vocab_size(vocab_size, V: int, op: str) -> int:
@@ -144,14 +163,17 @@ def _to_int64_bits(v: int, name: str, op: str) -> int:
     return v - _UINT64_END if v >= 2**63 else v
 
 
-def _raise_invalid_rows(op: str, valid: torch.Tensor) -> None:
+_WHY_LOGITS = "have a NaN, no finite logit, or +inf logits with temperature > 0"
+_WHY_PROBS = "have a NaN, a negative or infinite entry, or no positive entry"
+
+
+def _raise_invalid_rows(op: str, valid: torch.Tensor, why: str = _WHY_LOGITS, hint: bool = True) -> None:
     rows = torch.nonzero(~valid).flatten().tolist()
     shown = rows[:16]
     more = "" if len(rows) <= 16 else f" (and {len(rows) - 16} more)"
-    raise ValueError(
-        f"{op}: rows {shown}{more} have a NaN, no finite logit, or +inf logits with temperature > 0; "
-        "pass return_valid=True to get -1 for those rows and a validity mask instead"
-    )
+    tail = ("; pass return_valid=True to get -1 for those rows and a validity mask instead" if hint
+            else "; pass validate=False to get those rows back unchanged (NaN for probabilities)")
+    raise ValueError(f"{op}: rows {shown}{more} {why}{tail}")
 
 
 # -------------------------------------------------------------------- ops ----
@@ -203,7 +225,7 @@ def softmax(
     if validate and probs.numel() and probs.device.type != "meta":
         bad = torch.isnan(probs[:, 0])
         if bool(bad.any()):
-            _raise_invalid_rows(op, ~bad)
+            _raise_invalid_rows(op, ~bad, hint=False)
     return probs
 
 
@@ -393,3 +415,189 @@ def sample_from_logits(
     if validate and B > 0 and ids.device.type != "meta" and not bool(valid.all()):
         _raise_invalid_rows(op, valid)
     return ids
+
+
+# ------------------------------------------------------- probability ops ----
+def _filter_args(op: str, x: torch.Tensor, top_k, top_p, min_p, validate: bool):
+    common = dict(op=op, logits=x, validate=validate)
+    k_t, k_v = _row_param(top_k, "top_k", integer=True, dtype=torch.int64, lo=None, hi=None,
+                          allowed="an int (<= 0 disables)", **common)
+    p_t, p_v = _row_param(top_p, "top_p", integer=False, dtype=torch.float64, lo=0.0, hi=1.0,
+                          allowed="in [0, 1]", **common)
+    m_t, m_v = _row_param(min_p, "min_p", integer=False, dtype=torch.float32, lo=0.0, hi=1.0,
+                          allowed="in [0, 1]", **common)
+    if isinstance(k_v, int):
+        k_v = max(min(k_v, 2**62), -(2**62))
+    return k_t, int(k_v), p_t, float(p_v), m_t, float(m_v)
+
+
+def sample_from_probs(
+    probs: torch.Tensor,
+    top_k: RowParam = 0,
+    top_p: RowParam = 1.0,
+    min_p: RowParam = 0.0,
+    *,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    deterministic: bool = True,
+    return_valid: bool = False,
+    validate: bool = True,
+):
+    """Samples one token per row of a probability matrix after top-k -> top-p -> min-p.
+
+    The same fused chain as :func:`sample_from_logits`, ranking by probability
+    (lowest index wins ties) and renormalising between filters; the draw is an
+    inverse CDF over the kept tokens in ascending index order with one float64
+    Philox uniform (stream 0).
+
+    Args:
+        probs: ``[B, V]`` float32 on the CPU, non-negative (rows need not sum
+            to exactly 1: they are used as weights).
+        top_k, top_p, min_p: as in :func:`sample_from_logits` (numbers or
+            ``[B]`` tensors; ``0``, ``1.0``, ``0.0`` disable). min-p keeps
+            ``p >= min_p * max(p)`` compared in float32.
+        seed, offset, generator, vocab_size, deterministic, return_valid,
+        validate: as in :func:`sample_from_logits`.
+
+    Returns:
+        int64 ``[B]`` ids in ``[0, vocab_size)``; a zero-probability token is
+        never drawn. A :class:`SamplingOutput` when ``return_valid``.
+
+    Raises:
+        TypeError / ValueError naming the argument (rank, dtype, device,
+        ranges, missing seed); ValueError naming the rows with a NaN, a
+        negative or infinite entry, or no positive entry (unless ``return_valid``).
+
+    Source: nucleus sampling (Holtzman et al., ICLR 2020); min-p (Nguyen et
+    al., 2024); Philox 4x32-10 (Salmon et al., SC'11).
+
+    Example:
+        >>> decodekit.sample_from_probs(torch.tensor([[0.1, 0.2, 0.7]]), top_p=0.9, seed=3)
+    """
+    op = "sample_from_probs"
+    probs = _check_probs(probs, op)
+    B, V = probs.shape
+    vs = _check_vocab_size(vocab_size, V, op)
+    k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
+    needs_rng = True
+    if seed is None and generator is None and B > 0 and probs.device.type != "meta":
+        needs_rng = not _all_greedy(None, 1.0, k_t, k_v, p_t, p_v)
+    s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, probs, op, needs_rng, validate)
+    ids, valid = ops.sample_from_probs(probs, k_t, k_v, p_t, p_v, m_t, m_v, s_t, int(s_v), o_t, int(o_v), vs,
+                                       bool(deterministic))
+    if return_valid:
+        return SamplingOutput(token_ids=ids, valid=valid)
+    if validate and B > 0 and ids.device.type != "meta" and not bool(valid.all()):
+        _raise_invalid_rows(op, valid, _WHY_PROBS)
+    return ids
+
+
+def filter_probs(
+    probs: torch.Tensor,
+    top_k: RowParam = 0,
+    top_p: RowParam = 1.0,
+    min_p: RowParam = 0.0,
+    *,
+    vocab_size: Optional[int] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Applies top-k -> top-p -> min-p to probability rows and renormalises.
+
+    Args:
+        probs: ``[B, V]`` float32 on the CPU (not modified).
+        top_k: keep the ``k`` largest probabilities (lowest index on ties);
+            ``<= 0`` or ``>= vocab_size`` disables.
+        top_p: keep the shortest prefix (prob desc, index asc) whose float64
+            mass, after top-k renormalisation, is ``>= top_p``; ``1`` disables
+            exactly, ``0`` keeps only the top token.
+        min_p: keep ``p >= min_p * max(p)`` (float32, ties kept); ``0`` disables.
+        vocab_size: columns at or past it are padding and come back as 0.
+        validate: raise for invalid rows and out-of-range parameter tensors
+            (synchronises); with ``False`` invalid rows come back as NaN.
+
+    Returns:
+        ``[B, V]`` float32: kept entries divided by their float64 sum, the rest
+        0. A row from which no positive entry is removed is returned bit for
+        bit unchanged (no renormalisation).
+
+    Raises:
+        TypeError / ValueError naming the argument; ValueError naming the rows
+        with a NaN, a negative or infinite entry, or no positive entry.
+
+    Source: the chain order of HF transformers' logits warpers; nucleus
+    sampling (Holtzman et al., 2020); min-p (Nguyen et al., 2024). No sort of
+    the vocabulary: exact top-k candidates from one pass, top-p by a
+    quickselect over the tokens that can be in the nucleus.
+    """
+    op = "filter_probs"
+    probs = _check_probs(probs, op)
+    vs = _check_vocab_size(vocab_size, probs.size(1), op)
+    k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
+    out, valid = ops.filter_probs(probs, k_t, k_v, p_t, p_v, m_t, m_v, vs)
+    if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
+        _raise_invalid_rows(op, valid, _WHY_PROBS, hint=False)
+    return out
+
+
+def top_k_renorm_probs(probs: torch.Tensor, top_k: RowParam, **kwargs) -> torch.Tensor:
+    """``filter_probs(probs, top_k=top_k)``: keep the k largest probabilities per row and renormalise.
+
+    Shapes, dtypes, errors and keyword arguments (``vocab_size``, ``validate``)
+    as in :func:`filter_probs`.
+    """
+    return filter_probs(probs, top_k=top_k, **kwargs)
+
+
+def top_p_renorm_probs(probs: torch.Tensor, top_p: RowParam, **kwargs) -> torch.Tensor:
+    """``filter_probs(probs, top_p=top_p)``: keep the nucleus of mass >= top_p per row and renormalise.
+
+    Shapes, dtypes, errors and keyword arguments as in :func:`filter_probs`.
+    """
+    return filter_probs(probs, top_p=top_p, **kwargs)
+
+
+def min_p_renorm_probs(probs: torch.Tensor, min_p: RowParam, **kwargs) -> torch.Tensor:
+    """``filter_probs(probs, min_p=min_p)``: keep ``p >= min_p * max(p)`` per row and renormalise.
+
+    Shapes, dtypes, errors and keyword arguments as in :func:`filter_probs`.
+    """
+    return filter_probs(probs, min_p=min_p, **kwargs)
+
+
+def top_k_mask_logits(
+    logits: torch.Tensor,
+    top_k: RowParam,
+    *,
+    vocab_size: Optional[int] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Sets every logit outside the row's top-k to -inf (lowest index wins ties).
+
+    Args:
+        logits: ``[B, V]`` float32, float16 or bfloat16 on the CPU (not modified).
+        top_k: int or ``[B]`` integer tensor; ``<= 0`` or ``>= vocab_size``
+            leaves the row unchanged.
+        vocab_size: columns at or past it are padding and come back as -inf.
+        validate: raise for rows with a NaN (synchronises).
+
+    Returns:
+        ``[B, V]`` of the logits' dtype: the top-k entries unchanged, the rest -inf.
+
+    Raises:
+        TypeError / ValueError naming the argument; ValueError naming rows with a NaN.
+
+    Source: one streaming pass with a bounded candidate buffer (no sort).
+    """
+    op = "top_k_mask_logits"
+    logits = _check_logits(logits, op)
+    vs = _check_vocab_size(vocab_size, logits.size(1), op)
+    k_t, k_v = _row_param(top_k, "top_k", op, logits, integer=True, dtype=torch.int64, lo=None, hi=None,
+                          validate=validate, allowed="an int (<= 0 disables)")
+    if isinstance(k_v, int):
+        k_v = max(min(k_v, 2**62), -(2**62))
+    out, valid = ops.top_k_mask_logits(logits, k_t, int(k_v), vs)
+    if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
+        _raise_invalid_rows(op, valid, "have a NaN", hint=False)
+    return out
