@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -103,11 +103,19 @@ DK_VINLINE void to_array(VI v, int32_t* out) {
 DK_VINLINE bool any_lane(VI m) {
   ni acc = m.p[0];
   for (int i = 1; i < kParts; ++i) acc |= m.p[i];
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)acc, (__m512i)acc) != 0;
+#elif defined(__AVX__)
+  return _mm256_movemask_ps((__m256)acc) != 0;
+#elif defined(__SSE2__)
+  return _mm_movemask_ps((__m128)acc) != 0;
+#else
   uint64_t w[sizeof(ni) / 8];
   std::memcpy(w, &acc, sizeof w);
   uint64_t o = 0;
   for (size_t i = 0; i < sizeof(ni) / 8; ++i) o |= w[i];
   return o != 0;
+#endif
 }
 
 // binary16 -> float32, exact (as half_bits_to_float in decodekit/math.h).
