@@ -69,6 +69,30 @@ void check_same_device(const at::Tensor& logits, const std::optional<at::Tensor>
                 " but logits are on ", logits.device());
 }
 
+// Output tensors of the optional logprobs: [B] (or [0]), [B, n], [B, n].
+struct LogprobTensors {
+  at::Tensor logprobs, top_ids, top_logprobs;
+  dk::cpu::LogprobRequest request;
+};
+
+LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw) {
+  TORCH_CHECK(top_logprobs >= 0, "decodekit: top_logprobs must be >= 0, got ", top_logprobs);
+  const int64_t B = like.size(0);
+  LogprobTensors t;
+  t.logprobs = at::empty({return_logprobs ? B : 0}, like.options().dtype(at::kFloat));
+  t.top_ids = at::empty({B, top_logprobs}, like.options().dtype(at::kLong));
+  t.top_logprobs = at::empty({B, top_logprobs}, like.options().dtype(at::kFloat));
+  if (like.device().is_meta()) return t;
+  t.request.logprobs = return_logprobs ? t.logprobs.data_ptr<float>() : nullptr;
+  t.request.n_top = top_logprobs;
+  t.request.top_ids = top_logprobs ? t.top_ids.data_ptr<int64_t>() : nullptr;
+  t.request.top_logprobs = top_logprobs ? t.top_logprobs.data_ptr<float>() : nullptr;
+  t.request.raw = raw;
+  return t;
+}
+
+using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // ------------------------------------------------------------ CPU ops ----
 at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
                        double temperature_val, int64_t vocab_size, bool deterministic) {
@@ -92,12 +116,13 @@ std::tuple<at::Tensor, at::Tensor> argmax_cpu(const at::Tensor& logits, int64_t 
   return {ids, valid};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_from_logits_cpu(
+SampleResult sample_from_logits_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
     const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
     double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val,
     const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
-    int64_t offset_val, int64_t vocab_size, bool deterministic) {
+    int64_t offset_val, int64_t vocab_size, bool deterministic, bool return_logprobs, int64_t top_logprobs,
+    bool raw_logprobs) {
   check_logits(logits, vocab_size);
   for (auto [t, name] : {std::pair{&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
                          {&min_p, "min_p"}, {&seed, "seed"}, {&offset, "offset"}})
@@ -110,11 +135,13 @@ std::tuple<at::Tensor, at::Tensor> sample_from_logits_cpu(
   prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, B, "min_p");
   prm.seed = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
   prm.offset = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  TORCH_CHECK(top_logprobs <= vocab_size, "decodekit: top_logprobs must be <= vocab_size=", vocab_size);
+  auto lp = logprob_outputs(logits, return_logprobs, top_logprobs, raw_logprobs);
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
   auto valid = at::empty({B}, logits.options().dtype(at::kBool));
-  dk::cpu::sample_from_logits(logits_view(logits, vocab_size), prm, deterministic, at::get_num_threads(),
+  dk::cpu::sample_from_logits(logits_view(logits, vocab_size), prm, lp.request, deterministic, at::get_num_threads(),
                               ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
-  return {ids, valid};
+  return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
 void check_probs(const at::Tensor& probs, int64_t vocab_size) {
@@ -144,11 +171,12 @@ dk::cpu::FilterParams filter_params(const at::Tensor& like, const std::optional<
   return fp;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_from_probs_cpu(
+SampleResult sample_from_probs_cpu(
     const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
     const std::optional<at::Tensor>& top_p, double top_p_val, const std::optional<at::Tensor>& min_p,
     double min_p_val, const std::optional<at::Tensor>& seed, int64_t seed_val,
-    const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size, bool deterministic) {
+    const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size, bool deterministic,
+    bool return_logprobs, int64_t top_logprobs, bool raw_logprobs) {
   check_probs(probs, vocab_size);
   check_same_device(probs, seed, "seed");
   check_same_device(probs, offset, "offset");
@@ -156,11 +184,13 @@ std::tuple<at::Tensor, at::Tensor> sample_from_probs_cpu(
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   const auto s = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
   const auto o = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  TORCH_CHECK(top_logprobs <= vocab_size, "decodekit: top_logprobs must be <= vocab_size=", vocab_size);
+  auto lp = logprob_outputs(probs, return_logprobs, top_logprobs, raw_logprobs);
   auto ids = at::empty({B}, probs.options().dtype(at::kLong));
   auto valid = at::empty({B}, probs.options().dtype(at::kBool));
-  dk::cpu::sample_from_probs(probs_view(probs, vocab_size), fp, s, o, deterministic, at::get_num_threads(),
-                             ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
-  return {ids, valid};
+  dk::cpu::sample_from_probs(probs_view(probs, vocab_size), fp, s, o, lp.request, deterministic,
+                             at::get_num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+  return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
 std::tuple<at::Tensor, at::Tensor> filter_probs_cpu(const at::Tensor& probs, const std::optional<at::Tensor>& top_k,
@@ -205,18 +235,25 @@ std::tuple<at::Tensor, at::Tensor> argmax_meta(const at::Tensor& logits, int64_t
   return ids_and_valid_meta(logits);
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_from_logits_meta(
-    const at::Tensor& logits, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
-    int64_t, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
-    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, int64_t, int64_t, bool) {
-  return ids_and_valid_meta(logits);
+SampleResult sample_meta(const at::Tensor& x, bool return_logprobs, int64_t top_logprobs) {
+  auto [ids, valid] = ids_and_valid_meta(x);
+  auto lp = logprob_outputs(x, return_logprobs, top_logprobs, false);
+  return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_from_probs_meta(
+SampleResult sample_from_logits_meta(
+    const at::Tensor& logits, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+    int64_t, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, int64_t, int64_t, bool,
+    bool return_logprobs, int64_t top_logprobs, bool) {
+  return sample_meta(logits, return_logprobs, top_logprobs);
+}
+
+SampleResult sample_from_probs_meta(
     const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, double,
     const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, int64_t,
-    const std::optional<at::Tensor>&, int64_t, int64_t, bool) {
-  return ids_and_valid_meta(probs);
+    const std::optional<at::Tensor>&, int64_t, int64_t, bool, bool return_logprobs, int64_t top_logprobs, bool) {
+  return sample_meta(probs, return_logprobs, top_logprobs);
 }
 
 std::tuple<at::Tensor, at::Tensor> filter_probs_meta(const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t,
@@ -244,10 +281,12 @@ TORCH_LIBRARY(decodekit, m) {
   m.def("sample_from_logits(Tensor logits, Tensor? temperature, float temperature_val, "
         "Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, "
         "Tensor? seed, int seed_val, Tensor? offset, int offset_val, int vocab_size, "
-        "bool deterministic) -> (Tensor, Tensor)");
+        "bool deterministic, bool return_logprobs, int top_logprobs, bool raw_logprobs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sample_from_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
         "Tensor? min_p, float min_p_val, Tensor? seed, int seed_val, Tensor? offset, int offset_val, "
-        "int vocab_size, bool deterministic) -> (Tensor, Tensor)");
+        "int vocab_size, bool deterministic, bool return_logprobs, int top_logprobs, bool raw_logprobs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("filter_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
         "Tensor? min_p, float min_p_val, int vocab_size) -> (Tensor, Tensor)");
   m.def("top_k_mask_logits(Tensor logits, Tensor? top_k, int top_k_val, int vocab_size) -> (Tensor, Tensor)");

@@ -189,5 +189,22 @@ def test_opcheck_probability_ops():
     p = torch.softmax(torch.randn(3, 40), dim=-1)
     torch.library.opcheck(torch.ops.decodekit.filter_probs.default, (p, None, 5, None, 0.9, None, 0.0, 40))
     torch.library.opcheck(torch.ops.decodekit.sample_from_probs.default,
-                          (p, None, 0, None, 0.8, None, 0.0, None, 3, None, 0, 40, True))
+                          (p, None, 0, None, 0.8, None, 0.0, None, 3, None, 0, 40, True, True, 2, False))
     torch.library.opcheck(torch.ops.decodekit.top_k_mask_logits.default, (torch.randn(3, 40), None, 4, 40))
+
+
+def test_sample_from_probs_logprobs_match_reference():
+    g = torch.Generator().manual_seed(32)
+    probs = torch.softmax(torch.randn(6, 500, generator=g) * 2, dim=-1)
+    out = decodekit.sample_from_probs(probs, top_k=30, top_p=0.9, seed=torch.arange(6), return_logprobs=True,
+                                      top_logprobs=3)
+    raw = decodekit.sample_from_probs(probs, top_k=30, top_p=0.9, seed=torch.arange(6), return_logprobs=True,
+                                      logprobs_mode="raw")
+    for b in range(6):
+        lp = torch.log(ref.filter_probs(probs[b], top_k=30, top_p=0.9))
+        tok = int(out.token_ids[b])
+        assert abs(float(out.logprobs[b]) - float(lp[tok])) < 2e-5
+        order = ref.rank_order(probs[b])[:3]
+        assert out.top_ids[b].tolist() == order.tolist()
+        torch.testing.assert_close(out.top_logprobs[b].double(), lp[order], atol=2e-5, rtol=0)
+        assert abs(float(raw.logprobs[b]) - float(torch.log(probs[b, tok].double() / probs[b].double().sum()))) < 2e-6

@@ -389,7 +389,7 @@ def test_opcheck_schemas_and_meta_kernels():
     torch.library.opcheck(torch.ops.decodekit.softmax.default, (x, temps, 1.0, 50, True))
     torch.library.opcheck(torch.ops.decodekit.argmax.default, (x, 40))
     torch.library.opcheck(torch.ops.decodekit.sample_from_logits.default,
-                          (x, temps, 1.0, None, 5, None, 0.9, None, 0.0, None, 7, None, 0, 50, True))
+                          (x, temps, 1.0, None, 5, None, 0.9, None, 0.0, None, 7, None, 0, 50, True, True, 3, False))
     meta = decodekit.sample_from_logits(x.to("meta"), 1.0, seed=1)
     assert meta.shape == (3,) and meta.dtype == torch.int64
 
@@ -433,3 +433,66 @@ def test_every_instruction_set_gives_the_same_bits():
         digests[ran] = digest
     assert "baseline" in digests and len(digests) >= 2 or decodekit._C.cpu_isa() == "baseline"
     assert len(set(digests.values())) == 1, digests
+
+
+# ---------------------------------------------------------------- logprobs ----
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
+                                    dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=30, top_p=0.9, min_p=0.05),
+                                    dict(temperature=0.0), dict(temperature=1.0, top_k=1)],
+                         ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_logprobs_match_reference(params):
+    g = torch.Generator().manual_seed(30)
+    B, V, n = 8, 700, 5
+    logits = torch.randn(B, V, generator=g) * 2
+    out = decodekit.sample_from_logits(logits, seed=torch.arange(B), return_logprobs=True, top_logprobs=n, **params)
+    raw = decodekit.sample_from_logits(logits, seed=torch.arange(B), return_logprobs=True, top_logprobs=n,
+                                       logprobs_mode="raw", **params)
+    assert torch.equal(out.token_ids, raw.token_ids) and out.valid is None
+    for b in range(B):
+        lp = torch.log(ref.filtered_probs(logits[b], **params))
+        tok = int(out.token_ids[b])
+        assert abs(float(out.logprobs[b]) - float(lp[tok])) < 2e-5
+        order = ref.rank_order(logits[b])[:n]
+        assert out.top_ids[b].tolist() == order.tolist() == raw.top_ids[b].tolist()
+        expected = lp[order].float()
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(out.top_logprobs[b]), finite)
+        torch.testing.assert_close(out.top_logprobs[b][finite], expected[finite], atol=2e-5, rtol=0)
+        raw_lp = torch.log_softmax(logits[b].double(), 0)
+        assert abs(float(raw.logprobs[b]) - float(raw_lp[tok])) < 2e-5
+        torch.testing.assert_close(raw.top_logprobs[b].double(), raw_lp[order], atol=2e-5, rtol=0)
+
+
+def test_greedy_logprob_is_zero_and_invalid_rows_are_nan():
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [float("nan"), 0.0, 0.0, 0.0]])
+    out = decodekit.sample_from_logits(x, 0.0, return_logprobs=True, top_logprobs=2, return_valid=True)
+    assert out.token_ids.tolist() == [1, -1]
+    assert out.logprobs[0] == 0.0 and torch.isnan(out.logprobs[1])
+    assert out.top_ids.tolist() == [[1, 2], [-1, -1]]
+    assert out.top_logprobs[0].tolist() == [0.0, float("-inf")]
+    with pytest.raises(ValueError, match="top_logprobs"):
+        decodekit.sample_from_logits(x, 0.0, top_logprobs=5)
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        decodekit.sample_from_logits(x, 0.0, return_logprobs=True, logprobs_mode="log")
+
+
+def test_row_alone_and_inside_batch_bit_identical_ids_probs_logprobs():
+    g = torch.Generator().manual_seed(31)
+    V = 32000
+    batch = torch.randn(64, V, generator=g) * 3
+    temps = torch.tensor([0.0, 0.7, 1.5] * 21 + [0.7])
+    seeds = torch.randint(0, 2**50, (64,), generator=g)
+    kw = dict(top_k=40, top_p=0.9, return_logprobs=True, top_logprobs=4)
+    full = decodekit.sample_from_logits(batch, temps, seed=seeds, **kw)
+    probs = decodekit.softmax(batch, temps)
+    for t in (0.0, 0.7, 1.5):
+        row = batch[37:38]
+        temps37 = temps.clone()
+        temps37[37] = t
+        full_t = decodekit.sample_from_logits(batch, temps37, seed=seeds, **kw)
+        alone = decodekit.sample_from_logits(row, t, seed=seeds[37:38], **kw)
+        assert alone.token_ids.item() == full_t.token_ids[37].item()
+        assert torch.equal(alone.logprobs, full_t.logprobs[37:38])
+        assert torch.equal(alone.top_ids, full_t.top_ids[37:38]) and torch.equal(alone.top_logprobs, full_t.top_logprobs[37:38])
+        assert torch.equal(decodekit.softmax(row, t)[0], decodekit.softmax(batch, temps37)[37])
+    assert full.token_ids.shape == (64,) and probs.shape == (64, V)

@@ -79,14 +79,14 @@ void softmax(const LogitsView& lv, RowParam<float> t, bool det, int nt, float* p
 
 void argmax(const LogitsView& lv, int nt, int64_t* ids, bool* valid) { DK_DISPATCH(argmax, lv, nt, ids, valid) }
 
-void sample_from_logits(const LogitsView& lv, const SamplingParams& p, bool det, int nt, int64_t* ids,
-                        bool* valid) {
-  DK_DISPATCH(sample_from_logits, lv, p, det, nt, ids, valid)
+void sample_from_logits(const LogitsView& lv, const SamplingParams& p, const LogprobRequest& lp, bool det, int nt,
+                        int64_t* ids, bool* valid) {
+  DK_DISPATCH(sample_from_logits, lv, p, lp, det, nt, ids, valid)
 }
 
 void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int64_t> seed, RowParam<int64_t> offset,
-                       bool det, int nt, int64_t* ids, bool* valid) {
-  DK_DISPATCH(sample_from_probs, pv, fp, seed, offset, det, nt, ids, valid)
+                       const LogprobRequest& lp, bool det, int nt, int64_t* ids, bool* valid) {
+  DK_DISPATCH(sample_from_probs, pv, fp, seed, offset, lp, det, nt, ids, valid)
 }
 
 void filter_probs(const ProbsView& pv, const FilterParams& fp, int nt, float* out, bool* valid) {

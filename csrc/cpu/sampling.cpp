@@ -395,10 +395,12 @@ int64_t top_p_select(std::vector<Cand>& cands, double p, double total) {
 }
 
 // Inverse CDF over candidates in ascending index order.
-int64_t draw_from_cands(std::vector<Cand>& cands, double u, int64_t fallback) {
+// Leaves cands sorted by index; *total_out = their float64 mass.
+int64_t draw_from_cands(std::vector<Cand>& cands, double u, int64_t fallback, double* total_out) {
   std::sort(cands.begin(), cands.end(), [](const Cand& a, const Cand& b) { return a.idx < b.idx; });
   double total = 0.0;
   for (const Cand& c : cands) total += static_cast<double>(c.e);
+  *total_out = total;
   const double target = u * total;
   double cum = 0.0;
   int64_t last_positive = fallback;
@@ -468,18 +470,77 @@ Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const Chai
   return Kept{false, min_w};
 }
 
+// Draws from the kept tokens; *W_out = their total weight.
 template <class Wt>
 int64_t draw_kept(const float* x, int64_t V, const Wt& w, const Kept& kept, std::vector<Cand>& cands,
-                  Buf<double>& sums, double u, int64_t fallback) {
-  if (!kept.full_row) return draw_from_cands(cands, u, fallback);
+                  Buf<double>& sums, double u, int64_t fallback, double* W_out) {
+  if (!kept.full_row) return draw_from_cands(cands, u, fallback, W_out);
   sums.resize((V + kBlock - 1) / kBlock);
   const double W = block_sums(x, V, w, kept.min_w, sums.data());
+  *W_out = W;
   return draw_from_blocks(x, V, w, kept.min_w, sums.data(), u * W, fallback);
+}
+
+// Is token i kept? cands must be sorted by index (draw_from_cands leaves them so).
+template <class Wt>
+bool is_kept(int64_t i, const float* x, const Wt& w, const Kept& kept, const std::vector<Cand>& cands) {
+  if (kept.full_row) return x[i] > -kInf && w(x[i]) >= kept.min_w;
+  auto it = std::lower_bound(cands.begin(), cands.end(), i,
+                             [](const Cand& c, int64_t v) { return static_cast<int64_t>(c.idx) < v; });
+  return it != cands.end() && it->idx == i;
+}
+
+// The n best tokens by value (desc, index asc), sorted; tokens at -inf fill
+// the list in index order when fewer than n are finite.
+void top_n_by_value(const float* x, int64_t V, int64_t n, std::vector<Cand>& out) {
+  n = std::min(n, V);
+  TopKGather g;
+  g.init(n, &out);
+  for (int64_t c = 0; c < V; c += kLanes) {
+    const VF xs = c + kLanes <= V ? load_f32(x + c) : load_tail(x, c, V);
+    if (any_lane(xs > splat(g.thr))) {
+      float xa[kLanes];
+      to_array(xs, xa);
+      for (int j = 0; j < kLanes; ++j)
+        if (xa[j] > g.thr) g.push(xa[j], c + j);
+    }
+  }
+  g.finish();
+  out.resize(g.n);
+  std::sort(out.begin(), out.end(), rank_before);
+  for (int64_t i = 0; static_cast<int64_t>(out.size()) < n && i < V; ++i)
+    if (!(x[i] > -kInf)) out.push_back(Cand{x[i], 0.0f, static_cast<int32_t>(i)});
+}
+
+// Writes the logprob outputs of row b: the drawn token's and the n best.
+template <class F>
+void write_logprobs(const LogprobRequest& lp, int64_t b, int64_t token, const float* x, int64_t V,
+                    F&& logprob_of, std::vector<Cand>& topn) {
+  if (lp.logprobs) lp.logprobs[b] = static_cast<float>(logprob_of(token));
+  if (lp.n_top > 0) {
+    top_n_by_value(x, V, lp.n_top, topn);
+    for (int64_t j = 0; j < lp.n_top; ++j) {
+      const bool have = j < static_cast<int64_t>(topn.size());
+      lp.top_ids[b * lp.n_top + j] = have ? topn[j].idx : -1;
+      lp.top_logprobs[b * lp.n_top + j] =
+          have ? static_cast<float>(logprob_of(topn[j].idx)) : -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+void write_invalid_logprobs(const LogprobRequest& lp, int64_t b) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (lp.logprobs) lp.logprobs[b] = nan;
+  for (int64_t j = 0; j < lp.n_top; ++j) {
+    lp.top_ids[b * lp.n_top + j] = -1;
+    lp.top_logprobs[b * lp.n_top + j] = nan;
+  }
 }
 
 struct Scratch {
   Buf<float> xbuf;
   std::vector<Cand> cands;
+  std::vector<Cand> topn;
   Buf<double> sums;
 };
 
@@ -501,7 +562,7 @@ bool row_is_valid(const RowStats& s, float T) {
   return true;
 }
 
-int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, bool* ok) {
+int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, const LogprobRequest& lp, bool* ok) {
   Scratch& sc = thread_scratch();
   const int64_t V = lv.vocab_size;
   const float T = prm.temperature.at(b);
@@ -513,14 +574,40 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
   const float* x = nullptr;
   const RowStats s = load_row(lv, b, sc.xbuf, (cp.use_k && k > 1) ? &g : nullptr, &x);
   *ok = row_is_valid(s, T);
-  if (!*ok) return -1;
+  if (!*ok) {
+    write_invalid_logprobs(lp, b);
+    return -1;
+  }
+  const float m = s.max;
   // Greedy: T == 0, top_k == 1 and top_p == 0 all keep only the top token.
-  if (T == 0.0f || (cp.use_k && k == 1) || cp.p <= 0.0) return s.argmax;
-  const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
-                                   kStreamSample}.uniform_double(0);
-  const LogitWeight w{s.max, inverse_temperature(T)};
-  const Kept kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands);
-  return draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax);
+  const bool greedy = T == 0.0f || (cp.use_k && k == 1) || cp.p <= 0.0;
+  int64_t token = s.argmax;
+  const LogitWeight w{m, greedy ? 1.0f : inverse_temperature(T)};
+  Kept kept{true, 0.0f};
+  double W = 1.0;
+  if (!greedy) {
+    const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
+                                     kStreamSample}.uniform_double(0);
+    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands);
+    token = draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax, &W);
+  }
+  if (!lp.active()) return token;
+  if (lp.raw) {
+    sc.sums.resize((V + kBlock - 1) / kBlock);
+    const double log_raw = log_double(block_sums(x, V, LogitWeight{m, 1.0f}, 0.0f, sc.sums.data()));
+    write_logprobs(lp, b, token, x, V, [&](int64_t i) { return static_cast<double>(x[i] - m) - log_raw; }, sc.topn);
+  } else if (greedy) {
+    const int64_t top = s.argmax;
+    write_logprobs(lp, b, token, x, V,
+                   [&](int64_t i) { return i == top ? 0.0 : -std::numeric_limits<double>::infinity(); }, sc.topn);
+  } else {
+    const double logW = log_double(W);
+    write_logprobs(lp, b, token, x, V, [&](int64_t i) {
+      return is_kept(i, x, w, kept, sc.cands) ? static_cast<double>((x[i] - m) * w.inv_t) - logW
+                                               : -std::numeric_limits<double>::infinity();
+    }, sc.topn);
+  }
+  return token;
 }
 
 // Softmax of one row into out[0, V): stores e and returns their float64 sum.
@@ -654,30 +741,47 @@ void argmax(const LogitsView& lv, int num_threads, int64_t* ids, bool* valid) {
   });
 }
 
-void sample_from_logits(const LogitsView& lv, const SamplingParams& params, bool /*deterministic*/,
-                        int num_threads, int64_t* ids, bool* valid) {
+void sample_from_logits(const LogitsView& lv, const SamplingParams& params, const LogprobRequest& lp,
+                        bool /*deterministic*/, int num_threads, int64_t* ids, bool* valid) {
   for_each_row(lv.batch, num_threads, [&](int64_t b) {
     bool ok = false;
-    const int64_t id = sample_row(lv, b, params, &ok);
+    const int64_t id = sample_row(lv, b, params, lp, &ok);
     valid[b] = ok;
     ids[b] = ok ? id : -1;
   });
 }
 
 void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int64_t> seed,
-                       RowParam<int64_t> offset, bool /*deterministic*/, int num_threads, int64_t* ids,
-                       bool* valid) {
+                       RowParam<int64_t> offset, const LogprobRequest& lp, bool /*deterministic*/, int num_threads,
+                       int64_t* ids, bool* valid) {
   for_each_row(pv.batch, num_threads, [&](int64_t b) {
     Scratch& sc = thread_scratch();
     const ProbRow r = prepare_probs_row(pv, b, fp, sc);
     valid[b] = r.valid;
     if (!r.valid) {
       ids[b] = -1;
+      write_invalid_logprobs(lp, b);
       return;
     }
+    const int64_t V = pv.vocab_size;
     const double u = PhiloxStreamRef{static_cast<uint64_t>(seed.at(b)), static_cast<uint64_t>(offset.at(b)),
                                      kStreamSample}.uniform_double(0);
-    ids[b] = draw_kept(r.x, pv.vocab_size, ProbWeight{}, r.kept, sc.cands, sc.sums, u, r.s.argmax);
+    double W = 1.0;
+    const int64_t token = draw_kept(r.x, V, ProbWeight{}, r.kept, sc.cands, sc.sums, u, r.s.argmax, &W);
+    ids[b] = token;
+    if (!lp.active()) return;
+    const float* x = r.x;
+    if (lp.raw) {
+      sc.sums.resize((V + kBlock - 1) / kBlock);
+      const double log_total = log_double(block_sums(x, V, ProbWeight{}, 0.0f, sc.sums.data()));
+      write_logprobs(lp, b, token, x, V, [&](int64_t i) { return log_double(x[i]) - log_total; }, sc.topn);
+    } else {
+      const double logW = log_double(W);
+      write_logprobs(lp, b, token, x, V, [&](int64_t i) {
+        return is_kept(i, x, ProbWeight{}, r.kept, sc.cands) ? log_double(x[i]) - logW
+                                                               : -std::numeric_limits<double>::infinity();
+      }, sc.topn);
+    }
   });
 }
 

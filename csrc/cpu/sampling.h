@@ -29,6 +29,16 @@ struct SamplingParams {
   RowParam<int64_t> offset;     // Philox counter words 0-1 (as 64 bits)
 };
 
+// Optional logprob outputs of the samplers (all null / 0 when not requested).
+struct LogprobRequest {
+  float* logprobs = nullptr;      // [B]: the drawn token's logprob
+  int64_t n_top = 0;              // n best per row
+  int64_t* top_ids = nullptr;     // [B, n_top]
+  float* top_logprobs = nullptr;  // [B, n_top]
+  bool raw = false;               // log_softmax of the raw input instead of the processed distribution
+  bool active() const { return logprobs != nullptr || n_top > 0; }
+};
+
 struct FilterParams {
   RowParam<int64_t> top_k;  // <= 0 or >= vocab: disabled
   RowParam<double> top_p;   // in [0, 1]; 1 disables
@@ -64,15 +74,18 @@ void softmax(const LogitsView& logits, RowParam<float> temperature, bool determi
 void argmax(const LogitsView& logits, int num_threads, int64_t* ids, bool* valid);
 
 // The fused sampler. ids[b] in [0, vocab_size) for valid rows, -1 otherwise.
-void sample_from_logits(const LogitsView& logits, const SamplingParams& params,
+// With lp active, also the logprobs of the processed distribution (after
+// temperature and filters, renormalised; a greedy row is one-hot: 0 / -inf)
+// or, with lp.raw, of log_softmax(logits).
+void sample_from_logits(const LogitsView& logits, const SamplingParams& params, const LogprobRequest& lp,
                         bool deterministic, int num_threads, int64_t* ids, bool* valid);
 
 // Samples from probability rows after top-k -> top-p -> min-p (ranked by
 // probability). Rows with a NaN, negative or infinite entry, or no positive
 // entry, are invalid (-1).
 void sample_from_probs(const ProbsView& probs, const FilterParams& params, RowParam<int64_t> seed,
-                       RowParam<int64_t> offset, bool deterministic, int num_threads, int64_t* ids,
-                       bool* valid);
+                       RowParam<int64_t> offset, const LogprobRequest& lp, bool deterministic, int num_threads,
+                       int64_t* ids, bool* valid);
 
 // out = the filtered, renormalised probabilities [B, V] (0 in padding; a row
 // from which no positive entry is removed is copied bit for bit; invalid rows NaN).
@@ -95,9 +108,10 @@ const char* active_isa();
 #define DK_SAMPLING_API                                                                    \
   void softmax(const LogitsView&, RowParam<float>, bool, int, float*);                     \
   void argmax(const LogitsView&, int, int64_t*, bool*);                                    \
-  void sample_from_logits(const LogitsView&, const SamplingParams&, bool, int, int64_t*, bool*);           \
-  void sample_from_probs(const ProbsView&, const FilterParams&, RowParam<int64_t>, RowParam<int64_t>, bool, \
-                         int, int64_t*, bool*);                                                            \
+  void sample_from_logits(const LogitsView&, const SamplingParams&, const LogprobRequest&, bool, int,       \
+                          int64_t*, bool*);                                                                \
+  void sample_from_probs(const ProbsView&, const FilterParams&, RowParam<int64_t>, RowParam<int64_t>,       \
+                         const LogprobRequest&, bool, int, int64_t*, bool*);                               \
   void filter_probs(const ProbsView&, const FilterParams&, int, float*, bool*);                            \
   void top_k_mask_logits(const LogitsView&, RowParam<int64_t>, int, void*, bool*);
 namespace avx512 { DK_SAMPLING_API }

@@ -305,6 +305,30 @@ def _seed_and_offset(seed, offset, generator, B: int, logits: torch.Tensor, op: 
     return s_t, s_v, o_t, o_v
 
 
+def _logprob_args(op: str, top_logprobs, logprobs_mode, vocab_size: int):
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int):
+        raise TypeError(f"{op}: top_logprobs must be an int, got {type(top_logprobs).__name__}")
+    if not 0 <= top_logprobs <= vocab_size:
+        raise ValueError(f"{op}: top_logprobs must be in [0, vocab_size={vocab_size}], got {top_logprobs}")
+    if logprobs_mode not in ("processed", "raw"):
+        raise ValueError(f"{op}: logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
+    return top_logprobs, logprobs_mode == "raw"
+
+
+def _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_logprobs, n_top, validate, why):
+    if validate and ids.numel() and ids.device.type != "meta" and not return_valid and not bool(valid.all()):
+        _raise_invalid_rows(op, valid, why)
+    if not (return_valid or return_logprobs or n_top):
+        return ids
+    return SamplingOutput(
+        token_ids=ids,
+        logprobs=lp if return_logprobs else None,
+        top_ids=top_ids if n_top else None,
+        top_logprobs=top_lp if n_top else None,
+        valid=valid if return_valid else None,
+    )
+
+
 def _all_greedy(t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
     """True when no row samples (T == 0, top_k == 1 or top_p == 0 in every row)."""
     greedy = None
@@ -331,6 +355,9 @@ def sample_from_logits(
     vocab_size: Optional[int] = None,
     deterministic: bool = True,
     return_valid: bool = False,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
+    logprobs_mode: str = "processed",
     validate: bool = True,
 ):
     """Samples one token per row: temperature -> top-k -> top-p -> min-p, fused.
@@ -365,12 +392,22 @@ def sample_from_logits(
             row position, neighbours, thread count and instruction set.
         return_valid: return a :class:`SamplingOutput` whose ``valid`` mask
             marks rows that could not be sampled (id -1) instead of raising.
+        return_logprobs: also return the drawn token's logprob, float32 ``[B]``.
+        top_logprobs: also return the ``n`` best tokens per row and their
+            logprobs (int64 and float32 ``[B, n]``), ordered by logprob with
+            the lowest index first on ties; ``0 <= n <= vocab_size``.
+        logprobs_mode: ``"processed"`` (default): logprobs of the distribution
+            actually sampled (after temperature and filters, renormalised;
+            filtered tokens are -inf; a greedy row is one-hot: 0 and -inf);
+            ``"raw"``: ``log_softmax`` of the raw logits.
         validate: check parameter tensors' values and raise for invalid rows
             (synchronises); ``False`` for CUDA graphs / ``torch.compile``.
 
     Returns:
         int64 ``[B]`` token ids in ``[0, vocab_size)``, or a
-        :class:`SamplingOutput` when ``return_valid``.
+        :class:`SamplingOutput` when ``return_valid``, ``return_logprobs`` or
+        ``top_logprobs`` is asked for (unrequested fields None; invalid rows
+        have id -1 and NaN logprobs).
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, shape,
@@ -406,15 +443,13 @@ def sample_from_logits(
     if seed is None and generator is None and B > 0 and logits.device.type != "meta":
         needs_rng = not _all_greedy(t_t, t_v, k_t, k_v, p_t, p_v)
     s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, logits, op, needs_rng, validate)
-    ids, valid = ops.sample_from_logits(
+    n_top, raw = _logprob_args(op, top_logprobs, logprobs_mode, vs)
+    ids, valid, lp, top_ids, top_lp = ops.sample_from_logits(
         logits, t_t, float(t_v), k_t, int(k_v), p_t, float(p_v), m_t, float(m_v),
-        s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic),
+        s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic), bool(return_logprobs), n_top, raw,
     )
-    if return_valid:
-        return SamplingOutput(token_ids=ids, valid=valid)
-    if validate and B > 0 and ids.device.type != "meta" and not bool(valid.all()):
-        _raise_invalid_rows(op, valid)
-    return ids
+    return _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_logprobs, n_top, validate,
+                            _WHY_LOGITS)
 
 
 # ------------------------------------------------------- probability ops ----
@@ -443,6 +478,9 @@ def sample_from_probs(
     vocab_size: Optional[int] = None,
     deterministic: bool = True,
     return_valid: bool = False,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
+    logprobs_mode: str = "processed",
     validate: bool = True,
 ):
     """Samples one token per row of a probability matrix after top-k -> top-p -> min-p.
@@ -459,7 +497,8 @@ def sample_from_probs(
             ``[B]`` tensors; ``0``, ``1.0``, ``0.0`` disable). min-p keeps
             ``p >= min_p * max(p)`` compared in float32.
         seed, offset, generator, vocab_size, deterministic, return_valid,
-        validate: as in :func:`sample_from_logits`.
+        return_logprobs, top_logprobs, logprobs_mode, validate: as in
+        :func:`sample_from_logits` ("raw" logprobs are ``log(p / sum(p))``).
 
     Returns:
         int64 ``[B]`` ids in ``[0, vocab_size)``; a zero-probability token is
@@ -485,13 +524,13 @@ def sample_from_probs(
     if seed is None and generator is None and B > 0 and probs.device.type != "meta":
         needs_rng = not _all_greedy(None, 1.0, k_t, k_v, p_t, p_v)
     s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, probs, op, needs_rng, validate)
-    ids, valid = ops.sample_from_probs(probs, k_t, k_v, p_t, p_v, m_t, m_v, s_t, int(s_v), o_t, int(o_v), vs,
-                                       bool(deterministic))
-    if return_valid:
-        return SamplingOutput(token_ids=ids, valid=valid)
-    if validate and B > 0 and ids.device.type != "meta" and not bool(valid.all()):
-        _raise_invalid_rows(op, valid, _WHY_PROBS)
-    return ids
+    n_top, raw = _logprob_args(op, top_logprobs, logprobs_mode, vs)
+    ids, valid, lp, top_ids, top_lp = ops.sample_from_probs(
+        probs, k_t, k_v, p_t, p_v, m_t, m_v, s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic),
+        bool(return_logprobs), n_top, raw,
+    )
+    return _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_logprobs, n_top, validate,
+                            _WHY_PROBS)
 
 
 def filter_probs(

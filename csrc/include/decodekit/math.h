@@ -42,6 +42,26 @@ DK_HOST_DEVICE float fma_f32(float a, float b, float c) {
 #endif
 }
 
+DK_HOST_DEVICE uint64_t double_to_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(d));
+#else
+  uint64_t b;
+  std::memcpy(&b, &d, sizeof b);
+  return b;
+#endif
+}
+
+DK_HOST_DEVICE double bits_to_double(uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(b));
+#else
+  double d;
+  std::memcpy(&d, &b, sizeof d);
+  return d;
+#endif
+}
+
 // exp(x) for x <= 0 (x = (logit - max) / T), including -inf. Cephes-style:
 // x = n ln2 + r with n = round(x log2 e), a degree-6 polynomial for exp(r)
 // evaluated with FMAs, and 2^n assembled in the exponent bits. Inputs below
@@ -71,6 +91,45 @@ DK_HOST_DEVICE float exp_nonpositive(float x) {
 DK_HOST_DEVICE float inverse_temperature(float T) {
   const float r = 1.0f / T;
   return r < 3.4028234663852886e+38f ? r : 3.4028234663852886e+38f;
+}
+
+// Natural log of a positive finite double, with plain double arithmetic (no
+// libm, whose implementation may differ between machines): x = f 2^e with f in
+// [sqrt(1/2), sqrt(2)), log x = e ln 2 + 2 atanh(s), s = (f - 1) / (f + 1),
+// atanh by its series (|s| <= 0.172, 11 terms). Relative error ~1e-16.
+// Returns -inf for 0 and NaN for negative or NaN input.
+DK_HOST_DEVICE double log_double(double x) {
+  if (!(x > 0.0)) return x == 0.0 ? -HUGE_VAL : NAN;
+  if (x == HUGE_VAL) return x;
+  int e = 0;
+  // Scale subnormals into the normal range first.
+  if (x < 2.2250738585072014e-308) {
+    x *= 18014398509481984.0;  // 2^54
+    e -= 54;
+  }
+  uint64_t bits = double_to_bits(x);
+  e += static_cast<int>((bits >> 52) & 0x7ff) - 1023;
+  bits = (bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull;  // f in [1, 2)
+  double f = bits_to_double(bits);
+  if (f > 1.4142135623730951) {
+    f *= 0.5;
+    e += 1;
+  }
+  const double s = (f - 1.0) / (f + 1.0);
+  const double s2 = s * s;
+  double t = 1.0 / 23.0;
+  t = t * s2 + 1.0 / 21.0;
+  t = t * s2 + 1.0 / 19.0;
+  t = t * s2 + 1.0 / 17.0;
+  t = t * s2 + 1.0 / 15.0;
+  t = t * s2 + 1.0 / 13.0;
+  t = t * s2 + 1.0 / 11.0;
+  t = t * s2 + 1.0 / 9.0;
+  t = t * s2 + 1.0 / 7.0;
+  t = t * s2 + 1.0 / 5.0;
+  t = t * s2 + 1.0 / 3.0;
+  t = t * s2 + 1.0;
+  return static_cast<double>(e) * 0.6931471805599453 + 2.0 * s * t;
 }
 
 // IEEE binary16 -> float32, exact for every input (subnormals, inf, NaN).
