@@ -13,7 +13,9 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 
+#include "cpu/penalties.h"
 #include "cpu/sampling.h"
 #include "decodekit/philox.h"
 
@@ -219,6 +221,51 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cpu(const at::Tensor& logit
   return {out, valid};
 }
 
+// A [B, N] tensor of the given dtype on the logits' device, or null.
+template <typename T>
+const T* matrix_or_null(const std::optional<at::Tensor>& t, const at::Tensor& logits, at::ScalarType dtype,
+                        int64_t cols, const char* name, int64_t* cols_out = nullptr) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == logits.size(0) && (cols < 0 || t->size(1) == cols), "decodekit: ", name,
+              " must be 2-D [B=", logits.size(0), ", ", cols < 0 ? std::string("N") : std::to_string(cols),
+              "], got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
+  check_same_device(logits, t, name);
+  if (cols_out) *cols_out = t->size(1);
+  return t->data_ptr<T>();
+}
+
+at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& repetition,
+                               double repetition_val, const std::optional<at::Tensor>& frequency, double frequency_val,
+                               const std::optional<at::Tensor>& presence, double presence_val,
+                               const std::optional<at::Tensor>& token_ids, const std::optional<at::Tensor>& token_counts,
+                               const std::optional<at::Tensor>& logit_bias, const std::optional<at::Tensor>& bias_ids,
+                               const std::optional<at::Tensor>& bias_values, const std::optional<at::Tensor>& mask,
+                               bool mask_allows, int64_t vocab_size) {
+  check_logits(logits, vocab_size);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  for (auto [t, name] : {std::pair{&repetition, "repetition_penalty"}, {&frequency, "frequency_penalty"},
+                         {&presence, "presence_penalty"}})
+    check_same_device(logits, *t, name);
+  dk::cpu::PenaltyInputs in;
+  in.repetition = row_param<float>(repetition, static_cast<float>(repetition_val), at::kFloat, B, "repetition_penalty");
+  in.frequency = row_param<float>(frequency, static_cast<float>(frequency_val), at::kFloat, B, "frequency_penalty");
+  in.presence = row_param<float>(presence, static_cast<float>(presence_val), at::kFloat, B, "presence_penalty");
+  TORCH_CHECK(!(token_ids.has_value() && token_counts.has_value()), "decodekit: pass token_ids or token_counts, not both");
+  in.token_ids = matrix_or_null<int64_t>(token_ids, logits, at::kLong, -1, "token_ids", &in.token_ids_len);
+  in.token_counts = matrix_or_null<int64_t>(token_counts, logits, at::kLong, V, "token_counts");
+  in.bias_dense = matrix_or_null<float>(logit_bias, logits, at::kFloat, V, "logit_bias");
+  TORCH_CHECK(bias_ids.has_value() == bias_values.has_value(), "decodekit: bias_ids and bias_values go together");
+  in.bias_ids = matrix_or_null<int64_t>(bias_ids, logits, at::kLong, -1, "bias_ids", &in.bias_len);
+  in.bias_values = matrix_or_null<float>(bias_values, logits, at::kFloat, in.bias_len, "bias_values");
+  in.mask = matrix_or_null<bool>(mask, logits, at::kBool, V, "mask");
+  in.mask_allows = mask_allows;
+  auto out = at::empty({B, V}, logits.options().dtype(at::kFloat));
+  dk::cpu::apply_penalties(logits_view(logits, vocab_size), in, at::get_num_threads(), out.data_ptr<float>());
+  return out;
+}
+
 // ----------------------------------------------------- Meta (fake) ops ----
 at::Tensor softmax_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double, int64_t, bool) {
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
@@ -271,6 +318,15 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_meta(const at::Tensor& logi
           at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
 }
 
+at::Tensor apply_penalties_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double,
+                                const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, int64_t) {
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
+  return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+}
+
 }  // namespace
 
 // ------------------------------------------------------------- schemas ----
@@ -290,6 +346,10 @@ TORCH_LIBRARY(decodekit, m) {
   m.def("filter_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
         "Tensor? min_p, float min_p_val, int vocab_size) -> (Tensor, Tensor)");
   m.def("top_k_mask_logits(Tensor logits, Tensor? top_k, int top_k_val, int vocab_size) -> (Tensor, Tensor)");
+  m.def("apply_penalties(Tensor logits, Tensor? repetition_penalty, float repetition_val, "
+        "Tensor? frequency_penalty, float frequency_val, Tensor? presence_penalty, float presence_val, "
+        "Tensor? token_ids, Tensor? token_counts, Tensor? logit_bias, Tensor? bias_ids, Tensor? bias_values, "
+        "Tensor? mask, bool mask_allows, int vocab_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
@@ -299,6 +359,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("sample_from_probs", &sample_from_probs_cpu);
   m.impl("filter_probs", &filter_probs_cpu);
   m.impl("top_k_mask_logits", &top_k_mask_logits_cpu);
+  m.impl("apply_penalties", &apply_penalties_cpu);
 }
 
 TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
@@ -308,6 +369,7 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("sample_from_probs", &sample_from_probs_meta);
   m.impl("filter_probs", &filter_probs_meta);
   m.impl("top_k_mask_logits", &top_k_mask_logits_meta);
+  m.impl("apply_penalties", &apply_penalties_meta);
 }
 
 // ------------------------------------------------------ Python module ----

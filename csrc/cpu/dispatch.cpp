@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "penalties.h"
 #include "sampling.h"
 
 namespace decodekit {
@@ -95,6 +96,10 @@ void filter_probs(const ProbsView& pv, const FilterParams& fp, int nt, float* ou
 
 void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> k, int nt, void* out, bool* valid) {
   DK_DISPATCH(top_k_mask_logits, lv, k, nt, out, valid)
+}
+
+void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int nt, float* out) {
+  DK_DISPATCH(apply_penalties, lv, in, nt, out)
 }
 
 }  // namespace cpu

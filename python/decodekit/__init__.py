@@ -1,7 +1,7 @@
 """decodekit: fused, deterministic kernels for LLM token decoding.
 
 Ops (validated wrappers of ``torch.ops.decodekit.*``):
-    softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
+    apply_penalties, softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
     top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits
 
 Decode loop:
@@ -11,6 +11,7 @@ Decode loop:
 from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS  # noqa: F401  (checks the torch version first)
 from .ops import (
     SamplingOutput,
+    apply_penalties,
     argmax,
     filter_probs,
     min_p_renorm_probs,
@@ -26,7 +27,7 @@ from .generate import GenerationResult, generate  # model packages load lazily, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SamplingOutput", "argmax", "softmax", "sample_from_logits", "sample_from_probs", "filter_probs",
+    "SamplingOutput", "apply_penalties", "argmax", "softmax", "sample_from_logits", "sample_from_probs", "filter_probs",
     "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
     "generate", "GenerationResult", "__version__",
 ]

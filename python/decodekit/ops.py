@@ -19,7 +19,7 @@ import torch
 from ._loader import HAS_CUDA_OPS, ops
 
 __all__ = [
-    "SamplingOutput", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
+    "SamplingOutput", "apply_penalties", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
     "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
 ]
 
@@ -329,6 +329,12 @@ def _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_l
     )
 
 
+def _top_n_rank(lp: torch.Tensor, n: int):
+    """The n largest per row, lowest index first on ties (stable sort of the negated values)."""
+    order = torch.sort(-lp, dim=-1, stable=True).indices[:, :n]
+    return lp.gather(1, order).float(), order
+
+
 def _all_greedy(t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
     """True when no row samples (T == 0, top_k == 1 or top_p == 0 in every row)."""
     greedy = None
@@ -359,8 +365,9 @@ def sample_from_logits(
     top_logprobs: int = 0,
     logprobs_mode: str = "processed",
     validate: bool = True,
+    **penalties,
 ):
-    """Samples one token per row: temperature -> top-k -> top-p -> min-p, fused.
+    """Samples one token per row: penalties -> temperature -> top-k -> top-p -> min-p.
 
     One pass over the logits and no sort of the vocabulary: top-k candidates are
     kept in a bounded buffer during the streaming read, top-p looks only at the
@@ -402,6 +409,11 @@ def sample_from_logits(
             ``"raw"``: ``log_softmax`` of the raw logits.
         validate: check parameter tensors' values and raise for invalid rows
             (synchronises); ``False`` for CUDA graphs / ``torch.compile``.
+        **penalties: the keyword arguments of :func:`apply_penalties`
+            (``repetition_penalty``, ``frequency_penalty``,
+            ``presence_penalty``, ``token_ids`` or ``token_counts``,
+            ``logit_bias``, ``allowed_token_ids`` or ``banned_token_ids``),
+            applied first; "raw" logprobs stay those of the logits passed in.
 
     Returns:
         int64 ``[B]`` token ids in ``[0, vocab_size)``, or a
@@ -428,6 +440,12 @@ def sample_from_logits(
     logits = _check_logits(logits, op)
     B, V = logits.shape
     vs = _check_vocab_size(vocab_size, V, op)
+    unknown = set(penalties) - set(_PENALTY_KEYS)
+    if unknown:
+        raise TypeError(f"{op}: unexpected keyword arguments {sorted(unknown)}; penalties are {list(_PENALTY_KEYS)}")
+    raw_logits = logits
+    if any(v is not None for v in penalties.values()):
+        logits = apply_penalties(logits, vocab_size=vocab_size, validate=validate, **penalties)
     common = dict(op=op, logits=logits, validate=validate)
     t_t, t_v = _row_param(temperature, "temperature", integer=False, dtype=torch.float32, lo=0.0, hi=None,
                           allowed="finite and >= 0", **common)
@@ -448,6 +466,13 @@ def sample_from_logits(
         logits, t_t, float(t_v), k_t, int(k_v), p_t, float(p_v), m_t, float(m_v),
         s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic), bool(return_logprobs), n_top, raw,
     )
+    if raw and logits is not raw_logits and B > 0 and (return_logprobs or n_top):
+        # Raw logprobs are of the logits passed in, before the penalties.
+        raw_lp = torch.log_softmax(raw_logits[:, :vs].double(), dim=-1)
+        safe = ids.clamp(min=0)
+        lp = raw_lp.gather(1, safe[:, None])[:, 0].float().masked_fill(~valid, float("nan")) if return_logprobs else lp
+        if n_top:
+            top_lp, top_ids = _top_n_rank(raw_lp, n_top)
     return _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_logprobs, n_top, validate,
                             _WHY_LOGITS)
 
@@ -640,3 +665,158 @@ def top_k_mask_logits(
     if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
         _raise_invalid_rows(op, valid, "have a NaN", hint=False)
     return out
+
+
+# -------------------------------------------------------------- penalties ----
+def _id_matrix(value, name: str, op: str, B: int, device) -> Optional[torch.Tensor]:
+    """A [B, L] int64 tensor (-1 padding) from a tensor or per-row lists of ids."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 2 or value.size(0) != B:
+            raise ValueError(f"{op}: {name} must be [B={B}, L] token ids (-1 padding), got shape {tuple(value.shape)}")
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"{op}: {name} must be an integer tensor, got {value.dtype}")
+        return value.to(device=device, dtype=torch.int64).contiguous()
+    rows = list(value)
+    if len(rows) != B:
+        raise ValueError(f"{op}: {name} must have one list of ids per row (B={B}), got {len(rows)}")
+    L = max((len(r) for r in rows), default=0)
+    out = torch.full((B, max(L, 1)), -1, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids = list(r)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"{op}: {name}[{b}] must contain ints")
+        if ids:
+            out[b, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return out.to(device)
+
+
+def _check_ids_range(t: Optional[torch.Tensor], name: str, op: str, vocab_size: int, allow_pad: bool) -> None:
+    if t is None or t.numel() == 0:
+        return
+    lo = -1 if allow_pad else 0
+    bad = (t < lo) | (t >= vocab_size)
+    if bool(bad.any()):
+        where = torch.nonzero(bad)[0].tolist()
+        raise ValueError(f"{op}: {name} must be in [{lo}, vocab_size={vocab_size}) ({'-1 is padding' if allow_pad else ''}); "
+                         f"entry {where} is {int(t[tuple(where)])}")
+
+
+def _token_mask(value, name: str, op: str, B: int, V: int, device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        if tuple(value.shape) != (B, V):
+            raise ValueError(f"{op}: {name} as a bool mask must be [B={B}, V={V}], got {tuple(value.shape)}")
+        return value.to(device).contiguous()
+    rows = value if (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor))) \
+        else [value] * B
+    ids = _id_matrix(rows, name, op, B, device)
+    _check_ids_range(ids, name, op, V, allow_pad=True)
+    mask = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+    mask.scatter_(1, torch.where(ids < 0, V, ids), True)
+    return mask[:, :V].contiguous()
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    *,
+    repetition_penalty: RowParam = 1.0,
+    frequency_penalty: RowParam = 0.0,
+    presence_penalty: RowParam = 0.0,
+    token_ids=None,
+    token_counts: Optional[torch.Tensor] = None,
+    logit_bias=None,
+    allowed_token_ids=None,
+    banned_token_ids=None,
+    vocab_size: Optional[int] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Penalties and biases, the first step of the sampling chain (out of place).
+
+    In this order, per row: ``logit_bias`` is added; each counted token's
+    logit is divided by ``repetition_penalty`` when positive and multiplied by
+    it otherwise (CTRL, Keskar et al. 2019, as HF transformers'
+    ``RepetitionPenaltyLogitsProcessor``), then reduced by
+    ``frequency_penalty * count`` and by ``presence_penalty`` (OpenAI / vLLM
+    semantics); finally tokens outside ``allowed_token_ids`` or inside
+    ``banned_token_ids`` get -inf.
+
+    Args:
+        logits: ``[B, V]`` float32, float16 or bfloat16 on the CPU (not modified).
+        repetition_penalty: number or ``[B]`` tensor, finite and ``> 0``; 1 disables.
+        frequency_penalty, presence_penalty: numbers or ``[B]`` tensors,
+            finite (negative values encourage repetition); 0 disables.
+        token_ids: the tokens to count per row: an integer ``[B, L]`` tensor
+            with -1 padding, or a list of B lists of ids (e.g. the ids each
+            request has produced, or prompt + output for HF-style repetition).
+        token_counts: alternatively, int ``[B, V]`` counts per token.
+        logit_bias: a float ``[B, V]`` tensor, a dict ``{token_id: bias}`` for
+            every row, or a list of B such dicts.
+        allowed_token_ids / banned_token_ids: a bool ``[B, V]`` mask, a list
+            of ids for every row, or a list of B lists (not both).
+        vocab_size: columns at or past it are padding (-inf in the output).
+        validate: check ids and parameter values (synchronises).
+
+    Returns:
+        float32 ``[B, V]`` processed logits.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong shapes or dtypes,
+        ids outside ``[0, vocab_size)`` (-1 allowed as padding in
+        ``token_ids``), non-positive or non-finite ``repetition_penalty``,
+        both ``token_ids`` and ``token_counts``, both masks.
+    """
+    op = "apply_penalties"
+    logits = _check_logits(logits, op)
+    B, V = logits.shape
+    vs = _check_vocab_size(vocab_size, V, op)
+    common = dict(op=op, logits=logits, validate=validate, integer=False, dtype=torch.float32)
+    r_t, r_v = _row_param(repetition_penalty, "repetition_penalty", lo=1e-30, hi=None, allowed="finite and > 0", **common)
+    f_t, f_v = _row_param(frequency_penalty, "frequency_penalty", lo=None, hi=None, allowed="finite", **common)
+    p_t, p_v = _row_param(presence_penalty, "presence_penalty", lo=None, hi=None, allowed="finite", **common)
+    if token_ids is not None and token_counts is not None:
+        raise ValueError(f"{op}: pass token_ids or token_counts, not both")
+    ids = _id_matrix(token_ids, "token_ids", op, B, logits.device)
+    if validate:
+        _check_ids_range(ids, "token_ids", op, vs, allow_pad=True)
+    counts = None
+    if token_counts is not None:
+        if not isinstance(token_counts, torch.Tensor) or tuple(token_counts.shape) != (B, V):
+            raise ValueError(f"{op}: token_counts must be an integer [B={B}, V={V}] tensor")
+        if token_counts.dtype.is_floating_point or token_counts.dtype == torch.bool:
+            raise TypeError(f"{op}: token_counts must be an integer tensor, got {token_counts.dtype}")
+        counts = token_counts.to(device=logits.device, dtype=torch.int64).contiguous()
+    dense = bias_ids = bias_vals = None
+    if isinstance(logit_bias, torch.Tensor):
+        if tuple(logit_bias.shape) != (B, V) or not logit_bias.dtype.is_floating_point:
+            raise ValueError(f"{op}: logit_bias as a tensor must be float [B={B}, V={V}], got "
+                             f"{tuple(logit_bias.shape)} {logit_bias.dtype}")
+        dense = logit_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+    elif logit_bias is not None:
+        dicts = [logit_bias] * B if isinstance(logit_bias, dict) else list(logit_bias)
+        if len(dicts) != B or not all(isinstance(d, dict) for d in dicts):
+            raise TypeError(f"{op}: logit_bias must be a [B, V] tensor, a dict, or a list of B dicts")
+        M = max(1, max(len(d) for d in dicts))
+        bias_ids = torch.full((B, M), -1, dtype=torch.int64)
+        bias_vals = torch.zeros((B, M), dtype=torch.float32)
+        for b, d in enumerate(dicts):
+            for j, (tok, val) in enumerate(d.items()):
+                if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vs:
+                    raise ValueError(f"{op}: logit_bias token ids must be ints in [0, vocab_size={vs}), got {tok!r}")
+                if not isinstance(val, (int, float)) or math.isnan(val):
+                    raise ValueError(f"{op}: logit_bias values must be numbers, got {val!r} for token {tok}")
+                bias_ids[b, j], bias_vals[b, j] = tok, float(val)
+        bias_ids, bias_vals = bias_ids.to(logits.device), bias_vals.to(logits.device)
+    if allowed_token_ids is not None and banned_token_ids is not None:
+        raise ValueError(f"{op}: pass allowed_token_ids or banned_token_ids, not both")
+    allows = allowed_token_ids is not None
+    mask = _token_mask(allowed_token_ids if allows else banned_token_ids,
+                       "allowed_token_ids" if allows else "banned_token_ids", op, B, V, logits.device)
+    return ops.apply_penalties(logits, r_t, float(r_v), f_t, float(f_v), p_t, float(p_v), ids, counts, dense,
+                               bias_ids, bias_vals, mask, allows, vs)
+
+
+_PENALTY_KEYS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "token_ids", "token_counts",
+                 "logit_bias", "allowed_token_ids", "banned_token_ids")
