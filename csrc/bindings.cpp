@@ -267,12 +267,22 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
 }
 
 // ----------------------------------------------------- Meta (fake) ops ----
+// The dispatcher picks these when any tensor argument is on the meta device.
+// Shape inference only makes sense when the main input is on meta too; a
+// single meta parameter beside real logits is a device mismatch.
+void require_meta(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_meta(), "decodekit: all tensor arguments must be on one device; ", name, " are on ", x.device(),
+              " but another argument is on meta");
+}
+
 at::Tensor softmax_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double, int64_t, bool) {
+  require_meta(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
   return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor> ids_and_valid_meta(const at::Tensor& logits) {
+  require_meta(logits, "logits/probs");
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
   return {at::empty({logits.size(0)}, logits.options().dtype(at::kLong)),
           at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
@@ -306,6 +316,7 @@ SampleResult sample_from_probs_meta(
 std::tuple<at::Tensor, at::Tensor> filter_probs_meta(const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t,
                                                      const std::optional<at::Tensor>&, double,
                                                      const std::optional<at::Tensor>&, double, int64_t) {
+  require_meta(probs, "probs");
   TORCH_CHECK(probs.dim() == 2, "decodekit: probs must be 2-D [B, V]");
   return {at::empty({probs.size(0), probs.size(1)}, probs.options()),
           at::empty({probs.size(0)}, probs.options().dtype(at::kBool))};
@@ -313,6 +324,7 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_meta(const at::Tensor& probs, co
 
 std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_meta(const at::Tensor& logits, const std::optional<at::Tensor>&,
                                                           int64_t, int64_t) {
+  require_meta(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
   return {at::empty({logits.size(0), logits.size(1)}, logits.options()),
           at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
@@ -323,6 +335,7 @@ at::Tensor apply_penalties_meta(const at::Tensor& logits, const std::optional<at
                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, int64_t) {
+  require_meta(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
   return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
 }

@@ -432,3 +432,24 @@ def test_result_type(lm):
     result = generate([1, 4093, 198], model=lm, max_new_tokens=2, temperature=0.0, stop_on_eos=False)
     assert isinstance(result, GenerationResult) and result.new_tokens == 2
     assert "new tokens: 2" in result.summary()
+
+
+def test_argument_errors_come_before_loading_the_model(monkeypatch):
+    import importlib
+
+    gen_module = importlib.import_module("decodekit.generate")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded for a bad argument")
+
+    monkeypatch.setattr(gen_module, "load_model", no_load)
+    for kwargs, exc in [(dict(model=5), TypeError), (dict(temperature=-1.0), ValueError),
+                        (dict(top_p=2.0), ValueError), (dict(max_new_tokens=3.0), TypeError),
+                        (dict(stream=5), TypeError), (dict(top_k=1.5), TypeError), (dict(seed=-1), ValueError)]:
+        with pytest.raises(exc):
+            gen_module.generate("hi", **kwargs)
+
+
+def test_bytes_prompt_is_a_type_error(lm):
+    with pytest.raises(TypeError, match="bytes"):
+        generate(b"hello", model=lm, max_new_tokens=2, temperature=0)

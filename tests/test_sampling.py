@@ -350,7 +350,7 @@ GOLDEN_FILTERED = [121, 78, 237, 43]
     (dict(min_p=1.05), ValueError, "min_p"),
     (dict(min_p=torch.tensor([0.5, 2.0])), ValueError, "min_p"),
     (dict(top_k=2.5), TypeError, "top_k"),
-    (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must be an integer tensor"),
+    (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must be an int or an integer tensor"),
     (dict(seed=None), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed"),
     (dict(seed=2**70), ValueError, "seed"),
@@ -496,3 +496,55 @@ def test_row_alone_and_inside_batch_bit_identical_ids_probs_logprobs():
         assert torch.equal(alone.top_ids, full_t.top_ids[37:38]) and torch.equal(alone.top_logprobs, full_t.top_logprobs[37:38])
         assert torch.equal(decodekit.softmax(row, t)[0], decodekit.softmax(batch, temps37)[37])
     assert full.token_ids.shape == (64,) and probs.shape == (64, V)
+
+
+# ------------------------------------------------- regressions from trials ----
+def test_meta_parameter_beside_cpu_logits_is_an_error_not_garbage():
+    L = torch.randn(4, 100)
+    with pytest.raises(RuntimeError, match="meta"):
+        torch.ops.decodekit.sample_from_logits(L, torch.ones(4, device="meta"), 1.0, None, 0, None, 1.0, None, 0.0,
+                                               None, 1, None, 0, 100, True, False, 0, False)
+    with pytest.raises(RuntimeError, match="meta"):
+        torch.ops.decodekit.softmax(L, torch.ones(4, device="meta"), 1.0, 100, True)
+
+
+def test_out_of_range_parameters_without_validation_mark_rows_invalid():
+    L = torch.randn(4, 100, generator=torch.Generator().manual_seed(50))
+    nan = float("nan")
+    out = decodekit.sample_from_logits(L, torch.tensor([-1.0, nan, 1.0, float("inf")]), seed=1, validate=False,
+                                       return_valid=True)
+    assert out.valid.tolist() == [False, False, True, False] and out.token_ids.tolist()[::3] == [-1, -1]
+    out = decodekit.sample_from_logits(L, 1.0, top_p=torch.tensor([0.5, 1.5, -1.0, nan], dtype=torch.float64),
+                                       min_p=torch.tensor([0.0, 0.0, 0.0, 0.0]), seed=1, validate=False,
+                                       return_valid=True)
+    assert out.valid.tolist() == [True, False, False, False]
+    out = decodekit.sample_from_probs(torch.softmax(L, -1), min_p=torch.tensor([2.0, 0.1, -1.0, nan]), seed=1,
+                                      validate=False, return_valid=True)
+    assert out.valid.tolist() == [False, True, False, False]
+    p = torch.ops.decodekit.softmax(L, torch.tensor([nan, -1.0, 1.0, 0.0]), 1.0, 100, True)
+    assert torch.isnan(p[:2]).all() and torch.isfinite(p[2:]).all()
+
+
+def test_outputs_carry_no_autograd_graph():
+    x = torch.randn(2, 10, requires_grad=True)
+    assert decodekit.softmax(x).grad_fn is None
+    assert decodekit.sample_from_logits(x, 1.0, seed=1).grad_fn is None
+
+
+def test_numpy_scalars_and_empty_batches():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(51))
+    a = decodekit.sample_from_logits(x, np.float32(0.7), top_k=np.int64(5), seed=np.int64(3), vocab_size=np.int64(50))
+    b = decodekit.sample_from_logits(x, 0.7, top_k=5, seed=3)
+    assert torch.equal(a, b)
+    assert decodekit.sample_from_logits(torch.randn(0, 10), 1.0).shape == (0,)  # nothing to draw: no seed needed
+
+
+def test_consistent_type_errors():
+    x = torch.randn(2, 10)
+    with pytest.raises(TypeError, match="seed"):
+        decodekit.sample_from_logits(x, 1.0, seed=torch.tensor(2.0))
+    with pytest.raises(TypeError, match="deterministic"):
+        decodekit.sample_from_logits(x, 1.0, seed=1, deterministic="no")
+    with pytest.raises(ValueError, match="offset"):
+        decodekit.sample_from_logits(x, 1.0, generator=torch.Generator(), offset=-1)

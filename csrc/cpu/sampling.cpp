@@ -85,6 +85,11 @@ struct Buf {
   ~Buf() { std::free(p); }
   int64_t size() const { return n; }
   T* data() { return p; }
+  void release() {
+    std::free(p);
+    p = nullptr;
+    n = 0;
+  }
   void resize(int64_t need) {  // contents are not preserved
     if (need <= n) return;
     std::free(p);
@@ -549,14 +554,38 @@ Scratch& thread_scratch() {
   return s;
 }
 
+// Per-thread scratch is kept between calls (no allocation on the hot path)
+// unless a call needed more than this many entries: then it is freed again,
+// so one huge call does not pin its memory for the life of the thread.
+constexpr int64_t kKeepScratch = int64_t{1} << 20;
+
+void trim_scratch() {
+  Scratch& s = thread_scratch();
+  if (s.xbuf.size() > kKeepScratch) s.xbuf.release();
+  if (s.sums.size() > kKeepScratch) s.sums.release();
+  if (static_cast<int64_t>(s.cands.capacity()) > kKeepScratch) std::vector<Cand>().swap(s.cands);
+  if (static_cast<int64_t>(s.topn.capacity()) > kKeepScratch) std::vector<Cand>().swap(s.topn);
+}
+
 template <typename F>
 void for_each_row(int64_t B, int num_threads, F&& f) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t b = 0; b < B; ++b) f(b);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) f(b);
+    trim_scratch();
+  }
+}
+
+// Out-of-range parameters (the Python wrappers reject them unless
+// validate=False) make the row invalid instead of giving an arbitrary answer.
+bool params_ok(float T, double p, float min_p) {
+  return T >= 0.0f && T < kInf && p >= 0.0 && p <= 1.0 && min_p >= 0.0f && min_p <= 1.0f;
 }
 
 bool row_is_valid(const RowStats& s, float T) {
+  if (!(T >= 0.0f && T < kInf)) return false;
   if (s.has_nan || s.max == -kInf) return false;
   if (T > 0.0f && s.has_pinf) return false;
   return true;
@@ -573,7 +602,7 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   if (cp.use_k && k > 1) g.init(k, &sc.cands);
   const float* x = nullptr;
   const RowStats s = load_row(lv, b, sc.xbuf, (cp.use_k && k > 1) ? &g : nullptr, &x);
-  *ok = row_is_valid(s, T);
+  *ok = row_is_valid(s, T) && params_ok(T, cp.p, cp.min_p);
   if (!*ok) {
     write_invalid_logprobs(lp, b);
     return -1;
@@ -656,7 +685,7 @@ ProbRow prepare_probs_row(const ProbsView& pv, int64_t b, const FilterParams& fp
   TopKGather g;
   if (cp.use_k && k > 1) g.init(k, &sc.cands);
   r.s = pass_a_probs(r.x, V, (cp.use_k && k > 1) ? &g : nullptr, &r.npos);
-  r.valid = !r.s.has_nan && r.s.max > 0.0f;
+  r.valid = !r.s.has_nan && r.s.max > 0.0f && params_ok(0.0f, p, min_p);
   if (!r.valid) return r;
   if ((cp.use_k && k == 1) || p <= 0.0) {  // only the top token
     sc.cands.assign(1, Cand{r.s.max, r.s.max, static_cast<int32_t>(r.s.argmax)});

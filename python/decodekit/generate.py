@@ -8,6 +8,9 @@ reproduced exactly by its seed whatever else runs in the process.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 import time
 import warnings
@@ -107,9 +110,10 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
         top_k: keep the ``k`` most likely tokens; ``0`` disables (default).
         top_p: nucleus sampling mass in ``[0, 1]``; ``1.0`` disables (default).
         min_p: keep tokens with ``p >= min_p * p_max``, in ``[0, 1]``; ``0.0`` disables (default).
-        seed: Philox seed of this request (a non-negative int). When ``None`` and
-            ``temperature > 0``, a random 32-bit seed is drawn from ``os.urandom`` and reported in
-            the result, so the run can be repeated.
+        seed: Philox seed of this request (an int in ``[0, 2^64)``). When ``None`` and some
+            token is sampled (``temperature > 0``, ``top_k != 1``, ``top_p > 0``), a random 32-bit
+            seed is drawn from ``os.urandom`` and reported in the result, so the run can be
+            repeated; greedy runs report ``None``.
         chat_template: for a text prompt, wrap it as one user message in the model's chat
             template with the assistant header appended. When the model has no template the
             text is used as is (with a warning). Ignored for id prompts.
@@ -123,25 +127,27 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
         a :class:`GenerationResult` (token ids, text, counts, timing, seed).
 
     Raises:
-        TypeError: ``prompt`` is neither text nor a sequence of ints.
+        TypeError: ``prompt`` is neither text nor a sequence of ints (bytes included); a
+            non-integer ``max_new_tokens`` or ``top_k``; a non-numeric sampling parameter; a
+            ``model`` that is not a path or LoadedModel; a ``stream`` that is not callable.
         ValueError: empty prompt, token id out of range, ``max_new_tokens`` negative, the prompt
-            plus ``max_new_tokens`` longer than the model's context, or sampling parameters out
-            of range (raised by ``sample_from_logits``).
+            plus ``max_new_tokens`` longer than the model's context, sampling parameters or
+            ``seed`` out of range (checked before the model is loaded).
         FileNotFoundError: the model file (or the default model's package) is missing.
 
     Example:
         >>> r = generate("Name a colour.", max_new_tokens=16, temperature=0.7, seed=1)
         >>> r.text, r.seed, round(r.decode_tokens_per_second)
     """
+    _check_arguments(model, max_new_tokens, temperature, top_k, top_p, min_p, seed, stream)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     prompt_ids = _prompt_ids(lm, prompt, chat_template)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = len(prompt_ids) + max_new_tokens
     if total > lm.config.max_seq_len:
         raise ValueError(f"generate: {len(prompt_ids)} prompt tokens + max_new_tokens={max_new_tokens} "
                          f"exceed the model's context length {lm.config.max_seq_len}")
-    if seed is None and temperature != 0:
+    greedy = temperature == 0 or top_k == 1 or top_p == 0
+    if seed is None and not greedy and max_new_tokens > 0:
         seed = int.from_bytes(os.urandom(4), "little")
     stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
 
@@ -178,6 +184,31 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
                             decode_seconds=t2 - t1, decode_steps=steps, model_name=lm.name)
 
 
+def _check_arguments(model, max_new_tokens, temperature, top_k, top_p, min_p, seed, stream) -> None:
+    """Type and range checks done before the model is loaded, so mistakes fail fast."""
+    if model is not None and not isinstance(model, (str, os.PathLike, LoadedModel)):
+        raise TypeError(f"generate: model must be None, a path to a .gguf file or a LoadedModel, "
+                        f"got {type(model).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"generate: max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    for name, value, lo, hi in (("temperature", temperature, 0.0, math.inf), ("top_p", top_p, 0.0, 1.0),
+                                ("min_p", min_p, 0.0, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"generate: {name} must be a number, got {type(value).__name__}")
+        if not (lo <= value <= hi) or math.isnan(value) or math.isinf(value):
+            allowed = "finite and >= 0" if name == "temperature" else "in [0, 1]"
+            raise ValueError(f"generate: {name} must be {allowed}, got {value}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"generate: top_k must be an int (0 disables), got {type(top_k).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**64):
+        raise ValueError(f"generate: seed must be None or an int in [0, 2^64), got {seed!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"generate: stream must be a callable taking a str, got {type(stream).__name__}")
+
+
 def _prompt_ids(lm: LoadedModel, prompt, chat_template: bool) -> List[int]:
     """Token ids of a text or id prompt (validated)."""
     tokenizer = lm.tokenizer
@@ -196,8 +227,12 @@ def _prompt_ids(lm: LoadedModel, prompt, chat_template: bool) -> List[int]:
             raise TypeError(f"generate: a tensor prompt must be 1-D integer ids, got shape "
                             f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
         ids = [int(i) for i in prompt.tolist()]
-    elif isinstance(prompt, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        ids = [int(i) for i in prompt]
+    elif isinstance(prompt, (bytes, bytearray)):
+        raise TypeError("generate: prompt must be a str or a sequence of int token ids, got bytes "
+                        "(decode it to str first)")
+    elif isinstance(prompt, Sequence) and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in prompt):
+        ids = [operator.index(i) for i in prompt]
     else:
         raise TypeError(f"generate: prompt must be a str or a sequence of int token ids, got "
                         f"{type(prompt).__name__}")

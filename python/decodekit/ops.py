@@ -4,14 +4,18 @@ Every wrapper checks shapes, dtypes, devices and parameter ranges and raises
 ``TypeError``/``ValueError`` naming the argument, what was given and what is
 allowed. The checks that look at tensor *data* (parameter tensors out of range,
 NaN rows) synchronise with the device; ``validate=False`` skips them (for CUDA
-graphs and ``torch.compile``), in which case invalid rows come back marked
-instead of raising. Conventions (tie-breaks, RNG keying, chain order) are those
+graphs and ``torch.compile``), in which case invalid rows (bad data, or a
+parameter out of range) come back marked (-1 and ``valid == False``; NaN rows
+for softmax and filters) instead of raising. The ops are not differentiable:
+their outputs carry no autograd graph. Conventions (tie-breaks, RNG keying, chain order) are those
 of the project's DESIGN.md.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -64,6 +68,8 @@ def _check_logits(logits, op: str) -> torch.Tensor:
     if dev != "cpu" and not (dev == "cuda" and op in _CUDA_OPS):
         have = "CPU" + (" and CUDA" if op in _CUDA_OPS else "")
         raise ValueError(f"{op}: logits are on {logits.device}, but this op has kernels for: {have}")
+    if logits.requires_grad:
+        logits = logits.detach()  # the ops are not differentiable; outputs carry no graph
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     return logits
@@ -80,6 +86,8 @@ def _check_probs(probs, op: str) -> torch.Tensor:
         raise ValueError(f"{op}: probs must have 1 <= V < 2^31 columns, got shape {tuple(probs.shape)}")
     if probs.device.type not in ("cpu", "meta"):
         raise ValueError(f"{op}: probs are on {probs.device}, but this op has kernels for: CPU")
+    if probs.requires_grad:
+        probs = probs.detach()  # the ops are not differentiable; outputs carry no graph
     if probs.stride(1) != 1:
         probs = probs.contiguous()
     return probs
@@ -88,8 +96,9 @@ def _check_probs(probs, op: str) -> torch.Tensor:
 def _check_vocab_size(vocab_size, V: int, op: str) -> int:
     if vocab_size is None:
         return V
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
         raise TypeError(f"{op}: vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    vocab_size = operator.index(vocab_size)
     if not 1 <= vocab_size <= V:
         raise ValueError(f"{op}: vocab_size must be in [1, V={V}], got {vocab_size}")
     return vocab_size
@@ -111,8 +120,10 @@ def _row_param(
     """Splits a per-row parameter into (tensor or None, scalar) for the kernel."""
     B = logits.size(0)
     if isinstance(value, torch.Tensor):
+        if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"{op}: {name} must be an int or an integer tensor, got a {value.dtype} tensor")
         if value.dim() == 0:
-            if validate or value.device.type == "cpu":
+            if value.device.type == "cpu" or (validate and value.device.type != "meta"):
                 value = value.item()
             else:
                 value = value.reshape(1).expand(B)
@@ -140,13 +151,17 @@ def _row_param(
                     vals = [check[r].item() for r in rows]
                     raise ValueError(f"{op}: {name} must be {allowed}; rows {rows} have {vals}")
             return t, 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number or a [B] tensor, got {type(value).__name__}")
-    if integer and not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
+    if integer:
+        if isinstance(value, numbers.Integral):
+            value = operator.index(value)
+        elif isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    else:
+        value = float(value)
     if not integer and (math.isnan(value) or math.isinf(value)):
         raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -156,8 +171,9 @@ def _row_param(
 
 def _to_int64_bits(v: int, name: str, op: str) -> int:
     """Maps an int in [-2^63, 2^64) to the int64 with the same low 64 bits."""
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    v = operator.index(v)
     if not _INT64_MIN <= v < _UINT64_END:
         raise ValueError(f"{op}: {name} must be in [-2^63, 2^64), got {v}")
     return v - _UINT64_END if v >= 2**63 else v
@@ -165,6 +181,12 @@ def _to_int64_bits(v: int, name: str, op: str) -> int:
 
 _WHY_LOGITS = "have a NaN, no finite logit, or +inf logits with temperature > 0"
 _WHY_PROBS = "have a NaN, a negative or infinite entry, or no positive entry"
+
+
+def _check_bool(value, name: str, op: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+    return value
 
 
 def _raise_invalid_rows(op: str, valid: torch.Tensor, why: str = _WHY_LOGITS, hint: bool = True) -> None:
@@ -221,7 +243,7 @@ def softmax(
         temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0, hi=None,
         validate=validate, allowed="finite and >= 0",
     )
-    probs = ops.softmax(logits, t_tensor, float(t_val), vs, bool(deterministic))
+    probs = ops.softmax(logits, t_tensor, float(t_val), vs, _check_bool(deterministic, "deterministic", op))
     if validate and probs.numel() and probs.device.type != "meta":
         bad = torch.isnan(probs[:, 0])
         if bool(bad.any()):
@@ -273,9 +295,9 @@ def _seed_and_offset(seed, offset, generator, B: int, logits: torch.Tensor, op: 
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
         drawn = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, device=generator.device, dtype=torch.int64))
-        base = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
-        if isinstance(offset, torch.Tensor) or base != offset:
-            raise ValueError(f"{op}: with a generator, offset must be a plain int (got {type(offset).__name__})")
+        if isinstance(offset, (torch.Tensor, bool)) or not isinstance(offset, numbers.Integral) or offset < 0:
+            raise ValueError(f"{op}: with a generator, offset must be an int >= 0, got {offset!r}")
+        base = operator.index(offset)
         # Each row gets its own counter so rows drawn from one generator are independent.
         offs = torch.arange(B, dtype=torch.int64, device=logits.device) + _to_int64_bits(base, "offset", op)
         return None, drawn, offs, 0
@@ -299,15 +321,16 @@ def _seed_and_offset(seed, offset, generator, B: int, logits: torch.Tensor, op: 
         if o_t is None:
             o_v = _to_int64_bits(int(o_v), "offset", op)
     else:
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
             raise ValueError(f"{op}: offset must be an int >= 0 or a [B] int64 tensor, got {offset!r}")
         o_t, o_v = None, _to_int64_bits(offset, "offset", op)
     return s_t, s_v, o_t, o_v
 
 
 def _logprob_args(op: str, top_logprobs, logprobs_mode, vocab_size: int):
-    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int):
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, numbers.Integral):
         raise TypeError(f"{op}: top_logprobs must be an int, got {type(top_logprobs).__name__}")
+    top_logprobs = operator.index(top_logprobs)
     if not 0 <= top_logprobs <= vocab_size:
         raise ValueError(f"{op}: top_logprobs must be in [0, vocab_size={vocab_size}], got {top_logprobs}")
     if logprobs_mode not in ("processed", "raw"):
@@ -457,14 +480,15 @@ def sample_from_logits(
                           allowed="in [0, 1]", **common)
     if isinstance(k_v, int):
         k_v = max(min(k_v, 2**62), -(2**62))
-    needs_rng = True
-    if seed is None and generator is None and B > 0 and logits.device.type != "meta":
+    needs_rng = B > 0 and logits.device.type != "meta"  # shape-only calls draw nothing
+    if seed is None and generator is None and needs_rng:
         needs_rng = not _all_greedy(t_t, t_v, k_t, k_v, p_t, p_v)
     s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, logits, op, needs_rng, validate)
     n_top, raw = _logprob_args(op, top_logprobs, logprobs_mode, vs)
     ids, valid, lp, top_ids, top_lp = ops.sample_from_logits(
         logits, t_t, float(t_v), k_t, int(k_v), p_t, float(p_v), m_t, float(m_v),
-        s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic), bool(return_logprobs), n_top, raw,
+        s_t, int(s_v), o_t, int(o_v), vs, _check_bool(deterministic, "deterministic", op),
+        _check_bool(return_logprobs, "return_logprobs", op), n_top, raw,
     )
     if raw and logits is not raw_logits and B > 0 and (return_logprobs or n_top):
         # Raw logprobs are of the logits passed in, before the penalties.
@@ -545,14 +569,14 @@ def sample_from_probs(
     B, V = probs.shape
     vs = _check_vocab_size(vocab_size, V, op)
     k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
-    needs_rng = True
-    if seed is None and generator is None and B > 0 and probs.device.type != "meta":
+    needs_rng = B > 0 and probs.device.type != "meta"  # shape-only calls draw nothing
+    if seed is None and generator is None and needs_rng:
         needs_rng = not _all_greedy(None, 1.0, k_t, k_v, p_t, p_v)
     s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, probs, op, needs_rng, validate)
     n_top, raw = _logprob_args(op, top_logprobs, logprobs_mode, vs)
     ids, valid, lp, top_ids, top_lp = ops.sample_from_probs(
-        probs, k_t, k_v, p_t, p_v, m_t, m_v, s_t, int(s_v), o_t, int(o_v), vs, bool(deterministic),
-        bool(return_logprobs), n_top, raw,
+        probs, k_t, k_v, p_t, p_v, m_t, m_v, s_t, int(s_v), o_t, int(o_v), vs,
+        _check_bool(deterministic, "deterministic", op), _check_bool(return_logprobs, "return_logprobs", op), n_top, raw,
     )
     return _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_logprobs, n_top, validate,
                             _WHY_PROBS)
