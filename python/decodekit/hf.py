@@ -1,0 +1,145 @@
+"""Hugging Face transformers adapter: decodekit's penalties and filters as logits processors.
+
+Each class follows transformers' ``LogitsProcessor`` interface,
+``__call__(input_ids [B, L] int64, scores [B, V] float) -> scores [B, V]``, so it goes
+into ``model.generate(..., logits_processor=...)``. The filters set removed tokens to
+-inf and keep ``logits / T`` elsewhere, so the softmax that ``generate`` takes next is
+exactly decodekit's processed distribution (temperature -> top-k -> top-p -> min-p,
+DESIGN.md conventions: lowest index wins ties, ``top_k=1`` is argmax, at least one token
+kept). Pass ``do_sample=True, temperature=1.0, top_k=0, top_p=1.0`` to ``generate`` so
+its own warpers do not act a second time (or use :func:`generate_kwargs`).
+
+transformers is an optional dependency (``pip install decodekit[hf]``); this module
+imports it lazily and raises ImportError with that hint when it is missing.
+
+Example:
+    >>> from decodekit import hf
+    >>> out = model.generate(ids, max_new_tokens=32,
+    ...                      **hf.generate_kwargs(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05))
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+
+__all__ = [
+    "DecodekitPenalties", "DecodekitSamplingFilter", "DecodekitTemperature", "DecodekitTopK", "DecodekitTopP",
+    "DecodekitMinP", "logits_processor_list", "generate_kwargs",
+]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("decodekit.hf needs transformers: pip install 'decodekit[hf]'") from exc
+    return transformers
+
+
+class _Processor:
+    """Base: a callable with transformers' LogitsProcessor signature (duck-typed, no import needed)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raise NotImplementedError
+
+
+class DecodekitSamplingFilter(_Processor):
+    """Temperature -> top-k -> top-p -> min-p in one processor.
+
+    Args:
+        temperature: float > 0 (use greedy decoding instead of 0).
+        top_k: int; ``<= 0`` disables.
+        top_p: float in ``[0, 1]``; 1 disables.
+        min_p: float in ``[0, 1]``; 0 disables.
+
+    ``scores`` ``[B, V]`` (float32/float16/bfloat16) -> float32 ``[B, V]``: ``scores / T`` on
+    the kept tokens, -inf elsewhere. Top-k ranks the raw scores; top-p and min-p act on the
+    renormalised probabilities (decodekit's ``filter_probs``).
+    """
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"DecodekitSamplingFilter: temperature must be > 0, got {temperature!r}")
+        self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), top_k, top_p, min_p
+
+    def __call__(self, input_ids, scores):
+        x = scores
+        if 0 < self.top_k < x.size(-1):
+            x = ops.top_k_mask_logits(x, self.top_k)
+        probs = ops.softmax(x, self.temperature)
+        if self.top_p < 1.0 or self.min_p > 0.0:
+            probs = ops.filter_probs(probs, top_p=self.top_p, min_p=self.min_p)
+        scaled = scores.float() / self.temperature
+        return torch.where(probs > 0, scaled, torch.full_like(scaled, float("-inf")))
+
+
+class DecodekitTemperature(DecodekitSamplingFilter):
+    """``scores / temperature`` (temperature > 0)."""
+
+    def __init__(self, temperature: float):
+        super().__init__(temperature=temperature)
+
+
+class DecodekitTopK(DecodekitSamplingFilter):
+    """Keeps the ``top_k`` highest scores (lowest index on ties), -inf elsewhere."""
+
+    def __init__(self, top_k: int):
+        super().__init__(top_k=top_k)
+
+
+class DecodekitTopP(DecodekitSamplingFilter):
+    """Keeps the smallest set (score desc, index asc) whose probability mass is >= ``top_p``."""
+
+    def __init__(self, top_p: float):
+        super().__init__(top_p=top_p)
+
+
+class DecodekitMinP(DecodekitSamplingFilter):
+    """Keeps tokens with ``p >= min_p * max(p)``."""
+
+    def __init__(self, min_p: float):
+        super().__init__(min_p=min_p)
+
+
+class DecodekitPenalties(_Processor):
+    """Repetition / frequency / presence penalties over the ids generated so far, plus logit bias.
+
+    ``input_ids`` ``[B, L]`` are the counted tokens (prompt and output, as HF's
+    ``RepetitionPenaltyLogitsProcessor`` counts them). Arguments as in
+    :func:`decodekit.apply_penalties`; returns float32 ``[B, V]``.
+    """
+
+    def __init__(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, logit_bias: Optional[dict] = None):
+        self.kwargs = dict(repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                           presence_penalty=presence_penalty, logit_bias=logit_bias)
+
+    def __call__(self, input_ids, scores):
+        ids = input_ids.clamp(max=scores.size(-1) - 1)  # ids past the scores' width cannot be penalised
+        return ops.apply_penalties(scores, token_ids=ids, **self.kwargs)
+
+
+def logits_processor_list(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                          repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, logit_bias: Optional[dict] = None):
+    """A ``transformers.LogitsProcessorList``: penalties (when any) then the sampling filter."""
+    transformers = _transformers()
+    procs = []
+    if repetition_penalty != 1.0 or frequency_penalty or presence_penalty or logit_bias:
+        procs.append(DecodekitPenalties(repetition_penalty, frequency_penalty, presence_penalty, logit_bias))
+    procs.append(DecodekitSamplingFilter(temperature, top_k, top_p, min_p))
+    return transformers.LogitsProcessorList(procs)
+
+
+def generate_kwargs(**params) -> dict:
+    """Keyword arguments for ``model.generate`` that sample with decodekit's processors.
+
+    ``params`` are those of :func:`logits_processor_list`. transformers' own temperature /
+    top-k / top-p are neutralised so nothing is applied twice.
+    """
+    return dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                logits_processor=logits_processor_list(**params))
