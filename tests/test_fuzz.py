@@ -123,3 +123,45 @@ def test_fuzz_bad_parameters_raise_clear_errors(name, value):
         assert name in str(e) or (name == "seed" and "generator" in str(e))
         return
     assert ids.shape == (2,) and ((ids >= 0) & (ids < 10)).all()
+
+
+@st.composite
+def prob_rows(draw):
+    B = draw(st.integers(0, 5))
+    V = draw(st.integers(1, 200))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32)))
+    kind = draw(st.sampled_from(["softmax", "sparse", "uniform", "unnormalised"]))
+    if kind == "softmax":
+        p = torch.softmax(torch.randn(B, V, generator=g) * 3, -1)
+    elif kind == "sparse":
+        p = (torch.rand(B, V, generator=g) > 0.8).float()
+    elif kind == "uniform":
+        p = torch.full((B, V), 1.0 / V)
+    else:
+        p = torch.rand(B, V, generator=g) * 5
+    for _ in range(draw(st.integers(0, 3))):
+        if B == 0:
+            break
+        p[draw(st.integers(0, B - 1)), draw(st.integers(0, V - 1))] = draw(
+            st.sampled_from([0.0, -0.5, float("nan"), float("inf"), 1e-30, 1e30]))
+    return p
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=prob_rows(), k=st.sampled_from([-1, 0, 1, 3, 199, 10**6]), top_p=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+       mp=st.sampled_from([0.0, 0.2, 1.0]), seed=st.integers(0, 2**63))
+def test_fuzz_probability_ops(p, k, top_p, mp, seed):
+    B, V = p.shape
+    bad = [bool(torch.isnan(r).any() or torch.isinf(r).any() or (r < 0).any() or not (r > 0).any()) for r in p]
+    out = decodekit.sample_from_probs(p, k, top_p, mp, seed=seed, return_valid=True, return_logprobs=True)
+    filt = decodekit.filter_probs(p, k, top_p, mp, validate=False)
+    assert out.valid.tolist() == [not x for x in bad]
+    for b in range(B):
+        if bad[b]:
+            assert out.token_ids[b] == -1 and torch.isnan(filt[b]).all()
+            continue
+        t = int(out.token_ids[b])
+        assert 0 <= t < V and p[b, t] > 0 and filt[b, t] > 0
+        assert torch.isfinite(filt[b]).all() and abs(float(filt[b].double().sum()) - float(
+            p[b].double().sum() if torch.equal(filt[b], p[b]) else 1.0)) < 1e-4
+        assert out.logprobs[b] <= 1e-6

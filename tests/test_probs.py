@@ -208,3 +208,24 @@ def test_sample_from_probs_logprobs_match_reference():
         assert out.top_ids[b].tolist() == order.tolist()
         torch.testing.assert_close(out.top_logprobs[b].double(), lp[order], atol=2e-5, rtol=0)
         assert abs(float(raw.logprobs[b]) - float(torch.log(probs[b, tok].double() / probs[b].double().sum()))) < 2e-6
+
+
+def test_uniform_row_top_p_keeps_exactly_the_lowest_indices():
+    # 32000 equal probabilities with top_p 0.9999: exactly the 31997 lowest indices kept.
+    p = torch.full((1, 32000), 1 / 32000)
+    out = decodekit.top_p_renorm_probs(p, 0.9999)[0]
+    kept = (out > 0).nonzero().flatten()
+    assert kept.numel() == 31997 and int(kept.max()) == 31996
+    logits_out = decodekit.sample_from_logits(torch.zeros(3000, 32000), 1.0, top_p=0.9999, seed=torch.arange(3000))
+    assert int(logits_out.max()) <= 31996
+    for top_p in (0.9999999, 1 - 1e-9):
+        out = decodekit.top_p_renorm_probs(torch.full((1, 100), 0.01), top_p)[0]
+        assert int((out > 0).sum()) == 100
+
+
+def test_zero_probability_never_drawn_in_ten_million_draws():
+    # [0.33, 0.34, 0, 0.33]: 10^7 draws (each its own seed), token 2 never drawn.
+    q = torch.tensor([[0.33, 0.34, 0.0, 0.33]]).expand(1_000_000, 4)
+    for chunk in range(10):
+        ids = decodekit.sample_from_probs(q, seed=torch.arange(1_000_000) + chunk * 1_000_000)
+        assert not bool((ids == 2).any())

@@ -548,3 +548,23 @@ def test_consistent_type_errors():
         decodekit.sample_from_logits(x, 1.0, seed=1, deterministic="no")
     with pytest.raises(ValueError, match="offset"):
         decodekit.sample_from_logits(x, 1.0, generator=torch.Generator(), offset=-1)
+
+
+def test_per_row_top_k_with_disabled_values_chi_square():
+    # Two rows [4, 3, 2, 1]: top_k 2 keeps [0.7311, 0.2689, 0, 0]; the second row's top_k
+    # (-1, 0 or 10) disables the filter: the plain softmax. 100,000 draws per row; p > 1e-4.
+    N = 100_000
+    x = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    for disabled in (-1, 0, 10):
+        logits = x.expand(2 * N, 4)
+        top_k = torch.tensor([2, disabled]).repeat(N)
+        ids = decodekit.sample_from_logits(logits, 1.0, top_k=top_k, seed=torch.arange(2 * N) + disabled * 10**7)
+        row0 = torch.bincount(ids[0::2], minlength=4).double()
+        row1 = torch.bincount(ids[1::2], minlength=4).double()
+        assert row0[2:].sum() == 0
+        e0 = torch.tensor([0.7310585786, 0.2689414214], dtype=torch.float64)
+        e0 = e0 / e0.sum() * N
+        assert scipy_stats.chisquare(row0[:2].numpy(), e0.numpy()).pvalue > 1e-4
+        e1 = torch.softmax(x[0].double(), 0)
+        e1 = e1 / e1.sum() * N
+        assert scipy_stats.chisquare(row1.numpy(), e1.numpy()).pvalue > 1e-4
