@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.decodekit-built
 SOURCES := $(shell find csrc python -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-native clean
 
 setup: $(STAMP_BUILD)
 
@@ -35,6 +35,14 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/sampling.py --json bench/out/sampling.json
+
+# Google Benchmark microbenchmarks of the C++ kernels (needs Debian's libbenchmark-dev).
+bench-native: setup
+	cmake -S . -B build/native -G Ninja -DCMAKE_BUILD_TYPE=Release -DDECODEKIT_NATIVE_BENCH=ON -DDECODEKIT_CUDA=OFF \
+	    -DPython_EXECUTABLE=$(abspath $(PYTHON)) -Dpybind11_DIR=$$($(PYTHON) -m pybind11 --cmakedir) \
+	    -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja)
+	cmake --build build/native --target bench_sampling
+	build/native/bench/native/bench_sampling --benchmark_out=bench/out/native.json --benchmark_out_format=json
 
 clean:
 	rm -rf build $(VENV)

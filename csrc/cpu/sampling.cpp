@@ -272,11 +272,13 @@ RowStats pass_a_probs(const float* row, int64_t V, TopKGather* g, int64_t* npos)
 // exp((x - max) / T), so the top token weighs exactly 1; from probabilities
 // it is the probability itself. Every pass below is written once for both.
 struct LogitWeight {
+  static constexpr bool kIdentity = false;
   float m, inv_t;
   DK_INLINE VF operator()(VF x) const { return exp16((x - splat(m)) * splat(inv_t)); }
   DK_INLINE float operator()(float x) const { return exp_nonpositive((x - m) * inv_t); }
 };
 struct ProbWeight {
+  static constexpr bool kIdentity = true;
   DK_INLINE VF operator()(VF x) const { return x; }
   DK_INLINE float operator()(float x) const { return x; }
 };
@@ -302,32 +304,66 @@ double block_sums(const float* x, int64_t V, const Wt& w, float min_w, double* s
   return total;
 }
 
-// Gathers every token whose weight can put it in the top-p nucleus: weight >
-// bound, where bound = 0.5 (1 - p) W_partial / V only grows as W_partial does
-// (the final test uses the final W, so this gathers a superset). Returns W.
+// Gathers a superset of the top-p nucleus, in two passes and without sorting.
+// Pass 1 computes every weight (kept in ebuf unless the weights are the inputs
+// themselves), the total W in float64 lanes and, in float32 lanes, the mass
+// above four thresholds tau_j = w_max * 16^-(j+1). If the mass above tau_j
+// reaches p W, every nucleus token weighs more than tau_j: the rank-order
+// prefix reaches p W before it goes below tau_j. The float32 masses are
+// discounted by twice their worst relative rounding error (n u for n terms
+// per lane). Otherwise the bound is (1 - p) W / V halved: a token at or below
+// it cannot be in the nucleus, since the mass ranked at or below it would be
+// at most V times its weight. Pass 2 gathers the tokens above the bound.
+// Returns W.
 template <class Wt>
-double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out) {
+double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, Buf<float>& ebuf,
+                      std::vector<Cand>& out) {
   out.clear();
+  constexpr bool kIdentity = Wt::kIdentity;
+  if (!kIdentity) ebuf.resize(V + kLanes);
+  float* e_store = kIdentity ? nullptr : ebuf.data();
   Acc16d acc;
-  double running = w_max;  // the top token alone
-  float bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
+  const float t0 = w_max * 0.0625f, t1 = t0 * 0.0625f, t2 = t1 * 0.0625f, t3 = t2 * 0.0625f;
+  VF m0 = splat(0.0f), m1 = m0, m2 = m0, m3 = m0;
+  const VF zero = splat(0.0f), vt0 = splat(t0), vt1 = splat(t1), vt2 = splat(t2), vt3 = splat(t3);
   for (int64_t c = 0; c < V; c += kLanes) {
     const VF xs = c + kLanes <= V ? load_f32(x + c) : load_tail(x, c, V);
-    const VF e = select(xs > splat(-kInf), w(xs), splat(0.0f));
+    const VF e = select(xs > splat(-kInf), w(xs), zero);
+    if (!kIdentity) store_f32(e_store + c, e);
     acc.add(e);
-    if (any_lane(e > splat(bound))) {
-      float ea[kLanes], xa[kLanes];
+    m0 = m0 + select(e > vt0, e, zero);
+    m1 = m1 + select(e > vt1, e, zero);
+    m2 = m2 + select(e > vt2, e, zero);
+    m3 = m3 + select(e > vt3, e, zero);
+  }
+  const double W = acc.sum();
+  const double lane_terms = static_cast<double>(V / kLanes + 1);
+  const double discount = std::max(0.0, 1.0 - 2.0 * lane_terms * 5.9604644775390625e-08);
+  auto mass = [&](VF v) {
+    float a[kLanes];
+    to_array(v, a);
+    double s = 0.0;
+    for (int j = 0; j < kLanes; ++j) s += static_cast<double>(a[j]);
+    return s * discount;
+  };
+  const double target = p * W;
+  float bound = static_cast<float>(0.5 * (1.0 - p) * W / static_cast<double>(V));
+  if (mass(m0) >= target) bound = std::max(bound, t0);
+  else if (mass(m1) >= target) bound = std::max(bound, t1);
+  else if (mass(m2) >= target) bound = std::max(bound, t2);
+  else if (mass(m3) >= target) bound = std::max(bound, t3);
+  const float* e_src = kIdentity ? x : e_store;
+  const VF vb = splat(bound);
+  for (int64_t c = 0; c < V; c += kLanes) {
+    const VF e = c + kLanes <= V ? load_f32(e_src + c) : load_tail(e_src, c, V);
+    if (any_lane(e > vb)) {
+      float ea[kLanes];
       to_array(e, ea);
-      to_array(xs, xa);
-      for (int j = 0; j < kLanes; ++j)
-        if (ea[j] > bound) out.push_back(Cand{xa[j], ea[j], static_cast<int32_t>(c + j)});
-    }
-    if ((c & (kBlock - 1)) == kBlock - kLanes) {
-      running = std::max(running, acc.sum());
-      bound = static_cast<float>(0.5 * (1.0 - p) * running / static_cast<double>(V));
+      for (int j = 0; j < kLanes && c + j < V; ++j)
+        if (ea[j] > bound) out.push_back(Cand{x[c + j], ea[j], static_cast<int32_t>(c + j)});
     }
   }
-  return acc.sum();
+  return W;
 }
 
 // Inverse CDF over block sums: the first index (ascending) whose running
@@ -441,7 +477,7 @@ struct ChainParams {
 // min-p keeps w >= min_p * w_max, in float32.
 template <class Wt>
 Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const ChainParams& cp, TopKGather& g,
-                 std::vector<Cand>& cands) {
+                 std::vector<Cand>& cands, Buf<float>& ebuf) {
   const float min_w = cp.use_min_p ? cp.min_p * w_max : 0.0f;
   if (!cp.use_k && !cp.use_p) return Kept{true, min_w};
   double stage_total = 0.0;
@@ -453,7 +489,7 @@ Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const Chai
       stage_total += static_cast<double>(c.e);
     }
   } else {
-    stage_total = gather_nucleus(x, V, w, w_max, cp.p, cands);
+    stage_total = gather_nucleus(x, V, w, w_max, cp.p, ebuf, cands);
     // No token with weight <= (1 - p) W / V can be in the nucleus.
     const float bound = static_cast<float>(0.5 * (1.0 - cp.p) * stage_total / static_cast<double>(V));
     cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
@@ -544,6 +580,7 @@ void write_invalid_logprobs(const LogprobRequest& lp, int64_t b) {
 
 struct Scratch {
   Buf<float> xbuf;
+  Buf<float> ebuf;
   std::vector<Cand> cands;
   std::vector<Cand> topn;
   Buf<double> sums;
@@ -562,6 +599,7 @@ constexpr int64_t kKeepScratch = int64_t{1} << 20;
 void trim_scratch() {
   Scratch& s = thread_scratch();
   if (s.xbuf.size() > kKeepScratch) s.xbuf.release();
+  if (s.ebuf.size() > kKeepScratch) s.ebuf.release();
   if (s.sums.size() > kKeepScratch) s.sums.release();
   if (static_cast<int64_t>(s.cands.capacity()) > kKeepScratch) std::vector<Cand>().swap(s.cands);
   if (static_cast<int64_t>(s.topn.capacity()) > kKeepScratch) std::vector<Cand>().swap(s.topn);
@@ -617,7 +655,7 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   if (!greedy) {
     const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
                                      kStreamSample}.uniform_double(0);
-    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands);
+    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands, sc.ebuf);
     token = draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax, &W);
   }
   if (!lp.active()) return token;
@@ -692,7 +730,7 @@ ProbRow prepare_probs_row(const ProbsView& pv, int64_t b, const FilterParams& fp
     r.kept = Kept{false, 0.0f};
     return r;
   }
-  r.kept = apply_chain(r.x, V, ProbWeight{}, r.s.max, cp, g, sc.cands);
+  r.kept = apply_chain(r.x, V, ProbWeight{}, r.s.max, cp, g, sc.cands, sc.ebuf);
   return r;
 }
 
