@@ -1,16 +1,22 @@
-"""Benchmark: decodekit's sampling ops vs the PyTorch recipes users write today.
+"""Benchmark: every decodekit sampling-family op vs the PyTorch recipe users write today.
 
-One run prints, for B in {1, 8, 64} and V in {32000, 49152, 128256}:
-  * sample_from_logits (T 0.7, top_k 50, top_p 0.9) vs the PyTorch recipe
-    (logits / T, torch.topk mask, sort + cumsum top-p mask, softmax, multinomial);
-  * sample_from_logits with top_k off (T 0.7, top_p 0.9) vs the same recipe;
-  * softmax(logits / T) vs torch.softmax(logits / T);
-with the speedup and the fraction of the machine's memory read bandwidth
-(bytes of logits read / time / bandwidth) measured in the same run on buffers
-larger than the last-level cache. Logits come from a rotating pool of cold
-buffers (>= 2x LLC). Median of --reps timed calls.
+One run prints, for B in {1, 8, 64} and V in {32000, 49152, 128256}, our time, the
+recipe's time, the speedup and the fraction of the machine's memory read bandwidth
+(bytes of input read / time / bandwidth) measured in the same run. Inputs come from a
+rotating pool of buffers >= 3x the last-level cache, so every call reads cold memory.
+Median of --reps calls (a quarter as many for the slow recipes). Writes a JSON file
+and a PNG plot of the speedups (one panel per op, speedup vs batch, a line per vocab).
 
-    python bench/sampling.py [--reps 20] [--json bench/out/sampling.json]
+    python bench/sampling.py [--reps 20] [--json bench/out/sampling.json] [--png bench/out/sampling.png]
+
+The recipes (what HF transformers' warpers and common sampling loops do):
+  sample:   logits / T; topk mask; sort + softmax + cumsum top-p mask; softmax; multinomial
+  probs:    topk mask; sort + cumsum top-p mask; renormalise; multinomial
+  filter:   the probs recipe without the draw
+  top_k_mask: torch.topk + masked_fill
+  softmax:  torch.softmax(logits / T)
+  argmax:   torch.argmax
+  penalties: gather / scatter repetition penalty, bincount frequency + presence
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 
 import decodekit
 
-POOL_BYTES = 96 * 2**20  # >= 2x the 32 MiB L3 here
+POOL_BYTES = 96 * 2**20  # 3x the 32 MiB L3 here
 
 
 def read_bandwidth_gbs(reps: int = 9) -> float:
@@ -41,38 +47,125 @@ def read_bandwidth_gbs(reps: int = 9) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def pool(B: int, V: int, dtype=torch.float32):
-    n = max(2, POOL_BYTES // (B * V * torch.finfo(dtype).bits // 8))
+def pool(B: int, V: int, probs: bool = False):
+    n = max(2, min(64, POOL_BYTES // (B * V * 4)))
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(B, V, generator=g) * 4).to(dtype) for _ in range(min(n, 64))]
+    bufs = [torch.randn(B, V, generator=g) * 4 for _ in range(n)]
+    return [torch.softmax(b, dim=-1) for b in bufs] if probs else bufs
 
 
 def timeit(fn, bufs, reps: int) -> float:
-    for i in range(3):
+    for i in range(2):
         fn(bufs[i % len(bufs)])
     times = []
     for i in range(reps):
-        x = bufs[(i + 3) % len(bufs)]
+        x = bufs[(i + 2) % len(bufs)]
         t0 = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def torch_recipe(logits, temperature, top_k, top_p, generator):
-    """The sampling recipe users write in PyTorch today (HF transformers' warpers)."""
-    x = logits / temperature
+# ----------------------------------------------------------------- recipes ----
+def top_p_mask(probs_or_logits, top_p, from_logits: bool):
+    """HF TopPLogitsWarper's mask: ascending sort, cumsum, drop mass <= 1 - p (keep the last)."""
+    sorted_x, idx = torch.sort(probs_or_logits, descending=False, dim=-1)
+    cum = (sorted_x.softmax(dim=-1) if from_logits else sorted_x).cumsum(dim=-1)
+    remove = cum <= 1 - top_p
+    remove[..., -1:] = False
+    return remove.scatter(1, idx, remove)
+
+
+def recipe_sample(logits, T, top_k, top_p, g):
+    x = logits / T
     if top_k > 0:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_x, idx = torch.sort(x, descending=False, dim=-1)
-        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= 1 - top_p
-        remove[..., -1:] = False
-        x = x.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        x = x.masked_fill(top_p_mask(x, top_p, True), float("-inf"))
+    return torch.multinomial(torch.softmax(x, dim=-1), 1, generator=g).squeeze(1)
+
+
+def recipe_filter_probs(probs, top_k, top_p):
+    p = probs
+    if top_k > 0:
+        kth = torch.topk(p, top_k, dim=-1).values[..., -1:]
+        p = p.masked_fill(p < kth, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    if top_p < 1.0:
+        p = p.masked_fill(top_p_mask(p, top_p, False), 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def recipe_penalties(logits, ids, rep, freq, pres):
+    x = logits.clone()
+    score = torch.gather(x, 1, ids)
+    score = torch.where(score < 0, score * rep, score / rep)
+    x.scatter_(1, ids, score)
+    counts = torch.zeros_like(x).scatter_add_(1, ids, torch.ones_like(ids, dtype=x.dtype))
+    return x - freq * counts - pres * (counts > 0)
+
+
+def cases(g):
+    """(name, ours(x), recipe(x), input is probs)."""
+    ids_cache = {}
+
+    def pen_ids(x):
+        key = x.shape
+        if key not in ids_cache:
+            ids_cache[key] = torch.randint(0, x.shape[1], (x.shape[0], 256), generator=torch.Generator().manual_seed(1))
+        return ids_cache[key]
+
+    return [
+        ("sample T0.7 k50 p0.9", lambda x: decodekit.sample_from_logits(x, 0.7, 50, 0.9, seed=1),
+         lambda x: recipe_sample(x, 0.7, 50, 0.9, g), False),
+        ("sample T0.7 p0.9 (no top-k)", lambda x: decodekit.sample_from_logits(x, 0.7, 0, 0.9, seed=1),
+         lambda x: recipe_sample(x, 0.7, 0, 0.9, g), False),
+        ("sample T0.7 (no filter)", lambda x: decodekit.sample_from_logits(x, 0.7, seed=1),
+         lambda x: recipe_sample(x, 0.7, 0, 1.0, g), False),
+        ("sample T0.7 k50 p0.9 fast mode", lambda x: decodekit.sample_from_logits(x, 0.7, 50, 0.9, seed=1,
+                                                                                  deterministic=False),
+         lambda x: recipe_sample(x, 0.7, 50, 0.9, g), False),
+        ("sample_from_probs p0.9", lambda x: decodekit.sample_from_probs(x, 0, 0.9, seed=1),
+         lambda x: torch.multinomial(recipe_filter_probs(x, 0, 0.9), 1, generator=g), True),
+        ("filter_probs k50 p0.9", lambda x: decodekit.filter_probs(x, 50, 0.9),
+         lambda x: recipe_filter_probs(x, 50, 0.9), True),
+        ("top_k_mask_logits k50", lambda x: decodekit.top_k_mask_logits(x, 50),
+         lambda x: x.masked_fill(x < torch.topk(x, 50, dim=-1).values[..., -1:], float("-inf")), False),
+        ("softmax T0.7", lambda x: decodekit.softmax(x, 0.7), lambda x: torch.softmax(x / 0.7, dim=-1), False),
+        ("argmax", lambda x: decodekit.argmax(x), lambda x: torch.argmax(x, dim=-1), False),
+        ("apply_penalties (256 ids)", lambda x: decodekit.apply_penalties(
+            x, repetition_penalty=1.2, frequency_penalty=0.1, presence_penalty=0.1, token_ids=pen_ids(x)),
+         lambda x: recipe_penalties(x, pen_ids(x), 1.2, 0.1, 0.1), False),
+    ]
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r["op"] for r in results))
+    cols = 4
+    rows = (len(ops) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, op in zip(axes.flat, ops):
+        for V in sorted({r["V"] for r in results}):
+            pts = sorted((r["B"], r["speedup"]) for r in results if r["op"] == op and r["V"] == V)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"V={V}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(op, fontsize=9)
+        ax.set_xlabel("batch B")
+        ax.set_ylabel("speedup vs PyTorch recipe")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -80,41 +173,43 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--vocabs", type=int, nargs="+", default=[32000, 49152, 128256])
-    ap.add_argument("--json", default=None, help="write results as JSON to this path")
+    ap.add_argument("--only", default=None, help="run only ops whose name contains this text")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+    ap.add_argument("--png", default=None, help="write a plot of the speedups here (needs matplotlib)")
     args = ap.parse_args()
 
     bw = read_bandwidth_gbs()
-    info = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                threads=torch.get_num_threads(), torch=torch.__version__, read_bandwidth_gbs=bw)
-    print(f"# read bandwidth {bw:.1f} GB/s, {info['threads']} threads, torch {torch.__version__}")
-    print(f"{'case':<34}{'B':>4}{'V':>8}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}{'% bw':>7}")
+    info = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
+                cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                cpu_isa=decodekit._C.cpu_isa(), read_bandwidth_gbs=bw)
+    print(f"# {info['date']}: read bandwidth {bw:.1f} GB/s, {info['threads']} threads, torch {torch.__version__}, "
+          f"kernels {info['cpu_isa']}")
+    print(f"{'op':<34}{'B':>4}{'V':>8}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}{'% bw':>7}")
     g = torch.Generator().manual_seed(1)
     results = []
-    cases = [
-        ("sample T0.7 k50 p0.9", dict(temperature=0.7, top_k=50, top_p=0.9)),
-        ("sample T0.7 p0.9 (no top-k)", dict(temperature=0.7, top_k=0, top_p=0.9)),
-        ("sample T0.7 (no filter)", dict(temperature=0.7, top_k=0, top_p=1.0)),
-    ]
+    all_cases = [c for c in cases(g) if args.only is None or args.only in c[0]]
     for V in args.vocabs:
         for B in args.batches:
-            bufs = pool(B, V)
+            bufs, pbufs = pool(B, V), None
             nbytes = B * V * 4
-            for name, prm in cases:
-                ours = timeit(lambda x: decodekit.sample_from_logits(x, prm["temperature"], prm["top_k"], prm["top_p"], seed=1), bufs, args.reps)
-                ref = timeit(lambda x: torch_recipe(x, prm["temperature"], prm["top_k"], prm["top_p"], g), bufs, max(3, args.reps // 4))
-                results.append(dict(op=name, B=B, V=V, ours_s=ours, torch_s=ref, speedup=ref / ours,
-                                    bw_fraction=nbytes / ours / 1e9 / bw))
-                print(f"{name:<34}{B:>4}{V:>8}{ours*1e3:>10.3f}{ref*1e3:>10.3f}{ref/ours:>8.1f}x{100*nbytes/ours/1e9/bw:>6.1f}%")
-            ours = timeit(lambda x: decodekit.softmax(x, 0.7), bufs, args.reps)
-            ref = timeit(lambda x: torch.softmax(x / 0.7, dim=-1), bufs, args.reps)
-            results.append(dict(op="softmax T0.7", B=B, V=V, ours_s=ours, torch_s=ref, speedup=ref / ours,
-                                bw_fraction=nbytes / ours / 1e9 / bw))
-            print(f"{'softmax T0.7':<34}{B:>4}{V:>8}{ours*1e3:>10.3f}{ref*1e3:>10.3f}{ref/ours:>8.1f}x{100*nbytes/ours/1e9/bw:>6.1f}%")
-            del bufs
+            for name, ours_fn, ref_fn, is_probs in all_cases:
+                if is_probs and pbufs is None:
+                    pbufs = pool(B, V, probs=True)
+                data = pbufs if is_probs else bufs
+                ours = timeit(ours_fn, data, args.reps)
+                ref = timeit(ref_fn, data, max(3, args.reps // 4))
+                frac = nbytes / ours / 1e9 / bw
+                results.append(dict(op=name, B=B, V=V, ours_s=ours, torch_s=ref, speedup=ref / ours, bw_fraction=frac))
+                print(f"{name:<34}{B:>4}{V:>8}{ours * 1e3:>10.3f}{ref * 1e3:>10.3f}{ref / ours:>8.1f}x{100 * frac:>6.1f}%",
+                      flush=True)
+            del bufs, pbufs
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(info=info, results=results), f, indent=1)
+    if args.png:
+        os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
+        plot(results, args.png)
 
 
 if __name__ == "__main__":
