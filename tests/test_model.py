@@ -453,3 +453,16 @@ def test_argument_errors_come_before_loading_the_model(monkeypatch):
 def test_bytes_prompt_is_a_type_error(lm):
     with pytest.raises(TypeError, match="bytes"):
         generate(b"hello", model=lm, max_new_tokens=2, temperature=0)
+
+
+def test_repetition_penalty_changes_greedy_output_and_matches_transformers(lm, hf_model):
+    # Greedy with a repetition penalty: the same tokens as transformers' generate with its
+    # RepetitionPenaltyLogitsProcessor on the same weights.
+    ids = lm.tokenizer.encode("List the numbers: one, two, three,")
+    ours = generate(ids, model=lm, max_new_tokens=16, temperature=0, repetition_penalty=1.3, stop_on_eos=False)
+    plain = generate(ids, model=lm, max_new_tokens=16, temperature=0, stop_on_eos=False)
+    with torch.inference_mode():
+        theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                   repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    assert ours.token_ids == theirs[0, len(ids):].tolist()
+    assert ours.token_ids != plain.token_ids

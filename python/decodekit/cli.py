@@ -41,6 +41,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="use the prompt text as is instead of wrapping it in the chat template")
     p.add_argument("--no-stop", dest="stop_on_eos", action="store_false",
                    help="do not stop at end-of-sequence tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of seen tokens, 1 = off (default 1)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times each generated token's count, 0 = off (default 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from every token generated so far, 0 = off (default 0)")
     p.add_argument("--model", default=None, metavar="PATH.gguf",
                    help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct.Q4_1.gguf)")
 
@@ -74,7 +80,9 @@ def _generate(args: argparse.Namespace) -> int:
         result = generate(args.prompt, model=args.model, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           min_p=args.min_p, seed=args.seed, chat_template=args.chat_template,
-                          stop_on_eos=args.stop_on_eos, stream=write)
+                          stop_on_eos=args.stop_on_eos, stream=write,
+                          repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                          presence_penalty=args.presence_penalty)
     except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
         print(f"decodekit: error: {exc}", file=sys.stderr)
         return 1

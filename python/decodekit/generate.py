@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .models.gguf_loader import LoadedModel, load_model
-from .ops import sample_from_logits
+from .ops import apply_penalties, sample_from_logits
 from .tokenizer import StreamDecoder
 
 __all__ = ["generate", "GenerationResult"]
@@ -89,7 +89,9 @@ class GenerationResult:
 def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.PathLike, LoadedModel] = None,
              max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, seed: Optional[int] = None, chat_template: bool = True,
-             stop_on_eos: bool = True, stream: Optional[Callable[[str], None]] = None) -> GenerationResult:
+             stop_on_eos: bool = True, stream: Optional[Callable[[str], None]] = None,
+             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0) -> GenerationResult:
     """Generate a continuation of ``prompt`` with a Llama-family model, one token at a time.
 
     The prompt is run once (prefill) into a KV cache sized for ``prompt + max_new_tokens``; then
@@ -118,6 +120,10 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
             template with the assistant header appended. When the model has no template the
             text is used as is (with a warning). Ignored for id prompts.
         stop_on_eos: stop after a stop token (it is kept in ``token_ids``, not in ``text``).
+        repetition_penalty, frequency_penalty, presence_penalty: penalties on the tokens seen
+            so far (see :func:`decodekit.apply_penalties`): repetition over prompt and output
+            (as HF transformers counts), frequency and presence over the output only (as the
+            OpenAI API and vLLM count). 1.0 / 0.0 / 0.0 disable (default).
         stream: called with each new piece of text as soon as it is complete; pieces never split
             a UTF-8 character and their concatenation is ``result.text``. Only when generation
             stops in the middle of a character (``max_new_tokens`` reached) do its leftover bytes
@@ -140,6 +146,12 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
         >>> r.text, r.seed, round(r.decode_tokens_per_second)
     """
     _check_arguments(model, max_new_tokens, temperature, top_k, top_p, min_p, seed, stream)
+    for name, value in (("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"generate: {name} must be a finite number, got {value!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"generate: repetition_penalty must be > 0, got {repetition_penalty}")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     prompt_ids = _prompt_ids(lm, prompt, chat_template)
     total = len(prompt_ids) + max_new_tokens
@@ -166,7 +178,16 @@ def generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.Pa
     t0 = time.perf_counter()
     logits = llama.prefill(torch.tensor([prompt_ids], dtype=torch.long), cache)          # [1, V]
     t1 = time.perf_counter()
+    use_rep = repetition_penalty != 1.0
+    use_freq = frequency_penalty != 0.0 or presence_penalty != 0.0
     for step in range(max_new_tokens):
+        if use_rep or use_freq:
+            if use_rep:  # repetition counts every token seen, once; frequency/presence count the output
+                logits = apply_penalties(logits, repetition_penalty=repetition_penalty,
+                                         token_ids=[sorted(set(prompt_ids) | set(token_ids))])
+            if use_freq and token_ids:
+                logits = apply_penalties(logits, frequency_penalty=frequency_penalty,
+                                         presence_penalty=presence_penalty, token_ids=[token_ids])
         token = sample_from_logits(logits, temperature, top_k, top_p, min_p, seed=seed, offset=step)
         token_ids.append(int(token[0]))
         if token_ids[-1] in stop_ids:
