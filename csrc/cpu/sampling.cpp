@@ -901,7 +901,13 @@ void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> top_k, int num_th
   const size_t esize = lv.kind == ScalarKind::kFloat32 ? 4 : 2;
   const uint32_t ninf = lv.kind == ScalarKind::kFloat32 ? 0xFF800000u : (lv.kind == ScalarKind::kFloat16 ? 0xFC00u : 0xFF80u);
   auto fill_ninf = [&](char* dst, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * esize, &ninf, esize);  // little-endian low bytes
+    if (esize == 4) {
+      float v;
+      std::memcpy(&v, &ninf, 4);
+      std::fill(reinterpret_cast<float*>(dst), reinterpret_cast<float*>(dst) + n, v);
+    } else {
+      std::fill(reinterpret_cast<uint16_t*>(dst), reinterpret_cast<uint16_t*>(dst) + n, static_cast<uint16_t>(ninf));
+    }
   };
   for_each_row(lv.batch, num_threads, [&](int64_t b) {
     Scratch& sc = thread_scratch();
