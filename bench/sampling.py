@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only ops whose name contains this text")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     ap.add_argument("--png", default=None, help="write a plot of the speedups here (needs matplotlib)")
+    ap.add_argument("--markdown", default=None, help="also write the results as a Markdown table here")
     args = ap.parse_args()
 
     bw = read_bandwidth_gbs()
@@ -210,6 +211,14 @@ def main() -> None:
     if args.png:
         os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
         plot(results, args.png)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Read bandwidth {bw:.1f} GB/s (torch.sum, 256 MiB, {info['threads']} threads); "
+                    f"torch {torch.__version__}; kernels {info['cpu_isa']}; {info['date']}.\n\n")
+            f.write("| op | B | V | ours ms | torch ms | speedup | % bw |\n|---|---:|---:|---:|---:|---:|---:|\n")
+            for r in results:
+                f.write(f"| {r['op']} | {r['B']} | {r['V']} | {r['ours_s'] * 1e3:.3f} | {r['torch_s'] * 1e3:.3f} | "
+                        f"{r['speedup']:.1f}x | {100 * r['bw_fraction']:.1f}% |\n")
 
 
 if __name__ == "__main__":
