@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kv_cache.h"
 #include "penalties.h"
 #include "sampling.h"
 
@@ -100,6 +101,17 @@ void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> k, int nt, void* 
 
 void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int nt, float* out) {
   DK_DISPATCH(apply_penalties, lv, in, nt, out)
+}
+
+// ------------------------------------------------------------- KV cache ----
+void append_kv_cache(const KVCacheTensors& c, int64_t batch, int64_t max_seq_len, const KVRows& r, int64_t tokens,
+                     const int64_t* seq_lens, int nt) {
+  DK_DISPATCH(append_kv_cache, c, batch, max_seq_len, r, tokens, seq_lens, nt)
+}
+
+void append_paged_kv_cache(const KVCacheTensors& c, int64_t num_blocks, int64_t block_size, const KVRows& r,
+                           const int64_t* slot_mapping, int64_t num_slots, int nt) {
+  DK_DISPATCH(append_paged_kv_cache, c, num_blocks, block_size, r, slot_mapping, num_slots, nt)
 }
 
 }  // namespace cpu

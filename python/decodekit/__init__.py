@@ -4,6 +4,9 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``):
     apply_penalties, softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
     top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits
 
+KV cache (decodekit.kv_cache):
+    append_kv_cache, append_paged_kv_cache, ContiguousKVCache, PagedKVCache, OutOfBlocksError
+
 Decode loop:
     generate (a real model, SmolLM2-135M-Instruct by default)
 """
@@ -22,6 +25,13 @@ from .ops import (
     top_k_renorm_probs,
     top_p_renorm_probs,
 )
+from .kv_cache import (
+    ContiguousKVCache,
+    OutOfBlocksError,
+    PagedKVCache,
+    append_kv_cache,
+    append_paged_kv_cache,
+)
 from .generate import GenerationResult, generate  # model packages load lazily, on first use
 
 __version__ = "0.1.0"
@@ -31,3 +41,4 @@ __all__ = [
     "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
     "generate", "GenerationResult", "__version__",
 ]
+__all__ += ["append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]

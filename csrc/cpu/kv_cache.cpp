@@ -1,0 +1,120 @@
+// CPU kernels of the KV-cache family (see kv_cache.h). Compiled once per
+// instruction set like sampling.cpp (the work is memcpy, so the builds differ
+// only in how the C library copies). Each cache row is written by at most one
+// thread (given distinct slots), so the result never depends on the thread count.
+//
+// Semantics: the contiguous append writes each row's new tokens right after
+// its cached ones (a [B, S_max, H, D] cache indexed by per-row lengths); the
+// paged append scatters token rows to (block, offset) slots of a block pool,
+// as in vLLM's reshape_and_cache and FlashInfer's append_paged_kv_cache.
+#include "kv_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+#ifndef DK_ISA
+#define DK_ISA baseline
+#endif
+
+namespace decodekit {
+namespace cpu {
+namespace DK_ISA {
+namespace {
+
+// Below this many bytes per thread, starting threads costs more than it saves.
+constexpr int64_t kMinBytesPerThread = 32 * 1024;
+
+int threads_for(int64_t items, int64_t bytes, int num_threads) {
+  const int64_t by_bytes = std::max<int64_t>(1, bytes / kMinBytesPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({int64_t{num_threads}, items, by_bytes})));
+}
+
+// Copies n rows of D elements: source rows src_step elements apart (starting at
+// element src_off), destination rows dst_step elements apart (starting at
+// dst_off). One memcpy when both sides hold the n rows back to back.
+inline void copy_rows(void* dst, int64_t dst_off, int64_t dst_step, const void* src, int64_t src_off,
+                      int64_t src_step, int64_t n, int64_t D, int64_t es) {
+  char* d = static_cast<char*>(dst) + dst_off * es;
+  const char* s = static_cast<const char*>(src) + src_off * es;
+  const size_t row = static_cast<size_t>(D * es);
+  if (n == 1 || (dst_step == D && src_step == D)) {
+    std::memcpy(d, s, row * static_cast<size_t>(n));
+  } else {
+    for (int64_t j = 0; j < n; ++j) std::memcpy(d + j * dst_step * es, s + j * src_step * es, row);
+  }
+}
+
+}  // namespace
+
+void append_kv_cache(const KVCacheTensors& c, int64_t batch, int64_t max_seq_len, const KVRows& r, int64_t tokens,
+                     const int64_t* seq_lens, int num_threads) {
+  const int64_t H = c.num_heads, D = c.head_dim, S = max_seq_len, es = c.elem_size;
+  if (batch <= 0 || tokens <= 0 || H <= 0 || D <= 0 || S <= 0) return;
+  const int64_t bytes = batch * tokens * 2 * H * D * es;
+  if (c.layout == KVLayout::kNHD) {
+    // One item per (b, t): the H rows of a position are back to back in the cache.
+    const int64_t items = batch * tokens;
+    const int nt = threads_for(items, bytes, num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t b = i / tokens, t = i % tokens;
+      const int64_t s = seq_lens[b];
+      if (s < 0 || s >= S || t >= S - s) continue;  // past the cache: skipped, never written
+      const int64_t dst = (b * S + s + t) * H * D;
+      copy_rows(c.k, dst, D, r.key, b * r.key_stride_b + t * r.key_stride_t, r.key_stride_h, H, D, es);
+      copy_rows(c.v, dst, D, r.value, b * r.value_stride_b + t * r.value_stride_t, r.value_stride_h, H, D, es);
+    }
+  } else {
+    // One item per (b, h): the new positions of a head are back to back in the cache, so
+    // each thread writes one run of memory.
+    const int64_t items = batch * H;
+    const int nt = threads_for(items, bytes, num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const int64_t s = seq_lens[b];
+      if (s < 0 || s >= S) continue;
+      const int64_t n = std::min(tokens, S - s);  // positions past the cache are skipped
+      const int64_t dst = ((b * H + h) * S + s) * D;
+      copy_rows(c.k, dst, D, r.key, b * r.key_stride_b + h * r.key_stride_h, r.key_stride_t, n, D, es);
+      copy_rows(c.v, dst, D, r.value, b * r.value_stride_b + h * r.value_stride_h, r.value_stride_t, n, D, es);
+    }
+  }
+}
+
+void append_paged_kv_cache(const KVCacheTensors& c, int64_t num_blocks, int64_t block_size, const KVRows& r,
+                           const int64_t* slot_mapping, int64_t num_slots, int num_threads) {
+  const int64_t H = c.num_heads, D = c.head_dim, bs = block_size, es = c.elem_size;
+  if (num_slots <= 0 || num_blocks <= 0 || bs <= 0 || H <= 0 || D <= 0) return;
+  const int64_t total = num_blocks * bs;
+  const int64_t bytes = num_slots * 2 * H * D * es;
+  if (c.layout == KVLayout::kNHD) {
+    // One item per row: a slot's H rows are back to back in the cache.
+    const int nt = threads_for(num_slots, bytes, num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < num_slots; ++i) {
+      const int64_t slot = slot_mapping[i];
+      if (slot < 0 || slot >= total) continue;  // padding, or outside the pool: skipped
+      copy_rows(c.k, slot * H * D, D, r.key, i * r.key_stride_t, r.key_stride_h, H, D, es);
+      copy_rows(c.v, slot * H * D, D, r.value, i * r.value_stride_t, r.value_stride_h, H, D, es);
+    }
+  } else {
+    // One item per (h, row), head-major: consecutive slots of a block are consecutive
+    // rows of a head in the cache, so each thread writes runs of memory.
+    const int64_t items = H * num_slots;
+    const int nt = threads_for(items, bytes, num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t j = 0; j < items; ++j) {
+      const int64_t h = j / num_slots, i = j % num_slots;
+      const int64_t slot = slot_mapping[i];
+      if (slot < 0 || slot >= total) continue;
+      const int64_t dst = (((slot / bs) * H + h) * bs + slot % bs) * D;
+      copy_rows(c.k, dst, D, r.key, i * r.key_stride_t + h * r.key_stride_h, 0, 1, D, es);
+      copy_rows(c.v, dst, D, r.value, i * r.value_stride_t + h * r.value_stride_h, 0, 1, D, es);
+    }
+  }
+}
+
+}  // namespace DK_ISA
+}  // namespace cpu
+}  // namespace decodekit
