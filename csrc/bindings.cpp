@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cpu/kv_cache.h"
+#include "cpu/linear.h"
 #include "cpu/penalties.h"
 #include "cpu/sampling.h"
 #include "decodekit/philox.h"
@@ -267,6 +268,29 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
   return out;
 }
 
+// ------------------------------------------------------------- linear ----
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "decodekit: linear wants x [M, K] and weight [N, K] with the same K, got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "decodekit: linear is float32");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "decodekit: x rows must be contiguous");
+  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1, "decodekit: weight rows must be contiguous");
+  TORCH_CHECK(weight.device() == x.device(), "decodekit: weight is on ", weight.device(), ", x on ", x.device());
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == at::kFloat &&
+                    bias->is_contiguous() && bias->device() == x.device(),
+                "decodekit: bias must be a contiguous float32 [N] tensor on x's device");
+    b = bias->data_ptr<float>();
+  }
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.size(0) == 0 || weight.size(0) == 0) return y;
+  dk::cpu::linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(), weight.size(0),
+                  weight.stride(0), b, y.data_ptr<float>(), y.stride(0), at::get_num_threads());
+  return y;
+}
+
 // ----------------------------------------------------- Meta (fake) ops ----
 // The dispatcher picks these when any tensor argument is on the meta device.
 // Shape inference only makes sense when the main input is on meta too; a
@@ -459,6 +483,12 @@ void append_paged_kv_cache_meta(const at::Tensor& k_cache, const at::Tensor& v_c
   check_paged_append(key, slot_mapping);
 }
 
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>&) {
+  require_meta(x, "x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decodekit: linear shape mismatch");
+  return at::empty({x.size(0), weight.size(0)}, x.options());
+}
+
 }  // namespace
 
 // ------------------------------------------------------------- schemas ----
@@ -483,6 +513,7 @@ TORCH_LIBRARY(decodekit, m) {
         "Tensor? token_ids, Tensor? token_counts, Tensor? logit_bias, Tensor? bias_ids, Tensor? bias_values, "
         "Tensor? mask, bool mask_allows, int vocab_size) -> Tensor");
   // KV cache: write new keys/values into the caches in place.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("append_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor seq_lens, "
         "str kv_layout) -> ()");
   m.def("append_paged_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, "
@@ -497,6 +528,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("filter_probs", &filter_probs_cpu);
   m.impl("top_k_mask_logits", &top_k_mask_logits_cpu);
   m.impl("apply_penalties", &apply_penalties_cpu);
+  m.impl("linear", &linear_cpu);
   m.impl("append_kv_cache", &append_kv_cache_cpu);
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_cpu);
 }
@@ -509,6 +541,7 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("filter_probs", &filter_probs_meta);
   m.impl("top_k_mask_logits", &top_k_mask_logits_meta);
   m.impl("apply_penalties", &apply_penalties_meta);
+  m.impl("linear", &linear_meta);
   m.impl("append_kv_cache", &append_kv_cache_meta);
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_meta);
 }

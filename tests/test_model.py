@@ -128,7 +128,15 @@ def test_logits_match_transformers(lm, hf_model, chat_ids):
     cache = lm.model.new_cache(1, len(chat_ids))
     ours = lm.model.forward(ids, cache, all_logits=True)[0]
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
-    assert (ours - expected).abs().max().item() <= 1e-4
+    # Our batch-invariant linear sums in another order than torch's GEMM: logits of
+    # magnitude ~20 after 30 layers differ by float32 rounding (a few 1e-4), not more.
+    assert (ours - expected).abs().max().item() <= 1e-3
+    lm.model.deterministic = False  # torch's own GEMM: the same operations as transformers
+    try:
+        plain = lm.model.forward(ids, lm.model.new_cache(1, len(chat_ids)), all_logits=True)[0]
+    finally:
+        lm.model.deterministic = True
+    assert (plain - expected).abs().max().item() <= 1e-4
 
 
 def test_kv_cache_steps_match_full_forward(lm, chat_ids):
@@ -466,3 +474,14 @@ def test_repetition_penalty_changes_greedy_output_and_matches_transformers(lm, h
                                    repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
     assert ours.token_ids == theirs[0, len(ids):].tolist()
     assert ours.token_ids != plain.token_ids
+
+
+def test_deterministic_model_rows_do_not_depend_on_batch(lm, chat_ids):
+    # With decodekit.linear the same prompt gives bit-identical logits alone and as one
+    # row of a batch of 3 (different neighbours), in deterministic mode.
+    ids = torch.tensor([chat_ids])
+    alone = lm.model.forward(ids, lm.model.new_cache(1, len(chat_ids)))[0]
+    other = torch.tensor([list(reversed(chat_ids)), [5] * len(chat_ids)])
+    batch = torch.cat([other[:1], ids, other[1:]])
+    together = lm.model.forward(batch, lm.model.new_cache(3, len(chat_ids)))[1]
+    assert torch.equal(alone, together)

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kv_cache.h"
+#include "linear.h"
 #include "penalties.h"
 #include "sampling.h"
 
@@ -101,6 +102,11 @@ void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> k, int nt, void* 
 
 void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int nt, float* out) {
   DK_DISPATCH(apply_penalties, lv, in, nt, out)
+}
+
+void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
+            const float* bias, float* y, int64_t ldy, int nt) {
+  DK_DISPATCH(linear, x, M, K, ldx, w, N, ldw, bias, y, ldy, nt)
 }
 
 // ------------------------------------------------------------- KV cache ----

@@ -2,7 +2,8 @@
 
 Ops (validated wrappers of ``torch.ops.decodekit.*``):
     apply_penalties, softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
-    top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits
+    top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits,
+    linear (batch-invariant x @ W.T + b)
 
 KV cache (decodekit.kv_cache):
     append_kv_cache, append_paged_kv_cache, ContiguousKVCache, PagedKVCache, OutOfBlocksError
@@ -17,6 +18,7 @@ from .ops import (
     apply_penalties,
     argmax,
     filter_probs,
+    linear,
     min_p_renorm_probs,
     sample_from_logits,
     sample_from_probs,
@@ -38,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SamplingOutput", "apply_penalties", "argmax", "softmax", "sample_from_logits", "sample_from_probs", "filter_probs",
-    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
+    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits", "linear",
     "generate", "GenerationResult", "__version__",
 ]
 __all__ += ["append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]

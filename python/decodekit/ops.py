@@ -24,7 +24,7 @@ from ._loader import HAS_CUDA_OPS, ops
 
 __all__ = [
     "SamplingOutput", "apply_penalties", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
-    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits",
+    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits", "linear",
 ]
 
 Number = Union[int, float]
@@ -844,3 +844,57 @@ def apply_penalties(
 
 _PENALTY_KEYS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "token_ids", "token_counts",
                  "logit_bias", "allowed_token_ids", "banned_token_ids")
+
+
+# ------------------------------------------------------------------ linear ----
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Batch-invariant ``x @ weight.T + bias``: each output row is bit-identical whatever M is.
+
+    The stock CPU GEMM picks its blocking of the inner dimension from the problem size,
+    so a row's result changes with the number of rows in the call; batched decoding and
+    speculative verification (M = K + 1 rows) then cannot reproduce one-row decoding.
+    Here every output element is the same sequence of fused multiply-adds over K
+    (16 lanes, lane j takes k = j mod 16 in ascending k, lanes combined in a fixed tree),
+    with tiles over M and N only; the result is also the same on every thread count and
+    instruction set.
+
+    Args:
+        x: ``[..., K]`` float32 on the CPU (leading dimensions are flattened into M).
+        weight: ``[N, K]`` float32 (rows contiguous).
+        bias: ``[N]`` float32 or None.
+
+    Returns:
+        ``[..., N]`` float32.
+
+    Raises:
+        TypeError: a non-float32 or non-tensor argument.
+        ValueError: mismatched K, wrong ranks, or a device other than the CPU.
+
+    Source: a plain tiled dot-product kernel (4 x 4 output tiles of 16-lane
+    accumulators), written for batch invariance rather than peak FLOPs; at the small M
+    of decoding it is memory-bound on the weights like any GEMM.
+    """
+    op = "linear"
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32, got {t.dtype}")
+        if t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{op}: {name} is on {t.device}; this op has kernels for: CPU")
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{op}: x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.size(-1) != weight.size(1):
+        raise ValueError(f"{op}: x has K={x.size(-1)} but weight has K={weight.size(1)} (weight is [N, K])")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32:
+            raise TypeError(f"{op}: bias must be a float32 tensor or None")
+        if tuple(bias.shape) != (weight.size(0),):
+            raise ValueError(f"{op}: bias must be [N={weight.size(0)}], got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = ops.linear(x2.detach(), w.detach(), None if bias is None else bias.detach().contiguous())
+    return y.reshape(*lead, weight.size(0))

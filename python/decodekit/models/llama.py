@@ -27,6 +27,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops import linear as _dk_linear
+
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "KVCache", "LlamaModel",
            "rms_norm", "rope_cos_sin", "apply_rope"]
 
@@ -267,6 +269,7 @@ class LlamaModel:
         self.lm_head = self.embed if weights.lm_head is None else weights.lm_head.contiguous()
         self.norm = weights.norm.contiguous()
         self.blocks = [_Block(layer) for layer in weights.layers]
+        self.deterministic = True
 
     @property
     def device(self) -> torch.device:
@@ -299,7 +302,14 @@ class LlamaModel:
                        dtype=self.dtype, device=self.device)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``."""
+        """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``.
+
+        In deterministic mode (``self.deterministic``, the default) float32 CPU products go
+        through :func:`decodekit.linear`, whose rows are bit-identical whatever the number of
+        rows in the call; otherwise ``torch.nn.functional.linear``.
+        """
+        if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
+            return _dk_linear(x, weight)
         return F.linear(x, weight)
 
     @torch.inference_mode()
