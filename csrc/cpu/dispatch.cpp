@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kv_cache.h"
+#include "attention.h"
 #include "linear.h"
 #include "penalties.h"
 #include "sampling.h"
@@ -102,6 +103,11 @@ void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> k, int nt, void* 
 
 void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int nt, float* out) {
   DK_DISPATCH(apply_penalties, lv, in, nt, out)
+}
+
+void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* tables,
+                     int64_t max_blocks, const int64_t* seq_lens, float scale, int nt, float* out) {
+  DK_DISPATCH(paged_attention, q, B, Q, Hq, kv, tables, max_blocks, seq_lens, scale, nt, out)
 }
 
 void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,

@@ -1,0 +1,153 @@
+// Paged decode attention on the CPU (see attention.h). Compiled once per
+// instruction set; all builds give the same bits.
+//
+// One task per (sequence, KV head): every query row that reads this KV head
+// (the group's query heads times the Q new tokens) walks its own positions in
+// tiles of 16 aligned at position 0: scores by 16-lane FMA dot products with a
+// fixed tree, the tile max, one rescale of the running sum and accumulator
+// (online softmax, Milakov & Gimelshein 2018; Dao et al., FlashAttention,
+// 2022), exp by our own polynomial, then the weighted value rows added in
+// position order. The operations for a query row depend only on that row's
+// query and cached keys/values, so its result is the same for any B and Q.
+#include "attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "decodekit/math.h"
+#include "vec.h"
+
+#ifndef DK_ISA
+#define DK_ISA baseline
+#endif
+
+namespace decodekit {
+namespace cpu {
+namespace DK_ISA {
+namespace {
+
+constexpr int kL = 16;
+constexpr int kTile = 16;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// A row of D elements of the cache as float32, zero-padded to Dp (a multiple of 16).
+void load_row(const PagedKV& kv, const void* base, int64_t elem, int64_t D, float* dst, int64_t Dp) {
+  if (kv.kind == ScalarKind::kFloat32) {
+    std::memcpy(dst, static_cast<const float*>(base) + elem, static_cast<size_t>(D) * sizeof(float));
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + elem;
+    if (kv.kind == ScalarKind::kFloat16)
+      for (int64_t d = 0; d < D; ++d) dst[d] = half_bits_to_float(s[d]);
+    else
+      for (int64_t d = 0; d < D; ++d) dst[d] = bf16_bits_to_float(s[d]);
+  }
+  for (int64_t d = D; d < Dp; ++d) dst[d] = 0.0f;
+}
+
+DK_VINLINE float tree_sum(VF v) {
+  float s[kL];
+  to_array(v, s);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) s[j] += s[j + w];
+  return s[0];
+}
+
+DK_VINLINE float dot(const float* a, const float* b, int64_t Dp) {
+  VF acc = splat(0.0f);
+  for (int64_t d = 0; d < Dp; d += kL) acc = fma16(load_f32(a + d), load_f32(b + d), acc);
+  return tree_sum(acc);
+}
+
+struct RowState {
+  float m = -kInf;  // running max of the scores
+  float l = 0.0f;   // running sum of exp(score - m)
+};
+
+void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* table, int64_t max_blocks,
+                  int64_t n, int64_t kvh, float scale, float* out) {
+  const int64_t D = kv.head_dim, Dp = (D + kL - 1) / kL * kL;
+  const int64_t group = Hq / kv.num_kv_heads;
+  const int64_t rows = Q * group;  // query rows reading this KV head
+  std::vector<float> qbuf(static_cast<size_t>(rows * Dp), 0.0f), acc(static_cast<size_t>(rows * Dp), 0.0f);
+  std::vector<float> kt(static_cast<size_t>(kTile * Dp)), vt(static_cast<size_t>(kTile * Dp));
+  std::vector<RowState> st(static_cast<size_t>(rows));
+  std::vector<int64_t> last(static_cast<size_t>(rows));  // last position each row attends to
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = i * group + g, h = kvh * group + g;
+      std::memcpy(&qbuf[r * Dp], q + (i * Hq + h) * D, static_cast<size_t>(D) * sizeof(float));
+      last[r] = n - Q + i;
+    }
+  const int64_t end = n;  // positions [0, n)
+  for (int64_t t0 = 0; t0 < end; t0 += kTile) {
+    const int64_t cnt = std::min<int64_t>(kTile, end - t0);
+    bool present[kTile];
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t pos = t0 + j, blk_idx = pos / kv.block_size, off = pos % kv.block_size;
+      const int64_t blk = blk_idx < max_blocks ? table[blk_idx] : -1;
+      present[j] = blk >= 0 && blk < kv.num_blocks;
+      if (!present[j]) continue;
+      const int64_t elem = kv.hnd ? ((blk * kv.num_kv_heads + kvh) * kv.block_size + off) * D
+                                  : ((blk * kv.block_size + off) * kv.num_kv_heads + kvh) * D;
+      load_row(kv, kv.k, elem, D, &kt[j * Dp], Dp);
+      load_row(kv, kv.v, elem, D, &vt[j * Dp], Dp);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t upto = std::min<int64_t>(cnt, last[r] - t0 + 1);  // positions of this tile the row sees
+      if (upto <= 0) continue;
+      float s[kTile];
+      for (int j = 0; j < kTile; ++j) s[j] = -kInf;
+      for (int64_t j = 0; j < upto; ++j)
+        if (present[j]) s[j] = dot(&qbuf[r * Dp], &kt[j * Dp], Dp) * scale;
+      float tmax = -kInf;
+      for (int j = 0; j < kTile; ++j) tmax = s[j] > tmax ? s[j] : tmax;
+      if (tmax == -kInf) continue;  // nothing readable in this tile
+      RowState& rs = st[r];
+      const float m_new = rs.m > tmax ? rs.m : tmax;
+      const float alpha = exp_nonpositive(rs.m - m_new);  // exp(-inf) = 0 on the first tile
+      const VF p = exp16(load_f32(s) - splat(m_new));
+      float pa[kTile];
+      to_array(p, pa);
+      rs.l = rs.l * alpha + tree_sum(p);
+      rs.m = m_new;
+      float* a = &acc[r * Dp];
+      const VF va = splat(alpha);
+      for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, load_f32(a + d) * va);
+      for (int64_t j = 0; j < upto; ++j) {
+        if (!present[j]) continue;
+        const VF pj = splat(pa[j]);
+        for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, fma16(pj, load_f32(&vt[j * Dp + d]), load_f32(a + d)));
+      }
+    }
+  }
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = i * group + g, h = kvh * group + g;
+      float* o = out + (i * Hq + h) * D;
+      const float inv = st[r].l > 0.0f ? 1.0f / st[r].l : 0.0f;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[r * Dp + d] * inv;
+    }
+}
+
+}  // namespace
+
+void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
+                     const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
+                     int num_threads, float* out) {
+  const int64_t tasks = B * kv.num_kv_heads;
+  const int64_t D = kv.head_dim;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
+    const int64_t n = std::max<int64_t>(0, seq_lens[b]);
+    attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, scale,
+                 out + b * Q * Hq * D);
+  }
+}
+
+}  // namespace DK_ISA
+}  // namespace cpu
+}  // namespace decodekit
