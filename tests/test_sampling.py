@@ -419,6 +419,12 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for k, p, mp in [(0, 1.0, 0.0), (40, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.05), (300, 0.95, 0.01)]:
         out = decodekit.sample_from_logits(x, temps, k, p, mp, seed=torch.arange(16) * 977, return_valid=True)
         h.update(out.token_ids.numpy().tobytes())
+w = torch.randn(37, 150, generator=g)
+h.update(decodekit.linear(torch.randn(5, 150, generator=g), w, torch.randn(37, generator=g)).numpy().tobytes())
+from decodekit.attention import paged_attention
+k = torch.randn(12, 16, 2, 64, generator=g); v = torch.randn(12, 16, 2, 64, generator=g)
+tables = torch.arange(12).reshape(2, 6); lens = torch.tensor([70, 33])
+h.update(paged_attention(torch.randn(2, 3, 6, 64, generator=g), k, v, tables, lens).numpy().tobytes())
 print(_C.cpu_isa(), h.hexdigest())
 """
 

@@ -46,18 +46,27 @@ void load_row(const PagedKV& kv, const void* base, int64_t elem, int64_t D, floa
   for (int64_t d = D; d < Dp; ++d) dst[d] = 0.0f;
 }
 
-DK_VINLINE float tree_sum(VF v) {
-  float s[kL];
-  to_array(v, s);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) s[j] += s[j + w];
-  return s[0];
-}
+DK_VINLINE float tree_sum(VF v) { return tree_sum16(v); }
 
 DK_VINLINE float dot(const float* a, const float* b, int64_t Dp) {
   VF acc = splat(0.0f);
   for (int64_t d = 0; d < Dp; d += kL) acc = fma16(load_f32(a + d), load_f32(b + d), acc);
   return tree_sum(acc);
+}
+
+// acc = acc * alpha + sum_j p_j v_j with the accumulator of NV vectors held in
+// registers across the tile (the same operations as the in-memory loop).
+template <int NV>
+DK_VINLINE void accumulate(float* a, float alpha, int64_t upto, const bool* present, const float* pa,
+                           const float* const* vp) {
+  VF ar[NV];
+  for (int c = 0; c < NV; ++c) ar[c] = load_f32(a + c * kL) * splat(alpha);
+  for (int64_t j = 0; j < upto; ++j) {
+    if (!present[j]) continue;
+    const VF pj = splat(pa[j]);
+    for (int c = 0; c < NV; ++c) ar[c] = fma16(pj, load_f32(vp[j] + c * kL), ar[c]);
+  }
+  for (int c = 0; c < NV; ++c) store_f32(a + c * kL, ar[c]);
 }
 
 struct RowState {
@@ -72,6 +81,10 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   const int64_t rows = Q * group;  // query rows reading this KV head
   std::vector<float> qbuf(static_cast<size_t>(rows * Dp), 0.0f), acc(static_cast<size_t>(rows * Dp), 0.0f);
   std::vector<float> kt(static_cast<size_t>(kTile * Dp)), vt(static_cast<size_t>(kTile * Dp));
+  // float32 caches with D a multiple of 16 are read in place; others are converted per tile.
+  const bool direct = kv.kind == ScalarKind::kFloat32 && Dp == D;
+  const float* kp[kTile];
+  const float* vp[kTile];
   std::vector<RowState> st(static_cast<size_t>(rows));
   std::vector<int64_t> last(static_cast<size_t>(rows));  // last position each row attends to
   for (int64_t i = 0; i < Q; ++i)
@@ -91,8 +104,15 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       if (!present[j]) continue;
       const int64_t elem = kv.hnd ? ((blk * kv.num_kv_heads + kvh) * kv.block_size + off) * D
                                   : ((blk * kv.block_size + off) * kv.num_kv_heads + kvh) * D;
-      load_row(kv, kv.k, elem, D, &kt[j * Dp], Dp);
-      load_row(kv, kv.v, elem, D, &vt[j * Dp], Dp);
+      if (direct) {
+        kp[j] = static_cast<const float*>(kv.k) + elem;
+        vp[j] = static_cast<const float*>(kv.v) + elem;
+      } else {
+        load_row(kv, kv.k, elem, D, &kt[j * Dp], Dp);
+        load_row(kv, kv.v, elem, D, &vt[j * Dp], Dp);
+        kp[j] = &kt[j * Dp];
+        vp[j] = &vt[j * Dp];
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t upto = std::min<int64_t>(cnt, last[r] - t0 + 1);  // positions of this tile the row sees
@@ -100,7 +120,7 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       float s[kTile];
       for (int j = 0; j < kTile; ++j) s[j] = -kInf;
       for (int64_t j = 0; j < upto; ++j)
-        if (present[j]) s[j] = dot(&qbuf[r * Dp], &kt[j * Dp], Dp) * scale;
+        if (present[j]) s[j] = dot(&qbuf[r * Dp], kp[j], Dp) * scale;
       float tmax = -kInf;
       for (int j = 0; j < kTile; ++j) tmax = s[j] > tmax ? s[j] : tmax;
       if (tmax == -kInf) continue;  // nothing readable in this tile
@@ -113,12 +133,20 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       rs.l = rs.l * alpha + tree_sum(p);
       rs.m = m_new;
       float* a = &acc[r * Dp];
-      const VF va = splat(alpha);
-      for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, load_f32(a + d) * va);
-      for (int64_t j = 0; j < upto; ++j) {
-        if (!present[j]) continue;
-        const VF pj = splat(pa[j]);
-        for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, fma16(pj, load_f32(&vt[j * Dp + d]), load_f32(a + d)));
+      if (Dp == 64) {
+        accumulate<4>(a, alpha, upto, present, pa, vp);
+      } else if (Dp == 128) {
+        accumulate<8>(a, alpha, upto, present, pa, vp);
+      } else if (Dp == 32) {
+        accumulate<2>(a, alpha, upto, present, pa, vp);
+      } else {
+        const VF va = splat(alpha);
+        for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, load_f32(a + d) * va);
+        for (int64_t j = 0; j < upto; ++j) {
+          if (!present[j]) continue;
+          const VF pj = splat(pa[j]);
+          for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, fma16(pj, load_f32(vp[j] + d), load_f32(a + d)));
+        }
       }
     }
   }

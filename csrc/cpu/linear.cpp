@@ -27,13 +27,7 @@ constexpr int kL = 16;
 constexpr int kTileN = 4;
 constexpr int kTileM = 4;
 
-DK_VINLINE float tree_sum(VF v) {
-  float s[kL];
-  to_array(v, s);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) s[j] += s[j + w];
-  return s[0];
-}
+DK_VINLINE float tree_sum(VF v) { return tree_sum16(v); }
 
 // The tail of K (K mod 16 elements) is zero-padded into full vectors, so the
 // operation sequence is the same for every row.

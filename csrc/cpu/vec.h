@@ -184,6 +184,31 @@ DK_VINLINE VF exp16(VF x) {
   return select(in_range, y * scale, splat(0.0f));
 }
 
+// Sum of the 16 lanes in a fixed tree: lane j += lane j + 8, then + 4, + 2, + 1
+// (the same pairs in every build, so the same bits).
+DK_VINLINE float tree_sum16(VF v) {
+#if defined(__AVX512F__)
+  const __m512 x = (__m512)v.p[0];
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  const __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
+  return _mm_cvtss_f32(d);
+#elif defined(__AVX__)
+  const __m256 a = _mm256_add_ps((__m256)v.p[0], (__m256)v.p[1]);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  const __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
+  return _mm_cvtss_f32(d);
+#else
+  float s[16];
+  to_array(v, s);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) s[j] += s[j + w];
+  return s[0];
+#endif
+}
+
 // 16 float64 lanes (lane j accumulates the j-th float lane of every add).
 struct Acc16d {
 #if defined(__AVX512F__)
