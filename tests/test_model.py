@@ -21,7 +21,7 @@ import torch
 from decodekit.generate import GenerationResult, generate
 from decodekit.models import gguf_loader
 from decodekit.models.gguf_loader import default_model_path, load_model, unpermute_rope_rows
-from decodekit.models.llama import apply_rope, rms_norm, rope_cos_sin
+from decodekit.models.llama import apply_rope, rms_norm, rope_cos_sin, rope_table
 from decodekit.tokenizer import StreamDecoder, Tokenizer, byte_to_unicode
 
 CHAT_PROMPT = "Write a short poem about the sea."
@@ -485,3 +485,16 @@ def test_deterministic_model_rows_do_not_depend_on_batch(lm, chat_ids):
     batch = torch.cat([other[:1], ids, other[1:]])
     together = lm.model.forward(batch, lm.model.new_cache(3, len(chat_ids)))[1]
     assert torch.equal(alone, together)
+
+
+def test_rope_table_matches_rope_cos_sin():
+    # The table used by the paged path: the same float32 angles, cos/sin rounded from float64,
+    # so within one float32 ulp of rope_cos_sin and exactly what float64 gives.
+    cos_t, sin_t = rope_table(300, 64, 100000.0)
+    cos, sin = rope_cos_sin(torch.arange(300), 64, 100000.0)
+    assert cos_t.shape == (300, 64) and cos_t.dtype == torch.float32
+    torch.testing.assert_close(cos_t, cos, rtol=0, atol=2e-7)
+    torch.testing.assert_close(sin_t, sin, rtol=0, atol=2e-7)
+    angles = torch.arange(300).float()[:, None] * (1.0 / 100000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    assert torch.equal(cos_t[:, :32], angles.double().cos().float())
+    assert torch.equal(cos_t[:, 32:], cos_t[:, :32]) and torch.equal(sin_t[7, :32], angles[7].double().sin().float())

@@ -2,6 +2,10 @@
 
 Generated text streams to stdout as it is produced; a one-line summary (prompt tokens, new
 tokens, tokens/s, seed) goes to stderr, so stdout holds only the text.
+
+``--prompt`` given several times generates the prompts as one batch: each result is printed
+to stdout after a header line ``=== [i] <prompt> ===`` once all are done, each summary goes to
+stderr, followed by one line with the decode throughput of the whole batch.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``decodekit generate`` to ``p``."""
-    p.add_argument("--prompt", default=DEFAULT_PROMPT,
-                   help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"prompt text (default: {DEFAULT_PROMPT!r}); give it several times to "
+                        "generate a batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = off (default 0.9)")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p threshold, 0 = off (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--seed", type=int, action="append", default=None,
+                   help="random seed (default: random, printed); once for every prompt, or once per --prompt")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="use the prompt text as is instead of wrapping it in the chat template")
     p.add_argument("--no-stop", dest="stop_on_eos", action="store_false",
@@ -72,21 +78,44 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    seeds = args.seed
+    if seeds is not None and len(seeds) == 1:
+        seeds = seeds[0]
+    elif seeds is not None and len(seeds) != len(prompts):
+        print(f"decodekit: error: --seed given {len(seeds)} times for {len(prompts)} prompts "
+              "(give it once, or once per --prompt)", file=sys.stderr)
+        return 1
+    batched = len(prompts) > 1
+
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     try:
-        result = generate(args.prompt, model=args.model, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, seed=args.seed, chat_template=args.chat_template,
-                          stop_on_eos=args.stop_on_eos, stream=write,
+        result = generate(prompts if batched else prompts[0], model=args.model,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seeds,
+                          chat_template=args.chat_template, stop_on_eos=args.stop_on_eos,
+                          stream=None if batched else write,
                           repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                           presence_penalty=args.presence_penalty)
     except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
         print(f"decodekit: error: {exc}", file=sys.stderr)
         return 1
-    if not result.text.endswith("\n"):
-        write("\n")
-    print(f"[decodekit] {result.model_name}: {result.summary()}", file=sys.stderr, flush=True)
+    if not batched:
+        if not result.text.endswith("\n"):
+            write("\n")
+        print(f"[decodekit] {result.model_name}: {result.summary()}", file=sys.stderr, flush=True)
+        return 0
+    for i, (prompt, r) in enumerate(zip(prompts, result)):
+        title = " ".join(prompt.split())
+        title = title if len(title) <= 60 else title[:57] + "..."
+        write(f"=== [{i}] {title} ===\n{r.text}{'' if r.text.endswith(chr(10)) else chr(10)}")
+        print(f"[decodekit] [{i}] {r.model_name}: {r.summary()}", file=sys.stderr, flush=True)
+    steps = sum(r.decode_steps for r in result)
+    seconds = max(r.decode_seconds for r in result)
+    rate = steps / seconds if steps and seconds > 0 else 0.0
+    print(f"[decodekit] batch of {len(result)}: {sum(r.new_tokens for r in result)} new tokens, "
+          f"decode: {rate:.1f} tokens/s (all requests)", file=sys.stderr, flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""A compact Llama-family decoder in plain PyTorch, float32, with a contiguous KV cache.
+"""A compact Llama-family decoder in plain PyTorch, float32, with a contiguous or a paged KV cache.
 
 The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2:
 
@@ -17,20 +17,32 @@ The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2
 
 Every matrix multiplication with a weight goes through :meth:`LlamaModel._linear`, so the whole
 model can switch to another GEMM implementation by replacing that one method.
+
+Two ways to run it:
+
+- :meth:`LlamaModel.forward` (with :meth:`~LlamaModel.prefill` and :meth:`~LlamaModel.decode_step`)
+  on a contiguous :class:`KVCache` whose rows all have the same length;
+- :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.kv_cache.PagedKVCache`, where each row is
+  a sequence of its own length (batched decoding of requests that started at different times),
+  with attention by :func:`decodekit.attention.paged_attention`. In deterministic mode a row's
+  logits are bit-identical whatever the other rows of the call.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .. import attention as _attention
+from ..kv_cache import PagedKVCache
 from ..ops import linear as _dk_linear
 
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "KVCache", "LlamaModel",
-           "rms_norm", "rope_cos_sin", "apply_rope"]
+           "rms_norm", "rope_cos_sin", "rope_table", "apply_rope"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +208,30 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return angles.cos(), angles.sin()
 
 
+def rope_table(num_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the RoPE angles of positions ``0 .. num_positions - 1``, as a table
+    that every row of a batch reads from (so that a position's values never depend on the batch).
+
+    The angles are those of :func:`rope_cos_sin`, in float32 (``float32(p) * inv_freq``, as HF
+    transformers computes them); their cosine and sine are computed in float64 and rounded to
+    float32, so an entry is the correctly rounded value of its float32 angle whichever code path
+    (vectorised or scalar tail) computed it.
+
+    Args:
+        num_positions: table length (positive int).
+        head_dim: ``D`` (even).
+        theta: base frequency.
+
+    Returns:
+        ``(cos, sin)``, each ``[num_positions, D]`` float32 (CPU).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    angles = torch.arange(num_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1).double()
+    return angles.cos().float(), angles.sin().float()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each head of ``x`` by the RoPE angles (rotate-half layout).
 
@@ -212,6 +248,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos = cos[None, :, None, :]
     sin = sin[None, :, None, :]
     return x * cos + rotated * sin
+
+
+def _apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with per-token angles: ``x [B, T, heads, D]``, ``cos``/``sin``
+    ``[B, T, D]`` (row ``b``, token ``t`` at its own position). Elementwise only."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class _Block:
@@ -270,6 +314,7 @@ class LlamaModel:
         self.norm = weights.norm.contiguous()
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
 
     @property
     def device(self) -> torch.device:
@@ -415,6 +460,145 @@ class LlamaModel:
             token_ids = token_ids[:, None]
         return self.forward(token_ids, cache)
 
+    # ------------------------------------------------------------------ paged path ----
+    def new_paged_cache(self, num_blocks: int, block_size: int = 16, kv_layout: str = "NHD") -> PagedKVCache:
+        """Allocate an empty :class:`~decodekit.kv_cache.PagedKVCache` for this model.
+
+        Args:
+            num_blocks: blocks in the pool (positive int); a sequence of ``n`` tokens holds
+                ``ceil(n / block_size)`` of them.
+            block_size: positions per block (positive int, default 16).
+            kv_layout: ``"NHD"`` (default) or ``"HND"``.
+
+        Memory: ``2 * num_layers * num_blocks * block_size * Hkv * D * 4`` bytes (float32, CPU),
+        zero-filled.
+
+        Raises:
+            ValueError / TypeError: as :class:`~decodekit.kv_cache.PagedKVCache`, and when the
+            model's weights are not on the CPU (the paged cache has CPU kernels only).
+        """
+        if self.device.type != "cpu":
+            raise ValueError(f"new_paged_cache: the paged KV cache runs on the CPU, but the model is on {self.device}")
+        c = self.config
+        return PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                            dtype=self.dtype, kv_layout=kv_layout)
+
+    def _rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``(cos, sin)`` ``[B, T, D]`` for int64 ``positions [B, T]``, read from one table
+        of every position of the context (built at the first call)."""
+        if self._rope is None:
+            c = self.config
+            cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
+            self._rope = (cos.to(self.device), sin.to(self.device))
+        cos, sin = self._rope
+        return cos[positions], sin[positions]
+
+    @torch.inference_mode()
+    def forward_paged(self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *,
+                      all_logits: bool = False) -> torch.Tensor:
+        """Run ``T`` new tokens for each of ``B`` sequences of a paged KV cache.
+
+        Row ``b`` is sequence ``seq_ids[b]``, which holds ``n_b = cache.seq_lens(seq_ids)[b]``
+        cached tokens (any ``n_b >= 0``, different per row): its new tokens take positions
+        ``n_b .. n_b + T - 1`` (RoPE angles per row), their keys and values are appended to the
+        cache with :meth:`PagedKVCache.append` in every layer (allocating blocks as needed), and
+        each new token attends to the row's cached tokens and to the new ones up to itself through
+        :func:`decodekit.attention.paged_attention`. The lengths then advance by ``T``.
+
+        Batch invariance (deterministic mode, the default): a row's logits are bit-identical
+        whatever the other rows (their number, lengths and contents) and its position in the
+        batch. Every step is per row: the embedding is a gather; RMSNorm reduces over the hidden
+        dimension of each token only; RoPE reads a per-position table (:func:`rope_table`) and is
+        elementwise; the weight products go through :func:`decodekit.linear` (a fixed order of
+        operations per output element, whatever the number of rows); attention reads each
+        sequence's own blocks; residual adds and SwiGLU are elementwise.
+
+        Args:
+            input_ids: ``[B, T]`` integer token ids (``B = len(seq_ids)``, ``T >= 1``).
+            cache: a :class:`~decodekit.kv_cache.PagedKVCache` from :meth:`new_paged_cache`
+                (the model's layer count, KV heads, head dim and dtype).
+            seq_ids: ``B`` distinct sequence ids of ``cache`` (from ``cache.add_sequence()``).
+            all_logits: return the logits of every new position instead of the last one.
+
+        Returns:
+            float32 logits ``[B, V]`` for the last new position of each row, or ``[B, T, V]`` with
+            ``all_logits=True``.
+
+        Raises:
+            TypeError: non-integer ``input_ids``; ``cache`` not a PagedKVCache.
+            ValueError: a wrong shape, ``len(seq_ids) != B``, unknown or repeated sequence ids, a
+                cache built for another model, or a row that would pass the model's context
+                length (nothing is written then).
+            decodekit.OutOfBlocksError: the pool has too few free blocks for the new tokens
+                (nothing is written).
+
+        Example:
+            >>> cache = model.new_paged_cache(num_blocks=64)
+            >>> a, b = cache.add_sequence(), cache.add_sequence()
+            >>> la = model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [a])        # [1, V]
+            >>> lb = model.forward_paged(torch.tensor([[4, 5]]), cache, [b])           # [1, V]
+            >>> nxt = torch.cat([la, lb]).argmax(-1)                                     # [2]
+            >>> logits = model.forward_paged(nxt[:, None], cache, [a, b])               # [2, V]
+        """
+        c = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"forward_paged: input_ids must be a [B, T] integer tensor, got "
+                            f"{type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"forward_paged: input_ids must be [B, T] with T >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"forward_paged: input_ids must be an integer tensor, got {input_ids.dtype}")
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got "
+                            f"{type(cache).__name__}")
+        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype)
+        want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        if got != want:
+            raise ValueError(f"forward_paged: the cache has (layers, kv heads, head dim, dtype) = {got}, "
+                             f"the model needs {want}")
+        B, T = input_ids.shape
+        if isinstance(seq_ids, torch.Tensor):
+            seq_ids = seq_ids.tolist()
+        seq_ids = list(seq_ids)
+        if len(seq_ids) != B:
+            raise ValueError(f"forward_paged: input_ids has {B} rows but {len(seq_ids)} seq_ids were given")
+        start = cache.seq_lens(seq_ids)                     # [B] int64; checks the ids
+        if B and int(start.max()) + T > c.max_seq_len:
+            rows = [b for b in range(B) if int(start[b]) + T > c.max_seq_len]
+            raise ValueError(f"forward_paged: {T} new tokens after {[int(start[b]) for b in rows]} cached ones "
+                             f"(rows {rows}) exceed the model's context length {c.max_seq_len}")
+
+        input_ids = input_ids.to(device=self.device, dtype=torch.long)
+        x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
+        positions = start[:, None] + torch.arange(T, dtype=torch.int64)[None, :]  # [B, T]
+        cos, sin = self._rope_rows(positions)                                   # [B, T, D]
+        seq_lens = start + T                                                    # including the new tokens
+        scale = 1.0 / math.sqrt(c.head_dim)
+        block_tables = None
+
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for i, block in enumerate(self.blocks):
+            h = rms_norm(x, block.attn_norm, c.rms_norm_eps)
+            q, k, v = self._linear(h, block.wqkv).split((q_size, kv_size, kv_size), dim=-1)
+            q = _apply_rope_rows(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
+            k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+            cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
+            if block_tables is None:        # the first append allocated the blocks of the new tokens
+                block_tables = cache.block_table(seq_ids)
+            attn = _attention.paged_attention(q, cache.k[i], cache.v[i], block_tables, seq_lens,
+                                              scale=scale, kv_layout=cache.kv_layout)  # [B, T, Hq, D]
+            x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
+
+            h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
+            gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, block.w_down)
+        cache.advance(seq_ids, T)
+
+        if not all_logits:
+            x = x[:, -1]
+        return self._linear(rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+
     def to(self, device: torch.device | str) -> "LlamaModel":
         """Move every weight to ``device`` in place; returns ``self``."""
         tied = self.lm_head is self.embed
@@ -424,6 +608,7 @@ class LlamaModel:
         for block in self.blocks:
             for name in _Block.__slots__:
                 setattr(block, name, getattr(block, name).to(device))
+        self._rope = None
         return self
 
     def num_parameters(self) -> int:
