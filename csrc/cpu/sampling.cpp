@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstdint>
 #include <cstring>
 #include <new>
 #include <cmath>
@@ -727,32 +726,8 @@ double exp_store(const float* x, int64_t V, float m, float inv_t, float* out) {
   return acc.sum();
 }
 
-// out[i] = e[i] * inv. The output is written with non-temporal stores where
-// aligned: it is usually cold memory, and streaming stores skip reading it in
-// first (the exps themselves were kept in a cache-resident scratch row).
-void scale_store(const float* e, int64_t V, float inv, float* out) {
-  int64_t i = 0;
-#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
-#if defined(__AVX512F__)
-  constexpr int64_t kW = 16, kAlign = 64;
-#elif defined(__AVX__)
-  constexpr int64_t kW = 8, kAlign = 32;
-#else
-  constexpr int64_t kW = 4, kAlign = 16;
-#endif
-  for (; i < V && (reinterpret_cast<uintptr_t>(out + i) % kAlign) != 0; ++i) out[i] = e[i] * inv;
-  for (; i + kW <= V; i += kW) {
-#if defined(__AVX512F__)
-    _mm512_stream_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(e + i), _mm512_set1_ps(inv)));
-#elif defined(__AVX__)
-    _mm256_stream_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(e + i), _mm256_set1_ps(inv)));
-#else
-    _mm_stream_ps(out + i, _mm_mul_ps(_mm_loadu_ps(e + i), _mm_set1_ps(inv)));
-#endif
-  }
-  _mm_sfence();
-#endif
-  for (; i < V; ++i) out[i] = e[i] * inv;
+void scale_store(float* out, int64_t V, float inv) {
+  for (int64_t i = 0; i < V; ++i) out[i] *= inv;
 }
 
 // ------------------------------------------------------ probability rows ---
@@ -847,9 +822,8 @@ void softmax(const LogitsView& lv, RowParam<float> temperature, bool /*determini
       out[s.argmax] = 1.0f;
       return;
     }
-    sc.ebuf.resize(lv.vocab_size + kLanes);
-    const double total = exp_store(x, lv.vocab_size, s.max, inverse_temperature(T), sc.ebuf.data());
-    scale_store(sc.ebuf.data(), lv.vocab_size, static_cast<float>(1.0 / total), out);
+    const double total = exp_store(x, lv.vocab_size, s.max, inverse_temperature(T), out);
+    scale_store(out, lv.vocab_size, static_cast<float>(1.0 / total));
   });
 }
 
