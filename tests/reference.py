@@ -59,6 +59,20 @@ def rank_order(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(-x.double(), stable=True).indices
 
 
+def nucleus(keep: torch.Tensor, probs: torch.Tensor, order: torch.Tensor, target: float) -> torch.Tensor:
+    """The shortest prefix of the kept tokens in rank order whose float64 mass reaches target."""
+    cum = 0.0
+    new_keep = torch.zeros_like(keep)
+    for i in order.tolist():
+        if not keep[i]:
+            continue
+        new_keep[i] = True
+        cum += float(probs[i])
+        if cum >= target:
+            break
+    return new_keep
+
+
 def filtered_probs(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -88,15 +102,7 @@ def filtered_probs(
     probs = torch.where(keep, probs, 0.0)
     probs = probs / probs.sum()
     if top_p < 1.0:
-        cum = 0.0
-        new_keep = torch.zeros(vs, dtype=torch.bool)
-        for i in order.tolist():
-            if not keep[i]:
-                continue
-            new_keep[i] = True
-            cum += float(probs[i])
-            if cum >= top_p:
-                break
+        new_keep = nucleus(keep, probs, order, top_p)
         probs = torch.where(new_keep, probs, 0.0)
         probs = probs / probs.sum()
     if min_p > 0.0:
@@ -140,17 +146,7 @@ def filter_probs(
             keep[:] = False
             keep[order[:top_k]] = True
         if top_p < 1.0:
-            total = float(p[keep].sum())
-            cum = 0.0
-            new_keep = torch.zeros(vs, dtype=torch.bool)
-            for i in order.tolist():
-                if not keep[i]:
-                    continue
-                new_keep[i] = True
-                cum += float(p[i])
-                if cum >= top_p * total:
-                    break
-            keep = new_keep
+            keep = nucleus(keep, p, order, top_p * float(p[keep].sum()))
         if min_p > 0.0:
             f32 = probs[:vs].float()
             keep &= f32 >= torch.tensor(min_p, dtype=torch.float32) * f32.max()

@@ -469,17 +469,9 @@ def sample_from_logits(
     raw_logits = logits
     if any(v is not None for v in penalties.values()):
         logits = apply_penalties(logits, vocab_size=vocab_size, validate=validate, **penalties)
-    common = dict(op=op, logits=logits, validate=validate)
-    t_t, t_v = _row_param(temperature, "temperature", integer=False, dtype=torch.float32, lo=0.0, hi=None,
-                          allowed="finite and >= 0", **common)
-    k_t, k_v = _row_param(top_k, "top_k", integer=True, dtype=torch.int64, lo=None, hi=None,
-                          allowed="an int (<= 0 disables)", **common)
-    p_t, p_v = _row_param(top_p, "top_p", integer=False, dtype=torch.float64, lo=0.0, hi=1.0,
-                          allowed="in [0, 1]", **common)
-    m_t, m_v = _row_param(min_p, "min_p", integer=False, dtype=torch.float32, lo=0.0, hi=1.0,
-                          allowed="in [0, 1]", **common)
-    if isinstance(k_v, int):
-        k_v = max(min(k_v, 2**62), -(2**62))
+    t_t, t_v = _row_param(temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0,
+                          hi=None, validate=validate, allowed="finite and >= 0")
+    k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, logits, top_k, top_p, min_p, validate)
     needs_rng = B > 0 and logits.device.type != "meta"  # shape-only calls draw nothing
     if seed is None and generator is None and needs_rng:
         needs_rng = not _all_greedy(t_t, t_v, k_t, k_v, p_t, p_v)
