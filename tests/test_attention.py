@@ -117,6 +117,17 @@ def test_errors():
         paged_attention(q, k, v, tables.float(), sl)
 
 
+def test_bogus_lengths_without_validation_stay_fast_and_bounded():
+    # validate=False skips the data checks; a huge seq_len must not make the kernel walk
+    # 2^40 positions or read past the block table: positions past it contribute nothing.
+    q, k, v, tables, sl = make_case(15, 2, 1, 4, 2, 16, 4, [5, 9])
+    ref = paged_attention(q, k, v, tables, sl)
+    out = paged_attention(q, k, v, tables, torch.tensor([2**40, 9]), validate=False)
+    assert torch.isfinite(out).all() and torch.equal(out[1], ref[1])
+    with pytest.raises(ValueError, match="scale"):
+        paged_attention(q, k, v, tables, sl, scale=float("nan"))
+
+
 def test_opcheck():
     q, k, v, tables, sl = make_case(14, 2, 2, 4, 2, 16, 4, [5, 9])
     torch.library.opcheck(torch.ops.decodekit.paged_attention.default,

@@ -170,7 +170,8 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
-    const int64_t n = std::max<int64_t>(0, seq_lens[b]);
+    // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
+    const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
     attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, scale,
                  out + b * Q * Hq * D);
   }

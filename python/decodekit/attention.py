@@ -135,7 +135,11 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if used.numel() and bool(((used < 0) | (used >= k_cache.size(0))).any()):
             raise ValueError(f"{op}: block_tables holds block ids outside [0, num_blocks={k_cache.size(0)}) "
                              "among the blocks the sequences use")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number (default 1/sqrt(D)), got {scale!r}")
+    scale = float(scale)
     q = query.detach().to(torch.float32).contiguous()
     return torch.ops.decodekit.paged_attention(q, k_cache.detach().contiguous(), v_cache.detach().contiguous(),
                                                tables, lens, scale, kv_layout)
