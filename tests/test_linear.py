@@ -61,3 +61,8 @@ def test_bad_input():
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.decodekit.linear.default, (torch.randn(3, 20), torch.randn(5, 20), None))
+
+
+def test_empty_inner_dimension_gives_the_bias():
+    out = decodekit.linear(torch.randn(4, 0), torch.randn(3, 0), torch.ones(3))
+    assert out.shape == (4, 3) and torch.equal(out, torch.ones(4, 3))

@@ -95,3 +95,34 @@ def test_opcheck_apply_penalties():
     torch.library.opcheck(torch.ops.decodekit.apply_penalties.default,
                           (x, None, 1.2, None, 0.1, None, 0.0, torch.tensor([[1, 2, -1], [3, 3, 3]]), None, None,
                            None, None, None, False, 20))
+
+
+def test_trial_regressions():
+    x = torch.zeros(3, 5)
+    with pytest.raises(TypeError, match="token_ids"):
+        decodekit.apply_penalties(x, token_ids=[1, 2, 3], repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="bool mask"):
+        decodekit.apply_penalties(x, allowed_token_ids=torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="1 dicts for B=3"):
+        decodekit.apply_penalties(x, logit_bias=[{}])
+    with pytest.raises(ValueError, match="NaN"):
+        decodekit.apply_penalties(x, logit_bias=torch.full((3, 5), float("nan")))
+    with pytest.raises(ValueError, match="token_counts"):
+        decodekit.apply_penalties(x, token_counts=-torch.ones(3, 5, dtype=torch.long), frequency_penalty=1.0)
+    with pytest.raises(ValueError, match="top_p_renorm_probs"):
+        decodekit.top_p_renorm_probs(torch.ones(2, 3) / 3, 1.1)
+
+
+def test_hf_adapter_drops_ids_past_the_vocabulary_and_checks_its_settings():
+    hf = pytest.importorskip("decodekit.hf")
+    sc = torch.zeros(1, 10)
+    sc[0, 9] = 2.0
+    out = hf.DecodekitPenalties(repetition_penalty=2.0)(torch.tensor([[15]]), sc)
+    assert out[0, 9] == 2.0
+    for kwargs in (dict(top_p=1.5), dict(top_p=float("nan")), dict(min_p=-1.0), dict(temperature=float("inf"))):
+        with pytest.raises(ValueError):
+            hf.DecodekitSamplingFilter(**kwargs)
+    with pytest.raises(TypeError, match="top_k"):
+        hf.DecodekitSamplingFilter(top_k="5")
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        hf.DecodekitPenalties(repetition_penalty=0.0)

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -62,9 +64,16 @@ class DecodekitSamplingFilter(_Processor):
     """
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"DecodekitSamplingFilter: temperature must be > 0, got {temperature!r}")
-        self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), top_k, top_p, min_p
+        name = type(self).__name__
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+                0 < temperature < math.inf):
+            raise ValueError(f"{name}: temperature must be finite and > 0, got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise TypeError(f"{name}: top_k must be an int (<= 0 disables), got {top_k!r}")
+        for pname, value in (("top_p", top_p), ("min_p", min_p)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: {pname} must be in [0, 1], got {value!r}")
+        self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), int(top_k), float(top_p), float(min_p)
 
     def __call__(self, input_ids, scores):
         x = scores
@@ -108,18 +117,27 @@ class DecodekitMinP(DecodekitSamplingFilter):
 class DecodekitPenalties(_Processor):
     """Repetition / frequency / presence penalties over the ids generated so far, plus logit bias.
 
-    ``input_ids`` ``[B, L]`` are the counted tokens (prompt and output, as HF's
-    ``RepetitionPenaltyLogitsProcessor`` counts them). Arguments as in
+    ``input_ids`` ``[B, L]`` are the counted tokens: prompt and output, as HF's
+    ``RepetitionPenaltyLogitsProcessor`` counts them, for all three penalties (note that
+    :func:`decodekit.generate` counts only the output for frequency and presence, as the
+    OpenAI API does). Ids outside ``[0, V)`` are ignored. Arguments as in
     :func:`decodekit.apply_penalties`; returns float32 ``[B, V]``.
     """
 
     def __init__(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
                  presence_penalty: float = 0.0, logit_bias: Optional[dict] = None):
+        for pname, value in (("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
+                             ("presence_penalty", presence_penalty)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"DecodekitPenalties: {pname} must be a finite number, got {value!r}")
+        if not repetition_penalty > 0:
+            raise ValueError(f"DecodekitPenalties: repetition_penalty must be > 0, got {repetition_penalty!r}")
         self.kwargs = dict(repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                            presence_penalty=presence_penalty, logit_bias=logit_bias)
 
     def __call__(self, input_ids, scores):
-        ids = input_ids.clamp(max=scores.size(-1) - 1)  # ids past the scores' width cannot be penalised
+        # Ids past the scores' width (or negative) name no token of these scores: they are dropped.
+        ids = input_ids.masked_fill((input_ids >= scores.size(-1)) | (input_ids < 0), -1)
         return ops.apply_penalties(scores, token_ids=ids, **self.kwargs)
 
 

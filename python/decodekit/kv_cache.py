@@ -107,10 +107,14 @@ def _index_tensor(x, name: str, op: str, device: torch.device, length: Optional[
     elif isinstance(x, numbers.Integral) and not isinstance(x, bool):
         if length is None:
             raise TypeError(f"{op}: {name} must be a 1-D integer tensor or a list of ints, got an int")
+        if not -(2**63) <= operator.index(x) < 2**63:
+            raise ValueError(f"{op}: {name} must fit in int64, got {x}")
         t = torch.full((length,), operator.index(x), dtype=torch.int64, device=device)
     elif isinstance(x, (list, tuple)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in x):
             raise TypeError(f"{op}: {name} must hold ints, got {list(x)[:8]!r}")
+        if not all(-(2**63) <= operator.index(v) < 2**63 for v in x):
+            raise ValueError(f"{op}: {name} must hold values that fit in int64, got {list(x)[:8]!r}")
         t = torch.tensor([operator.index(v) for v in x], dtype=torch.int64, device=device)
     else:
         raise TypeError(f"{op}: {name} must be an integer tensor or a list of ints, got {type(x).__name__}")

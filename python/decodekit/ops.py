@@ -424,12 +424,16 @@ def sample_from_logits(
             marks rows that could not be sampled (id -1) instead of raising.
         return_logprobs: also return the drawn token's logprob, float32 ``[B]``.
         top_logprobs: also return the ``n`` best tokens per row and their
-            logprobs (int64 and float32 ``[B, n]``), ordered by logprob with
-            the lowest index first on ties; ``0 <= n <= vocab_size``.
+            logprobs (int64 and float32 ``[B, n]``), in rank order of the raw
+            logits (value desc, lowest index first on ties), which is also
+            logprob order; in "processed" mode tokens the filters removed
+            come after the kept ones, at -inf, still in that rank order.
+            ``0 <= n <= vocab_size``.
         logprobs_mode: ``"processed"`` (default): logprobs of the distribution
             actually sampled (after temperature and filters, renormalised;
             filtered tokens are -inf; a greedy row is one-hot: 0 and -inf);
-            ``"raw"``: ``log_softmax`` of the raw logits.
+            ``"raw"``: ``log_softmax`` of the raw logits (NaN for a row with
+            +inf logits, where it is undefined).
         validate: check parameter tensors' values and raise for invalid rows
             (synchronises); ``False`` for CUDA graphs / ``torch.compile``.
         **penalties: the keyword arguments of :func:`apply_penalties`
@@ -582,6 +586,7 @@ def filter_probs(
     *,
     vocab_size: Optional[int] = None,
     validate: bool = True,
+    _op: str = "filter_probs",
 ) -> torch.Tensor:
     """Applies top-k -> top-p -> min-p to probability rows and renormalises.
 
@@ -611,7 +616,7 @@ def filter_probs(
     the vocabulary: exact top-k candidates from one pass, top-p by a
     quickselect over the tokens that can be in the nucleus.
     """
-    op = "filter_probs"
+    op = _op
     probs = _check_probs(probs, op)
     vs = _check_vocab_size(vocab_size, probs.size(1), op)
     k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
@@ -627,7 +632,7 @@ def top_k_renorm_probs(probs: torch.Tensor, top_k: RowParam, **kwargs) -> torch.
     Shapes, dtypes, errors and keyword arguments (``vocab_size``, ``validate``)
     as in :func:`filter_probs`.
     """
-    return filter_probs(probs, top_k=top_k, **kwargs)
+    return filter_probs(probs, top_k=top_k, _op="top_k_renorm_probs", **kwargs)
 
 
 def top_p_renorm_probs(probs: torch.Tensor, top_p: RowParam, **kwargs) -> torch.Tensor:
@@ -635,7 +640,7 @@ def top_p_renorm_probs(probs: torch.Tensor, top_p: RowParam, **kwargs) -> torch.
 
     Shapes, dtypes, errors and keyword arguments as in :func:`filter_probs`.
     """
-    return filter_probs(probs, top_p=top_p, **kwargs)
+    return filter_probs(probs, top_p=top_p, _op="top_p_renorm_probs", **kwargs)
 
 
 def min_p_renorm_probs(probs: torch.Tensor, min_p: RowParam, **kwargs) -> torch.Tensor:
@@ -643,7 +648,7 @@ def min_p_renorm_probs(probs: torch.Tensor, min_p: RowParam, **kwargs) -> torch.
 
     Shapes, dtypes, errors and keyword arguments as in :func:`filter_probs`.
     """
-    return filter_probs(probs, min_p=min_p, **kwargs)
+    return filter_probs(probs, min_p=min_p, _op="min_p_renorm_probs", **kwargs)
 
 
 def top_k_mask_logits(
@@ -679,7 +684,8 @@ def top_k_mask_logits(
         k_v = max(min(k_v, 2**62), -(2**62))
     out, valid = ops.top_k_mask_logits(logits, k_t, int(k_v), vs)
     if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
-        _raise_invalid_rows(op, valid, "have a NaN", hint=False)
+        raise ValueError(f"{op}: rows {torch.nonzero(~valid).flatten().tolist()[:16]} have a NaN; "
+                         "pass validate=False to get them back unchanged")
     return out
 
 
@@ -694,15 +700,22 @@ def _id_matrix(value, name: str, op: str, B: int, device) -> Optional[torch.Tens
         if value.dtype.is_floating_point or value.dtype == torch.bool or value.dtype.is_complex:
             raise TypeError(f"{op}: {name} must be an integer tensor, got {value.dtype}")
         return value.to(device=device, dtype=torch.int64).contiguous()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be an integer [B, L] tensor or a list of B lists of ids, "
+                        f"got {type(value).__name__}")
     rows = list(value)
     if len(rows) != B:
         raise ValueError(f"{op}: {name} must have one list of ids per row (B={B}), got {len(rows)}")
+    if not all(isinstance(r, (list, tuple, torch.Tensor)) for r in rows):
+        raise TypeError(f"{op}: {name} must be a list of B lists of ids (one list per row), got {value!r:.80}")
     L = max((len(r) for r in rows), default=0)
     out = torch.full((B, max(L, 1)), -1, dtype=torch.int64)
     for b, r in enumerate(rows):
-        ids = list(r)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        ids = r.tolist() if isinstance(r, torch.Tensor) else list(r)
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in ids):
             raise TypeError(f"{op}: {name}[{b}] must contain ints")
+        if any(not -(2**63) <= i < 2**63 for i in ids):
+            raise ValueError(f"{op}: {name}[{b}] holds ids outside the int64 range")
         if ids:
             out[b, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return out.to(device)
@@ -722,9 +735,10 @@ def _check_ids_range(t: Optional[torch.Tensor], name: str, op: str, vocab_size: 
 def _token_mask(value, name: str, op: str, B: int, V: int, device) -> Optional[torch.Tensor]:
     if value is None:
         return None
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-        if tuple(value.shape) != (B, V):
-            raise ValueError(f"{op}: {name} as a bool mask must be [B={B}, V={V}], got {tuple(value.shape)}")
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.bool or tuple(value.shape) != (B, V):
+            raise ValueError(f"{op}: {name} as a tensor must be a bool mask [B={B}, V={V}], got "
+                             f"{value.dtype} {tuple(value.shape)} (or pass a list of ids, or B lists)")
         return value.to(device).contiguous()
     rows = value if (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor))) \
         else [value] * B
@@ -804,16 +818,25 @@ def apply_penalties(
         if token_counts.dtype.is_floating_point or token_counts.dtype == torch.bool:
             raise TypeError(f"{op}: token_counts must be an integer tensor, got {token_counts.dtype}")
         counts = token_counts.to(device=logits.device, dtype=torch.int64).contiguous()
+        if validate and bool((counts < 0).any()):
+            raise ValueError(f"{op}: token_counts must be >= 0")
     dense = bias_ids = bias_vals = None
     if isinstance(logit_bias, torch.Tensor):
         if tuple(logit_bias.shape) != (B, V) or not logit_bias.dtype.is_floating_point:
             raise ValueError(f"{op}: logit_bias as a tensor must be float [B={B}, V={V}], got "
                              f"{tuple(logit_bias.shape)} {logit_bias.dtype}")
         dense = logit_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+        if validate and bool(torch.isnan(dense).any()):
+            raise ValueError(f"{op}: logit_bias must not contain NaN (use -inf to ban a token)")
     elif logit_bias is not None:
+        if not isinstance(logit_bias, (dict, list, tuple)):
+            raise TypeError(f"{op}: logit_bias must be a [B, V] tensor, a dict, or a list of B dicts, "
+                            f"got {type(logit_bias).__name__}")
         dicts = [logit_bias] * B if isinstance(logit_bias, dict) else list(logit_bias)
-        if len(dicts) != B or not all(isinstance(d, dict) for d in dicts):
+        if not all(isinstance(d, dict) for d in dicts):
             raise TypeError(f"{op}: logit_bias must be a [B, V] tensor, a dict, or a list of B dicts")
+        if len(dicts) != B:
+            raise ValueError(f"{op}: logit_bias has {len(dicts)} dicts for B={B} rows")
         M = max(1, max(len(d) for d in dicts))
         bias_ids = torch.full((B, M), -1, dtype=torch.int64)
         bias_vals = torch.zeros((B, M), dtype=torch.float32)
@@ -856,11 +879,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         bias: ``[N]`` float32 or None.
 
     Returns:
-        ``[..., N]`` float32.
+        ``[..., N]`` float32 (no autograd graph: the op is not differentiable).
 
     Raises:
         TypeError: a non-float32 or non-tensor argument.
-        ValueError: mismatched K, wrong ranks, or a device other than the CPU.
+        ValueError: mismatched K, wrong ranks, or a device other than the CPU (meta
+        tensors are accepted for shape inference).
 
     Source: a plain tiled dot-product kernel (4 x 4 output tiles of 16-lane
     accumulators), written for batch invariance rather than peak FLOPs; at the small M
@@ -884,6 +908,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if tuple(bias.shape) != (weight.size(0),):
             raise ValueError(f"{op}: bias must be [N={weight.size(0)}], got {tuple(bias.shape)}")
     lead = x.shape[:-1]
+    if x.size(-1) == 0:  # empty inner dimension: the products are all zero
+        out = torch.zeros(*lead, weight.size(0), dtype=torch.float32, device=x.device)
+        return out + bias if bias is not None else out
     x2 = x.reshape(-1, x.size(-1))
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
