@@ -20,6 +20,7 @@
 #include "cpu/linear.h"
 #include "cpu/penalties.h"
 #include "cpu/sampling.h"
+#include "cpu/speculative.h"
 #include "decodekit/philox.h"
 
 namespace dk = decodekit;
@@ -302,6 +303,42 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cach
   return out;
 }
 
+// -------------------------------------------------------- speculative ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
+    const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
+    int64_t offset_val, int64_t vocab_size) {
+  TORCH_CHECK(draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong && draft_token_ids.is_contiguous(),
+              "decodekit: draft_token_ids must be a contiguous int64 [B, K] tensor");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == K + 1 &&
+                  target_probs.scalar_type() == at::kFloat && target_probs.is_contiguous(),
+              "decodekit: target_probs must be a contiguous float32 [B, K + 1, V] tensor");
+  const int64_t V = target_probs.size(2);
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= V, "decodekit: vocab_size must be in [1, V=", V, "]");
+  const float* dp = nullptr;
+  if (draft_probs.has_value()) {
+    TORCH_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == B && draft_probs->size(1) == K &&
+                    draft_probs->size(2) == V && draft_probs->scalar_type() == at::kFloat &&
+                    draft_probs->is_contiguous(),
+                "decodekit: draft_probs must be a contiguous float32 [B, K, V] tensor");
+    check_same_device(target_probs, draft_probs, "draft_probs");
+    dp = draft_probs->data_ptr<float>();
+  }
+  TORCH_CHECK(draft_token_ids.device() == target_probs.device(), "decodekit: tensors must be on one device");
+  check_same_device(target_probs, seed, "seed");
+  check_same_device(target_probs, offset, "offset");
+  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
+  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  auto out = at::empty({B, K + 1}, draft_token_ids.options());
+  auto acc = at::empty({B}, draft_token_ids.options());
+  auto emit = at::empty({B}, draft_token_ids.options());
+  dk::cpu::chain_speculative_sampling(dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K,
+                                      V, vocab_size, s, o, at::get_num_threads(), out.data_ptr<int64_t>(),
+                                      acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
+  return {out, acc, emit};
+}
+
 // ------------------------------------------------------------- linear ----
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
@@ -524,6 +561,16 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor&, cons
   return at::empty(query.sizes(), query.options().dtype(at::kFloat));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_meta(
+    const std::optional<at::Tensor>&, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, int64_t, int64_t) {
+  require_meta(target_probs, "target_probs");
+  TORCH_CHECK(draft_token_ids.dim() == 2, "decodekit: draft_token_ids must be [B, K]");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  const auto opts = target_probs.options().dtype(at::kLong);
+  return {at::empty({B, K + 1}, opts), at::empty({B}, opts), at::empty({B}, opts)};
+}
+
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>&) {
   require_meta(x, "x");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decodekit: linear shape mismatch");
@@ -555,6 +602,8 @@ TORCH_LIBRARY(decodekit, m) {
         "Tensor? mask, bool mask_allows, int vocab_size) -> Tensor");
   // KV cache: write new keys/values into the caches in place.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("chain_speculative_sampling(Tensor? draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor? seed, "
+        "int seed_val, Tensor? offset, int offset_val, int vocab_size) -> (Tensor, Tensor, Tensor)");
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, str kv_layout) -> Tensor");
   m.def("append_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor seq_lens, "
@@ -572,6 +621,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("top_k_mask_logits", &top_k_mask_logits_cpu);
   m.impl("apply_penalties", &apply_penalties_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("chain_speculative_sampling", &chain_speculative_sampling_cpu);
   m.impl("paged_attention", &paged_attention_cpu);
   m.impl("append_kv_cache", &append_kv_cache_cpu);
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_cpu);
@@ -586,6 +636,7 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("top_k_mask_logits", &top_k_mask_logits_meta);
   m.impl("apply_penalties", &apply_penalties_meta);
   m.impl("linear", &linear_meta);
+  m.impl("chain_speculative_sampling", &chain_speculative_sampling_meta);
   m.impl("paged_attention", &paged_attention_meta);
   m.impl("append_kv_cache", &append_kv_cache_meta);
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_meta);

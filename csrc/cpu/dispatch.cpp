@@ -11,6 +11,7 @@
 #include "linear.h"
 #include "penalties.h"
 #include "sampling.h"
+#include "speculative.h"
 
 namespace decodekit {
 namespace cpu {
@@ -108,6 +109,12 @@ void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int nt, floa
 void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* tables,
                      int64_t max_blocks, const int64_t* seq_lens, float scale, int nt, float* out) {
   DK_DISPATCH(paged_attention, q, B, Q, Hq, kv, tables, max_blocks, seq_lens, scale, nt, out)
+}
+
+void chain_speculative_sampling(const float* dp, const int64_t* ids, const float* tp, int64_t B, int64_t K, int64_t V,
+                                int64_t vs, RowParam<int64_t> seed, RowParam<int64_t> offset, int nt, int64_t* out,
+                                int64_t* acc, int64_t* emit) {
+  DK_DISPATCH(chain_speculative_sampling, dp, ids, tp, B, K, V, vs, seed, offset, nt, out, acc, emit)
 }
 
 void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,

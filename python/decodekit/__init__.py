@@ -8,6 +8,9 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``):
 KV cache (decodekit.kv_cache):
     append_kv_cache, append_paged_kv_cache, ContiguousKVCache, PagedKVCache, OutOfBlocksError
 
+Speculative decoding (decodekit.speculative):
+    chain_speculative_sampling, greedy_verify, SpeculativeOutput
+
 Decode loop:
     generate (a real model, SmolLM2-135M-Instruct by default)
 """
@@ -34,6 +37,7 @@ from .kv_cache import (
     append_kv_cache,
     append_paged_kv_cache,
 )
+from .speculative import SpeculativeOutput, chain_speculative_sampling, greedy_verify
 from .generate import GenerationResult, generate  # model packages load lazily, on first use
 
 __version__ = "0.1.0"
@@ -44,3 +48,4 @@ __all__ = [
     "generate", "GenerationResult", "__version__",
 ]
 __all__ += ["append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]
+__all__ += ["SpeculativeOutput", "chain_speculative_sampling", "greedy_verify"]

@@ -1,0 +1,35 @@
+// CPU kernels of the speculative family: lossless rejection sampling of a chain
+// of drafted tokens against the target model's probabilities. Framework-free.
+#pragma once
+
+#include <cstdint>
+
+#include "sampling.h"  // RowParam
+
+namespace decodekit {
+namespace cpu {
+
+// For each row b with drafts draft_ids[b, :K] (-1 padding after the last real
+// one), draft_probs[b, j, :] (or null: one-hot drafts) and target_probs[b, j, :]
+// for j = 0..K (float32, probabilities over [0, vocab_size); columns past
+// vocab_size ignored): accept draft j while u_j q(x) < p(x) in float64 (u_j the
+// float64 uniform j of stream 1); at the first rejection emit a token drawn from
+// max(0, p - q) normalised by its sum (or from p when that has no mass), with
+// stream 2 + j; if every real draft passes, emit a bonus token from the target's
+// next distribution with stream 2 + n (n real drafts). out [B, K + 1] holds the
+// emitted tokens then -1; num_accepted and num_emitted are [B].
+void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_ids, const float* target_probs,
+                                int64_t B, int64_t K, int64_t V, int64_t vocab_size, RowParam<int64_t> seed,
+                                RowParam<int64_t> offset, int num_threads, int64_t* out, int64_t* num_accepted,
+                                int64_t* num_emitted);
+
+#define DK_SPECULATIVE_API                                                                                     \
+  void chain_speculative_sampling(const float*, const int64_t*, const float*, int64_t, int64_t, int64_t, int64_t, \
+                                  RowParam<int64_t>, RowParam<int64_t>, int, int64_t*, int64_t*, int64_t*);
+namespace avx512 { DK_SPECULATIVE_API }
+namespace avx2 { DK_SPECULATIVE_API }
+namespace baseline { DK_SPECULATIVE_API }
+#undef DK_SPECULATIVE_API
+
+}  // namespace cpu
+}  // namespace decodekit

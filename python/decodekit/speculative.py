@@ -1,0 +1,156 @@
+"""Speculative decoding verification: lossless rejection sampling and greedy verification.
+
+A drafter proposes K tokens; the target model scores all K + 1 positions in one pass; these
+ops decide which drafts to keep and which token to emit next, so that the emitted tokens
+have exactly the target's distribution (Leviathan et al., ICML 2023; Chen et al., 2023).
+Both return :class:`SpeculativeOutput`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from .ops import _seed_and_offset, _check_vocab_size, argmax, ops
+
+__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "greedy_verify"]
+
+
+class SpeculativeOutput(NamedTuple):
+    """``output_token_ids`` int64 ``[B, K + 1]`` (the emitted tokens, then -1),
+    ``num_accepted`` int64 ``[B]`` (drafts kept), ``num_emitted`` int64 ``[B]``
+    (``num_accepted + 1``: the kept drafts plus the recovered or bonus token)."""
+
+    output_token_ids: torch.Tensor
+    num_accepted: torch.Tensor
+    num_emitted: torch.Tensor
+
+
+def _check_drafts(op: str, draft_token_ids, B_expected: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(draft_token_ids, torch.Tensor):
+        raise TypeError(f"{op}: draft_token_ids must be an int64 [B, K] tensor, got {type(draft_token_ids).__name__}")
+    if draft_token_ids.dim() != 2:
+        raise ValueError(f"{op}: draft_token_ids must be [B, K], got shape {tuple(draft_token_ids.shape)}")
+    if draft_token_ids.dtype.is_floating_point or draft_token_ids.dtype == torch.bool:
+        raise TypeError(f"{op}: draft_token_ids must be an integer tensor, got {draft_token_ids.dtype}")
+    return draft_token_ids.to(torch.int64).contiguous()
+
+
+def chain_speculative_sampling(
+    draft_probs: Optional[torch.Tensor],
+    draft_token_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    deterministic: bool = True,
+    validate: bool = True,
+) -> SpeculativeOutput:
+    """Lossless verification of a chain of drafted tokens.
+
+    Draft ``x`` at position ``j`` is accepted while ``u_j * q(x) < p(x)`` (float64, strict,
+    so a token the target gives probability 0 is never accepted; ``u_j`` is Philox stream 1,
+    number ``j``). At the first rejection the emitted token is drawn from
+    ``max(0, p - q)`` normalised by its sum (or from ``p`` when that residual has no mass)
+    with stream ``2 + j``; if every real draft passes, a bonus token is drawn from the
+    target's next distribution ``target_probs[:, n]`` with stream ``2 + n`` (``n`` real drafts).
+
+    Args:
+        draft_probs: float32 ``[B, K, V]`` draft distributions the drafts were sampled from, or
+            None for one-hot drafts (n-gram / prompt lookup, greedy drafters).
+        draft_token_ids: int64 ``[B, K]``; ``-1`` pads shorter drafts (everything after the
+            first -1 is ignored).
+        target_probs: float32 ``[B, K + 1, V]`` target distributions at the K draft positions and
+            the bonus position (after any temperature / filters the caller applies).
+        seed, offset, generator: the per-request Philox key and counter (DESIGN.md), as in
+            :func:`decodekit.sample_from_logits`; one of seed / generator is required.
+        vocab_size: columns at or past it are padding: never emitted, a draft there ends the chain.
+        deterministic: accepted for symmetry; the kernel is deterministic in both modes.
+        validate: check shapes' data (non-negative, finite probabilities; draft ids in
+            ``[-1, vocab_size)``); synchronises.
+
+    Returns:
+        :class:`SpeculativeOutput`.
+
+    Raises:
+        TypeError / ValueError naming the argument: shapes, dtypes, devices, negative or NaN
+        probabilities, draft ids out of range, missing seed.
+
+    Source: Leviathan, Kalman & Matias, ICML 2023; Chen et al., arXiv:2302.01318.
+    """
+    op = "chain_speculative_sampling"
+    ids = _check_drafts(op, draft_token_ids)
+    B, K = ids.shape
+    if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 3:
+        raise ValueError(f"{op}: target_probs must be a float32 [B, K + 1, V] tensor")
+    if target_probs.dtype != torch.float32:
+        raise TypeError(f"{op}: target_probs must be float32, got {target_probs.dtype}")
+    if tuple(target_probs.shape[:2]) != (B, K + 1):
+        raise ValueError(f"{op}: target_probs must be [B={B}, K+1={K + 1}, V], got {tuple(target_probs.shape)}")
+    V = target_probs.size(2)
+    if draft_probs is not None:
+        if not isinstance(draft_probs, torch.Tensor) or draft_probs.dtype != torch.float32:
+            raise TypeError(f"{op}: draft_probs must be a float32 [B, K, V] tensor or None")
+        if tuple(draft_probs.shape) != (B, K, V):
+            raise ValueError(f"{op}: draft_probs must be [B={B}, K={K}, V={V}], got {tuple(draft_probs.shape)}")
+    for name, t in (("draft_token_ids", ids), ("draft_probs", draft_probs)):
+        if t is not None and t.device != target_probs.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but target_probs are on {target_probs.device}")
+    if target_probs.device.type != "cpu":
+        raise ValueError(f"{op}: tensors are on {target_probs.device}; this op has kernels for: CPU")
+    vs = _check_vocab_size(vocab_size, V, op)
+    if validate and B > 0:
+        if bool(((ids < -1) | (ids >= vs)).any()):
+            raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts)")
+        for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+            if t is not None and bool((~torch.isfinite(t) | (t < 0)).any()):
+                raise ValueError(f"{op}: {name} must be finite and >= 0")
+        if bool((target_probs[..., :vs].sum(-1) <= 0).any()):
+            raise ValueError(f"{op}: every target_probs row needs positive mass in [0, vocab_size)")
+    s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, target_probs, op, B > 0, validate)
+    out, acc, emit = ops.chain_speculative_sampling(
+        None if draft_probs is None else draft_probs.detach().contiguous(), ids, target_probs.detach().contiguous(),
+        s_t, int(s_v), o_t, int(o_v), vs)
+    return SpeculativeOutput(out, acc, emit)
+
+
+def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
+                  vocab_size: Optional[int] = None) -> SpeculativeOutput:
+    """Greedy verification: keep drafts while they equal the target's argmax.
+
+    Accepts draft ``j`` while it equals ``argmax(target_logits[:, j])`` (lowest index on
+    ties, :func:`decodekit.argmax`); emits the target's token at the first mismatch, or the
+    bonus token ``argmax(target_logits[:, n])`` after ``n`` real drafts. Reproduces plain
+    greedy decoding token for token when the target logits do.
+
+    Args:
+        draft_token_ids: int64 ``[B, K]``, ``-1`` padding after the last real draft.
+        target_logits: ``[B, K + 1, V]`` float32 / float16 / bfloat16.
+        vocab_size: columns at or past it are padding.
+
+    Returns:
+        :class:`SpeculativeOutput`.
+
+    Raises:
+        TypeError / ValueError naming the argument; ValueError for target rows with a NaN
+        or no finite logit.
+    """
+    op = "greedy_verify"
+    ids = _check_drafts(op, draft_token_ids)
+    B, K = ids.shape
+    if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3 or \
+            tuple(target_logits.shape[:2]) != (B, K + 1):
+        raise ValueError(f"{op}: target_logits must be [B={B}, K+1={K + 1}, V]")
+    V = target_logits.size(2)
+    top = argmax(target_logits.reshape(B * (K + 1), V), vocab_size=vocab_size).reshape(B, K + 1)
+    real = torch.cumprod((ids >= 0).to(torch.int64), dim=1)
+    match = torch.cumprod(((ids == top[:, :K]) & (real > 0)).to(torch.int64), dim=1)
+    num_accepted = match.sum(1)
+    out = torch.full((B, K + 1), -1, dtype=torch.int64)
+    pos = torch.arange(K + 1)[None, :]
+    out[:, :K] = torch.where(pos[:, :K] < num_accepted[:, None], ids, -1)
+    out.scatter_(1, num_accepted[:, None], top.gather(1, num_accepted[:, None]))
+    return SpeculativeOutput(out, num_accepted, num_accepted + 1)
