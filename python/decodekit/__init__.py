@@ -8,8 +8,8 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``):
 KV cache (decodekit.kv_cache):
     append_kv_cache, append_paged_kv_cache, ContiguousKVCache, PagedKVCache, OutOfBlocksError
 
-Speculative decoding (decodekit.speculative):
-    chain_speculative_sampling, greedy_verify, SpeculativeOutput
+Speculative decoding (decodekit.speculative, decodekit.spec_decode):
+    chain_speculative_sampling, greedy_verify, SpeculativeOutput; speculative_generate
 
 Decode loop:
     generate (a real model, SmolLM2-135M-Instruct by default)

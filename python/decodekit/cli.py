@@ -53,6 +53,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="subtract this times each generated token's count, 0 = off (default 0)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtract this from every token generated so far, 0 = off (default 0)")
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="speculative decoding with this drafter (one prompt; n-gram = prompt lookup)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per step (default 4)")
     p.add_argument("--model", default=None, metavar="PATH.gguf",
                    help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct.Q4_1.gguf)")
 
@@ -91,6 +94,26 @@ def _generate(args: argparse.Namespace) -> int:
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
+
+    if args.speculative:
+        if batched:
+            print("decodekit: error: --speculative takes one --prompt", file=sys.stderr)
+            return 1
+        from .spec_decode import speculative_generate
+
+        try:
+            r = speculative_generate(prompts[0], model=args.model, drafter=args.speculative,
+                                     num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     min_p=args.min_p, seed=seeds, chat_template=args.chat_template,
+                                     stop_on_eos=args.stop_on_eos, stream=write)
+        except (FileNotFoundError, ValueError, TypeError) as exc:
+            print(f"decodekit: error: {exc}", file=sys.stderr)
+            return 1
+        if not r.text.endswith("\n"):
+            write("\n")
+        print(f"[decodekit] {r.model_name}: {r.summary()}", file=sys.stderr, flush=True)
+        return 0
 
     try:
         result = generate(prompts if batched else prompts[0], model=args.model,

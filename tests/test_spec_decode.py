@@ -1,0 +1,88 @@
+"""Speculative decoding on SmolLM2-135M with the n-gram drafter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decodekit
+from decodekit.spec_decode import NgramDrafter, speculative_generate
+
+PROMPTS = [
+    "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry, apple, banana.",
+    "def add(a, b):\n    return a + b\n\nRewrite the function above with type hints.",
+    "Tell me about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    pytest.importorskip("gguf")
+    from decodekit.models.gguf_loader import load_model
+
+    try:
+        return load_model()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_ngram_drafter_by_hand():
+    d = NgramDrafter(max_ngram=2)
+    assert d.propose([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
+    assert d.propose([5, 6, 7], 2) == []
+    assert d.propose([4, 4, 4], 5) == [4]  # the most recent earlier match of [4, 4]
+    with pytest.raises(ValueError):
+        NgramDrafter(max_ngram=0)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_equals_plain_greedy(lm, prompt):
+    plain = decodekit.generate(prompt, model=lm, max_new_tokens=64, temperature=0)
+    spec = speculative_generate(prompt, model=lm, num_draft_tokens=4, max_new_tokens=64, temperature=0)
+    assert spec.token_ids == plain.token_ids
+    assert spec.text == plain.text
+    assert spec.target_passes <= len(spec.token_ids)
+
+
+CODE_PROMPT = """def moving_average(values, window):
+    result = []
+    for i in range(len(values) - window + 1):
+        chunk = values[i:i + window]
+        result.append(sum(chunk) / window)
+    return result
+
+Rewrite this function exactly, but rename the variable chunk to segment."""
+
+
+def test_drafts_help_on_an_input_grounded_prompt(lm):
+    # Rewriting code from the prompt: the n-gram drafter's proposals are often right, so a
+    # target pass emits more than one token on average (1.6 measured), with greedy output unchanged.
+    plain = decodekit.generate(CODE_PROMPT, model=lm, max_new_tokens=64, temperature=0)
+    spec = speculative_generate(CODE_PROMPT, model=lm, num_draft_tokens=4, max_new_tokens=64, temperature=0)
+    assert spec.token_ids == plain.token_ids
+    assert spec.drafted > 0 and spec.accepted > 0
+    assert spec.tokens_per_pass > 1.0
+
+
+def test_sampled_speculative_is_reproducible_and_in_range(lm):
+    a = speculative_generate(PROMPTS[2], model=lm, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+    b = speculative_generate(PROMPTS[2], model=lm, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+    assert a.token_ids == b.token_ids and a.seed == 5
+    assert all(0 <= t < lm.config.vocab_size for t in a.token_ids)
+
+
+def test_bad_arguments(lm):
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        speculative_generate("hi", model=lm, num_draft_tokens=0)
+    with pytest.raises(TypeError, match="drafter"):
+        speculative_generate("hi", model=lm, drafter=object())
+
+
+def test_cli_speculative(lm):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "decodekit", "generate", "--prompt", PROMPTS[0], "--temperature", "0",
+                        "--max-new-tokens", "16", "--speculative", "ngram"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "tokens/pass" in r.stderr and r.stdout.strip()
