@@ -106,9 +106,11 @@ def chain_speculative_sampling(
         if bool(((ids < -1) | (ids >= vs)).any()):
             raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts)")
         for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-            if t is not None and bool((~torch.isfinite(t) | (t < 0)).any()):
-                raise ValueError(f"{op}: {name} must be finite and >= 0")
-        if bool((target_probs[..., :vs].sum(-1) <= 0).any()):
+            if t is not None and t.numel():
+                lo, hi = torch.aminmax(t)  # one pass; NaN fails both comparisons
+                if not (bool(lo >= 0) and bool(hi < float("inf"))):
+                    raise ValueError(f"{op}: {name} must be finite and >= 0")
+        if bool((target_probs[..., :vs].amax(-1) <= 0).any()):
             raise ValueError(f"{op}: every target_probs row needs positive mass in [0, vocab_size)")
     s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, target_probs, op, B > 0, validate)
     out, acc, emit = ops.chain_speculative_sampling(
