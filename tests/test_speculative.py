@@ -141,3 +141,49 @@ def test_opcheck():
     q = torch.softmax(torch.randn(2, 2, 5), -1)
     torch.library.opcheck(torch.ops.decodekit.chain_speculative_sampling.default,
                           (q, torch.tensor([[1, 2], [0, -1]]), t, None, 3, None, 0, 5))
+
+
+def test_from_logits_min_p_hand_case():
+    # Target probs [0.6, 0.35, 0.05] after min_p 0.1 -> [0.6316, 0.3684, 0]: a one-hot draft of
+    # token 2 is never accepted, and the recovered token is 0 or 1.
+    from decodekit.speculative import processed_probs
+
+    logits = torch.log(torch.tensor([[0.6, 0.35, 0.05]]))
+    probs = processed_probs(logits, 1.0, min_p=0.1)
+    assert torch.allclose(probs, torch.tensor([[0.6 / 0.95, 0.35 / 0.95, 0.0]]), atol=1e-6)
+    N = 20000
+    target = torch.log(torch.tensor([[0.6, 0.35, 0.05], [0.3, 0.3, 0.4]])).expand(N, 2, 3).contiguous()
+    out = decodekit.chain_speculative_sampling_from_logits(None, torch.full((N, 1), 2), target, 1.0, min_p=0.1,
+                                                           seed=torch.arange(N))
+    assert (out.num_accepted == 0).all() and set(out.output_token_ids[:, 0].tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.7, top_k=3), dict(temperature=1.3, top_p=0.8, min_p=0.05)])
+def test_from_logits_lossless_with_filters(params):
+    # 200,000 rows, K=3, V=6: each emitted position follows the processed target distribution
+    # (chi-square p > 1e-4; positions with fewer than 5 expected per kept cell skipped).
+    from decodekit.speculative import processed_probs
+
+    N, K, V = 200_000, 3, 6
+    g = torch.Generator().manual_seed(40)
+    t_logits = torch.randn(K + 1, V, generator=g) * 1.5
+    d_logits = torch.randn(K, V, generator=g) * 1.5
+    q = processed_probs(d_logits, **params)
+    p = processed_probs(t_logits, **params).double()
+    drafts = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(K)], 1)
+    out = decodekit.chain_speculative_sampling_from_logits(
+        d_logits.expand(N, K, V).contiguous(), drafts, t_logits.expand(N, K + 1, V).contiguous(),
+        seed=torch.arange(N) + 3, **params)
+    tested = 0
+    for j in range(K + 1):
+        reached = out.num_emitted > j
+        n = int(reached.sum())
+        kept = p[j] > 0
+        expected = p[j][kept] / p[j][kept].sum() * n
+        counts = torch.bincount(out.output_token_ids[reached, j], minlength=V).double()
+        assert counts[~kept].sum() == 0
+        if n == 0 or float(expected.min()) < 5:
+            continue
+        assert scipy_stats.chisquare(counts[kept].numpy(), expected.numpy()).pvalue > 1e-4, j
+        tested += 1
+    assert tested >= 1

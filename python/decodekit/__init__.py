@@ -37,7 +37,12 @@ from .kv_cache import (
     append_kv_cache,
     append_paged_kv_cache,
 )
-from .speculative import SpeculativeOutput, chain_speculative_sampling, greedy_verify
+from .speculative import (
+    SpeculativeOutput,
+    chain_speculative_sampling,
+    chain_speculative_sampling_from_logits,
+    greedy_verify,
+)
 from .generate import GenerationResult, generate  # model packages load lazily, on first use
 
 __version__ = "0.1.0"
@@ -48,4 +53,4 @@ __all__ = [
     "generate", "GenerationResult", "__version__",
 ]
 __all__ += ["append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]
-__all__ += ["SpeculativeOutput", "chain_speculative_sampling", "greedy_verify"]
+__all__ += ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify"]

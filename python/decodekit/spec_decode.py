@@ -2,7 +2,8 @@
 
 Each step runs the target once on ``[last token] + drafts`` (``K + 1`` positions) through the
 paged KV cache, verifies the drafts with :func:`decodekit.greedy_verify` (temperature 0) or
-:func:`decodekit.chain_speculative_sampling` (lossless rejection sampling, drafts one-hot), keeps
+:func:`decodekit.chain_speculative_sampling_from_logits` (lossless rejection sampling of the
+processed target distribution, drafts one-hot), keeps
 the accepted drafts plus one emitted token, and rolls the cache back over the rejected ones with
 :meth:`PagedKVCache.truncate`. The target's logits are bit-identical whatever the number of
 positions in a pass (batch-invariant linear layers and attention), so greedy speculative
@@ -23,8 +24,8 @@ import torch
 
 from .generate import _prompt_ids
 from .models.gguf_loader import LoadedModel, load_model
-from .ops import filter_probs, sample_from_logits, softmax
-from .speculative import chain_speculative_sampling, greedy_verify
+from .ops import sample_from_logits
+from .speculative import chain_speculative_sampling_from_logits, greedy_verify
 from .tokenizer import StreamDecoder
 
 __all__ = ["NgramDrafter", "SpeculativeResult", "speculative_generate"]
@@ -161,12 +162,6 @@ def speculative_generate(prompt: Union[str, Sequence[int]], *, model: Union[None
             if stream is not None:
                 stream(piece)
 
-    def target_probs(logits: torch.Tensor) -> torch.Tensor:  # [T, V] -> processed [T, V]
-        probs = softmax(logits, temperature)
-        if top_k > 0 or top_p < 1.0 or min_p > 0.0:
-            probs = filter_probs(probs, top_k, top_p, min_p)
-        return probs
-
     t0 = time.perf_counter()
     logits = net.forward_paged(torch.tensor([ids]), cache, [seq])  # [1, V]
     t1 = time.perf_counter()
@@ -189,8 +184,8 @@ def speculative_generate(prompt: Union[str, Sequence[int]], *, model: Union[None
         if greedy:
             res = greedy_verify(draft_t, logits)
         else:
-            probs = target_probs(logits[0]).unsqueeze(0)
-            res = chain_speculative_sampling(None, draft_t, probs, seed=seed, offset=offset)
+            res = chain_speculative_sampling_from_logits(None, draft_t, logits, temperature, top_k, top_p, min_p,
+                                                         seed=seed, offset=offset)
         offset += 1
         n = int(res.num_accepted[0])
         drafted += d

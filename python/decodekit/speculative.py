@@ -14,7 +14,8 @@ import torch
 
 from .ops import _seed_and_offset, _check_vocab_size, argmax, ops
 
-__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "greedy_verify"]
+__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits",
+           "greedy_verify", "processed_probs"]
 
 
 class SpeculativeOutput(NamedTuple):
@@ -156,3 +157,83 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
     out[:, :K] = torch.where(pos[:, :K] < num_accepted[:, None], ids, -1)
     out.scatter_(1, num_accepted[:, None], top.gather(1, num_accepted[:, None]))
     return SpeculativeOutput(out, num_accepted, num_accepted + 1)
+
+
+def _expand(param, B: int, per: int):
+    """A scalar stays; a [B] tensor is repeated for each of the ``per`` positions of its row."""
+    if isinstance(param, torch.Tensor) and param.dim() == 1:
+        if param.size(0) != B:
+            raise ValueError(f"chain_speculative_sampling_from_logits: per-row parameters must have length B={B}")
+        return param.repeat_interleave(per)
+    return param
+
+
+def processed_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """The distribution :func:`decodekit.sample_from_logits` draws from, as float32 probabilities.
+
+    ``logits`` ``[N, V]``; parameters scalars or ``[N]`` tensors. Top-k ranks the raw logits
+    (:func:`decodekit.top_k_mask_logits`), then ``softmax(logits / T)`` (one-hot at the argmax
+    for ``T == 0``), then top-p and min-p on the renormalised probabilities
+    (:func:`decodekit.filter_probs`). Returns float32 ``[N, V]``.
+    """
+    from .ops import filter_probs, softmax, top_k_mask_logits
+
+    x = logits
+    if isinstance(top_k, torch.Tensor) or top_k > 0:
+        x = top_k_mask_logits(x, top_k)
+    probs = softmax(x, temperature)
+    if isinstance(top_p, torch.Tensor) or isinstance(min_p, torch.Tensor) or top_p < 1.0 or min_p > 0.0:
+        probs = filter_probs(probs, top_p=top_p, min_p=min_p)
+    return probs
+
+
+def chain_speculative_sampling_from_logits(
+    draft_logits: Optional[torch.Tensor],
+    draft_token_ids: torch.Tensor,
+    target_logits: torch.Tensor,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    *,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Union[int, torch.Tensor] = 0,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+    validate: bool = True,
+) -> SpeculativeOutput:
+    """:func:`chain_speculative_sampling` on logits, with the sampler's processing applied to both.
+
+    Temperature, top-k, top-p and min-p (scalars or ``[B]`` tensors, one value per request)
+    are applied exactly as in :func:`processed_probs` to the draft distributions and to the
+    target distributions at every position, the bonus position included, so the emitted tokens
+    follow the processed target distribution.
+
+    Args:
+        draft_logits: ``[B, K, V]`` or None (one-hot drafts).
+        draft_token_ids: int64 ``[B, K]`` (-1 padding).
+        target_logits: ``[B, K + 1, V]``.
+        temperature, top_k, top_p, min_p: the sampling parameters.
+        seed, offset, generator, vocab_size, validate: as in :func:`chain_speculative_sampling`.
+
+    Returns:
+        :class:`SpeculativeOutput`.
+    """
+    op = "chain_speculative_sampling_from_logits"
+    if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3:
+        raise ValueError(f"{op}: target_logits must be [B, K + 1, V]")
+    B, K1, V = target_logits.shape
+    params = [_expand(p, B, K1) for p in (temperature, top_k, top_p, min_p)]
+    if vocab_size is not None and vocab_size < V:
+        target_logits = target_logits[..., :vocab_size]
+    target = processed_probs(target_logits.reshape(B * K1, -1), *params).reshape(B, K1, -1)
+    draft = None
+    if draft_logits is not None:
+        if not isinstance(draft_logits, torch.Tensor) or tuple(draft_logits.shape) != (B, K1 - 1, V):
+            raise ValueError(f"{op}: draft_logits must be [B={B}, K={K1 - 1}, V={V}] or None")
+        if vocab_size is not None and vocab_size < V:
+            draft_logits = draft_logits[..., :vocab_size]
+        dparams = [_expand(p, B, K1 - 1) for p in (temperature, top_k, top_p, min_p)]
+        draft = processed_probs(draft_logits.reshape(B * (K1 - 1), -1), *dparams).reshape(B, K1 - 1, -1)
+    return chain_speculative_sampling(draft, draft_token_ids, target.contiguous(), seed=seed, offset=offset,
+                                      generator=generator, validate=validate)
