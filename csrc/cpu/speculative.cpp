@@ -12,6 +12,10 @@
 #include <algorithm>
 
 #include "decodekit/philox.h"
+#include "vec.h"
+
+#include <cstdlib>
+#include <new>
 
 #ifndef DK_ISA
 #define DK_ISA baseline
@@ -22,27 +26,95 @@ namespace cpu {
 namespace DK_ISA {
 namespace {
 
-// Inverse CDF in ascending index order over weights w(i) >= 0 with one float64
-// uniform; returns -1 when the total is 0. Zero-weight tokens are never drawn.
-template <class W>
-int64_t draw(int64_t n, W&& w, double u) {
+constexpr int64_t kBlock = 1024;  // elements per float64 block sum (multiple of 16)
+
+// Grow-only scratch with internal linkage (a std::vector<double> would share
+// its out-of-line members between the per-instruction-set builds of this file).
+struct Sums {
+  double* p = nullptr;
+  int64_t n = 0;
+  ~Sums() { std::free(p); }
+  double* get(int64_t need) {
+    if (need > n) {
+      std::free(p);
+      p = static_cast<double*>(std::malloc(static_cast<size_t>(need) * sizeof(double)));
+      if (!p) throw std::bad_alloc();
+      n = need;
+    }
+    return p;
+  }
+};
+
+inline double clean(float x) { return x > 0.0f ? static_cast<double>(x) : 0.0; }
+
+// w_i = max(0, clean(p_i) - clean(q_i)), with q one-hot at x when q is null and
+// absent (zero) when subtract is false; NaN and negative entries count as 0.
+struct Residual {
+  const float* p;
+  const float* q;
+  int64_t x;
+  bool subtract;
+  DK_VINLINE VF chunk(int64_t c, int64_t n) const {
+    float pa[16], qa[16];
+    const bool full = c + 16 <= n;
+    for (int j = 0; j < 16; ++j) pa[j] = full || c + j < n ? p[c + j] : 0.0f;
+    VF pv = load_f32(pa);
+    const VF zero = splat(0.0f);
+    pv = select(pv > zero, pv, zero);
+    if (!subtract) return pv;
+    VF qv;
+    if (q) {
+      for (int j = 0; j < 16; ++j) qa[j] = full || c + j < n ? q[c + j] : 0.0f;
+      qv = load_f32(qa);
+      qv = select(qv > zero, qv, zero);
+    } else {
+      for (int j = 0; j < 16; ++j) qa[j] = c + j == x ? 1.0f : 0.0f;
+      qv = load_f32(qa);
+    }
+    const VF w = pv - qv;
+    return select(w > zero, w, zero);
+  }
+  double at(int64_t i) const {
+    const double qi = !subtract ? 0.0 : (q ? clean(q[i]) : (i == x ? 1.0 : 0.0));
+    return std::max(0.0, clean(p[i]) - qi);
+  }
+};
+
+// Inverse CDF in ascending index order with one float64 uniform: block sums in
+// 16 float64 lanes (a split that depends only on n), then a sequential scan of
+// the chosen block. Returns -1 when the total is 0; zero weights never drawn.
+int64_t draw(const Residual& r, int64_t n, double u, Sums& scratch) {
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  double* sums = scratch.get(nblocks);
   double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += w(i);
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    Acc16d acc;
+    const int64_t end = std::min(n, (blk + 1) * kBlock);
+    for (int64_t c = blk * kBlock; c < end; c += 16) acc.add(r.chunk(c, end));
+    sums[blk] = acc.sum();
+    total += sums[blk];
+  }
   if (!(total > 0.0)) return -1;
   const double target = u * total;
   double cum = 0.0;
+  int64_t blk = 0;
+  for (; blk < nblocks; ++blk) {
+    if (cum + sums[blk] > target) break;
+    cum += sums[blk];
+  }
   int64_t last = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const double wi = w(i);
+  for (int64_t i = std::min(blk, nblocks - 1) * kBlock; i < n; ++i) {
+    const double wi = r.at(i);
     if (!(wi > 0.0)) continue;
     last = i;
     cum += wi;
     if (cum > target) return i;
   }
+  if (last < 0)  // rounding put the target past every positive weight of the later blocks
+    for (int64_t i = n - 1; i >= 0; --i)
+      if (r.at(i) > 0.0) return i;
   return last;
 }
-
-inline double clean(float x) { return x > 0.0f ? static_cast<double>(x) : 0.0; }
 
 }  // namespace
 
@@ -53,6 +125,7 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < B; ++b) {
+    thread_local Sums sums;
     const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
     int64_t* row_out = out + b * (K + 1);
     std::fill(row_out, row_out + K + 1, int64_t{-1});
@@ -72,18 +145,15 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
         continue;
       }
       const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + j)}.uniform_double(0);
-      int64_t t = draw(vocab_size, [&](int64_t i) {
-        const double qi = q ? clean(q[i]) : (i == x ? 1.0 : 0.0);
-        return std::max(0.0, clean(p[i]) - qi);
-      }, u);
-      if (t < 0) t = draw(vocab_size, [&](int64_t i) { return clean(p[i]); }, u);
+      int64_t t = draw(Residual{p, q, x, true}, vocab_size, u, sums);
+      if (t < 0) t = draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums);
       row_out[j] = t;  // -1 only when the target row has no mass at all
       break;
     }
     if (j == n) {  // every real draft accepted: the bonus token
       const float* p = target_probs + (b * (K + 1) + n) * V;
       const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + n)}.uniform_double(0);
-      row_out[n] = draw(vocab_size, [&](int64_t i) { return clean(p[i]); }, u);
+      row_out[n] = draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums);
       num_accepted[b] = n;
     } else {
       num_accepted[b] = j;
