@@ -86,3 +86,16 @@ def test_cli_speculative(lm):
                         "--max-new-tokens", "16", "--speculative", "ngram"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "tokens/pass" in r.stderr and r.stdout.strip()
+
+
+def test_batched_speculative_equals_each_request_alone(lm):
+    # Greedy and seeded sampling: each request's tokens are the same alone or in a batch.
+    greedy_batch = speculative_generate(PROMPTS + [CODE_PROMPT], model=lm, max_new_tokens=40, temperature=0)
+    for p, r in zip(PROMPTS + [CODE_PROMPT], greedy_batch):
+        assert r.token_ids == decodekit.generate(p, model=lm, max_new_tokens=40, temperature=0).token_ids
+    sampled = speculative_generate(PROMPTS, model=lm, max_new_tokens=24, temperature=0.8, seed=[3, 4, 5])
+    for p, s, r in zip(PROMPTS, [3, 4, 5], sampled):
+        alone = speculative_generate(p, model=lm, max_new_tokens=24, temperature=0.8, seed=s)
+        assert r.token_ids == alone.token_ids
+    with pytest.raises(ValueError, match="seed"):
+        speculative_generate(PROMPTS, model=lm, temperature=0.8, seed=[1, 2])

@@ -103,29 +103,40 @@ class SpeculativeResult:
                 f"of {self.drafted} drafted, seed: {self.seed}")
 
 
-def speculative_generate(prompt: Union[str, Sequence[int]], *, model: Union[None, str, os.PathLike, LoadedModel] = None,
+def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedModel] = None,
                          drafter: Union[str, NgramDrafter] = "ngram", num_draft_tokens: int = 4,
                          max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                         min_p: float = 0.0, seed: Optional[int] = None, chat_template: bool = True,
-                         stop_on_eos: bool = True, stream: Optional[Callable[[str], None]] = None) -> SpeculativeResult:
-    """Generate with speculative decoding (one request).
+                         min_p: float = 0.0, seed=None, chat_template: bool = True,
+                         stop_on_eos: bool = True, stream: Optional[Callable] = None):
+    """Generate with speculative decoding, for one prompt or a batch of prompts.
+
+    Each step drafts up to K tokens per request, runs the target once on every active
+    request's ``[last token] + drafts`` (rows padded to the longest draft; padding positions
+    are rolled back), verifies, keeps the accepted drafts plus one emitted token, and rolls
+    each sequence back with :meth:`PagedKVCache.truncate`. A request's tokens do not depend
+    on the other requests in the batch (its drafts come from its own context and its random
+    numbers from its own seed, with the target pass count as the offset).
 
     Args:
-        prompt: text (wrapped in the chat template unless ``chat_template=False``) or token ids.
+        prompt: text (wrapped in the chat template unless ``chat_template=False``) or token ids,
+            or a list of prompts (then a list of results is returned).
         model: as in :func:`decodekit.generate`.
         drafter: ``"ngram"`` or an object with ``propose(context_ids, k) -> list[int]``.
         num_draft_tokens: K, the most tokens proposed per step (>= 1).
-        max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_on_eos, stream: as in
-            :func:`decodekit.generate`. With ``temperature == 0`` verification is greedy and
-            the output equals plain greedy decoding; otherwise the target distribution
-            (softmax at the temperature, then top-k / top-p / min-p) is sampled losslessly.
+        max_new_tokens, temperature, top_k, top_p, min_p, stop_on_eos: as in
+            :func:`decodekit.generate` (one value for every request). With ``temperature == 0``
+            verification is greedy and the output equals plain greedy decoding; otherwise the
+            processed target distribution is sampled losslessly.
+        seed: an int (every request), a list of ints (one per request) or None (random,
+            reported; greedy requests report None).
+        stream: ``stream(piece)`` for one prompt, ``stream(index, piece)`` for a batch.
 
     Returns:
-        :class:`SpeculativeResult`.
+        :class:`SpeculativeResult`, or a list of them for a list of prompts.
 
     Raises:
         TypeError / ValueError for bad arguments (as :func:`decodekit.generate`), a drafter
-        without ``propose``, or ``num_draft_tokens < 1``.
+        without ``propose``, ``num_draft_tokens < 1``, or a seed list of the wrong length.
 
     Source: Leviathan et al., ICML 2023 (verification); prompt lookup decoding for the drafter.
     """
@@ -139,70 +150,99 @@ def speculative_generate(prompt: Union[str, Sequence[int]], *, model: Union[None
         drafter = NgramDrafter()
     if not callable(getattr(drafter, "propose", None)):
         raise TypeError("speculative_generate: drafter must be 'ngram' or have a propose(context, k) method")
+    batched = isinstance(prompt, list) and len(prompt) > 0 and not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    prompts = prompt if batched else [prompt]
+    n_req = len(prompts)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n_req
+    if len(seeds) != n_req:
+        raise ValueError(f"speculative_generate: seed has {len(seeds)} values for {n_req} prompts")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     net = lm.model
-    ids = _prompt_ids(lm, prompt, chat_template)
     greedy = temperature == 0 or top_k == 1 or top_p == 0
-    if seed is None and not greedy:
-        seed = int.from_bytes(os.urandom(4), "little")
+    seeds = [None if greedy else (int.from_bytes(os.urandom(4), "little") if s is None else s) for s in seeds]
+    all_ids = [_prompt_ids(lm, p, chat_template) for p in prompts]
     K = num_draft_tokens
-    total = len(ids) + max_new_tokens + K + 1
-    if total > net.config.max_seq_len:
-        raise ValueError(f"speculative_generate: prompt + max_new_tokens + K exceeds the context length "
-                         f"{net.config.max_seq_len}")
-    cache = net.new_paged_cache(num_blocks=total // 16 + 2)
-    seq = cache.add_sequence()
+    for ids in all_ids:
+        if len(ids) + max_new_tokens + K + 1 > net.config.max_seq_len:
+            raise ValueError(f"speculative_generate: prompt + max_new_tokens + K exceeds the context length "
+                             f"{net.config.max_seq_len}")
+    blocks = sum((len(ids) + max_new_tokens + K + 1) // 16 + 2 for ids in all_ids)
+    cache = net.new_paged_cache(num_blocks=blocks)
     stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
-    detok = StreamDecoder(lm.tokenizer)
-    pieces: List[str] = []
 
-    def emit(piece: str) -> None:
+    class _Req:
+        pass
+
+    reqs = []
+    for i, ids in enumerate(all_ids):
+        r = _Req()
+        r.i, r.ids, r.seq, r.seed = i, ids, cache.add_sequence(), seeds[i]
+        r.out, r.pieces, r.detok = [], [], StreamDecoder(lm.tokenizer)
+        r.finish, r.passes, r.drafted, r.accepted, r.offset = "length", 0, 0, 0, 1
+        reqs.append(r)
+
+    def emit(r, piece: str) -> None:
         if piece:
-            pieces.append(piece)
+            r.pieces.append(piece)
             if stream is not None:
-                stream(piece)
+                stream(r.i, piece) if batched else stream(piece)
+
+    def take(r, tok: int) -> bool:
+        """Appends a token; returns False when the request is finished."""
+        r.out.append(tok)
+        if tok in stop_ids:
+            r.finish = "eos"
+            return False
+        emit(r, r.detok.push(tok))
+        return len(r.out) < max_new_tokens
 
     t0 = time.perf_counter()
-    logits = net.forward_paged(torch.tensor([ids]), cache, [seq])  # [1, V]
+    for r in reqs:  # prefill each prompt alone
+        logits = net.forward_paged(torch.tensor([r.ids]), cache, [r.seq])
+        first = int(sample_from_logits(logits, temperature, top_k, top_p, min_p, seed=r.seed, offset=0)[0])
+        r.alive = take(r, first)
     t1 = time.perf_counter()
-    first = int(sample_from_logits(logits, temperature, top_k, top_p, min_p, seed=seed, offset=0)[0])
-    out: List[int] = [first]
-    finish, passes, drafted, accepted, offset = "length", 0, 0, 0, 1
-    if first in stop_ids:
-        finish = "eos"
-    else:
-        emit(detok.push(first))
-    while finish == "length" and len(out) < max_new_tokens:
-        room = max_new_tokens - len(out)
-        drafts = list(drafter.propose(ids + out, min(K, room)))[: min(K, room)]
-        inp = torch.tensor([[out[-1]] + drafts])
-        before = int(cache.seq_lens([seq])[0])
-        logits = net.forward_paged(inp, cache, [seq], all_logits=True)  # [1, 1 + d, V]
-        passes += 1
-        d = len(drafts)
-        draft_t = torch.tensor([drafts], dtype=torch.int64).reshape(1, d)
+    while True:
+        active = [r for r in reqs if r.alive]
+        if not active:
+            break
+        drafts = []
+        for r in active:
+            room = max_new_tokens - len(r.out)
+            drafts.append(list(drafter.propose(r.ids + r.out, min(K, room)))[: min(K, room)])
+        width = max(len(d) for d in drafts)
+        inp = torch.tensor([[r.out[-1]] + d + [r.out[-1]] * (width - len(d)) for r, d in zip(active, drafts)])
+        draft_t = torch.tensor([d + [-1] * (width - len(d)) for d in drafts], dtype=torch.int64).reshape(
+            len(active), width)
+        before = cache.seq_lens([r.seq for r in active]).tolist()
+        logits = net.forward_paged(inp, cache, [r.seq for r in active], all_logits=True)  # [B, 1 + width, V]
         if greedy:
             res = greedy_verify(draft_t, logits)
         else:
-            res = chain_speculative_sampling_from_logits(None, draft_t, logits, temperature, top_k, top_p, min_p,
-                                                         seed=seed, offset=offset)
-        offset += 1
-        n = int(res.num_accepted[0])
-        drafted += d
-        accepted += n
-        new = res.output_token_ids[0, : n + 1].tolist()
-        cache.truncate(seq, before + 1 + n)  # keep the last token and the accepted drafts
-        for tok in new:
-            out.append(tok)
-            if tok in stop_ids:
-                finish = "eos"
-                break
-            emit(detok.push(tok))
-            if len(out) >= max_new_tokens:
-                break
-    emit(detok.flush())
+            res = chain_speculative_sampling_from_logits(
+                None, draft_t, logits, temperature, top_k, top_p, min_p,
+                seed=torch.tensor([r.seed for r in active], dtype=torch.int64),
+                offset=torch.tensor([r.offset for r in active], dtype=torch.int64))
+        for b, r in enumerate(active):
+            n = int(res.num_accepted[b])
+            r.passes += 1
+            r.offset += 1
+            r.drafted += len(drafts[b])
+            r.accepted += n
+            cache.truncate(r.seq, before[b] + 1 + n)  # keep the last token and the accepted drafts
+            for tok in res.output_token_ids[b, : n + 1].tolist():
+                r.alive = take(r, tok)
+                if not r.alive:
+                    break
+            if not r.alive:
+                cache.free(r.seq)
     t2 = time.perf_counter()
-    cache.free(seq)
-    return SpeculativeResult(prompt_token_ids=ids, token_ids=out, text="".join(pieces), finish_reason=finish,
-                             seed=seed, prefill_seconds=t1 - t0, decode_seconds=t2 - t1, target_passes=passes,
-                             drafted=drafted, accepted=accepted, model_name=lm.name)
+    results = []
+    for r in reqs:
+        emit(r, r.detok.flush())
+        results.append(SpeculativeResult(prompt_token_ids=r.ids, token_ids=r.out, text="".join(r.pieces),
+                                         finish_reason=r.finish, seed=r.seed, prefill_seconds=t1 - t0,
+                                         decode_seconds=t2 - t1, target_passes=r.passes, drafted=r.drafted,
+                                         accepted=r.accepted, model_name=lm.name))
+    return results if batched else results[0]
