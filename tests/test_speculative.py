@@ -187,3 +187,27 @@ def test_from_logits_lossless_with_filters(params):
         assert scipy_stats.chisquare(counts[kept].numpy(), expected.numpy()).pvalue > 1e-4, j
         tested += 1
     assert tested >= 1
+
+
+def test_unnormalised_rows_and_padding_columns_are_renormalised():
+    # Target mass in padding columns (vocab_size=2) or rows summing to 10: the emitted token
+    # must follow the renormalised distribution over the vocabulary (uniform here).
+    N = 100_000
+    for target, vs in ((torch.full((N, 2, 4), 0.25), 2), (torch.full((N, 2, 4), 2.5), None)):
+        out = decodekit.chain_speculative_sampling(None, torch.zeros(N, 1, dtype=torch.long), target,
+                                                   seed=torch.arange(N), vocab_size=vs)
+        first = out.output_token_ids[:, 0]
+        k = 2 if vs else 4
+        counts = torch.bincount(first, minlength=k).double()[:k]
+        assert counts.sum() == N
+        assert scipy_stats.chisquare(counts.numpy()).pvalue > 1e-4
+
+
+def test_from_logits_greedy_needs_no_seed_and_empty_drafts():
+    L = torch.randn(2, 2, 6)
+    out = decodekit.chain_speculative_sampling_from_logits(None, torch.zeros(2, 1, dtype=torch.long), L, 0.0)
+    assert torch.equal(out.output_token_ids[:, -1][out.num_accepted == 1], L[out.num_accepted == 1, 1].argmax(-1))
+    decodekit.chain_speculative_sampling_from_logits(None, torch.zeros(2, 1, dtype=torch.long), L, 1.0, 1)
+    empty = decodekit.chain_speculative_sampling_from_logits(torch.zeros(2, 0, 6), torch.zeros(2, 0, dtype=torch.long),
+                                                             L[:, :1], 1.0, seed=1)
+    assert empty.output_token_ids.shape == (2, 1) and (empty.num_emitted == 1).all()

@@ -54,6 +54,8 @@ struct Residual {
   const float* q;
   int64_t x;
   bool subtract;
+  float sp = 1.0f;  // 1 / (mass of p over the vocabulary): the rows need not be normalised
+  float sq = 1.0f;  // 1 / (mass of q)
   DK_VINLINE VF chunk(int64_t c, int64_t n) const {
     float pa[16], qa[16];
     const bool full = c + 16 <= n;
@@ -62,11 +64,12 @@ struct Residual {
     const VF zero = splat(0.0f);
     pv = select(pv > zero, pv, zero);
     if (!subtract) return pv;
+    pv = pv * splat(sp);
     VF qv;
     if (q) {
       for (int j = 0; j < 16; ++j) qa[j] = full || c + j < n ? q[c + j] : 0.0f;
       qv = load_f32(qa);
-      qv = select(qv > zero, qv, zero);
+      qv = select(qv > zero, qv, zero) * splat(sq);
     } else {
       for (int j = 0; j < 16; ++j) qa[j] = c + j == x ? 1.0f : 0.0f;
       qv = load_f32(qa);
@@ -74,11 +77,23 @@ struct Residual {
     const VF w = pv - qv;
     return select(w > zero, w, zero);
   }
-  double at(int64_t i) const {
-    const double qi = !subtract ? 0.0 : (q ? clean(q[i]) : (i == x ? 1.0 : 0.0));
-    return std::max(0.0, clean(p[i]) - qi);
+  double at(int64_t i) const {  // the same float32 operations as chunk(), lane by lane
+    const float pc = p[i] > 0.0f ? p[i] : 0.0f;
+    if (!subtract) return pc;
+    const float qc = q ? (q[i] > 0.0f ? q[i] : 0.0f) * sq : (i == x ? 1.0f : 0.0f);
+    const float w = pc * sp - qc;
+    return w > 0.0f ? static_cast<double>(w) : 0.0;
   }
 };
+
+// Mass of a probability row over [0, n) (negative and NaN entries count as 0),
+// in 16 float64 lanes: the same value whatever the batch.
+double row_mass(const float* p, int64_t n) {
+  Acc16d acc;
+  const Residual r{p, nullptr, -1, false};
+  for (int64_t c = 0; c < n; c += 16) acc.add(r.chunk(c, n));
+  return acc.sum();
+}
 
 // Inverse CDF in ascending index order with one float64 uniform: block sums in
 // 16 float64 lanes (a split that depends only on n), then a sequential scan of
@@ -138,14 +153,20 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
       const float* p = target_probs + (b * (K + 1) + j) * V;
       const float* q = draft_probs ? draft_probs + (b * K + j) * V : nullptr;
       const int64_t x = d[j];
-      const double px = clean(p[x]);
-      const double qx = q ? clean(q[x]) : 1.0;
+      // Normalise over the vocabulary so unnormalised rows and padding columns are handled.
+      const double mp = row_mass(p, vocab_size);
+      const double mq = q ? row_mass(q, vocab_size) : 1.0;
+      const double px = mp > 0.0 ? clean(p[x]) / mp : 0.0;
+      const double qx = q ? (mq > 0.0 ? clean(q[x]) / mq : 0.0) : 1.0;
       if (accept.uniform_double(static_cast<uint64_t>(j)) * qx < px) {
         row_out[j] = x;
         continue;
       }
       const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + j)}.uniform_double(0);
-      int64_t t = draw(Residual{p, q, x, true}, vocab_size, u, sums);
+      Residual res{p, q, x, true};
+      res.sp = mp > 0.0 ? static_cast<float>(1.0 / mp) : 0.0f;
+      res.sq = mq > 0.0 ? static_cast<float>(1.0 / mq) : 0.0f;
+      int64_t t = draw(res, vocab_size, u, sums);
       if (t < 0) t = draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums);
       row_out[j] = t;  // -1 only when the target row has no mass at all
       break;

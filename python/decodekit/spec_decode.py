@@ -24,7 +24,7 @@ import torch
 
 from .generate import _prompt_ids
 from .models.gguf_loader import LoadedModel, load_model
-from .ops import sample_from_logits
+from .ops import _to_int64_bits, sample_from_logits
 from .speculative import chain_speculative_sampling_from_logits, greedy_verify
 from .tokenizer import StreamDecoder
 
@@ -210,7 +210,12 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         drafts = []
         for r in active:
             room = max_new_tokens - len(r.out)
-            drafts.append(list(drafter.propose(r.ids + r.out, min(K, room)))[: min(K, room)])
+            proposal = list(drafter.propose(r.ids + r.out, min(K, room)))[: min(K, room)]
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < net.config.vocab_size
+                   for t in proposal):
+                raise ValueError(f"speculative_generate: the drafter proposed {proposal!r}; draft tokens must be "
+                                 f"ints in [0, {net.config.vocab_size})")
+            drafts.append(proposal)
         width = max(len(d) for d in drafts)
         inp = torch.tensor([[r.out[-1]] + d + [r.out[-1]] * (width - len(d)) for r, d in zip(active, drafts)])
         draft_t = torch.tensor([d + [-1] * (width - len(d)) for d in drafts], dtype=torch.int64).reshape(
@@ -222,7 +227,8 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         else:
             res = chain_speculative_sampling_from_logits(
                 None, draft_t, logits, temperature, top_k, top_p, min_p,
-                seed=torch.tensor([r.seed for r in active], dtype=torch.int64),
+                seed=torch.tensor([_to_int64_bits(r.seed, "seed", "speculative_generate") for r in active],
+                                  dtype=torch.int64),
                 offset=torch.tensor([r.offset for r in active], dtype=torch.int64))
         for b, r in enumerate(active):
             n = int(res.num_accepted[b])

@@ -68,7 +68,9 @@ def chain_speculative_sampling(
             the bonus position (after any temperature / filters the caller applies).
         seed, offset, generator: the per-request Philox key and counter (DESIGN.md), as in
             :func:`decodekit.sample_from_logits`; one of seed / generator is required.
-        vocab_size: columns at or past it are padding: never emitted, a draft there ends the chain.
+        vocab_size: columns at or past it are padding: never emitted, and the probabilities are
+            renormalised over ``[0, vocab_size)`` (rows need not sum to 1). A draft id at or past
+            it is an error with ``validate=True`` and ends the chain with ``validate=False``.
         deterministic: accepted for symmetry; the kernel is deterministic in both modes.
         validate: check shapes' data (non-negative, finite probabilities; draft ids in
             ``[-1, vocab_size)``); synchronises.
@@ -92,6 +94,8 @@ def chain_speculative_sampling(
     if tuple(target_probs.shape[:2]) != (B, K + 1):
         raise ValueError(f"{op}: target_probs must be [B={B}, K+1={K + 1}, V], got {tuple(target_probs.shape)}")
     V = target_probs.size(2)
+    if V < 1:
+        raise ValueError(f"{op}: target_probs must have V >= 1 columns")
     if draft_probs is not None:
         if not isinstance(draft_probs, torch.Tensor) or draft_probs.dtype != torch.float32:
             raise TypeError(f"{op}: draft_probs must be a float32 [B, K, V] tensor or None")
@@ -148,12 +152,14 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
             tuple(target_logits.shape[:2]) != (B, K + 1):
         raise ValueError(f"{op}: target_logits must be [B={B}, K+1={K + 1}, V]")
     V = target_logits.size(2)
+    if ids.device != target_logits.device:
+        raise ValueError(f"{op}: draft_token_ids are on {ids.device} but target_logits on {target_logits.device}")
     top = argmax(target_logits.reshape(B * (K + 1), V), vocab_size=vocab_size).reshape(B, K + 1)
     real = torch.cumprod((ids >= 0).to(torch.int64), dim=1)
     match = torch.cumprod(((ids == top[:, :K]) & (real > 0)).to(torch.int64), dim=1)
     num_accepted = match.sum(1)
-    out = torch.full((B, K + 1), -1, dtype=torch.int64)
-    pos = torch.arange(K + 1)[None, :]
+    out = torch.full((B, K + 1), -1, dtype=torch.int64, device=ids.device)
+    pos = torch.arange(K + 1, device=ids.device)[None, :]
     out[:, :K] = torch.where(pos[:, :K] < num_accepted[:, None], ids, -1)
     out.scatter_(1, num_accepted[:, None], top.gather(1, num_accepted[:, None]))
     return SpeculativeOutput(out, num_accepted, num_accepted + 1)
@@ -223,6 +229,13 @@ def chain_speculative_sampling_from_logits(
     if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3:
         raise ValueError(f"{op}: target_logits must be [B, K + 1, V]")
     B, K1, V = target_logits.shape
+    if seed is None and generator is None:
+        # Greedy processing leaves one token per position: nothing is random, no seed needed.
+        greedy = [(p == 0) if not isinstance(p, torch.Tensor) else bool((p == 0).all())
+                  for p in (temperature, top_p)] + [
+            (top_k == 1) if not isinstance(top_k, torch.Tensor) else bool((top_k == 1).all())]
+        if any(greedy):
+            seed = 0
     params = [_expand(p, B, K1) for p in (temperature, top_k, top_p, min_p)]
     if vocab_size is not None and vocab_size < V:
         target_logits = target_logits[..., :vocab_size]
@@ -233,6 +246,9 @@ def chain_speculative_sampling_from_logits(
             raise ValueError(f"{op}: draft_logits must be [B={B}, K={K1 - 1}, V={V}] or None")
         if vocab_size is not None and vocab_size < V:
             draft_logits = draft_logits[..., :vocab_size]
+    if draft_logits is not None and K1 == 1:
+        draft = torch.zeros(B, 0, target.size(2))
+    elif draft_logits is not None:
         dparams = [_expand(p, B, K1 - 1) for p in (temperature, top_k, top_p, min_p)]
         draft = processed_probs(draft_logits.reshape(B * (K1 - 1), -1), *dparams).reshape(B, K1 - 1, -1)
     return chain_speculative_sampling(draft, draft_token_ids, target.contiguous(), seed=seed, offset=offset,
