@@ -585,9 +585,11 @@ class LlamaModel:
             k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
             if block_tables is None:        # the first append allocated the blocks of the new tokens
-                block_tables = cache.block_table(seq_ids)
+                block_tables = cache.block_table(seq_ids).to(torch.int64)
+            # The tables and lengths come from the cache itself: no data checks needed per layer.
             attn = _attention.paged_attention(q, cache.k[i], cache.v[i], block_tables, seq_lens,
-                                              scale=scale, kv_layout=cache.kv_layout)  # [B, T, Hq, D]
+                                              scale=scale, kv_layout=cache.kv_layout,
+                                              validate=False)  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
             h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
