@@ -28,7 +28,7 @@ namespace cpu {
 namespace DK_ISA {
 namespace {
 
-constexpr int kL = 16;
+constexpr int kL = kVecLanes;
 constexpr int kTile = 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -46,12 +46,11 @@ void load_row(const PagedKV& kv, const void* base, int64_t elem, int64_t D, floa
   for (int64_t d = D; d < Dp; ++d) dst[d] = 0.0f;
 }
 
-DK_VINLINE float tree_sum(VF v) { return tree_sum16(v); }
 
 DK_VINLINE float dot(const float* a, const float* b, int64_t Dp) {
   VF acc = splat(0.0f);
   for (int64_t d = 0; d < Dp; d += kL) acc = fma16(load_f32(a + d), load_f32(b + d), acc);
-  return tree_sum(acc);
+  return tree_sum16(acc);
 }
 
 // acc = acc * alpha + sum_j p_j v_j with the accumulator of NV vectors held in
@@ -130,7 +129,7 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       const VF p = exp16(load_f32(s) - splat(m_new));
       float pa[kTile];
       to_array(p, pa);
-      rs.l = rs.l * alpha + tree_sum(p);
+      rs.l = rs.l * alpha + tree_sum16(p);
       rs.m = m_new;
       float* a = &acc[r * Dp];
       if (Dp == 64) {

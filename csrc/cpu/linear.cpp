@@ -23,11 +23,10 @@ namespace cpu {
 namespace DK_ISA {
 namespace {
 
-constexpr int kL = 16;
+constexpr int kL = kVecLanes;
 constexpr int kTileN = 4;
 constexpr int kTileM = 4;
 
-DK_VINLINE float tree_sum(VF v) { return tree_sum16(v); }
 
 // The tail of K (K mod 16 elements) is zero-padded into full vectors, so the
 // operation sequence is the same for every row.
@@ -61,7 +60,7 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
     }
   }
   for (int i = 0; i < TM; ++i)
-    for (int j = 0; j < TN; ++j) y[i * ldy + j] = tree_sum(acc[i][j]) + (bias ? bias[j] : 0.0f);
+    for (int j = 0; j < TN; ++j) y[i * ldy + j] = tree_sum16(acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
 // Rows [0, M) against weight rows [n0, n0 + tn), tn <= kTileN.
