@@ -26,6 +26,7 @@ namespace {
 constexpr int kL = kVecLanes;
 constexpr int kTileN = 4;
 constexpr int kTileM = 4;
+constexpr int64_t kPrefetch = 256;  // floats ahead (1 KiB)
 
 
 // The tail of K (K mod 16 elements) is zero-padded into full vectors, so the
@@ -45,6 +46,10 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
   const int64_t K16 = K - K % kL;
   for (int64_t k = 0; k < K16; k += kL) {
     VF wv[TN];
+    // Software prefetch a few cache lines ahead in each weight row: with several input rows
+    // per tile the loop does more arithmetic per byte and the hardware prefetcher falls behind.
+    if (TM > 1)
+      for (int j = 0; j < TN; ++j) __builtin_prefetch(w + j * ldw + k + kPrefetch, 0, 0);
     for (int j = 0; j < TN; ++j) wv[j] = load_f32(w + j * ldw + k);
     for (int i = 0; i < TM; ++i) {
       const VF xv = load_f32(x + i * ldx + k);
@@ -69,7 +74,14 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
                   float* y, int64_t ldy) {
   int64_t m = 0;
   for (; m + kTileM <= M; m += kTileM) tile<kTileM, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy);
-  for (; m < M; ++m) tile<1, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy);
+  // The last 1-3 rows in one tile, so the weight rows are read once for them too (the
+  // operations per output element are the same whatever the tile height).
+  switch (M - m) {
+    case 3: tile<3, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy); break;
+    case 2: tile<2, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy); break;
+    case 1: tile<1, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy); break;
+    default: break;
+  }
 }
 
 }  // namespace
