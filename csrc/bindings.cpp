@@ -339,6 +339,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
   return {out, acc, emit};
 }
 
+// Status of probability rows [..., V] (see check_probability_rows): 0 ok, 1 a negative /
+// NaN / infinite entry, 2 a row without positive mass in [0, vocab_size) (need_mass).
+int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, bool need_mass) {
+  TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.dim() >= 1,
+              "decodekit: check_probability_rows wants a contiguous float32 tensor");
+  const int64_t V = probs.size(-1);
+  TORCH_CHECK(vocab_size >= 0 && vocab_size <= V, "decodekit: vocab_size must be in [0, V]");
+  if (probs.numel() == 0) return 0;
+  return dk::cpu::check_probability_rows(probs.data_ptr<float>(), probs.numel() / V, V, vocab_size, need_mass,
+                                         at::get_num_threads());
+}
+
 // ------------------------------------------------------------- linear ----
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
@@ -602,6 +614,7 @@ TORCH_LIBRARY(decodekit, m) {
         "Tensor? mask, bool mask_allows, int vocab_size) -> Tensor");
   // KV cache: write new keys/values into the caches in place.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("check_probability_rows(Tensor probs, int vocab_size, bool need_mass) -> int");
   m.def("chain_speculative_sampling(Tensor? draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor? seed, "
         "int seed_val, Tensor? offset, int offset_val, int vocab_size) -> (Tensor, Tensor, Tensor)");
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
@@ -621,6 +634,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("top_k_mask_logits", &top_k_mask_logits_cpu);
   m.impl("apply_penalties", &apply_penalties_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("check_probability_rows", &check_probability_rows_cpu);
   m.impl("chain_speculative_sampling", &chain_speculative_sampling_cpu);
   m.impl("paged_attention", &paged_attention_cpu);
   m.impl("append_kv_cache", &append_kv_cache_cpu);

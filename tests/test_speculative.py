@@ -211,3 +211,22 @@ def test_from_logits_greedy_needs_no_seed_and_empty_drafts():
     empty = decodekit.chain_speculative_sampling_from_logits(torch.zeros(2, 0, 6), torch.zeros(2, 0, dtype=torch.long),
                                                              L[:, :1], 1.0, seed=1)
     assert empty.output_token_ids.shape == (2, 1) and (empty.num_emitted == 1).all()
+
+
+@pytest.mark.parametrize("V,vs", [(37, 37), (37, 20), (64, 33), (5, 5)])
+def test_probability_row_check(V, vs):
+    # The wrapper's one-pass C++ check: any negative / NaN / inf entry (padding columns too) is
+    # status 1; a target row with no positive mass in [0, vocab_size) is status 2.
+    check = torch.ops.decodekit.check_probability_rows
+    t = torch.rand(3, 4, V) + 0.01
+    assert check(t, vs, True) == 0
+    for bad in (-1e-9, float("nan"), float("inf")):
+        for col in (0, vs - 1, V - 1):
+            u = t.clone()
+            u[2, 3, col] = bad
+            assert check(u, vs, True) == 1, (bad, col)
+    u = t.clone()
+    u[1, 2, :vs] = 0
+    assert check(u, vs, True) == 2 and check(u, vs, False) == 0
+    with pytest.raises(ValueError, match="positive mass"):
+        decodekit.chain_speculative_sampling(None, torch.zeros(3, 3, dtype=torch.long), u, seed=1, vocab_size=vs)

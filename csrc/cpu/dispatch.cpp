@@ -117,6 +117,11 @@ void chain_speculative_sampling(const float* dp, const int64_t* ids, const float
   DK_DISPATCH(chain_speculative_sampling, dp, ids, tp, B, K, V, vs, seed, offset, nt, out, acc, emit)
 }
 
+int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t vs, bool need_mass, int nt) {
+  DK_DISPATCH(check_probability_rows, rows, nrows, V, vs, need_mass, nt)
+  return 0;
+}
+
 void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
             const float* bias, float* y, int64_t ldy, int nt) {
   DK_DISPATCH(linear, x, M, K, ldx, w, N, ldw, bias, y, ldy, nt)

@@ -9,6 +9,8 @@
 // per row (DESIGN.md): a row's result never depends on the batch.
 #include "speculative.h"
 
+#include <limits>
+
 #include <algorithm>
 
 #include "decodekit/philox.h"
@@ -56,19 +58,23 @@ struct Residual {
   bool subtract;
   float sp = 1.0f;  // 1 / (mass of p over the vocabulary): the rows need not be normalised
   float sq = 1.0f;  // 1 / (mass of q)
+  // Loads 16 entries from c, zero past n (a full chunk is loaded directly).
+  static DK_VINLINE VF load_upto(const float* a, int64_t c, int64_t n) {
+    if (c + 16 <= n) return load_f32(a + c);
+    float t[16];
+    for (int j = 0; j < 16; ++j) t[j] = c + j < n ? a[c + j] : 0.0f;
+    return load_f32(t);
+  }
   DK_VINLINE VF chunk(int64_t c, int64_t n) const {
-    float pa[16], qa[16];
-    const bool full = c + 16 <= n;
-    for (int j = 0; j < 16; ++j) pa[j] = full || c + j < n ? p[c + j] : 0.0f;
-    VF pv = load_f32(pa);
+    float qa[16];
+    VF pv = load_upto(p, c, n);
     const VF zero = splat(0.0f);
     pv = select(pv > zero, pv, zero);
     if (!subtract) return pv;
     pv = pv * splat(sp);
     VF qv;
     if (q) {
-      for (int j = 0; j < 16; ++j) qa[j] = full || c + j < n ? q[c + j] : 0.0f;
-      qv = load_f32(qa);
+      qv = load_upto(q, c, n);
       qv = select(qv > zero, qv, zero) * splat(sq);
     } else {
       for (int j = 0; j < 16; ++j) qa[j] = c + j == x ? 1.0f : 0.0f;
@@ -181,6 +187,38 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
     }
     num_emitted[b] = num_accepted[b] + (row_out[num_accepted[b]] >= 0 ? 1 : 0);
   }
+}
+
+int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t vocab_size, bool need_mass,
+                           int num_threads) {
+  int bad = 0, empty = 0;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, nrows)));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(| : bad, empty)
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* row = rows + r * V;
+    const float inf_f = std::numeric_limits<float>::infinity();
+    const VF zero = splat(0.0f), one = splat(1.0f), inf = splat(inf_f);
+    VI row_bad = splati(0);
+    VF mx = zero;
+    int64_t c = 0;
+    for (; c + 16 <= V; c += 16) {
+      const VF x = load_f32(row + c);
+      // ok = 1 where 0 <= x < inf (false for NaN), else 0
+      const VF ok = select(x >= zero, select(inf > x, one, zero), zero);
+      row_bad |= one > ok;
+      if (c + 16 <= vocab_size) mx = select(x > mx, x, mx);
+    }
+    float lanes[16];
+    to_array(mx, lanes);
+    float m = 0.0f;
+    for (int j = 0; j < 16; ++j) m = std::max(m, lanes[j]);
+    bool tail_bad = false;
+    for (int64_t i = c; i < V; ++i) tail_bad |= !(row[i] >= 0.0f && row[i] < inf_f);
+    for (int64_t i = (vocab_size / 16) * 16; i < vocab_size; ++i) m = std::max(m, row[i] > 0.0f ? row[i] : 0.0f);
+    bad |= (any_lane(row_bad) || tail_bad) ? 1 : 0;
+    empty |= (need_mass && !(m > 0.0f)) ? 1 : 0;
+  }
+  return bad ? 1 : (empty ? 2 : 0);
 }
 
 }  // namespace DK_ISA

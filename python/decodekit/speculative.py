@@ -110,13 +110,15 @@ def chain_speculative_sampling(
     if validate and B > 0:
         if bool(((ids < -1) | (ids >= vs)).any()):
             raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts)")
+        # One parallel pass per tensor (C++): entries finite and >= 0; target rows with mass.
         for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-            if t is not None and t.numel():
-                lo, hi = torch.aminmax(t)  # one pass; NaN fails both comparisons
-                if not (bool(lo >= 0) and bool(hi < float("inf"))):
-                    raise ValueError(f"{op}: {name} must be finite and >= 0")
-        if bool((target_probs[..., :vs].amax(-1) <= 0).any()):
-            raise ValueError(f"{op}: every target_probs row needs positive mass in [0, vocab_size)")
+            if t is None or not t.numel():
+                continue
+            status = ops.check_probability_rows(t.detach().contiguous(), vs, name == "target_probs")
+            if status == 1:
+                raise ValueError(f"{op}: {name} must be finite and >= 0")
+            if status == 2:
+                raise ValueError(f"{op}: every target_probs row needs positive mass in [0, vocab_size)")
     s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, target_probs, op, B > 0, validate)
     out, acc, emit = ops.chain_speculative_sampling(
         None if draft_probs is None else draft_probs.detach().contiguous(), ids, target_probs.detach().contiguous(),
