@@ -21,6 +21,7 @@
 #include "cpu/penalties.h"
 #include "cpu/sampling.h"
 #include "cpu/speculative.h"
+#include "cpu/layers.h"
 #include "decodekit/philox.h"
 
 namespace dk = decodekit;
@@ -351,6 +352,56 @@ int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, 
                                          at::get_num_threads());
 }
 
+// -------------------------------------------------------------- layers ----
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() >= 1 &&
+                  weight.dim() == 1 && x.size(-1) == weight.size(0) && weight.is_contiguous(),
+              "decodekit: rms_norm wants float32 x [..., H] and weight [H]");
+  auto xc = x.contiguous();
+  auto y = at::empty(xc.sizes(), xc.options());
+  const int64_t H = xc.size(-1);
+  if (xc.numel() == 0) return y;
+  dk::cpu::rms_norm(xc.data_ptr<float>(), xc.numel() / H, H, H, weight.data_ptr<float>(), static_cast<float>(eps),
+                    y.data_ptr<float>(), H, at::get_num_threads());
+  return y;
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) % 2 == 0,
+              "decodekit: silu_and_mul wants float32 x [..., 2 * I]");
+  auto xc = x.contiguous();
+  auto sizes = xc.sizes().vec();
+  const int64_t I = sizes.back() / 2;
+  sizes.back() = I;
+  auto y = at::empty(sizes, xc.options());
+  if (y.numel() == 0) return y;
+  dk::cpu::silu_and_mul(xc.data_ptr<float>(), xc.numel() / (2 * I), I, 2 * I, y.data_ptr<float>(), I,
+                        at::get_num_threads());
+  return y;
+}
+
+void rope_inplace_cpu(const at::Tensor& x, int64_t num_heads, const at::Tensor& cos_table,
+                      const at::Tensor& sin_table, const at::Tensor& positions) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "decodekit: rope_ wants float32 x [N, C] with unit column stride");
+  TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
+                  cos_table.dim() == 2 && cos_table.sizes() == sin_table.sizes() && cos_table.is_contiguous() &&
+                  sin_table.is_contiguous(),
+              "decodekit: rope_ wants contiguous float32 cos/sin tables [P, D] of one shape");
+  const int64_t D = cos_table.size(1), P = cos_table.size(0), N = x.size(0);
+  TORCH_CHECK(D % 2 == 0 && num_heads >= 0 && num_heads * D <= x.size(1),
+              "decodekit: rope_ needs an even head_dim and num_heads * head_dim <= x.size(1)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == N &&
+                  positions.is_contiguous(),
+              "decodekit: rope_ wants int64 positions [N]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < P, "decodekit: rope_ position ", pos[n], " outside the table [0, ", P, ")");
+  if (N == 0 || num_heads == 0) return;
+  dk::cpu::rope_inplace(x.data_ptr<float>(), N, num_heads, D, x.stride(0), cos_table.data_ptr<float>(),
+                        sin_table.data_ptr<float>(), pos, at::get_num_threads());
+}
+
 // ------------------------------------------------------------- linear ----
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
@@ -583,6 +634,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_meta(
   return {at::empty({B, K + 1}, opts), at::empty({B}, opts), at::empty({B}, opts)};
 }
 
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
+  require_meta(x, "x");
+  return at::empty(x.sizes(), x.options());
+}
+
+at::Tensor silu_and_mul_meta(const at::Tensor& x) {
+  require_meta(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "decodekit: silu_and_mul wants x [..., 2 * I]");
+  auto sizes = x.sizes().vec();
+  sizes.back() /= 2;
+  return at::empty(sizes, x.options());
+}
+
+void rope_inplace_meta(const at::Tensor& x, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  require_meta(x, "x");
+}
+
 at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>&) {
   require_meta(x, "x");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decodekit: linear shape mismatch");
@@ -615,6 +683,9 @@ TORCH_LIBRARY(decodekit, m) {
   // KV cache: write new keys/values into the caches in place.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("check_probability_rows(Tensor probs, int vocab_size, bool need_mass) -> int");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rope_(Tensor(a!) x, int num_heads, Tensor cos_table, Tensor sin_table, Tensor positions) -> ()");
   m.def("chain_speculative_sampling(Tensor? draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor? seed, "
         "int seed_val, Tensor? offset, int offset_val, int vocab_size) -> (Tensor, Tensor, Tensor)");
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
@@ -635,6 +706,9 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("apply_penalties", &apply_penalties_cpu);
   m.impl("linear", &linear_cpu);
   m.impl("check_probability_rows", &check_probability_rows_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("rope_", &rope_inplace_cpu);
   m.impl("chain_speculative_sampling", &chain_speculative_sampling_cpu);
   m.impl("paged_attention", &paged_attention_cpu);
   m.impl("append_kv_cache", &append_kv_cache_cpu);
@@ -650,6 +724,9 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("top_k_mask_logits", &top_k_mask_logits_meta);
   m.impl("apply_penalties", &apply_penalties_meta);
   m.impl("linear", &linear_meta);
+  m.impl("rms_norm", &rms_norm_meta);
+  m.impl("silu_and_mul", &silu_and_mul_meta);
+  m.impl("rope_", &rope_inplace_meta);
   m.impl("chain_speculative_sampling", &chain_speculative_sampling_meta);
   m.impl("paged_attention", &paged_attention_meta);
   m.impl("append_kv_cache", &append_kv_cache_meta);

@@ -12,6 +12,7 @@
 #include "penalties.h"
 #include "sampling.h"
 #include "speculative.h"
+#include "layers.h"
 
 namespace decodekit {
 namespace cpu {
@@ -115,6 +116,20 @@ void chain_speculative_sampling(const float* dp, const int64_t* ids, const float
                                 int64_t vs, RowParam<int64_t> seed, RowParam<int64_t> offset, int nt, int64_t* out,
                                 int64_t* acc, int64_t* emit) {
   DK_DISPATCH(chain_speculative_sampling, dp, ids, tp, B, K, V, vs, seed, offset, nt, out, acc, emit)
+}
+
+void rms_norm(const float* x, int64_t N, int64_t H, int64_t ldx, const float* w, float eps, float* y, int64_t ldy,
+              int nt) {
+  DK_DISPATCH(rms_norm, x, N, H, ldx, w, eps, y, ldy, nt)
+}
+
+void silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, float* y, int64_t ldy, int nt) {
+  DK_DISPATCH(silu_and_mul, x, N, I, ldx, y, ldy, nt)
+}
+
+void rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const float* c, const float* s,
+                  const int64_t* pos, int nt) {
+  DK_DISPATCH(rope_inplace, x, N, H, D, ldx, c, s, pos, nt)
 }
 
 int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t vs, bool need_mass, int nt) {

@@ -56,6 +56,7 @@ struct VI {  // 16 int32 lanes; comparison masks are -1 (true) / 0 (false)
 DK_VINLINE VF operator+(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] + b.p[i]) }
 DK_VINLINE VF operator-(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] - b.p[i]) }
 DK_VINLINE VF operator*(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] * b.p[i]) }
+DK_VINLINE VF operator/(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] / b.p[i]) }
 DK_VINLINE VI operator>(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] > b.p[i]) }
 DK_VINLINE VI operator>=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] >= b.p[i]) }
 DK_VINLINE VI operator==(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] == b.p[i]) }

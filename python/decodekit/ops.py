@@ -917,3 +917,114 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = ops.linear(x2.detach(), w.detach(), None if bias is None else bias.detach().contiguous())
     return y.reshape(*lead, weight.size(0))
+
+
+def _check_float32_cpu(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32, got {t.dtype}")
+        if t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{op}: {name} is on {t.device}; this op has kernels for: CPU")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``weight * (x * (1 / sqrt(mean(x^2) + eps)))``.
+
+    The sum of squares of a row is accumulated in 16 float32 lanes with fused multiply-adds
+    (lane j takes the columns j mod 16 in ascending order) and combined in a fixed tree, so a
+    row's result never depends on the other rows, the thread count or the instruction set.
+
+    Args:
+        x: ``[..., H]`` float32 (CPU).
+        weight: ``[H]`` float32.
+        eps: added to the mean square (a finite float >= 0).
+
+    Returns:
+        ``[..., H]`` float32.
+
+    Raises:
+        TypeError / ValueError naming the argument: dtypes, devices, shapes, eps.
+
+    Source: Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization".
+    """
+    op = "rms_norm"
+    _check_float32_cpu(op, x=x, weight=weight)
+    if x.dim() < 1 or weight.dim() != 1 or x.size(-1) != weight.size(0):
+        raise ValueError(f"{op}: x must be [..., H] and weight [H], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return ops.rms_norm(x.detach(), weight.detach().contiguous(), float(eps))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of a fused gate/up projection: ``silu(x[..., :I]) * x[..., I:]``.
+
+    ``silu(g) = g * sigmoid(g)``, the sigmoid computed from ``exp(-|g|)`` (no overflow for any
+    finite g); element-wise, so rows are independent of each other.
+
+    Args:
+        x: ``[..., 2 * I]`` float32 (CPU), gate columns first.
+
+    Returns:
+        ``[..., I]`` float32.
+
+    Raises:
+        TypeError / ValueError naming ``x``: dtype, device, odd last dimension.
+
+    Source: Shazeer, 2020, "GLU Variants Improve Transformer" (SwiGLU); Elfwing et al., 2018 (SiLU).
+    """
+    op = "silu_and_mul"
+    _check_float32_cpu(op, x=x)
+    if x.dim() < 1 or x.size(-1) % 2:
+        raise ValueError(f"{op}: x must be [..., 2 * I] (gate then up), got {tuple(x.shape)}")
+    return ops.silu_and_mul(x.detach())
+
+
+def apply_rope_(x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in place ("rotate half" layout), for the first ``num_heads``
+    heads of each token row.
+
+    For token ``n`` at position ``p = positions[n]`` and each head ``x_h = x[n, h*D:(h+1)*D]``:
+    ``x_h <- x_h * cos_table[p] + rotate_half(x_h) * sin_table[p]`` with
+    ``rotate_half([a, b]) = [-b, a]``, each product rounded to float32 before the sum (exactly
+    the bits of that float32 expression in PyTorch). Queries and keys that sit side by side in a
+    fused QKV projection are rotated in one call.
+
+    Args:
+        x: ``[N, C]`` float32 (CPU), unit column stride, ``C >= num_heads * D``; modified in place.
+        num_heads: heads to rotate (int >= 0).
+        cos_table, sin_table: ``[P, D]`` float32 (``D`` even), e.g. from
+            :func:`decodekit.models.llama.rope_table`.
+        positions: int64 ``[N]`` in ``[0, P)``.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        TypeError / ValueError naming the argument: dtypes, shapes, a position outside the table.
+
+    Source: Su et al., 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
+    """
+    op = "apply_rope_"
+    _check_float32_cpu(op, x=x, cos_table=cos_table, sin_table=sin_table)
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{op}: x must be [N, C] with unit column stride, got shape {tuple(x.shape)}")
+    if cos_table.dim() != 2 or cos_table.shape != sin_table.shape or cos_table.size(1) % 2:
+        raise ValueError(f"{op}: cos_table and sin_table must be [P, D] of one shape with D even, got "
+                         f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 0 or \
+            num_heads * cos_table.size(1) > x.size(1):
+        raise ValueError(f"{op}: num_heads must be an int in [0, C / D = {x.size(1) // max(1, cos_table.size(1))}], "
+                         f"got {num_heads!r}")
+    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool \
+            or positions.dim() != 1 or positions.size(0) != x.size(0):
+        raise ValueError(f"{op}: positions must be an integer tensor [N={x.size(0)}]")
+    positions = positions.to(torch.int64).contiguous()
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_table.size(0)):
+        raise ValueError(f"{op}: positions must be in [0, {cos_table.size(0)}), got "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    ops.rope_(x, num_heads, cos_table.contiguous(), sin_table.contiguous(), positions)
+    return x

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .. import attention as _attention
 from ..kv_cache import PagedKVCache
 from ..ops import linear as _dk_linear
+from ..ops import ops as _dk_ops
 
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "KVCache", "LlamaModel",
            "rms_norm", "rope_cos_sin", "rope_table", "apply_rope"]
@@ -120,13 +121,18 @@ class LlamaWeights:
         embed: ``[V, H]`` token embedding.
         layers: one :class:`LlamaLayerWeights` per block.
         norm: ``[H]`` final RMSNorm weight.
-        lm_head: ``[V, H]`` output projection, or ``None`` to tie it to ``embed``.
+        lm_head: ``[V, H]`` output projection, or ``None`` to tie it to ``embed``; with
+            ``lm_head_token_ids``, ``[N, H]`` (row ``i`` scores token ``lm_head_token_ids[i]``).
+        lm_head_token_ids: ``None`` (the head covers the whole vocabulary) or int64 ``[N]``
+            distinct token ids in ``[0, V)``: a reduced-vocabulary head (a draft model's), whose
+            logits are ``-inf`` at every other token, so those tokens have probability 0.
     """
 
     embed: torch.Tensor
     layers: List[LlamaLayerWeights]
     norm: torch.Tensor
     lm_head: Optional[torch.Tensor] = None
+    lm_head_token_ids: Optional[torch.Tensor] = None
 
 
 class KVCache:
@@ -306,7 +312,20 @@ class LlamaModel:
                                 ("w_up", (c.intermediate_size, c.hidden_size)),
                                 ("w_down", (c.hidden_size, c.intermediate_size))):
                 _check_shape(f"layers[{i}].{name}", getattr(layer, name), shape)
-        if weights.lm_head is not None:
+        self.head_token_ids: Optional[torch.Tensor] = None
+        if weights.lm_head_token_ids is not None:
+            ids = weights.lm_head_token_ids
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point \
+                    or ids.dtype == torch.bool or ids.numel() == 0:
+                raise ValueError("LlamaModel: lm_head_token_ids must be a non-empty 1-D integer tensor")
+            ids = ids.to(torch.int64)
+            if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size or ids.unique().numel() != ids.numel():
+                raise ValueError(f"LlamaModel: lm_head_token_ids must be distinct ids in [0, {c.vocab_size})")
+            if weights.lm_head is None:
+                raise ValueError("LlamaModel: lm_head_token_ids needs an explicit lm_head [N, H]")
+            _check_shape("lm_head", weights.lm_head, (ids.numel(), c.hidden_size))
+            self.head_token_ids = ids.contiguous()
+        elif weights.lm_head is not None:
             _check_shape("lm_head", weights.lm_head, (c.vocab_size, c.hidden_size))
 
         self.embed = weights.embed.contiguous()
@@ -314,6 +333,7 @@ class LlamaModel:
         self.norm = weights.norm.contiguous()
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
+        self.fused_layer_ops = True   # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
 
     @property
@@ -356,6 +376,17 @@ class LlamaModel:
         if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
             return _dk_linear(x, weight)
         return F.linear(x, weight)
+
+    def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Final RMSNorm and LM head: ``x [..., H]`` -> float32 logits ``[..., V]`` (``-inf``
+        outside a reduced-vocabulary head's tokens)."""
+        norm = _dk_ops.rms_norm if fused else rms_norm
+        logits = self._linear(norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)
+        if self.head_token_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), -math.inf)
+        full[..., self.head_token_ids] = logits
+        return full
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
@@ -425,7 +456,7 @@ class LlamaModel:
 
         if not all_logits:
             x = x[:, -1]
-        return self._linear(rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+        return self._head(x)
 
     def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run a prompt into ``cache`` (which is reset first) and return its last logits.
@@ -572,17 +603,36 @@ class LlamaModel:
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
         x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
         positions = start[:, None] + torch.arange(T, dtype=torch.int64)[None, :]  # [B, T]
-        cos, sin = self._rope_rows(positions)                                   # [B, T, D]
         seq_lens = start + T                                                    # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
 
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        # Deterministic float32 CPU path: RMSNorm, RoPE and SwiGLU as decodekit kernels (one call
+        # each instead of several PyTorch element-wise ops; rows stay independent). RoPE reads the
+        # same per-position table either way, with the same float32 roundings.
+        fused = self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and \
+            self.dtype == torch.float32
+        if fused:
+            self._rope_rows(positions[:, :0])                                   # builds the table once
+            cos_table, sin_table = self._rope
+            flat_positions = positions.reshape(-1).contiguous()
+        else:
+            cos, sin = self._rope_rows(positions)                               # [B, T, D]
         for i, block in enumerate(self.blocks):
-            h = rms_norm(x, block.attn_norm, c.rms_norm_eps)
-            q, k, v = self._linear(h, block.wqkv).split((q_size, kv_size, kv_size), dim=-1)
-            q = _apply_rope_rows(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
-            k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+            if fused:
+                h = _dk_ops.rms_norm(x, block.attn_norm, c.rms_norm_eps)
+                qkv = self._linear(h, block.wqkv)                                # [B, T, q + 2 kv]
+                _dk_ops.rope_(qkv.view(B * T, -1), c.num_heads + c.num_kv_heads, cos_table, sin_table,
+                              flat_positions)                                   # q and k heads are adjacent
+                q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+                q = q.view(B, T, c.num_heads, c.head_dim)
+                k = k.view(B, T, c.num_kv_heads, c.head_dim)
+            else:
+                h = rms_norm(x, block.attn_norm, c.rms_norm_eps)
+                q, k, v = self._linear(h, block.wqkv).split((q_size, kv_size, kv_size), dim=-1)
+                q = _apply_rope_rows(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
+                k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
             if block_tables is None:        # the first append allocated the blocks of the new tokens
                 block_tables = cache.block_table(seq_ids).to(torch.int64)
@@ -592,20 +642,26 @@ class LlamaModel:
                                               validate=False)  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
-            h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
-            gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, block.w_down)
+            if fused:
+                h = _dk_ops.rms_norm(x, block.ffn_norm, c.rms_norm_eps)
+                x = x + self._linear(_dk_ops.silu_and_mul(self._linear(h, block.w_gate_up)), block.w_down)
+            else:
+                h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
+                gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
+                x = x + self._linear(F.silu(gate) * up, block.w_down)
         cache.advance(seq_ids, T)
 
         if not all_logits:
             x = x[:, -1]
-        return self._linear(rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+        return self._head(x, fused)
 
     def to(self, device: torch.device | str) -> "LlamaModel":
         """Move every weight to ``device`` in place; returns ``self``."""
         tied = self.lm_head is self.embed
         self.embed = self.embed.to(device)
         self.lm_head = self.embed if tied else self.lm_head.to(device)
+        if self.head_token_ids is not None:
+            self.head_token_ids = self.head_token_ids.to(device)
         self.norm = self.norm.to(device)
         for block in self.blocks:
             for name in _Block.__slots__:
