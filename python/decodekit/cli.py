@@ -53,8 +53,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="subtract this times each generated token's count, 0 = off (default 0)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtract this from every token generated so far, 0 = off (default 0)")
-    p.add_argument("--speculative", choices=["ngram"], default=None,
-                   help="speculative decoding with this drafter (one prompt; n-gram = prompt lookup)")
+    p.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                   help="speculative decoding with this drafter: ngram = prompt lookup, draft = the trained "
+                        "draft model (see --draft-model)")
+    p.add_argument("--draft-model", default=None, metavar="PATH.safetensors",
+                   help="draft model file for --speculative draft (default: the shipped SmolLM2-135M draft)")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per step (default 4)")
     p.add_argument("--model", default=None, metavar="PATH.gguf",
                    help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct.Q4_1.gguf)")
@@ -95,14 +98,23 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if args.draft_model and args.speculative != "draft":
+        print("decodekit: error: --draft-model needs --speculative draft", file=sys.stderr)
+        return 1
     if args.speculative:
         if batched:
             print("decodekit: error: --speculative takes one --prompt", file=sys.stderr)
             return 1
-        from .spec_decode import speculative_generate
+        from .spec_decode import DraftModelDrafter, speculative_generate
 
         try:
-            r = speculative_generate(prompts[0], model=args.model, drafter=args.speculative,
+            drafter = args.speculative
+            if args.speculative == "draft" and args.draft_model:
+                from .models import load_model
+                from .models.draft import load_draft_model
+
+                drafter = DraftModelDrafter(load_draft_model(args.draft_model, target=load_model(args.model)))
+            r = speculative_generate(prompts[0], model=args.model, drafter=drafter,
                                      num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, seed=seeds, chat_template=args.chat_template,

@@ -9,7 +9,9 @@ the accepted drafts plus one emitted token, and rolls the cache back over the re
 positions in a pass (batch-invariant linear layers and attention), so greedy speculative
 decoding reproduces plain greedy decoding token for token.
 
-Drafters: :class:`NgramDrafter` (prompt lookup). A trained draft model is not included yet.
+Drafters: :class:`NgramDrafter` (prompt lookup, one-hot drafts) and :class:`DraftModelDrafter`
+(a small trained draft model, :mod:`decodekit.models.draft`; with temperature > 0 it samples its
+drafts and hands its processed distribution q to the lossless verification).
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ import torch
 
 from .generate import _prompt_ids
 from .models.gguf_loader import LoadedModel, load_model
-from .ops import _to_int64_bits, sample_from_logits
-from .speculative import chain_speculative_sampling_from_logits, greedy_verify
+from .kv_cache import OutOfBlocksError
+from .models.llama import LlamaModel
+from .ops import _to_int64_bits, argmax, sample_from_logits, sample_from_probs
+from .speculative import chain_speculative_sampling_from_logits, greedy_verify, processed_probs
 from .tokenizer import StreamDecoder
 
-__all__ = ["NgramDrafter", "SpeculativeResult", "speculative_generate"]
+__all__ = ["NgramDrafter", "DraftModelDrafter", "SpeculativeResult", "speculative_generate"]
+
+# Offsets of the draft model's own draws (Philox stream 0, the request's seed): this base plus
+# K * (target passes so far) + draft position, far from the small offsets of the target's draws.
+DRAFT_OFFSET_BASE = 1 << 62
 
 
 class NgramDrafter:
@@ -58,6 +66,112 @@ class NgramDrafter:
                     if follow:
                         return follow
         return []
+
+
+class DraftModelDrafter:
+    """Drafting with a small draft model that shares the target's tokenizer.
+
+    The draft keeps its own paged KV cache, one sequence per context it has seen (up to
+    ``max_sequences``, least recently used evicted). At each call it finds the cached sequence
+    sharing the longest prefix with the context, rolls it back to that prefix
+    (:meth:`PagedKVCache.truncate`), runs the remaining context tokens in one pass, then runs
+    ``k`` single-token steps. A request's drafts therefore depend only on its own context (the
+    draft model is batch-invariant in deterministic mode like the target).
+
+    Args:
+        draft: a :class:`~decodekit.models.draft.DraftModel` or its ``LlamaModel``; ``None``
+            loads the shipped SmolLM2-135M-Instruct draft for ``target``.
+        target: the target (``LoadedModel``), used only when ``draft`` is ``None``.
+        max_sequences: contexts kept at once (>= 1, default 16).
+        block_size: positions per block of the draft's cache (default 16).
+
+    Methods:
+        ``propose(context, k)``: greedy drafts (the draft's argmax, lowest id on ties).
+        ``propose_with_logits(context, k, choose)``: drafts chosen by ``choose(logits [V], j)``
+        (the loop samples there), returned with the draft's logits ``[k, V]``.
+    """
+
+    def __init__(self, draft=None, *, target: Optional[LoadedModel] = None, max_sequences: int = 16,
+                 block_size: int = 16) -> None:
+        if draft is None:
+            from .models.draft import load_draft_model
+
+            draft = load_draft_model(target=target)
+        net = getattr(draft, "model", draft)
+        if not isinstance(net, LlamaModel):
+            raise TypeError(f"DraftModelDrafter: draft must be a DraftModel or LlamaModel, got {type(draft).__name__}")
+        if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
+            raise ValueError(f"DraftModelDrafter: max_sequences must be an int >= 1, got {max_sequences!r}")
+        self.draft = draft
+        self.net = net
+        self.max_sequences = max_sequences
+        blocks_per_seq = net.config.max_seq_len // block_size + 2
+        self.cache = net.new_paged_cache(num_blocks=max_sequences * blocks_per_seq, block_size=block_size)
+        self._slots: List[list] = []     # [seq id, token list], most recently used last
+        self.forward_passes = 0
+        self.forward_seconds = 0.0
+
+    def _slot_for(self, context: List[int]) -> list:
+        best, best_len = None, -1
+        for slot in self._slots:
+            toks = slot[1]
+            n = 0
+            limit = min(len(toks), len(context) - 1)  # leave at least one token to run
+            while n < limit and toks[n] == context[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = slot, n
+        if best is None or (best_len == 0 and len(self._slots) < self.max_sequences):
+            if len(self._slots) >= self.max_sequences:
+                old = self._slots.pop(0)
+                self.cache.free(old[0])
+            best, best_len = [self.cache.add_sequence(), []], 0
+        else:
+            self._slots.remove(best)
+        self._slots.append(best)
+        if best_len < len(best[1]):
+            self.cache.truncate(best[0], best_len)
+            del best[1][best_len:]
+        return best
+
+    def _run(self, slot: list, tokens: List[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            logits = self.net.forward_paged(torch.tensor([tokens]), self.cache, [slot[0]])
+        except OutOfBlocksError:          # evict every other context and retry once
+            for other in self._slots[:-1]:
+                self.cache.free(other[0])
+            self._slots = self._slots[-1:]
+            logits = self.net.forward_paged(torch.tensor([tokens]), self.cache, [slot[0]])
+        slot[1].extend(tokens)
+        self.forward_passes += 1
+        self.forward_seconds += time.perf_counter() - t0
+        return logits[0]
+
+    def propose_with_logits(self, context: Sequence[int], k: int, choose: Callable) -> tuple:
+        """``k`` drafts continuing ``context``, each ``choose(logits, j)`` of the draft's logits
+        ``[V]`` at draft position ``j``; returns ``(tokens, logits [k, V])``."""
+        context = [int(t) for t in context]
+        if k <= 0 or not context:
+            return [], torch.empty(0, self.net.config.vocab_size)
+        if len(context) + k > self.net.config.max_seq_len:
+            k = max(0, self.net.config.max_seq_len - len(context))
+            if k == 0:
+                return [], torch.empty(0, self.net.config.vocab_size)
+        slot = self._slot_for(context)
+        logits = self._run(slot, context[len(slot[1]):])
+        tokens, rows = [], []
+        for j in range(k):
+            tok = int(choose(logits, j))
+            tokens.append(tok)
+            rows.append(logits)
+            if j + 1 < k:
+                logits = self._run(slot, [tok])
+        return tokens, torch.stack(rows)
+
+    def propose(self, context: Sequence[int], k: int) -> List[int]:
+        """Up to ``k`` greedy draft tokens continuing ``context``."""
+        return self.propose_with_logits(context, k, lambda logits, j: int(argmax(logits[None])[0]))[0]
 
 
 @dataclass
@@ -121,7 +235,11 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         prompt: text (wrapped in the chat template unless ``chat_template=False``) or token ids,
             or a list of prompts (then a list of results is returned).
         model: as in :func:`decodekit.generate`.
-        drafter: ``"ngram"`` or an object with ``propose(context_ids, k) -> list[int]``.
+        drafter: ``"ngram"`` (:class:`NgramDrafter`), ``"draft"`` (:class:`DraftModelDrafter` with
+            the shipped draft model for SmolLM2-135M-Instruct) or an object with
+            ``propose(context_ids, k) -> list[int]`` (one-hot drafts) and optionally
+            ``propose_with_logits(context_ids, k, choose) -> (ids, logits [k, V])``, used when
+            sampling so that the drafts follow the draft's own distribution.
         num_draft_tokens: K, the most tokens proposed per step (>= 1).
         max_new_tokens, temperature, top_k, top_p, min_p, stop_on_eos: as in
             :func:`decodekit.generate` (one value for every request). With ``temperature == 0``
@@ -138,7 +256,8 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         TypeError / ValueError for bad arguments (as :func:`decodekit.generate`), a drafter
         without ``propose``, ``num_draft_tokens < 1``, or a seed list of the wrong length.
 
-    Source: Leviathan et al., ICML 2023 (verification); prompt lookup decoding for the drafter.
+    Source: Leviathan et al., ICML 2023 and Chen et al., 2023 (verification); prompt lookup
+    decoding for the n-gram drafter.
     """
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"speculative_generate: num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
@@ -146,10 +265,10 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         raise ValueError(f"speculative_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
         raise ValueError(f"speculative_generate: temperature must be finite and >= 0, got {temperature!r}")
-    if drafter == "ngram":
-        drafter = NgramDrafter()
-    if not callable(getattr(drafter, "propose", None)):
-        raise TypeError("speculative_generate: drafter must be 'ngram' or have a propose(context, k) method")
+    if isinstance(drafter, str) and drafter not in ("ngram", "draft"):
+        raise ValueError(f"speculative_generate: drafter must be 'ngram', 'draft' or a drafter object, got {drafter!r}")
+    if not isinstance(drafter, str) and not callable(getattr(drafter, "propose", None)):
+        raise TypeError("speculative_generate: drafter must be 'ngram', 'draft' or have a propose(context, k) method")
     batched = isinstance(prompt, list) and len(prompt) > 0 and not all(
         isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     prompts = prompt if batched else [prompt]
@@ -159,6 +278,10 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         raise ValueError(f"speculative_generate: seed has {len(seeds)} values for {n_req} prompts")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     net = lm.model
+    if drafter == "ngram":
+        drafter = NgramDrafter()
+    elif drafter == "draft":
+        drafter = DraftModelDrafter(target=lm)
     greedy = temperature == 0 or top_k == 1 or top_p == 0
     seeds = [None if greedy else (int.from_bytes(os.urandom(4), "little") if s is None else s) for s in seeds]
     all_ids = [_prompt_ids(lm, p, chat_template) for p in prompts]
@@ -197,6 +320,17 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         emit(r, r.detok.push(tok))
         return len(r.out) < max_new_tokens
 
+    # A drafter with its own distribution (a draft model) samples its drafts from the processed
+    # draft distribution q, which verification then uses; others (n-gram) give one-hot drafts.
+    sample_drafts = not greedy and callable(getattr(drafter, "propose_with_logits", None))
+
+    def _draft_chooser(r):
+        def choose(dl: torch.Tensor, j: int) -> int:
+            q = processed_probs(dl[None], temperature, top_k, top_p, min_p)
+            off = DRAFT_OFFSET_BASE + K * r.passes + j
+            return int(sample_from_probs(q, seed=r.seed, offset=off)[0])
+        return choose
+
     t0 = time.perf_counter()
     for r in reqs:  # prefill each prompt alone
         logits = net.forward_paged(torch.tensor([r.ids]), cache, [r.seq])
@@ -207,10 +341,19 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         active = [r for r in reqs if r.alive]
         if not active:
             break
-        drafts = []
+        drafts, draft_logits = [], []
         for r in active:
             room = max_new_tokens - len(r.out)
-            proposal = list(drafter.propose(r.ids + r.out, min(K, room)))[: min(K, room)]
+            if sample_drafts:
+                proposal, dl = drafter.propose_with_logits(r.ids + r.out, min(K, room), _draft_chooser(r))
+                proposal = list(proposal)
+                if not isinstance(dl, torch.Tensor) or tuple(dl.shape) != (len(proposal), net.config.vocab_size):
+                    raise ValueError(f"speculative_generate: the drafter returned logits of shape "
+                                     f"{tuple(getattr(dl, 'shape', ()))} for {len(proposal)} drafts; expected "
+                                     f"[{len(proposal)}, {net.config.vocab_size}]")
+                draft_logits.append(dl)
+            else:
+                proposal = list(drafter.propose(r.ids + r.out, min(K, room)))[: min(K, room)]
             if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < net.config.vocab_size
                    for t in proposal):
                 raise ValueError(f"speculative_generate: the drafter proposed {proposal!r}; draft tokens must be "
@@ -225,8 +368,13 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         if greedy:
             res = greedy_verify(draft_t, logits)
         else:
+            dlog = None
+            if sample_drafts:
+                dlog = torch.zeros(len(active), width, net.config.vocab_size)
+                for b, dl in enumerate(draft_logits):
+                    dlog[b, : dl.shape[0]] = dl
             res = chain_speculative_sampling_from_logits(
-                None, draft_t, logits, temperature, top_k, top_p, min_p,
+                dlog, draft_t, logits, temperature, top_k, top_p, min_p,
                 seed=torch.tensor([_to_int64_bits(r.seed, "seed", "speculative_generate") for r in active],
                                   dtype=torch.int64),
                 offset=torch.tensor([r.offset for r in active], dtype=torch.int64))
