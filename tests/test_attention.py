@@ -132,3 +132,22 @@ def test_opcheck():
     q, k, v, tables, sl = make_case(14, 2, 2, 4, 2, 16, 4, [5, 9])
     torch.library.opcheck(torch.ops.decodekit.paged_attention.default,
                           (q, k, v, tables.long(), sl.long(), 0.25, "NHD"))
+
+
+def test_nan_query_or_key_gives_nan_output():
+    # NaN (or inf) in the query or a key the query reads makes that output row NaN, as in the
+    # reference, instead of dropping the position.
+    from decodekit.attention import paged_attention
+
+    k = torch.randn(2, 4, 1, 8)
+    v = torch.randn(2, 4, 1, 8)
+    q = torch.randn(2, 1, 2, 8)
+    tables = torch.tensor([[0, 1], [1, 0]])
+    lens = torch.tensor([6, 3])
+    q[0, 0, 1] = float("nan")
+    out = paged_attention(q, k, v, tables, lens, scale=0.3)
+    assert torch.isnan(out[0, 0, 1]).all() and torch.isfinite(out[0, 0, 0]).all() and torch.isfinite(out[1]).all()
+    k2 = k.clone()
+    k2[1, 2, 0, 3] = float("nan")          # position 2 of sequence 1 (block 1, slot 2), unread by sequence 0
+    out = paged_attention(torch.randn(2, 1, 2, 8), k2, v, tables, lens, scale=0.3)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()

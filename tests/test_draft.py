@@ -258,3 +258,42 @@ def test_training_script_runs(tmp_path, lm):
     d = load_draft_model(out, target=lm)
     assert d.head_size == 300 and d.num_layers == 2
     assert d.metadata["steps"] == "2"
+
+
+def test_trial_regressions(lm, draft, tmp_path, capsys):
+    # Found by a new-user trial; each was a silent wrong answer or an unclear error.
+    from decodekit.cli import main
+
+    assert main(["--prompt", "Hi", "--speculative", "draft", "--repetition-penalty", "3"]) == 1
+    assert "does not support --repetition-penalty" in capsys.readouterr().err
+    bogus = tmp_path / "README.md"
+    bogus.write_text("not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_draft_model(bogus, target=lm)
+    assert main(["--prompt", "Hi", "--speculative", "draft", "--draft-model", str(bogus)]) == 1
+    with pytest.raises(ValueError, match="itself a draft"):
+        load_draft_model(target=draft.model)
+    with pytest.raises(ValueError, match="block_size"):
+        DraftModelDrafter(draft, block_size=0)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        DraftModelDrafter(draft).propose([lm.config.vocab_size], 2)
+    with pytest.raises(ValueError, match="top_p"):
+        speculative_generate("x", model=lm, top_p=2.0)
+    with pytest.raises(TypeError, match="stream"):
+        speculative_generate("x", model=lm, stream=5)
+
+    class NoneDrafter:
+        def propose(self, context, k):
+            return None
+
+    with pytest.raises(TypeError, match="list of token ids"):
+        speculative_generate("x", model=lm, drafter=NoneDrafter(), max_new_tokens=4)
+
+
+def test_draft_cache_keeps_separate_requests_with_a_shared_prefix(lm, draft):
+    # Chat prompts share the system prompt: each request keeps its own sequence instead of
+    # cutting back one shared sequence at every step.
+    d = DraftModelDrafter(draft)
+    prompts = ["Name a fruit.", "Name a colour.", "Name a river.", "Name a city."]
+    speculative_generate(prompts, model=lm, drafter=d, num_draft_tokens=3, max_new_tokens=16, temperature=0)
+    assert len(d._slots) == 4

@@ -89,3 +89,14 @@ def test_layer_ops_meta():
     x = torch.empty(3, 4, 576, device="meta")
     assert torch.ops.decodekit.rms_norm(x, torch.empty(576, device="meta"), 1e-5).shape == (3, 4, 576)
     assert torch.ops.decodekit.silu_and_mul(torch.empty(3, 8, device="meta")).shape == (3, 4)
+
+
+def test_rope_refuses_overlapping_rows_and_grad():
+    cos_t, sin_t = rope_table(8, 4, 10000.0)
+    b = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="overlap"):
+        apply_rope_(b.expand(3, 4), 1, cos_t, sin_t, torch.tensor([1, 1, 1]))
+    with pytest.raises(RuntimeError, match="grad"):
+        apply_rope_(torch.randn(1, 4, requires_grad=True), 1, cos_t, sin_t, torch.tensor([1]))
+    m = torch.empty(2, 8, device="meta")
+    assert apply_rope_(m, 2, cos_t.to("meta"), sin_t.to("meta"), torch.tensor([0, 1], device="meta")) is m

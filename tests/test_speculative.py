@@ -230,3 +230,22 @@ def test_probability_row_check(V, vs):
     assert check(u, vs, True) == 2 and check(u, vs, False) == 0
     with pytest.raises(ValueError, match="positive mass"):
         decodekit.chain_speculative_sampling(None, torch.zeros(3, 3, dtype=torch.long), u, seed=1, vocab_size=vs)
+
+
+def test_zero_draft_probability_token_is_rejected_and_invalid_rows_marked():
+    # A draft token with q(x) = 0 cannot come from q: never accepted (accepting it would bias
+    # the output); with validate=False a row read with NaN / inf / negative entries is marked
+    # (-1, num_emitted == num_accepted), never answered.
+    N = 2000
+    p = torch.full((N, 2, 4), 0.25)
+    q = torch.tensor([0.0, 0.5, 0.5, 0.0])[None, None].expand(N, 1, 4).contiguous()
+    out = decodekit.chain_speculative_sampling(q, torch.zeros(N, 1, dtype=torch.long), p, seed=torch.arange(N))
+    assert (out.num_accepted == 0).all()
+    assert set(out.output_token_ids[:, 0].tolist()) <= {0, 3}      # the residual max(0, p - q)
+    t = torch.full((2, 3, 10), 0.1)
+    t[0, 0, 7] = float("inf")                    # the first row request 0 reads
+    ids = torch.tensor([[1, 2], [1, 2]])
+    out = decodekit.chain_speculative_sampling(None, ids, t, seed=torch.tensor([0, 0]), validate=False)
+    assert int(out.num_emitted[0]) == int(out.num_accepted[0]) == 0
+    assert (out.output_token_ids[0] == -1).all()
+    assert int(out.num_emitted[1]) == int(out.num_accepted[1]) + 1

@@ -85,6 +85,7 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   const float* kp[kTile];
   const float* vp[kTile];
   std::vector<RowState> st(static_cast<size_t>(rows));
+  std::vector<char> nan_row(static_cast<size_t>(rows), 0);
   std::vector<int64_t> last(static_cast<size_t>(rows));  // last position each row attends to
   for (int64_t i = 0; i < Q; ++i)
     for (int64_t g = 0; g < group; ++g) {
@@ -121,7 +122,10 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       for (int64_t j = 0; j < upto; ++j)
         if (present[j]) s[j] = dot(&qbuf[r * Dp], kp[j], Dp) * scale;
       float tmax = -kInf;
-      for (int j = 0; j < kTile; ++j) tmax = s[j] > tmax ? s[j] : tmax;
+      for (int j = 0; j < kTile; ++j) {
+        tmax = s[j] > tmax ? s[j] : tmax;
+        if (s[j] != s[j]) nan_row[r] = 1;  // a NaN score (NaN or inf in q or k) makes the output NaN
+      }
       if (tmax == -kInf) continue;  // nothing readable in this tile
       RowState& rs = st[r];
       const float m_new = rs.m > tmax ? rs.m : tmax;
@@ -154,6 +158,10 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       const int64_t r = i * group + g, h = kvh * group + g;
       float* o = out + (i * Hq + h) * D;
       const float inv = st[r].l > 0.0f ? 1.0f / st[r].l : 0.0f;
+      if (nan_row[r]) {
+        for (int64_t d = 0; d < D; ++d) o[d] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       for (int64_t d = 0; d < D; ++d) o[d] = acc[r * Dp + d] * inv;
     }
 }

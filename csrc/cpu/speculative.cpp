@@ -94,6 +94,21 @@ struct Residual {
 
 // Mass of a probability row over [0, n) (negative and NaN entries count as 0),
 // in 16 float64 lanes: the same value whatever the batch.
+// Whether every entry of a row is finite and >= 0 (NaN, inf and negatives are invalid data).
+bool row_valid(const float* p, int64_t n) {
+  const VF zero = splat(0.0f), one = splat(1.0f), inf = splat(std::numeric_limits<float>::infinity());
+  VI bad = splati(0);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const VF x = load_f32(p + c);
+    bad |= one > select(x >= zero, select(inf > x, one, zero), zero);
+  }
+  if (any_lane(bad)) return false;
+  for (; c < n; ++c)
+    if (!(p[c] >= 0.0f && p[c] < std::numeric_limits<float>::infinity())) return false;
+  return true;
+}
+
 double row_mass(const float* p, int64_t n) {
   Acc16d acc;
   const Residual r{p, nullptr, -1, false};
@@ -155,16 +170,23 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
     while (n < K && d[n] >= 0 && d[n] < vocab_size) ++n;
     const PhiloxStreamRef accept{s, o, kStreamSpecAccept};
     int64_t j = 0;
+    bool invalid = false;  // a row read here holds NaN, inf or a negative entry: the request is marked
     for (; j < n; ++j) {
       const float* p = target_probs + (b * (K + 1) + j) * V;
       const float* q = draft_probs ? draft_probs + (b * K + j) * V : nullptr;
       const int64_t x = d[j];
+      if (!row_valid(p, vocab_size) || (q && !row_valid(q, vocab_size))) {
+        invalid = true;
+        break;
+      }
       // Normalise over the vocabulary so unnormalised rows and padding columns are handled.
       const double mp = row_mass(p, vocab_size);
       const double mq = q ? row_mass(q, vocab_size) : 1.0;
       const double px = mp > 0.0 ? clean(p[x]) / mp : 0.0;
       const double qx = q ? (mq > 0.0 ? clean(q[x]) / mq : 0.0) : 1.0;
-      if (accept.uniform_double(static_cast<uint64_t>(j)) * qx < px) {
+      // A draft the draft distribution gives probability 0 cannot have been drawn from it: it is
+      // rejected (accepting it whatever u would bias the output), and the residual decides.
+      if (qx > 0.0 && accept.uniform_double(static_cast<uint64_t>(j)) * qx < px) {
         row_out[j] = x;
         continue;
       }
@@ -177,8 +199,18 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
       row_out[j] = t;  // -1 only when the target row has no mass at all
       break;
     }
+    if (invalid) {
+      num_accepted[b] = j;
+      num_emitted[b] = j;  // row_out[j] stays -1
+      continue;
+    }
     if (j == n) {  // every real draft accepted: the bonus token
       const float* p = target_probs + (b * (K + 1) + n) * V;
+      if (!row_valid(p, vocab_size)) {
+        num_accepted[b] = n;
+        num_emitted[b] = n;
+        continue;
+      }
       const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + n)}.uniform_double(0);
       row_out[n] = draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums);
       num_accepted[b] = n;

@@ -105,6 +105,11 @@ def _generate(args: argparse.Namespace) -> int:
         if batched:
             print("decodekit: error: --speculative takes one --prompt", file=sys.stderr)
             return 1
+        if args.repetition_penalty != 1.0 or args.frequency_penalty != 0.0 or args.presence_penalty != 0.0:
+            print("decodekit: error: --speculative does not support --repetition-penalty, --frequency-penalty "
+                  "or --presence-penalty (speculative verification would have to apply them per drafted "
+                  "position); drop them or drop --speculative", file=sys.stderr)
+            return 1
         from .spec_decode import DraftModelDrafter, speculative_generate
 
         try:

@@ -942,7 +942,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
         eps: added to the mean square (a finite float >= 0).
 
     Returns:
-        ``[..., H]`` float32.
+        ``[..., H]`` float32 (no autograd graph: the op is not differentiable).
 
     Raises:
         TypeError / ValueError naming the argument: dtypes, devices, shapes, eps.
@@ -968,7 +968,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         x: ``[..., 2 * I]`` float32 (CPU), gate columns first.
 
     Returns:
-        ``[..., I]`` float32.
+        ``[..., I]`` float32 (no autograd graph: the op is not differentiable).
 
     Raises:
         TypeError / ValueError naming ``x``: dtype, device, odd last dimension.
@@ -1004,14 +1004,19 @@ def apply_rope_(x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_ta
         ``x``.
 
     Raises:
-        TypeError / ValueError naming the argument: dtypes, shapes, a position outside the table.
+        TypeError / ValueError naming the argument: dtypes, shapes, a position outside the table,
+        rows of ``x`` that overlap in memory (an expanded tensor); RuntimeError when ``x``
+        requires grad (the kernel is not differentiable).
 
     Source: Su et al., 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
     """
     op = "apply_rope_"
     _check_float32_cpu(op, x=x, cos_table=cos_table, sin_table=sin_table)
-    if x.dim() != 2 or x.stride(1) != 1:
+    if x.dim() != 2 or (x.size(1) > 1 and x.stride(1) != 1):
         raise ValueError(f"{op}: x must be [N, C] with unit column stride, got shape {tuple(x.shape)}")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: x requires grad; this in-place kernel is not differentiable (use it under "
+                           "torch.no_grad() or on a tensor without grad)")
     if cos_table.dim() != 2 or cos_table.shape != sin_table.shape or cos_table.size(1) % 2:
         raise ValueError(f"{op}: cos_table and sin_table must be [P, D] of one shape with D even, got "
                          f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}")
@@ -1019,10 +1024,15 @@ def apply_rope_(x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_ta
             num_heads * cos_table.size(1) > x.size(1):
         raise ValueError(f"{op}: num_heads must be an int in [0, C / D = {x.size(1) // max(1, cos_table.size(1))}], "
                          f"got {num_heads!r}")
+    if x.size(0) > 1 and num_heads and x.stride(0) < num_heads * cos_table.size(1):
+        raise ValueError(f"{op}: the rows of x overlap in memory (row stride {x.stride(0)} < {num_heads} heads x "
+                         f"{cos_table.size(1)}); rotating in place needs distinct rows (e.g. x.contiguous())")
     if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool \
             or positions.dim() != 1 or positions.size(0) != x.size(0):
         raise ValueError(f"{op}: positions must be an integer tensor [N={x.size(0)}]")
     positions = positions.to(torch.int64).contiguous()
+    if x.device.type == "meta":
+        return x
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_table.size(0)):
         raise ValueError(f"{op}: positions must be in [0, {cos_table.size(0)}), got "
                          f"[{int(positions.min())}, {int(positions.max())}]")

@@ -16,7 +16,9 @@ drafts and hands its processed distribution q to the lossless verification).
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .generate import _prompt_ids
+from .generate import _check_common, _check_request, _prompt_ids
 from .models.gguf_loader import LoadedModel, load_model
 from .kv_cache import OutOfBlocksError
 from .models.llama import LlamaModel
@@ -71,11 +73,11 @@ class NgramDrafter:
 class DraftModelDrafter:
     """Drafting with a small draft model that shares the target's tokenizer.
 
-    The draft keeps its own paged KV cache, one sequence per context it has seen (up to
-    ``max_sequences``, least recently used evicted). At each call it finds the cached sequence
-    sharing the longest prefix with the context, rolls it back to that prefix
-    (:meth:`PagedKVCache.truncate`), runs the remaining context tokens in one pass, then runs
-    ``k`` single-token steps. A request's drafts therefore depend only on its own context (the
+    The draft keeps its own paged KV cache, one sequence per request (``key``, which
+    :func:`speculative_generate` passes) or, without a key, per context (up to
+    ``max_sequences``, least recently used evicted). At each call it rolls that sequence back to
+    the prefix it shares with the context (:meth:`PagedKVCache.truncate`: the rejected drafts),
+    runs the remaining context tokens in one pass, then runs ``k`` single-token steps. A request's drafts therefore depend only on its own context (the
     draft model is batch-invariant in deterministic mode like the target).
 
     Args:
@@ -84,6 +86,8 @@ class DraftModelDrafter:
         target: the target (``LoadedModel``), used only when ``draft`` is ``None``.
         max_sequences: contexts kept at once (>= 1, default 16).
         block_size: positions per block of the draft's cache (default 16).
+        cache_tokens: positions the draft's cache holds over all contexts (default 16384; about
+            100 MB for SmolLM2's draft); when full, the other contexts are evicted.
 
     Methods:
         ``propose(context, k)``: greedy drafts (the draft's argmax, lowest id on ties).
@@ -92,7 +96,7 @@ class DraftModelDrafter:
     """
 
     def __init__(self, draft=None, *, target: Optional[LoadedModel] = None, max_sequences: int = 16,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, cache_tokens: int = 16384) -> None:
         if draft is None:
             from .models.draft import load_draft_model
 
@@ -102,36 +106,53 @@ class DraftModelDrafter:
             raise TypeError(f"DraftModelDrafter: draft must be a DraftModel or LlamaModel, got {type(draft).__name__}")
         if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
             raise ValueError(f"DraftModelDrafter: max_sequences must be an int >= 1, got {max_sequences!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"DraftModelDrafter: block_size must be an int >= 1, got {block_size!r}")
+        if isinstance(cache_tokens, bool) or not isinstance(cache_tokens, int) or cache_tokens < 1:
+            raise ValueError(f"DraftModelDrafter: cache_tokens must be an int >= 1, got {cache_tokens!r}")
         self.draft = draft
         self.net = net
         self.max_sequences = max_sequences
-        blocks_per_seq = net.config.max_seq_len // block_size + 2
-        self.cache = net.new_paged_cache(num_blocks=max_sequences * blocks_per_seq, block_size=block_size)
-        self._slots: List[list] = []     # [seq id, token list], most recently used last
+        # The pool holds cache_tokens positions in all (evicting other contexts when full), not
+        # max_sequences x the context length: 2048 positions of SmolLM2's 2 draft blocks = 12 MB.
+        self.cache = net.new_paged_cache(num_blocks=(cache_tokens + block_size - 1) // block_size + max_sequences,
+                                         block_size=block_size)
+        self._slots: List[list] = []     # [seq id, token list, key], most recently used last
+        self.keyed = True                 # speculative_generate passes a per-request key
         self.forward_passes = 0
         self.forward_seconds = 0.0
 
-    def _slot_for(self, context: List[int]) -> list:
-        best, best_len = None, -1
-        for slot in self._slots:
-            toks = slot[1]
-            n = 0
-            limit = min(len(toks), len(context) - 1)  # leave at least one token to run
+    def _slot_for(self, context: List[int], key) -> list:
+        """The cached sequence for ``context``: the one of request ``key`` when given (a new one
+        at its first call), else the one sharing the longest prefix (a new one while there is
+        room and none shares anything); rolled back to the shared prefix."""
+        def shared(toks):
+            n, limit = 0, min(len(toks), len(context) - 1)  # leave at least one token to run
             while n < limit and toks[n] == context[n]:
                 n += 1
-            if n > best_len:
-                best, best_len = slot, n
-        if best is None or (best_len == 0 and len(self._slots) < self.max_sequences):
+            return n
+
+        best = None
+        if key is not None:
+            best = next((slot for slot in self._slots if slot[2] == key), None)
+        else:
+            scored = [(shared(slot[1]), slot) for slot in self._slots]
+            if scored:
+                n, slot = max(scored, key=lambda t: t[0])
+                if n > 0 or len(self._slots) >= self.max_sequences:
+                    best = slot
+        if best is None:
             if len(self._slots) >= self.max_sequences:
-                old = self._slots.pop(0)
+                old = self._slots.pop(0)   # least recently used
                 self.cache.free(old[0])
-            best, best_len = [self.cache.add_sequence(), []], 0
+            best = [self.cache.add_sequence(), [], key]
         else:
             self._slots.remove(best)
         self._slots.append(best)
-        if best_len < len(best[1]):
-            self.cache.truncate(best[0], best_len)
-            del best[1][best_len:]
+        n = shared(best[1])
+        if n < len(best[1]):
+            self.cache.truncate(best[0], n)
+            del best[1][n:]
         return best
 
     def _run(self, slot: list, tokens: List[int]) -> torch.Tensor:
@@ -148,17 +169,24 @@ class DraftModelDrafter:
         self.forward_seconds += time.perf_counter() - t0
         return logits[0]
 
-    def propose_with_logits(self, context: Sequence[int], k: int, choose: Callable) -> tuple:
+    def propose_with_logits(self, context: Sequence[int], k: int, choose: Callable, *, key=None) -> tuple:
         """``k`` drafts continuing ``context``, each ``choose(logits, j)`` of the draft's logits
-        ``[V]`` at draft position ``j``; returns ``(tokens, logits [k, V])``."""
-        context = [int(t) for t in context]
+        ``[V]`` at draft position ``j``; returns ``(tokens, logits [k, V])``. ``key`` (any
+        hashable, e.g. a request id) keeps one cached sequence per request."""
+        V = self.net.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)) and not hasattr(t, "__index__")
+               for t in context):
+            raise TypeError("DraftModelDrafter: context must be a sequence of int token ids")
+        context = [operator.index(t) if not isinstance(t, torch.Tensor) else int(t) for t in context]
+        if any(not 0 <= t < V for t in context):
+            raise ValueError(f"DraftModelDrafter: context token ids must be in [0, {V})")
         if k <= 0 or not context:
-            return [], torch.empty(0, self.net.config.vocab_size)
+            return [], torch.empty(0, V)
         if len(context) + k > self.net.config.max_seq_len:
             k = max(0, self.net.config.max_seq_len - len(context))
             if k == 0:
                 return [], torch.empty(0, self.net.config.vocab_size)
-        slot = self._slot_for(context)
+        slot = self._slot_for(context, key)
         logits = self._run(slot, context[len(slot[1]):])
         tokens, rows = [], []
         for j in range(k):
@@ -169,9 +197,24 @@ class DraftModelDrafter:
                 logits = self._run(slot, [tok])
         return tokens, torch.stack(rows)
 
-    def propose(self, context: Sequence[int], k: int) -> List[int]:
-        """Up to ``k`` greedy draft tokens continuing ``context``."""
-        return self.propose_with_logits(context, k, lambda logits, j: int(argmax(logits[None])[0]))[0]
+    def propose(self, context: Sequence[int], k: int, *, key=None) -> List[int]:
+        """Up to ``k`` greedy draft tokens continuing ``context`` (``key`` as in
+        :meth:`propose_with_logits`)."""
+        return self.propose_with_logits(context, k, lambda logits, j: int(argmax(logits[None])[0]), key=key)[0]
+
+
+_SHIPPED_DRAFTER: dict = {}
+_CALLS = itertools.count()
+
+
+def _shipped_draft_drafter(lm: LoadedModel) -> "DraftModelDrafter":
+    """The shipped draft's drafter for ``lm``, loaded once and reused by later calls (its cache
+    keeps the contexts it has seen; proposals depend only on the context)."""
+    key = id(lm)
+    if key not in _SHIPPED_DRAFTER or _SHIPPED_DRAFTER[key][0] is not lm:
+        _SHIPPED_DRAFTER.clear()
+        _SHIPPED_DRAFTER[key] = (lm, DraftModelDrafter(target=lm))
+    return _SHIPPED_DRAFTER[key][1]
 
 
 @dataclass
@@ -218,7 +261,8 @@ class SpeculativeResult:
 
 
 def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedModel] = None,
-                         drafter: Union[str, NgramDrafter] = "ngram", num_draft_tokens: int = 4,
+                         drafter: Union[str, NgramDrafter, "DraftModelDrafter", object] = "ngram",
+                         num_draft_tokens: int = 4,
                          max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          min_p: float = 0.0, seed=None, chat_template: bool = True,
                          stop_on_eos: bool = True, stream: Optional[Callable] = None):
@@ -276,12 +320,22 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n_req
     if len(seeds) != n_req:
         raise ValueError(f"speculative_generate: seed has {len(seeds)} values for {n_req} prompts")
+    # The same checks as generate, before the model is loaded (messages name generate's arguments).
+    _check_common(model, stream)
+    checked = []
+    for s in seeds:
+        v = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 seed=s, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+        _check_request(v, "")
+        checked.append(v)
+    temperature, top_k, top_p, min_p = (checked[0][n] for n in ("temperature", "top_k", "top_p", "min_p"))
+    seeds = [v["seed"] for v in checked]
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     net = lm.model
     if drafter == "ngram":
         drafter = NgramDrafter()
     elif drafter == "draft":
-        drafter = DraftModelDrafter(target=lm)
+        drafter = _shipped_draft_drafter(lm)
     greedy = temperature == 0 or top_k == 1 or top_p == 0
     seeds = [None if greedy else (int.from_bytes(os.urandom(4), "little") if s is None else s) for s in seeds]
     all_ids = [_prompt_ids(lm, p, chat_template) for p in prompts]
@@ -323,6 +377,8 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
     # A drafter with its own distribution (a draft model) samples its drafts from the processed
     # draft distribution q, which verification then uses; others (n-gram) give one-hot drafts.
     sample_drafts = not greedy and callable(getattr(drafter, "propose_with_logits", None))
+    keyed = getattr(drafter, "keyed", False) is True   # drafters that keep per-request state
+    call_id = next(_CALLS)
 
     def _draft_chooser(r):
         def choose(dl: torch.Tensor, j: int) -> int:
@@ -345,7 +401,8 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         for r in active:
             room = max_new_tokens - len(r.out)
             if sample_drafts:
-                proposal, dl = drafter.propose_with_logits(r.ids + r.out, min(K, room), _draft_chooser(r))
+                proposal, dl = drafter.propose_with_logits(r.ids + r.out, min(K, room), _draft_chooser(r),
+                                                           **({"key": (call_id, r.i)} if keyed else {}))
                 proposal = list(proposal)
                 if not isinstance(dl, torch.Tensor) or tuple(dl.shape) != (len(proposal), net.config.vocab_size):
                     raise ValueError(f"speculative_generate: the drafter returned logits of shape "
@@ -353,7 +410,12 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
                                      f"[{len(proposal)}, {net.config.vocab_size}]")
                 draft_logits.append(dl)
             else:
-                proposal = list(drafter.propose(r.ids + r.out, min(K, room)))[: min(K, room)]
+                proposal = drafter.propose(r.ids + r.out, min(K, room),
+                                           **({"key": (call_id, r.i)} if keyed else {}))
+                if proposal is None or isinstance(proposal, (str, bytes)) or not hasattr(proposal, "__iter__"):
+                    raise TypeError(f"speculative_generate: drafter.propose must return a list of token ids, got "
+                                    f"{type(proposal).__name__}")
+                proposal = list(proposal)[: min(K, room)]
             if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < net.config.vocab_size
                    for t in proposal):
                 raise ValueError(f"speculative_generate: the drafter proposed {proposal!r}; draft tokens must be "

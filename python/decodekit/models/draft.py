@@ -96,8 +96,9 @@ def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a decodekit draft, or was trained for another target (vocabulary
-            size, hidden size or embedding checksum differ), or a tensor has the wrong shape.
+        ValueError: the file is not a safetensors file or not a decodekit draft (format, metadata,
+            missing tensors), or was trained for another target (vocabulary size, hidden size or
+            embedding checksum differ), or a tensor has the wrong shape.
     """
     from safetensors import safe_open
 
@@ -107,11 +108,17 @@ def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
     net = target.model if isinstance(target, LoadedModel) else (target if target is not None else load_model().model)
     if not isinstance(net, LlamaModel):
         raise TypeError(f"load_draft_model: target must be a LoadedModel or LlamaModel, got {type(target).__name__}")
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != DRAFT_FORMAT:
-            raise ValueError(f"load_draft_model: {path} is not a {DRAFT_FORMAT} file (format={meta.get('format')!r})")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != DRAFT_FORMAT:
+                raise ValueError(f"load_draft_model: {path} is not a {DRAFT_FORMAT} file "
+                                 f"(format={meta.get('format')!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' own error type for a file that is not safetensors
+        raise ValueError(f"load_draft_model: {path} is not a readable safetensors file ({exc})") from None
     tc = net.config
     want = {"target_vocab_size": str(tc.vocab_size), "target_hidden_size": str(tc.hidden_size),
             "target_embed_checksum": embedding_checksum(net.embed)}
@@ -119,7 +126,13 @@ def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
         if meta.get(key) != value:
             raise ValueError(f"load_draft_model: {path.name} was trained for another target ({key} = "
                              f"{meta.get(key)!r}, this target has {value!r})")
-    num_layers = int(meta["num_layers"])
+    try:
+        num_layers = int(meta["num_layers"])
+        if num_layers < 1:
+            raise ValueError
+    except (KeyError, ValueError):
+        raise ValueError(f"load_draft_model: {path.name} needs a positive integer 'num_layers' in its metadata, "
+                         f"got {meta.get('num_layers')!r}") from None
     config = LlamaConfig(vocab_size=tc.vocab_size, hidden_size=tc.hidden_size,
                          intermediate_size=tc.intermediate_size, num_layers=num_layers,
                          num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads, head_dim=tc.head_dim,
@@ -127,10 +140,16 @@ def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
     try:
         layers = [LlamaLayerWeights(**{n: tensors[f"layers.{i}.{n}"].float() for n in LAYER_TENSORS})
                   for i in range(num_layers)]
-        ids = tensors["lm_head_token_ids"].to(torch.int64)
+        ids = tensors["lm_head_token_ids"]
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"load_draft_model: lm_head_token_ids must be integers, got {ids.dtype}")
+        ids = ids.to(torch.int64)
         norm = tensors["norm"].float()
     except KeyError as e:
         raise ValueError(f"load_draft_model: {path.name} lacks tensor {e.args[0]}") from None
+    if net.head_token_ids is not None:
+        raise ValueError("load_draft_model: target has a reduced-vocabulary head (it is itself a draft); pass the "
+                         "target model")
     if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= tc.vocab_size:
         raise ValueError(f"load_draft_model: lm_head_token_ids must be ids in [0, {tc.vocab_size})")
     head = net.lm_head.index_select(0, ids).contiguous()
