@@ -374,7 +374,11 @@ class LlamaModel:
         rows in the call; otherwise ``torch.nn.functional.linear``.
         """
         if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
-            return _dk_linear(x, weight)
+            # The op itself (decodekit.linear's checks hold by construction: weights contiguous).
+            x2 = x.reshape(-1, x.size(-1))
+            if x2.stride(-1) != 1 or x.size(-1) == 0 or not weight.is_contiguous():
+                return _dk_linear(x, weight)
+            return _dk_ops.linear(x2, weight, None).view(*x.shape[:-1], weight.size(0))
         return F.linear(x, weight)
 
     def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -635,11 +639,12 @@ class LlamaModel:
                 k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
             if block_tables is None:        # the first append allocated the blocks of the new tokens
-                block_tables = cache.block_table(seq_ids).to(torch.int64)
-            # The tables and lengths come from the cache itself: no data checks needed per layer.
-            attn = _attention.paged_attention(q, cache.k[i], cache.v[i], block_tables, seq_lens,
-                                              scale=scale, kv_layout=cache.kv_layout,
-                                              validate=False)  # [B, T, Hq, D]
+                block_tables = cache.block_table(seq_ids).to(torch.int64).contiguous()
+                seq_lens_i64 = seq_lens.to(torch.int64).contiguous()
+            # The tables and lengths come from the cache itself and the shapes from the model:
+            # the kernel is called directly, without the wrapper's per-call checks.
+            attn = _dk_ops.paged_attention(q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64,
+                                           scale, cache.kv_layout)                  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
             if fused:
