@@ -26,17 +26,6 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def lm():
-    pytest.importorskip("gguf")
-    from decodekit.models.gguf_loader import load_model
-
-    try:
-        return load_model()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def draft(lm):
     return load_draft_model(target=lm)
 

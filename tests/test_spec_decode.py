@@ -15,17 +15,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    pytest.importorskip("gguf")
-    from decodekit.models.gguf_loader import load_model
-
-    try:
-        return load_model()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 def test_ngram_drafter_by_hand():
     d = NgramDrafter(max_ngram=2)
     assert d.propose([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]

@@ -94,18 +94,24 @@ struct Residual {
 
 // Mass of a probability row over [0, n) (negative and NaN entries count as 0),
 // in 16 float64 lanes: the same value whatever the batch.
-// Whether every entry of a row is finite and >= 0 (NaN, inf and negatives are invalid data).
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+
+// Lanes holding invalid probability data: negative, NaN or infinite (!(0 <= x < inf)).
+DK_VINLINE VI invalid_lanes(VF x) {
+  const VF zero = splat(0.0f), one = splat(1.0f);
+  return one > select(x >= zero, select(splat(kInfF) > x, one, zero), zero);
+}
+
+inline bool invalid_scalar(float x) { return !(x >= 0.0f && x < kInfF); }
+
+// Whether every entry of a row is finite and >= 0.
 bool row_valid(const float* p, int64_t n) {
-  const VF zero = splat(0.0f), one = splat(1.0f), inf = splat(std::numeric_limits<float>::infinity());
   VI bad = splati(0);
   int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const VF x = load_f32(p + c);
-    bad |= one > select(x >= zero, select(inf > x, one, zero), zero);
-  }
+  for (; c + 16 <= n; c += 16) bad |= invalid_lanes(load_f32(p + c));
   if (any_lane(bad)) return false;
   for (; c < n; ++c)
-    if (!(p[c] >= 0.0f && p[c] < std::numeric_limits<float>::infinity())) return false;
+    if (invalid_scalar(p[c])) return false;
   return true;
 }
 
@@ -228,16 +234,12 @@ int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t 
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(| : bad, empty)
   for (int64_t r = 0; r < nrows; ++r) {
     const float* row = rows + r * V;
-    const float inf_f = std::numeric_limits<float>::infinity();
-    const VF zero = splat(0.0f), one = splat(1.0f), inf = splat(inf_f);
     VI row_bad = splati(0);
-    VF mx = zero;
+    VF mx = splat(0.0f);
     int64_t c = 0;
     for (; c + 16 <= V; c += 16) {
       const VF x = load_f32(row + c);
-      // ok = 1 where 0 <= x < inf (false for NaN), else 0
-      const VF ok = select(x >= zero, select(inf > x, one, zero), zero);
-      row_bad |= one > ok;
+      row_bad |= invalid_lanes(x);
       if (c + 16 <= vocab_size) mx = select(x > mx, x, mx);
     }
     float lanes[16];
@@ -245,7 +247,7 @@ int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t 
     float m = 0.0f;
     for (int j = 0; j < 16; ++j) m = std::max(m, lanes[j]);
     bool tail_bad = false;
-    for (int64_t i = c; i < V; ++i) tail_bad |= !(row[i] >= 0.0f && row[i] < inf_f);
+    for (int64_t i = c; i < V; ++i) tail_bad |= invalid_scalar(row[i]);
     for (int64_t i = (vocab_size / 16) * 16; i < vocab_size; ++i) m = std::max(m, row[i] > 0.0f ? row[i] : 0.0f);
     bad |= (any_lane(row_bad) || tail_bad) ? 1 : 0;
     empty |= (need_mass && !(m > 0.0f)) ? 1 : 0;

@@ -891,13 +891,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     of decoding it is memory-bound on the weights like any GEMM.
     """
     op = "linear"
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{op}: {name} must be float32, got {t.dtype}")
-        if t.device.type not in ("cpu", "meta"):
-            raise ValueError(f"{op}: {name} is on {t.device}; this op has kernels for: CPU")
+    _check_float32_cpu(op, x=x, weight=weight)
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"{op}: x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.size(-1) != weight.size(1):

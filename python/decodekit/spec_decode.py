@@ -93,6 +93,13 @@ class DraftModelDrafter:
         ``propose(context, k)``: greedy drafts (the draft's argmax, lowest id on ties).
         ``propose_with_logits(context, k, choose)``: drafts chosen by ``choose(logits [V], j)``
         (the loop samples there), returned with the draft's logits ``[k, V]``.
+
+    Raises:
+        TypeError / ValueError: a draft that is not a DraftModel / LlamaModel, bad
+        ``max_sequences`` / ``block_size`` / ``cache_tokens``; context ids that are not ints in
+        ``[0, V)``.
+
+    Source: draft-model speculative decoding (Leviathan et al., ICML 2023; Chen et al., 2023).
     """
 
     def __init__(self, draft=None, *, target: Optional[LoadedModel] = None, max_sequences: int = 16,

@@ -518,14 +518,18 @@ class LlamaModel:
         return PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                             dtype=self.dtype, kv_layout=kv_layout)
 
-    def _rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE ``(cos, sin)`` ``[B, T, D]`` for int64 ``positions [B, T]``, read from one table
-        of every position of the context (built at the first call)."""
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``(cos, sin)`` tables ``[max_seq_len, D]`` of every position of the context
+        (:func:`rope_table`, built at the first call)."""
         if self._rope is None:
             c = self.config
             cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
             self._rope = (cos.to(self.device), sin.to(self.device))
-        cos, sin = self._rope
+        return self._rope
+
+    def _rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``(cos, sin)`` ``[B, T, D]`` for int64 ``positions [B, T]``, read from the tables."""
+        cos, sin = self._rope_tables()
         return cos[positions], sin[positions]
 
     @torch.inference_mode()
@@ -618,8 +622,7 @@ class LlamaModel:
         fused = self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and \
             self.dtype == torch.float32
         if fused:
-            self._rope_rows(positions[:, :0])                                   # builds the table once
-            cos_table, sin_table = self._rope
+            cos_table, sin_table = self._rope_tables()
             flat_positions = positions.reshape(-1).contiguous()
         else:
             cos, sin = self._rope_rows(positions)                               # [B, T, D]
