@@ -56,6 +56,38 @@ def test_top_k_mask_logits_ties_and_all_equal():
     assert torch.isinf(decodekit.top_k_mask_logits(x, 0, vocab_size=3)[:, 3:]).all()
 
 
+@pytest.mark.parametrize("V", [7, 255, 256, 257, 1000, 4097, 32000])
+def test_top_k_sets_match_reference_across_chunk_sizes(V):
+    # The kernel pre-selects 256-token chunks by their maxima; ties that straddle
+    # chunks, -inf entries, k around the number of chunks and V not a multiple of
+    # the chunk size must still give the exact top-k (value desc, index asc).
+    g = torch.Generator().manual_seed(V)
+    rows = [torch.randint(-3, 4, (V,), generator=g).float(),          # heavy ties
+            torch.randn(V, generator=g) * 3,
+            torch.where(torch.rand(V, generator=g) < 0.9, float("-inf"), torch.randn(V, generator=g))]
+    x = torch.stack(rows)
+    x[2, V // 2] = 0.5  # at least one finite logit in the sparse row
+    nch = (V + 255) // 256
+    for k in sorted({1, 2, 3, 50, nch, nch + 1, 2 * nch + 5, V - 1}):
+        if not 1 <= k < V:
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            out = decodekit.top_k_mask_logits(xd, k)
+            for r in range(x.size(0)):
+                order = ref.rank_order(xd[r].float())
+                finite = xd[r].float() > float("-inf")
+                want = sorted(i for i in order[:k].tolist() if finite[i])
+                got = torch.isfinite(out[r]).nonzero().flatten().tolist()
+                assert got == want, (V, k, dtype, r)
+            p = torch.softmax(x.double(), -1).float()
+            kept = decodekit.top_k_renorm_probs(p, k) > 0
+            for r in range(x.size(0)):
+                order = ref.rank_order(p[r])
+                want = sorted(i for i in order[:k].tolist() if p[r, i] > 0)
+                assert kept[r].nonzero().flatten().tolist() == want, (V, k, r)
+
+
 def test_one_hot_with_huge_top_k():
     p = torch.zeros(64, 32000)
     p[:, 1] = 1.0

@@ -119,6 +119,46 @@ DK_VINLINE bool any_lane(VI m) {
 #endif
 }
 
+// Bit j set when lane j of the mask is set.
+DK_VINLINE uint32_t lane_bits(VI m) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)m.p[0], (__m512i)m.p[0]);
+#elif defined(__AVX__)
+  return static_cast<uint32_t>(_mm256_movemask_ps((__m256)m.p[0])) |
+         (static_cast<uint32_t>(_mm256_movemask_ps((__m256)m.p[1])) << 8);
+#elif defined(__SSE2__)
+  uint32_t r = 0;
+  for (int i = 0; i < kParts; ++i) r |= static_cast<uint32_t>(_mm_movemask_ps((__m128)m.p[i])) << (4 * i);
+  return r;
+#else
+  int32_t a[16];
+  to_array(m, a);
+  uint32_t r = 0;
+  for (int j = 0; j < 16; ++j) r |= (a[j] != 0 ? 1u : 0u) << j;
+  return r;
+#endif
+}
+
+// Largest lane (NaN lanes ignored unless every lane is NaN; exact, so any
+// order gives the same value).
+DK_VINLINE float max_lane(VF v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps((__m512)v.p[0]);
+#elif defined(__AVX__)
+  __m256 m = _mm256_max_ps((__m256)v.p[0], (__m256)v.p[1]);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+#else
+  float a[16];
+  to_array(v, a);
+  float m = a[0];
+  for (int j = 1; j < 16; ++j) m = a[j] > m ? a[j] : m;
+  return m;
+#endif
+}
+
 // binary16 -> float32, exact (as half_bits_to_float in decodekit/math.h).
 DK_VINLINE VF load_f16(const uint16_t* p) {
   VF r;
