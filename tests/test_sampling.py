@@ -361,6 +361,12 @@ GOLDEN_FILTERED = [121, 78, 237, 43]
     (dict(vocab_size=0), ValueError, "vocab_size"),
     (dict(vocab_size=4), ValueError, "vocab_size"),
     (dict(offset=-1), ValueError, "offset"),
+    # [B] tensors of the kernel's own dtypes (the wrapper's short path):
+    (dict(top_p=torch.tensor([0.5, 1.5], dtype=torch.float64)), ValueError, "top_p"),
+    (dict(min_p=torch.tensor([0.5, float("nan")])), ValueError, "min_p"),
+    (dict(temperature=torch.tensor([float("inf"), 1.0])), ValueError, "temperature"),
+    (dict(offset=torch.tensor([0, -1])), ValueError, "offset"),
+    (dict(logits=torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0]])), ValueError, "rows \\[1\\]"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, exc, match):
     args = dict(logits=torch.zeros(2, 3), temperature=1.0, seed=0)
@@ -368,6 +374,33 @@ def test_bad_input_is_a_clear_error(kwargs, exc, match):
     logits = args.pop("logits")
     with pytest.raises(exc, match=match):
         decodekit.sample_from_logits(logits, **args)
+
+
+def test_short_path_and_full_path_agree_for_every_parameter_kind():
+    # Plain numbers and exact-dtype [B] tensors take the wrapper's short path; return_valid=True
+    # and other-dtype tensors take the full one. Both must hand the kernel the same parameters.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=g) * 2
+    B = logits.size(0)
+    cases = [
+        dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=11, offset=3),
+        dict(temperature=1, top_k=0, top_p=1, min_p=0, seed=-5, offset=0),
+        dict(temperature=torch.tensor([0.0, 0.5, 1.0, 1.5, 0.7, 2.0]), top_k=torch.tensor([0, 1, 5, 300, -1, 40]),
+             top_p=torch.tensor([1.0, 0.5, 0.9, 0.0, 0.95, 1.0], dtype=torch.float64),
+             min_p=torch.tensor([0.0, 0.1, 0.0, 0.2, 0.0, 0.3]), seed=torch.arange(B) * 7 - 3,
+             offset=torch.arange(B) + 2**40),
+    ]
+    for kw in cases:
+        short = decodekit.sample_from_logits(logits, **kw)
+        full = decodekit.sample_from_logits(logits, return_valid=True, **kw)
+        assert torch.equal(short, full.token_ids) and bool(full.valid.all())
+        # the same parameters as other dtypes (converted by the full path) give the same ids
+        conv = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else v) for k, v in kw.items()}
+        assert torch.equal(decodekit.sample_from_logits(logits, **conv), short)
+        for r in range(B):  # and each row is the reference draw with its own uniform
+            row = {k: (v[r].item() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            seed, offset = row.pop("seed"), row.pop("offset")
+            assert int(short[r]) == ref.sample(logits[r], seed, offset, **row), (kw, r)
 
 
 def test_bad_input_softmax_and_argmax():

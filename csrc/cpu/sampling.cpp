@@ -38,6 +38,7 @@
 #endif
 #define DK_INLINE inline __attribute__((always_inline))
 
+
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
@@ -198,6 +199,16 @@ struct RowStats {
   bool has_pinf;
 };
 
+// Pass A prefetches each line 8 KiB ahead, and one line per chunk 32 KiB
+// ahead: with 4 KiB pages the hardware prefetcher stops at every page start,
+// and after other work has run (a model forward, an allocation that unmapped
+// memory) the page walks of a cold row would otherwise be taken one by one.
+// Measured at B=8, V=128256 after a large allocation: 1 thread ~290 -> ~255 us.
+template <typename T>
+constexpr int64_t kPrefetchElems = 8192 / sizeof(T);
+template <typename T>
+constexpr int64_t kPageElems = 4096 / sizeof(T);
+
 // Pass A: one streaming read. Optionally converts to float32 into xbuf and
 // records each chunk's maximum (cmax) for the top-k gather.
 template <typename L>
@@ -213,12 +224,17 @@ DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf,
     vnan |= xs != xs;
     vpinf |= xs == inf;
   };
+  // One prefetch per 4 KiB page of the row before streaming it, so that the
+  // page walks of a cold row overlap instead of stalling the stream one page
+  // at a time (see kPrefetchElems).
+  for (int64_t q = 0; q < V; q += kPageElems<typename L::T>) __builtin_prefetch(row + q, 0, 0);
   int64_t c = 0;
   auto vmax2 = [](VF a, VF b) __attribute__((always_inline)) { return select(a > b, a, b); };
   for (; c + kChunk <= V; c += kChunk) {
     VF cm = splat(-kInf);
     for (int64_t j = c; j < c + kChunk; j += 4 * kLanes) {
       VF xs[4];
+      for (int q = 0; q < 4; ++q) __builtin_prefetch(row + j + q * kLanes + kPrefetchElems<typename L::T>, 0, 0);
       for (int q = 0; q < 4; ++q) {
         xs[q] = L::load16(row + j + q * kLanes);
         if (xbuf) store_f32(xbuf + j + q * kLanes, xs[q]);
@@ -697,7 +713,11 @@ void for_each_row(int64_t B, int num_threads, F&& f) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-#pragma omp for schedule(static)
+    // Dynamic: the calling thread starts on the rows at once, and a worker
+    // that was asleep (after other work ran) joins when it wakes instead of
+    // making the call wait for its share. Rows are independent, so which
+    // thread takes a row never changes its bits.
+#pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) f(b);
     trim_scratch();
   }

@@ -371,6 +371,51 @@ def _all_greedy(t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
     return bool(greedy.all())
 
 
+_SAMPLE_FROM_LOGITS = ops.sample_from_logits.default
+_Tensor = torch.Tensor
+
+
+def _fast_param(value, integer: bool):
+    """(tensor, 0) or (None, number) for the kernel, or None to take the full path."""
+    kind = type(value)
+    if kind is _Tensor:
+        return value, 0
+    if kind is int or (kind is float and not integer):
+        return None, value
+    return None
+
+
+def _sample_fast(logits, temperature, top_k, top_p, min_p, seed, offset, deterministic):
+    """The common call in few Python steps: it runs once per decode step, usually right
+    after a model forward has evicted the interpreter's data from the caches.
+
+    Nothing is checked twice: the op itself rejects wrong ranks, dtypes, devices, lengths
+    and layouts (RuntimeError), and the kernel marks a row with an out-of-range parameter
+    value invalid. On any of these, or any invalid row, this returns None and the full
+    wrapper runs and raises its precise error.
+    """
+    if type(logits) is not _Tensor or logits.requires_grad or type(deterministic) is not bool:
+        return None
+    t, k, p, m, sd = (_fast_param(temperature, False), _fast_param(top_k, True), _fast_param(top_p, False),
+                      _fast_param(min_p, False), _fast_param(seed, True))
+    if t is None or k is None or p is None or m is None or sd is None:
+        return None
+    if type(offset) is int:
+        if offset < 0:
+            return None
+        o = (None, offset)
+    elif type(offset) is _Tensor and offset.dtype is torch.int64 and offset.numel() and not bool((offset < 0).any()):
+        o = (offset, 0)
+    else:
+        return None
+    try:
+        ids, valid = _SAMPLE_FROM_LOGITS(logits, *t, *k, *p, *m, *sd, *o, logits.size(-1), deterministic,
+                                         False, 0, False)[:2]
+        return ids if bool(valid.all()) else None
+    except (RuntimeError, TypeError, IndexError):
+        return None
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     temperature: RowParam = 1.0,
@@ -392,9 +437,11 @@ def sample_from_logits(
 ):
     """Samples one token per row: penalties -> temperature -> top-k -> top-p -> min-p.
 
-    One pass over the logits and no sort of the vocabulary: top-k candidates are
-    kept in a bounded buffer during the streaming read, top-p looks only at the
-    tokens that can be in the nucleus, and the draw is an inverse CDF over the
+    One pass over the logits and no sort of the vocabulary: the streaming read
+    records each 256-token chunk's maximum, the top-k candidates are gathered
+    from the few chunks whose maximum reaches the k-th largest chunk maximum
+    (a lower bound of the k-th value), top-p looks only at the tokens that can
+    be in the nucleus, and the draw is an inverse CDF over the
     kept tokens in ascending index order with one float64 Philox uniform.
 
     Args:
@@ -463,6 +510,11 @@ def sample_from_logits(
     Example:
         >>> ids = decodekit.sample_from_logits(logits, 0.7, top_k=50, top_p=0.9, seed=1234)
     """
+    if (not penalties and generator is None and vocab_size is None and validate is True and not return_valid
+            and not return_logprobs and top_logprobs == 0 and (type(seed) is int or type(seed) is torch.Tensor)):
+        ids = _sample_fast(logits, temperature, top_k, top_p, min_p, seed, offset, deterministic)
+        if ids is not None:
+            return ids
     op = "sample_from_logits"
     logits = _check_logits(logits, op)
     B, V = logits.shape
