@@ -284,6 +284,17 @@ struct Acc16d {
   }
   DK_VINLINE void lanes(double* out) const { std::memcpy(out, d, sizeof d); }
 #endif
+  // Lane-wise this += o (the same bits in every build).
+  DK_VINLINE void merge(const Acc16d& o) {
+#if defined(__AVX512F__)
+    lo = _mm512_add_pd(lo, o.lo);
+    hi = _mm512_add_pd(hi, o.hi);
+#elif defined(__AVX__)
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_add_pd(q[i], o.q[i]);
+#else
+    for (int j = 0; j < 16; ++j) d[j] += o.d[j];
+#endif
+  }
   // Fixed tree: lane j += lane j + 8, then + 4, + 2, + 1.
   DK_VINLINE double sum() const {
     double s[16];
