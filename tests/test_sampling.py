@@ -167,6 +167,15 @@ def test_tiny_temperatures_are_finite_and_agree():
         assert decodekit.sample_from_logits(x32, 1e-12, seed=s).item() == 2
         assert (decodekit.sample_from_logits(x32, 2e-5, seed=s).item()
                 == decodekit.sample_from_logits(x32, 5e-6, seed=s).item() == 2)
+    # With top-p alone the nucleus pre-pass bounds the logits through log(bound) * T:
+    # a temperature so small that 1 / T is capped must still keep the (tied) maxima only.
+    wide = torch.randn(4, 5000, generator=torch.Generator().manual_seed(3))
+    wide[:, 17] = wide[:, 4000] = 9.0
+    for T in (1e-38, 1e-30, 1e-12):
+        ids = decodekit.sample_from_logits(wide, T, top_p=0.5, seed=torch.arange(4))
+        assert set(ids.tolist()) <= {17, 4000}, (T, ids)
+    ids = decodekit.sample_from_logits(wide.repeat(500, 1), 1e-30, top_p=0.9, seed=torch.arange(2000))
+    assert set(ids.tolist()) == {17, 4000}
 
 
 def test_zero_probability_token_never_drawn():

@@ -361,11 +361,19 @@ struct LogitWeight {
   float m, inv_t;
   DK_INLINE VF operator()(VF x) const { return exp16((x - splat(m)) * splat(inv_t)); }
   DK_INLINE float operator()(float x) const { return exp_nonpositive((x - m) * inv_t); }
+  // A logit below which no weight exceeds bound (0 < bound <= 1). The slack
+  // of 1e-3 in log space is far above the exp error (~1e-7 relative) and the
+  // float32 rounding of (x - m) * inv_t (<= 87 * 2^-23 ~ 1e-5 absolute).
+  float lower_x(float bound) const {
+    const double y = static_cast<double>(m) + (log_double(static_cast<double>(bound)) - 1e-3) / static_cast<double>(inv_t);
+    return std::nextafter(static_cast<float>(y), -kInf);
+  }
 };
 struct ProbWeight {
   static constexpr bool kIdentity = true;
   DK_INLINE VF operator()(VF x) const { return x; }
   DK_INLINE float operator()(float x) const { return x; }
+  float lower_x(float bound) const { return bound; }  // the weight is the value
 };
 
 // --------------------------------------------------------------- pass B ----
@@ -416,23 +424,20 @@ double block_sums(const float* x, int64_t V, const Wt& w, float min_w, double* s
 }
 
 // Gathers a superset of the top-p nucleus, in two passes and without sorting.
-// Pass 1 computes every weight (kept in ebuf unless the weights are the inputs
-// themselves), the total W in float64 lanes and, in float32 lanes, the mass
+// Pass 1 computes every weight, the total W in float64 lanes and, in float32 lanes, the mass
 // above four thresholds tau_j = w_max * 16^-(j+1). If the mass above tau_j
 // reaches p W, every nucleus token weighs more than tau_j: the rank-order
 // prefix reaches p W before it goes below tau_j. The float32 masses are
 // discounted by twice their worst relative rounding error (n u for n terms
 // per lane). Otherwise the bound is (1 - p) W / V halved: a token at or below
 // it cannot be in the nucleus, since the mass ranked at or below it would be
-// at most V times its weight. Pass 2 gathers the tokens above the bound.
+// at most V times its weight. Pass 2 gathers the tokens above the bound: it
+// compares the logits with Wt::lower_x(bound), below which no weight exceeds
+// the bound, and computes the weight only there (no weight is stored).
 // Returns W.
 template <class Wt>
-double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, Buf<float>& ebuf,
-                      std::vector<Cand>& out) {
+double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out) {
   out.clear();
-  constexpr bool kIdentity = Wt::kIdentity;
-  if (!kIdentity) ebuf.resize(V + kLanes);
-  float* e_store = kIdentity ? nullptr : ebuf.data();
   // Even and odd vectors go to separate float64 accumulators (merged in a
   // fixed order), and the masses add a pair of vectors at a time: shorter
   // dependency chains, the same split for every row.
@@ -440,11 +445,7 @@ double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, doubl
   const float t0 = w_max * 0.0625f, t1 = t0 * 0.0625f, t2 = t1 * 0.0625f, t3 = t2 * 0.0625f;
   VF m0 = splat(0.0f), m1 = m0, m2 = m0, m3 = m0;
   const VF zero = splat(0.0f), vt0 = splat(t0), vt1 = splat(t1), vt2 = splat(t2), vt3 = splat(t3);
-  auto weight = [&](VF xs, int64_t c) __attribute__((always_inline)) {
-    const VF e = select(xs > splat(-kInf), w(xs), zero);
-    if (!kIdentity) store_f32(e_store + c, e);
-    return e;
-  };
+  auto weight = [&](VF xs, int64_t) __attribute__((always_inline)) { return select(xs > splat(-kInf), w(xs), zero); };
   int64_t c = 0;
   for (; c + 2 * kLanes <= V; c += 2 * kLanes) {
     const VF ea = weight(load_f32(x + c), c), eb = weight(load_f32(x + c + kLanes), c + kLanes);
@@ -480,15 +481,15 @@ double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, doubl
   else if (mass(m1) >= target) bound = std::max(bound, t1);
   else if (mass(m2) >= target) bound = std::max(bound, t2);
   else if (mass(m3) >= target) bound = std::max(bound, t3);
-  const float* e_src = kIdentity ? x : e_store;
-  const VF vb = splat(bound);
+  const VF vxl = splat(w.lower_x(bound));
   for (int64_t c2 = 0; c2 < V; c2 += kLanes) {
-    const VF e = c2 + kLanes <= V ? load_f32(e_src + c2) : load_tail(e_src, c2, V);
-    uint32_t bits = lane_bits(e > vb);  // load_tail pads with -inf: never above the bound
+    const VF xs = c2 + kLanes <= V ? load_f32(x + c2) : load_tail(x, c2, V);
+    uint32_t bits = lane_bits(xs > vxl);  // load_tail pads with -inf: never above
     while (bits) {
       const int j = __builtin_ctz(bits);
       bits &= bits - 1;
-      out.push_back(Cand{x[c2 + j], e_src[c2 + j], static_cast<int32_t>(c2 + j)});
+      const float e = w(x[c2 + j]);  // the same bits as the lane in pass 1
+      if (e > bound) out.push_back(Cand{x[c2 + j], e, static_cast<int32_t>(c2 + j)});
     }
   }
   return W;
@@ -605,7 +606,7 @@ struct ChainParams {
 // min-p keeps w >= min_p * w_max, in float32.
 template <class Wt>
 Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const ChainParams& cp, TopKGather& g,
-                 std::vector<Cand>& cands, Buf<float>& ebuf) {
+                 std::vector<Cand>& cands) {
   const float min_w = cp.use_min_p ? cp.min_p * w_max : 0.0f;
   if (!cp.use_k && !cp.use_p) return Kept{true, min_w};
   double stage_total = 0.0;
@@ -617,7 +618,7 @@ Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const Chai
       stage_total += static_cast<double>(c.e);
     }
   } else {
-    stage_total = gather_nucleus(x, V, w, w_max, cp.p, ebuf, cands);
+    stage_total = gather_nucleus(x, V, w, w_max, cp.p, cands);
     // No token with weight <= (1 - p) W / V can be in the nucleus.
     const float bound = static_cast<float>(0.5 * (1.0 - cp.p) * stage_total / static_cast<double>(V));
     cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
@@ -708,7 +709,6 @@ void write_invalid_logprobs(const LogprobRequest& lp, int64_t b) {
 
 struct Scratch {
   Buf<float> xbuf;
-  Buf<float> ebuf;
   std::vector<Cand> cands;
   std::vector<Cand> topn;
   Buf<double> sums;
@@ -729,7 +729,6 @@ constexpr int64_t kKeepScratch = int64_t{1} << 20;
 void trim_scratch() {
   Scratch& s = thread_scratch();
   if (s.xbuf.size() > kKeepScratch) s.xbuf.release();
-  if (s.ebuf.size() > kKeepScratch) s.ebuf.release();
   if (s.sums.size() > kKeepScratch) s.sums.release();
   if (static_cast<int64_t>(s.cands.capacity()) > kKeepScratch) std::vector<Cand>().swap(s.cands);
   if (static_cast<int64_t>(s.topn.capacity()) > kKeepScratch) std::vector<Cand>().swap(s.topn);
@@ -790,7 +789,7 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   if (!greedy) {
     const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
                                      kStreamSample}.uniform_double(0);
-    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands, sc.ebuf);
+    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands);
     token = draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax, &W, fast);
   }
   if (!lp.active()) return token;
@@ -877,7 +876,7 @@ ProbRow prepare_probs_row(const ProbsView& pv, int64_t b, const FilterParams& fp
     r.kept = Kept{false, 0.0f};
     return r;
   }
-  r.kept = apply_chain(r.x, V, ProbWeight{}, r.s.max, cp, g, sc.cands, sc.ebuf);
+  r.kept = apply_chain(r.x, V, ProbWeight{}, r.s.max, cp, g, sc.cands);
   return r;
 }
 
