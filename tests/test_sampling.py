@@ -57,6 +57,38 @@ def test_softmax_matches_float64_reference(dtype):
     torch.testing.assert_close(decodekit.softmax(logits, 0.7)[1], probs[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_rows_whose_running_maximum_keeps_rising(dtype):
+    # The kernel reads each 256-token chunk once, relative to the running maximum, and
+    # rescales earlier chunks at the end: a rising ramp (a new maximum in every chunk),
+    # the maximum in the last chunk, a prefix of -inf chunks and a maximum in the first
+    # chunk must all match the float64 softmax.
+    V = 256 * 9 + 37
+    g = torch.Generator().manual_seed(7)
+    ramp = torch.linspace(-20.0, 20.0, V)
+    late = torch.randn(V, generator=g)
+    late[-3] = 12.0
+    masked = torch.randn(V, generator=g) * 3
+    masked[: 3 * 256 + 5] = float("-inf")
+    early = torch.randn(V, generator=g) * 5
+    early[0] = 40.0
+    logits = torch.stack([ramp, late, masked, early, -ramp]).to(dtype)
+    for T in (1.0, 0.3, 7.0):
+        probs = decodekit.softmax(logits, T)
+        for b in range(logits.size(0)):
+            expected = ref.softmax(logits[b].float(), T)
+            # (x - max) is rounded to float32: up to 40 * 2^-24 ~ 2.4e-6 relative at the far end
+            torch.testing.assert_close(probs[b].double(), expected, rtol=1e-5, atol=1e-30)
+        assert (probs[2, : 3 * 256 + 5] == 0).all()
+    bad = logits.float().clone()
+    bad[0, -1] = float("nan")      # NaN in the last chunk
+    bad[1, 1000] = float("inf")    # +inf in a middle chunk
+    out = decodekit.softmax(bad, 1.0, validate=False)
+    assert torch.isnan(out[:2]).all() and not torch.isnan(out[2:]).any()
+    with pytest.raises(ValueError, match=r"rows \[0, 1\]"):
+        decodekit.softmax(bad, 1.0)
+
+
 def test_softmax_hand_values_and_padding():
     probs = decodekit.softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 9.0]]), 0.0, vocab_size=3)
     assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]  # T=0: one-hot, lowest index

@@ -811,40 +811,106 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   return token;
 }
 
-// Softmax of one row into out[0, V): stores e and returns their float64 sum.
-// The normaliser only scales the row, so each lane sums runs of 16 values in
-// float32 (relative error <= 16 u ~ 1e-6) before adding them in float64.
-double exp_store(const float* x, int64_t V, float m, float inv_t, float* out) {
+// Softmax of one row (T > 0) in one read of the logits. Each 256-token chunk
+// is loaded once from memory, its maximum folded into the running maximum
+// m_c, and e = exp((x - m_c) / T) computed from L1 and stored. Chunks that
+// share m_c form a segment (a handful per row: the running maximum rises
+// about ln(#chunks) times); each chunk adds its values in runs of 16 per lane
+// in float32 (relative error <= 16 u ~ 1e-6) into its segment's float64
+// lanes. With the row maximum m, f = exp((m_seg - m) / T) and S = sum over
+// segments of S_seg f (float64, in order), the final pass scales each chunk
+// by f / S. From the chunk holding the maximum on, that is e / S exactly as a
+// two-pass softmax gives; earlier chunks carry one more rounding. Returns
+// false for an invalid row (NaN, no finite logit, +inf).
+template <typename L>
+bool softmax_online(const typename L::T* row, int64_t V, float inv_t, float* out, Buf<float>& mref_buf,
+                    Buf<double>& seg_buf) {
+  const int64_t nch = (V + kChunk - 1) / kChunk;
+  mref_buf.resize(nch);
+  seg_buf.resize(2 * nch + 2);  // (m_seg, S_seg) pairs
+  float* mref = mref_buf.data();
+  double* seg = seg_buf.data();
+  int64_t nseg = 0;
+  float m = -kInf;
+  VI vnan = splati(0);  // +inf needs no flag: it becomes the running maximum
+  const VF vT = splat(inv_t);
   Acc16d acc;
-  const VF vm = splat(m), vT = splat(inv_t);
-  int64_t c = 0;
-  constexpr int64_t kRun = 16 * kLanes;
-  for (; c + kRun <= V; c += kRun) {
+  auto flush = [&]() {
+    if (m > -kInf) {
+      seg[2 * nseg] = static_cast<double>(m);
+      seg[2 * nseg + 1] = acc.sum();
+      ++nseg;
+    }
+    acc = Acc16d{};
+  };
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t c0 = ch * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    const typename L::T* r = row + c0;
+    float* o = out + c0;
+    auto load = [&](int64_t k) __attribute__((always_inline)) {
+      if (k + kLanes <= n) return L::load16(r + k);
+      float tmp[kLanes];
+      for (int j = 0; j < kLanes; ++j) tmp[j] = k + j < n ? L::load(r, k + j) : -kInf;
+      return load_f32(tmp);
+    };
+    if (c0 + kPrefetchElems<typename L::T> < V) __builtin_prefetch(row + c0 + kPrefetchElems<typename L::T>, 0, 0);
+    VF cm = splat(-kInf);
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const VF xs = load(k);
+      cm = select(xs > cm, xs, cm);
+      vnan |= xs != xs;
+    }
+    const float chunk_max = max_lane(cm);
+    if (chunk_max > m) {
+      flush();
+      m = chunk_max;
+    }
+    mref[ch] = m;
+    if (!(m > -kInf) || m == kInf) {  // nothing finite yet (or +inf: the row is invalid)
+      std::fill(o, o + n, 0.0f);
+      continue;
+    }
+    const VF vm = splat(m);
     VF run = splat(0.0f);
-    for (int64_t k = 0; k < kRun; k += kLanes) {
-      const VF e = exp16((load_f32(x + c + k) - vm) * vT);
-      store_f32(out + c + k, e);
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) {
+      const VF e = exp16((load(k) - vm) * vT);
+      store_f32(o + k, e);
+      run = run + e;
+    }
+    if (k < n) {
+      const VF e = exp16((load(k) - vm) * vT);
+      float ea[kLanes];
+      to_array(e, ea);
+      for (int64_t j = 0; k + j < n; ++j) o[k + j] = ea[j];
       run = run + e;
     }
     acc.add(run);
   }
-  for (; c + kLanes <= V; c += kLanes) {
-    const VF e = exp16((load_f32(x + c) - vm) * vT);
-    store_f32(out + c, e);
-    acc.add(e);
+  flush();
+  if (any_lane(vnan) || !(m > -kInf) || m == kInf) return false;
+  double S = 0.0;
+  for (int64_t i = 0; i < nseg; ++i)
+    S += seg[2 * i + 1] * static_cast<double>(exp_nonpositive((static_cast<float>(seg[2 * i]) - m) * inv_t));
+  const double inv_S = 1.0 / S;
+  float g = 0.0f, g_ref = kInf;
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t c0 = ch * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    if (mref[ch] != g_ref) {
+      g_ref = mref[ch];
+      g = g_ref == m ? static_cast<float>(inv_S)
+                     : static_cast<float>(static_cast<double>(exp_nonpositive((g_ref - m) * inv_t)) * inv_S);
+    }
+    if (!(g_ref > -kInf)) continue;  // the leading chunks with no finite logit stay 0
+    float* o = out + c0;
+    const VF vg = splat(g);
+    int64_t k = 0;
+    for (; k + kLanes <= n; k += kLanes) store_f32(o + k, load_f32(o + k) * vg);
+    for (; k < n; ++k) o[k] *= g;
   }
-  if (c < V) {
-    const VF e = exp16((load_tail(x, c, V) - vm) * vT);
-    float ea[kLanes];
-    to_array(e, ea);
-    for (int64_t j = 0; c + j < V; ++j) out[c + j] = ea[j];
-    acc.add(e);
-  }
-  return acc.sum();
-}
-
-void scale_store(float* out, int64_t V, float inv) {
-  for (int64_t i = 0; i < V; ++i) out[i] *= inv;
+  return true;
 }
 
 // ------------------------------------------------------ probability rows ---
@@ -927,20 +993,31 @@ void softmax(const LogitsView& lv, RowParam<float> temperature, bool /*determini
     Scratch& sc = thread_scratch();
     float* out = probs + b * lv.vocab;
     const float T = temperature.at(b);
+    const int64_t V = lv.vocab_size;
+    std::fill(out + V, out + lv.vocab, 0.0f);
+    if (T > 0.0f && T < kInf) {
+      const float inv_t = inverse_temperature(T);
+      bool ok;
+      if (lv.kind == ScalarKind::kFloat32)
+        ok = softmax_online<LoadF32>(static_cast<const float*>(lv.data) + b * lv.row_stride, V, inv_t, out, sc.cmax,
+                                     sc.sums);
+      else if (lv.kind == ScalarKind::kFloat16)
+        ok = softmax_online<LoadF16>(static_cast<const uint16_t*>(lv.data) + b * lv.row_stride, V, inv_t, out,
+                                     sc.cmax, sc.sums);
+      else
+        ok = softmax_online<LoadBF16>(static_cast<const uint16_t*>(lv.data) + b * lv.row_stride, V, inv_t, out,
+                                      sc.cmax, sc.sums);
+      if (!ok) std::fill(out, out + V, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
     const float* x = nullptr;
     const RowStats s = load_row(lv, b, sc.xbuf, nullptr, &x);
-    std::fill(out + lv.vocab_size, out + lv.vocab, 0.0f);
     if (!row_is_valid(s, T)) {
-      std::fill(out, out + lv.vocab_size, std::numeric_limits<float>::quiet_NaN());
+      std::fill(out, out + V, std::numeric_limits<float>::quiet_NaN());
       return;
     }
-    if (T == 0.0f) {
-      std::fill(out, out + lv.vocab_size, 0.0f);
-      out[s.argmax] = 1.0f;
-      return;
-    }
-    const double total = exp_store(x, lv.vocab_size, s.max, inverse_temperature(T), out);
-    scale_store(out, lv.vocab_size, static_cast<float>(1.0 / total));
+    std::fill(out, out + V, 0.0f);  // T == 0: one-hot at the argmax of the raw logits
+    out[s.argmax] = 1.0f;
   });
 }
 
