@@ -65,6 +65,13 @@ def test_bad_arguments(lm):
         speculative_generate("hi", model=lm, num_draft_tokens=0)
     with pytest.raises(TypeError, match="drafter"):
         speculative_generate("hi", model=lm, drafter=object())
+    # the checks shared with generate() name the function that was called
+    with pytest.raises(ValueError, match=r"^speculative_generate: top_p must be"):
+        speculative_generate("hi", model=lm, top_p=1.5)
+    with pytest.raises(ValueError, match=r"^speculative_generate: prompt token ids"):
+        speculative_generate([1, 10**9], model=lm)
+    with pytest.raises(TypeError, match=r"^speculative_generate: stream must be a callable"):
+        speculative_generate("hi", model=lm, stream=3)
 
 
 def test_cli_speculative(lm):

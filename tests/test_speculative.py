@@ -28,6 +28,19 @@ def test_greedy_hand_cases():
     assert padded.output_token_ids.tolist() == [[1, 2, -1, -1]] and padded.num_accepted.tolist() == [1]
 
 
+def test_greedy_verify_errors_name_request_and_position():
+    logits = torch.zeros(2, 3, 5)
+    with pytest.raises(ValueError, match=r"draft_token_ids must be in \[-1, vocab_size=5\).*\(1, 1\).*\[7\]"):
+        decodekit.greedy_verify(torch.tensor([[0, 1], [2, 7]]), logits)
+    with pytest.raises(ValueError, match=r"vocab_size=4"):
+        decodekit.greedy_verify(torch.tensor([[0, 4], [2, 1]]), logits, vocab_size=4)
+    with pytest.raises(ValueError, match=r"-1, vocab_size"):
+        decodekit.greedy_verify(torch.tensor([[0, -2], [2, 1]]), logits)
+    logits[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"target_logits rows \(request, position\) \[\(1, 2\)\]"):
+        decodekit.greedy_verify(torch.tensor([[0, 1], [2, 1]]), logits)
+
+
 def test_padded_drafts_never_emit_minus_one():
     g = torch.Generator().manual_seed(1)
     N, V = 4000, 4

@@ -377,51 +377,51 @@ def _per_request(name: str, value, n: int) -> list:
     return [value] * n
 
 
-def _check_common(model, stream) -> None:
+def _check_common(model, stream, op: str = "generate") -> None:
     if model is not None and not isinstance(model, (str, os.PathLike, LoadedModel)):
-        raise TypeError(f"generate: model must be None, a path to a .gguf file or a LoadedModel, "
+        raise TypeError(f"{op}: model must be None, a path to a .gguf file or a LoadedModel, "
                         f"got {type(model).__name__}")
     if stream is not None and not callable(stream):
-        raise TypeError(f"generate: stream must be a callable (stream(piece), or stream(index, piece) for a "
+        raise TypeError(f"{op}: stream must be a callable (stream(piece), or stream(index, piece) for a "
                         f"batch), got {type(stream).__name__}")
 
 
-def _check_request(v: dict, where: str) -> None:
+def _check_request(v: dict, where: str, op: str = "generate") -> None:
     """Type and range checks of one request's parameters, done before the model is loaded so
     that mistakes fail fast. ``where`` is ``""`` or ``"[i]"`` (the request of a batch)."""
     m = v["max_new_tokens"]
     if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-        raise TypeError(f"generate: max_new_tokens{where} must be an int, got {type(m).__name__}")
+        raise TypeError(f"{op}: max_new_tokens{where} must be an int, got {type(m).__name__}")
     if m < 0:
-        raise ValueError(f"generate: max_new_tokens{where} must be >= 0, got {m}")
+        raise ValueError(f"{op}: max_new_tokens{where} must be >= 0, got {m}")
     v["max_new_tokens"] = operator.index(m)
     for name, lo, hi in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
         value = v[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"generate: {name}{where} must be a number, got {type(value).__name__}")
+            raise TypeError(f"{op}: {name}{where} must be a number, got {type(value).__name__}")
         if not (lo <= value <= hi) or math.isnan(value) or math.isinf(value):
             allowed = "finite and >= 0" if name == "temperature" else "in [0, 1]"
-            raise ValueError(f"generate: {name}{where} must be {allowed}, got {value}")
+            raise ValueError(f"{op}: {name}{where} must be {allowed}, got {value}")
         v[name] = float(value)
     k = v["top_k"]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"generate: top_k{where} must be an int (0 disables), got {type(k).__name__}")
+        raise TypeError(f"{op}: top_k{where} must be an int (0 disables), got {type(k).__name__}")
     v["top_k"] = max(min(operator.index(k), 2**62), -(2**62))
     seed = v["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
                              or not 0 <= seed < 2**64):
-        raise ValueError(f"generate: seed{where} must be None or an int in [0, 2^64), got {seed!r}")
+        raise ValueError(f"{op}: seed{where} must be None or an int in [0, 2^64), got {seed!r}")
     v["seed"] = None if seed is None else operator.index(seed)
     for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
         value = v[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"generate: {name}{where} must be a finite number, got {value!r}")
+            raise ValueError(f"{op}: {name}{where} must be a finite number, got {value!r}")
         v[name] = float(value)
     if not v["repetition_penalty"] > 0:
-        raise ValueError(f"generate: repetition_penalty{where} must be > 0, got {v['repetition_penalty']}")
+        raise ValueError(f"{op}: repetition_penalty{where} must be > 0, got {v['repetition_penalty']}")
 
 
-def _prompt_ids(lm: LoadedModel, prompt, chat_template: bool, where: str = "") -> List[int]:
+def _prompt_ids(lm: LoadedModel, prompt, chat_template: bool, where: str = "", op: str = "generate") -> List[int]:
     """Token ids of a text or id prompt (validated); ``where`` names the prompt of a batch."""
     tokenizer = lm.tokenizer
     name = f"prompt{where}"
@@ -437,21 +437,21 @@ def _prompt_ids(lm: LoadedModel, prompt, chat_template: bool, where: str = "") -
         ids = tokenizer.encode(text)
     elif isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
-            raise TypeError(f"generate: a tensor {name} must be 1-D integer ids, got shape "
+            raise TypeError(f"{op}: a tensor {name} must be 1-D integer ids, got shape "
                             f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
         ids = [int(i) for i in prompt.tolist()]
     elif isinstance(prompt, (bytes, bytearray)):
-        raise TypeError(f"generate: {name} must be a str or a sequence of int token ids, got bytes "
+        raise TypeError(f"{op}: {name} must be a str or a sequence of int token ids, got bytes "
                         "(decode it to str first)")
     elif isinstance(prompt, Sequence) and all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in prompt):
         ids = [operator.index(i) for i in prompt]
     else:
-        raise TypeError(f"generate: {name} must be a str or a sequence of int token ids, got "
+        raise TypeError(f"{op}: {name} must be a str or a sequence of int token ids, got "
                         f"{type(prompt).__name__}")
     if not ids:
-        raise ValueError(f"generate: the {name} has no tokens")
+        raise ValueError(f"{op}: the {name} has no tokens")
     bad = [i for i in ids if not 0 <= i < lm.config.vocab_size]
     if bad:
-        raise ValueError(f"generate: {name} token ids {bad[:5]} outside [0, {lm.config.vocab_size})")
+        raise ValueError(f"{op}: {name} token ids {bad[:5]} outside [0, {lm.config.vocab_size})")
     return ids

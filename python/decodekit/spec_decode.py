@@ -328,12 +328,12 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
     if len(seeds) != n_req:
         raise ValueError(f"speculative_generate: seed has {len(seeds)} values for {n_req} prompts")
     # The same checks as generate, before the model is loaded (messages name generate's arguments).
-    _check_common(model, stream)
+    _check_common(model, stream, op="speculative_generate")
     checked = []
     for s in seeds:
         v = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                  seed=s, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
-        _check_request(v, "")
+        _check_request(v, "", op="speculative_generate")
         checked.append(v)
     temperature, top_k, top_p, min_p = (checked[0][n] for n in ("temperature", "top_k", "top_p", "min_p"))
     seeds = [v["seed"] for v in checked]
@@ -345,7 +345,7 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         drafter = _shipped_draft_drafter(lm)
     greedy = temperature == 0 or top_k == 1 or top_p == 0
     seeds = [None if greedy else (int.from_bytes(os.urandom(4), "little") if s is None else s) for s in seeds]
-    all_ids = [_prompt_ids(lm, p, chat_template) for p in prompts]
+    all_ids = [_prompt_ids(lm, p, chat_template, op="speculative_generate") for p in prompts]
     K = num_draft_tokens
     for ids in all_ids:
         if len(ids) + max_new_tokens + K + 1 > net.config.max_seq_len:

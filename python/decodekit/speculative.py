@@ -156,7 +156,18 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
     V = target_logits.size(2)
     if ids.device != target_logits.device:
         raise ValueError(f"{op}: draft_token_ids are on {ids.device} but target_logits on {target_logits.device}")
-    top = argmax(target_logits.reshape(B * (K + 1), V), vocab_size=vocab_size).reshape(B, K + 1)
+    if V < 1:
+        raise ValueError(f"{op}: target_logits must have V >= 1 columns")
+    vs = _check_vocab_size(vocab_size, V, op)
+    if ids.numel() and bool(((ids < -1) | (ids >= vs)).any()):
+        bad = torch.nonzero((ids < -1) | (ids >= vs)).tolist()[:8]
+        raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts); "
+                         f"(request, position) {[tuple(b) for b in bad]} have {[int(ids[r, j]) for r, j in bad]}")
+    top, valid = argmax(target_logits.reshape(B * (K + 1), V), vocab_size=vocab_size, return_valid=True)
+    if not bool(valid.all()):
+        bad = [divmod(int(i), K + 1) for i in torch.nonzero(~valid).flatten()[:8]]
+        raise ValueError(f"{op}: target_logits rows (request, position) {bad} have a NaN or no finite logit")
+    top = top.reshape(B, K + 1)
     real = torch.cumprod((ids >= 0).to(torch.int64), dim=1)
     match = torch.cumprod(((ids == top[:, :K]) & (real > 0)).to(torch.int64), dim=1)
     num_accepted = match.sum(1)
