@@ -88,6 +88,39 @@ def test_top_k_sets_match_reference_across_chunk_sizes(V):
                 assert kept[r].nonzero().flatten().tolist() == want, (V, k, r)
 
 
+def test_flush_to_zero_in_the_caller_changes_nothing():
+    # torch.set_flush_denormal(True) sets FTZ/DAZ on the calling thread only; the kernels run
+    # with IEEE denormals on every thread, so ties at 0.0 (the top-k lower bound) and denormal
+    # logits give the same answer on every thread and with the flag off.
+    L = torch.full((1, 1024), -1.0)
+    L[0, [10, 300, 600, 900]] = 0.0
+    tiny = torch.zeros(6, 300)
+    tiny[:, 7] = 1e-45  # a denormal maximum: the argmax is 7, not a tie at 0
+    batch = torch.cat([L.repeat(7, 1)[:, :300], tiny])
+    expected = {
+        "mask": decodekit.top_k_mask_logits(L, 3),
+        "ids": decodekit.sample_from_logits(L.repeat(64, 1), 1.0, top_k=3, seed=torch.arange(64)),
+        "argmax": decodekit.argmax(tiny),
+        "batch": decodekit.sample_from_logits(batch, 0.5, top_k=2, seed=torch.arange(13)),
+    }
+    assert torch.isfinite(expected["mask"]).nonzero()[:, 1].tolist() == [10, 300, 600]
+    assert (expected["argmax"] == 7).all()
+    was = torch.get_num_threads()
+    try:
+        assert torch.set_flush_denormal(True)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(decodekit.top_k_mask_logits(L, 3), expected["mask"])
+            assert torch.equal(decodekit.sample_from_logits(L.repeat(64, 1), 1.0, top_k=3, seed=torch.arange(64)),
+                               expected["ids"])
+            assert torch.equal(decodekit.argmax(tiny), expected["argmax"])
+            assert torch.equal(decodekit.sample_from_logits(batch, 0.5, top_k=2, seed=torch.arange(13)),
+                               expected["batch"])
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(was)
+
+
 def test_one_hot_with_huge_top_k():
     p = torch.zeros(64, 32000)
     p[:, 1] = 1.0

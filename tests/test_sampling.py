@@ -210,6 +210,17 @@ def test_tiny_temperatures_are_finite_and_agree():
     assert set(ids.tolist()) == {17, 4000}
 
 
+def test_positive_temperatures_below_float32_range_are_not_greedy():
+    # T > 0, however small, is the T -> 0+ limit: uniform over the tied maxima (T = 0 would
+    # pick the lowest index). Below float32's smallest normal number T acts as that number.
+    x = torch.tensor([[0.0, 1.0, 1.0, -1.0]])
+    for T in (1e-30, 1e-40, 1e-46, 1e-300, torch.tensor([1e-46], dtype=torch.float64)):
+        assert decodekit.softmax(x, T).tolist() == [[0.0, 0.5, 0.5, 0.0]], T
+    ids = decodekit.sample_from_logits(x.repeat(400, 1), 1e-50, seed=torch.arange(400))
+    assert set(ids.tolist()) == {1, 2}
+    assert decodekit.softmax(x, 0.0).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
 def test_zero_probability_token_never_drawn():
     x = torch.log(torch.tensor([[0.33, 0.34, 0.0, 0.33]])).repeat(20000, 1)
     ids = decodekit.sample_from_logits(x, 1.0, seed=torch.arange(20000))
@@ -408,6 +419,17 @@ GOLDEN_FILTERED = [121, 78, 237, 43]
     (dict(temperature=torch.tensor([float("inf"), 1.0])), ValueError, "temperature"),
     (dict(offset=torch.tensor([0, -1])), ValueError, "offset"),
     (dict(logits=torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0]])), ValueError, "rows \\[1\\]"),
+    # values that are out of range only before float32 rounding, or not representable in it
+    (dict(temperature=-1e-50), ValueError, "temperature"),
+    (dict(min_p=1 + 1e-12), ValueError, "min_p"),
+    (dict(temperature=1e39), ValueError, "temperature must be finite and >= 0 and finite in float32"),
+    (dict(temperature=torch.tensor([1.0, 1e39], dtype=torch.float64)), ValueError, "temperature.*float32.*rows \\[1\\]"),
+    (dict(temperature=10**400), ValueError, "temperature must be finite and >= 0, got an int of"),
+    (dict(top_p=10**400), ValueError, "top_p"),
+    # an empty batch still checks the parameters
+    (dict(logits=torch.empty(0, 3), temperature=-1.0), ValueError, "temperature"),
+    (dict(logits=torch.empty(0, 3), top_p=2.0), ValueError, "top_p"),
+    (dict(offset=torch.zeros(2, dtype=torch.int64, device="meta")), ValueError, "offset is on meta"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, exc, match):
     args = dict(logits=torch.zeros(2, 3), temperature=1.0, seed=0)

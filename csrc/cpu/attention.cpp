@@ -176,6 +176,7 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tasks; ++t) {
+    const IeeeDenormals ieee;
     const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
     // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
     const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);

@@ -58,6 +58,7 @@ void rms_norm(const float* x, int64_t N, int64_t H, int64_t ldx, const float* w,
   const int64_t H16 = H - H % kL;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t r = 0; r < N; ++r) {
+    const IeeeDenormals ieee;
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy;
     VF acc = splat(0.0f);
@@ -81,6 +82,7 @@ void silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, float* y, i
   const int64_t I16 = I - I % kL;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t r = 0; r < N; ++r) {
+    const IeeeDenormals ieee;
     const float* g = x + r * ldx;
     const float* u = g + I;
     float* yr = y + r * ldy;
@@ -95,6 +97,7 @@ void rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const 
   const int nt = threads_for(N * H * D, N, num_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t n = 0; n < N; ++n) {
+    const IeeeDenormals ieee;
     const float* c = cos_table + positions[n] * D;
     const float* s = sin_table + positions[n] * D;
     for (int64_t h = 0; h < H; ++h) {

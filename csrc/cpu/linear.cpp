@@ -92,6 +92,7 @@ void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, i
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tiles)));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tiles; ++t) {
+    const IeeeDenormals ieee;
     const int64_t n0 = t * kTileN;
     const int64_t tn = std::min<int64_t>(kTileN, N - n0);
     const float* b = bias ? bias + n0 : nullptr;

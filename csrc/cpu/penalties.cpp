@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "decodekit/math.h"
+#include "vec.h"
 
 #ifndef DK_ISA
 #define DK_ISA baseline
@@ -108,7 +109,10 @@ void penalize_row(const LogitsView& lv, const PenaltyInputs& in, int64_t b, floa
 void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int num_threads, float* out) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, lv.batch)));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t b = 0; b < lv.batch; ++b) penalize_row(lv, in, b, out + b * lv.vocab);
+  for (int64_t b = 0; b < lv.batch; ++b) {
+    const IeeeDenormals ieee;
+    penalize_row(lv, in, b, out + b * lv.vocab);
+  }
 }
 
 }  // namespace DK_ISA

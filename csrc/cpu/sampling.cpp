@@ -171,14 +171,17 @@ struct TopKGather {
       std::nth_element(t, t + (k - 1), t + nch, [](float a, float b) { return a > b; });
       lower = t[k - 1];
     }
-    // Admit x >= lower, i.e. x > the float just below it.
-    thr = lower > -kInf ? std::nextafter(lower, -kInf) : -kInf;
+    // Admit x >= lower (compared as such, not as x > the float below it: that
+    // float can be a denormal, which flush-to-zero would turn into 0) and, as
+    // always, x > thr (-inf until the buffer first fills).
+    thr = -kInf;
+    const VF vlower = splat(lower);
     for (int64_t ch = 0; ch < nch; ++ch) {
-      if (!(cm[ch] > thr)) continue;
+      if (!(cm[ch] >= lower && cm[ch] > thr)) continue;
       const int64_t end = std::min(V, (ch + 1) * kChunk);
       for (int64_t c = ch * kChunk; c < end; c += kLanes) {
         const VF xs = c + kLanes <= end ? load_f32(x + c) : load_tail(x, c, end);
-        uint32_t bits = lane_bits(xs > splat(thr));
+        uint32_t bits = lane_bits((xs >= vlower) & (xs > splat(thr)));
         while (bits) {  // lanes admitted against the threshold at the vector's start
           const int j = __builtin_ctz(bits);
           bits &= bits - 1;
@@ -739,6 +742,7 @@ void for_each_row(int64_t B, int num_threads, F&& f) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const IeeeDenormals ieee;
     // Dynamic: the calling thread starts on the rows at once, and a worker
     // that was asleep (after other work ran) joins when it wakes instead of
     // making the call wait for its share. Rows are independent, so which

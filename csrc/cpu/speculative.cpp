@@ -167,6 +167,7 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < B; ++b) {
+    const IeeeDenormals ieee;
     thread_local Sums sums;
     const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
     int64_t* row_out = out + b * (K + 1);
@@ -233,6 +234,7 @@ int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t 
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, nrows)));
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(| : bad, empty)
   for (int64_t r = 0; r < nrows; ++r) {
+    const IeeeDenormals ieee;
     const float* row = rows + r * V;
     VI row_bad = splati(0);
     VF mx = splat(0.0f);

@@ -41,6 +41,25 @@ typedef uint16_t nh_u __attribute__((vector_size(2 * DK_NATIVE_LANES), aligned(2
 
 #define DK_VINLINE inline __attribute__((always_inline))
 
+// Runs the enclosing scope with IEEE denormals (flush-to-zero and
+// denormals-are-zero cleared), whatever the calling thread set:
+// torch.set_flush_denormal(True) sets them on that thread only, so without
+// this a row's bits (and a top-k threshold just below 0) would depend on
+// which thread computes it. Restores the caller's mode on exit.
+struct IeeeDenormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned saved;
+  DK_VINLINE IeeeDenormals() : saved(_mm_getcsr()) {
+    if (saved & 0x8040u) _mm_setcsr(saved & ~0x8040u);
+  }
+  DK_VINLINE ~IeeeDenormals() {
+    if (saved & 0x8040u) _mm_setcsr(saved);
+  }
+#endif
+  IeeeDenormals(const IeeeDenormals&) = delete;
+  IeeeDenormals& operator=(const IeeeDenormals&) = delete;
+};
+
 struct VF {  // 16 float lanes
   nf p[kParts];
 };
@@ -65,6 +84,7 @@ DK_VINLINE VI operator+(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] + b.p[i]) }
 DK_VINLINE VI operator<(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] < b.p[i]) }
 DK_VINLINE VI operator|(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] | b.p[i]) }
 DK_VINLINE VI& operator|=(VI& a, VI b) { return a = a | b; }
+DK_VINLINE VI operator&(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] & b.p[i]) }
 
 // m ? a : b, lane-wise.
 DK_VINLINE VF select(VI m, VF a, VF b) { DK_LANEWISE(VF, a, b, m.p[i] ? a.p[i] : b.p[i]) }

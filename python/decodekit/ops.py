@@ -33,6 +33,10 @@ RowParam = Union[Number, torch.Tensor]
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_OPS = {"softmax"} if HAS_CUDA_OPS else set()
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
+_FLT_MAX = 3.4028234663852886e38
+# Positive temperatures below float32's smallest normal number act as it: the T -> 0+
+# limit (uniform over the tied maxima), never T = 0 (greedy) by rounding.
+_T_TINY = 1.1754943508222875e-38
 
 
 class SamplingOutput(NamedTuple):
@@ -116,8 +120,13 @@ def _row_param(
     hi: Optional[float],
     validate: bool,
     allowed: str,
+    tiny_positive: Optional[float] = None,
 ):
-    """Splits a per-row parameter into (tensor or None, scalar) for the kernel."""
+    """Splits a per-row parameter into (tensor or None, scalar) for the kernel.
+
+    Values of a float32 parameter must also be finite in float32 (|x| <= 3.4e38); with
+    ``tiny_positive``, positive values below it become it (a positive temperature never
+    turns into 0 when rounded to float32)."""
     B = logits.size(0)
     if isinstance(value, torch.Tensor):
         if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
@@ -137,6 +146,8 @@ def _row_param(
             if not integer and not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
             t = value.to(dtype).contiguous()
+            if tiny_positive is not None and value.dtype != dtype:
+                t = torch.where((value > 0) & (t < tiny_positive), torch.full_like(t, tiny_positive), t)
             if validate and B > 0 and t.device.type != "meta":
                 check = value.double() if not integer else value
                 bad = torch.isnan(check) if not integer else torch.zeros_like(check, dtype=torch.bool)
@@ -146,10 +157,13 @@ def _row_param(
                     bad |= check > hi
                 if not integer:
                     bad |= torch.isinf(check)
+                    if dtype == torch.float32:
+                        bad |= check.abs() > _FLT_MAX
                 if bool(bad.any()):
                     rows = torch.nonzero(bad).flatten().tolist()[:8]
                     vals = [check[r].item() for r in rows]
-                    raise ValueError(f"{op}: {name} must be {allowed}; rows {rows} have {vals}")
+                    f32 = " and finite in float32 (at most 3.4028235e38)" if dtype == torch.float32 and not integer else ""
+                    raise ValueError(f"{op}: {name} must be {allowed}{f32}; rows {rows} have {vals}")
             return t, 0
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number or a [B] tensor, got {type(value).__name__}")
@@ -161,11 +175,18 @@ def _row_param(
         else:
             raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{op}: {name} must be {allowed}, got an int of {value.bit_length()} bits") from None
     if not integer and (math.isnan(value) or math.isinf(value)):
         raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
+    if not integer and dtype == torch.float32 and abs(value) > _FLT_MAX:
+        raise ValueError(f"{op}: {name} must be {allowed} and finite in float32 (at most 3.4028235e38), got {value}")
+    if tiny_positive is not None and 0.0 < value < tiny_positive:
+        value = tiny_positive
     return None, value
 
 
@@ -212,9 +233,12 @@ def softmax(
     Args:
         logits: ``[B, V]`` float32, float16 or bfloat16 (CPU, or CUDA when built
             with CUDA). Arithmetic is float32.
-        temperature: a number or a ``[B]`` tensor, each ``>= 0`` and finite.
-            ``0`` gives one-hot probabilities at the argmax of the raw logits
-            (lowest index on ties), never a division by a tiny epsilon.
+        temperature: a number or a ``[B]`` tensor, each ``>= 0`` and finite in
+            float32 (at most 3.4e38). ``0`` gives one-hot probabilities at the
+            argmax of the raw logits (lowest index on ties), never a division by
+            a tiny epsilon; a positive value below 1.18e-38 (float32's smallest
+            normal) acts as 1.18e-38, the ``T -> 0+`` limit (uniform over tied
+            maxima), never as ``0``.
         vocab_size: columns at or past it are padding and get probability 0.
         deterministic: bit-identical rows whatever the batch, row position,
             neighbours and thread count (the default); ``False`` allows the
@@ -242,6 +266,7 @@ def softmax(
     t_tensor, t_val = _row_param(
         temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0, hi=None,
         validate=validate, allowed="finite and >= 0",
+        tiny_positive=_T_TINY,
     )
     probs = ops.softmax(logits, t_tensor, float(t_val), vs, _check_bool(deterministic, "deterministic", op))
     if validate and probs.numel() and probs.device.type != "meta":
@@ -375,12 +400,15 @@ _SAMPLE_FROM_LOGITS = ops.sample_from_logits.default
 _Tensor = torch.Tensor
 
 
-def _fast_param(value, integer: bool):
-    """(tensor, 0) or (None, number) for the kernel, or None to take the full path."""
+def _fast_param(value, integer: bool, lo=None, hi=None, tiny=0.0):
+    """(tensor, 0) or (None, number) for the kernel, or None to take the full path.
+    Plain numbers are range-checked here (the kernel sees them rounded to float32)."""
     kind = type(value)
     if kind is _Tensor:
         return value, 0
     if kind is int or (kind is float and not integer):
+        if lo is not None and not (lo <= value <= hi and not 0 < value < tiny):  # also False for NaN
+            return None
         return None, value
     return None
 
@@ -396,22 +424,24 @@ def _sample_fast(logits, temperature, top_k, top_p, min_p, seed, offset, determi
     """
     if type(logits) is not _Tensor or logits.requires_grad or type(deterministic) is not bool:
         return None
-    t, k, p, m, sd = (_fast_param(temperature, False), _fast_param(top_k, True), _fast_param(top_p, False),
-                      _fast_param(min_p, False), _fast_param(seed, True))
+    t, k, p, m, sd = (_fast_param(temperature, False, 0.0, _FLT_MAX, _T_TINY), _fast_param(top_k, True),
+                      _fast_param(top_p, False, 0.0, 1.0), _fast_param(min_p, False, 0.0, 1.0), _fast_param(seed, True))
     if t is None or k is None or p is None or m is None or sd is None:
         return None
-    if type(offset) is int:
-        if offset < 0:
-            return None
-        o = (None, offset)
-    elif type(offset) is _Tensor and offset.dtype is torch.int64 and offset.numel() and not bool((offset < 0).any()):
-        o = (offset, 0)
-    else:
-        return None
     try:
+        if type(offset) is int:
+            if offset < 0:
+                return None
+            o = (None, offset)
+        elif (type(offset) is _Tensor and offset.dtype is torch.int64 and offset.device.type == "cpu" and offset.numel()
+              and not bool((offset < 0).any())):
+            o = (offset, 0)
+        else:
+            return None
         ids, valid = _SAMPLE_FROM_LOGITS(logits, *t, *k, *p, *m, *sd, *o, logits.size(-1), deterministic,
                                          False, 0, False)[:2]
-        return ids if bool(valid.all()) else None
+        # an empty batch goes through the full path, which checks the parameters' values
+        return ids if ids.numel() and bool(valid.all()) else None
     except (RuntimeError, TypeError, IndexError):
         return None
 
@@ -446,8 +476,10 @@ def sample_from_logits(
 
     Args:
         logits: ``[B, V]`` float32, float16 or bfloat16 on the CPU.
-        temperature: number or ``[B]`` tensor, finite and ``>= 0``. ``0`` is
-            exact greedy: the argmax of the raw logits, lowest index on ties.
+        temperature: number or ``[B]`` tensor, ``>= 0`` and finite in float32.
+            ``0`` is exact greedy: the argmax of the raw logits, lowest index on
+            ties; a positive value below 1.18e-38 acts as 1.18e-38 (the
+            ``T -> 0+`` limit, uniform over tied maxima), never as ``0``.
         top_k: int or ``[B]`` integer tensor; keep the ``k`` highest logits
             (lowest index wins ties at the boundary). ``k <= 0`` or
             ``k >= vocab_size`` disables; ``k == 1`` is exactly argmax.
@@ -526,7 +558,7 @@ def sample_from_logits(
     if any(v is not None for v in penalties.values()):
         logits = apply_penalties(logits, vocab_size=vocab_size, validate=validate, **penalties)
     t_t, t_v = _row_param(temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0,
-                          hi=None, validate=validate, allowed="finite and >= 0")
+                          hi=None, validate=validate, allowed="finite and >= 0", tiny_positive=_T_TINY)
     k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, logits, top_k, top_p, min_p, validate)
     needs_rng = B > 0 and logits.device.type != "meta"  # shape-only calls draw nothing
     if seed is None and generator is None and needs_rng:
