@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "decodekit/math.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -225,24 +227,26 @@ DK_VINLINE VF fma16(VF a, VF b, VF c) {
 #endif
 }
 
-// exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h.
+// exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h
+// (the same operations in the same order, so every lane gives the same bits).
 DK_VINLINE VF exp16(VF x) {
-  const VF lo = splat(-87.0f);
+  const VF lo = splat(kExpLowest);
   const VI in_range = x > lo;
   const VF xc = select(in_range, x, lo);
-  const VF n = (xc * splat(1.44269504088896341f) + splat(12582912.0f)) - splat(12582912.0f);
-  VF r = fma16(n, splat(-0.693359375f), xc);
-  r = fma16(n, splat(2.12194440e-4f), r);
-  VF p = splat(1.9875691500e-4f);
-  p = fma16(p, r, splat(1.3981999507e-3f));
-  p = fma16(p, r, splat(8.3334519073e-3f));
-  p = fma16(p, r, splat(4.1665795894e-2f));
-  p = fma16(p, r, splat(1.6666665459e-1f));
-  p = fma16(p, r, splat(5.0000001201e-1f));
-  const VF y = fma16(p, r * r, r) + splat(1.0f);
-  VF scale;
-  for (int i = 0; i < kParts; ++i) scale.p[i] = (nf)((__builtin_convertvector(n.p[i], ni) + 127) << 23);
-  return select(in_range, y * scale, splat(0.0f));
+  const VF n = (xc * splat(kExpLog2eHi) + splat(12582912.0f)) - splat(12582912.0f);
+  VF f = fma16(xc, splat(kExpLog2eHi), splat(-0.0f) - n);  // -n exactly, as in the scalar twin
+  f = fma16(xc, splat(kExpLog2eLo), f);
+  VF p = splat(kExp2C6);
+  p = fma16(p, f, splat(kExp2C5));
+  p = fma16(p, f, splat(kExp2C4));
+  p = fma16(p, f, splat(kExp2C3));
+  p = fma16(p, f, splat(kExp2C2));
+  p = fma16(p, f, splat(kExp2C1));
+  p = fma16(p, f, splat(kExp2C0));
+  VF out;
+  for (int i = 0; i < kParts; ++i)
+    out.p[i] = (nf)((nu)p.p[i] + ((nu)__builtin_convertvector(n.p[i], ni) << 23));
+  return select(in_range, out, splat(0.0f));
 }
 
 // Sum of the 16 lanes in a fixed tree: lane j += lane j + 8, then + 4, + 2, + 1
