@@ -10,12 +10,16 @@
 //
 // The sampler never sorts the vocabulary:
 //   pass A   one streaming read of the row: max, argmax, NaN/+inf flags and,
-//            when top-k is on, the exact top-k candidates (a bounded buffer
-//            compacted with nth_element, threshold rising as it goes).
+//            when top-k is on, each 256-token chunk's maximum; the exact top-k
+//            candidates are then gathered (a bounded buffer compacted with
+//            nth_element) from the few chunks whose maximum reaches the k-th
+//            largest chunk maximum, re-read from cache.
 //   pass B   (no top-k) exp((x - max) * (1/T)) with 16 float64 lanes: either block
 //            sums for a direct inverse-CDF draw (no filter / min-p only), or a
 //            gather of the only tokens that can be in the top-p nucleus
 //            (a token with weight <= (1 - p) W / V never is).
+//   softmax  reads the row once: each chunk relative to the running maximum,
+//            the few segments rescaled at the end.
 //   small    the candidates are sorted (rank = logit desc, index asc), cut by
 //            top-p in float64, filtered by min-p, and drawn from by inverse
 //            CDF in ascending index order with one float64 Philox uniform.

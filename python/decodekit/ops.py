@@ -254,8 +254,11 @@ def softmax(
         a NaN, no finite value, or +inf with temperature > 0 (with
         ``validate=False`` such rows come back as NaN).
 
-    Source: max-subtracted softmax; our own float32 ``exp`` (Cephes-style
-    polynomial) so every instruction set gives the same bits.
+    Source: max-subtracted softmax computed in one read of the logits (each
+    256-token chunk relative to the running maximum, rescaled at the end, as in
+    online softmax, Milakov & Gimelshein 2018); our own float32 ``exp``
+    (``2^(x log2 e)``, a degree-6 polynomial) so every instruction set gives
+    the same bits.
 
     Example:
         >>> decodekit.softmax(torch.tensor([[1.0, 2.0, 3.0]]), 0.5)
