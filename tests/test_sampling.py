@@ -272,6 +272,30 @@ def test_draws_match_reference_with_same_uniform(params):
     assert mismatches == 0, (ids, expected)
 
 
+def test_top_p_alone_on_rows_whose_running_maximum_rises():
+    # Top-p without top-k reads each chunk once relative to the running maximum and
+    # rescales the earlier segments' totals and nucleus masses at the end: rows whose
+    # maximum comes late, rises in steps, follows a -inf prefix or is tied across chunks
+    # must draw exactly what the float64 reference draws with the same uniform.
+    V = 256 * 12 + 40
+    g = torch.Generator().manual_seed(11)
+    ramp = torch.linspace(-6.0, 6.0, V)
+    steps = torch.randn(V, generator=g) + torch.arange(V).div(256, rounding_mode="floor").float() * 0.8
+    late = torch.randn(V, generator=g) * 2
+    late[-5] = 9.0
+    masked = torch.randn(V, generator=g) * 2
+    masked[: 4 * 256 + 3] = float("-inf")
+    tied = torch.randn(V, generator=g)
+    tied[[100, 1500, 3000]] = 7.0
+    rows = [ramp, steps, late, masked, tied]
+    seeds = torch.arange(120)
+    for T, p in ((1.0, 0.9), (0.5, 0.7), (3.0, 0.95), (0.05, 0.5)):
+        for r, row in enumerate(rows):
+            ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+            want = [ref.sample(row, int(sd), 0, temperature=T, top_p=p) for sd in seeds]
+            assert ids.tolist() == want, (T, p, r)
+
+
 def test_per_row_parameters_match_reference():
     g = torch.Generator().manual_seed(7)
     B, V = 12, 800

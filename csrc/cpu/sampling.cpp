@@ -442,6 +442,12 @@ double block_sums(const float* x, int64_t V, const Wt& w, float min_w, double* s
 // compares the logits with Wt::lower_x(bound), below which no weight exceeds
 // the bound, and computes the weight only there (no weight is stored).
 // Returns W.
+double mass_discount(int64_t V);
+double lane_total(VF v);
+template <class Wt>
+double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W,
+                          const double* mass, std::vector<Cand>& out);
+
 template <class Wt>
 double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out) {
   out.clear();
@@ -473,21 +479,40 @@ double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, doubl
   }
   acc0.merge(acc1);
   const double W = acc0.sum();
+  const double discount = mass_discount(V);
+  const double mass[4] = {lane_total(m0) * discount, lane_total(m1) * discount, lane_total(m2) * discount,
+                          lane_total(m3) * discount};
+  return nucleus_candidates(x, V, w, w_max, p, W, mass, out);
+}
+
+// The float32 lane masses are discounted by twice their worst relative
+// rounding error (n u for n terms per lane).
+double mass_discount(int64_t V) {
   const double lane_terms = static_cast<double>(V / kLanes + 1);
-  const double discount = std::max(0.0, 1.0 - 2.0 * lane_terms * 5.9604644775390625e-08);
-  auto mass = [&](VF v) {
-    float a[kLanes];
-    to_array(v, a);
-    double s = 0.0;
-    for (int j = 0; j < kLanes; ++j) s += static_cast<double>(a[j]);
-    return s * discount;
-  };
+  return std::max(0.0, 1.0 - 2.0 * lane_terms * 5.9604644775390625e-08);
+}
+
+double lane_total(VF v) {
+  float a[kLanes];
+  to_array(v, a);
+  double s = 0.0;
+  for (int j = 0; j < kLanes; ++j) s += static_cast<double>(a[j]);
+  return s;
+}
+
+// Pass 2 of the nucleus gather: from the total W and lower bounds mass[j] of
+// the weight above tau_j = w_max * 16^-(j+1), the bound below which no
+// nucleus token lies, then the tokens above it (see gather_nucleus).
+template <class Wt>
+double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W,
+                          const double* mass, std::vector<Cand>& out) {
+  const float t0 = w_max * 0.0625f, t1 = t0 * 0.0625f, t2 = t1 * 0.0625f, t3 = t2 * 0.0625f;
   const double target = p * W;
   float bound = static_cast<float>(0.5 * (1.0 - p) * W / static_cast<double>(V));
-  if (mass(m0) >= target) bound = std::max(bound, t0);
-  else if (mass(m1) >= target) bound = std::max(bound, t1);
-  else if (mass(m2) >= target) bound = std::max(bound, t2);
-  else if (mass(m3) >= target) bound = std::max(bound, t3);
+  if (mass[0] >= target) bound = std::max(bound, t0);
+  else if (mass[1] >= target) bound = std::max(bound, t1);
+  else if (mass[2] >= target) bound = std::max(bound, t2);
+  else if (mass[3] >= target) bound = std::max(bound, t3);
   const VF vxl = splat(w.lower_x(bound));
   for (int64_t c2 = 0; c2 < V; c2 += kLanes) {
     const VF xs = c2 + kLanes <= V ? load_f32(x + c2) : load_tail(x, c2, V);
@@ -500,6 +525,131 @@ double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, doubl
     }
   }
   return W;
+}
+
+// Pass A and pass 1 of gather_nucleus in one read of a float32 row (top-p
+// without top-k, T > 0). Each 256-token chunk is loaded once: its maximum
+// (kept for the argmax) and NaN flag, then its weights relative to the
+// running maximum m_s, added into the segment's float64 lanes and four
+// float32 mass lanes (tau_j = 16^-(j+1) relative to m_s). With the row
+// maximum m and f_s = exp((m_s - m) / T): W = sum_s W_s f_s, and a token that
+// passed tau_j in segment s weighs more than tau_{j+d} for the smallest d with
+// 16^-d <= f_s (1 - 1e-4) (the slack covers the float32 rounding of the two
+// exponents), so M_s[j] f_s (1 - 1e-4) is added to the bound of level j + d;
+// levels past the ladder are dropped. The bounds stay lower bounds, so the
+// candidates are the same superset as gather_nucleus gathers. Pass 2 re-reads
+// the row (from cache) against the final maximum. Returns the row stats; W
+// and the candidates only for a valid row.
+RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf,
+                        Buf<double>& seg_buf, std::vector<Cand>& out, double* W_out) {
+  out.clear();
+  const int64_t nch = (V + kChunk - 1) / kChunk;
+  cmax_buf.resize(nch);
+  seg_buf.resize(6 * nch + 6);  // (m_s, W_s, M_s[0..3]) per segment
+  float* cmax = cmax_buf.data();
+  double* seg = seg_buf.data();
+  int64_t nseg = 0;
+  float m = -kInf;
+  VI vnan = splati(0);
+  const VF zero = splat(0.0f), vT = splat(inv_t), ninf = splat(-kInf);
+  const VF vt0 = splat(0.0625f), vt1 = splat(0.00390625f), vt2 = splat(0.000244140625f),
+           vt3 = splat(1.52587890625e-05f);
+  Acc16d acc, acc_odd;
+  VF m0 = zero, m1 = zero, m2 = zero, m3 = zero;
+  auto flush = [&]() {
+    if (m > -kInf && m < kInf) {
+      double* q = seg + 6 * nseg++;
+      acc.merge(acc_odd);
+      q[0] = static_cast<double>(m);
+      q[1] = acc.sum();
+      q[2] = lane_total(m0);
+      q[3] = lane_total(m1);
+      q[4] = lane_total(m2);
+      q[5] = lane_total(m3);
+    }
+    acc = Acc16d{};
+    acc_odd = Acc16d{};
+    m0 = m1 = m2 = m3 = zero;
+  };
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const int64_t c0 = ch * kChunk;
+    const int64_t n = std::min(kChunk, V - c0);
+    const float* r = row + c0;
+    auto load = [&](int64_t k) __attribute__((always_inline)) {
+      return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
+    };
+    if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
+    VF cm = ninf;
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const VF xs = load(k);
+      cm = select(xs > cm, xs, cm);
+      vnan |= xs != xs;
+    }
+    const float chunk_max = max_lane(cm);
+    cmax[ch] = chunk_max;
+    if (chunk_max > m) {
+      flush();
+      m = chunk_max;
+    }
+    if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
+    const VF vm = splat(m);
+    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16((xs - vm) * vT), zero); };
+    int64_t k = 0;
+    for (; k + 2 * kLanes <= n; k += 2 * kLanes) {  // every value into float64 lanes, as gather_nucleus
+      const VF ea = weight(load(k)), eb = weight(load(k + kLanes));
+      acc.add(ea);
+      acc_odd.add(eb);
+      m0 = m0 + (select(ea > vt0, ea, zero) + select(eb > vt0, eb, zero));
+      m1 = m1 + (select(ea > vt1, ea, zero) + select(eb > vt1, eb, zero));
+      m2 = m2 + (select(ea > vt2, ea, zero) + select(eb > vt2, eb, zero));
+      m3 = m3 + (select(ea > vt3, ea, zero) + select(eb > vt3, eb, zero));
+    }
+    for (; k < n; k += kLanes) {
+      const VF e = weight(load(k));
+      acc.add(e);
+      m0 = m0 + select(e > vt0, e, zero);
+      m1 = m1 + select(e > vt1, e, zero);
+      m2 = m2 + select(e > vt2, e, zero);
+      m3 = m3 + select(e > vt3, e, zero);
+    }
+  }
+  flush();
+  RowStats st{m, 0, any_lane(vnan), m == kInf};
+  if (st.has_nan || !(m > -kInf) || m == kInf) return st;
+  // argmax: the lowest index holding m, in the first chunk whose maximum is m
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    if (cmax[ch] != m) continue;
+    const int64_t end = std::min(V, (ch + 1) * kChunk);
+    for (int64_t i = ch * kChunk; i < end; ++i)
+      if (row[i] == m) {
+        st.argmax = i;
+        break;
+      }
+    break;
+  }
+  double W = 0.0, mass[4] = {0.0, 0.0, 0.0, 0.0};
+  const double discount = mass_discount(V);
+  for (int64_t i = 0; i < nseg; ++i) {
+    const double* q = seg + 6 * i;
+    const float ms = static_cast<float>(q[0]);
+    if (ms == m) {  // the last segment: weights are relative to m already
+      W += q[1];
+      for (int j = 0; j < 4; ++j) mass[j] += q[2 + j] * discount;
+      continue;
+    }
+    const double f = static_cast<double>(exp_nonpositive((ms - m) * inv_t));
+    W += q[1] * f;
+    if (!(f > 0.0)) continue;
+    int d = 1;
+    double level = 0.0625;
+    while (d < 4 && level > f * (1.0 - 1e-4)) {
+      ++d;
+      level *= 0.0625;
+    }
+    for (int j = 0; j + d < 4; ++j) mass[j + d] += q[2 + j] * f * (1.0 - 1e-4) * discount;
+  }
+  *W_out = nucleus_candidates(row, V, LogitWeight{m, inv_t}, 1.0f, p, W, mass, out);
+  return st;
 }
 
 // Inverse CDF over block sums: the first index (ascending) whose running
@@ -613,7 +763,7 @@ struct ChainParams {
 // min-p keeps w >= min_p * w_max, in float32.
 template <class Wt>
 Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const ChainParams& cp, TopKGather& g,
-                 std::vector<Cand>& cands) {
+                 std::vector<Cand>& cands, const double* gathered_total = nullptr) {
   const float min_w = cp.use_min_p ? cp.min_p * w_max : 0.0f;
   if (!cp.use_k && !cp.use_p) return Kept{true, min_w};
   double stage_total = 0.0;
@@ -625,7 +775,8 @@ Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const Chai
       stage_total += static_cast<double>(c.e);
     }
   } else {
-    stage_total = gather_nucleus(x, V, w, w_max, cp.p, cands);
+    // (nucleus_online may have gathered the candidates already, with pass A)
+    stage_total = gathered_total ? *gathered_total : gather_nucleus(x, V, w, w_max, cp.p, cands);
     // No token with weight <= (1 - p) W / V can be in the nucleus.
     const float bound = static_cast<float>(0.5 * (1.0 - cp.p) * stage_total / static_cast<double>(V));
     cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
@@ -781,7 +932,17 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   TopKGather g;
   if (cp.use_k && k > 1) g.init(k, &sc.cands, &sc.cmax, &sc.ctmp);
   const float* x = nullptr;
-  const RowStats s = load_row(lv, b, sc.xbuf, (cp.use_k && k > 1) ? &g : nullptr, &x);
+  // Top-p alone on float32 logits: pass A and the nucleus pre-pass in one read.
+  const bool online = lv.kind == ScalarKind::kFloat32 && !cp.use_k && cp.use_p && cp.p > 0.0 && T > 0.0f &&
+                      T < kInf && params_ok(T, cp.p, cp.min_p);
+  double online_total = 0.0;
+  RowStats s;
+  if (online) {
+    x = static_cast<const float*>(lv.data) + b * lv.row_stride;
+    s = nucleus_online(x, V, inverse_temperature(T), cp.p, sc.cmax, sc.sums, sc.cands, &online_total);
+  } else {
+    s = load_row(lv, b, sc.xbuf, (cp.use_k && k > 1) ? &g : nullptr, &x);
+  }
   *ok = row_is_valid(s, T) && params_ok(T, cp.p, cp.min_p);
   if (!*ok) {
     write_invalid_logprobs(lp, b);
@@ -797,7 +958,7 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   if (!greedy) {
     const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
                                      kStreamSample}.uniform_double(0);
-    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands);
+    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands, online ? &online_total : nullptr);
     token = draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax, &W, fast);
   }
   if (!lp.active()) return token;
