@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/fpenv.h"
 #include "cpu/kv_cache.h"
 #include "cpu/linear.h"
 #include "cpu/penalties.h"
@@ -103,6 +104,8 @@ using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 // ------------------------------------------------------------ CPU ops ----
 at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
                        double temperature_val, int64_t vocab_size, bool deterministic) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
   check_same_device(logits, temperature, "temperature");
   const int64_t B = logits.size(0);
@@ -130,6 +133,8 @@ SampleResult sample_from_logits_cpu(
     const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
     int64_t offset_val, int64_t vocab_size, bool deterministic, bool return_logprobs, int64_t top_logprobs,
     bool raw_logprobs) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
   for (auto [t, name] : {std::pair{&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
                          {&min_p, "min_p"}, {&seed, "seed"}, {&offset, "offset"}})
@@ -184,6 +189,8 @@ SampleResult sample_from_probs_cpu(
     double min_p_val, const std::optional<at::Tensor>& seed, int64_t seed_val,
     const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size, bool deterministic,
     bool return_logprobs, int64_t top_logprobs, bool raw_logprobs) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
   check_probs(probs, vocab_size);
   check_same_device(probs, seed, "seed");
   check_same_device(probs, offset, "offset");
@@ -204,6 +211,8 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cpu(const at::Tensor& probs, con
                                                     int64_t top_k_val, const std::optional<at::Tensor>& top_p,
                                                     double top_p_val, const std::optional<at::Tensor>& min_p,
                                                     double min_p_val, int64_t vocab_size) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
   check_probs(probs, vocab_size);
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
@@ -248,6 +257,8 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
                                const std::optional<at::Tensor>& logit_bias, const std::optional<at::Tensor>& bias_ids,
                                const std::optional<at::Tensor>& bias_values, const std::optional<at::Tensor>& mask,
                                bool mask_allows, int64_t vocab_size) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
   const int64_t B = logits.size(0), V = logits.size(1);
   for (auto [t, name] : {std::pair{&repetition, "repetition_penalty"}, {&frequency, "frequency_penalty"},
@@ -354,6 +365,8 @@ int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, 
 
 // -------------------------------------------------------------- layers ----
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() >= 1 &&
                   weight.dim() == 1 && x.size(-1) == weight.size(0) && weight.is_contiguous(),
               "decodekit: rms_norm wants float32 x [..., H] and weight [H]");

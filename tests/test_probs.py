@@ -116,6 +116,11 @@ def test_flush_to_zero_in_the_caller_changes_nothing():
             assert torch.equal(decodekit.argmax(tiny), expected["argmax"])
             assert torch.equal(decodekit.sample_from_logits(batch, 0.5, top_k=2, seed=torch.arange(13)),
                                expected["batch"])
+        # tiny number parameters are converted to float32 with IEEE denormals too (values that
+        # torch itself converts in the wrapper, e.g. logit_bias dicts, follow the caller's mode)
+        zeros = torch.zeros(1, 4)
+        assert decodekit.sample_from_logits(zeros, 0.0, frequency_penalty=1e-40, token_ids=[[0]]).tolist() == [1]
+        assert torch.equal(decodekit.rms_norm(zeros, torch.ones(4), eps=1e-40), zeros)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(was)

@@ -72,6 +72,13 @@ def test_bad_arguments(lm):
         speculative_generate([1, 10**9], model=lm)
     with pytest.raises(TypeError, match=r"^speculative_generate: stream must be a callable"):
         speculative_generate("hi", model=lm, stream=3)
+    for bad in (1e39, 10**400):
+        with pytest.raises(ValueError, match=r"^speculative_generate: temperature must be"):
+            speculative_generate("hi", model=lm, temperature=bad)
+        with pytest.raises(ValueError, match=r"^generate: temperature must be"):
+            decodekit.generate("hi", model=lm, temperature=bad)
+    with pytest.raises(ValueError, match=r"^generate: frequency_penalty must be a finite number"):
+        decodekit.generate("hi", model=lm, frequency_penalty=10**400)
 
 
 def test_cli_speculative(lm):

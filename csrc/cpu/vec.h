@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "decodekit/math.h"
+#include "cpu/fpenv.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -43,24 +44,6 @@ typedef uint16_t nh_u __attribute__((vector_size(2 * DK_NATIVE_LANES), aligned(2
 
 #define DK_VINLINE inline __attribute__((always_inline))
 
-// Runs the enclosing scope with IEEE denormals (flush-to-zero and
-// denormals-are-zero cleared), whatever the calling thread set:
-// torch.set_flush_denormal(True) sets them on that thread only, so without
-// this a row's bits (and a top-k threshold just below 0) would depend on
-// which thread computes it. Restores the caller's mode on exit.
-struct IeeeDenormals {
-#if defined(__SSE__) || defined(__x86_64__)
-  unsigned saved;
-  DK_VINLINE IeeeDenormals() : saved(_mm_getcsr()) {
-    if (saved & 0x8040u) _mm_setcsr(saved & ~0x8040u);
-  }
-  DK_VINLINE ~IeeeDenormals() {
-    if (saved & 0x8040u) _mm_setcsr(saved);
-  }
-#endif
-  IeeeDenormals(const IeeeDenormals&) = delete;
-  IeeeDenormals& operator=(const IeeeDenormals&) = delete;
-};
 
 struct VF {  // 16 float lanes
   nf p[kParts];

@@ -395,14 +395,19 @@ def _check_request(v: dict, where: str, op: str = "generate") -> None:
     if m < 0:
         raise ValueError(f"{op}: max_new_tokens{where} must be >= 0, got {m}")
     v["max_new_tokens"] = operator.index(m)
-    for name, lo, hi in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
+    # temperature becomes float32 in the kernels: at most float32's largest finite value
+    for name, lo, hi in (("temperature", 0.0, 3.4028234663852886e38), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
         value = v[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{op}: {name}{where} must be a number, got {type(value).__name__}")
-        if not (lo <= value <= hi) or math.isnan(value) or math.isinf(value):
-            allowed = "finite and >= 0" if name == "temperature" else "in [0, 1]"
+        allowed = "finite and >= 0 (at most 3.4028235e38, float32)" if name == "temperature" else "in [0, 1]"
+        try:
+            fvalue = float(value)
+        except OverflowError:
+            raise ValueError(f"{op}: {name}{where} must be {allowed}, got an int of {int(value).bit_length()} bits") from None
+        if not (lo <= fvalue <= hi):  # also False for NaN
             raise ValueError(f"{op}: {name}{where} must be {allowed}, got {value}")
-        v[name] = float(value)
+        v[name] = fvalue
     k = v["top_k"]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{op}: top_k{where} must be an int (0 disables), got {type(k).__name__}")
@@ -414,8 +419,12 @@ def _check_request(v: dict, where: str, op: str = "generate") -> None:
     v["seed"] = None if seed is None else operator.index(seed)
     for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
         value = v[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{op}: {name}{where} must be a finite number, got {value!r}")
+        try:
+            ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: {name}{where} must be a finite number, got {value!r:.60}")
         v[name] = float(value)
     if not v["repetition_penalty"] > 0:
         raise ValueError(f"{op}: repetition_penalty{where} must be > 0, got {v['repetition_penalty']}")

@@ -931,9 +931,14 @@ def apply_penalties(
             for j, (tok, val) in enumerate(d.items()):
                 if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vs:
                     raise ValueError(f"{op}: logit_bias token ids must be ints in [0, vocab_size={vs}), got {tok!r}")
-                if not isinstance(val, (int, float)) or math.isnan(val):
-                    raise ValueError(f"{op}: logit_bias values must be numbers, got {val!r} for token {tok}")
-                bias_ids[b, j], bias_vals[b, j] = tok, float(val)
+                try:
+                    fval = float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else math.nan
+                except OverflowError:
+                    fval = math.nan
+                if math.isnan(fval):
+                    raise ValueError(f"{op}: logit_bias values must be numbers (+-inf allowed), got {val!r:.60} "
+                                     f"for token {tok}")
+                bias_ids[b, j], bias_vals[b, j] = tok, fval
         bias_ids, bias_vals = bias_ids.to(logits.device), bias_vals.to(logits.device)
     if allowed_token_ids is not None and banned_token_ids is not None:
         raise ValueError(f"{op}: pass allowed_token_ids or banned_token_ids, not both")
@@ -1034,8 +1039,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     _check_float32_cpu(op, x=x, weight=weight)
     if x.dim() < 1 or weight.dim() != 1 or x.size(-1) != weight.size(0):
         raise ValueError(f"{op}: x must be [..., H] and weight [H], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps <= 3.4028234663852886e38):
+        raise ValueError(f"{op}: eps must be a finite float32 number >= 0, got {eps!r:.60}")
     return ops.rms_norm(x.detach(), weight.detach().contiguous(), float(eps))
 
 

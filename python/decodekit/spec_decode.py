@@ -314,8 +314,10 @@ def speculative_generate(prompt, *, model: Union[None, str, os.PathLike, LoadedM
         raise ValueError(f"speculative_generate: num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"speculative_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
-        raise ValueError(f"speculative_generate: temperature must be finite and >= 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and 0 <= temperature <= 3.4028234663852886e38):
+        raise ValueError("speculative_generate: temperature must be finite and >= 0 (at most 3.4028235e38, "
+                         f"float32), got {temperature!r:.60}")
     if isinstance(drafter, str) and drafter not in ("ngram", "draft"):
         raise ValueError(f"speculative_generate: drafter must be 'ngram', 'draft' or a drafter object, got {drafter!r}")
     if not isinstance(drafter, str) and not callable(getattr(drafter, "propose", None)):
