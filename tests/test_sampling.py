@@ -272,7 +272,7 @@ def test_draws_match_reference_with_same_uniform(params):
     assert mismatches == 0, (ids, expected)
 
 
-def test_top_p_alone_on_rows_whose_running_maximum_rises():
+def test_top_p_alone_and_plain_draws_on_rows_whose_running_maximum_rises():
     # Top-p without top-k reads each chunk once relative to the running maximum and
     # rescales the earlier segments' totals and nucleus masses at the end: rows whose
     # maximum comes late, rises in steps, follows a -inf prefix or is tied across chunks
@@ -289,7 +289,8 @@ def test_top_p_alone_on_rows_whose_running_maximum_rises():
     tied[[100, 1500, 3000]] = 7.0
     rows = [ramp, steps, late, masked, tied]
     seeds = torch.arange(120)
-    for T, p in ((1.0, 0.9), (0.5, 0.7), (3.0, 0.95), (0.05, 0.5)):
+    # (top_p = 1 is the plain temperature draw, read once in 1024-token blocks the same way)
+    for T, p in ((1.0, 0.9), (0.5, 0.7), (3.0, 0.95), (0.05, 0.5), (1.0, 1.0), (0.3, 1.0), (4.0, 1.0)):
         for r, row in enumerate(rows):
             ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
             want = [ref.sample(row, int(sd), 0, temperature=T, top_p=p) for sd in seeds]

@@ -17,7 +17,10 @@
 //   pass B   (no top-k) exp((x - max) * (1/T)) with 16 float64 lanes: either block
 //            sums for a direct inverse-CDF draw (no filter / min-p only), or a
 //            gather of the only tokens that can be in the top-p nucleus
-//            (a token with weight <= (1 - p) W / V never is).
+//            (a token with weight <= (1 - p) W / V never is). For float32 logits
+//            with top-p alone or no filter, passes A and B are one read of the
+//            row (each block relative to the running maximum, rescaled at the
+//            end: nucleus_online, plain_online).
 //   softmax  reads the row once: each chunk relative to the running maximum,
 //            the few segments rescaled at the end.
 //   small    the candidates are sorted (rank = logit desc, index asc), cut by
@@ -676,6 +679,83 @@ int64_t draw_from_blocks(const float* x, int64_t V, const Wt& w, float min_w, co
   return last_positive;
 }
 
+// Pass A and the block sums of a plain temperature draw (no filter) in one
+// read of a float32 row. Each kBlock-token block is loaded once: its maximum
+// (kept for the argmax) and NaN flag from memory, then its weights relative
+// to the running maximum m_b from L1, summed in float64 lanes (even and odd
+// vectors apart, as block_sums). With the row maximum m the block's sum is
+// rescaled by exp((m_b - m) / T); the draw then walks these sums and, inside
+// the chosen block, the weights relative to m (draw_from_blocks). Returns the
+// row stats; W and the sums only for a valid row.
+RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax_buf, Buf<double>& sums_buf,
+                      double* W_out) {
+  const int64_t nb = (V + kBlock - 1) / kBlock;
+  bmax_buf.resize(2 * nb);  // block maximum, then the running maximum the block used
+  sums_buf.resize(nb);
+  float* bmax = bmax_buf.data();
+  float* bref = bmax + nb;
+  double* sums = sums_buf.data();
+  float m = -kInf;
+  VI vnan = splati(0);
+  const VF zero = splat(0.0f), vT = splat(inv_t), ninf = splat(-kInf);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t c0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, V - c0);
+    const float* r = row + c0;
+    auto load = [&](int64_t k) __attribute__((always_inline)) {
+      return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
+    };
+    if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
+    VF bm = ninf;
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const VF xs = load(k);
+      bm = select(xs > bm, xs, bm);
+      vnan |= xs != xs;
+    }
+    const float block_max = max_lane(bm);
+    bmax[blk] = block_max;
+    m = block_max > m ? block_max : m;
+    bref[blk] = m;
+    sums[blk] = 0.0;
+    if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
+    const VF vm = splat(m);
+    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16((xs - vm) * vT), zero); };
+    Acc16d acc, acc_odd;
+    int64_t k = 0;
+    for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
+      acc.add(weight(load(k)));
+      acc_odd.add(weight(load(k + kLanes)));
+    }
+    for (; k < n; k += kLanes) acc.add(weight(load(k)));
+    acc.merge(acc_odd);
+    sums[blk] = acc.sum();
+  }
+  RowStats st{m, 0, any_lane(vnan), m == kInf};
+  if (st.has_nan || !(m > -kInf) || m == kInf) return st;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    if (bmax[blk] != m) continue;
+    const int64_t end = std::min(V, (blk + 1) * kBlock);
+    for (int64_t i = blk * kBlock; i < end; ++i)
+      if (row[i] == m) {
+        st.argmax = i;
+        break;
+      }
+    break;
+  }
+  double W = 0.0;
+  float f_ref = kInf, f = 1.0f;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    if (bref[blk] != f_ref) {
+      f_ref = bref[blk];
+      f = f_ref == m ? 1.0f : exp_nonpositive((f_ref - m) * inv_t);
+    }
+    if (f != 1.0f) sums[blk] *= static_cast<double>(f);
+    W += sums[blk];
+  }
+  *W_out = W;
+  return st;
+}
+
 // --------------------------------------------------------- candidate set ---
 // Top-p over a candidate list that contains the nucleus: reorders cands so
 // that cands[0, L) is the shortest rank-order prefix whose float64 mass reaches
@@ -932,14 +1012,20 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   TopKGather g;
   if (cp.use_k && k > 1) g.init(k, &sc.cands, &sc.cmax, &sc.ctmp);
   const float* x = nullptr;
-  // Top-p alone on float32 logits: pass A and the nucleus pre-pass in one read.
-  const bool online = lv.kind == ScalarKind::kFloat32 && !cp.use_k && cp.use_p && cp.p > 0.0 && T > 0.0f &&
-                      T < kInf && params_ok(T, cp.p, cp.min_p);
+  // Top-p alone, or no filter at all, on float32 logits: pass A and the pass
+  // over the weights in one read.
+  const bool one_read = lv.kind == ScalarKind::kFloat32 && !cp.use_k && T > 0.0f && T < kInf &&
+                        params_ok(T, cp.p, cp.min_p);
+  const bool online = one_read && cp.use_p && cp.p > 0.0;
+  const bool plain = one_read && !cp.use_p && !cp.use_min_p;
   double online_total = 0.0;
   RowStats s;
   if (online) {
     x = static_cast<const float*>(lv.data) + b * lv.row_stride;
     s = nucleus_online(x, V, inverse_temperature(T), cp.p, sc.cmax, sc.sums, sc.cands, &online_total);
+  } else if (plain) {
+    x = static_cast<const float*>(lv.data) + b * lv.row_stride;
+    s = plain_online(x, V, inverse_temperature(T), sc.cmax, sc.sums, &online_total);
   } else {
     s = load_row(lv, b, sc.xbuf, (cp.use_k && k > 1) ? &g : nullptr, &x);
   }
@@ -958,8 +1044,13 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   if (!greedy) {
     const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
                                      kStreamSample}.uniform_double(0);
-    kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands, online ? &online_total : nullptr);
-    token = draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax, &W, fast);
+    if (plain) {  // the block sums are ready: draw from them
+      W = online_total;
+      token = draw_from_blocks(x, V, w, 0.0f, sc.sums.data(), u * W, s.argmax);
+    } else {
+      kept = apply_chain(x, V, w, 1.0f, cp, g, sc.cands, online ? &online_total : nullptr);
+      token = draw_kept(x, V, w, kept, sc.cands, sc.sums, u, s.argmax, &W, fast);
+    }
   }
   if (!lp.active()) return token;
   if (lp.raw) {
