@@ -297,6 +297,24 @@ def test_top_p_alone_and_plain_draws_on_rows_whose_running_maximum_rises():
             assert ids.tolist() == want, (T, p, r)
 
 
+def test_top_p_with_many_tied_candidates_matches_reference():
+    # Large nuclei over heavily tied logits (including -0.0 next to +0.0) go through the
+    # radix-sorted top-p selection: ties must rank by lowest index, as in the reference.
+    g = torch.Generator().manual_seed(5)
+    for trial in range(12):
+        row = torch.randint(-4, 5, (3000,), generator=g).float() * 0.5
+        row[torch.rand(3000, generator=g) < 0.1] = -0.0
+        row[torch.rand(3000, generator=g) < 0.1] = 0.0
+        for T, p in ((1.0, 0.9), (2.0, 0.5), (0.7, 0.99)):
+            seeds = torch.arange(40) + trial * 100
+            ids = decodekit.sample_from_logits(row.repeat(40, 1), T, top_p=p, seed=seeds)
+            assert ids.tolist() == [ref.sample(row, int(sd), 0, temperature=T, top_p=p) for sd in seeds]
+        probs = torch.softmax(row.double(), -1).float()
+        kept = decodekit.top_p_renorm_probs(probs[None], 0.8)[0] > 0
+        ref_kept = ref.filter_probs(probs, top_p=0.8) > 0
+        assert torch.equal(kept, ref_kept)
+
+
 def test_per_row_parameters_match_reference():
     g = torch.Generator().manual_seed(7)
     B, V = 12, 800

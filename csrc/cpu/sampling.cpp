@@ -520,11 +520,13 @@ double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, d
   for (int64_t c2 = 0; c2 < V; c2 += kLanes) {
     const VF xs = c2 + kLanes <= V ? load_f32(x + c2) : load_tail(x, c2, V);
     uint32_t bits = lane_bits(xs > vxl);  // load_tail pads with -inf: never above
+    if (!bits) continue;
+    float ea[kLanes];
+    to_array(w(xs), ea);  // the same bits as the lane in pass 1
     while (bits) {
       const int j = __builtin_ctz(bits);
       bits &= bits - 1;
-      const float e = w(x[c2 + j]);  // the same bits as the lane in pass 1
-      if (e > bound) out.push_back(Cand{x[c2 + j], e, static_cast<int32_t>(c2 + j)});
+      if (ea[j] > bound) out.push_back(Cand{x[c2 + j], ea[j], static_cast<int32_t>(c2 + j)});
     }
   }
   return W;
@@ -801,6 +803,65 @@ int64_t top_p_select(std::vector<Cand>& cands, double p, double total) {
   return -1;
 }
 
+// The same contract as top_p_select for larger candidate lists: a stable
+// least-significant-digit radix sort (four 8-bit digits) of the logits'
+// order-preserving bit patterns gives the rank order (logit desc; equal logits
+// keep their relative order, and the list is in ascending index order, so
+// index asc), then one float64 running sum in rank order finds L. No
+// data-dependent branches in the sort, so fresh data costs what warm data
+// does. cands must be in ascending index order; cands[0, L) come back so too.
+int64_t top_p_select_sorted_input(std::vector<Cand>& cands, double p, double total, std::vector<Cand>& tmp) {
+  const size_t n = cands.size();
+  auto key = [](float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if (u == 0x80000000u) u = 0;               // -0 ranks with +0
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending in x
+    return ~u;                                 // descending in x
+  };
+  tmp.resize(2 * n);
+  Cand* a = tmp.data();
+  Cand* bbuf = a + n;
+  std::copy(cands.begin(), cands.end(), a);
+  uint32_t count[4][256] = {};
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t k = key(a[i].x);
+    for (int d = 0; d < 4; ++d) ++count[d][(k >> (8 * d)) & 255u];
+  }
+  for (int d = 0; d < 4; ++d) {
+    if (count[d][(key(a[0].x) >> (8 * d)) & 255u] == n) continue;  // one bucket: the pass changes nothing
+    uint32_t pos[256];
+    uint32_t acc = 0;
+    for (int v = 0; v < 256; ++v) {
+      pos[v] = acc;
+      acc += count[d][v];
+    }
+    for (size_t i = 0; i < n; ++i) bbuf[pos[(key(a[i].x) >> (8 * d)) & 255u]++] = a[i];
+    std::swap(a, bbuf);
+  }
+  const double target = p * total;
+  double run = 0.0;
+  int64_t L = -1;
+  for (size_t i = 0; i < n; ++i) {
+    run += static_cast<double>(a[i].e);
+    if (run >= target) {
+      L = static_cast<int64_t>(i) + 1;
+      break;
+    }
+  }
+  if (L < 0) return -1;
+  // Keep exactly the first L in rank order, in index order.
+  const uint32_t kb = key(a[L - 1].x);
+  const int32_t ib = a[L - 1].idx;
+  size_t w = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t k = key(cands[i].x);
+    if (k < kb || (k == kb && cands[i].idx <= ib)) cands[w++] = cands[i];
+  }
+  cands.resize(w);
+  return L;
+}
+
 // Inverse CDF over candidates in ascending index order.
 // Leaves cands sorted by index; *total_out = their float64 mass.
 int64_t draw_from_cands(std::vector<Cand>& cands, double u, int64_t fallback, double* total_out) {
@@ -863,7 +924,12 @@ Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const Chai
                 cands.end());
   }
   if (cp.use_p) {
-    const int64_t keep = top_p_select(cands, cp.p, stage_total);
+    // The nucleus gather leaves the candidates in index order: for more than a
+    // few dozen, the branch-free radix selection is faster on fresh data.
+    thread_local std::vector<Cand> tmp;
+    const int64_t keep = !cp.use_k && cands.size() > 64 ? top_p_select_sorted_input(cands, cp.p, stage_total, tmp)
+                                                         : top_p_select(cands, cp.p, stage_total);
+    if (tmp.capacity() > (size_t{1} << 20)) std::vector<Cand>().swap(tmp);  // do not pin a huge call's memory
     if (keep >= 0) {
       cands.resize(keep);
     } else if (!cp.use_k) {
