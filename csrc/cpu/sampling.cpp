@@ -369,8 +369,10 @@ RowStats pass_a_probs(const float* row, int64_t V, TopKGather* g, int64_t* npos)
 struct LogitWeight {
   static constexpr bool kIdentity = false;
   float m, inv_t;
-  DK_INLINE VF operator()(VF x) const { return exp16((x - splat(m)) * splat(inv_t)); }
-  DK_INLINE float operator()(float x) const { return exp_nonpositive((x - m) * inv_t); }
+  ExpScale c;  // inv_t * log2 e as head + tail
+  LogitWeight(float m_, float inv_t_) : m(m_), inv_t(inv_t_), c(exp_scale(inv_t_)) {}
+  DK_INLINE VF operator()(VF x) const { return exp16_scaled(x - splat(m), splat(c.hi), splat(c.lo)); }
+  DK_INLINE float operator()(float x) const { return exp_scaled_nonpositive(x - m, c.hi, c.lo); }
   // A logit below which no weight exceeds bound (0 < bound <= 1). The slack
   // of 1e-3 in log space is far above the exp error (~1e-7 relative) and the
   // float32 rounding of (x - m) * inv_t (<= 87 * 2^-23 ~ 1e-5 absolute).
@@ -556,7 +558,8 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   int64_t nseg = 0;
   float m = -kInf;
   VI vnan = splati(0);
-  const VF zero = splat(0.0f), vT = splat(inv_t), ninf = splat(-kInf);
+  const ExpScale ec = exp_scale(inv_t);
+  const VF zero = splat(0.0f), vch = splat(ec.hi), vcl = splat(ec.lo), ninf = splat(-kInf);
   const VF vt0 = splat(0.0625f), vt1 = splat(0.00390625f), vt2 = splat(0.000244140625f),
            vt3 = splat(1.52587890625e-05f);
   Acc16d acc, acc_odd;
@@ -598,7 +601,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     }
     if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
     const VF vm = splat(m);
-    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16((xs - vm) * vT), zero); };
+    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16_scaled(xs - vm, vch, vcl), zero); };
     int64_t k = 0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {  // every value into float64 lanes, as gather_nucleus
       const VF ea = weight(load(k)), eb = weight(load(k + kLanes));
@@ -642,7 +645,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       for (int j = 0; j < 4; ++j) mass[j] += q[2 + j] * discount;
       continue;
     }
-    const double f = static_cast<double>(exp_nonpositive((ms - m) * inv_t));
+    const double f = static_cast<double>(exp_scaled_nonpositive(ms - m, ec.hi, ec.lo));
     W += q[1] * f;
     if (!(f > 0.0)) continue;
     int d = 1;
@@ -699,7 +702,8 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
   double* sums = sums_buf.data();
   float m = -kInf;
   VI vnan = splati(0);
-  const VF zero = splat(0.0f), vT = splat(inv_t), ninf = splat(-kInf);
+  const ExpScale ec = exp_scale(inv_t);
+  const VF zero = splat(0.0f), vch = splat(ec.hi), vcl = splat(ec.lo), ninf = splat(-kInf);
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t c0 = blk * kBlock;
     const int64_t n = std::min(kBlock, V - c0);
@@ -721,7 +725,7 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
     sums[blk] = 0.0;
     if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
     const VF vm = splat(m);
-    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16((xs - vm) * vT), zero); };
+    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16_scaled(xs - vm, vch, vcl), zero); };
     Acc16d acc, acc_odd;
     int64_t k = 0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
@@ -749,7 +753,7 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
   for (int64_t blk = 0; blk < nb; ++blk) {
     if (bref[blk] != f_ref) {
       f_ref = bref[blk];
-      f = f_ref == m ? 1.0f : exp_nonpositive((f_ref - m) * inv_t);
+      f = f_ref == m ? 1.0f : exp_scaled_nonpositive(f_ref - m, ec.hi, ec.lo);
     }
     if (f != 1.0f) sums[blk] *= static_cast<double>(f);
     W += sums[blk];
@@ -1159,7 +1163,8 @@ bool softmax_online(const typename L::T* row, int64_t V, float inv_t, float* out
   int64_t nseg = 0;
   float m = -kInf;
   VI vnan = splati(0);  // +inf needs no flag: it becomes the running maximum
-  const VF vT = splat(inv_t);
+  const ExpScale ec = exp_scale(inv_t);
+  const VF vch = splat(ec.hi), vcl = splat(ec.lo);
   Acc16d acc;
   auto flush = [&]() {
     if (m > -kInf) {
@@ -1201,12 +1206,12 @@ bool softmax_online(const typename L::T* row, int64_t V, float inv_t, float* out
     VF run = splat(0.0f);
     int64_t k = 0;
     for (; k + kLanes <= n; k += kLanes) {
-      const VF e = exp16((load(k) - vm) * vT);
+      const VF e = exp16_scaled(load(k) - vm, vch, vcl);
       store_f32(o + k, e);
       run = run + e;
     }
     if (k < n) {
-      const VF e = exp16((load(k) - vm) * vT);
+      const VF e = exp16_scaled(load(k) - vm, vch, vcl);
       float ea[kLanes];
       to_array(e, ea);
       for (int64_t j = 0; k + j < n; ++j) o[k + j] = ea[j];
@@ -1218,7 +1223,7 @@ bool softmax_online(const typename L::T* row, int64_t V, float inv_t, float* out
   if (any_lane(vnan) || !(m > -kInf) || m == kInf) return false;
   double S = 0.0;
   for (int64_t i = 0; i < nseg; ++i)
-    S += seg[2 * i + 1] * static_cast<double>(exp_nonpositive((static_cast<float>(seg[2 * i]) - m) * inv_t));
+    S += seg[2 * i + 1] * static_cast<double>(exp_scaled_nonpositive(static_cast<float>(seg[2 * i]) - m, ec.hi, ec.lo));
   const double inv_S = 1.0 / S;
   float g = 0.0f, g_ref = kInf;
   for (int64_t ch = 0; ch < nch; ++ch) {
@@ -1227,7 +1232,7 @@ bool softmax_online(const typename L::T* row, int64_t V, float inv_t, float* out
     if (mref[ch] != g_ref) {
       g_ref = mref[ch];
       g = g_ref == m ? static_cast<float>(inv_S)
-                     : static_cast<float>(static_cast<double>(exp_nonpositive((g_ref - m) * inv_t)) * inv_S);
+                     : static_cast<float>(static_cast<double>(exp_scaled_nonpositive(g_ref - m, ec.hi, ec.lo)) * inv_S);
     }
     if (!(g_ref > -kInf)) continue;  // the leading chunks with no finite logit stay 0
     float* o = out + c0;

@@ -232,6 +232,28 @@ DK_VINLINE VF exp16(VF x) {
   return select(in_range, out, splat(0.0f));
 }
 
+// exp(d * c) with c = c_hi + c_lo: the lane-wise twin of exp_scaled_nonpositive.
+DK_VINLINE VF exp16_scaled(VF d, VF c_hi, VF c_lo) {
+  const VF lo = splat(kExp2Lowest);
+  const VF z = d * c_hi;
+  const VI in_range = z > lo;
+  const VF zc = select(in_range, z, lo);
+  const VF n = (zc + splat(12582912.0f)) - splat(12582912.0f);
+  VF f = fma16(d, c_hi, splat(-0.0f) - n);
+  f = fma16(d, c_lo, f);
+  VF p = splat(kExp2C6);
+  p = fma16(p, f, splat(kExp2C5));
+  p = fma16(p, f, splat(kExp2C4));
+  p = fma16(p, f, splat(kExp2C3));
+  p = fma16(p, f, splat(kExp2C2));
+  p = fma16(p, f, splat(kExp2C1));
+  p = fma16(p, f, splat(kExp2C0));
+  VF out;
+  for (int i = 0; i < kParts; ++i)
+    out.p[i] = (nf)((nu)p.p[i] + ((nu)__builtin_convertvector(n.p[i], ni) << 23));
+  return select(in_range, out, splat(0.0f));
+}
+
 // Sum of the 16 lanes in a fixed tree: lane j += lane j + 8, then + 4, + 2, + 1
 // (the same pairs in every build, so the same bits).
 DK_VINLINE float tree_sum16(VF v) {

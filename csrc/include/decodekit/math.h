@@ -97,6 +97,42 @@ DK_HOST_DEVICE float exp_nonpositive(float x) {
   return x > kExpLowest ? bits_to_float(bits) : 0.0f;
 }
 
+// exp(d * inv_t) for d = logit - max <= 0, without rounding d * inv_t first:
+// the caller splits c = inv_t * log2 e into a float32 head and tail
+// (exp_scale), z = d * c_hi picks n = round(z), f = d * c - n comes from two
+// FMAs (exact product, one rounding), then 2^f as in exp_nonpositive. One
+// multiply fewer than exp_nonpositive(d * inv_t) and no error from rounding
+// d / T (the old form's largest term far from the maximum). Results below
+// 2^-124.75 give 0; exp(0) is exactly 1; NaN gives 0.
+struct ExpScale {
+  float hi, lo;
+};
+DK_HOST_DEVICE ExpScale exp_scale(float inv_t) {
+  const double c = static_cast<double>(inv_t) * 1.4426950408889634;
+  if (!(c < 3.4028234663852886e+38)) return ExpScale{3.4028234663852886e+38f, 0.0f};  // tiny T: capped
+  const float hi = static_cast<float>(c);
+  return ExpScale{hi, static_cast<float>(c - static_cast<double>(hi))};
+}
+constexpr float kExp2Lowest = -124.75f;
+
+DK_HOST_DEVICE float exp_scaled_nonpositive(float d, float c_hi, float c_lo) {
+  const float z = d * c_hi;
+  const bool in_range = z > kExp2Lowest;  // false for NaN
+  const float zc = in_range ? z : kExp2Lowest;
+  const float n = (zc + 12582912.0f) - 12582912.0f;  // round to nearest even, in [-125, 0]
+  float f = fma_f32(d, c_hi, -n);
+  f = fma_f32(d, c_lo, f);
+  float p = kExp2C6;
+  p = fma_f32(p, f, kExp2C5);
+  p = fma_f32(p, f, kExp2C4);
+  p = fma_f32(p, f, kExp2C3);
+  p = fma_f32(p, f, kExp2C2);
+  p = fma_f32(p, f, kExp2C1);
+  p = fma_f32(p, f, kExp2C0);
+  const uint32_t bits = float_to_bits(p) + (static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
+  return in_range ? bits_to_float(bits) : 0.0f;
+}
+
 // 1 / T for T > 0, capped at FLT_MAX so that a subnormal T still gives
 // (x - max) * inv_t == 0 at the max and a very negative value elsewhere (never
 // 0 * inf). Every kernel scales by this instead of dividing by T.
