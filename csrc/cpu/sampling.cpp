@@ -534,6 +534,32 @@ double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, d
   return W;
 }
 
+// Maximum of row[c0, c0 + n) (NaN lanes ignored, noted in vnan), prefetching
+// ahead: the first, memory-bound read of a span in the one-read passes.
+float span_max(const float* row, int64_t c0, int64_t n, int64_t V, VI& vnan) {
+  if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
+  const float* r = row + c0;
+  VF cm = splat(-kInf);
+  for (int64_t k = 0; k < n; k += kLanes) {
+    const VF xs = k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
+    cm = select(xs > cm, xs, cm);
+    vnan |= xs != xs;
+  }
+  return max_lane(cm);
+}
+
+// The lowest index holding the row maximum m, in the first span (of `span`
+// tokens) whose recorded maximum is m.
+int64_t first_index_of_max(const float* row, int64_t V, const float* span_maxima, int64_t span, float m) {
+  for (int64_t s0 = 0, i = 0; s0 < V; s0 += span, ++i) {
+    if (span_maxima[i] != m) continue;
+    const int64_t end = std::min(V, s0 + span);
+    for (int64_t j = s0; j < end; ++j)
+      if (row[j] == m) return j;
+  }
+  return 0;
+}
+
 // Pass A and pass 1 of gather_nucleus in one read of a float32 row (top-p
 // without top-k, T > 0). Each 256-token chunk is loaded once: its maximum
 // (kept for the argmax) and NaN flag, then its weights relative to the
@@ -559,7 +585,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   float m = -kInf;
   VI vnan = splati(0);
   const ExpScale ec = exp_scale(inv_t);
-  const VF zero = splat(0.0f), vch = splat(ec.hi), vcl = splat(ec.lo), ninf = splat(-kInf);
+  const VF zero = splat(0.0f), vch = splat(ec.hi), vcl = splat(ec.lo);
   const VF vt0 = splat(0.0625f), vt1 = splat(0.00390625f), vt2 = splat(0.000244140625f),
            vt3 = splat(1.52587890625e-05f);
   Acc16d acc, acc_odd;
@@ -586,14 +612,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     auto load = [&](int64_t k) __attribute__((always_inline)) {
       return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
     };
-    if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
-    VF cm = ninf;
-    for (int64_t k = 0; k < n; k += kLanes) {
-      const VF xs = load(k);
-      cm = select(xs > cm, xs, cm);
-      vnan |= xs != xs;
-    }
-    const float chunk_max = max_lane(cm);
+    const float chunk_max = span_max(row, c0, n, V, vnan);
     cmax[ch] = chunk_max;
     if (chunk_max > m) {
       flush();
@@ -601,7 +620,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     }
     if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
     const VF vm = splat(m);
-    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16_scaled(xs - vm, vch, vcl), zero); };
+    auto weight = [&](VF xs) __attribute__((always_inline)) { return exp16_scaled(xs - vm, vch, vcl); };  // 0 at -inf
     int64_t k = 0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {  // every value into float64 lanes, as gather_nucleus
       const VF ea = weight(load(k)), eb = weight(load(k + kLanes));
@@ -624,17 +643,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   flush();
   RowStats st{m, 0, any_lane(vnan), m == kInf};
   if (st.has_nan || !(m > -kInf) || m == kInf) return st;
-  // argmax: the lowest index holding m, in the first chunk whose maximum is m
-  for (int64_t ch = 0; ch < nch; ++ch) {
-    if (cmax[ch] != m) continue;
-    const int64_t end = std::min(V, (ch + 1) * kChunk);
-    for (int64_t i = ch * kChunk; i < end; ++i)
-      if (row[i] == m) {
-        st.argmax = i;
-        break;
-      }
-    break;
-  }
+  st.argmax = first_index_of_max(row, V, cmax, kChunk, m);
   double W = 0.0, mass[4] = {0.0, 0.0, 0.0, 0.0};
   const double discount = mass_discount(V);
   for (int64_t i = 0; i < nseg; ++i) {
@@ -703,7 +712,7 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
   float m = -kInf;
   VI vnan = splati(0);
   const ExpScale ec = exp_scale(inv_t);
-  const VF zero = splat(0.0f), vch = splat(ec.hi), vcl = splat(ec.lo), ninf = splat(-kInf);
+  const VF vch = splat(ec.hi), vcl = splat(ec.lo);
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t c0 = blk * kBlock;
     const int64_t n = std::min(kBlock, V - c0);
@@ -711,21 +720,14 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
     auto load = [&](int64_t k) __attribute__((always_inline)) {
       return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
     };
-    if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
-    VF bm = ninf;
-    for (int64_t k = 0; k < n; k += kLanes) {
-      const VF xs = load(k);
-      bm = select(xs > bm, xs, bm);
-      vnan |= xs != xs;
-    }
-    const float block_max = max_lane(bm);
+    const float block_max = span_max(row, c0, n, V, vnan);
     bmax[blk] = block_max;
     m = block_max > m ? block_max : m;
     bref[blk] = m;
     sums[blk] = 0.0;
     if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
     const VF vm = splat(m);
-    auto weight = [&](VF xs) __attribute__((always_inline)) { return select(xs > ninf, exp16_scaled(xs - vm, vch, vcl), zero); };
+    auto weight = [&](VF xs) __attribute__((always_inline)) { return exp16_scaled(xs - vm, vch, vcl); };  // 0 at -inf
     Acc16d acc, acc_odd;
     int64_t k = 0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
@@ -738,16 +740,7 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
   }
   RowStats st{m, 0, any_lane(vnan), m == kInf};
   if (st.has_nan || !(m > -kInf) || m == kInf) return st;
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    if (bmax[blk] != m) continue;
-    const int64_t end = std::min(V, (blk + 1) * kBlock);
-    for (int64_t i = blk * kBlock; i < end; ++i)
-      if (row[i] == m) {
-        st.argmax = i;
-        break;
-      }
-    break;
-  }
+  st.argmax = first_index_of_max(row, V, bmax, kBlock, m);
   double W = 0.0;
   float f_ref = kInf, f = 1.0f;
   for (int64_t blk = 0; blk < nb; ++blk) {

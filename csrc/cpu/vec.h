@@ -210,15 +210,8 @@ DK_VINLINE VF fma16(VF a, VF b, VF c) {
 #endif
 }
 
-// exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h
-// (the same operations in the same order, so every lane gives the same bits).
-DK_VINLINE VF exp16(VF x) {
-  const VF lo = splat(kExpLowest);
-  const VI in_range = x > lo;
-  const VF xc = select(in_range, x, lo);
-  const VF n = (xc * splat(kExpLog2eHi) + splat(12582912.0f)) - splat(12582912.0f);
-  VF f = fma16(xc, splat(kExpLog2eHi), splat(-0.0f) - n);  // -n exactly, as in the scalar twin
-  f = fma16(xc, splat(kExpLog2eLo), f);
+// The lane-wise twin of exp2_parts in decodekit/math.h.
+DK_VINLINE VF exp2_parts16(VF f, VF n) {
   VF p = splat(kExp2C6);
   p = fma16(p, f, splat(kExp2C5));
   p = fma16(p, f, splat(kExp2C4));
@@ -229,7 +222,19 @@ DK_VINLINE VF exp16(VF x) {
   VF out;
   for (int i = 0; i < kParts; ++i)
     out.p[i] = (nf)((nu)p.p[i] + ((nu)__builtin_convertvector(n.p[i], ni) << 23));
-  return select(in_range, out, splat(0.0f));
+  return out;
+}
+
+// exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h
+// (the same operations in the same order, so every lane gives the same bits).
+DK_VINLINE VF exp16(VF x) {
+  const VF lo = splat(kExpLowest);
+  const VI in_range = x > lo;
+  const VF xc = select(in_range, x, lo);
+  const VF n = (xc * splat(kExpLog2eHi) + splat(12582912.0f)) - splat(12582912.0f);
+  VF f = fma16(xc, splat(kExpLog2eHi), splat(-0.0f) - n);  // -n exactly, as in the scalar twin
+  f = fma16(xc, splat(kExpLog2eLo), f);
+  return select(in_range, exp2_parts16(f, n), splat(0.0f));
 }
 
 // exp(d * c) with c = c_hi + c_lo: the lane-wise twin of exp_scaled_nonpositive.
@@ -241,17 +246,7 @@ DK_VINLINE VF exp16_scaled(VF d, VF c_hi, VF c_lo) {
   const VF n = (zc + splat(12582912.0f)) - splat(12582912.0f);
   VF f = fma16(d, c_hi, splat(-0.0f) - n);
   f = fma16(d, c_lo, f);
-  VF p = splat(kExp2C6);
-  p = fma16(p, f, splat(kExp2C5));
-  p = fma16(p, f, splat(kExp2C4));
-  p = fma16(p, f, splat(kExp2C3));
-  p = fma16(p, f, splat(kExp2C2));
-  p = fma16(p, f, splat(kExp2C1));
-  p = fma16(p, f, splat(kExp2C0));
-  VF out;
-  for (int i = 0; i < kParts; ++i)
-    out.p[i] = (nf)((nu)p.p[i] + ((nu)__builtin_convertvector(n.p[i], ni) << 23));
-  return select(in_range, out, splat(0.0f));
+  return select(in_range, exp2_parts16(f, n), splat(0.0f));
 }
 
 // Sum of the 16 lanes in a fixed tree: lane j += lane j + 8, then + 4, + 2, + 1

@@ -80,11 +80,9 @@ constexpr float kExp2C0 = 1.0f, kExp2C1 = 0.6931471824645996f, kExp2C2 = 0.24022
                 kExp2C3 = 0.05550328642129898f, kExp2C4 = 0.009618489071726799f,
                 kExp2C5 = 0.0013399930903688073f, kExp2C6 = 0.00015345764404628426f;
 
-DK_HOST_DEVICE float exp_nonpositive(float x) {
-  const float xc = x > kExpLowest ? x : kExpLowest;  // also maps NaN to the lowest input
-  const float n = (xc * kExpLog2eHi + 12582912.0f) - 12582912.0f;  // round to nearest even
-  float f = fma_f32(xc, kExpLog2eHi, -n);
-  f = fma_f32(xc, kExpLog2eLo, f);
+// 2^(n + f) for |f| <= 1/2 and an integer n in [-125, 0]: the polynomial for
+// 2^f, then n added into the exponent bits (2^n p stays normal, so exact).
+DK_HOST_DEVICE float exp2_parts(float f, float n) {
   float p = kExp2C6;
   p = fma_f32(p, f, kExp2C5);
   p = fma_f32(p, f, kExp2C4);
@@ -92,9 +90,15 @@ DK_HOST_DEVICE float exp_nonpositive(float x) {
   p = fma_f32(p, f, kExp2C2);
   p = fma_f32(p, f, kExp2C1);
   p = fma_f32(p, f, kExp2C0);
-  // n in [-125, 0]: 2^n p stays normal; adding n << 23 (mod 2^32) scales by 2^n.
-  const uint32_t bits = float_to_bits(p) + (static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
-  return x > kExpLowest ? bits_to_float(bits) : 0.0f;
+  return bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(static_cast<int32_t>(n)) << 23));
+}
+
+DK_HOST_DEVICE float exp_nonpositive(float x) {
+  const float xc = x > kExpLowest ? x : kExpLowest;  // also maps NaN to the lowest input
+  const float n = (xc * kExpLog2eHi + 12582912.0f) - 12582912.0f;  // round to nearest even
+  float f = fma_f32(xc, kExpLog2eHi, -n);
+  f = fma_f32(xc, kExpLog2eLo, f);
+  return x > kExpLowest ? exp2_parts(f, n) : 0.0f;
 }
 
 // exp(d * inv_t) for d = logit - max <= 0, without rounding d * inv_t first:
@@ -122,15 +126,7 @@ DK_HOST_DEVICE float exp_scaled_nonpositive(float d, float c_hi, float c_lo) {
   const float n = (zc + 12582912.0f) - 12582912.0f;  // round to nearest even, in [-125, 0]
   float f = fma_f32(d, c_hi, -n);
   f = fma_f32(d, c_lo, f);
-  float p = kExp2C6;
-  p = fma_f32(p, f, kExp2C5);
-  p = fma_f32(p, f, kExp2C4);
-  p = fma_f32(p, f, kExp2C3);
-  p = fma_f32(p, f, kExp2C2);
-  p = fma_f32(p, f, kExp2C1);
-  p = fma_f32(p, f, kExp2C0);
-  const uint32_t bits = float_to_bits(p) + (static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
-  return in_range ? bits_to_float(bits) : 0.0f;
+  return in_range ? exp2_parts(f, n) : 0.0f;
 }
 
 // 1 / T for T > 0, capped at FLT_MAX so that a subnormal T still gives
