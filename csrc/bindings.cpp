@@ -9,7 +9,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -746,6 +749,103 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_meta);
 }
 
+namespace {
+// ------------------------------------------- sample_from_logits fast path ----
+// decodekit.sample_from_logits runs once per decode step, usually right after a
+// model forward has evicted the interpreter's and the dispatcher's code and data
+// from the caches; calling the op through torch.ops then costs tens of
+// microseconds before the kernel starts. For the common call (a plain CPU
+// tensor, parameters that are plain numbers or CPU tensors, no extras) this
+// entry checks the arguments and calls the same CPU op function directly.
+// It returns the ids, or None whenever anything is unusual (a tensor subclass,
+// another device, requires_grad, a torch function or dispatch mode, a
+// parameter out of range, a failed check, an invalid row): the Python wrapper
+// then takes its full path, which raises the precise error.
+struct FastParam {
+  std::optional<at::Tensor> t;
+  double d = 0.0;
+  int64_t i = 0;
+};
+
+bool fast_param(PyObject* o, bool integer, FastParam& out) {
+  if (PyLong_CheckExact(o)) {  // not bool: a subclass
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return false;
+    }
+    out.i = v;
+    out.d = static_cast<double>(v);
+    return true;
+  }
+  if (!integer && PyFloat_CheckExact(o)) {
+    out.d = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (THPVariable_CheckExact(o)) {
+    const at::Tensor& t = THPVariable_Unpack(o);
+    if (!t.device().is_cpu() || t.layout() != at::kStrided) return false;
+    out.t = t;
+    return true;
+  }
+  return false;
+}
+
+pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::handle temperature,
+                                         pybind11::handle top_k, pybind11::handle top_p, pybind11::handle min_p,
+                                         pybind11::handle seed, pybind11::handle offset,
+                                         pybind11::handle deterministic) {
+  constexpr double kFltMax = 3.4028234663852886e38, kTiny = 1.1754943508222875e-38;
+  if (!THPVariable_CheckExact(logits_obj.ptr())) return pybind11::none();
+  if (deterministic.ptr() != Py_True && deterministic.ptr() != Py_False) return pybind11::none();
+  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set())
+    return pybind11::none();
+  const at::Tensor& logits = THPVariable_Unpack(logits_obj.ptr());
+  if (!logits.device().is_cpu() || logits.layout() != at::kStrided || logits.requires_grad() || logits.dim() != 2 ||
+      logits.size(0) == 0)
+    return pybind11::none();
+  FastParam t, k, p, m, sd, off;
+  if (!fast_param(temperature.ptr(), false, t) || !fast_param(top_k.ptr(), true, k) ||
+      !fast_param(top_p.ptr(), false, p) || !fast_param(min_p.ptr(), false, m) ||
+      !fast_param(seed.ptr(), true, sd) || !fast_param(offset.ptr(), true, off))
+    return pybind11::none();
+  // Plain numbers are range-checked here (the kernel sees them rounded to float32).
+  if (!t.t && !(t.d >= 0.0 && t.d <= kFltMax && !(t.d > 0.0 && t.d < kTiny))) return pybind11::none();
+  if (!p.t && !(p.d >= 0.0 && p.d <= 1.0)) return pybind11::none();
+  if (!m.t && !(m.d >= 0.0 && m.d <= 1.0)) return pybind11::none();
+  if (!off.t && off.i < 0) return pybind11::none();
+  if (off.t && (off.t->scalar_type() != at::kLong || off.t->numel() == 0)) return pybind11::none();
+  const bool det = deterministic.ptr() == Py_True;
+  at::Tensor ids;  // stays undefined unless every row was sampled
+  {
+    pybind11::gil_scoped_release no_gil;
+    try {
+      bool offsets_ok = true;
+      if (off.t) {
+        const at::Tensor o = off.t->contiguous();
+        const int64_t* ov = o.data_ptr<int64_t>();
+        for (int64_t i = 0; i < o.numel(); ++i) offsets_ok = offsets_ok && ov[i] >= 0;
+      }
+      if (offsets_ok) {
+        auto r = sample_from_logits_cpu(logits, t.t, t.d, k.t, k.i, p.t, p.d, m.t, m.d, sd.t, sd.i, off.t, off.i,
+                                        logits.size(1), det, false, 0, false);
+        const at::Tensor& valid = std::get<1>(r);
+        const bool* v = valid.data_ptr<bool>();
+        bool all_valid = true;
+        for (int64_t i = 0; i < valid.numel(); ++i) all_valid = all_valid && v[i];
+        if (all_valid) ids = std::move(std::get<0>(r));
+      }
+    } catch (const std::exception&) {
+      ids = at::Tensor();
+    }
+  }
+  if (!ids.defined()) return pybind11::none();
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(ids)));
+}
+
+}  // namespace
+
 // ------------------------------------------------------ Python module ----
 // Importing decodekit._C runs the registrations above; the module itself only
 // reports what it was built with.
@@ -766,6 +866,8 @@ PYBIND11_MODULE(_C, mod) {
         return dk::PhiloxStreamRef{seed, offset, stream}.uniform_double(i);
       },
       "The float64 uniform number i of stream (seed, offset, stream), as the kernels draw it.");
+  mod.def("_sample_from_logits_fast", &sample_from_logits_fast,
+          "decodekit.sample_from_logits for plain arguments, or None for the full path.");
   mod.def("cpu_isa", &dk::cpu::active_isa,
           "The instruction set the CPU kernels run with: avx512, avx2 or baseline (all give the same bits).");
 #ifdef DK_WITH_CUDA

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ._loader import HAS_CUDA_OPS, ops
+from ._loader import HAS_CUDA_OPS, _C, ops
 
 __all__ = [
     "SamplingOutput", "apply_penalties", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
@@ -399,54 +399,7 @@ def _all_greedy(t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
     return bool(greedy.all())
 
 
-_SAMPLE_FROM_LOGITS = ops.sample_from_logits.default
-_Tensor = torch.Tensor
-
-
-def _fast_param(value, integer: bool, lo=None, hi=None, tiny=0.0):
-    """(tensor, 0) or (None, number) for the kernel, or None to take the full path.
-    Plain numbers are range-checked here (the kernel sees them rounded to float32)."""
-    kind = type(value)
-    if kind is _Tensor:
-        return value, 0
-    if kind is int or (kind is float and not integer):
-        if lo is not None and not (lo <= value <= hi and not 0 < value < tiny):  # also False for NaN
-            return None
-        return None, value
-    return None
-
-
-def _sample_fast(logits, temperature, top_k, top_p, min_p, seed, offset, deterministic):
-    """The common call in few Python steps: it runs once per decode step, usually right
-    after a model forward has evicted the interpreter's data from the caches.
-
-    Nothing is checked twice: the op itself rejects wrong ranks, dtypes, devices, lengths
-    and layouts (RuntimeError), and the kernel marks a row with an out-of-range parameter
-    value invalid. On any of these, or any invalid row, this returns None and the full
-    wrapper runs and raises its precise error.
-    """
-    if type(logits) is not _Tensor or logits.requires_grad or type(deterministic) is not bool:
-        return None
-    t, k, p, m, sd = (_fast_param(temperature, False, 0.0, _FLT_MAX, _T_TINY), _fast_param(top_k, True),
-                      _fast_param(top_p, False, 0.0, 1.0), _fast_param(min_p, False, 0.0, 1.0), _fast_param(seed, True))
-    if t is None or k is None or p is None or m is None or sd is None:
-        return None
-    try:
-        if type(offset) is int:
-            if offset < 0:
-                return None
-            o = (None, offset)
-        elif (type(offset) is _Tensor and offset.dtype is torch.int64 and offset.device.type == "cpu" and offset.numel()
-              and not bool((offset < 0).any())):
-            o = (offset, 0)
-        else:
-            return None
-        ids, valid = _SAMPLE_FROM_LOGITS(logits, *t, *k, *p, *m, *sd, *o, logits.size(-1), deterministic,
-                                         False, 0, False)[:2]
-        # an empty batch goes through the full path, which checks the parameters' values
-        return ids if ids.numel() and bool(valid.all()) else None
-    except (RuntimeError, TypeError, IndexError):
-        return None
+_sample_from_logits_fast = _C._sample_from_logits_fast
 
 
 def sample_from_logits(
@@ -547,7 +500,11 @@ def sample_from_logits(
     """
     if (not penalties and generator is None and vocab_size is None and validate is True and not return_valid
             and not return_logprobs and top_logprobs == 0 and (type(seed) is int or type(seed) is torch.Tensor)):
-        ids = _sample_fast(logits, temperature, top_k, top_p, min_p, seed, offset, deterministic)
+        # The common call: plain arguments checked and the CPU op called directly, without
+        # the torch.ops dispatch that costs tens of microseconds on cold caches (a model
+        # forward runs between two calls). None for anything else: the full path below
+        # then runs and raises the precise error.
+        ids = _sample_from_logits_fast(logits, temperature, top_k, top_p, min_p, seed, offset, deterministic)
         if ids is not None:
             return ids
     op = "sample_from_logits"
