@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -295,6 +296,57 @@ def test_top_p_alone_and_plain_draws_on_rows_whose_running_maximum_rises():
             ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
             want = [ref.sample(row, int(sd), 0, temperature=T, top_p=p) for sd in seeds]
             assert ids.tolist() == want, (T, p, r)
+
+
+def test_top_p_alone_capture_limits_and_fallbacks_match_reference():
+    # Top-p alone captures, in the one read, the tokens within 2^-16 of the running
+    # maximum and cuts the nucleus among them with exact float64 bucket sums. Rows that
+    # overflow the capture (a flat start, then the maximum late), rows whose nucleus
+    # reaches below 2^-16 of the top weight, and rows whose weights sum past 4096 take
+    # the fallbacks; every one must draw what the float64 reference draws.
+    g = torch.Generator().manual_seed(13)
+    V = 50000
+    flat_then_spike = torch.randn(V, generator=g) * 0.01
+    flat_then_spike[45000] = 30.0            # 45000 near-ties captured first: overflow
+    flat_then_peak = torch.randn(V, generator=g) * 0.3
+    flat_then_peak[40000:40010] = 2.5        # overflow, and a nucleus spread over the flat part
+    deep = torch.randn(V, generator=g) * 0.5
+    deep[7] = 13.0                           # top weight ~1, the rest ~e^-13 < 2^-16 each
+    heavy = torch.zeros(V)
+    heavy[::7] = 0.25
+    heavy[:25000] = float("-inf")            # 25000 near-ties captured, W past 4096
+    std3 = torch.randn(V, generator=g) * 3   # the usual path, for contrast
+    rows = [flat_then_spike, flat_then_peak, deep, heavy, std3]
+    seeds = torch.arange(60) * 7 + 1
+    uniforms = [ref.uniform_double(int(sd), 0, 0, 0) for sd in seeds]
+    for T, p in ((1.0, 0.9), (0.7, 0.5), (1.0, 0.99), (2.0, 0.95)):
+        for r, row in enumerate(rows):
+            ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+            probs = ref.filtered_probs(row, temperature=T, top_p=p)
+            assert ids.tolist() == [ref.draw(probs, u) for u in uniforms], (T, p, r)
+
+
+def test_top_p_alone_boundary_in_the_last_captured_octave_and_exact_ties():
+    # The capture must hold every token whose final weight is above 2^-16 of the top
+    # one, also those read after the maximum: here the nucleus ends among ~30000 tokens
+    # at about 2^-15.9, half of them before the maximum and half after it.
+    g = torch.Generator().manual_seed(17)
+    V, T = 30001, 1.0
+    row = -15.9 * math.log(2.0) * T + 0.01 * torch.randn(V, generator=g)
+    row[V // 2] = 0.0
+    seeds = torch.arange(80) * 3 + 5
+    uniforms = [ref.uniform_double(int(sd), 0, 0, 0) for sd in seeds]
+    for p in (0.8, 0.9):
+        ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+        probs = ref.filtered_probs(row, temperature=T, top_p=p)
+        assert ids.tolist() == [ref.draw(probs, u) for u in uniforms], p
+    # Tied weights of exactly 1 make the nucleus mass hit p * W exactly: the prefix
+    # that reaches it (>=) is kept, and not one token more.
+    for n, p, kept in ((4, 0.5, 2), (8, 0.25, 2), (8, 0.375, 3), (4, 0.75, 3)):
+        row = torch.full((64,), float("-inf"))
+        row[10:10 + n] = 0.0
+        ids = decodekit.sample_from_logits(row.repeat(400, 1), 1.0, top_p=p, seed=torch.arange(400))
+        assert set(ids.tolist()) == set(range(10, 10 + kept)), (n, p)
 
 
 def test_top_p_with_many_tied_candidates_matches_reference():

@@ -75,6 +75,12 @@ DK_VINLINE VI operator&(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] & b.p[i]) }
 DK_VINLINE VF select(VI m, VF a, VF b) { DK_LANEWISE(VF, a, b, m.p[i] ? a.p[i] : b.p[i]) }
 DK_VINLINE VI select(VI m, VI a, VI b) { DK_LANEWISE(VI, a, b, m.p[i] ? a.p[i] : b.p[i]) }
 
+// Bit casts between the lane types.
+DK_VINLINE VI as_vi(VF v) { DK_LANEWISE(VI, v, v, (ni)v.p[i]) }
+DK_VINLINE VF as_vf(VI v) { DK_LANEWISE(VF, v, v, (nf)v.p[i]) }
+DK_VINLINE VI operator==(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] == b.p[i]) }
+DK_VINLINE VI operator<=(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] <= b.p[i]) }
+
 DK_VINLINE VF splat(float x) {
   VF r;
   for (int i = 0; i < kParts; ++i) r.p[i] = nf{} + x;
@@ -95,6 +101,11 @@ DK_VINLINE VI iota16() {
 DK_VINLINE VF load_f32(const float* p) {
   VF r;
   for (int i = 0; i < kParts; ++i) r.p[i] = *reinterpret_cast<const nf_u*>(p + i * DK_NATIVE_LANES);
+  return r;
+}
+DK_VINLINE VI load_i32(const int32_t* p) {
+  VI r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = *reinterpret_cast<const ni_u*>(p + i * DK_NATIVE_LANES);
   return r;
 }
 DK_VINLINE void store_f32(float* p, VF v) {
@@ -141,6 +152,72 @@ DK_VINLINE uint32_t lane_bits(VI m) {
   uint32_t r = 0;
   for (int j = 0; j < 16; ++j) r |= (a[j] != 0 ? 1u : 0u) << j;
   return r;
+#endif
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// For compress_store: row b lists the set bits of b (then zeros).
+struct CompressLut {
+  alignas(32) int32_t v[256][8];
+};
+constexpr CompressLut make_compress_lut() {
+  CompressLut t{};
+  for (int b = 0; b < 256; ++b) {
+    int n = 0;
+    for (int j = 0; j < 8; ++j)
+      if ((b >> j) & 1) t.v[b][n++] = j;
+  }
+  return t;
+}
+static constexpr CompressLut kCompressLut = make_compress_lut();
+#endif
+
+// Writes the lanes of v whose mask lane is set to dst[0, n), in lane order,
+// and returns n. dst must have room for 16 values: lanes past n may be
+// written with unspecified values. No data-dependent branch on AVX-512/AVX2.
+// dst holds 4-byte values of any type (the stores do not break aliasing).
+DK_VINLINE int compress_store(VI m, VI v, void* dst) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_test_epi32_mask((__m512i)m.p[0], (__m512i)m.p[0]);
+  _mm512_storeu_si512(dst, _mm512_maskz_compress_epi32(k, (__m512i)v.p[0]));
+  return __builtin_popcount(static_cast<unsigned>(k));
+#elif defined(__AVX2__)
+  const uint32_t bits = lane_bits(m);
+  int n = 0;
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t b = (bits >> (8 * i)) & 255u;
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressLut.v[b]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + 4 * n),
+                        _mm256_permutevar8x32_epi32((__m256i)v.p[i], perm));
+    n += __builtin_popcount(b);
+  }
+  return n;
+#else
+  uint32_t bits = lane_bits(m);
+  int32_t a[16];
+  to_array(v, a);
+  int n = 0;
+  while (bits) {
+    std::memcpy(static_cast<char*>(dst) + 4 * n++, &a[__builtin_ctz(bits)], 4);
+    bits &= bits - 1;
+  }
+  return n;
+#endif
+}
+DK_VINLINE int compress_store(VI m, VF v, void* dst) { return compress_store(m, as_vi(v), dst); }
+
+// The lanes of x and of ids where a > b, to xdst and idst (room for 16 each);
+// returns how many. One compare into a mask register on AVX-512.
+DK_VINLINE int compress_where_gt(VF a, VF b, VF x, VI ids, float* xdst, int32_t* idst) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_cmp_ps_mask((__m512)a.p[0], (__m512)b.p[0], _CMP_GT_OQ);
+  _mm512_storeu_ps(xdst, _mm512_maskz_compress_ps(k, (__m512)x.p[0]));
+  _mm512_storeu_si512(idst, _mm512_maskz_compress_epi32(k, (__m512i)ids.p[0]));
+  return __builtin_popcount(static_cast<unsigned>(k));
+#else
+  const VI m = a > b;
+  compress_store(m, x, xdst);
+  return compress_store(m, ids, idst);
 #endif
 }
 
@@ -225,9 +302,40 @@ DK_VINLINE VF exp2_parts16(VF f, VF n) {
   return out;
 }
 
+#if defined(__AVX512F__)
+// AVX-512 forms of the two exps below, with the same bits in every lane that
+// is in range: n = round(z) by vrndscaleps (the same round-to-nearest-even as
+// the 1.5 * 2^23 add and subtract), f = z - n by one fused multiply-subtract
+// (fma(a, b, -n) exactly), and 2^n applied by vscalefps (p * 2^n is exact: p
+// is in [2^-0.5, 2^0.5] and n in [-125, 0], so the result is normal, as the
+// exponent-field add gives). Lanes out of range are not clamped first: their
+// f may be garbage, but the zero-masking of the last step discards it.
+DK_VINLINE VF exp2_finish16(__m512 f, __m512 n, __mmask16 in_range) {
+  __m512 p = _mm512_set1_ps(kExp2C6);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C5));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C0));
+  VF out;
+  out.p[0] = (nf)_mm512_maskz_scalef_ps(in_range, p, n);
+  return out;
+}
+#endif
+
 // exp(x) for x <= 0: the lane-wise twin of exp_nonpositive in decodekit/math.h
 // (the same operations in the same order, so every lane gives the same bits).
 DK_VINLINE VF exp16(VF x) {
+#if defined(__AVX512F__)
+  const __m512 xv = (__m512)x.p[0];
+  const __mmask16 in_range = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kExpLowest), _CMP_GT_OQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xv, _mm512_set1_ps(kExpLog2eHi)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fmsub_ps(xv, _mm512_set1_ps(kExpLog2eHi), n);
+  f = _mm512_fmadd_ps(xv, _mm512_set1_ps(kExpLog2eLo), f);
+  return exp2_finish16(f, n, in_range);
+#else
   const VF lo = splat(kExpLowest);
   const VI in_range = x > lo;
   const VF xc = select(in_range, x, lo);
@@ -235,10 +343,20 @@ DK_VINLINE VF exp16(VF x) {
   VF f = fma16(xc, splat(kExpLog2eHi), splat(-0.0f) - n);  // -n exactly, as in the scalar twin
   f = fma16(xc, splat(kExpLog2eLo), f);
   return select(in_range, exp2_parts16(f, n), splat(0.0f));
+#endif
 }
 
 // exp(d * c) with c = c_hi + c_lo: the lane-wise twin of exp_scaled_nonpositive.
 DK_VINLINE VF exp16_scaled(VF d, VF c_hi, VF c_lo) {
+#if defined(__AVX512F__)
+  const __m512 dv = (__m512)d.p[0], ch = (__m512)c_hi.p[0];
+  const __m512 z = _mm512_mul_ps(dv, ch);
+  const __mmask16 in_range = _mm512_cmp_ps_mask(z, _mm512_set1_ps(kExp2Lowest), _CMP_GT_OQ);
+  const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fmsub_ps(dv, ch, n);
+  f = _mm512_fmadd_ps(dv, (__m512)c_lo.p[0], f);
+  return exp2_finish16(f, n, in_range);
+#else
   const VF lo = splat(kExp2Lowest);
   const VF z = d * c_hi;
   const VI in_range = z > lo;
@@ -247,6 +365,7 @@ DK_VINLINE VF exp16_scaled(VF d, VF c_hi, VF c_lo) {
   VF f = fma16(d, c_hi, splat(-0.0f) - n);
   f = fma16(d, c_lo, f);
   return select(in_range, exp2_parts16(f, n), splat(0.0f));
+#endif
 }
 
 // Sum of the 16 lanes in a fixed tree: lane j += lane j + 8, then + 4, + 2, + 1
