@@ -780,3 +780,64 @@ def test_fast_mode_draws_from_the_same_distribution_on_large_rows():
     det = decodekit.sample_from_logits(logits, 0.9, seed=seeds)
     fast = decodekit.sample_from_logits(logits, 0.9, seed=seeds, deterministic=False)
     assert (det != fast).sum() <= 3
+
+
+def test_fast_entry_samples_plain_calls_and_declines_everything_else():
+    # sample_from_logits sends plain calls to a C++ entry that skips torch.ops; it must
+    # draw what the reference draws, and return None (the full wrapper then runs) for
+    # anything it does not check itself.
+    fast = _C._sample_from_logits_fast
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(6, 900, generator=g) * 2
+    seeds = torch.arange(6) + 3
+    for T, k, p, mp, sd in ((0.7, 0, 0.9, 0.0, seeds), (1, 20, 1.0, 0.0, 7), (0.0, 0, 1.0, 0.0, 0),
+                            (torch.tensor([0.5, 1.0, 0.0, 2.0, 0.7, 1.3]), torch.tensor([0, 5, 0, 50, 1, 0]),
+                             0.8, 0.05, seeds)):
+        ids = fast(x, T, k, p, mp, sd, 4, True)
+        assert ids is not None and ids.dtype == torch.int64
+        for b in range(6):
+            tb = float(T[b]) if isinstance(T, torch.Tensor) else float(T)
+            kb = int(k[b]) if isinstance(k, torch.Tensor) else k
+            sb = int(sd[b]) if isinstance(sd, torch.Tensor) else sd
+            assert int(ids[b]) == ref.sample(x[b], sb, 4, temperature=tb, top_k=kb, top_p=p, min_p=mp)
+
+    class Sub(torch.Tensor):
+        pass
+
+    bad_row = x.clone()
+    bad_row[2, 5] = float("nan")
+    declined = [
+        (x.as_subclass(Sub), 0.7, 0, 0.9, 0.0, 1, 0, True),
+        (x.clone().requires_grad_(), 0.7, 0, 0.9, 0.0, 1, 0, True),
+        (x.to("meta"), 0.7, 0, 0.9, 0.0, 1, 0, True),
+        (x[:, ::2], 0.7, 0, 0.9, 0.0, 1, 0, True),            # rows not contiguous
+        (x.double(), 0.7, 0, 0.9, 0.0, 1, 0, True),            # dtype
+        (x[:0], 0.7, 0, 0.9, 0.0, 1, 0, True),                 # empty batch
+        (bad_row, 0.7, 0, 0.9, 0.0, 1, 0, True),               # NaN row
+        (x, float("nan"), 0, 0.9, 0.0, 1, 0, True),
+        (x, 1e-39, 0, 0.9, 0.0, 1, 0, True),                   # tiny T: the full path maps it
+        (x, 3.5e38, 0, 0.9, 0.0, 1, 0, True),
+        (x, -0.5, 0, 0.9, 0.0, 1, 0, True),
+        (x, 0.7, 5.0, 0.9, 0.0, 1, 0, True),                   # float top_k
+        (x, 0.7, True, 0.9, 0.0, 1, 0, True),                  # bool
+        (x, 0.7, 0, 1.5, 0.0, 1, 0, True),
+        (x, 0.7, 0, 0.9, -0.1, 1, 0, True),
+        (x, 0.7, 0, 0.9, 0.0, 2**70, 0, True),                 # seed past int64
+        (x, 0.7, 0, 0.9, 0.0, 1, -1, True),
+        (x, 0.7, 0, 0.9, 0.0, 1, torch.tensor([0, 1, 2, -3, 4, 5]), True),
+        (x, 0.7, 0, 0.9, 0.0, 1, torch.tensor([0.0] * 6), True),
+        (x, 0.7, torch.tensor([1, 2]), 0.9, 0.0, 1, 0, True),  # wrong length
+        (x, 0.7, 0, 0.9, 0.0, 1, 0, 1),                        # deterministic not a bool
+    ]
+    for args in declined:
+        assert fast(*args) is None, args
+    # a torch function mode must see the call: the fast entry steps aside
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert fast(x, 0.7, 0, 0.9, 0.0, 1, 0, True) is None
+        assert decodekit.sample_from_logits(x, 0.7, top_p=0.9, seed=1).shape == (6,)
