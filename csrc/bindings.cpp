@@ -4,17 +4,20 @@
 //
 // Data-dependent checks (NaN rows, parameter values) belong to the Python
 // wrappers; kernels here never raise on data: invalid rows come back marked.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/Exception.h>
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -755,38 +758,44 @@ namespace {
 // model forward has evicted the interpreter's and the dispatcher's code and data
 // from the caches; calling the op through torch.ops then costs tens of
 // microseconds before the kernel starts. For the common call (a plain CPU
-// tensor, parameters that are plain numbers or CPU tensors, no extras) this
-// entry checks the arguments and calls the same CPU op function directly.
+// tensor, parameters that are plain numbers or CPU tensors of the kernel's
+// dtypes, no extras) this entry checks the arguments and calls the CPU kernel
+// directly, with one output allocation.
 // It returns the ids, or None whenever anything is unusual (a tensor subclass,
 // another device, requires_grad, a torch function or dispatch mode, a
 // parameter out of range, a failed check, an invalid row): the Python wrapper
 // then takes its full path, which raises the precise error.
-struct FastParam {
-  std::optional<at::Tensor> t;
-  double d = 0.0;
-  int64_t i = 0;
-};
 
-bool fast_param(PyObject* o, bool integer, FastParam& out) {
-  if (PyLong_CheckExact(o)) {  // not bool: a subclass
+// One parameter of the fast entry: a plain Python int (not bool), a float
+// unless `integer`, or an exact CPU tensor of `dtype` with B contiguous values.
+// False: the caller takes the full path.
+template <typename T>
+bool fast_param(PyObject* o, bool integer, at::ScalarType dtype, int64_t B, dk::cpu::RowParam<T>& out,
+                double* value = nullptr) {
+  if (PyLong_CheckExact(o)) {
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (overflow || (v == -1 && PyErr_Occurred())) {
       PyErr_Clear();
       return false;
     }
-    out.i = v;
-    out.d = static_cast<double>(v);
+    out.scalar = static_cast<T>(v);
+    if (value) *value = static_cast<double>(v);
     return true;
   }
   if (!integer && PyFloat_CheckExact(o)) {
-    out.d = PyFloat_AS_DOUBLE(o);
+    const double d = PyFloat_AS_DOUBLE(o);
+    out.scalar = static_cast<T>(d);
+    if (value) *value = d;
     return true;
   }
   if (THPVariable_CheckExact(o)) {
     const at::Tensor& t = THPVariable_Unpack(o);
-    if (!t.device().is_cpu() || t.layout() != at::kStrided) return false;
-    out.t = t;
+    if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype || t.dim() != 1 ||
+        t.size(0) != B || !t.is_contiguous())
+      return false;
+    out.values = static_cast<const T*>(t.data_ptr());
+    if (value) *value = std::numeric_limits<double>::quiet_NaN();  // no scalar range check
     return true;
   }
   return false;
@@ -802,45 +811,58 @@ pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::
   if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set())
     return pybind11::none();
   const at::Tensor& logits = THPVariable_Unpack(logits_obj.ptr());
-  if (!logits.device().is_cpu() || logits.layout() != at::kStrided || logits.requires_grad() || logits.dim() != 2 ||
-      logits.size(0) == 0)
+  if (!logits.device().is_cpu() || logits.layout() != at::kStrided || logits.requires_grad() || logits.dim() != 2)
     return pybind11::none();
-  FastParam t, k, p, m, sd, off;
-  if (!fast_param(temperature.ptr(), false, t) || !fast_param(top_k.ptr(), true, k) ||
-      !fast_param(top_p.ptr(), false, p) || !fast_param(min_p.ptr(), false, m) ||
-      !fast_param(seed.ptr(), true, sd) || !fast_param(offset.ptr(), true, off))
-    return pybind11::none();
-  // Plain numbers are range-checked here (the kernel sees them rounded to float32).
-  if (!t.t && !(t.d >= 0.0 && t.d <= kFltMax && !(t.d > 0.0 && t.d < kTiny))) return pybind11::none();
-  if (!p.t && !(p.d >= 0.0 && p.d <= 1.0)) return pybind11::none();
-  if (!m.t && !(m.d >= 0.0 && m.d <= 1.0)) return pybind11::none();
-  if (!off.t && off.i < 0) return pybind11::none();
-  if (off.t && (off.t->scalar_type() != at::kLong || off.t->numel() == 0)) return pybind11::none();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  dk::cpu::ScalarKind kind;
+  switch (logits.scalar_type()) {
+    case at::kFloat: kind = dk::cpu::ScalarKind::kFloat32; break;
+    case at::kHalf: kind = dk::cpu::ScalarKind::kFloat16; break;
+    case at::kBFloat16: kind = dk::cpu::ScalarKind::kBFloat16; break;
+    default: return pybind11::none();
+  }
+  if (B == 0 || V == 0 || V >= (int64_t{1} << 31) || (logits.stride(1) != 1 && V != 1)) return pybind11::none();
+  dk::cpu::SamplingParams prm;
+  double t = 0.0, p = 0.0, m = 0.0, o = 0.0;
+  {
+    // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+    const dk::cpu::IeeeDenormals ieee;
+    if (!fast_param(temperature.ptr(), false, at::kFloat, B, prm.temperature, &t) ||
+        !fast_param(top_k.ptr(), true, at::kLong, B, prm.top_k) ||
+        !fast_param(top_p.ptr(), false, at::kDouble, B, prm.top_p, &p) ||
+        !fast_param(min_p.ptr(), false, at::kFloat, B, prm.min_p, &m) ||
+        !fast_param(seed.ptr(), true, at::kLong, B, prm.seed) ||
+        !fast_param(offset.ptr(), true, at::kLong, B, prm.offset, &o))
+      return pybind11::none();
+  }
+  // Plain numbers are range-checked here (the kernel sees them rounded to float32;
+  // tensor values out of range make their rows invalid, and so the full path).
+  if (!prm.temperature.values && !(t >= 0.0 && t <= kFltMax && !(t > 0.0 && t < kTiny))) return pybind11::none();
+  if (!prm.top_p.values && !(p >= 0.0 && p <= 1.0)) return pybind11::none();
+  if (!prm.min_p.values && !(m >= 0.0 && m <= 1.0)) return pybind11::none();
+  if (!prm.offset.values && o < 0.0) return pybind11::none();
+  if (prm.offset.values)
+    for (int64_t i = 0; i < B; ++i)
+      if (prm.offset.values[i] < 0) return pybind11::none();
+  const dk::cpu::LogitsView view{logits.data_ptr(), kind, B, V, logits.stride(0), V};
   const bool det = deterministic.ptr() == Py_True;
-  at::Tensor ids;  // stays undefined unless every row was sampled
+  at::Tensor ids;
+  bool all_valid = true;
   {
     pybind11::gil_scoped_release no_gil;
     try {
-      bool offsets_ok = true;
-      if (off.t) {
-        const at::Tensor o = off.t->contiguous();
-        const int64_t* ov = o.data_ptr<int64_t>();
-        for (int64_t i = 0; i < o.numel(); ++i) offsets_ok = offsets_ok && ov[i] >= 0;
-      }
-      if (offsets_ok) {
-        auto r = sample_from_logits_cpu(logits, t.t, t.d, k.t, k.i, p.t, p.d, m.t, m.d, sd.t, sd.i, off.t, off.i,
-                                        logits.size(1), det, false, 0, false);
-        const at::Tensor& valid = std::get<1>(r);
-        const bool* v = valid.data_ptr<bool>();
-        bool all_valid = true;
-        for (int64_t i = 0; i < valid.numel(); ++i) all_valid = all_valid && v[i];
-        if (all_valid) ids = std::move(std::get<0>(r));
-      }
+      ids = at::detail::empty_cpu({B}, at::kLong);
+      bool valid_small[64];
+      std::unique_ptr<bool[]> valid_big(B > 64 ? new bool[B] : nullptr);
+      bool* valid = B > 64 ? valid_big.get() : valid_small;
+      dk::cpu::sample_from_logits(view, prm, dk::cpu::LogprobRequest{}, det, at::get_num_threads(),
+                                  ids.data_ptr<int64_t>(), valid);
+      for (int64_t i = 0; i < B; ++i) all_valid = all_valid && valid[i];
     } catch (const std::exception&) {
-      ids = at::Tensor();
+      all_valid = false;
     }
   }
-  if (!ids.defined()) return pybind11::none();
+  if (!all_valid) return pybind11::none();
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(ids)));
 }
 
