@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -801,27 +802,42 @@ bool fast_param(PyObject* o, bool integer, at::ScalarType dtype, int64_t B, dk::
   return false;
 }
 
-pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::handle temperature,
-                                         pybind11::handle top_k, pybind11::handle top_p, pybind11::handle min_p,
-                                         pybind11::handle seed, pybind11::handle offset,
-                                         pybind11::handle deterministic) {
-  constexpr double kFltMax = 3.4028234663852886e38, kTiny = 1.1754943508222875e-38;
-  if (!THPVariable_CheckExact(logits_obj.ptr())) return pybind11::none();
-  if (deterministic.ptr() != Py_True && deterministic.ptr() != Py_False) return pybind11::none();
+// The logits of a fast entry: an exact, plain CPU tensor [B >= 1, V] of a
+// kernel dtype with contiguous rows, no torch function or dispatch mode
+// active, and deterministic a bool. False: the caller takes the full path.
+bool fast_logits(pybind11::handle logits_obj, pybind11::handle deterministic, dk::cpu::LogitsView* view) {
+  if (!THPVariable_CheckExact(logits_obj.ptr())) return false;
+  if (deterministic.ptr() != Py_True && deterministic.ptr() != Py_False) return false;
   if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set())
-    return pybind11::none();
+    return false;
   const at::Tensor& logits = THPVariable_Unpack(logits_obj.ptr());
   if (!logits.device().is_cpu() || logits.layout() != at::kStrided || logits.requires_grad() || logits.dim() != 2)
-    return pybind11::none();
+    return false;
   const int64_t B = logits.size(0), V = logits.size(1);
   dk::cpu::ScalarKind kind;
   switch (logits.scalar_type()) {
     case at::kFloat: kind = dk::cpu::ScalarKind::kFloat32; break;
     case at::kHalf: kind = dk::cpu::ScalarKind::kFloat16; break;
     case at::kBFloat16: kind = dk::cpu::ScalarKind::kBFloat16; break;
-    default: return pybind11::none();
+    default: return false;
   }
-  if (B == 0 || V == 0 || V >= (int64_t{1} << 31) || (logits.stride(1) != 1 && V != 1)) return pybind11::none();
+  if (B == 0 || V == 0 || V >= (int64_t{1} << 31) || (logits.stride(1) != 1 && V != 1)) return false;
+  *view = dk::cpu::LogitsView{logits.data_ptr(), kind, B, V, logits.stride(0), V};
+  return true;
+}
+
+constexpr double kFastFltMax = 3.4028234663852886e38, kFastTiny = 1.1754943508222875e-38;
+
+// A plain-number temperature the full path would take as it is.
+bool fast_temperature_ok(double t) { return t >= 0.0 && t <= kFastFltMax && !(t > 0.0 && t < kFastTiny); }
+
+pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::handle temperature,
+                                         pybind11::handle top_k, pybind11::handle top_p, pybind11::handle min_p,
+                                         pybind11::handle seed, pybind11::handle offset,
+                                         pybind11::handle deterministic) {
+  dk::cpu::LogitsView view;
+  if (!fast_logits(logits_obj, deterministic, &view)) return pybind11::none();
+  const int64_t B = view.batch;
   dk::cpu::SamplingParams prm;
   double t = 0.0, p = 0.0, m = 0.0, o = 0.0;
   {
@@ -837,14 +853,13 @@ pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::
   }
   // Plain numbers are range-checked here (the kernel sees them rounded to float32;
   // tensor values out of range make their rows invalid, and so the full path).
-  if (!prm.temperature.values && !(t >= 0.0 && t <= kFltMax && !(t > 0.0 && t < kTiny))) return pybind11::none();
+  if (!prm.temperature.values && !fast_temperature_ok(t)) return pybind11::none();
   if (!prm.top_p.values && !(p >= 0.0 && p <= 1.0)) return pybind11::none();
   if (!prm.min_p.values && !(m >= 0.0 && m <= 1.0)) return pybind11::none();
   if (!prm.offset.values && o < 0.0) return pybind11::none();
   if (prm.offset.values)
     for (int64_t i = 0; i < B; ++i)
       if (prm.offset.values[i] < 0) return pybind11::none();
-  const dk::cpu::LogitsView view{logits.data_ptr(), kind, B, V, logits.stride(0), V};
   const bool det = deterministic.ptr() == Py_True;
   at::Tensor ids;
   bool all_valid = true;
@@ -864,6 +879,37 @@ pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::
   }
   if (!all_valid) return pybind11::none();
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(ids)));
+}
+
+// decodekit.softmax(logits, temperature) in the same way: the probabilities,
+// or None (then the full path runs, and raises for invalid rows).
+pybind11::object softmax_fast(pybind11::handle logits_obj, pybind11::handle temperature,
+                              pybind11::handle deterministic) {
+  dk::cpu::LogitsView view;
+  if (!fast_logits(logits_obj, deterministic, &view)) return pybind11::none();
+  dk::cpu::RowParam<float> temp;
+  double t = 0.0;
+  {
+    const dk::cpu::IeeeDenormals ieee;
+    if (!fast_param(temperature.ptr(), false, at::kFloat, view.batch, temp, &t)) return pybind11::none();
+  }
+  if (!temp.values && !fast_temperature_ok(t)) return pybind11::none();
+  const bool det = deterministic.ptr() == Py_True;
+  at::Tensor probs;
+  bool all_valid = true;
+  {
+    pybind11::gil_scoped_release no_gil;
+    try {
+      probs = at::detail::empty_cpu({view.batch, view.vocab}, at::kFloat);
+      float* out = probs.data_ptr<float>();
+      dk::cpu::softmax(view, temp, det, at::get_num_threads(), out);
+      for (int64_t b = 0; b < view.batch; ++b) all_valid = all_valid && !std::isnan(out[b * view.vocab]);
+    } catch (const std::exception&) {
+      all_valid = false;
+    }
+  }
+  if (!all_valid) return pybind11::none();
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(probs)));
 }
 
 }  // namespace
@@ -890,6 +936,7 @@ PYBIND11_MODULE(_C, mod) {
       "The float64 uniform number i of stream (seed, offset, stream), as the kernels draw it.");
   mod.def("_sample_from_logits_fast", &sample_from_logits_fast,
           "decodekit.sample_from_logits for plain arguments, or None for the full path.");
+  mod.def("_softmax_fast", &softmax_fast, "decodekit.softmax for plain arguments, or None for the full path.");
   mod.def("cpu_isa", &dk::cpu::active_isa,
           "The instruction set the CPU kernels run with: avx512, avx2 or baseline (all give the same bits).");
 #ifdef DK_WITH_CUDA

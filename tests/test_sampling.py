@@ -841,3 +841,25 @@ def test_fast_entry_samples_plain_calls_and_declines_everything_else():
     with Mode():
         assert fast(x, 0.7, 0, 0.9, 0.0, 1, 0, True) is None
         assert decodekit.sample_from_logits(x, 0.7, top_p=0.9, seed=1).shape == (6,)
+
+
+def test_softmax_fast_entry_matches_reference_and_declines_the_rest():
+    fast = _C._softmax_fast
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(5, 700, generator=g) * 3
+    temps = torch.tensor([0.0, 0.5, 1.0, 2.0, 1e-3])
+    for T in (0.7, 1, 0.0, temps):
+        probs = fast(x, T, True)
+        assert probs is not None and probs.dtype == torch.float32 and probs.shape == x.shape
+        for b in range(5):
+            tb = float(temps[b]) if isinstance(T, torch.Tensor) else float(T)
+            torch.testing.assert_close(probs[b].double(), ref.softmax(x[b], tb), atol=2e-7, rtol=2e-6)
+        assert torch.equal(probs, decodekit.softmax(x, T, validate=False))  # the op's bits
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    for args in ((bad, 0.7, True), (x, -1.0, True), (x, float("inf"), True), (x, 1e-40, True),
+                 (x, torch.tensor([1.0, 2.0]), True), (x, temps.double(), True), (x.double(), 0.7, True),
+                 (x[:, ::2], 0.7, True), (x.clone().requires_grad_(), 0.7, True), (x, 0.7, None)):
+        assert fast(*args) is None
+    with pytest.raises(ValueError, match="rows"):
+        decodekit.softmax(bad, 0.7)

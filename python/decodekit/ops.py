@@ -37,6 +37,10 @@ _FLT_MAX = 3.4028234663852886e38
 # Positive temperatures below float32's smallest normal number act as it: the T -> 0+
 # limit (uniform over the tied maxima), never T = 0 (greedy) by rounding.
 _T_TINY = 1.1754943508222875e-38
+# The C++ entries of the common calls (see sample_from_logits and softmax): the result,
+# or None for the full path.
+_sample_from_logits_fast = _C._sample_from_logits_fast
+_softmax_fast = _C._softmax_fast
 
 
 class SamplingOutput(NamedTuple):
@@ -263,6 +267,10 @@ def softmax(
     Example:
         >>> decodekit.softmax(torch.tensor([[1.0, 2.0, 3.0]]), 0.5)
     """
+    if vocab_size is None and validate is True:
+        probs = _softmax_fast(logits, temperature, deterministic)  # as in sample_from_logits
+        if probs is not None:
+            return probs
     op = "softmax"
     logits = _check_logits(logits, op)
     vs = _check_vocab_size(vocab_size, logits.size(1), op)
@@ -398,8 +406,6 @@ def _all_greedy(t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
         greedy = g if greedy is None else (greedy | g)
     return bool(greedy.all())
 
-
-_sample_from_logits_fast = _C._sample_from_logits_fast
 
 
 def sample_from_logits(
