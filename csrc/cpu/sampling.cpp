@@ -211,6 +211,8 @@ struct RowStats {
   bool has_pinf;
 };
 
+int64_t first_index_of_max(const float* row, int64_t V, const float* span_maxima, int64_t span, float m);
+
 // Pass A prefetches each line 8 KiB ahead, and one line per chunk 32 KiB
 // ahead: with 4 KiB pages the hardware prefetcher stops at every page start,
 // and after other work has run (a model forward, an allocation that unmapped
@@ -221,27 +223,22 @@ constexpr int64_t kPrefetchElems = 8192 / sizeof(T);
 template <typename T>
 constexpr int64_t kPageElems = 4096 / sizeof(T);
 
-// Pass A: one streaming read. Optionally converts to float32 into xbuf and
-// records each chunk's maximum (cmax) for the top-k gather.
+// Pass A: one streaming read. Records each chunk's maximum in cmax (the top-k
+// gather uses them; the argmax is the first index of the row maximum in the
+// first chunk that reaches it) and a NaN flag; optionally converts to float32
+// into xbuf (which then holds the row for the argmax). The chunk maximum is a
+// tree over four vectors at a time, so no long dependency chain runs through
+// the stream; +inf is seen as the maximum.
 template <typename L>
 DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf, float* cmax) {
-  VF vmax = splat(-kInf);
-  VI vidx = iota16();
-  VI vnan = splati(0), vpinf = splati(0);
-  const VF inf = splat(kInf);
-  auto step = [&](VF xs, int64_t c) __attribute__((always_inline)) {
-    const VI gt = xs > vmax;
-    vmax = select(gt, xs, vmax);
-    vidx = select(gt, iota16() + splati(static_cast<int32_t>(c)), vidx);
-    vnan |= xs != xs;
-    vpinf |= xs == inf;
-  };
+  VI vnan = splati(0);
   // One prefetch per 4 KiB page of the row before streaming it, so that the
   // page walks of a cold row overlap instead of stalling the stream one page
   // at a time (see kPrefetchElems).
   for (int64_t q = 0; q < V; q += kPageElems<typename L::T>) __builtin_prefetch(row + q, 0, 0);
   int64_t c = 0;
   auto vmax2 = [](VF a, VF b) __attribute__((always_inline)) { return select(a > b, a, b); };
+  float m = -kInf;
   for (; c + kChunk <= V; c += kChunk) {
     VF cm = splat(-kInf);
     for (int64_t j = c; j < c + kChunk; j += 4 * kLanes) {
@@ -250,41 +247,42 @@ DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf,
       for (int q = 0; q < 4; ++q) {
         xs[q] = L::load16(row + j + q * kLanes);
         if (xbuf) store_f32(xbuf + j + q * kLanes, xs[q]);
-        step(xs[q], j + q * kLanes);
       }
-      // A tree, so the chunk maximum is not one long dependency chain.
+      vnan |= (xs[0] != xs[0]) | (xs[1] != xs[1]) | (xs[2] != xs[2]) | (xs[3] != xs[3]);
       cm = vmax2(cm, vmax2(vmax2(xs[0], xs[1]), vmax2(xs[2], xs[3])));
     }
-    if (cmax) cmax[c / kChunk] = max_lane(cm);
+    const float chunk_max = max_lane(cm);
+    cmax[c / kChunk] = chunk_max;
+    m = chunk_max > m ? chunk_max : m;
   }
-  VF cm = splat(-kInf);
-  for (; c + kLanes <= V; c += kLanes) {
-    const VF xs = L::load16(row + c);
-    if (xbuf) store_f32(xbuf + c, xs);
-    step(xs, c);
-    cm = select(xs > cm, xs, cm);
+  if (c < V) {  // the last, partial chunk
+    VF cm = splat(-kInf);
+    for (; c < V; c += kLanes) {
+      VF xs;
+      if (c + kLanes <= V) {
+        xs = L::load16(row + c);
+      } else {
+        float tmp[kLanes];
+        for (int j = 0; j < kLanes; ++j) tmp[j] = c + j < V ? L::load(row, c + j) : -kInf;
+        xs = load_f32(tmp);
+      }
+      if (xbuf) {
+        float tmp[kLanes];
+        to_array(xs, tmp);
+        for (int64_t j = 0; j < kLanes && c + j < V; ++j) xbuf[c + j] = tmp[j];
+      }
+      vnan |= xs != xs;
+      cm = vmax2(cm, xs);
+    }
+    const float chunk_max = max_lane(cm);
+    cmax[V / kChunk] = chunk_max;
+    m = chunk_max > m ? chunk_max : m;
   }
-  if (c < V) {
-    float tmp[kLanes];
-    for (int j = 0; j < kLanes; ++j) tmp[j] = c + j < V ? L::load(row, c + j) : -kInf;
-    if (xbuf)
-      for (int64_t j = 0; c + j < V; ++j) xbuf[c + j] = tmp[j];
-    const VF xs = load_f32(tmp);
-    step(xs, c);
-    cm = select(xs > cm, xs, cm);
+  RowStats s{m, 0, any_lane(vnan), m == kInf};
+  if (!s.has_nan && m > -kInf) {
+    const float* x = xbuf ? xbuf : reinterpret_cast<const float*>(row);  // float32 rows are read in place
+    s.argmax = first_index_of_max(x, V, cmax, kChunk, m);
   }
-  if (cmax && V % kChunk != 0) cmax[V / kChunk] = max_lane(cm);
-  RowStats s{-kInf, 0, any_lane(vnan), any_lane(vpinf)};
-  float ma[kLanes];
-  int32_t ia[kLanes];
-  to_array(vmax, ma);
-  to_array(vidx, ia);
-  for (int j = 0; j < kLanes; ++j)
-    if (ma[j] > s.max) s.max = ma[j];
-  int64_t best = std::numeric_limits<int64_t>::max();
-  for (int j = 0; j < kLanes; ++j)
-    if (ma[j] == s.max && ia[j] < best) best = ia[j];
-  s.argmax = best;
   return s;
 }
 
@@ -303,7 +301,12 @@ RowStats pass_a_bf16(const uint16_t* r, int64_t V, float* xb, float* cmax) {
 RowStats load_row(const LogitsView& lv, int64_t b, Buf<float>& xbuf, TopKGather* g,
                   const float** x_out) {
   const int64_t V = lv.vocab_size;
+  thread_local Buf<float> own_cmax;
   float* cmax = g ? g->chunk_max_for(V) : nullptr;
+  if (!cmax) {
+    own_cmax.resize((V + kChunk - 1) / kChunk);
+    cmax = own_cmax.data();
+  }
   RowStats s;
   if (lv.kind == ScalarKind::kFloat32) {
     const float* row = static_cast<const float*>(lv.data) + b * lv.row_stride;
