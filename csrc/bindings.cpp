@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
@@ -767,6 +768,17 @@ namespace {
 // parameter out of range, a failed check, an invalid row): the Python wrapper
 // then takes its full path, which raises the precise error.
 
+// A tensor the fast entries may read through data_ptr(): dense CPU storage and no
+// dispatch key beyond autograd's and autocast's (no functionalization, vmap
+// batching, negative or conjugate bit, zero tensor, ...).
+bool plain_cpu_tensor(const at::Tensor& t) {
+  static const c10::DispatchKeySet allowed({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                            c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
+  const c10::DispatchKeySet ks = t.key_set();
+  return ks.has(c10::DispatchKey::CPU) && allowed.isSupersetOf(ks) && t.layout() == at::kStrided && t.has_storage() &&
+         !t.is_neg() && !t.is_conj() && (t.numel() == 0 || t.data_ptr() != nullptr);
+}
+
 // One parameter of the fast entry: a plain Python int (not bool), a float
 // unless `integer`, or an exact CPU tensor of `dtype` with B contiguous values.
 // False: the caller takes the full path.
@@ -792,8 +804,7 @@ bool fast_param(PyObject* o, bool integer, at::ScalarType dtype, int64_t B, dk::
   }
   if (THPVariable_CheckExact(o)) {
     const at::Tensor& t = THPVariable_Unpack(o);
-    if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype || t.dim() != 1 ||
-        t.size(0) != B || !t.is_contiguous())
+    if (!plain_cpu_tensor(t) || t.scalar_type() != dtype || t.dim() != 1 || t.size(0) != B || !t.is_contiguous())
       return false;
     out.values = static_cast<const T*>(t.data_ptr());
     if (value) *value = std::numeric_limits<double>::quiet_NaN();  // no scalar range check
@@ -808,11 +819,12 @@ bool fast_param(PyObject* o, bool integer, at::ScalarType dtype, int64_t B, dk::
 bool fast_logits(pybind11::handle logits_obj, pybind11::handle deterministic, dk::cpu::LogitsView* view) {
   if (!THPVariable_CheckExact(logits_obj.ptr())) return false;
   if (deterministic.ptr() != Py_True && deterministic.ptr() != Py_False) return false;
-  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set())
-    return false;
+  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+      c10::impl::tls_local_dispatch_key_set().included_.has_any(c10::DispatchKeySet(
+          {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode})))
+    return false;  // a torch.func transform is active
   const at::Tensor& logits = THPVariable_Unpack(logits_obj.ptr());
-  if (!logits.device().is_cpu() || logits.layout() != at::kStrided || logits.requires_grad() || logits.dim() != 2)
-    return false;
+  if (!plain_cpu_tensor(logits) || logits.requires_grad() || logits.dim() != 2) return false;
   const int64_t B = logits.size(0), V = logits.size(1);
   dk::cpu::ScalarKind kind;
   switch (logits.scalar_type()) {

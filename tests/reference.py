@@ -5,6 +5,8 @@ Plain Python / torch, written from DESIGN.md, sharing no code with the kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -59,15 +61,19 @@ def rank_order(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(-x.double(), stable=True).indices
 
 
-def nucleus(keep: torch.Tensor, probs: torch.Tensor, order: torch.Tensor, target: float) -> torch.Tensor:
-    """The shortest prefix of the kept tokens in rank order whose float64 mass reaches target."""
+def nucleus(keep: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, p: float) -> torch.Tensor:
+    """The shortest prefix of the kept tokens in rank order whose float64 running sum of
+    weights reaches p times their total (the float64 product; the total correctly rounded).
+    Weights are unnormalised, so ties at the top weigh exactly 1 and 9 of 10 tied tokens
+    reach p = 0.9, as 0.3 + 0.5 of [0.3, 0.1, 0.1, 0.5] reaches 0.8."""
+    kept = [i for i in order.tolist() if keep[i]]
+    vals = [float(weights[i]) for i in kept]
+    target = p * math.fsum(vals)
     cum = 0.0
     new_keep = torch.zeros_like(keep)
-    for i in order.tolist():
-        if not keep[i]:
-            continue
+    for i, v in zip(kept, vals):
         new_keep[i] = True
-        cum += float(probs[i])
+        cum += v
         if cum >= target:
             break
     return new_keep
@@ -93,18 +99,16 @@ def filtered_probs(
     if temperature == 0 or top_k == 1 or top_p == 0:
         out[argmax(x)] = 1.0
         return out
-    probs = softmax(x, temperature)
+    weights = torch.exp((x - x.max()) / temperature)  # unnormalised: the top weight is exactly 1
     order = rank_order(x)
     keep = torch.ones(vs, dtype=torch.bool)
     if 0 < top_k < vs:
         keep[:] = False
         keep[order[:top_k]] = True
-    probs = torch.where(keep, probs, 0.0)
-    probs = probs / probs.sum()
     if top_p < 1.0:
-        new_keep = nucleus(keep, probs, order, top_p)
-        probs = torch.where(new_keep, probs, 0.0)
-        probs = probs / probs.sum()
+        keep = nucleus(keep, weights, order, top_p)
+    probs = torch.where(keep, weights, 0.0)
+    probs = probs / probs.sum()
     if min_p > 0.0:
         probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
         probs = probs / probs.sum()
@@ -146,7 +150,7 @@ def filter_probs(
             keep[:] = False
             keep[order[:top_k]] = True
         if top_p < 1.0:
-            keep = nucleus(keep, p, order, top_p * float(p[keep].sum()))
+            keep = nucleus(keep, p, order, top_p)
         if min_p > 0.0:
             f32 = probs[:vs].float()
             keep &= f32 >= torch.tensor(min_p, dtype=torch.float32) * f32.max()

@@ -340,13 +340,17 @@ def test_top_p_alone_boundary_in_the_last_captured_octave_and_exact_ties():
         ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
         probs = ref.filtered_probs(row, temperature=T, top_p=p)
         assert ids.tolist() == [ref.draw(probs, u) for u in uniforms], p
-    # Tied weights of exactly 1 make the nucleus mass hit p * W exactly: the prefix
-    # that reaches it (>=) is kept, and not one token more.
-    for n, p, kept in ((4, 0.5, 2), (8, 0.25, 2), (8, 0.375, 3), (4, 0.75, 3)):
+    # Tied weights of exactly 1 make the nucleus mass hit p * W: the prefix whose
+    # running sum reaches the float64 product p * W is kept, and not one token more
+    # (9 of 10 ties reach 0.9 * 10, as 0.3 + 0.5 reaches 0.8 in the issue's hand case).
+    for n, p, kept in ((4, 0.5, 2), (8, 0.25, 2), (8, 0.375, 3), (4, 0.75, 3), (10, 0.9, 9), (12, 0.5, 6)):
         row = torch.full((64,), float("-inf"))
         row[10:10 + n] = 0.0
         ids = decodekit.sample_from_logits(row.repeat(400, 1), 1.0, top_p=p, seed=torch.arange(400))
         assert set(ids.tolist()) == set(range(10, 10 + kept)), (n, p)
+        assert set(torch.nonzero(ref.filtered_probs(row, top_p=p)).flatten().tolist()) == set(range(10, 10 + kept))
+        out = decodekit.sample_from_logits(row[None], 1.0, top_p=p, seed=0, return_logprobs=True)
+        assert abs(float(out.logprobs[0]) + math.log(kept)) < 1e-6
 
 
 def test_top_p_with_many_tied_candidates_matches_reference():
@@ -517,7 +521,7 @@ GOLDEN_FILTERED = [121, 78, 237, 43]
     # values that are out of range only before float32 rounding, or not representable in it
     (dict(temperature=-1e-50), ValueError, "temperature"),
     (dict(min_p=1 + 1e-12), ValueError, "min_p"),
-    (dict(temperature=1e39), ValueError, "temperature must be finite and >= 0 and finite in float32"),
+    (dict(temperature=1e39), ValueError, "temperature must be finite and >= 0 and at most float32's largest value"),
     (dict(temperature=torch.tensor([1.0, 1e39], dtype=torch.float64)), ValueError, "temperature.*float32.*rows \\[1\\]"),
     (dict(temperature=10**400), ValueError, "temperature must be finite and >= 0, got an int of"),
     (dict(top_p=10**400), ValueError, "top_p"),
@@ -863,3 +867,40 @@ def test_softmax_fast_entry_matches_reference_and_declines_the_rest():
         assert fast(*args) is None
     with pytest.raises(ValueError, match="rows"):
         decodekit.softmax(bad, 0.7)
+
+
+def test_fast_entries_step_aside_for_torch_func_and_special_tensors():
+    # Found by a trial: the C++ entries read data_ptr(), so functionalized, vmapped,
+    # negative-bit and zero tensors must take the full path (and give its answers).
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(4, 300, generator=g)
+    ids = torch.func.functionalize(lambda l: decodekit.sample_from_logits(l, 1.0, top_p=0.9, seed=1))(x)
+    assert torch.equal(ids, decodekit.sample_from_logits(x, 1.0, top_p=0.9, seed=1, return_valid=True).token_ids)
+    vm = torch.func.vmap(lambda l: decodekit.sample_from_logits(l, 1.0, top_p=0.9, seed=1, return_valid=True).token_ids)
+    assert vm(x[None].repeat(2, 1, 1)).shape == (2, 4)
+    neg = torch._neg_view(x)
+    assert _C._sample_from_logits_fast(neg, 0.0, 0, 1.0, 0.0, 1, 0, True) is None
+    assert torch.equal(decodekit.sample_from_logits(neg, 0.0), decodekit.argmax(-x))
+    assert torch.equal(decodekit.sample_from_logits(x, 1.0, top_k=torch._neg_view(torch.full((4,), -1)), seed=0),
+                       decodekit.argmax(x))  # k = 1 is argmax
+    assert _C._softmax_fast(neg, 1.0, True) is None
+    torch.testing.assert_close(decodekit.softmax(neg, 1.0), torch.softmax(-x, -1), atol=1e-6, rtol=1e-5)
+    assert _C._sample_from_logits_fast(torch._efficientzerotensor((2, 5)), 0.7, 0, 0.9, 0.0, 1, 0, True) is None
+    with torch.inference_mode():  # plain tensors made here are fine
+        y = torch.randn(4, 300, generator=g)
+        assert _C._sample_from_logits_fast(y, 0.7, 0, 0.9, 0.0, 1, 0, True) is not None
+
+
+def test_subnormal_temperature_acts_as_the_smallest_normal_in_every_form():
+    # A positive T below 1.18e-38 acts as 1.18e-38 whether it comes as a number, a
+    # float64 tensor or a float32 tensor (whose value is passed through as it is).
+    x = torch.tensor([[0.0, -1e-38, -2e-38]]).expand(600, 3)
+    seeds = torch.arange(600)
+    want = decodekit.sample_from_logits(x, 1.1754943508222875e-38, seed=seeds)
+    counts = torch.bincount(want, minlength=3).tolist()
+    assert counts[0] > counts[1] > counts[2] > 0
+    for t in (1e-40, torch.full((600,), 1e-40, dtype=torch.float64), torch.full((600,), 1e-40)):
+        assert torch.equal(decodekit.sample_from_logits(x, t, seed=seeds), want)
+    probs = decodekit.softmax(x[:1], torch.full((1,), 1e-40))
+    assert torch.equal(probs, decodekit.softmax(x[:1], 1e-40))
+    torch.testing.assert_close(probs[0].double(), ref.softmax(x[0], 1.1754943508222875e-38), atol=1e-6, rtol=1e-5)

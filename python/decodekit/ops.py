@@ -166,7 +166,8 @@ def _row_param(
                 if bool(bad.any()):
                     rows = torch.nonzero(bad).flatten().tolist()[:8]
                     vals = [check[r].item() for r in rows]
-                    f32 = " and finite in float32 (at most 3.4028235e38)" if dtype == torch.float32 and not integer else ""
+                    f32 = (" and at most float32's largest value 3.4028234663852886e+38"
+                           if dtype == torch.float32 and not integer else "")
                     raise ValueError(f"{op}: {name} must be {allowed}{f32}; rows {rows} have {vals}")
             return t, 0
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -188,7 +189,8 @@ def _row_param(
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
     if not integer and dtype == torch.float32 and abs(value) > _FLT_MAX:
-        raise ValueError(f"{op}: {name} must be {allowed} and finite in float32 (at most 3.4028235e38), got {value}")
+        raise ValueError(f"{op}: {name} must be {allowed} and at most float32's largest value "
+                         f"3.4028234663852886e+38, got {value!r}")
     if tiny_positive is not None and 0.0 < value < tiny_positive:
         value = tiny_positive
     return None, value
@@ -447,8 +449,10 @@ def sample_from_logits(
             ``k >= vocab_size`` disables; ``k == 1`` is exactly argmax.
         top_p: number or ``[B]`` tensor in ``[0, 1]``; keep the shortest prefix
             in rank order (logit desc, index asc) whose float64 probability
-            mass (after top-k renormalisation) is ``>= top_p``. ``1`` disables
-            exactly; ``0`` keeps only the top token.
+            mass (after top-k renormalisation) is ``>= top_p``: the running
+            float64 sum of the weights ``exp((x - max) / T)`` reaches the
+            float64 product ``top_p * total`` (so 9 of 10 tied tokens reach
+            0.9). ``1`` disables exactly; ``0`` keeps only the top token.
         min_p: number or ``[B]`` tensor in ``[0, 1]``; keep tokens with
             ``prob >= min_p * max_prob`` (after top-k and top-p). ``0`` disables.
         seed: int (every row the same Philox key) or ``[B]`` int64 tensor. The

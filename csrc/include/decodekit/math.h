@@ -129,12 +129,12 @@ DK_HOST_DEVICE float exp_scaled_nonpositive(float d, float c_hi, float c_lo) {
   return in_range ? exp2_parts(f, n) : 0.0f;
 }
 
-// 1 / T for T > 0, capped at FLT_MAX so that a subnormal T still gives
-// (x - max) * inv_t == 0 at the max and a very negative value elsewhere (never
-// 0 * inf). Every kernel scales by this instead of dividing by T.
+// 1 / T for T > 0. A T below float32's smallest normal (1.18e-38, which the
+// wrappers also substitute for smaller plain numbers) acts as that value, the
+// T -> 0+ limit, so 1 / T stays finite (8.5e37). Every kernel scales by this
+// instead of dividing by T.
 DK_HOST_DEVICE float inverse_temperature(float T) {
-  const float r = 1.0f / T;
-  return r < 3.4028234663852886e+38f ? r : 3.4028234663852886e+38f;
+  return 1.0f / (T < 1.17549435082228751e-38f ? 1.17549435082228751e-38f : T);
 }
 
 // Natural log of a positive finite double, with plain double arithmetic (no
