@@ -38,6 +38,25 @@ namespace dk = decodekit;
 namespace {
 
 // ------------------------------------------------------------- helpers ----
+// True when every element of t lies inside its storage: a storage resized to 0
+// (or shrunk) under a tensor must not be read.
+bool storage_holds(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (!t.has_storage()) return false;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) < 0) return false;
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  return t.storage().data() != nullptr &&
+         static_cast<uint64_t>(last + 1) * t.element_size() <= static_cast<uint64_t>(t.storage().nbytes());
+}
+
+void check_storage(const at::Tensor& t, const char* name) {
+  if (t.device().is_cpu())
+    TORCH_CHECK(storage_holds(t), "decodekit: the storage of ", name, " is smaller than the tensor (resized or not allocated)");
+}
+
 dk::cpu::ScalarKind logits_kind(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return dk::cpu::ScalarKind::kFloat32;
@@ -53,6 +72,7 @@ void check_logits(const at::Tensor& logits, int64_t vocab_size) {
   TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.size(0) == 0,
               "decodekit: logits rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(logits.size(1) > 0, "decodekit: logits must have V >= 1 columns");
+  check_storage(logits, "logits");
   TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "decodekit: V must be < 2^31");
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= logits.size(1),
               "decodekit: vocab_size must be in [1, V=", logits.size(1), "], got ", vocab_size);
@@ -74,6 +94,7 @@ dk::cpu::RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at:
     TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ",
                 t->scalar_type());
     TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
+    check_storage(*t, name);
     p.values = t->data_ptr<T>();
   }
   return p;
@@ -170,6 +191,7 @@ void check_probs(const at::Tensor& probs, int64_t vocab_size) {
   TORCH_CHECK(probs.stride(1) == 1 || probs.size(1) == 1 || probs.size(0) == 0,
               "decodekit: probs rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(probs.size(1) > 0 && probs.size(1) < (int64_t{1} << 31), "decodekit: probs must have 1 <= V < 2^31");
+  check_storage(probs, "probs");
   TORCH_CHECK(vocab_size >= 1 && vocab_size <= probs.size(1),
               "decodekit: vocab_size must be in [1, V=", probs.size(1), "], got ", vocab_size);
 }
@@ -775,8 +797,8 @@ bool plain_cpu_tensor(const at::Tensor& t) {
   static const c10::DispatchKeySet allowed({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
                                             c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
   const c10::DispatchKeySet ks = t.key_set();
-  return ks.has(c10::DispatchKey::CPU) && allowed.isSupersetOf(ks) && t.layout() == at::kStrided && t.has_storage() &&
-         !t.is_neg() && !t.is_conj() && (t.numel() == 0 || t.data_ptr() != nullptr);
+  return ks.has(c10::DispatchKey::CPU) && allowed.isSupersetOf(ks) && t.layout() == at::kStrided && !t.is_neg() &&
+         !t.is_conj() && storage_holds(t);
 }
 
 // One parameter of the fast entry: a plain Python int (not bool), a float

@@ -249,3 +249,16 @@ def test_cli_batch_prints_each_result_with_a_header(lm):
     expected = generate(["The capital of France is", "Hi"], model=lm, max_new_tokens=4, temperature=0.0)
     for r in expected:
         assert r.text.strip() in proc.stdout
+
+
+def test_subnormal_temperature_request_is_not_greedy():
+    # Found by a trial: a positive temperature that float32 rounds to 0 (1e-46) must act as
+    # 1.18e-38 (the T -> 0+ limit: uniform over tied maxima), not as greedy.
+    import importlib
+    import types
+
+    gen = importlib.import_module("decodekit.generate")  # the module (decodekit.generate is the function)
+
+    r = types.SimpleNamespace(temperature=1e-46, top_k=0, top_p=1.0, min_p=0.0, seed=1, token_ids=[])
+    (t, *_), _ = gen._sampling_params([r])
+    assert t.tolist() == [1.1754943508222875e-38]

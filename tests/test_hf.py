@@ -67,3 +67,12 @@ def test_model_generate_uses_the_processors():
 def test_bad_temperature():
     with pytest.raises(ValueError, match="temperature"):
         hf.DecodekitSamplingFilter(temperature=0.0)
+
+
+def test_tiny_temperature_gives_finite_scores_at_the_kept_tokens():
+    # Below 1.18e-38 the filter acts at 1.18e-38 (as the kernels do) and, where logits / T
+    # would overflow, shifts by the row maximum first: no NaN or +inf reaches generate's softmax.
+    for T in (1e-46, 1e-40, 1.1754943508222875e-38):
+        out = hf.DecodekitSamplingFilter(T)(None, torch.tensor([[0.0, 0.0, -1.0], [5.0, 5.0, 4.0]]))
+        assert torch.isfinite(out[:, :2]).all() and (out[:, 2] == float("-inf")).all()
+        assert torch.equal(torch.softmax(out, -1), torch.tensor([[0.5, 0.5, 0.0]] * 2))

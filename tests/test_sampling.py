@@ -904,3 +904,20 @@ def test_subnormal_temperature_acts_as_the_smallest_normal_in_every_form():
     probs = decodekit.softmax(x[:1], torch.full((1,), 1e-40))
     assert torch.equal(probs, decodekit.softmax(x[:1], 1e-40))
     torch.testing.assert_close(probs[0].double(), ref.softmax(x[0], 1.1754943508222875e-38), atol=1e-6, rtol=1e-5)
+
+
+def test_tensor_whose_storage_was_resized_is_an_error_not_a_crash():
+    # Found by a trial: the kernels read data_ptr(); a storage resized to 0 under the
+    # tensor (with or without a storage offset) must give an error naming the tensor.
+    for x in (torch.randn(4, 700), torch.randn(5, 700)[1:]):
+        x.untyped_storage().resize_(0)
+        assert _C._sample_from_logits_fast(x, 0.8, 0, 1.0, 0.0, 1, 0, True) is None
+        assert _C._softmax_fast(x, 0.8, True) is None
+        for call in (lambda: decodekit.softmax(x, 0.8), lambda: decodekit.sample_from_logits(x, 0.8, seed=1),
+                     lambda: decodekit.argmax(x), lambda: decodekit.top_p_renorm_probs(x, 0.5)):
+            with pytest.raises(RuntimeError, match="storage of (logits|probs)"):
+                call()
+    t = torch.ones(4)
+    t.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="storage of temperature"):
+        decodekit.sample_from_logits(torch.randn(4, 10), t, seed=1, validate=False)

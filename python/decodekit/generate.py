@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import torch
 
 from .models.gguf_loader import LoadedModel, load_model
-from .ops import apply_penalties, sample_from_logits
+from .ops import _T_TINY, apply_penalties, sample_from_logits
 from .tokenizer import StreamDecoder
 
 __all__ = ["generate", "GenerationResult"]
@@ -319,7 +319,10 @@ def _run_batch(lm: LoadedModel, requests: List[_Request], stop_ids,
 def _sampling_params(active: List[_Request]):
     """Per-row ``(temperature, top_k, top_p, min_p)`` and ``seed``/``offset`` ``[B]`` tensors for
     :func:`sample_from_logits`; the offset of a request is its own decode step."""
-    temperature = torch.tensor([r.temperature for r in active], dtype=torch.float32)
+    # A positive T below float32's smallest normal acts as it (the T -> 0+ limit), also
+    # when float32 would round it to 0.
+    temperature = torch.tensor([_T_TINY if 0 < r.temperature < _T_TINY else r.temperature for r in active],
+                               dtype=torch.float32)
     top_k = torch.tensor([r.top_k for r in active], dtype=torch.int64)
     top_p = torch.tensor([r.top_p for r in active], dtype=torch.float64)
     min_p = torch.tensor([r.min_p for r in active], dtype=torch.float32)

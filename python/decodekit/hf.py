@@ -82,8 +82,15 @@ class DecodekitSamplingFilter(_Processor):
         probs = ops.softmax(x, self.temperature)
         if self.top_p < 1.0 or self.min_p > 0.0:
             probs = ops.filter_probs(probs, top_p=self.top_p, min_p=self.min_p)
-        scaled = scores.float() / self.temperature
-        return torch.where(probs > 0, scaled, torch.full_like(scaled, float("-inf")))
+        kept = probs > 0
+        t = max(self.temperature, ops._T_TINY)  # as the kernels: below 1.18e-38, the T -> 0+ limit
+        scaled = scores.float() / t
+        if not bool(torch.isfinite(scaled[kept]).all()):
+            # A tiny T overflows logits / T: shift by each row's maximum first (the same
+            # softmax, finite at the top token).
+            x = scores.float()
+            scaled = (x - x.amax(-1, keepdim=True)) / t
+        return torch.where(kept, scaled, torch.full_like(scaled, float("-inf")))
 
 
 class DecodekitTemperature(DecodekitSamplingFilter):
