@@ -921,3 +921,17 @@ def test_tensor_whose_storage_was_resized_is_an_error_not_a_crash():
     t.untyped_storage().resize_(0)
     with pytest.raises(RuntimeError, match="storage of temperature"):
         decodekit.sample_from_logits(torch.randn(4, 10), t, seed=1, validate=False)
+
+
+def test_validation_under_vmap_says_to_pass_validate_false():
+    # Found by a trial: vmap cannot run the host-side validity check; the error must say
+    # how to skip it, and validate=False must work.
+    x = torch.randn(3, 4, 50)
+    with pytest.raises(RuntimeError, match="validate=False"):
+        torch.func.vmap(lambda l: decodekit.softmax(l, 0.7))(x)
+    with pytest.raises(RuntimeError, match="validate=False"):
+        torch.func.vmap(lambda l: decodekit.sample_from_logits(l, 0.7, seed=1))(x)
+    probs = torch.func.vmap(lambda l: decodekit.softmax(l, 0.7, validate=False))(x)
+    torch.testing.assert_close(probs, torch.softmax(x / 0.7, -1), atol=1e-6, rtol=1e-5)
+    ids = torch.func.vmap(lambda l: decodekit.sample_from_logits(l, 0.7, seed=1, validate=False))(x)
+    assert ids.shape == (3, 4) and bool(((ids >= 0) & (ids < 50)).all())

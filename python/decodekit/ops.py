@@ -163,7 +163,7 @@ def _row_param(
                     bad |= torch.isinf(check)
                     if dtype == torch.float32:
                         bad |= check.abs() > _FLT_MAX
-                if bool(bad.any()):
+                if _host_bool(bad.any(), op):
                     rows = torch.nonzero(bad).flatten().tolist()[:8]
                     vals = [check[r].item() for r in rows]
                     f32 = (" and at most float32's largest value 3.4028234663852886e+38"
@@ -194,6 +194,18 @@ def _row_param(
     if tiny_positive is not None and 0.0 < value < tiny_positive:
         value = tiny_positive
     return None, value
+
+
+def _host_bool(t: torch.Tensor, op: str) -> bool:
+    """bool(t) for a validation check. Under vmap, torch.compile or fake tensors the value
+    is not known on the host: the error then says how to skip the check."""
+    try:
+        return bool(t)
+    except RuntimeError as exc:  # vmap's data-dependent control flow, fake tensors' data-dependent output
+        raise RuntimeError(
+            f"{op}: validate=True checks values on the host, which is not possible here (vmap, torch.compile "
+            "or fake tensors); pass validate=False (invalid rows then come back as -1 or NaN, and "
+            "return_valid=True marks them)") from exc
 
 
 def _to_int64_bits(v: int, name: str, op: str) -> int:
@@ -284,7 +296,7 @@ def softmax(
     probs = ops.softmax(logits, t_tensor, float(t_val), vs, _check_bool(deterministic, "deterministic", op))
     if validate and probs.numel() and probs.device.type != "meta":
         bad = torch.isnan(probs[:, 0])
-        if bool(bad.any()):
+        if _host_bool(bad.any(), op):
             _raise_invalid_rows(op, ~bad, hint=False)
     return probs
 
@@ -321,7 +333,7 @@ def argmax(
     ids, valid = ops.argmax(logits, vs)
     if return_valid:
         return ids, valid
-    if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
+    if validate and valid.numel() and valid.device.type != "meta" and not _host_bool(valid.all(), op):
         _raise_invalid_rows(op, valid)
     return ids
 
@@ -377,7 +389,8 @@ def _logprob_args(op: str, top_logprobs, logprobs_mode, vocab_size: int):
 
 
 def _sampling_result(op, ids, valid, lp, top_ids, top_lp, return_valid, return_logprobs, n_top, validate, why):
-    if validate and ids.numel() and ids.device.type != "meta" and not return_valid and not bool(valid.all()):
+    if (validate and ids.numel() and ids.device.type != "meta" and not return_valid
+            and not _host_bool(valid.all(), op)):
         _raise_invalid_rows(op, valid, why)
     if not (return_valid or return_logprobs or n_top):
         return ids
@@ -675,7 +688,7 @@ def filter_probs(
     vs = _check_vocab_size(vocab_size, probs.size(1), op)
     k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
     out, valid = ops.filter_probs(probs, k_t, k_v, p_t, p_v, m_t, m_v, vs)
-    if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
+    if validate and valid.numel() and valid.device.type != "meta" and not _host_bool(valid.all(), op):
         _raise_invalid_rows(op, valid, _WHY_PROBS, hint=False)
     return out
 
@@ -737,7 +750,7 @@ def top_k_mask_logits(
     if isinstance(k_v, int):
         k_v = max(min(k_v, 2**62), -(2**62))
     out, valid = ops.top_k_mask_logits(logits, k_t, int(k_v), vs)
-    if validate and valid.numel() and valid.device.type != "meta" and not bool(valid.all()):
+    if validate and valid.numel() and valid.device.type != "meta" and not _host_bool(valid.all(), op):
         raise ValueError(f"{op}: rows {torch.nonzero(~valid).flatten().tolist()[:16]} have a NaN; "
                          "pass validate=False to get them back unchanged")
     return out
@@ -872,7 +885,7 @@ def apply_penalties(
         if token_counts.dtype.is_floating_point or token_counts.dtype == torch.bool:
             raise TypeError(f"{op}: token_counts must be an integer tensor, got {token_counts.dtype}")
         counts = token_counts.to(device=logits.device, dtype=torch.int64).contiguous()
-        if validate and bool((counts < 0).any()):
+        if validate and _host_bool((counts < 0).any(), op):
             raise ValueError(f"{op}: token_counts must be >= 0")
     dense = bias_ids = bias_vals = None
     if isinstance(logit_bias, torch.Tensor):
@@ -880,7 +893,7 @@ def apply_penalties(
             raise ValueError(f"{op}: logit_bias as a tensor must be float [B={B}, V={V}], got "
                              f"{tuple(logit_bias.shape)} {logit_bias.dtype}")
         dense = logit_bias.to(device=logits.device, dtype=torch.float32).contiguous()
-        if validate and bool(torch.isnan(dense).any()):
+        if validate and _host_bool(torch.isnan(dense).any(), op):
             raise ValueError(f"{op}: logit_bias must not contain NaN (use -inf to ban a token)")
     elif logit_bias is not None:
         if not isinstance(logit_bias, (dict, list, tuple)):
