@@ -935,3 +935,37 @@ def test_validation_under_vmap_says_to_pass_validate_false():
     torch.testing.assert_close(probs, torch.softmax(x / 0.7, -1), atol=1e-6, rtol=1e-5)
     ids = torch.func.vmap(lambda l: decodekit.sample_from_logits(l, 0.7, seed=1, validate=False))(x)
     assert ids.shape == (3, 4) and bool(((ids >= 0) & (ids < 50)).all())
+
+
+def test_softmax_large_rows_match_reference_and_thread_count():
+    # Rows of 40000 tokens: the maximum early or late, a first or second half with no
+    # finite logit, a rising row, NaN or +inf late in the row, and one thread or two.
+    g = torch.Generator().manual_seed(43)
+    V = 40000
+    base = torch.randn(8, V, generator=g) * 3
+    base[0, 100] = 30.0                       # maximum early
+    base[1, V - 7] = 30.0                     # maximum late
+    base[2, : V // 2 + 300] = float("-inf")   # first half without a finite logit
+    base[3, V // 2 + 10 :] = float("-inf")    # second half without a finite logit
+    base[4] = torch.linspace(-20, 20, V)      # rising
+    temps = torch.tensor([0.7, 1.0, 1.3, 0.5, 2.0, 0.0, 1e-6, 4.0])
+    probs = decodekit.softmax(base, temps)
+    for b in range(8):
+        torch.testing.assert_close(probs[b].double(), ref.softmax(base[b], float(temps[b])), atol=2e-7, rtol=3e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decodekit.softmax(base, temps)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, probs)
+    for b in range(8):  # a row alone gives the same bits
+        assert torch.equal(decodekit.softmax(base[b : b + 1], temps[b : b + 1]), probs[b : b + 1])
+    bad = base[:3].clone()
+    bad[0, V - 3] = float("nan")
+    bad[1, V - 3] = float("inf")
+    bad[2] = float("-inf")
+    out = decodekit.softmax(bad, 0.7, validate=False)
+    assert torch.isnan(out).all()
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2\]"):
+        decodekit.softmax(bad, 0.7)
