@@ -57,14 +57,21 @@ void check_storage(const at::Tensor& t, const char* name) {
     TORCH_CHECK(storage_holds(t), "decodekit: the storage of ", name, " is smaller than the tensor (resized or not allocated)");
 }
 
-dk::cpu::ScalarKind logits_kind(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return dk::cpu::ScalarKind::kFloat32;
-    case at::kHalf: return dk::cpu::ScalarKind::kFloat16;
-    case at::kBFloat16: return dk::cpu::ScalarKind::kBFloat16;
-    default:
-      TORCH_CHECK(false, "decodekit: logits must be float32, float16 or bfloat16, got ", t.scalar_type());
+// The kernels' element type for a logits dtype; false for any other dtype.
+bool kind_of(at::ScalarType dtype, dk::cpu::ScalarKind* kind) {
+  switch (dtype) {
+    case at::kFloat: *kind = dk::cpu::ScalarKind::kFloat32; return true;
+    case at::kHalf: *kind = dk::cpu::ScalarKind::kFloat16; return true;
+    case at::kBFloat16: *kind = dk::cpu::ScalarKind::kBFloat16; return true;
+    default: return false;
   }
+}
+
+dk::cpu::ScalarKind logits_kind(const at::Tensor& t) {
+  dk::cpu::ScalarKind kind;
+  TORCH_CHECK(kind_of(t.scalar_type(), &kind), "decodekit: logits must be float32, float16 or bfloat16, got ",
+              t.scalar_type());
+  return kind;
 }
 
 void check_logits(const at::Tensor& logits, int64_t vocab_size) {
@@ -849,12 +856,7 @@ bool fast_logits(pybind11::handle logits_obj, pybind11::handle deterministic, dk
   if (!plain_cpu_tensor(logits) || logits.requires_grad() || logits.dim() != 2) return false;
   const int64_t B = logits.size(0), V = logits.size(1);
   dk::cpu::ScalarKind kind;
-  switch (logits.scalar_type()) {
-    case at::kFloat: kind = dk::cpu::ScalarKind::kFloat32; break;
-    case at::kHalf: kind = dk::cpu::ScalarKind::kFloat16; break;
-    case at::kBFloat16: kind = dk::cpu::ScalarKind::kBFloat16; break;
-    default: return false;
-  }
+  if (!kind_of(logits.scalar_type(), &kind)) return false;
   if (B == 0 || V == 0 || V >= (int64_t{1} << 31) || (logits.stride(1) != 1 && V != 1)) return false;
   *view = dk::cpu::LogitsView{logits.data_ptr(), kind, B, V, logits.stride(0), V};
   return true;

@@ -539,14 +539,21 @@ double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, d
   return W;
 }
 
+// The n tokens of a row from c0, loaded 16 at a time (-inf past the end).
+struct Span {
+  const float* r;
+  int64_t n;
+  DK_INLINE VF load(int64_t k) const { return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n); }
+};
+
 // Maximum of row[c0, c0 + n) (NaN lanes ignored, noted in vnan), prefetching
 // ahead: the first, memory-bound read of a span in the one-read passes.
 float span_max(const float* row, int64_t c0, int64_t n, int64_t V, VI& vnan) {
   if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
-  const float* r = row + c0;
+  const Span sp{row + c0, n};
   VF cm = splat(-kInf);
   for (int64_t k = 0; k < n; k += kLanes) {
-    const VF xs = k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
+    const VF xs = sp.load(k);
     cm = select(xs > cm, xs, cm);
     vnan |= xs != xs;
   }
@@ -658,11 +665,9 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   const VI lane_ids = iota16();
   for (int64_t ch = 0; ch < nch; ++ch) {
     const int64_t c0 = ch * kChunk;
-    const int64_t n = std::min(kChunk, V - c0);
-    const float* r = row + c0;
-    auto load = [&](int64_t k) __attribute__((always_inline)) {
-      return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
-    };
+    const Span sp{row + c0, std::min(kChunk, V - c0)};
+    const int64_t n = sp.n;
+    auto load = [&](int64_t k) __attribute__((always_inline)) { return sp.load(k); };
     const float chunk_max = span_max(row, c0, n, V, vnan);
     cmax[ch] = chunk_max;
     if (chunk_max > m) {
@@ -873,11 +878,9 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
   const VF vch = splat(ec.hi), vcl = splat(ec.lo);
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t c0 = blk * kBlock;
-    const int64_t n = std::min(kBlock, V - c0);
-    const float* r = row + c0;
-    auto load = [&](int64_t k) __attribute__((always_inline)) {
-      return k + kLanes <= n ? load_f32(r + k) : load_tail(r, k, n);
-    };
+    const Span sp{row + c0, std::min(kBlock, V - c0)};
+    const int64_t n = sp.n;
+    auto load = [&](int64_t k) __attribute__((always_inline)) { return sp.load(k); };
     const float block_max = span_max(row, c0, n, V, vnan);
     bmax[blk] = block_max;
     m = block_max > m ? block_max : m;

@@ -287,15 +287,20 @@ DK_VINLINE VF fma16(VF a, VF b, VF c) {
 #endif
 }
 
-// The lane-wise twin of exp2_parts in decodekit/math.h.
-DK_VINLINE VF exp2_parts16(VF f, VF n) {
+// 2^f for f in [-0.5, 0.5]: the degree-6 polynomial of exp2_parts in decodekit/math.h.
+DK_VINLINE VF exp2_poly16(VF f) {
   VF p = splat(kExp2C6);
   p = fma16(p, f, splat(kExp2C5));
   p = fma16(p, f, splat(kExp2C4));
   p = fma16(p, f, splat(kExp2C3));
   p = fma16(p, f, splat(kExp2C2));
   p = fma16(p, f, splat(kExp2C1));
-  p = fma16(p, f, splat(kExp2C0));
+  return fma16(p, f, splat(kExp2C0));
+}
+
+// The lane-wise twin of exp2_parts in decodekit/math.h.
+DK_VINLINE VF exp2_parts16(VF f, VF n) {
+  const VF p = exp2_poly16(f);
   VF out;
   for (int i = 0; i < kParts; ++i)
     out.p[i] = (nf)((nu)p.p[i] + ((nu)__builtin_convertvector(n.p[i], ni) << 23));
@@ -311,15 +316,11 @@ DK_VINLINE VF exp2_parts16(VF f, VF n) {
 // exponent-field add gives). Lanes out of range are not clamped first: their
 // f may be garbage, but the zero-masking of the last step discards it.
 DK_VINLINE VF exp2_finish16(__m512 f, __m512 n, __mmask16 in_range) {
-  __m512 p = _mm512_set1_ps(kExp2C6);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C5));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C0));
+  VF fv;
+  fv.p[0] = (nf)f;
+  const VF p = exp2_poly16(fv);
   VF out;
-  out.p[0] = (nf)_mm512_maskz_scalef_ps(in_range, p, n);
+  out.p[0] = (nf)_mm512_maskz_scalef_ps(in_range, (__m512)p.p[0], n);
   return out;
 }
 #endif
