@@ -7,61 +7,19 @@
 
 #include <cstdint>
 
+#include "decodekit/types.h"
+
 namespace decodekit {
 namespace cpu {
 
-enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// A per-row parameter: a pointer to B values, or one value for every row.
-template <typename T>
-struct RowParam {
-  const T* values = nullptr;  // B values, or nullptr
-  T scalar{};
-  T at(int64_t row) const { return values ? values[row] : scalar; }
-};
-
-struct SamplingParams {
-  RowParam<float> temperature;  // >= 0; 0 means greedy
-  RowParam<int64_t> top_k;      // <= 0 or >= vocab: disabled
-  RowParam<double> top_p;       // in [0, 1]; 1 disables
-  RowParam<float> min_p;        // in [0, 1]; 0 disables
-  RowParam<int64_t> seed;       // Philox key (as 64 bits)
-  RowParam<int64_t> offset;     // Philox counter words 0-1 (as 64 bits)
-};
-
-// Optional logprob outputs of the samplers (all null / 0 when not requested).
-struct LogprobRequest {
-  float* logprobs = nullptr;      // [B]: the drawn token's logprob
-  int64_t n_top = 0;              // n best per row
-  int64_t* top_ids = nullptr;     // [B, n_top]
-  float* top_logprobs = nullptr;  // [B, n_top]
-  bool raw = false;               // log_softmax of the raw input instead of the processed distribution
-  bool active() const { return logprobs != nullptr || n_top > 0; }
-};
-
-struct FilterParams {
-  RowParam<int64_t> top_k;  // <= 0 or >= vocab: disabled
-  RowParam<double> top_p;   // in [0, 1]; 1 disables
-  RowParam<float> min_p;    // in [0, 1]; 0 disables
-};
-
-// Probability rows: float32, row stride in elements, padding at >= vocab_size.
-struct ProbsView {
-  const float* data;
-  int64_t batch;
-  int64_t vocab;
-  int64_t row_stride;
-  int64_t vocab_size;
-};
-
-struct LogitsView {
-  const void* data;
-  ScalarKind kind;
-  int64_t batch;       // B
-  int64_t vocab;       // V (row length)
-  int64_t row_stride;  // elements between rows
-  int64_t vocab_size;  // columns >= vocab_size are padding (vocab_size <= vocab)
-};
+// The views and parameter structs are shared with the CUDA kernels.
+using decodekit::FilterParams;
+using decodekit::LogitsView;
+using decodekit::LogprobRequest;
+using decodekit::ProbsView;
+using decodekit::RowParam;
+using decodekit::SamplingParams;
+using decodekit::ScalarKind;
 
 // probs[b, :] = softmax(logits[b, :vocab_size] / T_b), 0 in padding columns.
 // T_b == 0 gives one-hot at the argmax. Rows that cannot be normalised (a NaN,
