@@ -31,7 +31,14 @@ Number = Union[int, float]
 RowParam = Union[Number, torch.Tensor]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDA_OPS = {"softmax"} if HAS_CUDA_OPS else set()
+# The wrappers whose op has a CUDA kernel, as the dispatcher says (renorm wrappers run filter_probs).
+_SCHEMA_OF = {"top_k_renorm_probs": "filter_probs", "top_p_renorm_probs": "filter_probs",
+              "min_p_renorm_probs": "filter_probs"}
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    name = "decodekit::" + _SCHEMA_OF.get(op, op)
+    return HAS_CUDA_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
 _FLT_MAX = 3.4028234663852886e38
 # Positive temperatures below float32's smallest normal number act as it: the T -> 0+
@@ -73,8 +80,8 @@ def _check_logits(logits, op: str) -> torch.Tensor:
     dev = logits.device.type
     if dev == "meta":
         return logits
-    if dev != "cpu" and not (dev == "cuda" and op in _CUDA_OPS):
-        have = "CPU" + (" and CUDA" if op in _CUDA_OPS else "")
+    if dev != "cpu" and not (dev == "cuda" and _has_cuda_kernel(op)):
+        have = "CPU" + (" and CUDA" if _has_cuda_kernel(op) else "")
         raise ValueError(f"{op}: logits are on {logits.device}, but this op has kernels for: {have}")
     if logits.requires_grad:
         logits = logits.detach()  # the ops are not differentiable; outputs carry no graph
@@ -92,8 +99,9 @@ def _check_probs(probs, op: str) -> torch.Tensor:
         raise TypeError(f"{op}: probs must be float32, got {probs.dtype}")
     if probs.size(1) < 1 or probs.size(1) >= 2**31:
         raise ValueError(f"{op}: probs must have 1 <= V < 2^31 columns, got shape {tuple(probs.shape)}")
-    if probs.device.type not in ("cpu", "meta"):
-        raise ValueError(f"{op}: probs are on {probs.device}, but this op has kernels for: CPU")
+    if probs.device.type not in ("cpu", "meta") and not (probs.device.type == "cuda" and _has_cuda_kernel(op)):
+        have = "CPU" + (" and CUDA" if _has_cuda_kernel(op) else "")
+        raise ValueError(f"{op}: probs are on {probs.device}, but this op has kernels for: {have}")
     if probs.requires_grad:
         probs = probs.detach()  # the ops are not differentiable; outputs carry no graph
     if probs.stride(1) != 1:

@@ -1,0 +1,228 @@
+// CUDA registrations of the sampling family: check tensors, pass raw device
+// pointers and the current stream to the framework-free kernels of
+// csrc/cuda/sampling.cu. No host synchronisation (CUDA-graph capturable).
+//
+// Includes no c10/cuda header: the stream comes through the device guard
+// interface, so this file also compiles against the CPU torch wheel (CI
+// compiles it with warnings as errors; it is linked only into CUDA builds).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cuda/sampling.h"
+
+namespace dk = decodekit;
+
+namespace {
+
+cudaStream_t current_stream(const at::Device& device) {
+  const c10::Stream s = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return static_cast<cudaStream_t>(s.native_handle());
+}
+
+void check_ok(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "decodekit: CUDA ", op, " failed: ", cudaGetErrorString(err));
+}
+
+dk::ScalarKind logits_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return dk::ScalarKind::kFloat32;
+    case at::kHalf: return dk::ScalarKind::kFloat16;
+    case at::kBFloat16: return dk::ScalarKind::kBFloat16;
+    default: TORCH_CHECK(false, "decodekit: logits must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& x, int64_t vocab_size, const char* name) {
+  TORCH_CHECK(x.dim() == 2, "decodekit: ", name, " must be 2-D [B, V], got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_cuda(), "decodekit: ", name, " must be a CUDA tensor here");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1 || x.size(0) == 0, "decodekit: ", name,
+              " rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(x.stride(0) >= 0, "decodekit: ", name, " must have a non-negative row stride");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "decodekit: ", name, " must have 1 <= V < 2^31");
+  TORCH_CHECK(x.size(0) < (int64_t{1} << 31), "decodekit: ", name, " must have B < 2^31 rows on CUDA");
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= x.size(1), "decodekit: vocab_size must be in [1, V=", x.size(1),
+              "], got ", vocab_size);
+}
+
+dk::LogitsView logits_view(const at::Tensor& logits, int64_t vocab_size) {
+  check_rows(logits, vocab_size, "logits");
+  return dk::LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0), logits.size(1), logits.stride(0),
+                        vocab_size};
+}
+
+dk::ProbsView probs_view(const at::Tensor& probs, int64_t vocab_size) {
+  check_rows(probs, vocab_size, "probs");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat, "decodekit: probs must be float32, got ", probs.scalar_type());
+  return dk::ProbsView{probs.data_ptr<float>(), probs.size(0), probs.size(1), probs.stride(0), vocab_size};
+}
+
+template <typename T>
+dk::RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::ScalarType dtype, const at::Tensor& like,
+                          const char* name) {
+  dk::RowParam<T> p;
+  p.scalar = scalar;
+  if (t.has_value()) {
+    TORCH_CHECK(t->device() == like.device(), "decodekit: ", name, " is on ", t->device(), " but the rows are on ",
+                like.device());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == like.size(0), "decodekit: ", name,
+                " must be a 1-D tensor of length B=", like.size(0));
+    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
+    p.values = t->data_ptr<T>();
+  }
+  return p;
+}
+
+struct LogprobTensors {
+  at::Tensor logprobs, top_ids, top_logprobs;
+  dk::LogprobRequest request;
+};
+
+LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw,
+                               int64_t vocab_size) {
+  TORCH_CHECK(top_logprobs >= 0 && top_logprobs <= vocab_size, "decodekit: top_logprobs must be in [0, vocab_size=",
+              vocab_size, "], got ", top_logprobs);
+  TORCH_CHECK(top_logprobs <= dk::cuda::kMaxTopLogprobs, "decodekit: top_logprobs must be <= ",
+              dk::cuda::kMaxTopLogprobs, " on CUDA, got ", top_logprobs);
+  const int64_t B = like.size(0);
+  LogprobTensors t;
+  t.logprobs = at::empty({return_logprobs ? B : 0}, like.options().dtype(at::kFloat));
+  t.top_ids = at::empty({B, top_logprobs}, like.options().dtype(at::kLong));
+  t.top_logprobs = at::empty({B, top_logprobs}, like.options().dtype(at::kFloat));
+  t.request.logprobs = return_logprobs ? t.logprobs.data_ptr<float>() : nullptr;
+  t.request.n_top = top_logprobs;
+  t.request.top_ids = top_logprobs ? t.top_ids.data_ptr<int64_t>() : nullptr;
+  t.request.top_logprobs = top_logprobs ? t.top_logprobs.data_ptr<float>() : nullptr;
+  t.request.raw = raw;
+  return t;
+}
+
+using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
+                        double temperature_val, int64_t vocab_size, bool /*deterministic*/) {
+  const c10::DeviceGuard guard(logits.device());
+  const auto view = logits_view(logits, vocab_size);
+  const auto temp = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits,
+                                     "temperature");
+  auto probs = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+  check_ok(dk::cuda::softmax(view, temp, probs.data_ptr<float>(), current_stream(logits.device())), "softmax");
+  return probs;
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_cuda(const at::Tensor& logits, int64_t vocab_size) {
+  const c10::DeviceGuard guard(logits.device());
+  const auto view = logits_view(logits, vocab_size);
+  auto ids = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  check_ok(dk::cuda::argmax(view, ids.data_ptr<int64_t>(), valid.data_ptr<bool>(), current_stream(logits.device())),
+           "argmax");
+  return {ids, valid};
+}
+
+SampleResult sample_from_logits_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
+    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val,
+    const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
+    int64_t offset_val, int64_t vocab_size, bool /*deterministic*/, bool return_logprobs, int64_t top_logprobs,
+    bool raw_logprobs) {
+  const c10::DeviceGuard guard(logits.device());
+  const auto view = logits_view(logits, vocab_size);
+  dk::SamplingParams prm;
+  prm.temperature = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits,
+                                     "temperature");
+  prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
+  prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, logits, "top_p");
+  prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, logits, "min_p");
+  prm.seed = row_param<int64_t>(seed, seed_val, at::kLong, logits, "seed");
+  prm.offset = row_param<int64_t>(offset, offset_val, at::kLong, logits, "offset");
+  auto lp = logprob_outputs(logits, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
+  auto ids = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  check_ok(dk::cuda::sample_from_logits(view, prm, lp.request, ids.data_ptr<int64_t>(), valid.data_ptr<bool>(),
+                                        current_stream(logits.device())),
+           "sample_from_logits");
+  return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
+}
+
+dk::FilterParams filter_params(const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                               const std::optional<at::Tensor>& top_p, double top_p_val,
+                               const std::optional<at::Tensor>& min_p, double min_p_val) {
+  dk::FilterParams fp;
+  fp.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, probs, "top_k");
+  fp.top_p = row_param<double>(top_p, top_p_val, at::kDouble, probs, "top_p");
+  fp.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, probs, "min_p");
+  return fp;
+}
+
+SampleResult sample_from_probs_cuda(const at::Tensor& probs, const std::optional<at::Tensor>& top_k,
+                                    int64_t top_k_val, const std::optional<at::Tensor>& top_p, double top_p_val,
+                                    const std::optional<at::Tensor>& min_p, double min_p_val,
+                                    const std::optional<at::Tensor>& seed, int64_t seed_val,
+                                    const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size,
+                                    bool /*deterministic*/, bool return_logprobs, int64_t top_logprobs,
+                                    bool raw_logprobs) {
+  const c10::DeviceGuard guard(probs.device());
+  const auto view = probs_view(probs, vocab_size);
+  const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, probs, "seed");
+  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, probs, "offset");
+  auto lp = logprob_outputs(probs, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
+  auto ids = at::empty({probs.size(0)}, probs.options().dtype(at::kLong));
+  auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
+  check_ok(dk::cuda::sample_from_probs(view, fp, s, o, lp.request, ids.data_ptr<int64_t>(), valid.data_ptr<bool>(),
+                                       current_stream(probs.device())),
+           "sample_from_probs");
+  return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
+}
+
+std::tuple<at::Tensor, at::Tensor> filter_probs_cuda(const at::Tensor& probs, const std::optional<at::Tensor>& top_k,
+                                                     int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+                                                     double top_p_val, const std::optional<at::Tensor>& min_p,
+                                                     double min_p_val, int64_t vocab_size) {
+  const c10::DeviceGuard guard(probs.device());
+  const auto view = probs_view(probs, vocab_size);
+  const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
+  auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
+  check_ok(dk::cuda::filter_probs(view, fp, out.data_ptr<float>(), valid.data_ptr<bool>(),
+                                  current_stream(probs.device())),
+           "filter_probs");
+  return {out, valid};
+}
+
+std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cuda(const at::Tensor& logits,
+                                                          const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                                          int64_t vocab_size) {
+  const c10::DeviceGuard guard(logits.device());
+  const auto view = logits_view(logits, vocab_size);
+  const auto k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
+  auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  check_ok(dk::cuda::top_k_mask_logits(view, k, out.data_ptr(), valid.data_ptr<bool>(),
+                                       current_stream(logits.device())),
+           "top_k_mask_logits");
+  return {out, valid};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decodekit, CUDA, m) {
+  m.impl("softmax", &softmax_cuda);
+  m.impl("argmax", &argmax_cuda);
+  m.impl("sample_from_logits", &sample_from_logits_cuda);
+  m.impl("sample_from_probs", &sample_from_probs_cuda);
+  m.impl("filter_probs", &filter_probs_cuda);
+  m.impl("top_k_mask_logits", &top_k_mask_logits_cuda);
+}
