@@ -252,3 +252,32 @@ def test_chi_square_probs_on_cuda():
     expect = ref.filter_probs(probs, top_p=0.9)
     counts = torch.bincount(ids, minlength=7).double()
     assert _chi_square_p(counts, expect.double()) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_penalties_same_bits_as_cpu(dtype):
+    gen = torch.Generator().manual_seed(8)
+    B, V = 6, 5000
+    x = _logits(B, V, "randn4", gen, dtype)
+    rep = torch.tensor([1.0, 1.3, 0.8, 1.1, 1.0, 2.0])
+    freq = torch.tensor([0.0, 0.5, 0.1, 0.0, 0.2, 0.3])
+    pres = torch.tensor([0.0, 0.2, 0.0, 0.7, 0.1, 0.0])
+    ids = torch.randint(-1, V + 3, (B, 300), generator=gen)
+    ids[:, 150:] = ids[:, :150]  # duplicates
+    bias_ids = torch.randint(0, V, (B, 9), generator=gen)
+    bias_ids[:, 5] = bias_ids[:, 2]  # the same id twice: added in list order
+    bias_vals = torch.randn(B, 9, generator=gen)
+    dense = torch.randn(B, V, generator=gen)
+    mask = torch.rand(B, V, generator=gen) > 0.1
+    counts = torch.randint(0, 3, (B, V), generator=gen)
+    for allows in (True, False):
+        a = (rep, 1.0, freq, 0.0, pres, 0.0, ids, None, dense, bias_ids, bias_vals, mask, allows, V - 3)
+        c = ops.apply_penalties(x, *a)
+        g = ops.apply_penalties(x.cuda(), *(t.cuda() if torch.is_tensor(t) else t for t in a)).cpu()
+        assert torch.equal(c, g)
+    long_ids = torch.randint(0, V, (B, 6000), generator=gen)  # longer than the shared-memory sort
+    for idsx, cnt in ((long_ids, None), (None, counts)):
+        a = (rep, 1.0, freq, 0.0, pres, 0.0, idsx, cnt, None, None, None, None, False, V)
+        c = ops.apply_penalties(x, *a)
+        g = ops.apply_penalties(x.cuda(), *(t.cuda() if torch.is_tensor(t) else t for t in a)).cpu()
+        assert torch.equal(c, g)

@@ -167,7 +167,7 @@ __device__ uint64_t top_p_boundary(const void* row, int64_t V, double p, const W
 }
 
 template <int K, int M>
-__global__ void __launch_bounds__(kThreads) sampling_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
   constexpr bool kProbs = K == kProb;
