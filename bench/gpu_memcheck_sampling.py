@@ -2,6 +2,8 @@
 
 import torch
 
+import decodekit  # noqa: F401  (loads the ops)
+
 ops = torch.ops.decodekit
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):

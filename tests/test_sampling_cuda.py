@@ -152,6 +152,8 @@ def test_probs_ops_same_as_cpu():
     probs[7] *= 3.0  # unnormalised rows are fine
     probs[8, :10] = 0.0
     probs[9, 3] = -1.0  # invalid
+    probs[10] *= 1e-25  # a maximum below 2^-60: lifted by an exact power of two on the GPU
+    probs[11] = probs[11] * 1e-37 * 1e-3  # subnormal entries
     _, k, p, m, seed, offset = _row_params(B, gen)
     args = (k, 0, p, 1.0, m, 0.0)
     oc, vc = ops.filter_probs(probs, *args, V)

@@ -109,32 +109,34 @@ __device__ uint64_t top_n_boundary(const void* row, int64_t V, int64_t n, const 
 // the rank word of the last token of the shortest rank-order prefix whose
 // mass reaches p times the set's mass; set_bnd when the prefix never does.
 // When sorted_n > 0, sh.cand[0, sorted_n) already holds the set in rank order.
+// *kept_n: when > 0, the kept tokens are sh.cand[0, *kept_n) in rank order.
 template <int K>
 __device__ uint64_t top_p_boundary(const void* row, int64_t V, double p, const Weight& wt, uint64_t set_bnd,
-                                   int sorted_n, Shared& sh) {
+                                   int sorted_n, int* kept_n, Shared& sh) {
   Mass W;
+  *kept_n = 0;
   if (sorted_n > 0) {
     prefix_reaching(sorted_n, wt, 0, false, &W, sh);
-    const u128 target = u128_of_double(p * u128_to_double(W.value()));
+    const u128 target = u128_ceil_of_double(p * u128_to_double(W.value()));
     const int L = prefix_reaching(sorted_n, wt, target > 0 ? target : 1, true, &W, sh);
+    *kept_n = L > 0 ? L : sorted_n;
     return L > 0 ? sh.cand[L - 1] : set_bnd;
   }
   // The set's mass and, for the whole row, the mass above four thresholds.
   Mass mine, above_t[4];
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float x = load_x<K>(row, i);
-    if (rank_word(x, i) < set_bnd) continue;
+  for_each<K>(row, V, [&](float x, int64_t i) {
+    if (rank_word(x, i) < set_bnd) return;
     const uint64_t q = wt.q(x);
     mine.add(q);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       if (q > (uint64_t{1} << (58 - 4 * j))) above_t[j].add(q);
-  }
+  });
   W = block_sum(mine, sh);
   Mass M[4];
   for (int j = 0; j < 4; ++j) M[j] = block_sum(above_t[j], sh);
   const double Wd = u128_to_double(W.value());
-  u128 target = u128_of_double(p * Wd);
+  u128 target = u128_ceil_of_double(p * Wd);
   if (target == 0) target = 1;
   uint64_t bound = static_cast<uint64_t>(u128_of_double(0.5 * (1.0 - p) * Wd / static_cast<double>(V)));
   if (set_bnd == 0) {
@@ -146,6 +148,7 @@ __device__ uint64_t top_p_boundary(const void* row, int64_t V, double p, const W
     sort_desc(c, sh);
     Mass part;
     const int L = prefix_reaching(c, wt, target, true, &part, sh);
+    *kept_n = L;
     return L > 0 ? sh.cand[L - 1] : set_bnd;
   }
   // Flat row: radix selection by mass over the set.
@@ -192,8 +195,10 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
   const bool use_k = (kProbs || M == kMask || T > 0.0f) && k > 0 && k < V;
   const bool use_p = p < 1.0;
   const bool greedy = (!kProbs && M != kMask && T == 0.0f) || (use_k && k == 1) || p <= 0.0;
-  Weight wt{kProbs, s.max, exp_scale(greedy || kProbs ? 1.0f : inverse_temperature(T)),
-            kProbs ? (s.max > 0.0f ? fixed_scale_for(s.max) : 1.0f) : kTwo62};
+  // Rows of probabilities below 2^-60 are lifted by an exact 2^100 first, so their fixed-point weights keep 61 bits.
+  const float pre = kProbs && s.max < 8.673617379884035e-19f ? 1.2676506002282294e30f : 1.0f;
+  Weight wt{kProbs, s.max, exp_scale(greedy || kProbs ? 1.0f : inverse_temperature(T)), pre,
+            kProbs ? (s.max > 0.0f ? fixed_scale_for(s.max * pre) : 1.0f) : kTwo62};
 
   if (M == kMask) {
     const unsigned short* in16 = static_cast<const unsigned short*>(row);
@@ -241,8 +246,10 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
     return;
   }
 
-  // The kept set: rank word >= bnd and weight >= min_w.
+  // The kept set: rank word >= bnd and weight >= min_w. When kept_n > 0 the
+  // tokens with rank word >= bnd are also sh.cand[0, kept_n), in rank order.
   uint64_t bnd = 0;
+  int kept_n = 0;
   float min_w = min_p > 0.0f ? min_p * (kProbs ? s.max : 1.0f) : 0.0f;
   if (greedy) {
     bnd = rank_word(load_x<K>(row, s.argmax), s.argmax);
@@ -253,8 +260,9 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
       bool sorted;
       bnd = top_n_boundary<K>(row, V, k, wt, sh, &sorted);
       sorted_n = sorted ? static_cast<int>(k) : 0;
+      kept_n = sorted_n;
     }
-    if (use_p) bnd = top_p_boundary<K>(row, V, p, wt, bnd, sorted_n, sh);
+    if (use_p) bnd = top_p_boundary<K>(row, V, p, wt, bnd, sorted_n, &kept_n, sh);
   }
   auto kept = [&](int64_t i, float x) { return rank_word(x, i) >= bnd && wt.w(x) >= min_w; };
 
@@ -266,21 +274,19 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
     }
     Mass mine;
     long long cnt = 0;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float x = load_x<K>(row, i);
+    for_each<K>(row, V, [&](float x, int64_t i) {
       if (kept(i, x) && x > 0.0f) {
         mine.add(wt.q(x));
         ++cnt;
       }
-    }
+    });
     const Mass W = block_sum(mine, sh);
     const Mass C = block_sum(Mass{0, static_cast<uint64_t>(cnt)}, sh);
     const bool copy = static_cast<int64_t>(C.value()) == s.npos;
-    const double Wd = u128_to_double(W.value()) / static_cast<double>(wt.qscale);
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float x = static_cast<const float*>(row)[i];
+    const double Wd = u128_to_double(W.value()) / wt.unit();
+    for_each<K>(row, V, [&](float x, int64_t i) {
       fout[i] = copy ? x : (kept(i, x) ? static_cast<float>(static_cast<double>(x) / Wd) : 0.0f);
-    }
+    });
     if (threadIdx.x == 0) a.valid[b] = true;
     return;
   }
@@ -292,14 +298,21 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
     const double u = PhiloxStreamRef{static_cast<uint64_t>(a.prm.seed.at(b)),
                                      static_cast<uint64_t>(a.prm.offset.at(b)), kStreamSample}
                          .uniform_double(0);
-    const int64_t t = find_in_index_order<K>(
-        row, V, [&](int64_t i, float x) { return kept(i, x) ? wt.q(x) : uint64_t{0}; },
-        [&](Mass tot) {
-          const u128 total = tot.value();
-          const u128 tg = u128_of_double(u * u128_to_double(total));
-          return tg < total ? tg : total - 1;
-        },
-        &W, sh);
+    auto target_of = [&](Mass tot) {
+      const u128 total = tot.value();
+      const u128 tg = u128_of_double(u * u128_to_double(total));
+      return tg < total ? tg : total - 1;
+    };
+    int64_t t;
+    if (kept_n > 0) {  // the kept tokens are in shared memory: min-p keeps a rank prefix of them
+      long long n = 0;
+      for (int j = threadIdx.x; j < kept_n; j += kThreads) n += wt.w(word_value(sh.cand[j])) >= min_w;
+      const int kept_after_min_p = static_cast<int>(block_sum(Mass{0, static_cast<uint64_t>(n)}, sh).value());
+      t = draw_sorted(kept_after_min_p, wt, target_of, &W, sh);
+    } else {
+      t = find_in_index_order<K>(
+          row, V, [&](int64_t i, float x) { return kept(i, x) ? wt.q(x) : uint64_t{0}; }, target_of, &W, sh);
+    }
     token = t >= 0 ? t : s.argmax;
   }
   if (threadIdx.x == 0) {
@@ -310,14 +323,14 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
 
   // Logprobs: of the processed distribution, or raw (log_softmax of the input).
   double log_total = 0.0;
-  Weight raw{kProbs, s.max, exp_scale(1.0f), wt.qscale};
+  const Weight raw{kProbs, s.max, exp_scale(1.0f), wt.pre, wt.qscale};
   if (a.lp.raw) {
     Mass mine;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) mine.add(raw.q(load_x<K>(row, i)));
+    for_each<K>(row, V, [&](float x, int64_t) { mine.add(raw.q(x)); });
     const Mass R = block_sum(mine, sh);
-    log_total = log_double(u128_to_double(R.value()) / static_cast<double>(wt.qscale));
+    log_total = log_double(u128_to_double(R.value()) / wt.unit());
   } else if (!greedy) {
-    log_total = log_double(u128_to_double(W.value()) / static_cast<double>(wt.qscale));
+    log_total = log_double(u128_to_double(W.value()) / wt.unit());
   }
   const float inv_t = greedy || kProbs ? 1.0f : inverse_temperature(T);
   auto logprob = [&](int64_t i) -> float {
@@ -361,13 +374,12 @@ __global__ void __launch_bounds__(kThreads) softmax_kernel(Args a) {
     for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = i == s.argmax ? 1.0f : 0.0f;
     return;
   }
-  const Weight wt{false, s.max, exp_scale(inverse_temperature(T)), kTwo62};
+  const Weight wt{false, s.max, exp_scale(inverse_temperature(T)), 1.0f, kTwo62};
   Mass mine;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) mine.add(wt.q(load_x<K>(row, i)));
+  for_each<K>(row, V, [&](float x, int64_t) { mine.add(wt.q(x)); });
   const Mass W = block_sum(mine, sh);
   const double inv = 1.0 / (u128_to_double(W.value()) / static_cast<double>(kTwo62));
-  for (int64_t i = threadIdx.x; i < V; i += kThreads)
-    out[i] = static_cast<float>(static_cast<double>(wt.w(load_x<K>(row, i))) * inv);
+  for_each<K>(row, V, [&](float x, int64_t i) { out[i] = static_cast<float>(static_cast<double>(wt.w(x)) * inv); });
 }
 
 template <int K>
@@ -436,7 +448,7 @@ cudaError_t argmax(const LogitsView& logits, int64_t* ids, bool* valid, cudaStre
 
 cudaError_t sample_from_logits(const LogitsView& logits, const SamplingParams& params, const LogprobRequest& lp,
                                int64_t* ids, bool* valid, cudaStream_t stream) {
-  if (lp.n_top > kMaxTopLogprobs) return cudaErrorInvalidValue;
+  if (lp.n_top > kMaxTopLogprobs || lp.n_top > logits.vocab_size) return cudaErrorInvalidValue;
   Args a = args_of(logits);
   a.prm = params;
   a.lp = lp;
@@ -450,8 +462,9 @@ cudaError_t sample_from_logits(const LogitsView& logits, const SamplingParams& p
 cudaError_t sample_from_probs(const ProbsView& probs, const FilterParams& params, RowParam<int64_t> seed,
                               RowParam<int64_t> offset, const LogprobRequest& lp, int64_t* ids, bool* valid,
                               cudaStream_t stream) {
-  if (lp.n_top > kMaxTopLogprobs) return cudaErrorInvalidValue;
+  if (lp.n_top > kMaxTopLogprobs || lp.n_top > probs.vocab_size) return cudaErrorInvalidValue;
   if (probs.batch == 0) return cudaSuccess;
+  if (probs.batch > 2147483647) return cudaErrorInvalidValue;
   Args a = args_of(probs);
   a.prm.top_k = params.top_k;
   a.prm.top_p = params.top_p;
@@ -468,6 +481,7 @@ cudaError_t sample_from_probs(const ProbsView& probs, const FilterParams& params
 cudaError_t filter_probs(const ProbsView& probs, const FilterParams& params, float* out, bool* valid,
                          cudaStream_t stream) {
   if (probs.batch == 0) return cudaSuccess;
+  if (probs.batch > 2147483647) return cudaErrorInvalidValue;
   Args a = args_of(probs);
   a.prm.top_k = params.top_k;
   a.prm.top_p = params.top_p;

@@ -34,6 +34,66 @@ __device__ __forceinline__ float load_x(const void* row, int64_t i) {
   }
 }
 
+// Elements per 16-byte vector load.
+template <int K>
+constexpr int kVec = (K == kF32 || K == kProb) ? 4 : 8;
+
+template <int K>
+__device__ __forceinline__ bool row_aligned(const void* row) {
+  return (reinterpret_cast<uintptr_t>(row) & 15u) == 0;
+}
+
+// The kVec<K> elements of vector v (16-byte aligned row) as floats.
+template <int K>
+__device__ __forceinline__ void load_vec(const void* row, int64_t v, float* x) {
+  if constexpr (K == kF32 || K == kProb) {
+    const float4 q = __ldg(static_cast<const float4*>(row) + v);
+    x[0] = q.x;
+    x[1] = q.y;
+    x[2] = q.z;
+    x[3] = q.w;
+  } else {
+    const uint4 q = __ldg(static_cast<const uint4*>(row) + v);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const unsigned short lo = static_cast<unsigned short>(w[j] & 0xffffu), hi = static_cast<unsigned short>(w[j] >> 16);
+      x[2 * j] = K == kF16 ? half_bits_to_float(lo) : bf16_bits_to_float(lo);
+      x[2 * j + 1] = K == kF16 ? half_bits_to_float(hi) : bf16_bits_to_float(hi);
+    }
+  }
+}
+
+// Calls f(x, i) for every index i < V this thread owns (vector v = thread +
+// kThreads j, then a scalar tail), with 16-byte loads, two vectors in flight.
+// The set of indices per thread depends only on V and the alignment.
+template <int K, class F>
+__device__ __forceinline__ void for_each(const void* row, int64_t V, F&& f) {
+  constexpr int W = kVec<K>;
+  int64_t tail = 0;
+  if (row_aligned<K>(row)) {
+    const int64_t nv = V / W;
+    int64_t v = threadIdx.x;
+    for (; v + kThreads < nv; v += 2 * kThreads) {
+      float a[W], b[W];
+      load_vec<K>(row, v, a);
+      load_vec<K>(row, v + kThreads, b);
+#pragma unroll
+      for (int j = 0; j < W; ++j) f(a[j], v * W + j);
+#pragma unroll
+      for (int j = 0; j < W; ++j) f(b[j], (v + kThreads) * W + j);
+    }
+    if (v < nv) {
+      float a[W];
+      load_vec<K>(row, v, a);
+#pragma unroll
+      for (int j = 0; j < W; ++j) f(a[j], v * W + j);
+    }
+    tail = nv * W;
+  }
+  for (int64_t i = tail + threadIdx.x; i < V; i += kThreads) f(load_x<K>(row, i), i);
+}
+
 // A token's rank word: rank_key(x) above, then the inverted index, so that a
 // larger word ranks first (value descending, index ascending on ties). Words
 // are unique within a row.
@@ -53,11 +113,14 @@ struct Weight {
   bool identity;
   float m;
   ExpScale c;
-  float qscale;
+  float pre;     // an exact power of two lifting rows of tiny probabilities (1 otherwise)
+  float qscale;  // 2^(62 - e): maps the row's largest weight (times pre) into (2^61, 2^62]
   __device__ __forceinline__ float w(float x) const {
     return identity ? x : exp_scaled_nonpositive(x - m, c.hi, c.lo);
   }
-  __device__ __forceinline__ uint64_t q(float x) const { return fixed_of(w(x), qscale); }
+  __device__ __forceinline__ uint64_t q(float x) const { return fixed_of(w(x) * pre, qscale); }
+  // One weight unit in fixed-point units: a mass M is the weight sum M / unit().
+  __device__ __forceinline__ double unit() const { return static_cast<double>(qscale) * static_cast<double>(pre); }
 };
 
 struct Shared {
@@ -104,16 +167,7 @@ __device__ Stats pass_a(const void* row, int64_t V, Shared& sh) {
     flags |= (x < 0.0f) ? 4 : 0;
     npos += x > 0.0f ? 1 : 0;
   };
-  int64_t i = threadIdx.x;
-  for (; i + 3 * kThreads < V; i += 4 * kThreads) {
-    const float x0 = load_x<K>(row, i), x1 = load_x<K>(row, i + kThreads);
-    const float x2 = load_x<K>(row, i + 2 * kThreads), x3 = load_x<K>(row, i + 3 * kThreads);
-    visit(x0, i);
-    visit(x1, i + kThreads);
-    visit(x2, i + 2 * kThreads);
-    visit(x3, i + 3 * kThreads);
-  }
-  for (; i < V; i += kThreads) visit(load_x<K>(row, i), i);
+  for_each<K>(row, V, visit);
   sh.tmax[threadIdx.x] = tm;
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(kFull, m, o);
@@ -155,7 +209,7 @@ __device__ __forceinline__ Mass warp_sum(Mass v) {
   return v;
 }
 
-__device__ Mass block_sum(Mass v, Shared& sh) {
+__device__ inline Mass block_sum(Mass v, Shared& sh) {
   v = warp_sum(v);
   if (lane() == 0) {
     sh.red_a[warp()] = v.hi;
@@ -169,7 +223,7 @@ __device__ Mass block_sum(Mass v, Shared& sh) {
 }
 
 // Exclusive prefix (in thread order) of v; *total = the block's sum.
-__device__ Mass block_exclusive_scan(Mass v, Mass* total, Shared& sh) {
+__device__ inline Mass block_exclusive_scan(Mass v, Mass* total, Shared& sh) {
   Mass inc = v;
   for (int o = 1; o < 32; o <<= 1) {
     const unsigned long long hi = __shfl_up_sync(kFull, inc.hi, o), lo = __shfl_up_sync(kFull, inc.lo, o);
@@ -203,10 +257,31 @@ __device__ Mass block_exclusive_scan(Mass v, Mass* total, Shared& sh) {
 template <int K, class Measure, class TargetOf>
 __device__ int64_t find_in_index_order(const void* row, int64_t V, Measure measure, TargetOf target_of,
                                        Mass* total_out, Shared& sh) {
-  const int64_t chunk = (V + kThreads - 1) / kThreads;
+  constexpr int W = kVec<K>;
+  const bool aligned = row_aligned<K>(row);
+  const int64_t chunk = ((V + kThreads - 1) / kThreads + W - 1) / W * W;
   const int64_t lo = threadIdx.x * chunk, hi = lo + chunk < V ? lo + chunk : V;
+  // Visits [lo, hi) in ascending order until g returns true.
+  auto walk = [&](auto&& g) {
+    int64_t i = lo;
+    if (aligned) {
+      for (; i + W <= hi; i += W) {
+        float a[W];
+        load_vec<K>(row, i / W, a);
+        bool stop = false;
+#pragma unroll
+        for (int j = 0; j < W; ++j) stop = stop || g(a[j], i + j);
+        if (stop) return;
+      }
+    }
+    for (; i < hi; ++i)
+      if (g(load_x<K>(row, i), i)) return;
+  };
   Mass mine;
-  for (int64_t i = lo; i < hi; ++i) mine.add(measure(i, load_x<K>(row, i)));
+  walk([&](float x, int64_t i) {
+    mine.add(measure(i, x));
+    return false;
+  });
   Mass total;
   const Mass before = block_exclusive_scan(mine, &total, sh);
   *total_out = total;
@@ -215,13 +290,14 @@ __device__ int64_t find_in_index_order(const void* row, int64_t V, Measure measu
   __syncthreads();
   Mass run = before;
   if (run.value() <= target && run.value() + mine.value() > target) {
-    for (int64_t i = lo; i < hi; ++i) {
-      run.add(measure(i, load_x<K>(row, i)));
+    walk([&](float x, int64_t i) {
+      run.add(measure(i, x));
       if (run.value() > target) {
         sh.found = i;
-        break;
+        return true;
       }
-    }
+      return false;
+    });
   }
   __syncthreads();
   const int64_t r = sh.found;
@@ -229,28 +305,46 @@ __device__ int64_t find_in_index_order(const void* row, int64_t V, Measure measu
   return r;
 }
 
+// The value whose rank_key is key.
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
 // Appends the rank words of the tokens with pred(i, x) to sh.cand (the first
 // kCap of them); returns how many satisfied pred.
 template <int K, class Pred>
 __device__ int gather(const void* row, int64_t V, Pred pred, Shared& sh) {
+  constexpr int W = kVec<K>;
   if (threadIdx.x == 0) sh.ncand = 0;
   __syncthreads();
-  const int64_t rounds = (V + kThreads - 1) / kThreads;
-  for (int64_t r = 0; r < rounds; ++r) {
-    const int64_t i = r * kThreads + threadIdx.x;
-    float x = 0.0f;
-    bool take = false;
-    if (i < V) {
-      x = load_x<K>(row, i);
-      take = pred(i, x);
-    }
+  auto put = [&](bool take, float x, int64_t i) {  // every lane of the warp calls it together
     const unsigned bal = __ballot_sync(kFull, take);
-    if (bal == 0) continue;
+    if (bal == 0) return;
     int base = 0;
     if (lane() == 0) base = atomicAdd(&sh.ncand, __popc(bal));
     base = __shfl_sync(kFull, base, 0);
     const int slot = base + __popc(bal & ((1u << lane()) - 1u));
     if (take && slot < kCap) sh.cand[slot] = rank_word(x, i);
+  };
+  int64_t tail = 0;
+  if (row_aligned<K>(row)) {
+    const int64_t nv = V / W;
+    const int64_t rounds = (nv + kThreads - 1) / kThreads;
+    for (int64_t r = 0; r < rounds; ++r) {
+      const int64_t v = r * kThreads + threadIdx.x;
+      float a[W];
+      const bool in = v < nv;
+      if (in) load_vec<K>(row, v, a);
+#pragma unroll
+      for (int j = 0; j < W; ++j) put(in && pred(v * W + j, a[j]), in ? a[j] : 0.0f, v * W + j);
+    }
+    tail = nv * W;
+  }
+  const int64_t rounds = (V - tail + kThreads - 1) / kThreads;
+  for (int64_t r = 0; r < rounds; ++r) {
+    const int64_t i = tail + r * kThreads + threadIdx.x;
+    const float x = i < V ? load_x<K>(row, i) : 0.0f;
+    put(i < V && pred(i, x), x, i);
   }
   __syncthreads();
   const int n = sh.ncand;
@@ -260,7 +354,7 @@ __device__ int gather(const void* row, int64_t V, Pred pred, Shared& sh) {
 
 // Sorts sh.cand[0, n) descending (rank order); n <= kCap. Bitonic over the
 // next power of two, padded with 0 (below every rank word).
-__device__ void sort_desc(int n, Shared& sh) {
+__device__ inline void sort_desc(int n, Shared& sh) {
   int P = 1;
   while (P < n) P <<= 1;
   for (int i = n + threadIdx.x; i < P; i += kThreads) sh.cand[i] = 0;
@@ -284,7 +378,7 @@ __device__ void sort_desc(int n, Shared& sh) {
 
 // The position (1-based) in sh.cand[0, n) (rank order) where the running sum
 // of q first reaches target; 0 if it never does. *total = sum over all n.
-__device__ int prefix_reaching(int n, const Weight& wt, u128 target, bool use_target, Mass* total, Shared& sh) {
+__device__ inline int prefix_reaching(int n, const Weight& wt, u128 target, bool use_target, Mass* total, Shared& sh) {
   // Each thread takes a contiguous run of the sorted candidates.
   const int per = (n + kThreads - 1) / kThreads;
   const int lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
@@ -312,6 +406,43 @@ __device__ int prefix_reaching(int n, const Weight& wt, u128 target, bool use_ta
   return r;
 }
 
+// Inverse CDF over the kept tokens sh.cand[0, n) (rank words, n <= kCap):
+// they are re-sorted into ascending index order and the first whose running
+// mass exceeds target_of(total) is returned (-1 if none); *total = their mass.
+template <class TargetOf>
+__device__ int64_t draw_sorted(int n, const Weight& wt, TargetOf target_of, Mass* total, Shared& sh) {
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    const uint64_t w = sh.cand[j];
+    sh.cand[j] = (static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(word_index(w))) << 32) | (w >> 32);
+  }
+  __syncthreads();
+  sort_desc(n, sh);  // descending inverted index: ascending index
+  const int per = (n + kThreads - 1) / kThreads;
+  const int lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
+  Mass mine;
+  for (int j = lo; j < hi; ++j) mine.add(wt.q(key_value(static_cast<uint32_t>(sh.cand[j]))));
+  Mass tot;
+  const Mass before = block_exclusive_scan(mine, &tot, sh);
+  *total = tot;
+  const u128 target = target_of(tot);
+  if (threadIdx.x == 0) sh.found = -1;
+  __syncthreads();
+  Mass run = before;
+  if (run.value() <= target && run.value() + mine.value() > target) {
+    for (int j = lo; j < hi; ++j) {
+      run.add(wt.q(key_value(static_cast<uint32_t>(sh.cand[j]))));
+      if (run.value() > target) {
+        sh.found = 0xffffffffu - static_cast<uint32_t>(sh.cand[j] >> 32);
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t r = sh.found;
+  __syncthreads();
+  return r;
+}
+
 // Histogram radix selection over rank_key digits (the fallback when the
 // candidates do not fit in shared memory): among tokens with in_set(i, x),
 // the key at which the running measure from the top (1 per token, or q)
@@ -325,11 +456,10 @@ __device__ bool radix_select(const void* row, int64_t V, const Weight& wt, InSet
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kThreads) sh.hist_hi[b] = sh.hist_lo[b] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float x = load_x<K>(row, i);
+    for_each<K>(row, V, [&](float x, int64_t i) {
       const uint32_t key = rank_key(x);
-      if (shift < 24 && (key >> (shift + 8)) != prefix) continue;
-      if (!in_set(i, x)) continue;
+      if (shift < 24 && (key >> (shift + 8)) != prefix) return;
+      if (!in_set(i, x)) return;
       const int b = (key >> shift) & 255;
       if constexpr (kMass) {
         const uint64_t q = wt.q(x);
@@ -340,7 +470,7 @@ __device__ bool radix_select(const void* row, int64_t V, const Weight& wt, InSet
       } else {
         atomicAdd(&sh.hist_lo[b], 1ull);
       }
-    }
+    });
     __syncthreads();
     if (threadIdx.x < 32) {  // one warp scans the 256 buckets from the top
       const u128 want = target - above->value();

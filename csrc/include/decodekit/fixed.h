@@ -66,14 +66,21 @@ DK_HOST_DEVICE u128 u128_of_double(double t) {
   return (static_cast<u128>(static_cast<uint64_t>(h)) << 62) + static_cast<uint64_t>(l);
 }
 
+// ceil(t) for 0 <= t < 2^124: the smallest integer mass m with m >= t.
+DK_HOST_DEVICE u128 u128_ceil_of_double(double t) {
+  u128 r = u128_of_double(t);
+  if (u128_to_double(r) < t) r += 1;
+  return r;
+}
+
 // The power of two 2^(62 - e) with 2^e >= max_w (the smallest such e, so that
 // every w / 2^e <= 1): the factor fixed_of() takes. max_w must be > 0 and finite.
 DK_HOST_DEVICE float fixed_scale_for(float max_w) {
   int e = static_cast<int>((float_to_bits(max_w) >> 23) & 0xff) - 127;  // floor(log2) for normals
   if (((float_to_bits(max_w) >> 23) & 0xff) == 0) e = -126;            // subnormal max: 2^-126 covers it
   if (bits_to_float(static_cast<uint32_t>(e + 127) << 23) < max_w) e += 1;  // not a power of two: round up
-  int s = 62 - e;                           // in [-66, 188]
-  if (s > 127) s = 127;                     // tiny rows: 2^127 still maps max to >= 2^(127-126)
+  int s = 62 - e;  // callers keep max_w >= 2^-60 (so s <= 122) and finite (s >= -66)
+  if (s > 127) s = 127;
   if (s < -126) s = -126;
   return bits_to_float(static_cast<uint32_t>(s + 127) << 23);
 }
