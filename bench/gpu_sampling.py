@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -168,6 +169,12 @@ def main():
     tf = bench(lambda a: ours(a, k=50, p=0.9, det=False), x)
     results["det_vs_fast"] = {"det_us": td * 1e6, "fast_us": tf * 1e6}
     print(f"deterministic {td*1e6:.1f} us vs fast {tf*1e6:.1f} us (B=64, V=128256, top-k 50 + top-p 0.9)")
+    os.environ["DECODEKIT_CUDA_CLUSTER"] = "0"
+    for name, kw in (("top_k50_top_p0.9", dict(k=50, p=0.9)), ("top_p0.9", dict(p=0.9)), ("temperature", {})):
+        t1 = bench(lambda a, kw=kw: ours(a, **kw), x)
+        results.setdefault("one_block_path", {})[name] = t1 * 1e6
+        print(f"one block per row (DECODEKIT_CUDA_CLUSTER=0) {name}: {t1*1e6:.1f} us (B=64, V=128256)")
+    del os.environ["DECODEKIT_CUDA_CLUSTER"]
     # B = 1 in a CUDA graph
     x1 = torch.randn(1, 128256, device="cuda") * 4
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")

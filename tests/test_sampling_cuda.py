@@ -283,3 +283,53 @@ def test_apply_penalties_same_bits_as_cpu(dtype):
         c = ops.apply_penalties(x, *a)
         g = ops.apply_penalties(x.cuda(), *(t.cuda() if torch.is_tensor(t) else t for t in a)).cpu()
         assert torch.equal(c, g)
+
+
+@pytest.mark.parametrize("cluster", ["1", "0"])
+@pytest.mark.parametrize("V", [3000, 32000, 128256, 151936])
+def test_ids_without_logprobs_cluster_and_one_block_paths(V, cluster, monkeypatch):
+    # Without logprobs, compute capability >= 9 rows go through the cluster path
+    # (sampling_cluster.cu) unless DECODEKIT_CUDA_CLUSTER=0; rows it leaves (top-k > 512,
+    # candidate overflow on flat rows) go to the one-block kernel. Ids equal the CPU's either way.
+    monkeypatch.setenv("DECODEKIT_CUDA_CLUSTER", cluster)
+    gen = torch.Generator().manual_seed(V)
+    B = 36
+    for kind, dtype in (("randn4", torch.float32), ("zipf", torch.bfloat16), ("ties", torch.float16),
+                        ("randn1", torch.float32)):
+        x = _logits(B, V, kind, gen, dtype)
+        x[1] = (torch.randn(V, generator=gen) * 0.01).to(dtype)  # flat: more candidates than fit
+        x[2, 5] = float("nan")
+        params = _row_params(B, gen)
+        params[2][1] = 0.95
+        vs = V - 3
+        cpu = _sample_logits(x, *params, vs)
+        gpu = _sample_logits(x.cuda(), *params, vs)
+        assert torch.equal(cpu[1], gpu[1].cpu()), kind
+        assert torch.equal(cpu[0], gpu[0].cpu()), kind
+
+
+def test_cluster_path_batch_invariance_and_graph_capture():
+    gen = torch.Generator().manual_seed(21)
+    B, V = 40, 128256
+    x = _logits(B, V, "randn4", gen).cuda()
+    params = [a.cuda() for a in _row_params(B, gen)]
+    full = _sample_logits(x, *params, V)
+    for r in (0, 13, 39):
+        one = _sample_logits(x[r:r + 1], *[a[r:r + 1] for a in params], V)
+        assert torch.equal(one[0], full[0][r:r + 1]) and torch.equal(one[1], full[1][r:r + 1])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _sample_logits(x, *params, V)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = _sample_logits(x, *params, V)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], full[0])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _sample_logits(x, *params, V)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

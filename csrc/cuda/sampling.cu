@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/sampling_cluster.h"
 #include "cuda/sampling_row.cuh"
 #include "decodekit/fixed.h"
 #include "decodekit/math.h"
@@ -48,6 +49,7 @@ struct Args {
   int64_t* ids;
   bool* valid;
   void* out;  // filter_probs: float [B, vocab]; top_k_mask_logits: logits dtype [B, vocab]
+  const unsigned char* only_rows;  // when set, rows with only_rows[b] == 0 are left as they are
 };
 
 __device__ __forceinline__ bool params_ok(float T, double p, float min_p) {
@@ -173,6 +175,7 @@ template <int K, int M>
 __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
+  if (a.only_rows && !a.only_rows[b]) return;  // finished by the cluster path
   constexpr bool kProbs = K == kProb;
   constexpr int64_t kElem = (K == kF32 || K == kProb) ? 4 : 2;
   const void* row = static_cast<const char*>(a.data) + b * a.row_stride * kElem;
@@ -447,13 +450,18 @@ cudaError_t argmax(const LogitsView& logits, int64_t* ids, bool* valid, cudaStre
 }
 
 cudaError_t sample_from_logits(const LogitsView& logits, const SamplingParams& params, const LogprobRequest& lp,
-                               int64_t* ids, bool* valid, cudaStream_t stream) {
+                               int64_t* ids, bool* valid, unsigned char* scratch, cudaStream_t stream) {
   if (lp.n_top > kMaxTopLogprobs || lp.n_top > logits.vocab_size) return cudaErrorInvalidValue;
   Args a = args_of(logits);
   a.prm = params;
   a.lp = lp;
   a.ids = ids;
   a.valid = valid;
+  if (scratch && cluster_path_applies(logits, lp)) {
+    const cudaError_t e = sample_from_logits_cluster(logits, params, ids, valid, scratch, stream);
+    if (e != cudaSuccess) return e;
+    a.only_rows = scratch;
+  }
   const dim3 grid(static_cast<unsigned>(logits.batch));
   return launch(logits.batch, logits.kind,
                 [&](auto k) { sampling_kernel<k(), kSample><<<grid, kThreads, 0, stream>>>(a); });

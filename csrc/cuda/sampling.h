@@ -32,8 +32,12 @@ cudaError_t softmax(const LogitsView& logits, RowParam<float> temperature, float
 
 cudaError_t argmax(const LogitsView& logits, int64_t* ids, bool* valid, cudaStream_t stream);
 
+// scratch: B bytes of device memory, or nullptr. With it, on compute
+// capability >= 9.0 and without logprob requests, rows are sampled by a
+// cluster of blocks per row (sampling_cluster.cu: the same ids, each row read
+// once), and the rows that path leaves go to the one-block-per-row kernel.
 cudaError_t sample_from_logits(const LogitsView& logits, const SamplingParams& params, const LogprobRequest& lp,
-                               int64_t* ids, bool* valid, cudaStream_t stream);
+                               int64_t* ids, bool* valid, unsigned char* scratch, cudaStream_t stream);
 
 cudaError_t sample_from_probs(const ProbsView& probs, const FilterParams& params, RowParam<int64_t> seed,
                               RowParam<int64_t> offset, const LogprobRequest& lp, int64_t* ids, bool* valid,

@@ -4,6 +4,9 @@
 // unique 64-bit rank words, so a row's result never depends on thread timing.
 #pragma once
 
+#include <cooperative_groups.h>
+#include <cooperative_groups/reduce.h>
+
 #include <cstdint>
 
 #include "decodekit/fixed.h"
@@ -209,7 +212,8 @@ __device__ __forceinline__ Mass warp_sum(Mass v) {
   return v;
 }
 
-__device__ inline Mass block_sum(Mass v, Shared& sh) {
+template <class Sh>
+__device__ Mass block_sum(Mass v, Sh& sh) {
   v = warp_sum(v);
   if (lane() == 0) {
     sh.red_a[warp()] = v.hi;
@@ -223,7 +227,8 @@ __device__ inline Mass block_sum(Mass v, Shared& sh) {
 }
 
 // Exclusive prefix (in thread order) of v; *total = the block's sum.
-__device__ inline Mass block_exclusive_scan(Mass v, Mass* total, Shared& sh) {
+template <class Sh>
+__device__ Mass block_exclusive_scan(Mass v, Mass* total, Sh& sh) {
   Mass inc = v;
   for (int o = 1; o < 32; o <<= 1) {
     const unsigned long long hi = __shfl_up_sync(kFull, inc.hi, o), lo = __shfl_up_sync(kFull, inc.lo, o);
@@ -354,7 +359,8 @@ __device__ int gather(const void* row, int64_t V, Pred pred, Shared& sh) {
 
 // Sorts sh.cand[0, n) descending (rank order); n <= kCap. Bitonic over the
 // next power of two, padded with 0 (below every rank word).
-__device__ inline void sort_desc(int n, Shared& sh) {
+template <class Sh>
+__device__ void sort_desc(int n, Sh& sh) {
   int P = 1;
   while (P < n) P <<= 1;
   for (int i = n + threadIdx.x; i < P; i += kThreads) sh.cand[i] = 0;
@@ -378,7 +384,8 @@ __device__ inline void sort_desc(int n, Shared& sh) {
 
 // The position (1-based) in sh.cand[0, n) (rank order) where the running sum
 // of q first reaches target; 0 if it never does. *total = sum over all n.
-__device__ inline int prefix_reaching(int n, const Weight& wt, u128 target, bool use_target, Mass* total, Shared& sh) {
+template <class Sh>
+__device__ int prefix_reaching(int n, const Weight& wt, u128 target, bool use_target, Mass* total, Sh& sh) {
   // Each thread takes a contiguous run of the sorted candidates.
   const int per = (n + kThreads - 1) / kThreads;
   const int lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
@@ -409,8 +416,8 @@ __device__ inline int prefix_reaching(int n, const Weight& wt, u128 target, bool
 // Inverse CDF over the kept tokens sh.cand[0, n) (rank words, n <= kCap):
 // they are re-sorted into ascending index order and the first whose running
 // mass exceeds target_of(total) is returned (-1 if none); *total = their mass.
-template <class TargetOf>
-__device__ int64_t draw_sorted(int n, const Weight& wt, TargetOf target_of, Mass* total, Shared& sh) {
+template <class TargetOf, class Sh>
+__device__ int64_t draw_sorted(int n, const Weight& wt, TargetOf target_of, Mass* total, Sh& sh) {
   for (int j = threadIdx.x; j < n; j += kThreads) {
     const uint64_t w = sh.cand[j];
     sh.cand[j] = (static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(word_index(w))) << 32) | (w >> 32);
@@ -461,14 +468,20 @@ __device__ bool radix_select(const void* row, int64_t V, const Weight& wt, InSet
       if (shift < 24 && (key >> (shift + 8)) != prefix) return;
       if (!in_set(i, x)) return;
       const int b = (key >> shift) & 255;
+      // Lanes of a warp that hit one bucket add together, then one atomic per
+      // bucket: flat rows send nearly every token to one or two buckets.
+      namespace cg = cooperative_groups;
+      const auto grp = cg::labeled_partition(cg::coalesced_threads(), b);
       if constexpr (kMass) {
         const uint64_t q = wt.q(x);
-        if (q) {
-          atomicAdd(&sh.hist_hi[b], static_cast<unsigned long long>(q >> 31));
-          atomicAdd(&sh.hist_lo[b], static_cast<unsigned long long>(q & 0x7fffffffu));
+        const unsigned long long hi = cg::reduce(grp, static_cast<unsigned long long>(q >> 31), cg::plus<unsigned long long>());
+        const unsigned long long lo = cg::reduce(grp, static_cast<unsigned long long>(q & 0x7fffffffu), cg::plus<unsigned long long>());
+        if (grp.thread_rank() == 0 && (hi | lo)) {
+          atomicAdd(&sh.hist_hi[b], hi);
+          atomicAdd(&sh.hist_lo[b], lo);
         }
-      } else {
-        atomicAdd(&sh.hist_lo[b], 1ull);
+      } else if (grp.thread_rank() == 0) {
+        atomicAdd(&sh.hist_lo[b], static_cast<unsigned long long>(grp.size()));
       }
     });
     __syncthreads();

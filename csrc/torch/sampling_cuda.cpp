@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -92,7 +93,13 @@ SampleResult sample_from_logits_cuda(
   auto lp = logprob_outputs(logits, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
   auto ids = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  // DECODEKIT_CUDA_CLUSTER=0 turns the cluster fast path off (the same ids either way).
+  const char* env = std::getenv("DECODEKIT_CUDA_CLUSTER");
+  const bool cluster = !(env && env[0] == '0');
+  at::Tensor scratch;
+  if (cluster && logits.size(0) > 0) scratch = at::empty({logits.size(0)}, logits.options().dtype(at::kByte));
   check_ok(dk::cuda::sample_from_logits(view, prm, lp.request, ids.data_ptr<int64_t>(), valid.data_ptr<bool>(),
+                                        scratch.defined() ? scratch.data_ptr<uint8_t>() : nullptr,
                                         current_stream(logits.device())),
            "sample_from_logits");
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
