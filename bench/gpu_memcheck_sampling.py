@@ -16,6 +16,7 @@ for dtype in (torch.float32, torch.bfloat16):
         p = torch.tensor([1.0, 0.9, 0.0, 0.95, 0.5, 1.0] * 2, device="cuda", dtype=torch.float64)
         m = torch.tensor([0.0, 0.1, 0.0] * 4, device="cuda")
         seed = torch.arange(B, device="cuda")
+        ops.sample_from_logits(x, T, 0, k, 0, p, 1.0, m, 0.0, seed, 0, None, 3, V - 5, True, False, 0, False)
         for raw in (False, True):
             ops.sample_from_logits(x, T, 0, k, 0, p, 1.0, m, 0.0, seed, 0, None, 3, V - 5, True, True, 7, raw)
         ops.softmax(x, T, 0.0, V - 5, True)

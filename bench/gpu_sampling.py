@@ -43,19 +43,45 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / statistics.median(times)
 
 
-def bench(fn, inputs, reps=30) -> float:
-    """Median seconds per call, rotating over the input sets (cold L2)."""
+def bench(fn, inputs, reps=5, calls=20) -> float:
+    """Seconds per call: `calls` back-to-back calls over the rotating input sets between two
+    events (median of `reps`). Includes the host's launch cost where it exceeds the GPU's."""
     for i in range(3):
         fn(inputs[i % len(inputs)])
     times = []
-    for r in range(reps):
-        x = inputs[r % len(inputs)]
+    for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn(x)
+        for c in range(calls):
+            fn(inputs[c % len(inputs)])
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
+        times.append(s.elapsed_time(e) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def bench_graph(fn, inputs, reps=5) -> float:
+    """Seconds per call of the GPU work alone: one call per input set captured in a CUDA
+    graph, the graph replayed (median of `reps`)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for x in inputs:
+            fn(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for x in inputs:
+            fn(x)
+    g.replay()
+    times = []
+    for _ in range(reps):
+        st, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(st.elapsed_time(e) / 1e3 / len(inputs))
     return statistics.median(times)
 
 
@@ -155,25 +181,29 @@ def main():
             inputs = {kind: make_inputs(B, V, kind) for kind in ("randn4", "flat")}
             for name, fn, rec, kind in cases:
                 t = bench(fn, inputs[kind])
-                tr = bench(rec, inputs[kind], reps=10)
+                tg = bench_graph(fn, inputs[kind])
+                tr = bench(rec, inputs[kind], reps=3)
                 out_bytes = B * V * 4 if name in ("softmax", "top_k_mask50") else B * 8
-                frac = (B * V * 4 + out_bytes) / t / bw
-                row = {"op": name, "B": B, "V": V, "us": t * 1e6, "recipe_us": tr * 1e6, "speedup": tr / t,
-                       "bw_frac": frac}
+                frac = (B * V * 4 + out_bytes) / tg / bw
+                row = {"op": name, "B": B, "V": V, "us": t * 1e6, "graph_us": tg * 1e6, "recipe_us": tr * 1e6,
+                       "speedup": tr / t, "bw_frac_graph": frac}
                 results["rows"].append(row)
-                print(f"{name:18s} B={B:4d} V={V:6d}  {t*1e6:9.1f} us  recipe {tr*1e6:9.1f} us  "
-                      f"x{tr/t:7.2f}  {100*frac:5.1f}% of copy bw", flush=True)
+                print(f"{name:18s} B={B:4d} V={V:6d}  eager {t*1e6:8.1f} us  graph {tg*1e6:8.1f} us  "
+                      f"recipe {tr*1e6:8.1f} us  x{tr/t:6.2f}  {100*frac:5.1f}% of copy bw (graph)", flush=True)
     # deterministic vs fast mode (one path today: same kernels)
     x = make_inputs(64, 128256)
-    td = bench(lambda a: ours(a, k=50, p=0.9, det=True), x)
-    tf = bench(lambda a: ours(a, k=50, p=0.9, det=False), x)
+    td = bench_graph(lambda a: ours(a, k=50, p=0.9, det=True), x)
+    tf = bench_graph(lambda a: ours(a, k=50, p=0.9, det=False), x)
+    for name, kw in (("top_k50_top_p0.9", dict(k=50, p=0.9)), ("top_p0.9", dict(p=0.9)), ("temperature", {})):
+        results.setdefault("cluster_path", {})[name] = bench_graph(lambda a, kw=kw: ours(a, **kw), x) * 1e6
     results["det_vs_fast"] = {"det_us": td * 1e6, "fast_us": tf * 1e6}
     print(f"deterministic {td*1e6:.1f} us vs fast {tf*1e6:.1f} us (B=64, V=128256, top-k 50 + top-p 0.9)")
     os.environ["DECODEKIT_CUDA_CLUSTER"] = "0"
     for name, kw in (("top_k50_top_p0.9", dict(k=50, p=0.9)), ("top_p0.9", dict(p=0.9)), ("temperature", {})):
-        t1 = bench(lambda a, kw=kw: ours(a, **kw), x)
+        t1 = bench_graph(lambda a, kw=kw: ours(a, **kw), x)
         results.setdefault("one_block_path", {})[name] = t1 * 1e6
-        print(f"one block per row (DECODEKIT_CUDA_CLUSTER=0) {name}: {t1*1e6:.1f} us (B=64, V=128256)")
+        print(f"B=64 V=128256 {name}: cluster path {results['cluster_path'][name]:.1f} us, "
+              f"one block per row (DECODEKIT_CUDA_CLUSTER=0) {t1*1e6:.1f} us (graph)")
     del os.environ["DECODEKIT_CUDA_CLUSTER"]
     # B = 1 in a CUDA graph
     x1 = torch.randn(1, 128256, device="cuda") * 4
@@ -189,7 +219,7 @@ def main():
         for _ in range(20):
             ops.sample_from_logits(x1, None, 0.7, None, 50, None, 0.9, None, 0.0, seed, 0, None, 0, 128256, True,
                                    False, 0, False)
-    tg = bench(lambda _: g.replay(), [None], reps=20) / 20
+    tg = bench(lambda _: g.replay(), [None], reps=5, calls=5) / 20
     results["graph_B1_us"] = tg * 1e6
     print(f"B=1 V=128256 top-k 50 + top-p 0.9 in a CUDA graph: {tg*1e6:.2f} us per call")
     t0 = time.time()
