@@ -39,7 +39,7 @@ using namespace row;
 
 constexpr float kTwo62 = 4611686018427387904.0f;
 
-enum Mode : int { kSample = 0, kFilter = 1, kMask = 2 };
+enum Mode : int { kSample = 0, kFilter = 1, kMask = 2, kProcessed = 3 };
 
 struct Args {
   const void* data;
@@ -228,8 +228,8 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
     return;
   }
 
-  float* fout = M == kFilter ? static_cast<float*>(a.out) + b * a.vocab : nullptr;
-  if (M == kFilter)
+  float* fout = (M == kFilter || M == kProcessed) ? static_cast<float*>(a.out) + b * a.vocab : nullptr;
+  if (M == kFilter || M == kProcessed)
     for (int64_t i = V + threadIdx.x; i < a.vocab; i += kThreads) fout[i] = 0.0f;
   if (!ok) {
     if (threadIdx.x == 0) {
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
         a.lp.top_ids[b * a.lp.n_top + j] = -1;
         a.lp.top_logprobs[b * a.lp.n_top + j] = __int_as_float(0x7fc00000);
       }
-    if (M == kFilter)
+    if (M == kFilter || M == kProcessed)
       for (int64_t i = threadIdx.x; i < V; i += kThreads) fout[i] = __int_as_float(0x7fc00000);
     return;
   }
@@ -268,6 +268,23 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
     if (use_p) bnd = top_p_boundary<K>(row, V, p, wt, bnd, sorted_n, &kept_n, sh);
   }
   auto kept = [&](int64_t i, float x) { return rank_word(x, i) >= bnd && wt.w(x) >= min_w; };
+
+  if (M == kProcessed) {  // the distribution the draw uses: kept weights over their total
+    if (greedy) {
+      for (int64_t i = threadIdx.x; i < V; i += kThreads) fout[i] = i == s.argmax ? 1.0f : 0.0f;
+    } else {
+      Mass mine;
+      for_each<K>(row, V, [&](float x, int64_t i) {
+        if (kept(i, x)) mine.add(wt.q(x));
+      });
+      const double Wd = u128_to_double(block_sum(mine, sh).value()) / wt.unit();
+      for_each<K>(row, V, [&](float x, int64_t i) {
+        fout[i] = kept(i, x) ? static_cast<float>(static_cast<double>(wt.w(x)) / Wd) : 0.0f;
+      });
+    }
+    if (threadIdx.x == 0) a.valid[b] = true;
+    return;
+  }
 
   if (M == kFilter) {
     if (!greedy && !use_k && !use_p && !(min_w > 0.0f)) {
@@ -498,6 +515,17 @@ cudaError_t filter_probs(const ProbsView& probs, const FilterParams& params, flo
   a.out = out;
   sampling_kernel<kProb, kFilter><<<dim3(static_cast<unsigned>(probs.batch)), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
+}
+
+cudaError_t processed_probs(const LogitsView& logits, const SamplingParams& params, float* probs, bool* valid,
+                            cudaStream_t stream) {
+  Args a = args_of(logits);
+  a.prm = params;
+  a.valid = valid;
+  a.out = probs;
+  const dim3 grid(static_cast<unsigned>(logits.batch));
+  return launch(logits.batch, logits.kind,
+                [&](auto k) { sampling_kernel<k(), kProcessed><<<grid, kThreads, 0, stream>>>(a); });
 }
 
 cudaError_t top_k_mask_logits(const LogitsView& logits, RowParam<int64_t> top_k, void* out, bool* valid,

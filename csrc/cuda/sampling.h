@@ -46,6 +46,11 @@ cudaError_t sample_from_probs(const ProbsView& probs, const FilterParams& params
 cudaError_t filter_probs(const ProbsView& probs, const FilterParams& params, float* out, bool* valid,
                          cudaStream_t stream);
 
+// probs = the distribution sample_from_logits draws from: each kept weight over
+// the kept set's total (seed and offset unused); greedy rows one-hot; invalid rows NaN.
+cudaError_t processed_probs(const LogitsView& logits, const SamplingParams& params, float* probs, bool* valid,
+                            cudaStream_t stream);
+
 cudaError_t top_k_mask_logits(const LogitsView& logits, RowParam<int64_t> top_k, void* out, bool* valid,
                               cudaStream_t stream);
 
