@@ -40,6 +40,7 @@
 
 #include "decodekit/math.h"
 #include "decodekit/philox.h"
+#include "decodekit/reduce.h"
 #include "vec.h"
 
 #ifndef DK_ISA
@@ -53,8 +54,10 @@ namespace cpu {
 namespace DK_ISA {
 namespace {
 
-constexpr int kLanes = 16;        // fixed lane count of every reduction
-constexpr int64_t kBlock = 1024;  // elements per block sum (multiple of kLanes)
+// The fixed splits (decodekit/reduce.h): 16 lanes, 256-token chunks, 1024-token blocks.
+using reduce::kBlock;
+using reduce::kChunk;
+using reduce::kLanes;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------- loading --
@@ -119,9 +122,6 @@ struct Cand {
 DK_INLINE bool rank_before(const Cand& a, const Cand& b) {
   return a.x > b.x || (a.x == b.x && a.idx < b.idx);
 }
-
-// Elements per chunk of the top-k pre-selection (16 vectors).
-constexpr int64_t kChunk = 256;
 
 // Keeps the k best (x, idx) seen so far in scan (ascending index) order. Once
 // full, a later element equal to the threshold ranks below every kept element

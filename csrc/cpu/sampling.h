@@ -2,7 +2,7 @@
 // fused sampler (temperature -> top-k -> top-p -> min-p -> inverse-CDF draw).
 //
 // Framework-free: raw pointers, sizes and strides in, results out. The torch
-// binding layer (csrc/bindings.cpp) validates tensors and calls these.
+// binding layer (csrc/torch/) validates tensors and calls these.
 #pragma once
 
 #include <cstdint>

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "decodekit/philox.h"
+#include "decodekit/reduce.h"
 #include "vec.h"
 
 #include <cstdlib>
@@ -28,7 +29,7 @@ namespace cpu {
 namespace DK_ISA {
 namespace {
 
-constexpr int64_t kBlock = 1024;  // elements per float64 block sum (multiple of 16)
+using reduce::kBlock;  // elements per float64 block sum (decodekit/reduce.h)
 
 // Grow-only scratch with internal linkage (a std::vector<double> would share
 // its out-of-line members between the per-instruction-set builds of this file).
