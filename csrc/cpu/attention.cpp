@@ -10,6 +10,8 @@
 // position order. The operations for a query row depend only on that row's
 // query and cached keys/values, so its result is the same for any B and Q.
 #include "attention.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cstring>
@@ -17,11 +19,8 @@
 #include <vector>
 
 #include "decodekit/math.h"
-#include "vec.h"
+#include "cpu/common/vec.h"
 
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
 
 namespace decodekit {
 namespace cpu {
@@ -173,16 +172,14 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
                      int num_threads, float* out) {
   const int64_t tasks = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const IeeeDenormals ieee;
+  const int nt = threads_for(tasks, num_threads);
+parallel_rows(tasks, nt, Schedule::kDynamic, [&](int64_t t) {
     const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
     // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
     const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
     attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, scale,
                  out + b * Q * Hq * D);
-  }
+  });
 }
 
 }  // namespace DK_ISA

@@ -9,7 +9,7 @@
 #include <string>
 #include <tuple>
 
-#include "cpu/attention.h"
+#include "cpu/common/isa.h"
 #include "torch/checks.h"
 
 namespace dk = decodekit;
@@ -42,7 +42,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cach
                             hnd ? k_cache.size(2) : k_cache.size(1), Hkv, D, hnd};
   auto out = at::empty({B, Q, Hq, D}, query.options());
   if (out.numel() == 0) return out;
-  dk::cpu::paged_attention(query.data_ptr<float>(), B, Q, Hq, kv, block_tables.data_ptr<int64_t>(),
+  dk::cpu::kernels().paged_attention(query.data_ptr<float>(), B, Q, Hq, kv, block_tables.data_ptr<int64_t>(),
                            block_tables.size(1), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
                            at::get_num_threads(), out.data_ptr<float>());
   return out;

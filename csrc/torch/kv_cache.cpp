@@ -10,7 +10,7 @@
 #include <string>
 #include <tuple>
 
-#include "cpu/kv_cache.h"
+#include "cpu/common/isa.h"
 #include "torch/checks.h"
 
 namespace dk = decodekit;
@@ -97,7 +97,7 @@ void append_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   r.key_stride_b = key.stride(0), r.key_stride_t = key.stride(1), r.key_stride_h = key.stride(2);
   r.value_stride_b = value.stride(0), r.value_stride_t = value.stride(1), r.value_stride_h = value.stride(2);
   const int64_t S = k_cache.size(c.layout == dk::cpu::KVLayout::kNHD ? 1 : 2);
-  dk::cpu::append_kv_cache(c, k_cache.size(0), S, r, key.size(1), seq_lens.data_ptr<int64_t>(),
+  dk::cpu::kernels().append_kv_cache(c, k_cache.size(0), S, r, key.size(1), seq_lens.data_ptr<int64_t>(),
                            at::get_num_threads());
 }
 
@@ -112,7 +112,7 @@ void append_paged_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_ca
   r.key_stride_t = key.stride(0), r.key_stride_h = key.stride(1);
   r.value_stride_t = value.stride(0), r.value_stride_h = value.stride(1);
   const int64_t block_size = k_cache.size(c.layout == dk::cpu::KVLayout::kNHD ? 1 : 2);
-  dk::cpu::append_paged_kv_cache(c, k_cache.size(0), block_size, r, slot_mapping.data_ptr<int64_t>(),
+  dk::cpu::kernels().append_paged_kv_cache(c, k_cache.size(0), block_size, r, slot_mapping.data_ptr<int64_t>(),
                                  slot_mapping.size(0), at::get_num_threads());
 }
 

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/sampling.h"
+#include "cpu/common/isa.h"
 #include "decodekit/philox.h"
 #include "decodekit/reduce.h"
 

@@ -9,8 +9,8 @@
 #include <string>
 #include <tuple>
 
-#include "cpu/fpenv.h"
-#include "cpu/penalties.h"
+#include "cpu/common/fpenv.h"
+#include "cpu/common/isa.h"
 #include "torch/checks.h"
 
 namespace dk = decodekit;
@@ -59,7 +59,7 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
   in.mask = matrix_or_null<bool>(mask, logits, at::kBool, V, "mask");
   in.mask_allows = mask_allows;
   auto out = at::empty({B, V}, logits.options().dtype(at::kFloat));
-  dk::cpu::apply_penalties(logits_view(logits, vocab_size), in, at::get_num_threads(), out.data_ptr<float>());
+  dk::cpu::kernels().apply_penalties(logits_view(logits, vocab_size), in, at::get_num_threads(), out.data_ptr<float>());
   return out;
 }
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <tuple>
 
-#include "cpu/speculative.h"
+#include "cpu/common/isa.h"
 #include "torch/checks.h"
 
 namespace dk = decodekit;
@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
   auto out = at::empty({B, K + 1}, draft_token_ids.options());
   auto acc = at::empty({B}, draft_token_ids.options());
   auto emit = at::empty({B}, draft_token_ids.options());
-  dk::cpu::chain_speculative_sampling(dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K,
+  dk::cpu::kernels().chain_speculative_sampling(dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K,
                                       V, vocab_size, s, o, at::get_num_threads(), out.data_ptr<int64_t>(),
                                       acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
   return {out, acc, emit};
@@ -60,7 +60,7 @@ int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, 
   const int64_t V = probs.size(-1);
   TORCH_CHECK(vocab_size >= 0 && vocab_size <= V, "decodekit: vocab_size must be in [0, V]");
   if (probs.numel() == 0) return 0;
-  return dk::cpu::check_probability_rows(probs.data_ptr<float>(), probs.numel() / V, V, vocab_size, need_mass,
+  return dk::cpu::kernels().check_probability_rows(probs.data_ptr<float>(), probs.numel() / V, V, vocab_size, need_mass,
                                          at::get_num_threads());
 }
 

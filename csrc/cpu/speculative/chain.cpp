@@ -7,126 +7,29 @@
 // from the normalised residual max(0, p - q), so every emitted position has
 // exactly the target's distribution. Random numbers are Philox streams keyed
 // per row (DESIGN.md): a row's result never depends on the batch.
-#include "speculative.h"
-
-#include <limits>
+#include "cpu/speculative/speculative.h"
 
 #include <algorithm>
+#include <cstdint>
 
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
+#include "cpu/common/scratch.h"
+#include "cpu/speculative/residual.h"
 #include "decodekit/philox.h"
 #include "decodekit/reduce.h"
-#include "vec.h"
-
-#include <cstdlib>
-#include <new>
-
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
 
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
-namespace {
+namespace detail {
 
 using reduce::kBlock;  // elements per float64 block sum (decodekit/reduce.h)
-
-// Grow-only scratch with internal linkage (a std::vector<double> would share
-// its out-of-line members between the per-instruction-set builds of this file).
-struct Sums {
-  double* p = nullptr;
-  int64_t n = 0;
-  ~Sums() { std::free(p); }
-  double* get(int64_t need) {
-    if (need > n) {
-      std::free(p);
-      p = static_cast<double*>(std::malloc(static_cast<size_t>(need) * sizeof(double)));
-      if (!p) throw std::bad_alloc();
-      n = need;
-    }
-    return p;
-  }
-};
-
-inline double clean(float x) { return x > 0.0f ? static_cast<double>(x) : 0.0; }
-
-// w_i = max(0, clean(p_i) - clean(q_i)), with q one-hot at x when q is null and
-// absent (zero) when subtract is false; NaN and negative entries count as 0.
-struct Residual {
-  const float* p;
-  const float* q;
-  int64_t x;
-  bool subtract;
-  float sp = 1.0f;  // 1 / (mass of p over the vocabulary): the rows need not be normalised
-  float sq = 1.0f;  // 1 / (mass of q)
-  // Loads 16 entries from c, zero past n (a full chunk is loaded directly).
-  static DK_VINLINE VF load_upto(const float* a, int64_t c, int64_t n) {
-    if (c + 16 <= n) return load_f32(a + c);
-    float t[16];
-    for (int j = 0; j < 16; ++j) t[j] = c + j < n ? a[c + j] : 0.0f;
-    return load_f32(t);
-  }
-  DK_VINLINE VF chunk(int64_t c, int64_t n) const {
-    float qa[16];
-    VF pv = load_upto(p, c, n);
-    const VF zero = splat(0.0f);
-    pv = select(pv > zero, pv, zero);
-    if (!subtract) return pv;
-    pv = pv * splat(sp);
-    VF qv;
-    if (q) {
-      qv = load_upto(q, c, n);
-      qv = select(qv > zero, qv, zero) * splat(sq);
-    } else {
-      for (int j = 0; j < 16; ++j) qa[j] = c + j == x ? 1.0f : 0.0f;
-      qv = load_f32(qa);
-    }
-    const VF w = pv - qv;
-    return select(w > zero, w, zero);
-  }
-  double at(int64_t i) const {  // the same float32 operations as chunk(), lane by lane
-    const float pc = p[i] > 0.0f ? p[i] : 0.0f;
-    if (!subtract) return pc;
-    const float qc = q ? (q[i] > 0.0f ? q[i] : 0.0f) * sq : (i == x ? 1.0f : 0.0f);
-    const float w = pc * sp - qc;
-    return w > 0.0f ? static_cast<double>(w) : 0.0;
-  }
-};
-
-// Mass of a probability row over [0, n) (negative and NaN entries count as 0),
-// in 16 float64 lanes: the same value whatever the batch.
-constexpr float kInfF = std::numeric_limits<float>::infinity();
-
-// Lanes holding invalid probability data: negative, NaN or infinite (!(0 <= x < inf)).
-DK_VINLINE VI invalid_lanes(VF x) {
-  const VF zero = splat(0.0f), one = splat(1.0f);
-  return one > select(x >= zero, select(splat(kInfF) > x, one, zero), zero);
-}
-
-inline bool invalid_scalar(float x) { return !(x >= 0.0f && x < kInfF); }
-
-// Whether every entry of a row is finite and >= 0.
-bool row_valid(const float* p, int64_t n) {
-  VI bad = splati(0);
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) bad |= invalid_lanes(load_f32(p + c));
-  if (any_lane(bad)) return false;
-  for (; c < n; ++c)
-    if (invalid_scalar(p[c])) return false;
-  return true;
-}
-
-double row_mass(const float* p, int64_t n) {
-  Acc16d acc;
-  const Residual r{p, nullptr, -1, false};
-  for (int64_t c = 0; c < n; c += 16) acc.add(r.chunk(c, n));
-  return acc.sum();
-}
 
 // Inverse CDF in ascending index order with one float64 uniform: block sums in
 // 16 float64 lanes (a split that depends only on n), then a sequential scan of
 // the chosen block. Returns -1 when the total is 0; zero weights never drawn.
-int64_t draw(const Residual& r, int64_t n, double u, Sums& scratch) {
+int64_t draw(const Residual& r, int64_t n, double u, Buf<double>& scratch) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   double* sums = scratch.get(nblocks);
   double total = 0.0;
@@ -159,17 +62,16 @@ int64_t draw(const Residual& r, int64_t n, double u, Sums& scratch) {
   return last;
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_ids, const float* target_probs,
                                 int64_t B, int64_t K, int64_t V, int64_t vocab_size, RowParam<int64_t> seed,
                                 RowParam<int64_t> offset, int num_threads, int64_t* out, int64_t* num_accepted,
                                 int64_t* num_emitted) {
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, B)));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t b = 0; b < B; ++b) {
-    const IeeeDenormals ieee;
-    thread_local Sums sums;
+  parallel_rows(B, num_threads, Schedule::kStatic, [&](int64_t b) {
+    thread_local Buf<double> sums;
     const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
     int64_t* row_out = out + b * (K + 1);
     std::fill(row_out, row_out + K + 1, int64_t{-1});
@@ -210,14 +112,14 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
     if (invalid) {
       num_accepted[b] = j;
       num_emitted[b] = j;  // row_out[j] stays -1
-      continue;
+      return;
     }
     if (j == n) {  // every real draft accepted: the bonus token
       const float* p = target_probs + (b * (K + 1) + n) * V;
       if (!row_valid(p, vocab_size)) {
         num_accepted[b] = n;
         num_emitted[b] = n;
-        continue;
+        return;
       }
       const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + n)}.uniform_double(0);
       row_out[n] = draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums);
@@ -226,36 +128,7 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
       num_accepted[b] = j;
     }
     num_emitted[b] = num_accepted[b] + (row_out[num_accepted[b]] >= 0 ? 1 : 0);
-  }
-}
-
-int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t vocab_size, bool need_mass,
-                           int num_threads) {
-  int bad = 0, empty = 0;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, nrows)));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(| : bad, empty)
-  for (int64_t r = 0; r < nrows; ++r) {
-    const IeeeDenormals ieee;
-    const float* row = rows + r * V;
-    VI row_bad = splati(0);
-    VF mx = splat(0.0f);
-    int64_t c = 0;
-    for (; c + 16 <= V; c += 16) {
-      const VF x = load_f32(row + c);
-      row_bad |= invalid_lanes(x);
-      if (c + 16 <= vocab_size) mx = select(x > mx, x, mx);
-    }
-    float lanes[16];
-    to_array(mx, lanes);
-    float m = 0.0f;
-    for (int j = 0; j < 16; ++j) m = std::max(m, lanes[j]);
-    bool tail_bad = false;
-    for (int64_t i = c; i < V; ++i) tail_bad |= invalid_scalar(row[i]);
-    for (int64_t i = (vocab_size / 16) * 16; i < vocab_size; ++i) m = std::max(m, row[i] > 0.0f ? row[i] : 0.0f);
-    bad |= (any_lane(row_bad) || tail_bad) ? 1 : 0;
-    empty |= (need_mass && !(m > 0.0f)) ? 1 : 0;
-  }
-  return bad ? 1 : (empty ? 2 : 0);
+  });
 }
 
 }  // namespace DK_ISA

@@ -12,7 +12,7 @@
 #include <cstring>
 
 #include "decodekit/math.h"
-#include "cpu/fpenv.h"
+#include "cpu/common/fpenv.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

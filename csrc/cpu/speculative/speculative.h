@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "sampling.h"  // RowParam
+#include "cpu/sampling/sampling.h"  // RowParam
 
 namespace decodekit {
 namespace cpu {
@@ -18,25 +18,18 @@ namespace cpu {
 // stream 2 + j; if every real draft passes, emit a bonus token from the target's
 // next distribution with stream 2 + n (n real drafts). out [B, K + 1] holds the
 // emitted tokens then -1; num_accepted and num_emitted are [B].
-void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_ids, const float* target_probs,
-                                int64_t B, int64_t K, int64_t V, int64_t vocab_size, RowParam<int64_t> seed,
-                                RowParam<int64_t> offset, int num_threads, int64_t* out, int64_t* num_accepted,
-                                int64_t* num_emitted);
+using ChainSpeculativeSamplingKernel = void(const float* draft_probs, const int64_t* draft_ids,
+                                            const float* target_probs, int64_t B, int64_t K, int64_t V,
+                                            int64_t vocab_size, RowParam<int64_t> seed, RowParam<int64_t> offset,
+                                            int num_threads, int64_t* out, int64_t* num_accepted,
+                                            int64_t* num_emitted);
 
 // Checks nrows probability rows of V floats in one parallel pass: returns 1 when
 // an entry is negative, NaN or infinite (any column), else 2 when need_mass and a
 // row has no positive entry in [0, vocab_size), else 0.
-int check_probability_rows(const float* rows, int64_t nrows, int64_t V, int64_t vocab_size, bool need_mass,
-                           int num_threads);
+using CheckProbabilityRowsKernel = int(const float* rows, int64_t nrows, int64_t V, int64_t vocab_size,
+                                       bool need_mass, int num_threads);
 
-#define DK_SPECULATIVE_API                                                                                     \
-  void chain_speculative_sampling(const float*, const int64_t*, const float*, int64_t, int64_t, int64_t, int64_t, \
-                                  RowParam<int64_t>, RowParam<int64_t>, int, int64_t*, int64_t*, int64_t*);     \
-  int check_probability_rows(const float*, int64_t, int64_t, int64_t, bool, int);
-namespace avx512 { DK_SPECULATIVE_API }
-namespace avx2 { DK_SPECULATIVE_API }
-namespace baseline { DK_SPECULATIVE_API }
-#undef DK_SPECULATIVE_API
 
 }  // namespace cpu
 }  // namespace decodekit
