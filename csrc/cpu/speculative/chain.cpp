@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/common/draw.h"
 #include "cpu/common/isa.h"
 #include "cpu/common/parallel.h"
 #include "cpu/common/scratch.h"
@@ -24,42 +25,20 @@ namespace cpu {
 namespace DK_ISA {
 namespace detail {
 
-using reduce::kBlock;  // elements per float64 block sum (decodekit/reduce.h)
-
-// Inverse CDF in ascending index order with one float64 uniform: block sums in
-// 16 float64 lanes (a split that depends only on n), then a sequential scan of
-// the chosen block. Returns -1 when the total is 0; zero weights never drawn.
+// Inverse CDF in ascending index order with one float64 uniform: the common
+// draw of cpu/common/draw.h (block sums in 16 float64 lanes, a split that
+// depends only on n, then a scan of the chosen block). Returns -1 when the
+// total is 0; zero weights are never drawn.
 int64_t draw(const Residual& r, int64_t n, double u, Buf<double>& scratch) {
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  double* sums = scratch.get(nblocks);
-  double total = 0.0;
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    Acc16d acc;
-    const int64_t end = std::min(n, (blk + 1) * kBlock);
-    for (int64_t c = blk * kBlock; c < end; c += 16) acc.add(r.chunk(c, end));
-    sums[blk] = acc.sum();
-    total += sums[blk];
-  }
+  double* sums = scratch.get(reduce::num_blocks(n));
+  const double total = block_sums(r, n, sums);
   if (!(total > 0.0)) return -1;
-  const double target = u * total;
-  double cum = 0.0;
-  int64_t blk = 0;
-  for (; blk < nblocks; ++blk) {
-    if (cum + sums[blk] > target) break;
-    cum += sums[blk];
-  }
-  int64_t last = -1;
-  for (int64_t i = std::min(blk, nblocks - 1) * kBlock; i < n; ++i) {
-    const double wi = r.at(i);
-    if (!(wi > 0.0)) continue;
-    last = i;
-    cum += wi;
-    if (cum > target) return i;
-  }
-  if (last < 0)  // rounding put the target past every positive weight of the later blocks
-    for (int64_t i = n - 1; i >= 0; --i)
-      if (r.at(i) > 0.0) return i;
-  return last;
+  const int64_t t = draw_from_blocks(r, n, sums, u * total);
+  if (t >= 0) return t;
+  // Rounding put the target past every positive weight of the later blocks.
+  for (int64_t i = n - 1; i >= 0; --i)
+    if (r.at(i) > 0.0f) return i;
+  return -1;
 }
 
 }  // namespace detail

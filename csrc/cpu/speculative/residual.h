@@ -50,12 +50,15 @@ struct Residual {
     const VF w = pv - qv;
     return select(w > zero, w, zero);
   }
-  double at(int64_t i) const {  // the same float32 operations as chunk(), lane by lane
+  // The weight source of the common draw (cpu/common/draw.h).
+  DK_VINLINE VF full(int64_t c) const { return chunk(c, c + 16); }
+  DK_VINLINE VF tail(int64_t c, int64_t end) const { return chunk(c, end); }
+  float at(int64_t i) const {  // the same float32 operations as chunk(), lane by lane
     const float pc = p[i] > 0.0f ? p[i] : 0.0f;
     if (!subtract) return pc;
     const float qc = q ? (q[i] > 0.0f ? q[i] : 0.0f) * sq : (i == x ? 1.0f : 0.0f);
     const float w = pc * sp - qc;
-    return w > 0.0f ? static_cast<double>(w) : 0.0;
+    return w > 0.0f ? w : 0.0f;
   }
 };
 
