@@ -1,6 +1,6 @@
 // Torch bindings of the sampling family: softmax, argmax, sample_from_logits,
-// sample_from_probs, filter_probs, top_k_mask_logits (CPU and Meta kernels side
-// by side; the schemas are in schemas.cpp).
+// sample_from_probs, filter_probs, top_k_mask_logits, processed_probs (CPU and
+// Meta kernels side by side; the schemas are in schemas.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -128,6 +128,29 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cpu(const at::Tensor& logit
 
 // A [B, N] tensor of the given dtype on the logits' device, or null.
 
+std::tuple<at::Tensor, at::Tensor> processed_probs_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
+    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val, int64_t vocab_size,
+    bool deterministic) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
+  check_logits(logits, vocab_size);
+  check_same_device(logits, temperature, "temperature");
+  const int64_t B = logits.size(0);
+  dk::SamplingParams prm;
+  prm.temperature = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, B, "temperature");
+  const auto fp = filter_params(logits, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  prm.top_k = fp.top_k;
+  prm.top_p = fp.top_p;
+  prm.min_p = fp.min_p;
+  auto probs = at::empty({B, logits.size(1)}, logits.options().dtype(at::kFloat));
+  auto valid = at::empty({B}, logits.options().dtype(at::kBool));
+  dk::cpu::kernels().processed_probs(logits_view(logits, vocab_size), prm, deterministic, at::get_num_threads(),
+                                     probs.data_ptr<float>(), valid.data_ptr<bool>());
+  return {probs, valid};
+}
+
 // ------------------------------------------------------------- Meta ----
 at::Tensor softmax_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double, int64_t, bool) {
   require_meta(logits, "logits");
@@ -184,6 +207,16 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_meta(const at::Tensor& logi
           at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
 }
 
+std::tuple<at::Tensor, at::Tensor> processed_probs_meta(const at::Tensor& logits, const std::optional<at::Tensor>&,
+                                                        double, const std::optional<at::Tensor>&, int64_t,
+                                                        const std::optional<at::Tensor>&, double,
+                                                        const std::optional<at::Tensor>&, double, int64_t, bool) {
+  require_meta(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V]");
+  return {at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat)),
+          at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
@@ -193,6 +226,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("sample_from_probs", &sample_from_probs_cpu);
   m.impl("filter_probs", &filter_probs_cpu);
   m.impl("top_k_mask_logits", &top_k_mask_logits_cpu);
+  m.impl("processed_probs", &processed_probs_cpu);
 }
 
 TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
@@ -202,4 +236,5 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("sample_from_probs", &sample_from_probs_meta);
   m.impl("filter_probs", &filter_probs_meta);
   m.impl("top_k_mask_logits", &top_k_mask_logits_meta);
+  m.impl("processed_probs", &processed_probs_meta);
 }

@@ -34,6 +34,7 @@ namespace cpu {
   X(sample_from_probs, SampleFromProbsKernel)                  \
   X(filter_probs, FilterProbsKernel)                           \
   X(top_k_mask_logits, TopKMaskLogitsKernel)                   \
+  X(processed_probs, ProcessedProbsKernel)                     \
   X(apply_penalties, ApplyPenaltiesKernel)                     \
   X(append_kv_cache, AppendKVCacheKernel)                      \
   X(append_paged_kv_cache, AppendPagedKVCacheKernel)           \
@@ -43,6 +44,7 @@ namespace cpu {
   X(rope_inplace, RopeInplaceKernel)                           \
   X(linear, LinearKernel)                                      \
   X(chain_speculative_sampling, ChainSpeculativeSamplingKernel) \
+  X(greedy_verify, GreedyVerifyKernel)                         \
   X(check_probability_rows, CheckProbabilityRowsKernel)
 
 struct CpuKernels {

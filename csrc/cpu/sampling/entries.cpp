@@ -136,6 +136,15 @@ void filter_probs(const ProbsView& pv, const FilterParams& fp, int num_threads, 
   });
 }
 
+void processed_probs(const LogitsView& lv, const SamplingParams& params, bool deterministic, int num_threads,
+                     float* probs, bool* valid) {
+  for_each_row(lv.batch, num_threads, [&](int64_t b) {
+    float* out = probs + b * lv.vocab;
+    std::fill(out + lv.vocab_size, out + lv.vocab, 0.0f);
+    valid[b] = processed_row(lv, b, params, !deterministic, out);
+  });
+}
+
 void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> top_k, int num_threads, void* out, bool* valid) {
   const size_t esize = lv.kind == ScalarKind::kFloat32 ? 4 : 2;
   const uint32_t ninf = lv.kind == ScalarKind::kFloat32 ? 0xFF800000u : (lv.kind == ScalarKind::kFloat16 ? 0xFC00u : 0xFF80u);

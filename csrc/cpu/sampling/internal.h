@@ -270,6 +270,8 @@ LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k
                              Scratch& sc);
 int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, const LogprobRequest& lp, bool fast,
                    bool* ok);
+// The row's processed distribution (processed_probs) into out[0, vocab_size); false for an invalid row.
+bool processed_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, bool fast, float* out);
 struct ProbRow {  // a probability row after pass A and the chain
   const float* x;
   RowStats s;

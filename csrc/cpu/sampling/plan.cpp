@@ -163,6 +163,43 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   return token;
 }
 
+bool processed_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, bool fast, float* out) {
+  Scratch& sc = thread_scratch();
+  const int64_t V = lv.vocab_size;
+  const LogitsRow r = prepare_logits_row(lv, b, prm.temperature.at(b), prm.top_k.at(b), prm.top_p.at(b),
+                                         prm.min_p.at(b), sc);
+  if (r.plan == RowPlan::kInvalid || !r.valid) {
+    std::fill(out, out + V, std::numeric_limits<float>::quiet_NaN());
+    return false;
+  }
+  if (r.plan == RowPlan::kGreedy) {
+    std::fill(out, out + V, 0.0f);
+    out[r.s.argmax] = 1.0f;
+    return true;
+  }
+  if (r.kept.full_row) {
+    // Every token whose weight reaches min-p; W as the draw computes it.
+    const RowWeights<LogitWeight> src{r.x, r.w, r.kept.min_w};
+    const double W = r.plan == RowPlan::kPlainOneRead ? r.W
+                                                      : block_sums(src, V, sc.sums.get(reduce::num_blocks(V)), fast);
+    float e[kLanes];
+    for (int64_t c = 0; c < V; c += kLanes) {
+      to_array(c + kLanes <= V ? src.full(c) : src.tail(c, V), e);
+      for (int64_t j = 0; j < kLanes && c + j < V; ++j)
+        out[c + j] = static_cast<float>(static_cast<double>(e[j]) / W);
+    }
+    return true;
+  }
+  // The kept candidates; W their float64 total in index order (draw_from_cands).
+  std::vector<Cand>& cands = sc.cands;
+  std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) { return x.idx < y.idx; });
+  double W = 0.0;
+  for (const Cand& c : cands) W += static_cast<double>(c.e);
+  std::fill(out, out + V, 0.0f);
+  for (const Cand& c : cands) out[c.idx] = static_cast<float>(static_cast<double>(c.e) / W);
+  return true;
+}
+
 // ------------------------------------------------------ probability rows ---
 // Pass A and the chain for probability row b. A row is invalid when it has a
 // NaN, a negative or an infinite entry, or no positive entry.

@@ -61,6 +61,15 @@ using FilterProbsKernel = void(const ProbsView& probs, const FilterParams& param
 using TopKMaskLogitsKernel = void(const LogitsView& logits, RowParam<int64_t> top_k, int num_threads, void* out,
                                   bool* valid);
 
+// probs[b, :] (float32 [B, V] contiguous) = the distribution sample_from_logits
+// draws row b from: temperature -> top-k -> top-p (the float64 rule) -> min-p,
+// the kernel's own kept set, each kept weight exp((x - max) / T) divided by
+// the kept set's float64 total, 0 elsewhere and in padding. A greedy row
+// (T == 0, top_k == 1, top_p == 0) is one-hot at the argmax. Invalid rows (as
+// sample_from_logits: a NaN, no finite logit, +inf with T > 0, a parameter
+// out of range) are all NaN with valid[b] false. params.seed / offset are unused.
+using ProcessedProbsKernel = void(const LogitsView& logits, const SamplingParams& params, bool deterministic,
+                                  int num_threads, float* probs, bool* valid);
 
 
 }  // namespace cpu

@@ -110,6 +110,24 @@ void chain_speculative_sampling(const float* draft_probs, const int64_t* draft_i
   });
 }
 
+void greedy_verify(const int64_t* draft_ids, const int64_t* target_ids, int64_t B, int64_t K, int num_threads,
+                   int64_t* out, int64_t* num_accepted, int64_t* num_emitted) {
+  parallel_rows(B, threads_for(B, num_threads, B * (K + 1), int64_t{1} << 14), Schedule::kStatic, [&](int64_t b) {
+    const int64_t* d = draft_ids + b * K;
+    const int64_t* top = target_ids + b * (K + 1);
+    int64_t* row_out = out + b * (K + 1);
+    int64_t a = 0;
+    while (a < K && d[a] >= 0 && d[a] == top[a]) {
+      row_out[a] = d[a];
+      ++a;
+    }
+    row_out[a] = top[a] >= 0 ? top[a] : -1;
+    for (int64_t j = a + 1; j <= K; ++j) row_out[j] = -1;
+    num_accepted[b] = a;
+    num_emitted[b] = a + (row_out[a] >= 0 ? 1 : 0);
+  });
+}
+
 }  // namespace DK_ISA
 }  // namespace cpu
 }  // namespace decodekit

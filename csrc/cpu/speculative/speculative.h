@@ -24,6 +24,19 @@ using ChainSpeculativeSamplingKernel = void(const float* draft_probs, const int6
                                             int num_threads, int64_t* out, int64_t* num_accepted,
                                             int64_t* num_emitted);
 
+// Greedy verification: for each row b, draft j (of the leading drafts
+// draft_ids[b, j] >= 0; -1 pads after the last real one) is accepted while it
+// equals target_ids[b, j], the target's argmax at position j (-1 for an
+// invalid target row, which no draft equals). out[b, :] (int64 [B, K + 1])
+// holds the accepted drafts, then target_ids[b, a] (a = num_accepted[b]: the
+// target's token at the first mismatch, or the bonus token after every real
+// draft), then -1; num_emitted[b] = a + 1, or a when that token is -1.
+using GreedyVerifyKernel = void(const int64_t* draft_ids, const int64_t* target_ids, int64_t B, int64_t K,
+                                int num_threads, int64_t* out, int64_t* num_accepted, int64_t* num_emitted);
+
+// Status of check_probability_rows.
+enum ProbabilityRowsStatus : int { kProbabilityRowsOk = 0, kProbabilityRowsBadEntry = 1, kProbabilityRowsNoMass = 2 };
+
 // Checks nrows probability rows of V floats in one parallel pass: returns 1 when
 // an entry is negative, NaN or infinite (any column), else 2 when need_mass and a
 // row has no positive entry in [0, vocab_size), else 0.
