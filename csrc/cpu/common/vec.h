@@ -13,6 +13,7 @@
 
 #include "decodekit/math.h"
 #include "cpu/common/fpenv.h"
+#include "cpu/common/isa.h"  // DK_ISA
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -20,6 +21,9 @@
 
 namespace decodekit {
 namespace cpu {
+// In the build's own namespace: VF and its operations differ per instruction
+// set, so one name must never stand for two layouts (the ODR).
+namespace DK_ISA {
 
 #if defined(__AVX512F__)
 #define DK_NATIVE_LANES 16
@@ -451,5 +455,6 @@ struct Acc16d {
 
 #undef DK_LANEWISE
 
+}  // namespace DK_ISA
 }  // namespace cpu
 }  // namespace decodekit

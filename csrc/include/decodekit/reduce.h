@@ -4,12 +4,12 @@
 // reproduce too (DESIGN.md, "Deterministic and fast modes"). The splits depend
 // only on the row length, never on the batch, the thread count or the device.
 //
-// Framework-free and header-only (DK_HOST_DEVICE), so CUDA code can include it.
+// Framework-free and header-only (DK_FN), so CUDA code can include it.
 #pragma once
 
 #include <cstdint>
 
-#include "decodekit/philox.h"  // DK_HOST_DEVICE
+#include "decodekit/philox.h"  // DK_FN
 
 namespace decodekit {
 namespace reduce {
@@ -22,11 +22,11 @@ constexpr int64_t kChunk = 256;
 // Tokens per block sum of the inverse-CDF draw (a multiple of kLanes).
 constexpr int64_t kBlock = 1024;
 
-DK_HOST_DEVICE int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
-DK_HOST_DEVICE int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+DK_FN int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+DK_FN int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 // Sum of 16 float64 lanes in a fixed tree: lane j += lane j + 8, then + 4, + 2, + 1.
-DK_HOST_DEVICE double tree_sum16(double* s) {
+DK_FN double tree_sum16(double* s) {
   for (int w = 8; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) s[j] += s[j + w];
   return s[0];
@@ -39,7 +39,7 @@ DK_HOST_DEVICE double tree_sum16(double* s) {
 // dependency); the two are added lane by lane, then summed by tree_sum16.
 // Weights are >= 0 (a token outside the kept set weighs 0).
 template <class W>
-DK_HOST_DEVICE double block_sum(const W& w, int64_t begin, int64_t end) {
+DK_FN double block_sum(const W& w, int64_t begin, int64_t end) {
   double even[kLanes] = {}, odd[kLanes] = {};
   for (int64_t v = 0; begin + v * kLanes < end; ++v) {
     double* acc = (v & 1) ? odd : even;
@@ -61,7 +61,7 @@ DK_HOST_DEVICE double block_sum(const W& w, int64_t begin, int64_t end) {
 // positive weight seen is, else `fallback`. *total_out = W (may be 0; then
 // `fallback` is returned).
 template <class W>
-DK_HOST_DEVICE int64_t draw(const W& w, int64_t n, double u, int64_t fallback, double* total_out) {
+DK_FN int64_t draw(const W& w, int64_t n, double u, int64_t fallback, double* total_out) {
   const int64_t nb = num_blocks(n);
   double total = 0.0;
   for (int64_t b = 0; b < nb; ++b) total += block_sum(w, b * kBlock, b * kBlock + kBlock < n ? b * kBlock + kBlock : n);
