@@ -67,7 +67,8 @@ $(CLANG_FORMAT): .clang-format
 	build/clang-format-venv/bin/pip install --quiet clang-format==$(CLANG_FORMAT_VERSION)
 	touch $@
 
-CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/native/*.cpp')
+# csrc/cuda/ is not formatted yet (the CUDA kernels are being rewritten); add it when they land.
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'tests/native/*.cpp' ':!csrc/cuda/*')
 
 format: $(CLANG_FORMAT)
 	$(CLANG_FORMAT) -i $(CXX_SOURCES)

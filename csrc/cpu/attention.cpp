@@ -21,7 +21,6 @@
 #include "decodekit/math.h"
 #include "cpu/common/vec.h"
 
-
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
@@ -44,7 +43,6 @@ void load_row(const PagedKV& kv, const void* base, int64_t elem, int64_t D, floa
   }
   for (int64_t d = D; d < Dp; ++d) dst[d] = 0.0f;
 }
-
 
 DK_VINLINE float dot(const float* a, const float* b, int64_t Dp) {
   VF acc = splat(0.0f);
@@ -167,13 +165,12 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
 
 }  // namespace
 
-void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
-                     const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
-                     int num_threads, float* out) {
+void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* block_tables,
+                     int64_t max_blocks, const int64_t* seq_lens, float scale, int num_threads, float* out) {
   const int64_t tasks = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
   const int nt = threads_for(tasks, num_threads);
-parallel_rows(tasks, nt, Schedule::kDynamic, [&](int64_t t) {
+  parallel_rows(tasks, nt, Schedule::kDynamic, [&](int64_t t) {
     const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
     // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
     const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);

@@ -29,9 +29,8 @@ struct PagedKV {
 // id is out of range contribute nothing (never read); a query with no position
 // gets zeros.
 using PagedAttentionKernel = void(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
-                                  const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens,
-                                  float scale, int num_threads, float* out);
-
+                                  const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
+                                  int num_threads, float* out);
 
 }  // namespace cpu
 }  // namespace decodekit

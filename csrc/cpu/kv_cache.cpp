@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstring>
 
-
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
@@ -22,7 +21,6 @@ namespace {
 
 // Below this many bytes per thread, starting threads costs more than it saves.
 constexpr int64_t kMinBytesPerThread = 32 * 1024;
-
 
 // Copies n rows of D elements: source rows src_step elements apart (starting at
 // element src_off), destination rows dst_step elements apart (starting at
@@ -32,15 +30,23 @@ constexpr int64_t kMinBytesPerThread = 32 * 1024;
 // time, and a library memcpy call per 128-512 bytes costs as much as the copy itself.
 inline void copy_row(char* d, const char* s, size_t row) {
   switch (row) {
-    case 128: __builtin_memcpy(d, s, 128); break;
-    case 256: __builtin_memcpy(d, s, 256); break;
-    case 512: __builtin_memcpy(d, s, 512); break;
-    default: std::memcpy(d, s, row); break;
+    case 128:
+      __builtin_memcpy(d, s, 128);
+      break;
+    case 256:
+      __builtin_memcpy(d, s, 256);
+      break;
+    case 512:
+      __builtin_memcpy(d, s, 512);
+      break;
+    default:
+      std::memcpy(d, s, row);
+      break;
   }
 }
 
-inline void copy_rows(void* dst, int64_t dst_off, int64_t dst_step, const void* src, int64_t src_off,
-                      int64_t src_step, int64_t n, int64_t D, int64_t es) {
+inline void copy_rows(void* dst, int64_t dst_off, int64_t dst_step, const void* src, int64_t src_off, int64_t src_step,
+                      int64_t n, int64_t D, int64_t es) {
   char* d = static_cast<char*>(dst) + dst_off * es;
   const char* s = static_cast<const char*>(src) + src_off * es;
   const size_t row = static_cast<size_t>(D * es);
@@ -64,7 +70,7 @@ void append_kv_cache(const KVCacheTensors& c, int64_t batch, int64_t max_seq_len
     // One item per (b, t): the H rows of a position are back to back in the cache.
     const int64_t items = batch * tokens;
     const int nt = threads_for(items, num_threads, bytes, kMinBytesPerThread);
-parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
+    parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
       const int64_t b = i / tokens, t = i % tokens;
       const int64_t s = seq_lens[b];
       if (s < 0 || s >= S || t >= S - s) return;  // past the cache: skipped, never written
@@ -77,7 +83,7 @@ parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
     // each thread writes one run of memory.
     const int64_t items = batch * H;
     const int nt = threads_for(items, num_threads, bytes, kMinBytesPerThread);
-parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
+    parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
       const int64_t b = i / H, h = i % H;
       const int64_t s = seq_lens[b];
       if (s < 0 || s >= S) return;
@@ -98,7 +104,7 @@ void append_paged_kv_cache(const KVCacheTensors& c, int64_t num_blocks, int64_t 
   if (c.layout == KVLayout::kNHD) {
     // One item per row: a slot's H rows are back to back in the cache.
     const int nt = threads_for(num_slots, num_threads, bytes, kMinBytesPerThread);
-parallel_rows(num_slots, nt, Schedule::kStatic, [&](int64_t i) {
+    parallel_rows(num_slots, nt, Schedule::kStatic, [&](int64_t i) {
       const int64_t slot = slot_mapping[i];
       if (slot < 0 || slot >= total) return;  // padding, or outside the pool: skipped
       copy_rows(c.k, slot * H * D, D, r.key, i * r.key_stride_t, r.key_stride_h, H, D, es);
@@ -109,7 +115,7 @@ parallel_rows(num_slots, nt, Schedule::kStatic, [&](int64_t i) {
     // rows of a head in the cache, so each thread writes runs of memory.
     const int64_t items = H * num_slots;
     const int nt = threads_for(items, num_threads, bytes, kMinBytesPerThread);
-parallel_rows(items, nt, Schedule::kStatic, [&](int64_t j) {
+    parallel_rows(items, nt, Schedule::kStatic, [&](int64_t j) {
       const int64_t h = j / num_slots, i = j % num_slots;
       const int64_t slot = slot_mapping[i];
       if (slot < 0 || slot >= total) return;

@@ -11,7 +11,6 @@
 
 #include "cpu/common/vec.h"
 
-
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
@@ -33,7 +32,6 @@ DK_VINLINE void store_tail(float* p, VF v, int64_t n) {
   std::memcpy(p, t, static_cast<size_t>(n) * sizeof(float));
 }
 
-
 // silu(g) * u lane-wise: e = exp(-|g|) <= 1; sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) otherwise.
 DK_VINLINE VF silu_mul16(VF g, VF u) {
   const VF zero = splat(0.0f), one = splat(1.0f);
@@ -51,7 +49,7 @@ void rms_norm(const float* x, int64_t N, int64_t H, int64_t ldx, const float* w,
               int num_threads) {
   const int nt = threads_for(N, num_threads, N * H, kMinWorkPerThread);
   const int64_t H16 = H - H % kL;
-parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
+  parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy;
     VF acc = splat(0.0f);
@@ -73,7 +71,7 @@ parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
 void silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, float* y, int64_t ldy, int num_threads) {
   const int nt = threads_for(N, num_threads, N * I, kMinWorkPerThread);
   const int64_t I16 = I - I % kL;
-parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
+  parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
     const float* g = x + r * ldx;
     const float* u = g + I;
     float* yr = y + r * ldy;
@@ -86,7 +84,7 @@ void rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const 
                   const float* sin_table, const int64_t* positions, int num_threads) {
   const int64_t half = D / 2;
   const int nt = threads_for(N, num_threads, N * H * D, kMinWorkPerThread);
-parallel_rows(N, nt, Schedule::kStatic, [&](int64_t n) {
+  parallel_rows(N, nt, Schedule::kStatic, [&](int64_t n) {
     const float* c = cos_table + positions[n] * D;
     const float* s = sin_table + positions[n] * D;
     for (int64_t h = 0; h < H; ++h) {

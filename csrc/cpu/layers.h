@@ -29,6 +29,5 @@ using SiluAndMulKernel = void(const float* x, int64_t N, int64_t I, int64_t ldx,
 using RopeInplaceKernel = void(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const float* cos_table,
                                const float* sin_table, const int64_t* positions, int num_threads);
 
-
 }  // namespace cpu
 }  // namespace decodekit

@@ -19,7 +19,6 @@
 #include "decodekit/math.h"
 #include "cpu/common/vec.h"
 
-
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
@@ -107,9 +106,7 @@ void penalize_row(const LogitsView& lv, const PenaltyInputs& in, int64_t b, floa
 
 void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int num_threads, float* out) {
   const int nt = threads_for(lv.batch, num_threads);
-parallel_rows(lv.batch, nt, Schedule::kStatic, [&](int64_t b) {
-    penalize_row(lv, in, b, out + b * lv.vocab);
-  });
+  parallel_rows(lv.batch, nt, Schedule::kStatic, [&](int64_t b) { penalize_row(lv, in, b, out + b * lv.vocab); });
 }
 
 }  // namespace DK_ISA

@@ -35,6 +35,5 @@ struct PenaltyInputs {
 // Padding columns (>= vocab_size) are -inf.
 using ApplyPenaltiesKernel = void(const LogitsView& logits, const PenaltyInputs& in, int num_threads, float* out);
 
-
 }  // namespace cpu
 }  // namespace decodekit

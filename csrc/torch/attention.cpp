@@ -33,21 +33,26 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cach
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong &&
                   block_tables.is_contiguous(),
               "decodekit: block_tables must be a contiguous int64 [B, max_blocks] tensor");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.scalar_type() == at::kLong &&
-                  seq_lens.is_contiguous(),
-              "decodekit: seq_lens must be a contiguous int64 [B] tensor");
+  TORCH_CHECK(
+      seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
+      "decodekit: seq_lens must be a contiguous int64 [B] tensor");
   for (const at::Tensor* t : {&k_cache, &v_cache, &block_tables, &seq_lens})
     TORCH_CHECK(t->device() == query.device(), "decodekit: all tensors must be on the query's device");
-  const dk::cpu::PagedKV kv{k_cache.data_ptr(), v_cache.data_ptr(), logits_kind(k_cache), k_cache.size(0),
-                            hnd ? k_cache.size(2) : k_cache.size(1), Hkv, D, hnd};
+  const dk::cpu::PagedKV kv{k_cache.data_ptr(),
+                            v_cache.data_ptr(),
+                            logits_kind(k_cache),
+                            k_cache.size(0),
+                            hnd ? k_cache.size(2) : k_cache.size(1),
+                            Hkv,
+                            D,
+                            hnd};
   auto out = at::empty({B, Q, Hq, D}, query.options());
   if (out.numel() == 0) return out;
   dk::cpu::kernels().paged_attention(query.data_ptr<float>(), B, Q, Hq, kv, block_tables.data_ptr<int64_t>(),
-                           block_tables.size(1), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
-                           at::get_num_threads(), out.data_ptr<float>());
+                                     block_tables.size(1), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
+                                     at::get_num_threads(), out.data_ptr<float>());
   return out;
 }
-
 
 at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, double, const std::string&) {
@@ -58,10 +63,6 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor&, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
-  m.impl("paged_attention", &paged_attention_cpu);
-}
+TORCH_LIBRARY_IMPL(decodekit, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
 
-TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
-  m.impl("paged_attention", &paged_attention_meta);
-}
+TORCH_LIBRARY_IMPL(decodekit, Meta, m) { m.impl("paged_attention", &paged_attention_meta); }

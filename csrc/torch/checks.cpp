@@ -20,15 +20,23 @@ bool storage_holds(const at::Tensor& t) {
 
 void check_storage(const at::Tensor& t, const char* name) {
   if (t.device().is_cpu())
-    TORCH_CHECK(storage_holds(t), "decodekit: the storage of ", name, " is smaller than the tensor (resized or not allocated)");
+    TORCH_CHECK(storage_holds(t), "decodekit: the storage of ", name,
+                " is smaller than the tensor (resized or not allocated)");
 }
 
 bool kind_of(at::ScalarType dtype, ScalarKind* kind) {
   switch (dtype) {
-    case at::kFloat: *kind = ScalarKind::kFloat32; return true;
-    case at::kHalf: *kind = ScalarKind::kFloat16; return true;
-    case at::kBFloat16: *kind = ScalarKind::kBFloat16; return true;
-    default: return false;
+    case at::kFloat:
+      *kind = ScalarKind::kFloat32;
+      return true;
+    case at::kHalf:
+      *kind = ScalarKind::kFloat16;
+      return true;
+    case at::kBFloat16:
+      *kind = ScalarKind::kBFloat16;
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -52,8 +60,8 @@ void check_logits(const at::Tensor& logits, int64_t vocab_size) {
 }
 
 LogitsView logits_view(const at::Tensor& logits, int64_t vocab_size) {
-  return LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0), logits.size(1), logits.stride(0),
-                    vocab_size};
+  return LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0),
+                    logits.size(1),    logits.stride(0),    vocab_size};
 }
 
 void check_probs(const at::Tensor& probs, int64_t vocab_size) {
@@ -63,8 +71,8 @@ void check_probs(const at::Tensor& probs, int64_t vocab_size) {
               "decodekit: probs rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(probs.size(1) > 0 && probs.size(1) < (int64_t{1} << 31), "decodekit: probs must have 1 <= V < 2^31");
   check_storage(probs, "probs");
-  TORCH_CHECK(vocab_size >= 1 && vocab_size <= probs.size(1),
-              "decodekit: vocab_size must be in [1, V=", probs.size(1), "], got ", vocab_size);
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= probs.size(1), "decodekit: vocab_size must be in [1, V=", probs.size(1),
+              "], got ", vocab_size);
 }
 
 ProbsView probs_view(const at::Tensor& probs, int64_t vocab_size) {

@@ -35,14 +35,12 @@ void check_same_device(const at::Tensor& like, const std::optional<at::Tensor>& 
 
 // A per-row parameter: the tensor (1-D, length B, `dtype`, contiguous) or the scalar.
 template <typename T>
-RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::ScalarType dtype, int64_t B,
-                      const char* name) {
+RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::ScalarType dtype, int64_t B, const char* name) {
   RowParam<T> p;
   p.scalar = scalar;
   if (t.has_value()) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "decodekit: ", name, " must be a 1-D tensor of length B=", B);
-    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ",
-                t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
     TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
     check_storage(*t, name);
     p.values = t->data_ptr<T>();

@@ -145,7 +145,7 @@ pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::
       std::unique_ptr<bool[]> valid_big(B > 64 ? new bool[B] : nullptr);
       bool* valid = B > 64 ? valid_big.get() : valid_small;
       dk::cpu::kernels().sample_from_logits(view, prm, dk::LogprobRequest{}, det, at::get_num_threads(),
-                                  ids.data_ptr<int64_t>(), valid);
+                                            ids.data_ptr<int64_t>(), valid);
       for (int64_t i = 0; i < B; ++i) all_valid = all_valid && valid[i];
     } catch (const std::exception&) {
       all_valid = false;

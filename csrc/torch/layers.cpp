@@ -28,8 +28,8 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   auto y = at::empty(xc.sizes(), xc.options());
   const int64_t H = xc.size(-1);
   if (xc.numel() == 0) return y;
-  dk::cpu::kernels().rms_norm(xc.data_ptr<float>(), xc.numel() / H, H, H, weight.data_ptr<float>(), static_cast<float>(eps),
-                    y.data_ptr<float>(), H, at::get_num_threads());
+  dk::cpu::kernels().rms_norm(xc.data_ptr<float>(), xc.numel() / H, H, H, weight.data_ptr<float>(),
+                              static_cast<float>(eps), y.data_ptr<float>(), H, at::get_num_threads());
   return y;
 }
 
@@ -43,17 +43,16 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   auto y = at::empty(sizes, xc.options());
   if (y.numel() == 0) return y;
   dk::cpu::kernels().silu_and_mul(xc.data_ptr<float>(), xc.numel() / (2 * I), I, 2 * I, y.data_ptr<float>(), I,
-                        at::get_num_threads());
+                                  at::get_num_threads());
   return y;
 }
 
-void rope_inplace_cpu(const at::Tensor& x, int64_t num_heads, const at::Tensor& cos_table,
-                      const at::Tensor& sin_table, const at::Tensor& positions) {
+void rope_inplace_cpu(const at::Tensor& x, int64_t num_heads, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                      const at::Tensor& positions) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "decodekit: rope_ wants float32 x [N, C] with unit column stride");
-  TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
-                  cos_table.dim() == 2 && cos_table.sizes() == sin_table.sizes() && cos_table.is_contiguous() &&
-                  sin_table.is_contiguous(),
+  TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat && cos_table.dim() == 2 &&
+                  cos_table.sizes() == sin_table.sizes() && cos_table.is_contiguous() && sin_table.is_contiguous(),
               "decodekit: rope_ wants contiguous float32 cos/sin tables [P, D] of one shape");
   const int64_t D = cos_table.size(1), P = cos_table.size(0), N = x.size(0);
   TORCH_CHECK(D % 2 == 0 && num_heads >= 0 && num_heads * D <= x.size(1),
@@ -66,7 +65,7 @@ void rope_inplace_cpu(const at::Tensor& x, int64_t num_heads, const at::Tensor& 
     TORCH_CHECK(pos[n] >= 0 && pos[n] < P, "decodekit: rope_ position ", pos[n], " outside the table [0, ", P, ")");
   if (N == 0 || num_heads == 0) return;
   dk::cpu::kernels().rope_inplace(x.data_ptr<float>(), N, num_heads, D, x.stride(0), cos_table.data_ptr<float>(),
-                        sin_table.data_ptr<float>(), pos, at::get_num_threads());
+                                  sin_table.data_ptr<float>(), pos, at::get_num_threads());
 }
 
 // ------------------------------------------------------------- linear ----
@@ -87,11 +86,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   }
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   if (x.size(0) == 0 || weight.size(0) == 0) return y;
-  dk::cpu::kernels().linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(), weight.size(0),
-                  weight.stride(0), b, y.data_ptr<float>(), y.stride(0), at::get_num_threads());
+  dk::cpu::kernels().linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(),
+                            weight.size(0), weight.stride(0), b, y.data_ptr<float>(), y.stride(0),
+                            at::get_num_threads());
   return y;
 }
-
 
 // ------------------------------------------------------------- Meta ----
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {

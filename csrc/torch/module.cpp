@@ -41,8 +41,8 @@ PYBIND11_MODULE(_C, mod) {
       [](const std::vector<float>& weights, double u) {
         double total = 0.0;
         const float* w = weights.data();
-        const int64_t i = dk::reduce::draw([w](int64_t j) { return w[j]; }, static_cast<int64_t>(weights.size()), u,
-                                           -1, &total);
+        const int64_t i =
+            dk::reduce::draw([w](int64_t j) { return w[j]; }, static_cast<int64_t>(weights.size()), u, -1, &total);
         return pybind11::make_tuple(i, total);
       },
       "The scalar reference of the inverse-CDF draw (decodekit/reduce.h) over weights >= 0: (index, total).");
@@ -55,4 +55,3 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("has_cuda_ops") = false;
 #endif
 }
-

@@ -22,8 +22,8 @@ const T* matrix_or_null(const std::optional<at::Tensor>& t, const at::Tensor& lo
                         int64_t cols, const char* name, int64_t* cols_out = nullptr) {
   if (!t.has_value()) return nullptr;
   TORCH_CHECK(t->dim() == 2 && t->size(0) == logits.size(0) && (cols < 0 || t->size(1) == cols), "decodekit: ", name,
-              " must be 2-D [B=", logits.size(0), ", ", cols < 0 ? std::string("N") : std::to_string(cols),
-              "], got ", t->sizes());
+              " must be 2-D [B=", logits.size(0), ", ", cols < 0 ? std::string("N") : std::to_string(cols), "], got ",
+              t->sizes());
   TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
   TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
   check_same_device(logits, t, name);
@@ -34,7 +34,8 @@ const T* matrix_or_null(const std::optional<at::Tensor>& t, const at::Tensor& lo
 at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& repetition,
                                double repetition_val, const std::optional<at::Tensor>& frequency, double frequency_val,
                                const std::optional<at::Tensor>& presence, double presence_val,
-                               const std::optional<at::Tensor>& token_ids, const std::optional<at::Tensor>& token_counts,
+                               const std::optional<at::Tensor>& token_ids,
+                               const std::optional<at::Tensor>& token_counts,
                                const std::optional<at::Tensor>& logit_bias, const std::optional<at::Tensor>& bias_ids,
                                const std::optional<at::Tensor>& bias_values, const std::optional<at::Tensor>& mask,
                                bool mask_allows, int64_t vocab_size) {
@@ -42,14 +43,16 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
   const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
   const int64_t B = logits.size(0), V = logits.size(1);
-  for (auto [t, name] : {std::pair{&repetition, "repetition_penalty"}, {&frequency, "frequency_penalty"},
+  for (auto [t, name] : {std::pair{&repetition, "repetition_penalty"},
+                         {&frequency, "frequency_penalty"},
                          {&presence, "presence_penalty"}})
     check_same_device(logits, *t, name);
   dk::cpu::PenaltyInputs in;
   in.repetition = row_param<float>(repetition, static_cast<float>(repetition_val), at::kFloat, B, "repetition_penalty");
   in.frequency = row_param<float>(frequency, static_cast<float>(frequency_val), at::kFloat, B, "frequency_penalty");
   in.presence = row_param<float>(presence, static_cast<float>(presence_val), at::kFloat, B, "presence_penalty");
-  TORCH_CHECK(!(token_ids.has_value() && token_counts.has_value()), "decodekit: pass token_ids or token_counts, not both");
+  TORCH_CHECK(!(token_ids.has_value() && token_counts.has_value()),
+              "decodekit: pass token_ids or token_counts, not both");
   in.token_ids = matrix_or_null<int64_t>(token_ids, logits, at::kLong, -1, "token_ids", &in.token_ids_len);
   in.token_counts = matrix_or_null<int64_t>(token_counts, logits, at::kLong, V, "token_counts");
   in.bias_dense = matrix_or_null<float>(logit_bias, logits, at::kFloat, V, "logit_bias");
@@ -63,7 +66,6 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
   return out;
 }
 
-
 at::Tensor apply_penalties_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double,
                                 const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -76,10 +78,6 @@ at::Tensor apply_penalties_meta(const at::Tensor& logits, const std::optional<at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
-  m.impl("apply_penalties", &apply_penalties_cpu);
-}
+TORCH_LIBRARY_IMPL(decodekit, CPU, m) { m.impl("apply_penalties", &apply_penalties_cpu); }
 
-TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
-  m.impl("apply_penalties", &apply_penalties_meta);
-}
+TORCH_LIBRARY_IMPL(decodekit, Meta, m) { m.impl("apply_penalties", &apply_penalties_meta); }

@@ -20,8 +20,8 @@ using namespace decodekit::torch_ops;
 
 namespace {
 // ------------------------------------------------------------ CPU ops ----
-at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
-                       double temperature_val, int64_t vocab_size, bool deterministic) {
+at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
+                       int64_t vocab_size, bool deterministic) {
   // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
   const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
@@ -30,7 +30,7 @@ at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>
   auto probs = at::empty({B, logits.size(1)}, logits.options().dtype(at::kFloat));
   const auto temp = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, B, "temperature");
   dk::cpu::kernels().softmax(logits_view(logits, vocab_size), temp, deterministic, at::get_num_threads(),
-                   probs.data_ptr<float>());
+                             probs.data_ptr<float>());
   return probs;
 }
 
@@ -40,22 +40,26 @@ std::tuple<at::Tensor, at::Tensor> argmax_cpu(const at::Tensor& logits, int64_t 
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
   auto valid = at::empty({B}, logits.options().dtype(at::kBool));
   dk::cpu::kernels().argmax(logits_view(logits, vocab_size), at::get_num_threads(), ids.data_ptr<int64_t>(),
-                  valid.data_ptr<bool>());
+                            valid.data_ptr<bool>());
   return {ids, valid};
 }
 
-SampleResult sample_from_logits_cpu(
-    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
-    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
-    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val,
-    const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
-    int64_t offset_val, int64_t vocab_size, bool deterministic, bool return_logprobs, int64_t top_logprobs,
-    bool raw_logprobs) {
+SampleResult sample_from_logits_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
+                                    double temperature_val, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                    const std::optional<at::Tensor>& top_p, double top_p_val,
+                                    const std::optional<at::Tensor>& min_p, double min_p_val,
+                                    const std::optional<at::Tensor>& seed, int64_t seed_val,
+                                    const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size,
+                                    bool deterministic, bool return_logprobs, int64_t top_logprobs, bool raw_logprobs) {
   // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
   const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
-  for (auto [t, name] : {std::pair{&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"},
-                         {&min_p, "min_p"}, {&seed, "seed"}, {&offset, "offset"}})
+  for (auto [t, name] : {std::pair{&temperature, "temperature"},
+                         {&top_k, "top_k"},
+                         {&top_p, "top_p"},
+                         {&min_p, "min_p"},
+                         {&seed, "seed"},
+                         {&offset, "offset"}})
     check_same_device(logits, *t, name);
   const int64_t B = logits.size(0);
   dk::SamplingParams prm;
@@ -69,17 +73,17 @@ SampleResult sample_from_logits_cpu(
   auto lp = logprob_outputs(logits, return_logprobs, top_logprobs, raw_logprobs);
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
   auto valid = at::empty({B}, logits.options().dtype(at::kBool));
-  dk::cpu::kernels().sample_from_logits(logits_view(logits, vocab_size), prm, lp.request, deterministic, at::get_num_threads(),
-                              ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+  dk::cpu::kernels().sample_from_logits(logits_view(logits, vocab_size), prm, lp.request, deterministic,
+                                        at::get_num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
-SampleResult sample_from_probs_cpu(
-    const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
-    const std::optional<at::Tensor>& top_p, double top_p_val, const std::optional<at::Tensor>& min_p,
-    double min_p_val, const std::optional<at::Tensor>& seed, int64_t seed_val,
-    const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size, bool deterministic,
-    bool return_logprobs, int64_t top_logprobs, bool raw_logprobs) {
+SampleResult sample_from_probs_cpu(const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                   const std::optional<at::Tensor>& top_p, double top_p_val,
+                                   const std::optional<at::Tensor>& min_p, double min_p_val,
+                                   const std::optional<at::Tensor>& seed, int64_t seed_val,
+                                   const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size,
+                                   bool deterministic, bool return_logprobs, int64_t top_logprobs, bool raw_logprobs) {
   // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
   const dk::cpu::IeeeDenormals ieee;
   check_probs(probs, vocab_size);
@@ -94,7 +98,7 @@ SampleResult sample_from_probs_cpu(
   auto ids = at::empty({B}, probs.options().dtype(at::kLong));
   auto valid = at::empty({B}, probs.options().dtype(at::kBool));
   dk::cpu::kernels().sample_from_probs(probs_view(probs, vocab_size), fp, s, o, lp.request, deterministic,
-                             at::get_num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+                                       at::get_num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
@@ -109,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cpu(const at::Tensor& probs, con
   auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
   auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
   dk::cpu::kernels().filter_probs(probs_view(probs, vocab_size), fp, at::get_num_threads(), out.data_ptr<float>(),
-                        valid.data_ptr<bool>());
+                                  valid.data_ptr<bool>());
   return {out, valid};
 }
 
@@ -122,17 +126,18 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cpu(const at::Tensor& logit
   auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
   dk::cpu::kernels().top_k_mask_logits(logits_view(logits, vocab_size), k, at::get_num_threads(), out.data_ptr(),
-                             valid.data_ptr<bool>());
+                                       valid.data_ptr<bool>());
   return {out, valid};
 }
 
 // A [B, N] tensor of the given dtype on the logits' device, or null.
 
-std::tuple<at::Tensor, at::Tensor> processed_probs_cpu(
-    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
-    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
-    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val, int64_t vocab_size,
-    bool deterministic) {
+std::tuple<at::Tensor, at::Tensor> processed_probs_cpu(const at::Tensor& logits,
+                                                       const std::optional<at::Tensor>& temperature,
+                                                       double temperature_val, const std::optional<at::Tensor>& top_k,
+                                                       int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+                                                       double top_p_val, const std::optional<at::Tensor>& min_p,
+                                                       double min_p_val, int64_t vocab_size, bool deterministic) {
   // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
   const dk::cpu::IeeeDenormals ieee;
   check_logits(logits, vocab_size);
@@ -165,9 +170,7 @@ std::tuple<at::Tensor, at::Tensor> ids_and_valid_meta(const at::Tensor& logits) 
           at::empty({logits.size(0)}, logits.options().dtype(at::kBool))};
 }
 
-std::tuple<at::Tensor, at::Tensor> argmax_meta(const at::Tensor& logits, int64_t) {
-  return ids_and_valid_meta(logits);
-}
+std::tuple<at::Tensor, at::Tensor> argmax_meta(const at::Tensor& logits, int64_t) { return ids_and_valid_meta(logits); }
 
 SampleResult sample_meta(const at::Tensor& x, bool return_logprobs, int64_t top_logprobs) {
   auto [ids, valid] = ids_and_valid_meta(x);
@@ -175,18 +178,18 @@ SampleResult sample_meta(const at::Tensor& x, bool return_logprobs, int64_t top_
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
-SampleResult sample_from_logits_meta(
-    const at::Tensor& logits, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
-    int64_t, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
-    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, int64_t, int64_t, bool,
-    bool return_logprobs, int64_t top_logprobs, bool) {
+SampleResult sample_from_logits_meta(const at::Tensor& logits, const std::optional<at::Tensor>&, double,
+                                     const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&,
+                                     double, const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+                                     int64_t, const std::optional<at::Tensor>&, int64_t, int64_t, bool,
+                                     bool return_logprobs, int64_t top_logprobs, bool) {
   return sample_meta(logits, return_logprobs, top_logprobs);
 }
 
-SampleResult sample_from_probs_meta(
-    const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, double,
-    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, int64_t,
-    const std::optional<at::Tensor>&, int64_t, int64_t, bool, bool return_logprobs, int64_t top_logprobs, bool) {
+SampleResult sample_from_probs_meta(const at::Tensor& probs, const std::optional<at::Tensor>&, int64_t,
+                                    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
+                                    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&,
+                                    int64_t, int64_t, bool, bool return_logprobs, int64_t top_logprobs, bool) {
   return sample_meta(probs, return_logprobs, top_logprobs);
 }
 

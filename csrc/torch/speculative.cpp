@@ -22,8 +22,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
     const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
     int64_t offset_val, int64_t vocab_size) {
-  TORCH_CHECK(draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong && draft_token_ids.is_contiguous(),
-              "decodekit: draft_token_ids must be a contiguous int64 [B, K] tensor");
+  TORCH_CHECK(
+      draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong && draft_token_ids.is_contiguous(),
+      "decodekit: draft_token_ids must be a contiguous int64 [B, K] tensor");
   const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
   TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == K + 1 &&
                   target_probs.scalar_type() == at::kFloat && target_probs.is_contiguous(),
@@ -47,9 +48,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
   auto out = at::empty({B, K + 1}, draft_token_ids.options());
   auto acc = at::empty({B}, draft_token_ids.options());
   auto emit = at::empty({B}, draft_token_ids.options());
-  dk::cpu::kernels().chain_speculative_sampling(dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K,
-                                      V, vocab_size, s, o, at::get_num_threads(), out.data_ptr<int64_t>(),
-                                      acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
+  dk::cpu::kernels().chain_speculative_sampling(
+      dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K, V, vocab_size, s, o,
+      at::get_num_threads(), out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
   return {out, acc, emit};
 }
 
@@ -100,7 +101,7 @@ int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, 
   TORCH_CHECK(vocab_size >= 0 && vocab_size <= V, "decodekit: vocab_size must be in [0, V]");
   if (probs.numel() == 0) return 0;
   return dk::cpu::kernels().check_probability_rows(probs.data_ptr<float>(), probs.numel() / V, V, vocab_size, need_mass,
-                                         at::get_num_threads());
+                                                   at::get_num_threads());
 }
 
 // _check_probability_rows: the same status as a 0-d int64 tensor (no host

@@ -48,7 +48,7 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     const int64_t B = 5;
     std::vector<float> x(B * V);
     for (auto& v : x) v = normal(rng);
-    x[1 * V] = NAN;                                         // an invalid row
+    x[1 * V] = NAN;                                            // an invalid row
     for (int64_t i = 0; i < V; ++i) x[2 * V + i] = -INFINITY;  // no finite logit
     if (V > 3) x[3 * V + 3] = INFINITY;
     std::vector<uint16_t> xh(x.size()), xb(x.size());
@@ -61,8 +61,9 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     const int64_t vs = V > 2 ? V - 2 : V;
     std::vector<float> temps = {0.0f, 0.7f, 1.0f, 1e-6f, 2.0f};
     for (int kind = 0; kind < 3; ++kind) {
-      const void* data = kind == 0 ? static_cast<const void*>(x.data())
-                                   : kind == 1 ? static_cast<const void*>(xh.data()) : xb.data();
+      const void* data = kind == 0   ? static_cast<const void*>(x.data())
+                         : kind == 1 ? static_cast<const void*>(xh.data())
+                                     : xb.data();
       const dk::LogitsView lv{data, static_cast<dk::ScalarKind>(kind), B, V, V, vs};
       std::vector<float> probs(B * V);
       std::vector<int64_t> ids(B);
@@ -72,7 +73,11 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
       h = fnv(h, probs);
       k.argmax(lv, threads, ids.data(), valid);
       h = fnv(h, ids);
-      struct Prm { int64_t k; double p; float m; };
+      struct Prm {
+        int64_t k;
+        double p;
+        float m;
+      };
       for (const Prm& prm : {Prm{0, 1.0, 0.0f}, Prm{40, 1.0, 0.0f}, Prm{0, 0.9, 0.0f}, Prm{0, 1.0, 0.05f},
                              Prm{300, 0.95, 0.01f}, Prm{1, 1.0, 0.0f}, Prm{0, 0.0, 0.0f}, Prm{0, 0.5, 0.2f}}) {
         dk::SamplingParams sp;

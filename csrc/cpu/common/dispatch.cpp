@@ -55,17 +55,21 @@ Isa isa() {
 
 const char* active_isa() {
   switch (isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kBaseline: return "baseline";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kBaseline:
+      return "baseline";
   }
   return "baseline";
 }
 
 const CpuKernels& kernels() {
 #if defined(DK_MULTI_ISA)
-  static const CpuKernels* const table =
-      isa() == Isa::kAvx512 ? &avx512::kTable : isa() == Isa::kAvx2 ? &avx2::kTable : &baseline::kTable;
+  static const CpuKernels* const table = isa() == Isa::kAvx512 ? &avx512::kTable
+                                         : isa() == Isa::kAvx2 ? &avx2::kTable
+                                                               : &baseline::kTable;
   return *table;
 #else
   return baseline::kTable;

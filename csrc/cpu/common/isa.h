@@ -27,24 +27,24 @@ namespace decodekit {
 namespace cpu {
 
 // X(name, type): every kernel of the table.
-#define DK_CPU_KERNELS(X)                                      \
-  X(softmax, SoftmaxKernel)                                    \
-  X(argmax, ArgmaxKernel)                                      \
-  X(sample_from_logits, SampleFromLogitsKernel)                \
-  X(sample_from_probs, SampleFromProbsKernel)                  \
-  X(filter_probs, FilterProbsKernel)                           \
-  X(top_k_mask_logits, TopKMaskLogitsKernel)                   \
-  X(processed_probs, ProcessedProbsKernel)                     \
-  X(apply_penalties, ApplyPenaltiesKernel)                     \
-  X(append_kv_cache, AppendKVCacheKernel)                      \
-  X(append_paged_kv_cache, AppendPagedKVCacheKernel)           \
-  X(paged_attention, PagedAttentionKernel)                     \
-  X(rms_norm, RmsNormKernel)                                   \
-  X(silu_and_mul, SiluAndMulKernel)                            \
-  X(rope_inplace, RopeInplaceKernel)                           \
-  X(linear, LinearKernel)                                      \
+#define DK_CPU_KERNELS(X)                                       \
+  X(softmax, SoftmaxKernel)                                     \
+  X(argmax, ArgmaxKernel)                                       \
+  X(sample_from_logits, SampleFromLogitsKernel)                 \
+  X(sample_from_probs, SampleFromProbsKernel)                   \
+  X(filter_probs, FilterProbsKernel)                            \
+  X(top_k_mask_logits, TopKMaskLogitsKernel)                    \
+  X(processed_probs, ProcessedProbsKernel)                      \
+  X(apply_penalties, ApplyPenaltiesKernel)                      \
+  X(append_kv_cache, AppendKVCacheKernel)                       \
+  X(append_paged_kv_cache, AppendPagedKVCacheKernel)            \
+  X(paged_attention, PagedAttentionKernel)                      \
+  X(rms_norm, RmsNormKernel)                                    \
+  X(silu_and_mul, SiluAndMulKernel)                             \
+  X(rope_inplace, RopeInplaceKernel)                            \
+  X(linear, LinearKernel)                                       \
   X(chain_speculative_sampling, ChainSpeculativeSamplingKernel) \
-  X(greedy_verify, GreedyVerifyKernel)                         \
+  X(greedy_verify, GreedyVerifyKernel)                          \
   X(check_probability_rows, CheckProbabilityRowsKernel)
 
 struct CpuKernels {
@@ -63,10 +63,10 @@ const char* active_isa();
 
 // Each build's kernels and its table.
 #define DK_KERNEL_DECL(name, type) type name;
-#define DK_ISA_KERNELS(ns)              \
-  namespace ns {                        \
-  DK_CPU_KERNELS(DK_KERNEL_DECL)        \
-  extern const CpuKernels kTable;       \
+#define DK_ISA_KERNELS(ns)        \
+  namespace ns {                  \
+  DK_CPU_KERNELS(DK_KERNEL_DECL)  \
+  extern const CpuKernels kTable; \
   }
 DK_ISA_KERNELS(avx512)
 DK_ISA_KERNELS(avx2)

@@ -41,8 +41,7 @@ void for_each_row(int64_t B, int num_threads, F&& f) {
 
 using namespace detail;
 
-void softmax(const LogitsView& lv, RowParam<float> temperature, bool /*deterministic*/,
-             int num_threads, float* probs) {
+void softmax(const LogitsView& lv, RowParam<float> temperature, bool /*deterministic*/, int num_threads, float* probs) {
   for_each_row(lv.batch, num_threads, [&](int64_t b) {
     Scratch& sc = thread_scratch();
     float* out = probs + b * lv.vocab;
@@ -86,9 +85,8 @@ void sample_from_logits(const LogitsView& lv, const SamplingParams& params, cons
   });
 }
 
-void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int64_t> seed,
-                       RowParam<int64_t> offset, const LogprobRequest& lp, bool deterministic, int num_threads,
-                       int64_t* ids, bool* valid) {
+void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int64_t> seed, RowParam<int64_t> offset,
+                       const LogprobRequest& lp, bool deterministic, int num_threads, int64_t* ids, bool* valid) {
   for_each_row(pv.batch, num_threads, [&](int64_t b) {
     Scratch& sc = thread_scratch();
     const ProbRow r = prepare_probs_row(pv, b, fp, sc);
@@ -99,11 +97,11 @@ void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int
       return;
     }
     const int64_t V = pv.vocab_size;
-    const double u = PhiloxStreamRef{static_cast<uint64_t>(seed.at(b)), static_cast<uint64_t>(offset.at(b)),
-                                     kStreamSample}.uniform_double(0);
+    const double u =
+        PhiloxStreamRef{static_cast<uint64_t>(seed.at(b)), static_cast<uint64_t>(offset.at(b)), kStreamSample}
+            .uniform_double(0);
     double W = 1.0;
-    const int64_t token = draw_kept(r.x, V, ProbWeight{}, r.kept, sc.cands, sc.sums, u, r.s.argmax, &W,
-                                    !deterministic);
+    const int64_t token = draw_kept(r.x, V, ProbWeight{}, r.kept, sc.cands, sc.sums, u, r.s.argmax, &W, !deterministic);
     ids[b] = token;
     if (!lp.active()) return;
     const float* x = r.x;
@@ -113,10 +111,13 @@ void sample_from_probs(const ProbsView& pv, const FilterParams& fp, RowParam<int
       write_logprobs(lp, b, token, x, V, [&](int64_t i) { return log_double(x[i]) - log_total; }, sc.topn);
     } else {
       const double logW = log_double(W);
-      write_logprobs(lp, b, token, x, V, [&](int64_t i) {
-        return is_kept(i, x, ProbWeight{}, r.kept, sc.cands) ? log_double(x[i]) - logW
-                                                               : -std::numeric_limits<double>::infinity();
-      }, sc.topn);
+      write_logprobs(
+          lp, b, token, x, V,
+          [&](int64_t i) {
+            return is_kept(i, x, ProbWeight{}, r.kept, sc.cands) ? log_double(x[i]) - logW
+                                                                 : -std::numeric_limits<double>::infinity();
+          },
+          sc.topn);
     }
   });
 }
@@ -147,7 +148,8 @@ void processed_probs(const LogitsView& lv, const SamplingParams& params, bool de
 
 void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> top_k, int num_threads, void* out, bool* valid) {
   const size_t esize = lv.kind == ScalarKind::kFloat32 ? 4 : 2;
-  const uint32_t ninf = lv.kind == ScalarKind::kFloat32 ? 0xFF800000u : (lv.kind == ScalarKind::kFloat16 ? 0xFC00u : 0xFF80u);
+  const uint32_t ninf =
+      lv.kind == ScalarKind::kFloat32 ? 0xFF800000u : (lv.kind == ScalarKind::kFloat16 ? 0xFC00u : 0xFF80u);
   auto fill_ninf = [&](char* dst, int64_t n) {
     if (esize == 4) {
       float v;
@@ -186,7 +188,6 @@ void top_k_mask_logits(const LogitsView& lv, RowParam<int64_t> top_k, int num_th
     }
   });
 }
-
 
 }  // namespace DK_ISA
 }  // namespace cpu

@@ -88,9 +88,7 @@ struct Cand {
 };
 
 // Rank order: logit descending, index ascending on ties.
-DK_INLINE bool rank_before(const Cand& a, const Cand& b) {
-  return a.x > b.x || (a.x == b.x && a.idx < b.idx);
-}
+DK_INLINE bool rank_before(const Cand& a, const Cand& b) { return a.x > b.x || (a.x == b.x && a.idx < b.idx); }
 
 struct RowStats {
   float max;
@@ -98,7 +96,6 @@ struct RowStats {
   bool has_nan;
   bool has_pinf;
 };
-
 
 // Pass A prefetches each line 8 KiB ahead, and one line per chunk 32 KiB
 // ahead: with 4 KiB pages the hardware prefetcher stops at every page start,
@@ -125,7 +122,8 @@ struct LogitWeight {
   // of 1e-3 in log space is far above the exp error (~1e-7 relative) and the
   // float32 rounding of (x - m) * inv_t (<= 87 * 2^-23 ~ 1e-5 absolute).
   float lower_x(float bound) const {
-    const double y = static_cast<double>(m) + (log_double(static_cast<double>(bound)) - 1e-3) / static_cast<double>(inv_t);
+    const double y =
+        static_cast<double>(m) + (log_double(static_cast<double>(bound)) - 1e-3) / static_cast<double>(inv_t);
     return std::nextafter(static_cast<float>(y), -kInf);
   }
 };
@@ -135,7 +133,6 @@ struct ProbWeight {
   DK_INLINE float operator()(float x) const { return x; }
   float lower_x(float bound) const { return bound; }  // the weight is the value
 };
-
 
 struct Span {
   const float* r;
@@ -161,7 +158,6 @@ struct NucleusScratch {
     q.resize(kCaptureCap + kLanes);
   }
 };
-
 
 // ------------------------------------------------------------ the chain ----
 // Which tokens survive top-k -> top-p -> min-p. Either the whole row passes
@@ -232,15 +228,15 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
 template <class Wt>
 double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out);
 template <class Wt>
-double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W,
-                          const double* mass, std::vector<Cand>& out);
+double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W, const double* mass,
+                          std::vector<Cand>& out);
 double mass_discount(int64_t V);
 double lane_total(VF v);
 int64_t top_p_select(std::vector<Cand>& cands, double p, double total);
 int64_t top_p_select_sorted_input(std::vector<Cand>& cands, double p, double total, std::vector<Cand>& tmp);
 // nucleus_online.cpp
-RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf,
-                        Buf<double>& seg_buf, NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut);
+RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf, Buf<double>& seg_buf,
+                        NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut);
 // plan.cpp
 int64_t draw_from_cands(std::vector<Cand>& cands, double u, int64_t fallback, double* total_out);
 bool params_ok(float T, double p, float min_p);
@@ -266,8 +262,7 @@ struct LogitsRow {
   Kept kept{true, 0.0f};
   double W = 0.0;  // kPlainOneRead: the total weight (block sums in the scratch); kTopPOneRead: the row's
 };
-LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k, double p, float min_p,
-                             Scratch& sc);
+LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k, double p, float min_p, Scratch& sc);
 int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, const LogprobRequest& lp, bool fast,
                    bool* ok);
 // The row's processed distribution (processed_probs) into out[0, vocab_size); false for an invalid row.
@@ -289,8 +284,8 @@ void write_invalid_logprobs(const LogprobRequest& lp, int64_t b);
 
 // Writes the logprob outputs of row b: the drawn token's and the n best.
 template <class F>
-void write_logprobs(const LogprobRequest& lp, int64_t b, int64_t token, const float* x, int64_t V,
-                    F&& logprob_of, std::vector<Cand>& topn) {
+void write_logprobs(const LogprobRequest& lp, int64_t b, int64_t token, const float* x, int64_t V, F&& logprob_of,
+                    std::vector<Cand>& topn) {
   if (lp.logprobs) lp.logprobs[b] = static_cast<float>(logprob_of(token));
   if (lp.n_top > 0) {
     top_n_by_value(x, V, lp.n_top, topn);

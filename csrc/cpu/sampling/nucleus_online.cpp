@@ -45,9 +45,8 @@ constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 // nucleus_candidates, which gathers a superset of the nucleus from a second
 // read of the row (from cache) for apply_chain to cut. Returns the row stats;
 // W and the candidates only for a valid row.
-RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf,
-                        Buf<double>& seg_buf, NucleusScratch& ns, std::vector<Cand>& out, double* W_out,
-                        bool* cut) {
+RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf, Buf<double>& seg_buf,
+                        NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut) {
   out.clear();
   *cut = false;
   const int64_t nch = (V + kChunk - 1) / kChunk;

@@ -59,8 +59,7 @@ RowPlan plan_row(ScalarKind kind, float T, const ChainParams& cp) {
   return RowPlan::kChain;
 }
 
-LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k, double p, float min_p,
-                             Scratch& sc) {
+LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k, double p, float min_p, Scratch& sc) {
   const int64_t V = lv.vocab_size;
   const ChainParams cp{T > 0.0f && k > 0 && k < V, k, p < 1.0, p, min_p > 0.0f, min_p};
   LogitsRow r;
@@ -119,8 +118,7 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
                    bool* ok) {
   Scratch& sc = thread_scratch();
   const int64_t V = lv.vocab_size;
-  LogitsRow r = prepare_logits_row(lv, b, prm.temperature.at(b), prm.top_k.at(b), prm.top_p.at(b),
-                                   prm.min_p.at(b), sc);
+  LogitsRow r = prepare_logits_row(lv, b, prm.temperature.at(b), prm.top_k.at(b), prm.top_p.at(b), prm.min_p.at(b), sc);
   *ok = r.plan != RowPlan::kInvalid && r.valid;
   if (!*ok) {
     write_invalid_logprobs(lp, b);
@@ -132,8 +130,9 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   int64_t token = r.s.argmax;
   double W = 1.0;
   if (!greedy) {
-    const double u = PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)),
-                                     kStreamSample}.uniform_double(0);
+    const double u =
+        PhiloxStreamRef{static_cast<uint64_t>(prm.seed.at(b)), static_cast<uint64_t>(prm.offset.at(b)), kStreamSample}
+            .uniform_double(0);
     if (r.plan == RowPlan::kPlainOneRead) {  // the block sums are ready: draw from them
       W = r.W;
       const int64_t t = draw_from_blocks(RowWeights<LogitWeight>{x, r.w, 0.0f}, V, sc.sums.data(), u * W);
@@ -149,16 +148,20 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
     write_logprobs(lp, b, token, x, V, [&](int64_t i) { return static_cast<double>(x[i] - m) - log_raw; }, sc.topn);
   } else if (greedy) {
     const int64_t top = r.s.argmax;
-    write_logprobs(lp, b, token, x, V,
-                   [&](int64_t i) { return i == top ? 0.0 : -std::numeric_limits<double>::infinity(); }, sc.topn);
+    write_logprobs(
+        lp, b, token, x, V, [&](int64_t i) { return i == top ? 0.0 : -std::numeric_limits<double>::infinity(); },
+        sc.topn);
   } else {
     const double logW = log_double(W);
     const LogitWeight& w = r.w;
     const Kept& kept = r.kept;
-    write_logprobs(lp, b, token, x, V, [&](int64_t i) {
-      return is_kept(i, x, w, kept, sc.cands) ? static_cast<double>((x[i] - m) * w.inv_t) - logW
-                                               : -std::numeric_limits<double>::infinity();
-    }, sc.topn);
+    write_logprobs(
+        lp, b, token, x, V,
+        [&](int64_t i) {
+          return is_kept(i, x, w, kept, sc.cands) ? static_cast<double>((x[i] - m) * w.inv_t) - logW
+                                                  : -std::numeric_limits<double>::infinity();
+        },
+        sc.topn);
   }
   return token;
 }
@@ -166,8 +169,8 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
 bool processed_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, bool fast, float* out) {
   Scratch& sc = thread_scratch();
   const int64_t V = lv.vocab_size;
-  const LogitsRow r = prepare_logits_row(lv, b, prm.temperature.at(b), prm.top_k.at(b), prm.top_p.at(b),
-                                         prm.min_p.at(b), sc);
+  const LogitsRow r =
+      prepare_logits_row(lv, b, prm.temperature.at(b), prm.top_k.at(b), prm.top_p.at(b), prm.min_p.at(b), sc);
   if (r.plan == RowPlan::kInvalid || !r.valid) {
     std::fill(out, out + V, std::numeric_limits<float>::quiet_NaN());
     return false;
@@ -180,13 +183,12 @@ bool processed_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
   if (r.kept.full_row) {
     // Every token whose weight reaches min-p; W as the draw computes it.
     const RowWeights<LogitWeight> src{r.x, r.w, r.kept.min_w};
-    const double W = r.plan == RowPlan::kPlainOneRead ? r.W
-                                                      : block_sums(src, V, sc.sums.get(reduce::num_blocks(V)), fast);
+    const double W =
+        r.plan == RowPlan::kPlainOneRead ? r.W : block_sums(src, V, sc.sums.get(reduce::num_blocks(V)), fast);
     float e[kLanes];
     for (int64_t c = 0; c < V; c += kLanes) {
       to_array(c + kLanes <= V ? src.full(c) : src.tail(c, V), e);
-      for (int64_t j = 0; j < kLanes && c + j < V; ++j)
-        out[c + j] = static_cast<float>(static_cast<double>(e[j]) / W);
+      for (int64_t j = 0; j < kLanes && c + j < V; ++j) out[c + j] = static_cast<float>(static_cast<double>(e[j]) / W);
     }
     return true;
   }
@@ -263,7 +265,6 @@ void write_filtered_row(const ProbRow& r, int64_t V, std::vector<Cand>& cands, f
   std::fill(out, out + V, 0.0f);
   for (const Cand& c : cands) out[c.idx] = static_cast<float>(static_cast<double>(c.e) / W);
 }
-
 
 }  // namespace detail
 }  // namespace DK_ISA

@@ -34,8 +34,7 @@ double top_k_stage(TopKGather& g, const Wt& w, std::vector<Cand>& cands) {
 // token with weight <= (1 - p) W / V can be); total W is the row's mass.
 inline void drop_below_nucleus_bound(std::vector<Cand>& cands, double p, double total, int64_t V) {
   const float bound = static_cast<float>(0.5 * (1.0 - p) * total / static_cast<double>(V));
-  cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }),
-              cands.end());
+  cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e > bound); }), cands.end());
 }
 
 // 2. Top-p over candidates that contain the nucleus (total: the stage's mass).
@@ -56,8 +55,7 @@ inline bool top_p_stage(std::vector<Cand>& cands, double p, double total, bool i
 // 3. Min-p: keeps w >= min_w. The top token is always a candidate, so the
 // stage's max weight is w_max.
 inline void min_p_stage(std::vector<Cand>& cands, float min_w) {
-  cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e >= min_w); }),
-              cands.end());
+  cands.erase(std::remove_if(cands.begin(), cands.end(), [&](const Cand& c) { return !(c.e >= min_w); }), cands.end());
 }
 
 // top-k -> top-p -> min-p, in that order. `g` holds the top-k candidates
@@ -83,8 +81,8 @@ Kept apply_chain(const float* x, int64_t V, const Wt& w, float w_max, const Chai
 
 // Draws from the kept tokens; *W_out = their total weight.
 template <class Wt>
-int64_t draw_kept(const float* x, int64_t V, const Wt& w, const Kept& kept, std::vector<Cand>& cands,
-                  Buf<double>& sums, double u, int64_t fallback, double* W_out, bool fast = false) {
+int64_t draw_kept(const float* x, int64_t V, const Wt& w, const Kept& kept, std::vector<Cand>& cands, Buf<double>& sums,
+                  double u, int64_t fallback, double* W_out, bool fast = false) {
   if (!kept.full_row) return draw_from_cands(cands, u, fallback, W_out);
   const RowWeights<Wt> src{x, w, kept.min_w};
   const double W = block_sums(src, V, sums.get(reduce::num_blocks(V)), fast);
@@ -101,7 +99,6 @@ bool is_kept(int64_t i, const float* x, const Wt& w, const Kept& kept, const std
                              [](const Cand& c, int64_t v) { return static_cast<int64_t>(c.idx) < v; });
   return it != cands.end() && it->idx == i;
 }
-
 
 }  // namespace detail
 }  // namespace DK_ISA

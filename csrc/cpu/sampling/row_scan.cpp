@@ -78,9 +78,7 @@ DK_INLINE RowStats pass_a_impl(const typename L::T* row, int64_t V, float* xbuf,
   return s;
 }
 
-RowStats pass_a_f32(const float* r, int64_t V, float* xb, float* cmax) {
-  return pass_a_impl<LoadF32>(r, V, xb, cmax);
-}
+RowStats pass_a_f32(const float* r, int64_t V, float* xb, float* cmax) { return pass_a_impl<LoadF32>(r, V, xb, cmax); }
 RowStats pass_a_f16(const uint16_t* r, int64_t V, float* xb, float* cmax) {
   return pass_a_impl<LoadF16>(r, V, xb, cmax);
 }
@@ -90,8 +88,7 @@ RowStats pass_a_bf16(const uint16_t* r, int64_t V, float* xb, float* cmax) {
 
 // Loads row b into float32: returns a pointer to float32 logits (the input
 // itself for float32, else the converted copy in xbuf) and the row stats.
-RowStats load_row(const LogitsView& lv, int64_t b, Buf<float>& xbuf, TopKGather* g,
-                  const float** x_out) {
+RowStats load_row(const LogitsView& lv, int64_t b, Buf<float>& xbuf, TopKGather* g, const float** x_out) {
   const int64_t V = lv.vocab_size;
   thread_local Buf<float> own_cmax;
   float* cmax = g ? g->chunk_max_for(V) : nullptr;
@@ -159,7 +156,6 @@ RowStats pass_a_probs(const float* row, int64_t V, TopKGather* g, int64_t* npos)
   return s;
 }
 
-
 // ahead: the first, memory-bound read of a span in the one-read passes.
 float span_max(const float* row, int64_t c0, int64_t n, int64_t V, VI& vnan) {
   if (c0 + kPrefetchElems<float> < V) __builtin_prefetch(row + c0 + kPrefetchElems<float>, 0, 0);
@@ -184,7 +180,6 @@ int64_t first_index_of_max(const float* row, int64_t V, const float* span_maxima
   }
   return 0;
 }
-
 
 // read of a float32 row. Each kBlock-token block is loaded once: its maximum
 // (kept for the argmax) and NaN flag from memory, then its weights relative
@@ -244,7 +239,6 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
   *W_out = W;
   return st;
 }
-
 
 }  // namespace detail
 }  // namespace DK_ISA

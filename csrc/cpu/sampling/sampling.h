@@ -28,8 +28,8 @@ using decodekit::ScalarKind;
 // probs[b, :] = softmax(logits[b, :vocab_size] / T_b), 0 in padding columns.
 // T_b == 0 gives one-hot at the argmax. Rows that cannot be normalised (a NaN,
 // no finite logit, or +inf with T > 0) are all NaN.
-using SoftmaxKernel = void(const LogitsView& logits, RowParam<float> temperature, bool deterministic,
-                           int num_threads, float* probs /* [B, V] contiguous */);
+using SoftmaxKernel = void(const LogitsView& logits, RowParam<float> temperature, bool deterministic, int num_threads,
+                           float* probs /* [B, V] contiguous */);
 
 // ids[b] = lowest index of the maximum of logits[b, :vocab_size]; valid[b] is
 // false (and ids[b] == -1) for rows with a NaN or with every entry -inf.
@@ -39,9 +39,8 @@ using ArgmaxKernel = void(const LogitsView& logits, int num_threads, int64_t* id
 // With lp active, also the logprobs of the processed distribution (after
 // temperature and filters, renormalised; a greedy row is one-hot: 0 / -inf)
 // or, with lp.raw, of log_softmax(logits).
-using SampleFromLogitsKernel = void(const LogitsView& logits, const SamplingParams& params,
-                                    const LogprobRequest& lp, bool deterministic, int num_threads, int64_t* ids,
-                                    bool* valid);
+using SampleFromLogitsKernel = void(const LogitsView& logits, const SamplingParams& params, const LogprobRequest& lp,
+                                    bool deterministic, int num_threads, int64_t* ids, bool* valid);
 
 // Samples from probability rows after top-k -> top-p -> min-p (ranked by
 // probability). Rows with a NaN, negative or infinite entry, or no positive
@@ -70,7 +69,6 @@ using TopKMaskLogitsKernel = void(const LogitsView& logits, RowParam<int64_t> to
 // out of range) are all NaN with valid[b] false. params.seed / offset are unused.
 using ProcessedProbsKernel = void(const LogitsView& logits, const SamplingParams& params, bool deterministic,
                                   int num_threads, float* probs, bool* valid);
-
 
 }  // namespace cpu
 }  // namespace decodekit

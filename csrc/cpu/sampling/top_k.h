@@ -94,7 +94,6 @@ struct TopKGather {
   }
 };
 
-
 }  // namespace detail
 }  // namespace DK_ISA
 }  // namespace cpu

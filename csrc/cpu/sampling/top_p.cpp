@@ -84,15 +84,19 @@ double lane_total(VF v) {
 // the weight above tau_j = w_max * 16^-(j+1), the bound below which no
 // nucleus token lies, then the tokens above it (see gather_nucleus).
 template <class Wt>
-double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W,
-                          const double* mass, std::vector<Cand>& out) {
+double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W, const double* mass,
+                          std::vector<Cand>& out) {
   const float t0 = w_max * 0.0625f, t1 = t0 * 0.0625f, t2 = t1 * 0.0625f, t3 = t2 * 0.0625f;
   const double target = p * W;
   float bound = static_cast<float>(0.5 * (1.0 - p) * W / static_cast<double>(V));
-  if (mass[0] >= target) bound = std::max(bound, t0);
-  else if (mass[1] >= target) bound = std::max(bound, t1);
-  else if (mass[2] >= target) bound = std::max(bound, t2);
-  else if (mass[3] >= target) bound = std::max(bound, t3);
+  if (mass[0] >= target)
+    bound = std::max(bound, t0);
+  else if (mass[1] >= target)
+    bound = std::max(bound, t1);
+  else if (mass[2] >= target)
+    bound = std::max(bound, t2);
+  else if (mass[3] >= target)
+    bound = std::max(bound, t3);
   const VF vxl = splat(w.lower_x(bound));
   for (int64_t c2 = 0; c2 < V; c2 += kLanes) {
     const VF xs = c2 + kLanes <= V ? load_f32(x + c2) : load_tail(x, c2, V);
@@ -111,8 +115,7 @@ double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, d
 
 template double gather_nucleus<LogitWeight>(const float*, int64_t, const LogitWeight&, float, double,
                                             std::vector<Cand>&);
-template double gather_nucleus<ProbWeight>(const float*, int64_t, const ProbWeight&, float, double,
-                                           std::vector<Cand>&);
+template double gather_nucleus<ProbWeight>(const float*, int64_t, const ProbWeight&, float, double, std::vector<Cand>&);
 template double nucleus_candidates<LogitWeight>(const float*, int64_t, const LogitWeight&, float, double, double,
                                                 const double*, std::vector<Cand>&);
 
@@ -173,9 +176,9 @@ int64_t top_p_select_sorted_input(std::vector<Cand>& cands, double p, double tot
   auto key = [](float x) {
     uint32_t u;
     std::memcpy(&u, &x, 4);
-    if (u == 0x80000000u) u = 0;               // -0 ranks with +0
+    if (u == 0x80000000u) u = 0;                     // -0 ranks with +0
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending in x
-    return ~u;                                 // descending in x
+    return ~u;                                       // descending in x
   };
   tmp.resize(2 * n);
   Cand* a = tmp.data();

@@ -21,8 +21,7 @@ namespace cpu {
 using ChainSpeculativeSamplingKernel = void(const float* draft_probs, const int64_t* draft_ids,
                                             const float* target_probs, int64_t B, int64_t K, int64_t V,
                                             int64_t vocab_size, RowParam<int64_t> seed, RowParam<int64_t> offset,
-                                            int num_threads, int64_t* out, int64_t* num_accepted,
-                                            int64_t* num_emitted);
+                                            int num_threads, int64_t* out, int64_t* num_accepted, int64_t* num_emitted);
 
 // Greedy verification: for each row b, draft j (of the leading drafts
 // draft_ids[b, j] >= 0; -1 pads after the last real one) is accepted while it
@@ -40,9 +39,8 @@ enum ProbabilityRowsStatus : int { kProbabilityRowsOk = 0, kProbabilityRowsBadEn
 // Checks nrows probability rows of V floats in one parallel pass: returns 1 when
 // an entry is negative, NaN or infinite (any column), else 2 when need_mass and a
 // row has no positive entry in [0, vocab_size), else 0.
-using CheckProbabilityRowsKernel = int(const float* rows, int64_t nrows, int64_t V, int64_t vocab_size,
-                                       bool need_mass, int num_threads);
-
+using CheckProbabilityRowsKernel = int(const float* rows, int64_t nrows, int64_t V, int64_t vocab_size, bool need_mass,
+                                       int num_threads);
 
 }  // namespace cpu
 }  // namespace decodekit

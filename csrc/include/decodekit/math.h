@@ -77,8 +77,8 @@ constexpr float kExpLog2eLo = 1.925963033500011e-08f;
 constexpr float kExpLowest = -86.5f;
 // 2^f ~ sum_k kExp2C<k> f^k (scalars, so device code can use them too).
 constexpr float kExp2C0 = 1.0f, kExp2C1 = 0.6931471824645996f, kExp2C2 = 0.24022646248340607f,
-                kExp2C3 = 0.05550328642129898f, kExp2C4 = 0.009618489071726799f,
-                kExp2C5 = 0.0013399930903688073f, kExp2C6 = 0.00015345764404628426f;
+                kExp2C3 = 0.05550328642129898f, kExp2C4 = 0.009618489071726799f, kExp2C5 = 0.0013399930903688073f,
+                kExp2C6 = 0.00015345764404628426f;
 
 // 2^(n + f) for |f| <= 1/2 and an integer n in [-125, 0]: the polynomial for
 // 2^f, then n added into the exponent bits (2^n p stays normal, so exact).
@@ -94,7 +94,7 @@ DK_FN float exp2_parts(float f, float n) {
 }
 
 DK_FN float exp_nonpositive(float x) {
-  const float xc = x > kExpLowest ? x : kExpLowest;  // also maps NaN to the lowest input
+  const float xc = x > kExpLowest ? x : kExpLowest;                // also maps NaN to the lowest input
   const float n = (xc * kExpLog2eHi + 12582912.0f) - 12582912.0f;  // round to nearest even
   float f = fma_f32(xc, kExpLog2eHi, -n);
   f = fma_f32(xc, kExpLog2eLo, f);
@@ -190,8 +190,6 @@ DK_FN float half_bits_to_float(uint16_t h) {
 }
 
 // bfloat16 -> float32 (exact: bfloat16 is the top half of a float32).
-DK_FN float bf16_bits_to_float(uint16_t h) {
-  return bits_to_float(static_cast<uint32_t>(h) << 16);
-}
+DK_FN float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
 }  // namespace decodekit
