@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.decodekit-built
 SOURCES := $(shell find csrc python -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup run test bench bench-native clean
+.PHONY: setup run test bench bench-native sanitize check-isa-symbols format format-check clean
 
 setup: $(STAMP_BUILD)
 
@@ -43,6 +43,38 @@ bench-native: setup
 	    -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja)
 	cmake --build build/native --target bench_sampling
 	build/native/bench/native/bench_sampling --benchmark_out=bench/out/native.json --benchmark_out_format=json
+
+# The CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: a separate build of the
+# kernel library and a torch-free harness (tests/native/kernels_harness.cpp) that runs every kernel
+# of every instruction-set build on awkward sizes and checks they give the same bits.
+sanitize: setup
+	cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDECODEKIT_SANITIZE=ON -DDECODEKIT_CUDA=OFF \
+	    -DPython_EXECUTABLE=$(abspath $(PYTHON)) -Dpybind11_DIR=$$($(PYTHON) -m pybind11 --cmakedir) \
+	    -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja)
+	cmake --build build/sanitize --target kernels_harness
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    build/sanitize/kernels_harness
+
+# The per-instruction-set kernel objects must share no weak symbol (the ODR hazard; see the script).
+check-isa-symbols: setup
+	$(PYTHON) scripts/check_isa_symbols.py
+
+# C++ formatting with the pinned clang-format (.clang-format names the version), from a scratch venv.
+CLANG_FORMAT_VERSION := $(shell sed -n 's/^\# clang-format version: *//p' .clang-format)
+CLANG_FORMAT := build/clang-format-venv/bin/clang-format
+$(CLANG_FORMAT): .clang-format
+	$(PY) -m venv build/clang-format-venv
+	build/clang-format-venv/bin/pip install --quiet clang-format==$(CLANG_FORMAT_VERSION)
+	touch $@
+
+# csrc/cuda/ is not formatted yet (the CUDA kernels are being rewritten); add it when they land.
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'tests/native/*.cpp' ':!csrc/cuda/*')
+
+format: $(CLANG_FORMAT)
+	$(CLANG_FORMAT) -i $(CXX_SOURCES)
+
+format-check: $(CLANG_FORMAT)
+	$(CLANG_FORMAT) --dry-run -Werror $(CXX_SOURCES)
 
 clean:
 	rm -rf build $(VENV)

@@ -13,8 +13,7 @@
 #include <random>
 #include <vector>
 
-#include "cpu/penalties.h"
-#include "cpu/sampling.h"
+#include "cpu/common/isa.h"
 
 namespace dk = decodekit::cpu;
 
@@ -62,7 +61,7 @@ void SampleFromLogits(benchmark::State& state, int64_t top_k, double top_p, floa
   std::vector<int64_t> ids(pool.B);
   std::unique_ptr<bool[]> valid(new bool[pool.B]);
   for (auto _ : state) {
-    dk::sample_from_logits(pool.logits(pool.take()), p, dk::LogprobRequest{}, true, threads(), ids.data(),
+    dk::kernels().sample_from_logits(pool.logits(pool.take()), p, dk::LogprobRequest{}, true, threads(), ids.data(),
                            valid.get());
     benchmark::DoNotOptimize(ids.data());
   }
@@ -81,7 +80,7 @@ void BM_Softmax(benchmark::State& state) {
   dk::RowParam<float> t;
   t.scalar = 0.7f;
   for (auto _ : state) {
-    dk::softmax(pool.logits(pool.take()), t, true, threads(), out.data());
+    dk::kernels().softmax(pool.logits(pool.take()), t, true, threads(), out.data());
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * pool.B * pool.V * 4);
@@ -92,7 +91,7 @@ void BM_Argmax(benchmark::State& state) {
   std::vector<int64_t> ids(pool.B);
   std::unique_ptr<bool[]> valid(new bool[pool.B]);
   for (auto _ : state) {
-    dk::argmax(pool.logits(pool.take()), threads(), ids.data(), valid.get());
+    dk::kernels().argmax(pool.logits(pool.take()), threads(), ids.data(), valid.get());
     benchmark::DoNotOptimize(ids.data());
   }
   state.SetBytesProcessed(state.iterations() * pool.B * pool.V * 4);
@@ -107,7 +106,7 @@ void BM_FilterProbs_k50_p09(benchmark::State& state) {
   fp.top_p.scalar = 0.9;
   for (auto _ : state) {
     const float* d = pool.take();
-    dk::filter_probs(dk::ProbsView{d, pool.B, pool.V, pool.V, pool.V}, fp, threads(), out.data(), valid.get());
+    dk::kernels().filter_probs(dk::ProbsView{d, pool.B, pool.V, pool.V, pool.V}, fp, threads(), out.data(), valid.get());
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * pool.B * pool.V * 4);
@@ -124,7 +123,7 @@ void BM_SampleFromProbs_p09(benchmark::State& state) {
   seed.scalar = 1;
   for (auto _ : state) {
     const float* d = pool.take();
-    dk::sample_from_probs(dk::ProbsView{d, pool.B, pool.V, pool.V, pool.V}, fp, seed, offset, dk::LogprobRequest{},
+    dk::kernels().sample_from_probs(dk::ProbsView{d, pool.B, pool.V, pool.V, pool.V}, fp, seed, offset, dk::LogprobRequest{},
                           true, threads(), ids.data(), valid.get());
     benchmark::DoNotOptimize(ids.data());
   }
@@ -142,7 +141,7 @@ void BM_ApplyPenalties(benchmark::State& state) {
   in.token_ids = ids.data();
   in.token_ids_len = 256;
   for (auto _ : state) {
-    dk::apply_penalties(pool.logits(pool.take()), in, threads(), out.data());
+    dk::kernels().apply_penalties(pool.logits(pool.take()), in, threads(), out.data());
     benchmark::DoNotOptimize(out.data());
   }
   state.SetBytesProcessed(state.iterations() * pool.B * pool.V * 4);

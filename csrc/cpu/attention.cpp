@@ -10,6 +10,8 @@
 // position order. The operations for a query row depend only on that row's
 // query and cached keys/values, so its result is the same for any B and Q.
 #include "attention.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cstring>
@@ -17,11 +19,7 @@
 #include <vector>
 
 #include "decodekit/math.h"
-#include "vec.h"
-
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
+#include "cpu/common/vec.h"
 
 namespace decodekit {
 namespace cpu {
@@ -45,7 +43,6 @@ void load_row(const PagedKV& kv, const void* base, int64_t elem, int64_t D, floa
   }
   for (int64_t d = D; d < Dp; ++d) dst[d] = 0.0f;
 }
-
 
 DK_VINLINE float dot(const float* a, const float* b, int64_t Dp) {
   VF acc = splat(0.0f);
@@ -168,21 +165,18 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
 
 }  // namespace
 
-void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
-                     const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
-                     int num_threads, float* out) {
+void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* block_tables,
+                     int64_t max_blocks, const int64_t* seq_lens, float scale, int num_threads, float* out) {
   const int64_t tasks = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const IeeeDenormals ieee;
+  const int nt = threads_for(tasks, num_threads);
+  parallel_rows(tasks, nt, Schedule::kDynamic, [&](int64_t t) {
     const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
     // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
     const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
     attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, scale,
                  out + b * Q * Hq * D);
-  }
+  });
 }
 
 }  // namespace DK_ISA

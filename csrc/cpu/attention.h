@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "sampling.h"  // ScalarKind
+#include "cpu/sampling/sampling.h"  // ScalarKind
 
 namespace decodekit {
 namespace cpu {
@@ -28,17 +28,9 @@ struct PagedKV {
 // its own query and the cache contents, never on B or Q. Positions whose block
 // id is out of range contribute nothing (never read); a query with no position
 // gets zeros.
-void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
-                     const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
-                     int num_threads, float* out);
-
-#define DK_ATTENTION_API                                                                                   \
-  void paged_attention(const float*, int64_t, int64_t, int64_t, const PagedKV&, const int64_t*, int64_t, \
-                       const int64_t*, float, int, float*);
-namespace avx512 { DK_ATTENTION_API }
-namespace avx2 { DK_ATTENTION_API }
-namespace baseline { DK_ATTENTION_API }
-#undef DK_ATTENTION_API
+using PagedAttentionKernel = void(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
+                                  const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
+                                  int num_threads, float* out);
 
 }  // namespace cpu
 }  // namespace decodekit

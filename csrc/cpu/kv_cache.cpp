@@ -8,13 +8,11 @@
 // paged append scatters token rows to (block, offset) slots of a block pool,
 // as in vLLM's reshape_and_cache and FlashInfer's append_paged_kv_cache.
 #include "kv_cache.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cstring>
-
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
 
 namespace decodekit {
 namespace cpu {
@@ -24,11 +22,6 @@ namespace {
 // Below this many bytes per thread, starting threads costs more than it saves.
 constexpr int64_t kMinBytesPerThread = 32 * 1024;
 
-int threads_for(int64_t items, int64_t bytes, int num_threads) {
-  const int64_t by_bytes = std::max<int64_t>(1, bytes / kMinBytesPerThread);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({int64_t{num_threads}, items, by_bytes})));
-}
-
 // Copies n rows of D elements: source rows src_step elements apart (starting at
 // element src_off), destination rows dst_step elements apart (starting at
 // dst_off). One memcpy when both sides hold the n rows back to back.
@@ -37,15 +30,23 @@ int threads_for(int64_t items, int64_t bytes, int num_threads) {
 // time, and a library memcpy call per 128-512 bytes costs as much as the copy itself.
 inline void copy_row(char* d, const char* s, size_t row) {
   switch (row) {
-    case 128: __builtin_memcpy(d, s, 128); break;
-    case 256: __builtin_memcpy(d, s, 256); break;
-    case 512: __builtin_memcpy(d, s, 512); break;
-    default: std::memcpy(d, s, row); break;
+    case 128:
+      __builtin_memcpy(d, s, 128);
+      break;
+    case 256:
+      __builtin_memcpy(d, s, 256);
+      break;
+    case 512:
+      __builtin_memcpy(d, s, 512);
+      break;
+    default:
+      std::memcpy(d, s, row);
+      break;
   }
 }
 
-inline void copy_rows(void* dst, int64_t dst_off, int64_t dst_step, const void* src, int64_t src_off,
-                      int64_t src_step, int64_t n, int64_t D, int64_t es) {
+inline void copy_rows(void* dst, int64_t dst_off, int64_t dst_step, const void* src, int64_t src_off, int64_t src_step,
+                      int64_t n, int64_t D, int64_t es) {
   char* d = static_cast<char*>(dst) + dst_off * es;
   const char* s = static_cast<const char*>(src) + src_off * es;
   const size_t row = static_cast<size_t>(D * es);
@@ -68,31 +69,29 @@ void append_kv_cache(const KVCacheTensors& c, int64_t batch, int64_t max_seq_len
   if (c.layout == KVLayout::kNHD) {
     // One item per (b, t): the H rows of a position are back to back in the cache.
     const int64_t items = batch * tokens;
-    const int nt = threads_for(items, bytes, num_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t i = 0; i < items; ++i) {
+    const int nt = threads_for(items, num_threads, bytes, kMinBytesPerThread);
+    parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
       const int64_t b = i / tokens, t = i % tokens;
       const int64_t s = seq_lens[b];
-      if (s < 0 || s >= S || t >= S - s) continue;  // past the cache: skipped, never written
+      if (s < 0 || s >= S || t >= S - s) return;  // past the cache: skipped, never written
       const int64_t dst = (b * S + s + t) * H * D;
       copy_rows(c.k, dst, D, r.key, b * r.key_stride_b + t * r.key_stride_t, r.key_stride_h, H, D, es);
       copy_rows(c.v, dst, D, r.value, b * r.value_stride_b + t * r.value_stride_t, r.value_stride_h, H, D, es);
-    }
+    });
   } else {
     // One item per (b, h): the new positions of a head are back to back in the cache, so
     // each thread writes one run of memory.
     const int64_t items = batch * H;
-    const int nt = threads_for(items, bytes, num_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t i = 0; i < items; ++i) {
+    const int nt = threads_for(items, num_threads, bytes, kMinBytesPerThread);
+    parallel_rows(items, nt, Schedule::kStatic, [&](int64_t i) {
       const int64_t b = i / H, h = i % H;
       const int64_t s = seq_lens[b];
-      if (s < 0 || s >= S) continue;
+      if (s < 0 || s >= S) return;
       const int64_t n = std::min(tokens, S - s);  // positions past the cache are skipped
       const int64_t dst = ((b * H + h) * S + s) * D;
       copy_rows(c.k, dst, D, r.key, b * r.key_stride_b + h * r.key_stride_h, r.key_stride_t, n, D, es);
       copy_rows(c.v, dst, D, r.value, b * r.value_stride_b + h * r.value_stride_h, r.value_stride_t, n, D, es);
-    }
+    });
   }
 }
 
@@ -104,28 +103,26 @@ void append_paged_kv_cache(const KVCacheTensors& c, int64_t num_blocks, int64_t 
   const int64_t bytes = num_slots * 2 * H * D * es;
   if (c.layout == KVLayout::kNHD) {
     // One item per row: a slot's H rows are back to back in the cache.
-    const int nt = threads_for(num_slots, bytes, num_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t i = 0; i < num_slots; ++i) {
+    const int nt = threads_for(num_slots, num_threads, bytes, kMinBytesPerThread);
+    parallel_rows(num_slots, nt, Schedule::kStatic, [&](int64_t i) {
       const int64_t slot = slot_mapping[i];
-      if (slot < 0 || slot >= total) continue;  // padding, or outside the pool: skipped
+      if (slot < 0 || slot >= total) return;  // padding, or outside the pool: skipped
       copy_rows(c.k, slot * H * D, D, r.key, i * r.key_stride_t, r.key_stride_h, H, D, es);
       copy_rows(c.v, slot * H * D, D, r.value, i * r.value_stride_t, r.value_stride_h, H, D, es);
-    }
+    });
   } else {
     // One item per (h, row), head-major: consecutive slots of a block are consecutive
     // rows of a head in the cache, so each thread writes runs of memory.
     const int64_t items = H * num_slots;
-    const int nt = threads_for(items, bytes, num_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t j = 0; j < items; ++j) {
+    const int nt = threads_for(items, num_threads, bytes, kMinBytesPerThread);
+    parallel_rows(items, nt, Schedule::kStatic, [&](int64_t j) {
       const int64_t h = j / num_slots, i = j % num_slots;
       const int64_t slot = slot_mapping[i];
-      if (slot < 0 || slot >= total) continue;
+      if (slot < 0 || slot >= total) return;
       const int64_t dst = (((slot / bs) * H + h) * bs + slot % bs) * D;
       copy_rows(c.k, dst, D, r.key, i * r.key_stride_t + h * r.key_stride_h, 0, 1, D, es);
       copy_rows(c.v, dst, D, r.value, i * r.value_stride_t + h * r.value_stride_h, 0, 1, D, es);
-    }
+    });
   }
 }
 

@@ -40,24 +40,16 @@ struct KVCacheTensors {
 // every row b and t in [0, tokens), key/value [b, t] go to position
 // seq_lens[b] + t. A row whose seq_lens is negative, and every position at or
 // past max_seq_len, is skipped (the rest of the row is still written).
-void append_kv_cache(const KVCacheTensors& cache, int64_t batch, int64_t max_seq_len, const KVRows& rows,
-                     int64_t tokens, const int64_t* seq_lens, int num_threads);
+using AppendKVCacheKernel = void(const KVCacheTensors& cache, int64_t batch, int64_t max_seq_len, const KVRows& rows,
+                                 int64_t tokens, const int64_t* seq_lens, int num_threads);
 
 // Paged cache of `num_blocks` blocks of `block_size` positions. Row i of
 // key/value (i < num_slots) goes to slot slot_mapping[i] = block * block_size
 // + offset. Negative slots (padding) and slots >= num_blocks * block_size are
 // skipped. Rows at or past num_slots are never read.
-void append_paged_kv_cache(const KVCacheTensors& cache, int64_t num_blocks, int64_t block_size, const KVRows& rows,
-                           const int64_t* slot_mapping, int64_t num_slots, int num_threads);
-
-#define DK_KV_CACHE_API                                                                                 \
-  void append_kv_cache(const KVCacheTensors&, int64_t, int64_t, const KVRows&, int64_t, const int64_t*, \
-                       int);                                                                            \
-  void append_paged_kv_cache(const KVCacheTensors&, int64_t, int64_t, const KVRows&, const int64_t*, int64_t, int);
-namespace avx512 { DK_KV_CACHE_API }
-namespace avx2 { DK_KV_CACHE_API }
-namespace baseline { DK_KV_CACHE_API }
-#undef DK_KV_CACHE_API
+using AppendPagedKVCacheKernel = void(const KVCacheTensors& cache, int64_t num_blocks, int64_t block_size,
+                                      const KVRows& rows, const int64_t* slot_mapping, int64_t num_slots,
+                                      int num_threads);
 
 }  // namespace cpu
 }  // namespace decodekit

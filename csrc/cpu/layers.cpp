@@ -2,16 +2,14 @@
 // every build gives the same bits (lane-wise operations, explicit FMAs, no
 // contraction).
 #include "layers.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
-#include "vec.h"
-
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
+#include "cpu/common/vec.h"
 
 namespace decodekit {
 namespace cpu {
@@ -19,8 +17,8 @@ namespace DK_ISA {
 namespace {
 
 constexpr int kL = kVecLanes;
-// Below this many floats a call runs on one thread: waking the others costs more.
-constexpr int64_t kParallelMin = 1 << 16;
+// Floats per thread below which waking another thread costs more than it saves.
+constexpr int64_t kMinWorkPerThread = 1 << 15;
 
 DK_VINLINE VF load_tail(const float* p, int64_t n) {
   float t[kL] = {0};
@@ -32,11 +30,6 @@ DK_VINLINE void store_tail(float* p, VF v, int64_t n) {
   float t[kL];
   store_f32(t, v);
   std::memcpy(p, t, static_cast<size_t>(n) * sizeof(float));
-}
-
-int threads_for(int64_t work, int64_t rows, int num_threads) {
-  if (work < kParallelMin) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, rows)));
 }
 
 // silu(g) * u lane-wise: e = exp(-|g|) <= 1; sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) otherwise.
@@ -54,11 +47,9 @@ DK_VINLINE VF silu_mul16(VF g, VF u) {
 
 void rms_norm(const float* x, int64_t N, int64_t H, int64_t ldx, const float* w, float eps, float* y, int64_t ldy,
               int num_threads) {
-  const int nt = threads_for(N * H, N, num_threads);
+  const int nt = threads_for(N, num_threads, N * H, kMinWorkPerThread);
   const int64_t H16 = H - H % kL;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t r = 0; r < N; ++r) {
-    const IeeeDenormals ieee;
+  parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy;
     VF acc = splat(0.0f);
@@ -74,30 +65,26 @@ void rms_norm(const float* x, int64_t N, int64_t H, int64_t ldx, const float* w,
     const VF inv = splat(1.0f / std::sqrt(mean + eps));
     for (int64_t c = 0; c < H16; c += kL) store_f32(yr + c, load_f32(w + c) * (load_f32(xr + c) * inv));
     if (H16 < H) store_tail(yr + H16, load_tail(w + H16, H - H16) * (load_tail(xr + H16, H - H16) * inv), H - H16);
-  }
+  });
 }
 
 void silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, float* y, int64_t ldy, int num_threads) {
-  const int nt = threads_for(N * I, N, num_threads);
+  const int nt = threads_for(N, num_threads, N * I, kMinWorkPerThread);
   const int64_t I16 = I - I % kL;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t r = 0; r < N; ++r) {
-    const IeeeDenormals ieee;
+  parallel_rows(N, nt, Schedule::kStatic, [&](int64_t r) {
     const float* g = x + r * ldx;
     const float* u = g + I;
     float* yr = y + r * ldy;
     for (int64_t c = 0; c < I16; c += kL) store_f32(yr + c, silu_mul16(load_f32(g + c), load_f32(u + c)));
     if (I16 < I) store_tail(yr + I16, silu_mul16(load_tail(g + I16, I - I16), load_tail(u + I16, I - I16)), I - I16);
-  }
+  });
 }
 
 void rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const float* cos_table,
                   const float* sin_table, const int64_t* positions, int num_threads) {
   const int64_t half = D / 2;
-  const int nt = threads_for(N * H * D, N, num_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t n = 0; n < N; ++n) {
-    const IeeeDenormals ieee;
+  const int nt = threads_for(N, num_threads, N * H * D, kMinWorkPerThread);
+  parallel_rows(N, nt, Schedule::kStatic, [&](int64_t n) {
     const float* c = cos_table + positions[n] * D;
     const float* s = sin_table + positions[n] * D;
     for (int64_t h = 0; h < H; ++h) {
@@ -119,7 +106,7 @@ void rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const 
         b[i] = p3 + p4;
       }
     }
-  }
+  });
 }
 
 }  // namespace DK_ISA

@@ -8,15 +8,13 @@
 // each weight vector loaded from memory is used by 4 input rows, and each
 // input vector by 4 weight rows.
 #include "linear.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cstring>
 
-#include "vec.h"
-
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
+#include "cpu/common/vec.h"
 
 namespace decodekit {
 namespace cpu {
@@ -27,7 +25,6 @@ constexpr int kL = kVecLanes;
 constexpr int kTileN = 4;
 constexpr int kTileM = 4;
 constexpr int64_t kPrefetch = 256;  // floats ahead (1 KiB)
-
 
 // The tail of K (K mod 16 elements) is zero-padded into full vectors, so the
 // operation sequence is the same for every row.
@@ -77,10 +74,17 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
   // The last 1-3 rows in one tile, so the weight rows are read once for them too (the
   // operations per output element are the same whatever the tile height).
   switch (M - m) {
-    case 3: tile<3, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy); break;
-    case 2: tile<2, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy); break;
-    case 1: tile<1, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy); break;
-    default: break;
+    case 3:
+      tile<3, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy);
+      break;
+    case 2:
+      tile<2, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy);
+      break;
+    case 1:
+      tile<1, TN>(x + m * ldx, ldx, w, ldw, K, bias, y + m * ldy, ldy);
+      break;
+    default:
+      break;
   }
 }
 
@@ -89,20 +93,26 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
 void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
             const float* bias, float* y, int64_t ldy, int num_threads) {
   const int64_t tiles = (N + kTileN - 1) / kTileN;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, tiles)));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const IeeeDenormals ieee;
+  const int nt = threads_for(tiles, num_threads);
+  parallel_rows(tiles, nt, Schedule::kStatic, [&](int64_t t) {
     const int64_t n0 = t * kTileN;
     const int64_t tn = std::min<int64_t>(kTileN, N - n0);
     const float* b = bias ? bias + n0 : nullptr;
     switch (tn) {
-      case 4: column_block<4>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy); break;
-      case 3: column_block<3>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy); break;
-      case 2: column_block<2>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy); break;
-      default: column_block<1>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy); break;
+      case 4:
+        column_block<4>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy);
+        break;
+      case 3:
+        column_block<3>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy);
+        break;
+      case 2:
+        column_block<2>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy);
+        break;
+      default:
+        column_block<1>(x, M, K, ldx, w + n0 * ldw, ldw, b, y + n0, ldy);
+        break;
     }
-  }
+  });
 }
 
 }  // namespace DK_ISA

@@ -14,15 +14,8 @@ namespace cpu {
 // multiply-adds into 16 lanes (lane j takes k = j mod 16, in ascending k),
 // the lanes combined in a fixed tree, then + bias[n]. Tiles run over M and N
 // only; the work is split over threads by N tiles.
-void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
-            const float* bias, float* y, int64_t ldy, int num_threads);
-
-#define DK_LINEAR_API \
-  void linear(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, int);
-namespace avx512 { DK_LINEAR_API }
-namespace avx2 { DK_LINEAR_API }
-namespace baseline { DK_LINEAR_API }
-#undef DK_LINEAR_API
+using LinearKernel = void(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
+                          const float* bias, float* y, int64_t ldy, int num_threads);
 
 }  // namespace cpu
 }  // namespace decodekit

@@ -6,6 +6,8 @@
 // transformers' RepetitionPenaltyLogitsProcessor; frequency and presence
 // penalties as in the OpenAI API and vLLM.
 #include "penalties.h"
+#include "cpu/common/isa.h"
+#include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -15,11 +17,7 @@
 #include <vector>
 
 #include "decodekit/math.h"
-#include "vec.h"
-
-#ifndef DK_ISA
-#define DK_ISA baseline
-#endif
+#include "cpu/common/vec.h"
 
 namespace decodekit {
 namespace cpu {
@@ -107,12 +105,8 @@ void penalize_row(const LogitsView& lv, const PenaltyInputs& in, int64_t b, floa
 }  // namespace
 
 void apply_penalties(const LogitsView& lv, const PenaltyInputs& in, int num_threads, float* out) {
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, lv.batch)));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t b = 0; b < lv.batch; ++b) {
-    const IeeeDenormals ieee;
-    penalize_row(lv, in, b, out + b * lv.vocab);
-  }
+  const int nt = threads_for(lv.batch, num_threads);
+  parallel_rows(lv.batch, nt, Schedule::kStatic, [&](int64_t b) { penalize_row(lv, in, b, out + b * lv.vocab); });
 }
 
 }  // namespace DK_ISA

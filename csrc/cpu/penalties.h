@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "sampling.h"
+#include "cpu/sampling/sampling.h"
 
 namespace decodekit {
 namespace cpu {
@@ -33,13 +33,7 @@ struct PenaltyInputs {
 // out[b, :] (float32, [B, V] contiguous) = logits after, in this order: logit
 // bias, repetition, frequency and presence penalties, then the token mask.
 // Padding columns (>= vocab_size) are -inf.
-void apply_penalties(const LogitsView& logits, const PenaltyInputs& in, int num_threads, float* out);
-
-#define DK_PENALTIES_API void apply_penalties(const LogitsView&, const PenaltyInputs&, int, float*);
-namespace avx512 { DK_PENALTIES_API }
-namespace avx2 { DK_PENALTIES_API }
-namespace baseline { DK_PENALTIES_API }
-#undef DK_PENALTIES_API
+using ApplyPenaltiesKernel = void(const LogitsView& logits, const PenaltyInputs& in, int num_threads, float* out);
 
 }  // namespace cpu
 }  // namespace decodekit

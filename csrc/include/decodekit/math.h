@@ -10,11 +10,11 @@
 #include <cstdint>
 #include <cstring>
 
-#include "decodekit/philox.h"  // DK_HOST_DEVICE
+#include "decodekit/philox.h"  // DK_FN
 
 namespace decodekit {
 
-DK_HOST_DEVICE float bits_to_float(uint32_t b) {
+DK_FN float bits_to_float(uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(b);
 #else
@@ -24,7 +24,7 @@ DK_HOST_DEVICE float bits_to_float(uint32_t b) {
 #endif
 }
 
-DK_HOST_DEVICE uint32_t float_to_bits(float f) {
+DK_FN uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
@@ -34,7 +34,7 @@ DK_HOST_DEVICE uint32_t float_to_bits(float f) {
 #endif
 }
 
-DK_HOST_DEVICE float fma_f32(float a, float b, float c) {
+DK_FN float fma_f32(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);
 #else
@@ -42,7 +42,7 @@ DK_HOST_DEVICE float fma_f32(float a, float b, float c) {
 #endif
 }
 
-DK_HOST_DEVICE uint64_t double_to_bits(double d) {
+DK_FN uint64_t double_to_bits(double d) {
 #if defined(__CUDA_ARCH__)
   return static_cast<uint64_t>(__double_as_longlong(d));
 #else
@@ -52,7 +52,7 @@ DK_HOST_DEVICE uint64_t double_to_bits(double d) {
 #endif
 }
 
-DK_HOST_DEVICE double bits_to_double(uint64_t b) {
+DK_FN double bits_to_double(uint64_t b) {
 #if defined(__CUDA_ARCH__)
   return __longlong_as_double(static_cast<long long>(b));
 #else
@@ -77,12 +77,12 @@ constexpr float kExpLog2eLo = 1.925963033500011e-08f;
 constexpr float kExpLowest = -86.5f;
 // 2^f ~ sum_k kExp2C<k> f^k (scalars, so device code can use them too).
 constexpr float kExp2C0 = 1.0f, kExp2C1 = 0.6931471824645996f, kExp2C2 = 0.24022646248340607f,
-                kExp2C3 = 0.05550328642129898f, kExp2C4 = 0.009618489071726799f,
-                kExp2C5 = 0.0013399930903688073f, kExp2C6 = 0.00015345764404628426f;
+                kExp2C3 = 0.05550328642129898f, kExp2C4 = 0.009618489071726799f, kExp2C5 = 0.0013399930903688073f,
+                kExp2C6 = 0.00015345764404628426f;
 
 // 2^(n + f) for |f| <= 1/2 and an integer n in [-125, 0]: the polynomial for
 // 2^f, then n added into the exponent bits (2^n p stays normal, so exact).
-DK_HOST_DEVICE float exp2_parts(float f, float n) {
+DK_FN float exp2_parts(float f, float n) {
   float p = kExp2C6;
   p = fma_f32(p, f, kExp2C5);
   p = fma_f32(p, f, kExp2C4);
@@ -93,8 +93,8 @@ DK_HOST_DEVICE float exp2_parts(float f, float n) {
   return bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(static_cast<int32_t>(n)) << 23));
 }
 
-DK_HOST_DEVICE float exp_nonpositive(float x) {
-  const float xc = x > kExpLowest ? x : kExpLowest;  // also maps NaN to the lowest input
+DK_FN float exp_nonpositive(float x) {
+  const float xc = x > kExpLowest ? x : kExpLowest;                // also maps NaN to the lowest input
   const float n = (xc * kExpLog2eHi + 12582912.0f) - 12582912.0f;  // round to nearest even
   float f = fma_f32(xc, kExpLog2eHi, -n);
   f = fma_f32(xc, kExpLog2eLo, f);
@@ -111,7 +111,7 @@ DK_HOST_DEVICE float exp_nonpositive(float x) {
 struct ExpScale {
   float hi, lo;
 };
-DK_HOST_DEVICE ExpScale exp_scale(float inv_t) {
+DK_FN ExpScale exp_scale(float inv_t) {
   const double c = static_cast<double>(inv_t) * 1.4426950408889634;
   if (!(c < 3.4028234663852886e+38)) return ExpScale{3.4028234663852886e+38f, 0.0f};  // tiny T: capped
   const float hi = static_cast<float>(c);
@@ -119,7 +119,7 @@ DK_HOST_DEVICE ExpScale exp_scale(float inv_t) {
 }
 constexpr float kExp2Lowest = -124.75f;
 
-DK_HOST_DEVICE float exp_scaled_nonpositive(float d, float c_hi, float c_lo) {
+DK_FN float exp_scaled_nonpositive(float d, float c_hi, float c_lo) {
   const float z = d * c_hi;
   const bool in_range = z > kExp2Lowest;  // false for NaN
   const float zc = in_range ? z : kExp2Lowest;
@@ -133,7 +133,7 @@ DK_HOST_DEVICE float exp_scaled_nonpositive(float d, float c_hi, float c_lo) {
 // wrappers also substitute for smaller plain numbers) acts as that value, the
 // T -> 0+ limit, so 1 / T stays finite (8.5e37). Every kernel scales by this
 // instead of dividing by T.
-DK_HOST_DEVICE float inverse_temperature(float T) {
+DK_FN float inverse_temperature(float T) {
   return 1.0f / (T < 1.17549435082228751e-38f ? 1.17549435082228751e-38f : T);
 }
 
@@ -142,7 +142,7 @@ DK_HOST_DEVICE float inverse_temperature(float T) {
 // [sqrt(1/2), sqrt(2)), log x = e ln 2 + 2 atanh(s), s = (f - 1) / (f + 1),
 // atanh by its series (|s| <= 0.172, 11 terms). Relative error ~1e-16.
 // Returns -inf for 0 and NaN for negative or NaN input.
-DK_HOST_DEVICE double log_double(double x) {
+DK_FN double log_double(double x) {
   if (!(x > 0.0)) return x == 0.0 ? -HUGE_VAL : NAN;
   if (x == HUGE_VAL) return x;
   int e = 0;
@@ -177,7 +177,7 @@ DK_HOST_DEVICE double log_double(double x) {
 }
 
 // IEEE binary16 -> float32, exact for every input (subnormals, inf, NaN).
-DK_HOST_DEVICE float half_bits_to_float(uint16_t h) {
+DK_FN float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t mag = h & 0x7fffu;
   // Shift exponent and mantissa into place and rescale by 2^112: exact for
@@ -190,8 +190,6 @@ DK_HOST_DEVICE float half_bits_to_float(uint16_t h) {
 }
 
 // bfloat16 -> float32 (exact: bfloat16 is the top half of a float32).
-DK_HOST_DEVICE float bf16_bits_to_float(uint16_t h) {
-  return bits_to_float(static_cast<uint32_t>(h) << 16);
-}
+DK_FN float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
 }  // namespace decodekit

@@ -13,10 +13,20 @@
 
 #include <cstdint>
 
+// DK_HOST_DEVICE marks the member functions of the shared headers and DK_FN
+// their namespace-scope functions: device and host code under nvcc. On the
+// host the CPU kernels are compiled once per instruction set (-march differs),
+// so a function defined in a header and emitted out of line would be a weak
+// symbol of one name in every build, and the linker would keep one copy
+// (possibly the AVX-512 one) for all of them (the ODR hazard). Host functions
+// are therefore always inlined, and namespace-scope ones also get internal
+// linkage; scripts/check_isa_symbols.py checks the objects.
 #if defined(__CUDACC__)
 #define DK_HOST_DEVICE __host__ __device__ __forceinline__
+#define DK_FN __host__ __device__ __forceinline__
 #else
-#define DK_HOST_DEVICE inline
+#define DK_HOST_DEVICE inline __attribute__((always_inline))
+#define DK_FN static inline __attribute__((always_inline))
 #endif
 
 namespace decodekit {
@@ -25,15 +35,14 @@ struct Philox4x32 {
   uint32_t v[4];
 };
 
-DK_HOST_DEVICE void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+DK_FN void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   hi = static_cast<uint32_t>(p >> 32);
   lo = static_cast<uint32_t>(p);
 }
 
 // One Philox4x32-10 block: 10 rounds over counter c with key k.
-DK_HOST_DEVICE Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                        uint32_t k0, uint32_t k1) {
+DK_FN Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kMul0 = 0xD2511F53u;
   constexpr uint32_t kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u;
@@ -74,10 +83,9 @@ struct PhiloxStreamRef {
 
   // Element i of the stream (32 random bits).
   DK_HOST_DEVICE uint32_t element(uint64_t i) const {
-    const Philox4x32 r = philox4x32_10(
-        static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), stream,
-        static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(seed),
-        static_cast<uint32_t>(seed >> 32));
+    const Philox4x32 r =
+        philox4x32_10(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), stream,
+                      static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
     return r.v[i & 3];
   }
 
@@ -90,10 +98,9 @@ struct PhiloxStreamRef {
   // ((a >> 5) * 2^26 + (b >> 6)) * 2^-53.
   DK_HOST_DEVICE double uniform_double(uint64_t i) const {
     // Elements 2i and 2i+1 always share one Philox block (lanes 0,1 or 2,3).
-    const Philox4x32 r = philox4x32_10(
-        static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), stream,
-        static_cast<uint32_t>((2 * i) >> 2), static_cast<uint32_t>(seed),
-        static_cast<uint32_t>(seed >> 32));
+    const Philox4x32 r = philox4x32_10(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), stream,
+                                       static_cast<uint32_t>((2 * i) >> 2), static_cast<uint32_t>(seed),
+                                       static_cast<uint32_t>(seed >> 32));
     const uint32_t a = r.v[(2 * i) & 3];
     const uint32_t b = r.v[(2 * i + 1) & 3];
     const uint64_t bits = (static_cast<uint64_t>(a >> 5) << 26) + static_cast<uint64_t>(b >> 6);

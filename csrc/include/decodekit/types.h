@@ -1,6 +1,6 @@
 // Framework-free views and parameter structs shared by the CPU and CUDA
 // kernels (DESIGN.md, "Layout"). Raw pointers, sizes and strides only: the
-// torch binding layer (csrc/bindings.cpp, csrc/torch/) fills them from tensors.
+// torch binding layer (csrc/torch/) fills them from tensors.
 // A pointer is host memory for a CPU kernel and device memory for a CUDA one.
 #pragma once
 

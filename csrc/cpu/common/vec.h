@@ -12,7 +12,8 @@
 #include <cstring>
 
 #include "decodekit/math.h"
-#include "cpu/fpenv.h"
+#include "cpu/common/fpenv.h"
+#include "cpu/common/isa.h"  // DK_ISA
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -20,6 +21,9 @@
 
 namespace decodekit {
 namespace cpu {
+// In the build's own namespace: VF and its operations differ per instruction
+// set, so one name must never stand for two layouts (the ODR).
+namespace DK_ISA {
 
 #if defined(__AVX512F__)
 #define DK_NATIVE_LANES 16
@@ -44,7 +48,6 @@ typedef uint16_t nh_u __attribute__((vector_size(2 * DK_NATIVE_LANES), aligned(2
 
 #define DK_VINLINE inline __attribute__((always_inline))
 
-
 struct VF {  // 16 float lanes
   nf p[kParts];
 };
@@ -52,34 +55,35 @@ struct VI {  // 16 int32 lanes; comparison masks are -1 (true) / 0 (false)
   ni p[kParts];
 };
 
-#define DK_LANEWISE(R, A, B, expr)              \
-  R r;                                          \
+#define DK_LANEWISE(R, A, B, expr)                \
+  R r;                                            \
   for (int i = 0; i < kParts; ++i) r.p[i] = expr; \
   return r;
 
-DK_VINLINE VF operator+(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] + b.p[i]) }
-DK_VINLINE VF operator-(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] - b.p[i]) }
-DK_VINLINE VF operator*(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] * b.p[i]) }
-DK_VINLINE VF operator/(VF a, VF b) { DK_LANEWISE(VF, a, b, a.p[i] / b.p[i]) }
-DK_VINLINE VI operator>(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] > b.p[i]) }
-DK_VINLINE VI operator>=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] >= b.p[i]) }
-DK_VINLINE VI operator==(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] == b.p[i]) }
-DK_VINLINE VI operator!=(VF a, VF b) { DK_LANEWISE(VI, a, b, a.p[i] != b.p[i]) }
-DK_VINLINE VI operator+(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] + b.p[i]) }
-DK_VINLINE VI operator<(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] < b.p[i]) }
-DK_VINLINE VI operator|(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] | b.p[i]) }
-DK_VINLINE VI& operator|=(VI& a, VI b) { return a = a | b; }
-DK_VINLINE VI operator&(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] & b.p[i]) }
+DK_VINLINE VF operator+(VF a, VF b){DK_LANEWISE(VF, a, b, a.p[i] + b.p[i])} DK_VINLINE VF operator-(VF a, VF b){
+    DK_LANEWISE(VF, a, b, a.p[i] - b.p[i])} DK_VINLINE VF operator*(VF a, VF b){
+    DK_LANEWISE(VF, a, b, a.p[i] * b.p[i])} DK_VINLINE VF operator/(VF a, VF b){
+    DK_LANEWISE(VF, a, b, a.p[i] / b.p[i])} DK_VINLINE VI operator>(VF a, VF b){
+    DK_LANEWISE(VI, a, b, a.p[i] > b.p[i])} DK_VINLINE VI operator>=(VF a, VF b){
+    DK_LANEWISE(VI, a, b, a.p[i] >= b.p[i])} DK_VINLINE VI operator==(VF a, VF b){
+    DK_LANEWISE(VI, a, b, a.p[i] == b.p[i])} DK_VINLINE VI operator!=(VF a, VF b){
+    DK_LANEWISE(VI, a, b, a.p[i] != b.p[i])} DK_VINLINE VI operator+(VI a, VI b){
+    DK_LANEWISE(VI, a, b, a.p[i] + b.p[i])} DK_VINLINE VI operator<(VI a, VI b){
+    DK_LANEWISE(VI, a, b, a.p[i] < b.p[i])} DK_VINLINE VI operator|(VI a, VI b){
+    DK_LANEWISE(VI, a, b, a.p[i] | b.p[i])} DK_VINLINE VI& operator|=(VI& a, VI b) {
+  return a = a | b;
+}
+DK_VINLINE VI operator&(VI a, VI b){DK_LANEWISE(VI, a, b, a.p[i] & b.p[i])}
 
 // m ? a : b, lane-wise.
-DK_VINLINE VF select(VI m, VF a, VF b) { DK_LANEWISE(VF, a, b, m.p[i] ? a.p[i] : b.p[i]) }
-DK_VINLINE VI select(VI m, VI a, VI b) { DK_LANEWISE(VI, a, b, m.p[i] ? a.p[i] : b.p[i]) }
+DK_VINLINE VF select(VI m, VF a, VF b){DK_LANEWISE(VF, a, b, m.p[i] ? a.p[i] : b.p[i])} DK_VINLINE VI
+    select(VI m, VI a, VI b){DK_LANEWISE(VI, a, b, m.p[i] ? a.p[i] : b.p[i])}
 
 // Bit casts between the lane types.
-DK_VINLINE VI as_vi(VF v) { DK_LANEWISE(VI, v, v, (ni)v.p[i]) }
-DK_VINLINE VF as_vf(VI v) { DK_LANEWISE(VF, v, v, (nf)v.p[i]) }
-DK_VINLINE VI operator==(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] == b.p[i]) }
-DK_VINLINE VI operator<=(VI a, VI b) { DK_LANEWISE(VI, a, b, a.p[i] <= b.p[i]) }
+DK_VINLINE VI as_vi(VF v){DK_LANEWISE(VI, v, v, (ni)v.p[i])} DK_VINLINE VF
+    as_vf(VI v){DK_LANEWISE(VF, v, v, (nf)v.p[i])} DK_VINLINE VI operator==(VI a, VI b){
+        DK_LANEWISE(VI, a, b, a.p[i] == b.p[i])} DK_VINLINE VI operator<=(VI a,
+                                                                          VI b){DK_LANEWISE(VI, a, b, a.p[i] <= b.p[i])}
 
 DK_VINLINE VF splat(float x) {
   VF r;
@@ -302,8 +306,7 @@ DK_VINLINE VF exp2_poly16(VF f) {
 DK_VINLINE VF exp2_parts16(VF f, VF n) {
   const VF p = exp2_poly16(f);
   VF out;
-  for (int i = 0; i < kParts; ++i)
-    out.p[i] = (nf)((nu)p.p[i] + ((nu)__builtin_convertvector(n.p[i], ni) << 23));
+  for (int i = 0; i < kParts; ++i) out.p[i] = (nf)((nu)p.p[i] + ((nu) __builtin_convertvector(n.p[i], ni) << 23));
   return out;
 }
 
@@ -374,7 +377,8 @@ DK_VINLINE VF exp16_scaled(VF d, VF c_hi, VF c_lo) {
 DK_VINLINE float tree_sum16(VF v) {
 #if defined(__AVX512F__)
   const __m512 x = (__m512)v.p[0];
-  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  const __m256 a =
+      _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
   const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
   const __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
@@ -451,5 +455,6 @@ struct Acc16d {
 
 #undef DK_LANEWISE
 
+}  // namespace DK_ISA
 }  // namespace cpu
 }  // namespace decodekit

@@ -1,0 +1,98 @@
+// The weights of the speculative family's draws (chain verification; tree
+// verification will share them): the residual max(0, p - q) of a target and a
+// draft distribution, one-hot drafts, and the checks of probability rows.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "cpu/common/isa.h"
+#include "cpu/common/vec.h"
+
+namespace decodekit {
+namespace cpu {
+namespace DK_ISA {
+namespace detail {
+
+inline double clean(float x) { return x > 0.0f ? static_cast<double>(x) : 0.0; }
+
+// w_i = max(0, clean(p_i) - clean(q_i)), with q one-hot at x when q is null and
+// absent (zero) when subtract is false; NaN and negative entries count as 0.
+struct Residual {
+  const float* p;
+  const float* q;
+  int64_t x;
+  bool subtract;
+  float sp = 1.0f;  // 1 / (mass of p over the vocabulary): the rows need not be normalised
+  float sq = 1.0f;  // 1 / (mass of q)
+  // Loads 16 entries from c, zero past n (a full chunk is loaded directly).
+  static DK_VINLINE VF load_upto(const float* a, int64_t c, int64_t n) {
+    if (c + 16 <= n) return load_f32(a + c);
+    float t[16];
+    for (int j = 0; j < 16; ++j) t[j] = c + j < n ? a[c + j] : 0.0f;
+    return load_f32(t);
+  }
+  DK_VINLINE VF chunk(int64_t c, int64_t n) const {
+    float qa[16];
+    VF pv = load_upto(p, c, n);
+    const VF zero = splat(0.0f);
+    pv = select(pv > zero, pv, zero);
+    if (!subtract) return pv;
+    pv = pv * splat(sp);
+    VF qv;
+    if (q) {
+      qv = load_upto(q, c, n);
+      qv = select(qv > zero, qv, zero) * splat(sq);
+    } else {
+      for (int j = 0; j < 16; ++j) qa[j] = c + j == x ? 1.0f : 0.0f;
+      qv = load_f32(qa);
+    }
+    const VF w = pv - qv;
+    return select(w > zero, w, zero);
+  }
+  // The weight source of the common draw (cpu/common/draw.h).
+  DK_VINLINE VF full(int64_t c) const { return chunk(c, c + 16); }
+  DK_VINLINE VF tail(int64_t c, int64_t end) const { return chunk(c, end); }
+  float at(int64_t i) const {  // the same float32 operations as chunk(), lane by lane
+    const float pc = p[i] > 0.0f ? p[i] : 0.0f;
+    if (!subtract) return pc;
+    const float qc = q ? (q[i] > 0.0f ? q[i] : 0.0f) * sq : (i == x ? 1.0f : 0.0f);
+    const float w = pc * sp - qc;
+    return w > 0.0f ? w : 0.0f;
+  }
+};
+
+// Mass of a probability row over [0, n) (negative and NaN entries count as 0),
+// in 16 float64 lanes: the same value whatever the batch.
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+
+// Lanes holding invalid probability data: negative, NaN or infinite (!(0 <= x < inf)).
+DK_VINLINE VI invalid_lanes(VF x) {
+  const VF zero = splat(0.0f), one = splat(1.0f);
+  return one > select(x >= zero, select(splat(kInfF) > x, one, zero), zero);
+}
+
+inline bool invalid_scalar(float x) { return !(x >= 0.0f && x < kInfF); }
+
+// Whether every entry of a row is finite and >= 0.
+inline bool row_valid(const float* p, int64_t n) {
+  VI bad = splati(0);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) bad |= invalid_lanes(load_f32(p + c));
+  if (any_lane(bad)) return false;
+  for (; c < n; ++c)
+    if (invalid_scalar(p[c])) return false;
+  return true;
+}
+
+inline double row_mass(const float* p, int64_t n) {
+  Acc16d acc;
+  const Residual r{p, nullptr, -1, false};
+  for (int64_t c = 0; c < n; c += 16) acc.add(r.chunk(c, n));
+  return acc.sum();
+}
+
+}  // namespace detail
+}  // namespace DK_ISA
+}  // namespace cpu
+}  // namespace decodekit

@@ -1,0 +1,123 @@
+// Tensor checks shared by the torch bindings (see checks.h).
+#include "torch/checks.h"
+
+#include <ATen/ops/empty.h>
+
+namespace decodekit {
+namespace torch_ops {
+
+bool storage_holds(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (!t.has_storage()) return false;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) < 0) return false;
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  return t.storage().data() != nullptr &&
+         static_cast<uint64_t>(last + 1) * t.element_size() <= static_cast<uint64_t>(t.storage().nbytes());
+}
+
+void check_storage(const at::Tensor& t, const char* name) {
+  if (t.device().is_cpu())
+    TORCH_CHECK(storage_holds(t), "decodekit: the storage of ", name,
+                " is smaller than the tensor (resized or not allocated)");
+}
+
+bool kind_of(at::ScalarType dtype, ScalarKind* kind) {
+  switch (dtype) {
+    case at::kFloat:
+      *kind = ScalarKind::kFloat32;
+      return true;
+    case at::kHalf:
+      *kind = ScalarKind::kFloat16;
+      return true;
+    case at::kBFloat16:
+      *kind = ScalarKind::kBFloat16;
+      return true;
+    default:
+      return false;
+  }
+}
+
+ScalarKind logits_kind(const at::Tensor& t) {
+  ScalarKind kind;
+  TORCH_CHECK(kind_of(t.scalar_type(), &kind), "decodekit: logits must be float32, float16 or bfloat16, got ",
+              t.scalar_type());
+  return kind;
+}
+
+void check_logits(const at::Tensor& logits, int64_t vocab_size) {
+  TORCH_CHECK(logits.dim() == 2, "decodekit: logits must be 2-D [B, V], got ", logits.dim(), "-D");
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.size(0) == 0,
+              "decodekit: logits rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(logits.size(1) > 0, "decodekit: logits must have V >= 1 columns");
+  check_storage(logits, "logits");
+  TORCH_CHECK(logits.size(1) < (int64_t{1} << 31), "decodekit: V must be < 2^31");
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= logits.size(1),
+              "decodekit: vocab_size must be in [1, V=", logits.size(1), "], got ", vocab_size);
+  logits_kind(logits);
+}
+
+LogitsView logits_view(const at::Tensor& logits, int64_t vocab_size) {
+  return LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0),
+                    logits.size(1),    logits.stride(0),    vocab_size};
+}
+
+void check_probs(const at::Tensor& probs, int64_t vocab_size) {
+  TORCH_CHECK(probs.dim() == 2, "decodekit: probs must be 2-D [B, V], got ", probs.dim(), "-D");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat, "decodekit: probs must be float32, got ", probs.scalar_type());
+  TORCH_CHECK(probs.stride(1) == 1 || probs.size(1) == 1 || probs.size(0) == 0,
+              "decodekit: probs rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(probs.size(1) > 0 && probs.size(1) < (int64_t{1} << 31), "decodekit: probs must have 1 <= V < 2^31");
+  check_storage(probs, "probs");
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= probs.size(1), "decodekit: vocab_size must be in [1, V=", probs.size(1),
+              "], got ", vocab_size);
+}
+
+ProbsView probs_view(const at::Tensor& probs, int64_t vocab_size) {
+  return ProbsView{probs.data_ptr<float>(), probs.size(0), probs.size(1), probs.stride(0), vocab_size};
+}
+
+void check_same_device(const at::Tensor& like, const std::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value())
+    TORCH_CHECK(t->device() == like.device(), "decodekit: ", name, " is on ", t->device(), " but logits are on ",
+                like.device());
+}
+
+FilterParams filter_params(const at::Tensor& like, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                           const std::optional<at::Tensor>& top_p, double top_p_val,
+                           const std::optional<at::Tensor>& min_p, double min_p_val) {
+  const int64_t B = like.size(0);
+  for (auto [t, name] : {std::pair{&top_k, "top_k"}, {&top_p, "top_p"}, {&min_p, "min_p"}})
+    check_same_device(like, *t, name);
+  FilterParams fp;
+  fp.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, B, "top_k");
+  fp.top_p = row_param<double>(top_p, top_p_val, at::kDouble, B, "top_p");
+  fp.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, B, "min_p");
+  return fp;
+}
+
+LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw) {
+  TORCH_CHECK(top_logprobs >= 0, "decodekit: top_logprobs must be >= 0, got ", top_logprobs);
+  const int64_t B = like.size(0);
+  LogprobTensors t;
+  t.logprobs = at::empty({return_logprobs ? B : 0}, like.options().dtype(at::kFloat));
+  t.top_ids = at::empty({B, top_logprobs}, like.options().dtype(at::kLong));
+  t.top_logprobs = at::empty({B, top_logprobs}, like.options().dtype(at::kFloat));
+  if (like.device().is_meta()) return t;
+  t.request.logprobs = return_logprobs ? t.logprobs.data_ptr<float>() : nullptr;
+  t.request.n_top = top_logprobs;
+  t.request.top_ids = top_logprobs ? t.top_ids.data_ptr<int64_t>() : nullptr;
+  t.request.top_logprobs = top_logprobs ? t.top_logprobs.data_ptr<float>() : nullptr;
+  t.request.raw = raw;
+  return t;
+}
+
+void require_meta(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_meta(), "decodekit: all tensor arguments must be on one device; ", name, " are on ", x.device(),
+              " but another argument is on meta");
+}
+
+}  // namespace torch_ops
+}  // namespace decodekit

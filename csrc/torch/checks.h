@@ -1,0 +1,70 @@
+// Tensor checks and tensor -> view conversions shared by the torch bindings of
+// every family (csrc/torch/<family>.cpp, fast_entries.cpp). The kernels are
+// framework-free; this layer checks shapes, dtypes, devices and storage with
+// TORCH_CHECK, allocates outputs and passes raw pointers. It never reads data
+// to validate it (DESIGN.md, "Errors").
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "decodekit/types.h"
+
+namespace decodekit {
+namespace torch_ops {
+
+// True when every element of t lies inside its storage: a storage resized to 0
+// (or shrunk) under a tensor must not be read.
+bool storage_holds(const at::Tensor& t);
+void check_storage(const at::Tensor& t, const char* name);
+
+// The kernels' element type for a logits dtype; false for any other dtype.
+bool kind_of(at::ScalarType dtype, ScalarKind* kind);
+ScalarKind logits_kind(const at::Tensor& t);
+
+void check_logits(const at::Tensor& logits, int64_t vocab_size);
+LogitsView logits_view(const at::Tensor& logits, int64_t vocab_size);
+void check_probs(const at::Tensor& probs, int64_t vocab_size);
+ProbsView probs_view(const at::Tensor& probs, int64_t vocab_size);
+
+void check_same_device(const at::Tensor& like, const std::optional<at::Tensor>& t, const char* name);
+
+// A per-row parameter: the tensor (1-D, length B, `dtype`, contiguous) or the scalar.
+template <typename T>
+RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::ScalarType dtype, int64_t B, const char* name) {
+  RowParam<T> p;
+  p.scalar = scalar;
+  if (t.has_value()) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "decodekit: ", name, " must be a 1-D tensor of length B=", B);
+    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
+    check_storage(*t, name);
+    p.values = t->data_ptr<T>();
+  }
+  return p;
+}
+
+// top_k / top_p / min_p of the filter ops (same device as `like`).
+FilterParams filter_params(const at::Tensor& like, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                           const std::optional<at::Tensor>& top_p, double top_p_val,
+                           const std::optional<at::Tensor>& min_p, double min_p_val);
+
+// Output tensors of the optional logprobs: [B] (or [0]), [B, n], [B, n].
+struct LogprobTensors {
+  at::Tensor logprobs, top_ids, top_logprobs;
+  LogprobRequest request;
+};
+LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw);
+
+using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Meta kernels: shape inference only makes sense when the main input is on
+// meta too; a single meta parameter beside real tensors is a device mismatch.
+void require_meta(const at::Tensor& x, const char* name);
+
+}  // namespace torch_ops
+}  // namespace decodekit

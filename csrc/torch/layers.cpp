@@ -1,0 +1,133 @@
+// Torch bindings of the layers family: rms_norm, silu_and_mul, rope_ and linear
+// (CPU and Meta).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cpu/common/fpenv.h"
+#include "cpu/common/isa.h"
+#include "torch/checks.h"
+
+namespace dk = decodekit;
+using namespace decodekit::torch_ops;
+
+namespace {
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  // Parameters become float32 here: convert them with IEEE denormals whatever the caller set.
+  const dk::cpu::IeeeDenormals ieee;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() >= 1 &&
+                  weight.dim() == 1 && x.size(-1) == weight.size(0) && weight.is_contiguous(),
+              "decodekit: rms_norm wants float32 x [..., H] and weight [H]");
+  auto xc = x.contiguous();
+  auto y = at::empty(xc.sizes(), xc.options());
+  const int64_t H = xc.size(-1);
+  if (xc.numel() == 0) return y;
+  dk::cpu::kernels().rms_norm(xc.data_ptr<float>(), xc.numel() / H, H, H, weight.data_ptr<float>(),
+                              static_cast<float>(eps), y.data_ptr<float>(), H, at::get_num_threads());
+  return y;
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) % 2 == 0,
+              "decodekit: silu_and_mul wants float32 x [..., 2 * I]");
+  auto xc = x.contiguous();
+  auto sizes = xc.sizes().vec();
+  const int64_t I = sizes.back() / 2;
+  sizes.back() = I;
+  auto y = at::empty(sizes, xc.options());
+  if (y.numel() == 0) return y;
+  dk::cpu::kernels().silu_and_mul(xc.data_ptr<float>(), xc.numel() / (2 * I), I, 2 * I, y.data_ptr<float>(), I,
+                                  at::get_num_threads());
+  return y;
+}
+
+void rope_inplace_cpu(const at::Tensor& x, int64_t num_heads, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                      const at::Tensor& positions) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "decodekit: rope_ wants float32 x [N, C] with unit column stride");
+  TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat && cos_table.dim() == 2 &&
+                  cos_table.sizes() == sin_table.sizes() && cos_table.is_contiguous() && sin_table.is_contiguous(),
+              "decodekit: rope_ wants contiguous float32 cos/sin tables [P, D] of one shape");
+  const int64_t D = cos_table.size(1), P = cos_table.size(0), N = x.size(0);
+  TORCH_CHECK(D % 2 == 0 && num_heads >= 0 && num_heads * D <= x.size(1),
+              "decodekit: rope_ needs an even head_dim and num_heads * head_dim <= x.size(1)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == N &&
+                  positions.is_contiguous(),
+              "decodekit: rope_ wants int64 positions [N]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < P, "decodekit: rope_ position ", pos[n], " outside the table [0, ", P, ")");
+  if (N == 0 || num_heads == 0) return;
+  dk::cpu::kernels().rope_inplace(x.data_ptr<float>(), N, num_heads, D, x.stride(0), cos_table.data_ptr<float>(),
+                                  sin_table.data_ptr<float>(), pos, at::get_num_threads());
+}
+
+// ------------------------------------------------------------- linear ----
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "decodekit: linear wants x [M, K] and weight [N, K] with the same K, got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "decodekit: linear is float32");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "decodekit: x rows must be contiguous");
+  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1, "decodekit: weight rows must be contiguous");
+  TORCH_CHECK(weight.device() == x.device(), "decodekit: weight is on ", weight.device(), ", x on ", x.device());
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == at::kFloat &&
+                    bias->is_contiguous() && bias->device() == x.device(),
+                "decodekit: bias must be a contiguous float32 [N] tensor on x's device");
+    b = bias->data_ptr<float>();
+  }
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.size(0) == 0 || weight.size(0) == 0) return y;
+  dk::cpu::kernels().linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(),
+                            weight.size(0), weight.stride(0), b, y.data_ptr<float>(), y.stride(0),
+                            at::get_num_threads());
+  return y;
+}
+
+// ------------------------------------------------------------- Meta ----
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
+  require_meta(x, "x");
+  return at::empty(x.sizes(), x.options());
+}
+
+at::Tensor silu_and_mul_meta(const at::Tensor& x) {
+  require_meta(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "decodekit: silu_and_mul wants x [..., 2 * I]");
+  auto sizes = x.sizes().vec();
+  sizes.back() /= 2;
+  return at::empty(sizes, x.options());
+}
+
+void rope_inplace_meta(const at::Tensor& x, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  require_meta(x, "x");
+}
+
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>&) {
+  require_meta(x, "x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decodekit: linear shape mismatch");
+  return at::empty({x.size(0), weight.size(0)}, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("rope_", &rope_inplace_cpu);
+  m.impl("linear", &linear_cpu);
+}
+
+TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
+  m.impl("rms_norm", &rms_norm_meta);
+  m.impl("silu_and_mul", &silu_and_mul_meta);
+  m.impl("rope_", &rope_inplace_meta);
+  m.impl("linear", &linear_meta);
+}

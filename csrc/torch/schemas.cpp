@@ -1,0 +1,61 @@
+// Every op schema of the decodekit library, in one place. The kernels are
+// registered per family in csrc/torch/<family>.cpp (CPU and Meta) and
+// <family>_cuda.cpp (CUDA).
+#include <torch/library.h>
+
+TORCH_LIBRARY(decodekit, m) {
+  m.def(
+      "softmax(Tensor logits, Tensor? temperature, float temperature_val, int vocab_size, "
+      "bool deterministic) -> Tensor");
+  m.def("argmax(Tensor logits, int vocab_size) -> (Tensor, Tensor)");
+  m.def(
+      "sample_from_logits(Tensor logits, Tensor? temperature, float temperature_val, "
+      "Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, "
+      "Tensor? seed, int seed_val, Tensor? offset, int offset_val, int vocab_size, "
+      "bool deterministic, bool return_logprobs, int top_logprobs, bool raw_logprobs) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sample_from_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
+      "Tensor? min_p, float min_p_val, Tensor? seed, int seed_val, Tensor? offset, int offset_val, "
+      "int vocab_size, bool deterministic, bool return_logprobs, int top_logprobs, bool raw_logprobs) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "filter_probs(Tensor probs, Tensor? top_k, int top_k_val, Tensor? top_p, float top_p_val, "
+      "Tensor? min_p, float min_p_val, int vocab_size) -> (Tensor, Tensor)");
+  m.def("top_k_mask_logits(Tensor logits, Tensor? top_k, int top_k_val, int vocab_size) -> (Tensor, Tensor)");
+  m.def(
+      "processed_probs(Tensor logits, Tensor? temperature, float temperature_val, Tensor? top_k, int top_k_val, "
+      "Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, int vocab_size, bool deterministic) "
+      "-> (Tensor probs, Tensor valid)");
+  m.def(
+      "apply_penalties(Tensor logits, Tensor? repetition_penalty, float repetition_val, "
+      "Tensor? frequency_penalty, float frequency_val, Tensor? presence_penalty, float presence_val, "
+      "Tensor? token_ids, Tensor? token_counts, Tensor? logit_bias, Tensor? bias_ids, Tensor? bias_values, "
+      "Tensor? mask, bool mask_allows, int vocab_size) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Validation of probability rows for the Python wrappers: status 0 ok, 1 a negative / NaN / infinite entry,
+  // 2 a row without positive mass in [0, vocab_size) (need_mass). The public name returning an int is kept
+  // until its callers move to the private op.
+  m.def("_check_probability_rows(Tensor probs, int vocab_size, bool need_mass) -> Tensor");
+  m.def("check_probability_rows(Tensor probs, int vocab_size, bool need_mass) -> int");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rope_(Tensor(a!) x, int num_heads, Tensor cos_table, Tensor sin_table, Tensor positions) -> ()");
+  m.def(
+      "chain_speculative_sampling(Tensor? draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor? seed, "
+      "int seed_val, Tensor? offset, int offset_val, int vocab_size) -> (Tensor, Tensor, Tensor)");
+  // target: float logits [B, K + 1, V] or int64 target token ids [B, K + 1].
+  m.def(
+      "greedy_verify(Tensor draft_token_ids, Tensor target, int vocab_size) "
+      "-> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted)");
+  m.def(
+      "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "float scale, str kv_layout) -> Tensor");
+  // KV cache: write new keys/values into the caches in place.
+  m.def(
+      "append_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor seq_lens, "
+      "str kv_layout) -> ()");
+  m.def(
+      "append_paged_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, "
+      "Tensor slot_mapping, str kv_layout) -> ()");
+}

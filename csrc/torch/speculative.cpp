@@ -1,0 +1,154 @@
+// Torch bindings of the speculative family: chain_speculative_sampling,
+// greedy_verify and the row check _check_probability_rows (CPU and Meta; the
+// old public name check_probability_rows stays registered, CPU only).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cpu/common/isa.h"
+#include "torch/checks.h"
+
+namespace dk = decodekit;
+using namespace decodekit::torch_ops;
+
+namespace {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
+    const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
+    int64_t offset_val, int64_t vocab_size) {
+  TORCH_CHECK(
+      draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong && draft_token_ids.is_contiguous(),
+      "decodekit: draft_token_ids must be a contiguous int64 [B, K] tensor");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == K + 1 &&
+                  target_probs.scalar_type() == at::kFloat && target_probs.is_contiguous(),
+              "decodekit: target_probs must be a contiguous float32 [B, K + 1, V] tensor");
+  const int64_t V = target_probs.size(2);
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= V, "decodekit: vocab_size must be in [1, V=", V, "]");
+  const float* dp = nullptr;
+  if (draft_probs.has_value()) {
+    TORCH_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == B && draft_probs->size(1) == K &&
+                    draft_probs->size(2) == V && draft_probs->scalar_type() == at::kFloat &&
+                    draft_probs->is_contiguous(),
+                "decodekit: draft_probs must be a contiguous float32 [B, K, V] tensor");
+    check_same_device(target_probs, draft_probs, "draft_probs");
+    dp = draft_probs->data_ptr<float>();
+  }
+  TORCH_CHECK(draft_token_ids.device() == target_probs.device(), "decodekit: tensors must be on one device");
+  check_same_device(target_probs, seed, "seed");
+  check_same_device(target_probs, offset, "offset");
+  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
+  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  auto out = at::empty({B, K + 1}, draft_token_ids.options());
+  auto acc = at::empty({B}, draft_token_ids.options());
+  auto emit = at::empty({B}, draft_token_ids.options());
+  dk::cpu::kernels().chain_speculative_sampling(
+      dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K, V, vocab_size, s, o,
+      at::get_num_threads(), out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
+  return {out, acc, emit};
+}
+
+// greedy_verify: target is float logits [B, K + 1, V] (their argmax over
+// [0, vocab_size), lowest index on ties, -1 for a row with a NaN or no finite
+// logit) or int64 target token ids [B, K + 1] (vocab_size unused).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_token_ids,
+                                                                 const at::Tensor& target, int64_t vocab_size) {
+  TORCH_CHECK(draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong,
+              "decodekit: draft_token_ids must be an int64 [B, K] tensor");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  TORCH_CHECK(target.device() == draft_token_ids.device(), "decodekit: target is on ", target.device(),
+              " but draft_token_ids are on ", draft_token_ids.device());
+  at::Tensor top;
+  if (target.scalar_type() == at::kLong) {
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == K + 1,
+                "decodekit: target ids must be int64 [B=", B, ", K+1=", K + 1, "], got ", target.sizes());
+    top = target.contiguous();
+  } else {
+    TORCH_CHECK(target.dim() == 3 && target.size(0) == B && target.size(1) == K + 1,
+                "decodekit: target logits must be [B=", B, ", K+1=", K + 1, ", V], got ", target.sizes());
+    auto rows = target.reshape({B * (K + 1), target.size(2)});
+    if (rows.size(1) > 1 && rows.stride(1) != 1) rows = rows.contiguous();
+    check_logits(rows, vocab_size);
+    top = at::empty({B, K + 1}, draft_token_ids.options());
+    auto valid = at::empty({B * (K + 1)}, draft_token_ids.options().dtype(at::kBool));
+    if (rows.size(0) > 0)
+      dk::cpu::kernels().argmax(logits_view(rows, vocab_size), at::get_num_threads(), top.data_ptr<int64_t>(),
+                                valid.data_ptr<bool>());
+  }
+  const auto drafts = draft_token_ids.contiguous();
+  check_storage(drafts, "draft_token_ids");
+  check_storage(top, "target");
+  auto out = at::empty({B, K + 1}, draft_token_ids.options());
+  auto acc = at::empty({B}, draft_token_ids.options());
+  auto emit = at::empty({B}, draft_token_ids.options());
+  dk::cpu::kernels().greedy_verify(drafts.data_ptr<int64_t>(), top.data_ptr<int64_t>(), B, K, at::get_num_threads(),
+                                   out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
+  return {out, acc, emit};
+}
+
+// Status of probability rows [..., V] (see check_probability_rows): 0 ok, 1 a negative /
+// NaN / infinite entry, 2 a row without positive mass in [0, vocab_size) (need_mass).
+int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, bool need_mass) {
+  TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.is_contiguous() && probs.dim() >= 1,
+              "decodekit: check_probability_rows wants a contiguous float32 tensor");
+  const int64_t V = probs.size(-1);
+  TORCH_CHECK(vocab_size >= 0 && vocab_size <= V, "decodekit: vocab_size must be in [0, V]");
+  if (probs.numel() == 0) return 0;
+  return dk::cpu::kernels().check_probability_rows(probs.data_ptr<float>(), probs.numel() / V, V, vocab_size, need_mass,
+                                                   at::get_num_threads());
+}
+
+// _check_probability_rows: the same status as a 0-d int64 tensor (no host
+// sync inside the op; a Meta kernel can give its shape).
+at::Tensor check_probability_rows_status_cpu(const at::Tensor& probs, int64_t vocab_size, bool need_mass) {
+  auto status = at::empty({}, probs.options().dtype(at::kLong));
+  status.fill_(check_probability_rows_cpu(probs, vocab_size, need_mass));
+  return status;
+}
+
+// ------------------------------------------------------------- Meta ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_meta(
+    const std::optional<at::Tensor>&, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
+    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, int64_t, int64_t) {
+  require_meta(target_probs, "target_probs");
+  TORCH_CHECK(draft_token_ids.dim() == 2, "decodekit: draft_token_ids must be [B, K]");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  const auto opts = target_probs.options().dtype(at::kLong);
+  return {at::empty({B, K + 1}, opts), at::empty({B}, opts), at::empty({B}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_meta(const at::Tensor& draft_token_ids,
+                                                                  const at::Tensor& target, int64_t) {
+  require_meta(draft_token_ids, "draft_token_ids");
+  TORCH_CHECK(draft_token_ids.dim() == 2, "decodekit: draft_token_ids must be [B, K]");
+  TORCH_CHECK(target.dim() == 2 || target.dim() == 3, "decodekit: target must be ids [B, K+1] or logits [B, K+1, V]");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  const auto opts = draft_token_ids.options().dtype(at::kLong);
+  return {at::empty({B, K + 1}, opts), at::empty({B}, opts), at::empty({B}, opts)};
+}
+
+at::Tensor check_probability_rows_status_meta(const at::Tensor& probs, int64_t, bool) {
+  require_meta(probs, "probs");
+  return at::empty({}, probs.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
+  m.impl("chain_speculative_sampling", &chain_speculative_sampling_cpu);
+  m.impl("greedy_verify", &greedy_verify_cpu);
+  m.impl("_check_probability_rows", &check_probability_rows_status_cpu);
+  m.impl("check_probability_rows", &check_probability_rows_cpu);  // the old name, until the callers move
+}
+
+TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
+  m.impl("chain_speculative_sampling", &chain_speculative_sampling_meta);
+  m.impl("greedy_verify", &greedy_verify_meta);
+  m.impl("_check_probability_rows", &check_probability_rows_status_meta);
+}

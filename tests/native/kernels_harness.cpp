@@ -1,0 +1,254 @@
+// A torch-free harness that runs every CPU kernel of every instruction-set
+// build the CPU supports over awkward sizes (vector tails, one token, rows past
+// the capture cap), dtypes and parameters, and checks that all builds give the
+// same bits. Built by `make sanitize` with -fsanitize=address,undefined (see
+// CMakeLists.txt, DECODEKIT_SANITIZE): a clean run means no out-of-bounds
+// access, leak or undefined behaviour on these inputs.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/common/isa.h"
+
+namespace dk = decodekit;
+namespace cpu = decodekit::cpu;
+
+namespace {
+
+uint64_t fnv(uint64_t h, const void* p, size_t n) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+template <typename T>
+uint64_t fnv(uint64_t h, const std::vector<T>& v) {
+  return fnv(h, v.data(), v.size() * sizeof(T));
+}
+
+uint16_t to_half_bits(float f) {  // round toward zero is enough for test data
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const int e = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
+  if (e <= 0) return static_cast<uint16_t>(sign);
+  if (e >= 31) return static_cast<uint16_t>(sign | 0x7c00u);
+  return static_cast<uint16_t>(sign | (e << 10) | ((x >> 13) & 0x3ffu));
+}
+
+// Runs every kernel of one table; returns a hash of all outputs.
+uint64_t run_all(const cpu::CpuKernels& k, int threads) {
+  uint64_t h = 1469598103934665603ull;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int64_t V : {1, 15, 17, 300, 1025, 5003, 40000}) {
+    const int64_t B = 5;
+    std::vector<float> x(B * V);
+    for (auto& v : x) v = normal(rng);
+    x[1 * V] = NAN;                                            // an invalid row
+    for (int64_t i = 0; i < V; ++i) x[2 * V + i] = -INFINITY;  // no finite logit
+    if (V > 3) x[3 * V + 3] = INFINITY;
+    std::vector<uint16_t> xh(x.size()), xb(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      xh[i] = to_half_bits(x[i]);
+      uint32_t u;
+      std::memcpy(&u, &x[i], 4);
+      xb[i] = static_cast<uint16_t>(u >> 16);
+    }
+    const int64_t vs = V > 2 ? V - 2 : V;
+    std::vector<float> temps = {0.0f, 0.7f, 1.0f, 1e-6f, 2.0f};
+    for (int kind = 0; kind < 3; ++kind) {
+      const void* data = kind == 0   ? static_cast<const void*>(x.data())
+                         : kind == 1 ? static_cast<const void*>(xh.data())
+                                     : xb.data();
+      const dk::LogitsView lv{data, static_cast<dk::ScalarKind>(kind), B, V, V, vs};
+      std::vector<float> probs(B * V);
+      std::vector<int64_t> ids(B);
+      bool valid[8];
+      dk::RowParam<float> t{temps.data(), 0.0f};
+      k.softmax(lv, t, true, threads, probs.data());
+      h = fnv(h, probs);
+      k.argmax(lv, threads, ids.data(), valid);
+      h = fnv(h, ids);
+      struct Prm {
+        int64_t k;
+        double p;
+        float m;
+      };
+      for (const Prm& prm : {Prm{0, 1.0, 0.0f}, Prm{40, 1.0, 0.0f}, Prm{0, 0.9, 0.0f}, Prm{0, 1.0, 0.05f},
+                             Prm{300, 0.95, 0.01f}, Prm{1, 1.0, 0.0f}, Prm{0, 0.0, 0.0f}, Prm{0, 0.5, 0.2f}}) {
+        dk::SamplingParams sp;
+        sp.temperature = t;
+        sp.top_k.scalar = prm.k;
+        sp.top_p.scalar = prm.p;
+        sp.min_p.scalar = prm.m;
+        sp.seed.scalar = 1234;
+        sp.offset.scalar = 5;
+        const int64_t n_top = std::min<int64_t>(3, vs);
+        std::vector<float> lp(B), top_lp(B * n_top);
+        std::vector<int64_t> top_ids(B * n_top);
+        for (bool raw : {false, true}) {
+          dk::LogprobRequest req{lp.data(), n_top, top_ids.data(), top_lp.data(), raw};
+          for (bool det : {true, false}) {
+            k.sample_from_logits(lv, sp, req, det, threads, ids.data(), valid);
+            h = fnv(h, ids);
+            h = fnv(h, lp);
+            h = fnv(h, top_lp);
+          }
+        }
+        k.processed_probs(lv, sp, true, threads, probs.data(), valid);
+        h = fnv(h, probs);
+        std::vector<float> masked(B * V);
+        k.top_k_mask_logits(lv, sp.top_k, threads, masked.data(), valid);
+        if (kind == 0) h = fnv(h, masked);
+        if (kind == 0) {
+          std::vector<float> pr(B * V), out(B * V);
+          dk::RowParam<float> one{nullptr, 1.0f};
+          k.softmax(lv, one, true, threads, pr.data());
+          const dk::ProbsView pv{pr.data(), B, V, V, vs};
+          dk::FilterParams fp;
+          fp.top_k = sp.top_k;
+          fp.top_p = sp.top_p;
+          fp.min_p = sp.min_p;
+          k.filter_probs(pv, fp, threads, out.data(), valid);
+          h = fnv(h, out);
+          dk::LogprobRequest req{lp.data(), n_top, top_ids.data(), top_lp.data(), false};
+          k.sample_from_probs(pv, fp, sp.seed, sp.offset, req, true, threads, ids.data(), valid);
+          h = fnv(h, ids);
+        }
+      }
+      if (kind == 0) {
+        std::vector<float> out(B * V);
+        std::vector<int64_t> hist = {0, 1, -1, V - 1, V + 5, 2};
+        cpu::PenaltyInputs in;
+        in.repetition.scalar = 1.3f;
+        in.frequency.scalar = 0.2f;
+        in.presence.scalar = 0.1f;
+        std::vector<int64_t> tok(B * 6);
+        for (int64_t b = 0; b < B; ++b)
+          for (int j = 0; j < 6; ++j) tok[b * 6 + j] = hist[j];
+        in.token_ids = tok.data();
+        in.token_ids_len = 6;
+        k.apply_penalties(lv, in, threads, out.data());
+        h = fnv(h, out);
+      }
+    }
+    // Speculative: chain verification, greedy verification, the row check.
+    const int64_t K = 3;
+    std::vector<float> tp(B * (K + 1) * V), dp(B * K * V);
+    for (auto& v : tp) v = std::abs(normal(rng));
+    for (auto& v : dp) v = std::abs(normal(rng));
+    std::vector<int64_t> drafts(B * K);
+    for (auto& d : drafts) d = static_cast<int64_t>(rng() % static_cast<uint64_t>(V + 1)) - 1;
+    std::vector<int64_t> out(B * (K + 1)), acc(B), emit(B);
+    dk::RowParam<int64_t> seed{nullptr, 99}, offset{nullptr, 3};
+    k.chain_speculative_sampling(dp.data(), drafts.data(), tp.data(), B, K, V, vs, seed, offset, threads, out.data(),
+                                 acc.data(), emit.data());
+    h = fnv(h, out);
+    k.chain_speculative_sampling(nullptr, drafts.data(), tp.data(), B, K, V, vs, seed, offset, threads, out.data(),
+                                 acc.data(), emit.data());
+    h = fnv(h, out);
+    std::vector<int64_t> top(B * (K + 1));
+    for (auto& v : top) v = static_cast<int64_t>(rng() % 3) - 1;
+    k.greedy_verify(drafts.data(), top.data(), B, K, threads, out.data(), acc.data(), emit.data());
+    h = fnv(h, out);
+    const int st = k.check_probability_rows(tp.data(), B * (K + 1), V, vs, true, threads);
+    h = fnv(h, &st, sizeof st);
+  }
+  // Layers, linear, attention, KV cache.
+  {
+    const int64_t N = 7, H = 96;
+    std::vector<float> xx(N * H), w(H), y(N * H);
+    for (auto& v : xx) v = normal(rng);
+    for (auto& v : w) v = normal(rng);
+    k.rms_norm(xx.data(), N, H, H, w.data(), 1e-6f, y.data(), H, threads);
+    h = fnv(h, y);
+    k.silu_and_mul(xx.data(), N, H / 2, H, y.data(), H / 2, threads);
+    h = fnv(h, y);
+    std::vector<float> cs(50 * 32), sn(50 * 32);
+    for (auto& v : cs) v = normal(rng);
+    for (auto& v : sn) v = normal(rng);
+    std::vector<int64_t> pos = {0, 3, 49, 7, 1, 2, 9};
+    k.rope_inplace(xx.data(), N, 3, 32, H, cs.data(), sn.data(), pos.data(), threads);
+    h = fnv(h, xx);
+    std::vector<float> wl(37 * 150), xl(5 * 150), bl(37), yl(5 * 37);
+    for (auto& v : wl) v = normal(rng);
+    for (auto& v : xl) v = normal(rng);
+    for (auto& v : bl) v = normal(rng);
+    k.linear(xl.data(), 5, 150, 150, wl.data(), 37, 150, bl.data(), yl.data(), 37, threads);
+    h = fnv(h, yl);
+    const int64_t nb = 12, bs = 16, Hkv = 2, D = 64;
+    std::vector<float> kc(nb * bs * Hkv * D), vc(kc.size()), q(2 * 3 * 6 * D), ao(q.size());
+    for (auto& v : kc) v = normal(rng);
+    for (auto& v : vc) v = normal(rng);
+    for (auto& v : q) v = normal(rng);
+    std::vector<int64_t> tables(12), lens = {70, 33};
+    for (int i = 0; i < 12; ++i) tables[i] = i;
+    tables[11] = 99;  // out of range: never read
+    const cpu::PagedKV kv{kc.data(), vc.data(), dk::ScalarKind::kFloat32, nb, bs, Hkv, D, false};
+    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), 0.125f, threads, ao.data());
+    h = fnv(h, ao);
+    cpu::KVCacheTensors c;
+    c.k = kc.data();
+    c.v = vc.data();
+    c.elem_size = 4;
+    c.num_heads = Hkv;
+    c.head_dim = D;
+    std::vector<float> key(5 * Hkv * D), val(key.size());
+    for (auto& v : key) v = normal(rng);
+    cpu::KVRows r;
+    r.key = key.data();
+    r.value = val.data();
+    r.key_stride_t = r.value_stride_t = Hkv * D;
+    r.key_stride_h = r.value_stride_h = D;
+    std::vector<int64_t> slots = {0, -1, nb * bs - 1, nb * bs, 17};
+    k.append_paged_kv_cache(c, nb, bs, r, slots.data(), 5, threads);
+    c.layout = cpu::KVLayout::kHND;
+    k.append_paged_kv_cache(c, nb, bs, r, slots.data(), 5, threads);
+    h = fnv(h, kc);
+  }
+  return h;
+}
+
+bool supported(const char* isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!std::strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (!std::strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return !std::strcmp(isa, "baseline");
+}
+
+}  // namespace
+
+int main() {
+  struct Entry {
+    const char* name;
+    const cpu::CpuKernels* table;
+  };
+  const Entry entries[] = {
+#if defined(DK_MULTI_ISA)
+      {"avx512", &cpu::avx512::kTable},
+      {"avx2", &cpu::avx2::kTable},
+#endif
+      {"baseline", &cpu::baseline::kTable}};
+  uint64_t first = 0;
+  bool have = false, same = true;
+  for (const Entry& e : entries) {
+    if (!supported(e.name)) continue;
+    for (int threads : {1, 2}) {
+      const uint64_t h = run_all(*e.table, threads);
+      std::printf("%-8s threads=%d %016llx\n", e.name, threads, static_cast<unsigned long long>(h));
+      if (have && h != first) same = false;
+      first = have ? first : h;
+      have = true;
+    }
+  }
+  std::printf(same ? "every build gives the same bits\n" : "MISMATCH between builds\n");
+  return same ? 0 : 1;
+}
