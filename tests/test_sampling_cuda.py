@@ -333,3 +333,20 @@ def test_cluster_path_batch_invariance_and_graph_capture():
         _sample_logits(x, *params, V)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_processed_probs_same_as_cpu(dtype):
+    gen = torch.Generator().manual_seed(13)
+    B, V = 48, 7000
+    x = _logits(B, V, "randn4", gen, dtype)
+    x[4, 9] = float("nan")
+    t, k, p, m, _, _ = _row_params(B, gen)
+    a = (t, 0.0, k, 0, p, 1.0, m, 0.0, V - 4, True)
+    pc, vc = ops.processed_probs(x, *a)
+    pg, vg = ops.processed_probs(x.cuda(), *(z.cuda() if torch.is_tensor(z) else z for z in a))
+    pg = pg.cpu()
+    assert torch.equal(vc, vg.cpu()) and not bool(vc[4])
+    assert torch.equal(pc[vc] == 0, pg[vc] == 0)  # the same kept sets
+    torch.testing.assert_close(pg[vc], pc[vc], rtol=2e-6, atol=0)
+    assert torch.isnan(pg[~vc][:, : V - 4]).all()

@@ -151,6 +151,27 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cuda(const at::Tensor& probs, co
   return {out, valid};
 }
 
+std::tuple<at::Tensor, at::Tensor> processed_probs_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
+    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val, int64_t vocab_size,
+    bool /*deterministic*/) {
+  const c10::DeviceGuard guard(logits.device());
+  const auto view = logits_view(logits, vocab_size);
+  dk::SamplingParams prm;
+  prm.temperature = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits,
+                                     "temperature");
+  prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
+  prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, logits, "top_p");
+  prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, logits, "min_p");
+  auto probs = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+  auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
+  check_ok(dk::cuda::processed_probs(view, prm, probs.data_ptr<float>(), valid.data_ptr<bool>(),
+                                     current_stream(logits.device())),
+           "processed_probs");
+  return {probs, valid};
+}
+
 std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cuda(const at::Tensor& logits,
                                                           const std::optional<at::Tensor>& top_k, int64_t top_k_val,
                                                           int64_t vocab_size) {
@@ -174,4 +195,5 @@ TORCH_LIBRARY_IMPL(decodekit, CUDA, m) {
   m.impl("sample_from_probs", &sample_from_probs_cuda);
   m.impl("filter_probs", &filter_probs_cuda);
   m.impl("top_k_mask_logits", &top_k_mask_logits_cuda);
+  m.impl("processed_probs", &processed_probs_cuda);
 }
