@@ -1,7 +1,9 @@
 """Command line: ``python -m decodekit generate --prompt "..."`` (or the ``decodekit`` script).
 
-Generated text streams to stdout as it is produced; a one-line summary (prompt tokens, new
-tokens, tokens/s, seed) goes to stderr, so stdout holds only the text.
+Generated text streams to stdout as it is produced; a one-line summary (prompt tokens, prefill,
+new tokens, decode tokens/s, seed, and with ``--speculative`` the acceptance and tokens per pass)
+goes to stderr, so stdout holds only the text. ``--speculative`` takes the same options as plain
+generation (penalties and several ``--prompt`` included).
 
 ``--prompt`` given several times generates the prompts as one batch: each result is printed
 to stdout after a header line ``=== [i] <prompt> ===`` once all are done, each summary goes to
@@ -82,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .decoding import DraftModelDrafter, generate, speculative_generate
 
     prompts = args.prompt or [DEFAULT_PROMPT]
     seeds = args.seed
@@ -101,45 +103,27 @@ def _generate(args: argparse.Namespace) -> int:
     if args.draft_model and args.speculative != "draft":
         print("decodekit: error: --draft-model needs --speculative draft", file=sys.stderr)
         return 1
-    if args.speculative:
-        if batched:
-            print("decodekit: error: --speculative takes one --prompt", file=sys.stderr)
-            return 1
-        if args.repetition_penalty != 1.0 or args.frequency_penalty != 0.0 or args.presence_penalty != 0.0:
-            print("decodekit: error: --speculative does not support --repetition-penalty, --frequency-penalty "
-                  "or --presence-penalty (speculative verification would have to apply them per drafted "
-                  "position); drop them or drop --speculative", file=sys.stderr)
-            return 1
-        from .spec_decode import DraftModelDrafter, speculative_generate
-
+    drafter = args.speculative
+    if drafter == "draft" and args.draft_model:
         try:
-            drafter = args.speculative
-            if args.speculative == "draft" and args.draft_model:
-                from .models import load_model
-                from .models.draft import load_draft_model
+            from .models import load_model
+            from .models.draft import load_draft_model
 
-                drafter = DraftModelDrafter(load_draft_model(args.draft_model, target=load_model(args.model)))
-            r = speculative_generate(prompts[0], model=args.model, drafter=drafter,
-                                     num_draft_tokens=args.num_draft_tokens, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     min_p=args.min_p, seed=seeds, chat_template=args.chat_template,
-                                     stop_on_eos=args.stop_on_eos, stream=write)
+            drafter = DraftModelDrafter(load_draft_model(args.draft_model, target=load_model(args.model)))
         except (FileNotFoundError, ValueError, TypeError) as exc:
             print(f"decodekit: error: {exc}", file=sys.stderr)
             return 1
-        if not r.text.endswith("\n"):
-            write("\n")
-        print(f"[decodekit] {r.model_name}: {r.summary()}", file=sys.stderr, flush=True)
-        return 0
-
+    kwargs = dict(model=args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seeds,
+                  chat_template=args.chat_template, stop_on_eos=args.stop_on_eos,
+                  stream=None if batched else write, repetition_penalty=args.repetition_penalty,
+                  frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
     try:
-        result = generate(prompts if batched else prompts[0], model=args.model,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=seeds,
-                          chat_template=args.chat_template, stop_on_eos=args.stop_on_eos,
-                          stream=None if batched else write,
-                          repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                          presence_penalty=args.presence_penalty)
+        if drafter:
+            result = speculative_generate(prompts if batched else prompts[0], drafter=drafter,
+                                          num_draft_tokens=args.num_draft_tokens, **kwargs)
+        else:
+            result = generate(prompts if batched else prompts[0], **kwargs)
     except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
         print(f"decodekit: error: {exc}", file=sys.stderr)
         return 1
@@ -153,7 +137,7 @@ def _generate(args: argparse.Namespace) -> int:
         title = title if len(title) <= 60 else title[:57] + "..."
         write(f"=== [{i}] {title} ===\n{r.text}{'' if r.text.endswith(chr(10)) else chr(10)}")
         print(f"[decodekit] [{i}] {r.model_name}: {r.summary()}", file=sys.stderr, flush=True)
-    steps = sum(r.decode_steps for r in result)
+    steps = sum(max(r.new_tokens - 1, 0) for r in result)
     seconds = max(r.decode_seconds for r in result)
     rate = steps / seconds if steps and seconds > 0 else 0.0
     print(f"[decodekit] batch of {len(result)}: {sum(r.new_tokens for r in result)} new tokens, "

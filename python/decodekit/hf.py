@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from ._checks import T_TINY
+from .ops import apply_penalties, processed_probs
 
 __all__ = [
     "DecodekitPenalties", "DecodekitSamplingFilter", "DecodekitTemperature", "DecodekitTopK", "DecodekitTopP",
@@ -76,14 +77,9 @@ class DecodekitSamplingFilter(_Processor):
         self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), int(top_k), float(top_p), float(min_p)
 
     def __call__(self, input_ids, scores):
-        x = scores
-        if 0 < self.top_k < x.size(-1):
-            x = ops.top_k_mask_logits(x, self.top_k)
-        probs = ops.softmax(x, self.temperature)
-        if self.top_p < 1.0 or self.min_p > 0.0:
-            probs = ops.filter_probs(probs, top_p=self.top_p, min_p=self.min_p)
-        kept = probs > 0
-        t = max(self.temperature, ops._T_TINY)  # as the kernels: below 1.18e-38, the T -> 0+ limit
+        top_k = self.top_k if 0 < self.top_k < scores.size(-1) else 0
+        kept = processed_probs(scores, self.temperature, top_k, self.top_p, self.min_p) > 0
+        t = max(self.temperature, T_TINY)  # as the kernels: below 1.18e-38, the T -> 0+ limit
         scaled = scores.float() / t
         if not bool(torch.isfinite(scaled[kept]).all()):
             # A tiny T overflows logits / T: shift by each row's maximum first (the same
@@ -145,7 +141,7 @@ class DecodekitPenalties(_Processor):
     def __call__(self, input_ids, scores):
         # Ids past the scores' width (or negative) name no token of these scores: they are dropped.
         ids = input_ids.masked_fill((input_ids >= scores.size(-1)) | (input_ids < 0), -1)
-        return ops.apply_penalties(scores, token_ids=ids, **self.kwargs)
+        return apply_penalties(scores, token_ids=ids, **self.kwargs)
 
 
 def logits_processor_list(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,

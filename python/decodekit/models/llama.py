@@ -1,4 +1,4 @@
-"""A compact Llama-family decoder in plain PyTorch, float32, with a contiguous or a paged KV cache.
+"""A compact Llama-family decoder in PyTorch and decodekit's kernels, float32, on a paged KV cache.
 
 The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2:
 
@@ -18,14 +18,11 @@ The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2
 Every matrix multiplication with a weight goes through :meth:`LlamaModel._linear`, so the whole
 model can switch to another GEMM implementation by replacing that one method.
 
-Two ways to run it:
-
-- :meth:`LlamaModel.forward` (with :meth:`~LlamaModel.prefill` and :meth:`~LlamaModel.decode_step`)
-  on a contiguous :class:`KVCache` whose rows all have the same length;
-- :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.kv_cache.PagedKVCache`, where each row is
-  a sequence of its own length (batched decoding of requests that started at different times),
-  with attention by :func:`decodekit.attention.paged_attention`. In deterministic mode a row's
-  logits are bit-identical whatever the other rows of the call.
+One forward: :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.cache.PagedKVCache`, where
+each row is a sequence of its own length (batched decoding of requests that started at different
+times), with attention by :func:`decodekit.paged_attention`. In deterministic mode a row's logits
+are bit-identical whatever the other rows of the call. (The plain-PyTorch contiguous forward with
+SDPA, the transformers-parity reference, lives in the tests: ``tests/reference/llama.py``.)
 """
 
 from __future__ import annotations
@@ -37,13 +34,13 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import attention as _attention
-from ..kv_cache import PagedKVCache
+from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
-from ..ops import ops as _dk_ops
 
-__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "KVCache", "LlamaModel",
-           "rms_norm", "rope_cos_sin", "rope_table", "apply_rope"]
+_dk_ops = torch.ops.decodekit
+
+__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin",
+           "rope_table"]
 
 
 @dataclass(frozen=True)
@@ -135,49 +132,6 @@ class LlamaWeights:
     lm_head_token_ids: Optional[torch.Tensor] = None
 
 
-class KVCache:
-    """Contiguous key/value cache: per layer, ``k`` and ``v`` of shape ``[B, max_seq_len, Hkv, D]``.
-
-    All ``B`` rows hold the same number of positions, ``length``; positions ``[0, length)`` are
-    valid and later ones are uninitialised memory that is never read. The model writes the keys
-    and values of new tokens at ``[length, length + T)`` and then advances ``length``.
-
-    Args:
-        num_layers, batch_size, max_seq_len, num_kv_heads, head_dim: the sizes above (positive ints).
-        dtype: storage dtype (default float32).
-        device: storage device (default CPU).
-
-    Memory: ``2 * num_layers * B * max_seq_len * Hkv * D * dtype.itemsize`` bytes.
-    """
-
-    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
-                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
-        shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0
-
-    @property
-    def batch_size(self) -> int:
-        """Rows ``B``."""
-        return self.k[0].shape[0]
-
-    @property
-    def max_seq_len(self) -> int:
-        """Positions each row can hold."""
-        return self.k[0].shape[1]
-
-    def reset(self) -> None:
-        """Forget every cached position (the memory is kept for reuse)."""
-        self.length = 0
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension: ``weight * x / sqrt(mean(x^2, -1) + eps)``.
 
@@ -238,26 +192,8 @@ def rope_table(num_positions: int, head_dim: int, theta: float) -> tuple[torch.T
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each head of ``x`` by the RoPE angles (rotate-half layout).
-
-    Args:
-        x: ``[B, T, heads, D]`` float32.
-        cos, sin: ``[T, D]`` from :func:`rope_cos_sin`.
-
-    Returns:
-        ``[B, T, heads, D]``: ``x * cos + rotate_half(x) * sin`` with
-        ``rotate_half([a, b]) = [-b, a]`` (``a``, ``b`` the two halves of the head).
-    """
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    return x * cos + rotated * sin
-
-
 def _apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` with per-token angles: ``x [B, T, heads, D]``, ``cos``/``sin``
+    """RoPE with per-token angles (``x * cos + rotate_half(x) * sin``): ``x [B, T, heads, D]``, ``cos``/``sin``
     ``[B, T, D]`` (row ``b``, token ``t`` at its own position). Elementwise only."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -279,7 +215,7 @@ class _Block:
 
 
 class LlamaModel:
-    """Llama-family decoder (float32) that runs new tokens against a :class:`KVCache`.
+    """Llama-family decoder (float32) that runs new tokens against a paged KV cache.
 
     Args:
         config: the :class:`LlamaConfig`.
@@ -289,10 +225,11 @@ class LlamaModel:
         ValueError: when a weight has the wrong shape.
 
     Example:
-        >>> cache = model.new_cache(batch_size=1, max_seq_len=64)
-        >>> logits = model.prefill(torch.tensor([[1, 2, 3]]), cache)   # [1, V]
-        >>> next_id = logits.argmax(-1)                                  # [1]
-        >>> logits = model.decode_step(next_id, cache)                  # [1, V]
+        >>> cache = model.new_paged_cache(num_blocks=4)
+        >>> seq = cache.add_sequence()
+        >>> logits = model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])   # [1, V]
+        >>> next_id = logits.argmax(-1)                                              # [1]
+        >>> logits = model.forward_paged(next_id[:, None], cache, [seq])            # [1, V]
     """
 
     def __init__(self, config: LlamaConfig, weights: LlamaWeights) -> None:
@@ -346,26 +283,6 @@ class LlamaModel:
         """dtype of the weights and activations (float32 when loaded from GGUF)."""
         return self.embed.dtype
 
-    def new_cache(self, batch_size: int = 1, max_seq_len: Optional[int] = None) -> KVCache:
-        """Allocate an empty :class:`KVCache` for this model.
-
-        Args:
-            batch_size: rows ``B``.
-            max_seq_len: positions per row; defaults to the model's context length
-                (``config.max_seq_len``), which can be large: pass the prompt length plus the
-                number of tokens to generate.
-
-        Raises:
-            ValueError: when ``max_seq_len`` exceeds the context length or a size is not positive.
-        """
-        c = self.config
-        max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
-        if isinstance(max_seq_len, int) and max_seq_len > c.max_seq_len:
-            raise ValueError(f"new_cache: max_seq_len={max_seq_len} exceeds the model's context "
-                             f"length {c.max_seq_len}")
-        return KVCache(c.num_layers, batch_size, max_seq_len, c.num_kv_heads, c.head_dim,
-                       dtype=self.dtype, device=self.device)
-
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``.
 
@@ -392,112 +309,9 @@ class LlamaModel:
         full[..., self.head_token_ids] = logits
         return full
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
-                all_logits: bool = False) -> torch.Tensor:
-        """Run ``T`` new tokens per row after the ``cache.length`` cached ones.
-
-        Keys and values of the new tokens are written to the cache at positions
-        ``[cache.length, cache.length + T)`` and ``cache.length`` advances by ``T``.
-
-        Args:
-            input_ids: ``[B, T]`` integer token ids (``B = cache.batch_size``, ``T >= 1``).
-            cache: the :class:`KVCache` of this sequence batch.
-            all_logits: return the logits of every new position instead of the last one.
-
-        Returns:
-            float32 logits ``[B, V]`` for the last new position, or ``[B, T, V]`` with
-            ``all_logits=True``.
-
-        Raises:
-            ValueError: on a wrong shape, or when the cache has no room for ``T`` more positions.
-        """
-        c = self.config
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"forward: input_ids must be [B, T] with T >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise TypeError(f"forward: input_ids must be an integer tensor, got {input_ids.dtype}")
-        B, T = input_ids.shape
-        if B != cache.batch_size:
-            raise ValueError(f"forward: input_ids has {B} rows but the cache has {cache.batch_size}")
-        start = cache.length
-        end = start + T
-        if end > cache.max_seq_len:
-            raise ValueError(f"forward: {T} new tokens after {start} cached ones exceed the cache "
-                             f"size {cache.max_seq_len}")
-
-        input_ids = input_ids.to(device=self.device, dtype=torch.long)
-        x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
-        positions = torch.arange(start, end, device=self.device)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)             # [T, D]
-        if T == 1:                          # one query sees the whole cache
-            mask, causal = None, False
-        elif start == 0:                    # prefill from scratch: plain causal mask
-            mask, causal = None, True
-        else:                               # new query i sees cached keys and new keys <= i
-            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
-            causal = False
-
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        for i, block in enumerate(self.blocks):
-            h = rms_norm(x, block.attn_norm, c.rms_norm_eps)
-            q, k, v = self._linear(h, block.wqkv).split((q_size, kv_size, kv_size), dim=-1)
-            q = apply_rope(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
-            k = apply_rope(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
-            cache.k[i][:, start:end] = k
-            cache.v[i][:, start:end] = v.view(B, T, c.num_kv_heads, c.head_dim)
-            keys = cache.k[i][:, :end].transpose(1, 2)                           # [B, Hkv, L, D]
-            values = cache.v[i][:, :end].transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                  is_causal=causal, enable_gqa=True)  # [B, Hq, T, D]
-            x = x + self._linear(attn.transpose(1, 2).reshape(B, T, q_size), block.wo)
-
-            h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
-            gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, block.w_down)
-        cache.length = end
-
-        if not all_logits:
-            x = x[:, -1]
-        return self._head(x)
-
-    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run a prompt into ``cache`` (which is reset first) and return its last logits.
-
-        Args:
-            input_ids: ``[B, T]`` (or ``[T]``, taken as one row) integer prompt ids, ``T >= 1``.
-            cache: a :class:`KVCache` from :meth:`new_cache` with ``B`` rows and room for
-                ``T`` positions plus the tokens to be generated.
-
-        Returns:
-            float32 logits ``[B, V]`` for the last prompt position.
-
-        Raises:
-            ValueError: as :meth:`forward`.
-        """
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        cache.reset()
-        return self.forward(input_ids, cache)
-
-    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run one new token per row and return the next-token logits.
-
-        Args:
-            token_ids: ``[B]`` (or ``[B, 1]``) integer ids of the tokens just chosen.
-            cache: the :class:`KVCache` filled by :meth:`prefill` and earlier steps.
-
-        Returns:
-            float32 logits ``[B, V]``.
-        """
-        if token_ids.dim() == 1:
-            token_ids = token_ids[:, None]
-        return self.forward(token_ids, cache)
-
     # ------------------------------------------------------------------ paged path ----
     def new_paged_cache(self, num_blocks: int, block_size: int = 16, kv_layout: str = "NHD") -> PagedKVCache:
-        """Allocate an empty :class:`~decodekit.kv_cache.PagedKVCache` for this model.
+        """Allocate an empty :class:`~decodekit.cache.PagedKVCache` for this model.
 
         Args:
             num_blocks: blocks in the pool (positive int); a sequence of ``n`` tokens holds
@@ -509,7 +323,7 @@ class LlamaModel:
         zero-filled.
 
         Raises:
-            ValueError / TypeError: as :class:`~decodekit.kv_cache.PagedKVCache`, and when the
+            ValueError / TypeError: as :class:`~decodekit.cache.PagedKVCache`, and when the
             model's weights are not on the CPU (the paged cache has CPU kernels only).
         """
         if self.device.type != "cpu":
@@ -542,7 +356,7 @@ class LlamaModel:
         ``n_b .. n_b + T - 1`` (RoPE angles per row), their keys and values are appended to the
         cache with :meth:`PagedKVCache.append` in every layer (allocating blocks as needed), and
         each new token attends to the row's cached tokens and to the new ones up to itself through
-        :func:`decodekit.attention.paged_attention`. The lengths then advance by ``T``.
+        :func:`decodekit.paged_attention`. The lengths then advance by ``T``.
 
         Batch invariance (deterministic mode, the default): a row's logits are bit-identical
         whatever the other rows (their number, lengths and contents) and its position in the
@@ -554,7 +368,7 @@ class LlamaModel:
 
         Args:
             input_ids: ``[B, T]`` integer token ids (``B = len(seq_ids)``, ``T >= 1``).
-            cache: a :class:`~decodekit.kv_cache.PagedKVCache` from :meth:`new_paged_cache`
+            cache: a :class:`~decodekit.cache.PagedKVCache` from :meth:`new_paged_cache`
                 (the model's layer count, KV heads, head dim and dtype).
             seq_ids: ``B`` distinct sequence ids of ``cache`` (from ``cache.add_sequence()``).
             all_logits: return the logits of every new position instead of the last one.

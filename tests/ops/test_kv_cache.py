@@ -562,3 +562,24 @@ def test_paged_cache_argument_errors():
 def test_exports():
     for name in ("append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"):
         assert name in decodekit.__all__ and hasattr(decodekit, name)
+
+
+def test_key_or_value_overlapping_the_cache_raises():
+    # Found by a trial: appending a view of the cache into the cache read positions it had
+    # already overwritten; torch's own in-place copies refuse overlapping memory, so does this.
+    k = torch.randn(2, 8, 1, 4)
+    v = torch.randn(2, 8, 1, 4)
+    before = k.clone()
+    with pytest.raises(ValueError, match="key overlaps k_cache"):
+        append_kv_cache(k, v, k[:, 0:3], v[:, 0:3].clone(), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="value overlaps"):
+        append_kv_cache(k, v, k[:, 0:3].clone(), k[:, 4:7], torch.tensor([0, 0]))
+    assert torch.equal(k, before)
+    pk = torch.randn(4, 4, 1, 2)
+    pv = torch.randn(4, 4, 1, 2)
+    with pytest.raises(ValueError, match="key overlaps k_cache"):
+        append_paged_kv_cache(pk, pv, pk.view(16, 1, 2)[:3], pv.view(16, 1, 2)[:3].clone(), torch.tensor([5, 6, 7]))
+    # a clone is fine, and lands where the indexing reference puts it
+    src = pk.view(16, 1, 2)[:3].clone()
+    append_paged_kv_cache(pk, pv, src, src, torch.tensor([5, 6, 7]))
+    assert torch.equal(pk.view(16, 1, 2)[5:8], src)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from decodekit.attention import paged_attention, paged_attention_reference
+from decodekit import paged_attention
+from reference import paged_attention as paged_attention_reference
 
 
 def make_case(seed, B, Q, Hq, Hkv, D, block_size, lens, layout="NHD", dtype=torch.float32):
@@ -137,7 +138,7 @@ def test_opcheck():
 def test_nan_query_or_key_gives_nan_output():
     # NaN (or inf) in the query or a key the query reads makes that output row NaN, as in the
     # reference, instead of dropping the position.
-    from decodekit.attention import paged_attention
+    from decodekit import paged_attention
 
     k = torch.randn(2, 4, 1, 8)
     v = torch.randn(2, 4, 1, 8)
@@ -151,3 +152,12 @@ def test_nan_query_or_key_gives_nan_output():
     k2[1, 2, 0, 3] = float("nan")          # position 2 of sequence 1 (block 1, slot 2), unread by sequence 0
     out = paged_attention(torch.randn(2, 1, 2, 8), k2, v, tables, lens, scale=0.3)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_meta_tensors():
+    # Found by a trial: the wrapper refused meta tensors although the op has a Meta kernel.
+    q = torch.empty(2, 3, 4, 16, device="meta")
+    k = torch.empty(6, 8, 2, 16, device="meta")
+    out = paged_attention(q, k, k, torch.zeros(2, 3, dtype=torch.int32, device="meta"),
+                          torch.zeros(2, dtype=torch.int64, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 16) and out.dtype == torch.float32

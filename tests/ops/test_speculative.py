@@ -159,7 +159,7 @@ def test_opcheck():
 def test_from_logits_min_p_hand_case():
     # Target probs [0.6, 0.35, 0.05] after min_p 0.1 -> [0.6316, 0.3684, 0]: a one-hot draft of
     # token 2 is never accepted, and the recovered token is 0 or 1.
-    from decodekit.speculative import processed_probs
+    from decodekit import processed_probs
 
     logits = torch.log(torch.tensor([[0.6, 0.35, 0.05]]))
     probs = processed_probs(logits, 1.0, min_p=0.1)
@@ -175,7 +175,7 @@ def test_from_logits_min_p_hand_case():
 def test_from_logits_lossless_with_filters(params):
     # 200,000 rows, K=3, V=6: each emitted position follows the processed target distribution
     # (chi-square p > 1e-4; positions with fewer than 5 expected per kept cell skipped).
-    from decodekit.speculative import processed_probs
+    from decodekit import processed_probs
 
     N, K, V = 200_000, 3, 6
     g = torch.Generator().manual_seed(40)
@@ -262,3 +262,29 @@ def test_zero_draft_probability_token_is_rejected_and_invalid_rows_marked():
     assert int(out.num_emitted[0]) == int(out.num_accepted[0]) == 0
     assert (out.output_token_ids[0] == -1).all()
     assert int(out.num_emitted[1]) == int(out.num_accepted[1]) + 1
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def test_from_logits_checks_vocab_size():
+    # Found by a trial: vocab_size=-1 silently dropped the last column.
+    t = torch.randn(2, 3, 10)
+    ids = torch.tensor([[1, 2], [3, 4]])
+    for bad in (-1, 0, 11):
+        with pytest.raises(ValueError, match=r"vocab_size must be in \[1, V=10\]"):
+            decodekit.chain_speculative_sampling_from_logits(None, ids, t, 0.0, vocab_size=bad)
+    with pytest.raises(TypeError, match="vocab_size"):
+        decodekit.chain_speculative_sampling_from_logits(None, ids, t, 0.0, vocab_size=2.5)
+    # a valid vocab_size: greedy verification never emits a padding column
+    t[:, :, 9] = 100.0
+    out = decodekit.chain_speculative_sampling_from_logits(None, ids, t, 0.0, vocab_size=9)
+    assert (out.output_token_ids < 9).all()
+
+
+def test_meta_tensors():
+    # Found by a trial: the wrapper refused meta tensors although the op has a Meta kernel.
+    B, K, V = 3, 2, 16
+    for draft in (None, torch.empty(B, K, V, device="meta")):
+        out = decodekit.chain_speculative_sampling(draft, torch.zeros(B, K, dtype=torch.long, device="meta"),
+                                                   torch.empty(B, K + 1, V, device="meta"), seed=1)
+        assert out.output_token_ids.device.type == "meta" and out.output_token_ids.shape == (B, K + 1)
+        assert out.num_accepted.shape == (B,) and out.num_emitted.shape == (B,)

@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from decodekit.generate import GenerationResult, generate
+from decodekit import GenerationResult, generate
 from decodekit.models.gguf_loader import default_model_path, load_model
+from reference import llama as ref_llama
 
 NEW_TOKENS = 24
 SEEDS = [101, 202, 303, 404]
@@ -155,7 +156,7 @@ def test_max_new_tokens_zero_in_a_batch(lm, prompts, greedy_alone):
     ("repetition_penalty", [1.1, 1.1, 1.1]), ("frequency_penalty", [0.1]), ("presence_penalty", [0.1] * 3),
 ])
 def test_per_request_list_of_wrong_length(monkeypatch, name, value):
-    gen_module = importlib.import_module("decodekit.generate")
+    gen_module = importlib.import_module("decodekit.decoding.generate")
 
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded for a bad argument")
@@ -209,7 +210,7 @@ def test_paged_forward_is_bit_identical_in_a_batch(lm, prompts):
 def test_paged_forward_matches_contiguous_forward(lm, prompts):
     model = lm.model
     ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template([{"role": "user", "content": prompts[2]}]))
-    full = model.forward(torch.tensor([ids]), model.new_cache(1, len(ids)), all_logits=True)[0]
+    full = ref_llama.forward(model, torch.tensor([ids]), ref_llama.new_cache(model, 1, len(ids)), all_logits=True)[0]
     cache = model.new_paged_cache(num_blocks=16, block_size=4, kv_layout="HND")
     seq = cache.add_sequence()
     paged = model.forward_paged(torch.tensor([ids[:-3]]), cache, [seq], all_logits=True)[0]
@@ -254,11 +255,8 @@ def test_cli_batch_prints_each_result_with_a_header(lm):
 def test_subnormal_temperature_request_is_not_greedy():
     # Found by a trial: a positive temperature that float32 rounds to 0 (1e-46) must act as
     # 1.18e-38 (the T -> 0+ limit: uniform over tied maxima), not as greedy.
-    import importlib
-    import types
+    from decodekit import SamplingParams
+    from decodekit.params import rows
 
-    gen = importlib.import_module("decodekit.generate")  # the module (decodekit.generate is the function)
-
-    r = types.SimpleNamespace(temperature=1e-46, top_k=0, top_p=1.0, min_p=0.0, seed=1, token_ids=[])
-    (t, *_), _ = gen._sampling_params([r])
+    (t, *_), _ = rows([SamplingParams(temperature=1e-46, seed=1)], [0])
     assert t.tolist() == [1.1754943508222875e-38]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -616,7 +617,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         h.update(out.token_ids.numpy().tobytes())
 w = torch.randn(37, 150, generator=g)
 h.update(decodekit.linear(torch.randn(5, 150, generator=g), w, torch.randn(37, generator=g)).numpy().tobytes())
-from decodekit.attention import paged_attention
+from decodekit import paged_attention
 k = torch.randn(12, 16, 2, 64, generator=g); v = torch.randn(12, 16, 2, 64, generator=g)
 tables = torch.arange(12).reshape(2, 6); lens = torch.tensor([70, 33])
 h.update(paged_attention(torch.randn(2, 3, 6, 64, generator=g), k, v, tables, lens).numpy().tobytes())
@@ -969,3 +970,87 @@ def test_softmax_large_rows_match_reference_and_thread_count():
     assert torch.isnan(out).all()
     with pytest.raises(ValueError, match=r"rows \[0, 1, 2\]"):
         decodekit.softmax(bad, 0.7)
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def _compiled_sampler(**compile_kw):
+    def f(x, t):
+        return decodekit.sample_from_logits(x, t, top_k=20, top_p=0.9, seed=7, offset=3, validate=False,
+                                            return_valid=True)
+
+    torch._dynamo.reset()
+    return torch.compile(f, fullgraph=True, backend="aot_eager", **compile_kw)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_fullgraph_with_a_changing_python_float_temperature(dynamic):
+    # Found by a trial: with validate=False the wrapper called math.isnan on the temperature,
+    # which torch.compile makes symbolic once it changes between calls (or with dynamic=True).
+    f = _compiled_sampler(dynamic=dynamic)
+    g = torch.Generator().manual_seed(3)
+    for B, t in ((4, 0.7), (4, 0.9), (3, 1.3), (5, 0.25)):
+        x = torch.randn(B, 200, generator=g) * 2
+        out = f(x, t)
+        expected = [ref.sample(x[b], 7, 3, temperature=t, top_k=20, top_p=0.9) for b in range(B)]
+        assert out.token_ids.tolist() == expected and out.valid.all()
+
+
+def test_compile_with_validate_true_says_pass_validate_false():
+    def f(x, t):
+        return decodekit.sample_from_logits(x, t, seed=7)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pass validate=False"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(torch.randn(2, 30), 0.8)
+
+
+def test_negative_offset_without_validation_marks_the_row_invalid():
+    # Found by a trial: a negative offset with validate=False wrapped around to a huge counter.
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(4))
+    offset = torch.tensor([0, -1, 5, -(2**40)])
+    for sampler, inp in ((decodekit.sample_from_logits, x), (decodekit.sample_from_probs, torch.softmax(x, -1))):
+        out = sampler(inp, seed=3, offset=offset, validate=False, return_valid=True, return_logprobs=True)
+        assert out.valid.tolist() == [True, False, True, False]
+        assert out.token_ids[1] == -1 and out.token_ids[3] == -1 and torch.isnan(out.logprobs[[1, 3]]).all()
+        assert int(out.token_ids[0]) >= 0 and int(out.token_ids[2]) >= 0
+        whole = sampler(inp, seed=3, offset=-2, validate=False, return_valid=True)
+        assert not whole.valid.any() and (whole.token_ids == -1).all()
+        with pytest.raises(ValueError, match="offset"):
+            sampler(inp, seed=3, offset=offset)
+        with pytest.raises(ValueError, match="offset"):
+            sampler(inp, seed=3, offset=-1)
+    # The valid rows are the reference's draws.
+    out = decodekit.sample_from_logits(x, seed=3, offset=offset, validate=False, return_valid=True)
+    assert int(out.token_ids[2]) == ref.sample(x[2], 3, 5, temperature=1.0)
+
+
+def test_unknown_cpu_isa_raises_at_import_with_the_allowed_values():
+    env = dict(os.environ, DECODEKIT_CPU_ISA="avx9000")
+    r = subprocess.run([sys.executable, "-c", "import decodekit"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert "avx9000" in r.stderr and "avx512, avx2, baseline" in r.stderr
+    env["DECODEKIT_CPU_ISA"] = "baseline"
+    r = subprocess.run([sys.executable, "-c", "import decodekit; print(decodekit.cpu_isa())"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "baseline", r.stderr
+    assert decodekit.cpu_isa() in ("avx512", "avx2", "baseline") and "cpu_isa" in decodekit.__all__
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib import metadata
+
+    assert decodekit.__version__ == metadata.version("decodekit")
+
+
+def test_readme_first_example_uses_per_row_seeds():
+    # Found by a trial: the README's first example gave 8 rows one integer seed, so every row
+    # drew with the same random number. It now shows per-row seeds and says why in one line.
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    sampling = block.split("\nout = ")[0]
+    assert "seed=torch.arange(8)" in sampling and "scalar seed" in sampling.lower()
+    scope = {}
+    exec(sampling, scope)  # the lines before generate(): sampling, softmax, argmax
+    ids, logits = scope["ids"], scope["logits"]
+    for b in (0, 5):
+        assert int(ids[b]) == ref.sample(logits[b], 1234 + b, 0, temperature=0.7, top_k=50, top_p=0.9)

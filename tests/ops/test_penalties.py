@@ -126,3 +126,36 @@ def test_hf_adapter_drops_ids_past_the_vocabulary_and_checks_its_settings():
         hf.DecodekitSamplingFilter(top_k="5")
     with pytest.raises(ValueError, match="repetition_penalty"):
         hf.DecodekitPenalties(repetition_penalty=0.0)
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def test_meta_tensors_with_token_lists_and_masks():
+    # Found by a trial: token lists, masks and dict biases on meta logits raised instead of
+    # giving the output's shape like every other op.
+    x = torch.empty(3, 50, device="meta")
+    for kw in (dict(token_ids=[[1, 2], [3], []], repetition_penalty=1.2), dict(allowed_token_ids=[1, 2, 3]),
+               dict(banned_token_ids=[[4], [5], [6]]), dict(logit_bias={3: 1.0}),
+               dict(token_counts=torch.zeros(3, 50, dtype=torch.int64, device="meta"), presence_penalty=0.5)):
+        out = decodekit.apply_penalties(x, **kw)
+        assert out.device.type == "meta" and out.shape == (3, 50) and out.dtype == torch.float32, kw
+
+
+def test_plus_inf_logit_bias_is_rejected_naming_logit_bias():
+    # Found by a trial: +inf was documented as allowed but made the row +inf, which no sampler
+    # can draw from. It is now an error naming logit_bias; -inf still bans a token.
+    x = torch.zeros(2, 8)
+    for bias in ({3: float("inf")}, [{1: 0.5}, {2: float("inf")}]):
+        with pytest.raises(ValueError, match="logit_bias.*allowed_token_ids"):
+            decodekit.apply_penalties(x, logit_bias=bias)
+        with pytest.raises(ValueError, match="logit_bias"):
+            decodekit.sample_from_logits(x, 1.0, seed=1, logit_bias=bias)
+    dense = torch.zeros(2, 8)
+    dense[1, 4] = float("inf")
+    with pytest.raises(ValueError, match="logit_bias must not contain NaN or \\+inf"):
+        decodekit.apply_penalties(x, logit_bias=dense)
+    out = decodekit.apply_penalties(x, logit_bias={3: -float("inf"), 5: 2.0})
+    assert out[0, 3] == -float("inf") and out[1, 5] == 2.0 and out[0, 0] == 0.0
+    # forcing a token: allowed_token_ids
+    assert decodekit.sample_from_logits(x, 1.0, seed=torch.tensor([1, 2]), allowed_token_ids=[6]).tolist() == [6, 6]
+    with pytest.raises(ValueError, match="logit_bias"):
+        decodekit.SamplingParams(logit_bias={3: float("inf")})
