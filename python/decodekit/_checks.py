@@ -259,7 +259,9 @@ def index_tensor(x, name: str, op: str, device: torch.device, length: Optional[i
 def _tensor_param(value, name, op, ref, *, integer, dtype, lo, hi, validate, allowed, tiny_positive):
     B = ref.size(0)
     if value.dim() != 1 or value.size(0) != B:
-        raise ValueError(f"{op}: {name} must be a scalar or a 1-D tensor of length B={B}, got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be a scalar or a 1-D tensor of length B={B}, got shape {tuple(value.shape)}"
+        )
     if value.device != ref.device and ref.device.type != "meta":
         raise ValueError(f"{op}: {name} is on {value.device} but logits are on {ref.device}")
     non_int = value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
@@ -307,7 +309,9 @@ def _number_param(value, name, op, *, integer, dtype, lo, hi, allowed, tiny_posi
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{op}: {name} must be {allowed}, got {value}")
     if not integer and dtype == torch.float32 and abs(value) > FLT_MAX:
-        raise ValueError(f"{op}: {name} must be {allowed} and at most float32's largest value {FLT_MAX!r}, got {value!r}")
+        raise ValueError(
+            f"{op}: {name} must be {allowed} and at most float32's largest value {FLT_MAX!r}, got {value!r}"
+        )
     if tiny_positive is not None and 0.0 < value < tiny_positive:
         value = tiny_positive
     return None, value
@@ -350,12 +354,28 @@ def row_param(
             concrete = value.device.type == "cpu" or (validate and value.device.type != "meta")
             if concrete and not torch.compiler.is_compiling():
                 return _number_param(
-                    value.item(), name, op, integer=integer, dtype=dtype, lo=lo, hi=hi, allowed=allowed,
+                    value.item(),
+                    name,
+                    op,
+                    integer=integer,
+                    dtype=dtype,
+                    lo=lo,
+                    hi=hi,
+                    allowed=allowed,
                     tiny_positive=tiny_positive,
                 )
             value = value.reshape(1).expand(ref.size(0))
         return _tensor_param(
-            value, name, op, ref, integer=integer, dtype=dtype, lo=lo, hi=hi, validate=validate, allowed=allowed,
+            value,
+            name,
+            op,
+            ref,
+            integer=integer,
+            dtype=dtype,
+            lo=lo,
+            hi=hi,
+            validate=validate,
+            allowed=allowed,
             tiny_positive=tiny_positive,
         )
     if is_symbolic(value):
@@ -388,8 +408,9 @@ def seed_and_offset(seed, offset, generator, ref: torch.Tensor, op: str, needs_r
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
-        drawn = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, device=generator.device,
-                                  dtype=torch.int64))
+        drawn = int(
+            torch.randint(-(2**63), 2**63 - 1, (), generator=generator, device=generator.device, dtype=torch.int64)
+        )
         if isinstance(offset, (torch.Tensor, bool)) or not isinstance(offset, numbers.Integral) or offset < 0:
             raise ValueError(f"{op}: with a generator, offset must be an int >= 0, got {offset!r}")
         base = operator.index(offset)
@@ -404,8 +425,9 @@ def seed_and_offset(seed, offset, generator, ref: torch.Tensor, op: str, needs_r
             )
         seed = 0
     if isinstance(seed, torch.Tensor):
-        s_t, s_v = row_param(seed, "seed", op, ref, integer=True, dtype=torch.int64, lo=None, hi=None,
-                             validate=False, allowed="an int64")
+        s_t, s_v = row_param(
+            seed, "seed", op, ref, integer=True, dtype=torch.int64, lo=None, hi=None, validate=False, allowed="an int64"
+        )
         if s_t is None:
             s_v = to_int64_bits(int(s_v), "seed", op)
     elif is_symbolic(seed):
@@ -414,8 +436,9 @@ def seed_and_offset(seed, offset, generator, ref: torch.Tensor, op: str, needs_r
     else:
         s_t, s_v = None, to_int64_bits(seed, "seed", op)
     if isinstance(offset, torch.Tensor):
-        o_t, o_v = row_param(offset, "offset", op, ref, integer=True, dtype=torch.int64, lo=0, hi=None,
-                             validate=validate, allowed=">= 0")
+        o_t, o_v = row_param(
+            offset, "offset", op, ref, integer=True, dtype=torch.int64, lo=0, hi=None, validate=validate, allowed=">= 0"
+        )
         if o_t is None:
             o_v = to_int64_bits(int(o_v), "offset", op)
     elif compiling or is_symbolic(offset):
@@ -436,3 +459,42 @@ def negative_offset(o_t: Optional[torch.Tensor], o_v) -> Union[bool, torch.Tenso
     if o_t is not None:
         return o_t < 0
     return o_v < 0
+
+
+# ------------------------------------------------------- sampling arguments ----
+def filter_args(op: str, x: torch.Tensor, top_k, top_p, min_p, validate: bool):
+    common = dict(op=op, ref=x, validate=validate)
+    k_t, k_v = row_param(
+        top_k, "top_k", integer=True, dtype=torch.int64, lo=None, hi=None, allowed="an int (<= 0 disables)", **common
+    )
+    p_t, p_v = row_param(
+        top_p, "top_p", integer=False, dtype=torch.float64, lo=0.0, hi=1.0, allowed="in [0, 1]", **common
+    )
+    m_t, m_v = row_param(
+        min_p, "min_p", integer=False, dtype=torch.float32, lo=0.0, hi=1.0, allowed="in [0, 1]", **common
+    )
+    return k_t, clamp_top_k(k_v), p_t, p_v, m_t, m_v
+
+
+def logprob_args(op: str, top_logprobs, logprobs_mode, vocab_size: int):
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, numbers.Integral):
+        raise TypeError(f"{op}: top_logprobs must be an int, got {type(top_logprobs).__name__}")
+    top_logprobs = operator.index(top_logprobs)
+    if not 0 <= top_logprobs <= vocab_size:
+        raise ValueError(f"{op}: top_logprobs must be in [0, vocab_size={vocab_size}], got {top_logprobs}")
+    if logprobs_mode not in ("processed", "raw"):
+        raise ValueError(f"{op}: logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
+    return top_logprobs, logprobs_mode == "raw"
+
+
+def all_greedy(op, t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
+    """True when no row samples (T == 0, top_k == 1 or top_p == 0 in every row)."""
+    greedy = None
+    for tensor, val, test in (
+        (t_tensor, t_val, lambda x: x == 0),
+        (k_tensor, k_val, lambda x: x == 1),
+        (p_tensor, p_val, lambda x: x == 0),
+    ):
+        g = test(tensor) if tensor is not None else torch.tensor(bool(test(val)))
+        greedy = g if greedy is None else (greedy | g)
+    return host_bool(greedy.all(), op)

@@ -64,11 +64,28 @@ class ContiguousKVCache:
         ValueError / TypeError naming the argument for bad sizes, dtype or layout.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, kv_layout: str = "NHD") -> None:
-        a = _cache_args("ContiguousKVCache", dict(num_layers=num_layers, batch_size=batch_size,
-                                                  max_seq_len=max_seq_len, num_kv_heads=num_kv_heads,
-                                                  head_dim=head_dim), dtype, kv_layout)
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        kv_layout: str = "NHD",
+    ) -> None:
+        a = _cache_args(
+            "ContiguousKVCache",
+            dict(
+                num_layers=num_layers,
+                batch_size=batch_size,
+                max_seq_len=max_seq_len,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+            ),
+            dtype,
+            kv_layout,
+        )
         self.num_layers, self.batch_size, self.max_seq_len = a["num_layers"], a["batch_size"], a["max_seq_len"]
         self.num_kv_heads, self.head_dim = a["num_kv_heads"], a["head_dim"]
         self.dtype, self.kv_layout = dtype, kv_layout
@@ -102,14 +119,14 @@ class ContiguousKVCache:
         Raises:
             ValueError: a negative count, or a length that would pass ``max_seq_len``.
         """
-        n = index_tensor(num_tokens, "num_tokens", "ContiguousKVCache.advance", self.seq_lens.device,
-                          self.batch_size)
+        n = index_tensor(num_tokens, "num_tokens", "ContiguousKVCache.advance", self.seq_lens.device, self.batch_size)
         if bool((n < 0).any()):
             raise ValueError(f"ContiguousKVCache.advance: num_tokens must be >= 0, got {n.tolist()}")
         new = self.seq_lens + n
         if bool((new > self.max_seq_len).any()):
-            raise ValueError(f"ContiguousKVCache.advance: lengths {new.tolist()} would pass "
-                             f"max_seq_len={self.max_seq_len}")
+            raise ValueError(
+                f"ContiguousKVCache.advance: lengths {new.tolist()} would pass max_seq_len={self.max_seq_len}"
+            )
         self.seq_lens.copy_(new)
 
     def truncate(self, seq: int, new_len: int) -> None:
@@ -168,10 +185,28 @@ class PagedKVCache:
         ValueError / TypeError naming the argument for bad sizes, dtype or layout.
     """
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, kv_layout: str = "NHD") -> None:
-        a = _cache_args("PagedKVCache", dict(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
-                                             num_kv_heads=num_kv_heads, head_dim=head_dim), dtype, kv_layout)
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        kv_layout: str = "NHD",
+    ) -> None:
+        a = _cache_args(
+            "PagedKVCache",
+            dict(
+                num_layers=num_layers,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+            ),
+            dtype,
+            kv_layout,
+        )
         self.num_layers, self.num_blocks, self.block_size = a["num_layers"], a["num_blocks"], a["block_size"]
         self.num_kv_heads, self.head_dim = a["num_kv_heads"], a["head_dim"]
         self.dtype, self.kv_layout = dtype, kv_layout
@@ -201,8 +236,9 @@ class PagedKVCache:
 
     def _seq(self, seq, name: str) -> int:
         if isinstance(seq, bool) or not isinstance(seq, numbers.Integral) or operator.index(seq) not in self._tables:
-            raise ValueError(f"PagedKVCache.{name}: unknown sequence id {seq!r} (live ids: "
-                             f"{sorted(self._tables)[:16]})")
+            raise ValueError(
+                f"PagedKVCache.{name}: unknown sequence id {seq!r} (live ids: {sorted(self._tables)[:16]})"
+            )
         return operator.index(seq)
 
     def _seq_list(self, seq_ids, name: str) -> List[int]:
@@ -211,8 +247,9 @@ class PagedKVCache:
         elif isinstance(seq_ids, torch.Tensor):
             seq_ids = seq_ids.tolist()
         if not isinstance(seq_ids, (list, tuple)):
-            raise TypeError(f"PagedKVCache.{name}: seq_ids must be an int or a list of ints, "
-                            f"got {type(seq_ids).__name__}")
+            raise TypeError(
+                f"PagedKVCache.{name}: seq_ids must be an int or a list of ints, got {type(seq_ids).__name__}"
+            )
         ids = [self._seq(s, name) for s in seq_ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"PagedKVCache.{name}: seq_ids must not repeat, got {ids}")
@@ -243,8 +280,10 @@ class PagedKVCache:
         bs = self.block_size
         need = [max(0, -(-(self._lens[s] + n) // bs) - len(self._tables[s])) for s, n in zip(ids, counts)]
         if sum(need) > len(self._free):
-            raise OutOfBlocksError(f"PagedKVCache: appending needs {sum(need)} new blocks of {bs} positions but only "
-                                   f"{len(self._free)} of {self.num_blocks} are free; free or truncate sequences")
+            raise OutOfBlocksError(
+                f"PagedKVCache: appending needs {sum(need)} new blocks of {bs} positions but only "
+                f"{len(self._free)} of {self.num_blocks} are free; free or truncate sequences"
+            )
         for s, k in zip(ids, need):
             for _ in range(k):
                 self._tables[s].append(self._free.pop())
@@ -265,8 +304,14 @@ class PagedKVCache:
         return slots
 
     # --------------------------------------------------------------- writes ----
-    def append(self, layer: int, seq_ids: IntOrInts, key: torch.Tensor, value: torch.Tensor,
-               num_tokens: Optional[Sequence[int]] = None) -> None:
+    def append(
+        self,
+        layer: int,
+        seq_ids: IntOrInts,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        num_tokens: Optional[Sequence[int]] = None,
+    ) -> None:
         """Writes the new tokens' keys/values of layer ``layer`` after each sequence's current
         length, allocating blocks as needed; lengths do not move (call :meth:`advance` after
         the last layer).
@@ -298,8 +343,9 @@ class PagedKVCache:
             if key.size(0) != len(ids):
                 raise ValueError(f"{name}: key has {key.size(0)} rows but {len(ids)} seq_ids were given")
             if value.shape != key.shape:
-                raise ValueError(f"{name}: value must have the shape of key {tuple(key.shape)}, "
-                                 f"got {tuple(value.shape)}")
+                raise ValueError(
+                    f"{name}: value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}"
+                )
             counts = [key.size(1)] * len(ids)
             key, value = key.flatten(0, 1), value.flatten(0, 1)
         elif key.dim() == 3:
@@ -318,8 +364,9 @@ class PagedKVCache:
         # Shapes and dtypes first, so that a bad call allocates nothing.
         check_kv_rows(key, value, self.k[layer], self.num_kv_heads, self.head_dim, 3, "[N, H, D]", name)
         slots = self._slot_mapping(ids, counts)
-        append_paged_kv_cache(self.k[layer], self.v[layer], key, value, slots, kv_layout=self.kv_layout,
-                              validate=False)  # slots are in the pool and distinct by construction
+        append_paged_kv_cache(
+            self.k[layer], self.v[layer], key, value, slots, kv_layout=self.kv_layout, validate=False
+        )  # slots are in the pool and distinct by construction
 
     def advance(self, seq_ids: IntOrInts, num_tokens: IntOrInts) -> None:
         """Moves the lengths of ``seq_ids`` by ``num_tokens`` (an int for all, or one per id),
@@ -346,8 +393,9 @@ class PagedKVCache:
         s = self._seq(seq, "truncate")
         old = self._lens[s]
         if isinstance(new_len, bool) or not isinstance(new_len, numbers.Integral) or not 0 <= new_len <= old:
-            raise ValueError(f"PagedKVCache.truncate: new_len must be an int in [0, {old}] "
-                             f"(sequence {s}'s length), got {new_len!r}")
+            raise ValueError(
+                f"PagedKVCache.truncate: new_len must be an int in [0, {old}] (sequence {s}'s length), got {new_len!r}"
+            )
         bs = self.block_size
         keep = -(-new_len // bs)
         table = self._tables[s]

@@ -62,8 +62,9 @@ class SamplingParams:
     logit_bias: Optional[Dict[int, float]] = None
 
     def __post_init__(self) -> None:
-        for name, value in _normalised({f.name: getattr(self, f.name) for f in fields(self)}, "SamplingParams",
-                                       "").items():
+        for name, value in _normalised(
+            {f.name: getattr(self, f.name) for f in fields(self)}, "SamplingParams", ""
+        ).items():
             object.__setattr__(self, name, value)
 
     @classmethod
@@ -80,8 +81,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         """True when a penalty or a logit bias changes the logits."""
-        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-                or bool(self.logit_bias))
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
     def with_seed(self, seed: Optional[int]) -> SamplingParams:
         """A copy with another seed."""
@@ -95,15 +100,15 @@ def _normalised(v: dict, op: str, where: str) -> dict:
     out = dict(v)
     out["temperature"] = check_number(v.get("temperature", 1.0), f"temperature{where}", op, 0.0, FLT_MAX, _TEMPERATURE)
     for name in ("top_p", "min_p"):
-        out[name] = check_number(v.get(name, 1.0 if name == "top_p" else 0.0), f"{name}{where}", op, 0.0, 1.0,
-                                 "in [0, 1]")
+        out[name] = check_number(
+            v.get(name, 1.0 if name == "top_p" else 0.0), f"{name}{where}", op, 0.0, 1.0, "in [0, 1]"
+        )
     k = v.get("top_k", 0)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{op}: top_k{where} must be an int (0 disables), got {type(k).__name__}")
     out["top_k"] = max(min(int(k), 2**62), -(2**62))
     seed = v.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed < 2**64):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise ValueError(f"{op}: seed{where} must be None or an int in [0, 2^64), got {seed!r}")
     out["seed"] = None if seed is None else int(seed)
     for name, default in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
@@ -135,8 +140,10 @@ def _logit_bias(bias, op: str, where: str) -> Optional[Dict[int, float]]:
         except OverflowError:
             f = math.nan
         if math.isnan(f) or f == math.inf:
-            raise ValueError(f"{op}: logit_bias{where} values must be numbers below +inf (-inf bans a token; to "
-                             f"force one, pass allowed_token_ids), got {val!r:.60} for token {tok}")
+            raise ValueError(
+                f"{op}: logit_bias{where} values must be numbers below +inf (-inf bans a token; to "
+                f"force one, pass allowed_token_ids), got {val!r:.60} for token {tok}"
+            )
         out[int(tok)] = f
     return out or None
 
@@ -149,8 +156,9 @@ def rows(params: Sequence[SamplingParams], offsets: Sequence[int], sample: Seque
     position, in the generated sequence, of the first token the call draws); ``sample[b]``
     (default 0) goes into bits 48-61 of the offset.
     """
-    temperature = torch.tensor([T_TINY if 0 < p.temperature < T_TINY else p.temperature for p in params],
-                               dtype=torch.float32)
+    temperature = torch.tensor(
+        [T_TINY if 0 < p.temperature < T_TINY else p.temperature for p in params], dtype=torch.float32
+    )
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import decodekit
 from decodekit import NgramDrafter, speculative_generate
@@ -86,8 +85,24 @@ def test_cli_speculative(lm):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "decodekit", "generate", "--prompt", PROMPTS[0], "--temperature", "0",
-                        "--max-new-tokens", "16", "--speculative", "ngram"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "decodekit",
+            "generate",
+            "--prompt",
+            PROMPTS[0],
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+            "--speculative",
+            "ngram",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "tokens/pass" in r.stderr and r.stdout.strip()
 
@@ -119,12 +134,12 @@ def test_accepted_counts_only_the_emitted_drafts(lm):
 
     class Oracle:
         def propose(self, context, k):
-            return cont.token_ids[len(context) - start:len(context) - start + k]
+            return cont.token_ids[len(context) - start : len(context) - start + k]
 
     spec = speculative_generate(prompt, model=lm, drafter=Oracle(), num_draft_tokens=4, max_new_tokens=40)
     assert spec.token_ids == plain.token_ids and spec.finish_reason == "eos"
-    n = len(spec.token_ids) - 1                       # tokens after the first (which comes from the prefill)
-    assert spec.accepted == 4 * (n // 5) + n % 5      # every emitted token but the bonus tokens is a draft
+    n = len(spec.token_ids) - 1  # tokens after the first (which comes from the prefill)
+    assert spec.accepted == 4 * (n // 5) + n % 5  # every emitted token but the bonus tokens is a draft
     assert spec.accepted <= n < spec.drafted
 
 
@@ -142,9 +157,11 @@ def test_plain_and_speculative_summaries_share_one_format(lm):
 
 
 def test_max_new_tokens_zero_is_the_same_in_every_mode(lm):
-    for run in (lambda **kw: decodekit.generate("Hi", model=lm, **kw),
-                lambda **kw: speculative_generate("Hi", model=lm, **kw),
-                lambda **kw: speculative_generate("Hi", model=lm, drafter=NgramDrafter(), temperature=0.7, **kw)):
+    for run in (
+        lambda **kw: decodekit.generate("Hi", model=lm, **kw),
+        lambda **kw: speculative_generate("Hi", model=lm, **kw),
+        lambda **kw: speculative_generate("Hi", model=lm, drafter=NgramDrafter(), temperature=0.7, **kw),
+    ):
         r = run(max_new_tokens=0)
         assert (r.token_ids, r.text, r.finish_reason, r.decode_steps, r.seed) == ([], "", "length", 0, None)
         assert r.new_tokens == 0 and r.decode_tokens_per_second == 0.0
@@ -159,8 +176,14 @@ def test_penalties_bias_and_per_request_lists_in_speculative_decoding(lm):
     # tokens before it, the logit bias), so greedy speculative output is plain greedy output,
     # per request, with per-request lists, alone or batched.
     prompts = [PROMPTS[0], CODE_PROMPT, PROMPTS[2]]
-    kw = dict(max_new_tokens=24, temperature=0, repetition_penalty=[1.3, 1.0, 1.1],
-              frequency_penalty=[0.0, 0.4, 0.0], presence_penalty=[0.0, 0.0, 0.3], logit_bias=[None, {11: -5.0}, None])
+    kw = dict(
+        max_new_tokens=24,
+        temperature=0,
+        repetition_penalty=[1.3, 1.0, 1.1],
+        frequency_penalty=[0.0, 0.4, 0.0],
+        presence_penalty=[0.0, 0.0, 0.3],
+        logit_bias=[None, {11: -5.0}, None],
+    )
     plain = decodekit.generate(prompts, model=lm, **kw)
     spec = speculative_generate(prompts, model=lm, num_draft_tokens=4, **kw)
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
@@ -170,8 +193,9 @@ def test_penalties_bias_and_per_request_lists_in_speculative_decoding(lm):
     # seeded sampling with penalties: reproducible alone and batched
     skw = dict(max_new_tokens=16, temperature=[0.8, 0.9], top_p=0.95, repetition_penalty=1.2, seed=[4, 5])
     batch = speculative_generate(prompts[:2], model=lm, **skw)
-    alone = speculative_generate(prompts[1], model=lm, max_new_tokens=16, temperature=0.9, top_p=0.95,
-                                 repetition_penalty=1.2, seed=5)
+    alone = speculative_generate(
+        prompts[1], model=lm, max_new_tokens=16, temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=5
+    )
     assert batch[1].token_ids == alone.token_ids and batch[1].seed == 5
 
 

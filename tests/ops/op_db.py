@@ -93,17 +93,42 @@ def sample_from_logits_samples(d):
     m = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.01])
     seed = torch.arange(B) * 7919 + 1
     offset = torch.arange(B) + 3
-    return [_on(d, _logits(seed=3), t, 1.0, k, 0, p, 1.0, m, 0.0, seed, 0, offset, 0, 300, True, True, 3, False),
-            _on(d, _logits(seed=4, dtype=torch.float16), None, 0.8, None, 10, None, 0.9, None, 0.0, seed, 0, None, 5,
-                280, True, False, 0, False)]
+    return [
+        _on(d, _logits(seed=3), t, 1.0, k, 0, p, 1.0, m, 0.0, seed, 0, offset, 0, 300, True, True, 3, False),
+        _on(
+            d,
+            _logits(seed=4, dtype=torch.float16),
+            None,
+            0.8,
+            None,
+            10,
+            None,
+            0.9,
+            None,
+            0.0,
+            seed,
+            0,
+            None,
+            5,
+            280,
+            True,
+            False,
+            0,
+            False,
+        ),
+    ]
 
 
 def sample_from_logits_check(args, out):
     logits, t, t_val, k, k_val, p, p_val, m, m_val, seed, _, offset, o_val, vs = args[:14]
     ids = out[0]
     for b in range(logits.size(0)):
-        params = dict(temperature=float(t[b]) if t is not None else t_val, top_k=int(k[b]) if k is not None else k_val,
-                      top_p=float(p[b]) if p is not None else p_val, min_p=float(m[b]) if m is not None else m_val)
+        params = dict(
+            temperature=float(t[b]) if t is not None else t_val,
+            top_k=int(k[b]) if k is not None else k_val,
+            top_p=float(p[b]) if p is not None else p_val,
+            min_p=float(m[b]) if m is not None else m_val,
+        )
         off = int(offset[b]) if offset is not None else o_val
         assert int(ids[b]) == ref.sample(logits[b, :vs].float(), int(seed[b]), off, **params), b
 
@@ -111,13 +136,43 @@ def sample_from_logits_check(args, out):
 def sample_from_probs_samples(d):
     B = 5
     seed = torch.arange(B) + 11
-    return [_on(d, _probs(), torch.tensor([0, 3, 10, 0, 1]), 0, None, 0.9, None, 0.0, seed, 0, None, 4, 300, True,
-                True, 2, False)]
+    return [
+        _on(
+            d,
+            _probs(),
+            torch.tensor([0, 3, 10, 0, 1]),
+            0,
+            None,
+            0.9,
+            None,
+            0.0,
+            seed,
+            0,
+            None,
+            4,
+            300,
+            True,
+            True,
+            2,
+            False,
+        )
+    ]
 
 
 def filter_probs_samples(d):
-    return [_on(d, _probs(seed=5), torch.tensor([0, 3, 10, 0, 1]), 0, torch.tensor([1.0, 0.9, 0.5, 0.8, 1.0],
-                dtype=torch.float64), 1.0, None, 0.02, 300)]
+    return [
+        _on(
+            d,
+            _probs(seed=5),
+            torch.tensor([0, 3, 10, 0, 1]),
+            0,
+            torch.tensor([1.0, 0.9, 0.5, 0.8, 1.0], dtype=torch.float64),
+            1.0,
+            None,
+            0.02,
+            300,
+        )
+    ]
 
 
 def filter_probs_check(args, out):
@@ -149,8 +204,26 @@ def apply_penalties_samples(d):
     ids = torch.tensor([[1, 5, 5, -1], [7, 8, 9, 10], [-1, -1, -1, -1], [0, 299, 0, 0]])
     bias_ids = torch.tensor([[3, -1], [4, 5], [-1, -1], [6, -1]])
     bias_vals = torch.tensor([[1.5, 0.0], [-2.0, -math.inf], [0.0, 0.0], [0.25, 0.0]])
-    return [_on(d, _logits(B, V, seed=7), torch.tensor([1.0, 1.3, 0.8, 2.0]), 1.0, torch.tensor([0.0, 0.5, 0.1, 0.2]),
-                0.0, torch.tensor([0.3, 0.0, 0.0, -0.1]), 0.0, ids, None, None, bias_ids, bias_vals, None, False, V)]
+    return [
+        _on(
+            d,
+            _logits(B, V, seed=7),
+            torch.tensor([1.0, 1.3, 0.8, 2.0]),
+            1.0,
+            torch.tensor([0.0, 0.5, 0.1, 0.2]),
+            0.0,
+            torch.tensor([0.3, 0.0, 0.0, -0.1]),
+            0.0,
+            ids,
+            None,
+            None,
+            bias_ids,
+            bias_vals,
+            None,
+            False,
+            V,
+        )
+    ]
 
 
 def apply_penalties_check(args, out):
@@ -162,8 +235,14 @@ def apply_penalties_check(args, out):
 
 
 def linear_samples(d):
-    return [_on(d, torch.randn(6, 70, generator=_g(8)), torch.randn(33, 70, generator=_g(9)),
-                torch.randn(33, generator=_g(10)))]
+    return [
+        _on(
+            d,
+            torch.randn(6, 70, generator=_g(8)),
+            torch.randn(33, 70, generator=_g(9)),
+            torch.randn(33, generator=_g(10)),
+        )
+    ]
 
 
 def linear_check(args, out):
@@ -223,8 +302,12 @@ def paged_attention_samples(d):
 
 def paged_attention_check(args, out):
     q, k, v, tables, lens, scale, layout = args
-    torch.testing.assert_close(out.double(), ref.paged_attention(q, k, v, tables, lens, scale=scale,
-                                                                 kv_layout=layout).double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(),
+        ref.paged_attention(q, k, v, tables, lens, scale=scale, kv_layout=layout).double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def append_kv_cache_samples(d):
@@ -235,7 +318,6 @@ def append_kv_cache_samples(d):
 
 
 def append_kv_cache_check(args, out):
-    k_before, v_before = args[0], args[1]
     ek, ev = ref.append_kv_cache(*args)
     assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
 
@@ -271,44 +353,121 @@ def _w_softmax(a):
 
 
 def _w_sample(a):
-    return decodekit.sample_from_logits(a[0], _pick(a[1], a[2]), _pick(a[3], a[4]), _pick(a[5], a[6]),
-                                        _pick(a[7], a[8]), seed=_pick(a[9], a[10]), offset=_pick(a[11], a[12]),
-                                        vocab_size=a[13], validate=False, return_valid=True)
+    return decodekit.sample_from_logits(
+        a[0],
+        _pick(a[1], a[2]),
+        _pick(a[3], a[4]),
+        _pick(a[5], a[6]),
+        _pick(a[7], a[8]),
+        seed=_pick(a[9], a[10]),
+        offset=_pick(a[11], a[12]),
+        vocab_size=a[13],
+        validate=False,
+        return_valid=True,
+    )
 
 
 OPS: List[OpRow] = [
     OpRow("softmax", softmax_samples, softmax_check, batch_args=(0, 1), wrapper=_w_softmax),
-    OpRow("argmax", argmax_samples, argmax_check, batch_args=(0,),
-          wrapper=lambda a: decodekit.argmax(a[0], vocab_size=a[1], return_valid=True)),
-    OpRow("sample_from_logits", sample_from_logits_samples, sample_from_logits_check,
-          batch_args=(0, 1, 3, 5, 7, 9, 11), wrapper=_w_sample),
-    OpRow("sample_from_probs", sample_from_probs_samples, None, batch_args=(0, 1, 7),
-          wrapper=lambda a: decodekit.sample_from_probs(a[0], a[1], a[4], a[6], seed=a[7], offset=a[10],
-                                                        validate=False, return_valid=True)),
-    OpRow("filter_probs", filter_probs_samples, filter_probs_check, batch_args=(0, 1, 3),
-          wrapper=lambda a: decodekit.filter_probs(a[0], a[1], a[3], a[6], validate=False)),
-    OpRow("top_k_mask_logits", top_k_mask_logits_samples, top_k_mask_logits_check, batch_args=(0, 1),
-          wrapper=lambda a: decodekit.top_k_mask_logits(a[0], a[1], validate=False)),
-    OpRow("apply_penalties", apply_penalties_samples, apply_penalties_check, batch_args=(0, 1, 3, 5, 7, 10, 11),
-          wrapper=lambda a: decodekit.apply_penalties(a[0], repetition_penalty=a[1], frequency_penalty=a[3],
-                                                      presence_penalty=a[5], token_ids=a[7], validate=False)),
+    OpRow(
+        "argmax",
+        argmax_samples,
+        argmax_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.argmax(a[0], vocab_size=a[1], return_valid=True),
+    ),
+    OpRow(
+        "sample_from_logits",
+        sample_from_logits_samples,
+        sample_from_logits_check,
+        batch_args=(0, 1, 3, 5, 7, 9, 11),
+        wrapper=_w_sample,
+    ),
+    OpRow(
+        "sample_from_probs",
+        sample_from_probs_samples,
+        None,
+        batch_args=(0, 1, 7),
+        wrapper=lambda a: decodekit.sample_from_probs(
+            a[0], a[1], a[4], a[6], seed=a[7], offset=a[10], validate=False, return_valid=True
+        ),
+    ),
+    OpRow(
+        "filter_probs",
+        filter_probs_samples,
+        filter_probs_check,
+        batch_args=(0, 1, 3),
+        wrapper=lambda a: decodekit.filter_probs(a[0], a[1], a[3], a[6], validate=False),
+    ),
+    OpRow(
+        "top_k_mask_logits",
+        top_k_mask_logits_samples,
+        top_k_mask_logits_check,
+        batch_args=(0, 1),
+        wrapper=lambda a: decodekit.top_k_mask_logits(a[0], a[1], validate=False),
+    ),
+    OpRow(
+        "apply_penalties",
+        apply_penalties_samples,
+        apply_penalties_check,
+        batch_args=(0, 1, 3, 5, 7, 10, 11),
+        wrapper=lambda a: decodekit.apply_penalties(
+            a[0], repetition_penalty=a[1], frequency_penalty=a[3], presence_penalty=a[5], token_ids=a[7], validate=False
+        ),
+    ),
     OpRow("linear", linear_samples, linear_check, batch_args=(0,), wrapper=lambda a: decodekit.linear(*a)),
-    OpRow("rms_norm", rms_norm_samples, rms_norm_check, batch_args=(0,),
-          wrapper=lambda a: decodekit.rms_norm(a[0], a[1], 1e-5)),
-    OpRow("silu_and_mul", silu_and_mul_samples, silu_and_mul_check, batch_args=(0,),
-          wrapper=lambda a: decodekit.silu_and_mul(a[0])),
-    OpRow("rope_", rope_samples, rope_check, mutates=(0,), batch_args=(0, 4),
-          wrapper=lambda a: decodekit.rope_(a[0].clone(), a[1], a[2], a[3], a[4], validate=False)),
-    OpRow("chain_speculative_sampling", chain_speculative_sampling_samples, None, batch_args=(0, 1, 2, 3),
-          wrapper=lambda a: decodekit.chain_speculative_sampling(a[0], a[1], a[2], seed=a[3], offset=a[6],
-                                                                 validate=False)),
-    OpRow("paged_attention", paged_attention_samples, paged_attention_check, batch_args=(0, 3, 4),
-          wrapper=lambda a: decodekit.paged_attention(*a[:5], scale=a[5], validate=False)),
-    OpRow("append_kv_cache", append_kv_cache_samples, append_kv_cache_check, mutates=(0, 1),
-          wrapper=lambda a: decodekit.append_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4], validate=False)),
-    OpRow("append_paged_kv_cache", append_paged_kv_cache_samples, append_paged_kv_cache_check, mutates=(0, 1),
-          wrapper=lambda a: decodekit.append_paged_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4],
-                                                            validate=False)),
+    OpRow(
+        "rms_norm",
+        rms_norm_samples,
+        rms_norm_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.rms_norm(a[0], a[1], 1e-5),
+    ),
+    OpRow(
+        "silu_and_mul",
+        silu_and_mul_samples,
+        silu_and_mul_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.silu_and_mul(a[0]),
+    ),
+    OpRow(
+        "rope_",
+        rope_samples,
+        rope_check,
+        mutates=(0,),
+        batch_args=(0, 4),
+        wrapper=lambda a: decodekit.rope_(a[0].clone(), a[1], a[2], a[3], a[4], validate=False),
+    ),
+    OpRow(
+        "chain_speculative_sampling",
+        chain_speculative_sampling_samples,
+        None,
+        batch_args=(0, 1, 2, 3),
+        wrapper=lambda a: decodekit.chain_speculative_sampling(
+            a[0], a[1], a[2], seed=a[3], offset=a[6], validate=False
+        ),
+    ),
+    OpRow(
+        "paged_attention",
+        paged_attention_samples,
+        paged_attention_check,
+        batch_args=(0, 3, 4),
+        wrapper=lambda a: decodekit.paged_attention(*a[:5], scale=a[5], validate=False),
+    ),
+    OpRow(
+        "append_kv_cache",
+        append_kv_cache_samples,
+        append_kv_cache_check,
+        mutates=(0, 1),
+        wrapper=lambda a: decodekit.append_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4], validate=False),
+    ),
+    OpRow(
+        "append_paged_kv_cache",
+        append_paged_kv_cache_samples,
+        append_paged_kv_cache_check,
+        mutates=(0, 1),
+        wrapper=lambda a: decodekit.append_paged_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4], validate=False),
+    ),
     # A validation helper (an int result, no Meta kernel): run and checked, not opchecked.
     OpRow("check_probability_rows", check_probability_rows_samples, check_probability_rows_check, opcheck=False),
 ]

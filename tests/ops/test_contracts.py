@@ -36,7 +36,9 @@ def _flat(out):
 
 def test_every_op_has_a_row():
     ops = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("decodekit::")}
-    assert ops == set(BY_NAME), f"rows missing for {sorted(ops - set(BY_NAME))}, stale rows {sorted(set(BY_NAME) - ops)}"
+    assert ops == set(BY_NAME), (
+        f"rows missing for {sorted(ops - set(BY_NAME))}, stale rows {sorted(set(BY_NAME) - ops)}"
+    )
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -75,12 +77,13 @@ def test_batch_invariance(row):
         B = next(args[i].size(0) for i in row.batch_args if isinstance(args[i], torch.Tensor))
         whole = _flat(run(row, args))
         for b in (B - 1, 0):
-            alone = tuple(a[b:b + 1] if i in row.batch_args and isinstance(a, torch.Tensor) else a
-                          for i, a in enumerate(args))
+            alone = tuple(
+                a[b : b + 1] if i in row.batch_args and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)
+            )
             part = _flat(run(row, alone))
             for w, p in zip(whole, part):
                 if w.dim() and w.size(0) == B:
-                    assert torch.equal(w[b:b + 1], p), (row.name, b)
+                    assert torch.equal(w[b : b + 1], p), (row.name, b)
 
 
 _ISA_SCRIPT = r"""
@@ -121,8 +124,8 @@ def test_compile_fullgraph_with_validate_false(row):
         tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
 
         def call(*tensors):
-            full = list(args)
-            for i, t in zip(tensor_at, tensors):
+            full = list(args)  # noqa: B023 (compiled and called in this iteration)
+            for i, t in zip(tensor_at, tensors):  # noqa: B023
                 full[i] = t
             return row.wrapper(tuple(full))
 
@@ -148,4 +151,3 @@ def test_cpu_equals_cuda(row, device):
                 torch.testing.assert_close(d, c, rtol=2e-6, atol=1e-7, equal_nan=True)
             else:
                 assert torch.equal(d, c), row.name
-

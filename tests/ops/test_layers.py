@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-import decodekit
-from decodekit.models.llama import rope_table
 from decodekit import rms_norm, rope_, silu_and_mul
+from decodekit.models.llama import rope_table
 
 
 @pytest.mark.parametrize("H", [576, 37, 16, 1])
@@ -31,7 +30,7 @@ def test_rms_norm_hand_case_and_rows_independent():
     w = torch.randn(576, generator=g)
     full = rms_norm(x, w)
     for n in (1, 2, 5, 16):
-        assert torch.equal(rms_norm(x[37:37 + n], w), full[37:37 + n])
+        assert torch.equal(rms_norm(x[37 : 37 + n], w), full[37 : 37 + n])
     assert torch.equal(rms_norm(x.view(8, 8, 576), w).view(64, 576), full)
 
 
@@ -58,18 +57,18 @@ def test_rope_is_bitwise_the_float32_expression():
     x = torch.randn(N, H * D + 5, generator=g)
     pos = torch.randint(0, 2048, (N,), generator=g)
     heads = x[:, : H * D].view(N, H, D)
-    rotated = torch.cat((-heads[..., D // 2:], heads[..., : D // 2]), -1)
+    rotated = torch.cat((-heads[..., D // 2 :], heads[..., : D // 2]), -1)
     want = heads * cos_t[pos][:, None, :] + rotated * sin_t[pos][:, None, :]
     got = x.clone()
     rope_(got, H, cos_t, sin_t, pos)
     assert torch.equal(got[:, : H * D].view(N, H, D), want)
-    assert torch.equal(got[:, H * D:], x[:, H * D:])                 # columns past the heads untouched
+    assert torch.equal(got[:, H * D :], x[:, H * D :])  # columns past the heads untouched
     # Against a float64 rotation by the table's angles (float32 position x float32 frequency, as
     # rope_table documents): within float32 rounding of the products.
     inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
     ang = (pos.float()[:, None] * inv[None, :]).double()
     c, s = ang.cos(), ang.sin()
-    a, b = heads.double()[..., : D // 2], heads.double()[..., D // 2:]
+    a, b = heads.double()[..., : D // 2], heads.double()[..., D // 2 :]
     ref = torch.cat((a * c[:, None] - b * s[:, None], b * c[:, None] + a * s[:, None]), -1)
     torch.testing.assert_close(got[:, : H * D].view(N, H, D).double(), ref, rtol=0, atol=2e-6)
 

@@ -17,9 +17,17 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, n: int, kv_layout: str) ->
     return cache[blocks].permute(0, 2, 1, 3).reshape(-1, cache.size(1), cache.size(3))[:n]
 
 
-def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: Optional[float] = None,
-                    kv_layout: str = "NHD", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    kv_layout: str = "NHD",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """softmax(scale * q . k) v over each sequence's cached positions, causal within its Q new
     tokens, computed in ``dtype`` (float64 by default). Returns float32 ``[B, Q, H_q, D]``."""
     B, Q, Hq, D = query.shape

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def append_kv_cache(k_cache, v_cache, key, value, seq_lens, kv_layout="NHD"):
     """Row ``b``'s token ``t`` at position ``seq_lens[b] + t`` (positions past the cache skipped)."""

@@ -17,17 +17,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return g * torch.sigmoid(g) * u
 
 
-def rope(x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
-         positions: torch.Tensor) -> torch.Tensor:
+def rope(
+    x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """Rotate-half RoPE of the first ``num_heads`` heads of ``x [N, C]`` (a new float64 tensor)."""
     out = x.double().clone()
     D = cos_table.size(1)
     for n in range(x.size(0)):
         c, s = cos_table[positions[n]].double(), sin_table[positions[n]].double()
         for h in range(num_heads):
-            v = out[n, h * D:(h + 1) * D].clone()
-            rot = torch.cat((-v[D // 2:], v[: D // 2]))
-            out[n, h * D:(h + 1) * D] = v * c + rot * s
+            v = out[n, h * D : (h + 1) * D].clone()
+            rot = torch.cat((-v[D // 2 :], v[: D // 2]))
+            out[n, h * D : (h + 1) * D] = v * c + rot * s
     return out
 
 

@@ -28,12 +28,24 @@ class KVCache:
     Memory: ``2 * num_layers * B * max_seq_len * Hkv * D * dtype.itemsize`` bytes.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
-                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("batch_size", batch_size),
+            ("max_seq_len", max_seq_len),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
         shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
@@ -56,7 +68,6 @@ class KVCache:
         self.length = 0
 
 
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each head of ``x`` by the RoPE angles (rotate-half layout).
 
@@ -75,20 +86,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-
 def new_cache(self, batch_size: int = 1, max_seq_len: Optional[int] = None) -> KVCache:
     """An empty :class:`KVCache` for model ``self`` (``max_seq_len`` defaults to the context)."""
     c = self.config
     max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
     if isinstance(max_seq_len, int) and max_seq_len > c.max_seq_len:
         raise ValueError(f"new_cache: max_seq_len={max_seq_len} exceeds the model's context length {c.max_seq_len}")
-    return KVCache(c.num_layers, batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype=self.dtype,
-                   device=self.device)
+    return KVCache(
+        c.num_layers, batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device
+    )
 
 
 @torch.inference_mode()
-def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
-            all_logits: bool = False) -> torch.Tensor:
+def forward(self, input_ids: torch.Tensor, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
     """Run ``T`` new tokens per row after the ``cache.length`` cached ones.
 
     Keys and values of the new tokens are written to the cache at positions
@@ -108,8 +118,7 @@ def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
     """
     c = self.config
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"forward: input_ids must be [B, T] with T >= 1, got shape "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(f"forward: input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise TypeError(f"forward: input_ids must be an integer tensor, got {input_ids.dtype}")
     B, T = input_ids.shape
@@ -118,18 +127,17 @@ def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
     start = cache.length
     end = start + T
     if end > cache.max_seq_len:
-        raise ValueError(f"forward: {T} new tokens after {start} cached ones exceed the cache "
-                         f"size {cache.max_seq_len}")
+        raise ValueError(f"forward: {T} new tokens after {start} cached ones exceed the cache size {cache.max_seq_len}")
 
     input_ids = input_ids.to(device=self.device, dtype=torch.long)
-    x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
+    x = F.embedding(input_ids, self.embed)  # [B, T, H]
     positions = torch.arange(start, end, device=self.device)
-    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)             # [T, D]
-    if T == 1:                          # one query sees the whole cache
+    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # [T, D]
+    if T == 1:  # one query sees the whole cache
         mask, causal = None, False
-    elif start == 0:                    # prefill from scratch: plain causal mask
+    elif start == 0:  # prefill from scratch: plain causal mask
         mask, causal = None, True
-    else:                               # new query i sees cached keys and new keys <= i
+    else:  # new query i sees cached keys and new keys <= i
         mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         causal = False
 
@@ -141,10 +149,11 @@ def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
         k = apply_rope(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
         cache.k[i][:, start:end] = k
         cache.v[i][:, start:end] = v.view(B, T, c.num_kv_heads, c.head_dim)
-        keys = cache.k[i][:, :end].transpose(1, 2)                           # [B, Hkv, L, D]
+        keys = cache.k[i][:, :end].transpose(1, 2)  # [B, Hkv, L, D]
         values = cache.v[i][:, :end].transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                              is_causal=causal, enable_gqa=True)  # [B, Hq, T, D]
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )  # [B, Hq, T, D]
         x = x + self._linear(attn.transpose(1, 2).reshape(B, T, q_size), block.wo)
 
         h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
@@ -155,6 +164,7 @@ def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
     if not all_logits:
         x = x[:, -1]
     return self._head(x)
+
 
 def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run a prompt into ``cache`` (which is reset first) and return its last logits.
@@ -175,6 +185,7 @@ def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     cache.reset()
     return forward(self, input_ids, cache)
 
+
 def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run one new token per row and return the next-token logits.
 
@@ -188,4 +199,3 @@ def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     if token_ids.dim() == 1:
         token_ids = token_ids[:, None]
     return forward(self, token_ids, cache)
-

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def apply_penalties(logits, repetition=1.0, frequency=0.0, presence=0.0, token_ids=(), bias=None,
-                    allowed=None, banned=None):
+def apply_penalties(
+    logits, repetition=1.0, frequency=0.0, presence=0.0, token_ids=(), bias=None, allowed=None, banned=None
+):
     """One row: bias, then repetition / frequency / presence on counted tokens, then the mask (float64)."""
     x = logits.double().clone()
     if bias:

@@ -44,8 +44,9 @@ class SamplingDrafter(Drafter, Protocol):
     """A drafter with its own distribution: ``propose_with_logits(context, k, choose)`` picks
     draft ``j`` as ``choose(logits [V], j)`` and returns ``(ids, logits [len(ids), V])``."""
 
-    def propose_with_logits(self, context: Sequence[int], k: int,
-                            choose: Callable[[torch.Tensor, int], int]) -> Tuple[List[int], torch.Tensor]: ...
+    def propose_with_logits(
+        self, context: Sequence[int], k: int, choose: Callable[[torch.Tensor, int], int]
+    ) -> Tuple[List[int], torch.Tensor]: ...
 
 
 class NgramDrafter:
@@ -69,10 +70,10 @@ class NgramDrafter:
         ignored (the proposal depends on the context only)."""
         n_ctx = len(context)
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
-            suffix = list(context[n_ctx - n:])
+            suffix = list(context[n_ctx - n :])
             for start in range(n_ctx - n - 1, -1, -1):  # most recent match first
-                if list(context[start:start + n]) == suffix:
-                    follow = list(context[start + n:start + n + k])
+                if list(context[start : start + n]) == suffix:
+                    follow = list(context[start + n : start + n + k])
                     if follow:
                         return follow
         return []
@@ -110,8 +111,15 @@ class DraftModelDrafter:
     Source: draft-model speculative decoding (Leviathan et al., ICML 2023; Chen et al., 2023).
     """
 
-    def __init__(self, draft=None, *, target: Optional[LoadedModel] = None, max_sequences: int = 16,
-                 block_size: int = 16, cache_tokens: int = 16384) -> None:
+    def __init__(
+        self,
+        draft=None,
+        *,
+        target: Optional[LoadedModel] = None,
+        max_sequences: int = 16,
+        block_size: int = 16,
+        cache_tokens: int = 16384,
+    ) -> None:
         if draft is None:
             from ..models.draft import load_draft_model
 
@@ -130,10 +138,11 @@ class DraftModelDrafter:
         self.max_sequences = max_sequences
         # The pool holds cache_tokens positions in all (evicting other contexts when full), not
         # max_sequences x the context length: 2048 positions of SmolLM2's 2 draft blocks = 12 MB.
-        self.cache = net.new_paged_cache(num_blocks=(cache_tokens + block_size - 1) // block_size + max_sequences,
-                                         block_size=block_size)
-        self._slots: List[list] = []     # [seq id, token list, key], most recently used last
-        self.keyed = True                 # the decode loop passes a per-request key
+        self.cache = net.new_paged_cache(
+            num_blocks=(cache_tokens + block_size - 1) // block_size + max_sequences, block_size=block_size
+        )
+        self._slots: List[list] = []  # [seq id, token list, key], most recently used last
+        self.keyed = True  # the decode loop passes a per-request key
         self.forward_passes = 0
         self.forward_seconds = 0.0
 
@@ -141,6 +150,7 @@ class DraftModelDrafter:
         """The cached sequence for ``context``: the one of request ``key`` when given (a new one
         at its first call), else the one sharing the longest prefix (a new one while there is
         room and none shares anything); rolled back to the shared prefix."""
+
         def shared(toks):
             n, limit = 0, min(len(toks), len(context) - 1)  # leave at least one token to run
             while n < limit and toks[n] == context[n]:
@@ -158,7 +168,7 @@ class DraftModelDrafter:
                     best = slot
         if best is None:
             if len(self._slots) >= self.max_sequences:
-                old = self._slots.pop(0)   # least recently used
+                old = self._slots.pop(0)  # least recently used
                 self.cache.free(old[0])
             best = [self.cache.add_sequence(), [], key]
         else:
@@ -174,7 +184,7 @@ class DraftModelDrafter:
         t0 = time.perf_counter()
         try:
             logits = self.net.forward_paged(torch.tensor([tokens]), self.cache, [slot[0]])
-        except OutOfBlocksError:          # evict every other context and retry once
+        except OutOfBlocksError:  # evict every other context and retry once
             for other in self._slots[:-1]:
                 self.cache.free(other[0])
             self._slots = self._slots[-1:]
@@ -189,8 +199,10 @@ class DraftModelDrafter:
         ``[V]`` at draft position ``j``; returns ``(tokens, logits [k, V])``. ``key`` (any
         hashable, e.g. a request id) keeps one cached sequence per request."""
         V = self.net.config.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)) and not hasattr(t, "__index__")
-               for t in context):
+        if any(
+            isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)) and not hasattr(t, "__index__")
+            for t in context
+        ):
             raise TypeError("DraftModelDrafter: context must be a sequence of int token ids")
         context = [operator.index(t) if not isinstance(t, torch.Tensor) else int(t) for t in context]
         if any(not 0 <= t < V for t in context):
@@ -202,7 +214,7 @@ class DraftModelDrafter:
             if k == 0:
                 return [], torch.empty(0, self.net.config.vocab_size)
         slot = self._slot_for(context, key)
-        logits = self._run(slot, context[len(slot[1]):])
+        logits = self._run(slot, context[len(slot[1]) :])
         tokens, rows = [], []
         for j in range(k):
             tok = int(choose(logits, j))

@@ -28,12 +28,31 @@ from .request import (
 __all__ = ["generate", "speculative_generate"]
 
 _CALLS = itertools.count()  # a key per call, so a keyed drafter keeps requests of different calls apart
-_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty",
-           "frequency_penalty", "presence_penalty", "logit_bias")
+_PARAMS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+)
 
 
-def _decode(op: str, prompt, model, chat_template: bool, stop_on_eos: bool, stream, values: dict,
-            drafter=None, num_draft_tokens: int = 0):
+def _decode(
+    op: str,
+    prompt,
+    model,
+    chat_template: bool,
+    stop_on_eos: bool,
+    stream,
+    values: dict,
+    drafter=None,
+    num_draft_tokens: int = 0,
+):
     """The shared body of :func:`generate` and :func:`speculative_generate`."""
     batched = is_prompt_batch(prompt)
     prompts = list(prompt) if batched else [prompt]
@@ -47,9 +66,11 @@ def _decode(op: str, prompt, model, chat_template: bool, stop_on_eos: bool, stre
         where = f" {r.index}" if batched else ""
         r.prompt_ids = prompt_ids(lm, p, chat_template, where, op)
         if len(r.prompt_ids) + r.max_new_tokens > lm.config.max_seq_len:
-            raise ValueError(f"{op}: {len(r.prompt_ids)} prompt tokens{' of prompt' + where if batched else ''} "
-                             f"+ max_new_tokens={r.max_new_tokens} exceed the model's context length "
-                             f"{lm.config.max_seq_len}")
+            raise ValueError(
+                f"{op}: {len(r.prompt_ids)} prompt tokens{' of prompt' + where if batched else ''} "
+                f"+ max_new_tokens={r.max_new_tokens} exceed the model's context length "
+                f"{lm.config.max_seq_len}"
+            )
         if r.seed is None and not r.params.greedy and r.max_new_tokens > 0:
             r.params = r.params.with_seed(int.from_bytes(os.urandom(4), "little"))
     if drafter == "ngram":
@@ -62,25 +83,44 @@ def _decode(op: str, prompt, model, chat_template: bool, stop_on_eos: bool, stre
     elif batched:
         emit_to = stream
     else:
+
         def emit_to(index: int, piece: str) -> None:
             stream(piece)
+
     stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
     with torch.inference_mode():
-        run(lm, requests, stop_ids=stop_ids, emit_to=emit_to, drafter=drafter, num_draft_tokens=num_draft_tokens,
-            call_key=next(_CALLS), op=op)
+        run(
+            lm,
+            requests,
+            stop_ids=stop_ids,
+            emit_to=emit_to,
+            drafter=drafter,
+            num_draft_tokens=num_draft_tokens,
+            call_key=next(_CALLS),
+            op=op,
+        )
     results = [r.result(lm.name, speculative=drafter is not None) for r in requests]
     return results if batched else results[0]
 
 
-def generate(prompt: Union[Prompt, Sequence[Prompt]], *,
-             model: Union[None, str, os.PathLike, LoadedModel] = None,
-             max_new_tokens: PerRequest[int] = 64, temperature: PerRequest[float] = 1.0,
-             top_k: PerRequest[int] = 0, top_p: PerRequest[float] = 1.0, min_p: PerRequest[float] = 0.0,
-             seed: PerRequest[Optional[int]] = None, chat_template: bool = True, stop_on_eos: bool = True,
-             stream: Optional[Callable[..., None]] = None,
-             repetition_penalty: PerRequest[float] = 1.0, frequency_penalty: PerRequest[float] = 0.0,
-             presence_penalty: PerRequest[float] = 0.0,
-             logit_bias: PerRequest[Optional[dict]] = None) -> Union[GenerationResult, List[GenerationResult]]:
+def generate(
+    prompt: Union[Prompt, Sequence[Prompt]],
+    *,
+    model: Union[None, str, os.PathLike, LoadedModel] = None,
+    max_new_tokens: PerRequest[int] = 64,
+    temperature: PerRequest[float] = 1.0,
+    top_k: PerRequest[int] = 0,
+    top_p: PerRequest[float] = 1.0,
+    min_p: PerRequest[float] = 0.0,
+    seed: PerRequest[Optional[int]] = None,
+    chat_template: bool = True,
+    stop_on_eos: bool = True,
+    stream: Optional[Callable[..., None]] = None,
+    repetition_penalty: PerRequest[float] = 1.0,
+    frequency_penalty: PerRequest[float] = 0.0,
+    presence_penalty: PerRequest[float] = 0.0,
+    logit_bias: PerRequest[Optional[dict]] = None,
+) -> Union[GenerationResult, List[GenerationResult]]:
     """Generate a continuation of one prompt, or of a batch of prompts, one token at a time.
 
     Each prompt is run alone (prefill, a batch of one) into a paged KV cache
@@ -150,25 +190,41 @@ def generate(prompt: Union[Prompt, Sequence[Prompt]], *,
         ...               stream=lambda i, piece: print(i, piece))
         >>> [r.text for r in rs]
     """
-    values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                  seed=seed, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                  presence_penalty=presence_penalty, logit_bias=logit_bias)
+    values = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logit_bias=logit_bias,
+    )
     return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values)
 
 
-def speculative_generate(prompt: Union[Prompt, Sequence[Prompt]], *,
-                         model: Union[None, str, os.PathLike, LoadedModel] = None,
-                         drafter: Union[str, NgramDrafter, DraftModelDrafter, object] = "ngram",
-                         num_draft_tokens: int = 4,
-                         max_new_tokens: PerRequest[int] = 64, temperature: PerRequest[float] = 0.0,
-                         top_k: PerRequest[int] = 0, top_p: PerRequest[float] = 1.0,
-                         min_p: PerRequest[float] = 0.0, seed: PerRequest[Optional[int]] = None,
-                         chat_template: bool = True, stop_on_eos: bool = True,
-                         stream: Optional[Callable[..., None]] = None,
-                         repetition_penalty: PerRequest[float] = 1.0, frequency_penalty: PerRequest[float] = 0.0,
-                         presence_penalty: PerRequest[float] = 0.0,
-                         logit_bias: PerRequest[Optional[dict]] = None,
-                         ) -> Union[GenerationResult, List[GenerationResult]]:
+def speculative_generate(
+    prompt: Union[Prompt, Sequence[Prompt]],
+    *,
+    model: Union[None, str, os.PathLike, LoadedModel] = None,
+    drafter: Union[str, NgramDrafter, DraftModelDrafter, object] = "ngram",
+    num_draft_tokens: int = 4,
+    max_new_tokens: PerRequest[int] = 64,
+    temperature: PerRequest[float] = 0.0,
+    top_k: PerRequest[int] = 0,
+    top_p: PerRequest[float] = 1.0,
+    min_p: PerRequest[float] = 0.0,
+    seed: PerRequest[Optional[int]] = None,
+    chat_template: bool = True,
+    stop_on_eos: bool = True,
+    stream: Optional[Callable[..., None]] = None,
+    repetition_penalty: PerRequest[float] = 1.0,
+    frequency_penalty: PerRequest[float] = 0.0,
+    presence_penalty: PerRequest[float] = 0.0,
+    logit_bias: PerRequest[Optional[dict]] = None,
+) -> Union[GenerationResult, List[GenerationResult]]:
     """Generate with speculative decoding, for one prompt or a batch of prompts.
 
     The decode loop of :func:`generate` with a drafter: each step drafts up to K tokens per
@@ -211,8 +267,26 @@ def speculative_generate(prompt: Union[Prompt, Sequence[Prompt]], *,
         raise ValueError(f"{op}: drafter must be 'ngram', 'draft' or a drafter object, got {drafter!r}")
     if not isinstance(drafter, str) and not callable(getattr(drafter, "propose", None)):
         raise TypeError(f"{op}: drafter must be 'ngram', 'draft' or have a propose(context, k) method")
-    values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                  seed=seed, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                  presence_penalty=presence_penalty, logit_bias=logit_bias)
-    return _decode(op, prompt, model, chat_template, stop_on_eos, stream, values, drafter=drafter,
-                   num_draft_tokens=num_draft_tokens)
+    values = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logit_bias=logit_bias,
+    )
+    return _decode(
+        op,
+        prompt,
+        model,
+        chat_template,
+        stop_on_eos,
+        stream,
+        values,
+        drafter=drafter,
+        num_draft_tokens=num_draft_tokens,
+    )

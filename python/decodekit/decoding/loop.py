@@ -52,8 +52,17 @@ PAGE_SIZE = 16  # positions per block of the paged KV cache
 DRAFT_OFFSET_BIT = 1 << 62  # set in the offsets of the draft model's own draws
 
 
-def run(lm: LoadedModel, requests: List[Request], *, stop_ids, emit_to: Optional[Callable[[int, str], None]],
-        drafter=None, num_draft_tokens: int = 0, call_key=None, op: str = "generate") -> None:
+def run(
+    lm: LoadedModel,
+    requests: List[Request],
+    *,
+    stop_ids,
+    emit_to: Optional[Callable[[int, str], None]],
+    drafter=None,
+    num_draft_tokens: int = 0,
+    call_key=None,
+    op: str = "generate",
+) -> None:
     """Decode every request until it stops; fills in tokens, text pieces, finish reasons,
     counts and timings of ``requests`` (see the module docstring)."""
     net = lm.model
@@ -106,8 +115,9 @@ def run(lm: LoadedModel, requests: List[Request], *, stop_ids, emit_to: Optional
         # 4-5. process every position, then sample (the first token, and plain decoding) or
         # verify (every pass of speculative decoding, also one without drafts, so that a
         # request's random numbers never depend on what its neighbours drafted)
-        emitted, accepted = _sample_or_verify(_processed(logits, active, drafts), active, drafts, draft_logits,
-                                              verify=before is not None)
+        emitted, accepted = _sample_or_verify(
+            _processed(logits, active, drafts), active, drafts, draft_logits, verify=before is not None
+        )
         # 6-7. append or roll back; stop; stream
         running = []
         for b, r in enumerate(active):
@@ -142,8 +152,10 @@ def run(lm: LoadedModel, requests: List[Request], *, stop_ids, emit_to: Optional
             logits = net.forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
         else:
             before = cache.seq_lens(seqs).tolist()
-            inp = torch.tensor([[r.token_ids[-1]] + d + [r.token_ids[-1]] * (width - len(d))
-                                for r, d in zip(active, drafts)], dtype=torch.long)
+            inp = torch.tensor(
+                [[r.token_ids[-1]] + d + [r.token_ids[-1]] * (width - len(d)) for r, d in zip(active, drafts)],
+                dtype=torch.long,
+            )
             logits = net.forward_paged(inp, cache, seqs, all_logits=True)  # [B, 1 + width, V]
         for r in active:
             r.steps += 1
@@ -174,19 +186,26 @@ def _processed(logits: torch.Tensor, active: List[Request], drafts: List[List[in
         seen = [sorted(set(r.prompt_ids) | set(out)) for _, r, out in rep]
         penalty = torch.tensor([r.params.repetition_penalty for _, r, _ in rep], dtype=torch.float32)
         bias = [r.params.logit_bias or {} for _, r, _ in rep]
-        flat[idx] = apply_penalties(flat[idx], repetition_penalty=penalty, token_ids=seen,
-                                    logit_bias=bias if any(bias) else None)
+        flat[idx] = apply_penalties(
+            flat[idx], repetition_penalty=penalty, token_ids=seen, logit_bias=bias if any(bias) else None
+        )
     if freq:
         idx = [i for i, _, _ in freq]
         frequency = torch.tensor([r.params.frequency_penalty for _, r, _ in freq], dtype=torch.float32)
         presence = torch.tensor([r.params.presence_penalty for _, r, _ in freq], dtype=torch.float32)
-        flat[idx] = apply_penalties(flat[idx], frequency_penalty=frequency, presence_penalty=presence,
-                                    token_ids=[out for _, _, out in freq])
+        flat[idx] = apply_penalties(
+            flat[idx], frequency_penalty=frequency, presence_penalty=presence, token_ids=[out for _, _, out in freq]
+        )
     return logits
 
 
-def _sample_or_verify(logits: torch.Tensor, active: List[Request], drafts: List[List[int]],
-                      draft_logits: List[Optional[torch.Tensor]], verify: bool):
+def _sample_or_verify(
+    logits: torch.Tensor,
+    active: List[Request],
+    drafts: List[List[int]],
+    draft_logits: List[Optional[torch.Tensor]],
+    verify: bool,
+):
     """Per request: the tokens to emit and the number of accepted drafts."""
     B, T, V = logits.shape
     if not verify:  # plain sampling, offset = the position of the token drawn
@@ -210,8 +229,9 @@ def _sample_or_verify(logits: torch.Tensor, active: List[Request], drafts: List[
             for i, b in enumerate(sampled):
                 if draft_logits[b] is not None:
                     dlog[i, : draft_logits[b].shape[0]] = draft_logits[b]
-        groups.append((sampled, chain_speculative_sampling_from_logits(dlog, draft_t[sampled], logits[sampled],
-                                                                        *params, **rng)))
+        groups.append(
+            (sampled, chain_speculative_sampling_from_logits(dlog, draft_t[sampled], logits[sampled], *params, **rng))
+        )
     for members, res in groups:
         for i, b in enumerate(members):
             n = int(res.num_accepted[i])
@@ -231,8 +251,10 @@ def _propose(drafter, r: Request, K: int, V: int, call_key, op: str):
         proposal, dl = drafter.propose_with_logits(context, room, _draft_chooser(r), **kw)
         proposal = list(proposal)
         if not isinstance(dl, torch.Tensor) or tuple(dl.shape) != (len(proposal), V):
-            raise ValueError(f"{op}: the drafter returned logits of shape {tuple(getattr(dl, 'shape', ()))} for "
-                             f"{len(proposal)} drafts; expected [{len(proposal)}, {V}]")
+            raise ValueError(
+                f"{op}: the drafter returned logits of shape {tuple(getattr(dl, 'shape', ()))} for "
+                f"{len(proposal)} drafts; expected [{len(proposal)}, {V}]"
+            )
     else:
         proposal = drafter.propose(context, room, **kw)
         if proposal is None or isinstance(proposal, (str, bytes)) or not hasattr(proposal, "__iter__"):

@@ -106,12 +106,16 @@ class GenerationResult:
         tokens, decode tokens/s and seed; then, with a drafter, the acceptance and tokens per
         target pass."""
         seed = "none (greedy)" if self.seed is None else str(self.seed)
-        line = (f"prompt tokens: {self.prompt_tokens}, prefill: {self.prefill_seconds * 1000:.0f} ms "
-                f"({self.prefill_tokens_per_second:.1f} tokens/s), new tokens: {self.new_tokens} "
-                f"({self.finish_reason}), decode: {self.decode_tokens_per_second:.1f} tokens/s, seed: {seed}")
+        line = (
+            f"prompt tokens: {self.prompt_tokens}, prefill: {self.prefill_seconds * 1000:.0f} ms "
+            f"({self.prefill_tokens_per_second:.1f} tokens/s), new tokens: {self.new_tokens} "
+            f"({self.finish_reason}), decode: {self.decode_tokens_per_second:.1f} tokens/s, seed: {seed}"
+        )
         if self.speculative:
-            line += (f", acceptance: {100 * self.acceptance_rate:.0f}% of {self.drafted} drafted, "
-                     f"tokens/pass: {self.tokens_per_pass:.2f}")
+            line += (
+                f", acceptance: {100 * self.acceptance_rate:.0f}% of {self.drafted} drafted, "
+                f"tokens/pass: {self.tokens_per_pass:.2f}"
+            )
         return line
 
 
@@ -144,19 +148,31 @@ class Request:
         return self.params.seed
 
     def result(self, model_name: str, speculative: bool) -> GenerationResult:
-        return GenerationResult(prompt_token_ids=self.prompt_ids, token_ids=self.token_ids,
-                                text="".join(self.pieces), finish_reason=self.finish_reason, seed=self.seed,
-                                prefill_seconds=self.prefill_seconds, decode_seconds=self.decode_seconds,
-                                decode_steps=self.steps, model_name=model_name, drafted=self.drafted,
-                                accepted=self.accepted, speculative=speculative)
+        return GenerationResult(
+            prompt_token_ids=self.prompt_ids,
+            token_ids=self.token_ids,
+            text="".join(self.pieces),
+            finish_reason=self.finish_reason,
+            seed=self.seed,
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+            decode_steps=self.steps,
+            model_name=model_name,
+            drafted=self.drafted,
+            accepted=self.accepted,
+            speculative=speculative,
+        )
 
 
 # -------------------------------------------------------------- arguments ----
 def is_prompt_batch(prompt) -> bool:
     """A list or tuple whose items are all prompts (text, id sequences or tensors); empty is
     not; a flat sequence of ints is one prompt."""
-    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
-            and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt))
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt)
+    )
 
 
 def per_request(name: str, value, n: int, op: str) -> list:
@@ -166,20 +182,25 @@ def per_request(name: str, value, n: int, op: str) -> list:
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{op}: {name} has {len(value)} values but there "
-                             f"{'is 1 prompt' if n == 1 else f'are {n} prompts'}; give one value per "
-                             "prompt, or a single value for all")
+            raise ValueError(
+                f"{op}: {name} has {len(value)} values but there "
+                f"{'is 1 prompt' if n == 1 else f'are {n} prompts'}; give one value per "
+                "prompt, or a single value for all"
+            )
         return list(value)
     return [value] * n
 
 
 def check_common(model, stream, op: str) -> None:
     if model is not None and not isinstance(model, (str, os.PathLike, LoadedModel)):
-        raise TypeError(f"{op}: model must be None, a path to a .gguf file or a LoadedModel, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"{op}: model must be None, a path to a .gguf file or a LoadedModel, got {type(model).__name__}"
+        )
     if stream is not None and not callable(stream):
-        raise TypeError(f"{op}: stream must be a callable (stream(piece), or stream(index, piece) for a "
-                        f"batch), got {type(stream).__name__}")
+        raise TypeError(
+            f"{op}: stream must be a callable (stream(piece), or stream(index, piece) for a "
+            f"batch), got {type(stream).__name__}"
+        )
 
 
 def make_requests(n: int, batched: bool, columns: dict, op: str) -> List[Request]:
@@ -194,8 +215,9 @@ def make_requests(n: int, batched: bool, columns: dict, op: str) -> List[Request
             raise TypeError(f"{op}: max_new_tokens{where} must be an int, got {type(m).__name__}")
         if m < 0:
             raise ValueError(f"{op}: max_new_tokens{where} must be >= 0, got {m}")
-        requests.append(Request(index=i, max_new_tokens=operator.index(m),
-                                params=SamplingParams.checked(op, where, **values)))
+        requests.append(
+            Request(index=i, max_new_tokens=operator.index(m), params=SamplingParams.checked(op, where, **values))
+        )
     return requests
 
 
@@ -207,25 +229,27 @@ def prompt_ids(lm: LoadedModel, prompt, chat_template: bool, where: str, op: str
         text = prompt
         if chat_template:
             if tokenizer.chat_template:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True)
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             else:
                 warnings.warn(f"{lm.name} has no chat template; using the prompt text as is", stacklevel=4)
         ids = tokenizer.encode(text)
     elif isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
-            raise TypeError(f"{op}: a tensor {name} must be 1-D integer ids, got shape "
-                            f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
+            raise TypeError(
+                f"{op}: a tensor {name} must be 1-D integer ids, got shape "
+                f"{tuple(prompt.shape)} and dtype {prompt.dtype}"
+            )
         ids = [int(i) for i in prompt.tolist()]
     elif isinstance(prompt, (bytes, bytearray)):
-        raise TypeError(f"{op}: {name} must be a str or a sequence of int token ids, got bytes "
-                        "(decode it to str first)")
+        raise TypeError(
+            f"{op}: {name} must be a str or a sequence of int token ids, got bytes (decode it to str first)"
+        )
     elif isinstance(prompt, Sequence) and all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in prompt):
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in prompt
+    ):
         ids = [operator.index(i) for i in prompt]
     else:
-        raise TypeError(f"{op}: {name} must be a str or a sequence of int token ids, got "
-                        f"{type(prompt).__name__}")
+        raise TypeError(f"{op}: {name} must be a str or a sequence of int token ids, got {type(prompt).__name__}")
     if not ids:
         raise ValueError(f"{op}: the {name} has no tokens")
     bad = [i for i in ids if not 0 <= i < lm.config.vocab_size]

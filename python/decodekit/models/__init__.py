@@ -3,5 +3,4 @@
 from .gguf_loader import LoadedModel, default_model_path, load_gguf, load_model
 from .llama import LlamaConfig, LlamaModel
 
-__all__ = ["LlamaConfig", "LlamaModel", "LoadedModel", "default_model_path",
-           "load_gguf", "load_model"]
+__all__ = ["LlamaConfig", "LlamaModel", "LoadedModel", "default_model_path", "load_gguf", "load_model"]

@@ -39,8 +39,7 @@ from ..ops import linear as _dk_linear
 
 _dk_ops = torch.ops.decodekit
 
-__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin",
-           "rope_table"]
+__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin", "rope_table"]
 
 
 @dataclass(frozen=True)
@@ -74,19 +73,30 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.head_dim % 2 != 0:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rope_theta > 0 and self.rms_norm_eps >= 0):
-            raise ValueError(f"LlamaConfig needs rope_theta > 0 and rms_norm_eps >= 0, got "
-                             f"{self.rope_theta!r} and {self.rms_norm_eps!r}")
+            raise ValueError(
+                f"LlamaConfig needs rope_theta > 0 and rms_norm_eps >= 0, got "
+                f"{self.rope_theta!r} and {self.rms_norm_eps!r}"
+            )
 
 
 @dataclass
@@ -162,7 +172,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
         ``(cos, sin)``, each ``[T, D]`` float32.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -186,7 +196,7 @@ def rope_table(num_positions: int, head_dim: int, theta: float) -> tuple[torch.T
         ``(cos, sin)``, each ``[num_positions, D]`` float32 (CPU).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     angles = torch.arange(num_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1).double()
     return angles.cos().float(), angles.sin().float()
@@ -238,22 +248,31 @@ class LlamaModel:
         _check_shape("embed", weights.embed, (c.vocab_size, c.hidden_size))
         _check_shape("norm", weights.norm, (c.hidden_size,))
         if len(weights.layers) != c.num_layers:
-            raise ValueError(f"LlamaModel: config has {c.num_layers} layers but weights have "
-                             f"{len(weights.layers)}")
+            raise ValueError(f"LlamaModel: config has {c.num_layers} layers but weights have {len(weights.layers)}")
         q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for i, layer in enumerate(weights.layers):
-            for name, shape in (("attn_norm", (c.hidden_size,)), ("wq", (q_out, c.hidden_size)),
-                                ("wk", (kv_out, c.hidden_size)), ("wv", (kv_out, c.hidden_size)),
-                                ("wo", (c.hidden_size, q_out)), ("ffn_norm", (c.hidden_size,)),
-                                ("w_gate", (c.intermediate_size, c.hidden_size)),
-                                ("w_up", (c.intermediate_size, c.hidden_size)),
-                                ("w_down", (c.hidden_size, c.intermediate_size))):
+            for name, shape in (
+                ("attn_norm", (c.hidden_size,)),
+                ("wq", (q_out, c.hidden_size)),
+                ("wk", (kv_out, c.hidden_size)),
+                ("wv", (kv_out, c.hidden_size)),
+                ("wo", (c.hidden_size, q_out)),
+                ("ffn_norm", (c.hidden_size,)),
+                ("w_gate", (c.intermediate_size, c.hidden_size)),
+                ("w_up", (c.intermediate_size, c.hidden_size)),
+                ("w_down", (c.hidden_size, c.intermediate_size)),
+            ):
                 _check_shape(f"layers[{i}].{name}", getattr(layer, name), shape)
         self.head_token_ids: Optional[torch.Tensor] = None
         if weights.lm_head_token_ids is not None:
             ids = weights.lm_head_token_ids
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point \
-                    or ids.dtype == torch.bool or ids.numel() == 0:
+            if (
+                not isinstance(ids, torch.Tensor)
+                or ids.dim() != 1
+                or ids.dtype.is_floating_point
+                or ids.dtype == torch.bool
+                or ids.numel() == 0
+            ):
                 raise ValueError("LlamaModel: lm_head_token_ids must be a non-empty 1-D integer tensor")
             ids = ids.to(torch.int64)
             if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size or ids.unique().numel() != ids.numel():
@@ -270,7 +289,7 @@ class LlamaModel:
         self.norm = weights.norm.contiguous()
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
-        self.fused_layer_ops = True   # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
+        self.fused_layer_ops = True  # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
 
     @property
@@ -329,8 +348,9 @@ class LlamaModel:
         if self.device.type != "cpu":
             raise ValueError(f"new_paged_cache: the paged KV cache runs on the CPU, but the model is on {self.device}")
         c = self.config
-        return PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                            dtype=self.dtype, kv_layout=kv_layout)
+        return PagedKVCache(
+            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype, kv_layout=kv_layout
+        )
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``(cos, sin)`` tables ``[max_seq_len, D]`` of every position of the context
@@ -347,8 +367,9 @@ class LlamaModel:
         return cos[positions], sin[positions]
 
     @torch.inference_mode()
-    def forward_paged(self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *,
-                      all_logits: bool = False) -> torch.Tensor:
+    def forward_paged(
+        self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *, all_logits: bool = False
+    ) -> torch.Tensor:
         """Run ``T`` new tokens for each of ``B`` sequences of a paged KV cache.
 
         Row ``b`` is sequence ``seq_ids[b]``, which holds ``n_b = cache.seq_lens(seq_ids)[b]``
@@ -395,37 +416,39 @@ class LlamaModel:
         """
         c = self.config
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"forward_paged: input_ids must be a [B, T] integer tensor, got "
-                            f"{type(input_ids).__name__}")
+            raise TypeError(f"forward_paged: input_ids must be a [B, T] integer tensor, got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"forward_paged: input_ids must be [B, T] with T >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"forward_paged: input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"forward_paged: input_ids must be an integer tensor, got {input_ids.dtype}")
         if not isinstance(cache, PagedKVCache):
-            raise TypeError(f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got "
-                            f"{type(cache).__name__}")
+            raise TypeError(
+                f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got {type(cache).__name__}"
+            )
         got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype)
         want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
         if got != want:
-            raise ValueError(f"forward_paged: the cache has (layers, kv heads, head dim, dtype) = {got}, "
-                             f"the model needs {want}")
+            raise ValueError(
+                f"forward_paged: the cache has (layers, kv heads, head dim, dtype) = {got}, the model needs {want}"
+            )
         B, T = input_ids.shape
         if isinstance(seq_ids, torch.Tensor):
             seq_ids = seq_ids.tolist()
         seq_ids = list(seq_ids)
         if len(seq_ids) != B:
             raise ValueError(f"forward_paged: input_ids has {B} rows but {len(seq_ids)} seq_ids were given")
-        start = cache.seq_lens(seq_ids)                     # [B] int64; checks the ids
+        start = cache.seq_lens(seq_ids)  # [B] int64; checks the ids
         if B and int(start.max()) + T > c.max_seq_len:
             rows = [b for b in range(B) if int(start[b]) + T > c.max_seq_len]
-            raise ValueError(f"forward_paged: {T} new tokens after {[int(start[b]) for b in rows]} cached ones "
-                             f"(rows {rows}) exceed the model's context length {c.max_seq_len}")
+            raise ValueError(
+                f"forward_paged: {T} new tokens after {[int(start[b]) for b in rows]} cached ones "
+                f"(rows {rows}) exceed the model's context length {c.max_seq_len}"
+            )
 
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
-        x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
+        x = F.embedding(input_ids, self.embed)  # [B, T, H]
         positions = start[:, None] + torch.arange(T, dtype=torch.int64)[None, :]  # [B, T]
-        seq_lens = start + T                                                    # including the new tokens
+        seq_lens = start + T  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
 
@@ -433,19 +456,21 @@ class LlamaModel:
         # Deterministic float32 CPU path: RMSNorm, RoPE and SwiGLU as decodekit kernels (one call
         # each instead of several PyTorch element-wise ops; rows stay independent). RoPE reads the
         # same per-position table either way, with the same float32 roundings.
-        fused = self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and \
-            self.dtype == torch.float32
+        fused = (
+            self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
+        )
         if fused:
             cos_table, sin_table = self._rope_tables()
             flat_positions = positions.reshape(-1).contiguous()
         else:
-            cos, sin = self._rope_rows(positions)                               # [B, T, D]
+            cos, sin = self._rope_rows(positions)  # [B, T, D]
         for i, block in enumerate(self.blocks):
             if fused:
                 h = _dk_ops.rms_norm(x, block.attn_norm, c.rms_norm_eps)
-                qkv = self._linear(h, block.wqkv)                                # [B, T, q + 2 kv]
-                _dk_ops.rope_(qkv.view(B * T, -1), c.num_heads + c.num_kv_heads, cos_table, sin_table,
-                              flat_positions)                                   # q and k heads are adjacent
+                qkv = self._linear(h, block.wqkv)  # [B, T, q + 2 kv]
+                _dk_ops.rope_(
+                    qkv.view(B * T, -1), c.num_heads + c.num_kv_heads, cos_table, sin_table, flat_positions
+                )  # q and k heads are adjacent
                 q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
                 q = q.view(B, T, c.num_heads, c.head_dim)
                 k = k.view(B, T, c.num_kv_heads, c.head_dim)
@@ -455,13 +480,14 @@ class LlamaModel:
                 q = _apply_rope_rows(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
                 k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
-            if block_tables is None:        # the first append allocated the blocks of the new tokens
+            if block_tables is None:  # the first append allocated the blocks of the new tokens
                 block_tables = cache.block_table(seq_ids).to(torch.int64).contiguous()
                 seq_lens_i64 = seq_lens.to(torch.int64).contiguous()
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
-            attn = _dk_ops.paged_attention(q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64,
-                                           scale, cache.kv_layout)                  # [B, T, Hq, D]
+            attn = _dk_ops.paged_attention(
+                q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64, scale, cache.kv_layout
+            )  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
             if fused:
@@ -477,7 +503,7 @@ class LlamaModel:
             x = x[:, -1]
         return self._head(x, fused)
 
-    def to(self, device: torch.device | str) -> "LlamaModel":
+    def to(self, device: torch.device | str) -> LlamaModel:
         """Move every weight to ``device`` in place; returns ``self``."""
         tied = self.lm_head is self.embed
         self.embed = self.embed.to(device)
@@ -503,5 +529,4 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"LlamaModel: weight {name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"LlamaModel: weight {name} has shape {tuple(tensor.shape)}, "
-                         f"expected {tuple(shape)}")
+        raise ValueError(f"LlamaModel: weight {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")

@@ -22,9 +22,17 @@ ops = torch.ops.decodekit
 __all__ = ["paged_attention"]
 
 
-def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, *, scale: Optional[float] = None, kv_layout: str = "NHD",
-                    validate: bool = True) -> torch.Tensor:
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> torch.Tensor:
     """Decode attention over a paged KV cache; see the module docstring.
 
     Each query row's result is bit-identical whatever B and Q are (a fixed reduction order
@@ -65,8 +73,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         torch.Size([1, 1, 8, 64])
     """
     op = "paged_attention"
-    for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("seq_lens", seq_lens)):
+    for name, t in (
+        ("query", query),
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("block_tables", block_tables),
+        ("seq_lens", seq_lens),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != query.device:
@@ -77,12 +90,16 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if query.dim() != 4:
         raise ValueError(f"{op}: query must be [B, Q, H_q, D], got shape {tuple(query.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"{op}: k_cache and v_cache must be 4-D and of one shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{op}: k_cache and v_cache must be 4-D and of one shape, got {tuple(k_cache.shape)} "
+            f"and {tuple(v_cache.shape)}"
+        )
     floats = (torch.float32, torch.float16, torch.bfloat16)
     if query.dtype not in floats or k_cache.dtype not in floats or v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"{op}: query and caches must be float32/float16/bfloat16 (caches of one dtype), got "
-                        f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        raise TypeError(
+            f"{op}: query and caches must be float32/float16/bfloat16 (caches of one dtype), got "
+            f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     B, Q, Hq, D = query.shape
     Hkv = k_cache.size(1) if kv_layout == "HND" else k_cache.size(2)
     block_size = k_cache.size(2) if kv_layout == "HND" else k_cache.size(1)
@@ -107,14 +124,18 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         cols = torch.arange(tables.size(1), device=tables.device)[None, :] < need[:, None]
         used = tables[cols]
         if used.numel() and host_bool(((used < 0) | (used >= k_cache.size(0))).any(), op):
-            raise ValueError(f"{op}: block_tables holds block ids outside [0, num_blocks={k_cache.size(0)}) "
-                             "among the blocks the sequences use")
+            raise ValueError(
+                f"{op}: block_tables holds block ids outside [0, num_blocks={k_cache.size(0)}) "
+                "among the blocks the sequences use"
+            )
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif not torch.compiler.is_compiling() and (
-            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
         raise ValueError(f"{op}: scale must be a finite number (default 1/sqrt(D)), got {scale!r}")
     scale = float(scale)
     q = query.detach().to(torch.float32).contiguous()
-    return ops.paged_attention(q, k_cache.detach().contiguous(), v_cache.detach().contiguous(),
-                                               tables, lens, scale, kv_layout)
+    return ops.paged_attention(
+        q, k_cache.detach().contiguous(), v_cache.detach().contiguous(), tables, lens, scale, kv_layout
+    )

@@ -54,8 +54,9 @@ def _check_caches(k_cache, v_cache, op: str, shape_doc: str) -> None:
         if c.dtype not in CACHE_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {c.dtype}")
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"{op}: v_cache must have the shape of k_cache {tuple(k_cache.shape)}, "
-                         f"got {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{op}: v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"{op}: v_cache must have the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
     if v_cache.device != k_cache.device:
@@ -66,8 +67,9 @@ def _check_caches(k_cache, v_cache, op: str, shape_doc: str) -> None:
             raise ValueError(f"{op}: {name} must be contiguous (it is written in place)")
 
 
-def check_kv_rows(key, value, k_cache: torch.Tensor, H: int, D: int, ndim: int, shape_doc: str,
-                op: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def check_kv_rows(
+    key, value, k_cache: torch.Tensor, H: int, D: int, ndim: int, shape_doc: str, op: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
     dtype, device = k_cache.dtype, k_cache.device
     out = []
     for name, x in (("key", key), ("value", value)):
@@ -81,8 +83,10 @@ def check_kv_rows(key, value, k_cache: torch.Tensor, H: int, D: int, ndim: int, 
         if shape[-1] != D:
             raise ValueError(f"{op}: {name} has head_dim {shape[-1]} but the cache has D={D} (shape {tuple(shape)})")
         if x.dtype != dtype:
-            raise TypeError(f"{op}: {name} must have the cache's dtype {dtype}, got {x.dtype} "
-                            "(convert it first; the cache stores the bits as given)")
+            raise TypeError(
+                f"{op}: {name} must have the cache's dtype {dtype}, got {x.dtype} "
+                "(convert it first; the cache stores the bits as given)"
+            )
         if x.device != device:
             raise ValueError(f"{op}: {name} is on {x.device} but the caches are on {device}")
         if x.requires_grad:
@@ -104,12 +108,16 @@ def _byte_range(t: torch.Tensor) -> Tuple[int, int]:
     return start, start + (extent + 1) * t.element_size() - 1
 
 
-def check_no_overlap(op: str, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor) -> None:
+def check_no_overlap(
+    op: str, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> None:
     """Raise ValueError when key or value shares memory with a cache the op writes, as torch's
     own in-place copies do: the copy would read what it has already written."""
-    pairs = [(n, s, d, dn) for n, s in (("key", key), ("value", value)) for dn, d in (("k_cache", k_cache),
-                                                                                     ("v_cache", v_cache))]
+    pairs = [
+        (n, s, d, dn)
+        for n, s in (("key", key), ("value", value))
+        for dn, d in (("k_cache", k_cache), ("v_cache", v_cache))
+    ]
     if torch.compiler.is_compiling():  # fake tensors have no memory to compare
         return
     for name, src, dst, dst_name in pairs:
@@ -119,8 +127,10 @@ def check_no_overlap(op: str, key: torch.Tensor, value: torch.Tensor, k_cache: t
             continue
         (a0, a1), (b0, b1) = _byte_range(src), _byte_range(dst)
         if a0 <= b1 and b0 <= a1:
-            raise ValueError(f"{op}: {name} overlaps {dst_name} in memory (a view of the cache?); the copy would "
-                             f"read positions it writes. Pass {name}.clone()")
+            raise ValueError(
+                f"{op}: {name} overlaps {dst_name} in memory (a view of the cache?); the copy would "
+                f"read positions it writes. Pass {name}.clone()"
+            )
 
 
 def _rows_text(rows: List[int], values: List[int]) -> str:
@@ -134,8 +144,16 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- ops ----
-def append_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    seq_lens: IntOrInts, *, kv_layout: str = "NHD", validate: bool = True) -> None:
+def append_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seq_lens: IntOrInts,
+    *,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> None:
     """Writes the keys and values of ``T`` new tokens per row into a contiguous cache, in place.
 
     Row ``b``'s token ``t`` goes to position ``seq_lens[b] + t`` of cache row ``b``: each row
@@ -197,14 +215,23 @@ def append_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Ten
             raise ValueError(f"{op}: seq_lens must be >= 0; rows {_rows_text(neg, vals)}")
         if max(vals) > S - T:
             over = [b for b, n in enumerate(vals) if n > S - T]
-            raise ValueError(f"{op}: appending T={T} tokens would pass S_max={S} in rows {_rows_text(over, vals)} "
-                             "(seq_lens + T must be <= S_max); nothing was written")
+            raise ValueError(
+                f"{op}: appending T={T} tokens would pass S_max={S} in rows {_rows_text(over, vals)} "
+                "(seq_lens + T must be <= S_max); nothing was written"
+            )
     ops.append_kv_cache(_detached(k_cache), _detached(v_cache), key, value, lens, kv_layout)
 
 
-def append_paged_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          slot_mapping: Union[torch.Tensor, Sequence[int]], *, kv_layout: str = "NHD",
-                          validate: bool = True) -> None:
+def append_paged_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: Union[torch.Tensor, Sequence[int]],
+    *,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> None:
     """Scatters token rows of keys and values into a paged (block) cache, in place.
 
     The cache is a pool of ``num_blocks`` blocks of ``block_size`` positions; a slot number
@@ -259,15 +286,19 @@ def append_paged_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, key: tor
     check_no_overlap(op, key, value, k_cache, v_cache)
     slots = index_tensor(slot_mapping, "slot_mapping", op, k_cache.device, None)
     if slots.size(0) > key.size(0):
-        raise ValueError(f"{op}: slot_mapping has {slots.size(0)} entries but key has only {key.size(0)} rows "
-                         "(it must have at most N)")
+        raise ValueError(
+            f"{op}: slot_mapping has {slots.size(0)} entries but key has only {key.size(0)} rows "
+            "(it must have at most N)"
+        )
     if validate and not k_cache.is_meta and slots.numel() > 0:
         total = num_blocks * bs
         vals = slots.tolist()  # synchronises
         if max(vals) >= total:
             past = [i for i, x in enumerate(vals) if x >= total]
-            raise ValueError(f"{op}: slot_mapping holds slots past the cache (num_blocks * block_size = {total}) "
-                             f"at positions {_rows_text(past, vals)}; nothing was written")
+            raise ValueError(
+                f"{op}: slot_mapping holds slots past the cache (num_blocks * block_size = {total}) "
+                f"at positions {_rows_text(past, vals)}; nothing was written"
+            )
         used = [x for x in vals if x >= 0]
         if len(set(used)) != len(used):
             seen, rep = set(), []

@@ -14,6 +14,7 @@ ops = torch.ops.decodekit
 
 __all__ = ["linear", "rms_norm", "silu_and_mul", "rope_"]
 
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Batch-invariant ``x @ weight.T + bias``: each output row is bit-identical whatever M is.
 
@@ -90,7 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     if x.dim() < 1 or weight.dim() != 1 or x.size(-1) != weight.size(0):
         raise ValueError(f"{op}: x must be [..., H] and weight [H], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if not torch.compiler.is_compiling() and (
-            isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps <= FLT_MAX)):
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps <= FLT_MAX)
+    ):
         raise ValueError(f"{op}: eps must be a finite float32 number >= 0, got {eps!r:.60}")
     return ops.rms_norm(x.detach(), weight.detach().contiguous(), float(eps))
 
@@ -119,8 +121,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return ops.silu_and_mul(x.detach())
 
 
-def rope_(x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_table: torch.Tensor,
-          positions: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+def rope_(
+    x: torch.Tensor,
+    num_heads: int,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
     """Rotary position embedding in place ("rotate half" layout), for the first ``num_heads``
     heads of each token row.
 
@@ -155,26 +164,44 @@ def rope_(x: torch.Tensor, num_heads: int, cos_table: torch.Tensor, sin_table: t
     if x.dim() != 2 or (x.size(1) > 1 and x.stride(1) != 1):
         raise ValueError(f"{op}: x must be [N, C] with unit column stride, got shape {tuple(x.shape)}")
     if x.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(f"{op}: x requires grad; this in-place kernel is not differentiable (use it under "
-                           "torch.no_grad() or on a tensor without grad)")
+        raise RuntimeError(
+            f"{op}: x requires grad; this in-place kernel is not differentiable (use it under "
+            "torch.no_grad() or on a tensor without grad)"
+        )
     if cos_table.dim() != 2 or cos_table.shape != sin_table.shape or cos_table.size(1) % 2:
-        raise ValueError(f"{op}: cos_table and sin_table must be [P, D] of one shape with D even, got "
-                         f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 0 or \
-            num_heads * cos_table.size(1) > x.size(1):
-        raise ValueError(f"{op}: num_heads must be an int in [0, C / D = {x.size(1) // max(1, cos_table.size(1))}], "
-                         f"got {num_heads!r}")
+        raise ValueError(
+            f"{op}: cos_table and sin_table must be [P, D] of one shape with D even, got "
+            f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}"
+        )
+    if (
+        isinstance(num_heads, bool)
+        or not isinstance(num_heads, int)
+        or num_heads < 0
+        or num_heads * cos_table.size(1) > x.size(1)
+    ):
+        raise ValueError(
+            f"{op}: num_heads must be an int in [0, C / D = {x.size(1) // max(1, cos_table.size(1))}], "
+            f"got {num_heads!r}"
+        )
     if x.size(0) > 1 and num_heads and x.stride(0) < num_heads * cos_table.size(1):
-        raise ValueError(f"{op}: the rows of x overlap in memory (row stride {x.stride(0)} < {num_heads} heads x "
-                         f"{cos_table.size(1)}); rotating in place needs distinct rows (e.g. x.contiguous())")
-    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool \
-            or positions.dim() != 1 or positions.size(0) != x.size(0):
+        raise ValueError(
+            f"{op}: the rows of x overlap in memory (row stride {x.stride(0)} < {num_heads} heads x "
+            f"{cos_table.size(1)}); rotating in place needs distinct rows (e.g. x.contiguous())"
+        )
+    if (
+        not isinstance(positions, torch.Tensor)
+        or positions.dtype.is_floating_point
+        or positions.dtype == torch.bool
+        or positions.dim() != 1
+        or positions.size(0) != x.size(0)
+    ):
         raise ValueError(f"{op}: positions must be an integer tensor [N={x.size(0)}]")
     positions = positions.to(torch.int64).contiguous()
     if x.device.type == "meta":
         return x
     if validate and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_table.size(0)):
-        raise ValueError(f"{op}: positions must be in [0, {cos_table.size(0)}), got "
-                         f"[{int(positions.min())}, {int(positions.max())}]")
+        raise ValueError(
+            f"{op}: positions must be in [0, {cos_table.size(0)}), got [{int(positions.min())}, {int(positions.max())}]"
+        )
     ops.rope_(x, num_heads, cos_table.contiguous(), sin_table.contiguous(), positions)
     return x

@@ -19,8 +19,14 @@ _FORCE_HINT = "-inf bans a token; to force one, pass allowed_token_ids=[token]"
 __all__ = ["apply_penalties", "PENALTY_KEYS"]
 
 PENALTY_KEYS = (
-    "repetition_penalty", "frequency_penalty", "presence_penalty", "token_ids", "token_counts",
-    "logit_bias", "allowed_token_ids", "banned_token_ids",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "token_ids",
+    "token_counts",
+    "logit_bias",
+    "allowed_token_ids",
+    "banned_token_ids",
 )
 
 
@@ -35,8 +41,9 @@ def _id_matrix(value, name: str, op: str, B: int, device) -> Optional[torch.Tens
             raise TypeError(f"{op}: {name} must be an integer tensor, got {value.dtype}")
         return value.to(device=device, dtype=torch.int64).contiguous()
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be an integer [B, L] tensor or a list of B lists of ids, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be an integer [B, L] tensor or a list of B lists of ids, got {type(value).__name__}"
+        )
     rows = list(value)
     if len(rows) != B:
         raise ValueError(f"{op}: {name} must have one list of ids per row (B={B}), got {len(rows)}")
@@ -62,8 +69,10 @@ def _check_ids_range(t: Optional[torch.Tensor], name: str, op: str, vocab_size: 
     bad = (t < lo) | (t >= vocab_size)
     if host_bool(bad.any(), op):
         where = torch.nonzero(bad)[0].tolist()
-        raise ValueError(f"{op}: {name} must be in [{lo}, vocab_size={vocab_size}) ({'-1 is padding' if allow_pad else ''}); "
-                         f"entry {where} is {int(t[tuple(where)])}")
+        raise ValueError(
+            f"{op}: {name} must be in [{lo}, vocab_size={vocab_size}) ({'-1 is padding' if allow_pad else ''}); "
+            f"entry {where} is {int(t[tuple(where)])}"
+        )
 
 
 def _token_mask(value, name: str, op: str, B: int, V: int, device) -> Optional[torch.Tensor]:
@@ -71,11 +80,16 @@ def _token_mask(value, name: str, op: str, B: int, V: int, device) -> Optional[t
         return None
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.bool or tuple(value.shape) != (B, V):
-            raise ValueError(f"{op}: {name} as a tensor must be a bool mask [B={B}, V={V}], got "
-                             f"{value.dtype} {tuple(value.shape)} (or pass a list of ids, or B lists)")
+            raise ValueError(
+                f"{op}: {name} as a tensor must be a bool mask [B={B}, V={V}], got "
+                f"{value.dtype} {tuple(value.shape)} (or pass a list of ids, or B lists)"
+            )
         return value.to(device).contiguous()
-    rows = value if (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor))) \
+    rows = (
+        value
+        if (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor)))
         else [value] * B
+    )
     ids = _id_matrix(rows, name, op, B, device)
     _check_ids_range(ids, name, op, V, allow_pad=True)
     mask = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
@@ -139,7 +153,9 @@ def apply_penalties(
     B, V = logits.shape
     vs = check_vocab_size(vocab_size, V, op)
     common = dict(op=op, ref=logits, validate=validate, integer=False, dtype=torch.float32)
-    r_t, r_v = row_param(repetition_penalty, "repetition_penalty", lo=1e-30, hi=None, allowed="finite and > 0", **common)
+    r_t, r_v = row_param(
+        repetition_penalty, "repetition_penalty", lo=1e-30, hi=None, allowed="finite and > 0", **common
+    )
     f_t, f_v = row_param(frequency_penalty, "frequency_penalty", lo=None, hi=None, allowed="finite", **common)
     p_t, p_v = row_param(presence_penalty, "presence_penalty", lo=None, hi=None, allowed="finite", **common)
     if token_ids is not None and token_counts is not None:
@@ -159,15 +175,19 @@ def apply_penalties(
     dense = bias_ids = bias_vals = None
     if isinstance(logit_bias, torch.Tensor):
         if tuple(logit_bias.shape) != (B, V) or not logit_bias.dtype.is_floating_point:
-            raise ValueError(f"{op}: logit_bias as a tensor must be float [B={B}, V={V}], got "
-                             f"{tuple(logit_bias.shape)} {logit_bias.dtype}")
+            raise ValueError(
+                f"{op}: logit_bias as a tensor must be float [B={B}, V={V}], got "
+                f"{tuple(logit_bias.shape)} {logit_bias.dtype}"
+            )
         dense = logit_bias.to(device=logits.device, dtype=torch.float32).contiguous()
         if validate and has_data(dense) and host_bool((torch.isnan(dense) | torch.isposinf(dense)).any(), op):
             raise ValueError(f"{op}: logit_bias must not contain NaN or +inf ({_FORCE_HINT})")
     elif logit_bias is not None:
         if not isinstance(logit_bias, (dict, list, tuple)):
-            raise TypeError(f"{op}: logit_bias must be a [B, V] tensor, a dict, or a list of B dicts, "
-                            f"got {type(logit_bias).__name__}")
+            raise TypeError(
+                f"{op}: logit_bias must be a [B, V] tensor, a dict, or a list of B dicts, "
+                f"got {type(logit_bias).__name__}"
+            )
         dicts = [logit_bias] * B if isinstance(logit_bias, dict) else list(logit_bias)
         if not all(isinstance(d, dict) for d in dicts):
             raise TypeError(f"{op}: logit_bias must be a [B, V] tensor, a dict, or a list of B dicts")
@@ -185,16 +205,37 @@ def apply_penalties(
                 except OverflowError:
                     fval = math.nan
                 if math.isnan(fval) or fval == math.inf:
-                    raise ValueError(f"{op}: logit_bias values must be numbers below +inf ({_FORCE_HINT}), got "
-                                     f"{val!r:.60} for token {tok}")
+                    raise ValueError(
+                        f"{op}: logit_bias values must be numbers below +inf ({_FORCE_HINT}), got "
+                        f"{val!r:.60} for token {tok}"
+                    )
                 bias_ids[b, j], bias_vals[b, j] = tok, fval
         bias_ids, bias_vals = bias_ids.to(logits.device), bias_vals.to(logits.device)
     if allowed_token_ids is not None and banned_token_ids is not None:
         raise ValueError(f"{op}: pass allowed_token_ids or banned_token_ids, not both")
     allows = allowed_token_ids is not None
-    mask = _token_mask(allowed_token_ids if allows else banned_token_ids,
-                       "allowed_token_ids" if allows else "banned_token_ids", op, B, V, logits.device)
-    return ops.apply_penalties(logits, r_t, float(r_v), f_t, float(f_v), p_t, float(p_v), ids, counts, dense,
-                               bias_ids, bias_vals, mask, allows, vs)
-
-
+    mask = _token_mask(
+        allowed_token_ids if allows else banned_token_ids,
+        "allowed_token_ids" if allows else "banned_token_ids",
+        op,
+        B,
+        V,
+        logits.device,
+    )
+    return ops.apply_penalties(
+        logits,
+        r_t,
+        float(r_v),
+        f_t,
+        float(f_v),
+        p_t,
+        float(p_v),
+        ids,
+        counts,
+        dense,
+        bias_ids,
+        bias_vals,
+        mask,
+        allows,
+        vs,
+    )

@@ -13,8 +13,6 @@ chain order) are those of the project's DESIGN.md.
 
 from __future__ import annotations
 
-import numbers
-import operator
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -24,13 +22,16 @@ from .._checks import (
     WHY_LOGITS,
     WHY_PROBS,
     RowParam,
+    all_greedy,
     check_bool,
     check_logits,
     check_probs,
     check_vocab_size,
     clamp_top_k,
+    filter_args,
     has_data,
     host_bool,
+    logprob_args,
     negative_offset,
     raise_invalid_rows,
     row_param,
@@ -42,14 +43,24 @@ from .penalties import PENALTY_KEYS, apply_penalties
 ops = torch.ops.decodekit
 
 __all__ = [
-    "SamplingOutput", "softmax", "argmax", "sample_from_logits", "sample_from_probs", "filter_probs",
-    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits", "processed_probs",
+    "SamplingOutput",
+    "softmax",
+    "argmax",
+    "sample_from_logits",
+    "sample_from_probs",
+    "filter_probs",
+    "top_k_renorm_probs",
+    "top_p_renorm_probs",
+    "min_p_renorm_probs",
+    "top_k_mask_logits",
+    "processed_probs",
 ]
 
 # The C++ entries of the common calls (see sample_from_logits and softmax): the result,
 # or None for the full path.
 _sample_from_logits_fast = _C._sample_from_logits_fast
 _softmax_fast = _C._softmax_fast
+
 
 class SamplingOutput(NamedTuple):
     """What a sampling op returns when more than the ids is asked for.
@@ -118,8 +129,16 @@ def softmax(
     logits = check_logits(logits, op)
     vs = check_vocab_size(vocab_size, logits.size(1), op)
     t_tensor, t_val = row_param(
-        temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0, hi=None,
-        validate=validate, allowed="finite and >= 0",
+        temperature,
+        "temperature",
+        op,
+        logits,
+        integer=False,
+        dtype=torch.float32,
+        lo=0.0,
+        hi=None,
+        validate=validate,
+        allowed="finite and >= 0",
         tiny_positive=T_TINY,
     )
     probs = ops.softmax(logits, t_tensor, float(t_val), vs, check_bool(deterministic, "deterministic", op))
@@ -131,11 +150,7 @@ def softmax(
 
 
 def argmax(
-    logits: torch.Tensor,
-    *,
-    vocab_size: Optional[int] = None,
-    return_valid: bool = False,
-    validate: bool = True,
+    logits: torch.Tensor, *, vocab_size: Optional[int] = None, return_valid: bool = False, validate: bool = True
 ):
     """Index of the largest logit per row; the lowest index wins ties.
 
@@ -165,17 +180,6 @@ def argmax(
     if validate and has_data(valid) and not host_bool(valid.all(), op):
         raise_invalid_rows(op, valid)
     return ids
-
-
-def _logprob_args(op: str, top_logprobs, logprobs_mode, vocab_size: int):
-    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, numbers.Integral):
-        raise TypeError(f"{op}: top_logprobs must be an int, got {type(top_logprobs).__name__}")
-    top_logprobs = operator.index(top_logprobs)
-    if not 0 <= top_logprobs <= vocab_size:
-        raise ValueError(f"{op}: top_logprobs must be in [0, vocab_size={vocab_size}], got {top_logprobs}")
-    if logprobs_mode not in ("processed", "raw"):
-        raise ValueError(f"{op}: logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
-    return top_logprobs, logprobs_mode == "raw"
 
 
 def _sampling_result(op, out, rng, return_valid, return_logprobs, n_top, validate, why):
@@ -208,19 +212,6 @@ def _top_n_rank(lp: torch.Tensor, n: int):
     """The n largest per row, lowest index first on ties (stable sort of the negated values)."""
     order = torch.sort(-lp, dim=-1, stable=True).indices[:, :n]
     return lp.gather(1, order).float(), order
-
-
-def _all_greedy(op, t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
-    """True when no row samples (T == 0, top_k == 1 or top_p == 0 in every row)."""
-    greedy = None
-    for tensor, val, test in (
-        (t_tensor, t_val, lambda x: x == 0),
-        (k_tensor, k_val, lambda x: x == 1),
-        (p_tensor, p_val, lambda x: x == 0),
-    ):
-        g = test(tensor) if tensor is not None else torch.tensor(bool(test(val)))
-        greedy = g if greedy is None else (greedy | g)
-    return host_bool(greedy.all(), op)
 
 
 def sample_from_logits(
@@ -321,9 +312,17 @@ def sample_from_logits(
     Example:
         >>> ids = decodekit.sample_from_logits(logits, 0.7, top_k=50, top_p=0.9, seed=1234)
     """
-    if (not penalties and generator is None and vocab_size is None and validate is True and not return_valid
-            and not return_logprobs and top_logprobs == 0 and (type(seed) is int or type(seed) is torch.Tensor)
-            and not torch.compiler.is_compiling()):
+    if (
+        not penalties
+        and generator is None
+        and vocab_size is None
+        and validate is True
+        and not return_valid
+        and not return_logprobs
+        and top_logprobs == 0
+        and (type(seed) is int or type(seed) is torch.Tensor)
+        and not torch.compiler.is_compiling()
+    ):
         # The common call: plain arguments checked and the CPU op called directly, without
         # the torch.ops dispatch that costs tens of microseconds on cold caches (a model
         # forward runs between two calls). None for anything else: the full path below
@@ -341,19 +340,45 @@ def sample_from_logits(
     raw_logits = logits
     if any(v is not None for v in penalties.values()):
         logits = apply_penalties(logits, vocab_size=vocab_size, validate=validate, **penalties)
-    t_t, t_v = row_param(temperature, "temperature", op, logits, integer=False, dtype=torch.float32, lo=0.0,
-                          hi=None, validate=validate, allowed="finite and >= 0", tiny_positive=T_TINY)
-    k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, logits, top_k, top_p, min_p, validate)
+    t_t, t_v = row_param(
+        temperature,
+        "temperature",
+        op,
+        logits,
+        integer=False,
+        dtype=torch.float32,
+        lo=0.0,
+        hi=None,
+        validate=validate,
+        allowed="finite and >= 0",
+        tiny_positive=T_TINY,
+    )
+    k_t, k_v, p_t, p_v, m_t, m_v = filter_args(op, logits, top_k, top_p, min_p, validate)
     needs_rng = B > 0 and logits.device.type != "meta"  # shape-only calls draw nothing
     if seed is None and generator is None and needs_rng:
-        needs_rng = not _all_greedy(op, t_t, t_v, k_t, k_v, p_t, p_v)
-    n_top, raw = _logprob_args(op, top_logprobs, logprobs_mode, vs)
+        needs_rng = not all_greedy(op, t_t, t_v, k_t, k_v, p_t, p_v)
+    n_top, raw = logprob_args(op, top_logprobs, logprobs_mode, vs)
     rng = seed_and_offset(seed, offset, generator, logits, op, needs_rng, validate)
     s_t, s_v, o_t, o_v = rng
     ids, valid, lp, top_ids, top_lp = ops.sample_from_logits(
-        logits, t_t, float(t_v), k_t, int(k_v), p_t, float(p_v), m_t, float(m_v),
-        s_t, int(s_v), o_t, int(o_v), vs, check_bool(deterministic, "deterministic", op),
-        check_bool(return_logprobs, "return_logprobs", op), n_top, raw,
+        logits,
+        t_t,
+        float(t_v),
+        k_t,
+        int(k_v),
+        p_t,
+        float(p_v),
+        m_t,
+        float(m_v),
+        s_t,
+        int(s_v),
+        o_t,
+        int(o_v),
+        vs,
+        check_bool(deterministic, "deterministic", op),
+        check_bool(return_logprobs, "return_logprobs", op),
+        n_top,
+        raw,
     )
     if raw and logits is not raw_logits and B > 0 and (return_logprobs or n_top):
         # Raw logprobs are of the logits passed in, before the penalties.
@@ -367,17 +392,6 @@ def sample_from_logits(
 
 
 # ------------------------------------------------------- probability ops ----
-def _filter_args(op: str, x: torch.Tensor, top_k, top_p, min_p, validate: bool):
-    common = dict(op=op, ref=x, validate=validate)
-    k_t, k_v = row_param(top_k, "top_k", integer=True, dtype=torch.int64, lo=None, hi=None,
-                          allowed="an int (<= 0 disables)", **common)
-    p_t, p_v = row_param(top_p, "top_p", integer=False, dtype=torch.float64, lo=0.0, hi=1.0,
-                          allowed="in [0, 1]", **common)
-    m_t, m_v = row_param(min_p, "min_p", integer=False, dtype=torch.float32, lo=0.0, hi=1.0,
-                          allowed="in [0, 1]", **common)
-    return k_t, clamp_top_k(k_v), p_t, p_v, m_t, m_v
-
-
 def sample_from_probs(
     probs: torch.Tensor,
     top_k: RowParam = 0,
@@ -431,16 +445,30 @@ def sample_from_probs(
     probs = check_probs(probs, op)
     B, V = probs.shape
     vs = check_vocab_size(vocab_size, V, op)
-    k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
+    k_t, k_v, p_t, p_v, m_t, m_v = filter_args(op, probs, top_k, top_p, min_p, validate)
     needs_rng = B > 0 and probs.device.type != "meta"  # shape-only calls draw nothing
     if seed is None and generator is None and needs_rng:
-        needs_rng = not _all_greedy(op, None, 1.0, k_t, k_v, p_t, p_v)
+        needs_rng = not all_greedy(op, None, 1.0, k_t, k_v, p_t, p_v)
     rng = seed_and_offset(seed, offset, generator, probs, op, needs_rng, validate)
     s_t, s_v, o_t, o_v = rng
-    n_top, raw = _logprob_args(op, top_logprobs, logprobs_mode, vs)
+    n_top, raw = logprob_args(op, top_logprobs, logprobs_mode, vs)
     out = ops.sample_from_probs(
-        probs, k_t, k_v, p_t, p_v, m_t, m_v, s_t, int(s_v), o_t, int(o_v), vs,
-        check_bool(deterministic, "deterministic", op), check_bool(return_logprobs, "return_logprobs", op), n_top, raw,
+        probs,
+        k_t,
+        k_v,
+        p_t,
+        p_v,
+        m_t,
+        m_v,
+        s_t,
+        int(s_v),
+        o_t,
+        int(o_v),
+        vs,
+        check_bool(deterministic, "deterministic", op),
+        check_bool(return_logprobs, "return_logprobs", op),
+        n_top,
+        raw,
     )
     return _sampling_result(op, out, rng, return_valid, return_logprobs, n_top, validate, WHY_PROBS)
 
@@ -486,7 +514,7 @@ def filter_probs(
     op = _op
     probs = check_probs(probs, op, "filter_probs")
     vs = check_vocab_size(vocab_size, probs.size(1), op)
-    k_t, k_v, p_t, p_v, m_t, m_v = _filter_args(op, probs, top_k, top_p, min_p, validate)
+    k_t, k_v, p_t, p_v, m_t, m_v = filter_args(op, probs, top_k, top_p, min_p, validate)
     out, valid = ops.filter_probs(probs, k_t, k_v, p_t, p_v, m_t, m_v, vs)
     if validate and has_data(valid) and not host_bool(valid.all(), op):
         raise_invalid_rows(op, valid, WHY_PROBS, hint=False)
@@ -519,11 +547,7 @@ def min_p_renorm_probs(probs: torch.Tensor, min_p: RowParam, **kwargs) -> torch.
 
 
 def top_k_mask_logits(
-    logits: torch.Tensor,
-    top_k: RowParam,
-    *,
-    vocab_size: Optional[int] = None,
-    validate: bool = True,
+    logits: torch.Tensor, top_k: RowParam, *, vocab_size: Optional[int] = None, validate: bool = True
 ) -> torch.Tensor:
     """Sets every logit outside the row's top-k to -inf (lowest index wins ties).
 
@@ -545,18 +569,36 @@ def top_k_mask_logits(
     op = "top_k_mask_logits"
     logits = check_logits(logits, op)
     vs = check_vocab_size(vocab_size, logits.size(1), op)
-    k_t, k_v = row_param(top_k, "top_k", op, logits, integer=True, dtype=torch.int64, lo=None, hi=None,
-                          validate=validate, allowed="an int (<= 0 disables)")
+    k_t, k_v = row_param(
+        top_k,
+        "top_k",
+        op,
+        logits,
+        integer=True,
+        dtype=torch.int64,
+        lo=None,
+        hi=None,
+        validate=validate,
+        allowed="an int (<= 0 disables)",
+    )
     out, valid = ops.top_k_mask_logits(logits, k_t, clamp_top_k(k_v), vs)
     if validate and has_data(valid) and not host_bool(valid.all(), op):
-        raise ValueError(f"{op}: rows {torch.nonzero(~valid).flatten().tolist()[:16]} have a NaN; "
-                         "pass validate=False to get them back unchanged")
+        raise ValueError(
+            f"{op}: rows {torch.nonzero(~valid).flatten().tolist()[:16]} have a NaN; "
+            "pass validate=False to get them back unchanged"
+        )
     return out
 
 
-
-def processed_probs(logits: torch.Tensor, temperature: RowParam = 1.0, top_k: RowParam = 0, top_p: RowParam = 1.0,
-                    min_p: RowParam = 0.0, *, validate: bool = True) -> torch.Tensor:
+def processed_probs(
+    logits: torch.Tensor,
+    temperature: RowParam = 1.0,
+    top_k: RowParam = 0,
+    top_p: RowParam = 1.0,
+    min_p: RowParam = 0.0,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
     """The distribution :func:`sample_from_logits` draws from, as float32 probabilities.
 
     Top-k ranks the raw logits (:func:`top_k_mask_logits`), then ``softmax(logits / T)``

@@ -17,8 +17,7 @@ from .sampling import argmax, processed_probs
 
 ops = torch.ops.decodekit
 
-__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits",
-           "greedy_verify"]
+__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify"]
 
 
 class SpeculativeOutput(NamedTuple):
@@ -122,13 +121,21 @@ def chain_speculative_sampling(
     needs_rng = B > 0 and target_probs.device.type != "meta"  # shape-only calls draw nothing
     s_t, s_v, o_t, o_v = seed_and_offset(seed, offset, generator, target_probs, op, needs_rng, validate)
     out, acc, emit = ops.chain_speculative_sampling(
-        None if draft_probs is None else draft_probs.detach().contiguous(), ids, target_probs.detach().contiguous(),
-        s_t, int(s_v), o_t, int(o_v), vs)
+        None if draft_probs is None else draft_probs.detach().contiguous(),
+        ids,
+        target_probs.detach().contiguous(),
+        s_t,
+        int(s_v),
+        o_t,
+        int(o_v),
+        vs,
+    )
     return SpeculativeOutput(out, acc, emit)
 
 
-def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
-                  vocab_size: Optional[int] = None) -> SpeculativeOutput:
+def greedy_verify(
+    draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *, vocab_size: Optional[int] = None
+) -> SpeculativeOutput:
     """Greedy verification: keep drafts while they equal the target's argmax.
 
     Accepts draft ``j`` while it equals ``argmax(target_logits[:, j])`` (lowest index on
@@ -151,8 +158,11 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
     op = "greedy_verify"
     ids = _check_drafts(op, draft_token_ids)
     B, K = ids.shape
-    if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3 or \
-            tuple(target_logits.shape[:2]) != (B, K + 1):
+    if (
+        not isinstance(target_logits, torch.Tensor)
+        or target_logits.dim() != 3
+        or tuple(target_logits.shape[:2]) != (B, K + 1)
+    ):
         raise ValueError(f"{op}: target_logits must be [B={B}, K+1={K + 1}, V]")
     V = target_logits.size(2)
     if ids.device != target_logits.device:
@@ -162,8 +172,10 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
     vs = check_vocab_size(vocab_size, V, op)
     if has_data(ids) and host_bool(((ids < -1) | (ids >= vs)).any(), op):
         bad = torch.nonzero((ids < -1) | (ids >= vs)).tolist()[:8]
-        raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts); "
-                         f"(request, position) {[tuple(b) for b in bad]} have {[int(ids[r, j]) for r, j in bad]}")
+        raise ValueError(
+            f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts); "
+            f"(request, position) {[tuple(b) for b in bad]} have {[int(ids[r, j]) for r, j in bad]}"
+        )
     top, valid = argmax(target_logits.reshape(B * (K + 1), V), vocab_size=vocab_size, return_valid=True)
     if has_data(valid) and not host_bool(valid.all(), op):
         bad = [divmod(int(i), K + 1) for i in torch.nonzero(~valid).flatten()[:8]]
@@ -237,9 +249,9 @@ def chain_speculative_sampling_from_logits(
     vs = check_vocab_size(vocab_size, V, op)
     if seed is None and generator is None:
         # Greedy processing leaves one token per position: nothing is random, no seed needed.
-        greedy = [(p == 0) if not isinstance(p, torch.Tensor) else bool((p == 0).all())
-                  for p in (temperature, top_p)] + [
-            (top_k == 1) if not isinstance(top_k, torch.Tensor) else bool((top_k == 1).all())]
+        greedy = [
+            (p == 0) if not isinstance(p, torch.Tensor) else bool((p == 0).all()) for p in (temperature, top_p)
+        ] + [(top_k == 1) if not isinstance(top_k, torch.Tensor) else bool((top_k == 1).all())]
         if any(greedy):
             seed = 0
     params = [_expand(p, B, K1) for p in (temperature, top_k, top_p, min_p)]
@@ -258,5 +270,6 @@ def chain_speculative_sampling_from_logits(
         dparams = [_expand(p, B, K1 - 1) for p in (temperature, top_k, top_p, min_p)]
         draft = processed_probs(draft_logits.reshape(B * (K1 - 1), -1), *dparams, validate=validate)
         draft = draft.reshape(B, K1 - 1, -1)
-    return chain_speculative_sampling(draft, draft_token_ids, target.contiguous(), seed=seed, offset=offset,
-                                      generator=generator, validate=validate)
+    return chain_speculative_sampling(
+        draft, draft_token_ids, target.contiguous(), seed=seed, offset=offset, generator=generator, validate=validate
+    )
