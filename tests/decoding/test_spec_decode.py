@@ -24,6 +24,7 @@ def test_ngram_drafter_by_hand():
     assert d.propose([1, 2, 3, 1, 2], 2, key="ignored") == [3, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_speculative_equals_plain_greedy(lm, prompt):
     plain = decodekit.generate(prompt, model=lm, max_new_tokens=64, temperature=0)
@@ -107,6 +108,7 @@ def test_cli_speculative(lm):
     assert "tokens/pass" in r.stderr and r.stdout.strip()
 
 
+@pytest.mark.slow
 def test_batched_speculative_equals_each_request_alone(lm):
     # Greedy and seeded sampling: each request's tokens are the same alone or in a batch.
     greedy_batch = speculative_generate(PROMPTS + [CODE_PROMPT], model=lm, max_new_tokens=40, temperature=0)
@@ -171,6 +173,7 @@ def test_max_new_tokens_zero_is_the_same_in_every_mode(lm):
         speculative_generate("Hi", model=lm, max_new_tokens=-1)
 
 
+@pytest.mark.slow
 def test_penalties_bias_and_per_request_lists_in_speculative_decoding(lm):
     # Verification processes every drafted position as plain sampling does (penalties over the
     # tokens before it, the logit bias), so greedy speculative output is plain greedy output,

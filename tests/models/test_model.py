@@ -495,6 +495,7 @@ def test_bytes_prompt_is_a_type_error(lm):
         generate(b"hello", model=lm, max_new_tokens=2, temperature=0)
 
 
+@pytest.mark.slow
 def test_repetition_penalty_changes_greedy_output_and_matches_transformers(lm, hf_model):
     # Greedy with a repetition penalty: the same tokens as transformers' generate with its
     # RepetitionPenaltyLogitsProcessor on the same weights.
