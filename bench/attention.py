@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from decodekit.attention import paged_attention
+from decodekit import paged_attention
 
 
 def timeit(fn, reps=20):

@@ -15,7 +15,7 @@ probability ~0.66 in case (a) and ~0.54 in case (b), as with a reasonable drafte
   ``apply_sampling_constraints`` for the K draft positions and its ``Sampler`` for the bonus
   position. The draft probabilities are the processed draft distributions in both libraries.
   ``chain_speculative_sampling_from_logits`` processes draft *and* target logits (more work
-  than vLLM does); ``decodekit.speculative.processed_probs`` on the target logits followed by
+  than vLLM does); ``decodekit.processed_probs`` on the target logits followed by
   ``chain_speculative_sampling`` processes the target only, like vLLM.
 
 vLLM side: ``vllm.v1.sample.rejection_sampler.RejectionSampler.forward`` (the call
@@ -253,7 +253,7 @@ def torch_process(logits, temperature, top_k, top_p):
 
 
 def make_inputs(pool: int, seed: int = 0):
-    from decodekit.speculative import processed_probs
+    from decodekit import processed_probs
 
     g = torch.Generator().manual_seed(seed)
     sets = []
@@ -271,7 +271,7 @@ def make_inputs(pool: int, seed: int = 0):
 
 def time_decodekit(sets, reps: int):
     import decodekit
-    from decodekit.speculative import processed_probs
+    from decodekit import processed_probs
 
     seeds = torch.arange(B, dtype=torch.int64)
     g = torch.Generator().manual_seed(1)

@@ -124,14 +124,17 @@ def teacher_topk(net, chunks: torch.Tensor, topk: int, batch: int) -> tuple:
     N, T = chunks.shape
     ids_out = torch.empty(N, T, topk, dtype=torch.int32)
     val_out = torch.empty(N, T, topk, dtype=torch.float16)
-    cache = net.new_cache(batch_size=batch, max_seq_len=T)
+    block = 16
+    cache = net.new_paged_cache(num_blocks=batch * -(-T // block), block_size=block)
     t0 = time.perf_counter()
     for s in range(0, N, batch):
         part = chunks[s:s + batch]
         if part.shape[0] < batch:
             part = torch.cat([part, part[-1:].expand(batch - part.shape[0], T)])
-        cache.reset()
-        logits = net.forward(part, cache, all_logits=True)                       # [b, T, V]
+        seqs = [cache.add_sequence() for _ in range(batch)]
+        logits = net.forward_paged(part, cache, seqs, all_logits=True)          # [b, T, V]
+        for q in seqs:
+            cache.free(q)
         vals, idx = logits.topk(topk, dim=-1)
         n = min(batch, N - s)
         ids_out[s:s + n] = idx[:n].to(torch.int32)

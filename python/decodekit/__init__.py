@@ -1,32 +1,55 @@
 """decodekit: fused, deterministic kernels for LLM token decoding.
 
-Ops (validated wrappers of ``torch.ops.decodekit.*``):
-    apply_penalties, softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
+Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
+:mod:`decodekit.ops`):
+    sampling: softmax, argmax, sample_from_logits, sample_from_probs, filter_probs,
     top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits,
-    linear (batch-invariant x @ W.T + b), rms_norm, silu_and_mul, apply_rope_ (the per-token
-    layer kernels the built-in model uses)
+    processed_probs, SamplingOutput;
+    penalties: apply_penalties;
+    layers: linear (batch-invariant x @ W.T + b), rms_norm, silu_and_mul, rope_;
+    kv_cache: append_kv_cache, append_paged_kv_cache;
+    attention: paged_attention;
+    speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
+    greedy_verify, SpeculativeOutput.
 
-KV cache (decodekit.kv_cache):
-    append_kv_cache, append_paged_kv_cache, ContiguousKVCache, PagedKVCache, OutOfBlocksError
+KV-cache managers (:mod:`decodekit.cache`): ContiguousKVCache, PagedKVCache, OutOfBlocksError.
 
-Speculative decoding (decodekit.speculative, decodekit.spec_decode):
-    chain_speculative_sampling, greedy_verify, SpeculativeOutput; speculative_generate with
-    NgramDrafter or DraftModelDrafter (a trained draft model, decodekit.models.draft)
+Sampling parameters (:mod:`decodekit.params`): SamplingParams, validated once.
 
-Decode loop:
-    generate (a real model, SmolLM2-135M-Instruct by default)
+Decode loop (:mod:`decodekit.decoding`): generate (plain), speculative_generate (with a
+drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult.
 """
 
-from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS  # noqa: F401  (checks the torch version first)
+from importlib import metadata as _metadata
+
+from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS, cpu_isa  # noqa: F401  (checks the torch version first)
+from .cache import ContiguousKVCache, OutOfBlocksError, PagedKVCache
+from .decoding import (
+    Drafter,
+    DraftModelDrafter,
+    GenerationResult,
+    NgramDrafter,
+    SpeculativeResult,
+    generate,
+    speculative_generate,
+)
 from .ops import (
     SamplingOutput,
+    SpeculativeOutput,
+    append_kv_cache,
+    append_paged_kv_cache,
     apply_penalties,
-    apply_rope_,
     argmax,
+    chain_speculative_sampling,
+    chain_speculative_sampling_from_logits,
     filter_probs,
+    greedy_verify,
     linear,
     min_p_renorm_probs,
+    paged_attention,
+    processed_probs,
     rms_norm,
+    rope_,
     sample_from_logits,
     sample_from_probs,
     silu_and_mul,
@@ -35,30 +58,53 @@ from .ops import (
     top_k_renorm_probs,
     top_p_renorm_probs,
 )
-from .kv_cache import (
-    ContiguousKVCache,
-    OutOfBlocksError,
-    PagedKVCache,
-    append_kv_cache,
-    append_paged_kv_cache,
-)
-from .speculative import (
-    SpeculativeOutput,
-    chain_speculative_sampling,
-    chain_speculative_sampling_from_logits,
-    greedy_verify,
-)
-from .generate import GenerationResult, generate  # model packages load lazily, on first use
-from .spec_decode import DraftModelDrafter, NgramDrafter, SpeculativeResult, speculative_generate
+from .params import SamplingParams
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("decodekit")
+except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree without an install
+    __version__ = "0+unknown"
 
 __all__ = [
-    "SamplingOutput", "apply_penalties", "argmax", "softmax", "sample_from_logits", "sample_from_probs", "filter_probs",
-    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs", "top_k_mask_logits", "linear",
-    "rms_norm", "silu_and_mul", "apply_rope_",
-    "generate", "GenerationResult", "__version__",
+    "__version__",
+    "cpu_isa",
+    # sampling
+    "SamplingOutput",
+    "softmax",
+    "argmax",
+    "sample_from_logits",
+    "sample_from_probs",
+    "filter_probs",
+    "top_k_renorm_probs",
+    "top_p_renorm_probs",
+    "min_p_renorm_probs",
+    "top_k_mask_logits",
+    "processed_probs",
+    # penalties, layers
+    "apply_penalties",
+    "linear",
+    "rms_norm",
+    "silu_and_mul",
+    "rope_",
+    # kv cache, attention
+    "append_kv_cache",
+    "append_paged_kv_cache",
+    "ContiguousKVCache",
+    "PagedKVCache",
+    "OutOfBlocksError",
+    "paged_attention",
+    # speculative
+    "SpeculativeOutput",
+    "chain_speculative_sampling",
+    "chain_speculative_sampling_from_logits",
+    "greedy_verify",
+    # decoding
+    "SamplingParams",
+    "generate",
+    "speculative_generate",
+    "GenerationResult",
+    "SpeculativeResult",
+    "Drafter",
+    "NgramDrafter",
+    "DraftModelDrafter",
 ]
-__all__ += ["append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]
-__all__ += ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify"]
-__all__ += ["speculative_generate", "SpeculativeResult", "NgramDrafter", "DraftModelDrafter"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -28,9 +30,28 @@ def _check_torch_version() -> None:
         )
 
 
+#: Values of the DECODEKIT_CPU_ISA environment variable (unset or empty: the best the CPU has).
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def _check_cpu_isa_env() -> None:
+    value = os.environ.get("DECODEKIT_CPU_ISA", "")
+    if value and value not in CPU_ISAS:
+        raise ImportError(
+            f"decodekit: DECODEKIT_CPU_ISA={value!r} is not an instruction set decodekit knows; use one of "
+            f"{', '.join(CPU_ISAS)} (a set the CPU lacks falls back to the best it has), or unset it"
+        )
+
+
 _check_torch_version()
+_check_cpu_isa_env()
 from . import _C  # noqa: E402  (registers torch.ops.decodekit.*)
 
-ops = torch.ops.decodekit
 BUILT_WITH_TORCH = _C.built_with_torch
 HAS_CUDA_OPS = bool(_C.has_cuda_ops)
+
+
+def cpu_isa() -> str:
+    """The CPU instruction set the kernels run with: ``"avx512"``, ``"avx2"`` or ``"baseline"``
+    (chosen once per process: the best the CPU supports, or ``DECODEKIT_CPU_ISA``)."""
+    return _C.cpu_isa()

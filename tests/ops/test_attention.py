@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from decodekit.attention import paged_attention, paged_attention_reference
+from decodekit import paged_attention
+from reference import paged_attention as paged_attention_reference
 
 
 def make_case(seed, B, Q, Hq, Hkv, D, block_size, lens, layout="NHD", dtype=torch.float32):
@@ -23,7 +24,7 @@ def make_case(seed, B, Q, Hq, Hkv, D, block_size, lens, layout="NHD", dtype=torc
     used = 0
     for b, n in enumerate(lens):
         nb = (n + block_size - 1) // block_size
-        tables[b, :nb] = perm[used:used + nb].int()
+        tables[b, :nb] = perm[used : used + nb].int()
         used += nb
     q = torch.randn(B, Q, Hq, D, generator=g)
     return q, k, v, tables, torch.tensor(lens, dtype=torch.int32)
@@ -46,18 +47,22 @@ def sdpa_on_gathered(q, k, v, tables, lens, layout, scale):
         kk, vv = kk.repeat_interleave(rep, 1).transpose(0, 1), vv.repeat_interleave(rep, 1).transpose(0, 1)
         mask = torch.arange(n)[None, :] <= torch.arange(n - Q, n)[:, None]
         out[b] = torch.nn.functional.scaled_dot_product_attention(
-            q[b].double().transpose(0, 1), kk, vv, attn_mask=mask, scale=scale).transpose(0, 1)
+            q[b].double().transpose(0, 1), kk, vv, attn_mask=mask, scale=scale
+        ).transpose(0, 1)
     return out
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("B,Q,Hq,Hkv,D,bs,lens", [
-    (1, 1, 9, 3, 64, 16, [1]),
-    (3, 1, 9, 3, 64, 16, [37, 100, 5]),
-    (2, 4, 8, 2, 32, 8, [9, 23]),
-    (4, 5, 4, 4, 48, 7, [5, 6, 50, 13]),
-    (2, 3, 6, 1, 80, 32, [70, 3]),
-])
+@pytest.mark.parametrize(
+    "B,Q,Hq,Hkv,D,bs,lens",
+    [
+        (1, 1, 9, 3, 64, 16, [1]),
+        (3, 1, 9, 3, 64, 16, [37, 100, 5]),
+        (2, 4, 8, 2, 32, 8, [9, 23]),
+        (4, 5, 4, 4, 48, 7, [5, 6, 50, 13]),
+        (2, 3, 6, 1, 80, 32, [70, 3]),
+    ],
+)
 def test_matches_sdpa_on_gathered_cache(layout, B, Q, Hq, Hkv, D, bs, lens):
     q, k, v, tables, sl = make_case(B * 100 + Q, B, Q, Hq, Hkv, D, bs, lens, layout)
     scale = 1 / math.sqrt(D)
@@ -79,11 +84,11 @@ def test_rows_bit_identical_whatever_b_and_q():
     q, k, v, tables, sl = make_case(11, 4, 5, 9, 3, 64, 16, [40, 77, 5, 130])
     full = paged_attention(q, k, v, tables, sl)
     for b in range(4):
-        alone = paged_attention(q[b:b + 1], k, v, tables[b:b + 1], sl[b:b + 1])
+        alone = paged_attention(q[b : b + 1], k, v, tables[b : b + 1], sl[b : b + 1])
         assert torch.equal(alone[0], full[b])
         for i in range(5):
             # Query i alone (Q = 1) sees the same positions when seq_lens stops at its position.
-            single = paged_attention(q[b:b + 1, i:i + 1], k, v, tables[b:b + 1], sl[b:b + 1] - (4 - i))
+            single = paged_attention(q[b : b + 1, i : i + 1], k, v, tables[b : b + 1], sl[b : b + 1] - (4 - i))
             assert torch.equal(single[0, 0], full[b, i])
     threads = torch.get_num_threads()
     try:
@@ -95,8 +100,9 @@ def test_rows_bit_identical_whatever_b_and_q():
 
 def test_matches_the_plain_torch_reference():
     q, k, v, tables, sl = make_case(12, 3, 2, 6, 2, 16, 4, [9, 2, 31])
-    torch.testing.assert_close(paged_attention(q, k, v, tables, sl),
-                               paged_attention_reference(q, k, v, tables, sl), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        paged_attention(q, k, v, tables, sl), paged_attention_reference(q, k, v, tables, sl), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_errors():
@@ -130,14 +136,13 @@ def test_bogus_lengths_without_validation_stay_fast_and_bounded():
 
 def test_opcheck():
     q, k, v, tables, sl = make_case(14, 2, 2, 4, 2, 16, 4, [5, 9])
-    torch.library.opcheck(torch.ops.decodekit.paged_attention.default,
-                          (q, k, v, tables.long(), sl.long(), 0.25, "NHD"))
+    torch.library.opcheck(torch.ops.decodekit.paged_attention.default, (q, k, v, tables.long(), sl.long(), 0.25, "NHD"))
 
 
 def test_nan_query_or_key_gives_nan_output():
     # NaN (or inf) in the query or a key the query reads makes that output row NaN, as in the
     # reference, instead of dropping the position.
-    from decodekit.attention import paged_attention
+    from decodekit import paged_attention
 
     k = torch.randn(2, 4, 1, 8)
     v = torch.randn(2, 4, 1, 8)
@@ -148,6 +153,16 @@ def test_nan_query_or_key_gives_nan_output():
     out = paged_attention(q, k, v, tables, lens, scale=0.3)
     assert torch.isnan(out[0, 0, 1]).all() and torch.isfinite(out[0, 0, 0]).all() and torch.isfinite(out[1]).all()
     k2 = k.clone()
-    k2[1, 2, 0, 3] = float("nan")          # position 2 of sequence 1 (block 1, slot 2), unread by sequence 0
+    k2[1, 2, 0, 3] = float("nan")  # position 2 of sequence 1 (block 1, slot 2), unread by sequence 0
     out = paged_attention(torch.randn(2, 1, 2, 8), k2, v, tables, lens, scale=0.3)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_meta_tensors():
+    # Found by a trial: the wrapper refused meta tensors although the op has a Meta kernel.
+    q = torch.empty(2, 3, 4, 16, device="meta")
+    k = torch.empty(6, 8, 2, 16, device="meta")
+    out = paged_attention(
+        q, k, k, torch.zeros(2, 3, dtype=torch.int32, device="meta"), torch.zeros(2, dtype=torch.int64, device="meta")
+    )
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 16) and out.dtype == torch.float32

@@ -109,8 +109,11 @@ def test_fuzz_softmax_and_argmax(x, t):
 @given(
     name=st.sampled_from(["temperature", "top_k", "top_p", "min_p", "seed", "offset"]),
     value=st.one_of(
-        st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.text(max_size=3),
-        st.none(), st.booleans(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-(2**70), 2**70),
+        st.text(max_size=3),
+        st.none(),
+        st.booleans(),
     ),
 )
 def test_fuzz_bad_parameters_raise_clear_errors(name, value):
@@ -143,13 +146,19 @@ def prob_rows(draw):
         if B == 0:
             break
         p[draw(st.integers(0, B - 1)), draw(st.integers(0, V - 1))] = draw(
-            st.sampled_from([0.0, -0.5, float("nan"), float("inf"), 1e-30, 1e30]))
+            st.sampled_from([0.0, -0.5, float("nan"), float("inf"), 1e-30, 1e30])
+        )
     return p
 
 
 @settings(max_examples=200, deadline=None)
-@given(p=prob_rows(), k=st.sampled_from([-1, 0, 1, 3, 199, 10**6]), top_p=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
-       mp=st.sampled_from([0.0, 0.2, 1.0]), seed=st.integers(0, 2**63))
+@given(
+    p=prob_rows(),
+    k=st.sampled_from([-1, 0, 1, 3, 199, 10**6]),
+    top_p=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+    mp=st.sampled_from([0.0, 0.2, 1.0]),
+    seed=st.integers(0, 2**63),
+)
 def test_fuzz_probability_ops(p, k, top_p, mp, seed):
     B, V = p.shape
     bad = [bool(torch.isnan(r).any() or torch.isinf(r).any() or (r < 0).any() or not (r > 0).any()) for r in p]
@@ -162,6 +171,9 @@ def test_fuzz_probability_ops(p, k, top_p, mp, seed):
             continue
         t = int(out.token_ids[b])
         assert 0 <= t < V and p[b, t] > 0 and filt[b, t] > 0
-        assert torch.isfinite(filt[b]).all() and abs(float(filt[b].double().sum()) - float(
-            p[b].double().sum() if torch.equal(filt[b], p[b]) else 1.0)) < 1e-4
+        assert (
+            torch.isfinite(filt[b]).all()
+            and abs(float(filt[b].double().sum()) - float(p[b].double().sum() if torch.equal(filt[b], p[b]) else 1.0))
+            < 1e-4
+        )
         assert out.logprobs[b] <= 1e-6

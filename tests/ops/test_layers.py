@@ -1,4 +1,4 @@
-"""Per-token layer kernels: rms_norm, silu_and_mul, apply_rope_ (float64 references, batch invariance)."""
+"""Per-token layer kernels: rms_norm, silu_and_mul, rope_ (float64 references, batch invariance)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-import decodekit
+from decodekit import rms_norm, rope_, silu_and_mul
 from decodekit.models.llama import rope_table
-from decodekit.ops import apply_rope_, rms_norm, silu_and_mul
 
 
 @pytest.mark.parametrize("H", [576, 37, 16, 1])
@@ -31,7 +30,7 @@ def test_rms_norm_hand_case_and_rows_independent():
     w = torch.randn(576, generator=g)
     full = rms_norm(x, w)
     for n in (1, 2, 5, 16):
-        assert torch.equal(rms_norm(x[37:37 + n], w), full[37:37 + n])
+        assert torch.equal(rms_norm(x[37 : 37 + n], w), full[37 : 37 + n])
     assert torch.equal(rms_norm(x.view(8, 8, 576), w).view(64, 576), full)
 
 
@@ -58,18 +57,18 @@ def test_rope_is_bitwise_the_float32_expression():
     x = torch.randn(N, H * D + 5, generator=g)
     pos = torch.randint(0, 2048, (N,), generator=g)
     heads = x[:, : H * D].view(N, H, D)
-    rotated = torch.cat((-heads[..., D // 2:], heads[..., : D // 2]), -1)
+    rotated = torch.cat((-heads[..., D // 2 :], heads[..., : D // 2]), -1)
     want = heads * cos_t[pos][:, None, :] + rotated * sin_t[pos][:, None, :]
     got = x.clone()
-    apply_rope_(got, H, cos_t, sin_t, pos)
+    rope_(got, H, cos_t, sin_t, pos)
     assert torch.equal(got[:, : H * D].view(N, H, D), want)
-    assert torch.equal(got[:, H * D:], x[:, H * D:])                 # columns past the heads untouched
+    assert torch.equal(got[:, H * D :], x[:, H * D :])  # columns past the heads untouched
     # Against a float64 rotation by the table's angles (float32 position x float32 frequency, as
     # rope_table documents): within float32 rounding of the products.
     inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
     ang = (pos.float()[:, None] * inv[None, :]).double()
     c, s = ang.cos(), ang.sin()
-    a, b = heads.double()[..., : D // 2], heads.double()[..., D // 2:]
+    a, b = heads.double()[..., : D // 2], heads.double()[..., D // 2 :]
     ref = torch.cat((a * c[:, None] - b * s[:, None], b * c[:, None] + a * s[:, None]), -1)
     torch.testing.assert_close(got[:, : H * D].view(N, H, D).double(), ref, rtol=0, atol=2e-6)
 
@@ -78,11 +77,11 @@ def test_rope_errors():
     cos_t, sin_t = rope_table(16, 8, 10000.0)
     x = torch.zeros(2, 16)
     with pytest.raises(ValueError, match="positions"):
-        apply_rope_(x, 2, cos_t, sin_t, torch.tensor([0, 16]))
+        rope_(x, 2, cos_t, sin_t, torch.tensor([0, 16]))
     with pytest.raises(ValueError, match="num_heads"):
-        apply_rope_(x, 3, cos_t, sin_t, torch.tensor([0, 1]))
+        rope_(x, 3, cos_t, sin_t, torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="float32"):
-        apply_rope_(x.double(), 2, cos_t, sin_t, torch.tensor([0, 1]))
+        rope_(x.double(), 2, cos_t, sin_t, torch.tensor([0, 1]))
 
 
 def test_layer_ops_meta():
@@ -95,8 +94,8 @@ def test_rope_refuses_overlapping_rows_and_grad():
     cos_t, sin_t = rope_table(8, 4, 10000.0)
     b = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="overlap"):
-        apply_rope_(b.expand(3, 4), 1, cos_t, sin_t, torch.tensor([1, 1, 1]))
+        rope_(b.expand(3, 4), 1, cos_t, sin_t, torch.tensor([1, 1, 1]))
     with pytest.raises(RuntimeError, match="grad"):
-        apply_rope_(torch.randn(1, 4, requires_grad=True), 1, cos_t, sin_t, torch.tensor([1]))
+        rope_(torch.randn(1, 4, requires_grad=True), 1, cos_t, sin_t, torch.tensor([1]))
     m = torch.empty(2, 8, device="meta")
-    assert apply_rope_(m, 2, cos_t.to("meta"), sin_t.to("meta"), torch.tensor([0, 1], device="meta")) is m
+    assert rope_(m, 2, cos_t.to("meta"), sin_t.to("meta"), torch.tensor([0, 1], device="meta")) is m

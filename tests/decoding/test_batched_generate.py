@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from decodekit.generate import GenerationResult, generate
+from decodekit import GenerationResult, generate
 from decodekit.models.gguf_loader import default_model_path, load_model
+from reference import llama as ref_llama
 
 NEW_TOKENS = 24
 SEEDS = [101, 202, 303, 404]
@@ -35,8 +36,12 @@ def lm():
 def prompts(lm):
     """Four prompts of different lengths: three chat texts and one raw id prompt."""
     ids = lm.tokenizer.encode("The capital of France is")
-    out = ["Write a short poem about the sea.", "Hi",
-           "Explain photosynthesis in two sentences, with details about chlorophyll.", ids]
+    out = [
+        "Write a short poem about the sea.",
+        "Hi",
+        "Explain photosynthesis in two sentences, with details about chlorophyll.",
+        ids,
+    ]
     lengths = [generate(p, model=lm, max_new_tokens=0).prompt_tokens for p in out]
     assert len(set(lengths)) == len(lengths), lengths
     return out
@@ -53,13 +58,20 @@ def greedy_alone(lm, prompts):
 
 @pytest.fixture(scope="module")
 def sampled_alone(lm, prompts):
-    return [generate(p, model=lm, max_new_tokens=NEW_TOKENS, stop_on_eos=False, temperature=0.8, seed=s)
-            for p, s in zip(prompts, SEEDS)]
+    return [
+        generate(p, model=lm, max_new_tokens=NEW_TOKENS, stop_on_eos=False, temperature=0.8, seed=s)
+        for p, s in zip(prompts, SEEDS)
+    ]
 
 
 def _same(a: GenerationResult, b: GenerationResult) -> bool:
-    return (a.prompt_token_ids, a.token_ids, a.text, a.finish_reason, a.seed) == \
-           (b.prompt_token_ids, b.token_ids, b.text, b.finish_reason, b.seed)
+    return (a.prompt_token_ids, a.token_ids, a.text, a.finish_reason, a.seed) == (
+        b.prompt_token_ids,
+        b.token_ids,
+        b.text,
+        b.finish_reason,
+        b.seed,
+    )
 
 
 # ----------------------------------------------------------------------------- generation
@@ -69,28 +81,35 @@ def test_greedy_batch_matches_alone(lm, prompts, greedy_alone):
     for r, alone in zip(batch, greedy_alone):
         assert _same(r, alone)
         assert r.new_tokens == NEW_TOKENS and r.decode_steps == NEW_TOKENS - 1
-    assert len({tuple(r.token_ids) for r in batch}) == len(batch)       # the rows really differ
+    assert len({tuple(r.token_ids) for r in batch}) == len(batch)  # the rows really differ
 
 
 def test_sampled_batch_matches_alone_in_any_order(lm, prompts, sampled_alone):
     """T = 0.8, a different seed per request: the same draws as alone, in either batch order."""
-    batch = generate(prompts, model=lm, max_new_tokens=NEW_TOKENS, temperature=0.8, seed=SEEDS,
-                     stop_on_eos=False)
+    batch = generate(prompts, model=lm, max_new_tokens=NEW_TOKENS, temperature=0.8, seed=SEEDS, stop_on_eos=False)
     for r, alone, seed in zip(batch, sampled_alone, SEEDS):
         assert r.seed == seed and _same(r, alone)
-    backwards = generate(prompts[::-1], model=lm, max_new_tokens=NEW_TOKENS, temperature=[0.8] * 4,
-                         seed=SEEDS[::-1], stop_on_eos=False)
+    backwards = generate(
+        prompts[::-1], model=lm, max_new_tokens=NEW_TOKENS, temperature=[0.8] * 4, seed=SEEDS[::-1], stop_on_eos=False
+    )
     for r, alone in zip(backwards[::-1], sampled_alone):
         assert _same(r, alone)
     # Sampling really happened: another seed gives another continuation.
-    other = generate(prompts[0], model=lm, max_new_tokens=NEW_TOKENS, temperature=0.8, seed=SEEDS[0] + 1,
-                     stop_on_eos=False)
+    other = generate(
+        prompts[0], model=lm, max_new_tokens=NEW_TOKENS, temperature=0.8, seed=SEEDS[0] + 1, stop_on_eos=False
+    )
     assert other.token_ids != sampled_alone[0].token_ids
 
 
 def test_per_request_parameters_mixed_greedy_and_sampled(lm, prompts, greedy_alone, sampled_alone):
-    batch = generate(prompts, model=lm, max_new_tokens=NEW_TOKENS, temperature=[0.0, 0.8, 0.0, 0.8],
-                     seed=[None, SEEDS[1], None, SEEDS[3]], stop_on_eos=False)
+    batch = generate(
+        prompts,
+        model=lm,
+        max_new_tokens=NEW_TOKENS,
+        temperature=[0.0, 0.8, 0.0, 0.8],
+        seed=[None, SEEDS[1], None, SEEDS[3]],
+        stop_on_eos=False,
+    )
     for i, r in enumerate(batch):
         assert _same(r, (greedy_alone if i % 2 == 0 else sampled_alone)[i])
 
@@ -109,11 +128,16 @@ def test_request_stopping_at_eos_leaves_the_batch(lm, prompts, greedy_alone):
     request's streamed pieces (``stream(index, piece)``) make up its text."""
     stop_ids = lm.tokenizer.stop_ids
     pieces = {}
-    batch = generate(prompts, model=lm, max_new_tokens=NEW_TOKENS, temperature=0.0,
-                     stream=lambda i, piece: pieces.setdefault(i, []).append(piece))
+    batch = generate(
+        prompts,
+        model=lm,
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.0,
+        stream=lambda i, piece: pieces.setdefault(i, []).append(piece),
+    )
     for i, (r, alone) in enumerate(zip(batch, greedy_alone)):
         stops = [j for j, t in enumerate(alone.token_ids) if t in stop_ids]
-        if stops:                       # alone (without stopping) it samples a stop token here
+        if stops:  # alone (without stopping) it samples a stop token here
             assert r.finish_reason == "eos" and r.token_ids == alone.token_ids[: stops[0] + 1]
             assert _same(r, generate(prompts[i], model=lm, max_new_tokens=NEW_TOKENS, temperature=0.0))
         else:
@@ -127,8 +151,13 @@ def test_request_stopping_at_eos_leaves_the_batch(lm, prompts, greedy_alone):
 def test_penalties_per_request(lm, prompts):
     ids = lm.tokenizer.encode("List the numbers: one, two, three,")
     kwargs = dict(model=lm, max_new_tokens=12, temperature=0.0, stop_on_eos=False)
-    batch = generate([ids, ids, prompts[1]], repetition_penalty=[1.3, 1.0, 1.0],
-                     frequency_penalty=[0.0, 0.5, 0.0], presence_penalty=[0.0, 0.0, 0.4], **kwargs)
+    batch = generate(
+        [ids, ids, prompts[1]],
+        repetition_penalty=[1.3, 1.0, 1.0],
+        frequency_penalty=[0.0, 0.5, 0.0],
+        presence_penalty=[0.0, 0.0, 0.4],
+        **kwargs,
+    )
     assert _same(batch[0], generate(ids, repetition_penalty=1.3, **kwargs))
     assert _same(batch[1], generate(ids, frequency_penalty=0.5, **kwargs))
     assert _same(batch[2], generate(prompts[1], presence_penalty=0.4, **kwargs))
@@ -149,13 +178,22 @@ def test_max_new_tokens_zero_in_a_batch(lm, prompts, greedy_alone):
 
 
 # ----------------------------------------------------------------------------- argument errors
-@pytest.mark.parametrize("name, value", [
-    ("max_new_tokens", [4, 4, 4]), ("temperature", [0.5, 0.5, 0.5]), ("top_k", [0, 0, 0]),
-    ("top_p", (0.9, 0.9, 0.9)), ("min_p", [0.0] * 5), ("seed", [1, 2, 3]),
-    ("repetition_penalty", [1.1, 1.1, 1.1]), ("frequency_penalty", [0.1]), ("presence_penalty", [0.1] * 3),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("max_new_tokens", [4, 4, 4]),
+        ("temperature", [0.5, 0.5, 0.5]),
+        ("top_k", [0, 0, 0]),
+        ("top_p", (0.9, 0.9, 0.9)),
+        ("min_p", [0.0] * 5),
+        ("seed", [1, 2, 3]),
+        ("repetition_penalty", [1.1, 1.1, 1.1]),
+        ("frequency_penalty", [0.1]),
+        ("presence_penalty", [0.1] * 3),
+    ],
+)
 def test_per_request_list_of_wrong_length(monkeypatch, name, value):
-    gen_module = importlib.import_module("decodekit.generate")
+    gen_module = importlib.import_module("decodekit.decoding.generate")
 
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded for a bad argument")
@@ -188,19 +226,19 @@ def test_paged_forward_is_bit_identical_in_a_batch(lm, prompts):
 
     cache = model.new_paged_cache(num_blocks=16)
     seq = cache.add_sequence()
-    alone = model.forward_paged(torch.tensor([ids]), cache, [seq])                      # [1, V]
+    alone = model.forward_paged(torch.tensor([ids]), cache, [seq])  # [1, V]
     alone_step = model.forward_paged(torch.tensor([[7]]), cache, [seq])
 
     cache3 = model.new_paged_cache(num_blocks=32)
     rows = [cache3.add_sequence() for _ in range(3)]
     batch = torch.tensor([list(reversed(ids)), ids, [5] * n])
-    together = model.forward_paged(batch, cache3, rows)                                 # [3, V]
+    together = model.forward_paged(batch, cache3, rows)  # [3, V]
     assert together.shape == (3, lm.config.vocab_size) and together.dtype == torch.float32
     assert torch.equal(together[1], alone[0])
 
     # Neighbours of other lengths, in another order, decoding one token each.
-    model.forward_paged(torch.tensor([ids[:9]]), cache3, [rows[0]])                     # 9 + n tokens
-    model.forward_paged(torch.tensor([ids[:3] * 4]), cache3, [rows[2]])                 # 12 + n tokens
+    model.forward_paged(torch.tensor([ids[:9]]), cache3, [rows[0]])  # 9 + n tokens
+    model.forward_paged(torch.tensor([ids[:3] * 4]), cache3, [rows[2]])  # 12 + n tokens
     step = model.forward_paged(torch.tensor([[3], [7], [9]]), cache3, [rows[2], rows[1], rows[0]])
     assert torch.equal(step[1], alone_step[0])
     assert cache3.seq_lens(rows).tolist() == [n + 10, n + 1, n + 13]
@@ -209,7 +247,7 @@ def test_paged_forward_is_bit_identical_in_a_batch(lm, prompts):
 def test_paged_forward_matches_contiguous_forward(lm, prompts):
     model = lm.model
     ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template([{"role": "user", "content": prompts[2]}]))
-    full = model.forward(torch.tensor([ids]), model.new_cache(1, len(ids)), all_logits=True)[0]
+    full = ref_llama.forward(model, torch.tensor([ids]), ref_llama.new_cache(model, 1, len(ids)), all_logits=True)[0]
     cache = model.new_paged_cache(num_blocks=16, block_size=4, kv_layout="HND")
     seq = cache.add_sequence()
     paged = model.forward_paged(torch.tensor([ids[:-3]]), cache, [seq], all_logits=True)[0]
@@ -221,6 +259,7 @@ def test_paged_forward_matches_contiguous_forward(lm, prompts):
 
 def test_paged_forward_errors(lm):
     from decodekit import PagedKVCache
+
     model = lm.model
     cache = model.new_paged_cache(num_blocks=2, block_size=4)
     seq = cache.add_sequence()
@@ -233,6 +272,7 @@ def test_paged_forward_errors(lm):
     with pytest.raises(ValueError, match="the model needs"):
         model.forward_paged(torch.tensor([[1]]), PagedKVCache(2, 2, 4, 3, 64), [0])
     from decodekit import OutOfBlocksError
+
     with pytest.raises(OutOfBlocksError):
         model.forward_paged(torch.tensor([list(range(1, 10))]), cache, [seq])
     assert cache.seq_lens([seq]).tolist() == [0]
@@ -240,8 +280,20 @@ def test_paged_forward_errors(lm):
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_batch_prints_each_result_with_a_header(lm):
-    cmd = [sys.executable, "-m", "decodekit", "generate", "--prompt", "The capital of France is",
-           "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "decodekit",
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "=== [0] The capital of France is ===" in proc.stdout and "=== [1] Hi ===" in proc.stdout
@@ -254,11 +306,8 @@ def test_cli_batch_prints_each_result_with_a_header(lm):
 def test_subnormal_temperature_request_is_not_greedy():
     # Found by a trial: a positive temperature that float32 rounds to 0 (1e-46) must act as
     # 1.18e-38 (the T -> 0+ limit: uniform over tied maxima), not as greedy.
-    import importlib
-    import types
+    from decodekit import SamplingParams
+    from decodekit.params import rows
 
-    gen = importlib.import_module("decodekit.generate")  # the module (decodekit.generate is the function)
-
-    r = types.SimpleNamespace(temperature=1e-46, top_k=0, top_p=1.0, min_p=0.0, seed=1, token_ids=[])
-    (t, *_), _ = gen._sampling_params([r])
+    (t, *_), _ = rows([SamplingParams(temperature=1e-46, seed=1)], [0])
     assert t.tolist() == [1.1754943508222875e-38]

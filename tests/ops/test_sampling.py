@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -10,9 +11,8 @@ import pytest
 import torch
 
 import decodekit
-from decodekit import _C
-
 import reference as ref
+from decodekit import _C
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -24,8 +24,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -82,8 +85,8 @@ def test_softmax_rows_whose_running_maximum_keeps_rising(dtype):
             torch.testing.assert_close(probs[b].double(), expected, rtol=1e-5, atol=1e-30)
         assert (probs[2, : 3 * 256 + 5] == 0).all()
     bad = logits.float().clone()
-    bad[0, -1] = float("nan")      # NaN in the last chunk
-    bad[1, 1000] = float("inf")    # +inf in a middle chunk
+    bad[0, -1] = float("nan")  # NaN in the last chunk
+    bad[1, 1000] = float("inf")  # +inf in a middle chunk
     out = decodekit.softmax(bad, 1.0, validate=False)
     assert torch.isnan(out[:2]).all() and not torch.isnan(out[2:]).any()
     with pytest.raises(ValueError, match=r"rows \[0, 1\]"):
@@ -93,15 +96,23 @@ def test_softmax_rows_whose_running_maximum_keeps_rising(dtype):
 def test_softmax_hand_values_and_padding():
     probs = decodekit.softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 9.0]]), 0.0, vocab_size=3)
     assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]  # T=0: one-hot, lowest index
-    p = decodekit.softmax(torch.tensor([[0.0, 2.0 ** 0.5 * 0, 0.0]]), 1.0)
+    p = decodekit.softmax(torch.tensor([[0.0, 2.0**0.5 * 0, 0.0]]), 1.0)
     assert torch.allclose(p, torch.full((1, 3), 1 / 3))
     p = decodekit.softmax(torch.tensor([[1.0, 2.0, 100.0]]), 1.0, vocab_size=2)
-    torch.testing.assert_close(p[0].double(), torch.tensor([1 / (1 + 2.718281828459045), 2.718281828459045 / (1 + 2.718281828459045), 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        p[0].double(),
+        torch.tensor(
+            [1 / (1 + 2.718281828459045), 2.718281828459045 / (1 + 2.718281828459045), 0.0], dtype=torch.float64
+        ),
+    )
 
 
 def test_softmax_tiny_temperature_is_finite_one_hot():
-    for logits, t in [(torch.tensor([[30.0, 20.0, 10.0]], dtype=torch.float16), 1e-4),
-                      (torch.tensor([[1.0, 2.0, 3.0]]), 1e-12), (torch.tensor([[1.0, 2.0, 3.0]]), 1e-45)]:
+    for logits, t in [
+        (torch.tensor([[30.0, 20.0, 10.0]], dtype=torch.float16), 1e-4),
+        (torch.tensor([[1.0, 2.0, 3.0]]), 1e-12),
+        (torch.tensor([[1.0, 2.0, 3.0]]), 1e-45),
+    ]:
         p = decodekit.softmax(logits, t)
         assert torch.isfinite(p).all()
         assert p.argmax().item() == int(logits.float().argmax()) and p.max().item() == 1.0
@@ -154,8 +165,9 @@ def test_top_p_edges():
     # top_p == 1 is an exact no-op: the same draws as without top-p.
     y = torch.randn(16, 3000, generator=torch.Generator().manual_seed(4))
     seeds = torch.arange(16) * 7
-    assert torch.equal(decodekit.sample_from_logits(y, 0.9, top_p=1.0, seed=seeds),
-                       decodekit.sample_from_logits(y, 0.9, seed=seeds))
+    assert torch.equal(
+        decodekit.sample_from_logits(y, 0.9, top_p=1.0, seed=seeds), decodekit.sample_from_logits(y, 0.9, seed=seeds)
+    )
     expected = [ref.sample(y[b], int(seeds[b]), temperature=0.9) for b in range(16)]
     assert decodekit.sample_from_logits(y, 0.9, top_p=1.0, seed=seeds).tolist() == expected
 
@@ -166,8 +178,10 @@ def test_top_k_at_or_past_vocab_is_disabled():
     base = decodekit.sample_from_logits(y, 1.0, seed=seeds)
     for k in (0, -1, 100, 101, 2**40):
         assert torch.equal(decodekit.sample_from_logits(y, 1.0, top_k=k, seed=seeds), base)
-    assert torch.equal(decodekit.sample_from_logits(y, 1.0, top_k=100, seed=seeds, vocab_size=60),
-                       decodekit.sample_from_logits(y, 1.0, seed=seeds, vocab_size=60))
+    assert torch.equal(
+        decodekit.sample_from_logits(y, 1.0, top_k=100, seed=seeds, vocab_size=60),
+        decodekit.sample_from_logits(y, 1.0, seed=seeds, vocab_size=60),
+    )
 
 
 def test_min_p_edges():
@@ -198,8 +212,11 @@ def test_tiny_temperatures_are_finite_and_agree():
     for s in range(20):
         assert decodekit.sample_from_logits(x16, 1e-4, seed=s).item() == 0
         assert decodekit.sample_from_logits(x32, 1e-12, seed=s).item() == 2
-        assert (decodekit.sample_from_logits(x32, 2e-5, seed=s).item()
-                == decodekit.sample_from_logits(x32, 5e-6, seed=s).item() == 2)
+        assert (
+            decodekit.sample_from_logits(x32, 2e-5, seed=s).item()
+            == decodekit.sample_from_logits(x32, 5e-6, seed=s).item()
+            == 2
+        )
     # With top-p alone the nucleus pre-pass bounds the logits through log(bound) * T:
     # a temperature so small that 1 / T is capped must still keep the (tied) maxima only.
     wide = torch.randn(4, 5000, generator=torch.Generator().manual_seed(3))
@@ -307,15 +324,15 @@ def test_top_p_alone_capture_limits_and_fallbacks_match_reference():
     g = torch.Generator().manual_seed(13)
     V = 50000
     flat_then_spike = torch.randn(V, generator=g) * 0.01
-    flat_then_spike[45000] = 30.0            # 45000 near-ties captured first: overflow
+    flat_then_spike[45000] = 30.0  # 45000 near-ties captured first: overflow
     flat_then_peak = torch.randn(V, generator=g) * 0.3
-    flat_then_peak[40000:40010] = 2.5        # overflow, and a nucleus spread over the flat part
+    flat_then_peak[40000:40010] = 2.5  # overflow, and a nucleus spread over the flat part
     deep = torch.randn(V, generator=g) * 0.5
-    deep[7] = 13.0                           # top weight ~1, the rest ~e^-13 < 2^-16 each
+    deep[7] = 13.0  # top weight ~1, the rest ~e^-13 < 2^-16 each
     heavy = torch.zeros(V)
     heavy[::7] = 0.25
-    heavy[:25000] = float("-inf")            # 25000 near-ties captured, W past 4096
-    std3 = torch.randn(V, generator=g) * 3   # the usual path, for contrast
+    heavy[:25000] = float("-inf")  # 25000 near-ties captured, W past 4096
+    std3 = torch.randn(V, generator=g) * 3  # the usual path, for contrast
     rows = [flat_then_spike, flat_then_peak, deep, heavy, std3]
     seeds = torch.arange(60) * 7 + 1
     uniforms = [ref.uniform_double(int(sd), 0, 0, 0) for sd in seeds]
@@ -345,7 +362,7 @@ def test_top_p_alone_boundary_in_the_last_captured_octave_and_exact_ties():
     # (9 of 10 ties reach 0.9 * 10, as 0.3 + 0.5 reaches 0.8 in the issue's hand case).
     for n, p, kept in ((4, 0.5, 2), (8, 0.25, 2), (8, 0.375, 3), (4, 0.75, 3), (10, 0.9, 9), (12, 0.5, 6)):
         row = torch.full((64,), float("-inf"))
-        row[10:10 + n] = 0.0
+        row[10 : 10 + n] = 0.0
         ids = decodekit.sample_from_logits(row.repeat(400, 1), 1.0, top_p=p, seed=torch.arange(400))
         assert set(ids.tolist()) == set(range(10, 10 + kept)), (n, p)
         assert set(torch.nonzero(ref.filtered_probs(row, top_p=p)).flatten().tolist()) == set(range(10, 10 + kept))
@@ -382,8 +399,14 @@ def test_per_row_parameters_match_reference():
     seeds = torch.arange(B) + 100
     ids = decodekit.sample_from_logits(logits, temps, top_k, top_p, min_p, seed=seeds)
     for b in range(B):
-        exp = ref.sample(logits[b], int(seeds[b]), temperature=float(temps[b]), top_k=int(top_k[b]),
-                         top_p=float(top_p[b]), min_p=float(min_p[b]))
+        exp = ref.sample(
+            logits[b],
+            int(seeds[b]),
+            temperature=float(temps[b]),
+            top_k=int(top_k[b]),
+            top_p=float(top_p[b]),
+            min_p=float(min_p[b]),
+        )
         assert ids[b].item() == exp, b
 
 
@@ -401,13 +424,17 @@ def test_top_p_keeps_exact_prefix_of_uniform_row():
 
 
 # --------------------------------------------------- statistical tests ----
-@pytest.mark.parametrize("params", [
-    dict(temperature=1.0),
-    dict(temperature=0.8, top_k=6),
-    dict(temperature=1.2, top_p=0.8),
-    dict(temperature=1.0, min_p=0.1),
-    dict(temperature=0.9, top_k=10, top_p=0.9, min_p=0.05),
-], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.8, top_k=6),
+        dict(temperature=1.2, top_p=0.8),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=0.9, top_k=10, top_p=0.9, min_p=0.05),
+    ],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()),
+)
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_chi_square_against_filtered_distribution(params, deterministic):
     # 200,000 draws of one row (each draw its own seed) against the float64
@@ -416,8 +443,9 @@ def test_chi_square_against_filtered_distribution(params, deterministic):
     N = 200_000
     logits = torch.randn(1, 24, generator=torch.Generator().manual_seed(8)) * 1.5
     probs = ref.filtered_probs(logits[0], **params)
-    ids = decodekit.sample_from_logits(logits.expand(N, 24), seed=torch.arange(N) + 10**6,
-                                       deterministic=deterministic, **params)
+    ids = decodekit.sample_from_logits(
+        logits.expand(N, 24), seed=torch.arange(N) + 10**6, deterministic=deterministic, **params
+    )
     counts = torch.bincount(ids, minlength=24).double()
     kept = probs > 0
     assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
@@ -452,11 +480,15 @@ def test_batch_invariance_any_position_and_thread_count(dtype):
                 b2[pos] = row[0]
                 perm = torch.arange(64)
                 perm[pos], perm[37] = 37, pos
-                out = decodekit.sample_from_logits(b2, temps[perm], top_k[perm], top_p[perm], min_p[perm], seed=seeds[perm])
+                out = decodekit.sample_from_logits(
+                    b2, temps[perm], top_k[perm], top_p[perm], min_p[perm], seed=seeds[perm]
+                )
                 assert out[pos] == full[37]
                 p2 = decodekit.softmax(b2, temps[perm])
                 assert torch.equal(p2[pos], probs[37])
-            alone = decodekit.sample_from_logits(row, temps[37:38], top_k[37:38], top_p[37:38], min_p[37:38], seed=seeds[37:38])
+            alone = decodekit.sample_from_logits(
+                row, temps[37:38], top_k[37:38], top_p[37:38], min_p[37:38], seed=seeds[37:38]
+            )
             assert alone.item() == full[37].item()
             assert torch.equal(decodekit.softmax(row, temps[37:38])[0], probs[37])
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -471,15 +503,19 @@ def test_same_seed_reproduces_and_other_seed_differs():
     c = decodekit.sample_from_logits(x, 1.0, seed=43)
     assert torch.equal(a, b) and not torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(decodekit.sample_from_logits(x, 1.0, generator=g1), decodekit.sample_from_logits(x, 1.0, generator=g2))
+    assert torch.equal(
+        decodekit.sample_from_logits(x, 1.0, generator=g1), decodekit.sample_from_logits(x, 1.0, generator=g2)
+    )
 
 
 def test_golden_ids_are_stable():
     # Pinned outputs of seeded calls: a change here means users' seeded runs changed.
     x = torch.arange(1000, dtype=torch.float32).reshape(4, 250).sin() * 4
     assert decodekit.sample_from_logits(x, 0.8, seed=1234).tolist() == GOLDEN_PLAIN
-    assert decodekit.sample_from_logits(x, 0.7, top_k=50, top_p=0.9, seed=torch.tensor([1, 2, 3, 4]),
-                                        offset=7).tolist() == GOLDEN_FILTERED
+    assert (
+        decodekit.sample_from_logits(x, 0.7, top_k=50, top_p=0.9, seed=torch.tensor([1, 2, 3, 4]), offset=7).tolist()
+        == GOLDEN_FILTERED
+    )
 
 
 # Pinned on 2026-11-29; both lists equal the float64 reference's draws with the same uniforms.
@@ -488,48 +524,59 @@ GOLDEN_FILTERED = [121, 78, 237, 43]
 
 
 # -------------------------------------------------------------- bad input ----
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(logits=torch.zeros(3)), ValueError, "logits must be 2-D"),
-    (dict(logits=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "logits must be float32"),
-    (dict(logits=[[0.0]]), TypeError, "logits must be a torch.Tensor"),
-    (dict(temperature=-0.5), ValueError, "temperature"),
-    (dict(temperature=float("nan")), ValueError, "temperature"),
-    (dict(temperature=float("inf")), ValueError, "temperature"),
-    (dict(temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature"),
-    (dict(temperature=torch.tensor([1.0, 1.0, 1.0])), ValueError, "temperature must be a scalar or a 1-D tensor of length B=2"),
-    (dict(top_p=1.5), ValueError, "top_p must be in \\[0, 1\\]"),
-    (dict(top_p=-0.1), ValueError, "top_p"),
-    (dict(top_p=float("nan")), ValueError, "top_p"),
-    (dict(top_p=torch.tensor([0.5, float("nan")])), ValueError, "top_p"),
-    (dict(min_p=1.05), ValueError, "min_p"),
-    (dict(min_p=torch.tensor([0.5, 2.0])), ValueError, "min_p"),
-    (dict(top_k=2.5), TypeError, "top_k"),
-    (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must be an int or an integer tensor"),
-    (dict(seed=None), ValueError, "seed"),
-    (dict(seed=1.5), TypeError, "seed"),
-    (dict(seed=2**70), ValueError, "seed"),
-    (dict(seed=1, generator=torch.Generator()), ValueError, "either seed"),
-    (dict(vocab_size=0), ValueError, "vocab_size"),
-    (dict(vocab_size=4), ValueError, "vocab_size"),
-    (dict(offset=-1), ValueError, "offset"),
-    # [B] tensors of the kernel's own dtypes (the wrapper's short path):
-    (dict(top_p=torch.tensor([0.5, 1.5], dtype=torch.float64)), ValueError, "top_p"),
-    (dict(min_p=torch.tensor([0.5, float("nan")])), ValueError, "min_p"),
-    (dict(temperature=torch.tensor([float("inf"), 1.0])), ValueError, "temperature"),
-    (dict(offset=torch.tensor([0, -1])), ValueError, "offset"),
-    (dict(logits=torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0]])), ValueError, "rows \\[1\\]"),
-    # values that are out of range only before float32 rounding, or not representable in it
-    (dict(temperature=-1e-50), ValueError, "temperature"),
-    (dict(min_p=1 + 1e-12), ValueError, "min_p"),
-    (dict(temperature=1e39), ValueError, "temperature must be finite and >= 0 and at most float32's largest value"),
-    (dict(temperature=torch.tensor([1.0, 1e39], dtype=torch.float64)), ValueError, "temperature.*float32.*rows \\[1\\]"),
-    (dict(temperature=10**400), ValueError, "temperature must be finite and >= 0, got an int of"),
-    (dict(top_p=10**400), ValueError, "top_p"),
-    # an empty batch still checks the parameters
-    (dict(logits=torch.empty(0, 3), temperature=-1.0), ValueError, "temperature"),
-    (dict(logits=torch.empty(0, 3), top_p=2.0), ValueError, "top_p"),
-    (dict(offset=torch.zeros(2, dtype=torch.int64, device="meta")), ValueError, "offset is on meta"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(logits=torch.zeros(3)), ValueError, "logits must be 2-D"),
+        (dict(logits=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "logits must be float32"),
+        (dict(logits=[[0.0]]), TypeError, "logits must be a torch.Tensor"),
+        (dict(temperature=-0.5), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature"),
+        (
+            dict(temperature=torch.tensor([1.0, 1.0, 1.0])),
+            ValueError,
+            "temperature must be a scalar or a 1-D tensor of length B=2",
+        ),
+        (dict(top_p=1.5), ValueError, "top_p must be in \\[0, 1\\]"),
+        (dict(top_p=-0.1), ValueError, "top_p"),
+        (dict(top_p=float("nan")), ValueError, "top_p"),
+        (dict(top_p=torch.tensor([0.5, float("nan")])), ValueError, "top_p"),
+        (dict(min_p=1.05), ValueError, "min_p"),
+        (dict(min_p=torch.tensor([0.5, 2.0])), ValueError, "min_p"),
+        (dict(top_k=2.5), TypeError, "top_k"),
+        (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k must be an int or an integer tensor"),
+        (dict(seed=None), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(seed=2**70), ValueError, "seed"),
+        (dict(seed=1, generator=torch.Generator()), ValueError, "either seed"),
+        (dict(vocab_size=0), ValueError, "vocab_size"),
+        (dict(vocab_size=4), ValueError, "vocab_size"),
+        (dict(offset=-1), ValueError, "offset"),
+        # [B] tensors of the kernel's own dtypes (the wrapper's short path):
+        (dict(top_p=torch.tensor([0.5, 1.5], dtype=torch.float64)), ValueError, "top_p"),
+        (dict(min_p=torch.tensor([0.5, float("nan")])), ValueError, "min_p"),
+        (dict(temperature=torch.tensor([float("inf"), 1.0])), ValueError, "temperature"),
+        (dict(offset=torch.tensor([0, -1])), ValueError, "offset"),
+        (dict(logits=torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0]])), ValueError, "rows \\[1\\]"),
+        # values that are out of range only before float32 rounding, or not representable in it
+        (dict(temperature=-1e-50), ValueError, "temperature"),
+        (dict(min_p=1 + 1e-12), ValueError, "min_p"),
+        (dict(temperature=1e39), ValueError, "temperature must be finite and >= 0 and at most float32's largest value"),
+        (
+            dict(temperature=torch.tensor([1.0, 1e39], dtype=torch.float64)),
+            ValueError,
+            "temperature.*float32.*rows \\[1\\]",
+        ),
+        (dict(temperature=10**400), ValueError, "temperature must be finite and >= 0, got an int of"),
+        (dict(top_p=10**400), ValueError, "top_p"),
+        # an empty batch still checks the parameters
+        (dict(logits=torch.empty(0, 3), temperature=-1.0), ValueError, "temperature"),
+        (dict(logits=torch.empty(0, 3), top_p=2.0), ValueError, "top_p"),
+        (dict(offset=torch.zeros(2, dtype=torch.int64, device="meta")), ValueError, "offset is on meta"),
+    ],
+)
 def test_bad_input_is_a_clear_error(kwargs, exc, match):
     args = dict(logits=torch.zeros(2, 3), temperature=1.0, seed=0)
     args.update(kwargs)
@@ -547,17 +594,23 @@ def test_short_path_and_full_path_agree_for_every_parameter_kind():
     cases = [
         dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=11, offset=3),
         dict(temperature=1, top_k=0, top_p=1, min_p=0, seed=-5, offset=0),
-        dict(temperature=torch.tensor([0.0, 0.5, 1.0, 1.5, 0.7, 2.0]), top_k=torch.tensor([0, 1, 5, 300, -1, 40]),
-             top_p=torch.tensor([1.0, 0.5, 0.9, 0.0, 0.95, 1.0], dtype=torch.float64),
-             min_p=torch.tensor([0.0, 0.1, 0.0, 0.2, 0.0, 0.3]), seed=torch.arange(B) * 7 - 3,
-             offset=torch.arange(B) + 2**40),
+        dict(
+            temperature=torch.tensor([0.0, 0.5, 1.0, 1.5, 0.7, 2.0]),
+            top_k=torch.tensor([0, 1, 5, 300, -1, 40]),
+            top_p=torch.tensor([1.0, 0.5, 0.9, 0.0, 0.95, 1.0], dtype=torch.float64),
+            min_p=torch.tensor([0.0, 0.1, 0.0, 0.2, 0.0, 0.3]),
+            seed=torch.arange(B) * 7 - 3,
+            offset=torch.arange(B) + 2**40,
+        ),
     ]
     for kw in cases:
         short = decodekit.sample_from_logits(logits, **kw)
         full = decodekit.sample_from_logits(logits, return_valid=True, **kw)
         assert torch.equal(short, full.token_ids) and bool(full.valid.all())
         # the same parameters as other dtypes (converted by the full path) give the same ids
-        conv = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else v) for k, v in kw.items()}
+        conv = {
+            k: (v.double() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else v) for k, v in kw.items()
+        }
         assert torch.equal(decodekit.sample_from_logits(logits, **conv), short)
         for r in range(B):  # and each row is the reference draw with its own uniform
             row = {k: (v[r].item() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -586,8 +639,10 @@ def test_opcheck_schemas_and_meta_kernels():
     temps = torch.tensor([0.0, 0.5, 1.0])
     torch.library.opcheck(torch.ops.decodekit.softmax.default, (x, temps, 1.0, 50, True))
     torch.library.opcheck(torch.ops.decodekit.argmax.default, (x, 40))
-    torch.library.opcheck(torch.ops.decodekit.sample_from_logits.default,
-                          (x, temps, 1.0, None, 5, None, 0.9, None, 0.0, None, 7, None, 0, 50, True, True, 3, False))
+    torch.library.opcheck(
+        torch.ops.decodekit.sample_from_logits.default,
+        (x, temps, 1.0, None, 5, None, 0.9, None, 0.0, None, 7, None, 0, 50, True, True, 3, False),
+    )
     meta = decodekit.sample_from_logits(x.to("meta"), 1.0, seed=1)
     assert meta.shape == (3,) and meta.dtype == torch.int64
 
@@ -616,7 +671,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         h.update(out.token_ids.numpy().tobytes())
 w = torch.randn(37, 150, generator=g)
 h.update(decodekit.linear(torch.randn(5, 150, generator=g), w, torch.randn(37, generator=g)).numpy().tobytes())
-from decodekit.attention import paged_attention
+from decodekit import paged_attention
 k = torch.randn(12, 16, 2, 64, generator=g); v = torch.randn(12, 16, 2, 64, generator=g)
 tables = torch.arange(12).reshape(2, 6); lens = torch.tensor([70, 33])
 h.update(paged_attention(torch.randn(2, 3, 6, 64, generator=g), k, v, tables, lens).numpy().tobytes())
@@ -640,17 +695,26 @@ def test_every_instruction_set_gives_the_same_bits():
 
 
 # ---------------------------------------------------------------- logprobs ----
-@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
-                                    dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=30, top_p=0.9, min_p=0.05),
-                                    dict(temperature=0.0), dict(temperature=1.0, top_k=1)],
-                         ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=20),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=0.9, top_k=30, top_p=0.9, min_p=0.05),
+        dict(temperature=0.0),
+        dict(temperature=1.0, top_k=1),
+    ],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()),
+)
 def test_logprobs_match_reference(params):
     g = torch.Generator().manual_seed(30)
     B, V, n = 8, 700, 5
     logits = torch.randn(B, V, generator=g) * 2
     out = decodekit.sample_from_logits(logits, seed=torch.arange(B), return_logprobs=True, top_logprobs=n, **params)
-    raw = decodekit.sample_from_logits(logits, seed=torch.arange(B), return_logprobs=True, top_logprobs=n,
-                                       logprobs_mode="raw", **params)
+    raw = decodekit.sample_from_logits(
+        logits, seed=torch.arange(B), return_logprobs=True, top_logprobs=n, logprobs_mode="raw", **params
+    )
     assert torch.equal(out.token_ids, raw.token_ids) and out.valid is None
     for b in range(B):
         lp = torch.log(ref.filtered_probs(logits[b], **params))
@@ -697,7 +761,9 @@ def test_row_alone_and_inside_batch_bit_identical_ids_probs_logprobs():
         alone = decodekit.sample_from_logits(row, t, seed=seeds[37:38], **kw)
         assert alone.token_ids.item() == full_t.token_ids[37].item()
         assert torch.equal(alone.logprobs, full_t.logprobs[37:38])
-        assert torch.equal(alone.top_ids, full_t.top_ids[37:38]) and torch.equal(alone.top_logprobs, full_t.top_logprobs[37:38])
+        assert torch.equal(alone.top_ids, full_t.top_ids[37:38]) and torch.equal(
+            alone.top_logprobs, full_t.top_logprobs[37:38]
+        )
         assert torch.equal(decodekit.softmax(row, t)[0], decodekit.softmax(batch, temps37)[37])
     assert full.token_ids.shape == (64,) and probs.shape == (64, V)
 
@@ -706,8 +772,26 @@ def test_row_alone_and_inside_batch_bit_identical_ids_probs_logprobs():
 def test_meta_parameter_beside_cpu_logits_is_an_error_not_garbage():
     L = torch.randn(4, 100)
     with pytest.raises(RuntimeError, match="meta"):
-        torch.ops.decodekit.sample_from_logits(L, torch.ones(4, device="meta"), 1.0, None, 0, None, 1.0, None, 0.0,
-                                               None, 1, None, 0, 100, True, False, 0, False)
+        torch.ops.decodekit.sample_from_logits(
+            L,
+            torch.ones(4, device="meta"),
+            1.0,
+            None,
+            0,
+            None,
+            1.0,
+            None,
+            0.0,
+            None,
+            1,
+            None,
+            0,
+            100,
+            True,
+            False,
+            0,
+            False,
+        )
     with pytest.raises(RuntimeError, match="meta"):
         torch.ops.decodekit.softmax(L, torch.ones(4, device="meta"), 1.0, 100, True)
 
@@ -715,15 +799,23 @@ def test_meta_parameter_beside_cpu_logits_is_an_error_not_garbage():
 def test_out_of_range_parameters_without_validation_mark_rows_invalid():
     L = torch.randn(4, 100, generator=torch.Generator().manual_seed(50))
     nan = float("nan")
-    out = decodekit.sample_from_logits(L, torch.tensor([-1.0, nan, 1.0, float("inf")]), seed=1, validate=False,
-                                       return_valid=True)
+    out = decodekit.sample_from_logits(
+        L, torch.tensor([-1.0, nan, 1.0, float("inf")]), seed=1, validate=False, return_valid=True
+    )
     assert out.valid.tolist() == [False, False, True, False] and out.token_ids.tolist()[::3] == [-1, -1]
-    out = decodekit.sample_from_logits(L, 1.0, top_p=torch.tensor([0.5, 1.5, -1.0, nan], dtype=torch.float64),
-                                       min_p=torch.tensor([0.0, 0.0, 0.0, 0.0]), seed=1, validate=False,
-                                       return_valid=True)
+    out = decodekit.sample_from_logits(
+        L,
+        1.0,
+        top_p=torch.tensor([0.5, 1.5, -1.0, nan], dtype=torch.float64),
+        min_p=torch.tensor([0.0, 0.0, 0.0, 0.0]),
+        seed=1,
+        validate=False,
+        return_valid=True,
+    )
     assert out.valid.tolist() == [True, False, False, False]
-    out = decodekit.sample_from_probs(torch.softmax(L, -1), min_p=torch.tensor([2.0, 0.1, -1.0, nan]), seed=1,
-                                      validate=False, return_valid=True)
+    out = decodekit.sample_from_probs(
+        torch.softmax(L, -1), min_p=torch.tensor([2.0, 0.1, -1.0, nan]), seed=1, validate=False, return_valid=True
+    )
     assert out.valid.tolist() == [False, True, False, False]
     p = torch.ops.decodekit.softmax(L, torch.tensor([nan, -1.0, 1.0, 0.0]), 1.0, 100, True)
     assert torch.isnan(p[:2]).all() and torch.isfinite(p[2:]).all()
@@ -794,9 +886,12 @@ def test_fast_entry_samples_plain_calls_and_declines_everything_else():
     g = torch.Generator().manual_seed(40)
     x = torch.randn(6, 900, generator=g) * 2
     seeds = torch.arange(6) + 3
-    for T, k, p, mp, sd in ((0.7, 0, 0.9, 0.0, seeds), (1, 20, 1.0, 0.0, 7), (0.0, 0, 1.0, 0.0, 0),
-                            (torch.tensor([0.5, 1.0, 0.0, 2.0, 0.7, 1.3]), torch.tensor([0, 5, 0, 50, 1, 0]),
-                             0.8, 0.05, seeds)):
+    for T, k, p, mp, sd in (
+        (0.7, 0, 0.9, 0.0, seeds),
+        (1, 20, 1.0, 0.0, 7),
+        (0.0, 0, 1.0, 0.0, 0),
+        (torch.tensor([0.5, 1.0, 0.0, 2.0, 0.7, 1.3]), torch.tensor([0, 5, 0, 50, 1, 0]), 0.8, 0.05, seeds),
+    ):
         ids = fast(x, T, k, p, mp, sd, 4, True)
         assert ids is not None and ids.dtype == torch.int64
         for b in range(6):
@@ -814,24 +909,24 @@ def test_fast_entry_samples_plain_calls_and_declines_everything_else():
         (x.as_subclass(Sub), 0.7, 0, 0.9, 0.0, 1, 0, True),
         (x.clone().requires_grad_(), 0.7, 0, 0.9, 0.0, 1, 0, True),
         (x.to("meta"), 0.7, 0, 0.9, 0.0, 1, 0, True),
-        (x[:, ::2], 0.7, 0, 0.9, 0.0, 1, 0, True),            # rows not contiguous
-        (x.double(), 0.7, 0, 0.9, 0.0, 1, 0, True),            # dtype
-        (x[:0], 0.7, 0, 0.9, 0.0, 1, 0, True),                 # empty batch
-        (bad_row, 0.7, 0, 0.9, 0.0, 1, 0, True),               # NaN row
+        (x[:, ::2], 0.7, 0, 0.9, 0.0, 1, 0, True),  # rows not contiguous
+        (x.double(), 0.7, 0, 0.9, 0.0, 1, 0, True),  # dtype
+        (x[:0], 0.7, 0, 0.9, 0.0, 1, 0, True),  # empty batch
+        (bad_row, 0.7, 0, 0.9, 0.0, 1, 0, True),  # NaN row
         (x, float("nan"), 0, 0.9, 0.0, 1, 0, True),
-        (x, 1e-39, 0, 0.9, 0.0, 1, 0, True),                   # tiny T: the full path maps it
+        (x, 1e-39, 0, 0.9, 0.0, 1, 0, True),  # tiny T: the full path maps it
         (x, 3.5e38, 0, 0.9, 0.0, 1, 0, True),
         (x, -0.5, 0, 0.9, 0.0, 1, 0, True),
-        (x, 0.7, 5.0, 0.9, 0.0, 1, 0, True),                   # float top_k
-        (x, 0.7, True, 0.9, 0.0, 1, 0, True),                  # bool
+        (x, 0.7, 5.0, 0.9, 0.0, 1, 0, True),  # float top_k
+        (x, 0.7, True, 0.9, 0.0, 1, 0, True),  # bool
         (x, 0.7, 0, 1.5, 0.0, 1, 0, True),
         (x, 0.7, 0, 0.9, -0.1, 1, 0, True),
-        (x, 0.7, 0, 0.9, 0.0, 2**70, 0, True),                 # seed past int64
+        (x, 0.7, 0, 0.9, 0.0, 2**70, 0, True),  # seed past int64
         (x, 0.7, 0, 0.9, 0.0, 1, -1, True),
         (x, 0.7, 0, 0.9, 0.0, 1, torch.tensor([0, 1, 2, -3, 4, 5]), True),
         (x, 0.7, 0, 0.9, 0.0, 1, torch.tensor([0.0] * 6), True),
         (x, 0.7, torch.tensor([1, 2]), 0.9, 0.0, 1, 0, True),  # wrong length
-        (x, 0.7, 0, 0.9, 0.0, 1, 0, 1),                        # deterministic not a bool
+        (x, 0.7, 0, 0.9, 0.0, 1, 0, 1),  # deterministic not a bool
     ]
     for args in declined:
         assert fast(*args) is None, args
@@ -861,9 +956,18 @@ def test_softmax_fast_entry_matches_reference_and_declines_the_rest():
         assert torch.equal(probs, decodekit.softmax(x, T, validate=False))  # the op's bits
     bad = x.clone()
     bad[1, 3] = float("nan")
-    for args in ((bad, 0.7, True), (x, -1.0, True), (x, float("inf"), True), (x, 1e-40, True),
-                 (x, torch.tensor([1.0, 2.0]), True), (x, temps.double(), True), (x.double(), 0.7, True),
-                 (x[:, ::2], 0.7, True), (x.clone().requires_grad_(), 0.7, True), (x, 0.7, None)):
+    for args in (
+        (bad, 0.7, True),
+        (x, -1.0, True),
+        (x, float("inf"), True),
+        (x, 1e-40, True),
+        (x, torch.tensor([1.0, 2.0]), True),
+        (x, temps.double(), True),
+        (x.double(), 0.7, True),
+        (x[:, ::2], 0.7, True),
+        (x.clone().requires_grad_(), 0.7, True),
+        (x, 0.7, None),
+    ):
         assert fast(*args) is None
     with pytest.raises(ValueError, match="rows"):
         decodekit.softmax(bad, 0.7)
@@ -881,8 +985,9 @@ def test_fast_entries_step_aside_for_torch_func_and_special_tensors():
     neg = torch._neg_view(x)
     assert _C._sample_from_logits_fast(neg, 0.0, 0, 1.0, 0.0, 1, 0, True) is None
     assert torch.equal(decodekit.sample_from_logits(neg, 0.0), decodekit.argmax(-x))
-    assert torch.equal(decodekit.sample_from_logits(x, 1.0, top_k=torch._neg_view(torch.full((4,), -1)), seed=0),
-                       decodekit.argmax(x))  # k = 1 is argmax
+    assert torch.equal(
+        decodekit.sample_from_logits(x, 1.0, top_k=torch._neg_view(torch.full((4,), -1)), seed=0), decodekit.argmax(x)
+    )  # k = 1 is argmax
     assert _C._softmax_fast(neg, 1.0, True) is None
     torch.testing.assert_close(decodekit.softmax(neg, 1.0), torch.softmax(-x, -1), atol=1e-6, rtol=1e-5)
     assert _C._sample_from_logits_fast(torch._efficientzerotensor((2, 5)), 0.7, 0, 0.9, 0.0, 1, 0, True) is None
@@ -913,8 +1018,12 @@ def test_tensor_whose_storage_was_resized_is_an_error_not_a_crash():
         x.untyped_storage().resize_(0)
         assert _C._sample_from_logits_fast(x, 0.8, 0, 1.0, 0.0, 1, 0, True) is None
         assert _C._softmax_fast(x, 0.8, True) is None
-        for call in (lambda: decodekit.softmax(x, 0.8), lambda: decodekit.sample_from_logits(x, 0.8, seed=1),
-                     lambda: decodekit.argmax(x), lambda: decodekit.top_p_renorm_probs(x, 0.5)):
+        for call in (
+            lambda: decodekit.softmax(x, 0.8),  # noqa: B023 (each is called in this iteration)
+            lambda: decodekit.sample_from_logits(x, 0.8, seed=1),  # noqa: B023 (each is called in this iteration)
+            lambda: decodekit.argmax(x),  # noqa: B023 (each is called in this iteration)
+            lambda: decodekit.top_p_renorm_probs(x, 0.5),  # noqa: B023 (each is called in this iteration)
+        ):
             with pytest.raises(RuntimeError, match="storage of (logits|probs)"):
                 call()
     t = torch.ones(4)
@@ -943,11 +1052,11 @@ def test_softmax_large_rows_match_reference_and_thread_count():
     g = torch.Generator().manual_seed(43)
     V = 40000
     base = torch.randn(8, V, generator=g) * 3
-    base[0, 100] = 30.0                       # maximum early
-    base[1, V - 7] = 30.0                     # maximum late
-    base[2, : V // 2 + 300] = float("-inf")   # first half without a finite logit
-    base[3, V // 2 + 10 :] = float("-inf")    # second half without a finite logit
-    base[4] = torch.linspace(-20, 20, V)      # rising
+    base[0, 100] = 30.0  # maximum early
+    base[1, V - 7] = 30.0  # maximum late
+    base[2, : V // 2 + 300] = float("-inf")  # first half without a finite logit
+    base[3, V // 2 + 10 :] = float("-inf")  # second half without a finite logit
+    base[4] = torch.linspace(-20, 20, V)  # rising
     temps = torch.tensor([0.7, 1.0, 1.3, 0.5, 2.0, 0.0, 1e-6, 4.0])
     probs = decodekit.softmax(base, temps)
     for b in range(8):
@@ -969,3 +1078,89 @@ def test_softmax_large_rows_match_reference_and_thread_count():
     assert torch.isnan(out).all()
     with pytest.raises(ValueError, match=r"rows \[0, 1, 2\]"):
         decodekit.softmax(bad, 0.7)
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def _compiled_sampler(**compile_kw):
+    def f(x, t):
+        return decodekit.sample_from_logits(
+            x, t, top_k=20, top_p=0.9, seed=7, offset=3, validate=False, return_valid=True
+        )
+
+    torch._dynamo.reset()
+    return torch.compile(f, fullgraph=True, backend="aot_eager", **compile_kw)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_fullgraph_with_a_changing_python_float_temperature(dynamic):
+    # Found by a trial: with validate=False the wrapper called math.isnan on the temperature,
+    # which torch.compile makes symbolic once it changes between calls (or with dynamic=True).
+    f = _compiled_sampler(dynamic=dynamic)
+    g = torch.Generator().manual_seed(3)
+    for B, t in ((4, 0.7), (4, 0.9), (3, 1.3), (5, 0.25)):
+        x = torch.randn(B, 200, generator=g) * 2
+        out = f(x, t)
+        expected = [ref.sample(x[b], 7, 3, temperature=t, top_k=20, top_p=0.9) for b in range(B)]
+        assert out.token_ids.tolist() == expected and out.valid.all()
+
+
+def test_compile_with_validate_true_says_pass_validate_false():
+    def f(x, t):
+        return decodekit.sample_from_logits(x, t, seed=7)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pass validate=False"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(torch.randn(2, 30), 0.8)
+
+
+def test_negative_offset_without_validation_marks_the_row_invalid():
+    # Found by a trial: a negative offset with validate=False wrapped around to a huge counter.
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(4))
+    offset = torch.tensor([0, -1, 5, -(2**40)])
+    for sampler, inp in ((decodekit.sample_from_logits, x), (decodekit.sample_from_probs, torch.softmax(x, -1))):
+        out = sampler(inp, seed=3, offset=offset, validate=False, return_valid=True, return_logprobs=True)
+        assert out.valid.tolist() == [True, False, True, False]
+        assert out.token_ids[1] == -1 and out.token_ids[3] == -1 and torch.isnan(out.logprobs[[1, 3]]).all()
+        assert int(out.token_ids[0]) >= 0 and int(out.token_ids[2]) >= 0
+        whole = sampler(inp, seed=3, offset=-2, validate=False, return_valid=True)
+        assert not whole.valid.any() and (whole.token_ids == -1).all()
+        with pytest.raises(ValueError, match="offset"):
+            sampler(inp, seed=3, offset=offset)
+        with pytest.raises(ValueError, match="offset"):
+            sampler(inp, seed=3, offset=-1)
+    # The valid rows are the reference's draws.
+    out = decodekit.sample_from_logits(x, seed=3, offset=offset, validate=False, return_valid=True)
+    assert int(out.token_ids[2]) == ref.sample(x[2], 3, 5, temperature=1.0)
+
+
+def test_unknown_cpu_isa_raises_at_import_with_the_allowed_values():
+    env = dict(os.environ, DECODEKIT_CPU_ISA="avx9000")
+    r = subprocess.run([sys.executable, "-c", "import decodekit"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert "avx9000" in r.stderr and "avx512, avx2, baseline" in r.stderr
+    env["DECODEKIT_CPU_ISA"] = "baseline"
+    r = subprocess.run(
+        [sys.executable, "-c", "import decodekit; print(decodekit.cpu_isa())"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "baseline", r.stderr
+    assert decodekit.cpu_isa() in ("avx512", "avx2", "baseline") and "cpu_isa" in decodekit.__all__
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib import metadata
+
+    assert decodekit.__version__ == metadata.version("decodekit")
+
+
+def test_readme_first_example_uses_per_row_seeds():
+    # Found by a trial: the README's first example gave 8 rows one integer seed, so every row
+    # drew with the same random number. It now shows per-row seeds and says why in one line.
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    sampling = block.split("\nout = ")[0]
+    assert "seed=torch.arange(8)" in sampling and "scalar seed" in sampling.lower()
+    scope = {}
+    exec(sampling, scope)  # the lines before generate(): sampling, softmax, argmax
+    ids, logits = scope["ids"], scope["logits"]
+    for b in (0, 5):
+        assert int(ids[b]) == ref.sample(logits[b], 1234 + b, 0, temperature=0.7, top_k=50, top_p=0.9)

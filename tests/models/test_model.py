@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from decodekit.generate import GenerationResult, generate
+from decodekit import GenerationResult, generate
 from decodekit.models import gguf_loader
 from decodekit.models.gguf_loader import default_model_path, load_model, unpermute_rope_rows
-from decodekit.models.llama import apply_rope, rms_norm, rope_cos_sin, rope_table
+from decodekit.models.llama import rms_norm, rope_cos_sin, rope_table
 from decodekit.tokenizer import StreamDecoder, Tokenizer, byte_to_unicode
+from reference import llama as ref_llama
+from reference.llama import apply_rope
 
 CHAT_PROMPT = "Write a short poem about the sea."
 
@@ -43,11 +45,10 @@ def lm():
 def _hf_load_gguf(path: Path):
     """transformers' float32 model from a GGUF file (its own dequantization and un-permutation)."""
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")       # transformers' GGUF loader needs it
+    pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
     major = int(transformers.__version__.split(".")[0])
     dtype_kw = {"dtype" if major >= 5 else "torch_dtype": torch.float32}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              **dtype_kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **dtype_kw)
     return model.eval()
 
 
@@ -71,7 +72,7 @@ def chat_ids(lm):
 
 # ----------------------------------------------------------------------------- model pieces, by hand
 def test_rms_norm_by_hand():
-    x = torch.tensor([[3.0, 4.0]])                      # mean square = 12.5
+    x = torch.tensor([[3.0, 4.0]])  # mean square = 12.5
     w = torch.tensor([1.0, 2.0])
     expected = torch.tensor([[3.0, 8.0]]) / np.sqrt(12.5)
     torch.testing.assert_close(rms_norm(x, w, 0.0), expected, rtol=1e-6, atol=0)
@@ -82,11 +83,17 @@ def test_rope_by_hand():
     cos, sin = rope_cos_sin(torch.tensor([0, 2]), head_dim=4, theta=100.0)
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 2, 1, 4)
     out = apply_rope(x, cos, sin)
-    torch.testing.assert_close(out[0, 0, 0], x[0, 0, 0])             # position 0: identity
+    torch.testing.assert_close(out[0, 0, 0], x[0, 0, 0])  # position 0: identity
     a, b = 2.0, 0.2
-    expected = torch.tensor([1 * np.cos(a) - 3 * np.sin(a), 2 * np.cos(b) - 4 * np.sin(b),
-                             3 * np.cos(a) + 1 * np.sin(a), 4 * np.cos(b) + 2 * np.sin(b)],
-                            dtype=torch.float32)
+    expected = torch.tensor(
+        [
+            1 * np.cos(a) - 3 * np.sin(a),
+            2 * np.cos(b) - 4 * np.sin(b),
+            3 * np.cos(a) + 1 * np.sin(a),
+            4 * np.cos(b) + 2 * np.sin(b),
+        ],
+        dtype=torch.float32,
+    )
     torch.testing.assert_close(out[0, 1, 0], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -117,23 +124,23 @@ def test_loaded_config(lm):
     assert (c.vocab_size, c.intermediate_size, c.rope_theta) == (49152, 1536, 100000.0)
     assert c.rms_norm_eps == pytest.approx(1e-5) and c.tie_word_embeddings
     assert lm.model.lm_head is lm.model.embed
-    assert load_model() is lm                       # loaded once per process
+    assert load_model() is lm  # loaded once per process
 
 
 # ----------------------------------------------------------------------------- model vs transformers
 def test_logits_match_transformers(lm, hf_model, chat_ids):
     ids = torch.tensor([chat_ids])
     with torch.no_grad():
-        expected = hf_model(ids).logits[0]                                      # [T, V]
-    cache = lm.model.new_cache(1, len(chat_ids))
-    ours = lm.model.forward(ids, cache, all_logits=True)[0]
+        expected = hf_model(ids).logits[0]  # [T, V]
+    cache = ref_llama.new_cache(lm.model, 1, len(chat_ids))
+    ours = ref_llama.forward(lm.model, ids, cache, all_logits=True)[0]
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     # Our batch-invariant linear sums in another order than torch's GEMM: logits of
     # magnitude ~20 after 30 layers differ by float32 rounding (a few 1e-4), not more.
     assert (ours - expected).abs().max().item() <= 1e-3
     lm.model.deterministic = False  # torch's own GEMM: the same operations as transformers
     try:
-        plain = lm.model.forward(ids, lm.model.new_cache(1, len(chat_ids)), all_logits=True)[0]
+        plain = ref_llama.forward(lm.model, ids, ref_llama.new_cache(lm.model, 1, len(chat_ids)), all_logits=True)[0]
     finally:
         lm.model.deterministic = True
     assert (plain - expected).abs().max().item() <= 1e-4
@@ -142,13 +149,13 @@ def test_logits_match_transformers(lm, hf_model, chat_ids):
 def test_kv_cache_steps_match_full_forward(lm, chat_ids):
     """Prefill + a multi-token chunk + single-token steps give the logits of one full pass."""
     ids = torch.tensor([chat_ids])
-    full = lm.model.forward(ids, lm.model.new_cache(1, len(chat_ids)), all_logits=True)[0]
-    cache = lm.model.new_cache(1, len(chat_ids))
+    full = ref_llama.forward(lm.model, ids, ref_llama.new_cache(lm.model, 1, len(chat_ids)), all_logits=True)[0]
+    cache = ref_llama.new_cache(lm.model, 1, len(chat_ids))
     n = len(chat_ids)
-    steps = [lm.model.prefill(ids[:, : n - 8], cache)]
-    steps.append(lm.model.forward(ids[:, n - 8: n - 4], cache))                # chunk after cache
+    steps = [ref_llama.prefill(lm.model, ids[:, : n - 8], cache)]
+    steps.append(ref_llama.forward(lm.model, ids[:, n - 8 : n - 4], cache))  # chunk after cache
     for i in range(n - 4, n):
-        steps.append(lm.model.decode_step(ids[:, i], cache))
+        steps.append(ref_llama.decode_step(lm.model, ids[:, i], cache))
     assert cache.length == n
     expected = full[[n - 9, n - 5, n - 4, n - 3, n - 2, n - 1]]
     assert (torch.cat(steps) - expected).abs().max().item() <= 1e-4
@@ -157,13 +164,13 @@ def test_kv_cache_steps_match_full_forward(lm, chat_ids):
 def test_batched_rows_match_single_rows(lm, chat_ids):
     """Two different prompts of equal length in one batch give each row's own logits."""
     prompts, next_ids = (chat_ids[-12:], chat_ids[-24:-12]), (5, 6)
-    cache = lm.model.new_cache(2, 13)
-    batch_prefill = lm.model.prefill(torch.tensor(prompts), cache)
-    batch_step = lm.model.decode_step(torch.tensor(next_ids), cache)
+    cache = ref_llama.new_cache(lm.model, 2, 13)
+    batch_prefill = ref_llama.prefill(lm.model, torch.tensor(prompts), cache)
+    batch_step = ref_llama.decode_step(lm.model, torch.tensor(next_ids), cache)
     for row, (ids, nxt) in enumerate(zip(prompts, next_ids)):
-        cache1 = lm.model.new_cache(1, 13)
-        single_prefill = lm.model.prefill(torch.tensor([ids]), cache1)
-        single_step = lm.model.decode_step(torch.tensor([nxt]), cache1)
+        cache1 = ref_llama.new_cache(lm.model, 1, 13)
+        single_prefill = ref_llama.prefill(lm.model, torch.tensor([ids]), cache1)
+        single_step = ref_llama.decode_step(lm.model, torch.tensor([nxt]), cache1)
         assert (batch_prefill[row] - single_prefill[0]).abs().max().item() <= 1e-4
         assert (batch_step[row] - single_step[0]).abs().max().item() <= 1e-4
 
@@ -171,9 +178,8 @@ def test_batched_rows_match_single_rows(lm, chat_ids):
 def test_greedy_matches_transformers_generate(lm, hf_model, chat_ids):
     ids = torch.tensor([chat_ids])
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=32)
-    expected = out[0, len(chat_ids):].tolist()
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32)
+    expected = out[0, len(chat_ids) :].tolist()
     result = generate(chat_ids, model=lm, max_new_tokens=32, temperature=0.0)
     assert len(expected) == 32
     assert result.token_ids == expected
@@ -182,8 +188,7 @@ def test_greedy_matches_transformers_generate(lm, hf_model, chat_ids):
 
 # ----------------------------------------------------------------------------- decode loop
 def test_capital_of_france(lm):
-    result = generate("The capital of France is", model=lm, chat_template=False,
-                      max_new_tokens=8, temperature=0.0)
+    result = generate("The capital of France is", model=lm, chat_template=False, max_new_tokens=8, temperature=0.0)
     assert "Paris" in result.text
     assert result.prompt_tokens == 5 and result.new_tokens == 8
 
@@ -206,16 +211,17 @@ def test_random_seed_is_reported_and_replays(lm):
 
 def test_stream_never_splits_utf8(lm):
     pieces = []
-    result = generate("Write a tweet about pizza with emojis.", model=lm, max_new_tokens=24,
-                      temperature=0.0, stream=pieces.append)
+    result = generate(
+        "Write a tweet about pizza with emojis.", model=lm, max_new_tokens=24, temperature=0.0, stream=pieces.append
+    )
     # The test is only meaningful if some generated token is an incomplete UTF-8 sequence.
     partial = [t for t in result.token_ids if _is_partial_utf8(lm.tokenizer.token_bytes(t))]
     assert partial, "prompt no longer produces multi-token characters"
     assert "".join(pieces) == result.text
-    assert any(ord(ch) > 0xFFFF for ch in result.text)                         # an emoji
+    assert any(ord(ch) > 0xFFFF for ch in result.text)  # an emoji
     for piece in pieces:
         assert piece and "\ufffd" not in piece
-        piece.encode("utf-8")                                                   # valid UTF-8
+        piece.encode("utf-8")  # valid UTF-8
     assert result.text == lm.tokenizer.decode(result.token_ids, skip_special_tokens=True)
 
 
@@ -226,7 +232,7 @@ def test_stream_decoder_holds_partial_characters(lm):
     dec = StreamDecoder(tok)
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text
-    assert "" in pieces[:-1]                        # some token ended inside a character
+    assert "" in pieces[:-1]  # some token ended inside a character
     assert all("\ufffd" not in p for p in pieces)
 
 
@@ -293,11 +299,14 @@ def test_tokenizer_splits_digits_like_smollm2(lm):
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
 
 
-@pytest.mark.parametrize("pre, pieces", [
-    ("gpt2", ["x", "Ġ1", "2", "3"]),          # GPT-2 regex keeps " 123" together
-    ("smollm", ["x", "Ġ", "1", "2", "3"]),    # every digit alone, then the GPT-2 regex
-    ("llama-bpe", ["x", "Ġ", "123"]),         # Llama 3 regex: digits in groups of up to three
-])
+@pytest.mark.parametrize(
+    "pre, pieces",
+    [
+        ("gpt2", ["x", "Ġ1", "2", "3"]),  # GPT-2 regex keeps " 123" together
+        ("smollm", ["x", "Ġ", "1", "2", "3"]),  # every digit alone, then the GPT-2 regex
+        ("llama-bpe", ["x", "Ġ", "123"]),  # Llama 3 regex: digits in groups of up to three
+    ],
+)
 def test_pre_tokenizer_families_by_hand(pre, pieces):
     # Merges in priority order: "Ġ 1" first, so it wins whenever " " and "1" share a piece.
     tokens = [byte_to_unicode()[b] for b in range(256)] + ["Ġ1", "12", "123"]
@@ -307,12 +316,17 @@ def test_pre_tokenizer_families_by_hand(pre, pieces):
 
 
 def test_chat_template_matches_transformers(lm, hf_tokenizer):
-    for messages in ([{"role": "user", "content": "Hi there"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]):
+    for messages in (
+        [{"role": "user", "content": "Hi there"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ],
+    ):
         ours = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        assert ours == hf_tokenizer.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=True)
+        assert ours == hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours.endswith("<|im_start|>assistant\n")
 
 
@@ -338,7 +352,7 @@ def _write_tiny_llama_gguf(path: Path) -> dict:
     def rand(*shape, scale=0.1):
         return (torch.randn(*shape, generator=g) * scale).numpy().astype(np.float32)
 
-    def permute(w, n):                      # rotate-half rows -> llama.cpp's interleaved rows
+    def permute(w, n):  # rotate-half rows -> llama.cpp's interleaved rows
         return w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -397,7 +411,7 @@ def test_explicit_gguf_path(tmp_path):
     wq_loaded, wk_loaded = block.wqkv[:64], block.wqkv[64:96]
     assert torch.equal(wk_loaded, reference["wk0"])
     assert torch.equal(wq_loaded, unpermute_rope_rows(reference["wq0_q8"], 4))
-    assert (wq_loaded - reference["wq0"]).abs().max().item() < 0.01          # Q8_0 rounding
+    assert (wq_loaded - reference["wq0"]).abs().max().item() < 0.01  # Q8_0 rounding
     assert tiny.tokenizer.encode(" t") == [256] and tiny.tokenizer.stop_ids == {257, 259}
 
     result = generate([258, 72, 105], model=tiny, max_new_tokens=5, temperature=0.0, stop_on_eos=False)
@@ -407,19 +421,31 @@ def test_explicit_gguf_path(tmp_path):
     ids = torch.tensor([[258, 72, 101, 108, 108, 111, 256, 33]])
     with torch.no_grad():
         expected = hf(ids).logits[0]
-    ours = tiny.model.forward(ids, tiny.model.new_cache(1, 8), all_logits=True)[0]
+    ours = ref_llama.forward(tiny.model, ids, ref_llama.new_cache(tiny.model, 1, 8), all_logits=True)[0]
     assert (ours - expected).abs().max().item() <= 1e-4
 
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_generate_prints_text_and_summary(lm):
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "decodekit", "generate", "--prompt", "The capital of France is",
-           "--no-chat-template", "--max-new-tokens", "6", "--temperature", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "decodekit",
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--no-chat-template",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
-    assert "prompt tokens: 5, new tokens: 6" in proc.stderr and "tokens/s" in proc.stderr
+    assert "prompt tokens: 5, prefill: " in proc.stderr and "new tokens: 6 (" in proc.stderr
+    assert "tokens/s" in proc.stderr and "acceptance" not in proc.stderr
 
 
 def test_cli_reports_errors(tmp_path):
@@ -445,15 +471,21 @@ def test_result_type(lm):
 def test_argument_errors_come_before_loading_the_model(monkeypatch):
     import importlib
 
-    gen_module = importlib.import_module("decodekit.generate")
+    gen_module = importlib.import_module("decodekit.decoding.generate")
 
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded for a bad argument")
 
     monkeypatch.setattr(gen_module, "load_model", no_load)
-    for kwargs, exc in [(dict(model=5), TypeError), (dict(temperature=-1.0), ValueError),
-                        (dict(top_p=2.0), ValueError), (dict(max_new_tokens=3.0), TypeError),
-                        (dict(stream=5), TypeError), (dict(top_k=1.5), TypeError), (dict(seed=-1), ValueError)]:
+    for kwargs, exc in [
+        (dict(model=5), TypeError),
+        (dict(temperature=-1.0), ValueError),
+        (dict(top_p=2.0), ValueError),
+        (dict(max_new_tokens=3.0), TypeError),
+        (dict(stream=5), TypeError),
+        (dict(top_k=1.5), TypeError),
+        (dict(seed=-1), ValueError),
+    ]:
         with pytest.raises(exc):
             gen_module.generate("hi", **kwargs)
 
@@ -463,6 +495,7 @@ def test_bytes_prompt_is_a_type_error(lm):
         generate(b"hello", model=lm, max_new_tokens=2, temperature=0)
 
 
+@pytest.mark.slow
 def test_repetition_penalty_changes_greedy_output_and_matches_transformers(lm, hf_model):
     # Greedy with a repetition penalty: the same tokens as transformers' generate with its
     # RepetitionPenaltyLogitsProcessor on the same weights.
@@ -470,9 +503,15 @@ def test_repetition_penalty_changes_greedy_output_and_matches_transformers(lm, h
     ours = generate(ids, model=lm, max_new_tokens=16, temperature=0, repetition_penalty=1.3, stop_on_eos=False)
     plain = generate(ids, model=lm, max_new_tokens=16, temperature=0, stop_on_eos=False)
     with torch.inference_mode():
-        theirs = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                                   repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
-    assert ours.token_ids == theirs[0, len(ids):].tolist()
+        theirs = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=1.3,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert ours.token_ids == theirs[0, len(ids) :].tolist()
     assert ours.token_ids != plain.token_ids
 
 
@@ -480,10 +519,10 @@ def test_deterministic_model_rows_do_not_depend_on_batch(lm, chat_ids):
     # With decodekit.linear the same prompt gives bit-identical logits alone and as one
     # row of a batch of 3 (different neighbours), in deterministic mode.
     ids = torch.tensor([chat_ids])
-    alone = lm.model.forward(ids, lm.model.new_cache(1, len(chat_ids)))[0]
+    alone = ref_llama.forward(lm.model, ids, ref_llama.new_cache(lm.model, 1, len(chat_ids)))[0]
     other = torch.tensor([list(reversed(chat_ids)), [5] * len(chat_ids)])
     batch = torch.cat([other[:1], ids, other[1:]])
-    together = lm.model.forward(batch, lm.model.new_cache(3, len(chat_ids)))[1]
+    together = ref_llama.forward(lm.model, batch, ref_llama.new_cache(lm.model, 3, len(chat_ids)))[1]
     assert torch.equal(alone, together)
 
 

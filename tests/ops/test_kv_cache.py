@@ -208,8 +208,11 @@ def check_raises(exc, match, fn, *tensors):
 def test_contiguous_errors_leave_cache_unchanged():
     k, v = caches((2, 6, 2, 4))
     key = torch.ones(2, 3, 2, 4)
-    run = lambda **kw: (lambda: append_kv_cache(**{**dict(k_cache=k, v_cache=v, key=key, value=key,
-                                                           seq_lens=torch.tensor([0, 0])), **kw}))
+    run = lambda **kw: (
+        lambda: append_kv_cache(
+            **{**dict(k_cache=k, v_cache=v, key=key, value=key, seq_lens=torch.tensor([0, 0])), **kw}
+        )
+    )
     check_raises(ValueError, r"S_max=6 in rows \[1\]", run(seq_lens=torch.tensor([3, 4])), k, v)
     check_raises(ValueError, "seq_lens must be >= 0", run(seq_lens=torch.tensor([-1, 0])), k, v)
     check_raises(TypeError, "key must have the cache's dtype", run(key=key.half()), k, v)
@@ -219,32 +222,64 @@ def test_contiguous_errors_leave_cache_unchanged():
     check_raises(ValueError, "key has 3 heads but the cache has H=2", run(key=torch.ones(2, 3, 3, 4)), k, v)
     check_raises(ValueError, "key has head_dim 5 but the cache has D=4", run(key=torch.ones(2, 3, 2, 5)), k, v)
     check_raises(ValueError, "value must have the shape of key", run(value=torch.ones(2, 2, 2, 4)), k, v)
-    check_raises(ValueError, "key has 1 rows but the cache has B=2", run(key=torch.ones(1, 3, 2, 4),
-                                                                         value=torch.ones(1, 3, 2, 4)), k, v)
+    check_raises(
+        ValueError,
+        "key has 1 rows but the cache has B=2",
+        run(key=torch.ones(1, 3, 2, 4), value=torch.ones(1, 3, 2, 4)),
+        k,
+        v,
+    )
     check_raises(ValueError, "key must be 4-D", run(key=torch.ones(2, 2, 4)), k, v)
     check_raises(ValueError, "kv_layout must be", run(kv_layout="NDH"), k, v)
     check_raises(ValueError, "seq_lens must have length B=2", run(seq_lens=torch.tensor([0, 0, 0])), k, v)
     check_raises(TypeError, "seq_lens must be an integer tensor", run(seq_lens=torch.tensor([0.0, 0.0])), k, v)
     check_raises(ValueError, "v_cache must have the shape of k_cache", run(v_cache=torch.zeros(2, 7, 2, 4)), k, v)
     check_raises(TypeError, "v_cache must have the dtype of k_cache", run(v_cache=v.half()), k, v)
-    check_raises(TypeError, "k_cache must be float32, float16 or bfloat16",
-                 run(k_cache=k.double(), v_cache=v.double(), key=key.double(), value=key.double()), k, v)
-    check_raises(ValueError, "k_cache must be contiguous",
-                 run(k_cache=k.transpose(1, 2), v_cache=v.transpose(1, 2),
-                     key=torch.ones(2, 3, 6, 2), value=torch.ones(2, 3, 6, 2)), k, v)
+    check_raises(
+        TypeError,
+        "k_cache must be float32, float16 or bfloat16",
+        run(k_cache=k.double(), v_cache=v.double(), key=key.double(), value=key.double()),
+        k,
+        v,
+    )
+    check_raises(
+        ValueError,
+        "k_cache must be contiguous",
+        run(
+            k_cache=k.transpose(1, 2),
+            v_cache=v.transpose(1, 2),
+            key=torch.ones(2, 3, 6, 2),
+            value=torch.ones(2, 3, 6, 2),
+        ),
+        k,
+        v,
+    )
     check_raises(TypeError, "key must be a torch.Tensor", run(key=[[1.0]]), k, v)
 
 
 def test_paged_errors_leave_cache_unchanged():
     k, v = caches((2, 4, 1, 2))
     key = torch.ones(3, 1, 2)
-    run = lambda **kw: (lambda: append_paged_kv_cache(**{**dict(k_cache=k, v_cache=v, key=key, value=key,
-                                                                 slot_mapping=torch.tensor([0, 1, 2])), **kw}))
-    check_raises(ValueError, r"slots past the cache \(num_blocks \* block_size = 8\) at positions \[2\]",
-                 run(slot_mapping=torch.tensor([0, 1, 8])), k, v)
+    run = lambda **kw: (
+        lambda: append_paged_kv_cache(
+            **{**dict(k_cache=k, v_cache=v, key=key, value=key, slot_mapping=torch.tensor([0, 1, 2])), **kw}
+        )
+    )
+    check_raises(
+        ValueError,
+        r"slots past the cache \(num_blocks \* block_size = 8\) at positions \[2\]",
+        run(slot_mapping=torch.tensor([0, 1, 8])),
+        k,
+        v,
+    )
     check_raises(ValueError, "repeats slots", run(slot_mapping=torch.tensor([3, -1, 3])), k, v)
-    check_raises(ValueError, "slot_mapping has 4 entries but key has only 3 rows",
-                 run(slot_mapping=torch.tensor([0, 1, 2, 3])), k, v)
+    check_raises(
+        ValueError,
+        "slot_mapping has 4 entries but key has only 3 rows",
+        run(slot_mapping=torch.tensor([0, 1, 2, 3])),
+        k,
+        v,
+    )
     check_raises(TypeError, "key must have the cache's dtype", run(key=key.bfloat16()), k, v)
     check_raises(ValueError, "key is on meta", run(key=key.to("meta")), k, v)
     check_raises(ValueError, "value has 2 heads but the cache has H=1", run(value=torch.ones(3, 2, 2)), k, v)
@@ -302,23 +337,29 @@ def test_contiguous_partial_rows_without_validation_random(layout):
 def test_cpp_checks_shapes():
     k, v = caches((2, 4, 1, 2))
     with pytest.raises(RuntimeError, match="slot_mapping has 4 entries but key has only 3 rows"):
-        torch.ops.decodekit.append_paged_kv_cache(k, v, torch.ones(3, 1, 2), torch.ones(3, 1, 2),
-                                                  torch.zeros(4, dtype=torch.long), "NHD")
+        torch.ops.decodekit.append_paged_kv_cache(
+            k, v, torch.ones(3, 1, 2), torch.ones(3, 1, 2), torch.zeros(4, dtype=torch.long), "NHD"
+        )
     with pytest.raises(RuntimeError, match="key must have the cache's dtype"):
-        torch.ops.decodekit.append_paged_kv_cache(k, v, torch.ones(3, 1, 2).half(), torch.ones(3, 1, 2),
-                                                  torch.zeros(3, dtype=torch.long), "NHD")
+        torch.ops.decodekit.append_paged_kv_cache(
+            k, v, torch.ones(3, 1, 2).half(), torch.ones(3, 1, 2), torch.zeros(3, dtype=torch.long), "NHD"
+        )
     with pytest.raises(RuntimeError, match="seq_lens must have length B=2"):
-        torch.ops.decodekit.append_kv_cache(k, v, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2),
-                                            torch.zeros(3, dtype=torch.long), "NHD")
+        torch.ops.decodekit.append_kv_cache(
+            k, v, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), torch.zeros(3, dtype=torch.long), "NHD"
+        )
     with pytest.raises(RuntimeError, match="seq_lens must be a contiguous 1-D int64"):
-        torch.ops.decodekit.append_kv_cache(k, v, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2),
-                                            torch.zeros(2, dtype=torch.int32), "NHD")
+        torch.ops.decodekit.append_kv_cache(
+            k, v, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), torch.zeros(2, dtype=torch.int32), "NHD"
+        )
     with pytest.raises(RuntimeError, match="kv_layout must be"):
-        torch.ops.decodekit.append_kv_cache(k, v, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2),
-                                            torch.zeros(2, dtype=torch.long), "XYZ")
+        torch.ops.decodekit.append_kv_cache(
+            k, v, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), torch.zeros(2, dtype=torch.long), "XYZ"
+        )
     with pytest.raises(RuntimeError, match="all tensor arguments must be on one device"):
-        torch.ops.decodekit.append_kv_cache(k, v, torch.ones(2, 1, 1, 2, device="meta"), torch.ones(2, 1, 1, 2),
-                                            torch.zeros(2, dtype=torch.long), "NHD")
+        torch.ops.decodekit.append_kv_cache(
+            k, v, torch.ones(2, 1, 1, 2, device="meta"), torch.ones(2, 1, 1, 2), torch.zeros(2, dtype=torch.long), "NHD"
+        )
     assert (k == 0).all() and (v == 0).all()
 
 
@@ -326,17 +367,30 @@ def test_meta_and_opcheck():
     for layout in LAYOUTS:
         k, v = caches((2, 6, 3, 4) if layout == "NHD" else (2, 3, 6, 4), torch.float16)
         key = torch.randn(2, 2, 3, 4).half()
-        torch.library.opcheck(torch.ops.decodekit.append_kv_cache.default,
-                              (k, v, key, key * 2, torch.tensor([1, 4]), layout))
+        torch.library.opcheck(
+            torch.ops.decodekit.append_kv_cache.default, (k, v, key, key * 2, torch.tensor([1, 4]), layout)
+        )
         pk, pv = caches((3, 4, 3, 4) if layout == "NHD" else (3, 3, 4, 4), torch.bfloat16)
         rows = torch.randn(5, 3, 4).bfloat16()
-        torch.library.opcheck(torch.ops.decodekit.append_paged_kv_cache.default,
-                              (pk, pv, rows, rows * 2, torch.tensor([11, -1, 0, 5]), layout))
+        torch.library.opcheck(
+            torch.ops.decodekit.append_paged_kv_cache.default,
+            (pk, pv, rows, rows * 2, torch.tensor([11, -1, 0, 5]), layout),
+        )
     mk, mv = torch.empty(2, 6, 3, 4, device="meta"), torch.empty(2, 6, 3, 4, device="meta")
-    append_kv_cache(mk, mv, torch.empty(2, 9, 3, 4, device="meta"), torch.empty(2, 9, 3, 4, device="meta"),
-                    torch.zeros(2, dtype=torch.long, device="meta"))  # shapes only on meta
-    append_paged_kv_cache(mk, mv, torch.empty(2, 3, 4, device="meta"), torch.empty(2, 3, 4, device="meta"),
-                          torch.zeros(2, dtype=torch.long, device="meta"))
+    append_kv_cache(
+        mk,
+        mv,
+        torch.empty(2, 9, 3, 4, device="meta"),
+        torch.empty(2, 9, 3, 4, device="meta"),
+        torch.zeros(2, dtype=torch.long, device="meta"),
+    )  # shapes only on meta
+    append_paged_kv_cache(
+        mk,
+        mv,
+        torch.empty(2, 3, 4, device="meta"),
+        torch.empty(2, 3, 4, device="meta"),
+        torch.zeros(2, dtype=torch.long, device="meta"),
+    )
 
 
 # ------------------------------------------------------ ContiguousKVCache ----
@@ -430,7 +484,6 @@ def used_mask(cache: PagedKVCache, seqs) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_paged_cache_truncate_then_reappend_is_bit_exact(dtype, layout):
-    g = torch.Generator().manual_seed(30)
     L, NB, bs, H, D = 2, 8, 4, 2, 3
 
     def run(with_rejections: bool):
@@ -562,3 +615,24 @@ def test_paged_cache_argument_errors():
 def test_exports():
     for name in ("append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"):
         assert name in decodekit.__all__ and hasattr(decodekit, name)
+
+
+def test_key_or_value_overlapping_the_cache_raises():
+    # Found by a trial: appending a view of the cache into the cache read positions it had
+    # already overwritten; torch's own in-place copies refuse overlapping memory, so does this.
+    k = torch.randn(2, 8, 1, 4)
+    v = torch.randn(2, 8, 1, 4)
+    before = k.clone()
+    with pytest.raises(ValueError, match="key overlaps k_cache"):
+        append_kv_cache(k, v, k[:, 0:3], v[:, 0:3].clone(), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="value overlaps"):
+        append_kv_cache(k, v, k[:, 0:3].clone(), k[:, 4:7], torch.tensor([0, 0]))
+    assert torch.equal(k, before)
+    pk = torch.randn(4, 4, 1, 2)
+    pv = torch.randn(4, 4, 1, 2)
+    with pytest.raises(ValueError, match="key overlaps k_cache"):
+        append_paged_kv_cache(pk, pv, pk.view(16, 1, 2)[:3], pv.view(16, 1, 2)[:3].clone(), torch.tensor([5, 6, 7]))
+    # a clone is fine, and lands where the indexing reference puts it
+    src = pk.view(16, 1, 2)[:3].clone()
+    append_paged_kv_cache(pk, pv, src, src, torch.tensor([5, 6, 7]))
+    assert torch.equal(pk.view(16, 1, 2)[5:8], src)

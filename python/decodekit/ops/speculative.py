@@ -1,4 +1,4 @@
-"""Speculative decoding verification: lossless rejection sampling and greedy verification.
+"""Speculative family: verification of drafted tokens: lossless rejection sampling and greedy verification.
 
 A drafter proposes K tokens; the target model scores all K + 1 positions in one pass; these
 ops decide which drafts to keep and which token to emit next, so that the emitted tokens
@@ -12,10 +12,12 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .ops import _seed_and_offset, _check_vocab_size, argmax, ops
+from .._checks import check_device, check_vocab_size, has_data, host_bool, same_device, seed_and_offset
+from .sampling import argmax, processed_probs
 
-__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits",
-           "greedy_verify", "processed_probs"]
+ops = torch.ops.decodekit
+
+__all__ = ["SpeculativeOutput", "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify"]
 
 
 class SpeculativeOutput(NamedTuple):
@@ -101,14 +103,11 @@ def chain_speculative_sampling(
             raise TypeError(f"{op}: draft_probs must be a float32 [B, K, V] tensor or None")
         if tuple(draft_probs.shape) != (B, K, V):
             raise ValueError(f"{op}: draft_probs must be [B={B}, K={K}, V={V}], got {tuple(draft_probs.shape)}")
-    for name, t in (("draft_token_ids", ids), ("draft_probs", draft_probs)):
-        if t is not None and t.device != target_probs.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but target_probs are on {target_probs.device}")
-    if target_probs.device.type != "cpu":
-        raise ValueError(f"{op}: tensors are on {target_probs.device}; this op has kernels for: CPU")
-    vs = _check_vocab_size(vocab_size, V, op)
-    if validate and B > 0:
-        if bool(((ids < -1) | (ids >= vs)).any()):
+    same_device(op, "target_probs", target_probs, draft_token_ids=ids, draft_probs=draft_probs)
+    check_device(op, op, "target_probs", target_probs)
+    vs = check_vocab_size(vocab_size, V, op)
+    if validate and has_data(target_probs):
+        if ids.numel() and host_bool(((ids < -1) | (ids >= vs)).any(), op):
             raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts)")
         # One parallel pass per tensor (C++): entries finite and >= 0; target rows with mass.
         for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
@@ -119,15 +118,24 @@ def chain_speculative_sampling(
                 raise ValueError(f"{op}: {name} must be finite and >= 0")
             if status == 2:
                 raise ValueError(f"{op}: every target_probs row needs positive mass in [0, vocab_size)")
-    s_t, s_v, o_t, o_v = _seed_and_offset(seed, offset, generator, B, target_probs, op, B > 0, validate)
+    needs_rng = B > 0 and target_probs.device.type != "meta"  # shape-only calls draw nothing
+    s_t, s_v, o_t, o_v = seed_and_offset(seed, offset, generator, target_probs, op, needs_rng, validate)
     out, acc, emit = ops.chain_speculative_sampling(
-        None if draft_probs is None else draft_probs.detach().contiguous(), ids, target_probs.detach().contiguous(),
-        s_t, int(s_v), o_t, int(o_v), vs)
+        None if draft_probs is None else draft_probs.detach().contiguous(),
+        ids,
+        target_probs.detach().contiguous(),
+        s_t,
+        int(s_v),
+        o_t,
+        int(o_v),
+        vs,
+    )
     return SpeculativeOutput(out, acc, emit)
 
 
-def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
-                  vocab_size: Optional[int] = None) -> SpeculativeOutput:
+def greedy_verify(
+    draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *, vocab_size: Optional[int] = None
+) -> SpeculativeOutput:
     """Greedy verification: keep drafts while they equal the target's argmax.
 
     Accepts draft ``j`` while it equals ``argmax(target_logits[:, j])`` (lowest index on
@@ -150,21 +158,26 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
     op = "greedy_verify"
     ids = _check_drafts(op, draft_token_ids)
     B, K = ids.shape
-    if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3 or \
-            tuple(target_logits.shape[:2]) != (B, K + 1):
+    if (
+        not isinstance(target_logits, torch.Tensor)
+        or target_logits.dim() != 3
+        or tuple(target_logits.shape[:2]) != (B, K + 1)
+    ):
         raise ValueError(f"{op}: target_logits must be [B={B}, K+1={K + 1}, V]")
     V = target_logits.size(2)
     if ids.device != target_logits.device:
         raise ValueError(f"{op}: draft_token_ids are on {ids.device} but target_logits on {target_logits.device}")
     if V < 1:
         raise ValueError(f"{op}: target_logits must have V >= 1 columns")
-    vs = _check_vocab_size(vocab_size, V, op)
-    if ids.numel() and bool(((ids < -1) | (ids >= vs)).any()):
+    vs = check_vocab_size(vocab_size, V, op)
+    if has_data(ids) and host_bool(((ids < -1) | (ids >= vs)).any(), op):
         bad = torch.nonzero((ids < -1) | (ids >= vs)).tolist()[:8]
-        raise ValueError(f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts); "
-                         f"(request, position) {[tuple(b) for b in bad]} have {[int(ids[r, j]) for r, j in bad]}")
+        raise ValueError(
+            f"{op}: draft_token_ids must be in [-1, vocab_size={vs}) (-1 pads shorter drafts); "
+            f"(request, position) {[tuple(b) for b in bad]} have {[int(ids[r, j]) for r, j in bad]}"
+        )
     top, valid = argmax(target_logits.reshape(B * (K + 1), V), vocab_size=vocab_size, return_valid=True)
-    if not bool(valid.all()):
+    if has_data(valid) and not host_bool(valid.all(), op):
         bad = [divmod(int(i), K + 1) for i in torch.nonzero(~valid).flatten()[:8]]
         raise ValueError(f"{op}: target_logits rows (request, position) {bad} have a NaN or no finite logit")
     top = top.reshape(B, K + 1)
@@ -187,25 +200,6 @@ def _expand(param, B: int, per: int):
     return param
 
 
-def processed_probs(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
-    """The distribution :func:`decodekit.sample_from_logits` draws from, as float32 probabilities.
-
-    ``logits`` ``[N, V]``; parameters scalars or ``[N]`` tensors. Top-k ranks the raw logits
-    (:func:`decodekit.top_k_mask_logits`), then ``softmax(logits / T)`` (one-hot at the argmax
-    for ``T == 0``), then top-p and min-p on the renormalised probabilities
-    (:func:`decodekit.filter_probs`). Returns float32 ``[N, V]``.
-    """
-    from .ops import filter_probs, softmax, top_k_mask_logits
-
-    x = logits
-    if isinstance(top_k, torch.Tensor) or top_k > 0:
-        x = top_k_mask_logits(x, top_k)
-    probs = softmax(x, temperature)
-    if isinstance(top_p, torch.Tensor) or isinstance(min_p, torch.Tensor) or top_p < 1.0 or min_p > 0.0:
-        probs = filter_probs(probs, top_p=top_p, min_p=min_p)
-    return probs
-
-
 def chain_speculative_sampling_from_logits(
     draft_logits: Optional[torch.Tensor],
     draft_token_ids: torch.Tensor,
@@ -224,7 +218,7 @@ def chain_speculative_sampling_from_logits(
     """:func:`chain_speculative_sampling` on logits, with the sampler's processing applied to both.
 
     Temperature, top-k, top-p and min-p (scalars or ``[B]`` tensors, one value per request)
-    are applied exactly as in :func:`processed_probs` to the draft distributions and to the
+    are applied exactly as in :func:`decodekit.processed_probs` to the draft distributions and to the
     target distributions at every position, the bonus position included, so the emitted tokens
     follow the processed target distribution.
 
@@ -233,36 +227,49 @@ def chain_speculative_sampling_from_logits(
         draft_token_ids: int64 ``[B, K]`` (-1 padding).
         target_logits: ``[B, K + 1, V]``.
         temperature, top_k, top_p, min_p: the sampling parameters.
-        seed, offset, generator, vocab_size, validate: as in :func:`chain_speculative_sampling`.
+        seed, offset, generator, vocab_size, validate: as in :func:`chain_speculative_sampling`
+            (``vocab_size`` in ``[1, V]``; the columns past it are dropped before processing).
 
     Returns:
         :class:`SpeculativeOutput`.
+
+    Raises:
+        TypeError / ValueError naming the argument, as :func:`chain_speculative_sampling` and
+        :func:`decodekit.processed_probs`; ``vocab_size`` outside ``[1, V]``.
+
+    Example:
+        >>> out = decodekit.chain_speculative_sampling_from_logits(
+        ...     None, torch.tensor([[5, 7]]), torch.randn(1, 3, 32), temperature=0.8, seed=1, offset=10)
+        >>> out.num_emitted
     """
     op = "chain_speculative_sampling_from_logits"
     if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3:
         raise ValueError(f"{op}: target_logits must be [B, K + 1, V]")
     B, K1, V = target_logits.shape
+    vs = check_vocab_size(vocab_size, V, op)
     if seed is None and generator is None:
         # Greedy processing leaves one token per position: nothing is random, no seed needed.
-        greedy = [(p == 0) if not isinstance(p, torch.Tensor) else bool((p == 0).all())
-                  for p in (temperature, top_p)] + [
-            (top_k == 1) if not isinstance(top_k, torch.Tensor) else bool((top_k == 1).all())]
+        greedy = [
+            (p == 0) if not isinstance(p, torch.Tensor) else bool((p == 0).all()) for p in (temperature, top_p)
+        ] + [(top_k == 1) if not isinstance(top_k, torch.Tensor) else bool((top_k == 1).all())]
         if any(greedy):
             seed = 0
     params = [_expand(p, B, K1) for p in (temperature, top_k, top_p, min_p)]
-    if vocab_size is not None and vocab_size < V:
-        target_logits = target_logits[..., :vocab_size]
-    target = processed_probs(target_logits.reshape(B * K1, -1), *params).reshape(B, K1, -1)
+    if vs < V:
+        target_logits = target_logits[..., :vs]
+    target = processed_probs(target_logits.reshape(B * K1, -1), *params, validate=validate).reshape(B, K1, -1)
     draft = None
     if draft_logits is not None:
         if not isinstance(draft_logits, torch.Tensor) or tuple(draft_logits.shape) != (B, K1 - 1, V):
             raise ValueError(f"{op}: draft_logits must be [B={B}, K={K1 - 1}, V={V}] or None")
-        if vocab_size is not None and vocab_size < V:
-            draft_logits = draft_logits[..., :vocab_size]
+        if vs < V:
+            draft_logits = draft_logits[..., :vs]
     if draft_logits is not None and K1 == 1:
         draft = torch.zeros(B, 0, target.size(2))
     elif draft_logits is not None:
         dparams = [_expand(p, B, K1 - 1) for p in (temperature, top_k, top_p, min_p)]
-        draft = processed_probs(draft_logits.reshape(B * (K1 - 1), -1), *dparams).reshape(B, K1 - 1, -1)
-    return chain_speculative_sampling(draft, draft_token_ids, target.contiguous(), seed=seed, offset=offset,
-                                      generator=generator, validate=validate)
+        draft = processed_probs(draft_logits.reshape(B * (K1 - 1), -1), *dparams, validate=validate)
+        draft = draft.reshape(B, K1 - 1, -1)
+    return chain_speculative_sampling(
+        draft, draft_token_ids, target.contiguous(), seed=seed, offset=offset, generator=generator, validate=validate
+    )

@@ -1,4 +1,4 @@
-"""Paged decode attention over a paged KV cache.
+"""Attention family: paged decode attention over a paged KV cache.
 
 ``paged_attention(query, k_cache, v_cache, block_tables, seq_lens, *, scale, kv_layout="NHD")``
 computes, for each sequence ``b`` and each of its ``Q`` new tokens ``i`` (at position
@@ -15,49 +15,25 @@ from typing import Optional
 
 import torch
 
-from . import _loader  # noqa: F401  (registers torch.ops.decodekit)
+from .._checks import check_device, has_data, host_bool
 
-__all__ = ["paged_attention", "paged_attention_reference"]
+ops = torch.ops.decodekit
 
-
-def _gather(cache: torch.Tensor, table: torch.Tensor, n: int, kv_layout: str) -> torch.Tensor:
-    """The first n cached positions of one sequence as [n, H, D]."""
-    block_size = cache.size(1) if kv_layout == "NHD" else cache.size(2)
-    blocks = table[: (n + block_size - 1) // block_size].long()
-    if kv_layout == "NHD":
-        return cache[blocks].reshape(-1, cache.size(2), cache.size(3))[:n]
-    return cache[blocks].permute(0, 2, 1, 3).reshape(-1, cache.size(1), cache.size(3))[:n]
+__all__ = ["paged_attention"]
 
 
-def paged_attention_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: Optional[float] = None,
-                              kv_layout: str = "NHD") -> torch.Tensor:
-    """Plain-torch paged attention (float32 math), the reference for the kernel.
-
-    Shapes as in :func:`paged_attention`. Slow: one SDPA call per sequence.
-    """
-    B, Q, Hq, D = query.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.empty(B, Q, Hq, D, dtype=torch.float32)
-    for b in range(B):
-        n = int(seq_lens[b])
-        k = _gather(k_cache, block_tables[b], n, kv_layout).float()
-        v = _gather(v_cache, block_tables[b], n, kv_layout).float()
-        Hkv = k.size(1)
-        k = k.repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1)  # [Hq, n, D]
-        v = v.repeat_interleave(Hq // Hkv, dim=1).transpose(0, 1)
-        q = query[b].float().transpose(0, 1)  # [Hq, Q, D]
-        pos = torch.arange(n - Q, n)
-        mask = torch.arange(n)[None, :] <= pos[:, None]  # [Q, n]
-        out[b] = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
-    return out
-
-
-def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, *, scale: Optional[float] = None, kv_layout: str = "NHD",
-                    validate: bool = True) -> torch.Tensor:
-    """Decode attention over a paged KV cache (CPU kernel); see the module docstring.
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache; see the module docstring.
 
     Each query row's result is bit-identical whatever B and Q are (a fixed reduction order
     over its own positions: tiles of 16 positions aligned at position 0, float32 online
@@ -88,27 +64,42 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     Source: online softmax (Milakov & Gimelshein, 2018) as in FlashAttention (Dao et al.,
     2022), over vLLM-style block tables.
+
+    Example:
+        >>> k = torch.randn(4, 16, 2, 64); v = torch.randn(4, 16, 2, 64)   # 4 blocks of 16, 2 KV heads
+        >>> q = torch.randn(1, 1, 8, 64)                                     # one new token, 8 heads
+        >>> out = decodekit.paged_attention(q, k, v, torch.tensor([[2, 0]]), torch.tensor([20]))
+        >>> out.shape
+        torch.Size([1, 1, 8, 64])
     """
     op = "paged_attention"
-    for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("seq_lens", seq_lens)):
+    for name, t in (
+        ("query", query),
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("block_tables", block_tables),
+        ("seq_lens", seq_lens),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != query.device:
             raise ValueError(f"{op}: {name} is on {t.device} but query is on {query.device}")
-    if query.device.type != "cpu":
-        raise ValueError(f"{op}: tensors are on {query.device}; this op has kernels for: CPU")
+    check_device(op, op, "query", query)
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"{op}: kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
     if query.dim() != 4:
         raise ValueError(f"{op}: query must be [B, Q, H_q, D], got shape {tuple(query.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"{op}: k_cache and v_cache must be 4-D and of one shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{op}: k_cache and v_cache must be 4-D and of one shape, got {tuple(k_cache.shape)} "
+            f"and {tuple(v_cache.shape)}"
+        )
     floats = (torch.float32, torch.float16, torch.bfloat16)
     if query.dtype not in floats or k_cache.dtype not in floats or v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"{op}: query and caches must be float32/float16/bfloat16 (caches of one dtype), got "
-                        f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        raise TypeError(
+            f"{op}: query and caches must be float32/float16/bfloat16 (caches of one dtype), got "
+            f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     B, Q, Hq, D = query.shape
     Hkv = k_cache.size(1) if kv_layout == "HND" else k_cache.size(2)
     block_size = k_cache.size(2) if kv_layout == "HND" else k_cache.size(1)
@@ -123,23 +114,28 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             raise ValueError(f"{op}: {name} must have {shape} dims and B={B} rows, got {tuple(t.shape)}")
     tables = block_tables.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
-    if validate and B > 0:
-        if bool((lens < Q).any()):
+    if validate and has_data(lens):
+        if host_bool((lens < Q).any(), op):
             bad = torch.nonzero(lens < Q).flatten().tolist()
             raise ValueError(f"{op}: seq_lens must count the Q={Q} new tokens (>= Q); rows {bad} are shorter")
         need = (lens + block_size - 1) // block_size
-        if bool((need > tables.size(1)).any()):
+        if host_bool((need > tables.size(1)).any(), op):
             raise ValueError(f"{op}: block_tables has {tables.size(1)} columns but a sequence needs {int(need.max())}")
-        cols = torch.arange(tables.size(1))[None, :] < need[:, None]
+        cols = torch.arange(tables.size(1), device=tables.device)[None, :] < need[:, None]
         used = tables[cols]
-        if used.numel() and bool(((used < 0) | (used >= k_cache.size(0))).any()):
-            raise ValueError(f"{op}: block_tables holds block ids outside [0, num_blocks={k_cache.size(0)}) "
-                             "among the blocks the sequences use")
+        if used.numel() and host_bool(((used < 0) | (used >= k_cache.size(0))).any(), op):
+            raise ValueError(
+                f"{op}: block_tables holds block ids outside [0, num_blocks={k_cache.size(0)}) "
+                "among the blocks the sequences use"
+            )
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not torch.compiler.is_compiling() and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
         raise ValueError(f"{op}: scale must be a finite number (default 1/sqrt(D)), got {scale!r}")
     scale = float(scale)
     q = query.detach().to(torch.float32).contiguous()
-    return torch.ops.decodekit.paged_attention(q, k_cache.detach().contiguous(), v_cache.detach().contiguous(),
-                                               tables, lens, scale, kv_layout)
+    return ops.paged_attention(
+        q, k_cache.detach().contiguous(), v_cache.detach().contiguous(), tables, lens, scale, kv_layout
+    )

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import decodekit
-
 import reference as ref
 
 
 def test_hand_computed_row():
     x = torch.tensor([[1.0, -2.0, 3.0, 4.0]])
-    out = decodekit.apply_penalties(x, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
-                                    token_ids=[[0, 1, 0]])
+    out = decodekit.apply_penalties(
+        x, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, token_ids=[[0, 1, 0]]
+    )
     # token 0 (count 2): 1/2 - 0.5*2 - 0.25 = -0.75; token 1 (count 1): -2*2 - 0.5 - 0.25 = -4.75
     assert out.tolist() == [[-0.75, -4.75, 3.0, 4.0]]
     assert torch.equal(x, torch.tensor([[1.0, -2.0, 3.0, 4.0]]))  # input untouched
@@ -67,8 +67,9 @@ def test_penalties_feed_sampling_and_raw_logprobs_ignore_them():
     x = torch.tensor([[5.0, 4.9, 0.0]])
     ids = decodekit.sample_from_logits(x, 0.0, token_ids=[[0]], repetition_penalty=2.0)
     assert ids.item() == 1  # 5 / 2 = 2.5 < 4.9
-    out = decodekit.sample_from_logits(x, 0.0, token_ids=[[0]], repetition_penalty=2.0, return_logprobs=True,
-                                       logprobs_mode="raw")
+    out = decodekit.sample_from_logits(
+        x, 0.0, token_ids=[[0]], repetition_penalty=2.0, return_logprobs=True, logprobs_mode="raw"
+    )
     assert abs(out.logprobs.item() - float(torch.log_softmax(x.double(), -1)[0, 1])) < 1e-6
 
 
@@ -92,9 +93,26 @@ def test_bad_penalty_arguments():
 
 def test_opcheck_apply_penalties():
     x = torch.randn(2, 20)
-    torch.library.opcheck(torch.ops.decodekit.apply_penalties.default,
-                          (x, None, 1.2, None, 0.1, None, 0.0, torch.tensor([[1, 2, -1], [3, 3, 3]]), None, None,
-                           None, None, None, False, 20))
+    torch.library.opcheck(
+        torch.ops.decodekit.apply_penalties.default,
+        (
+            x,
+            None,
+            1.2,
+            None,
+            0.1,
+            None,
+            0.0,
+            torch.tensor([[1, 2, -1], [3, 3, 3]]),
+            None,
+            None,
+            None,
+            None,
+            None,
+            False,
+            20,
+        ),
+    )
 
 
 def test_trial_regressions():
@@ -126,3 +144,40 @@ def test_hf_adapter_drops_ids_past_the_vocabulary_and_checks_its_settings():
         hf.DecodekitSamplingFilter(top_k="5")
     with pytest.raises(ValueError, match="repetition_penalty"):
         hf.DecodekitPenalties(repetition_penalty=0.0)
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def test_meta_tensors_with_token_lists_and_masks():
+    # Found by a trial: token lists, masks and dict biases on meta logits raised instead of
+    # giving the output's shape like every other op.
+    x = torch.empty(3, 50, device="meta")
+    for kw in (
+        dict(token_ids=[[1, 2], [3], []], repetition_penalty=1.2),
+        dict(allowed_token_ids=[1, 2, 3]),
+        dict(banned_token_ids=[[4], [5], [6]]),
+        dict(logit_bias={3: 1.0}),
+        dict(token_counts=torch.zeros(3, 50, dtype=torch.int64, device="meta"), presence_penalty=0.5),
+    ):
+        out = decodekit.apply_penalties(x, **kw)
+        assert out.device.type == "meta" and out.shape == (3, 50) and out.dtype == torch.float32, kw
+
+
+def test_plus_inf_logit_bias_is_rejected_naming_logit_bias():
+    # Found by a trial: +inf was documented as allowed but made the row +inf, which no sampler
+    # can draw from. It is now an error naming logit_bias; -inf still bans a token.
+    x = torch.zeros(2, 8)
+    for bias in ({3: float("inf")}, [{1: 0.5}, {2: float("inf")}]):
+        with pytest.raises(ValueError, match="logit_bias.*allowed_token_ids"):
+            decodekit.apply_penalties(x, logit_bias=bias)
+        with pytest.raises(ValueError, match="logit_bias"):
+            decodekit.sample_from_logits(x, 1.0, seed=1, logit_bias=bias)
+    dense = torch.zeros(2, 8)
+    dense[1, 4] = float("inf")
+    with pytest.raises(ValueError, match="logit_bias must not contain NaN or \\+inf"):
+        decodekit.apply_penalties(x, logit_bias=dense)
+    out = decodekit.apply_penalties(x, logit_bias={3: -float("inf"), 5: 2.0})
+    assert out[0, 3] == -float("inf") and out[1, 5] == 2.0 and out[0, 0] == 0.0
+    # forcing a token: allowed_token_ids
+    assert decodekit.sample_from_logits(x, 1.0, seed=torch.tensor([1, 2]), allowed_token_ids=[6]).tolist() == [6, 6]
+    with pytest.raises(ValueError, match="logit_bias"):
+        decodekit.SamplingParams(logit_bias={3: float("inf")})

@@ -1,7 +1,6 @@
-"""Slow, obviously-right float64 references for the decodekit ops.
-
-Plain Python / torch, written from DESIGN.md, sharing no code with the kernels.
-"""
+"""Slow, obviously-right float64 references for the sampling family (softmax, argmax, the
+filters, the draw, sampling from logits). Plain Python / torch, written from DESIGN.md, sharing
+no code with the kernels."""
 
 from __future__ import annotations
 
@@ -9,37 +8,9 @@ import math
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+from .philox import uniform_double  # noqa: F401  (used by sample)
 
 
-# ------------------------------------------------------------------ Philox ----
-def philox4x32_10(c, k):
-    """Philox4x32-10 (Salmon et al., SC'11) on Python ints: counter c[4], key k[2]."""
-    c0, c1, c2, c3 = c
-    k0, k1 = k
-    for _ in range(10):
-        p0 = 0xD2511F53 * c0
-        p1 = 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1 & MASK32, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0 & MASK32
-        k0 = (k0 + 0x9E3779B9) & MASK32
-        k1 = (k1 + 0xBB67AE85) & MASK32
-    return c0, c1, c2, c3
-
-
-def philox_element(seed: int, offset: int, stream: int, i: int) -> int:
-    seed &= 2**64 - 1
-    offset &= 2**64 - 1
-    block = philox4x32_10((offset & MASK32, offset >> 32, stream, i // 4), (seed & MASK32, seed >> 32))
-    return block[i % 4]
-
-
-def uniform_double(seed: int, offset: int, stream: int, i: int) -> float:
-    a = philox_element(seed, offset, stream, 2 * i)
-    b = philox_element(seed, offset, stream, 2 * i + 1)
-    return ((a >> 5) * 2**26 + (b >> 6)) * 2.0**-53
-
-
-# ---------------------------------------------------------------- sampling ----
 def softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """float64 softmax(x / T) of one row; T == 0 gives one-hot at the first max."""
     x = logits.double()
@@ -162,25 +133,4 @@ def filter_probs(
     return out
 
 
-def apply_penalties(logits, repetition=1.0, frequency=0.0, presence=0.0, token_ids=(), bias=None,
-                    allowed=None, banned=None):
-    """One row: bias, then repetition / frequency / presence on counted tokens, then the mask (float64)."""
-    x = logits.double().clone()
-    if bias:
-        for tok, val in bias.items():
-            x[tok] += val
-    counts = {}
-    for t in token_ids:
-        if t >= 0:
-            counts[t] = counts.get(t, 0) + 1
-    for t, c in counts.items():
-        if repetition != 1.0:
-            x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
-        x[t] -= frequency * c + presence
-    if allowed is not None:
-        keep = torch.zeros_like(x, dtype=torch.bool)
-        keep[list(allowed)] = True
-        x[~keep] = float("-inf")
-    if banned is not None:
-        x[list(banned)] = float("-inf")
-    return x
+sample_from_logits = sample  # the reference of decodekit.sample_from_logits, by the op's name

@@ -15,12 +15,15 @@ def _scores(seed, B=6, V=500):
     return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-@pytest.mark.parametrize("ours,theirs", [
-    (lambda: hf.DecodekitTopK(20), lambda: transformers.TopKLogitsWarper(20)),
-    (lambda: hf.DecodekitTopP(0.9), lambda: transformers.TopPLogitsWarper(0.9)),
-    (lambda: hf.DecodekitMinP(0.1), lambda: transformers.MinPLogitsWarper(0.1)),
-    (lambda: hf.DecodekitTemperature(0.7), lambda: transformers.TemperatureLogitsWarper(0.7)),
-])
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: hf.DecodekitTopK(20), lambda: transformers.TopKLogitsWarper(20)),
+        (lambda: hf.DecodekitTopP(0.9), lambda: transformers.TopPLogitsWarper(0.9)),
+        (lambda: hf.DecodekitMinP(0.1), lambda: transformers.MinPLogitsWarper(0.1)),
+        (lambda: hf.DecodekitTemperature(0.7), lambda: transformers.TemperatureLogitsWarper(0.7)),
+    ],
+)
 def test_same_kept_tokens_and_values_as_transformers_warpers(ours, theirs):
     for seed in range(5):
         s = _scores(seed)
@@ -34,9 +37,14 @@ def test_chain_matches_sequential_transformers_warpers():
     s = _scores(9)
     ids = torch.zeros(6, 3, dtype=torch.long)
     ours = hf.logits_processor_list(temperature=0.8, top_k=30, top_p=0.8, min_p=0.05)(ids, s.clone())
-    theirs = transformers.LogitsProcessorList([
-        transformers.TemperatureLogitsWarper(0.8), transformers.TopKLogitsWarper(30),
-        transformers.TopPLogitsWarper(0.8), transformers.MinPLogitsWarper(0.05)])(ids, s.clone())
+    theirs = transformers.LogitsProcessorList(
+        [
+            transformers.TemperatureLogitsWarper(0.8),
+            transformers.TopKLogitsWarper(30),
+            transformers.TopPLogitsWarper(0.8),
+            transformers.MinPLogitsWarper(0.05),
+        ]
+    )(ids, s.clone())
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
 
 
@@ -49,14 +57,27 @@ def test_penalties_match_transformers_repetition_processor():
 
 
 def test_model_generate_uses_the_processors():
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.tensor([[1, 5, 9, 12]])
     torch.manual_seed(1)
-    out = model.generate(ids, max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
-                         pad_token_id=0, **hf.generate_kwargs(temperature=0.9, top_k=5, repetition_penalty=1.2))
+    out = model.generate(
+        ids,
+        max_new_tokens=8,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **hf.generate_kwargs(temperature=0.9, top_k=5, repetition_penalty=1.2),
+    )
     assert out.sequences.shape == (1, 12)
     for step, scores in enumerate(out.scores):
         finite = torch.isfinite(scores[0])

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 import decodekit
-
 import reference as ref
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
 
 def close(a, b, tol=1e-6):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0
+    )
 
 
 # ------------------------------------------------------------- hand cases ----
@@ -62,9 +63,11 @@ def test_top_k_sets_match_reference_across_chunk_sizes(V):
     # chunks, -inf entries, k around the number of chunks and V not a multiple of
     # the chunk size must still give the exact top-k (value desc, index asc).
     g = torch.Generator().manual_seed(V)
-    rows = [torch.randint(-3, 4, (V,), generator=g).float(),          # heavy ties
-            torch.randn(V, generator=g) * 3,
-            torch.where(torch.rand(V, generator=g) < 0.9, float("-inf"), torch.randn(V, generator=g))]
+    rows = [
+        torch.randint(-3, 4, (V,), generator=g).float(),  # heavy ties
+        torch.randn(V, generator=g) * 3,
+        torch.where(torch.rand(V, generator=g) < 0.9, float("-inf"), torch.randn(V, generator=g)),
+    ]
     x = torch.stack(rows)
     x[2, V // 2] = 0.5  # at least one finite logit in the sparse row
     nch = (V + 255) // 256
@@ -111,11 +114,13 @@ def test_flush_to_zero_in_the_caller_changes_nothing():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             assert torch.equal(decodekit.top_k_mask_logits(L, 3), expected["mask"])
-            assert torch.equal(decodekit.sample_from_logits(L.repeat(64, 1), 1.0, top_k=3, seed=torch.arange(64)),
-                               expected["ids"])
+            assert torch.equal(
+                decodekit.sample_from_logits(L.repeat(64, 1), 1.0, top_k=3, seed=torch.arange(64)), expected["ids"]
+            )
             assert torch.equal(decodekit.argmax(tiny), expected["argmax"])
-            assert torch.equal(decodekit.sample_from_logits(batch, 0.5, top_k=2, seed=torch.arange(13)),
-                               expected["batch"])
+            assert torch.equal(
+                decodekit.sample_from_logits(batch, 0.5, top_k=2, seed=torch.arange(13)), expected["batch"]
+            )
         # tiny number parameters are converted to float32 with IEEE denormals too (values that
         # torch itself converts in the wrapper, e.g. logit_bias dicts, follow the caller's mode)
         zeros = torch.zeros(1, 4)
@@ -164,8 +169,9 @@ def test_joint_filter_order_top_k_then_top_p():
     assert close(out[:3], torch.tensor([0.35, 0.25, 0.20]) / 0.8)
     ids = decodekit.sample_from_probs(p.expand(30000, 17), top_k=4, top_p=0.82, seed=torch.arange(30000))
     assert set(ids.tolist()) == {0, 1, 2}
-    logit_ids = decodekit.sample_from_logits(p.log().expand(30000, 17), 1.0, top_k=4, top_p=0.82,
-                                             seed=torch.arange(30000))
+    logit_ids = decodekit.sample_from_logits(
+        p.log().expand(30000, 17), 1.0, top_k=4, top_p=0.82, seed=torch.arange(30000)
+    )
     assert set(logit_ids.tolist()) == {0, 1, 2}
     assert torch.equal(p, before)
 
@@ -205,10 +211,17 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------- reference ----
-@pytest.mark.parametrize("params", [
-    dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(top_k=40, top_p=0.8, min_p=0.02),
-    dict(top_k=2000, top_p=0.95), dict(top_p=0.3, min_p=0.5),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(top_k=5),
+        dict(top_p=0.9),
+        dict(min_p=0.1),
+        dict(top_k=40, top_p=0.8, min_p=0.02),
+        dict(top_k=2000, top_p=0.95),
+        dict(top_p=0.3, min_p=0.5),
+    ],
+)
 def test_filter_matches_reference_on_random_rows(params):
     g = torch.Generator().manual_seed(20)
     probs = torch.softmax(torch.randn(16, 3000, generator=g) * 2.5, dim=-1)
@@ -219,8 +232,9 @@ def test_filter_matches_reference_on_random_rows(params):
         torch.testing.assert_close(out[b].double(), expected, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("params", [dict(), dict(top_k=4), dict(top_p=0.7), dict(min_p=0.2),
-                                    dict(top_k=8, top_p=0.9, min_p=0.05)])
+@pytest.mark.parametrize(
+    "params", [dict(), dict(top_k=4), dict(top_p=0.7), dict(min_p=0.2), dict(top_k=8, top_p=0.9, min_p=0.05)]
+)
 def test_sample_from_probs_chi_square(params):
     # 200,000 draws of one row (each its own seed) against the float64 reference;
     # fails when the chi-square p-value is below 1e-4.
@@ -232,7 +246,9 @@ def test_sample_from_probs_chi_square(params):
     kept = expected > 0
     assert counts[~kept].sum() == 0
     assert (expected[kept] * N).min() > 5
-    assert scipy_stats.chisquare(counts[kept].numpy(), (expected[kept] / expected[kept].sum() * N).numpy()).pvalue > 1e-4
+    assert (
+        scipy_stats.chisquare(counts[kept].numpy(), (expected[kept] / expected[kept].sum() * N).numpy()).pvalue > 1e-4
+    )
 
 
 def test_sample_from_probs_batch_invariance():
@@ -248,9 +264,13 @@ def test_sample_from_probs_batch_invariance():
         for nt in (1, 2):
             torch.set_num_threads(nt)
             for b in (0, 37, 63):
-                alone = decodekit.sample_from_probs(batch[b:b + 1], top_k[b:b + 1], top_p[b:b + 1], seed=seeds[b:b + 1])
+                alone = decodekit.sample_from_probs(
+                    batch[b : b + 1], top_k[b : b + 1], top_p[b : b + 1], seed=seeds[b : b + 1]
+                )
                 assert alone.item() == full[b].item()
-                assert torch.equal(decodekit.filter_probs(batch[b:b + 1], top_k[b:b + 1], top_p[b:b + 1])[0], filt[b])
+                assert torch.equal(
+                    decodekit.filter_probs(batch[b : b + 1], top_k[b : b + 1], top_p[b : b + 1])[0], filt[b]
+                )
     finally:
         torch.set_num_threads(threads)
 
@@ -258,18 +278,22 @@ def test_sample_from_probs_batch_invariance():
 def test_opcheck_probability_ops():
     p = torch.softmax(torch.randn(3, 40), dim=-1)
     torch.library.opcheck(torch.ops.decodekit.filter_probs.default, (p, None, 5, None, 0.9, None, 0.0, 40))
-    torch.library.opcheck(torch.ops.decodekit.sample_from_probs.default,
-                          (p, None, 0, None, 0.8, None, 0.0, None, 3, None, 0, 40, True, True, 2, False))
+    torch.library.opcheck(
+        torch.ops.decodekit.sample_from_probs.default,
+        (p, None, 0, None, 0.8, None, 0.0, None, 3, None, 0, 40, True, True, 2, False),
+    )
     torch.library.opcheck(torch.ops.decodekit.top_k_mask_logits.default, (torch.randn(3, 40), None, 4, 40))
 
 
 def test_sample_from_probs_logprobs_match_reference():
     g = torch.Generator().manual_seed(32)
     probs = torch.softmax(torch.randn(6, 500, generator=g) * 2, dim=-1)
-    out = decodekit.sample_from_probs(probs, top_k=30, top_p=0.9, seed=torch.arange(6), return_logprobs=True,
-                                      top_logprobs=3)
-    raw = decodekit.sample_from_probs(probs, top_k=30, top_p=0.9, seed=torch.arange(6), return_logprobs=True,
-                                      logprobs_mode="raw")
+    out = decodekit.sample_from_probs(
+        probs, top_k=30, top_p=0.9, seed=torch.arange(6), return_logprobs=True, top_logprobs=3
+    )
+    raw = decodekit.sample_from_probs(
+        probs, top_k=30, top_p=0.9, seed=torch.arange(6), return_logprobs=True, logprobs_mode="raw"
+    )
     for b in range(6):
         lp = torch.log(ref.filter_probs(probs[b], top_k=30, top_p=0.9))
         tok = int(out.token_ids[b])

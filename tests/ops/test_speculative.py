@@ -73,11 +73,12 @@ def test_one_position_marginal_is_the_target_not_the_draft():
     q = torch.tensor([0.2, 0.8])
     drafts = torch.multinomial(q, N, replacement=True, generator=g)[:, None]
     target = torch.tensor([[0.6, 0.4], [0.5, 0.5]]).expand(N, 2, 2).contiguous()
-    out = decodekit.chain_speculative_sampling(q.expand(N, 1, 2).contiguous(), drafts, target,
-                                               seed=torch.arange(N))
+    out = decodekit.chain_speculative_sampling(q.expand(N, 1, 2).contiguous(), drafts, target, seed=torch.arange(N))
     first = out.output_token_ids[:, 0]
     counts = torch.bincount(first, minlength=2).double()
-    assert scipy_stats.chisquare(counts.numpy(), (torch.tensor([0.6, 0.4], dtype=torch.float64) * N).numpy()).pvalue > 1e-4
+    assert (
+        scipy_stats.chisquare(counts.numpy(), (torch.tensor([0.6, 0.4], dtype=torch.float64) * N).numpy()).pvalue > 1e-4
+    )
     assert abs(float(counts[0]) / N - 0.44) > 0.1
 
 
@@ -98,8 +99,12 @@ def test_lossless_every_emitted_position(K, one_hot):
     else:
         q = torch.softmax(torch.randn(K, V, generator=g), -1)
         drafts = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(K)], 1)
-    out = decodekit.chain_speculative_sampling(None if q is None else q.expand(N, K, V).contiguous(), drafts,
-                                               p.expand(N, K + 1, V).contiguous(), seed=torch.arange(N) + 7)
+    out = decodekit.chain_speculative_sampling(
+        None if q is None else q.expand(N, K, V).contiguous(),
+        drafts,
+        p.expand(N, K + 1, V).contiguous(),
+        seed=torch.arange(N) + 7,
+    )
     tested = 0
     for j in range(K + 1):
         reached = out.num_emitted > j
@@ -125,10 +130,12 @@ def test_seeded_rows_reproduce_and_ignore_batching():
     swapped = decodekit.chain_speculative_sampling(q[[1, 0]], drafts[[1, 0]], target[[1, 0]], seed=torch.tensor([2, 1]))
     assert torch.equal(swapped.output_token_ids, two.output_token_ids[[1, 0]])
     q2, d2, t2 = q[[0, 1]], drafts[[0, 1]], target[[0, 1]]
-    big2 = decodekit.chain_speculative_sampling(torch.cat([q[2:3], q2[:1], q[4:6], q2[1:]]),
-                                                torch.cat([drafts[2:3], d2[:1], drafts[4:6], d2[1:]]),
-                                                torch.cat([target[2:3], t2[:1], target[4:6], t2[1:]]),
-                                                seed=torch.tensor([8, 1, 7, 6, 2]))
+    big2 = decodekit.chain_speculative_sampling(
+        torch.cat([q[2:3], q2[:1], q[4:6], q2[1:]]),
+        torch.cat([drafts[2:3], d2[:1], drafts[4:6], d2[1:]]),
+        torch.cat([target[2:3], t2[:1], target[4:6], t2[1:]]),
+        seed=torch.tensor([8, 1, 7, 6, 2]),
+    )
     assert torch.equal(big2.output_token_ids[1], two.output_token_ids[0])
     assert torch.equal(big2.output_token_ids[4], two.output_token_ids[1])
 
@@ -152,22 +159,25 @@ def test_bad_input():
 def test_opcheck():
     t = torch.softmax(torch.randn(2, 3, 5), -1)
     q = torch.softmax(torch.randn(2, 2, 5), -1)
-    torch.library.opcheck(torch.ops.decodekit.chain_speculative_sampling.default,
-                          (q, torch.tensor([[1, 2], [0, -1]]), t, None, 3, None, 0, 5))
+    torch.library.opcheck(
+        torch.ops.decodekit.chain_speculative_sampling.default,
+        (q, torch.tensor([[1, 2], [0, -1]]), t, None, 3, None, 0, 5),
+    )
 
 
 def test_from_logits_min_p_hand_case():
     # Target probs [0.6, 0.35, 0.05] after min_p 0.1 -> [0.6316, 0.3684, 0]: a one-hot draft of
     # token 2 is never accepted, and the recovered token is 0 or 1.
-    from decodekit.speculative import processed_probs
+    from decodekit import processed_probs
 
     logits = torch.log(torch.tensor([[0.6, 0.35, 0.05]]))
     probs = processed_probs(logits, 1.0, min_p=0.1)
     assert torch.allclose(probs, torch.tensor([[0.6 / 0.95, 0.35 / 0.95, 0.0]]), atol=1e-6)
     N = 20000
     target = torch.log(torch.tensor([[0.6, 0.35, 0.05], [0.3, 0.3, 0.4]])).expand(N, 2, 3).contiguous()
-    out = decodekit.chain_speculative_sampling_from_logits(None, torch.full((N, 1), 2), target, 1.0, min_p=0.1,
-                                                           seed=torch.arange(N))
+    out = decodekit.chain_speculative_sampling_from_logits(
+        None, torch.full((N, 1), 2), target, 1.0, min_p=0.1, seed=torch.arange(N)
+    )
     assert (out.num_accepted == 0).all() and set(out.output_token_ids[:, 0].tolist()) <= {0, 1}
 
 
@@ -175,7 +185,7 @@ def test_from_logits_min_p_hand_case():
 def test_from_logits_lossless_with_filters(params):
     # 200,000 rows, K=3, V=6: each emitted position follows the processed target distribution
     # (chi-square p > 1e-4; positions with fewer than 5 expected per kept cell skipped).
-    from decodekit.speculative import processed_probs
+    from decodekit import processed_probs
 
     N, K, V = 200_000, 3, 6
     g = torch.Generator().manual_seed(40)
@@ -185,8 +195,12 @@ def test_from_logits_lossless_with_filters(params):
     p = processed_probs(t_logits, **params).double()
     drafts = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(K)], 1)
     out = decodekit.chain_speculative_sampling_from_logits(
-        d_logits.expand(N, K, V).contiguous(), drafts, t_logits.expand(N, K + 1, V).contiguous(),
-        seed=torch.arange(N) + 3, **params)
+        d_logits.expand(N, K, V).contiguous(),
+        drafts,
+        t_logits.expand(N, K + 1, V).contiguous(),
+        seed=torch.arange(N) + 3,
+        **params,
+    )
     tested = 0
     for j in range(K + 1):
         reached = out.num_emitted > j
@@ -207,8 +221,9 @@ def test_unnormalised_rows_and_padding_columns_are_renormalised():
     # must follow the renormalised distribution over the vocabulary (uniform here).
     N = 100_000
     for target, vs in ((torch.full((N, 2, 4), 0.25), 2), (torch.full((N, 2, 4), 2.5), None)):
-        out = decodekit.chain_speculative_sampling(None, torch.zeros(N, 1, dtype=torch.long), target,
-                                                   seed=torch.arange(N), vocab_size=vs)
+        out = decodekit.chain_speculative_sampling(
+            None, torch.zeros(N, 1, dtype=torch.long), target, seed=torch.arange(N), vocab_size=vs
+        )
         first = out.output_token_ids[:, 0]
         k = 2 if vs else 4
         counts = torch.bincount(first, minlength=k).double()[:k]
@@ -221,8 +236,9 @@ def test_from_logits_greedy_needs_no_seed_and_empty_drafts():
     out = decodekit.chain_speculative_sampling_from_logits(None, torch.zeros(2, 1, dtype=torch.long), L, 0.0)
     assert torch.equal(out.output_token_ids[:, -1][out.num_accepted == 1], L[out.num_accepted == 1, 1].argmax(-1))
     decodekit.chain_speculative_sampling_from_logits(None, torch.zeros(2, 1, dtype=torch.long), L, 1.0, 1)
-    empty = decodekit.chain_speculative_sampling_from_logits(torch.zeros(2, 0, 6), torch.zeros(2, 0, dtype=torch.long),
-                                                             L[:, :1], 1.0, seed=1)
+    empty = decodekit.chain_speculative_sampling_from_logits(
+        torch.zeros(2, 0, 6), torch.zeros(2, 0, dtype=torch.long), L[:, :1], 1.0, seed=1
+    )
     assert empty.output_token_ids.shape == (2, 1) and (empty.num_emitted == 1).all()
 
 
@@ -254,11 +270,38 @@ def test_zero_draft_probability_token_is_rejected_and_invalid_rows_marked():
     q = torch.tensor([0.0, 0.5, 0.5, 0.0])[None, None].expand(N, 1, 4).contiguous()
     out = decodekit.chain_speculative_sampling(q, torch.zeros(N, 1, dtype=torch.long), p, seed=torch.arange(N))
     assert (out.num_accepted == 0).all()
-    assert set(out.output_token_ids[:, 0].tolist()) <= {0, 3}      # the residual max(0, p - q)
+    assert set(out.output_token_ids[:, 0].tolist()) <= {0, 3}  # the residual max(0, p - q)
     t = torch.full((2, 3, 10), 0.1)
-    t[0, 0, 7] = float("inf")                    # the first row request 0 reads
+    t[0, 0, 7] = float("inf")  # the first row request 0 reads
     ids = torch.tensor([[1, 2], [1, 2]])
     out = decodekit.chain_speculative_sampling(None, ids, t, seed=torch.tensor([0, 0]), validate=False)
     assert int(out.num_emitted[0]) == int(out.num_accepted[0]) == 0
     assert (out.output_token_ids[0] == -1).all()
     assert int(out.num_emitted[1]) == int(out.num_accepted[1]) + 1
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def test_from_logits_checks_vocab_size():
+    # Found by a trial: vocab_size=-1 silently dropped the last column.
+    t = torch.randn(2, 3, 10)
+    ids = torch.tensor([[1, 2], [3, 4]])
+    for bad in (-1, 0, 11):
+        with pytest.raises(ValueError, match=r"vocab_size must be in \[1, V=10\]"):
+            decodekit.chain_speculative_sampling_from_logits(None, ids, t, 0.0, vocab_size=bad)
+    with pytest.raises(TypeError, match="vocab_size"):
+        decodekit.chain_speculative_sampling_from_logits(None, ids, t, 0.0, vocab_size=2.5)
+    # a valid vocab_size: greedy verification never emits a padding column
+    t[:, :, 9] = 100.0
+    out = decodekit.chain_speculative_sampling_from_logits(None, ids, t, 0.0, vocab_size=9)
+    assert (out.output_token_ids < 9).all()
+
+
+def test_meta_tensors():
+    # Found by a trial: the wrapper refused meta tensors although the op has a Meta kernel.
+    B, K, V = 3, 2, 16
+    for draft in (None, torch.empty(B, K, V, device="meta")):
+        out = decodekit.chain_speculative_sampling(
+            draft, torch.zeros(B, K, dtype=torch.long, device="meta"), torch.empty(B, K + 1, V, device="meta"), seed=1
+        )
+        assert out.output_token_ids.device.type == "meta" and out.output_token_ids.shape == (B, K + 1)
+        assert out.num_accepted.shape == (B,) and out.num_emitted.shape == (B,)

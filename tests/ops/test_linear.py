@@ -20,9 +20,9 @@ def test_rows_bit_identical_for_any_m(N, K):
     full = decodekit.linear(x, w, b)
     for M in (1, 2, 5, 16, 64):
         for start in (0, 64 - M):
-            part = decodekit.linear(x[start:start + M], w, b)
-            assert torch.equal(part, full[start:start + M]), (M, start)
-    ref = (x.double() @ w.double().T + b.double())
+            part = decodekit.linear(x[start : start + M], w, b)
+            assert torch.equal(part, full[start : start + M]), (M, start)
+    ref = x.double() @ w.double().T + b.double()
     torch.testing.assert_close(full.double(), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,442 @@
+"""KV-cache managers: :class:`ContiguousKVCache` (a fixed batch, per-row lengths) and
+:class:`PagedKVCache` (a block pool shared by sequences through block tables), built on the
+validated writes of :mod:`decodekit.ops.kv_cache`.
+
+Layouts (``kv_layout``), for one layer's key cache (the value cache has the same shape):
+
+* contiguous cache: ``"NHD"`` = ``[B, S_max, H, D]``, ``"HND"`` = ``[B, H, S_max, D]``;
+* paged cache: ``"NHD"`` = ``[num_blocks, block_size, H, D]``,
+  ``"HND"`` = ``[num_blocks, H, block_size, D]``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._checks import index_tensor
+from .ops.kv_cache import CACHE_DTYPES, IntOrInts, append_kv_cache, append_paged_kv_cache, check_kv_rows, check_layout
+
+__all__ = ["ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]
+
+
+def _positive_int(value, name: str, cls: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{cls}: {name} must be a positive int, got {value!r}")
+    return operator.index(value)
+
+
+def _cache_args(cls: str, ints: Dict[str, object], dtype, kv_layout) -> Dict[str, int]:
+    out = {name: _positive_int(v, name, cls) for name, v in ints.items()}
+    if dtype not in CACHE_DTYPES:
+        raise TypeError(f"{cls}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    check_layout(kv_layout, cls)
+    return out
+
+
+class ContiguousKVCache:
+    """A contiguous KV cache for a fixed batch: per layer, ``k[layer]`` and ``v[layer]`` of shape
+    ``[B, max_seq_len, H, D]`` (``"NHD"``) or ``[B, H, max_seq_len, D]`` (``"HND"``), zeros at
+    first, and per-row lengths ``seq_lens`` (int64 ``[B]``).
+
+    A decoding step writes every layer at the current lengths, then moves them once::
+
+        for layer in range(num_layers):
+            cache.append(layer, key, value)     # key/value [B, T, H, D]
+        cache.advance(T)
+
+    Rows may have different lengths (``advance`` takes per-row counts, ``truncate`` one row).
+    ``truncate`` rolls a row back (e.g. rejected speculative tokens) and zeroes the released
+    positions in every layer, so the cache then holds exactly the bits it would hold had those
+    tokens never been written.
+
+    Args:
+        num_layers, batch_size, max_seq_len, num_kv_heads, head_dim: positive ints.
+        dtype: torch.float32 (default), torch.float16 or torch.bfloat16.
+        kv_layout: ``"NHD"`` (default) or ``"HND"``.
+
+    Memory: ``2 * num_layers * B * max_seq_len * H * D * dtype.itemsize`` bytes (CPU).
+
+    Raises:
+        ValueError / TypeError naming the argument for bad sizes, dtype or layout.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        kv_layout: str = "NHD",
+    ) -> None:
+        a = _cache_args(
+            "ContiguousKVCache",
+            dict(
+                num_layers=num_layers,
+                batch_size=batch_size,
+                max_seq_len=max_seq_len,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+            ),
+            dtype,
+            kv_layout,
+        )
+        self.num_layers, self.batch_size, self.max_seq_len = a["num_layers"], a["batch_size"], a["max_seq_len"]
+        self.num_kv_heads, self.head_dim = a["num_kv_heads"], a["head_dim"]
+        self.dtype, self.kv_layout = dtype, kv_layout
+        B, S, H, D = self.batch_size, self.max_seq_len, self.num_kv_heads, self.head_dim
+        shape = (B, S, H, D) if kv_layout == "NHD" else (B, H, S, D)
+        self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
+        self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
+        self.seq_lens = torch.zeros(B, dtype=torch.int64)
+
+    def _layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"{type(self).__name__}: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return operator.index(layer)
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Writes ``key``/``value`` ``[B, T, H, D]`` (the cache's dtype) of layer ``layer`` at
+        positions ``seq_lens[b] .. seq_lens[b] + T - 1`` of every row; lengths do not move
+        (call :meth:`advance` after the last layer).
+
+        Raises:
+            ValueError / TypeError as :func:`append_kv_cache`, in particular when a row would
+            pass ``max_seq_len`` (nothing is written then).
+        """
+        i = self._layer(layer)
+        append_kv_cache(self.k[i], self.v[i], key, value, self.seq_lens, kv_layout=self.kv_layout)
+
+    def advance(self, num_tokens: IntOrInts) -> None:
+        """Moves the lengths by ``num_tokens`` (an int for every row, or ``B`` ints), after every
+        layer has been written.
+
+        Raises:
+            ValueError: a negative count, or a length that would pass ``max_seq_len``.
+        """
+        n = index_tensor(num_tokens, "num_tokens", "ContiguousKVCache.advance", self.seq_lens.device, self.batch_size)
+        if bool((n < 0).any()):
+            raise ValueError(f"ContiguousKVCache.advance: num_tokens must be >= 0, got {n.tolist()}")
+        new = self.seq_lens + n
+        if bool((new > self.max_seq_len).any()):
+            raise ValueError(
+                f"ContiguousKVCache.advance: lengths {new.tolist()} would pass max_seq_len={self.max_seq_len}"
+            )
+        self.seq_lens.copy_(new)
+
+    def truncate(self, seq: int, new_len: int) -> None:
+        """Rolls row ``seq`` back to ``new_len`` tokens (``0 <= new_len <= seq_lens[seq]``) and
+        zeroes the released positions in every layer.
+
+        Raises:
+            ValueError: ``seq`` outside ``[0, B)`` or ``new_len`` outside ``[0, seq_lens[seq]]``.
+        """
+        name = "ContiguousKVCache.truncate"
+        if isinstance(seq, bool) or not isinstance(seq, numbers.Integral) or not 0 <= seq < self.batch_size:
+            raise ValueError(f"{name}: seq must be a row in [0, {self.batch_size}), got {seq!r}")
+        old = int(self.seq_lens[seq])
+        if isinstance(new_len, bool) or not isinstance(new_len, numbers.Integral) or not 0 <= new_len <= old:
+            raise ValueError(f"{name}: new_len must be an int in [0, {old}] (row {seq}'s length), got {new_len!r}")
+        for layer in range(self.num_layers):
+            for c in (self.k[layer], self.v[layer]):
+                if self.kv_layout == "NHD":
+                    c[seq, new_len:old] = 0
+                else:
+                    c[seq, :, new_len:old] = 0
+        self.seq_lens[seq] = new_len
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised by :class:`PagedKVCache` when an append needs more free blocks than the pool has.
+    Nothing is allocated or written when it is raised."""
+
+
+class PagedKVCache:
+    """A paged KV cache: per layer, ``k[layer]`` and ``v[layer]`` of shape
+    ``[num_blocks, block_size, H, D]`` (``"NHD"``) or ``[num_blocks, H, block_size, D]``
+    (``"HND"``), zeros at first, shared by any number of sequences through per-sequence block
+    tables (the scheme of vLLM's PagedAttention).
+
+    Blocks come from a free list, lowest id first; released blocks go back on top of it, so
+    the same history of calls always gives the same block tables. A decoding step::
+
+        for layer in range(num_layers):
+            cache.append(layer, seq_ids, key, value)   # key/value [len(seq_ids), T, H, D]
+        cache.advance(seq_ids, T)
+
+    ``append`` allocates the blocks the new tokens need (once, for the first layer) and writes
+    at each sequence's current length; ``advance`` then moves the lengths. Released positions
+    (``truncate``, ``free``) are zeroed, so the pool holds exactly the bits it would hold had
+    the released tokens never been written.
+
+    Args:
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim: positive ints.
+        dtype: torch.float32 (default), torch.float16 or torch.bfloat16.
+        kv_layout: ``"NHD"`` (default) or ``"HND"``.
+
+    Memory: ``2 * num_layers * num_blocks * block_size * H * D * dtype.itemsize`` bytes (CPU).
+
+    Raises:
+        ValueError / TypeError naming the argument for bad sizes, dtype or layout.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        kv_layout: str = "NHD",
+    ) -> None:
+        a = _cache_args(
+            "PagedKVCache",
+            dict(
+                num_layers=num_layers,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+            ),
+            dtype,
+            kv_layout,
+        )
+        self.num_layers, self.num_blocks, self.block_size = a["num_layers"], a["num_blocks"], a["block_size"]
+        self.num_kv_heads, self.head_dim = a["num_kv_heads"], a["head_dim"]
+        self.dtype, self.kv_layout = dtype, kv_layout
+        NB, bs, H, D = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
+        shape = (NB, bs, H, D) if kv_layout == "NHD" else (NB, H, bs, D)
+        self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
+        self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
+        self._free: List[int] = list(range(NB - 1, -1, -1))  # pop() gives the lowest id
+        self._tables: Dict[int, List[int]] = {}
+        self._lens: Dict[int, int] = {}
+        self._next_id = 0
+        self._step: Optional[Tuple[tuple, torch.Tensor]] = None  # slot mapping shared by a step's layers
+
+    # ------------------------------------------------------------ sequences ----
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not held by any sequence."""
+        return len(self._free)
+
+    def add_sequence(self) -> int:
+        """Registers an empty sequence and returns its id (ids are never reused)."""
+        sid = self._next_id
+        self._next_id += 1
+        self._tables[sid] = []
+        self._lens[sid] = 0
+        return sid
+
+    def _seq(self, seq, name: str) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, numbers.Integral) or operator.index(seq) not in self._tables:
+            raise ValueError(
+                f"PagedKVCache.{name}: unknown sequence id {seq!r} (live ids: {sorted(self._tables)[:16]})"
+            )
+        return operator.index(seq)
+
+    def _seq_list(self, seq_ids, name: str) -> List[int]:
+        if isinstance(seq_ids, numbers.Integral) and not isinstance(seq_ids, bool):
+            seq_ids = [seq_ids]
+        elif isinstance(seq_ids, torch.Tensor):
+            seq_ids = seq_ids.tolist()
+        if not isinstance(seq_ids, (list, tuple)):
+            raise TypeError(
+                f"PagedKVCache.{name}: seq_ids must be an int or a list of ints, got {type(seq_ids).__name__}"
+            )
+        ids = [self._seq(s, name) for s in seq_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"PagedKVCache.{name}: seq_ids must not repeat, got {ids}")
+        return ids
+
+    def _counts(self, num_tokens, n: int, name: str) -> List[int]:
+        if isinstance(num_tokens, numbers.Integral) and not isinstance(num_tokens, bool):
+            counts = [operator.index(num_tokens)] * n
+        else:
+            counts = index_tensor(num_tokens, "num_tokens", f"PagedKVCache.{name}", torch.device("cpu"), n).tolist()
+        if any(c < 0 for c in counts):
+            raise ValueError(f"PagedKVCache.{name}: num_tokens must be >= 0, got {counts}")
+        return counts
+
+    def _release(self, blocks: List[int]) -> None:
+        """Zeroes whole blocks in every layer and puts them back on the free list (so that the
+        next allocations return them in their original order)."""
+        if not blocks:
+            return
+        idx = torch.tensor(blocks, dtype=torch.int64)
+        for layer in range(self.num_layers):
+            self.k[layer].index_fill_(0, idx, 0)
+            self.v[layer].index_fill_(0, idx, 0)
+        self._free.extend(reversed(blocks))
+
+    def _reserve(self, ids: List[int], counts: List[int]) -> None:
+        """Allocates the blocks the sequences need to hold ``counts`` more tokens; all or none."""
+        bs = self.block_size
+        need = [max(0, -(-(self._lens[s] + n) // bs) - len(self._tables[s])) for s, n in zip(ids, counts)]
+        if sum(need) > len(self._free):
+            raise OutOfBlocksError(
+                f"PagedKVCache: appending needs {sum(need)} new blocks of {bs} positions but only "
+                f"{len(self._free)} of {self.num_blocks} are free; free or truncate sequences"
+            )
+        for s, k in zip(ids, need):
+            for _ in range(k):
+                self._tables[s].append(self._free.pop())
+
+    def _slot_mapping(self, ids: List[int], counts: List[int]) -> torch.Tensor:
+        key = (tuple(ids), tuple(counts))
+        if self._step is not None and self._step[0] == key:
+            return self._step[1]
+        self._reserve(ids, counts)
+        bs = self.block_size
+        parts = []
+        for s, n in zip(ids, counts):
+            pos = torch.arange(self._lens[s], self._lens[s] + n, dtype=torch.int64)
+            table = torch.tensor(self._tables[s], dtype=torch.int64)
+            parts.append(table[pos // bs] * bs + pos % bs)
+        slots = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        self._step = (key, slots)
+        return slots
+
+    # --------------------------------------------------------------- writes ----
+    def append(
+        self,
+        layer: int,
+        seq_ids: IntOrInts,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        num_tokens: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Writes the new tokens' keys/values of layer ``layer`` after each sequence's current
+        length, allocating blocks as needed; lengths do not move (call :meth:`advance` after
+        the last layer).
+
+        Args:
+            layer: in ``[0, num_layers)``.
+            seq_ids: the sequences (ids from :meth:`add_sequence`, no repeats), length ``B``.
+            key, value: ``[B, T, H, D]`` (``T`` tokens for every sequence), or ``[N, H, D]``
+                with the tokens of the sequences one after another and ``num_tokens`` giving
+                each sequence's count (sum ``N``; may be omitted for a single sequence). The
+                cache's dtype.
+            num_tokens: per-sequence token counts for 3-D ``key``.
+
+        Raises:
+            OutOfBlocksError: not enough free blocks (nothing is allocated or written).
+            ValueError / TypeError: unknown or repeated ids, bad layer, shapes or dtypes as
+                :func:`append_paged_kv_cache`.
+        """
+        name = "PagedKVCache.append"
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"{name}: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        ids = self._seq_list(seq_ids, "append")
+        for nm, x in (("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: {nm} must be a torch.Tensor, got {type(x).__name__}")
+        if key.dim() == 4:
+            if num_tokens is not None:
+                raise ValueError(f"{name}: num_tokens is for a 3-D key [N, H, D]; key is 4-D {tuple(key.shape)}")
+            if key.size(0) != len(ids):
+                raise ValueError(f"{name}: key has {key.size(0)} rows but {len(ids)} seq_ids were given")
+            if value.shape != key.shape:
+                raise ValueError(
+                    f"{name}: value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}"
+                )
+            counts = [key.size(1)] * len(ids)
+            key, value = key.flatten(0, 1), value.flatten(0, 1)
+        elif key.dim() == 3:
+            if num_tokens is None:
+                if len(ids) != 1:
+                    raise ValueError(f"{name}: a 3-D key [N, H, D] for {len(ids)} sequences needs num_tokens")
+                counts = [key.size(0)]
+            else:
+                counts = self._counts(num_tokens, len(ids), "append")
+                if sum(counts) != key.size(0):
+                    raise ValueError(f"{name}: num_tokens sum to {sum(counts)} but key has N={key.size(0)} rows")
+        else:
+            raise ValueError(f"{name}: key must be [B, T, H, D] or [N, H, D], got shape {tuple(key.shape)}")
+        if value.shape != key.shape:
+            raise ValueError(f"{name}: value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
+        # Shapes and dtypes first, so that a bad call allocates nothing.
+        check_kv_rows(key, value, self.k[layer], self.num_kv_heads, self.head_dim, 3, "[N, H, D]", name)
+        slots = self._slot_mapping(ids, counts)
+        append_paged_kv_cache(
+            self.k[layer], self.v[layer], key, value, slots, kv_layout=self.kv_layout, validate=False
+        )  # slots are in the pool and distinct by construction
+
+    def advance(self, seq_ids: IntOrInts, num_tokens: IntOrInts) -> None:
+        """Moves the lengths of ``seq_ids`` by ``num_tokens`` (an int for all, or one per id),
+        after every layer has been written (allocating blocks if :meth:`append` did not).
+
+        Raises:
+            OutOfBlocksError: not enough free blocks. ValueError: unknown ids, negative counts.
+        """
+        ids = self._seq_list(seq_ids, "advance")
+        counts = self._counts(num_tokens, len(ids), "advance")
+        self._reserve(ids, counts)
+        for s, n in zip(ids, counts):
+            self._lens[s] += n
+        self._step = None
+
+    def truncate(self, seq: int, new_len: int) -> None:
+        """Rolls sequence ``seq`` back to ``new_len`` tokens (``0 <= new_len <= length``): the
+        released positions are zeroed in every layer and whole blocks past the new length go
+        back to the free list.
+
+        Raises:
+            ValueError: unknown ``seq``, ``new_len`` outside ``[0, length]``.
+        """
+        s = self._seq(seq, "truncate")
+        old = self._lens[s]
+        if isinstance(new_len, bool) or not isinstance(new_len, numbers.Integral) or not 0 <= new_len <= old:
+            raise ValueError(
+                f"PagedKVCache.truncate: new_len must be an int in [0, {old}] (sequence {s}'s length), got {new_len!r}"
+            )
+        bs = self.block_size
+        keep = -(-new_len // bs)
+        table = self._tables[s]
+        if new_len % bs and keep <= len(table):  # zero the tail of the last kept block
+            blk, off = table[keep - 1], new_len % bs
+            for layer in range(self.num_layers):
+                for c in (self.k[layer], self.v[layer]):
+                    if self.kv_layout == "NHD":
+                        c[blk, off:] = 0
+                    else:
+                        c[blk, :, off:] = 0
+        self._release(table[keep:])
+        del table[keep:]
+        self._lens[s] = new_len
+        self._step = None
+
+    def free(self, seq: int) -> None:
+        """Releases every block of sequence ``seq`` (zeroed) and forgets the id.
+
+        Raises:
+            ValueError: unknown ``seq``.
+        """
+        s = self._seq(seq, "free")
+        self._release(self._tables.pop(s))
+        del self._lens[s]
+        self._step = None
+
+    # -------------------------------------------------------------- queries ----
+    def block_table(self, seq_ids: IntOrInts) -> torch.Tensor:
+        """int32 ``[B, max_blocks]``: row ``b`` lists the blocks of ``seq_ids[b]`` in order
+        (including those allocated for tokens appended but not yet advanced), padded with -1;
+        ``max_blocks`` is the longest table among them."""
+        ids = self._seq_list(seq_ids, "block_table")
+        width = max((len(self._tables[s]) for s in ids), default=0)
+        out = torch.full((len(ids), width), -1, dtype=torch.int32)
+        for b, s in enumerate(ids):
+            if self._tables[s]:
+                out[b, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int32)
+        return out
+
+    def seq_lens(self, seq_ids: IntOrInts) -> torch.Tensor:
+        """int64 ``[B]``: the number of cached (advanced) tokens of each of ``seq_ids``."""
+        ids = self._seq_list(seq_ids, "seq_lens")
+        return torch.tensor([self._lens[s] for s in ids], dtype=torch.int64)

@@ -1,0 +1,278 @@
+"""The decode loop, written once for plain and speculative decoding:
+
+    prefill -> [draft] -> sample or verify -> append or roll back -> stop -> stream
+
+1. **Prefill** each prompt alone (a batch of one) into a shared paged KV cache.
+2. **Draft** (with a drafter): up to K tokens per request, from its own context.
+3. **Forward** the target once on every active request's ``[last token] + drafts`` (rows padded
+   to the longest draft). Without a drafter that is one token per request.
+4. **Process** every position like plain sampling does: penalties over the tokens before that
+   position (prompt + output + the drafts before it) and the logit bias.
+5. **Sample or verify**: without drafts, :func:`decodekit.sample_from_logits`; with drafts,
+   :func:`decodekit.greedy_verify` for greedy requests and lossless
+   :func:`decodekit.chain_speculative_sampling_from_logits` for the others.
+6. **Append or roll back**: keep the accepted drafts plus the emitted token; the cache rolls back
+   over the rejected drafts (:meth:`PagedKVCache.truncate`).
+7. **Stop** after a stop token or ``max_new_tokens``; a finished request leaves the batch and its
+   blocks are freed. **Stream** each complete piece of text.
+
+Randomness (DESIGN.md): each request has its own seed; the offset of a call is the 0-based
+position, in the generated sequence, of the first token the call draws (the first token: 0;
+plain decoding: the step; speculative: the position of the pass's first draft). Bits 48-61 carry
+the sample index (0 here) and bit 62 marks the draft model's own draws. Every step of the model
+and of the sampler is batch-invariant in deterministic mode, so a request produces exactly the
+tokens it produces alone; and since the target's logits do not depend on the number of positions
+in a pass, greedy speculative decoding reproduces plain greedy decoding token for token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from .._checks import to_int64_bits
+from ..models.gguf_loader import LoadedModel
+from ..ops import (
+    apply_penalties,
+    chain_speculative_sampling_from_logits,
+    greedy_verify,
+    processed_probs,
+    sample_from_logits,
+    sample_from_probs,
+)
+from ..params import rows
+from ..tokenizer import StreamDecoder
+from .request import Request
+
+__all__ = ["run", "PAGE_SIZE", "DRAFT_OFFSET_BIT"]
+
+PAGE_SIZE = 16  # positions per block of the paged KV cache
+DRAFT_OFFSET_BIT = 1 << 62  # set in the offsets of the draft model's own draws
+
+
+def run(
+    lm: LoadedModel,
+    requests: List[Request],
+    *,
+    stop_ids,
+    emit_to: Optional[Callable[[int, str], None]],
+    drafter=None,
+    num_draft_tokens: int = 0,
+    call_key=None,
+    op: str = "generate",
+) -> None:
+    """Decode every request until it stops; fills in tokens, text pieces, finish reasons,
+    counts and timings of ``requests`` (see the module docstring)."""
+    net = lm.model
+    K = num_draft_tokens if drafter is not None else 0
+    blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens + K + 1) // PAGE_SIZE) for r in requests)
+    cache = net.new_paged_cache(max(blocks, 1), block_size=PAGE_SIZE)
+    t_decode = 0.0
+
+    def emit(r: Request, piece: str) -> None:
+        if piece:
+            r.pieces.append(piece)
+            if emit_to is not None:
+                emit_to(r.index, piece)
+
+    def take(r: Request, token: int) -> bool:
+        """Appends a token; False when the request is finished."""
+        r.token_ids.append(token)
+        if token in stop_ids:
+            r.finish_reason = "eos"
+            return False
+        emit(r, r.detok.push(token))
+        return len(r.token_ids) < r.max_new_tokens
+
+    def finish(r: Request) -> None:
+        r.alive = False
+        emit(r, r.detok.flush())
+        cache.free(r.seq_id)
+        r.decode_seconds = time.perf_counter() - t_decode
+
+    # 1. prefill, each prompt alone
+    first = {}
+    for r in requests:
+        r.seq_id = cache.add_sequence()
+        r.detok = StreamDecoder(lm.tokenizer)
+        t0 = time.perf_counter()
+        first[r.index] = net.forward_paged(torch.tensor([r.prompt_ids], dtype=torch.long), cache, [r.seq_id])
+        r.prefill_seconds = time.perf_counter() - t0
+    t_decode = time.perf_counter()
+    for r in requests:
+        if r.max_new_tokens == 0:
+            finish(r)
+    active = [r for r in requests if r.alive]
+    if not active:
+        return
+    logits = torch.cat([first[r.index] for r in active])[:, None]  # [B, 1, V]
+    drafts: List[List[int]] = [[] for _ in active]
+    draft_logits: List[Optional[torch.Tensor]] = [None] * len(active)
+    before: Optional[List[int]] = None  # cached lengths before a verification pass
+    while True:
+        # 4-5. process every position, then sample (the first token, and plain decoding) or
+        # verify (every pass of speculative decoding, also one without drafts, so that a
+        # request's random numbers never depend on what its neighbours drafted)
+        emitted, accepted = _sample_or_verify(
+            _processed(logits, active, drafts), active, drafts, draft_logits, verify=before is not None
+        )
+        # 6-7. append or roll back; stop; stream
+        running = []
+        for b, r in enumerate(active):
+            if before is not None:
+                cache.truncate(r.seq_id, before[b] + 1 + accepted[b])  # the last token and the accepted drafts
+            taken = 0
+            for token in emitted[b]:
+                taken += 1
+                if not take(r, token):
+                    r.alive = False
+                    break
+            r.accepted += min(accepted[b], taken)  # drafts accepted after a stop are not emitted
+            if r.alive:
+                running.append(r)
+            else:
+                finish(r)
+        active = running
+        if not active:
+            return
+        # 2. draft
+        drafts, draft_logits = [], []
+        for r in active:
+            d, dl = _propose(drafter, r, K, net.config.vocab_size, call_key, op) if drafter is not None else ([], None)
+            r.drafted += len(d)
+            drafts.append(d)
+            draft_logits.append(dl)
+        width = max(len(d) for d in drafts)
+        seqs = [r.seq_id for r in active]
+        # 3. one target pass over [last token] + drafts
+        if drafter is None:
+            inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
+            logits = net.forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
+        else:
+            before = cache.seq_lens(seqs).tolist()
+            inp = torch.tensor(
+                [[r.token_ids[-1]] + d + [r.token_ids[-1]] * (width - len(d)) for r, d in zip(active, drafts)],
+                dtype=torch.long,
+            )
+            logits = net.forward_paged(inp, cache, seqs, all_logits=True)  # [B, 1 + width, V]
+        for r in active:
+            r.steps += 1
+
+
+def _processed(logits: torch.Tensor, active: List[Request], drafts: List[List[int]]) -> torch.Tensor:
+    """Penalties and logit bias of each request at every position of ``logits [B, T, V]`` (in
+    place): position ``j`` sees the prompt, the output and the drafts before it.
+
+    Only the rows whose request asks for them go through :func:`decodekit.apply_penalties`, so a
+    request without penalties keeps its logits' bits whatever its neighbours ask for. Repetition
+    counts every token of the prompt and the output once (HF transformers); frequency and
+    presence count the output (OpenAI API, vLLM).
+    """
+    B, T, V = logits.shape
+    flat = logits.view(B * T, V)
+    rep, freq = [], []  # (flat row, request, output before the position)
+    for b, r in enumerate(active):
+        p = r.params
+        for j in range(T):
+            out = r.token_ids + drafts[b][:j]
+            if p.repetition_penalty != 1.0 or p.logit_bias:
+                rep.append((b * T + j, r, out))
+            if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and out:
+                freq.append((b * T + j, r, out))
+    if rep:
+        idx = [i for i, _, _ in rep]
+        seen = [sorted(set(r.prompt_ids) | set(out)) for _, r, out in rep]
+        penalty = torch.tensor([r.params.repetition_penalty for _, r, _ in rep], dtype=torch.float32)
+        bias = [r.params.logit_bias or {} for _, r, _ in rep]
+        flat[idx] = apply_penalties(
+            flat[idx], repetition_penalty=penalty, token_ids=seen, logit_bias=bias if any(bias) else None
+        )
+    if freq:
+        idx = [i for i, _, _ in freq]
+        frequency = torch.tensor([r.params.frequency_penalty for _, r, _ in freq], dtype=torch.float32)
+        presence = torch.tensor([r.params.presence_penalty for _, r, _ in freq], dtype=torch.float32)
+        flat[idx] = apply_penalties(
+            flat[idx], frequency_penalty=frequency, presence_penalty=presence, token_ids=[out for _, _, out in freq]
+        )
+    return logits
+
+
+def _sample_or_verify(
+    logits: torch.Tensor,
+    active: List[Request],
+    drafts: List[List[int]],
+    draft_logits: List[Optional[torch.Tensor]],
+    verify: bool,
+):
+    """Per request: the tokens to emit and the number of accepted drafts."""
+    B, T, V = logits.shape
+    if not verify:  # plain sampling, offset = the position of the token drawn
+        params, rng = rows([r.params for r in active], [len(r.token_ids) for r in active])
+        tokens = sample_from_logits(logits[:, 0], *params, **rng).tolist()
+        return [[t] for t in tokens], [0] * B
+    draft_t = torch.tensor([d + [-1] * (T - 1 - len(d)) for d in drafts], dtype=torch.int64)  # [B, K]
+    emitted: List[List[int]] = [[] for _ in range(B)]
+    accepted = [0] * B
+    greedy = [b for b, r in enumerate(active) if r.params.greedy]
+    sampled = [b for b, r in enumerate(active) if not r.params.greedy]
+    groups = []
+    if greedy:
+        groups.append((greedy, greedy_verify(draft_t[greedy], logits[greedy])))
+    if sampled:
+        # The offset of a pass is the position of its first draft in the generated sequence.
+        params, rng = rows([active[b].params for b in sampled], [len(active[b].token_ids) for b in sampled])
+        dlog = None
+        if any(draft_logits[b] is not None for b in sampled):
+            dlog = torch.zeros(len(sampled), T - 1, V)
+            for i, b in enumerate(sampled):
+                if draft_logits[b] is not None:
+                    dlog[i, : draft_logits[b].shape[0]] = draft_logits[b]
+        groups.append(
+            (sampled, chain_speculative_sampling_from_logits(dlog, draft_t[sampled], logits[sampled], *params, **rng))
+        )
+    for members, res in groups:
+        for i, b in enumerate(members):
+            n = int(res.num_accepted[i])
+            accepted[b] = n
+            emitted[b] = res.output_token_ids[i, : n + 1].tolist()
+    return emitted, accepted
+
+
+def _propose(drafter, r: Request, K: int, V: int, call_key, op: str):
+    """Up to ``min(K, room)`` drafts for ``r`` (and the draft's logits when the request samples
+    with a drafter that has its own distribution)."""
+    room = min(K, r.max_new_tokens - len(r.token_ids))
+    context = r.prompt_ids + r.token_ids
+    kw = {"key": (call_key, r.index)} if getattr(drafter, "keyed", False) is True else {}
+    dl = None
+    if not r.params.greedy and callable(getattr(drafter, "propose_with_logits", None)):
+        proposal, dl = drafter.propose_with_logits(context, room, _draft_chooser(r), **kw)
+        proposal = list(proposal)
+        if not isinstance(dl, torch.Tensor) or tuple(dl.shape) != (len(proposal), V):
+            raise ValueError(
+                f"{op}: the drafter returned logits of shape {tuple(getattr(dl, 'shape', ()))} for "
+                f"{len(proposal)} drafts; expected [{len(proposal)}, {V}]"
+            )
+    else:
+        proposal = drafter.propose(context, room, **kw)
+        if proposal is None or isinstance(proposal, (str, bytes)) or not hasattr(proposal, "__iter__"):
+            raise TypeError(f"{op}: drafter.propose must return a list of token ids, got {type(proposal).__name__}")
+        proposal = list(proposal)[:room]
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V for t in proposal):
+        raise ValueError(f"{op}: the drafter proposed {proposal!r}; draft tokens must be ints in [0, {V})")
+    return proposal, dl
+
+
+def _draft_chooser(r: Request):
+    """Samples draft ``j`` from the draft's processed distribution with the request's seed; the
+    offset is the draft's position in the generated sequence with bit 62 set."""
+    p = r.params
+    seed = to_int64_bits(p.seed or 0, "seed", "speculative_generate")
+
+    def choose(dl: torch.Tensor, j: int) -> int:
+        q = processed_probs(dl[None], p.temperature, p.top_k, p.top_p, p.min_p)
+        return int(sample_from_probs(q, seed=seed, offset=DRAFT_OFFSET_BIT | (len(r.token_ids) + j))[0])
+
+    return choose

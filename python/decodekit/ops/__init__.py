@@ -1,0 +1,54 @@
+"""Validated Python wrappers of the compiled ops (``torch.ops.decodekit.*``), one module per
+family: :mod:`~decodekit.ops.sampling`, :mod:`~decodekit.ops.penalties`,
+:mod:`~decodekit.ops.layers`, :mod:`~decodekit.ops.kv_cache`, :mod:`~decodekit.ops.attention`,
+:mod:`~decodekit.ops.speculative`. Every name here is also exported by :mod:`decodekit`."""
+
+from .attention import paged_attention
+from .kv_cache import append_kv_cache, append_paged_kv_cache
+from .layers import linear, rms_norm, rope_, silu_and_mul
+from .penalties import apply_penalties
+from .sampling import (
+    SamplingOutput,
+    argmax,
+    filter_probs,
+    min_p_renorm_probs,
+    processed_probs,
+    sample_from_logits,
+    sample_from_probs,
+    softmax,
+    top_k_mask_logits,
+    top_k_renorm_probs,
+    top_p_renorm_probs,
+)
+from .speculative import (
+    SpeculativeOutput,
+    chain_speculative_sampling,
+    chain_speculative_sampling_from_logits,
+    greedy_verify,
+)
+
+__all__ = [
+    "SamplingOutput",
+    "softmax",
+    "argmax",
+    "sample_from_logits",
+    "sample_from_probs",
+    "filter_probs",
+    "top_k_renorm_probs",
+    "top_p_renorm_probs",
+    "min_p_renorm_probs",
+    "top_k_mask_logits",
+    "processed_probs",
+    "apply_penalties",
+    "linear",
+    "rms_norm",
+    "silu_and_mul",
+    "rope_",
+    "append_kv_cache",
+    "append_paged_kv_cache",
+    "paged_attention",
+    "SpeculativeOutput",
+    "chain_speculative_sampling",
+    "chain_speculative_sampling_from_logits",
+    "greedy_verify",
+]

@@ -1,0 +1,207 @@
+"""Layers family: the per-token kernels of the built-in model: :func:`linear` (batch-invariant
+GEMM), :func:`rms_norm`, :func:`silu_and_mul` (SwiGLU) and :func:`rope_` (rotary embedding in
+place)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._checks import FLT_MAX, check_float32
+
+ops = torch.ops.decodekit
+
+__all__ = ["linear", "rms_norm", "silu_and_mul", "rope_"]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Batch-invariant ``x @ weight.T + bias``: each output row is bit-identical whatever M is.
+
+    The stock CPU GEMM picks its blocking of the inner dimension from the problem size,
+    so a row's result changes with the number of rows in the call; batched decoding and
+    speculative verification (M = K + 1 rows) then cannot reproduce one-row decoding.
+    Here every output element is the same sequence of fused multiply-adds over K
+    (16 lanes, lane j takes k = j mod 16 in ascending k, lanes combined in a fixed tree),
+    with tiles over M and N only; the result is also the same on every thread count and
+    instruction set.
+
+    Args:
+        x: ``[..., K]`` float32 on the CPU (leading dimensions are flattened into M).
+        weight: ``[N, K]`` float32 (rows contiguous).
+        bias: ``[N]`` float32 or None.
+
+    Returns:
+        ``[..., N]`` float32 (no autograd graph: the op is not differentiable).
+
+    Raises:
+        TypeError: a non-float32 or non-tensor argument.
+        ValueError: mismatched K, wrong ranks, or a device other than the CPU (meta
+        tensors are accepted for shape inference).
+
+    Source: a plain tiled dot-product kernel (4 x 4 output tiles of 16-lane
+    accumulators), written for batch invariance rather than peak FLOPs; at the small M
+    of decoding it is memory-bound on the weights like any GEMM.
+    """
+    op = "linear"
+    check_float32(op, op, x=x, weight=weight)
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{op}: x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.size(-1) != weight.size(1):
+        raise ValueError(f"{op}: x has K={x.size(-1)} but weight has K={weight.size(1)} (weight is [N, K])")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32:
+            raise TypeError(f"{op}: bias must be a float32 tensor or None")
+        if tuple(bias.shape) != (weight.size(0),):
+            raise ValueError(f"{op}: bias must be [N={weight.size(0)}], got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    if x.size(-1) == 0:  # empty inner dimension: the products are all zero
+        out = torch.zeros(*lead, weight.size(0), dtype=torch.float32, device=x.device)
+        return out + bias if bias is not None else out
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = ops.linear(x2.detach(), w.detach(), None if bias is None else bias.detach().contiguous())
+    return y.reshape(*lead, weight.size(0))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``weight * (x * (1 / sqrt(mean(x^2) + eps)))``.
+
+    The sum of squares of a row is accumulated in 16 float32 lanes with fused multiply-adds
+    (lane j takes the columns j mod 16 in ascending order) and combined in a fixed tree, so a
+    row's result never depends on the other rows, the thread count or the instruction set.
+
+    Args:
+        x: ``[..., H]`` float32 (CPU).
+        weight: ``[H]`` float32.
+        eps: added to the mean square (a finite float >= 0).
+
+    Returns:
+        ``[..., H]`` float32 (no autograd graph: the op is not differentiable).
+
+    Raises:
+        TypeError / ValueError naming the argument: dtypes, devices, shapes, eps.
+
+    Source: Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization".
+    """
+    op = "rms_norm"
+    check_float32(op, op, x=x, weight=weight)
+    if x.dim() < 1 or weight.dim() != 1 or x.size(-1) != weight.size(0):
+        raise ValueError(f"{op}: x must be [..., H] and weight [H], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if not torch.compiler.is_compiling() and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps <= FLT_MAX)
+    ):
+        raise ValueError(f"{op}: eps must be a finite float32 number >= 0, got {eps!r:.60}")
+    return ops.rms_norm(x.detach(), weight.detach().contiguous(), float(eps))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of a fused gate/up projection: ``silu(x[..., :I]) * x[..., I:]``.
+
+    ``silu(g) = g * sigmoid(g)``, the sigmoid computed from ``exp(-|g|)`` (no overflow for any
+    finite g); element-wise, so rows are independent of each other.
+
+    Args:
+        x: ``[..., 2 * I]`` float32 (CPU), gate columns first.
+
+    Returns:
+        ``[..., I]`` float32 (no autograd graph: the op is not differentiable).
+
+    Raises:
+        TypeError / ValueError naming ``x``: dtype, device, odd last dimension.
+
+    Source: Shazeer, 2020, "GLU Variants Improve Transformer" (SwiGLU); Elfwing et al., 2018 (SiLU).
+    """
+    op = "silu_and_mul"
+    check_float32(op, op, x=x)
+    if x.dim() < 1 or x.size(-1) % 2:
+        raise ValueError(f"{op}: x must be [..., 2 * I] (gate then up), got {tuple(x.shape)}")
+    return ops.silu_and_mul(x.detach())
+
+
+def rope_(
+    x: torch.Tensor,
+    num_heads: int,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Rotary position embedding in place ("rotate half" layout), for the first ``num_heads``
+    heads of each token row.
+
+    For token ``n`` at position ``p = positions[n]`` and each head ``x_h = x[n, h*D:(h+1)*D]``:
+    ``x_h <- x_h * cos_table[p] + rotate_half(x_h) * sin_table[p]`` with
+    ``rotate_half([a, b]) = [-b, a]``, each product rounded to float32 before the sum (exactly
+    the bits of that float32 expression in PyTorch). Queries and keys that sit side by side in a
+    fused QKV projection are rotated in one call.
+
+    Args:
+        x: ``[N, C]`` float32 (CPU), unit column stride, ``C >= num_heads * D``; modified in place.
+        num_heads: heads to rotate (int >= 0).
+        cos_table, sin_table: ``[P, D]`` float32 (``D`` even), e.g. from
+            :func:`decodekit.models.llama.rope_table`.
+        positions: int64 ``[N]`` in ``[0, P)``.
+        validate: check that every position is in ``[0, P)`` (synchronises) and raise
+            ValueError naming the range; with ``False`` the kernel's own check raises
+            RuntimeError instead.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        TypeError / ValueError naming the argument: dtypes, shapes, a position outside the table,
+        rows of ``x`` that overlap in memory (an expanded tensor); RuntimeError when ``x``
+        requires grad (the kernel is not differentiable).
+
+    Source: Su et al., 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
+    """
+    op = "rope_"
+    check_float32(op, "rope_", x=x, cos_table=cos_table, sin_table=sin_table)
+    if x.dim() != 2 or (x.size(1) > 1 and x.stride(1) != 1):
+        raise ValueError(f"{op}: x must be [N, C] with unit column stride, got shape {tuple(x.shape)}")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: x requires grad; this in-place kernel is not differentiable (use it under "
+            "torch.no_grad() or on a tensor without grad)"
+        )
+    if cos_table.dim() != 2 or cos_table.shape != sin_table.shape or cos_table.size(1) % 2:
+        raise ValueError(
+            f"{op}: cos_table and sin_table must be [P, D] of one shape with D even, got "
+            f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}"
+        )
+    if (
+        isinstance(num_heads, bool)
+        or not isinstance(num_heads, int)
+        or num_heads < 0
+        or num_heads * cos_table.size(1) > x.size(1)
+    ):
+        raise ValueError(
+            f"{op}: num_heads must be an int in [0, C / D = {x.size(1) // max(1, cos_table.size(1))}], "
+            f"got {num_heads!r}"
+        )
+    if x.size(0) > 1 and num_heads and x.stride(0) < num_heads * cos_table.size(1):
+        raise ValueError(
+            f"{op}: the rows of x overlap in memory (row stride {x.stride(0)} < {num_heads} heads x "
+            f"{cos_table.size(1)}); rotating in place needs distinct rows (e.g. x.contiguous())"
+        )
+    if (
+        not isinstance(positions, torch.Tensor)
+        or positions.dtype.is_floating_point
+        or positions.dtype == torch.bool
+        or positions.dim() != 1
+        or positions.size(0) != x.size(0)
+    ):
+        raise ValueError(f"{op}: positions must be an integer tensor [N={x.size(0)}]")
+    positions = positions.to(torch.int64).contiguous()
+    if x.device.type == "meta":
+        return x
+    if validate and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos_table.size(0)):
+        raise ValueError(
+            f"{op}: positions must be in [0, {cos_table.size(0)}), got [{int(positions.min())}, {int(positions.max())}]"
+        )
+    ops.rope_(x, num_heads, cos_table.contiguous(), sin_table.contiguous(), positions)
+    return x

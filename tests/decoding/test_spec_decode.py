@@ -1,0 +1,210 @@
+"""Speculative decoding on SmolLM2-135M with the n-gram drafter."""
+
+from __future__ import annotations
+
+import pytest
+
+import decodekit
+from decodekit import NgramDrafter, speculative_generate
+
+PROMPTS = [
+    "Repeat this list exactly: apple, banana, cherry, apple, banana, cherry, apple, banana.",
+    "def add(a, b):\n    return a + b\n\nRewrite the function above with type hints.",
+    "Tell me about the sea.",
+]
+
+
+def test_ngram_drafter_by_hand():
+    d = NgramDrafter(max_ngram=2)
+    assert d.propose([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
+    assert d.propose([5, 6, 7], 2) == []
+    assert d.propose([4, 4, 4], 5) == [4]  # the most recent earlier match of [4, 4]
+    with pytest.raises(ValueError):
+        NgramDrafter(max_ngram=0)
+    assert d.propose([1, 2, 3, 1, 2], 2, key="ignored") == [3, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_equals_plain_greedy(lm, prompt):
+    plain = decodekit.generate(prompt, model=lm, max_new_tokens=64, temperature=0)
+    spec = speculative_generate(prompt, model=lm, num_draft_tokens=4, max_new_tokens=64, temperature=0)
+    assert spec.token_ids == plain.token_ids
+    assert spec.text == plain.text
+    assert spec.target_passes <= len(spec.token_ids)
+
+
+CODE_PROMPT = """def moving_average(values, window):
+    result = []
+    for i in range(len(values) - window + 1):
+        chunk = values[i:i + window]
+        result.append(sum(chunk) / window)
+    return result
+
+Rewrite this function exactly, but rename the variable chunk to segment."""
+
+
+def test_drafts_help_on_an_input_grounded_prompt(lm):
+    # Rewriting code from the prompt: the n-gram drafter's proposals are often right, so a
+    # target pass emits more than one token on average (1.6 measured), with greedy output unchanged.
+    plain = decodekit.generate(CODE_PROMPT, model=lm, max_new_tokens=64, temperature=0)
+    spec = speculative_generate(CODE_PROMPT, model=lm, num_draft_tokens=4, max_new_tokens=64, temperature=0)
+    assert spec.token_ids == plain.token_ids
+    assert spec.drafted > 0 and spec.accepted > 0
+    assert spec.tokens_per_pass > 1.0
+
+
+def test_sampled_speculative_is_reproducible_and_in_range(lm):
+    a = speculative_generate(PROMPTS[2], model=lm, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+    b = speculative_generate(PROMPTS[2], model=lm, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+    assert a.token_ids == b.token_ids and a.seed == 5
+    assert all(0 <= t < lm.config.vocab_size for t in a.token_ids)
+
+
+def test_bad_arguments(lm):
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        speculative_generate("hi", model=lm, num_draft_tokens=0)
+    with pytest.raises(TypeError, match="drafter"):
+        speculative_generate("hi", model=lm, drafter=object())
+    # the checks shared with generate() name the function that was called
+    with pytest.raises(ValueError, match=r"^speculative_generate: top_p must be"):
+        speculative_generate("hi", model=lm, top_p=1.5)
+    with pytest.raises(ValueError, match=r"^speculative_generate: prompt token ids"):
+        speculative_generate([1, 10**9], model=lm)
+    with pytest.raises(TypeError, match=r"^speculative_generate: stream must be a callable"):
+        speculative_generate("hi", model=lm, stream=3)
+    for bad in (1e39, 10**400):
+        with pytest.raises(ValueError, match=r"^speculative_generate: temperature must be"):
+            speculative_generate("hi", model=lm, temperature=bad)
+        with pytest.raises(ValueError, match=r"^generate: temperature must be"):
+            decodekit.generate("hi", model=lm, temperature=bad)
+    with pytest.raises(ValueError, match=r"^generate: frequency_penalty must be a finite number"):
+        decodekit.generate("hi", model=lm, frequency_penalty=10**400)
+
+
+def test_cli_speculative(lm):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "decodekit",
+            "generate",
+            "--prompt",
+            PROMPTS[0],
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+            "--speculative",
+            "ngram",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "tokens/pass" in r.stderr and r.stdout.strip()
+
+
+@pytest.mark.slow
+def test_batched_speculative_equals_each_request_alone(lm):
+    # Greedy and seeded sampling: each request's tokens are the same alone or in a batch.
+    greedy_batch = speculative_generate(PROMPTS + [CODE_PROMPT], model=lm, max_new_tokens=40, temperature=0)
+    for p, r in zip(PROMPTS + [CODE_PROMPT], greedy_batch):
+        assert r.token_ids == decodekit.generate(p, model=lm, max_new_tokens=40, temperature=0).token_ids
+    sampled = speculative_generate(PROMPTS, model=lm, max_new_tokens=24, temperature=0.8, seed=[3, 4, 5])
+    for p, s, r in zip(PROMPTS, [3, 4, 5], sampled):
+        alone = speculative_generate(p, model=lm, max_new_tokens=24, temperature=0.8, seed=s)
+        assert r.token_ids == alone.token_ids
+    with pytest.raises(ValueError, match="seed"):
+        speculative_generate(PROMPTS, model=lm, temperature=0.8, seed=[1, 2])
+
+
+# ------------------------------------------------- new-user trial (2026-12) ----
+def test_accepted_counts_only_the_emitted_drafts(lm):
+    # Found by a trial: drafts the verifier accepted after an end-of-sequence token were counted
+    # although never emitted (12 "accepted" where 9 drafts were emitted). A drafter that
+    # proposes the target's own greedy continuation has every draft accepted, so with K = 4 a
+    # pass emits 4 drafts and a bonus token, except the last, cut at the stop token.
+    prompt = "What is 2 + 2?"
+    cont = decodekit.generate(prompt, model=lm, max_new_tokens=40, temperature=0, stop_on_eos=False)
+    plain = decodekit.generate(prompt, model=lm, max_new_tokens=40, temperature=0)
+    assert plain.finish_reason == "eos"
+    start = len(cont.prompt_token_ids)
+
+    class Oracle:
+        def propose(self, context, k):
+            return cont.token_ids[len(context) - start : len(context) - start + k]
+
+    spec = speculative_generate(prompt, model=lm, drafter=Oracle(), num_draft_tokens=4, max_new_tokens=40)
+    assert spec.token_ids == plain.token_ids and spec.finish_reason == "eos"
+    n = len(spec.token_ids) - 1  # tokens after the first (which comes from the prefill)
+    assert spec.accepted == 4 * (n // 5) + n % 5  # every emitted token but the bonus tokens is a draft
+    assert spec.accepted <= n < spec.drafted
+
+
+def test_plain_and_speculative_summaries_share_one_format(lm):
+    plain = decodekit.generate("Hi", model=lm, max_new_tokens=4, temperature=0)
+    spec = speculative_generate("Hi", model=lm, max_new_tokens=4, temperature=0)
+    fields = ("prompt tokens: ", ", prefill: ", " ms (", " tokens/s), new tokens: ", ", decode: ", " tokens/s, seed: ")
+    for line in (plain.summary(), spec.summary()):
+        at = [line.index(f) for f in fields]
+        assert at == sorted(at), line
+    assert spec.summary().startswith(plain.summary().split(", decode: ")[0].split(", prefill")[0])
+    assert "acceptance: " in spec.summary() and "tokens/pass: " in spec.summary()
+    assert "acceptance" not in plain.summary()
+    assert type(plain) is type(spec) is decodekit.GenerationResult
+
+
+def test_max_new_tokens_zero_is_the_same_in_every_mode(lm):
+    for run in (
+        lambda **kw: decodekit.generate("Hi", model=lm, **kw),
+        lambda **kw: speculative_generate("Hi", model=lm, **kw),
+        lambda **kw: speculative_generate("Hi", model=lm, drafter=NgramDrafter(), temperature=0.7, **kw),
+    ):
+        r = run(max_new_tokens=0)
+        assert (r.token_ids, r.text, r.finish_reason, r.decode_steps, r.seed) == ([], "", "length", 0, None)
+        assert r.new_tokens == 0 and r.decode_tokens_per_second == 0.0
+    batch = speculative_generate(["Hi", "Yo"], model=lm, max_new_tokens=[0, 3], temperature=0)
+    assert batch[0].token_ids == [] and len(batch[1].token_ids) == 3
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate("Hi", model=lm, max_new_tokens=-1)
+
+
+@pytest.mark.slow
+def test_penalties_bias_and_per_request_lists_in_speculative_decoding(lm):
+    # Verification processes every drafted position as plain sampling does (penalties over the
+    # tokens before it, the logit bias), so greedy speculative output is plain greedy output,
+    # per request, with per-request lists, alone or batched.
+    prompts = [PROMPTS[0], CODE_PROMPT, PROMPTS[2]]
+    kw = dict(
+        max_new_tokens=24,
+        temperature=0,
+        repetition_penalty=[1.3, 1.0, 1.1],
+        frequency_penalty=[0.0, 0.4, 0.0],
+        presence_penalty=[0.0, 0.0, 0.3],
+        logit_bias=[None, {11: -5.0}, None],
+    )
+    plain = decodekit.generate(prompts, model=lm, **kw)
+    spec = speculative_generate(prompts, model=lm, num_draft_tokens=4, **kw)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert sum(r.drafted for r in spec) > 0
+    # penalties change the output (the test is not vacuous)
+    assert plain[0].token_ids != decodekit.generate(prompts[0], model=lm, max_new_tokens=24, temperature=0).token_ids
+    # seeded sampling with penalties: reproducible alone and batched
+    skw = dict(max_new_tokens=16, temperature=[0.8, 0.9], top_p=0.95, repetition_penalty=1.2, seed=[4, 5])
+    batch = speculative_generate(prompts[:2], model=lm, **skw)
+    alone = speculative_generate(
+        prompts[1], model=lm, max_new_tokens=16, temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=5
+    )
+    assert batch[1].token_ids == alone.token_ids and batch[1].seed == 5
+
+
+def test_drafters_follow_the_protocol():
+    from decodekit.decoding.drafters import SamplingDrafter
+
+    assert isinstance(NgramDrafter(), decodekit.Drafter)
+    assert not isinstance(NgramDrafter(), SamplingDrafter)
+    assert isinstance(decodekit.DraftModelDrafter, type) and hasattr(decodekit.DraftModelDrafter, "propose_with_logits")

@@ -1,0 +1,541 @@
+"""One row per ``torch.ops.decodekit`` op (the OpInfo idea of PyTorch, in miniature).
+
+A row gives the op's sample inputs (raw schema arguments, built on a given device), an
+independent check against the float64 references of ``tests/reference/`` where one exists,
+which arguments the op writes in place, which arguments carry the batch (dim 0, for batch
+invariance), and a call of the validated wrapper with ``validate=False`` (for the
+``torch.compile`` test). ``test_contracts.py`` runs the generic tests over every row; a new op,
+or a new CUDA kernel, is covered by adding or editing one row here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+import decodekit
+import reference as ref
+from decodekit._checks import has_kernel
+
+
+@dataclass
+class OpRow:
+    name: str
+    sample_inputs: Callable[[str], List[tuple]]  # device -> raw argument tuples
+    check: Optional[Callable[[tuple, object], None]] = None  # (args, out): asserts against the reference
+    mutates: Tuple[int, ...] = ()  # arguments written in place
+    batch_args: Tuple[int, ...] = ()  # arguments whose dim 0 is the batch (empty: no batch-invariance test)
+    wrapper: Optional[Callable[[tuple], object]] = None  # decodekit.<name>(..., validate=False) on the samples
+    opcheck: bool = True
+
+    @property
+    def op(self):
+        return getattr(torch.ops.decodekit, self.name).default
+
+    @property
+    def devices(self) -> Tuple[str, ...]:
+        """The devices the dispatcher has a kernel for (CUDA as soon as one is registered)."""
+        return ("cpu",) + (("cuda",) if has_kernel(self.name, "cuda") else ())
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(B=5, V=300, seed=0, dtype=torch.float32):
+    return (torch.randn(B, V, generator=_g(seed)) * 3).to(dtype)
+
+
+def _probs(B=5, V=300, seed=1):
+    return torch.softmax(torch.randn(B, V, generator=_g(seed)) * 2, -1)
+
+
+def _on(device, *xs):
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
+
+
+# ------------------------------------------------------------------ samples ----
+def softmax_samples(d):
+    t = torch.tensor([0.0, 0.5, 1.0, 2.0, 1e-6])
+    return [_on(d, _logits(), t, 1.0, 300, True), _on(d, _logits(dtype=torch.bfloat16), None, 0.7, 250, True)]
+
+
+def softmax_check(args, out):
+    logits, t, t_val, vs = args[:4]
+    for b in range(logits.size(0)):
+        T = float(t[b]) if t is not None else t_val
+        expected = torch.zeros(logits.size(1), dtype=torch.float64)
+        expected[:vs] = ref.softmax(logits[b, :vs].float(), T)
+        torch.testing.assert_close(out[b].double(), expected, rtol=2e-6, atol=1e-7)
+
+
+def argmax_samples(d):
+    x = _logits(seed=2)
+    x[1, 7] = x[1, 9] = 100.0  # a tie: the lowest index wins
+    return [_on(d, x, 300), _on(d, x, 120)]
+
+
+def argmax_check(args, out):
+    x, vs = args
+    ids, valid = out
+    assert valid.all()
+    assert ids.tolist() == [ref.argmax(x[b, :vs]) for b in range(x.size(0))]
+
+
+def sample_from_logits_samples(d):
+    B = 5
+    t = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.9])
+    k = torch.tensor([0, 20, 0, 5, 50])
+    p = torch.tensor([1.0, 0.9, 0.8, 1.0, 0.95], dtype=torch.float64)
+    m = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.01])
+    seed = torch.arange(B) * 7919 + 1
+    offset = torch.arange(B) + 3
+    return [
+        _on(d, _logits(seed=3), t, 1.0, k, 0, p, 1.0, m, 0.0, seed, 0, offset, 0, 300, True, True, 3, False),
+        _on(
+            d,
+            _logits(seed=4, dtype=torch.float16),
+            None,
+            0.8,
+            None,
+            10,
+            None,
+            0.9,
+            None,
+            0.0,
+            seed,
+            0,
+            None,
+            5,
+            280,
+            True,
+            False,
+            0,
+            False,
+        ),
+    ]
+
+
+def sample_from_logits_check(args, out):
+    logits, t, t_val, k, k_val, p, p_val, m, m_val, seed, _, offset, o_val, vs = args[:14]
+    ids = out[0]
+    for b in range(logits.size(0)):
+        params = dict(
+            temperature=float(t[b]) if t is not None else t_val,
+            top_k=int(k[b]) if k is not None else k_val,
+            top_p=float(p[b]) if p is not None else p_val,
+            min_p=float(m[b]) if m is not None else m_val,
+        )
+        off = int(offset[b]) if offset is not None else o_val
+        assert int(ids[b]) == ref.sample(logits[b, :vs].float(), int(seed[b]), off, **params), b
+
+
+def sample_from_probs_samples(d):
+    B = 5
+    seed = torch.arange(B) + 11
+    return [
+        _on(
+            d,
+            _probs(),
+            torch.tensor([0, 3, 10, 0, 1]),
+            0,
+            None,
+            0.9,
+            None,
+            0.0,
+            seed,
+            0,
+            None,
+            4,
+            300,
+            True,
+            True,
+            2,
+            False,
+        )
+    ]
+
+
+def filter_probs_samples(d):
+    return [
+        _on(
+            d,
+            _probs(seed=5),
+            torch.tensor([0, 3, 10, 0, 1]),
+            0,
+            torch.tensor([1.0, 0.9, 0.5, 0.8, 1.0], dtype=torch.float64),
+            1.0,
+            None,
+            0.02,
+            300,
+        )
+    ]
+
+
+def filter_probs_check(args, out):
+    probs, k, _, p, _, _, m_val, vs = args
+    filtered, valid = out
+    assert valid.all()
+    for b in range(probs.size(0)):
+        expected = ref.filter_probs(probs[b], top_k=int(k[b]), top_p=float(p[b]), min_p=m_val)
+        torch.testing.assert_close(filtered[b].double(), expected.double(), rtol=1e-6, atol=1e-7)
+
+
+def top_k_mask_logits_samples(d):
+    return [_on(d, _logits(seed=6), torch.tensor([0, 1, 5, 299, -3]), 0, 300)]
+
+
+def top_k_mask_logits_check(args, out):
+    x, k, _, _ = args
+    masked, valid = out
+    for b in range(x.size(0)):
+        kb = int(k[b])
+        keep = ref.rank_order(x[b])[:kb] if 0 < kb < x.size(1) else torch.arange(x.size(1))
+        expected = torch.full_like(x[b], -math.inf)
+        expected[keep] = x[b, keep]
+        assert torch.equal(masked[b], expected), b
+
+
+def apply_penalties_samples(d):
+    B, V = 4, 300
+    ids = torch.tensor([[1, 5, 5, -1], [7, 8, 9, 10], [-1, -1, -1, -1], [0, 299, 0, 0]])
+    bias_ids = torch.tensor([[3, -1], [4, 5], [-1, -1], [6, -1]])
+    bias_vals = torch.tensor([[1.5, 0.0], [-2.0, -math.inf], [0.0, 0.0], [0.25, 0.0]])
+    return [
+        _on(
+            d,
+            _logits(B, V, seed=7),
+            torch.tensor([1.0, 1.3, 0.8, 2.0]),
+            1.0,
+            torch.tensor([0.0, 0.5, 0.1, 0.2]),
+            0.0,
+            torch.tensor([0.3, 0.0, 0.0, -0.1]),
+            0.0,
+            ids,
+            None,
+            None,
+            bias_ids,
+            bias_vals,
+            None,
+            False,
+            V,
+        )
+    ]
+
+
+def apply_penalties_check(args, out):
+    x, r, _, f, _, p, _, ids, _, _, bias_ids, bias_vals = args[:12]
+    for b in range(x.size(0)):
+        bias = {int(t): float(v) for t, v in zip(bias_ids[b], bias_vals[b]) if int(t) >= 0}
+        expected = ref.apply_penalties(x[b], float(r[b]), float(f[b]), float(p[b]), ids[b].tolist(), bias)
+        torch.testing.assert_close(out[b].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def linear_samples(d):
+    return [
+        _on(
+            d,
+            torch.randn(6, 70, generator=_g(8)),
+            torch.randn(33, 70, generator=_g(9)),
+            torch.randn(33, generator=_g(10)),
+        )
+    ]
+
+
+def linear_check(args, out):
+    torch.testing.assert_close(out.double(), ref.linear(*args), rtol=1e-5, atol=1e-5)
+
+
+def rms_norm_samples(d):
+    return [_on(d, torch.randn(5, 96, generator=_g(11)), torch.rand(96, generator=_g(12)) + 0.5, 1e-5)]
+
+
+def rms_norm_check(args, out):
+    torch.testing.assert_close(out.double(), ref.rms_norm(*args), rtol=1e-6, atol=1e-6)
+
+
+def silu_and_mul_samples(d):
+    return [_on(d, torch.randn(5, 64, generator=_g(13)) * 4)]
+
+
+def silu_and_mul_check(args, out):
+    torch.testing.assert_close(out.double(), ref.silu_and_mul(args[0]), rtol=1e-6, atol=1e-6)
+
+
+def _rope_tables(P=40, D=16):
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).double() / D))
+    ang = torch.arange(P).double()[:, None] * inv[None, :]
+    ang = torch.cat((ang, ang), -1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def rope_samples(d):
+    cos, sin = _rope_tables()
+    return [_on(d, torch.randn(6, 3 * 16, generator=_g(14)), 2, cos, sin, torch.tensor([0, 5, 39, 7, 7, 1]))]
+
+
+def rope_check(args, out):
+    x_before, num_heads, cos, sin, pos = args
+    torch.testing.assert_close(out.double(), ref.rope(x_before, num_heads, cos, sin, pos), rtol=1e-6, atol=1e-6)
+
+
+def chain_speculative_sampling_samples(d):
+    B, K, V = 4, 3, 50
+    target = torch.softmax(torch.randn(B, K + 1, V, generator=_g(15)), -1)
+    draft = torch.softmax(torch.randn(B, K, V, generator=_g(16)), -1)
+    ids = torch.tensor([[1, 2, 3], [4, -1, -1], [target[2, 0].argmax().item(), 5, 6], [7, 8, 9]])
+    seed = torch.arange(B) + 100
+    return [_on(d, draft, ids, target, seed, 0, None, 2, V), _on(d, None, ids, target, seed, 0, None, 9, V)]
+
+
+def paged_attention_samples(d):
+    k = torch.randn(10, 16, 2, 32, generator=_g(17))
+    v = torch.randn(10, 16, 2, 32, generator=_g(18))
+    tables = torch.tensor([[3, 1, 0, -1], [2, 4, 5, 6], [9, -1, -1, -1]])
+    lens = torch.tensor([40, 61, 5])
+    q = torch.randn(3, 2, 4, 32, generator=_g(19))
+    return [_on(d, q, k, v, tables, lens, 1.0 / math.sqrt(32), "NHD")]
+
+
+def paged_attention_check(args, out):
+    q, k, v, tables, lens, scale, layout = args
+    torch.testing.assert_close(
+        out.double(),
+        ref.paged_attention(q, k, v, tables, lens, scale=scale, kv_layout=layout).double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def append_kv_cache_samples(d):
+    B, S, H, D = 3, 10, 2, 8
+    k, v = torch.zeros(B, S, H, D), torch.zeros(B, S, H, D)
+    key, value = torch.randn(B, 2, H, D, generator=_g(20)), torch.randn(B, 2, H, D, generator=_g(21))
+    return [_on(d, k, v, key, value, torch.tensor([0, 4, 8]), "NHD")]
+
+
+def append_kv_cache_check(args, out):
+    ek, ev = ref.append_kv_cache(*args)
+    assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
+
+
+def append_paged_kv_cache_samples(d):
+    NB, bs, H, D = 4, 4, 2, 8
+    k, v = torch.zeros(NB, bs, H, D), torch.zeros(NB, bs, H, D)
+    key, value = torch.randn(5, H, D, generator=_g(22)), torch.randn(5, H, D, generator=_g(23))
+    return [_on(d, k, v, key, value, torch.tensor([0, 5, -1, 15, 9]), "NHD")]
+
+
+def append_paged_kv_cache_check(args, out):
+    ek, ev = ref.append_paged_kv_cache(*args)
+    assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
+
+
+def check_probability_rows_samples(d):
+    return [_on(d, _probs(seed=24), 300, True)]
+
+
+def check_probability_rows_check(args, out):
+    assert out == 0  # finite, non-negative rows with mass
+
+
+def processed_probs_samples(d):
+    x = _logits(B=6, seed=25)
+    t = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.9, 1.0])
+    k = torch.tensor([0, 5, 0, 40, 1, 0])
+    p = torch.tensor([1.0, 0.9, 0.5, 1.0, 1.0, 0.95], dtype=torch.float64)
+    m = torch.tensor([0.0, 0.0, 0.1, 0.05, 0.0, 0.0])
+    return [_on(d, x, t, 1.0, k, 0, p, 1.0, m, 0.0, 290, True),
+            _on(d, _logits(seed=26, dtype=torch.bfloat16), None, 0.8, None, 20, None, 0.9, None, 0.0, 300, True)]
+
+
+def processed_probs_check(args, out):
+    logits, t, t_val, k, k_val, p, p_val, m, m_val, vs = args[:10]
+    probs, valid = out
+    assert bool(valid.all())
+    for b in range(logits.size(0)):
+        pick = lambda tt, v: float(tt[b]) if tt is not None else v  # noqa: E731
+        expected = ref.filtered_probs(logits[b].float(), temperature=pick(t, t_val), top_k=int(pick(k, k_val)),
+                                      top_p=pick(p, p_val), min_p=pick(m, m_val), vocab_size=vs)
+        torch.testing.assert_close(probs[b].double(), expected, rtol=2e-6, atol=1e-7)
+
+
+def greedy_verify_samples(d):
+    target = _logits(B=4, V=300, seed=27).reshape(4, 1, 300).repeat(1, 4, 1) + torch.randn(4, 4, 300, generator=_g(28))
+    drafts = target[:, :3].argmax(-1)
+    drafts[1, 1] = (drafts[1, 1] + 1) % 300  # a rejection at position 1
+    return [_on(d, drafts, target, 300), _on(d, drafts, target.argmax(-1), 300)]
+
+
+def greedy_verify_check(args, out):
+    drafts, target = args[0], args[1]
+    ids = target if target.dtype == torch.int64 else target.argmax(-1)
+    tokens, num_accepted, num_emitted = out
+    for b in range(drafts.size(0)):
+        n = 0
+        while n < drafts.size(1) and int(drafts[b, n]) == int(ids[b, n]):
+            n += 1
+        assert int(num_accepted[b]) == n and int(num_emitted[b]) == n + 1
+        assert tokens[b, : n + 1].tolist() == ids[b, : n + 1].tolist()
+
+
+def private_check_rows_samples(d):
+    bad = _probs(seed=29)
+    bad[2, 3] = -1.0
+    return [_on(d, _probs(seed=24), 300, True), _on(d, bad, 300, True)]
+
+
+def private_check_rows_check(args, out):
+    assert int(out) == (1 if bool((args[0] < 0).any()) else 0)
+
+
+# ----------------------------------------------------------------- wrappers ----
+def _pick(t, val):
+    """A per-row parameter as the wrapper takes it: the [B] tensor, else the number."""
+    return val if t is None else t
+
+
+def _w_softmax(a):
+    return decodekit.softmax(a[0], _pick(a[1], a[2]), vocab_size=a[3], validate=False)
+
+
+def _w_sample(a):
+    return decodekit.sample_from_logits(
+        a[0],
+        _pick(a[1], a[2]),
+        _pick(a[3], a[4]),
+        _pick(a[5], a[6]),
+        _pick(a[7], a[8]),
+        seed=_pick(a[9], a[10]),
+        offset=_pick(a[11], a[12]),
+        vocab_size=a[13],
+        validate=False,
+        return_valid=True,
+    )
+
+
+OPS: List[OpRow] = [
+    OpRow("softmax", softmax_samples, softmax_check, batch_args=(0, 1), wrapper=_w_softmax),
+    OpRow(
+        "argmax",
+        argmax_samples,
+        argmax_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.argmax(a[0], vocab_size=a[1], return_valid=True),
+    ),
+    OpRow(
+        "sample_from_logits",
+        sample_from_logits_samples,
+        sample_from_logits_check,
+        batch_args=(0, 1, 3, 5, 7, 9, 11),
+        wrapper=_w_sample,
+    ),
+    OpRow(
+        "sample_from_probs",
+        sample_from_probs_samples,
+        None,
+        batch_args=(0, 1, 7),
+        wrapper=lambda a: decodekit.sample_from_probs(
+            a[0], a[1], a[4], a[6], seed=a[7], offset=a[10], validate=False, return_valid=True
+        ),
+    ),
+    OpRow(
+        "filter_probs",
+        filter_probs_samples,
+        filter_probs_check,
+        batch_args=(0, 1, 3),
+        wrapper=lambda a: decodekit.filter_probs(a[0], a[1], a[3], a[6], validate=False),
+    ),
+    OpRow(
+        "top_k_mask_logits",
+        top_k_mask_logits_samples,
+        top_k_mask_logits_check,
+        batch_args=(0, 1),
+        wrapper=lambda a: decodekit.top_k_mask_logits(a[0], a[1], validate=False),
+    ),
+    OpRow(
+        "apply_penalties",
+        apply_penalties_samples,
+        apply_penalties_check,
+        batch_args=(0, 1, 3, 5, 7, 10, 11),
+        wrapper=lambda a: decodekit.apply_penalties(
+            a[0], repetition_penalty=a[1], frequency_penalty=a[3], presence_penalty=a[5], token_ids=a[7], validate=False
+        ),
+    ),
+    OpRow("linear", linear_samples, linear_check, batch_args=(0,), wrapper=lambda a: decodekit.linear(*a)),
+    OpRow(
+        "rms_norm",
+        rms_norm_samples,
+        rms_norm_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.rms_norm(a[0], a[1], 1e-5),
+    ),
+    OpRow(
+        "silu_and_mul",
+        silu_and_mul_samples,
+        silu_and_mul_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.silu_and_mul(a[0]),
+    ),
+    OpRow(
+        "rope_",
+        rope_samples,
+        rope_check,
+        mutates=(0,),
+        batch_args=(0, 4),
+        wrapper=lambda a: decodekit.rope_(a[0].clone(), a[1], a[2], a[3], a[4], validate=False),
+    ),
+    OpRow(
+        "chain_speculative_sampling",
+        chain_speculative_sampling_samples,
+        None,
+        batch_args=(0, 1, 2, 3),
+        wrapper=lambda a: decodekit.chain_speculative_sampling(
+            a[0], a[1], a[2], seed=a[3], offset=a[6], validate=False
+        ),
+    ),
+    OpRow(
+        "paged_attention",
+        paged_attention_samples,
+        paged_attention_check,
+        batch_args=(0, 3, 4),
+        wrapper=lambda a: decodekit.paged_attention(*a[:5], scale=a[5], validate=False),
+    ),
+    OpRow(
+        "append_kv_cache",
+        append_kv_cache_samples,
+        append_kv_cache_check,
+        mutates=(0, 1),
+        wrapper=lambda a: decodekit.append_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4], validate=False),
+    ),
+    OpRow(
+        "append_paged_kv_cache",
+        append_paged_kv_cache_samples,
+        append_paged_kv_cache_check,
+        mutates=(0, 1),
+        wrapper=lambda a: decodekit.append_paged_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4], validate=False),
+    ),
+    # A validation helper (an int result, no Meta kernel): run and checked, not opchecked.
+    OpRow("check_probability_rows", check_probability_rows_samples, check_probability_rows_check, opcheck=False),
+    OpRow("processed_probs", processed_probs_samples, processed_probs_check, batch_args=(0, 1, 3, 5, 7),
+          wrapper=lambda a: decodekit.processed_probs(a[0], _pick(a[1], a[2]), _pick(a[3], a[4]), _pick(a[5], a[6]),
+                                                      _pick(a[7], a[8]), vocab_size=a[9], validate=False)),
+    OpRow("greedy_verify", greedy_verify_samples, greedy_verify_check, batch_args=(0, 1)),
+    OpRow("_check_probability_rows", private_check_rows_samples, private_check_rows_check),
+]
+
+BY_NAME = {row.name: row for row in OPS}
+
+
+def run(row: OpRow, args: tuple):
+    """Calls the raw op; for an op that writes in place, returns the written arguments (on
+    copies, so ``args`` stay as they were)."""
+    if row.mutates:
+        args = tuple(a.clone() if i in row.mutates else a for i, a in enumerate(args))
+        row.op(*args)
+        out = tuple(args[i] for i in row.mutates)
+        return out[0] if len(out) == 1 else out
+    return row.op(*args)
