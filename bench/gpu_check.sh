@@ -20,7 +20,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 $PY -c "import decodekit, torch; print('decodekit', decodekit.__version__, 'cuda ops', decodekit.HAS_CUDA_OPS)"
 case "$SECTION" in
   sampling)
-    timeout 240 $PY -m pytest -q -ra tests/test_sampling_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -25
+    timeout 240 $PY -m pytest -q -ra -p no:cacheprovider tests/ops/test_sampling_cuda.py "tests/ops/test_contracts.py::test_cpu_equals_cuda" 2>&1 | tee "$OUT/tests.log" | tail -25
     echo "tests exit: ${PIPESTATUS[0]}"
     if command -v compute-sanitizer >/dev/null; then
       timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/gpu_memcheck_sampling.py \
