@@ -51,19 +51,17 @@ __global__ void __launch_bounds__(kThreads) penalties_kernel(const void* data, i
     const int64_t L = in.token_ids_len;
     const int64_t* ids = in.token_ids + b * L;
     if (L <= kCap) {
-      // Words (id + 1, position): unique, so any sort applies; 0 above marks an id that is skipped.
       for (int64_t j = threadIdx.x; j < L; j += kThreads) {
         const int64_t id = ids[j];
-        const uint64_t hi = (id >= 0 && id < V) ? static_cast<uint64_t>(id) + 1 : 0;
-        sh.cand[j] = (hi << 32) | static_cast<uint64_t>(j);
+        sh.cand[j] = (id >= 0 && id < V) ? static_cast<uint64_t>(id) + 1 : 0;  // 0: skipped
       }
       __syncthreads();
       sort_desc(static_cast<int>(L), sh);
       for (int64_t j = threadIdx.x; j < L; j += kThreads) {
-        const uint64_t w = sh.cand[j] >> 32;
-        if (w == 0 || (j > 0 && (sh.cand[j - 1] >> 32) == w)) continue;  // not the start of a run
+        const uint64_t w = sh.cand[j];
+        if (w == 0 || (j > 0 && sh.cand[j - 1] == w)) continue;  // not the start of a run
         int64_t e = j + 1;
-        while (e < L && (sh.cand[e] >> 32) == w) ++e;
+        while (e < L && sh.cand[e] == w) ++e;
         const int64_t id = static_cast<int64_t>(w) - 1;
         o[id] = penalize(o[id], r, f, p, e - j);
       }

@@ -71,21 +71,23 @@ __device__ __forceinline__ bool params_ok(float T, double p, float min_p) {
   return T >= 0.0f && T < kInf && p >= 0.0 && p <= 1.0 && min_p >= 0.0f && min_p <= 1.0f;
 }
 
-// The k-th largest of sh.tmax (1 <= k <= kThreads): each thread counts the
-// values ranked above its own (ties by position) and the one ranked k-th
-// publishes it.
-__device__ float kth_largest_tmax(int64_t k, ClusterShared& sh) {
-  const float v = sh.tmax[threadIdx.x];
-  int rank = 0;
-  for (int i = 0; i < kThreads; ++i) {
-    const float w = sh.tmax[i];
-    rank += (w > v) || (w == v && i < static_cast<int>(threadIdx.x));
+// Descending bitonic sort of sh.tmax (kThreads floats).
+__device__ void sort_tmax(ClusterShared& sh) {
+  for (int size = 2; size <= kThreads; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const int t = threadIdx.x;
+      if (t < kThreads / 2) {
+        const int i = 2 * t - (t & (stride - 1)), j = i + stride;
+        const bool desc = (i & size) == 0;
+        const float a = sh.tmax[i], b = sh.tmax[j];
+        if ((a < b) == desc) {
+          sh.tmax[i] = b;
+          sh.tmax[j] = a;
+        }
+      }
+      __syncthreads();
+    }
   }
-  if (threadIdx.x == 0) sh.red_f[0] = -kInf;
-  __syncthreads();
-  if (rank == k - 1) sh.red_f[0] = v;
-  __syncthreads();
-  return sh.red_f[0];
 }
 #endif
 
@@ -168,23 +170,22 @@ __global__ void __launch_bounds__(kThreads, 2) sample_cluster_kernel(ClusterArgs
     sh.red_flags[warp()] = flags;
   }
   __syncthreads();
-  float bm = -kInf;
-  int64_t ba = kNoIdx;
-  int bf = 0;
-  for (int j = 0; j < kWarps; ++j) {
-    if (sh.red_f[j] > bm || (sh.red_f[j] == bm && sh.red_i[j] < ba)) {
-      bm = sh.red_f[j];
-      ba = sh.red_i[j];
-    }
-    bf |= sh.red_flags[j];
-  }
-  __syncthreads();  // red_f is reused below
-  const float tau_r = (use_k && k <= kThreads) ? kth_largest_tmax(k, sh) : -kInf;
+  if (use_k && k <= kThreads) sort_tmax(sh);
   if (threadIdx.x == 0) {
+    float bm = -kInf;
+    int64_t ba = kNoIdx;
+    int bf = 0;
+    for (int j = 0; j < kWarps; ++j) {
+      if (sh.red_f[j] > bm || (sh.red_f[j] == bm && sh.red_i[j] < ba)) {
+        bm = sh.red_f[j];
+        ba = sh.red_i[j];
+      }
+      bf |= sh.red_flags[j];
+    }
     sh.pub_max = bm;
     sh.pub_arg = ba;
     sh.pub_flags = bf;
-    sh.pub_tau = tau_r;
+    sh.pub_tau = (use_k && k <= kThreads) ? sh.tmax[k - 1] : -kInf;
   }
   cluster.sync();  // #1: the slices' statistics are published
 

@@ -361,22 +361,6 @@ __device__ int gather(const void* row, int64_t V, Pred pred, Shared& sh) {
 // next power of two, padded with 0 (below every rank word).
 template <class Sh>
 __device__ void sort_desc(int n, Sh& sh) {
-  constexpr int kHalf = static_cast<int>(sizeof(sh.cand) / sizeof(sh.cand[0])) / 2;
-  if (n <= kThreads && n <= kHalf) {
-    // Few words (unique): each thread counts the words above its own and
-    // places it there (two barriers instead of a bitonic network's dozens).
-    uint64_t mine = 0;
-    int rank = 0;
-    if (static_cast<int>(threadIdx.x) < n) {
-      mine = sh.cand[threadIdx.x];
-      for (int i = 0; i < n; ++i) rank += sh.cand[i] > mine;
-      sh.cand[kHalf + rank] = mine;
-    }
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < n) sh.cand[threadIdx.x] = sh.cand[kHalf + threadIdx.x];
-    __syncthreads();
-    return;
-  }
   int P = 1;
   while (P < n) P <<= 1;
   for (int i = n + threadIdx.x; i < P; i += kThreads) sh.cand[i] = 0;
