@@ -340,19 +340,7 @@ def sample_from_logits(
     raw_logits = logits
     if any(v is not None for v in penalties.values()):
         logits = apply_penalties(logits, vocab_size=vocab_size, validate=validate, **penalties)
-    t_t, t_v = row_param(
-        temperature,
-        "temperature",
-        op,
-        logits,
-        integer=False,
-        dtype=torch.float32,
-        lo=0.0,
-        hi=None,
-        validate=validate,
-        allowed="finite and >= 0",
-        tiny_positive=T_TINY,
-    )
+    t_t, t_v = _temperature_arg(temperature, op, logits, validate)
     k_t, k_v, p_t, p_v, m_t, m_v = filter_args(op, logits, top_k, top_p, min_p, validate)
     needs_rng = B > 0 and logits.device.type != "meta"  # shape-only calls draw nothing
     if seed is None and generator is None and needs_rng:
@@ -590,6 +578,24 @@ def top_k_mask_logits(
     return out
 
 
+def _temperature_arg(temperature, op: str, logits: torch.Tensor, validate: bool):
+    """``temperature`` as the ops take it: a float32 [B] tensor or a number (>= 0, finite;
+    positive values below float32's smallest normal act as it)."""
+    return row_param(
+        temperature,
+        "temperature",
+        op,
+        logits,
+        integer=False,
+        dtype=torch.float32,
+        lo=0.0,
+        hi=None,
+        validate=validate,
+        allowed="finite and >= 0",
+        tiny_positive=T_TINY,
+    )
+
+
 def processed_probs(
     logits: torch.Tensor,
     temperature: RowParam = 1.0,
@@ -634,19 +640,7 @@ def processed_probs(
     op = "processed_probs"
     logits = check_logits(logits, op)
     vs = check_vocab_size(vocab_size, logits.size(1), op)
-    t_t, t_v = row_param(
-        temperature,
-        "temperature",
-        op,
-        logits,
-        integer=False,
-        dtype=torch.float32,
-        lo=0.0,
-        hi=None,
-        validate=validate,
-        allowed="finite and >= 0",
-        tiny_positive=T_TINY,
-    )
+    t_t, t_v = _temperature_arg(temperature, op, logits, validate)
     k_t, k_v, p_t, p_v, m_t, m_v = filter_args(op, logits, top_k, top_p, min_p, validate)
     probs, valid = ops.processed_probs(logits, t_t, t_v, k_t, k_v, p_t, p_v, m_t, m_v, vs, deterministic)
     if validate and has_data(valid) and not host_bool(valid.all(), op):
