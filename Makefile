@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.decodekit-built
 SOURCES := $(shell find csrc python -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup run test bench bench-native sanitize check-isa-symbols format format-check clean
+.PHONY: setup run test bench bench-native sanitize check-isa-symbols format format-check lint clean
 
 setup: $(STAMP_BUILD)
 
@@ -67,14 +67,24 @@ $(CLANG_FORMAT): .clang-format
 	build/clang-format-venv/bin/pip install --quiet clang-format==$(CLANG_FORMAT_VERSION)
 	touch $@
 
-# csrc/cuda/ is not formatted yet (the CUDA kernels are being rewritten); add it when they land.
-CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'tests/native/*.cpp' ':!csrc/cuda/*')
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/native/*.cpp')
 
 format: $(CLANG_FORMAT)
 	$(CLANG_FORMAT) -i $(CXX_SOURCES)
 
 format-check: $(CLANG_FORMAT)
 	$(CLANG_FORMAT) --dry-run -Werror $(CXX_SOURCES)
+
+# Python lint and formatting with the pinned ruff, from a scratch venv.
+RUFF := build/ruff-venv/bin/ruff
+$(RUFF):
+	$(PY) -m venv build/ruff-venv
+	build/ruff-venv/bin/pip install --quiet ruff==0.17.0
+	touch $@
+
+lint: $(RUFF)
+	$(RUFF) check python tests
+	$(RUFF) format --check python tests
 
 clean:
 	rm -rf build $(VENV)

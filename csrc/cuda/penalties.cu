@@ -23,8 +23,8 @@ __device__ __forceinline__ float penalize(float x, float r, float f, float p, in
 }
 
 template <int K>
-__global__ void __launch_bounds__(kThreads) penalties_kernel(const void* data, int64_t vocab, int64_t row_stride,
-                                                             int64_t V, PenaltyArgs in, float* out) {
+__global__ void __launch_bounds__(kThreads)
+    penalties_kernel(const void* data, int64_t vocab, int64_t row_stride, int64_t V, PenaltyArgs in, float* out) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
   constexpr int64_t kElem = K == kF32 ? 4 : 2;
@@ -94,16 +94,16 @@ cudaError_t apply_penalties(const LogitsView& logits, const PenaltyArgs& in, flo
   const dim3 grid(static_cast<unsigned>(logits.batch));
   switch (logits.kind) {
     case ScalarKind::kFloat32:
-      penalties_kernel<kF32><<<grid, kThreads, 0, stream>>>(logits.data, logits.vocab, logits.row_stride,
-                                                             logits.vocab_size, in, out);
+      penalties_kernel<kF32>
+          <<<grid, kThreads, 0, stream>>>(logits.data, logits.vocab, logits.row_stride, logits.vocab_size, in, out);
       break;
     case ScalarKind::kFloat16:
-      penalties_kernel<kF16><<<grid, kThreads, 0, stream>>>(logits.data, logits.vocab, logits.row_stride,
-                                                             logits.vocab_size, in, out);
+      penalties_kernel<kF16>
+          <<<grid, kThreads, 0, stream>>>(logits.data, logits.vocab, logits.row_stride, logits.vocab_size, in, out);
       break;
     case ScalarKind::kBFloat16:
-      penalties_kernel<kBF16><<<grid, kThreads, 0, stream>>>(logits.data, logits.vocab, logits.row_stride,
-                                                              logits.vocab_size, in, out);
+      penalties_kernel<kBF16>
+          <<<grid, kThreads, 0, stream>>>(logits.data, logits.vocab, logits.row_stride, logits.vocab_size, in, out);
       break;
     default:
       return cudaErrorInvalidValue;

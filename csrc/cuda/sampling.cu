@@ -48,7 +48,7 @@ struct Args {
   LogprobRequest lp;
   int64_t* ids;
   bool* valid;
-  void* out;  // filter_probs: float [B, vocab]; top_k_mask_logits: logits dtype [B, vocab]
+  void* out;                       // filter_probs: float [B, vocab]; top_k_mask_logits: logits dtype [B, vocab]
   const unsigned char* only_rows;  // when set, rows with only_rows[b] == 0 are left as they are
 };
 
@@ -61,8 +61,7 @@ __device__ __forceinline__ uint64_t word_at_or_below(uint32_t key) { return stat
 // rank word of the boundary for "the top n tokens": the n-th in rank order.
 // Leaves the n best sorted in sh.cand[0, n) when n <= kCap.
 template <int K>
-__device__ uint64_t top_n_boundary(const void* row, int64_t V, int64_t n, const Weight& wt, Shared& sh,
-                                   bool* sorted) {
+__device__ uint64_t top_n_boundary(const void* row, int64_t V, int64_t n, const Weight& wt, Shared& sh, bool* sorted) {
   *sorted = false;
   if (n <= kThreads) {
     // tau = the n-th largest per-thread maximum: at least n values are >= tau.
@@ -88,8 +87,7 @@ __device__ uint64_t top_n_boundary(const void* row, int64_t V, int64_t n, const 
   }
   uint32_t key;
   Mass above, at;
-  radix_select<K, false>(row, V, wt, [](int64_t, float) { return true; }, static_cast<u128>(n), &key, &above,
-                         &at, sh);
+  radix_select<K, false>(row, V, wt, [](int64_t, float) { return true; }, static_cast<u128>(n), &key, &above, &at, sh);
   const int64_t need = n - static_cast<int64_t>(above.value());  // ties at key to take, in index order
   uint64_t bnd = word_at_or_below(key);
   if (static_cast<int64_t>(at.value()) > need) {
@@ -145,7 +143,8 @@ __device__ uint64_t top_p_boundary(const void* row, int64_t V, double p, const W
     for (int j = 3; j >= 0; --j)
       if (M[j].value() >= target) bound = bound > (uint64_t{1} << (58 - 4 * j)) ? bound : (uint64_t{1} << (58 - 4 * j));
   }
-  const int c = gather<K>(row, V, [&](int64_t i, float x) { return rank_word(x, i) >= set_bnd && wt.q(x) > bound; }, sh);
+  const int c =
+      gather<K>(row, V, [&](int64_t i, float x) { return rank_word(x, i) >= set_bnd && wt.q(x) > bound; }, sh);
   if (c <= kCap) {
     sort_desc(c, sh);
     Mass part;
@@ -315,8 +314,8 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
   int64_t token = s.argmax;
   Mass W;
   if (!greedy) {
-    const double u = PhiloxStreamRef{static_cast<uint64_t>(a.prm.seed.at(b)),
-                                     static_cast<uint64_t>(a.prm.offset.at(b)), kStreamSample}
+    const double u = PhiloxStreamRef{static_cast<uint64_t>(a.prm.seed.at(b)), static_cast<uint64_t>(a.prm.offset.at(b)),
+                                     kStreamSample}
                          .uniform_double(0);
     auto target_of = [&](Mass tot) {
       const u128 total = tot.value();
@@ -355,7 +354,8 @@ __global__ void __launch_bounds__(kThreads, 1) sampling_kernel(Args a) {
   const float inv_t = greedy || kProbs ? 1.0f : inverse_temperature(T);
   auto logprob = [&](int64_t i) -> float {
     const float x = load_x<K>(row, i);
-    if (a.lp.raw) return static_cast<float>(kProbs ? log_double(x) - log_total : static_cast<double>(x - s.max) - log_total);
+    if (a.lp.raw)
+      return static_cast<float>(kProbs ? log_double(x) - log_total : static_cast<double>(x - s.max) - log_total);
     if (greedy) return i == s.argmax ? 0.0f : -kInf;
     if (!kept(i, x)) return -kInf;
     return static_cast<float>(kProbs ? log_double(x) - log_total
@@ -422,10 +422,17 @@ cudaError_t launch(int64_t batch, ScalarKind kind, F&& f) {
   if (batch == 0) return cudaSuccess;
   if (batch > 2147483647) return cudaErrorInvalidValue;
   switch (kind) {
-    case ScalarKind::kFloat32: f(std::integral_constant<int, kF32>{}); break;
-    case ScalarKind::kFloat16: f(std::integral_constant<int, kF16>{}); break;
-    case ScalarKind::kBFloat16: f(std::integral_constant<int, kBF16>{}); break;
-    default: return cudaErrorInvalidValue;
+    case ScalarKind::kFloat32:
+      f(std::integral_constant<int, kF32>{});
+      break;
+    case ScalarKind::kFloat16:
+      f(std::integral_constant<int, kF16>{});
+      break;
+    case ScalarKind::kBFloat16:
+      f(std::integral_constant<int, kBF16>{});
+      break;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

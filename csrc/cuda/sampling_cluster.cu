@@ -35,8 +35,8 @@ namespace {
 using namespace row;
 namespace cg = cooperative_groups;
 
-constexpr int kC = 8;               // blocks per row (a portable cluster size)
-constexpr int kClusterCap = 2048;   // candidates gathered in block 0
+constexpr int kC = 8;              // blocks per row (a portable cluster size)
+constexpr int kClusterCap = 2048;  // candidates gathered in block 0
 struct ClusterShared {
   uint64_t cand[kClusterCap];
   float tmax[kThreads];
@@ -257,9 +257,9 @@ __global__ void __launch_bounds__(kThreads, 2) sample_cluster_kernel(ClusterArgs
     Wall.add(mj);
     for (int t = 0; t < 4; ++t) M[t].add(Mass{o->pub_thr_hi[t], o->pub_thr_lo[t]});
   }
-  const double u = PhiloxStreamRef{static_cast<uint64_t>(a.prm.seed.at(b)), static_cast<uint64_t>(a.prm.offset.at(b)),
-                                   kStreamSample}
-                       .uniform_double(0);
+  const double u =
+      PhiloxStreamRef{static_cast<uint64_t>(a.prm.seed.at(b)), static_cast<uint64_t>(a.prm.offset.at(b)), kStreamSample}
+          .uniform_double(0);
   auto target_of = [&](Mass tot) {
     const u128 total = tot.value();
     const u128 tg = u128_of_double(u * u128_to_double(total));
@@ -423,10 +423,14 @@ cudaError_t sample_from_logits_cluster(const LogitsView& logits, const SamplingP
   a.fallback = fallback;
   const size_t smem = static_cast<size_t>(a.slice) * sizeof(float);
   switch (logits.kind) {
-    case ScalarKind::kFloat32: return launch_cluster<kF32>(logits, a, smem, stream);
-    case ScalarKind::kFloat16: return launch_cluster<kF16>(logits, a, smem, stream);
-    case ScalarKind::kBFloat16: return launch_cluster<kBF16>(logits, a, smem, stream);
-    default: return cudaErrorInvalidValue;
+    case ScalarKind::kFloat32:
+      return launch_cluster<kF32>(logits, a, smem, stream);
+    case ScalarKind::kFloat16:
+      return launch_cluster<kF16>(logits, a, smem, stream);
+    case ScalarKind::kBFloat16:
+      return launch_cluster<kBF16>(logits, a, smem, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

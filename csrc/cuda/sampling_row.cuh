@@ -60,7 +60,8 @@ __device__ __forceinline__ void load_vec(const void* row, int64_t v, float* x) {
     const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const unsigned short lo = static_cast<unsigned short>(w[j] & 0xffffu), hi = static_cast<unsigned short>(w[j] >> 16);
+      const unsigned short lo = static_cast<unsigned short>(w[j] & 0xffffu),
+                           hi = static_cast<unsigned short>(w[j] >> 16);
       x[2 * j] = K == kF16 ? half_bits_to_float(lo) : bf16_bits_to_float(lo);
       x[2 * j + 1] = K == kF16 ? half_bits_to_float(hi) : bf16_bits_to_float(hi);
     }
@@ -118,9 +119,7 @@ struct Weight {
   ExpScale c;
   float pre;     // an exact power of two lifting rows of tiny probabilities (1 otherwise)
   float qscale;  // 2^(62 - e): maps the row's largest weight (times pre) into (2^61, 2^62]
-  __device__ __forceinline__ float w(float x) const {
-    return identity ? x : exp_scaled_nonpositive(x - m, c.hi, c.lo);
-  }
+  __device__ __forceinline__ float w(float x) const { return identity ? x : exp_scaled_nonpositive(x - m, c.hi, c.lo); }
   __device__ __forceinline__ uint64_t q(float x) const { return fixed_of(w(x) * pre, qscale); }
   // One weight unit in fixed-point units: a mass M is the weight sum M / unit().
   __device__ __forceinline__ double unit() const { return static_cast<double>(qscale) * static_cast<double>(pre); }
@@ -260,8 +259,8 @@ __device__ Mass block_exclusive_scan(Mass v, Mass* total, Sh& sh) {
 // chunk holds the target walks it. Returns -1 when nothing exceeds the
 // target (target >= total); *total_out = the total.
 template <int K, class Measure, class TargetOf>
-__device__ int64_t find_in_index_order(const void* row, int64_t V, Measure measure, TargetOf target_of,
-                                       Mass* total_out, Shared& sh) {
+__device__ int64_t find_in_index_order(const void* row, int64_t V, Measure measure, TargetOf target_of, Mass* total_out,
+                                       Shared& sh) {
   constexpr int W = kVec<K>;
   const bool aligned = row_aligned<K>(row);
   const int64_t chunk = ((V + kThreads - 1) / kThreads + W - 1) / W * W;
@@ -456,8 +455,8 @@ __device__ int64_t draw_sorted(int n, const Weight& wt, TargetOf target_of, Mass
 // first reaches target; *above = the measure strictly above that key and
 // *at = the measure at it. Returns false if the target is never reached.
 template <int K, bool kMass, class InSet>
-__device__ bool radix_select(const void* row, int64_t V, const Weight& wt, InSet in_set, u128 target,
-                             uint32_t* key_out, Mass* above, Mass* at, Shared& sh) {
+__device__ bool radix_select(const void* row, int64_t V, const Weight& wt, InSet in_set, u128 target, uint32_t* key_out,
+                             Mass* above, Mass* at, Shared& sh) {
   uint32_t prefix = 0;
   *above = Mass{};
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -474,8 +473,10 @@ __device__ bool radix_select(const void* row, int64_t V, const Weight& wt, InSet
       const auto grp = cg::labeled_partition(cg::coalesced_threads(), b);
       if constexpr (kMass) {
         const uint64_t q = wt.q(x);
-        const unsigned long long hi = cg::reduce(grp, static_cast<unsigned long long>(q >> 31), cg::plus<unsigned long long>());
-        const unsigned long long lo = cg::reduce(grp, static_cast<unsigned long long>(q & 0x7fffffffu), cg::plus<unsigned long long>());
+        const unsigned long long hi =
+            cg::reduce(grp, static_cast<unsigned long long>(q >> 31), cg::plus<unsigned long long>());
+        const unsigned long long lo =
+            cg::reduce(grp, static_cast<unsigned long long>(q & 0x7fffffffu), cg::plus<unsigned long long>());
         if (grp.thread_rank() == 0 && (hi | lo)) {
           atomicAdd(&sh.hist_hi[b], hi);
           atomicAdd(&sh.hist_lo[b], lo);

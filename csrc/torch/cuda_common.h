@@ -28,10 +28,14 @@ inline void check_ok(cudaError_t err, const char* op) {
 
 inline dk::ScalarKind logits_kind(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return dk::ScalarKind::kFloat32;
-    case at::kHalf: return dk::ScalarKind::kFloat16;
-    case at::kBFloat16: return dk::ScalarKind::kBFloat16;
-    default: TORCH_CHECK(false, "decodekit: logits must be float32, float16 or bfloat16, got ", t.scalar_type());
+    case at::kFloat:
+      return dk::ScalarKind::kFloat32;
+    case at::kHalf:
+      return dk::ScalarKind::kFloat16;
+    case at::kBFloat16:
+      return dk::ScalarKind::kBFloat16;
+    default:
+      TORCH_CHECK(false, "decodekit: logits must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
@@ -49,8 +53,8 @@ inline void check_rows(const at::Tensor& x, int64_t vocab_size, const char* name
 
 inline dk::LogitsView logits_view(const at::Tensor& logits, int64_t vocab_size) {
   check_rows(logits, vocab_size, "logits");
-  return dk::LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0), logits.size(1), logits.stride(0),
-                        vocab_size};
+  return dk::LogitsView{logits.data_ptr(), logits_kind(logits), logits.size(0),
+                        logits.size(1),    logits.stride(0),    vocab_size};
 }
 
 inline dk::ProbsView probs_view(const at::Tensor& probs, int64_t vocab_size) {
@@ -69,8 +73,7 @@ dk::RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::Scal
                 like.device());
     TORCH_CHECK(t->dim() == 1 && t->size(0) == like.size(0), "decodekit: ", name,
                 " must be a 1-D tensor of length B=", like.size(0));
-    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ",
-                t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
     TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
     p.values = t->data_ptr<T>();
   }

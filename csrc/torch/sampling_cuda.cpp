@@ -33,10 +33,10 @@ struct LogprobTensors {
 
 LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw,
                                int64_t vocab_size) {
-  TORCH_CHECK(top_logprobs >= 0 && top_logprobs <= vocab_size, "decodekit: top_logprobs must be in [0, vocab_size=",
-              vocab_size, "], got ", top_logprobs);
-  TORCH_CHECK(top_logprobs <= dk::cuda::kMaxTopLogprobs, "decodekit: top_logprobs must be <= ",
-              dk::cuda::kMaxTopLogprobs, " on CUDA, got ", top_logprobs);
+  TORCH_CHECK(top_logprobs >= 0 && top_logprobs <= vocab_size,
+              "decodekit: top_logprobs must be in [0, vocab_size=", vocab_size, "], got ", top_logprobs);
+  TORCH_CHECK(top_logprobs <= dk::cuda::kMaxTopLogprobs,
+              "decodekit: top_logprobs must be <= ", dk::cuda::kMaxTopLogprobs, " on CUDA, got ", top_logprobs);
   const int64_t B = like.size(0);
   LogprobTensors t;
   t.logprobs = at::empty({return_logprobs ? B : 0}, like.options().dtype(at::kFloat));
@@ -52,12 +52,12 @@ LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int
 
 using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-at::Tensor softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
-                        double temperature_val, int64_t vocab_size, bool /*deterministic*/) {
+at::Tensor softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
+                        int64_t vocab_size, bool /*deterministic*/) {
   const c10::DeviceGuard guard(logits.device());
   const auto view = logits_view(logits, vocab_size);
-  const auto temp = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits,
-                                     "temperature");
+  const auto temp =
+      row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
   auto probs = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
   check_ok(dk::cuda::softmax(view, temp, probs.data_ptr<float>(), current_stream(logits.device())), "softmax");
   return probs;
@@ -73,18 +73,19 @@ std::tuple<at::Tensor, at::Tensor> argmax_cuda(const at::Tensor& logits, int64_t
   return {ids, valid};
 }
 
-SampleResult sample_from_logits_cuda(
-    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
-    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
-    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val,
-    const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
-    int64_t offset_val, int64_t vocab_size, bool /*deterministic*/, bool return_logprobs, int64_t top_logprobs,
-    bool raw_logprobs) {
+SampleResult sample_from_logits_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
+                                     double temperature_val, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                     const std::optional<at::Tensor>& top_p, double top_p_val,
+                                     const std::optional<at::Tensor>& min_p, double min_p_val,
+                                     const std::optional<at::Tensor>& seed, int64_t seed_val,
+                                     const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size,
+                                     bool /*deterministic*/, bool return_logprobs, int64_t top_logprobs,
+                                     bool raw_logprobs) {
   const c10::DeviceGuard guard(logits.device());
   const auto view = logits_view(logits, vocab_size);
   dk::SamplingParams prm;
-  prm.temperature = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits,
-                                     "temperature");
+  prm.temperature =
+      row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
   prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
   prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, logits, "top_p");
   prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, logits, "min_p");
@@ -115,8 +116,8 @@ dk::FilterParams filter_params(const at::Tensor& probs, const std::optional<at::
   return fp;
 }
 
-SampleResult sample_from_probs_cuda(const at::Tensor& probs, const std::optional<at::Tensor>& top_k,
-                                    int64_t top_k_val, const std::optional<at::Tensor>& top_p, double top_p_val,
+SampleResult sample_from_probs_cuda(const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                    const std::optional<at::Tensor>& top_p, double top_p_val,
                                     const std::optional<at::Tensor>& min_p, double min_p_val,
                                     const std::optional<at::Tensor>& seed, int64_t seed_val,
                                     const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size,
@@ -145,22 +146,23 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cuda(const at::Tensor& probs, co
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
   auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
-  check_ok(dk::cuda::filter_probs(view, fp, out.data_ptr<float>(), valid.data_ptr<bool>(),
-                                  current_stream(probs.device())),
-           "filter_probs");
+  check_ok(
+      dk::cuda::filter_probs(view, fp, out.data_ptr<float>(), valid.data_ptr<bool>(), current_stream(probs.device())),
+      "filter_probs");
   return {out, valid};
 }
 
-std::tuple<at::Tensor, at::Tensor> processed_probs_cuda(
-    const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
-    const std::optional<at::Tensor>& top_k, int64_t top_k_val, const std::optional<at::Tensor>& top_p,
-    double top_p_val, const std::optional<at::Tensor>& min_p, double min_p_val, int64_t vocab_size,
-    bool /*deterministic*/) {
+std::tuple<at::Tensor, at::Tensor> processed_probs_cuda(const at::Tensor& logits,
+                                                        const std::optional<at::Tensor>& temperature,
+                                                        double temperature_val, const std::optional<at::Tensor>& top_k,
+                                                        int64_t top_k_val, const std::optional<at::Tensor>& top_p,
+                                                        double top_p_val, const std::optional<at::Tensor>& min_p,
+                                                        double min_p_val, int64_t vocab_size, bool /*deterministic*/) {
   const c10::DeviceGuard guard(logits.device());
   const auto view = logits_view(logits, vocab_size);
   dk::SamplingParams prm;
-  prm.temperature = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits,
-                                     "temperature");
+  prm.temperature =
+      row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
   prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
   prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, logits, "top_p");
   prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, logits, "min_p");
@@ -180,9 +182,9 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cuda(const at::Tensor& logi
   const auto k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
   auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
-  check_ok(dk::cuda::top_k_mask_logits(view, k, out.data_ptr(), valid.data_ptr<bool>(),
-                                       current_stream(logits.device())),
-           "top_k_mask_logits");
+  check_ok(
+      dk::cuda::top_k_mask_logits(view, k, out.data_ptr(), valid.data_ptr<bool>(), current_stream(logits.device())),
+      "top_k_mask_logits");
   return {out, valid};
 }
 

@@ -348,8 +348,10 @@ def processed_probs_samples(d):
     k = torch.tensor([0, 5, 0, 40, 1, 0])
     p = torch.tensor([1.0, 0.9, 0.5, 1.0, 1.0, 0.95], dtype=torch.float64)
     m = torch.tensor([0.0, 0.0, 0.1, 0.05, 0.0, 0.0])
-    return [_on(d, x, t, 1.0, k, 0, p, 1.0, m, 0.0, 290, True),
-            _on(d, _logits(seed=26, dtype=torch.bfloat16), None, 0.8, None, 20, None, 0.9, None, 0.0, 300, True)]
+    return [
+        _on(d, x, t, 1.0, k, 0, p, 1.0, m, 0.0, 290, True),
+        _on(d, _logits(seed=26, dtype=torch.bfloat16), None, 0.8, None, 20, None, 0.9, None, 0.0, 300, True),
+    ]
 
 
 def processed_probs_check(args, out):
@@ -357,9 +359,18 @@ def processed_probs_check(args, out):
     probs, valid = out
     assert bool(valid.all())
     for b in range(logits.size(0)):
-        pick = lambda tt, v: float(tt[b]) if tt is not None else v  # noqa: E731
-        expected = ref.filtered_probs(logits[b].float(), temperature=pick(t, t_val), top_k=int(pick(k, k_val)),
-                                      top_p=pick(p, p_val), min_p=pick(m, m_val), vocab_size=vs)
+
+        def pick(tt, v, b=b):
+            return float(tt[b]) if tt is not None else v
+
+        expected = ref.filtered_probs(
+            logits[b].float(),
+            temperature=pick(t, t_val),
+            top_k=int(pick(k, k_val)),
+            top_p=pick(p, p_val),
+            min_p=pick(m, m_val),
+            vocab_size=vs,
+        )
         torch.testing.assert_close(probs[b].double(), expected, rtol=2e-6, atol=1e-7)
 
 
@@ -520,9 +531,21 @@ OPS: List[OpRow] = [
     ),
     # A validation helper (an int result, no Meta kernel): run and checked, not opchecked.
     OpRow("check_probability_rows", check_probability_rows_samples, check_probability_rows_check, opcheck=False),
-    OpRow("processed_probs", processed_probs_samples, processed_probs_check, batch_args=(0, 1, 3, 5, 7),
-          wrapper=lambda a: decodekit.processed_probs(a[0], _pick(a[1], a[2]), _pick(a[3], a[4]), _pick(a[5], a[6]),
-                                                      _pick(a[7], a[8]), vocab_size=a[9], validate=False)),
+    OpRow(
+        "processed_probs",
+        processed_probs_samples,
+        processed_probs_check,
+        batch_args=(0, 1, 3, 5, 7),
+        wrapper=lambda a: decodekit.processed_probs(
+            a[0],
+            _pick(a[1], a[2]),
+            _pick(a[3], a[4]),
+            _pick(a[5], a[6]),
+            _pick(a[7], a[8]),
+            vocab_size=a[9],
+            validate=False,
+        ),
+    ),
     OpRow("greedy_verify", greedy_verify_samples, greedy_verify_check, batch_args=(0, 1)),
     OpRow("_check_probability_rows", private_check_rows_samples, private_check_rows_check),
 ]

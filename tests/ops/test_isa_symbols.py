@@ -19,6 +19,7 @@ def test_isa_objects_share_no_weak_symbols():
         pytest.skip("nm is not installed")
     if not glob.glob(os.path.join(ROOT, "build", "*", "CMakeFiles", "decodekit_cpu_baseline.dir")):
         pytest.skip("no local build under build/ (the package was installed from elsewhere)")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_isa_symbols.py")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "check_isa_symbols.py")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr

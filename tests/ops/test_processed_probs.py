@@ -33,8 +33,9 @@ def processed(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, vocab_size
 
 
 # ------------------------------------------------------------- reference ----
-def reference_row(x: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
+def reference_row(
+    x: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """float64 processed distribution of one row of logits (no padding), from DESIGN.md:
     T == 0 one-hot at the first maximum; else rank = logit desc, index asc; top-k keeps the first
     min(k, V) (disabled for k <= 0 or k >= V); softmax(x / T) over the kept; top-p keeps the shortest
@@ -68,17 +69,20 @@ def reference_row(x: torch.Tensor, temperature: float, top_k: int = 0, top_p: fl
 LOG1234 = torch.tensor([[0.0, math.log(2), math.log(3), math.log(4)]])
 
 
-@pytest.mark.parametrize("params,expected", [
-    (dict(), [0.1, 0.2, 0.3, 0.4]),
-    (dict(top_k=2), [0, 0, 3 / 7, 4 / 7]),
-    (dict(top_p=0.5), [0, 0, 3 / 7, 4 / 7]),    # rank masses 0.4, 0.7: two tokens reach 0.5
-    (dict(top_p=0.35), [0, 0, 0, 1]),            # 0.4 >= 0.35: the top token alone
-    (dict(min_p=0.45), [0, 2 / 9, 3 / 9, 4 / 9]),  # keep p >= 0.45 * 0.4 = 0.18
-    (dict(top_k=3, top_p=0.6, min_p=0.0), [0, 0, 3 / 7, 4 / 7]),  # 4/9, 7/9 of the top 3
-    (dict(temperature=0.0), [0, 0, 0, 1]),
-    (dict(top_k=1), [0, 0, 0, 1]),
-    (dict(top_p=0.0), [0, 0, 0, 1]),
-])
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        (dict(), [0.1, 0.2, 0.3, 0.4]),
+        (dict(top_k=2), [0, 0, 3 / 7, 4 / 7]),
+        (dict(top_p=0.5), [0, 0, 3 / 7, 4 / 7]),  # rank masses 0.4, 0.7: two tokens reach 0.5
+        (dict(top_p=0.35), [0, 0, 0, 1]),  # 0.4 >= 0.35: the top token alone
+        (dict(min_p=0.45), [0, 2 / 9, 3 / 9, 4 / 9]),  # keep p >= 0.45 * 0.4 = 0.18
+        (dict(top_k=3, top_p=0.6, min_p=0.0), [0, 0, 3 / 7, 4 / 7]),  # 4/9, 7/9 of the top 3
+        (dict(temperature=0.0), [0, 0, 0, 1]),
+        (dict(top_k=1), [0, 0, 0, 1]),
+        (dict(top_p=0.0), [0, 0, 0, 1]),
+    ],
+)
 def test_hand_computed(params, expected):
     probs, valid = processed(LOG1234, **params)
     assert valid.tolist() == [True]
@@ -100,11 +104,15 @@ def test_temperature_two_and_ties_lowest_index_wins():
 
 
 def test_padding_invalid_rows_and_one_hot():
-    x = torch.tensor([[0.0, 1.0, 2.0, 9.0],
-                      [float("nan"), 0.0, 0.0, 0.0],
-                      [-float("inf")] * 4,
-                      [0.0, float("inf"), 0.0, 0.0],
-                      [0.0, float("inf"), 0.0, 0.0]])
+    x = torch.tensor(
+        [
+            [0.0, 1.0, 2.0, 9.0],
+            [float("nan"), 0.0, 0.0, 0.0],
+            [-float("inf")] * 4,
+            [0.0, float("inf"), 0.0, 0.0],
+            [0.0, float("inf"), 0.0, 0.0],
+        ]
+    )
     temps = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
     probs, valid = processed(x, temperature=temps, vocab_size=3)
     assert valid.tolist() == [True, False, False, False, True]
@@ -116,11 +124,19 @@ def test_padding_invalid_rows_and_one_hot():
 
 
 # ------------------------------------------------------ against reference ----
-@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=20),
-                                    dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_p=0.95, min_p=0.05),
-                                    dict(temperature=0.9, top_k=30, top_p=0.9, min_p=0.05),
-                                    dict(temperature=1.1, min_p=0.1), dict(temperature=0.0)],
-                         ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=20),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=0.9, top_p=0.95, min_p=0.05),
+        dict(temperature=0.9, top_k=30, top_p=0.9, min_p=0.05),
+        dict(temperature=1.1, min_p=0.1),
+        dict(temperature=0.0),
+    ],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()),
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_float64_reference(params, dtype):
     g = torch.Generator().manual_seed(7)
@@ -171,8 +187,9 @@ def test_kept_set_equals_what_sample_from_logits_can_draw(V):
         probs, valid = processed(logits, temperature=1.0, top_k=k, top_p=ps)
         assert valid.all()
         # The sampler's processed logprobs of every token: -inf exactly off its kept set.
-        out = ops.sample_from_logits(logits, None, 1.0, None, k, ps, 1.0, None, 0.0, None, 1, None, 0, V, True,
-                                     True, V, False)
+        out = ops.sample_from_logits(
+            logits, None, 1.0, None, k, ps, 1.0, None, 0.0, None, 1, None, 0, V, True, True, V, False
+        )
         top_ids, top_lp = out[3], out[4]
         lp = torch.full((B, V), float("nan"))
         lp.scatter_(1, top_ids, top_lp)
@@ -187,8 +204,26 @@ def test_support_over_many_seeds():
     probs, _ = processed(logits, temperature=1.0, top_p=ps)
     n = 4000
     rows = logits.expand(n, -1).contiguous()
-    ids = ops.sample_from_logits(rows, None, 1.0, None, 0, ps.expand(n).contiguous(), 1.0, None, 0.0,
-                                 torch.arange(n), 0, None, 0, 300, True, False, 0, False)[0]
+    ids = ops.sample_from_logits(
+        rows,
+        None,
+        1.0,
+        None,
+        0,
+        ps.expand(n).contiguous(),
+        1.0,
+        None,
+        0.0,
+        torch.arange(n),
+        0,
+        None,
+        0,
+        300,
+        True,
+        False,
+        0,
+        False,
+    )[0]
     drawn = torch.zeros(300, dtype=torch.bool)
     drawn[ids] = True
     assert torch.equal(drawn, probs[0] > 0)
@@ -207,7 +242,7 @@ def test_row_alone_equals_row_in_batch_any_threads():
     try:
         torch.set_num_threads(1)
         for r in (0, 5, 13, 23):
-            alone, _ = processed(batch[r:r + 1], temperature=float(temps[r]), top_k=int(ks[r]), top_p=float(ps[r]))
+            alone, _ = processed(batch[r : r + 1], temperature=float(temps[r]), top_k=int(ks[r]), top_p=float(ps[r]))
             assert torch.equal(alone[0], full[r]), r
     finally:
         torch.set_num_threads(threads)
@@ -227,8 +262,21 @@ def test_opcheck_and_meta():
     x = torch.randn(3, 50)
     temps = torch.tensor([0.0, 0.5, 1.0])
     torch.library.opcheck(ops.processed_probs.default, (x, temps, 1.0, None, 5, None, 0.9, None, 0.0, 50, True))
-    torch.library.opcheck(ops.processed_probs.default,
-                          (x, None, 0.8, torch.tensor([0, 3, 60]), 0, torch.tensor([1.0, 0.5, 0.9], dtype=torch.float64),
-                           1.0, torch.tensor([0.0, 0.1, 0.0]), 0.0, 40, False))
+    torch.library.opcheck(
+        ops.processed_probs.default,
+        (
+            x,
+            None,
+            0.8,
+            torch.tensor([0, 3, 60]),
+            0,
+            torch.tensor([1.0, 0.5, 0.9], dtype=torch.float64),
+            1.0,
+            torch.tensor([0.0, 0.1, 0.0]),
+            0.0,
+            40,
+            False,
+        ),
+    )
     probs, valid = processed(x.to("meta"))
     assert probs.shape == (3, 50) and probs.dtype == torch.float32 and valid.shape == (3,) and valid.dtype == torch.bool

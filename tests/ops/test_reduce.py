@@ -16,8 +16,9 @@ def test_sample_from_probs_draw_equals_reduce_reference(V):
     probs = torch.rand(6, V, generator=g) ** 4
     probs[1, : V // 2] = 0.0
     seeds = torch.arange(6) * 7919 + V
-    ids, valid, *_ = torch.ops.decodekit.sample_from_probs(probs, None, 0, None, 1.0, None, 0.0, seeds, 0, None, 3,
-                                                          V, True, False, 0, False)
+    ids, valid, *_ = torch.ops.decodekit.sample_from_probs(
+        probs, None, 0, None, 1.0, None, 0.0, seeds, 0, None, 3, V, True, False, 0, False
+    )
     for b in range(6):
         u = _C.philox_uniform_double(int(seeds[b]), 3, 0, 0)
         ref, total = _C._draw_reference(probs[b].tolist(), u)

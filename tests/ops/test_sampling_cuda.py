@@ -11,16 +11,15 @@ Skipped without a GPU. What must agree (csrc/cuda/sampling.h):
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import decodekit
 import reference as ref
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or not decodekit.HAS_CUDA_OPS,
-                          reason="needs a GPU and a CUDA build of decodekit")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not decodekit.HAS_CUDA_OPS, reason="needs a GPU and a CUDA build of decodekit"
+)
 pytestmark = cuda
 ops = torch.ops.decodekit
 
@@ -51,8 +50,26 @@ def _row_params(B, gen):
 
 def _sample_logits(x, t, k, p, m, seed, offset, vs, lp=False, n_top=0, raw=False):
     d = x.device
-    return ops.sample_from_logits(x, t.to(d), 0.0, k.to(d), 0, p.to(d), 1.0, m.to(d), 0.0, seed.to(d), 0,
-                                  offset.to(d), 0, vs, True, lp, n_top, raw)
+    return ops.sample_from_logits(
+        x,
+        t.to(d),
+        0.0,
+        k.to(d),
+        0,
+        p.to(d),
+        1.0,
+        m.to(d),
+        0.0,
+        seed.to(d),
+        0,
+        offset.to(d),
+        0,
+        vs,
+        True,
+        lp,
+        n_top,
+        raw,
+    )
 
 
 def _same_logprobs(a, b):
@@ -164,8 +181,19 @@ def test_probs_ops_same_as_cpu():
     torch.testing.assert_close(og[vc], oc[vc], rtol=2e-6, atol=0)
     assert torch.isnan(og[~vc]).all()
     sc = ops.sample_from_probs(probs, *args, seed, 0, offset, 0, V, True, True, 4, False)
-    sg = ops.sample_from_probs(probs.cuda(), *(a.cuda() if torch.is_tensor(a) else a for a in args), seed.cuda(), 0,
-                               offset.cuda(), 0, V, True, True, 4, False)
+    sg = ops.sample_from_probs(
+        probs.cuda(),
+        *(a.cuda() if torch.is_tensor(a) else a for a in args),
+        seed.cuda(),
+        0,
+        offset.cuda(),
+        0,
+        V,
+        True,
+        True,
+        4,
+        False,
+    )
     assert torch.equal(sc[0], sg[0].cpu()) and torch.equal(sc[3], sg[3].cpu())
     _same_logprobs(sc[2], sg[2])
     _same_logprobs(sc[4], sg[4])
@@ -179,11 +207,11 @@ def test_batch_invariance_bitwise():
     full = _sample_logits(x, *params, V, lp=True, n_top=3)
     sm = ops.softmax(x, params[0], 0.0, V, True)
     for r in (0, 17, 63):
-        one = _sample_logits(x[r:r + 1], *[a[r:r + 1] for a in params], V, lp=True, n_top=3)
+        one = _sample_logits(x[r : r + 1], *[a[r : r + 1] for a in params], V, lp=True, n_top=3)
         for a, b in zip(full, one):
             if a.numel():
-                assert torch.equal(a[r:r + 1], b)
-        assert torch.equal(sm[r], ops.softmax(x[r:r + 1], params[0][r:r + 1], 0.0, V, True)[0])
+                assert torch.equal(a[r : r + 1], b)
+        assert torch.equal(sm[r], ops.softmax(x[r : r + 1], params[0][r : r + 1], 0.0, V, True)[0])
     # the same row among other neighbours and at another position
     perm = torch.randperm(B, generator=gen).cuda()
     again = _sample_logits(x[perm], *[a[perm] for a in params], V)
@@ -204,8 +232,9 @@ def test_no_sync_and_cuda_graph_capture():
         ops.argmax(x, V)
         ops.top_k_mask_logits(x, params[1], 0, V)
         ops.filter_probs(probs, params[1], 0, params[2], 1.0, params[3], 0.0, V)
-        ops.sample_from_probs(probs, params[1], 0, params[2], 1.0, params[3], 0.0, params[4], 0, params[5], 0, V,
-                              True, False, 0, False)
+        ops.sample_from_probs(
+            probs, params[1], 0, params[2], 1.0, params[3], 0.0, params[4], 0, params[5], 0, V, True, False, 0, False
+        )
     finally:
         torch.cuda.set_sync_debug_mode(0)
     g = torch.cuda.CUDAGraph()
@@ -239,8 +268,9 @@ def test_chi_square_logits_chain_on_cuda():
     logits = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.2, -0.5, -1.0, 3.0, 0.0, -2.0])
     N = 40000
     x = logits.repeat(N, 1).cuda()
-    ids = decodekit.sample_from_logits(x, temperature=0.8, top_k=6, top_p=0.8, min_p=0.1, seed=1234,
-                                       offset=torch.arange(N).cuda(), validate=False).cpu()
+    ids = decodekit.sample_from_logits(
+        x, temperature=0.8, top_k=6, top_p=0.8, min_p=0.1, seed=1234, offset=torch.arange(N).cuda(), validate=False
+    ).cpu()
     expect = ref.filtered_probs(logits, temperature=0.8, top_k=6, top_p=0.8, min_p=0.1)
     counts = torch.bincount(ids, minlength=10).double()
     assert _chi_square_p(counts, expect) > 1e-4
@@ -249,8 +279,9 @@ def test_chi_square_logits_chain_on_cuda():
 def test_chi_square_probs_on_cuda():
     probs = torch.tensor([0.05, 0.3, 0.0, 0.25, 0.1, 0.2, 0.1])
     N = 40000
-    ids = decodekit.sample_from_probs(probs.repeat(N, 1).cuda(), top_p=0.9, seed=torch.arange(N).cuda() * 31 + 7,
-                                      validate=False).cpu()
+    ids = decodekit.sample_from_probs(
+        probs.repeat(N, 1).cuda(), top_p=0.9, seed=torch.arange(N).cuda() * 31 + 7, validate=False
+    ).cpu()
     expect = ref.filter_probs(probs, top_p=0.9)
     counts = torch.bincount(ids, minlength=7).double()
     assert _chi_square_p(counts, expect.double()) > 1e-4
@@ -294,8 +325,12 @@ def test_ids_without_logprobs_cluster_and_one_block_paths(V, cluster, monkeypatc
     monkeypatch.setenv("DECODEKIT_CUDA_CLUSTER", cluster)
     gen = torch.Generator().manual_seed(V)
     B = 36
-    for kind, dtype in (("randn4", torch.float32), ("zipf", torch.bfloat16), ("ties", torch.float16),
-                        ("randn1", torch.float32)):
+    for kind, dtype in (
+        ("randn4", torch.float32),
+        ("zipf", torch.bfloat16),
+        ("ties", torch.float16),
+        ("randn1", torch.float32),
+    ):
         x = _logits(B, V, kind, gen, dtype)
         x[1] = (torch.randn(V, generator=gen) * 0.01).to(dtype)  # flat: more candidates than fit
         x[2, 5] = float("nan")
@@ -315,8 +350,8 @@ def test_cluster_path_batch_invariance_and_graph_capture():
     params = [a.cuda() for a in _row_params(B, gen)]
     full = _sample_logits(x, *params, V)
     for r in (0, 13, 39):
-        one = _sample_logits(x[r:r + 1], *[a[r:r + 1] for a in params], V)
-        assert torch.equal(one[0], full[0][r:r + 1]) and torch.equal(one[1], full[1][r:r + 1])
+        one = _sample_logits(x[r : r + 1], *[a[r : r + 1] for a in params], V)
+        assert torch.equal(one[0], full[0][r : r + 1]) and torch.equal(one[1], full[1][r : r + 1])
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -41,7 +41,7 @@ def test_greedy_verify_op_matches_the_python_composition(dtype):
         if cut[b] < K:
             ids[b, cut[b]] = (ids[b, cut[b]] + 1 + b % 3) % V
             if b % 4 == 0:
-                ids[b, cut[b]:] = -1  # padding
+                ids[b, cut[b] :] = -1  # padding
     out, acc, emit = ops.greedy_verify(ids, logits, V)
     ref = greedy_reference(ids, top)
     assert torch.equal(out, ref[0]) and torch.equal(acc, ref[1]) and torch.equal(emit, ref[2])

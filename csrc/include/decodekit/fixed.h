@@ -62,7 +62,7 @@ DK_HOST_DEVICE u128 u128_of_double(double t) {
   if (!(t > 0.0)) return 0;
   const double two62 = 4611686018427387904.0;
   const double h = static_cast<double>(static_cast<uint64_t>(t / two62));  // floor(t / 2^62) < 2^62
-  const double l = t - h * two62;  // exact: a multiple of ulp(t) below 2^62
+  const double l = t - h * two62;                                          // exact: a multiple of ulp(t) below 2^62
   return (static_cast<u128>(static_cast<uint64_t>(h)) << 62) + static_cast<uint64_t>(l);
 }
 
@@ -76,8 +76,8 @@ DK_HOST_DEVICE u128 u128_ceil_of_double(double t) {
 // The power of two 2^(62 - e) with 2^e >= max_w (the smallest such e, so that
 // every w / 2^e <= 1): the factor fixed_of() takes. max_w must be > 0 and finite.
 DK_HOST_DEVICE float fixed_scale_for(float max_w) {
-  int e = static_cast<int>((float_to_bits(max_w) >> 23) & 0xff) - 127;  // floor(log2) for normals
-  if (((float_to_bits(max_w) >> 23) & 0xff) == 0) e = -126;            // subnormal max: 2^-126 covers it
+  int e = static_cast<int>((float_to_bits(max_w) >> 23) & 0xff) - 127;      // floor(log2) for normals
+  if (((float_to_bits(max_w) >> 23) & 0xff) == 0) e = -126;                 // subnormal max: 2^-126 covers it
   if (bits_to_float(static_cast<uint32_t>(e + 127) << 23) < max_w) e += 1;  // not a power of two: round up
   int s = 62 - e;  // callers keep max_w >= 2^-60 (so s <= 122) and finite (s >= -66)
   if (s > 127) s = 127;
