@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "decodekit/types.h"
@@ -46,6 +47,21 @@ RowParam<T> row_param(const std::optional<at::Tensor>& t, T scalar, at::ScalarTy
     p.values = t->data_ptr<T>();
   }
   return p;
+}
+
+// A [B, N] tensor of the given dtype on `like`'s device (N = cols unless cols < 0), or null.
+template <typename T>
+const T* matrix_or_null(const std::optional<at::Tensor>& t, const at::Tensor& like, at::ScalarType dtype, int64_t cols,
+                        const char* name, int64_t* cols_out = nullptr) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == like.size(0) && (cols < 0 || t->size(1) == cols), "decodekit: ", name,
+              " must be 2-D [B=", like.size(0), ", ", cols < 0 ? std::string("N") : std::to_string(cols), "], got ",
+              t->sizes());
+  TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
+  check_same_device(like, t, name);
+  if (cols_out) *cols_out = t->size(1);
+  return t->data_ptr<T>();
 }
 
 // top_k / top_p / min_p of the filter ops (same device as `like`).

@@ -17,19 +17,6 @@ namespace dk = decodekit;
 using namespace decodekit::torch_ops;
 
 namespace {
-template <typename T>
-const T* matrix_or_null(const std::optional<at::Tensor>& t, const at::Tensor& logits, at::ScalarType dtype,
-                        int64_t cols, const char* name, int64_t* cols_out = nullptr) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->dim() == 2 && t->size(0) == logits.size(0) && (cols < 0 || t->size(1) == cols), "decodekit: ", name,
-              " must be 2-D [B=", logits.size(0), ", ", cols < 0 ? std::string("N") : std::to_string(cols), "], got ",
-              t->sizes());
-  TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have dtype ", dtype, ", got ", t->scalar_type());
-  TORCH_CHECK(t->is_contiguous(), "decodekit: ", name, " must be contiguous");
-  check_same_device(logits, t, name);
-  if (cols_out) *cols_out = t->size(1);
-  return t->data_ptr<T>();
-}
 
 at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& repetition,
                                double repetition_val, const std::optional<at::Tensor>& frequency, double frequency_val,

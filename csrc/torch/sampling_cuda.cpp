@@ -22,42 +22,51 @@
 #include "torch/cuda_common.h"
 
 namespace dk = decodekit;
-using namespace dk_cuda;
+using namespace decodekit::torch_ops;
 
 namespace {
 
-struct LogprobTensors {
-  at::Tensor logprobs, top_ids, top_logprobs;
-  dk::LogprobRequest request;
-};
-
-LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw,
-                               int64_t vocab_size) {
-  TORCH_CHECK(top_logprobs >= 0 && top_logprobs <= vocab_size,
-              "decodekit: top_logprobs must be in [0, vocab_size=", vocab_size, "], got ", top_logprobs);
-  TORCH_CHECK(top_logprobs <= dk::cuda::kMaxTopLogprobs,
-              "decodekit: top_logprobs must be <= ", dk::cuda::kMaxTopLogprobs, " on CUDA, got ", top_logprobs);
-  const int64_t B = like.size(0);
-  LogprobTensors t;
-  t.logprobs = at::empty({return_logprobs ? B : 0}, like.options().dtype(at::kFloat));
-  t.top_ids = at::empty({B, top_logprobs}, like.options().dtype(at::kLong));
-  t.top_logprobs = at::empty({B, top_logprobs}, like.options().dtype(at::kFloat));
-  t.request.logprobs = return_logprobs ? t.logprobs.data_ptr<float>() : nullptr;
-  t.request.n_top = top_logprobs;
-  t.request.top_ids = top_logprobs ? t.top_ids.data_ptr<int64_t>() : nullptr;
-  t.request.top_logprobs = top_logprobs ? t.top_logprobs.data_ptr<float>() : nullptr;
-  t.request.raw = raw;
-  return t;
+dk::LogitsView cuda_logits_view(const at::Tensor& logits, int64_t vocab_size) {
+  check_logits(logits, vocab_size);
+  check_cuda_batch(logits);
+  return logits_view(logits, vocab_size);
 }
 
-using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+dk::ProbsView cuda_probs_view(const at::Tensor& probs, int64_t vocab_size) {
+  check_probs(probs, vocab_size);
+  check_cuda_batch(probs);
+  return probs_view(probs, vocab_size);
+}
+
+LogprobTensors cuda_logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw,
+                                    int64_t vocab_size) {
+  TORCH_CHECK(top_logprobs <= vocab_size, "decodekit: top_logprobs must be <= vocab_size=", vocab_size);
+  TORCH_CHECK(top_logprobs <= dk::cuda::kMaxTopLogprobs,
+              "decodekit: top_logprobs must be <= ", dk::cuda::kMaxTopLogprobs, " on CUDA, got ", top_logprobs);
+  return logprob_outputs(like, return_logprobs, top_logprobs, raw);
+}
+
+// temperature, top_k, top_p, min_p on the logits' device (seed and offset left unset).
+dk::SamplingParams chain_params(const at::Tensor& logits, const std::optional<at::Tensor>& temperature,
+                                double temperature_val, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
+                                const std::optional<at::Tensor>& top_p, double top_p_val,
+                                const std::optional<at::Tensor>& min_p, double min_p_val) {
+  dk::SamplingParams prm;
+  prm.temperature =
+      device_row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
+  const dk::FilterParams fp = filter_params(logits, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  prm.top_k = fp.top_k;
+  prm.top_p = fp.top_p;
+  prm.min_p = fp.min_p;
+  return prm;
+}
 
 at::Tensor softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& temperature, double temperature_val,
                         int64_t vocab_size, bool /*deterministic*/) {
   const c10::DeviceGuard guard(logits.device());
-  const auto view = logits_view(logits, vocab_size);
+  const auto view = cuda_logits_view(logits, vocab_size);
   const auto temp =
-      row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
+      device_row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
   auto probs = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
   check_ok(dk::cuda::softmax(view, temp, probs.data_ptr<float>(), current_stream(logits.device())), "softmax");
   return probs;
@@ -65,7 +74,7 @@ at::Tensor softmax_cuda(const at::Tensor& logits, const std::optional<at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> argmax_cuda(const at::Tensor& logits, int64_t vocab_size) {
   const c10::DeviceGuard guard(logits.device());
-  const auto view = logits_view(logits, vocab_size);
+  const auto view = cuda_logits_view(logits, vocab_size);
   auto ids = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
   check_ok(dk::cuda::argmax(view, ids.data_ptr<int64_t>(), valid.data_ptr<bool>(), current_stream(logits.device())),
@@ -82,16 +91,12 @@ SampleResult sample_from_logits_cuda(const at::Tensor& logits, const std::option
                                      bool /*deterministic*/, bool return_logprobs, int64_t top_logprobs,
                                      bool raw_logprobs) {
   const c10::DeviceGuard guard(logits.device());
-  const auto view = logits_view(logits, vocab_size);
-  dk::SamplingParams prm;
-  prm.temperature =
-      row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
-  prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
-  prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, logits, "top_p");
-  prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, logits, "min_p");
-  prm.seed = row_param<int64_t>(seed, seed_val, at::kLong, logits, "seed");
-  prm.offset = row_param<int64_t>(offset, offset_val, at::kLong, logits, "offset");
-  auto lp = logprob_outputs(logits, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
+  const auto view = cuda_logits_view(logits, vocab_size);
+  dk::SamplingParams prm =
+      chain_params(logits, temperature, temperature_val, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
+  prm.seed = device_row_param<int64_t>(seed, seed_val, at::kLong, logits, "seed");
+  prm.offset = device_row_param<int64_t>(offset, offset_val, at::kLong, logits, "offset");
+  auto lp = cuda_logprob_outputs(logits, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
   auto ids = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
   // DECODEKIT_CUDA_CLUSTER=0 turns the cluster fast path off (the same ids either way).
@@ -106,16 +111,6 @@ SampleResult sample_from_logits_cuda(const at::Tensor& logits, const std::option
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
-dk::FilterParams filter_params(const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
-                               const std::optional<at::Tensor>& top_p, double top_p_val,
-                               const std::optional<at::Tensor>& min_p, double min_p_val) {
-  dk::FilterParams fp;
-  fp.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, probs, "top_k");
-  fp.top_p = row_param<double>(top_p, top_p_val, at::kDouble, probs, "top_p");
-  fp.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, probs, "min_p");
-  return fp;
-}
-
 SampleResult sample_from_probs_cuda(const at::Tensor& probs, const std::optional<at::Tensor>& top_k, int64_t top_k_val,
                                     const std::optional<at::Tensor>& top_p, double top_p_val,
                                     const std::optional<at::Tensor>& min_p, double min_p_val,
@@ -124,11 +119,11 @@ SampleResult sample_from_probs_cuda(const at::Tensor& probs, const std::optional
                                     bool /*deterministic*/, bool return_logprobs, int64_t top_logprobs,
                                     bool raw_logprobs) {
   const c10::DeviceGuard guard(probs.device());
-  const auto view = probs_view(probs, vocab_size);
+  const auto view = cuda_probs_view(probs, vocab_size);
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
-  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, probs, "seed");
-  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, probs, "offset");
-  auto lp = logprob_outputs(probs, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
+  const auto s = device_row_param<int64_t>(seed, seed_val, at::kLong, probs, "seed");
+  const auto o = device_row_param<int64_t>(offset, offset_val, at::kLong, probs, "offset");
+  auto lp = cuda_logprob_outputs(probs, return_logprobs, top_logprobs, raw_logprobs, vocab_size);
   auto ids = at::empty({probs.size(0)}, probs.options().dtype(at::kLong));
   auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
   check_ok(dk::cuda::sample_from_probs(view, fp, s, o, lp.request, ids.data_ptr<int64_t>(), valid.data_ptr<bool>(),
@@ -142,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cuda(const at::Tensor& probs, co
                                                      double top_p_val, const std::optional<at::Tensor>& min_p,
                                                      double min_p_val, int64_t vocab_size) {
   const c10::DeviceGuard guard(probs.device());
-  const auto view = probs_view(probs, vocab_size);
+  const auto view = cuda_probs_view(probs, vocab_size);
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
   auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
@@ -159,13 +154,9 @@ std::tuple<at::Tensor, at::Tensor> processed_probs_cuda(const at::Tensor& logits
                                                         double top_p_val, const std::optional<at::Tensor>& min_p,
                                                         double min_p_val, int64_t vocab_size, bool /*deterministic*/) {
   const c10::DeviceGuard guard(logits.device());
-  const auto view = logits_view(logits, vocab_size);
-  dk::SamplingParams prm;
-  prm.temperature =
-      row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, logits, "temperature");
-  prm.top_k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
-  prm.top_p = row_param<double>(top_p, top_p_val, at::kDouble, logits, "top_p");
-  prm.min_p = row_param<float>(min_p, static_cast<float>(min_p_val), at::kFloat, logits, "min_p");
+  const auto view = cuda_logits_view(logits, vocab_size);
+  dk::SamplingParams prm =
+      chain_params(logits, temperature, temperature_val, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   auto probs = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
   check_ok(dk::cuda::processed_probs(view, prm, probs.data_ptr<float>(), valid.data_ptr<bool>(),
@@ -178,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cuda(const at::Tensor& logi
                                                           const std::optional<at::Tensor>& top_k, int64_t top_k_val,
                                                           int64_t vocab_size) {
   const c10::DeviceGuard guard(logits.device());
-  const auto view = logits_view(logits, vocab_size);
-  const auto k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
+  const auto view = cuda_logits_view(logits, vocab_size);
+  const auto k = device_row_param<int64_t>(top_k, top_k_val, at::kLong, logits, "top_k");
   auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
   check_ok(
