@@ -11,6 +11,7 @@
 
 #include "cpu/common/isa.h"
 #include "torch/checks.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 using namespace decodekit::torch_ops;
@@ -50,7 +51,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cach
   if (out.numel() == 0) return out;
   dk::cpu::kernels().paged_attention(query.data_ptr<float>(), B, Q, Hq, kv, block_tables.data_ptr<int64_t>(),
                                      block_tables.size(1), seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
-                                     at::get_num_threads(), out.data_ptr<float>());
+                                     dk::torch_ops::num_threads(), out.data_ptr<float>());
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
 #include "torch/checks.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 using namespace decodekit::torch_ops;
@@ -144,7 +145,7 @@ pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::
       bool valid_small[64];
       std::unique_ptr<bool[]> valid_big(B > 64 ? new bool[B] : nullptr);
       bool* valid = B > 64 ? valid_big.get() : valid_small;
-      dk::cpu::kernels().sample_from_logits(view, prm, dk::LogprobRequest{}, det, at::get_num_threads(),
+      dk::cpu::kernels().sample_from_logits(view, prm, dk::LogprobRequest{}, det, dk::torch_ops::num_threads(),
                                             ids.data_ptr<int64_t>(), valid);
       for (int64_t i = 0; i < B; ++i) all_valid = all_valid && valid[i];
     } catch (const std::exception&) {
@@ -176,7 +177,7 @@ pybind11::object softmax_fast(pybind11::handle logits_obj, pybind11::handle temp
     try {
       probs = at::detail::empty_cpu({view.batch, view.vocab}, at::kFloat);
       float* out = probs.data_ptr<float>();
-      dk::cpu::kernels().softmax(view, temp, det, at::get_num_threads(), out);
+      dk::cpu::kernels().softmax(view, temp, det, dk::torch_ops::num_threads(), out);
       for (int64_t b = 0; b < view.batch; ++b) all_valid = all_valid && !std::isnan(out[b * view.vocab]);
     } catch (const std::exception&) {
       all_valid = false;

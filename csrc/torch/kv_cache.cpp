@@ -12,6 +12,7 @@
 
 #include "cpu/common/isa.h"
 #include "torch/checks.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 using namespace decodekit::torch_ops;
@@ -98,7 +99,7 @@ void append_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   r.value_stride_b = value.stride(0), r.value_stride_t = value.stride(1), r.value_stride_h = value.stride(2);
   const int64_t S = k_cache.size(c.layout == dk::cpu::KVLayout::kNHD ? 1 : 2);
   dk::cpu::kernels().append_kv_cache(c, k_cache.size(0), S, r, key.size(1), seq_lens.data_ptr<int64_t>(),
-                                     at::get_num_threads());
+                                     dk::torch_ops::num_threads());
 }
 
 void append_paged_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
@@ -112,7 +113,7 @@ void append_paged_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_ca
   r.value_stride_t = value.stride(0), r.value_stride_h = value.stride(1);
   const int64_t block_size = k_cache.size(c.layout == dk::cpu::KVLayout::kNHD ? 1 : 2);
   dk::cpu::kernels().append_paged_kv_cache(c, k_cache.size(0), block_size, r, slot_mapping.data_ptr<int64_t>(),
-                                           slot_mapping.size(0), at::get_num_threads());
+                                           slot_mapping.size(0), dk::torch_ops::num_threads());
 }
 
 // Meta: the same shape checks, nothing to write.

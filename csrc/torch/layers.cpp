@@ -13,6 +13,7 @@
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
 #include "torch/checks.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 using namespace decodekit::torch_ops;
@@ -29,7 +30,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   const int64_t H = xc.size(-1);
   if (xc.numel() == 0) return y;
   dk::cpu::kernels().rms_norm(xc.data_ptr<float>(), xc.numel() / H, H, H, weight.data_ptr<float>(),
-                              static_cast<float>(eps), y.data_ptr<float>(), H, at::get_num_threads());
+                              static_cast<float>(eps), y.data_ptr<float>(), H, dk::torch_ops::num_threads());
   return y;
 }
 
@@ -43,7 +44,7 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   auto y = at::empty(sizes, xc.options());
   if (y.numel() == 0) return y;
   dk::cpu::kernels().silu_and_mul(xc.data_ptr<float>(), xc.numel() / (2 * I), I, 2 * I, y.data_ptr<float>(), I,
-                                  at::get_num_threads());
+                                  dk::torch_ops::num_threads());
   return y;
 }
 
@@ -65,7 +66,7 @@ void rope_inplace_cpu(const at::Tensor& x, int64_t num_heads, const at::Tensor& 
     TORCH_CHECK(pos[n] >= 0 && pos[n] < P, "decodekit: rope_ position ", pos[n], " outside the table [0, ", P, ")");
   if (N == 0 || num_heads == 0) return;
   dk::cpu::kernels().rope_inplace(x.data_ptr<float>(), N, num_heads, D, x.stride(0), cos_table.data_ptr<float>(),
-                                  sin_table.data_ptr<float>(), pos, at::get_num_threads());
+                                  sin_table.data_ptr<float>(), pos, dk::torch_ops::num_threads());
 }
 
 // ------------------------------------------------------------- linear ----
@@ -88,7 +89,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   if (x.size(0) == 0 || weight.size(0) == 0) return y;
   dk::cpu::kernels().linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(),
                             weight.size(0), weight.stride(0), b, y.data_ptr<float>(), y.stride(0),
-                            at::get_num_threads());
+                            dk::torch_ops::num_threads());
   return y;
 }
 

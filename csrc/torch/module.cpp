@@ -8,8 +8,10 @@
 #include <vector>
 
 #include "cpu/common/isa.h"
+#include "cpu/common/thread_pool.h"
 #include "decodekit/philox.h"
 #include "decodekit/reduce.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 
@@ -47,6 +49,13 @@ PYBIND11_MODULE(_C, mod) {
       },
       "The scalar reference of the inverse-CDF draw (decodekit/reduce.h) over weights >= 0: (index, total).");
   dk::torch_ops::add_fast_entries(mod);
+  // The thread count (validated in python/decodekit/_threads.py).
+  mod.def("_set_num_threads", &dk::torch_ops::set_num_threads_setting,
+          "Set the CPU kernels' thread count: n >= 1, or 0 to follow torch.get_num_threads().");
+  mod.def("_num_threads_setting", &dk::torch_ops::num_threads_setting,
+          "decodekit's own thread-count setting: 0 when it follows torch.get_num_threads().");
+  mod.def("_num_threads", &dk::torch_ops::num_threads, "The thread count the CPU kernels use now (>= 1).");
+  mod.def("_pool_size", &dk::cpu::pool::pool_size, "Worker threads the CPU kernels' pool has started.");
   mod.def("cpu_isa", &dk::cpu::active_isa,
           "The instruction set the CPU kernels run with: avx512, avx2 or baseline (all give the same bits).");
 #ifdef DK_WITH_CUDA

@@ -14,6 +14,7 @@
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
 #include "torch/checks.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 using namespace decodekit::torch_ops;
@@ -29,7 +30,7 @@ at::Tensor softmax_cpu(const at::Tensor& logits, const std::optional<at::Tensor>
   const int64_t B = logits.size(0);
   auto probs = at::empty({B, logits.size(1)}, logits.options().dtype(at::kFloat));
   const auto temp = row_param<float>(temperature, static_cast<float>(temperature_val), at::kFloat, B, "temperature");
-  dk::cpu::kernels().softmax(logits_view(logits, vocab_size), temp, deterministic, at::get_num_threads(),
+  dk::cpu::kernels().softmax(logits_view(logits, vocab_size), temp, deterministic, dk::torch_ops::num_threads(),
                              probs.data_ptr<float>());
   return probs;
 }
@@ -39,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_cpu(const at::Tensor& logits, int64_t 
   const int64_t B = logits.size(0);
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
   auto valid = at::empty({B}, logits.options().dtype(at::kBool));
-  dk::cpu::kernels().argmax(logits_view(logits, vocab_size), at::get_num_threads(), ids.data_ptr<int64_t>(),
+  dk::cpu::kernels().argmax(logits_view(logits, vocab_size), dk::torch_ops::num_threads(), ids.data_ptr<int64_t>(),
                             valid.data_ptr<bool>());
   return {ids, valid};
 }
@@ -74,7 +75,7 @@ SampleResult sample_from_logits_cpu(const at::Tensor& logits, const std::optiona
   auto ids = at::empty({B}, logits.options().dtype(at::kLong));
   auto valid = at::empty({B}, logits.options().dtype(at::kBool));
   dk::cpu::kernels().sample_from_logits(logits_view(logits, vocab_size), prm, lp.request, deterministic,
-                                        at::get_num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+                                        dk::torch_ops::num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
@@ -98,7 +99,7 @@ SampleResult sample_from_probs_cpu(const at::Tensor& probs, const std::optional<
   auto ids = at::empty({B}, probs.options().dtype(at::kLong));
   auto valid = at::empty({B}, probs.options().dtype(at::kBool));
   dk::cpu::kernels().sample_from_probs(probs_view(probs, vocab_size), fp, s, o, lp.request, deterministic,
-                                       at::get_num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
+                                       dk::torch_ops::num_threads(), ids.data_ptr<int64_t>(), valid.data_ptr<bool>());
   return {ids, valid, lp.logprobs, lp.top_ids, lp.top_logprobs};
 }
 
@@ -112,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cpu(const at::Tensor& probs, con
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
   auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
-  dk::cpu::kernels().filter_probs(probs_view(probs, vocab_size), fp, at::get_num_threads(), out.data_ptr<float>(),
+  dk::cpu::kernels().filter_probs(probs_view(probs, vocab_size), fp, dk::torch_ops::num_threads(), out.data_ptr<float>(),
                                   valid.data_ptr<bool>());
   return {out, valid};
 }
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> top_k_mask_logits_cpu(const at::Tensor& logit
   const auto k = row_param<int64_t>(top_k, top_k_val, at::kLong, logits.size(0), "top_k");
   auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   auto valid = at::empty({logits.size(0)}, logits.options().dtype(at::kBool));
-  dk::cpu::kernels().top_k_mask_logits(logits_view(logits, vocab_size), k, at::get_num_threads(), out.data_ptr(),
+  dk::cpu::kernels().top_k_mask_logits(logits_view(logits, vocab_size), k, dk::torch_ops::num_threads(), out.data_ptr(),
                                        valid.data_ptr<bool>());
   return {out, valid};
 }
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> processed_probs_cpu(const at::Tensor& logits,
   prm.min_p = fp.min_p;
   auto probs = at::empty({B, logits.size(1)}, logits.options().dtype(at::kFloat));
   auto valid = at::empty({B}, logits.options().dtype(at::kBool));
-  dk::cpu::kernels().processed_probs(logits_view(logits, vocab_size), prm, deterministic, at::get_num_threads(),
+  dk::cpu::kernels().processed_probs(logits_view(logits, vocab_size), prm, deterministic, dk::torch_ops::num_threads(),
                                      probs.data_ptr<float>(), valid.data_ptr<bool>());
   return {probs, valid};
 }

@@ -13,6 +13,7 @@
 
 #include "cpu/common/isa.h"
 #include "torch/checks.h"
+#include "torch/threads.h"
 
 namespace dk = decodekit;
 using namespace decodekit::torch_ops;
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
   auto emit = at::empty({B}, draft_token_ids.options());
   dk::cpu::kernels().chain_speculative_sampling(
       dp, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), B, K, V, vocab_size, s, o,
-      at::get_num_threads(), out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
+      dk::torch_ops::num_threads(), out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
   return {out, acc, emit};
 }
 
@@ -78,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tenso
     top = at::empty({B, K + 1}, draft_token_ids.options());
     auto valid = at::empty({B * (K + 1)}, draft_token_ids.options().dtype(at::kBool));
     if (rows.size(0) > 0)
-      dk::cpu::kernels().argmax(logits_view(rows, vocab_size), at::get_num_threads(), top.data_ptr<int64_t>(),
+      dk::cpu::kernels().argmax(logits_view(rows, vocab_size), dk::torch_ops::num_threads(), top.data_ptr<int64_t>(),
                                 valid.data_ptr<bool>());
   }
   const auto drafts = draft_token_ids.contiguous();
@@ -87,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tenso
   auto out = at::empty({B, K + 1}, draft_token_ids.options());
   auto acc = at::empty({B}, draft_token_ids.options());
   auto emit = at::empty({B}, draft_token_ids.options());
-  dk::cpu::kernels().greedy_verify(drafts.data_ptr<int64_t>(), top.data_ptr<int64_t>(), B, K, at::get_num_threads(),
+  dk::cpu::kernels().greedy_verify(drafts.data_ptr<int64_t>(), top.data_ptr<int64_t>(), B, K, dk::torch_ops::num_threads(),
                                    out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
   return {out, acc, emit};
 }
@@ -101,7 +102,7 @@ int64_t check_probability_rows_cpu(const at::Tensor& probs, int64_t vocab_size, 
   TORCH_CHECK(vocab_size >= 0 && vocab_size <= V, "decodekit: vocab_size must be in [0, V]");
   if (probs.numel() == 0) return 0;
   return dk::cpu::kernels().check_probability_rows(probs.data_ptr<float>(), probs.numel() / V, V, vocab_size, need_mass,
-                                                   at::get_num_threads());
+                                                   dk::torch_ops::num_threads());
 }
 
 // _check_probability_rows: the same status as a 0-d int64 tensor (no host

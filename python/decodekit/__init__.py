@@ -16,6 +16,8 @@ KV-cache managers (:mod:`decodekit.cache`): ContiguousKVCache, PagedKVCache, Out
 
 Sampling parameters (:mod:`decodekit.params`): SamplingParams, validated once.
 
+Threads: set_num_threads, get_num_threads (the CPU kernels' thread count; see :mod:`decodekit._threads`).
+
 Decode loop (:mod:`decodekit.decoding`): generate (plain), speculative_generate (with a
 drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult.
 """
@@ -23,6 +25,7 @@ drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationRe
 from importlib import metadata as _metadata
 
 from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS, cpu_isa  # noqa: F401  (checks the torch version first)
+from ._threads import get_num_threads, set_num_threads
 from .cache import ContiguousKVCache, OutOfBlocksError, PagedKVCache
 from .decoding import (
     Drafter,
@@ -68,6 +71,8 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree witho
 __all__ = [
     "__version__",
     "cpu_isa",
+    "set_num_threads",
+    "get_num_threads",
     # sampling
     "SamplingOutput",
     "softmax",

@@ -62,6 +62,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="use the prompt text as is instead of wrapping it in the chat template",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for decodekit's kernels and torch (default: DECODEKIT_NUM_THREADS, else torch's count)",
+    )
     p.add_argument("--no-stop", dest="stop_on_eos", action="store_false", help="do not stop at end-of-sequence tokens")
     p.add_argument(
         "--repetition-penalty",
@@ -168,6 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
+        threads=args.threads,
     )
     try:
         if drafter:

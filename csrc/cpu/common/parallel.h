@@ -1,14 +1,16 @@
 // The one parallel loop of the CPU kernels: n independent items (rows, tiles,
-// tasks) over OpenMP threads, each thread running with IEEE denormals
-// (fpenv.h). Items are independent, so which thread takes an item never changes
-// its bits; the thread count only changes speed.
+// tasks) over the threads of decodekit's pool (thread_pool.h), each thread
+// running with IEEE denormals (fpenv.h). Items are independent, so which thread
+// takes an item never changes its bits; the thread count only changes speed.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/common/fpenv.h"
+#include "cpu/common/thread_pool.h"
 
 namespace decodekit {
 namespace cpu {
@@ -22,32 +24,48 @@ inline int threads_for(int64_t items, int num_threads, int64_t work = 0, int64_t
   return static_cast<int>(std::max<int64_t>(1, nt));
 }
 
-// kStatic: equal contiguous shares (items of equal cost). kDynamic: one item
-// at a time, so the calling thread starts at once and a worker that was asleep
-// joins when it wakes instead of making the call wait for its share.
+// kStatic: items of equal cost, claimed in chunks of about n / (16 nt) items.
+// kDynamic: one item at a time. Either way the calling thread starts at once
+// and claims items from a shared counter with the workers; a worker that is
+// asleep or not scheduled joins when it wakes instead of making the call wait
+// for a share, and the caller waits only for items already claimed and running.
 enum class Schedule { kStatic, kDynamic };
 
 struct NoThreadExit {
   void operator()() const {}
 };
 
-// f(i) for i in [0, n) on nt threads; on_exit() once per thread after its items
-// (e.g. to trim per-thread scratch).
+// f(i) for i in [0, n) on up to nt threads (the caller included); on_exit()
+// once on each thread that ran items, after its items (e.g. to trim per-thread
+// scratch). A call from inside an item, or while another thread's region
+// runs, runs serially on the calling thread.
 template <typename F, typename Exit = NoThreadExit>
 void parallel_rows(int64_t n, int nt, Schedule schedule, F&& f, Exit&& on_exit = Exit{}) {
   nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, n)));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const IeeeDenormals ieee;
-    if (schedule == Schedule::kDynamic) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < n; ++i) f(i);
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) f(i);
-    }
-    on_exit();
+  struct Ctx {
+    std::remove_reference_t<F>* f;
+    std::remove_reference_t<Exit>* on_exit;
+  } ctx{&f, &on_exit};
+  pool::Job job;
+  job.run = [](void* c, int64_t begin, int64_t end) {
+    auto& fn = *static_cast<Ctx*>(c)->f;
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  };
+  if constexpr (std::is_same_v<std::decay_t<Exit>, NoThreadExit>) {
+    job.on_exit = nullptr;
+  } else {
+    job.on_exit = [](void* c) { (*static_cast<Ctx*>(c)->on_exit)(); };
   }
+  job.ctx = &ctx;
+  if (n <= 0) {  // as before: no item, on_exit once on the caller
+    const IeeeDenormals ieee;
+    on_exit();
+    return;
+  }
+  // At most 2^22 - 1 chunks (thread_pool.cpp packs the counter).
+  const int64_t min_chunk = n / ((int64_t{1} << 22) - 1) + 1;
+  const int64_t chunk = schedule == Schedule::kDynamic ? 1 : std::max<int64_t>(1, n / (int64_t{16} * nt));
+  pool::run(job, n, nt, std::max(chunk, min_chunk));
 }
 
 }  // namespace cpu

@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .._threads import threads_for_call
 from ..models.gguf_loader import LoadedModel, load_model
 from .drafters import DraftModelDrafter, NgramDrafter, shipped_draft_drafter
 from .loop import run
@@ -52,6 +53,7 @@ def _decode(
     values: dict,
     drafter=None,
     num_draft_tokens: int = 0,
+    threads: Optional[int] = None,
 ):
     """The shared body of :func:`generate` and :func:`speculative_generate`."""
     batched = is_prompt_batch(prompt)
@@ -59,6 +61,7 @@ def _decode(
     n = len(prompts)
     columns = {name: per_request(name, values[name], n, op) for name in _PARAMS}
     check_common(model, stream, op)
+    call_threads = threads_for_call(threads, f"{op}: threads")
     requests = make_requests(n, batched, columns, op)
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -88,17 +91,24 @@ def _decode(
             stream(piece)
 
     stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
-    with torch.inference_mode():
-        run(
-            lm,
-            requests,
-            stop_ids=stop_ids,
-            emit_to=emit_to,
-            drafter=drafter,
-            num_draft_tokens=num_draft_tokens,
-            call_key=next(_CALLS),
-            op=op,
-        )
+    torch_threads = torch.get_num_threads()
+    with torch.inference_mode(), call_threads:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            run(
+                lm,
+                requests,
+                stop_ids=stop_ids,
+                emit_to=emit_to,
+                drafter=drafter,
+                num_draft_tokens=num_draft_tokens,
+                call_key=next(_CALLS),
+                op=op,
+            )
+        finally:
+            if threads is not None:
+                torch.set_num_threads(torch_threads)
     results = [r.result(lm.name, speculative=drafter is not None) for r in requests]
     return results if batched else results[0]
 
@@ -120,6 +130,7 @@ def generate(
     frequency_penalty: PerRequest[float] = 0.0,
     presence_penalty: PerRequest[float] = 0.0,
     logit_bias: PerRequest[Optional[dict]] = None,
+    threads: Optional[int] = None,
 ) -> Union[GenerationResult, List[GenerationResult]]:
     """Generate a continuation of one prompt, or of a batch of prompts, one token at a time.
 
@@ -164,6 +175,10 @@ def generate(
             never split a UTF-8 character and the concatenation of a request's pieces is its
             ``text``. Only when generation stops in the middle of a character do its leftover
             bytes come out, in the last piece, as U+FFFD.
+        threads: CPU threads for this call (an int in [1, 1024]): decodekit's kernels and torch's
+            both use it, and the previous settings come back when the call returns. None (the
+            default) keeps the current settings (:func:`decodekit.set_num_threads`). Tokens are
+            the same for every thread count.
 
     Per-request parameters: ``max_new_tokens`` and every sampling parameter are each one value
     for every request, or a list (or tuple, or 1-D tensor) with one value per prompt.
@@ -178,7 +193,8 @@ def generate(
             ``model`` that is not a path or LoadedModel; a ``stream`` that is not callable.
         ValueError: an empty prompt, token id out of range, ``max_new_tokens`` negative, a
             prompt plus its ``max_new_tokens`` longer than the model's context, sampling
-            parameters or ``seed`` out of range (``logit_bias`` +inf or NaN), a per-request list
+            parameters or ``seed`` out of range (``logit_bias`` +inf or NaN), ``threads`` not an
+            int in [1, 1024] or None, a per-request list
             whose length is not the number of prompts (all checked before the model is loaded,
             except the token checks). Messages of a batch name the request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
@@ -202,7 +218,7 @@ def generate(
         presence_penalty=presence_penalty,
         logit_bias=logit_bias,
     )
-    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values)
+    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values, threads=threads)
 
 
 def speculative_generate(
@@ -224,6 +240,7 @@ def speculative_generate(
     frequency_penalty: PerRequest[float] = 0.0,
     presence_penalty: PerRequest[float] = 0.0,
     logit_bias: PerRequest[Optional[dict]] = None,
+    threads: Optional[int] = None,
 ) -> Union[GenerationResult, List[GenerationResult]]:
     """Generate with speculative decoding, for one prompt or a batch of prompts.
 
@@ -239,7 +256,7 @@ def speculative_generate(
     Args:
         prompt, model, max_new_tokens, temperature, top_k, top_p, min_p, seed, chat_template,
             stop_on_eos, stream, repetition_penalty, frequency_penalty, presence_penalty,
-            logit_bias: as in :func:`generate` (the default temperature here is 0, greedy).
+            logit_bias, threads: as in :func:`generate` (the default temperature here is 0, greedy).
         drafter: ``"ngram"`` (:class:`~decodekit.decoding.drafters.NgramDrafter`), ``"draft"``
             (:class:`~decodekit.decoding.drafters.DraftModelDrafter` with the shipped draft model
             for SmolLM2-135M-Instruct) or any :class:`~decodekit.decoding.drafters.Drafter`.
@@ -289,4 +306,5 @@ def speculative_generate(
         values,
         drafter=drafter,
         num_draft_tokens=num_draft_tokens,
+        threads=threads,
     )
