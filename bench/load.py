@@ -126,7 +126,8 @@ def measure(condition: str, settings, args, lm) -> dict:
         decode_step_times(lm, 8, None, 1)  # warm-up
         for label, nt in settings:
             res["decode"][label] = stats_ms(decode_step_times(lm, args.tokens, nt, args.runs))
-            print(f"  {condition:5s} decode  threads={label:8s} mean {res['decode'][label]['mean']:8.3f} ms", flush=True)
+            mean = res["decode"][label]["mean"]
+            print(f"  {condition:5s} decode  threads={label:8s} mean {mean:8.3f} ms", flush=True)
     return res
 
 

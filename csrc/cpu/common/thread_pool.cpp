@@ -112,7 +112,7 @@ struct Pool {
   int64_t chunk = 1;
   std::mutex error_mutex;
   std::exception_ptr error;
-  int size = 0;  // workers started (under `submit`)
+  std::atomic<int> size{0};  // workers started (grown under `submit`)
 };
 
 // Claims and runs chunks of generation `gen` until none is left; returns how
@@ -172,19 +172,20 @@ void worker_main(Pool* pp, int index, uint32_t seen) {
 // thread). Called under p.submit, before the region is published.
 void grow(Pool& p, int want) {
   want = std::min(want, kMaxWorkers);
-  if (p.size >= want) return;
+  int size = p.size.load(std::memory_order_relaxed);
+  if (size >= want) return;
   sigset_t all, old;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);  // workers inherit a mask blocking every signal
   const uint32_t seen = p.wake_seq.load(std::memory_order_acquire);
-  while (p.size < want) {
+  for (; size < want; ++size) {
     try {
-      std::thread(worker_main, &p, p.size, seen).detach();
+      std::thread(worker_main, &p, size, seen).detach();
     } catch (...) {
       break;
     }
-    ++p.size;
   }
+  p.size.store(size, std::memory_order_relaxed);
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
 }
 
@@ -233,7 +234,7 @@ bool in_parallel_region() { return t_in_region; }
 
 int pool_size() {
   Pool* p = g_pool.load(std::memory_order_acquire);
-  return p == nullptr ? 0 : p->size;
+  return p == nullptr ? 0 : p->size.load(std::memory_order_relaxed);
 }
 
 void run(const Job& job, int64_t n, int num_threads, int64_t chunk) {
