@@ -13,6 +13,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/kv_cache.h"
 #include "decodekit/types.h"
 
 namespace decodekit {
@@ -77,6 +78,19 @@ struct LogprobTensors {
 LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw);
 
 using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ------------------------------------------------------------- KV cache ----
+// Checks of append_kv_cache / append_paged_kv_cache (CPU, CUDA and Meta): the
+// caches (4-D, same shape and dtype float32 / float16 / bfloat16, contiguous),
+// the new rows (key_dims-D ending in the cache's [H, D], the cache's dtype,
+// last dimension contiguous) and the index (contiguous 1-D int64), all on one
+// device. Returns the kernels' view of the caches (null pointers on meta).
+cpu::KVLayout kv_layout_of(const std::string& s);
+cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
+                                    const at::Tensor& value, const at::Tensor& index, const char* index_name,
+                                    int64_t key_dims, const char* key_shape, const std::string& kv_layout);
+void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens);
+void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping);
 
 // Meta kernels: shape inference only makes sense when the main input is on
 // meta too; a single meta parameter beside real tensors is a device mismatch.
