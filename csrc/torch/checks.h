@@ -92,6 +92,20 @@ cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor&
 void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens);
 void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping);
 
+// ------------------------------------------------------------ attention ----
+// Checks of paged_attention (CPU and CUDA): query contiguous float32 [B, Q,
+// H_q, D]; k_cache / v_cache contiguous 4-D of one shape and dtype (float32,
+// float16 or bfloat16) with the query's D and H_q a multiple of H_kv;
+// block_tables contiguous int64 [B, max_blocks]; seq_lens contiguous int64
+// [B]; all on the query's device; kv_layout "NHD" or "HND".
+struct PagedAttentionDims {
+  int64_t B = 0, Q = 0, Hq = 0, D = 0, Hkv = 0, num_blocks = 0, block_size = 0, max_blocks = 0;
+  bool hnd = false;
+};
+PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
+                                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, const std::string& kv_layout);
+
 // Meta kernels: shape inference only makes sense when the main input is on
 // meta too; a single meta parameter beside real tensors is a device mismatch.
 void require_meta(const at::Tensor& x, const char* name);
