@@ -106,6 +106,22 @@ PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tens
                                          const at::Tensor& v_cache, const at::Tensor& block_tables,
                                          const at::Tensor& seq_lens, const std::string& kv_layout);
 
+// ---------------------------------------------------------- speculative ----
+// Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids
+// contiguous int64 [B, K]; target_probs contiguous float32 [B, K + 1, V];
+// draft_probs (optional) contiguous float32 [B, K, V]; vocab_size in [1, V];
+// seed / offset per-row int64 [B] or scalars; all on one device. Returns the
+// sizes and the raw pointers (draft_probs null when absent).
+struct ChainDims {
+  int64_t B = 0, K = 0, V = 0;
+  const float* draft_probs = nullptr;
+  RowParam<int64_t> seed, offset;
+};
+ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids,
+                                  const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,
+                                  int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,
+                                  int64_t vocab_size);
+
 // Meta kernels: shape inference only makes sense when the main input is on
 // meta too; a single meta parameter beside real tensors is a device mismatch.
 void require_meta(const at::Tensor& x, const char* name);
