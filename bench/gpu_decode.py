@@ -1,0 +1,237 @@
+"""GPU benchmark of the decode ops (KV-cache append, paged attention, linear, chain
+verification) against the PyTorch baselines (one run, ratios).
+
+Each figure: time per call (CUDA events around back-to-back calls over rotating input sets
+several times the 60 MB L2, median of repetitions), the ratio to the baseline measured in the
+same run, and the fraction of the device-to-device copy bandwidth (also measured in the same
+run) that the op's compulsory bytes represent:
+  append_paged_kv_cache   B = 64 sequences x 64 new tokens, SmolLM2-135M's KV heads (3 x 64),
+                          float32 and bfloat16: new rows read + cache rows written, vs a
+                          device copy of the same bytes (index_copy_ into the flat cache);
+  paged_attention         decode (Q = 1), B = 64, 4096-token context, 9 query / 3 KV heads,
+                          head_dim 64: the KV bytes read, vs torch SDPA (enable_gqa) over the
+                          same keys and values already gathered into contiguous tensors;
+  linear                  SmolLM2-135M's projections at M in {1, 8, 64}: weight bytes read,
+                          vs torch.matmul (cuBLAS);
+  chain verification      B = 64, K = 4, V = 128256 (and 32000): target + draft bytes read,
+                          vs the vectorised PyTorch recipe of bench/speculative.py.
+
+Usage: python bench/gpu_decode.py --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import decodekit  # noqa: F401  (registers torch.ops.decodekit)
+
+ops = torch.ops.decodekit
+L2_BYTES = 60 * 2**20
+ROTATE_BYTES = 4 * L2_BYTES
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the ceiling)."""
+    a = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() * 4 / statistics.median(times)
+
+
+def bench(fn, inputs, reps=7, calls=None) -> float:
+    """Seconds per call over the rotating input sets (median of `reps` passes)."""
+    calls = calls or max(len(inputs), 10)
+    for i in range(3):
+        fn(inputs[i % len(inputs)])
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for c in range(calls):
+            fn(inputs[c % len(inputs)])
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def n_sets(bytes_per_set: int) -> int:
+    return max(2, min(64, ROTATE_BYTES // max(1, bytes_per_set) + 1))
+
+
+ROWS = []
+
+
+def report(name, t, t_base, nbytes, bw, base_name):
+    row = {
+        "op": name,
+        "us": t * 1e6,
+        "baseline": base_name,
+        "baseline_us": t_base * 1e6 if t_base else None,
+        "speedup": (t_base / t) if t_base else None,
+        "bytes": nbytes,
+        "frac_copy_bw": nbytes / t / bw,
+    }
+    ROWS.append(row)
+    sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+    print(f"{name:58s} {t * 1e6:9.1f} us  {base_name}: {row['baseline_us'] or float('nan'):9.1f} us  "
+          f"speedup {sp:>7s}  {100 * row['frac_copy_bw']:5.1f}% of copy bw", flush=True)
+
+
+# ------------------------------------------------------------------ append ----
+def bench_append(bw):
+    B, T, H, D, bs = 64, 64, 3, 64, 16
+    N = B * T
+    for dtype in (torch.float32, torch.bfloat16):
+        es = torch.tensor([], dtype=dtype).element_size()
+        NB = B * 4096 // bs  # a 4096-token pool per sequence
+        k = torch.zeros(NB, bs, H, D, dtype=dtype, device="cuda")
+        v = torch.zeros_like(k)
+        per_set = 2 * N * H * D * es
+        sets = []
+        for _ in range(n_sets(per_set)):
+            key = torch.randn(N, H, D, device="cuda").to(dtype)
+            value = torch.randn(N, H, D, device="cuda").to(dtype)
+            # Each sequence appends T tokens at a random offset of its own blocks.
+            start = torch.randint(0, 4096 - T, (B,), device="cuda")
+            slots = (torch.arange(B, device="cuda")[:, None] * 4096 + start[:, None] + torch.arange(T, device="cuda"))
+            sets.append((key, value, slots.reshape(-1)))
+        t = bench(lambda s: ops.append_paged_kv_cache(k, v, s[0], s[1], s[2], "NHD"), sets)
+        kf, vf = k.view(NB * bs, H * D), v.view(NB * bs, H * D)
+
+        def base(s):
+            kf.index_copy_(0, s[2], s[0].view(N, H * D))
+            vf.index_copy_(0, s[2], s[1].view(N, H * D))
+
+        tb = bench(base, sets)
+        report(f"append_paged_kv_cache B=64 T=64 {str(dtype)[6:]}", t, tb, 2 * per_set, bw, "index_copy_")
+        del k, v, kf, vf, sets
+
+
+# --------------------------------------------------------------- attention ----
+def bench_attention(bw):
+    B, Hq, Hkv, D, bs, ctx = 64, 9, 3, 64, 16, 4096
+    for dtype in (torch.float32, torch.bfloat16):
+        es = torch.tensor([], dtype=dtype).element_size()
+        NB = B * ctx // bs
+        k = torch.randn(NB, bs, Hkv, D, device="cuda").to(dtype)
+        v = torch.randn(NB, bs, Hkv, D, device="cuda").to(dtype)
+        tables = torch.randperm(NB, device="cuda").view(B, ctx // bs)
+        lens = torch.full((B,), ctx, device="cuda")
+        kv_bytes = 2 * B * ctx * Hkv * D * es
+        qs = [torch.randn(B, 1, Hq, D, device="cuda") for _ in range(4)]
+        scale = 1.0 / math.sqrt(D)
+        t = bench(lambda q: ops.paged_attention(q, k, v, tables, lens, scale, "NHD"), qs, calls=8)
+        # SDPA over the same keys and values gathered contiguously (the gather not timed).
+        kc = k[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
+        vc = v[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
+        qsd = [q.transpose(1, 2).to(dtype) for q in qs]
+        try:
+            tb = bench(lambda q: F.scaled_dot_product_attention(q, kc, vc, scale=scale, enable_gqa=True), qsd, calls=8)
+        except Exception as exc:  # noqa: BLE001
+            print("SDPA failed:", exc)
+            tb = None
+        report(f"paged_attention decode B=64 ctx=4096 9/3x64 {str(dtype)[6:]}", t, tb, kv_bytes, bw, "SDPA")
+        del k, v, kc, vc
+
+
+# ------------------------------------------------------------------ linear ----
+def bench_linear(bw):
+    shapes = [("qkv 576->960", 960, 576), ("gate_up 576->3072", 3072, 576), ("down 1536->576", 576, 1536),
+              ("lm_head 576->49152", 49152, 576)]
+    for M in (1, 8, 64):
+        for name, N, K in shapes:
+            wb = N * K * 4
+            ws = [torch.randn(N, K, device="cuda") * 0.05 for _ in range(n_sets(wb))]
+            x = torch.randn(M, K, device="cuda")
+            t = bench(lambda w: ops.linear(x, w, None), ws)
+            tb = bench(lambda w: torch.matmul(x, w.t()), ws)
+            report(f"linear M={M} {name}", t, tb, wb + M * (K + N) * 4, bw, "matmul")
+            del ws
+
+
+# ------------------------------------------------------------------- chain ----
+def torch_rejection(draft_probs, draft_ids, target_probs):
+    """The vectorised PyTorch recipe (as bench/speculative.py), on the GPU."""
+    B, K, V = draft_probs.shape
+    p = target_probs[:, :K].gather(2, draft_ids[..., None])[..., 0]
+    q = draft_probs.gather(2, draft_ids[..., None])[..., 0]
+    u = torch.rand(B, K, device=draft_probs.device)
+    accept = (u * q < p).to(torch.int64)
+    n = torch.cumprod(accept, dim=1).sum(1)
+    residual = (target_probs[:, :K] - draft_probs).clamp_min(0)
+    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-30)
+    dist = torch.cat([residual, target_probs[:, K:]], dim=1)
+    rows = dist[torch.arange(B, device=dist.device), n]
+    extra = torch.multinomial(rows, 1)[:, 0]
+    return n, extra
+
+
+def bench_chain(bw):
+    B, K = 64, 4
+    for V in (128256, 32000):
+        per = B * (2 * K + 1) * V * 4
+        sets = []
+        for i in range(n_sets(per)):
+            target = torch.softmax(torch.randn(B, K + 1, V, device="cuda") * 3, -1)
+            draft = torch.softmax(torch.randn(B, K, V, device="cuda") * 3, -1)
+            if i % 2 == 0:  # half the sets: drafts close to the target (most accepted)
+                draft = 0.9 * target[:, :K] + 0.1 * draft
+            ids = torch.multinomial(draft.view(-1, V), 1).view(B, K)
+            seed = torch.randint(0, 2**62, (B,), device="cuda")
+            sets.append((draft, ids, target, seed))
+        t = bench(lambda s: ops.chain_speculative_sampling(s[0], s[1], s[2], s[3], 0, None, 0, V), sets)
+        tb = bench(lambda s: torch_rejection(s[0], s[1], s[2]), sets)
+        acc = sum(int(ops.chain_speculative_sampling(s[0], s[1], s[2], s[3], 0, None, 0, V)[1].sum()) for s in sets)
+        # Compulsory bytes: every target and draft row the kernel reads (an upper bound: rows
+        # after the first rejection are not read).
+        report(f"chain_speculative_sampling B=64 K=4 V={V} (accepted {acc / len(sets) / B:.2f}/row)", t, tb, per, bw,
+               "torch recipe")
+        del sets
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default="append,attention,linear,chain")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    t0 = time.time()
+    for part in a.only.split(","):
+        try:
+            {"append": bench_append, "attention": bench_attention, "linear": bench_linear, "chain": bench_chain}[part](bw)
+        except Exception as exc:  # noqa: BLE001  (one failing part must not hide the others)
+            print(f"{part}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+    print(f"bench time {time.time() - t0:.0f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": ROWS}, f, indent=1)
+    print("\n== summary ==")
+    for r in ROWS:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        print(f"{r['op'][:62]:62s} {r['us']:9.1f} us {sp:>7s} vs {r['baseline']:12s} {100 * r['frac_copy_bw']:5.1f}% bw")
+
+
+if __name__ == "__main__":
+    main()
