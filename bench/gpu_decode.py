@@ -219,7 +219,8 @@ def main():
     t0 = time.time()
     for part in a.only.split(","):
         try:
-            {"append": bench_append, "attention": bench_attention, "linear": bench_linear, "chain": bench_chain}[part](bw)
+            parts = {"append": bench_append, "attention": bench_attention, "linear": bench_linear, "chain": bench_chain}
+            parts[part](bw)
         except Exception as exc:  # noqa: BLE001  (one failing part must not hide the others)
             print(f"{part}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
@@ -230,7 +231,8 @@ def main():
     print("\n== summary ==")
     for r in ROWS:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        print(f"{r['op'][:62]:62s} {r['us']:9.1f} us {sp:>7s} vs {r['baseline']:12s} {100 * r['frac_copy_bw']:5.1f}% bw")
+        frac = 100 * r["frac_copy_bw"]
+        print(f"{r['op'][:62]:62s} {r['us']:9.1f} us {sp:>7s} vs {r['baseline']:12s} {frac:5.1f}% bw")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ def test_paged_append_equals_cpu_and_reference(layout, dtype):
     ops.append_paged_kv_cache(ck, cv, key, value, slots, layout)
     ek, ev = ref.append_paged_kv_cache(k.clone(), v.clone(), key, value, slots, layout)
     assert torch.equal(ck, ek) and torch.equal(cv, ev)
-    gk, gv = k.cuda(), v.cuda()
-    with no_sync():
-        ops.append_paged_kv_cache(gk, gv, key.cuda(), value.cuda(), slots.cuda(), layout)
+    gk, gv, dkey, dvalue, dslots = k.cuda(), v.cuda(), key.cuda(), value.cuda(), slots.cuda()
+    with no_sync():  # host-to-device copies synchronise: done before
+        ops.append_paged_kv_cache(gk, gv, dkey, dvalue, dslots, layout)
     assert torch.equal(gk.cpu(), ck) and torch.equal(gv.cpu(), cv)
 
 
@@ -79,9 +79,9 @@ def test_contiguous_append_equals_cpu_and_reference(layout, dtype, D):
     ops.append_kv_cache(ck, cv, key, value, seq_lens, layout)
     ek, ev = ref.append_kv_cache(k.clone(), v.clone(), key, value, seq_lens, layout)
     assert torch.equal(ck, ek) and torch.equal(cv, ev)
-    gk, gv = k.cuda(), v.cuda()
+    gk, gv, dkey, dvalue, dlens = k.cuda(), v.cuda(), key.cuda(), value.cuda(), seq_lens.cuda()
     with no_sync():
-        ops.append_kv_cache(gk, gv, key.cuda(), value.cuda(), seq_lens.cuda(), layout)
+        ops.append_kv_cache(gk, gv, dkey, dvalue, dlens, layout)
     assert torch.equal(gk.cpu(), ck) and torch.equal(gv.cpu(), cv)
 
 

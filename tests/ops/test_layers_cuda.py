@@ -28,8 +28,9 @@ def test_rms_norm_same_bits_as_cpu(H):
     x = torch.randn(9, H, generator=_g(0)) * 3
     w = torch.randn(H, generator=_g(1))
     cpu = ops.rms_norm(x, w, 1e-5)
-    with no_sync():
-        gpu = ops.rms_norm(x.cuda(), w.cuda(), 1e-5)
+    dx, dw = x.cuda(), w.cuda()
+    with no_sync():  # host-to-device copies synchronise: done before
+        gpu = ops.rms_norm(dx, dw, 1e-5)
     assert torch.equal(gpu.cpu(), cpu)
     torch.testing.assert_close(gpu.cpu().double(), ref.rms_norm(x, w, 1e-5).double(), rtol=1e-5, atol=1e-6)
 
@@ -39,8 +40,9 @@ def test_silu_and_mul_same_bits_as_cpu(I):
     x = torch.randn(5, 2 * I, generator=_g(2)) * 6
     x[0, :4] = torch.tensor([0.0, -0.0, 100.0, -100.0])
     cpu = ops.silu_and_mul(x)
+    dx = x.cuda()
     with no_sync():
-        gpu = ops.silu_and_mul(x.cuda())
+        gpu = ops.silu_and_mul(dx)
     assert torch.equal(gpu.cpu(), cpu)
     torch.testing.assert_close(gpu.cpu().double(), ref.silu_and_mul(x).double(), rtol=1e-5, atol=1e-6)
 
@@ -54,9 +56,9 @@ def test_rope_same_bits_as_cpu(D):
     pos = torch.randint(0, P, (N,), generator=_g(5))
     xc = x.clone()
     ops.rope_(xc, H, cos, sin, pos)
-    xg = x.cuda()
+    xg, dcos, dsin, dpos = x.cuda(), cos.cuda(), sin.cuda(), pos.cuda()
     with no_sync():
-        ops.rope_(xg, H, cos.cuda(), sin.cuda(), pos.cuda())
+        ops.rope_(xg, H, dcos, dsin, dpos)
     assert torch.equal(xg.cpu(), xc)
     torch.testing.assert_close(xg.cpu().double(), ref.rope(x, H, cos, sin, pos), rtol=1e-5, atol=1e-6)
 
@@ -68,8 +70,9 @@ def test_linear_same_bits_as_cpu(M, K, N, bias):
     w = torch.randn(N, K, generator=_g(7)) * 0.05
     b = torch.randn(N, generator=_g(8)) if bias else None
     cpu = ops.linear(x, w, b)
+    dx, dw, db = x.cuda(), w.cuda(), (b.cuda() if bias else None)
     with no_sync():
-        gpu = ops.linear(x.cuda(), w.cuda(), b.cuda() if bias else None)
+        gpu = ops.linear(dx, dw, db)
     assert torch.equal(gpu.cpu(), cpu)
     torch.testing.assert_close(gpu.cpu().double(), ref.linear(x, w, b), rtol=1e-4, atol=1e-4)
 

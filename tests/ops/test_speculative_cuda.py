@@ -37,9 +37,15 @@ def _case(B=32, K=4, V=3000, sharp=2.0, seed=0, one_hot=False):
     return (None if one_hot else draft), ids, target, seed_t, offset_t
 
 
-def _run(draft, ids, target, seed, offset, vocab_size, device):
-    d = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return ops.chain_speculative_sampling(d(draft), d(ids), d(target), d(seed), 0, d(offset), 0, vocab_size)
+def _on(device, *ts):
+    return tuple(None if t is None else t.to(device) for t in ts)
+
+
+def _run(draft, ids, target, seed, offset, vocab_size, device=None):
+    """The op on the arguments' device (moved to `device` first when given)."""
+    if device is not None:
+        draft, ids, target, seed, offset = _on(device, draft, ids, target, seed, offset)
+    return ops.chain_speculative_sampling(draft, ids, target, seed, 0, offset, 0, vocab_size)
 
 
 @pytest.mark.parametrize("one_hot", [False, True])
@@ -49,9 +55,9 @@ def test_chain_same_tokens_as_cpu(one_hot, V, vs):
     draft, ids, target, seed, offset = _case(B=B, V=V, one_hot=one_hot, seed=V)
     ids = ids.clamp(max=vs - 1)
     cpu = _run(draft, ids, target, seed, offset, vs, "cpu")
-    torch.cuda.synchronize()
-    with no_sync():
-        gpu = _run(draft, ids, target, seed, offset, vs, "cuda")
+    dev = _on("cuda", draft, ids, target, seed, offset)
+    with no_sync():  # host-to-device copies synchronise: done before
+        gpu = _run(*dev, vs)
     for c, g in zip(cpu, gpu):
         assert torch.equal(g.cpu(), c)
     assert 0 < int(cpu[1].sum()) < B * 4  # both acceptances and rejections were exercised
@@ -109,8 +115,9 @@ def test_greedy_verify_same_as_cpu(kind):
     logits[5, 0, 7] = float("nan")  # an invalid target row: -1
     target = top if kind == "ids" else (logits.bfloat16() if kind == "bf16" else logits)
     cpu = ops.greedy_verify(drafts, target, V)
+    ddrafts, dtarget = drafts.cuda(), target.cuda()
     with no_sync():
-        gpu = ops.greedy_verify(drafts.cuda(), target.cuda(), V)
+        gpu = ops.greedy_verify(ddrafts, dtarget, V)
     for c, g in zip(cpu, gpu):
         assert torch.equal(g.cpu(), c)
 
