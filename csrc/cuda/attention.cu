@@ -2,9 +2,10 @@
 // operations (csrc/cpu/attention.cpp) in the CPU's order, so the same bits.
 //
 // Grid: (sequence b, KV head) x query position i x groups of up to 8 query
-// heads. A block stages each tile of 16 positions of its KV head in shared
-// memory (keys and values converted to float32 and zero-padded to Dp, a
-// multiple of 16), then each warp updates one query row (b, i, h):
+// heads. A block stages 1 to 4 tiles of 16 positions of its KV head at a time
+// in shared memory (keys and values converted to float32 and zero-padded to
+// Dp, a multiple of 16), then each warp updates one query row (b, i, h) tile
+// by tile:
 //   scores    half-warp hw takes the positions 2 jj + hw; lane j of it
 //             accumulates fmaf(q[d], k[d], acc) over d = j, j + 16, ...;
 //             the 16 lanes are combined by xor shuffles 8, 4, 2, 1, the
@@ -37,6 +38,11 @@ __device__ __forceinline__ float half_warp_tree_sum(float v) {
   return v;
 }
 
+// Tiles per stage: as many as fit in 48 KB of shared memory with the row stride Ds.
+__host__ __device__ __forceinline__ int stage_tiles(int Dp) { return Dp <= 64 ? 4 : (Dp <= 128 ? 2 : 1); }
+
+__host__ __device__ __forceinline__ int row_stride(int Dp) { return Dp % 32 == 0 ? Dp + 16 : Dp; }
+
 template <int K>
 __device__ __forceinline__ float load_elem(const void* base, int64_t i) {
   if constexpr (K == 0) {
@@ -56,12 +62,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   extern __shared__ float smem[];
   const int64_t Hkv = kv.num_kv_heads, D = kv.head_dim, bs = kv.block_size;
   const int Dp = static_cast<int>((D + 15) / 16 * 16);
-  const int Ds = Dp % 32 == 0 ? Dp + 16 : Dp;  // row stride: the two half-warps read different banks
+  const int Ds = row_stride(Dp);  // the two half-warps read different banks
+  const int nst = stage_tiles(Dp) * kTile;  // positions per stage
   float* ks = smem;
-  float* vs = ks + kTile * Ds;
-  float* s_sh = vs + kTile * Ds;           // [warps][16] scores
+  float* vs = ks + nst * Ds;
+  float* s_sh = vs + nst * Ds;             // [warps][16] scores
   float* p_sh = s_sh + kMaxWarps * kTile;  // [warps][16] weights
-  int* pres = reinterpret_cast<int*>(p_sh + kMaxWarps * kTile);
+  int* pres = reinterpret_cast<int*>(p_sh + kMaxWarps * kTile);  // [nst] present flags
 
   const int64_t b = blockIdx.x / Hkv, kvh = blockIdx.x % Hkv, i = blockIdx.y;
   const int64_t group = Hq / Hkv;
@@ -90,14 +97,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   float m = -kInf, l = 0.0f;
   bool nan_row = false;
 
-  for (int64_t t0 = 0; t0 < end; t0 += kTile) {
-    const int64_t cnt = n - t0 < kTile ? n - t0 : kTile;
-    // Stage the tile: absent positions and padded dimensions are zeros.
-    for (int idx = threadIdx.x; idx < kTile * Dp; idx += blockDim.x) {
+  // Stages of nsub tiles: more loads in flight per barrier; each tile is then
+  // processed exactly as alone (the same operations, so the same bits).
+  const int nsub = stage_tiles(Dp);
+  for (int64_t t0 = 0; t0 < end; t0 += kTile * nsub) {
+    // Stage the tiles: absent positions and padded dimensions are zeros.
+    for (int idx = threadIdx.x; idx < nsub * kTile * Dp; idx += blockDim.x) {
       const int j = idx / Dp, d = idx % Dp;
       const int64_t pos = t0 + j;
       int64_t blk = -1;
-      if (j < cnt) blk = table[pos / bs];
+      if (pos < n) blk = table[pos / bs];
       const bool present = blk >= 0 && blk < kv.num_blocks;
       float kx = 0.0f, vx = 0.0f;
       if (present && d < D) {
@@ -111,16 +120,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       if (d == 0) pres[j] = present ? 1 : 0;
     }
     __syncthreads();
-    if (live) {
-      const int64_t upto = cnt < last - t0 + 1 ? cnt : last - t0 + 1;  // >= 1: t0 <= last
+    for (int sub = 0; sub < nsub && live; ++sub) {
+      const int64_t t1 = t0 + sub * kTile;
+      if (t1 >= end) break;
+      const int64_t cnt = n - t1 < kTile ? n - t1 : kTile;
+      const int64_t upto = cnt < last - t1 + 1 ? cnt : last - t1 + 1;  // >= 1: t1 <= last
+      const float* kt = ks + sub * kTile * Ds;
+      const float* vt = vs + sub * kTile * Ds;
+      const int* pt = pres + sub * kTile;
       for (int jj = 0; jj < kTile / 2; ++jj) {
         const int j = 2 * jj + hw;
         float acc = 0.0f;
 #pragma unroll
         for (int c = 0; c < kMaxDp / 16; ++c)
-          if (c < nc) acc = fmaf(qr[c], ks[j * Ds + l16 + 16 * c], acc);
+          if (c < nc) acc = fmaf(qr[c], kt[j * Ds + l16 + 16 * c], acc);
         const float dot = half_warp_tree_sum(acc);
-        if (l16 == 0) s_sh[warp * kTile + j] = (j < upto && pres[j]) ? dot * scale : -kInf;
+        if (l16 == 0) s_sh[warp * kTile + j] = (j < upto && pt[j]) ? dot * scale : -kInf;
       }
       __syncwarp();
       float tmax = -kInf;
@@ -142,18 +157,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         for (int c = 0; c < kMaxDp / 32; ++c)
           if (c < nc2) ac[c] = ac[c] * alpha;
         for (int j = 0; j < upto; ++j) {
-          if (!pres[j]) continue;
+          if (!pt[j]) continue;
           const float w = p_sh[warp * kTile + j];
 #pragma unroll
           for (int c = 0; c < kMaxDp / 32; ++c) {
             const int d = lane + 32 * c;
-            if (c < nc2 && d < Dp) ac[c] = fmaf(w, vs[j * Ds + d], ac[c]);
+            if (c < nc2 && d < Dp) ac[c] = fmaf(w, vt[j * Ds + d], ac[c]);
           }
         }
       }
       __syncwarp();  // s_sh / p_sh are rewritten by the next tile
     }
-    __syncthreads();  // the tile buffers are rewritten by the next tile
+    __syncthreads();  // the stage buffers are rewritten by the next stage
   }
   if (!live) return;
   float* o = out + ((b * Q + i) * Hq + h) * D;
@@ -178,8 +193,8 @@ cudaError_t paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, co
   if (gx > 2147483647 || Q > 65535 || gz > 65535) return cudaErrorInvalidValue;
   const int warps = static_cast<int>(group < kMaxWarps ? group : kMaxWarps);
   const int Dp = static_cast<int>((kv.head_dim + 15) / 16 * 16);
-  const int Ds = Dp % 32 == 0 ? Dp + 16 : Dp;
-  const size_t shmem = sizeof(float) * (2 * kTile * Ds + 2 * kMaxWarps * kTile) + sizeof(int) * kTile;
+  const int Ds = row_stride(Dp), nst = stage_tiles(Dp) * kTile;
+  const size_t shmem = sizeof(float) * (2 * nst * Ds + 2 * kMaxWarps * kTile) + sizeof(int) * nst;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(Q), static_cast<unsigned>(gz));
   const unsigned threads = static_cast<unsigned>(warps * 32);
   switch (kv.kind) {
