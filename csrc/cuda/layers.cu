@@ -116,18 +116,22 @@ __global__ void __launch_bounds__(kLinThreads)
   float acc[kTileM];
 #pragma unroll
   for (int i = 0; i < kTileM; ++i) acc[i] = 0.0f;
-  const int64_t Kp = (K + 15) / 16 * 16;
+  const int64_t K16 = K - K % 16;
   if (live) {
-    for (int64_t k = lane; k < Kp; k += 16) {
+#pragma unroll 4
+    for (int64_t k = lane; k < K16; k += 16) {
+      const float wv = wr[k];
+#pragma unroll
+      for (int i = 0; i < kTileM; ++i)
+        if (i < rows) acc[i] = fmaf(x[(m0 + i) * ldx + k], wv, acc[i]);
+    }
+    if (K16 < K) {  // the CPU's zero-padded tail vector
+      const int64_t k = K16 + lane;
       const bool in = k < K;
       const float wv = in ? wr[k] : 0.0f;
 #pragma unroll
-      for (int i = 0; i < kTileM; ++i) {
-        if (i < rows) {
-          const float xv = in ? x[(m0 + i) * ldx + k] : 0.0f;
-          acc[i] = fmaf(xv, wv, acc[i]);
-        }
-      }
+      for (int i = 0; i < kTileM; ++i)
+        if (i < rows) acc[i] = fmaf(in ? x[(m0 + i) * ldx + k] : 0.0f, wv, acc[i]);
     }
   }
 #pragma unroll
