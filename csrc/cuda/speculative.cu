@@ -77,6 +77,23 @@ __device__ bool row_check_mass(const float* p, int64_t n, Shared& sh, double* ma
   return any_bad == 0;
 }
 
+// Pass 1, every row in parallel (one block per row of target_probs [B, K + 1]
+// and of draft_probs [B, K]): stats[b * (2K + 1) + r] = the row's mass, or -1
+// when it holds a negative, NaN or infinite entry in [0, vocab_size). The chain
+// kernel then reads each row's check and mass where the CPU computes them (the
+// same values: a row's stats depend only on the row).
+__global__ void __launch_bounds__(kThreads)
+    row_stats_kernel(const float* __restrict__ draft_probs, const float* __restrict__ target_probs, int64_t K,
+                     int64_t V, int64_t vocab_size, double* __restrict__ stats) {
+  __shared__ Shared sh;
+  const int64_t per = draft_probs ? 2 * K + 1 : K + 1;
+  const int64_t b = blockIdx.x / per, r = blockIdx.x % per;
+  const float* row = r <= K ? target_probs + (b * (K + 1) + r) * V : draft_probs + (b * K + (r - K - 1)) * V;
+  double mass = 0.0;
+  const bool ok = row_check_mass(row, vocab_size, sh, &mass);
+  if (threadIdx.x == 0) stats[b * (2 * K + 1) + r] = ok ? mass : -1.0;
+}
+
 // The CPU's block sum of block k ([k kBlock, min(n, (k + 1) kBlock))): lane j
 // of 16 takes the elements j mod 16 of each vector of 16; vectors 2v and
 // 2v + 1 of each full pair go to the even and odd accumulators, the vectors
@@ -184,12 +201,13 @@ __device__ int64_t draw(const Residual& r, int64_t n, double u, double* sums, Sh
 __global__ void __launch_bounds__(kThreads)
     chain_kernel(const float* __restrict__ draft_probs, const int64_t* __restrict__ draft_ids,
                  const float* __restrict__ target_probs, int64_t K, int64_t V, int64_t vocab_size,
-                 RowParam<int64_t> seed, RowParam<int64_t> offset, double* scratch, int64_t* out,
-                 int64_t* num_accepted, int64_t* num_emitted) {
+                 RowParam<int64_t> seed, RowParam<int64_t> offset, const double* __restrict__ stats, double* sums_all,
+                 int64_t* out, int64_t* num_accepted, int64_t* num_emitted) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
   const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
-  double* sums = scratch + b * reduce::num_blocks(vocab_size);
+  double* sums = sums_all + b * reduce::num_blocks(vocab_size);
+  const double* row_stats = stats + b * (2 * K + 1);  // target rows 0..K, then draft rows
   int64_t* row_out = out + b * (K + 1);
   for (int64_t j = threadIdx.x; j <= K; j += kThreads) row_out[j] = -1;
   const int64_t* d = draft_ids + b * K;
@@ -205,10 +223,8 @@ __global__ void __launch_bounds__(kThreads)
     const float* p = target_probs + (b * (K + 1) + j) * V;
     const float* q = draft_probs ? draft_probs + (b * K + j) * V : nullptr;
     const int64_t x = d[j];
-    double mp = 0.0, mq = 1.0;
-    const bool p_ok = row_check_mass(p, vocab_size, sh, &mp);
-    const bool q_ok = q ? row_check_mass(q, vocab_size, sh, &mq) : true;
-    if (!p_ok || !q_ok) {
+    const double mp = row_stats[j], mq = q ? row_stats[K + 1 + j] : 1.0;
+    if (mp < 0.0 || mq < 0.0) {  // a row holding a negative, NaN or infinite entry
       invalid = true;
       break;
     }
@@ -235,9 +251,8 @@ __global__ void __launch_bounds__(kThreads)
     emit = j + (token >= 0 ? 1 : 0);
   } else {  // every real draft accepted: the bonus token
     const float* p = target_probs + (b * (K + 1) + n) * V;
-    double mp = 0.0;
     acc = n;
-    if (!row_check_mass(p, vocab_size, sh, &mp)) {
+    if (row_stats[n] < 0.0) {
       emit = n;
     } else {
       const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + n)}.uniform_double(0);
@@ -277,7 +292,9 @@ __global__ void __launch_bounds__(kVerifyThreads)
 
 }  // namespace
 
-int64_t chain_scratch_size(int64_t B, int64_t vocab_size) { return B * reduce::num_blocks(vocab_size); }
+int64_t chain_scratch_size(int64_t B, int64_t K, int64_t vocab_size) {
+  return B * reduce::num_blocks(vocab_size) + B * (2 * K + 1);
+}
 
 cudaError_t chain_speculative_sampling(const float* draft_probs, const int64_t* draft_ids, const float* target_probs,
                                        int64_t B, int64_t K, int64_t V, int64_t vocab_size, RowParam<int64_t> seed,
@@ -285,8 +302,13 @@ cudaError_t chain_speculative_sampling(const float* draft_probs, const int64_t* 
                                        int64_t* num_emitted, cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
   if (B > 2147483647 || vocab_size < 1 || vocab_size > V) return cudaErrorInvalidValue;
+  const int64_t rows = B * (draft_probs ? 2 * K + 1 : K + 1);
+  if (rows > 2147483647) return cudaErrorInvalidValue;
+  double* stats = scratch + B * reduce::num_blocks(vocab_size);
+  row_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(draft_probs, target_probs, K, V, vocab_size,
+                                                                         stats);
   chain_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(draft_probs, draft_ids, target_probs, K, V,
-                                                                   vocab_size, seed, offset, scratch, out,
+                                                                   vocab_size, seed, offset, stats, scratch, out,
                                                                    num_accepted, num_emitted);
   return cudaGetLastError();
 }

@@ -26,8 +26,11 @@
 namespace decodekit {
 namespace cuda {
 
-// Float64 scratch the chain kernel needs: B * num_blocks(vocab_size) values.
-int64_t chain_scratch_size(int64_t B, int64_t vocab_size);
+// Float64 scratch the chain kernels need: the draws' block sums, B *
+// num_blocks(vocab_size) values, then each row's check and mass, B (2K + 1).
+// Two launches: every probability row's check and mass in parallel (one block
+// per row), then one block per request for the acceptances and the draw.
+int64_t chain_scratch_size(int64_t B, int64_t K, int64_t vocab_size);
 
 cudaError_t chain_speculative_sampling(const float* draft_probs, const int64_t* draft_ids, const float* target_probs,
                                        int64_t B, int64_t K, int64_t V, int64_t vocab_size, RowParam<int64_t> seed,

@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cuda(
   auto emit = at::empty({c.B}, draft_token_ids.options());
   if (c.B == 0) return {out, acc, emit};
   // Per-row block sums of the draws (the caching allocator: no synchronisation).
-  auto scratch = at::empty({dk::cuda::chain_scratch_size(c.B, vocab_size)},
+  auto scratch = at::empty({dk::cuda::chain_scratch_size(c.B, c.K, vocab_size)},
                            target_probs.options().dtype(at::kDouble));
   check_ok(dk::cuda::chain_speculative_sampling(c.draft_probs, draft_token_ids.data_ptr<int64_t>(),
                                                 target_probs.data_ptr<float>(), c.B, c.K, c.V, vocab_size, c.seed,
