@@ -37,13 +37,19 @@ def _paged_case(layout, dtype, NB=7, bs=16, H=3, D=64, N=40, seed=0):
     return k, v, key, value, slots
 
 
+def _in_pool(slots, cache, layout):
+    """The slots with those outside the pool marked -1 (the reference indexes them; the kernels skip them)."""
+    bs = cache.size(1) if layout == "NHD" else cache.size(2)
+    return torch.where(slots < cache.size(0) * bs, slots, -1)
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_append_equals_cpu_and_reference(layout, dtype):
     k, v, key, value, slots = _paged_case(layout, dtype)
     ck, cv = k.clone(), v.clone()
     ops.append_paged_kv_cache(ck, cv, key, value, slots, layout)
-    ek, ev = ref.append_paged_kv_cache(k.clone(), v.clone(), key, value, slots, layout)
+    ek, ev = ref.append_paged_kv_cache(k, v, key, value, _in_pool(slots, k, layout), layout)
     assert torch.equal(ck, ek) and torch.equal(cv, ev)
     gk, gv, dkey, dvalue, dslots = k.cuda(), v.cuda(), key.cuda(), value.cuda(), slots.cuda()
     with no_sync():  # host-to-device copies synchronise: done before
@@ -95,7 +101,7 @@ def test_paged_append_in_a_cuda_graph():
     gk.copy_(k2), gv.copy_(v2), dkey.copy_(key2), dvalue.copy_(value2), dslots.copy_(slots2)
     graph.replay()
     torch.cuda.synchronize()
-    ek, ev = ref.append_paged_kv_cache(k2.clone(), v2.clone(), key2, value2, slots2, "NHD")
+    ek, ev = ref.append_paged_kv_cache(k2, v2, key2, value2, _in_pool(slots2, k2, "NHD"), "NHD")
     assert torch.equal(gk.cpu(), ek) and torch.equal(gv.cpu(), ev)
 
 
