@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference as ref
-from _cuda_helpers import capture, cuda, no_sync
+from common_cuda import capture, cuda, no_sync
 
 pytestmark = cuda
 ops = torch.ops.decodekit

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _cuda_helpers import capture, cuda, no_sync
+from common_cuda import capture, cuda, no_sync
 
 pytestmark = cuda
 ops = torch.ops.decodekit
