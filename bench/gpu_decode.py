@@ -15,6 +15,9 @@ run) that the op's compulsory bytes represent:
                           vs torch.matmul (cuBLAS);
   chain verification      B = 64, K = 4, V = 128256 (and 32000): target + draft bytes read,
                           vs the vectorised PyTorch recipe of bench/speculative.py.
+First, greedy decoding of a SmolLM2-135M-shaped stack of the ops with seeded random weights on
+this machine's CPU and on the GPU: the same 64 tokens on four prompts (the CUDA kernels give the
+CPU's bits, so the logits must be bit-identical too).
 
 Usage: python bench/gpu_decode.py --json OUT.json
 """
@@ -207,10 +210,93 @@ def bench_chain(bw):
         del sets
 
 
+# ------------------------------------------------------------------ greedy ----
+class TinyStack:
+    """SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 KV heads of 64, MLP 1536,
+    vocabulary 49152) with seeded random weights, written with decodekit's ops only (rms_norm,
+    linear, rope_, append_paged_kv_cache, paged_attention, silu_and_mul, argmax) plus
+    elementwise adds, so that the same code runs on either device. Not the decode loop of
+    decodekit.generate: a check of the ops along a real decode step's path."""
+
+    def __init__(self, device, layers=30, hidden=576, hq=9, hkv=3, hd=64, inter=1536, vocab=49152, bs=16):
+        g = torch.Generator().manual_seed(1234)
+        r = lambda *shape, s=0.02: (torch.randn(*shape, generator=g) * s).to(device)  # noqa: E731
+        self.L, self.hq, self.hkv, self.hd, self.bs, self.device = layers, hq, hkv, hd, bs, device
+        self.emb = r(vocab, hidden)
+        self.w = [
+            dict(
+                n1=1.0 + r(hidden, s=0.1), qkv=r((hq + 2 * hkv) * hd, hidden), o=r(hidden, hq * hd),
+                n2=1.0 + r(hidden, s=0.1), gu=r(2 * inter, hidden), down=r(hidden, inter),
+            )
+            for _ in range(layers)
+        ]
+        self.norm = 1.0 + r(hidden, s=0.1)
+        pos = torch.arange(4096, dtype=torch.float64)[:, None]
+        inv = 1.0 / (100000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        ang = torch.cat([pos * inv, pos * inv], 1)
+        self.cos, self.sin = torch.cos(ang).float().to(device), torch.sin(ang).float().to(device)
+
+    def generate(self, prompt, steps):
+        dev, L, hq, hkv, hd, bs = self.device, self.L, self.hq, self.hkv, self.hd, self.bs
+        nb = (len(prompt) + steps + bs - 1) // bs
+        kc = [torch.zeros(nb, bs, hkv, hd, device=dev) for _ in range(L)]
+        vc = [torch.zeros(nb, bs, hkv, hd, device=dev) for _ in range(L)]
+        table = torch.arange(nb, device=dev)[None]
+        ids = torch.tensor(prompt, device=dev)
+        start, out = 0, []
+        for _ in range(steps):
+            N = ids.numel()
+            pos = torch.arange(start, start + N, device=dev)
+            lens = torch.tensor([start + N], device=dev)
+            x = self.emb[ids]
+            for w, k_cache, v_cache in zip(self.w, kc, vc):
+                h = ops.rms_norm(x, w["n1"], 1e-5)
+                qkv = ops.linear(h, w["qkv"], None)
+                q = qkv[:, : hq * hd].contiguous()
+                k = qkv[:, hq * hd : (hq + hkv) * hd].contiguous()
+                v = qkv[:, (hq + hkv) * hd :]
+                ops.rope_(q, hq, self.cos, self.sin, pos)
+                ops.rope_(k, hkv, self.cos, self.sin, pos)
+                ops.append_paged_kv_cache(k_cache, v_cache, k.view(N, hkv, hd), v.reshape(N, hkv, hd), pos, "NHD")
+                a = ops.paged_attention(q.view(1, N, hq, hd), k_cache, v_cache, table, lens, hd**-0.5, "NHD")
+                x = x + ops.linear(a.view(N, hq * hd), w["o"], None)
+                h = ops.rms_norm(x, w["n2"], 1e-5)
+                x = x + ops.linear(ops.silu_and_mul(ops.linear(h, w["gu"], None)), w["down"], None)
+            logits = ops.linear(ops.rms_norm(x[-1:], self.norm, 1e-5), self.emb, None)
+            nxt = ops.argmax(logits, logits.size(1))[0]
+            out.append(nxt)
+            start, ids = start + N, nxt
+        return torch.cat(out).tolist(), logits
+
+
+def check_greedy(_bw):
+    """Greedy tokens of the same weights on this machine's CPU and on the GPU (must be equal:
+    every op above gives the CPU's bits on CUDA), and the GPU's eager tokens/s at batch 1."""
+    prompts = [[1, 2, 3, 4, 5], [100, 2000, 30000], [7] * 12, [49151, 0, 17, 4242]]
+    steps = 64
+    cpu_model, gpu_model = TinyStack("cpu"), TinyStack("cuda")
+    same = 0
+    for p in prompts:
+        t_cpu, l_cpu = cpu_model.generate(p, steps)
+        torch.cuda.synchronize()
+        t0 = time.time()
+        t_gpu, l_gpu = gpu_model.generate(p, steps)
+        torch.cuda.synchronize()
+        dt = time.time() - t0
+        bits = torch.equal(l_gpu.cpu(), l_cpu)
+        first = next((i for i, (a, b) in enumerate(zip(t_cpu, t_gpu)) if a != b), None)
+        same += t_cpu == t_gpu
+        print(f"greedy prompt {p[:4]}...: {'SAME' if t_cpu == t_gpu else f'DIFFER at step {first}'} tokens "
+              f"({steps}), last logits bit-identical: {bits}; GPU eager {steps / dt:.0f} tokens/s", flush=True)
+    print(f"greedy CPU == GPU on {same}/{len(prompts)} prompts", flush=True)
+    ROWS.append({"op": "greedy CPU == GPU prompts", "us": 0.0, "baseline": "cpu", "baseline_us": None,
+                 "speedup": None, "bytes": 0, "frac_copy_bw": 0.0, "same": same, "of": len(prompts)})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="append,attention,linear,chain")
+    ap.add_argument("--only", default="greedy,append,attention,linear,chain")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -219,7 +305,8 @@ def main():
     t0 = time.time()
     for part in a.only.split(","):
         try:
-            parts = {"append": bench_append, "attention": bench_attention, "linear": bench_linear, "chain": bench_chain}
+            parts = {"greedy": check_greedy, "append": bench_append, "attention": bench_attention,
+                     "linear": bench_linear, "chain": bench_chain}
             parts[part](bw)
         except Exception as exc:  # noqa: BLE001  (one failing part must not hide the others)
             print(f"{part}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
