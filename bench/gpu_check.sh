@@ -43,7 +43,7 @@ case "$SECTION" in
       echo "memcheck exit: $? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses)"
       grep "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1
     fi
-    timeout 120 $PY bench/gpu_decode.py ${BENCH_ARGS:-} --json "$OUT/decode.json" 2>&1 | tee "$OUT/bench.log"
+    timeout 170 $PY bench/gpu_decode.py ${BENCH_ARGS:-} --json "$OUT/decode.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   *) echo "unknown section $SECTION (sampling, decode)"; exit 2 ;;
 esac

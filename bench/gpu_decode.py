@@ -16,7 +16,7 @@ run) that the op's compulsory bytes represent:
   chain verification      B = 64, K = 4, V = 128256 (and 32000): target + draft bytes read,
                           vs the vectorised PyTorch recipe of bench/speculative.py.
 First, greedy decoding of a SmolLM2-135M-shaped stack of the ops with seeded random weights on
-this machine's CPU and on the GPU: the same 64 tokens on four prompts (the CUDA kernels give the
+this machine's CPU and on the GPU: the same 64 tokens on three prompts (the CUDA kernels give the
 CPU's bits, so the logits must be bit-identical too).
 
 Usage: python bench/gpu_decode.py --json OUT.json
@@ -231,6 +231,7 @@ class TinyStack:
             for _ in range(layers)
         ]
         self.norm = 1.0 + r(hidden, s=0.1)
+        self.head = r(vocab, hidden, s=0.05)  # untied, so the greedy tokens vary
         pos = torch.arange(4096, dtype=torch.float64)[:, None]
         inv = 1.0 / (100000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         ang = torch.cat([pos * inv, pos * inv], 1)
@@ -243,7 +244,7 @@ class TinyStack:
         vc = [torch.zeros(nb, bs, hkv, hd, device=dev) for _ in range(L)]
         table = torch.arange(nb, device=dev)[None]
         ids = torch.tensor(prompt, device=dev)
-        start, out = 0, []
+        start, out, all_logits = 0, [], []
         for _ in range(steps):
             N = ids.numel()
             pos = torch.arange(start, start + N, device=dev)
@@ -262,17 +263,18 @@ class TinyStack:
                 x = x + ops.linear(a.view(N, hq * hd), w["o"], None)
                 h = ops.rms_norm(x, w["n2"], 1e-5)
                 x = x + ops.linear(ops.silu_and_mul(ops.linear(h, w["gu"], None)), w["down"], None)
-            logits = ops.linear(ops.rms_norm(x[-1:], self.norm, 1e-5), self.emb, None)
+            logits = ops.linear(ops.rms_norm(x[-1:], self.norm, 1e-5), self.head, None)
             nxt = ops.argmax(logits, logits.size(1))[0]
             out.append(nxt)
+            all_logits.append(logits)
             start, ids = start + N, nxt
-        return torch.cat(out).tolist(), logits
+        return torch.cat(out).tolist(), torch.cat(all_logits)
 
 
 def check_greedy(_bw):
     """Greedy tokens of the same weights on this machine's CPU and on the GPU (must be equal:
     every op above gives the CPU's bits on CUDA), and the GPU's eager tokens/s at batch 1."""
-    prompts = [[1, 2, 3, 4, 5], [100, 2000, 30000], [7] * 12, [49151, 0, 17, 4242]]
+    prompts = [[1, 2, 3, 4, 5], [100, 2000, 30000], [7] * 12]
     steps = 64
     cpu_model, gpu_model = TinyStack("cpu"), TinyStack("cuda")
     same = 0
@@ -287,7 +289,7 @@ def check_greedy(_bw):
         first = next((i for i, (a, b) in enumerate(zip(t_cpu, t_gpu)) if a != b), None)
         same += t_cpu == t_gpu
         print(f"greedy prompt {p[:4]}...: {'SAME' if t_cpu == t_gpu else f'DIFFER at step {first}'} tokens "
-              f"({steps}), last logits bit-identical: {bits}; GPU eager {steps / dt:.0f} tokens/s", flush=True)
+              f"({steps}), all logits bit-identical: {bits}; GPU eager {steps / dt:.0f} tokens/s", flush=True)
     print(f"greedy CPU == GPU on {same}/{len(prompts)} prompts", flush=True)
     ROWS.append({"op": "greedy CPU == GPU prompts", "us": 0.0, "baseline": "cpu", "baseline_us": None,
                  "speedup": None, "bytes": 0, "frac_copy_bw": 0.0, "same": same, "of": len(prompts)})
