@@ -55,7 +55,7 @@ __device__ __forceinline__ float load_elem(const void* base, int64_t i) {
 }
 
 template <int K>
-__global__ void __launch_bounds__(kMaxWarps * 32)
+__global__ void __launch_bounds__(kMaxWarps * 32, 1)
     paged_attention_kernel(const float* __restrict__ q, int64_t Q, int64_t Hq, PagedKVView kv,
                            const int64_t* __restrict__ block_tables, int64_t max_blocks,
                            const int64_t* __restrict__ seq_lens, float scale, float* __restrict__ out) {
@@ -128,15 +128,28 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       const float* kt = ks + sub * kTile * Ds;
       const float* vt = vs + sub * kTile * Ds;
       const int* pt = pres + sub * kTile;
+      // The 8 dot products of this half-warp side by side (independent chains,
+      // then the 8 trees together): the same operations per product.
+      float dots[kTile / 2];
+#pragma unroll
       for (int jj = 0; jj < kTile / 2; ++jj) {
         const int j = 2 * jj + hw;
         float acc = 0.0f;
 #pragma unroll
         for (int c = 0; c < kMaxDp / 16; ++c)
           if (c < nc) acc = fmaf(qr[c], kt[j * Ds + l16 + 16 * c], acc);
-        const float dot = half_warp_tree_sum(acc);
-        if (l16 == 0) s_sh[warp * kTile + j] = (j < upto && pt[j]) ? dot * scale : -kInf;
+        dots[jj] = acc;
       }
+#pragma unroll
+      for (int off = 8; off >= 1; off /= 2)
+#pragma unroll
+        for (int jj = 0; jj < kTile / 2; ++jj) dots[jj] += __shfl_xor_sync(kFull, dots[jj], off);
+      if (l16 == 0)
+#pragma unroll
+        for (int jj = 0; jj < kTile / 2; ++jj) {
+          const int j = 2 * jj + hw;
+          s_sh[warp * kTile + j] = (j < upto && pt[j]) ? dots[jj] * scale : -kInf;
+        }
       __syncwarp();
       float tmax = -kInf;
       for (int j = 0; j < kTile; ++j) {
