@@ -198,7 +198,7 @@ __device__ int64_t draw(const Residual& r, int64_t n, double u, double* sums, Sh
   return t;
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     chain_kernel(const float* __restrict__ draft_probs, const int64_t* __restrict__ draft_ids,
                  const float* __restrict__ target_probs, int64_t K, int64_t V, int64_t vocab_size,
                  RowParam<int64_t> seed, RowParam<int64_t> offset, const double* __restrict__ stats, double* sums_all,
