@@ -116,10 +116,10 @@ def bench_append(bw):
             start = torch.randint(0, 4096 - T, (B,), device="cuda")
             slots = (torch.arange(B, device="cuda")[:, None] * 4096 + start[:, None] + torch.arange(T, device="cuda"))
             sets.append((key, value, slots.reshape(-1)))
-        t = bench(lambda s: ops.append_paged_kv_cache(k, v, s[0], s[1], s[2], "NHD"), sets)
+        t = bench(lambda s, k=k, v=v: ops.append_paged_kv_cache(k, v, s[0], s[1], s[2], "NHD"), sets)
         kf, vf = k.view(NB * bs, H * D), v.view(NB * bs, H * D)
 
-        def base(s):
+        def base(s, kf=kf, vf=vf):
             kf.index_copy_(0, s[2], s[0].view(N, H * D))
             vf.index_copy_(0, s[2], s[1].view(N, H * D))
 
@@ -141,13 +141,14 @@ def bench_attention(bw):
         kv_bytes = 2 * B * ctx * Hkv * D * es
         qs = [torch.randn(B, 1, Hq, D, device="cuda") for _ in range(4)]
         scale = 1.0 / math.sqrt(D)
-        t = bench(lambda q: ops.paged_attention(q, k, v, tables, lens, scale, "NHD"), qs, calls=8)
+        t = bench(lambda q, k=k, v=v, t=tables: ops.paged_attention(q, k, v, t, lens, scale, "NHD"), qs, calls=8)
         # SDPA over the same keys and values gathered contiguously (the gather not timed).
         kc = k[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
         vc = v[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
         qsd = [q.transpose(1, 2).to(dtype) for q in qs]
         try:
-            tb = bench(lambda q: F.scaled_dot_product_attention(q, kc, vc, scale=scale, enable_gqa=True), qsd, calls=8)
+            sdpa = lambda q, kc=kc, vc=vc: F.scaled_dot_product_attention(q, kc, vc, scale=scale, enable_gqa=True)
+            tb = bench(sdpa, qsd, calls=8)
         except Exception as exc:  # noqa: BLE001
             print("SDPA failed:", exc)
             tb = None
@@ -164,8 +165,8 @@ def bench_linear(bw):
             wb = N * K * 4
             ws = [torch.randn(N, K, device="cuda") * 0.05 for _ in range(n_sets(wb))]
             x = torch.randn(M, K, device="cuda")
-            t = bench(lambda w: ops.linear(x, w, None), ws)
-            tb = bench(lambda w: torch.matmul(x, w.t()), ws)
+            t = bench(lambda w, x=x: ops.linear(x, w, None), ws)
+            tb = bench(lambda w, x=x: torch.matmul(x, w.t()), ws)
             report(f"linear M={M} {name}", t, tb, wb + M * (K + N) * 4, bw, "matmul")
             del ws
 
@@ -200,7 +201,7 @@ def bench_chain(bw):
             ids = torch.multinomial(draft.view(-1, V), 1).view(B, K)
             seed = torch.randint(0, 2**62, (B,), device="cuda")
             sets.append((draft, ids, target, seed))
-        t = bench(lambda s: ops.chain_speculative_sampling(s[0], s[1], s[2], s[3], 0, None, 0, V), sets)
+        t = bench(lambda s, V=V: ops.chain_speculative_sampling(s[0], s[1], s[2], s[3], 0, None, 0, V), sets)
         tb = bench(lambda s: torch_rejection(s[0], s[1], s[2]), sets)
         acc = sum(int(ops.chain_speculative_sampling(s[0], s[1], s[2], s[3], 0, None, 0, V)[1].sum()) for s in sets)
         # Compulsory bytes: every target and draft row the kernel reads (an upper bound: rows
