@@ -141,13 +141,14 @@ def bench_attention(bw):
         kv_bytes = 2 * B * ctx * Hkv * D * es
         qs = [torch.randn(B, 1, Hq, D, device="cuda") for _ in range(4)]
         scale = 1.0 / math.sqrt(D)
-        t = bench(lambda q, k=k, v=v, t=tables: ops.paged_attention(q, k, v, t, lens, scale, "NHD"), qs, calls=8)
+        attn = lambda q, k=k, v=v, t=tables, n=lens, sc=scale: ops.paged_attention(q, k, v, t, n, sc, "NHD")
+        t = bench(attn, qs, calls=8)
         # SDPA over the same keys and values gathered contiguously (the gather not timed).
         kc = k[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
         vc = v[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
         qsd = [q.transpose(1, 2).to(dtype) for q in qs]
         try:
-            sdpa = lambda q, kc=kc, vc=vc: F.scaled_dot_product_attention(q, kc, vc, scale=scale, enable_gqa=True)
+            sdpa = lambda q, kc=kc, vc=vc, sc=scale: F.scaled_dot_product_attention(q, kc, vc, scale=sc, enable_gqa=True)
             tb = bench(sdpa, qsd, calls=8)
         except Exception as exc:  # noqa: BLE001
             print("SDPA failed:", exc)
