@@ -148,7 +148,9 @@ def bench_attention(bw):
         vc = v[tables].reshape(B, ctx, Hkv, D).transpose(1, 2).contiguous()
         qsd = [q.transpose(1, 2).to(dtype) for q in qs]
         try:
-            sdpa = lambda q, kc=kc, vc=vc, sc=scale: F.scaled_dot_product_attention(q, kc, vc, scale=sc, enable_gqa=True)
+            sdpa = lambda q, kc=kc, vc=vc, sc=scale: F.scaled_dot_product_attention(  # noqa: E731
+                q, kc, vc, scale=sc, enable_gqa=True
+            )
             tb = bench(sdpa, qsd, calls=8)
         except Exception as exc:  # noqa: BLE001
             print("SDPA failed:", exc)
