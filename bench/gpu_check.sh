@@ -3,6 +3,8 @@
 # tests, compute-sanitizer memcheck, then the benchmarks. Full logs and JSON under $OUT
 # (bench/out without it); a short table last.
 #   bench/gpu_check.sh sampling     the sampling family (each section under 5 minutes)
+#   bench/gpu_check.sh decode       KV-cache append, paged attention, the layers (linear,
+#                                   rms_norm, silu_and_mul, RoPE) and speculative verification
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECTION=${1:-sampling}
@@ -30,5 +32,18 @@ case "$SECTION" in
     fi
     timeout 300 $PY bench/gpu_sampling.py ${BENCH_ARGS:-} --json "$OUT/sampling.json" 2>&1 | tee "$OUT/bench.log"
     ;;
-  *) echo "unknown section $SECTION (sampling)"; exit 2 ;;
+  decode)
+    DECODE_TESTS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py"
+    timeout 100 $PY -m pytest -q -ra -p no:cacheprovider $DECODE_TESTS "tests/ops/test_contracts.py::test_cpu_equals_cuda" \
+      2>&1 | tee "$OUT/tests.log" | tail -30
+    echo "tests exit: ${PIPESTATUS[0]}"
+    if command -v compute-sanitizer >/dev/null; then
+      timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -x -p no:cacheprovider \
+        $DECODE_TESTS -k "not 128256 and not graph and not bad_arguments" >"$OUT/memcheck.log" 2>&1
+      echo "memcheck exit: $? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses)"
+      grep "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1
+    fi
+    timeout 170 $PY bench/gpu_decode.py ${BENCH_ARGS:-} --json "$OUT/decode.json" 2>&1 | tee "$OUT/bench.log"
+    ;;
+  *) echo "unknown section $SECTION (sampling, decode)"; exit 2 ;;
 esac

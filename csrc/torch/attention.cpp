@@ -20,25 +20,9 @@ namespace {
 at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                const std::string& kv_layout) {
-  TORCH_CHECK(kv_layout == "NHD" || kv_layout == "HND", "decodekit: kv_layout must be 'NHD' or 'HND'");
-  const bool hnd = kv_layout == "HND";
-  TORCH_CHECK(query.dim() == 4 && query.scalar_type() == at::kFloat && query.is_contiguous(),
-              "decodekit: query must be a contiguous float32 [B, Q, H_q, D] tensor");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "decodekit: k_cache and v_cache must be contiguous 4-D tensors of one shape and dtype");
-  const int64_t B = query.size(0), Q = query.size(1), Hq = query.size(2), D = query.size(3);
-  const int64_t Hkv = hnd ? k_cache.size(1) : k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "decodekit: head_dim of the cache (", k_cache.size(3), ") != query's (", D, ")");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decodekit: H_q=", Hq, " must be a multiple of H_kv=", Hkv);
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong &&
-                  block_tables.is_contiguous(),
-              "decodekit: block_tables must be a contiguous int64 [B, max_blocks] tensor");
-  TORCH_CHECK(
-      seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
-      "decodekit: seq_lens must be a contiguous int64 [B] tensor");
-  for (const at::Tensor* t : {&k_cache, &v_cache, &block_tables, &seq_lens})
-    TORCH_CHECK(t->device() == query.device(), "decodekit: all tensors must be on the query's device");
+  const auto g = check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, kv_layout);
+  const bool hnd = g.hnd;
+  const int64_t B = g.B, Q = g.Q, Hq = g.Hq, D = g.D, Hkv = g.Hkv;
   const dk::cpu::PagedKV kv{k_cache.data_ptr(),
                             v_cache.data_ptr(),
                             logits_kind(k_cache),

@@ -114,6 +114,140 @@ LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int
   return t;
 }
 
+// ------------------------------------------------------------- KV cache ----
+// append_kv_cache / append_paged_kv_cache write into k_cache and v_cache in
+// place (Tensor(a!) / Tensor(b!) in the schema) and return nothing. Positions
+// past the cache and out-of-pool slots are skipped by the kernels; the Python
+// wrappers reject them before anything is written.
+cpu::KVLayout kv_layout_of(const std::string& s) {
+  if (s == "NHD") return cpu::KVLayout::kNHD;
+  TORCH_CHECK(s == "HND", "decodekit: kv_layout must be \"NHD\" or \"HND\", got \"", s, "\"");
+  return cpu::KVLayout::kHND;
+}
+
+// Checks the caches (4-D, same shape and dtype, contiguous) and the new rows
+// (key_dims-D, ending in the cache's [H, D], same dtype, last dimension
+// contiguous), all on one device. Returns the kernel's view of the caches
+// (pointers left null for meta tensors).
+cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
+                                        const at::Tensor& value, const at::Tensor& index, const char* index_name,
+                                        int64_t key_dims, const char* key_shape, const std::string& kv_layout) {
+  const auto layout = kv_layout_of(kv_layout);
+  TORCH_CHECK(k_cache.dim() == 4, "decodekit: k_cache must be 4-D, got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "decodekit: v_cache must have the shape of k_cache ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "decodekit: k_cache must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(v_cache.scalar_type() == dtype, "decodekit: v_cache must have the dtype of k_cache (", dtype, "), got ",
+              v_cache.scalar_type());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decodekit: k_cache and v_cache must be contiguous");
+  const int64_t H = k_cache.size(layout == cpu::KVLayout::kNHD ? 2 : 1), D = k_cache.size(3);
+  for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}}) {
+    TORCH_CHECK(t->dim() == key_dims, "decodekit: ", name, " must be ", key_dims, "-D ", key_shape, ", got ",
+                t->sizes());
+    TORCH_CHECK(t->size(key_dims - 2) == H && t->size(key_dims - 1) == D, "decodekit: ", name, " must end in [H=", H,
+                ", D=", D, "] (the cache's heads and head_dim), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == dtype, "decodekit: ", name, " must have the cache's dtype ", dtype, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->stride(key_dims - 1) == 1 || D <= 1, "decodekit: ", name,
+                " must have a contiguous last dimension (stride 1)");
+  }
+  TORCH_CHECK(value.sizes() == key.sizes(), "decodekit: value must have the shape of key ", key.sizes(), ", got ",
+              value.sizes());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous(), "decodekit: ", index_name,
+              " must be a contiguous 1-D int64 tensor, got ", index.sizes(), " ", index.scalar_type());
+  for (auto [t, name] : {std::pair{&v_cache, "v_cache"}, {&key, "key"}, {&value, "value"}, {&index, index_name}})
+    TORCH_CHECK(t->device() == k_cache.device(), "decodekit: ", name, " is on ", t->device(), " but k_cache is on ",
+                k_cache.device());
+  cpu::KVCacheTensors c;
+  c.elem_size = static_cast<int64_t>(k_cache.element_size());
+  c.num_heads = H;
+  c.head_dim = D;
+  c.layout = layout;
+  if (!k_cache.is_meta()) {
+    c.k = k_cache.data_ptr();
+    c.v = v_cache.data_ptr();
+  }
+  return c;
+}
+
+void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens) {
+  TORCH_CHECK(key.size(0) == k_cache.size(0), "decodekit: key has ", key.size(0),
+              " rows but the cache has B=", k_cache.size(0));
+  TORCH_CHECK(seq_lens.size(0) == k_cache.size(0), "decodekit: seq_lens must have length B=", k_cache.size(0), ", got ",
+              seq_lens.size(0));
+}
+
+void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(slot_mapping.size(0) <= key.size(0), "decodekit: slot_mapping has ", slot_mapping.size(0),
+              " entries but key has only ", key.size(0), " rows");
+}
+
+// ------------------------------------------------------------ attention ----
+PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
+                                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, const std::string& kv_layout) {
+  TORCH_CHECK(kv_layout == "NHD" || kv_layout == "HND", "decodekit: kv_layout must be 'NHD' or 'HND'");
+  const bool hnd = kv_layout == "HND";
+  TORCH_CHECK(query.dim() == 4 && query.scalar_type() == at::kFloat && query.is_contiguous(),
+              "decodekit: query must be a contiguous float32 [B, Q, H_q, D] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "decodekit: k_cache and v_cache must be contiguous 4-D tensors of one shape and dtype");
+  const int64_t B = query.size(0), Q = query.size(1), Hq = query.size(2), D = query.size(3);
+  const int64_t Hkv = hnd ? k_cache.size(1) : k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "decodekit: head_dim of the cache (", k_cache.size(3), ") != query's (", D, ")");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "decodekit: H_q=", Hq, " must be a multiple of H_kv=", Hkv);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous(),
+              "decodekit: block_tables must be a contiguous int64 [B, max_blocks] tensor");
+  TORCH_CHECK(
+      seq_lens.dim() == 1 && seq_lens.size(0) == B && seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
+      "decodekit: seq_lens must be a contiguous int64 [B] tensor");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &block_tables, &seq_lens})
+    TORCH_CHECK(t->device() == query.device(), "decodekit: all tensors must be on the query's device");
+  logits_kind(k_cache);
+  PagedAttentionDims g;
+  g.B = B, g.Q = Q, g.Hq = Hq, g.D = D, g.Hkv = Hkv, g.hnd = hnd;
+  g.num_blocks = k_cache.size(0);
+  g.block_size = hnd ? k_cache.size(2) : k_cache.size(1);
+  g.max_blocks = block_tables.size(1);
+  return g;
+}
+
+// ---------------------------------------------------------- speculative ----
+ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids,
+                                  const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,
+                                  int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,
+                                  int64_t vocab_size) {
+  TORCH_CHECK(
+      draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong && draft_token_ids.is_contiguous(),
+      "decodekit: draft_token_ids must be a contiguous int64 [B, K] tensor");
+  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
+  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == K + 1 &&
+                  target_probs.scalar_type() == at::kFloat && target_probs.is_contiguous(),
+              "decodekit: target_probs must be a contiguous float32 [B, K + 1, V] tensor");
+  const int64_t V = target_probs.size(2);
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= V, "decodekit: vocab_size must be in [1, V=", V, "]");
+  ChainDims g;
+  if (draft_probs.has_value()) {
+    TORCH_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == B && draft_probs->size(1) == K &&
+                    draft_probs->size(2) == V && draft_probs->scalar_type() == at::kFloat &&
+                    draft_probs->is_contiguous(),
+                "decodekit: draft_probs must be a contiguous float32 [B, K, V] tensor");
+    check_same_device(target_probs, draft_probs, "draft_probs");
+    g.draft_probs = draft_probs->data_ptr<float>();
+  }
+  TORCH_CHECK(draft_token_ids.device() == target_probs.device(), "decodekit: tensors must be on one device");
+  check_same_device(target_probs, seed, "seed");
+  check_same_device(target_probs, offset, "offset");
+  g.seed = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
+  g.offset = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  g.B = B, g.K = K, g.V = V;
+  return g;
+}
+
 void require_meta(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_meta(), "decodekit: all tensor arguments must be on one device; ", name, " are on ", x.device(),
               " but another argument is on meta");

@@ -13,6 +13,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/kv_cache.h"
 #include "decodekit/types.h"
 
 namespace decodekit {
@@ -77,6 +78,49 @@ struct LogprobTensors {
 LogprobTensors logprob_outputs(const at::Tensor& like, bool return_logprobs, int64_t top_logprobs, bool raw);
 
 using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ------------------------------------------------------------- KV cache ----
+// Checks of append_kv_cache / append_paged_kv_cache (CPU, CUDA and Meta): the
+// caches (4-D, same shape and dtype float32 / float16 / bfloat16, contiguous),
+// the new rows (key_dims-D ending in the cache's [H, D], the cache's dtype,
+// last dimension contiguous) and the index (contiguous 1-D int64), all on one
+// device. Returns the kernels' view of the caches (null pointers on meta).
+cpu::KVLayout kv_layout_of(const std::string& s);
+cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
+                                    const at::Tensor& value, const at::Tensor& index, const char* index_name,
+                                    int64_t key_dims, const char* key_shape, const std::string& kv_layout);
+void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens);
+void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping);
+
+// ------------------------------------------------------------ attention ----
+// Checks of paged_attention (CPU and CUDA): query contiguous float32 [B, Q,
+// H_q, D]; k_cache / v_cache contiguous 4-D of one shape and dtype (float32,
+// float16 or bfloat16) with the query's D and H_q a multiple of H_kv;
+// block_tables contiguous int64 [B, max_blocks]; seq_lens contiguous int64
+// [B]; all on the query's device; kv_layout "NHD" or "HND".
+struct PagedAttentionDims {
+  int64_t B = 0, Q = 0, Hq = 0, D = 0, Hkv = 0, num_blocks = 0, block_size = 0, max_blocks = 0;
+  bool hnd = false;
+};
+PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
+                                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, const std::string& kv_layout);
+
+// ---------------------------------------------------------- speculative ----
+// Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids
+// contiguous int64 [B, K]; target_probs contiguous float32 [B, K + 1, V];
+// draft_probs (optional) contiguous float32 [B, K, V]; vocab_size in [1, V];
+// seed / offset per-row int64 [B] or scalars; all on one device. Returns the
+// sizes and the raw pointers (draft_probs null when absent).
+struct ChainDims {
+  int64_t B = 0, K = 0, V = 0;
+  const float* draft_probs = nullptr;
+  RowParam<int64_t> seed, offset;
+};
+ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids,
+                                  const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,
+                                  int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,
+                                  int64_t vocab_size);
 
 // Meta kernels: shape inference only makes sense when the main input is on
 // meta too; a single meta parameter beside real tensors is a device mismatch.

@@ -23,29 +23,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
     const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
     int64_t offset_val, int64_t vocab_size) {
-  TORCH_CHECK(
-      draft_token_ids.dim() == 2 && draft_token_ids.scalar_type() == at::kLong && draft_token_ids.is_contiguous(),
-      "decodekit: draft_token_ids must be a contiguous int64 [B, K] tensor");
-  const int64_t B = draft_token_ids.size(0), K = draft_token_ids.size(1);
-  TORCH_CHECK(target_probs.dim() == 3 && target_probs.size(0) == B && target_probs.size(1) == K + 1 &&
-                  target_probs.scalar_type() == at::kFloat && target_probs.is_contiguous(),
-              "decodekit: target_probs must be a contiguous float32 [B, K + 1, V] tensor");
-  const int64_t V = target_probs.size(2);
-  TORCH_CHECK(vocab_size >= 1 && vocab_size <= V, "decodekit: vocab_size must be in [1, V=", V, "]");
-  const float* dp = nullptr;
-  if (draft_probs.has_value()) {
-    TORCH_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == B && draft_probs->size(1) == K &&
-                    draft_probs->size(2) == V && draft_probs->scalar_type() == at::kFloat &&
-                    draft_probs->is_contiguous(),
-                "decodekit: draft_probs must be a contiguous float32 [B, K, V] tensor");
-    check_same_device(target_probs, draft_probs, "draft_probs");
-    dp = draft_probs->data_ptr<float>();
-  }
-  TORCH_CHECK(draft_token_ids.device() == target_probs.device(), "decodekit: tensors must be on one device");
-  check_same_device(target_probs, seed, "seed");
-  check_same_device(target_probs, offset, "offset");
-  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
-  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  const auto c = check_chain_speculative(draft_probs, draft_token_ids, target_probs, seed, seed_val, offset,
+                                         offset_val, vocab_size);
+  const int64_t B = c.B, K = c.K, V = c.V;
+  const float* dp = c.draft_probs;
+  const auto& s = c.seed;
+  const auto& o = c.offset;
   auto out = at::empty({B, K + 1}, draft_token_ids.options());
   auto acc = at::empty({B}, draft_token_ids.options());
   auto emit = at::empty({B}, draft_token_ids.options());

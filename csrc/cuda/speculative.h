@@ -1,0 +1,44 @@
+// CUDA kernels of the speculative family: chain_speculative_sampling and
+// greedy_verify with the semantics of csrc/cpu/speculative/speculative.h and
+// the same Philox streams (DESIGN.md, "Randomness"): acceptance uniform j of
+// stream 1, the residual draw at position j with stream 2 + j, the bonus token
+// with stream 2 + n. DEVICE pointers, the given stream, no host
+// synchronisation (capturable in a CUDA graph). One thread block per row, so
+// a row's result never depends on the batch.
+//
+// What equals the CPU bit for bit: the validity checks, the residual weights
+// (float32, the CPU's expressions), the inverse-CDF block sums (each 1024-token
+// block summed by one warp in the CPU's 16-lane float64 order, even and odd
+// vectors apart) and the draw's scan. What can differ: the row masses m_p and
+// m_q are float64 sums in a fixed tree over the block's threads, not the CPU's
+// 16-lane order, so they can differ from the CPU's in the last bits. An
+// acceptance then differs only when u q(x) lies within ~1e-15 relative of p(x),
+// and a residual token only when float32(1 / m) rounds differently (both far
+// below one in a million per draw).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "decodekit/types.h"  // RowParam
+
+namespace decodekit {
+namespace cuda {
+
+// Float64 scratch the chain kernels need: the draws' block sums, B *
+// num_blocks(vocab_size) values, then each row's check and mass, B (2K + 1).
+// Two launches: every probability row's check and mass in parallel (one block
+// per row), then one block per request for the acceptances and the draw.
+int64_t chain_scratch_size(int64_t B, int64_t K, int64_t vocab_size);
+
+cudaError_t chain_speculative_sampling(const float* draft_probs, const int64_t* draft_ids, const float* target_probs,
+                                       int64_t B, int64_t K, int64_t V, int64_t vocab_size, RowParam<int64_t> seed,
+                                       RowParam<int64_t> offset, double* scratch, int64_t* out, int64_t* num_accepted,
+                                       int64_t* num_emitted, cudaStream_t stream);
+
+cudaError_t greedy_verify(const int64_t* draft_ids, const int64_t* target_ids, int64_t B, int64_t K, int64_t* out,
+                          int64_t* num_accepted, int64_t* num_emitted, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace decodekit
