@@ -42,10 +42,12 @@ constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 //
 // If the capture would exceed kCaptureCap (a flat row), the rest of the row
 // falls back to float32 mass lanes above tau_j = 16^-(j+1) relative to m_s
-// (the masses of the captured part are added exactly); if the boundary lies
-// below 2^-16, or the weight above it reaches 4096, the masses feed
-// nucleus_candidates, which gathers a superset of the nucleus from a second
-// read of the row (from cache) for apply_chain to cut. Returns the row stats;
+// (the masses of the captured part are added exactly). If the boundary lies
+// below 2^-16, or the weight above it reaches 4096, flat_cut (below) cuts the
+// nucleus exactly over every token; only when its boundary lies below its
+// exact domain do the masses feed nucleus_candidates, which gathers a superset
+// of the nucleus from a second read of the row (from cache) for apply_chain
+// to cut. Returns the row stats;
 // W and the candidates only for a valid row.
 RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf, Buf<double>& seg_buf,
                         NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut) {
