@@ -8,6 +8,11 @@ Median of --reps calls (a quarter as many for the slow recipes). Writes a JSON f
 and a PNG plot of the speedups (one panel per op, speedup vs batch, a line per vocab).
 
     python bench/sampling.py [--reps 20] [--json bench/out/sampling.json] [--png bench/out/sampling.png]
+    python bench/sampling.py --flat --batches 8 --vocabs 128256   # only the flat-row top-p cases
+
+Flat rows: top-p 0.9 alone from a peaked row (a nucleus of a few tokens) to flat ones (nucleus
+~10^3 to ~10^5 tokens, what models give at T >= 1): time, ratio to the peaked row, speedup over
+the recipe, and the fraction of the read bandwidth (torch.sum) and of a torch copy's read rate.
 
 The recipes (what HF transformers' warpers and common sampling loops do):
   sample:   logits / T; topk mask; sort + softmax + cumsum top-p mask; softmax; multinomial
@@ -43,6 +48,19 @@ def read_bandwidth_gbs(reps: int = 9) -> float:
     for _ in range(reps):
         t0 = time.perf_counter()
         x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def copy_bandwidth_gbs(reps: int = 9) -> float:
+    """Bytes read per second by a torch copy of a 256 MiB float32 tensor (all threads), median."""
+    x = torch.ones(64 * 2**20, dtype=torch.float32)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y.copy_(x)
         times.append(time.perf_counter() - t0)
     return x.numel() * 4 / statistics.median(times) / 1e9
 
@@ -156,6 +174,51 @@ def cases(g):
     ]
 
 
+# Flat rows: top-p alone on logits N(0, (scale T)^2) at T = 0.7, so the tempered logits are
+# N(0, scale^2) and the p = 0.9 nucleus holds about V * Q(scale - 1.28) tokens (Q: the normal's
+# upper tail). scale 5.7 is the peaked case of pool() (std 4 at T = 0.7: a nucleus of a few tokens).
+FLAT_SCALES = [("peaked", 4.0 / 0.7), ("flat s=3.5", 3.5), ("flat s=2.5", 2.5), ("flat s=1.43", 1.0 / 0.7),
+               ("flat s=0.5", 0.5)]
+FLAT_T, FLAT_P = 0.7, 0.9
+
+
+def nucleus_tokens(x: torch.Tensor, T: float, p: float) -> float:
+    """Mean p-nucleus size of the rows of x at temperature T (float64 sort + cumsum)."""
+    probs = torch.softmax(x.double() / T, dim=-1)
+    c = torch.sort(probs, dim=-1, descending=True).values.cumsum(-1)
+    return float(((c < p).sum(-1) + 1).double().mean())
+
+
+def flat_rows(batches, vocabs, reps, read_bw, copy_bw):
+    """Top-p 0.9 alone from peaked to flat rows: time, ratio to the peaked row, speedup over the
+    PyTorch recipe (sort + softmax + cumsum + multinomial) and fractions of the read bandwidths."""
+    print(f"\n# top-p {FLAT_P} alone at T {FLAT_T}, peaked to flat rows; "
+          f"copy bandwidth {copy_bw:.1f} GB/s (bytes read)")
+    print(f"{'row':<14}{'B':>4}{'V':>8}{'nucleus':>9}{'ours ms':>10}{'/peaked':>9}{'torch ms':>10}{'speedup':>9}"
+          f"{'% read bw':>10}{'% copy bw':>10}")
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for V in vocabs:
+        for B in batches:
+            peaked = None
+            for name, scale in FLAT_SCALES:
+                n = max(2, min(64, POOL_BYTES // (B * V * 4)))
+                gen = torch.Generator().manual_seed(0)
+                bufs = [torch.randn(B, V, generator=gen) * (scale * FLAT_T) for _ in range(n)]
+                nuc = nucleus_tokens(bufs[0][: min(B, 4)], FLAT_T, FLAT_P)
+                ours = timeit(lambda x: decodekit.sample_from_logits(x, FLAT_T, 0, FLAT_P, seed=1), bufs, reps)
+                ref = timeit(lambda x: recipe_sample(x, FLAT_T, 0, FLAT_P, g), bufs, max(3, reps // 4))
+                peaked = ours if peaked is None else peaked
+                rate = B * V * 4 / ours / 1e9
+                out.append(dict(op=f"top-p {FLAT_P} T{FLAT_T} {name}", B=B, V=V, nucleus=nuc, ours_s=ours, torch_s=ref,
+                                speedup=ref / ours, vs_peaked=ours / peaked, bw_fraction=rate / read_bw,
+                                copy_bw_fraction=rate / copy_bw))
+                print(f"{name:<14}{B:>4}{V:>8}{nuc:>9.0f}{ours * 1e3:>10.3f}{ours / peaked:>8.2f}x{ref * 1e3:>10.3f}"
+                      f"{ref / ours:>8.1f}x{100 * rate / read_bw:>9.1f}%{100 * rate / copy_bw:>9.1f}%", flush=True)
+                del bufs
+    return out
+
+
 def plot(results, path):
     import matplotlib
 
@@ -192,21 +255,25 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     ap.add_argument("--png", default=None, help="write a plot of the speedups here (needs matplotlib)")
     ap.add_argument("--markdown", default=None, help="also write the results as a Markdown table here")
+    ap.add_argument("--flat", action="store_true", help="only the flat-row top-p cases (peaked to flat rows)")
+    ap.add_argument("--no-flat", action="store_true", help="skip the flat-row top-p cases")
     ap.add_argument("--no-pin-malloc", action="store_true",
                     help="leave glibc's malloc trimming on (the PyTorch recipes then often pay page faults)")
     args = ap.parse_args()
     pinned = False if args.no_pin_malloc else pin_malloc()
 
     bw = read_bandwidth_gbs()
+    copy_bw = copy_bandwidth_gbs()
     info = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                cpu_isa=decodekit._C.cpu_isa(), read_bandwidth_gbs=bw, malloc_pinned=pinned)
+                cpu_isa=decodekit._C.cpu_isa(), read_bandwidth_gbs=bw, copy_bandwidth_gbs=copy_bw,
+                malloc_pinned=pinned)
     print(f"# {info['date']}: read bandwidth {bw:.1f} GB/s, {info['threads']} threads, torch {torch.__version__}, "
           f"kernels {info['cpu_isa']}")
     print(f"{'op':<34}{'B':>4}{'V':>8}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}{'% bw':>7}")
     g = torch.Generator().manual_seed(1)
     results = []
-    all_cases = [c for c in cases(g) if args.only is None or args.only in c[0]]
+    all_cases = [c for c in cases(g) if (args.only is None or args.only in c[0]) and not args.flat]
     for V in args.vocabs:
         for B in args.batches:
             bufs, pbufs = pool(B, V), None
@@ -222,10 +289,11 @@ def main() -> None:
                 print(f"{name:<34}{B:>4}{V:>8}{ours * 1e3:>10.3f}{ref * 1e3:>10.3f}{ref / ours:>8.1f}x{100 * frac:>6.1f}%",
                       flush=True)
             del bufs, pbufs
+    flat = [] if args.no_flat else flat_rows(args.batches, args.vocabs, args.reps, bw, copy_bw)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(dict(info=info, results=results), f, indent=1)
+            json.dump(dict(info=info, results=results, flat_rows=flat), f, indent=1)
     if args.png:
         os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
         plot(results, args.png)
@@ -237,6 +305,15 @@ def main() -> None:
             for r in results:
                 f.write(f"| {r['op']} | {r['B']} | {r['V']} | {r['ours_s'] * 1e3:.3f} | {r['torch_s'] * 1e3:.3f} | "
                         f"{r['speedup']:.1f}x | {100 * r['bw_fraction']:.1f}% |\n")
+            if flat:
+                f.write(f"\nTop-p {FLAT_P} alone at T {FLAT_T}, peaked to flat rows "
+                        f"(copy bandwidth {copy_bw:.1f} GB/s).\n\n"
+                        "| row | B | V | nucleus | ours ms | / peaked | torch ms | speedup | % read bw | % copy bw |\n"
+                        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+                for r in flat:
+                    f.write(f"| {r['op']} | {r['B']} | {r['V']} | {r['nucleus']:.0f} | {r['ours_s'] * 1e3:.3f} | "
+                            f"{r['vs_peaked']:.2f}x | {r['torch_s'] * 1e3:.3f} | {r['speedup']:.1f}x | "
+                            f"{100 * r['bw_fraction']:.1f}% | {100 * r['copy_bw_fraction']:.1f}% |\n")
 
 
 if __name__ == "__main__":

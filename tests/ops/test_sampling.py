@@ -370,6 +370,59 @@ def test_top_p_alone_boundary_in_the_last_captured_octave_and_exact_ties():
         assert abs(float(out.logprobs[0]) + math.log(kept)) < 1e-6
 
 
+@pytest.mark.parametrize(
+    "V,scale,T,p,min_p",
+    [
+        (128256, 3.5, 0.7, 0.9, 0.0),  # nucleus ~1.7e3
+        (128256, 2.5, 0.7, 0.9, 0.0),  # ~1.4e4
+        (128256, 1 / 0.7, 0.7, 0.9, 0.0),  # ~5.6e4: randn logits at T = 0.7
+        (128256, 0.5, 1.5, 0.9, 0.0),  # ~1.0e5
+        (50000, 1.0, 1.0, 0.99, 0.0),
+        (32000, 1 / 0.7, 0.7, 0.5, 0.0),
+        (128256, 1 / 0.7, 0.7, 0.9, 0.002),  # min-p after the flat nucleus
+    ],
+)
+def test_top_p_alone_on_flat_rows_keeps_the_reference_nucleus(V, scale, T, p, min_p):
+    # Flat rows (what models give at T >= 1) hold nuclei of 10^3 to 10^5 tokens: the kept set
+    # must be the float64 reference's, token for token, and the draws its inverse CDF with the
+    # same uniforms, also when the logprobs are asked for (the kept tokens are then listed).
+    g = torch.Generator().manual_seed(int(V * scale * 10) % 100003)
+    row = torch.randn(V, generator=g) * (scale * T)
+    want = ref.filtered_probs(row, temperature=T, top_p=p, min_p=min_p)
+    kept = int((want > 0).sum())
+    if min_p == 0.0:
+        assert 500 <= kept <= 120000, kept
+    got = decodekit.processed_probs(row[None], T, top_p=p, min_p=min_p)[0]
+    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), kept)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-12)
+    seeds = torch.arange(48) * 5 + 3
+    want_ids = [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, min_p=min_p, seed=seeds)
+    assert ids.tolist() == want_ids
+    out = decodekit.sample_from_logits(row.repeat(8, 1), T, top_p=p, min_p=min_p, seed=seeds[:8],
+                                       return_logprobs=True)
+    assert out.token_ids.tolist() == want_ids[:8]
+    lp_want = torch.log(want[out.token_ids]).float()
+    assert torch.allclose(out.logprobs, lp_want, atol=1e-4)
+    fast = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, min_p=min_p, seed=seeds,
+                                        deterministic=False)
+    assert bool((want[fast] > 0).all())
+
+
+def test_top_p_alone_on_flat_tied_rows_ranks_ties_by_index():
+    # Flat rows of heavily tied logits: the nucleus boundary falls inside a run of thousands
+    # of equal logits, where the lowest indices must be kept first, as in the reference.
+    g = torch.Generator().manual_seed(23)
+    for V, T, p in ((128256, 0.7, 0.9), (128256, 1.0, 0.5), (32000, 1.5, 0.99)):
+        row = torch.round(torch.randn(V, generator=g) * 3) / 3
+        want = ref.filtered_probs(row, temperature=T, top_p=p)
+        got = decodekit.processed_probs(row[None], T, top_p=p)[0]
+        assert torch.equal(got > 0, want > 0), (V, T, p)
+        seeds = torch.arange(32) + 7
+        ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+        assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+
+
 def test_top_p_with_many_tied_candidates_matches_reference():
     # Large nuclei over heavily tied logits (including -0.0 next to +0.0) go through the
     # radix-sorted top-p selection: ties must rank by lowest index, as in the reference.

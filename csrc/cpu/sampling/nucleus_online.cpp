@@ -1,6 +1,8 @@
 // Top-p alone on float32 logits: pass A and the nucleus in one read of the row,
 // with an exact cut of the nucleus among the tokens captured in that read.
 #include "cpu/sampling/internal.h"
+#include "cpu/common/draw.h"
+#include "cpu/sampling/nucleus_flat.h"
 #include "cpu/sampling/top_k.h"
 
 #include <algorithm>
@@ -40,15 +42,19 @@ constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 //
 // If the capture would exceed kCaptureCap (a flat row), the rest of the row
 // falls back to float32 mass lanes above tau_j = 16^-(j+1) relative to m_s
-// (the masses of the captured part are added exactly); if the boundary lies
-// below 2^-16, or the weight above it reaches 4096, the masses feed
-// nucleus_candidates, which gathers a superset of the nucleus from a second
-// read of the row (from cache) for apply_chain to cut. Returns the row stats;
+// (the masses of the captured part are added exactly). If the boundary lies
+// below 2^-16, or the weight above it reaches 4096, flat_cut (below) cuts the
+// nucleus exactly over every token; only when its boundary lies below its
+// exact domain do the masses feed nucleus_candidates, which gathers a superset
+// of the nucleus from a second read of the row (from cache) for apply_chain
+// to cut. Returns the row stats;
 // W and the candidates only for a valid row.
 RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf, Buf<double>& seg_buf,
                         NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut) {
   out.clear();
   *cut = false;
+  FlatNucleus& flat = flat_nucleus();
+  flat.on = false;
   const int64_t nch = (V + kChunk - 1) / kChunk;
   cmax_buf.resize(nch);
   seg_buf.resize(6 * nch + 6);  // (m_s, W_s, M_s[0..3]) per segment
@@ -247,6 +253,12 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       return st;
     }
   }
+  // A flat row (the capture overflowed, or its weight was too large): the
+  // exact cut over every token whose weight is large enough for exact sums.
+  if (flat_cut(row, V, m, ec, p, W, flat)) {
+    *cut = true;
+    return st;
+  }
   // Fallback: lower bounds of the masses above tau_j, the captured part exactly.
   const float t[4] = {0.0625f, 0.00390625f, 0.000244140625f, 1.52587890625e-05f};
   for (int64_t i = 0; i < nc; ++i)
@@ -256,8 +268,176 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   return st;
 }
 
-// Inverse CDF over block sums: the first index (ascending) whose running
-// float64 sum exceeds target. Zero-weight tokens are never returned.
+// ------------------------------------------------------------ flat rows ---
+// Buckets per octave of weight in the flat-row cut, and the most buckets.
+constexpr int kFlatPerOctave = 64;
+constexpr int kFlatBuckets = kFlatPerOctave * 30;
+
+// The exact nucleus of a flat row (one whose nucleus holds many thousand
+// tokens), in two more reads of the row (from cache) and no sort of the row.
+//
+// Exact domain: with the total W < 2^L, every token whose weight is >= 2^-A,
+// A = 29 - L, is a multiple of 2^-(A+23), and every partial sum of such
+// weights is below 2^L = 2^(29-A): float64 adds them exactly (52 bits), in any
+// order. The rank-order running sum of top_p_select_sorted_input is then the
+// exact prefix mass, which the buckets below reproduce.
+//
+// Read 1 computes every weight e = exp((x - m) / T) (the same bits as
+// LogitWeight and the capture), stores it in ns.w, and adds it to its bucket
+// q = floor(64 z), z = (m - x) c_hi (log2 of 1 / e up to rounding; monotone in
+// the logit, so bucket q ranks wholly above bucket q + 1). Only buckets with
+// z < A - 0.01 (weights >= 2^-A, slack far above the roundings of z and the
+// exp error) count; their masses are exact. The first bucket where the
+// cumulative mass reaches p W holds the boundary token; read 2 gathers that
+// bucket, sorts it by rank (logit desc, index asc) and scans it. The kept set
+// is every token ranked at or above that token: ns.bx, ns.bi; ns.block_sums
+// its exact mass per block of reduce::kBlock tokens, for draw_flat. False (nothing
+// decided) when the boundary lies below the exact domain: the caller then
+// takes the general path (nucleus_candidates, top_p_stage).
+FlatNucleus& flat_nucleus() {
+  thread_local FlatNucleus f;
+  return f;
+}
+
+bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns) {
+  ns.on = false;
+  if (!(W >= 1.0) || !(W < 1e12)) return false;  // the top token weighs 1
+  int L = 0;
+  while (std::ldexp(1.0, L) <= W * (1.0 + 1e-4)) ++L;  // 2^L above the exact total (W is within ~1e-6 of it)
+  const int A = 29 - L;
+  if (A < 2) return false;
+  const int nq = std::min(kFlatBuckets, static_cast<int>(kFlatPerOctave * (static_cast<double>(A) - 0.01)));
+  float* E = ns.w.get(V + kLanes);
+  double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
+  double* h1 = h0 + kFlatBuckets + 1;
+  std::memset(h0, 0, sizeof(double) * 2 * (kFlatBuckets + 1));
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
+           vper = splat(static_cast<float>(kFlatPerOctave)), vnq = splat(static_cast<float>(nq));
+  // The bucket of each lane: nq (a bucket outside the domain, never read) unless z < nq / 64.
+  auto bucket = [&](VF xs) __attribute__((always_inline)) {
+    const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
+    const VF qk = select(vnq > qf, qf, vnq);
+    VI qi;
+    for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
+    return qi;
+  };
+  alignas(64) int32_t qa[kLanes];
+  alignas(64) float ea[kLanes];
+  for (int64_t c = 0; c < V; c += kLanes) {
+    const VF xs = c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V);
+    const VF e = exp16_scaled(xs - vm, vch, vcl);  // 0 at -inf
+    store_f32(E + c, e);
+    store_f32(ea, e);
+    to_array(bucket(xs), qa);
+    // Two histograms: neighbours in one bucket do not wait on each other's add.
+    for (int j = 0; j < kLanes; j += 2) {
+      h0[qa[j]] += static_cast<double>(ea[j]);
+      h1[qa[j + 1]] += static_cast<double>(ea[j + 1]);
+    }
+  }
+  const double target = p * W;
+  double before = 0.0;
+  int b = 0;
+  for (; b < nq; ++b) {
+    const double hb = h0[b] + h1[b];
+    if (before + hb >= target) break;
+    before += hb;
+  }
+  if (b == nq) return false;
+  // Read 2: the boundary bucket's tokens, and the block sums (reduce::kBlock) of
+  // the weights in the buckets above it, for the draw.
+  std::vector<Cand>& band = ns.band;
+  band.clear();
+  const int64_t nb = reduce::num_blocks(V);
+  double* bs = ns.block_sums.get(nb);
+  const VI vb = splati(b);
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t end = std::min(V, b0 + kBlock);
+    Acc16d acc;
+    for (int64_t c = b0; c < end; c += kLanes) {
+      const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
+      const VI q = bucket(xs);  // load_tail's -inf lands in bucket nq
+      acc.add(select(q < vb, load_f32(E + c), zero));  // E has kLanes of slack past V
+      uint32_t bits = lane_bits(q == vb);
+      while (bits) {
+        const int64_t i = c + __builtin_ctz(bits);
+        bits &= bits - 1;
+        band.push_back(Cand{row[i], E[i], static_cast<int32_t>(i)});
+      }
+    }
+    bs[blk] = acc.sum();
+  }
+  // The band in rank order (gathered in index order: often sorted already, as in a run of ties).
+  if (!std::is_sorted(band.begin(), band.end(), rank_before)) std::sort(band.begin(), band.end(), rank_before);
+  double run = before;
+  size_t n = 0;
+  while (n < band.size()) {
+    run += static_cast<double>(band[n++].e);
+    if (run >= target) break;
+  }
+  if (n == 0 || run < target) return false;  // cannot happen: the bucket's exact mass reaches p W
+  for (size_t j = 0; j < n; ++j) bs[band[j].idx / kBlock] += static_cast<double>(band[j].e);
+  ns.bx = band[n - 1].x;
+  ns.bi = band[n - 1].idx;
+  ns.on = true;
+  return true;
+}
+
+// The weights of a flat row's kept tokens (cpu/common/draw.h's source): e
+// where the token ranks at or above (bx, bi) and e >= min_w (min-p), else 0.
+struct FlatWeights {
+  const float* x;
+  const float* e;
+  float bx;
+  int32_t bi;
+  float min_w;
+  DK_INLINE VF of(VF xs, VF es, int64_t c) const {
+    const VF vbx = splat(bx);
+    const VI ids = iota16() + splati(static_cast<int32_t>(c));
+    const VI kept = ((xs > vbx) | ((xs == vbx) & (ids <= splati(bi)))) & (es >= splat(min_w));
+    return select(kept, es, splat(0.0f));
+  }
+  DK_INLINE VF full(int64_t c) const { return of(load_f32(x + c), load_f32(e + c), c); }
+  DK_INLINE VF tail(int64_t c, int64_t end) const { return of(load_tail(x, c, end), load_tail(e, c, end), c); }
+  DK_INLINE float at(int64_t i) const {
+    const bool kept = (x[i] > bx || (x[i] == bx && i <= bi)) && e[i] >= min_w;
+    return kept ? e[i] : 0.0f;
+  }
+};
+
+// Inverse CDF over a flat row's kept tokens: every kept weight is in the
+// exact domain of flat_cut, so the block sums and the running sum are the
+// exact sums that draw_from_cands computes one by one in index order, and the
+// token is the same. The block sums are flat_cut's unless min-p removes tokens.
+// *W_out = the kept mass.
+int64_t draw_flat(const float* x, int64_t V, const FlatNucleus& ns, float min_w, double u, Buf<double>& sums,
+                  int64_t fallback, double* W_out) {
+  const FlatWeights src{x, ns.w.data(), ns.bx, ns.bi, min_w};
+  const int64_t nb = reduce::num_blocks(V);
+  double W = 0.0;
+  const double* bs = ns.block_sums.data();
+  if (min_w > 0.0f) {  // min-p: the kept weights' block sums (flat_cut's hold the nucleus)
+    W = block_sums(src, V, sums.get(nb));
+    bs = sums.data();
+  } else {
+    for (int64_t k = 0; k < nb; ++k) W += bs[k];
+  }
+  *W_out = W;
+  if (!(W > 0.0)) return fallback;
+  const int64_t token = draw_from_blocks(src, V, bs, u * W);
+  return token >= 0 ? token : fallback;
+}
+
+// A flat row's kept tokens as candidates, in index order (what the general
+// path leaves after top_p_stage and min_p_stage).
+void flat_cands(const float* x, int64_t V, const FlatNucleus& ns, float min_w, std::vector<Cand>& out) {
+  const float* e = ns.w.data();
+  out.clear();
+  for (int64_t i = 0; i < V; ++i)
+    if ((x[i] > ns.bx || (x[i] == ns.bx && i <= ns.bi)) && e[i] >= min_w)
+      out.push_back(Cand{x[i], e[i], static_cast<int32_t>(i)});
+}
+
 
 }  // namespace detail
 }  // namespace DK_ISA

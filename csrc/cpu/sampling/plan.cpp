@@ -1,5 +1,6 @@
 // The row plan of the samplers and the chain top-k -> top-p -> min-p.
 #include "cpu/sampling/internal.h"
+#include "cpu/sampling/nucleus_flat.h"
 #include "cpu/sampling/plan.h"
 #include "cpu/sampling/top_k.h"
 
@@ -98,6 +99,10 @@ LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k
       r.kept = Kept{true, 0.0f};
       break;
     case RowPlan::kTopPOneRead:  // the nucleus gathered in pass A (cut exactly there, or a superset)
+      if (flat_nucleus().on) {  // a flat row: the nucleus is a rank threshold (flat_cut)
+        r.kept = Kept{false, min_w};
+        break;
+      }
       if (!cut) {
         drop_below_nucleus_bound(sc.cands, p, r.W, V);
         if (!top_p_stage(sc.cands, p, r.W, true)) {
@@ -127,6 +132,7 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
   const float* x = r.x;
   const float m = r.s.max;
   const bool greedy = r.plan == RowPlan::kGreedy;
+  const bool flat = r.plan == RowPlan::kTopPOneRead && flat_nucleus().on;  // the nucleus is flat_cut's
   int64_t token = r.s.argmax;
   double W = 1.0;
   if (!greedy) {
@@ -137,7 +143,10 @@ int64_t sample_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, c
       W = r.W;
       const int64_t t = draw_from_blocks(RowWeights<LogitWeight>{x, r.w, 0.0f}, V, sc.sums.data(), u * W);
       token = t >= 0 ? t : r.s.argmax;
+    } else if (flat && !lp.active()) {  // no candidate list needed: draw from the threshold
+      token = draw_flat(x, V, flat_nucleus(), r.kept.min_w, u, sc.sums, r.s.argmax, &W);
     } else {
+      if (flat) flat_cands(x, V, flat_nucleus(), r.kept.min_w, sc.cands);
       token = draw_kept(x, V, r.w, r.kept, sc.cands, sc.sums, u, r.s.argmax, &W, fast);
     }
   }
@@ -194,6 +203,7 @@ bool processed_row(const LogitsView& lv, int64_t b, const SamplingParams& prm, b
   }
   // The kept candidates; W their float64 total in index order (draw_from_cands).
   std::vector<Cand>& cands = sc.cands;
+  if (r.plan == RowPlan::kTopPOneRead && flat_nucleus().on) flat_cands(r.x, V, flat_nucleus(), r.kept.min_w, cands);
   std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) { return x.idx < y.idx; });
   double W = 0.0;
   for (const Cand& c : cands) W += static_cast<double>(c.e);
