@@ -93,34 +93,39 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
 // Blocks of 32 weights (linear.h). A block is dequantized into two VF (weights
 // 0-15 and 16-31 of the block, i.e. two consecutive k-vectors of the float32
 // kernel above), then used exactly as the float32 kernel uses its loaded weight
-// vectors: same FMAs in the same order, so the same bits.
+// vectors: same FMAs in the same order, so the same bits. The binary16 scales
+// are converted by F16C in the AVX-512 / AVX2 builds (exact), in software in the
+// baseline build (exact too).
 
-DK_VINLINE float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, sizeof h);
-#if defined(__F16C__)
-  return _cvtsh_ss(h);  // hardware conversion (exact)
-#else
-  return half_bits_to_float(h);  // exact, in software (baseline build only)
+#ifndef DK_QTN
+#define DK_QTN 4
 #endif
-}
+constexpr int kQuantTileN = DK_QTN;  // weight rows per tile at M <= 4
+
+template <BlockType BT>
+constexpr int64_t kBlockBytes = BT == BlockType::kQ4_1 ? kQ4_1BlockBytes : kQ8_0BlockBytes;
 
 #if defined(__AVX512F__)
 // Q4_1: the 16 possible weights of the block, fma(d, i, m) for i = 0..15, in one
 // register; each nibble then picks its weight with a lane permute (vpermps reads
-// the low 4 bits of each 32-bit index, so the low nibble needs no mask).
+// the low 4 bits of each 32-bit index, so the low nibble needs no mask). d and m
+// are converted together: the (d, m) pair is broadcast as one 32-bit word and
+// converted, giving d, m, d, m, ... in the lanes.
 DK_VINLINE void dequant_q4_1(const uint8_t* b, VF& w0, VF& w1) {
-  const __m512 d = _mm512_set1_ps(half_at(b));
-  const __m512 m = _mm512_set1_ps(half_at(b + 2));
+  uint32_t dm_bits;
+  std::memcpy(&dm_bits, b, sizeof dm_bits);
+  const __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(static_cast<int>(dm_bits)));
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 table = _mm512_fmadd_ps(d, iota, m);
+  const __m512 table = _mm512_fmadd_ps(_mm512_permute_ps(dm, 0x00), iota, _mm512_permute_ps(dm, 0x55));
   const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
   w0.p[0] = (nf)_mm512_permutexvar_ps(q, table);
   w1.p[0] = (nf)_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
 }
 
 DK_VINLINE void dequant_q8_0(const uint8_t* b, VF& w0, VF& w1) {
-  const __m512 d = _mm512_set1_ps(half_at(b));
+  uint16_t d_bits;
+  std::memcpy(&d_bits, b, sizeof d_bits);
+  const __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(d_bits)));
   const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
   const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
   w0.p[0] = (nf)_mm512_mul_ps(d, _mm512_cvtepi32_ps(q0));  // exact
@@ -129,6 +134,16 @@ DK_VINLINE void dequant_q8_0(const uint8_t* b, VF& w0, VF& w1) {
 #else
 typedef uint8_t nb_u __attribute__((vector_size(DK_NATIVE_LANES), aligned(1), may_alias));
 typedef int8_t nsb_u __attribute__((vector_size(DK_NATIVE_LANES), aligned(1), may_alias));
+
+DK_VINLINE float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return half_bits_to_float(h);
+#endif
+}
 
 // d * q is exact, so d * q + m (two IEEE operations) is the one rounding of fma(d, q, m).
 DK_VINLINE void dequant_q4_1(const uint8_t* b, VF& w0, VF& w1) {
@@ -159,9 +174,6 @@ DK_VINLINE void dequant(const uint8_t* b, VF& w0, VF& w1) {
   else
     dequant_q8_0(b, w0, w1);
 }
-
-template <BlockType BT>
-constexpr int64_t kBlockBytes = BT == BlockType::kQ4_1 ? kQ4_1BlockBytes : kQ8_0BlockBytes;
 
 // TM (<= 4) rows of x against TN weight rows given as blocks (row stride
 // row_bytes), each block dequantized once in registers for the TM rows.
@@ -220,9 +232,9 @@ void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const
                         const float* bias, float* y, int64_t ldy, int num_threads) {
   const int64_t row_bytes = K / kQuantBlockSize * kBlockBytes<BT>;
   if (M <= kTileM) {
-    // Decoding: weights dequantized in registers, 4 weight rows per tile (each x vector
-    // loaded once for the 4 rows).
-    constexpr int TN = 4;
+    // Decoding: weights dequantized in registers, TN weight rows per tile (each x vector
+    // loaded once for the TN rows).
+    constexpr int TN = kQuantTileN;
     const int64_t tiles = (N + TN - 1) / TN;
     parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
       const int64_t n0 = t * TN;
@@ -230,6 +242,20 @@ void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const
       const uint8_t* w = blocks + n0 * row_bytes;
       const float* b = bias ? bias + n0 : nullptr;
       switch (tn) {
+#if DK_QTN == 8
+        case 8:
+          quant_small_m<BT, 8>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 7:
+          quant_small_m<BT, 7>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 6:
+          quant_small_m<BT, 6>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 5:
+          quant_small_m<BT, 5>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+#endif
         case 4:
           quant_small_m<BT, 4>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
           break;
