@@ -320,7 +320,8 @@ def _quantized(reader, tensor, copy: bool) -> QuantizedWeight:
     N, K = (int(d) for d in reversed(tensor.shape.tolist()))
     block_type = tensor.tensor_type.name.lower()
     if copy:
-        raw = np.fromfile(reader.data.filename, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
+        count, offset = int(tensor.n_bytes), int(tensor.data_offset)
+        raw = np.fromfile(reader.data.filename, dtype=np.uint8, count=count, offset=offset)
     else:
         raw = tensor.data.reshape(-1)
     return QuantizedWeight(torch.from_numpy(raw), block_type, (N, K))

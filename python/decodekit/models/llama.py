@@ -326,10 +326,13 @@ class LlamaModel:
         In deterministic mode (``self.deterministic``, the default) float32 CPU products go
         through :func:`decodekit.linear`, whose rows are bit-identical whatever the number of
         rows in the call; otherwise ``torch.nn.functional.linear``. A
-        :class:`~decodekit.QuantizedWeight` always goes through ``linear_quantized`` (the same
-        bits as :func:`decodekit.linear` on its float32 values, batch-invariant too).
+        :class:`~decodekit.QuantizedWeight` goes through ``linear_quantized`` in deterministic
+        mode (the same bits as :func:`decodekit.linear` on its float32 values); otherwise it is
+        dequantized at each call for ``torch.nn.functional.linear`` (slow: a reference path).
         """
         if isinstance(weight, QuantizedWeight):
+            if not (self.deterministic and x.dtype == torch.float32 and x.device.type == "cpu"):
+                return F.linear(x, weight.dequantize())
             N, K = weight.shape
             x2 = x.reshape(-1, K)
             if x2.stride(-1) != 1:

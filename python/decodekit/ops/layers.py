@@ -106,8 +106,9 @@ class QuantizedWeight:
     def cat(weights) -> QuantizedWeight:
         """Rows of several QuantizedWeights of one block type and ``K``, stacked (a copy)."""
         weights = list(weights)
-        if not weights or any(
-            not isinstance(w, QuantizedWeight) or w.block_type != weights[0].block_type or w.shape[1] != weights[0].shape[1]
+        first = weights[0] if weights else None
+        if first is None or any(
+            not isinstance(w, QuantizedWeight) or w.block_type != first.block_type or w.shape[1] != first.shape[1]
             for w in weights
         ):
             raise ValueError("QuantizedWeight.cat: needs QuantizedWeights of one block type and one K")
