@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/common/scratch.h"
 #include "cpu/common/vec.h"
 
 namespace decodekit {
@@ -88,6 +89,225 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
   }
 }
 
+// ------------------------------------------------------ quantized weights ----
+// Blocks of 32 weights (linear.h). A block is dequantized into two VF (weights
+// 0-15 and 16-31 of the block, i.e. two consecutive k-vectors of the float32
+// kernel above), then used exactly as the float32 kernel uses its loaded weight
+// vectors: same FMAs in the same order, so the same bits. The binary16 scales
+// are converted by F16C in the AVX-512 / AVX2 builds (exact), in software in the
+// baseline build (exact too).
+
+#ifndef DK_QTN
+#define DK_QTN 4
+#endif
+constexpr int kQuantTileN = DK_QTN;  // weight rows per tile at M <= 4
+
+template <BlockType BT>
+constexpr int64_t kBlockBytes = BT == BlockType::kQ4_1 ? kQ4_1BlockBytes : kQ8_0BlockBytes;
+
+#if defined(__AVX512F__)
+// Q4_1: the 16 possible weights of the block, fma(d, i, m) for i = 0..15, in one
+// register; each nibble then picks its weight with a lane permute (vpermps reads
+// the low 4 bits of each 32-bit index, so the low nibble needs no mask). d and m
+// are converted together: the (d, m) pair is broadcast as one 32-bit word and
+// converted, giving d, m, d, m, ... in the lanes.
+DK_VINLINE void dequant_q4_1(const uint8_t* b, VF& w0, VF& w1) {
+  uint32_t dm_bits;
+  std::memcpy(&dm_bits, b, sizeof dm_bits);
+  const __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(static_cast<int>(dm_bits)));
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 table = _mm512_fmadd_ps(_mm512_permute_ps(dm, 0x00), iota, _mm512_permute_ps(dm, 0x55));
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
+  w0.p[0] = (nf)_mm512_permutexvar_ps(q, table);
+  w1.p[0] = (nf)_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+}
+
+DK_VINLINE void dequant_q8_0(const uint8_t* b, VF& w0, VF& w1) {
+  uint16_t d_bits;
+  std::memcpy(&d_bits, b, sizeof d_bits);
+  const __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(d_bits)));
+  const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
+  const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
+  w0.p[0] = (nf)_mm512_mul_ps(d, _mm512_cvtepi32_ps(q0));  // exact
+  w1.p[0] = (nf)_mm512_mul_ps(d, _mm512_cvtepi32_ps(q1));
+}
+#else
+typedef uint8_t nb_u __attribute__((vector_size(DK_NATIVE_LANES), aligned(1), may_alias));
+typedef int8_t nsb_u __attribute__((vector_size(DK_NATIVE_LANES), aligned(1), may_alias));
+
+DK_VINLINE float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return half_bits_to_float(h);
+#endif
+}
+
+// d * q is exact, so d * q + m (two IEEE operations) is the one rounding of fma(d, q, m).
+DK_VINLINE void dequant_q4_1(const uint8_t* b, VF& w0, VF& w1) {
+  const nf d = nf{} + half_at(b);
+  const nf m = nf{} + half_at(b + 2);
+  for (int i = 0; i < kParts; ++i) {
+    const ni q = __builtin_convertvector(*reinterpret_cast<const nb_u*>(b + 4 + i * DK_NATIVE_LANES), ni);
+    w0.p[i] = d * __builtin_convertvector(q & 15, nf) + m;
+    w1.p[i] = d * __builtin_convertvector(q >> 4, nf) + m;
+  }
+}
+
+DK_VINLINE void dequant_q8_0(const uint8_t* b, VF& w0, VF& w1) {
+  const nf d = nf{} + half_at(b);
+  for (int i = 0; i < kParts; ++i) {
+    const ni q0 = __builtin_convertvector(*reinterpret_cast<const nsb_u*>(b + 2 + i * DK_NATIVE_LANES), ni);
+    const ni q1 = __builtin_convertvector(*reinterpret_cast<const nsb_u*>(b + 18 + i * DK_NATIVE_LANES), ni);
+    w0.p[i] = d * __builtin_convertvector(q0, nf);
+    w1.p[i] = d * __builtin_convertvector(q1, nf);
+  }
+}
+#endif
+
+template <BlockType BT>
+DK_VINLINE void dequant(const uint8_t* b, VF& w0, VF& w1) {
+  if (BT == BlockType::kQ4_1)
+    dequant_q4_1(b, w0, w1);
+  else
+    dequant_q8_0(b, w0, w1);
+}
+
+// TM (<= 4) rows of x against TN weight rows given as blocks (row stride
+// row_bytes), each block dequantized once in registers for the TM rows.
+template <BlockType BT, int TM, int TN>
+void quant_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes, int64_t K, const float* bias,
+                float* y, int64_t ldy) {
+  VF acc[TM][TN];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = splat(0.0f);
+  const int64_t nb = K / kQuantBlockSize;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    VF w0[TN], w1[TN];
+    for (int j = 0; j < TN; ++j) dequant<BT>(w + j * row_bytes + blk * kBlockBytes<BT>, w0[j], w1[j]);
+    const int64_t k = blk * kQuantBlockSize;
+    for (int i = 0; i < TM; ++i) {
+      const VF x0 = load_f32(x + i * ldx + k);
+      const VF x1 = load_f32(x + i * ldx + k + kL);
+      for (int j = 0; j < TN; ++j) {
+        acc[i][j] = fma16(x0, w0[j], acc[i][j]);
+        acc[i][j] = fma16(x1, w1[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) y[i * ldy + j] = tree_sum16(acc[i][j]) + (bias ? bias[j] : 0.0f);
+}
+
+// Rows tn (<= TN) of weights, x with M <= kTileM rows: one quant_tile.
+template <BlockType BT, int TN>
+void quant_small_m(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t row_bytes,
+                   const float* bias, float* y, int64_t ldy) {
+  switch (M) {
+    case 4:
+      quant_tile<BT, 4, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      break;
+    case 3:
+      quant_tile<BT, 3, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      break;
+    case 2:
+      quant_tile<BT, 2, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      break;
+    default:
+      quant_tile<BT, 1, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      break;
+  }
+}
+
+template <int TN>
+DK_VINLINE void float_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias,
+                            float* y, int64_t ldy) {
+  column_block<TN>(x, M, K, ldx, w, K, bias, y, ldy);
+}
+
+template <BlockType BT>
+void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* blocks, int64_t N,
+                        const float* bias, float* y, int64_t ldy, int num_threads) {
+  const int64_t row_bytes = K / kQuantBlockSize * kBlockBytes<BT>;
+  if (M <= kTileM) {
+    // Decoding: weights dequantized in registers, TN weight rows per tile (each x vector
+    // loaded once for the TN rows).
+    constexpr int TN = kQuantTileN;
+    const int64_t tiles = (N + TN - 1) / TN;
+    parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
+      const int64_t n0 = t * TN;
+      const int64_t tn = std::min<int64_t>(TN, N - n0);
+      const uint8_t* w = blocks + n0 * row_bytes;
+      const float* b = bias ? bias + n0 : nullptr;
+      switch (tn) {
+#if DK_QTN == 8
+        case 8:
+          quant_small_m<BT, 8>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 7:
+          quant_small_m<BT, 7>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 6:
+          quant_small_m<BT, 6>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 5:
+          quant_small_m<BT, 5>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+#endif
+        case 4:
+          quant_small_m<BT, 4>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 3:
+          quant_small_m<BT, 3>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        case 2:
+          quant_small_m<BT, 2>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+        default:
+          quant_small_m<BT, 1>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
+          break;
+      }
+    });
+    return;
+  }
+  // Prefill / verification: each tile of kTileN weight rows is dequantized once into a
+  // per-thread float32 buffer [kTileN, K], then the float32 kernel runs every row of x on it.
+  const int64_t tiles = (N + kTileN - 1) / kTileN;
+  parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
+    static thread_local Buf<float> buf;
+    buf.resize(kTileN * K);
+    float* wf = buf.data();
+    const int64_t n0 = t * kTileN;
+    const int64_t tn = std::min<int64_t>(kTileN, N - n0);
+    for (int64_t j = 0; j < tn; ++j) {
+      const uint8_t* row = blocks + (n0 + j) * row_bytes;
+      for (int64_t blk = 0; blk < K / kQuantBlockSize; ++blk) {
+        VF w0, w1;
+        dequant<BT>(row + blk * kBlockBytes<BT>, w0, w1);
+        store_f32(wf + j * K + blk * kQuantBlockSize, w0);
+        store_f32(wf + j * K + blk * kQuantBlockSize + kL, w1);
+      }
+    }
+    const float* b = bias ? bias + n0 : nullptr;
+    switch (tn) {
+      case 4:
+        float_block<4>(x, M, K, ldx, wf, b, y + n0, ldy);
+        break;
+      case 3:
+        float_block<3>(x, M, K, ldx, wf, b, y + n0, ldy);
+        break;
+      case 2:
+        float_block<2>(x, M, K, ldx, wf, b, y + n0, ldy);
+        break;
+      default:
+        float_block<1>(x, M, K, ldx, wf, b, y + n0, ldy);
+        break;
+    }
+  });
+}
+
 }  // namespace
 
 void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
@@ -113,6 +333,14 @@ void linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, i
         break;
     }
   });
+}
+
+void linear_quantized(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* blocks, BlockType type,
+                      int64_t N, const float* bias, float* y, int64_t ldy, int num_threads) {
+  if (type == BlockType::kQ4_1)
+    linear_quantized_t<BlockType::kQ4_1>(x, M, K, ldx, blocks, N, bias, y, ldy, num_threads);
+  else
+    linear_quantized_t<BlockType::kQ8_0>(x, M, K, ldx, blocks, N, bias, y, ldy, num_threads);
 }
 
 }  // namespace DK_ISA

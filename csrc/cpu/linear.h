@@ -17,5 +17,30 @@ namespace cpu {
 using LinearKernel = void(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
                           const float* bias, float* y, int64_t ldy, int num_threads);
 
+// GGML block formats of a quantized weight (as stored in a GGUF file): each row
+// of K weights is K / 32 consecutive blocks of 32 weights.
+//   Q4_1 (20 bytes): binary16 d, binary16 m, 16 bytes qs; weight j of the block
+//     is d * (qs[j] & 15) + m and weight j + 16 is d * (qs[j] >> 4) + m (j < 16).
+//   Q8_0 (34 bytes): binary16 d, 32 int8 qs; weight j is d * qs[j].
+// d * q is exact in float32 (11 + 8 significant bits at most), so the float32
+// value of a weight is fma(d, q, m) (one rounding) for Q4_1 and exact for Q8_0:
+// the same bits as any correct dequantization to float32.
+enum class BlockType : int32_t { kQ4_1 = 0, kQ8_0 = 1 };
+constexpr int64_t kQuantBlockSize = 32;  // weights per block
+constexpr int64_t kQ4_1BlockBytes = 20;
+constexpr int64_t kQ8_0BlockBytes = 34;
+
+// y = x W^T (+ b) with W given as blocks: x [M, K] float32 (row stride ldx),
+// blocks: N rows of K / 32 blocks of type `type` (N * K / 32 * block_bytes
+// bytes, no alignment needed), bias [N] or null, y [M, N] (row stride ldy).
+// K must be a multiple of 32. Each weight is dequantized to its float32 value
+// in registers and the products are accumulated in exactly the order of
+// LinearKernel, so y is bit-identical to LinearKernel on the dequantized
+// weights (and batch-invariant). For M > 4 each tile of weight rows is
+// dequantized once into a per-thread buffer and reused by every row of x.
+using LinearQuantizedKernel = void(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* blocks,
+                                   BlockType type, int64_t N, const float* bias, float* y, int64_t ldy,
+                                   int num_threads);
+
 }  // namespace cpu
 }  // namespace decodekit

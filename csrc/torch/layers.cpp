@@ -1,5 +1,5 @@
-// Torch bindings of the layers family: rms_norm, silu_and_mul, rope_ and linear
-// (CPU and Meta).
+// Torch bindings of the layers family: rms_norm, silu_and_mul, rope_, linear
+// and linear_quantized (CPU and Meta).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
@@ -93,6 +94,58 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
+// ------------------------------------------------------ linear_quantized ----
+// block_type -> kernel enum and bytes per block of 32 weights; a clear error otherwise.
+std::pair<dk::cpu::BlockType, int64_t> parse_block_type(const std::string& block_type) {
+  if (block_type == "q4_1") return {dk::cpu::BlockType::kQ4_1, dk::cpu::kQ4_1BlockBytes};
+  if (block_type == "q8_0") return {dk::cpu::BlockType::kQ8_0, dk::cpu::kQ8_0BlockBytes};
+  TORCH_CHECK_VALUE(false, "decodekit: linear_quantized block_type must be 'q4_1' or 'q8_0', got '", block_type, "'");
+}
+
+// blocks_numel: blocks.numel(), or nullopt when it is symbolic (fake tensors under tracing).
+void check_linear_quantized(const at::Tensor& x, const at::Tensor& blocks, std::optional<int64_t> blocks_numel,
+                            const std::string& block_type, int64_t N, int64_t K,
+                            const std::optional<at::Tensor>& bias) {
+  const int64_t bytes = parse_block_type(block_type).second;
+  TORCH_CHECK_VALUE(N >= 0, "decodekit: linear_quantized N must be >= 0, got ", N);
+  TORCH_CHECK_VALUE(K > 0 && K % 32 == 0, "decodekit: linear_quantized K must be a positive multiple of 32 (the block size), got ",
+                    K);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.sym_size(1) == K, "decodekit: linear_quantized wants x [M, K=", K, "], got ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "decodekit: linear_quantized x must be float32, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(blocks.scalar_type() == at::kByte, "decodekit: linear_quantized blocks must be uint8, got ",
+                   blocks.scalar_type());
+  TORCH_CHECK_VALUE(!blocks_numel.has_value() || *blocks_numel == N * (K / 32) * bytes, "decodekit: linear_quantized blocks must hold N * K / 32 * ",
+                    bytes, " = ", N * (K / 32) * bytes, " bytes for ", block_type, " [N=", N, ", K=", K, "], got ",
+                    blocks_numel.value_or(-1));
+  TORCH_CHECK_VALUE(blocks.device() == x.device(), "decodekit: linear_quantized blocks are on ", blocks.device(),
+                    ", x on ", x.device());
+  if (bias.has_value())
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == N && bias->scalar_type() == at::kFloat &&
+                          bias->device() == x.device(),
+                      "decodekit: linear_quantized bias must be a float32 [N=", N, "] tensor on x's device");
+}
+
+at::Tensor linear_quantized_cpu(const at::Tensor& x, const at::Tensor& blocks, const std::string& block_type,
+                                int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
+  check_linear_quantized(x, blocks, blocks.numel(), block_type, N, K, bias);
+  TORCH_CHECK_VALUE(blocks.is_contiguous(), "decodekit: linear_quantized blocks must be contiguous");
+  TORCH_CHECK_VALUE(x.stride(1) == 1, "decodekit: linear_quantized x rows must be contiguous");
+  at::Tensor bc;
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    b = bc.data_ptr<float>();
+  }
+  auto y = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0 || N == 0) return y;
+  dk::cpu::kernels().linear_quantized(x.data_ptr<float>(), x.size(0), K, x.stride(0), blocks.data_ptr<uint8_t>(),
+                                      parse_block_type(block_type).first, N, b, y.data_ptr<float>(), y.stride(0),
+                                      at::get_num_threads());
+  return y;
+}
+
 // ------------------------------------------------------------- Meta ----
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
   require_meta(x, "x");
@@ -117,6 +170,13 @@ at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std:
   return at::empty({x.size(0), weight.size(0)}, x.options());
 }
 
+at::Tensor linear_quantized_meta(const at::Tensor& x, const at::Tensor& blocks, const std::string& block_type,
+                                 int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
+  require_meta(x, "x");
+  check_linear_quantized(x, blocks, blocks.sym_numel().maybe_as_int(), block_type, N, K, bias);
+  return at::empty_symint({x.sym_size(0), c10::SymInt(N)}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
@@ -124,6 +184,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul_cpu);
   m.impl("rope_", &rope_inplace_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("linear_quantized", &linear_quantized_cpu);
 }
 
 TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
@@ -131,4 +192,5 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("silu_and_mul", &silu_and_mul_meta);
   m.impl("rope_", &rope_inplace_meta);
   m.impl("linear", &linear_meta);
+  m.impl("linear_quantized", &linear_quantized_meta);
 }

@@ -33,6 +33,8 @@ TORCH_LIBRARY(decodekit, m) {
       "Tensor? token_ids, Tensor? token_counts, Tensor? logit_bias, Tensor? bias_ids, Tensor? bias_values, "
       "Tensor? mask, bool mask_allows, int vocab_size) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // blocks: uint8, N rows of K / 32 GGML blocks of block_type ("q4_1" or "q8_0").
+  m.def("linear_quantized(Tensor x, Tensor blocks, str block_type, int N, int K, Tensor? bias) -> Tensor");
   // Validation of probability rows for the Python wrappers: status 0 ok, 1 a negative / NaN / infinite entry,
   // 2 a row without positive mass in [0, vocab_size) (need_mass). The public name returning an int is kept
   // until its callers move to the private op.

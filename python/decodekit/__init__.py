@@ -6,7 +6,7 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
     top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits,
     processed_probs, SamplingOutput;
     penalties: apply_penalties;
-    layers: linear (batch-invariant x @ W.T + b), rms_norm, silu_and_mul, rope_;
+    layers: linear (batch-invariant x @ W.T + b, float32 or QuantizedWeight), rms_norm, silu_and_mul, rope_;
     kv_cache: append_kv_cache, append_paged_kv_cache;
     attention: paged_attention;
     speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
@@ -37,6 +37,7 @@ from .decoding import (
     speculative_generate,
 )
 from .ops import (
+    QuantizedWeight,
     SamplingOutput,
     SpeculativeOutput,
     append_kv_cache,
@@ -87,6 +88,7 @@ __all__ = [
     "processed_probs",
     # penalties, layers
     "apply_penalties",
+    "QuantizedWeight",
     "linear",
     "rms_norm",
     "silu_and_mul",

@@ -26,6 +26,14 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
+def lm(lm):
+    """The float32 model (these tests read the target's weights as tensors)."""
+    from decodekit.models.gguf_loader import load_model
+
+    return load_model(lm.path, dequantize=True)
+
+
+@pytest.fixture(scope="module")
 def draft(lm):
     return load_draft_model(target=lm)
 

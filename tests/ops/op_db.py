@@ -18,6 +18,7 @@ import torch
 
 import decodekit
 import reference as ref
+from reference.layers import dequantize_blocks, random_blocks
 from decodekit._checks import has_kernel
 
 
@@ -249,6 +250,21 @@ def linear_check(args, out):
     torch.testing.assert_close(out.double(), ref.linear(*args), rtol=1e-5, atol=1e-5)
 
 
+def linear_quantized_samples(d):
+    out = []
+    for i, (block_type, M, N, K) in enumerate((("q4_1", 6, 33, 64), ("q8_0", 5, 19, 96))):
+        x = torch.randn(M, K, generator=_g(40 + i))
+        blocks = random_blocks(block_type, N, K, _g(42 + i))
+        out.append((*_on(d, x, blocks), block_type, N, K, *_on(d, torch.randn(N, generator=_g(44 + i)))))
+    return out
+
+
+def linear_quantized_check(args, out):
+    x, blocks, block_type, N, K, bias = args
+    w = dequantize_blocks(blocks, block_type, N, K)
+    torch.testing.assert_close(out.double(), ref.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
 def rms_norm_samples(d):
     return [_on(d, torch.randn(5, 96, generator=_g(11)), torch.rand(96, generator=_g(12)) + 0.5, 1e-5)]
 
@@ -477,6 +493,13 @@ OPS: List[OpRow] = [
         ),
     ),
     OpRow("linear", linear_samples, linear_check, batch_args=(0,), wrapper=lambda a: decodekit.linear(*a)),
+    OpRow(
+        "linear_quantized",
+        linear_quantized_samples,
+        linear_quantized_check,
+        batch_args=(0,),
+        wrapper=lambda a: decodekit.linear(a[0], decodekit.QuantizedWeight(a[1], a[2], (a[3], a[4])), a[5]),
+    ),
     OpRow(
         "rms_norm",
         rms_norm_samples,

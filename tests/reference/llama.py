@@ -130,7 +130,7 @@ def forward(self, input_ids: torch.Tensor, cache: KVCache, *, all_logits: bool =
         raise ValueError(f"forward: {T} new tokens after {start} cached ones exceed the cache size {cache.max_seq_len}")
 
     input_ids = input_ids.to(device=self.device, dtype=torch.long)
-    x = F.embedding(input_ids, self.embed)  # [B, T, H]
+    x = self._embed(input_ids)  # [B, T, H] (F.embedding, or the rows of QuantizedWeight blocks)
     positions = torch.arange(start, end, device=self.device)
     cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # [T, D]
     if T == 1:  # one query sees the whole cache

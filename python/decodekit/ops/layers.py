@@ -4,7 +4,7 @@ place)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -12,10 +12,131 @@ from .._checks import FLT_MAX, check_float32
 
 ops = torch.ops.decodekit
 
-__all__ = ["linear", "rms_norm", "silu_and_mul", "rope_"]
+__all__ = ["QuantizedWeight", "linear", "rms_norm", "silu_and_mul", "rope_"]
+
+# Bytes per block of 32 weights of the GGML block formats that linear() runs on directly.
+_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+_QK = 32  # weights per block
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+class QuantizedWeight:
+    """A block-quantized ``[N, K]`` weight as stored in a GGUF file (no float32 copy).
+
+    Each row of ``K`` weights is ``K / 32`` consecutive blocks of 32 weights (GGML's formats):
+
+    - ``"q4_1"``, 20 bytes: binary16 scale ``d``, binary16 minimum ``m``, 16 bytes of nibbles;
+      weight ``j < 16`` of the block is ``d * (qs[j] & 15) + m`` and weight ``j + 16`` is
+      ``d * (qs[j] >> 4) + m``.
+    - ``"q8_0"``, 34 bytes: binary16 scale ``d``, 32 int8 ``qs``; weight ``j`` is ``d * qs[j]``.
+
+    The float32 value of a weight is the product rounded once with the minimum added (``d * q`` is
+    exact in float32), so :func:`linear` on a QuantizedWeight gives the same bits as on
+    :meth:`dequantize`'s float32 tensor.
+
+    Args:
+        blocks: uint8 tensor (CPU) of ``N * K / 32 * bytes_per_block`` bytes, any shape,
+            contiguous (e.g. a view of a memory-mapped GGUF file; it is not copied).
+        block_type: ``"q4_1"`` or ``"q8_0"``.
+        shape: ``(N, K)`` with ``K`` a positive multiple of 32.
+
+    Attributes:
+        blocks: the bytes as a uint8 ``[N, K / 32 * bytes_per_block]`` tensor.
+        block_type, shape.
+
+    Raises:
+        ValueError / TypeError naming the argument: an unknown block type, K not a multiple
+        of 32, a byte count that does not match the shape, a non-uint8 or non-contiguous tensor.
+    """
+
+    __slots__ = ("blocks", "block_type", "shape")
+
+    def __init__(self, blocks: torch.Tensor, block_type: str, shape) -> None:
+        if block_type not in _BLOCK_BYTES:
+            raise ValueError(f"QuantizedWeight: block_type must be one of {sorted(_BLOCK_BYTES)}, got {block_type!r}")
+        if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
+            raise TypeError("QuantizedWeight: blocks must be a uint8 tensor")
+        try:
+            N, K = (int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"QuantizedWeight: shape must be (N, K), got {shape!r}") from None
+        if N < 0 or K <= 0 or K % _QK:
+            raise ValueError(f"QuantizedWeight: shape (N, K) needs N >= 0 and K a positive multiple of 32, got {shape}")
+        row_bytes = K // _QK * _BLOCK_BYTES[block_type]
+        if blocks.numel() != N * row_bytes:
+            raise ValueError(
+                f"QuantizedWeight: {block_type} [N={N}, K={K}] takes N * K / 32 * {_BLOCK_BYTES[block_type]} = "
+                f"{N * row_bytes} bytes, blocks has {blocks.numel()}"
+            )
+        if not blocks.is_contiguous():
+            raise ValueError("QuantizedWeight: blocks must be contiguous")
+        self.blocks = blocks.reshape(N, row_bytes)
+        self.block_type = block_type
+        self.shape = torch.Size((N, K))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32: the dtype of the values the weight stands for (and of :func:`linear`'s output)."""
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks."""
+        return self.blocks.numel()
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.block_type}, shape={tuple(self.shape)})"
+
+    def rows(self, index) -> QuantizedWeight:
+        """The weight rows ``index`` (an int64 tensor, a slice or a list) as a new QuantizedWeight
+        (a copy of their blocks unless a slice gives a view)."""
+        sel = self.blocks[index]
+        return QuantizedWeight(sel.contiguous(), self.block_type, (sel.size(0), self.shape[1]))
+
+    @staticmethod
+    def cat(weights) -> QuantizedWeight:
+        """Rows of several QuantizedWeights of one block type and ``K``, stacked (a copy)."""
+        weights = list(weights)
+        first = weights[0] if weights else None
+        if first is None or any(
+            not isinstance(w, QuantizedWeight) or w.block_type != first.block_type or w.shape[1] != first.shape[1]
+            for w in weights
+        ):
+            raise ValueError("QuantizedWeight.cat: needs QuantizedWeights of one block type and one K")
+        blocks = torch.cat([w.blocks for w in weights], 0)
+        return QuantizedWeight(blocks, weights[0].block_type, (blocks.size(0), weights[0].shape[1]))
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 ``[*ids.shape, K]``: rows ``ids`` (integer tensor) dequantized (an embedding lookup)."""
+        blk = self.blocks[ids.reshape(-1)].reshape(-1, self.shape[1] // _QK, _BLOCK_BYTES[self.block_type])
+        d = blk[..., 0:2].contiguous().view(torch.float16).float()  # [R, nb, 1], exact
+        if self.block_type == "q4_1":
+            m = blk[..., 2:4].contiguous().view(torch.float16).float()
+            qs = blk[..., 4:].to(torch.int32)
+            q = torch.cat((qs & 15, qs >> 4), dim=-1).float()
+            w = d * q + m  # d * q exact: one rounding, as fma(d, q, m)
+        else:
+            w = d * blk[..., 2:].contiguous().view(torch.int8).float()  # exact
+        return w.reshape(*ids.shape, self.shape[1])
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[N, K]``: every weight's value."""
+        return self.dequantize_rows(torch.arange(self.shape[0]))
+
+
+
+def linear(
+    x: torch.Tensor, weight: Union[torch.Tensor, QuantizedWeight], bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Batch-invariant ``x @ weight.T + bias``: each output row is bit-identical whatever M is.
 
     The stock CPU GEMM picks its blocking of the inner dimension from the problem size,
@@ -28,7 +149,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     Args:
         x: ``[..., K]`` float32 on the CPU (leading dimensions are flattened into M).
-        weight: ``[N, K]`` float32 (rows contiguous).
+        weight: ``[N, K]`` float32 (rows contiguous), or a :class:`QuantizedWeight` (Q4_1 /
+            Q8_0 blocks, ``K`` a multiple of 32): each weight is dequantized in registers and used
+            in the same order, so the result has the same bits as on
+            ``weight.dequantize()`` while reading 4.5 (Q8_0: 8.5) bits per weight instead of 32.
         bias: ``[N]`` float32 or None.
 
     Returns:
@@ -44,6 +168,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     of decoding it is memory-bound on the weights like any GEMM.
     """
     op = "linear"
+    if isinstance(weight, QuantizedWeight):
+        return _linear_quantized(x, weight, bias)
     check_float32(op, op, x=x, weight=weight)
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"{op}: x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -64,6 +190,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = ops.linear(x2.detach(), w.detach(), None if bias is None else bias.detach().contiguous())
     return y.reshape(*lead, weight.size(0))
+
+
+def _linear_quantized(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    op = "linear"
+    check_float32(op, op, x=x)
+    N, K = weight.shape
+    if x.dim() < 1 or x.size(-1) != K:
+        raise ValueError(f"{op}: x has K={x.size(-1) if x.dim() else None} but weight has K={K} (weight is [N, K])")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32:
+            raise TypeError(f"{op}: bias must be a float32 tensor or None")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"{op}: bias must be [N={N}], got {tuple(bias.shape)}")
+        bias = bias.detach().contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = ops.linear_quantized(x2.detach(), weight.blocks, weight.block_type, N, K, bias)
+    return y.reshape(*lead, N)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
