@@ -142,7 +142,7 @@ at::Tensor linear_quantized_cpu(const at::Tensor& x, const at::Tensor& blocks, c
   if (x.size(0) == 0 || N == 0) return y;
   dk::cpu::kernels().linear_quantized(x.data_ptr<float>(), x.size(0), K, x.stride(0), blocks.data_ptr<uint8_t>(),
                                       parse_block_type(block_type).first, N, b, y.data_ptr<float>(), y.stride(0),
-                                      at::get_num_threads());
+                                      dk::torch_ops::num_threads());
   return y;
 }
 
