@@ -32,7 +32,9 @@ def gguf_path() -> str:
 
 def convert(out_dir: str) -> str:
     """Writes config, float32 safetensors and tokenizer to ``out_dir`` (skipped when present)."""
-    if os.path.exists(os.path.join(out_dir, "config.json")):
+    if os.path.exists(os.path.join(out_dir, "config.json")) and any(
+        f.endswith(".safetensors") for f in os.listdir(out_dir)
+    ):
         return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,6 +42,11 @@ def convert(out_dir: str) -> str:
     d, f = os.path.dirname(path), os.path.basename(path)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    # The weights are dequantized float32 tensors by now; forget the GGUF "quantization" so
+    # save_pretrained writes plain safetensors (transformers refuses to serialize GGUF otherwise).
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.torch_dtype = "float32"
