@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per mode and concurrency")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -74,7 +75,8 @@ def main() -> None:
 
     results = []
     for c in [int(x) for x in args.concurrency.split(",")]:
-        run(c, False), run(c, True)  # warm-up
+        for _ in range(args.warmup):
+            run(c, False), run(c, True)
         rows = {False: [], True: []}
         for _ in range(args.rounds):
             for mode in (False, True):
