@@ -17,7 +17,8 @@ KV-cache managers (:mod:`decodekit.cache`): ContiguousKVCache, PagedKVCache, Out
 Sampling parameters (:mod:`decodekit.params`): SamplingParams, validated once.
 
 Decode loop (:mod:`decodekit.decoding`): generate (plain), speculative_generate (with a
-drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult.
+drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult; vote
+(majority of ``n`` samples, Vote), confidence (greedy vs sampled, Confidence).
 """
 
 from importlib import metadata as _metadata
@@ -25,13 +26,17 @@ from importlib import metadata as _metadata
 from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS, cpu_isa  # noqa: F401  (checks the torch version first)
 from .cache import ContiguousKVCache, OutOfBlocksError, PagedKVCache
 from .decoding import (
+    Confidence,
     Drafter,
     DraftModelDrafter,
     GenerationResult,
     NgramDrafter,
     SpeculativeResult,
+    Vote,
+    confidence,
     generate,
     speculative_generate,
+    vote,
 )
 from .ops import (
     SamplingOutput,
@@ -107,4 +112,8 @@ __all__ = [
     "Drafter",
     "NgramDrafter",
     "DraftModelDrafter",
+    "vote",
+    "Vote",
+    "confidence",
+    "Confidence",
 ]
