@@ -258,7 +258,8 @@ def generate(
             whose length is not the number of prompts, ``n < 1``, ``vote`` without ``n``,
             ``min_new_tokens < 0``, an empty stop string, a non-finite ``eos_bias``, stop ids or
             ``top_logprobs`` out of range, ``logprobs_mode`` not "processed"/"raw" (all checked
-            before the model is loaded, except the token checks). Messages of a batch name the request (``temperature[2]``).
+            before the model is loaded, except the token checks). Messages of a batch name the
+            request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
 
     Example:
