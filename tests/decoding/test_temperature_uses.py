@@ -266,9 +266,9 @@ def test_min_new_tokens_masks_every_stop_id_exactly(lm):
 
 
 def test_negative_eos_bias_delays_the_end(lm):
-    base = generate("Hi", model=lm, temperature=0, max_new_tokens=40)
-    assert base.finish_reason == "eos"
-    later = generate("Hi", model=lm, temperature=0, max_new_tokens=40, eos_bias=-1e4)
+    base = generate("Say hi.", model=lm, temperature=0, max_new_tokens=30)
+    assert base.finish_reason == "eos" and len(base.token_ids) < 30
+    later = generate("Say hi.", model=lm, temperature=0, max_new_tokens=30, eos_bias=-1e4)
     assert later.finish_reason == "length" and not set(later.token_ids) & lm.tokenizer.stop_ids
 
 
