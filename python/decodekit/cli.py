@@ -175,9 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _read_prompts(args: argparse.Namespace) -> List[str]:
-    """The prompts of ``--prompt`` (``-`` = all of stdin, without its final newlines) and
-    ``--prompt-file`` (one per non-empty line)."""
-    prompts = [sys.stdin.read().rstrip("\n") if p == "-" else p for p in (args.prompt or [])]
+    """The prompts of ``--prompt`` (``-`` = all of stdin, as is) and ``--prompt-file`` (one per
+    non-empty line)."""
+    prompts = [sys.stdin.read() if p == "-" else p for p in (args.prompt or [])]
     if args.prompt_file is not None:
         if args.prompt_file == "-":
             text = sys.stdin.read()
