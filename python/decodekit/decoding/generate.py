@@ -30,7 +30,8 @@ from .request import (
     prompt_ids,
     sample_requests,
 )
-from .vote import Voted, vote as _vote
+from .vote import Voted
+from .vote import vote as _vote
 
 __all__ = ["generate", "speculative_generate", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P"]
 
