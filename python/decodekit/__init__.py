@@ -19,7 +19,8 @@ Sampling parameters (:mod:`decodekit.params`): SamplingParams, validated once.
 Threads: set_num_threads, get_num_threads (the CPU kernels' thread count; see :mod:`decodekit._threads`).
 
 Decode loop (:mod:`decodekit.decoding`): generate (plain), speculative_generate (with a
-drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult.
+drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult; vote
+(majority of ``n`` samples, Vote), confidence (greedy vs sampled, Confidence).
 """
 
 from importlib import metadata as _metadata
@@ -28,13 +29,17 @@ from ._loader import BUILT_WITH_TORCH, HAS_CUDA_OPS, cpu_isa  # noqa: F401  (che
 from ._threads import get_num_threads, set_num_threads
 from .cache import ContiguousKVCache, OutOfBlocksError, PagedKVCache
 from .decoding import (
+    Confidence,
     Drafter,
     DraftModelDrafter,
     GenerationResult,
     NgramDrafter,
     SpeculativeResult,
+    Vote,
+    confidence,
     generate,
     speculative_generate,
+    vote,
 )
 from .ops import (
     QuantizedWeight,
@@ -114,4 +119,8 @@ __all__ = [
     "Drafter",
     "NgramDrafter",
     "DraftModelDrafter",
+    "vote",
+    "Vote",
+    "confidence",
+    "Confidence",
 ]

@@ -174,6 +174,11 @@ class PagedKVCache:
     (``truncate``, ``free``) are zeroed, so the pool holds exactly the bits it would hold had
     the released tokens never been written.
 
+    :meth:`fork` makes a sequence that shares another's full blocks (reference counts, see
+    :meth:`refcount`) and owns a copy of its last partial block, so that ``n`` samples of one
+    prompt share its prefill; a shared block is zeroed and freed only when its last holder
+    lets it go, and a shared block is never written (truncating into one copies it first).
+
     Args:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim: positive ints.
         dtype: torch.float32 (default), torch.float16 or torch.bfloat16.
@@ -215,6 +220,7 @@ class PagedKVCache:
         self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
         self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
         self._free: List[int] = list(range(NB - 1, -1, -1))  # pop() gives the lowest id
+        self._refs: List[int] = [0] * NB  # sequences holding each block
         self._tables: Dict[int, List[int]] = {}
         self._lens: Dict[int, int] = {}
         self._next_id = 0
@@ -265,8 +271,15 @@ class PagedKVCache:
         return counts
 
     def _release(self, blocks: List[int]) -> None:
-        """Zeroes whole blocks in every layer and puts them back on the free list (so that the
-        next allocations return them in their original order)."""
+        """Drops one reference to each block; the blocks nobody holds any more are zeroed in
+        every layer and put back on the free list (so that the next allocations return them in
+        their original order)."""
+        last = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                last.append(b)
+        blocks = last
         if not blocks:
             return
         idx = torch.tensor(blocks, dtype=torch.int64)
@@ -286,7 +299,9 @@ class PagedKVCache:
             )
         for s, k in zip(ids, need):
             for _ in range(k):
-                self._tables[s].append(self._free.pop())
+                b = self._free.pop()
+                self._refs[b] = 1
+                self._tables[s].append(b)
 
     def _slot_mapping(self, ids: List[int], counts: List[int]) -> torch.Tensor:
         key = (tuple(ids), tuple(counts))
@@ -400,6 +415,8 @@ class PagedKVCache:
         keep = -(-new_len // bs)
         table = self._tables[s]
         if new_len % bs and keep <= len(table):  # zero the tail of the last kept block
+            if self._refs[table[keep - 1]] > 1:  # shared with a fork: copy it first
+                table[keep - 1] = self._copy_block(table[keep - 1], "truncate")
             blk, off = table[keep - 1], new_len % bs
             for layer in range(self.num_layers):
                 for c in (self.k[layer], self.v[layer]):
@@ -412,8 +429,60 @@ class PagedKVCache:
         self._lens[s] = new_len
         self._step = None
 
+    def _copy_block(self, src: int, name: str) -> int:
+        """A fresh block holding a copy of block ``src`` in every layer; drops one reference
+        to ``src``."""
+        if not self._free:
+            raise OutOfBlocksError(
+                f"PagedKVCache.{name}: copying a shared block needs 1 free block but none of "
+                f"{self.num_blocks} is free; free or truncate sequences"
+            )
+        dst = self._free.pop()
+        self._refs[dst] = 1
+        for layer in range(self.num_layers):
+            self.k[layer][dst].copy_(self.k[layer][src])
+            self.v[layer][dst].copy_(self.v[layer][src])
+        self._refs[src] -= 1
+        return dst
+
+    def fork(self, seq: int) -> int:
+        """A new sequence with the contents of ``seq`` (e.g. the ``n`` samples of one prompt
+        after its prefill): the full blocks of ``seq`` are shared (their reference counts go
+        up; nobody writes into a full block), and its last partial block, if any, is copied
+        into a fresh block owned by the new sequence. Returns the new id.
+
+        Raises:
+            ValueError: unknown ``seq``. OutOfBlocksError: no free block for the partial copy
+                (nothing changes then).
+        """
+        s = self._seq(seq, "fork")
+        table, n = self._tables[s], self._lens[s]
+        full = n // self.block_size
+        if len(table) > full and not self._free:
+            raise OutOfBlocksError(
+                f"PagedKVCache.fork: copying the last partial block needs 1 free block but none of "
+                f"{self.num_blocks} is free; free or truncate sequences"
+            )
+        new = self.add_sequence()
+        for b in table[:full]:
+            self._refs[b] += 1
+        self._tables[new] = list(table[:full])
+        if len(table) > full:  # a partial block (and any blocks reserved past it) is copied
+            self._refs[table[full]] += 1  # _copy_block drops it again
+            self._tables[new].append(self._copy_block(table[full], "fork"))
+        self._lens[new] = n
+        self._step = None
+        return new
+
+    def refcount(self, block: int) -> int:
+        """How many sequences hold block ``block`` (0 for a free block)."""
+        if isinstance(block, bool) or not isinstance(block, numbers.Integral) or not 0 <= block < self.num_blocks:
+            raise ValueError(f"PagedKVCache.refcount: block must be an int in [0, {self.num_blocks}), got {block!r}")
+        return self._refs[operator.index(block)]
+
     def free(self, seq: int) -> None:
-        """Releases every block of sequence ``seq`` (zeroed) and forgets the id.
+        """Releases every block of sequence ``seq`` and forgets the id; a block shared with a
+        fork stays with the others, the rest are zeroed and go back to the free list.
 
         Raises:
             ValueError: unknown ``seq``.

@@ -7,14 +7,27 @@ generation (penalties and several ``--prompt`` included).
 
 ``--prompt`` given several times generates the prompts as one batch: each result is printed
 to stdout after a header line ``=== [i] <prompt> ===`` once all are done, each summary goes to
-stderr, followed by one line with the decode throughput of the whole batch.
+stderr, followed by one line with the decode throughput of the whole batch. ``--prompt -``
+reads one prompt from stdin; ``--prompt-file PATH`` (``-`` for stdin) adds one prompt per
+non-empty line.
+
+``--n N`` draws N samples per prompt (printed under ``=== [i] sample s ===`` headers);
+``--vote`` adds the majority answer and its agreement; ``--confidence`` compares the greedy
+answer with ``--n`` samples at T = 1. ``--json`` prints one JSON object per prompt (one line
+each) instead of text: text, token ids, finish reason, seed, timings, logprobs with
+``--logprobs``, and ``samples`` / ``vote`` / ``confidence`` when asked for.
+
+The defaults are those of :func:`decodekit.generate`: temperature 0.7, top_p 0.9.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import List, Optional
+
+from .decoding.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 __all__ = ["main", "build_parser", "DEFAULT_PROMPT"]
 
@@ -45,9 +58,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help=f"prompt text (default: {DEFAULT_PROMPT!r}); give it several times to generate a batch",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help=f"0 = greedy (default {DEFAULT_TEMPERATURE})"
+    )
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, 1 = off (default 0.9)")
+    p.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, help=f"nucleus mass, 1 = off (default {DEFAULT_TOP_P})"
+    )
     p.add_argument("--min-p", type=float, default=0.0, help="min-p threshold, 0 = off (default 0)")
     p.add_argument(
         "--seed",
@@ -107,6 +124,42 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH.gguf",
         help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct.Q4_1.gguf)",
     )
+    add_temperature_use_arguments(p)
+
+
+def add_temperature_use_arguments(p: argparse.ArgumentParser) -> None:
+    """The options for samples and votes, confidence, length control, logprobs and JSON output."""
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        metavar="PATH",
+        help="read prompts from a file, one per non-empty line ('-' = stdin); added after any --prompt",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    p.add_argument("--n", type=int, default=None, help="draw N samples per prompt (sample i: seed + index i)")
+    p.add_argument("--vote", action="store_true", help="majority vote over the --n samples (stripped text)")
+    p.add_argument(
+        "--confidence", action="store_true", help="compare the greedy answer with --n samples at T = 1 (default n 1)"
+    )
+    p.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)"
+    )
+    p.add_argument(
+        "--min-new-tokens", type=int, default=0, help="mask the stop tokens for the first N tokens (default 0)"
+    )
+    p.add_argument(
+        "--eos-token-id",
+        type=int,
+        action="append",
+        default=None,
+        metavar="ID",
+        help="a stop token id (repeatable; default: the model's stop tokens)",
+    )
+    p.add_argument("--eos-bias", type=float, default=0.0, help="add this to every stop token's logit (default 0)")
+    p.add_argument("--logprobs", action="store_true", help="record each token's logprob (shown with --json)")
+    p.add_argument(
+        "--top-logprobs", type=int, default=0, help="with --logprobs, the N most likely tokens per step (default 0)"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -127,10 +180,55 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _generate(args)
 
 
+def _read_prompts(args: argparse.Namespace) -> List[str]:
+    """The prompts of ``--prompt`` (``-`` = all of stdin, as is) and ``--prompt-file`` (one per
+    non-empty line)."""
+    prompts = [sys.stdin.read() if p == "-" else p for p in (args.prompt or [])]
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        prompts += [line for line in text.splitlines() if line.strip()]
+    return prompts
+
+
+def _result_json(r, logprobs: bool) -> dict:
+    out = dict(
+        text=r.text,
+        token_ids=r.token_ids,
+        finish_reason=r.finish_reason,
+        seed=r.seed,
+        prompt_tokens=r.prompt_tokens,
+        new_tokens=r.new_tokens,
+        timings=dict(
+            prefill_seconds=r.prefill_seconds,
+            decode_seconds=r.decode_seconds,
+            decode_tokens_per_second=r.decode_tokens_per_second,
+        ),
+    )
+    if r.speculative:
+        out.update(drafted=r.drafted, accepted=r.accepted)
+    if logprobs:
+        out["logprobs"] = r.logprobs
+        out["top_logprobs"] = [[[t, lp] for t, lp in step] for step in r.top_logprobs]
+    return out
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .decoding import DraftModelDrafter, generate, speculative_generate
 
-    prompts = args.prompt or [DEFAULT_PROMPT]
+    try:
+        prompts = _read_prompts(args) or [DEFAULT_PROMPT]
+    except OSError as exc:
+        print(f"decodekit: error: --prompt-file: {exc}", file=sys.stderr)
+        return 1
+    if args.vote and args.n is None:
+        print("decodekit: error: --vote needs --n (the number of samples)", file=sys.stderr)
+        return 1
+    if args.confidence:
+        return _confidence(args, prompts)
     seeds = args.seed
     if seeds is not None and len(seeds) == 1:
         seeds = seeds[0]
@@ -170,11 +268,19 @@ def _generate(args: argparse.Namespace) -> int:
         seed=seeds,
         chat_template=args.chat_template,
         stop_on_eos=args.stop_on_eos,
-        stream=None if batched else write,
+        stream=None if batched or args.json or args.n is not None else write,
         repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
         threads=args.threads,
+        n=args.n,
+        vote=args.vote,
+        min_new_tokens=args.min_new_tokens,
+        eos_token_ids=args.eos_token_id,
+        stop=args.stop,
+        eos_bias=args.eos_bias,
+        logprobs=args.logprobs,
+        top_logprobs=args.top_logprobs,
     )
     try:
         if drafter:
@@ -186,6 +292,8 @@ def _generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
         print(f"decodekit: error: {exc}", file=sys.stderr)
         return 1
+    if args.json or args.n is not None:
+        return _print_results(args, prompts, result if batched else [result], write)
     if not batched:
         if not result.text.endswith("\n"):
             write("\n")
@@ -205,4 +313,81 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    return 0
+
+
+def _print_results(args: argparse.Namespace, prompts: List[str], results: list, write) -> int:
+    """``--json`` (one object per prompt) or, with ``--n``, each sample under a header."""
+    for i, (prompt, res) in enumerate(zip(prompts, results)):
+        voted = None
+        if args.vote:
+            res, voted = res
+        if args.json:
+            obj = dict(index=i, prompt=prompt, model=(res[0] if args.n is not None else res).model_name)
+            if args.n is None:
+                obj.update(_result_json(res, args.logprobs))
+            else:
+                obj["samples"] = [dict(sample_index=s, **_result_json(r, args.logprobs)) for s, r in enumerate(res)]
+            if voted is not None:
+                obj["vote"] = dict(
+                    winner=voted.winner,
+                    counts=[[a, c] for a, c in voted.counts.items()],
+                    agreement=voted.agreement,
+                    winner_indices=voted.winner_indices,
+                )
+            write(json.dumps(obj, ensure_ascii=False) + "\n")
+            continue
+        title = " ".join(prompt.split())
+        title = title if len(title) <= 60 else title[:57] + "..."
+        for s, r in enumerate(res):
+            write(f"=== [{i}] sample {s}: {title} ===\n{r.text}{'' if r.text.endswith(chr(10)) else chr(10)}")
+            print(f"[decodekit] [{i}.{s}] {r.model_name}: {r.summary()}", file=sys.stderr, flush=True)
+        if voted is not None:
+            write(
+                f"=== [{i}] vote: {voted.counts[voted.winner]} of {len(res)} agree "
+                f"(agreement {voted.agreement:.2f}), samples {voted.winner_indices} ===\n{voted.winner}\n"
+            )
+    return 0
+
+
+def _confidence(args: argparse.Namespace, prompts: List[str]) -> int:
+    """``--confidence``: the greedy answer against ``--n`` samples at T = 1, per prompt."""
+    from .decoding import confidence
+
+    if args.seed is not None and len(args.seed) not in (1, len(prompts)):
+        print(
+            f"decodekit: error: --seed given {len(args.seed)} times for {len(prompts)} prompts", file=sys.stderr
+        )
+        return 1
+    for i, prompt in enumerate(prompts):
+        seed = None if args.seed is None else args.seed[0 if len(args.seed) == 1 else i]
+        try:
+            c = confidence(
+                prompt,
+                n=1 if args.n is None else args.n,
+                model=args.model,
+                max_new_tokens=args.max_new_tokens,
+                seed=seed,
+                chat_template=args.chat_template,
+                stop_on_eos=args.stop_on_eos,
+                min_new_tokens=args.min_new_tokens,
+                eos_token_ids=args.eos_token_id,
+                stop=args.stop,
+                eos_bias=args.eos_bias,
+            )
+        except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
+            print(f"decodekit: error: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            obj = dict(index=i, prompt=prompt, seed=seed, confidence=c._asdict())
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(
+                f"=== [{i}] greedy ===\n{c.greedy_text}\n"
+                + "".join(f"=== [{i}] sample {s} (T = 1) ===\n{t}\n" for s, t in enumerate(c.sampled_texts))
+                + f"=== [{i}] token agreement {c.token_agreement:.3f}, edit distance {c.edit_distance:.3f}, "
+                f"mean logprob greedy {c.greedy_mean_logprob:.3f}, sampled "
+                f"{', '.join(f'{x:.3f}' for x in c.sampled_mean_logprobs)} ===\n"
+            )
+        sys.stdout.flush()
     return 0

@@ -138,7 +138,9 @@ def test_accepted_counts_only_the_emitted_drafts(lm):
         def propose(self, context, k):
             return cont.token_ids[len(context) - start : len(context) - start + k]
 
-    spec = speculative_generate(prompt, model=lm, drafter=Oracle(), num_draft_tokens=4, max_new_tokens=40)
+    spec = speculative_generate(
+        prompt, model=lm, drafter=Oracle(), num_draft_tokens=4, max_new_tokens=40, temperature=0
+    )
     assert spec.token_ids == plain.token_ids and spec.finish_reason == "eos"
     n = len(spec.token_ids) - 1  # tokens after the first (which comes from the prefill)
     assert spec.accepted == 4 * (n // 5) + n % 5  # every emitted token but the bonus tokens is a draft

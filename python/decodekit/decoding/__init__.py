@@ -1,11 +1,15 @@
 """One decode loop for plain and speculative decoding (:mod:`~decodekit.decoding.loop`), its
 drafters (:mod:`~decodekit.decoding.drafters`), the request and result types
-(:mod:`~decodekit.decoding.request`) and the entry points :func:`generate` and
-:func:`speculative_generate` (:mod:`~decodekit.decoding.generate`)."""
+(:mod:`~decodekit.decoding.request`), the entry points :func:`generate` and
+:func:`speculative_generate` (:mod:`~decodekit.decoding.generate`), the majority vote over ``n``
+samples (:mod:`~decodekit.decoding.vote`) and the greedy-vs-sampled confidence check
+(:mod:`~decodekit.decoding.confidence`)."""
 
 from .drafters import Drafter, DraftModelDrafter, NgramDrafter, SamplingDrafter
-from .generate import generate, speculative_generate
+from .confidence import Confidence, confidence
+from .generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, generate, speculative_generate
 from .request import GenerationResult, SpeculativeResult
+from .vote import Vote, Voted, vote
 
 __all__ = [
     "generate",
@@ -16,4 +20,11 @@ __all__ = [
     "SamplingDrafter",
     "NgramDrafter",
     "DraftModelDrafter",
+    "vote",
+    "Vote",
+    "Voted",
+    "confidence",
+    "Confidence",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_P",
 ]

@@ -1,7 +1,11 @@
 """Text generation: :func:`generate` runs the decode loop (:mod:`decodekit.decoding.loop`) with
 no drafter, :func:`speculative_generate` with one. Both take one prompt or a batch, the same
 per-request parameters (one value for all, or a list with one per prompt), and return
-:class:`~decodekit.decoding.request.GenerationResult`."""
+:class:`~decodekit.decoding.request.GenerationResult` (a list of ``n`` of them per prompt when
+``n`` is given, with a :class:`~decodekit.decoding.vote.Vote` when ``vote=True``).
+
+Defaults shared with the command line (:mod:`decodekit.cli`): ``DEFAULT_TEMPERATURE`` 0.7 and
+``DEFAULT_TOP_P`` 0.9."""
 
 from __future__ import annotations
 
@@ -20,13 +24,22 @@ from .request import (
     PerRequest,
     Prompt,
     check_common,
+    check_length_options,
     is_prompt_batch,
     make_requests,
     per_request,
     prompt_ids,
+    sample_requests,
 )
+from .vote import Voted
+from .vote import vote as _vote
 
-__all__ = ["generate", "speculative_generate"]
+__all__ = ["generate", "speculative_generate", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P"]
+
+#: The default temperature of :func:`generate`, :func:`speculative_generate` and the CLI.
+DEFAULT_TEMPERATURE = 0.7
+#: The default nucleus mass (top-p) of :func:`generate`, :func:`speculative_generate` and the CLI.
+DEFAULT_TOP_P = 0.9
 
 _CALLS = itertools.count()  # a key per call, so a keyed drafter keeps requests of different calls apart
 _PARAMS = (
@@ -54,8 +67,10 @@ def _decode(
     drafter=None,
     num_draft_tokens: int = 0,
     threads: Optional[int] = None,
+    options: Optional[dict] = None,
 ):
-    """The shared body of :func:`generate` and :func:`speculative_generate`."""
+    """The shared body of :func:`generate` and :func:`speculative_generate`; ``options`` holds
+    the sample, length-control and logprob arguments (see :func:`generate`)."""
     batched = is_prompt_batch(prompt)
     prompts = list(prompt) if batched else [prompt]
     n = len(prompts)
@@ -63,6 +78,7 @@ def _decode(
     check_common(model, stream, op)
     call_threads = threads_for_call(threads, f"{op}: threads")
     requests = make_requests(n, batched, columns, op)
+    opts = check_length_options(op, n, batched, **(options or {}))
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     for r, p in zip(requests, prompts):
@@ -76,6 +92,11 @@ def _decode(
             )
         if r.seed is None and not r.params.greedy and r.max_new_tokens > 0:
             r.params = r.params.with_seed(int.from_bytes(os.urandom(4), "little"))
+    if opts["eos_token_ids"] is not None:
+        bad = [t for t in opts["eos_token_ids"] if not t < lm.config.vocab_size]
+        if bad:
+            raise ValueError(f"{op}: eos_token_ids {bad[:5]} outside [0, {lm.config.vocab_size})")
+    requests = sample_requests(requests, opts, batched)
     if drafter == "ngram":
         drafter = NgramDrafter()
     elif drafter == "draft":
@@ -83,14 +104,15 @@ def _decode(
 
     if stream is None:
         emit_to = None
-    elif batched:
+    elif batched or opts["n"] is not None:
         emit_to = stream
     else:
 
         def emit_to(index: int, piece: str) -> None:
             stream(piece)
 
-    stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
+    eos_ids = lm.tokenizer.stop_ids if opts["eos_token_ids"] is None else frozenset(opts["eos_token_ids"])
+    stop_ids = eos_ids if stop_on_eos else frozenset()
     torch_threads = torch.get_num_threads()
     with torch.inference_mode(), call_threads:
         if threads is not None:
@@ -105,11 +127,18 @@ def _decode(
                 num_draft_tokens=num_draft_tokens,
                 call_key=next(_CALLS),
                 op=op,
+                top_logprobs=opts["top_logprobs"] if opts["logprobs"] else None,
+                logprobs_mode=opts["logprobs_mode"],
             )
         finally:
             if threads is not None:
                 torch.set_num_threads(torch_threads)
     results = [r.result(lm.name, speculative=drafter is not None) for r in requests]
+    N = opts["n"]
+    if N is not None:
+        results = [results[i * N : (i + 1) * N] for i in range(n)]
+        if opts["vote"]:
+            results = [Voted(samples, _vote(samples)) for samples in results]
     return results if batched else results[0]
 
 
@@ -118,9 +147,9 @@ def generate(
     *,
     model: Union[None, str, os.PathLike, LoadedModel] = None,
     max_new_tokens: PerRequest[int] = 64,
-    temperature: PerRequest[float] = 1.0,
+    temperature: PerRequest[float] = DEFAULT_TEMPERATURE,
     top_k: PerRequest[int] = 0,
-    top_p: PerRequest[float] = 1.0,
+    top_p: PerRequest[float] = DEFAULT_TOP_P,
     min_p: PerRequest[float] = 0.0,
     seed: PerRequest[Optional[int]] = None,
     chat_template: bool = True,
@@ -131,7 +160,16 @@ def generate(
     presence_penalty: PerRequest[float] = 0.0,
     logit_bias: PerRequest[Optional[dict]] = None,
     threads: Optional[int] = None,
-) -> Union[GenerationResult, List[GenerationResult]]:
+    n: Optional[int] = None,
+    vote: bool = False,
+    min_new_tokens: PerRequest[int] = 0,
+    eos_token_ids: Union[None, int, Sequence[int]] = None,
+    stop: Union[None, str, Sequence[str]] = None,
+    eos_bias: PerRequest[float] = 0.0,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    logprobs_mode: str = "processed",
+) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate a continuation of one prompt, or of a batch of prompts, one token at a time.
 
     Each prompt is run alone (prefill, a batch of one) into a paged KV cache
@@ -159,7 +197,9 @@ def generate(
         max_new_tokens: most tokens to generate (int >= 0, default 64; 0 gives an empty result).
         temperature, top_k, top_p, min_p, seed, repetition_penalty, frequency_penalty,
             presence_penalty, logit_bias: the fields of :class:`decodekit.SamplingParams`
-            (temperature 0 is greedy, no seed needed). When ``seed`` is ``None`` and a token is
+            (temperature 0 is greedy, no seed needed). Defaults: temperature 0.7, top_p 0.9
+            (``DEFAULT_TEMPERATURE``, ``DEFAULT_TOP_P``, the same as the command line), top_k 0
+            and min_p 0 (off). When ``seed`` is ``None`` and a token is
             sampled, a random 32-bit seed is drawn from ``os.urandom`` and reported in the result.
             One int seed for a batch gives every request that seed (identical prompts then draw
             identical tokens): pass a list to give each request its own. Repetition counts prompt
@@ -171,21 +211,58 @@ def generate(
         stop_on_eos: stop after a stop token (it is kept in ``token_ids``, not in ``text``).
         stream: called with each new piece of text as soon as it is complete: ``stream(piece)``
             for a single prompt, ``stream(index, piece)`` for a batch (``index`` is the position
-            of the request in ``prompt``; within a step, pieces come in request order). Pieces
-            never split a UTF-8 character and the concatenation of a request's pieces is its
-            ``text``. Only when generation stops in the middle of a character do its leftover
-            bytes come out, in the last piece, as U+FFFD.
+            of the request in ``prompt``; within a step, pieces come in request order). With
+            ``n``, ``index`` is the sample index for a single prompt and ``(prompt index,
+            sample index)`` for a batch. Pieces never split a UTF-8 character and the
+            concatenation of a request's pieces is its ``text``. Only when generation stops in
+            the middle of a character do its leftover bytes come out, in the last piece, as
+            U+FFFD. With ``stop`` strings the stream holds back the end of the text while it
+            could still become a stop string, so no part of a stop string is ever streamed.
         threads: CPU threads for this call (an int in [1, 1024]): decodekit's kernels and torch's
             both use it, and the previous settings come back when the call returns. None (the
             default) keeps the current settings (:func:`decodekit.set_num_threads`). Tokens are
             the same for every thread count.
+        n: ``None`` (default) for one result per prompt; an int ``N >= 1`` draws N samples per
+            prompt. Sample ``i`` uses the request's seed (one seed drawn at random for all N
+            when none is given) with ``i`` in bits 48-61 of its Philox offsets (DESIGN.md
+            "Randomness"), so sample 0 is exactly plain generation and the N samples are N
+            different random streams. The samples of a prompt share its prefill: the prompt
+            runs once and the others fork its KV-cache sequence
+            (:meth:`decodekit.PagedKVCache.fork`: full blocks shared, the last partial block
+            copied). With a greedy request the N samples are equal.
+        vote: with ``n``, also take the majority vote of each prompt's samples
+            (:func:`decodekit.vote`, default extraction: the stripped text); each prompt's
+            result is then a :class:`~decodekit.decoding.vote.Voted` named tuple
+            ``(samples, vote)``.
+        min_new_tokens: the stop ids are masked (logit ``-inf``) for the first
+            ``min_new_tokens`` tokens, and stop strings are not checked before then (int >= 0,
+            default 0; per request). With ``max_new_tokens`` smaller, no stop id is ever drawn.
+        eos_token_ids: the stop ids (an int or a list of ints in ``[0, V)``; default ``None``:
+            the model's stop set, i.e. the GGUF's EOS/EOT ids plus the chat template's
+            end-of-turn marker and ``<|endoftext|>``). Ignored with ``stop_on_eos=False``.
+        stop: a string or a list of strings (non-empty). Generation stops at the first
+            occurrence of any of them in the text, also when one spans several tokens or sits
+            inside a multi-token speculative accept: ``text`` ends before the stop string,
+            ``token_ids`` ends with the token that completed it, ``finish_reason`` is
+            ``"stop"``. An occurrence completed before ``min_new_tokens`` tokens does not stop.
+        eos_bias: a finite float added to the logit of every stop id at every step (per
+            request; default 0). Positive ends answers sooner, negative later.
+        logprobs: record each generated token's logprob and its ``top_logprobs`` most likely
+            alternatives in :attr:`GenerationResult.logprobs` / ``top_logprobs``.
+        top_logprobs: the number of alternatives per token (int in ``[0, V]``, default 0).
+        logprobs_mode: ``"processed"`` (default): of the distribution sampled, after
+            penalties, logit bias, ``eos_bias``, the ``min_new_tokens`` mask, temperature and
+            filters (a greedy token has logprob 0); ``"raw"``: ``log_softmax`` of the logits
+            after the penalties, biases and mask, before temperature and filters.
 
     Per-request parameters: ``max_new_tokens`` and every sampling parameter are each one value
     for every request, or a list (or tuple, or 1-D tensor) with one value per prompt.
 
     Returns:
         for a single prompt, a :class:`GenerationResult` (token ids, text, counts, timing, seed);
-        for a list of prompts, a list of them in the order of the prompts.
+        for a list of prompts, a list of them in the order of the prompts. With ``n``, each
+        prompt's result is a list of N results (sample order); with ``vote=True`` it is
+        ``Voted(samples, vote)`` instead.
 
     Raises:
         TypeError: a prompt that is neither text nor a sequence of ints (bytes included); a
@@ -193,10 +270,13 @@ def generate(
             ``model`` that is not a path or LoadedModel; a ``stream`` that is not callable.
         ValueError: an empty prompt, token id out of range, ``max_new_tokens`` negative, a
             prompt plus its ``max_new_tokens`` longer than the model's context, sampling
-            parameters or ``seed`` out of range (``logit_bias`` +inf or NaN), ``threads`` not an
-            int in [1, 1024] or None, a per-request list
-            whose length is not the number of prompts (all checked before the model is loaded,
-            except the token checks). Messages of a batch name the request (``temperature[2]``).
+            parameters or ``seed`` out of range (``logit_bias`` +inf or NaN), a per-request list
+            whose length is not the number of prompts, ``n < 1``, ``vote`` without ``n``,
+            ``threads`` not an int in [1, 1024] or None,
+            ``min_new_tokens < 0``, an empty stop string, a non-finite ``eos_bias``, stop ids or
+            ``top_logprobs`` out of range, ``logprobs_mode`` not "processed"/"raw" (all checked
+            before the model is loaded, except the token checks). Messages of a batch name the
+            request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
 
     Example:
@@ -205,6 +285,8 @@ def generate(
         >>> rs = generate(["Name a colour.", "Name a fruit."], temperature=[0.0, 0.8], seed=[None, 7],
         ...               stream=lambda i, piece: print(i, piece))
         >>> [r.text for r in rs]
+        >>> samples, v = generate("2+2=?", n=5, vote=True, seed=3, max_new_tokens=8)
+        >>> v.winner, v.agreement
     """
     values = dict(
         max_new_tokens=max_new_tokens,
@@ -218,7 +300,18 @@ def generate(
         presence_penalty=presence_penalty,
         logit_bias=logit_bias,
     )
-    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values, threads=threads)
+    options = dict(
+        n=n,
+        vote=vote,
+        min_new_tokens=min_new_tokens,
+        eos_token_ids=eos_token_ids,
+        stop=stop,
+        eos_bias=eos_bias,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logprobs_mode=logprobs_mode,
+    )
+    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values, threads=threads, options=options)
 
 
 def speculative_generate(
@@ -228,9 +321,9 @@ def speculative_generate(
     drafter: Union[str, NgramDrafter, DraftModelDrafter, object] = "ngram",
     num_draft_tokens: int = 4,
     max_new_tokens: PerRequest[int] = 64,
-    temperature: PerRequest[float] = 0.0,
+    temperature: PerRequest[float] = DEFAULT_TEMPERATURE,
     top_k: PerRequest[int] = 0,
-    top_p: PerRequest[float] = 1.0,
+    top_p: PerRequest[float] = DEFAULT_TOP_P,
     min_p: PerRequest[float] = 0.0,
     seed: PerRequest[Optional[int]] = None,
     chat_template: bool = True,
@@ -241,7 +334,16 @@ def speculative_generate(
     presence_penalty: PerRequest[float] = 0.0,
     logit_bias: PerRequest[Optional[dict]] = None,
     threads: Optional[int] = None,
-) -> Union[GenerationResult, List[GenerationResult]]:
+    n: Optional[int] = None,
+    vote: bool = False,
+    min_new_tokens: PerRequest[int] = 0,
+    eos_token_ids: Union[None, int, Sequence[int]] = None,
+    stop: Union[None, str, Sequence[str]] = None,
+    eos_bias: PerRequest[float] = 0.0,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    logprobs_mode: str = "processed",
+) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate with speculative decoding, for one prompt or a batch of prompts.
 
     The decode loop of :func:`generate` with a drafter: each step drafts up to K tokens per
@@ -256,7 +358,12 @@ def speculative_generate(
     Args:
         prompt, model, max_new_tokens, temperature, top_k, top_p, min_p, seed, chat_template,
             stop_on_eos, stream, repetition_penalty, frequency_penalty, presence_penalty,
-            logit_bias, threads: as in :func:`generate` (the default temperature here is 0, greedy).
+            logit_bias, threads, n, vote, min_new_tokens, eos_token_ids, stop, eos_bias, logprobs,
+            top_logprobs, logprobs_mode: as in :func:`generate`, with the same defaults
+            (temperature 0.7, top_p 0.9; pass ``temperature=0`` for greedy). ``min_new_tokens``
+            and stop strings hold exactly inside a multi-token accept: a stop id is never
+            accepted before ``min_new_tokens`` (the target's mask rejects it), and the tokens
+            after the one that completes a stop string are dropped.
         drafter: ``"ngram"`` (:class:`~decodekit.decoding.drafters.NgramDrafter`), ``"draft"``
             (:class:`~decodekit.decoding.drafters.DraftModelDrafter` with the shipped draft model
             for SmolLM2-135M-Instruct) or any :class:`~decodekit.decoding.drafters.Drafter`.
@@ -274,7 +381,7 @@ def speculative_generate(
     decoding for the n-gram drafter.
 
     Example:
-        >>> r = speculative_generate("Repeat: a b c a b c", drafter="ngram", max_new_tokens=32)
+        >>> r = speculative_generate("Repeat: a b c a b c", drafter="ngram", max_new_tokens=32, temperature=0)
         >>> r.summary()
     """
     op = "speculative_generate"
@@ -307,4 +414,15 @@ def speculative_generate(
         drafter=drafter,
         num_draft_tokens=num_draft_tokens,
         threads=threads,
+        options=dict(
+            n=n,
+            vote=vote,
+            min_new_tokens=min_new_tokens,
+            eos_token_ids=eos_token_ids,
+            stop=stop,
+            eos_bias=eos_bias,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            logprobs_mode=logprobs_mode,
+        ),
     )

@@ -2,24 +2,29 @@
 
     prefill -> [draft] -> sample or verify -> append or roll back -> stop -> stream
 
-1. **Prefill** each prompt alone (a batch of one) into a shared paged KV cache.
+1. **Prefill** each prompt alone (a batch of one) into a shared paged KV cache; the other
+   samples of a prompt (``n``) fork its sequence (:meth:`PagedKVCache.fork`).
 2. **Draft** (with a drafter): up to K tokens per request, from its own context.
 3. **Forward** the target once on every active request's ``[last token] + drafts`` (rows padded
    to the longest draft). Without a drafter that is one token per request.
 4. **Process** every position like plain sampling does: penalties over the tokens before that
-   position (prompt + output + the drafts before it) and the logit bias.
+   position (prompt + output + the drafts before it) and the logit bias; then length control:
+   ``eos_bias`` added to every stop id's logit, and every stop id at ``-inf`` while the position
+   is before ``min_new_tokens``.
 5. **Sample or verify**: without drafts, :func:`decodekit.sample_from_logits`; with drafts,
    :func:`decodekit.greedy_verify` for greedy requests and lossless
    :func:`decodekit.chain_speculative_sampling_from_logits` for the others.
 6. **Append or roll back**: keep the accepted drafts plus the emitted token; the cache rolls back
    over the rejected drafts (:meth:`PagedKVCache.truncate`).
-7. **Stop** after a stop token or ``max_new_tokens``; a finished request leaves the batch and its
-   blocks are freed. **Stream** each complete piece of text.
+7. **Stop** after a stop token, a stop string or ``max_new_tokens``; a finished request leaves
+   the batch and its blocks are freed. **Stream** each complete piece of text, holding back the
+   text that could still become a stop string.
 
 Randomness (DESIGN.md): each request has its own seed; the offset of a call is the 0-based
 position, in the generated sequence, of the first token the call draws (the first token: 0;
 plain decoding: the step; speculative: the position of the pass's first draft). Bits 48-61 carry
-the sample index (0 here) and bit 62 marks the draft model's own draws. Every step of the model
+the sample index (``Request.sample``: 0 for plain generation, ``i`` for sample ``i`` of ``n``)
+and bit 62 marks the draft model's own draws. Every step of the model
 and of the sampler is batch-invariant in deterministic mode, so a request produces exactly the
 tokens it produces alone; and since the target's logits do not depend on the number of positions
 in a pass, greedy speculative decoding reproduces plain greedy decoding token for token.
@@ -62,41 +67,76 @@ def run(
     num_draft_tokens: int = 0,
     call_key=None,
     op: str = "generate",
+    top_logprobs: Optional[int] = None,
+    logprobs_mode: str = "processed",
 ) -> None:
     """Decode every request until it stops; fills in tokens, text pieces, finish reasons,
-    counts and timings of ``requests`` (see the module docstring)."""
+    counts and timings of ``requests`` (see the module docstring).
+
+    ``top_logprobs``: ``None`` records no logprobs; an int ``n >= 0`` records each emitted
+    token's logprob and its top ``n`` (``logprobs_mode`` as in :func:`decodekit.sample_from_logits`).
+    A request with ``fork_of`` set shares the prefill of the request with that index."""
     net = lm.model
     K = num_draft_tokens if drafter is not None else 0
     blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens + K + 1) // PAGE_SIZE) for r in requests)
     cache = net.new_paged_cache(max(blocks, 1), block_size=PAGE_SIZE)
     t_decode = 0.0
+    stop_list = sorted(stop_ids)
+    with_logprobs = top_logprobs is not None
 
-    def emit(r: Request, piece: str) -> None:
+    def emit(r: Request, upto: int) -> None:
+        """Streams the decoded text up to ``upto`` characters (what is not yet out)."""
+        piece = r.text[r.emitted : upto] if upto > r.emitted else ""
         if piece:
             r.pieces.append(piece)
+            r.emitted = upto
             if emit_to is not None:
-                emit_to(r.index, piece)
+                emit_to(r.key, piece)
 
-    def take(r: Request, token: int) -> bool:
+    def take(r: Request, token: int, lp) -> bool:
         """Appends a token; False when the request is finished."""
         r.token_ids.append(token)
+        if lp is not None:
+            r.logprobs.append(lp[0])
+            r.top_logprobs.append(lp[1])
         if token in stop_ids:
             r.finish_reason = "eos"
             return False
-        emit(r, r.detok.push(token))
+        before = len(r.text)
+        r.text += r.detok.push(token)
+        if r.stop:
+            if len(r.token_ids) >= r.min_new_tokens:
+                cut = _find_stop(r.text, r.stop, before)
+                if cut is not None:
+                    r.text = r.text[:cut]
+                    r.finish_reason = "stop"
+                    emit(r, cut)
+                    return False
+            emit(r, len(r.text) - _held_back(r.text, r.emitted, r.stop))
+        else:
+            emit(r, len(r.text))
         return len(r.token_ids) < r.max_new_tokens
 
     def finish(r: Request) -> None:
         r.alive = False
-        emit(r, r.detok.flush())
+        if r.finish_reason != "stop":
+            r.text += r.detok.flush()
+            emit(r, len(r.text))
         cache.free(r.seq_id)
         r.decode_seconds = time.perf_counter() - t_decode
 
-    # 1. prefill, each prompt alone
+    # 1. prefill, each prompt alone; the other samples of a prompt fork its sequence
     first = {}
+    by_index = {r.index: r for r in requests}
     for r in requests:
-        r.seq_id = cache.add_sequence()
         r.detok = StreamDecoder(lm.tokenizer)
+        if r.fork_of is not None:
+            parent = by_index[r.fork_of]
+            r.seq_id = cache.fork(parent.seq_id)
+            first[r.index] = first[parent.index].clone()
+            r.prefill_seconds = parent.prefill_seconds
+            continue
+        r.seq_id = cache.add_sequence()
         t0 = time.perf_counter()
         first[r.index] = net.forward_paged(torch.tensor([r.prompt_ids], dtype=torch.long), cache, [r.seq_id])
         r.prefill_seconds = time.perf_counter() - t0
@@ -115,8 +155,15 @@ def run(
         # 4-5. process every position, then sample (the first token, and plain decoding) or
         # verify (every pass of speculative decoding, also one without drafts, so that a
         # request's random numbers never depend on what its neighbours drafted)
-        emitted, accepted = _sample_or_verify(
-            _processed(logits, active, drafts), active, drafts, draft_logits, verify=before is not None
+        logits = _length_control(_processed(logits, active, drafts), active, stop_list)
+        emitted, accepted, lps = _sample_or_verify(
+            logits,
+            active,
+            drafts,
+            draft_logits,
+            verify=before is not None,
+            top_logprobs=top_logprobs,
+            logprobs_mode=logprobs_mode,
         )
         # 6-7. append or roll back; stop; stream
         running = []
@@ -124,9 +171,9 @@ def run(
             if before is not None:
                 cache.truncate(r.seq_id, before[b] + 1 + accepted[b])  # the last token and the accepted drafts
             taken = 0
-            for token in emitted[b]:
+            for j, token in enumerate(emitted[b]):
                 taken += 1
-                if not take(r, token):
+                if not take(r, token, lps[b][j] if with_logprobs else None):
                     r.alive = False
                     break
             r.accepted += min(accepted[b], taken)  # drafts accepted after a stop are not emitted
@@ -199,19 +246,101 @@ def _processed(logits: torch.Tensor, active: List[Request], drafts: List[List[in
     return logits
 
 
+def _find_stop(text: str, stop, before: int) -> Optional[int]:
+    """Where ``text`` is cut: the start of the first occurrence of a stop string that ends past
+    ``before`` (the text's length before the last token), or None."""
+    best = None
+    for s in stop:
+        i = text.find(s, max(0, before - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, emitted: int, stop) -> int:
+    """How many characters at the end of ``text`` (after the first ``emitted``) could still be
+    the beginning of a stop string: the stream holds them back."""
+    room = len(text) - emitted
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, room), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def _length_control(logits: torch.Tensor, active: List[Request], stop_list: List[int]) -> torch.Tensor:
+    """``eos_bias`` added to every stop id's logit, and the stop ids at ``-inf`` at the positions
+    before ``min_new_tokens`` (position ``j`` of ``logits [B, T, V]`` draws token number
+    ``len(token_ids) + j``), in place, only in the rows that ask for it."""
+    if not stop_list:
+        return logits
+    B, T, V = logits.shape
+    ids = torch.tensor(stop_list, dtype=torch.int64)
+    for b, r in enumerate(active):
+        if r.eos_bias != 0.0:
+            logits[b, :, ids] += r.eos_bias
+        masked = min(T, r.min_new_tokens - len(r.token_ids))
+        if masked > 0:
+            logits[b, :masked, ids] = float("-inf")
+    return logits
+
+
+def _logprob_rows(logits: torch.Tensor, reqs: List[Request], tokens: List[int], n: int, mode: str) -> list:
+    """``(logprob, [(id, logprob)] * n)`` of ``tokens[i]`` under the processed distribution of
+    row ``i`` of ``logits [N, V]`` (request ``reqs[i]``'s parameters), from the sampling op's
+    logprob outputs: the op's top-``n`` list, and the logprob of the given token from
+    :func:`decodekit.processed_probs` (``log_softmax`` of the logits in "raw" mode)."""
+    if not tokens:
+        return []
+    params, rng = rows([r.params for r in reqs], [0] * len(reqs))
+    out = None
+    if n:
+        out = sample_from_logits(logits, *params, **rng, top_logprobs=n, logprobs_mode=mode)
+    tok = torch.tensor(tokens, dtype=torch.int64)[:, None]
+    if mode == "raw":
+        lp = torch.log_softmax(logits.double(), dim=-1).gather(1, tok)[:, 0]
+    else:
+        lp = processed_probs(logits, *params).double().log().gather(1, tok)[:, 0]
+    res = []
+    for i in range(len(tokens)):
+        top = list(zip(out.top_ids[i].tolist(), out.top_logprobs[i].tolist())) if out is not None else []
+        res.append((float(lp[i]), top))
+    return res
+
+
 def _sample_or_verify(
     logits: torch.Tensor,
     active: List[Request],
     drafts: List[List[int]],
     draft_logits: List[Optional[torch.Tensor]],
     verify: bool,
+    top_logprobs: Optional[int] = None,
+    logprobs_mode: str = "processed",
 ):
-    """Per request: the tokens to emit and the number of accepted drafts."""
+    """Per request: the tokens to emit, the number of accepted drafts and (when
+    ``top_logprobs`` is not None) each emitted token's ``(logprob, top list)``."""
     B, T, V = logits.shape
     if not verify:  # plain sampling, offset = the position of the token drawn
-        params, rng = rows([r.params for r in active], [len(r.token_ids) for r in active])
-        tokens = sample_from_logits(logits[:, 0], *params, **rng).tolist()
-        return [[t] for t in tokens], [0] * B
+        params, rng = rows([r.params for r in active], [len(r.token_ids) for r in active], [r.sample for r in active])
+        if top_logprobs is None:
+            tokens = sample_from_logits(logits[:, 0], *params, **rng).tolist()
+            return [[t] for t in tokens], [0] * B, None
+        out = sample_from_logits(
+            logits[:, 0], *params, **rng, return_logprobs=True, top_logprobs=top_logprobs, logprobs_mode=logprobs_mode
+        )
+        tokens = out.token_ids.tolist()
+        lps = [
+            [
+                (
+                    float(out.logprobs[b]),
+                    list(zip(out.top_ids[b].tolist(), out.top_logprobs[b].tolist())) if top_logprobs else [],
+                )
+            ]
+            for b in range(B)
+        ]
+        return [[t] for t in tokens], [0] * B, lps
     draft_t = torch.tensor([d + [-1] * (T - 1 - len(d)) for d in drafts], dtype=torch.int64)  # [B, K]
     emitted: List[List[int]] = [[] for _ in range(B)]
     accepted = [0] * B
@@ -222,7 +351,11 @@ def _sample_or_verify(
         groups.append((greedy, greedy_verify(draft_t[greedy], logits[greedy])))
     if sampled:
         # The offset of a pass is the position of its first draft in the generated sequence.
-        params, rng = rows([active[b].params for b in sampled], [len(active[b].token_ids) for b in sampled])
+        params, rng = rows(
+            [active[b].params for b in sampled],
+            [len(active[b].token_ids) for b in sampled],
+            [active[b].sample for b in sampled],
+        )
         dlog = None
         if any(draft_logits[b] is not None for b in sampled):
             dlog = torch.zeros(len(sampled), T - 1, V)
@@ -237,7 +370,20 @@ def _sample_or_verify(
             n = int(res.num_accepted[i])
             accepted[b] = n
             emitted[b] = res.output_token_ids[i, : n + 1].tolist()
-    return emitted, accepted
+    if top_logprobs is None:
+        return emitted, accepted, None
+    flat = [(b, j) for b in range(B) for j in range(len(emitted[b]))]
+    got = _logprob_rows(
+        logits[[b for b, _ in flat], [j for _, j in flat]] if flat else logits[:0, 0],
+        [active[b] for b, _ in flat],
+        [emitted[b][j] for b, j in flat],
+        top_logprobs,
+        logprobs_mode,
+    )
+    lps: List[list] = [[] for _ in range(B)]
+    for (b, _), x in zip(flat, got):
+        lps[b].append(x)
+    return emitted, accepted, lps
 
 
 def _propose(drafter, r: Request, K: int, V: int, call_key, op: str):
@@ -273,6 +419,7 @@ def _draft_chooser(r: Request):
 
     def choose(dl: torch.Tensor, j: int) -> int:
         q = processed_probs(dl[None], p.temperature, p.top_k, p.top_p, p.min_p)
-        return int(sample_from_probs(q, seed=seed, offset=DRAFT_OFFSET_BIT | (len(r.token_ids) + j))[0])
+        offset = DRAFT_OFFSET_BIT | (r.sample << 48) | (len(r.token_ids) + j)
+        return int(sample_from_probs(q, seed=seed, offset=offset)[0])
 
     return choose

@@ -4,12 +4,13 @@ argument handling of :func:`decodekit.generate` / :func:`decodekit.speculative_g
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -30,11 +31,12 @@ class GenerationResult:
     Attributes:
         prompt_token_ids: the ids the model was run on (after the chat template).
         token_ids: the generated ids, in order; ends with the stop token when
-            ``finish_reason == "eos"``.
-        text: the generated text without the stop token; exactly the concatenation of the
-            pieces given to the ``stream`` callback.
-        finish_reason: ``"eos"`` (a stop token was generated) or ``"length"``
-            (``max_new_tokens``).
+            ``finish_reason == "eos"``, and with the token that completed the stop string when
+            ``finish_reason == "stop"``.
+        text: the generated text without the stop token (or the stop string and what follows
+            it); exactly the concatenation of the pieces given to the ``stream`` callback.
+        finish_reason: ``"eos"`` (a stop token was generated), ``"stop"`` (a ``stop`` string
+            was generated) or ``"length"`` (``max_new_tokens``).
         seed: the Philox seed used (chosen at random when none was given and sampling was
             stochastic), or ``None`` for greedy decoding without a seed.
         prefill_seconds: wall time of this prompt's forward pass (prompts are prefilled one by one).
@@ -49,6 +51,15 @@ class GenerationResult:
         accepted: draft tokens accepted and emitted (a draft accepted after a stop token is
             not emitted and not counted).
         speculative: whether a drafter was used.
+        sample_index: ``i`` for sample ``i`` of ``n`` (its Philox offsets carry ``i`` in bits
+            48-61, DESIGN.md "Randomness"); 0 for plain generation.
+        logprobs: with ``logprobs=True``, one float per token of ``token_ids``: its natural-log
+            probability under the processed distribution it was drawn from (after penalties,
+            logit bias, ``eos_bias``, the ``min_new_tokens`` mask, temperature and filters; 0
+            for a greedy token); else None.
+        top_logprobs: with ``logprobs=True``, one list per token of ``(token_id, logprob)``
+            pairs, the ``top_logprobs`` most likely tokens of that distribution in rank order
+            (empty lists when ``top_logprobs=0``); else None.
     """
 
     prompt_token_ids: List[int]
@@ -63,6 +74,9 @@ class GenerationResult:
     drafted: int = 0
     accepted: int = 0
     speculative: bool = False
+    sample_index: int = 0
+    logprobs: Optional[List[float]] = None
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -142,6 +156,17 @@ class Request:
     accepted: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    sample: int = 0  # sample index of n (bits 48-61 of the offsets)
+    fork_of: Optional[int] = None  # index of the request whose prefill this one shares
+    key: Any = None  # what the stream callback is given to name the request
+    min_new_tokens: int = 0
+    eos_bias: float = 0.0
+    stop: Tuple[str, ...] = ()
+    text: str = ""  # decoded so far (the stream may hold the end back)
+    emitted: int = 0  # characters of text streamed
+    want_logprobs: bool = False
+    logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[list] = field(default_factory=list)
 
     @property
     def seed(self) -> Optional[int]:
@@ -161,6 +186,9 @@ class Request:
             drafted=self.drafted,
             accepted=self.accepted,
             speculative=speculative,
+            sample_index=self.sample,
+            logprobs=list(self.logprobs) if self.want_logprobs else None,
+            top_logprobs=[list(t) for t in self.top_logprobs] if self.want_logprobs else None,
         )
 
 
@@ -256,3 +284,109 @@ def prompt_ids(lm: LoadedModel, prompt, chat_template: bool, where: str, op: str
     if bad:
         raise ValueError(f"{op}: {name} token ids {bad[:5]} outside [0, {lm.config.vocab_size})")
     return ids
+
+
+def check_length_options(
+    op: str,
+    num_prompts: int,
+    batched: bool,
+    *,
+    n=None,
+    vote=False,
+    min_new_tokens=0,
+    eos_token_ids=None,
+    stop=None,
+    eos_bias=0.0,
+    logprobs=False,
+    top_logprobs=0,
+    logprobs_mode="processed",
+) -> dict:
+    """Checks the sample, length-control and logprob arguments of :func:`decodekit.generate`
+    (before the model is loaded); returns them normalised, ``min_new_tokens`` and ``eos_bias``
+    as per-prompt lists."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise ValueError(f"{op}: n must be None or an int >= 1, got {n!r}")
+    if not isinstance(vote, bool):
+        raise TypeError(f"{op}: vote must be True or False, got {type(vote).__name__}")
+    if vote and n is None:
+        raise ValueError(f"{op}: vote=True needs n (the number of samples to vote over), got n=None")
+    mins = per_request("min_new_tokens", min_new_tokens, num_prompts, op)
+    for i, m in enumerate(mins):
+        where = f"[{i}]" if batched else ""
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+            raise ValueError(f"{op}: min_new_tokens{where} must be an int >= 0, got {m!r}")
+    biases = per_request("eos_bias", eos_bias, num_prompts, op)
+    for i, b in enumerate(biases):
+        where = f"[{i}]" if batched else ""
+        try:
+            ok = not isinstance(b, bool) and isinstance(b, numbers.Real) and math.isfinite(float(b))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: eos_bias{where} must be a finite number, got {b!r:.60}")
+    ids = None
+    if eos_token_ids is not None:
+        raw = [eos_token_ids] if isinstance(eos_token_ids, numbers.Integral) else eos_token_ids
+        if isinstance(raw, torch.Tensor):
+            raw = raw.tolist()
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple, set, frozenset)):
+            raise TypeError(f"{op}: eos_token_ids must be None, an int or a list of ints, got {type(raw).__name__}")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in raw):
+            raise ValueError(f"{op}: eos_token_ids must be token ids (ints >= 0), got {list(raw)!r:.80}")
+        ids = sorted({int(t) for t in raw})
+    stops: Tuple[str, ...] = ()
+    if stop is not None:
+        raw = [stop] if isinstance(stop, str) else stop
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(s, str) for s in raw):
+            raise TypeError(f"{op}: stop must be None, a string or a list of strings, got {stop!r:.80}")
+        if any(s == "" for s in raw):
+            raise ValueError(f"{op}: stop strings must not be empty, got {list(raw)!r:.80}")
+        stops = tuple(dict.fromkeys(raw))
+    if not isinstance(logprobs, bool):
+        raise TypeError(f"{op}: logprobs must be True or False, got {type(logprobs).__name__}")
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, numbers.Integral) or top_logprobs < 0:
+        raise ValueError(f"{op}: top_logprobs must be an int >= 0, got {top_logprobs!r}")
+    if top_logprobs and not logprobs:
+        raise ValueError(f"{op}: top_logprobs={top_logprobs} needs logprobs=True")
+    if logprobs_mode not in ("processed", "raw"):
+        raise ValueError(f"{op}: logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
+    return dict(
+        n=None if n is None else int(n),
+        vote=vote,
+        min_new_tokens=[int(m) for m in mins],
+        eos_bias=[float(b) for b in biases],
+        eos_token_ids=ids,
+        stop=stops,
+        logprobs=logprobs,
+        top_logprobs=int(top_logprobs),
+        logprobs_mode=logprobs_mode,
+    )
+
+
+def sample_requests(requests: List[Request], opts: dict, batched: bool) -> List[Request]:
+    """The requests of a call with the length options set, and with ``n`` each prompt's
+    request repeated as samples ``0 .. n - 1`` (sample ``s > 0`` forks the prefill of sample 0;
+    every sample has the prompt's seed). The stream key is the prompt index, or with ``n`` the
+    sample index (one prompt) or ``(prompt index, sample index)`` (a batch)."""
+    N = opts["n"]
+    out = []
+    for r in requests:
+        i = r.index
+        for s in range(N or 1):
+            key = i if N is None else ((i, s) if batched else s)
+            out.append(
+                Request(
+                    index=len(out),
+                    max_new_tokens=r.max_new_tokens,
+                    params=r.params,
+                    prompt_ids=r.prompt_ids,
+                    sample=s,
+                    fork_of=None if s == 0 else len(out) - s,
+                    key=key,
+                    min_new_tokens=opts["min_new_tokens"][i],
+                    eos_bias=opts["eos_bias"][i],
+                    stop=opts["stop"],
+                    want_logprobs=opts["logprobs"],
+                )
+            )
+    return out
