@@ -52,8 +52,11 @@ def _decode(
     values: dict,
     drafter=None,
     num_draft_tokens: int = 0,
+    deterministic: Optional[bool] = None,
 ):
     """The shared body of :func:`generate` and :func:`speculative_generate`."""
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"{op}: deterministic must be None, True or False, got {deterministic!r}")
     batched = is_prompt_batch(prompt)
     prompts = list(prompt) if batched else [prompt]
     n = len(prompts)
@@ -88,17 +91,24 @@ def _decode(
             stream(piece)
 
     stop_ids = lm.tokenizer.stop_ids if stop_on_eos else frozenset()
-    with torch.inference_mode():
-        run(
-            lm,
-            requests,
-            stop_ids=stop_ids,
-            emit_to=emit_to,
-            drafter=drafter,
-            num_draft_tokens=num_draft_tokens,
-            call_key=next(_CALLS),
-            op=op,
-        )
+    saved_mode = lm.model.deterministic
+    if deterministic is not None:  # for this call only
+        lm.model.deterministic = deterministic
+    try:
+        with torch.inference_mode():
+            run(
+                lm,
+                requests,
+                stop_ids=stop_ids,
+                emit_to=emit_to,
+                drafter=drafter,
+                num_draft_tokens=num_draft_tokens,
+                call_key=next(_CALLS),
+                op=op,
+                deterministic=lm.model.deterministic,
+            )
+    finally:
+        lm.model.deterministic = saved_mode
     results = [r.result(lm.name, speculative=drafter is not None) for r in requests]
     return results if batched else results[0]
 
@@ -120,6 +130,7 @@ def generate(
     frequency_penalty: PerRequest[float] = 0.0,
     presence_penalty: PerRequest[float] = 0.0,
     logit_bias: PerRequest[Optional[dict]] = None,
+    deterministic: Optional[bool] = None,
 ) -> Union[GenerationResult, List[GenerationResult]]:
     """Generate a continuation of one prompt, or of a batch of prompts, one token at a time.
 
@@ -164,6 +175,12 @@ def generate(
             never split a UTF-8 character and the concatenation of a request's pieces is its
             ``text``. Only when generation stops in the middle of a character do its leftover
             bytes come out, in the last piece, as U+FFFD.
+        deterministic: ``None`` (default) keeps the model's own mode (``model.deterministic``,
+            True unless changed). ``True`` or ``False`` sets, for this call only, both the
+            model's mode (its batch-invariant linear layers and fused layer ops) and the
+            sampler's (``sample_from_logits(..., deterministic=)``). ``False`` is the fast mode:
+            a request's tokens may then depend on the batch and the thread count
+            (``python -m decodekit determinism`` measures how much).
 
     Per-request parameters: ``max_new_tokens`` and every sampling parameter are each one value
     for every request, or a list (or tuple, or 1-D tensor) with one value per prompt.
@@ -182,6 +199,7 @@ def generate(
             whose length is not the number of prompts (all checked before the model is loaded,
             except the token checks). Messages of a batch name the request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
+        TypeError: ``deterministic`` that is not None or a bool.
 
     Example:
         >>> r = generate("Name a colour.", max_new_tokens=16, temperature=0.7, seed=1)
@@ -202,7 +220,7 @@ def generate(
         presence_penalty=presence_penalty,
         logit_bias=logit_bias,
     )
-    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values)
+    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values, deterministic=deterministic)
 
 
 def speculative_generate(

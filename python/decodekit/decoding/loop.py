@@ -62,9 +62,11 @@ def run(
     num_draft_tokens: int = 0,
     call_key=None,
     op: str = "generate",
+    deterministic: bool = True,
 ) -> None:
     """Decode every request until it stops; fills in tokens, text pieces, finish reasons,
-    counts and timings of ``requests`` (see the module docstring)."""
+    counts and timings of ``requests`` (see the module docstring). ``deterministic`` is the
+    sampler's mode (the model's is ``lm.model.deterministic``)."""
     net = lm.model
     K = num_draft_tokens if drafter is not None else 0
     blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens + K + 1) // PAGE_SIZE) for r in requests)
@@ -116,7 +118,8 @@ def run(
         # verify (every pass of speculative decoding, also one without drafts, so that a
         # request's random numbers never depend on what its neighbours drafted)
         emitted, accepted = _sample_or_verify(
-            _processed(logits, active, drafts), active, drafts, draft_logits, verify=before is not None
+            _processed(logits, active, drafts), active, drafts, draft_logits, verify=before is not None,
+            deterministic=deterministic,
         )
         # 6-7. append or roll back; stop; stream
         running = []
@@ -205,12 +208,13 @@ def _sample_or_verify(
     drafts: List[List[int]],
     draft_logits: List[Optional[torch.Tensor]],
     verify: bool,
+    deterministic: bool = True,
 ):
     """Per request: the tokens to emit and the number of accepted drafts."""
     B, T, V = logits.shape
     if not verify:  # plain sampling, offset = the position of the token drawn
         params, rng = rows([r.params for r in active], [len(r.token_ids) for r in active])
-        tokens = sample_from_logits(logits[:, 0], *params, **rng).tolist()
+        tokens = sample_from_logits(logits[:, 0], *params, **rng, deterministic=deterministic).tolist()
         return [[t] for t in tokens], [0] * B
     draft_t = torch.tensor([d + [-1] * (T - 1 - len(d)) for d in drafts], dtype=torch.int64)  # [B, K]
     emitted: List[List[int]] = [[] for _ in range(B)]
