@@ -218,7 +218,9 @@ class DeterminismReport:
             "speed (generated tokens / wall time of the generate calls, prefill included):",
         ]
         for name, m in self.modes.items():
-            lines.append(f"  {name:<13} {m.tokens_per_second:8.1f} tokens/s  ({m.new_tokens} tokens in {m.seconds:.1f} s)")
+            lines.append(
+                f"  {name:<13} {m.tokens_per_second:8.1f} tokens/s  ({m.new_tokens} tokens in {m.seconds:.1f} s)"
+            )
         lines += ["", f"  {'prompt':<46} {'decoding':<8} {'mode':<13} {'runs':>4} {'distinct':>8}  first divergence"]
         names = list(self.modes)
         for i in range(len(self.modes[names[0]].cases)):
@@ -239,7 +241,9 @@ class DeterminismReport:
             lines += ["", "component probe (a row's bits alone vs. among other rows, at each thread count):"]
             for name, probes in self.components.items():
                 for p in probes:
-                    lines.append(f"  {name:<13} {p['component']:<34} {'VARIES' if p['varies'] else 'same bits':<9}  {p['detail']}")
+                    lines.append(
+                        f"  {name:<13} {p['component']:<34} {'VARIES' if p['varies'] else 'same bits':<9}  {p['detail']}"
+                    )
         fast = self.modes.get("fast")
         lines.append("")
         if fast is not None:
@@ -299,7 +303,9 @@ def plan_runs(
                 else:
                     cases = [(turn + j) % num_cases for j in range(B)]
                     turn += B
-                rows = [("case", i) for i in cases] + [("filler", rng.randrange(num_fillers)) for _ in range(B - len(cases))]
+                rows = [("case", i) for i in cases] + [
+                    ("filler", rng.randrange(num_fillers)) for _ in range(B - len(cases))
+                ]
                 rng.shuffle(rows)
                 for i in cases:
                     seen[i] += 1
@@ -308,14 +314,14 @@ def plan_runs(
 
 
 # ----------------------------------------------------------------------------------- runs
-def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, progress=None):
-    """Runs the plan in both modes (interleaved, the first mode alternating from run to run so
+def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MODES, progress=None):
+    """Runs the plan in each of ``modes`` (interleaved, the first mode alternating from run to run so
     that neither mode always runs on a warm cache); returns ``({mode: [[Observation]] per case},
     {mode: [new tokens, seconds]})``."""
     from .decoding import generate
 
-    obs = {m: [[] for _ in cases] for m in MODES}
-    speed = {m: [0, 0.0] for m in MODES}
+    obs = {m: [[] for _ in cases] for m in modes}
+    speed = {m: [0, 0.0] for m in modes}
     rng = random.Random(seed + 1)
     saved_threads = torch.get_num_threads()
     try:
@@ -335,7 +341,7 @@ def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, progress=
                     temps.append(0.0 if greedy else round(rng.uniform(0.5, 1.2), 2))
                     tops.append(1.0 if greedy else round(rng.uniform(0.8, 1.0), 2))
                     seeds.append(None if greedy else rng.randrange(2**31))
-            order = MODES if k % 2 == 0 else MODES[::-1]
+            order = modes if k % 2 == 0 else modes[::-1]
             for mode in order:
                 t0 = time.perf_counter()
                 results = generate(
@@ -352,9 +358,7 @@ def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, progress=
                 speed[mode][0] += sum(r.new_tokens for r in results)
                 for pos, ((kind, i), r) in enumerate(zip(run["rows"], results)):
                     if kind == "case":
-                        obs[mode][i].append(
-                            Observation(k, run["batch_size"], pos, run["threads"], tuple(r.token_ids))
-                        )
+                        obs[mode][i].append(Observation(k, run["batch_size"], pos, run["threads"], tuple(r.token_ids)))
             if progress is not None:
                 progress(k + 1, len(plan))
     finally:
@@ -398,7 +402,11 @@ def _case_report(lm, case, observations: List[Observation], batch_sizes: Sequenc
 
 # -------------------------------------------------------------------------- component probe
 def probe_components(
-    lm, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16), thread_counts: Sequence[int] = (1, 2), seed: int = 0
+    lm,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+    thread_counts: Sequence[int] = (1, 2),
+    seed: int = 0,
+    modes: Sequence[str] = MODES,
 ) -> Dict[str, List[dict]]:
     """Which part of the model gives a row different bits among other rows, in each mode.
 
@@ -445,7 +453,7 @@ def probe_components(
     out: Dict[str, List[dict]] = {}
     try:
         with torch.inference_mode():
-            for mode in MODES:
+            for mode in modes:
                 det = mode == "deterministic"
                 net.deterministic = det
                 rows = []
@@ -484,6 +492,7 @@ def run_report(
     batch_sizes: Sequence[int] = tuple(range(1, 17)),
     thread_counts: Sequence[int] = (1, 2),
     seed: int = 0,
+    modes: Sequence[str] = MODES,
     probe: bool = True,
     progress=None,
 ) -> DeterminismReport:
@@ -500,6 +509,7 @@ def run_report(
         batch_sizes: batch sizes to cycle through (ints >= 1, default 1-16).
         thread_counts: ``torch.set_num_threads`` values to cycle through (ints >= 1, default 1, 2).
         seed: fixes the plan's shuffles and the fillers' decoding parameters.
+        modes: the modes to run, a non-empty subset of ``("fast", "deterministic")`` (default both).
         probe: also run :func:`probe_components`.
         progress: ``progress(done, total)`` after each run, or None.
 
@@ -508,7 +518,7 @@ def run_report(
         deterministic mode.
 
     Raises:
-        ValueError: an empty ``prompts``, ``runs`` or ``max_new_tokens`` < 1, a batch size or
+        ValueError: an empty ``prompts``, unknown ``modes``, ``runs`` or ``max_new_tokens`` < 1, a batch size or
             thread count < 1, batches that need fillers when ``fillers`` is empty.
         TypeError: a prompt or filler that is not text.
         FileNotFoundError: the model is missing.
@@ -519,6 +529,9 @@ def run_report(
         raise ValueError(f"{op}: prompts must be a non-empty list of text")
     if any(not isinstance(p, str) for p in prompts + fillers):
         raise TypeError(f"{op}: prompts and fillers must be text (str)")
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"{op}: modes must be distinct values of {MODES}, got {modes!r}")
     for name, v in (("runs", runs), ("max_new_tokens", max_new_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{op}: {name} must be an int >= 1, got {v!r}")
@@ -527,7 +540,7 @@ def run_report(
     cases = [(p, d, None if d == "greedy" else CASE_SEED + i) for i, p in enumerate(prompts) for d in DECODINGS]
     plan = plan_runs(len(cases), runs, batch_sizes, thread_counts, len(fillers), seed)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    obs, speed = _execute(lm, plan, cases, fillers, max_new_tokens, seed, progress)
+    obs, speed = _execute(lm, plan, cases, fillers, max_new_tokens, seed, modes, progress)
     modes = {
         m: ModeReport(
             mode=m,
@@ -535,9 +548,9 @@ def run_report(
             new_tokens=speed[m][0],
             seconds=speed[m][1],
         )
-        for m in MODES
+        for m in modes
     }
-    components = probe_components(lm, sorted(set(batch_sizes)), thread_counts, seed) if probe else {}
+    components = probe_components(lm, sorted(set(batch_sizes)), thread_counts, seed, modes) if probe else {}
     return DeterminismReport(
         model=lm.name,
         max_new_tokens=max_new_tokens,
@@ -616,7 +629,9 @@ def main(args=None) -> int:
     if not isinstance(args, argparse.Namespace):
         args = build_parser().parse_args(args)
     if args.max_batch_size < 1:
-        print(f"decodekit determinism: error: --max-batch-size must be >= 1, got {args.max_batch_size}", file=sys.stderr)
+        print(
+            f"decodekit determinism: error: --max-batch-size must be >= 1, got {args.max_batch_size}", file=sys.stderr
+        )
         return 1
 
     def progress(done: int, total: int) -> None:

@@ -118,7 +118,11 @@ def run(
         # verify (every pass of speculative decoding, also one without drafts, so that a
         # request's random numbers never depend on what its neighbours drafted)
         emitted, accepted = _sample_or_verify(
-            _processed(logits, active, drafts), active, drafts, draft_logits, verify=before is not None,
+            _processed(logits, active, drafts),
+            active,
+            drafts,
+            draft_logits,
+            verify=before is not None,
             deterministic=deterministic,
         )
         # 6-7. append or roll back; stop; stream
