@@ -281,7 +281,8 @@ def plan_runs(
     The plan cycles through every (batch size, thread count) pair, in the order given, until every
     case is in at least ``runs`` runs. A batch of ``B >= num_cases`` rows holds every case at
     shuffled positions and fillers (drawn at random) elsewhere; a smaller batch holds ``B`` cases
-    taken in turn, so that each case also runs alone. ``seed`` fixes the shuffles.
+    taken in turn, and the plan goes on until each case has also run alone (when 1 is among the
+    batch sizes). ``seed`` fixes the shuffles.
     """
     if num_cases < 1 or runs < 1:
         raise ValueError(f"plan_runs: num_cases and runs must be >= 1, got {num_cases} and {runs}")
@@ -293,22 +294,23 @@ def plan_runs(
         raise ValueError("plan_runs: batches larger than the number of cases need filler prompts")
     rng = random.Random(seed)
     seen = [0] * num_cases
-    turn = 0
+    alone = [1 not in batch_sizes] * num_cases  # each case also runs alone when 1 is a batch size
+    turns = {B: 0 for B in batch_sizes}  # batches of B < num_cases take the cases in turn
     plan: List[dict] = []
-    while min(seen) < runs:
+    while min(seen) < runs or not all(alone):
         for B in batch_sizes:
             for threads in thread_counts:
                 if B >= num_cases:
                     cases = list(range(num_cases))
                 else:
-                    cases = [(turn + j) % num_cases for j in range(B)]
-                    turn += B
-                rows = [("case", i) for i in cases] + [
-                    ("filler", rng.randrange(num_fillers)) for _ in range(B - len(cases))
-                ]
+                    cases = [(turns[B] * B + j) % num_cases for j in range(B)]
+                    turns[B] += 1
+                fill = [("filler", rng.randrange(num_fillers)) for _ in range(B - len(cases))]
+                rows = [("case", i) for i in cases] + fill
                 rng.shuffle(rows)
                 for i in cases:
                     seen[i] += 1
+                    alone[i] = alone[i] or B == 1
                 plan.append(dict(batch_size=B, threads=threads, rows=rows))
     return plan
 
