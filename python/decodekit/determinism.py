@@ -316,7 +316,7 @@ def plan_runs(
 
 
 # ----------------------------------------------------------------------------------- runs
-def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MODES, progress=None):
+def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MODES, progress=None, chat_template=True):
     """Runs the plan in each of ``modes`` (interleaved, the first mode alternating from run to run so
     that neither mode always runs on a warm cache); returns ``({mode: [[Observation]] per case},
     {mode: [new tokens, seconds]})``."""
@@ -354,6 +354,7 @@ def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MOD
                     top_p=tops,
                     seed=seeds,
                     stop_on_eos=True,
+                    chat_template=chat_template,
                     deterministic=mode == "deterministic",
                 )
                 speed[mode][1] += time.perf_counter() - t0
@@ -495,6 +496,7 @@ def run_report(
     thread_counts: Sequence[int] = (1, 2),
     seed: int = 0,
     modes: Sequence[str] = MODES,
+    chat_template: bool = True,
     probe: bool = True,
     progress=None,
 ) -> DeterminismReport:
@@ -512,6 +514,8 @@ def run_report(
         thread_counts: ``torch.set_num_threads`` values to cycle through (ints >= 1, default 1, 2).
         seed: fixes the plan's shuffles and the fillers' decoding parameters.
         modes: the modes to run, a non-empty subset of ``("fast", "deterministic")`` (default both).
+        chat_template: wrap each prompt in the model's chat template (default); ``False`` runs
+            the raw text (shorter prefills).
         probe: also run :func:`probe_components`.
         progress: ``progress(done, total)`` after each run, or None.
 
@@ -542,7 +546,7 @@ def run_report(
     cases = [(p, d, None if d == "greedy" else CASE_SEED + i) for i, p in enumerate(prompts) for d in DECODINGS]
     plan = plan_runs(len(cases), runs, batch_sizes, thread_counts, len(fillers), seed)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    obs, speed = _execute(lm, plan, cases, fillers, max_new_tokens, seed, modes, progress)
+    obs, speed = _execute(lm, plan, cases, fillers, max_new_tokens, seed, modes, progress, chat_template)
     modes = {
         m: ModeReport(
             mode=m,
@@ -614,6 +618,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--model", default=None, metavar="PATH.gguf", help="GGUF model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=0, help="seed of the plan's shuffles (default 0)")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the component probe")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="use the prompts' raw text")
     return p
 
 
@@ -649,6 +654,7 @@ def main(args=None) -> int:
             batch_sizes=range(1, args.max_batch_size + 1),
             thread_counts=args.threads,
             seed=args.seed,
+            chat_template=args.chat_template,
             probe=args.probe,
             progress=progress,
         )

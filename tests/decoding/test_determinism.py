@@ -20,7 +20,9 @@ from decodekit import cli, determinism, generate
 from decodekit.determinism import CaseReport, DeterminismReport, ModeReport, plan_runs, run_report
 from reference import llama as ref_llama
 
-PROMPTS = ["Write a haiku about the sea.", "List three uses of a paperclip."]
+# Raw text (no chat template) and short fillers keep the 544 prefills of the plan cheap.
+PROMPTS = ["The capital of France is", "Once upon a time, a fox"]
+FILLERS = ["Hi", "One, two,", "The sky is", "Water boils at", "My name is", "def add(a, b):", "Dear Sir,", "1 + 1 ="]
 RUNS = 50
 NEW_TOKENS = 8
 
@@ -29,7 +31,14 @@ NEW_TOKENS = 8
 def det_report(lm):
     """Deterministic mode only, >= 50 runs per case (about 64 generate calls)."""
     return run_report(
-        model=lm, prompts=PROMPTS, runs=RUNS, max_new_tokens=NEW_TOKENS, modes=("deterministic",), probe=False
+        model=lm,
+        prompts=PROMPTS,
+        fillers=FILLERS,
+        runs=RUNS,
+        max_new_tokens=NEW_TOKENS,
+        modes=("deterministic",),
+        chat_template=False,
+        probe=False,
     )
 
 
@@ -98,7 +107,7 @@ def _reference_greedy(lm, prompt_ids, max_new_tokens):
 @pytest.mark.slow
 def test_greedy_alone_matches_plain_argmax_reference(lm, det_report):
     case = next(c for c in det_report.modes["deterministic"].cases if c.decoding == "greedy")
-    prompt_ids = generate(case.prompt, model=lm, max_new_tokens=0).prompt_token_ids
+    prompt_ids = generate(case.prompt, model=lm, max_new_tokens=0, chat_template=False).prompt_token_ids
     want, margins = _reference_greedy(lm, prompt_ids, NEW_TOKENS)
     # float32 in a different order of operations: the argmax is only comparable while the top two
     # logits are clearly apart (margin > 1e-3); this prompt's margins are far larger
@@ -111,7 +120,7 @@ def test_greedy_alone_matches_plain_argmax_reference(lm, det_report):
 def test_report_end_to_end_writes_consistent_png_and_json(lm, tmp_path, capsys):
     png, js = tmp_path / "det.png", tmp_path / "det.json"
     argv = ["determinism", "--runs", "3", "--max-new-tokens", "4", "--max-batch-size", "3", "--threads", "1", "2"]
-    argv += ["--prompt", "Hi", "--out", str(png), "--json", str(js)]
+    argv += ["--prompt", "Hi", "--no-chat-template", "--out", str(png), "--json", str(js)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
