@@ -578,6 +578,7 @@ def save_plot(report: DeterminismReport, path) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("the determinism plot needs matplotlib: pip install 'decodekit[report]'") from exc
     path = Path(path)
@@ -588,10 +589,11 @@ def save_plot(report: DeterminismReport, path) -> Path:
             xs = sorted(c.distinct_by_batch_size)
             label = f"{c.prompt[:24]}{'...' if len(c.prompt) > 24 else ''} ({c.decoding})"
             ax.plot(xs, [c.distinct_by_batch_size[b] for b in xs], marker="o", markersize=3, label=label)
-        ax.set_title(f"{name} mode: {m.tokens_per_second:.0f} tokens/s, {len(m.varied)}/{len(m.cases)} cases varied")
+        ax.set_title(f"{name} mode: {m.tokens_per_second:.1f} tokens/s, {len(m.varied)}/{len(m.cases)} cases varied")
         ax.set_xlabel("batch size B (runs with batch size <= B)")
         ax.set_xticks(report.batch_sizes)
         ax.set_ylim(0, top + 1)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("distinct completions")
     axes[0][-1].legend(fontsize=7, loc="upper left")
