@@ -316,6 +316,17 @@ def plan_runs(
 
 
 # ----------------------------------------------------------------------------------- runs
+def _set_threads(n: Optional[int], torch_default: int) -> None:
+    """``n`` threads for PyTorch and, where the package has its own setting
+    (``decodekit.set_num_threads``), for decodekit's kernels; ``None`` restores the defaults."""
+    import decodekit
+
+    torch.set_num_threads(torch_default if n is None else n)
+    own = getattr(decodekit, "set_num_threads", None)
+    if callable(own):
+        own(n)
+
+
 def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MODES, progress=None, chat_template=True):
     """Runs the plan in each of ``modes`` (interleaved, the first mode alternating from run to run so
     that neither mode always runs on a warm cache); returns ``({mode: [[Observation]] per case},
@@ -328,7 +339,7 @@ def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MOD
     saved_threads = torch.get_num_threads()
     try:
         for k, run in enumerate(plan):
-            torch.set_num_threads(run["threads"])
+            _set_threads(run["threads"], saved_threads)
             prompts, temps, tops, seeds = [], [], [], []
             for kind, i in run["rows"]:
                 if kind == "case":
@@ -365,7 +376,7 @@ def _execute(lm, plan, cases, fillers, max_new_tokens: int, seed: int, modes=MOD
             if progress is not None:
                 progress(k + 1, len(plan))
     finally:
-        torch.set_num_threads(saved_threads)
+        _set_threads(None, saved_threads)
     return obs, speed
 
 
@@ -461,11 +472,11 @@ def probe_components(
                 net.deterministic = det
                 rows = []
                 for name, fn in components.items():
-                    torch.set_num_threads(thread_counts[0])
+                    _set_threads(thread_counts[0], saved_threads)
                     ref = fn(1, det).clone()
                     worst, where = 0.0, []
                     for threads in thread_counts:
-                        torch.set_num_threads(threads)
+                        _set_threads(threads, saved_threads)
                         for B in batch_sizes:
                             got = fn(B, det)
                             if not torch.equal(got, ref):
@@ -480,7 +491,7 @@ def probe_components(
                 out[mode] = rows
     finally:
         net.deterministic = saved_mode
-        torch.set_num_threads(saved_threads)
+        _set_threads(None, saved_threads)
     return out
 
 
