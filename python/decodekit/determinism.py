@@ -2,8 +2,8 @@
 
 ``python -m decodekit determinism`` (or :func:`run_report`) decodes the same target prompts on
 SmolLM2-135M many times. Every run is one :func:`decodekit.generate` call on a batch of 1 to 16
-requests, at 1 or 2 threads (``torch.set_num_threads``, which decodekit's kernels and PyTorch's
-GEMMs both follow): the targets sit at shuffled positions among filler prompts (each filler with
+requests, at 1 or 2 threads (``torch.set_num_threads``, and ``decodekit.set_num_threads`` where
+the package has its own thread setting): the targets sit at shuffled positions among filler prompts (each filler with
 its own decoding parameters), and each target is decoded twice in the batch's mix, greedy
 (temperature 0) and seeded (temperature 0.8, top-p 0.95, a fixed seed per target). A *case* is one
 (target prompt, decoding) pair; the plan puts every case in at least ``runs`` runs.
