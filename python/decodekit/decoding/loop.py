@@ -69,13 +69,15 @@ def run(
     op: str = "generate",
     top_logprobs: Optional[int] = None,
     logprobs_mode: str = "processed",
+    deterministic: bool = True,
 ) -> None:
     """Decode every request until it stops; fills in tokens, text pieces, finish reasons,
     counts and timings of ``requests`` (see the module docstring).
 
     ``top_logprobs``: ``None`` records no logprobs; an int ``n >= 0`` records each emitted
     token's logprob and its top ``n`` (``logprobs_mode`` as in :func:`decodekit.sample_from_logits`).
-    A request with ``fork_of`` set shares the prefill of the request with that index."""
+    A request with ``fork_of`` set shares the prefill of the request with that index. ``deterministic`` is the sampler's mode (the
+    model's is ``lm.model.deterministic``)."""
     net = lm.model
     K = num_draft_tokens if drafter is not None else 0
     blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens + K + 1) // PAGE_SIZE) for r in requests)
@@ -164,6 +166,7 @@ def run(
             verify=before is not None,
             top_logprobs=top_logprobs,
             logprobs_mode=logprobs_mode,
+            deterministic=deterministic,
         )
         # 6-7. append or roll back; stop; stream
         running = []
@@ -318,6 +321,7 @@ def _sample_or_verify(
     verify: bool,
     top_logprobs: Optional[int] = None,
     logprobs_mode: str = "processed",
+    deterministic: bool = True,
 ):
     """Per request: the tokens to emit, the number of accepted drafts and (when
     ``top_logprobs`` is not None) each emitted token's ``(logprob, top list)``."""
@@ -325,10 +329,11 @@ def _sample_or_verify(
     if not verify:  # plain sampling, offset = the position of the token drawn
         params, rng = rows([r.params for r in active], [len(r.token_ids) for r in active], [r.sample for r in active])
         if top_logprobs is None:
-            tokens = sample_from_logits(logits[:, 0], *params, **rng).tolist()
+            tokens = sample_from_logits(logits[:, 0], *params, **rng, deterministic=deterministic).tolist()
             return [[t] for t in tokens], [0] * B, None
         out = sample_from_logits(
-            logits[:, 0], *params, **rng, return_logprobs=True, top_logprobs=top_logprobs, logprobs_mode=logprobs_mode
+            logits[:, 0], *params, **rng, return_logprobs=True, top_logprobs=top_logprobs, logprobs_mode=logprobs_mode,
+            deterministic=deterministic,
         )
         tokens = out.token_ids.tolist()
         lps = [
