@@ -49,10 +49,13 @@ def main():
         mask = torch.arange(S)[None, :] <= torch.arange(S - Q, S)[:, None]
         ours = timeit(lambda: paged_attention(q, k, v, tables, lens, validate=False))
         sdpa = timeit(lambda: F.scaled_dot_product_attention(qs, kc, vc, attn_mask=mask, scale=1 / math.sqrt(D)))
-        sdpa_gqa = timeit(lambda: F.scaled_dot_product_attention(qs, kg, vg, attn_mask=mask, scale=1 / math.sqrt(D),
-                                                                 enable_gqa=True))
-        print(f"Q={Q}: paged (ours) {ours * 1e3:.3f} ms | SDPA on contiguous expanded cache {sdpa * 1e3:.3f} ms "
-              f"({sdpa / ours:.2f}x) | SDPA enable_gqa {sdpa_gqa * 1e3:.3f} ms ({sdpa_gqa / ours:.2f}x)")
+        sdpa_gqa = timeit(
+            lambda: F.scaled_dot_product_attention(qs, kg, vg, attn_mask=mask, scale=1 / math.sqrt(D), enable_gqa=True)
+        )
+        print(
+            f"Q={Q}: paged (ours) {ours * 1e3:.3f} ms | SDPA on contiguous expanded cache {sdpa * 1e3:.3f} ms "
+            f"({sdpa / ours:.2f}x) | SDPA enable_gqa {sdpa_gqa * 1e3:.3f} ms ({sdpa_gqa / ours:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

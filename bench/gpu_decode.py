@@ -94,8 +94,11 @@ def report(name, t, t_base, nbytes, bw, base_name):
     }
     ROWS.append(row)
     sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
-    print(f"{name:58s} {t * 1e6:9.1f} us  {base_name}: {row['baseline_us'] or float('nan'):9.1f} us  "
-          f"speedup {sp:>7s}  {100 * row['frac_copy_bw']:5.1f}% of copy bw", flush=True)
+    print(
+        f"{name:58s} {t * 1e6:9.1f} us  {base_name}: {row['baseline_us'] or float('nan'):9.1f} us  "
+        f"speedup {sp:>7s}  {100 * row['frac_copy_bw']:5.1f}% of copy bw",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------ append ----
@@ -114,7 +117,7 @@ def bench_append(bw):
             value = torch.randn(N, H, D, device="cuda").to(dtype)
             # Each sequence appends T tokens at a random offset of its own blocks.
             start = torch.randint(0, 4096 - T, (B,), device="cuda")
-            slots = (torch.arange(B, device="cuda")[:, None] * 4096 + start[:, None] + torch.arange(T, device="cuda"))
+            slots = torch.arange(B, device="cuda")[:, None] * 4096 + start[:, None] + torch.arange(T, device="cuda")
             sets.append((key, value, slots.reshape(-1)))
         t = bench(lambda s, k=k, v=v: ops.append_paged_kv_cache(k, v, s[0], s[1], s[2], "NHD"), sets)
         kf, vf = k.view(NB * bs, H * D), v.view(NB * bs, H * D)
@@ -161,8 +164,12 @@ def bench_attention(bw):
 
 # ------------------------------------------------------------------ linear ----
 def bench_linear(bw):
-    shapes = [("qkv 576->960", 960, 576), ("gate_up 576->3072", 3072, 576), ("down 1536->576", 576, 1536),
-              ("lm_head 576->49152", 49152, 576)]
+    shapes = [
+        ("qkv 576->960", 960, 576),
+        ("gate_up 576->3072", 3072, 576),
+        ("down 1536->576", 576, 1536),
+        ("lm_head 576->49152", 49152, 576),
+    ]
     for M in (1, 8, 64):
         for name, N, K in shapes:
             wb = N * K * 4
@@ -209,8 +216,14 @@ def bench_chain(bw):
         acc = sum(int(ops.chain_speculative_sampling(s[0], s[1], s[2], s[3], 0, None, 0, V)[1].sum()) for s in sets)
         # Compulsory bytes: every target and draft row the kernel reads (an upper bound: rows
         # after the first rejection are not read).
-        report(f"chain_speculative_sampling B=64 K=4 V={V} (accepted {acc / len(sets) / B:.2f}/row)", t, tb, per, bw,
-               "torch recipe")
+        report(
+            f"chain_speculative_sampling B=64 K=4 V={V} (accepted {acc / len(sets) / B:.2f}/row)",
+            t,
+            tb,
+            per,
+            bw,
+            "torch recipe",
+        )
         del sets
 
 
@@ -229,8 +242,12 @@ class TinyStack:
         self.emb = r(vocab, hidden)
         self.w = [
             dict(
-                n1=1.0 + r(hidden, s=0.1), qkv=r((hq + 2 * hkv) * hd, hidden), o=r(hidden, hq * hd),
-                n2=1.0 + r(hidden, s=0.1), gu=r(2 * inter, hidden), down=r(hidden, inter),
+                n1=1.0 + r(hidden, s=0.1),
+                qkv=r((hq + 2 * hkv) * hd, hidden),
+                o=r(hidden, hq * hd),
+                n2=1.0 + r(hidden, s=0.1),
+                gu=r(2 * inter, hidden),
+                down=r(hidden, inter),
             )
             for _ in range(layers)
         ]
@@ -292,11 +309,25 @@ def check_greedy(_bw):
         bits = torch.equal(l_gpu.cpu(), l_cpu)
         first = next((i for i, (a, b) in enumerate(zip(t_cpu, t_gpu)) if a != b), None)
         same += t_cpu == t_gpu
-        print(f"greedy prompt {p[:4]}...: {'SAME' if t_cpu == t_gpu else f'DIFFER at step {first}'} tokens "
-              f"({steps}), all logits bit-identical: {bits}; GPU eager {steps / dt:.0f} tokens/s", flush=True)
+        print(
+            f"greedy prompt {p[:4]}...: {'SAME' if t_cpu == t_gpu else f'DIFFER at step {first}'} tokens "
+            f"({steps}), all logits bit-identical: {bits}; GPU eager {steps / dt:.0f} tokens/s",
+            flush=True,
+        )
     print(f"greedy CPU == GPU on {same}/{len(prompts)} prompts", flush=True)
-    ROWS.append({"op": "greedy CPU == GPU prompts", "us": 0.0, "baseline": "cpu", "baseline_us": None,
-                 "speedup": None, "bytes": 0, "frac_copy_bw": 0.0, "same": same, "of": len(prompts)})
+    ROWS.append(
+        {
+            "op": "greedy CPU == GPU prompts",
+            "us": 0.0,
+            "baseline": "cpu",
+            "baseline_us": None,
+            "speedup": None,
+            "bytes": 0,
+            "frac_copy_bw": 0.0,
+            "same": same,
+            "of": len(prompts),
+        }
+    )
 
 
 def main():
@@ -311,8 +342,13 @@ def main():
     t0 = time.time()
     for part in a.only.split(","):
         try:
-            parts = {"greedy": check_greedy, "append": bench_append, "attention": bench_attention,
-                     "linear": bench_linear, "chain": bench_chain}
+            parts = {
+                "greedy": check_greedy,
+                "append": bench_append,
+                "attention": bench_attention,
+                "linear": bench_linear,
+                "chain": bench_chain,
+            }
             parts[part](bw)
         except Exception as exc:  # noqa: BLE001  (one failing part must not hide the others)
             print(f"{part}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -9,7 +9,11 @@ torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     for V, kind in ((3000, "randn"), (9000, "flat"), (700, "ties")):
         B = 12
-        x = (torch.randn(B, V) * (0.02 if kind == "flat" else 4)) if kind != "ties" else torch.randint(0, 5, (B, V)).float()
+        x = (
+            (torch.randn(B, V) * (0.02 if kind == "flat" else 4))
+            if kind != "ties"
+            else torch.randint(0, 5, (B, V)).float()
+        )
         x = x.to(dtype).cuda()
         T = torch.tensor([0.0, 0.7, 1.0, 1.5] * 3, device="cuda")
         k = torch.tensor([0, 1, 50, 600, 0, 2] * 2, device="cuda")

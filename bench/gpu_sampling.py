@@ -123,8 +123,9 @@ def recipe_temperature(x, T=0.7):
 def ours(x, T=0.7, k=0, p=1.0, det=True):
     B = x.size(0)
     seed = torch.arange(B, device="cuda")
-    return ops.sample_from_logits(x, None, T, None, k, None, p, None, 0.0, seed, 0, None, 0, x.size(1), det, False,
-                                  0, False)[0]
+    return ops.sample_from_logits(
+        x, None, T, None, k, None, p, None, 0.0, seed, 0, None, 0, x.size(1), det, False, 0, False
+    )[0]
 
 
 def cpu_equals_cuda(rows=100_000, V=32000, chunk=2000):
@@ -171,10 +172,19 @@ def main():
         ("top_p0.9", lambda x: ours(x, p=0.9), recipe_top_p, "randn4"),
         ("top_p0.9_flat", lambda x: ours(x, p=0.9), recipe_top_p, "flat"),
         ("temperature", lambda x: ours(x), recipe_temperature, "randn4"),
-        ("softmax", lambda x: ops.softmax(x, None, 0.7, x.size(1), True), lambda x: torch.softmax(x / 0.7, -1), "randn4"),
+        (
+            "softmax",
+            lambda x: ops.softmax(x, None, 0.7, x.size(1), True),
+            lambda x: torch.softmax(x / 0.7, -1),
+            "randn4",
+        ),
         ("argmax", lambda x: ops.argmax(x, x.size(1)), lambda x: torch.argmax(x, -1), "randn4"),
-        ("top_k_mask50", lambda x: ops.top_k_mask_logits(x, None, 50, x.size(1)),
-         lambda x: x.masked_fill(x < torch.topk(x, 50, -1).values[:, -1:], float("-inf")), "randn4"),
+        (
+            "top_k_mask50",
+            lambda x: ops.top_k_mask_logits(x, None, 50, x.size(1)),
+            lambda x: x.masked_fill(x < torch.topk(x, 50, -1).values[:, -1:], float("-inf")),
+            "randn4",
+        ),
     ]
     for V in Vs:
         for B in Bs:
@@ -185,11 +195,22 @@ def main():
                 tr = bench(rec, inputs[kind], reps=3)
                 out_bytes = B * V * 4 if name in ("softmax", "top_k_mask50") else B * 8
                 frac = (B * V * 4 + out_bytes) / tg / bw
-                row = {"op": name, "B": B, "V": V, "us": t * 1e6, "graph_us": tg * 1e6, "recipe_us": tr * 1e6,
-                       "speedup": tr / t, "bw_frac_graph": frac}
+                row = {
+                    "op": name,
+                    "B": B,
+                    "V": V,
+                    "us": t * 1e6,
+                    "graph_us": tg * 1e6,
+                    "recipe_us": tr * 1e6,
+                    "speedup": tr / t,
+                    "bw_frac_graph": frac,
+                }
                 results["rows"].append(row)
-                print(f"{name:18s} B={B:4d} V={V:6d}  eager {t*1e6:8.1f} us  graph {tg*1e6:8.1f} us  "
-                      f"recipe {tr*1e6:8.1f} us  x{tr/t:6.2f}  {100*frac:5.1f}% of copy bw (graph)", flush=True)
+                print(
+                    f"{name:18s} B={B:4d} V={V:6d}  eager {t * 1e6:8.1f} us  graph {tg * 1e6:8.1f} us  "
+                    f"recipe {tr * 1e6:8.1f} us  x{tr / t:6.2f}  {100 * frac:5.1f}% of copy bw (graph)",
+                    flush=True,
+                )
     # deterministic vs fast mode (one path today: same kernels)
     x = make_inputs(64, 128256)
     td = bench_graph(lambda a: ours(a, k=50, p=0.9, det=True), x)
@@ -197,13 +218,15 @@ def main():
     for name, kw in (("top_k50_top_p0.9", dict(k=50, p=0.9)), ("top_p0.9", dict(p=0.9)), ("temperature", {})):
         results.setdefault("cluster_path", {})[name] = bench_graph(lambda a, kw=kw: ours(a, **kw), x) * 1e6
     results["det_vs_fast"] = {"det_us": td * 1e6, "fast_us": tf * 1e6}
-    print(f"deterministic {td*1e6:.1f} us vs fast {tf*1e6:.1f} us (B=64, V=128256, top-k 50 + top-p 0.9)")
+    print(f"deterministic {td * 1e6:.1f} us vs fast {tf * 1e6:.1f} us (B=64, V=128256, top-k 50 + top-p 0.9)")
     os.environ["DECODEKIT_CUDA_CLUSTER"] = "0"
     for name, kw in (("top_k50_top_p0.9", dict(k=50, p=0.9)), ("top_p0.9", dict(p=0.9)), ("temperature", {})):
         t1 = bench_graph(lambda a, kw=kw: ours(a, **kw), x)
         results.setdefault("one_block_path", {})[name] = t1 * 1e6
-        print(f"B=64 V=128256 {name}: cluster path {results['cluster_path'][name]:.1f} us, "
-              f"one block per row (DECODEKIT_CUDA_CLUSTER=0) {t1*1e6:.1f} us (graph)")
+        print(
+            f"B=64 V=128256 {name}: cluster path {results['cluster_path'][name]:.1f} us, "
+            f"one block per row (DECODEKIT_CUDA_CLUSTER=0) {t1 * 1e6:.1f} us (graph)"
+        )
     del os.environ["DECODEKIT_CUDA_CLUSTER"]
     # B = 1 in a CUDA graph
     x1 = torch.randn(1, 128256, device="cuda") * 4
@@ -211,17 +234,19 @@ def main():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        ops.sample_from_logits(x1, None, 0.7, None, 50, None, 0.9, None, 0.0, seed, 0, None, 0, 128256, True, False,
-                               0, False)
+        ops.sample_from_logits(
+            x1, None, 0.7, None, 50, None, 0.9, None, 0.0, seed, 0, None, 0, 128256, True, False, 0, False
+        )
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(20):
-            ops.sample_from_logits(x1, None, 0.7, None, 50, None, 0.9, None, 0.0, seed, 0, None, 0, 128256, True,
-                                   False, 0, False)
+            ops.sample_from_logits(
+                x1, None, 0.7, None, 50, None, 0.9, None, 0.0, seed, 0, None, 0, 128256, True, False, 0, False
+            )
     tg = bench(lambda _: g.replay(), [None], reps=5, calls=5) / 20
     results["graph_B1_us"] = tg * 1e6
-    print(f"B=1 V=128256 top-k 50 + top-p 0.9 in a CUDA graph: {tg*1e6:.2f} us per call")
+    print(f"B=1 V=128256 top-k 50 + top-p 0.9 in a CUDA graph: {tg * 1e6:.2f} us per call")
     t0 = time.time()
     total, diff = cpu_equals_cuda(rows=20_000 if args.quick else 100_000)
     results["cpu_equals_cuda"] = {"rows": total, "different_ids": diff}

@@ -75,6 +75,7 @@ def bench_config(dtype, layout, paged: bool, T: int, args) -> dict:
     ops = torch.ops.decodekit
 
     if paged:
+
         def op(r):
             s = slots[r % n_pos]
             for i in range(L):
@@ -83,22 +84,26 @@ def bench_config(dtype, layout, paged: bool, T: int, args) -> dict:
         def wrap(r, validate=False):
             s = slots[r % n_pos]
             for i in range(L):
-                decodekit.append_paged_kv_cache(kc[i], vc[i], flat_keys[i], flat_vals[i], s, kv_layout=layout,
-                                                validate=validate)
+                decodekit.append_paged_kv_cache(
+                    kc[i], vc[i], flat_keys[i], flat_vals[i], s, kv_layout=layout, validate=validate
+                )
 
         if layout == "NHD":
+
             def recipe(r):
                 s = slots[r % n_pos]
                 for i in range(L):
                     kc[i].view(-1, H, D).index_copy_(0, s, flat_keys[i])
                     vc[i].view(-1, H, D).index_copy_(0, s, flat_vals[i])
         else:
+
             def recipe(r):
                 bi, oi = blk[r % n_pos], off[r % n_pos]
                 for i in range(L):
                     kc[i][bi, :, oi] = flat_keys[i]
                     vc[i][bi, :, oi] = flat_vals[i]
     else:
+
         def op(r):
             x = lens[r % n_pos]
             for i in range(L):
@@ -124,12 +129,13 @@ def bench_config(dtype, layout, paged: bool, T: int, args) -> dict:
         start = (r % n_pos) * (kc[0].numel() // n_pos)
         start = min(start, kc[0].numel() - n)
         for i in range(L):
-            kc[i].view(-1)[start:start + n].copy_(keys[i].view(-1))
-            vc[i].view(-1)[start:start + n].copy_(vals[i].view(-1))
+            kc[i].view(-1)[start : start + n].copy_(keys[i].view(-1))
+            vc[i].view(-1)[start : start + n].copy_(vals[i].view(-1))
 
     reps = args.reps if T == 1 else max(5, args.reps // 3)
-    t = median_times({"op": op, "wrap": wrap, "wrap+val": lambda r: wrap(r, True), "torch": recipe, "copy_": copy},
-                     reps)
+    t = median_times(
+        {"op": op, "wrap": wrap, "wrap+val": lambda r: wrap(r, True), "torch": recipe, "copy_": copy}, reps
+    )
     # Check once that the op and the recipe write the same caches.
     for c in kc + vc:
         c.zero_()
@@ -151,12 +157,18 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     args = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, decodekit ISA {decodekit._C.cpu_isa()}")
-    print(f"# one step = {args.layers} layers x (K + V), B={args.batch} H={args.heads} D={args.head_dim}, "
-          f"S_max={S_MAX}, paged block {BLOCK}; median microseconds per step")
-    hdr = (f"{'cache':<10} {'layout':<6} {'dtype':<8} {'T':>3} {'MiB':>6} | {'op':>8} {'wrap':>8} {'wrap+val':>8} "
-           f"{'torch':>8} {'copy_':>8} | {'torch/op':>8} {'copy_/op':>8} {'op GB/s':>8}")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, decodekit ISA {decodekit._C.cpu_isa()}"
+    )
+    print(
+        f"# one step = {args.layers} layers x (K + V), B={args.batch} H={args.heads} D={args.head_dim}, "
+        f"S_max={S_MAX}, paged block {BLOCK}; median microseconds per step"
+    )
+    hdr = (
+        f"{'cache':<10} {'layout':<6} {'dtype':<8} {'T':>3} {'MiB':>6} | {'op':>8} {'wrap':>8} {'wrap+val':>8} "
+        f"{'torch':>8} {'copy_':>8} | {'torch/op':>8} {'copy_/op':>8} {'op GB/s':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for paged in (False, True):
@@ -165,10 +177,13 @@ def main() -> None:
                 for layout in ("NHD", "HND"):
                     t = bench_config(dtype, layout, paged, T, args)
                     us = {k: v * 1e6 for k, v in t.items() if k != "bytes"}
-                    print(f"{'paged' if paged else 'contiguous':<10} {layout:<6} {str(dtype)[6:]:<8} {T:>3} "
-                          f"{t['bytes'] / 2**20:>6.2f} | {us['op']:>8.1f} {us['wrap']:>8.1f} {us['wrap+val']:>8.1f} "
-                          f"{us['torch']:>8.1f} {us['copy_']:>8.1f} | {t['torch'] / t['op']:>8.2f} "
-                          f"{t['copy_'] / t['op']:>8.2f} {t['bytes'] / t['op'] / 1e9:>8.2f}", flush=True)
+                    print(
+                        f"{'paged' if paged else 'contiguous':<10} {layout:<6} {str(dtype)[6:]:<8} {T:>3} "
+                        f"{t['bytes'] / 2**20:>6.2f} | {us['op']:>8.1f} {us['wrap']:>8.1f} {us['wrap+val']:>8.1f} "
+                        f"{us['torch']:>8.1f} {us['copy_']:>8.1f} | {t['torch'] / t['op']:>8.2f} "
+                        f"{t['copy_'] / t['op']:>8.2f} {t['bytes'] / t['op'] / 1e9:>8.2f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

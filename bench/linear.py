@@ -23,8 +23,13 @@ import torch.nn.functional as F
 
 import decodekit
 
-SHAPES = {"q/o proj": (576, 576), "k+v proj": (384, 576), "gate+up": (3072, 576), "down": (576, 1536),
-          "lm head": (49152, 576)}
+SHAPES = {
+    "q/o proj": (576, 576),
+    "k+v proj": (384, 576),
+    "gate+up": (3072, 576),
+    "down": (576, 1536),
+    "lm head": (49152, 576),
+}
 
 
 def bandwidth_gbs() -> float:
@@ -49,9 +54,13 @@ def timeit(fn, reps=30) -> float:
 
 
 # (name, N, K, block type): the model's Q4_1 projections and its Q8_0 (tied) LM head.
-QUANT_SHAPES = [("gate/up 576->1536", 1536, 576, "q4_1"), ("down 1536->576", 576, 1536, "q4_1"),
-                ("gate+up fused", 3072, 576, "q4_1"), ("head 576->49152", 49152, 576, "q8_0"),
-                ("head as q4_1", 49152, 576, "q4_1")]
+QUANT_SHAPES = [
+    ("gate/up 576->1536", 1536, 576, "q4_1"),
+    ("down 1536->576", 576, 1536, "q4_1"),
+    ("gate+up fused", 3072, 576, "q4_1"),
+    ("head 576->49152", 49152, 576, "q8_0"),
+    ("head as q4_1", 49152, 576, "q4_1"),
+]
 
 
 def quantized_kernels(bw: float) -> None:
@@ -61,8 +70,10 @@ def quantized_kernels(bw: float) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from reference.layers import dequantize_blocks, random_blocks
 
-    print(f"{'quantized':<20}{'M':>4}{'quant us':>10}{'f32 us':>9}{'x@w.T us':>10}{'f32/quant':>10}"
-          f"{'torch/quant':>12}{'quant GB/s':>11}{'f32 GB/s':>9}")
+    print(
+        f"{'quantized':<20}{'M':>4}{'quant us':>10}{'f32 us':>9}{'x@w.T us':>10}{'f32/quant':>10}"
+        f"{'torch/quant':>12}{'quant GB/s':>11}{'f32 GB/s':>9}"
+    )
     g = torch.Generator().manual_seed(0)
     for name, N, K, bt in QUANT_SHAPES:
         # Enough copies that the float32 ones fill 256 MB: each call reads its weights from
@@ -85,8 +96,10 @@ def quantized_kernels(bw: float) -> None:
             tf = timeit(lambda: decodekit.linear(x, nxt("f", ws)))
             tt = timeit(lambda: x @ nxt("t", ws).T)
             assert torch.equal(decodekit.linear(x, qws[0]), decodekit.linear(x, ws[0]))
-            print(f"{name + ' ' + bt:<20}{M:>4}{tq * 1e6:>10.1f}{tf * 1e6:>9.1f}{tt * 1e6:>10.1f}{tf / tq:>9.2f}x"
-                  f"{tt / tq:>11.2f}x{qws[0].nbytes / tq / 1e9:>11.1f}{N * K * 4 / tf / 1e9:>9.1f}")
+            print(
+                f"{name + ' ' + bt:<20}{M:>4}{tq * 1e6:>10.1f}{tf * 1e6:>9.1f}{tt * 1e6:>10.1f}{tf / tq:>9.2f}x"
+                f"{tt / tq:>11.2f}x{qws[0].nbytes / tq / 1e9:>11.1f}{N * K * 4 / tf / 1e9:>9.1f}"
+            )
         del qws, ws
 
 
@@ -151,7 +164,9 @@ def main() -> None:
             ours = timeit(lambda: decodekit.linear(x, w))
             ref = timeit(lambda: F.linear(x, w))
             frac = N * K * 4 / ours / 1e9 / bw
-            print(f"{name:<10}{N:>7}{K:>6}{M:>4}{ours * 1e6:>10.1f}{ref * 1e6:>10.1f}{ref / ours:>10.2f}x{100 * frac:>6.1f}%")
+            print(
+                f"{name:<10}{N:>7}{K:>6}{M:>4}{ours * 1e6:>10.1f}{ref * 1e6:>10.1f}{ref / ours:>10.2f}x{100 * frac:>6.1f}%"
+            )
 
     from decodekit.models.gguf_loader import load_model
 
@@ -168,9 +183,11 @@ def main() -> None:
         ws = [w for b in model.blocks for w in (b.wqkv, b.wo, b.w_gate_up, b.w_down)] + [model.lm_head]
         x1 = {w.size(1): torch.randn(1, w.size(1)) for w in ws}
         mm = timeit(lambda: [model._linear(x1[w.size(1)], w) for w in ws], reps=20)
-        print(f"decode step, paged cache at ~540 tokens ({'decodekit.linear' if det else 'torch GEMM'}): "
-              f"{step * 1e3:.2f} ms, "
-              f"matmuls alone {mm * 1e3:.2f} ms, outside matmuls {100 * max(0.0, 1 - mm / step):.0f}%")
+        print(
+            f"decode step, paged cache at ~540 tokens ({'decodekit.linear' if det else 'torch GEMM'}): "
+            f"{step * 1e3:.2f} ms, "
+            f"matmuls alone {mm * 1e3:.2f} ms, outside matmuls {100 * max(0.0, 1 - mm / step):.0f}%"
+        )
 
 
 if __name__ == "__main__":

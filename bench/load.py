@@ -174,8 +174,13 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                                "torch_threads": default_threads, "cpu_isa": _C.cpu_isa()},
+                    "machine": {
+                        "platform": platform.platform(),
+                        "cpus": os.cpu_count(),
+                        "torch": torch.__version__,
+                        "torch_threads": default_threads,
+                        "cpu_isa": _C.cpu_isa(),
+                    },
                     "settings": [label for label, _ in settings],
                     "results": results,
                     "default_over_best_mean": ratios,

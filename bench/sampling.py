@@ -72,6 +72,7 @@ def pin_malloc() -> bool:
     0.3 ms or 2.1 ms at B=8, V=128256 depending on the heap's history; pinned, every
     recipe gets its best case. Returns False where glibc is not available."""
     import ctypes
+
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -151,34 +152,71 @@ def cases(g):
         return ids_cache[key]
 
     return [
-        ("sample T0.7 k50 p0.9", lambda x: decodekit.sample_from_logits(x, 0.7, 50, 0.9, seed=1),
-         lambda x: recipe_sample(x, 0.7, 50, 0.9, g), False),
-        ("sample T0.7 p0.9 (no top-k)", lambda x: decodekit.sample_from_logits(x, 0.7, 0, 0.9, seed=1),
-         lambda x: recipe_sample(x, 0.7, 0, 0.9, g), False),
-        ("sample T0.7 (no filter)", lambda x: decodekit.sample_from_logits(x, 0.7, seed=1),
-         lambda x: recipe_sample(x, 0.7, 0, 1.0, g), False),
-        ("sample T0.7 k50 p0.9 fast mode", lambda x: decodekit.sample_from_logits(x, 0.7, 50, 0.9, seed=1,
-                                                                                  deterministic=False),
-         lambda x: recipe_sample(x, 0.7, 50, 0.9, g), False),
-        ("sample_from_probs p0.9", lambda x: decodekit.sample_from_probs(x, 0, 0.9, seed=1),
-         lambda x: torch.multinomial(recipe_filter_probs(x, 0, 0.9), 1, generator=g), True),
-        ("filter_probs k50 p0.9", lambda x: decodekit.filter_probs(x, 50, 0.9),
-         lambda x: recipe_filter_probs(x, 50, 0.9), True),
-        ("top_k_mask_logits k50", lambda x: decodekit.top_k_mask_logits(x, 50),
-         lambda x: x.masked_fill(x < torch.topk(x, 50, dim=-1).values[..., -1:], float("-inf")), False),
+        (
+            "sample T0.7 k50 p0.9",
+            lambda x: decodekit.sample_from_logits(x, 0.7, 50, 0.9, seed=1),
+            lambda x: recipe_sample(x, 0.7, 50, 0.9, g),
+            False,
+        ),
+        (
+            "sample T0.7 p0.9 (no top-k)",
+            lambda x: decodekit.sample_from_logits(x, 0.7, 0, 0.9, seed=1),
+            lambda x: recipe_sample(x, 0.7, 0, 0.9, g),
+            False,
+        ),
+        (
+            "sample T0.7 (no filter)",
+            lambda x: decodekit.sample_from_logits(x, 0.7, seed=1),
+            lambda x: recipe_sample(x, 0.7, 0, 1.0, g),
+            False,
+        ),
+        (
+            "sample T0.7 k50 p0.9 fast mode",
+            lambda x: decodekit.sample_from_logits(x, 0.7, 50, 0.9, seed=1, deterministic=False),
+            lambda x: recipe_sample(x, 0.7, 50, 0.9, g),
+            False,
+        ),
+        (
+            "sample_from_probs p0.9",
+            lambda x: decodekit.sample_from_probs(x, 0, 0.9, seed=1),
+            lambda x: torch.multinomial(recipe_filter_probs(x, 0, 0.9), 1, generator=g),
+            True,
+        ),
+        (
+            "filter_probs k50 p0.9",
+            lambda x: decodekit.filter_probs(x, 50, 0.9),
+            lambda x: recipe_filter_probs(x, 50, 0.9),
+            True,
+        ),
+        (
+            "top_k_mask_logits k50",
+            lambda x: decodekit.top_k_mask_logits(x, 50),
+            lambda x: x.masked_fill(x < torch.topk(x, 50, dim=-1).values[..., -1:], float("-inf")),
+            False,
+        ),
         ("softmax T0.7", lambda x: decodekit.softmax(x, 0.7), lambda x: torch.softmax(x / 0.7, dim=-1), False),
         ("argmax", lambda x: decodekit.argmax(x), lambda x: torch.argmax(x, dim=-1), False),
-        ("apply_penalties (256 ids)", lambda x: decodekit.apply_penalties(
-            x, repetition_penalty=1.2, frequency_penalty=0.1, presence_penalty=0.1, token_ids=pen_ids(x)),
-         lambda x: recipe_penalties(x, pen_ids(x), 1.2, 0.1, 0.1), False),
+        (
+            "apply_penalties (256 ids)",
+            lambda x: decodekit.apply_penalties(
+                x, repetition_penalty=1.2, frequency_penalty=0.1, presence_penalty=0.1, token_ids=pen_ids(x)
+            ),
+            lambda x: recipe_penalties(x, pen_ids(x), 1.2, 0.1, 0.1),
+            False,
+        ),
     ]
 
 
 # Flat rows: top-p alone on logits N(0, (scale T)^2) at T = 0.7, so the tempered logits are
 # N(0, scale^2) and the p = 0.9 nucleus holds about V * Q(scale - 1.28) tokens (Q: the normal's
 # upper tail). scale 5.7 is the peaked case of pool() (std 4 at T = 0.7: a nucleus of a few tokens).
-FLAT_SCALES = [("peaked", 4.0 / 0.7), ("flat s=3.5", 3.5), ("flat s=2.5", 2.5), ("flat s=1.43", 1.0 / 0.7),
-               ("flat s=0.5", 0.5)]
+FLAT_SCALES = [
+    ("peaked", 4.0 / 0.7),
+    ("flat s=3.5", 3.5),
+    ("flat s=2.5", 2.5),
+    ("flat s=1.43", 1.0 / 0.7),
+    ("flat s=0.5", 0.5),
+]
 FLAT_T, FLAT_P = 0.7, 0.9
 
 
@@ -192,10 +230,13 @@ def nucleus_tokens(x: torch.Tensor, T: float, p: float) -> float:
 def flat_rows(batches, vocabs, reps, read_bw, copy_bw):
     """Top-p 0.9 alone from peaked to flat rows: time, ratio to the peaked row, speedup over the
     PyTorch recipe (sort + softmax + cumsum + multinomial) and fractions of the read bandwidths."""
-    print(f"\n# top-p {FLAT_P} alone at T {FLAT_T}, peaked to flat rows; "
-          f"copy bandwidth {copy_bw:.1f} GB/s (bytes read)")
-    print(f"{'row':<14}{'B':>4}{'V':>8}{'nucleus':>9}{'ours ms':>10}{'/peaked':>9}{'torch ms':>10}{'speedup':>9}"
-          f"{'% read bw':>10}{'% copy bw':>10}")
+    print(
+        f"\n# top-p {FLAT_P} alone at T {FLAT_T}, peaked to flat rows; copy bandwidth {copy_bw:.1f} GB/s (bytes read)"
+    )
+    print(
+        f"{'row':<14}{'B':>4}{'V':>8}{'nucleus':>9}{'ours ms':>10}{'/peaked':>9}{'torch ms':>10}{'speedup':>9}"
+        f"{'% read bw':>10}{'% copy bw':>10}"
+    )
     g = torch.Generator().manual_seed(1)
     out = []
     for V in vocabs:
@@ -210,11 +251,25 @@ def flat_rows(batches, vocabs, reps, read_bw, copy_bw):
                 ref = timeit(lambda x: recipe_sample(x, FLAT_T, 0, FLAT_P, g), bufs, max(3, reps // 4))
                 peaked = ours if peaked is None else peaked
                 rate = B * V * 4 / ours / 1e9
-                out.append(dict(op=f"top-p {FLAT_P} T{FLAT_T} {name}", B=B, V=V, nucleus=nuc, ours_s=ours, torch_s=ref,
-                                speedup=ref / ours, vs_peaked=ours / peaked, bw_fraction=rate / read_bw,
-                                copy_bw_fraction=rate / copy_bw))
-                print(f"{name:<14}{B:>4}{V:>8}{nuc:>9.0f}{ours * 1e3:>10.3f}{ours / peaked:>8.2f}x{ref * 1e3:>10.3f}"
-                      f"{ref / ours:>8.1f}x{100 * rate / read_bw:>9.1f}%{100 * rate / copy_bw:>9.1f}%", flush=True)
+                out.append(
+                    dict(
+                        op=f"top-p {FLAT_P} T{FLAT_T} {name}",
+                        B=B,
+                        V=V,
+                        nucleus=nuc,
+                        ours_s=ours,
+                        torch_s=ref,
+                        speedup=ref / ours,
+                        vs_peaked=ours / peaked,
+                        bw_fraction=rate / read_bw,
+                        copy_bw_fraction=rate / copy_bw,
+                    )
+                )
+                print(
+                    f"{name:<14}{B:>4}{V:>8}{nuc:>9.0f}{ours * 1e3:>10.3f}{ours / peaked:>8.2f}x{ref * 1e3:>10.3f}"
+                    f"{ref / ours:>8.1f}x{100 * rate / read_bw:>9.1f}%{100 * rate / copy_bw:>9.1f}%",
+                    flush=True,
+                )
                 del bufs
     return out
 
@@ -240,7 +295,7 @@ def plot(results, path):
         ax.set_xlabel("batch B")
         ax.set_ylabel("speedup vs PyTorch recipe")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(ops):]:
+    for ax in list(axes.flat)[len(ops) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,19 +312,31 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="also write the results as a Markdown table here")
     ap.add_argument("--flat", action="store_true", help="only the flat-row top-p cases (peaked to flat rows)")
     ap.add_argument("--no-flat", action="store_true", help="skip the flat-row top-p cases")
-    ap.add_argument("--no-pin-malloc", action="store_true",
-                    help="leave glibc's malloc trimming on (the PyTorch recipes then often pay page faults)")
+    ap.add_argument(
+        "--no-pin-malloc",
+        action="store_true",
+        help="leave glibc's malloc trimming on (the PyTorch recipes then often pay page faults)",
+    )
     args = ap.parse_args()
     pinned = False if args.no_pin_malloc else pin_malloc()
 
     bw = read_bandwidth_gbs()
     copy_bw = copy_bandwidth_gbs()
-    info = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                cpu_isa=decodekit._C.cpu_isa(), read_bandwidth_gbs=bw, copy_bandwidth_gbs=copy_bw,
-                malloc_pinned=pinned)
-    print(f"# {info['date']}: read bandwidth {bw:.1f} GB/s, {info['threads']} threads, torch {torch.__version__}, "
-          f"kernels {info['cpu_isa']}")
+    info = dict(
+        date=time.strftime("%Y-%m-%d"),
+        machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        cpu_isa=decodekit._C.cpu_isa(),
+        read_bandwidth_gbs=bw,
+        copy_bandwidth_gbs=copy_bw,
+        malloc_pinned=pinned,
+    )
+    print(
+        f"# {info['date']}: read bandwidth {bw:.1f} GB/s, {info['threads']} threads, torch {torch.__version__}, "
+        f"kernels {info['cpu_isa']}"
+    )
     print(f"{'op':<34}{'B':>4}{'V':>8}{'ours ms':>10}{'torch ms':>10}{'speedup':>9}{'% bw':>7}")
     g = torch.Generator().manual_seed(1)
     results = []
@@ -286,8 +353,10 @@ def main() -> None:
                 ref = timeit(ref_fn, data, max(3, args.reps // 4))
                 frac = nbytes / ours / 1e9 / bw
                 results.append(dict(op=name, B=B, V=V, ours_s=ours, torch_s=ref, speedup=ref / ours, bw_fraction=frac))
-                print(f"{name:<34}{B:>4}{V:>8}{ours * 1e3:>10.3f}{ref * 1e3:>10.3f}{ref / ours:>8.1f}x{100 * frac:>6.1f}%",
-                      flush=True)
+                print(
+                    f"{name:<34}{B:>4}{V:>8}{ours * 1e3:>10.3f}{ref * 1e3:>10.3f}{ref / ours:>8.1f}x{100 * frac:>6.1f}%",
+                    flush=True,
+                )
             del bufs, pbufs
     flat = [] if args.no_flat else flat_rows(args.batches, args.vocabs, args.reps, bw, copy_bw)
     if args.json:
@@ -299,21 +368,29 @@ def main() -> None:
         plot(results, args.png)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"Read bandwidth {bw:.1f} GB/s (torch.sum, 256 MiB, {info['threads']} threads); "
-                    f"torch {torch.__version__}; kernels {info['cpu_isa']}; {info['date']}.\n\n")
+            f.write(
+                f"Read bandwidth {bw:.1f} GB/s (torch.sum, 256 MiB, {info['threads']} threads); "
+                f"torch {torch.__version__}; kernels {info['cpu_isa']}; {info['date']}.\n\n"
+            )
             f.write("| op | B | V | ours ms | torch ms | speedup | % bw |\n|---|---:|---:|---:|---:|---:|---:|\n")
             for r in results:
-                f.write(f"| {r['op']} | {r['B']} | {r['V']} | {r['ours_s'] * 1e3:.3f} | {r['torch_s'] * 1e3:.3f} | "
-                        f"{r['speedup']:.1f}x | {100 * r['bw_fraction']:.1f}% |\n")
+                f.write(
+                    f"| {r['op']} | {r['B']} | {r['V']} | {r['ours_s'] * 1e3:.3f} | {r['torch_s'] * 1e3:.3f} | "
+                    f"{r['speedup']:.1f}x | {100 * r['bw_fraction']:.1f}% |\n"
+                )
             if flat:
-                f.write(f"\nTop-p {FLAT_P} alone at T {FLAT_T}, peaked to flat rows "
-                        f"(copy bandwidth {copy_bw:.1f} GB/s).\n\n"
-                        "| row | B | V | nucleus | ours ms | / peaked | torch ms | speedup | % read bw | % copy bw |\n"
-                        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+                f.write(
+                    f"\nTop-p {FLAT_P} alone at T {FLAT_T}, peaked to flat rows "
+                    f"(copy bandwidth {copy_bw:.1f} GB/s).\n\n"
+                    "| row | B | V | nucleus | ours ms | / peaked | torch ms | speedup | % read bw | % copy bw |\n"
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                )
                 for r in flat:
-                    f.write(f"| {r['op']} | {r['B']} | {r['V']} | {r['nucleus']:.0f} | {r['ours_s'] * 1e3:.3f} | "
-                            f"{r['vs_peaked']:.2f}x | {r['torch_s'] * 1e3:.3f} | {r['speedup']:.1f}x | "
-                            f"{100 * r['bw_fraction']:.1f}% | {100 * r['copy_bw_fraction']:.1f}% |\n")
+                    f.write(
+                        f"| {r['op']} | {r['B']} | {r['V']} | {r['nucleus']:.0f} | {r['ours_s'] * 1e3:.3f} | "
+                        f"{r['vs_peaked']:.2f}x | {r['torch_s'] * 1e3:.3f} | {r['speedup']:.1f}x | "
+                        f"{100 * r['bw_fraction']:.1f}% | {100 * r['copy_bw_fraction']:.1f}% |\n"
+                    )
 
 
 if __name__ == "__main__":

@@ -48,14 +48,16 @@ FUNCTION = """def moving_average(values, window):
         result.append(sum(chunk) / window)
     return result"""
 
-CODE_EDIT_PROMPT = ("```python\n" + FUNCTION + "\n```\n\n"
-                    "Copy this code and add a comment at the end of the first line.")
+CODE_EDIT_PROMPT = "```python\n" + FUNCTION + "\n```\n\nCopy this code and add a comment at the end of the first line."
 
-TEXT = ("The quick brown fox jumps over the lazy dog. The dog was not amused, and it barked loudly at the fox, "
-        "who ran away into the forest. Later that day, the fox returned with a friend, a small rabbit, and "
-        "together they watched the dog sleep in the afternoon sun.")
-TEXT_EDIT_PROMPT = ("Fix the spelling mistakes in this text and output the corrected text:\n\n"
-                    + TEXT.replace("quick", "quikc").replace("forest", "forrest"))
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. The dog was not amused, and it barked loudly at the fox, "
+    "who ran away into the forest. Later that day, the fox returned with a friend, a small rabbit, and "
+    "together they watched the dog sleep in the afternoon sun."
+)
+TEXT_EDIT_PROMPT = "Fix the spelling mistakes in this text and output the corrected text:\n\n" + TEXT.replace(
+    "quick", "quikc"
+).replace("forest", "forrest")
 
 CHAT_PROMPT = "Write a short speech in the style of Shakespeare about a king who has lost his crown."
 
@@ -66,7 +68,7 @@ def heldout_prose(lm, n_tokens: int = 200) -> list:
 
     text = train_draft.load_plays()["hamlet"]
     ids = lm.tokenizer.encode(text, add_bos=False)
-    return ids[30000:30000 + n_tokens]
+    return ids[30000 : 30000 + n_tokens]
 
 
 def main() -> int:
@@ -78,30 +80,43 @@ def main() -> int:
     lm = load_model()
     draft = load_draft_model(target=lm)
     prose = heldout_prose(lm)
-    cases = [("code-edit", CODE_EDIT_PROMPT, True, [("ngram", None, 4), ("ngram", None, 8)]),
-             ("text-edit", TEXT_EDIT_PROMPT, True, [("ngram", None, 4), ("ngram", None, 8)]),
-             ("code-rewrite", CODE_PROMPT, True, [("ngram", None, 4), ("ngram", None, 8)]),
-             ("prose", prose, False, [("draft", None, 2), ("draft", None, 3), ("draft", None, 4)]),
-             ("chat", CHAT_PROMPT, True, [("draft", None, 3), ("ngram", None, 4)])]
+    cases = [
+        ("code-edit", CODE_EDIT_PROMPT, True, [("ngram", None, 4), ("ngram", None, 8)]),
+        ("text-edit", TEXT_EDIT_PROMPT, True, [("ngram", None, 4), ("ngram", None, 8)]),
+        ("code-rewrite", CODE_PROMPT, True, [("ngram", None, 4), ("ngram", None, 8)]),
+        ("prose", prose, False, [("draft", None, 2), ("draft", None, 3), ("draft", None, 4)]),
+        ("chat", CHAT_PROMPT, True, [("draft", None, 3), ("ngram", None, 4)]),
+    ]
     rows = []
     for name, prompt, chat, configs in cases:
         plain_rates, plain_step = [], []
         spec = {i: [] for i in range(len(configs))}
         plain = None
         for _ in range(args.reps):
-            plain = decodekit.generate(prompt, model=lm, max_new_tokens=args.new_tokens, temperature=0,
-                                       chat_template=chat, stop_on_eos=True)
+            plain = decodekit.generate(
+                prompt, model=lm, max_new_tokens=args.new_tokens, temperature=0, chat_template=chat, stop_on_eos=True
+            )
             plain_rates.append(plain.decode_tokens_per_second)
             plain_step.append(1.0 / plain.decode_tokens_per_second)
             for i, (kind, _, k) in enumerate(configs):
                 drafter = decodekit.DraftModelDrafter(draft) if kind == "draft" else decodekit.NgramDrafter()
-                r = decodekit.speculative_generate(prompt, model=lm, drafter=drafter, num_draft_tokens=k,
-                                                   max_new_tokens=args.new_tokens, temperature=0,
-                                                   chat_template=chat, stop_on_eos=True)
+                r = decodekit.speculative_generate(
+                    prompt,
+                    model=lm,
+                    drafter=drafter,
+                    num_draft_tokens=k,
+                    max_new_tokens=args.new_tokens,
+                    temperature=0,
+                    chat_template=chat,
+                    stop_on_eos=True,
+                )
                 if r.token_ids != plain.token_ids:
                     raise SystemExit(f"{name}/{kind} K={k}: speculative output differs from plain greedy")
-                cost = (drafter.forward_seconds / drafter.forward_passes) if kind == "draft" and \
-                    drafter.forward_passes else None
+                cost = (
+                    (drafter.forward_seconds / drafter.forward_passes)
+                    if kind == "draft" and drafter.forward_passes
+                    else None
+                )
                 spec[i].append((r.decode_tokens_per_second, r.tokens_per_pass, r.acceptance_rate, cost))
         base = statistics.median(plain_rates)
         step = statistics.median(plain_step)
@@ -122,8 +137,16 @@ def main() -> int:
     else:
         print("  ".join(f"{h:>14}" for h in hdr))
     for name, kind, k, rate, sp, tpp, acc, ratio in rows:
-        cells = (name, kind, str(k), f"{rate:.1f}", f"{sp:.2f}x", f"{tpp:.2f}",
-                 "-" if acc is None else f"{100 * acc:.0f}%", "-" if ratio is None else f"{ratio:.3f}")
+        cells = (
+            name,
+            kind,
+            str(k),
+            f"{rate:.1f}",
+            f"{sp:.2f}x",
+            f"{tpp:.2f}",
+            "-" if acc is None else f"{100 * acc:.0f}%",
+            "-" if ratio is None else f"{ratio:.3f}",
+        )
         print(("| " + " | ".join(cells) + " |") if args.markdown else "  ".join(f"{c:>14}" for c in cells))
     print(f"\n# torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     return 0

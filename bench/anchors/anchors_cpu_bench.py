@@ -62,6 +62,7 @@ Examples (from the repository root; decodekit's own venv imports decodekit for -
   python bench/anchors/anchors_cpu_bench.py --merge a.jsonl b.jsonl   # one table from several runs
   python bench/anchors/anchors_cpu_bench.py --rejection          # + vLLM RejectionSampler core (B=8,K=4)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -184,7 +185,7 @@ class Anchor:
     """name, mutates (writes into its input), prepare(B, V, T, k, p) -> fn(logits)."""
 
     name = "?"
-    sub_names: tuple = ()   # extra series an anchor reports through self.parts after a call
+    sub_names: tuple = ()  # extra series an anchor reports through self.parts after a call
     parts: dict = {}
     mutates = False
     primary = True
@@ -197,8 +198,9 @@ class Anchor:
         return {}
 
 
-def hf_recipe_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def hf_recipe_sample(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The standard transformers-style warper chain + torch.multinomial."""
     scores = logits / temperature
     V = scores.size(-1)
@@ -218,12 +220,15 @@ def hf_recipe_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p
 
 class HFRecipe(Anchor):
     name = "hf_recipe"
-    how = ("logits/T; topk(k).values[...,-1] mask; sort asc; softmax; cumsum; "
-           "mask cum<=1-p (keep last); scatter; softmax; torch.multinomial")
+    how = (
+        "logits/T; topk(k).values[...,-1] mask; sort asc; softmax; cumsum; "
+        "mask cum<=1-p (keep last); scatter; softmax; torch.multinomial"
+    )
 
     def prepare(self, B, V, T, k, p):
         def fn(logits):
             return hf_recipe_sample(logits, T, k, p)
+
         return fn
 
 
@@ -250,10 +255,12 @@ class VLLMAnchor(Anchor):
             self.primary = False
         self.mutates = True
         self.name = f"vllm_{path}{'_gen' if with_generators else ''}"
-        self.how = (f"Sampler.apply_temperature(logits, temp[B], all_random=True) (in place); "
-                    f"TopKTopPSampler()(logits, generators={'{i: torch.Generator}' if with_generators else '{}'}, "
-                    f"k=int32[B]|None, p=float32[B]) -> {'forward_native' if path == 'native' else self.bound_forward}"
-                    + (" with k=p=None (temperature-only floor: fused_gumbel_argmax)" if path == "cpu_Tonly" else ""))
+        self.how = (
+            f"Sampler.apply_temperature(logits, temp[B], all_random=True) (in place); "
+            f"TopKTopPSampler()(logits, generators={'{i: torch.Generator}' if with_generators else '{}'}, "
+            f"k=int32[B]|None, p=float32[B]) -> {'forward_native' if path == 'native' else self.bound_forward}"
+            + (" with k=p=None (temperature-only floor: fused_gumbel_argmax)" if path == "cpu_Tonly" else "")
+        )
 
     def prepare(self, B, V, T, k, p):
         temp = torch.full((B,), T, dtype=torch.float32)
@@ -270,19 +277,22 @@ class VLLMAnchor(Anchor):
             logits = apply_temperature(logits, temp, True)
             ids, _ = module(logits, gens, kt, pt)
             return ids
+
         return fn
 
     def info(self):
         import vllm
-        d = {"vllm_version": getattr(vllm, "__version__", "?"),
-             "module_forward_on_this_platform": self.bound_forward}
+
+        d = {"vllm_version": getattr(vllm, "__version__", "?"), "module_forward_on_this_platform": self.bound_forward}
         try:
             from vllm.triton_utils import HAS_TRITON
+
             d["vllm_HAS_TRITON"] = bool(HAS_TRITON)
         except Exception:
             pass
         try:
             from vllm.platforms import current_platform
+
             d["vllm_platform"] = type(current_platform).__name__
         except Exception:
             pass
@@ -305,9 +315,11 @@ class LlamaCppChain(Anchor):
 
         self.lc = lc
         assert ctypes.sizeof(lc.llama_token_data) == _TD_DTYPE.itemsize
-        self.how = ("per row: fill llama_token_data[V] (id, logit, p=0) from the float32 row, "
-                    "llama_sampler_apply(chain, &llama_token_data_array) with chain = "
-                    "top_k(k) -> top_p(p,1) -> temp(T) -> dist(seed); token = data[selected].id")
+        self.how = (
+            "per row: fill llama_token_data[V] (id, logit, p=0) from the float32 row, "
+            "llama_sampler_apply(chain, &llama_token_data_array) with chain = "
+            "top_k(k) -> top_p(p,1) -> temp(T) -> dist(seed); token = data[selected].id"
+        )
         self._chains = []
 
     def _free(self):
@@ -347,10 +359,10 @@ class LlamaCppChain(Anchor):
             out = np.empty(B, dtype=np.int64)
             t_apply = 0
             for i in range(B):
-                c = cols[i]              # fastest numpy fill found (~40 us at V=32000)
-                c[:, 0] = ids_bits       # ids (the last call's sort permuted them)
+                c = cols[i]  # fastest numpy fill found (~40 us at V=32000)
+                c[:, 0] = ids_bits  # ids (the last call's sort permuted them)
                 c[:, 1] = x[i]
-                c[:, 2] = 0.0            # p = 0, as llama_sampler_sample sets it
+                c[:, 2] = 0.0  # p = 0, as llama_sampler_sample sets it
                 a = arrs[i]
                 a.size = V
                 a.selected = -1
@@ -364,11 +376,14 @@ class LlamaCppChain(Anchor):
                 out[i] = a.data[sel].id
             self.parts = {"llamacpp_chain": t_apply}
             return out
+
         return fn
 
     def info(self):
-        return {"llama_cpp_python_version": getattr(self.lc, "__version__", "?"),
-                "note": "llama.cpp applies top-p before temperature (chain order); single-threaded"}
+        return {
+            "llama_cpp_python_version": getattr(self.lc, "__version__", "?"),
+            "note": "llama.cpp applies top-p before temperature (chain order); single-threaded",
+        }
 
 
 class Candidate(Anchor):
@@ -394,6 +409,7 @@ class Candidate(Anchor):
         def fn(logits):
             x = logits.numpy() if as_np else logits
             return f(x, temperature=T, top_k=kk, top_p=p, seed=1)
+
         return fn
 
 
@@ -430,11 +446,14 @@ def correctness_check(anchor: Anchor, topk_mode: int) -> dict:
     for _ in range(8):
         seen.append(_ids_to_np(fn(base.clone())))
     ids = np.concatenate(seen)
-    ok = bool(np.isin(ids, expected).all() and (ids == 0).any() and (ids == 1).any()
-              and ids.size == 8 * B)
+    ok = bool(np.isin(ids, expected).all() and (ids == 0).any() and (ids == 1).any() and ids.size == 8 * B)
     frac1 = float((ids == 1).mean())
-    return {"ok": ok, "n": int(ids.size), "frac_token1": round(frac1, 3),
-            "distinct": sorted(set(int(i) for i in np.unique(ids)))[:8]}
+    return {
+        "ok": ok,
+        "n": int(ids.size),
+        "frac_token1": round(frac1, 3),
+        "distinct": sorted(set(int(i) for i in np.unique(ids)))[:8],
+    }
 
 
 # --------------------------------------------------------------------------- bench
@@ -457,7 +476,7 @@ def bench_config(anchors, B, V, T, k, p, reps, warmup, std, seed, l3, pool_cap_b
     counter = 0
     n_total = warmup + reps
     for r in range(n_total):
-        order = anchors[r % len(anchors):] + anchors[:r % len(anchors)]
+        order = anchors[r % len(anchors) :] + anchors[: r % len(anchors)]
         for a in order:
             if a.name in errors:
                 continue
@@ -480,31 +499,37 @@ def bench_config(anchors, B, V, T, k, p, reps, warmup, std, seed, l3, pool_cap_b
                     times[sn].append(a.parts[sn])
             if a.mutates:
                 buf.copy_(master[j])
-    nuc = (nucleus_size(master[0][: min(B, 16)], T, k, p),
-           nucleus_size(master[0][: min(B, 16)], 1.0, k, p))
+    nuc = (nucleus_size(master[0][: min(B, 16)], T, k, p), nucleus_size(master[0][: min(B, 16)], 1.0, k, p))
     return times, errors, P, nuc
 
 
 def fmt_table(rows, bw_gbs, show_venv=False):
     vw = 12 if show_venv else 0
     aw = max([26] + [len(r.get("anchor", "")) + 2 for r in rows if r.get("kind") == "result"])
-    hdr = (f"{'anchor':<{aw}}" + (f"{'venv':<{vw}}" if vw else "") +
-           f"{'mode':<10}{'std':>6}{'B':>4}{'V':>8}{'nucleus':>9}{'median_us':>12}{'p10-p90 us':>20}{'GB/s':>9}"
-           f"{'%bw':>7}")
+    hdr = (
+        f"{'anchor':<{aw}}"
+        + (f"{'venv':<{vw}}" if vw else "")
+        + f"{'mode':<10}{'std':>6}{'B':>4}{'V':>8}{'nucleus':>9}{'median_us':>12}{'p10-p90 us':>20}{'GB/s':>9}"
+        f"{'%bw':>7}"
+    )
     out = [hdr, "-" * len(hdr)]
     for r in rows:
         if r.get("kind") != "result":
             continue
         mode = f"k{r['top_k']}p{r['top_p']}" if r["top_k"] else f"k-p{r['top_p']}"
-        tag = f"{os.path.basename(str(r.get('venv', '')))[:vw - 1]:<{vw}}" if vw else ""
+        tag = f"{os.path.basename(str(r.get('venv', '')))[: vw - 1]:<{vw}}" if vw else ""
         if "error" in r:
-            out.append(f"{r['anchor']:<{aw}}{tag}{mode:<10}{r.get('logit_std', 0):>6.2f}{r['B']:>4}{r['V']:>8}"
-                       f"  ERROR {r['error'][:60]}")
+            out.append(
+                f"{r['anchor']:<{aw}}{tag}{mode:<10}{r.get('logit_std', 0):>6.2f}{r['B']:>4}{r['V']:>8}"
+                f"  ERROR {r['error'][:60]}"
+            )
             continue
         span = f"{r['p10_us']:.0f}-{r['p90_us']:.0f}"
-        out.append(f"{r['anchor']:<{aw}}{tag}{mode:<10}{r.get('logit_std', 0):>6.2f}{r['B']:>4}{r['V']:>8}"
-                   f"{r.get('nucleus_mean_tokens', 0):>9.0f}{r['median_us']:>12.1f}"
-                   f"{span:>20}{r['gbps']:>9.2f}{r['pct_read_bw']:>7.2f}")
+        out.append(
+            f"{r['anchor']:<{aw}}{tag}{mode:<10}{r.get('logit_std', 0):>6.2f}{r['B']:>4}{r['V']:>8}"
+            f"{r.get('nucleus_mean_tokens', 0):>9.0f}{r['median_us']:>12.1f}"
+            f"{span:>20}{r['gbps']:>9.2f}{r['pct_read_bw']:>7.2f}"
+        )
     return "\n".join(out)
 
 
@@ -524,6 +549,7 @@ def run_rejection(reps, warmup, seed, sink, T, k, p):
         from vllm.v1.sample.metadata import SamplingMetadata
         from vllm.v1.sample.logits_processor import LogitsProcessors
         import dataclasses
+
         current_platform.register_triton_kernel_overrides()
         g = torch.Generator().manual_seed(seed)
         n = B * K
@@ -533,18 +559,35 @@ def run_rejection(reps, warmup, seed, sink, T, k, p):
         bonus = torch.randint(0, V, (B, 1), generator=g, dtype=torch.int32)
         cu = torch.arange(K, n + 1, K, dtype=torch.int32)
         fields = {f.name for f in dataclasses.fields(SamplingMetadata)}
-        kw = dict(temperature=torch.full((B,), T), all_greedy=False, all_random=True,
-                  top_p=torch.full((B,), p), top_k=torch.full((B,), k, dtype=torch.int32),
-                  generators={}, max_num_logprobs=None,
-                  no_penalties=True, prompt_token_ids=None,
-                  frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
-                  repetition_penalties=torch.ones(B), output_token_ids=[[] for _ in range(B)],
-                  allowed_token_ids_mask=None, bad_words_token_ids={},
-                  logitsprocs=LogitsProcessors())
+        kw = dict(
+            temperature=torch.full((B,), T),
+            all_greedy=False,
+            all_random=True,
+            top_p=torch.full((B,), p),
+            top_k=torch.full((B,), k, dtype=torch.int32),
+            generators={},
+            max_num_logprobs=None,
+            no_penalties=True,
+            prompt_token_ids=None,
+            frequency_penalties=torch.zeros(B),
+            presence_penalties=torch.zeros(B),
+            repetition_penalties=torch.ones(B),
+            output_token_ids=[[] for _ in range(B)],
+            allowed_token_ids_mask=None,
+            bad_words_token_ids={},
+            logitsprocs=LogitsProcessors(),
+        )
         md = SamplingMetadata(**{a: b for a, b in kw.items() if a in fields})
     except Exception as e:
-        _emit({**base, "anchor": "vllm_rejection", "error": f"{type(e).__name__}: {e}"[:400],
-               "trace_tail": traceback.format_exc().strip().splitlines()[-4:]}, sink)
+        _emit(
+            {
+                **base,
+                "anchor": "vllm_rejection",
+                "error": f"{type(e).__name__}: {e}"[:400],
+                "trace_tail": traceback.format_exc().strip().splitlines()[-4:],
+            },
+            sink,
+        )
         return
 
     def t_sample(x):
@@ -570,8 +613,7 @@ def run_rejection(reps, warmup, seed, sink, T, k, p):
 
     P = max(3, math.ceil(2 * _l3_bytes() / (n * V * 4)))
     pool = [target + 0.01 * j for j in range(P)]
-    for name, fn in (("vllm_rejection_sample", t_sample),
-                     ("vllm_T+topk_topp+rejection_sample", t_full)):
+    for name, fn in (("vllm_rejection_sample", t_sample), ("vllm_T+topk_topp+rejection_sample", t_full)):
         rec = {**base, "anchor": name, "vllm_expand_batch_to_tokens_float32_ok": expand_ok}
         try:
             ts = []
@@ -584,10 +626,15 @@ def run_rejection(reps, warmup, seed, sink, T, k, p):
                     ts.append(dt)
             o = out.numpy()
             med = _median(ts) / 1e3
-            rec.update(median_us=round(med, 1), p10_us=round(_pct(ts, 0.1) / 1e3, 1),
-                       p90_us=round(_pct(ts, 0.9) / 1e3, 1), reps=len(ts),
-                       gbps=round(n * V * 4 / (med * 1e3), 3), out_shape=list(out.shape),
-                       ids_in_range=bool(((o >= 0) & (o < V) | (o == -1)).all()))
+            rec.update(
+                median_us=round(med, 1),
+                p10_us=round(_pct(ts, 0.1) / 1e3, 1),
+                p90_us=round(_pct(ts, 0.9) / 1e3, 1),
+                reps=len(ts),
+                gbps=round(n * V * 4 / (med * 1e3), 3),
+                out_shape=list(out.shape),
+                ids_in_range=bool(((o >= 0) & (o < V) | (o == -1)).all()),
+            )
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"[:400]
             rec["trace_tail"] = traceback.format_exc().strip().splitlines()[-4:]
@@ -640,8 +687,9 @@ def main(argv=None):
                     continue
                 seen.add(key)
                 uniq.append(r)
-        uniq.sort(key=lambda r: (r["top_k"] == 0, r.get("logit_std", 0), r["V"], r["B"], r["anchor"],
-                                 str(r.get("venv"))))
+        uniq.sort(
+            key=lambda r: (r["top_k"] == 0, r.get("logit_std", 0), r["V"], r["B"], r["anchor"], str(r.get("venv")))
+        )
         print(fmt_table(uniq, bw, show_venv=True))
         for r in rows:
             if r.get("kind") in ("membw", "membw_end", "rejection", "check", "skipped"):
@@ -660,10 +708,19 @@ def main(argv=None):
     sink = open(args.jsonl_out, "a") if args.jsonl_out else None
     venv = sys.prefix
     l3 = _l3_bytes()
-    env = {"kind": "env", "schema": SCHEMA, "venv": venv, "python": sys.version.split()[0],
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-           "cpu": _cpu_model(), "ncpu": os.cpu_count(), "l3_bytes": l3,
-           "numpy": np.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    env = {
+        "kind": "env",
+        "schema": SCHEMA,
+        "venv": venv,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "ncpu": os.cpu_count(),
+        "l3_bytes": l3,
+        "numpy": np.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
     anchors: list[Anchor] = [HFRecipe()]
     skipped = []
@@ -695,13 +752,31 @@ def main(argv=None):
 
     bw = measure_read_bw()
     bw1 = measure_read_bw(threads=1)
-    _emit({"kind": "membw", "venv": venv, "read_gbs": round(bw, 2), "read_gbs_1thread": round(bw1, 2),
-           "method": "torch.sum over 256 MiB float32, median of 15 (start of run)",
-           "threads": torch.get_num_threads()}, sink)
+    _emit(
+        {
+            "kind": "membw",
+            "venv": venv,
+            "read_gbs": round(bw, 2),
+            "read_gbs_1thread": round(bw1, 2),
+            "method": "torch.sum over 256 MiB float32, median of 15 (start of run)",
+            "threads": torch.get_num_threads(),
+        },
+        sink,
+    )
 
     for a in anchors:
-        _emit({"kind": "anchor", "venv": venv, "anchor": a.name, "how": a.how,
-               "mutates_input": a.mutates, "primary": a.primary, **a.info()}, sink)
+        _emit(
+            {
+                "kind": "anchor",
+                "venv": venv,
+                "anchor": a.name,
+                "how": a.how,
+                "mutates_input": a.mutates,
+                "primary": a.primary,
+                **a.info(),
+            },
+            sink,
+        )
 
     good = []
     for a in anchors:
@@ -726,41 +801,65 @@ def main(argv=None):
         for V in Vs:
             for B in Bs:
                 times, errors, P, nuc = bench_config(
-                    good, B, V, T, k, p, args.reps, args.warmup, std, args.seed, l3,
-                    args.pool_cap_mib * 1024 * 1024)
+                    good, B, V, T, k, p, args.reps, args.warmup, std, args.seed, l3, args.pool_cap_mib * 1024 * 1024
+                )
                 for a in good:
                     for name in (a.name,) + tuple(a.sub_names):
-                        r = {"kind": "result", "venv": venv, "anchor": name, "B": B, "V": V,
-                             "temperature": T, "top_k": k, "top_p": p,
-                             "threads": torch.get_num_threads(),
-                             "pool_buffers": P, "nucleus_mean_tokens": round(nuc[0], 1),
-                             "nucleus_mean_tokens_if_topp_before_T": round(nuc[1], 1),
-                             "logit_std": std, "read_gbs": round(bw, 2)}
+                        r = {
+                            "kind": "result",
+                            "venv": venv,
+                            "anchor": name,
+                            "B": B,
+                            "V": V,
+                            "temperature": T,
+                            "top_k": k,
+                            "top_p": p,
+                            "threads": torch.get_num_threads(),
+                            "pool_buffers": P,
+                            "nucleus_mean_tokens": round(nuc[0], 1),
+                            "nucleus_mean_tokens_if_topp_before_T": round(nuc[1], 1),
+                            "logit_std": std,
+                            "read_gbs": round(bw, 2),
+                        }
                         if a.name in errors:
                             r["error"] = errors[a.name][:400]
                         else:
                             ts = times[name]
                             med = _median(ts) / 1e3
                             gbps = B * V * 4 / (med * 1e3)
-                            r.update(median_us=round(med, 1), p10_us=round(_pct(ts, 0.1) / 1e3, 1),
-                                     p90_us=round(_pct(ts, 0.9) / 1e3, 1),
-                                     min_us=round(min(ts) / 1e3, 1), reps=len(ts),
-                                     gbps=round(gbps, 3), pct_read_bw=round(100 * gbps / bw, 2),
-                                     us_per_row=round(med / B, 2))
+                            r.update(
+                                median_us=round(med, 1),
+                                p10_us=round(_pct(ts, 0.1) / 1e3, 1),
+                                p90_us=round(_pct(ts, 0.9) / 1e3, 1),
+                                min_us=round(min(ts) / 1e3, 1),
+                                reps=len(ts),
+                                gbps=round(gbps, 3),
+                                pct_read_bw=round(100 * gbps / bw, 2),
+                                us_per_row=round(med / B, 2),
+                            )
                         rows.append(r)
                         _emit(r, sink)
 
     bw_end = measure_read_bw()
-    _emit({"kind": "membw_end", "venv": venv, "read_gbs": round(bw_end, 2),
-           "note": "re-measured after the anchors; %bw above uses the start value"}, sink)
+    _emit(
+        {
+            "kind": "membw_end",
+            "venv": venv,
+            "read_gbs": round(bw_end, 2),
+            "note": "re-measured after the anchors; %bw above uses the start value",
+        },
+        sink,
+    )
 
     if args.rejection:
         run_rejection(max(15, args.reps), args.warmup, args.seed, sink, args.temperature, args.top_k, args.top_p)
 
     print()
-    print(f"# read bandwidth: {bw:.1f} GB/s ({torch.get_num_threads()} threads; {bw_end:.1f} at end), "
-          f"{bw1:.1f} GB/s (1 thread); "
-          f"venv {venv}; torch {torch.__version__}")
+    print(
+        f"# read bandwidth: {bw:.1f} GB/s ({torch.get_num_threads()} threads; {bw_end:.1f} at end), "
+        f"{bw1:.1f} GB/s (1 thread); "
+        f"venv {venv}; torch {torch.__version__}"
+    )
     print(fmt_table(rows, bw))
     if sink:
         sink.close()

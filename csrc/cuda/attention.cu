@@ -62,12 +62,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   extern __shared__ float smem[];
   const int64_t Hkv = kv.num_kv_heads, D = kv.head_dim, bs = kv.block_size;
   const int Dp = static_cast<int>((D + 15) / 16 * 16);
-  const int Ds = row_stride(Dp);  // the two half-warps read different banks
+  const int Ds = row_stride(Dp);            // the two half-warps read different banks
   const int nst = stage_tiles(Dp) * kTile;  // positions per stage
   float* ks = smem;
   float* vs = ks + nst * Ds;
-  float* s_sh = vs + nst * Ds;             // [warps][16] scores
-  float* p_sh = s_sh + kMaxWarps * kTile;  // [warps][16] weights
+  float* s_sh = vs + nst * Ds;                                   // [warps][16] scores
+  float* p_sh = s_sh + kMaxWarps * kTile;                        // [warps][16] weights
   int* pres = reinterpret_cast<int*>(p_sh + kMaxWarps * kTile);  // [nst] present flags
 
   const int64_t b = blockIdx.x / Hkv, kvh = blockIdx.x % Hkv, i = blockIdx.y;
@@ -212,16 +212,16 @@ cudaError_t paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, co
   const unsigned threads = static_cast<unsigned>(warps * 32);
   switch (kv.kind) {
     case ScalarKind::kFloat32:
-      paged_attention_kernel<0><<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens,
-                                                                   scale, out);
+      paged_attention_kernel<0>
+          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, scale, out);
       break;
     case ScalarKind::kFloat16:
-      paged_attention_kernel<1><<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens,
-                                                                   scale, out);
+      paged_attention_kernel<1>
+          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, scale, out);
       break;
     case ScalarKind::kBFloat16:
-      paged_attention_kernel<2><<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens,
-                                                                   scale, out);
+      paged_attention_kernel<2>
+          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, scale, out);
       break;
     default:
       return cudaErrorInvalidValue;

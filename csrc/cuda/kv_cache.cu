@@ -31,7 +31,7 @@ struct alignas(16) V16 {
 
 // Strides in vectors of the new rows and the cache geometry, for one call.
 struct Geometry {
-  int64_t H, vpr;  // heads, vectors per head row
+  int64_t H, vpr;                  // heads, vectors per head row
   int64_t kb, kt, kh, vb, vt, vh;  // key / value strides (b, t, h) in vectors
 };
 
@@ -80,8 +80,8 @@ int vector_bytes(const cpu::KVCacheTensors& c, const cpu::KVRows& r) {
   uint64_t bits = static_cast<uint64_t>(c.head_dim) * es;
   bits |= reinterpret_cast<uintptr_t>(c.k) | reinterpret_cast<uintptr_t>(c.v);
   bits |= reinterpret_cast<uintptr_t>(r.key) | reinterpret_cast<uintptr_t>(r.value);
-  for (int64_t s : {r.key_stride_b, r.key_stride_t, r.key_stride_h, r.value_stride_b, r.value_stride_t,
-                    r.value_stride_h})
+  for (int64_t s :
+       {r.key_stride_b, r.key_stride_t, r.key_stride_h, r.value_stride_b, r.value_stride_t, r.value_stride_h})
     bits |= static_cast<uint64_t>(s) * es;
   for (int w : {16, 8, 4})
     if (bits % static_cast<uint64_t>(w) == 0) return w;
@@ -114,11 +114,10 @@ cudaError_t append_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_t
   const int64_t items = batch * tokens * g.H * g.vpr;
   const bool hnd = c.layout == cpu::KVLayout::kHND;
   const unsigned grid = grid_for(items);
-#define DK_LAUNCH(V)                                                                                          \
-  append_contiguous_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v),     \
-                                                             static_cast<const V*>(r.key),                    \
-                                                             static_cast<const V*>(r.value), g, tokens,       \
-                                                             max_seq_len, hnd, seq_lens, items)
+#define DK_LAUNCH(V)                                                                                            \
+  append_contiguous_kernel<V>                                                                                   \
+      <<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), static_cast<const V*>(r.key), \
+                                      static_cast<const V*>(r.value), g, tokens, max_seq_len, hnd, seq_lens, items)
   switch (w) {
     case 16:
       DK_LAUNCH(V16);
@@ -140,8 +139,7 @@ cudaError_t append_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_t
 cudaError_t append_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_blocks, int64_t block_size,
                                   const cpu::KVRows& r, const int64_t* slot_mapping, int64_t num_slots,
                                   cudaStream_t stream) {
-  if (num_slots <= 0 || num_blocks <= 0 || block_size <= 0 || c.num_heads <= 0 || c.head_dim <= 0)
-    return cudaSuccess;
+  if (num_slots <= 0 || num_blocks <= 0 || block_size <= 0 || c.num_heads <= 0 || c.head_dim <= 0) return cudaSuccess;
   if (c.elem_size != 2 && c.elem_size != 4) return cudaErrorInvalidValue;
   const int w = vector_bytes(c, r);
   const Geometry g = geometry(c, r, w);
@@ -149,8 +147,8 @@ cudaError_t append_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_bloc
   const bool hnd = c.layout == cpu::KVLayout::kHND;
   const unsigned grid = grid_for(items);
   const int64_t total = num_blocks * block_size;
-#define DK_LAUNCH(V)                                                                                             \
-  append_paged_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v),             \
+#define DK_LAUNCH(V)                                                                                                  \
+  append_paged_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v),                   \
                                                         static_cast<const V*>(r.key), static_cast<const V*>(r.value), \
                                                         g, total, block_size, hnd, slot_mapping, items)
   switch (w) {

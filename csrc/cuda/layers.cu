@@ -63,9 +63,8 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
   return (g * sig) * u;
 }
 
-__global__ void __launch_bounds__(kEltThreads)
-    silu_and_mul_kernel(const float* __restrict__ x, int64_t N, int64_t I, int64_t ldx, float* __restrict__ y,
-                        int64_t ldy) {
+__global__ void __launch_bounds__(kEltThreads) silu_and_mul_kernel(const float* __restrict__ x, int64_t N, int64_t I,
+                                                                   int64_t ldx, float* __restrict__ y, int64_t ldy) {
   const int64_t total = N * I;
   for (int64_t t = blockIdx.x * int64_t{kEltThreads} + threadIdx.x; t < total; t += int64_t{gridDim.x} * kEltThreads) {
     const int64_t r = t / I, i = t % I;
@@ -167,8 +166,8 @@ cudaError_t silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, floa
 cudaError_t rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const float* cos_table,
                          const float* sin_table, int64_t P, const int64_t* positions, cudaStream_t stream) {
   if (N <= 0 || H <= 0 || D < 2) return cudaSuccess;
-  rope_kernel<<<grid_1d(N * H * (D / 2), kEltThreads), kEltThreads, 0, stream>>>(x, N, H, D, ldx, cos_table,
-                                                                                   sin_table, P, positions);
+  rope_kernel<<<grid_1d(N * H * (D / 2), kEltThreads), kEltThreads, 0, stream>>>(x, N, H, D, ldx, cos_table, sin_table,
+                                                                                 P, positions);
   return cudaGetLastError();
 }
 

@@ -21,8 +21,7 @@ cudaError_t rms_norm(const float* x, int64_t N, int64_t H, int64_t ldx, const fl
                      int64_t ldy, cudaStream_t stream);
 
 // y[r, i] = silu(x[r, i]) * x[r, I + i], i < I.
-cudaError_t silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, float* y, int64_t ldy,
-                         cudaStream_t stream);
+cudaError_t silu_and_mul(const float* x, int64_t N, int64_t I, int64_t ldx, float* y, int64_t ldy, cudaStream_t stream);
 
 // Rotary embedding in place ("rotate half"), tables [P, D]; a token whose
 // position lies outside [0, P) is left unchanged (the host cannot check device

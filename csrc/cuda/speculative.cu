@@ -235,8 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       continue;
     }
     const double u = PhiloxStreamRef{s, o, static_cast<uint32_t>(kStreamSpecResidual + j)}.uniform_double(0);
-    Residual res{p, q, x, true, mp > 0.0 ? static_cast<float>(1.0 / mp) : 0.0f,
-                 mq > 0.0 ? static_cast<float>(1.0 / mq) : 0.0f};
+    Residual res{
+        p, q, x, true, mp > 0.0 ? static_cast<float>(1.0 / mp) : 0.0f, mq > 0.0 ? static_cast<float>(1.0 / mq) : 0.0f};
     token = draw(res, vocab_size, u, sums, sh);
     if (token < 0) token = draw(Residual{p, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u, sums, sh);
     emitted_at = j;
@@ -308,8 +308,8 @@ cudaError_t chain_speculative_sampling(const float* draft_probs, const int64_t* 
   row_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(draft_probs, target_probs, K, V, vocab_size,
                                                                          stats);
   chain_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(draft_probs, draft_ids, target_probs, K, V,
-                                                                   vocab_size, seed, offset, stats, scratch, out,
-                                                                   num_accepted, num_emitted);
+                                                                  vocab_size, seed, offset, stats, scratch, out,
+                                                                  num_accepted, num_emitted);
   return cudaGetLastError();
 }
 

@@ -22,12 +22,12 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
                                 const std::string& kv_layout) {
   const c10::DeviceGuard guard(query.device());
   const auto g = check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, kv_layout);
-  TORCH_CHECK(g.D <= dk::cuda::kMaxAttentionHeadDim, "decodekit: the CUDA paged_attention takes head_dim <= ",
-              dk::cuda::kMaxAttentionHeadDim, ", got ", g.D);
+  TORCH_CHECK(g.D <= dk::cuda::kMaxAttentionHeadDim,
+              "decodekit: the CUDA paged_attention takes head_dim <= ", dk::cuda::kMaxAttentionHeadDim, ", got ", g.D);
   TORCH_CHECK(g.Q <= 65535, "decodekit: the CUDA paged_attention takes at most 65535 query positions, got ", g.Q);
   TORCH_CHECK(g.B * g.Hkv < (int64_t{1} << 31), "decodekit: B * H_kv must be < 2^31 on CUDA");
-  const dk::cuda::PagedKVView kv{k_cache.data_ptr(), v_cache.data_ptr(), logits_kind(k_cache), g.num_blocks,
-                                 g.block_size,       g.Hkv,              g.D,                   g.hnd};
+  const dk::cuda::PagedKVView kv{
+      k_cache.data_ptr(), v_cache.data_ptr(), logits_kind(k_cache), g.num_blocks, g.block_size, g.Hkv, g.D, g.hnd};
   auto out = at::empty({g.B, g.Q, g.Hq, g.D}, query.options());
   if (out.numel() == 0) return out;
   check_ok(dk::cuda::paged_attention(query.data_ptr<float>(), g.B, g.Q, g.Hq, kv, block_tables.data_ptr<int64_t>(),

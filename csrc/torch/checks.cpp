@@ -130,8 +130,8 @@ cpu::KVLayout kv_layout_of(const std::string& s) {
 // contiguous), all on one device. Returns the kernel's view of the caches
 // (pointers left null for meta tensors).
 cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
-                                        const at::Tensor& value, const at::Tensor& index, const char* index_name,
-                                        int64_t key_dims, const char* key_shape, const std::string& kv_layout) {
+                                    const at::Tensor& value, const at::Tensor& index, const char* index_name,
+                                    int64_t key_dims, const char* key_shape, const std::string& kv_layout) {
   const auto layout = kv_layout_of(kv_layout);
   TORCH_CHECK(k_cache.dim() == 4, "decodekit: k_cache must be 4-D, got ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "decodekit: v_cache must have the shape of k_cache ", k_cache.sizes(),
@@ -185,9 +185,9 @@ void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping) {
 }
 
 // ------------------------------------------------------------ attention ----
-PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
-                                         const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                         const at::Tensor& seq_lens, const std::string& kv_layout) {
+PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                         const std::string& kv_layout) {
   TORCH_CHECK(kv_layout == "NHD" || kv_layout == "HND", "decodekit: kv_layout must be 'NHD' or 'HND'");
   const bool hnd = kv_layout == "HND";
   TORCH_CHECK(query.dim() == 4 && query.scalar_type() == at::kFloat && query.is_contiguous(),

@@ -102,9 +102,9 @@ struct PagedAttentionDims {
   int64_t B = 0, Q = 0, Hq = 0, D = 0, Hkv = 0, num_blocks = 0, block_size = 0, max_blocks = 0;
   bool hnd = false;
 };
-PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache,
-                                         const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                         const at::Tensor& seq_lens, const std::string& kv_layout);
+PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                         const std::string& kv_layout);
 
 // ---------------------------------------------------------- speculative ----
 // Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids

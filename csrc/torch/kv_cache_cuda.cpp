@@ -33,8 +33,7 @@ void append_kv_cache_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
 }
 
 void append_paged_kv_cache_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
-                                const at::Tensor& value, const at::Tensor& slot_mapping,
-                                const std::string& kv_layout) {
+                                const at::Tensor& value, const at::Tensor& slot_mapping, const std::string& kv_layout) {
   const c10::DeviceGuard guard(k_cache.device());
   const auto c = check_kv_append(k_cache, v_cache, key, value, slot_mapping, "slot_mapping", 3, "[N, H, D]", kv_layout);
   check_paged_append(key, slot_mapping);

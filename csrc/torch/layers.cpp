@@ -108,27 +108,27 @@ void check_linear_quantized(const at::Tensor& x, const at::Tensor& blocks, std::
                             const std::optional<at::Tensor>& bias) {
   const int64_t bytes = parse_block_type(block_type).second;
   TORCH_CHECK_VALUE(N >= 0, "decodekit: linear_quantized N must be >= 0, got ", N);
-  TORCH_CHECK_VALUE(K > 0 && K % 32 == 0, "decodekit: linear_quantized K must be a positive multiple of 32 (the block size), got ",
-                    K);
+  TORCH_CHECK_VALUE(K > 0 && K % 32 == 0,
+                    "decodekit: linear_quantized K must be a positive multiple of 32 (the block size), got ", K);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.sym_size(1) == K, "decodekit: linear_quantized wants x [M, K=", K, "], got ",
                     x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "decodekit: linear_quantized x must be float32, got ",
                    x.scalar_type());
   TORCH_CHECK_TYPE(blocks.scalar_type() == at::kByte, "decodekit: linear_quantized blocks must be uint8, got ",
                    blocks.scalar_type());
-  TORCH_CHECK_VALUE(!blocks_numel.has_value() || *blocks_numel == N * (K / 32) * bytes, "decodekit: linear_quantized blocks must hold N * K / 32 * ",
-                    bytes, " = ", N * (K / 32) * bytes, " bytes for ", block_type, " [N=", N, ", K=", K, "], got ",
-                    blocks_numel.value_or(-1));
+  TORCH_CHECK_VALUE(!blocks_numel.has_value() || *blocks_numel == N * (K / 32) * bytes,
+                    "decodekit: linear_quantized blocks must hold N * K / 32 * ", bytes, " = ", N * (K / 32) * bytes,
+                    " bytes for ", block_type, " [N=", N, ", K=", K, "], got ", blocks_numel.value_or(-1));
   TORCH_CHECK_VALUE(blocks.device() == x.device(), "decodekit: linear_quantized blocks are on ", blocks.device(),
                     ", x on ", x.device());
   if (bias.has_value())
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == N && bias->scalar_type() == at::kFloat &&
-                          bias->device() == x.device(),
-                      "decodekit: linear_quantized bias must be a float32 [N=", N, "] tensor on x's device");
+    TORCH_CHECK_VALUE(
+        bias->dim() == 1 && bias->sym_size(0) == N && bias->scalar_type() == at::kFloat && bias->device() == x.device(),
+        "decodekit: linear_quantized bias must be a float32 [N=", N, "] tensor on x's device");
 }
 
-at::Tensor linear_quantized_cpu(const at::Tensor& x, const at::Tensor& blocks, const std::string& block_type,
-                                int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
+at::Tensor linear_quantized_cpu(const at::Tensor& x, const at::Tensor& blocks, const std::string& block_type, int64_t N,
+                                int64_t K, const std::optional<at::Tensor>& bias) {
   check_linear_quantized(x, blocks, blocks.numel(), block_type, N, K, bias);
   TORCH_CHECK_VALUE(blocks.is_contiguous(), "decodekit: linear_quantized blocks must be contiguous");
   TORCH_CHECK_VALUE(x.stride(1) == 1, "decodekit: linear_quantized x rows must be contiguous");

@@ -56,8 +56,8 @@ at::Tensor silu_and_mul_cuda(const at::Tensor& x) {
 
 // Positions are not read on the host (that would synchronise): a position
 // outside the tables leaves its token unchanged (the Python wrapper checks them).
-void rope_inplace_cuda(const at::Tensor& x, int64_t num_heads, const at::Tensor& cos_table,
-                       const at::Tensor& sin_table, const at::Tensor& positions) {
+void rope_inplace_cuda(const at::Tensor& x, int64_t num_heads, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                       const at::Tensor& positions) {
   const c10::DeviceGuard guard(x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "decodekit: rope_ wants float32 x [N, C] with unit column stride");
@@ -74,10 +74,10 @@ void rope_inplace_cuda(const at::Tensor& x, int64_t num_heads, const at::Tensor&
   check_on(sin_table, x, "sin_table", "x");
   check_on(positions, x, "positions", "x");
   if (N == 0 || num_heads == 0) return;
-  check_ok(dk::cuda::rope_inplace(x.data_ptr<float>(), N, num_heads, D, x.stride(0), cos_table.data_ptr<float>(),
-                                  sin_table.data_ptr<float>(), P, positions.data_ptr<int64_t>(),
-                                  current_stream(x.device())),
-           "rope_");
+  check_ok(
+      dk::cuda::rope_inplace(x.data_ptr<float>(), N, num_heads, D, x.stride(0), cos_table.data_ptr<float>(),
+                             sin_table.data_ptr<float>(), P, positions.data_ptr<int64_t>(), current_stream(x.device())),
+      "rope_");
 }
 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -99,10 +99,10 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std:
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   if (x.size(0) == 0 || weight.size(0) == 0) return y;
   TORCH_CHECK(x.size(0) <= 65535 * 8, "decodekit: the CUDA linear takes at most 524280 rows, got ", x.size(0));
-  check_ok(dk::cuda::linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(),
-                            weight.size(0), weight.stride(0), b, y.data_ptr<float>(), y.stride(0),
-                            current_stream(x.device())),
-           "linear");
+  check_ok(
+      dk::cuda::linear(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), weight.data_ptr<float>(), weight.size(0),
+                       weight.stride(0), b, y.data_ptr<float>(), y.stride(0), current_stream(x.device())),
+      "linear");
   return y;
 }
 

@@ -50,7 +50,8 @@ at::Tensor apply_penalties_cpu(const at::Tensor& logits, const std::optional<at:
   in.mask = matrix_or_null<bool>(mask, logits, at::kBool, V, "mask");
   in.mask_allows = mask_allows;
   auto out = at::empty({B, V}, logits.options().dtype(at::kFloat));
-  dk::cpu::kernels().apply_penalties(logits_view(logits, vocab_size), in, dk::torch_ops::num_threads(), out.data_ptr<float>());
+  dk::cpu::kernels().apply_penalties(logits_view(logits, vocab_size), in, dk::torch_ops::num_threads(),
+                                     out.data_ptr<float>());
   return out;
 }
 

@@ -113,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor> filter_probs_cpu(const at::Tensor& probs, con
   const auto fp = filter_params(probs, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val);
   auto out = at::empty({probs.size(0), probs.size(1)}, probs.options());
   auto valid = at::empty({probs.size(0)}, probs.options().dtype(at::kBool));
-  dk::cpu::kernels().filter_probs(probs_view(probs, vocab_size), fp, dk::torch_ops::num_threads(), out.data_ptr<float>(),
-                                  valid.data_ptr<bool>());
+  dk::cpu::kernels().filter_probs(probs_view(probs, vocab_size), fp, dk::torch_ops::num_threads(),
+                                  out.data_ptr<float>(), valid.data_ptr<bool>());
   return {out, valid};
 }
 

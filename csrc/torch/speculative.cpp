@@ -23,8 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
     const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids, const at::Tensor& target_probs,
     const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
     int64_t offset_val, int64_t vocab_size) {
-  const auto c = check_chain_speculative(draft_probs, draft_token_ids, target_probs, seed, seed_val, offset,
-                                         offset_val, vocab_size);
+  const auto c = check_chain_speculative(draft_probs, draft_token_ids, target_probs, seed, seed_val, offset, offset_val,
+                                         vocab_size);
   const int64_t B = c.B, K = c.K, V = c.V;
   const float* dp = c.draft_probs;
   const auto& s = c.seed;
@@ -71,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tenso
   auto out = at::empty({B, K + 1}, draft_token_ids.options());
   auto acc = at::empty({B}, draft_token_ids.options());
   auto emit = at::empty({B}, draft_token_ids.options());
-  dk::cpu::kernels().greedy_verify(drafts.data_ptr<int64_t>(), top.data_ptr<int64_t>(), B, K, dk::torch_ops::num_threads(),
-                                   out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>());
+  dk::cpu::kernels().greedy_verify(drafts.data_ptr<int64_t>(), top.data_ptr<int64_t>(), B, K,
+                                   dk::torch_ops::num_threads(), out.data_ptr<int64_t>(), acc.data_ptr<int64_t>(),
+                                   emit.data_ptr<int64_t>());
   return {out, acc, emit};
 }
 

@@ -25,21 +25,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_speculative_sampling_cuda(
     const std::optional<at::Tensor>& seed, int64_t seed_val, const std::optional<at::Tensor>& offset,
     int64_t offset_val, int64_t vocab_size) {
   const c10::DeviceGuard guard(target_probs.device());
-  const auto c = check_chain_speculative(draft_probs, draft_token_ids, target_probs, seed, seed_val, offset,
-                                         offset_val, vocab_size);
+  const auto c = check_chain_speculative(draft_probs, draft_token_ids, target_probs, seed, seed_val, offset, offset_val,
+                                         vocab_size);
   TORCH_CHECK(c.B < (int64_t{1} << 31), "decodekit: CUDA ops take fewer than 2^31 rows, got ", c.B);
   auto out = at::empty({c.B, c.K + 1}, draft_token_ids.options());
   auto acc = at::empty({c.B}, draft_token_ids.options());
   auto emit = at::empty({c.B}, draft_token_ids.options());
   if (c.B == 0) return {out, acc, emit};
   // Per-row block sums of the draws (the caching allocator: no synchronisation).
-  auto scratch = at::empty({dk::cuda::chain_scratch_size(c.B, c.K, vocab_size)},
-                           target_probs.options().dtype(at::kDouble));
-  check_ok(dk::cuda::chain_speculative_sampling(c.draft_probs, draft_token_ids.data_ptr<int64_t>(),
-                                                target_probs.data_ptr<float>(), c.B, c.K, c.V, vocab_size, c.seed,
-                                                c.offset, scratch.data_ptr<double>(), out.data_ptr<int64_t>(),
-                                                acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>(),
-                                                current_stream(target_probs.device())),
+  auto scratch =
+      at::empty({dk::cuda::chain_scratch_size(c.B, c.K, vocab_size)}, target_probs.options().dtype(at::kDouble));
+  check_ok(dk::cuda::chain_speculative_sampling(
+               c.draft_probs, draft_token_ids.data_ptr<int64_t>(), target_probs.data_ptr<float>(), c.B, c.K, c.V,
+               vocab_size, c.seed, c.offset, scratch.data_ptr<double>(), out.data_ptr<int64_t>(),
+               acc.data_ptr<int64_t>(), emit.data_ptr<int64_t>(), current_stream(target_probs.device())),
            "chain_speculative_sampling");
   return {out, acc, emit};
 }
@@ -71,8 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tens
     top = at::empty({B, K + 1}, draft_token_ids.options());
     auto valid = at::empty({B * (K + 1)}, draft_token_ids.options().dtype(at::kBool));
     if (rows.size(0) > 0)
-      check_ok(dk::cuda::argmax(logits_view(rows, vocab_size), top.data_ptr<int64_t>(), valid.data_ptr<bool>(),
-                                stream),
+      check_ok(dk::cuda::argmax(logits_view(rows, vocab_size), top.data_ptr<int64_t>(), valid.data_ptr<bool>(), stream),
                "greedy_verify (argmax)");
   }
   const auto drafts = draft_token_ids.contiguous();

@@ -146,9 +146,7 @@ def add_temperature_use_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--confidence", action="store_true", help="compare the greedy answer with --n samples at T = 1 (default n 1)"
     )
-    p.add_argument(
-        "--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)"
-    )
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)")
     p.add_argument(
         "--min-new-tokens", type=int, default=0, help="mask the stop tokens for the first N tokens (default 0)"
     )
@@ -364,9 +362,7 @@ def _confidence(args: argparse.Namespace, prompts: List[str]) -> int:
     from .decoding import confidence
 
     if args.seed is not None and len(args.seed) not in (1, len(prompts)):
-        print(
-            f"decodekit: error: --seed given {len(args.seed)} times for {len(prompts)} prompts", file=sys.stderr
-        )
+        print(f"decodekit: error: --seed given {len(args.seed)} times for {len(prompts)} prompts", file=sys.stderr)
         return 1
     for i, prompt in enumerate(prompts):
         seed = None if args.seed is None else args.seed[0 if len(args.seed) == 1 else i]

@@ -307,6 +307,7 @@ def test_stop_string_inside_a_speculative_accept(lm, greedy_long):
         PROMPT, model=lm, max_new_tokens=24, temperature=0, stop_on_eos=False, drafter=oracle
     )
     assert full_spec.token_ids == ids and full_spec.tokens_per_pass > 4
+
     def completing(stop):
         cut = full.find(stop)
         return cut, next(j for j in range(len(ids)) if len(lm.tokenizer.decode(ids[: j + 1])) >= cut + len(stop))
@@ -366,7 +367,7 @@ def test_logprobs_match_a_float64_reference(lm, speculative):
         assert r.logprobs[j] == pytest.approx(math.log(float(probs[t])), abs=1e-4)
         top_ids = ref.rank_order(row)[:3].tolist()
         assert [i for i, _ in r.top_logprobs[j]] == top_ids
-        for (i, lp), want in zip(r.top_logprobs[j], probs[top_ids].tolist()):
+        for (_i, lp), want in zip(r.top_logprobs[j], probs[top_ids].tolist()):
             assert (lp == -math.inf and want == 0.0) or lp == pytest.approx(math.log(want), abs=1e-4)
     plain = run(PROMPT, model=lm, max_new_tokens=8, seed=21, stop_on_eos=False, **params)
     assert plain.token_ids == r.token_ids and plain.logprobs is None and plain.top_logprobs is None
@@ -375,8 +376,16 @@ def test_logprobs_match_a_float64_reference(lm, speculative):
 def test_greedy_logprobs_are_zero_and_raw_mode_is_log_softmax(lm):
     r = generate("Hi", model=lm, max_new_tokens=3, temperature=0, logprobs=True, stop_on_eos=False)
     assert r.logprobs == [0.0, 0.0, 0.0] and r.top_logprobs == [[], [], []]
-    raw = generate("Hi", model=lm, max_new_tokens=3, temperature=0, logprobs=True, logprobs_mode="raw",
-                   top_logprobs=1, stop_on_eos=False)
+    raw = generate(
+        "Hi",
+        model=lm,
+        max_new_tokens=3,
+        temperature=0,
+        logprobs=True,
+        logprobs_mode="raw",
+        top_logprobs=1,
+        stop_on_eos=False,
+    )
     assert all(lp < 0 for lp in raw.logprobs)
     assert [t[0][0] for t in raw.top_logprobs] == raw.token_ids  # greedy picks the top token
     assert [t[0][1] for t in raw.top_logprobs] == pytest.approx(raw.logprobs, abs=1e-5)
@@ -420,8 +429,16 @@ def test_cli_samples_vote_stop_and_prompt_file(lm, capsys, tmp_path):
     objs = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [o["prompt"] for o in objs] == ["Name a colour.", "Name a fruit."]
     want = generate(
-        ["Name a colour.", "Name a fruit."], model=lm, n=3, vote=True, seed=9, max_new_tokens=5, stop="e",
-        min_new_tokens=1, eos_bias=-1.0, eos_token_ids=[2],
+        ["Name a colour.", "Name a fruit."],
+        model=lm,
+        n=3,
+        vote=True,
+        seed=9,
+        max_new_tokens=5,
+        stop="e",
+        min_new_tokens=1,
+        eos_bias=-1.0,
+        eos_token_ids=[2],
     )
     for o, (samples, v) in zip(objs, want):
         assert [s["token_ids"] for s in o["samples"]] == [s.token_ids for s in samples]

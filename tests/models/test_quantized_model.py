@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.layers import dequantize_blocks
 
 import decodekit
 from decodekit import QuantizedWeight
+from reference.layers import dequantize_blocks
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-]
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import torch
 
 import decodekit
 import reference as ref
-from reference.layers import dequantize_blocks, random_blocks
 from decodekit._checks import has_kernel
+from reference.layers import dequantize_blocks, random_blocks
 
 
 @dataclass

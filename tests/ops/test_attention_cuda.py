@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from common_cuda import capture, cuda, no_sync
 
 import reference as ref
-from common_cuda import capture, cuda, no_sync
 
 pytestmark = cuda
 ops = torch.ops.decodekit
@@ -55,8 +55,7 @@ def test_same_bits_as_cpu(layout, dtype, Q):
 
 
 @pytest.mark.parametrize(
-    "Hq,Hkv,D,bs",
-    [(4, 4, 128, 16), (8, 1, 80, 8), (32, 2, 64, 32), (2, 1, 256, 16), (6, 3, 24, 5)],
+    "Hq,Hkv,D,bs", [(4, 4, 128, 16), (8, 1, 80, 8), (32, 2, 64, 32), (2, 1, 256, 16), (6, 3, 24, 5)]
 )
 def test_shapes_same_bits_as_cpu(Hq, Hkv, D, bs):
     # MHA, MQA, more than 8 query heads per KV head (several warps' groups), padded head_dim, odd block size.

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common_cuda import capture, cuda, no_sync
 
 import reference as ref
-from common_cuda import capture, cuda, no_sync
 
 pytestmark = cuda
 ops = torch.ops.decodekit
@@ -113,5 +113,6 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match="slot_mapping is on"):
         ops.append_paged_kv_cache(k, k.clone(), key, key, torch.zeros(3, dtype=torch.long), "NHD")
     with pytest.raises(RuntimeError, match="dtype"):
-        ops.append_paged_kv_cache(k, k.clone(), key.half(), key.half(), torch.zeros(3, dtype=torch.long, device="cuda"),
-                                  "NHD")
+        ops.append_paged_kv_cache(
+            k, k.clone(), key.half(), key.half(), torch.zeros(3, dtype=torch.long, device="cuda"), "NHD"
+        )

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common_cuda import capture, cuda, no_sync
 
 import reference as ref
-from common_cuda import capture, cuda, no_sync
 
 pytestmark = cuda
 ops = torch.ops.decodekit

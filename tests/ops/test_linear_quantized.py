@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference.layers import GGML_BLOCK_BYTES, dequantize_blocks, random_blocks
 
 import decodekit
 from decodekit import QuantizedWeight
+from reference.layers import GGML_BLOCK_BYTES, dequantize_blocks, random_blocks
 
 TYPES = ["q4_1", "q8_0"]
 

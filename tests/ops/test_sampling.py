@@ -399,13 +399,13 @@ def test_top_p_alone_on_flat_rows_keeps_the_reference_nucleus(V, scale, T, p, mi
     want_ids = [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
     ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, min_p=min_p, seed=seeds)
     assert ids.tolist() == want_ids
-    out = decodekit.sample_from_logits(row.repeat(8, 1), T, top_p=p, min_p=min_p, seed=seeds[:8],
-                                       return_logprobs=True)
+    out = decodekit.sample_from_logits(row.repeat(8, 1), T, top_p=p, min_p=min_p, seed=seeds[:8], return_logprobs=True)
     assert out.token_ids.tolist() == want_ids[:8]
     lp_want = torch.log(want[out.token_ids]).float()
     assert torch.allclose(out.logprobs, lp_want, atol=1e-4)
-    fast = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, min_p=min_p, seed=seeds,
-                                        deterministic=False)
+    fast = decodekit.sample_from_logits(
+        row.repeat(len(seeds), 1), T, top_p=p, min_p=min_p, seed=seeds, deterministic=False
+    )
     assert bool((want[fast] > 0).all())
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from common_cuda import capture, cuda, no_sync
 
 pytestmark = cuda

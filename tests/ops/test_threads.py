@@ -188,8 +188,10 @@ def _run_python(code: str, env_extra=None, timeout=120):
 
 
 def test_environment_variable():
-    r = _run_python("import decodekit, torch; torch.set_num_threads(1); print(decodekit.get_num_threads())",
-                    {"DECODEKIT_NUM_THREADS": "3"})
+    r = _run_python(
+        "import decodekit, torch; torch.set_num_threads(1); print(decodekit.get_num_threads())",
+        {"DECODEKIT_NUM_THREADS": "3"},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "3"
     for value in ("0", "two", "-4"):

@@ -43,7 +43,7 @@ namespace cpu {
   X(silu_and_mul, SiluAndMulKernel)                             \
   X(rope_inplace, RopeInplaceKernel)                            \
   X(linear, LinearKernel)                                       \
-  X(linear_quantized, LinearQuantizedKernel)                   \
+  X(linear_quantized, LinearQuantizedKernel)                    \
   X(chain_speculative_sampling, ChainSpeculativeSamplingKernel) \
   X(greedy_verify, GreedyVerifyKernel)                          \
   X(check_probability_rows, CheckProbabilityRowsKernel)

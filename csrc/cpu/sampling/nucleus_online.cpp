@@ -356,7 +356,7 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
     Acc16d acc;
     for (int64_t c = b0; c < end; c += kLanes) {
       const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
-      const VI q = bucket(xs);  // load_tail's -inf lands in bucket nq
+      const VI q = bucket(xs);                         // load_tail's -inf lands in bucket nq
       acc.add(select(q < vb, load_f32(E + c), zero));  // E has kLanes of slack past V
       uint32_t bits = lane_bits(q == vb);
       while (bits) {
@@ -437,7 +437,6 @@ void flat_cands(const float* x, int64_t V, const FlatNucleus& ns, float min_w, s
     if ((x[i] > ns.bx || (x[i] == ns.bx && i <= ns.bi)) && e[i] >= min_w)
       out.push_back(Cand{x[i], e[i], static_cast<int32_t>(i)});
 }
-
 
 }  // namespace detail
 }  // namespace DK_ISA

@@ -99,7 +99,7 @@ LogitsRow prepare_logits_row(const LogitsView& lv, int64_t b, float T, int64_t k
       r.kept = Kept{true, 0.0f};
       break;
     case RowPlan::kTopPOneRead:  // the nucleus gathered in pass A (cut exactly there, or a superset)
-      if (flat_nucleus().on) {  // a flat row: the nucleus is a rank threshold (flat_cut)
+      if (flat_nucleus().on) {   // a flat row: the nucleus is a rank threshold (flat_cut)
         r.kept = Kept{false, min_w};
         break;
       }

@@ -5,8 +5,8 @@ drafters (:mod:`~decodekit.decoding.drafters`), the request and result types
 samples (:mod:`~decodekit.decoding.vote`) and the greedy-vs-sampled confidence check
 (:mod:`~decodekit.decoding.confidence`)."""
 
-from .drafters import Drafter, DraftModelDrafter, NgramDrafter, SamplingDrafter
 from .confidence import Confidence, confidence
+from .drafters import Drafter, DraftModelDrafter, NgramDrafter, SamplingDrafter
 from .generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, generate, speculative_generate
 from .request import GenerationResult, SpeculativeResult
 from .vote import Vote, Voted, vote

@@ -70,13 +70,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def confidence(
-    prompt,
-    n: int = 1,
-    *,
-    model=None,
-    max_new_tokens: int = 64,
-    seed: Optional[int] = None,
-    **kwargs,
+    prompt, n: int = 1, *, model=None, max_new_tokens: int = 64, seed: Optional[int] = None, **kwargs
 ) -> Confidence:
     """Compare the greedy answer with ``n`` answers sampled at T = 1: when they agree, the
     model is likely sure of its answer.

@@ -328,7 +328,15 @@ def generate(
         logprobs_mode=logprobs_mode,
     )
     return _decode(
-        "generate", prompt, model, chat_template, stop_on_eos, stream, values, threads=threads, options=options,
+        "generate",
+        prompt,
+        model,
+        chat_template,
+        stop_on_eos,
+        stream,
+        values,
+        threads=threads,
+        options=options,
         deterministic=deterministic,
     )
 

@@ -57,7 +57,7 @@ PAGE_SIZE = 16  # positions per block of the paged KV cache
 DRAFT_OFFSET_BIT = 1 << 62  # set in the offsets of the draft model's own draws
 
 
-def run(
+def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     lm: LoadedModel,
     requests: List[Request],
     *,
@@ -332,7 +332,12 @@ def _sample_or_verify(
             tokens = sample_from_logits(logits[:, 0], *params, **rng, deterministic=deterministic).tolist()
             return [[t] for t in tokens], [0] * B, None
         out = sample_from_logits(
-            logits[:, 0], *params, **rng, return_logprobs=True, top_logprobs=top_logprobs, logprobs_mode=logprobs_mode,
+            logits[:, 0],
+            *params,
+            **rng,
+            return_logprobs=True,
+            top_logprobs=top_logprobs,
+            logprobs_mode=logprobs_mode,
             deterministic=deterministic,
         )
         tokens = out.token_ids.tolist()

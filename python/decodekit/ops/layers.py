@@ -133,7 +133,6 @@ class QuantizedWeight:
         return self.dequantize_rows(torch.arange(self.shape[0]))
 
 
-
 def linear(
     x: torch.Tensor, weight: Union[torch.Tensor, QuantizedWeight], bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
