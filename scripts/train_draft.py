@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
 
-    lm = load_model()
+    lm = load_model(dequantize=True)  # training reads the weights as float32 tensors
     net, tok = lm.model, lm.tokenizer
     net.deterministic = False  # the teacher pass may use torch's GEMM: speed only
     plays = load_plays()
