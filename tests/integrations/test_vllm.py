@@ -179,7 +179,10 @@ def _chi2(counts, expected):
     assert p > CHI2_ALPHA, f"chi-square p = {p:.2e}"
 
 
-def test_unrouted_option_falls_back_to_vllm(llm):
+def test_penalties_run_vllms_processing_then_decodekits_draw(llm):
+    """Penalties are applied by vLLM's own code inside the plugin, per request, and the draw stays
+    decodekit's: greedy equals vLLM's greedy, and a seeded request with a penalty gives the same
+    tokens alone and among requests without one (no whole-batch fallback)."""
     params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=16)
     with dkv.active(False):
         ref = _ids(_gen(llm, PROMPTS[:2], params))
@@ -187,6 +190,27 @@ def test_unrouted_option_falls_back_to_vllm(llm):
     got = _ids(_gen(llm, PROMPTS[:2], params))
     after = dkv.stats()
     assert got == ref
+    assert after["sampler"] > before["sampler"] and after["fallback"] == before["fallback"]
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=11, max_tokens=12)
+    other = SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=12)
+    alone = _ids(_gen(llm, PROMPTS[:1], seeded))[0]
+    mixed = _ids(_gen(llm, PROMPTS[:4], [seeded, other, other, other]))[0]
+    assert alone == mixed
+
+
+def test_unrouted_option_falls_back_to_vllm(llm):
+    """Full-vocabulary logprobs (logprobs=-1, which the engine caps but the sampler accepts) are
+    not routed: vLLM's real Sampler runs its own path, with one fallback counted."""
+    from vllm.v1.sample.sampler import Sampler
+
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    with dkv.active(False):
+        ref = Sampler().forward(logits.clone(), _metadata(2, 0.0, max_num_logprobs=-1))
+    before = dkv.stats()
+    got = Sampler().forward(logits.clone(), _metadata(2, 0.0, max_num_logprobs=-1))
+    after = dkv.stats()
+    assert torch.equal(got.sampled_token_ids, ref.sampled_token_ids)
+    assert torch.equal(got.logprobs_tensors.logprobs, ref.logprobs_tensors.logprobs)
     assert after["fallback"] > before["fallback"] and after["sampler"] == before["sampler"]
 
 
@@ -205,7 +229,7 @@ def test_raw_logprobs_match_vllm(llm):
 
 
 # ------------------------------------------------------------ error cases ----
-def _metadata(B, temperature, generators=None, no_penalties=True, top_k=None, top_p=None):
+def _metadata(B, temperature, generators=None, no_penalties=True, top_k=None, top_p=None, max_num_logprobs=None):
     from vllm.v1.sample.logits_processor import LogitsProcessors
     from vllm.v1.sample.metadata import SamplingMetadata
 
@@ -216,7 +240,7 @@ def _metadata(B, temperature, generators=None, no_penalties=True, top_k=None, to
         top_p=top_p,
         top_k=top_k,
         generators=generators or {},
-        max_num_logprobs=None,
+        max_num_logprobs=max_num_logprobs,
         no_penalties=no_penalties,
         prompt_token_ids=torch.zeros(B, 1, dtype=torch.int64),
         frequency_penalties=torch.zeros(B),
@@ -246,8 +270,8 @@ def test_fallback_disabled_is_a_clear_error(llm, monkeypatch):
     from vllm.v1.sample.sampler import Sampler
 
     monkeypatch.setenv("DECODEKIT_VLLM_FALLBACK", "0")
-    meta = _metadata(2, 0.8, no_penalties=False)
-    with pytest.raises(dkv.UnsupportedSamplingError, match="penalties.*DECODEKIT_VLLM_FALLBACK=0"):
+    meta = _metadata(2, 0.8, max_num_logprobs=-1)
+    with pytest.raises(dkv.UnsupportedSamplingError, match="logprobs=-1.*DECODEKIT_VLLM_FALLBACK=0"):
         Sampler().forward(torch.randn(2, 64), meta)
 
 

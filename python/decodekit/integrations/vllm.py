@@ -75,7 +75,10 @@ ENV_ENABLE = "DECODEKIT_VLLM"
 ENV_FALLBACK = "DECODEKIT_VLLM_FALLBACK"
 
 _SAMPLING_EPS = 1e-5  # vLLM's greedy threshold on the temperature
-_ROUTED = "temperature, top_k, top_p, min_p, seed, logprobs >= 0 with logprobs_mode='raw_logprobs'"
+_ROUTED = (
+    "temperature, top_k, top_p, min_p, seed, logprobs >= 0 with logprobs_mode='raw_logprobs', "
+    "after vLLM's own logits processing (penalties, logit bias, min_tokens, allowed/bad tokens)"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -248,12 +251,32 @@ def sample_vllm_order(logits, temperature, top_k, top_p, min_p, seed, offset, nu
 
 # ------------------------------------------------------ batch bookkeeping ----
 def _unsupported(meta, logprobs_mode: str) -> Optional[str]:
-    """The first option in this batch the plugin does not route, or None."""
-    from vllm.v1.sample.logits_processor.builtin import (
-        LogitBiasLogitsProcessor,
-        MinPLogitsProcessor,
-        MinTokensLogitsProcessor,
-    )
+    """The first option in this batch the plugin's sampler does not route, or None.
+
+    vLLM's own logits processing (allowed token ids, bad words, logit bias, min_tokens, other
+    logits processors that may change the argmax, penalties, the thinking budget) is run by the
+    plugin itself with vLLM's ``Sampler.apply_logits_processors``, so those options stay per
+    request and keep decodekit's draw; only what vLLM applies inside its own sampling step, and
+    logprob forms decodekit does not produce, are left here."""
+    from vllm.v1.sample.logits_processor.builtin import MinPLogitsProcessor
+
+    for proc in meta.logitsprocs.argmax_invariant:
+        if not isinstance(proc, MinPLogitsProcessor):
+            return f"logits processor {type(proc).__name__}"
+    if meta.logprob_token_ids:
+        return "logprob_token_ids"
+    if meta.max_num_logprobs is not None:
+        if meta.max_num_logprobs < 0:
+            return "full-vocabulary logprobs (logprobs=-1)"
+        if logprobs_mode != "raw_logprobs":
+            return f"logprobs_mode={logprobs_mode!r}"
+    return None
+
+
+def _unsupported_in_verification(meta, logprobs_mode: str) -> Optional[str]:
+    """The first option the plugin's rejection sampler does not route, or None (it does not run
+    vLLM's logits processing on the target's logits, so every such option falls back)."""
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
 
     if not meta.no_penalties:
         return "repetition/frequency/presence penalties"
@@ -270,20 +293,29 @@ def _unsupported(meta, logprobs_mode: str) -> Optional[str]:
                 return "min_tokens"
         else:
             return f"logits processor {type(proc).__name__}"
-    for proc in meta.logitsprocs.argmax_invariant:
-        if not isinstance(proc, MinPLogitsProcessor):
-            return f"logits processor {type(proc).__name__}"
     holder = meta.thinking_budget_state_holder
     if holder is not None and holder.has_tracked_requests():
         return "thinking token budget"
-    if meta.logprob_token_ids:
-        return "logprob_token_ids"
-    if meta.max_num_logprobs is not None:
-        if meta.max_num_logprobs < 0:
-            return "full-vocabulary logprobs (logprobs=-1)"
-        if logprobs_mode != "raw_logprobs":
-            return f"logprobs_mode={logprobs_mode!r}"
-    return None
+    return _unsupported(meta, logprobs_mode)
+
+
+def _vllm_processing_active(meta) -> bool:
+    """Whether vLLM's logits processing would change any logit of this batch."""
+    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
+
+    if not meta.no_penalties or meta.allowed_token_ids_mask is not None or meta.bad_words_token_ids:
+        return True
+    for proc in meta.logitsprocs.non_argmax_invariant:
+        if isinstance(proc, LogitBiasLogitsProcessor):
+            if proc.biases:
+                return True
+        elif isinstance(proc, MinTokensLogitsProcessor):
+            if proc.min_toks:
+                return True
+        else:
+            return True
+    holder = meta.thinking_budget_state_holder
+    return holder is not None and holder.has_tracked_requests()
 
 
 def _fallback(where: str, reason: str) -> None:
@@ -371,7 +403,16 @@ def _sampler_forward(self, logits, sampling_metadata, predict_bonus_token=False,
     _State.counts["sampler"] += 1
     B, V = logits.shape
     device = logits.device
-    x = logits.detach().contiguous()
+    raw = logits.detach().contiguous()
+    # vLLM's own logits processing first (penalties, logit bias, min_tokens, allowed ids, bad
+    # words, ...), exactly as its Sampler.forward does, on a float32 copy: raw logprobs stay
+    # those of the unprocessed logits, as in vLLM.
+    processed = _vllm_processing_active(sampling_metadata)
+    if processed:
+        x = self.apply_logits_processors(raw.to(torch.float32, copy=True), sampling_metadata, predict_bonus_token)
+        x = x.contiguous()
+    else:
+        x = raw
     temperature, top_k, top_p, min_p = _row_params(sampling_metadata, B, V)
     seed, offset, req_ids = _keys(sampling_metadata, B)
     if device.type != "cpu":
@@ -380,11 +421,15 @@ def _sampler_forward(self, logits, sampling_metadata, predict_bonus_token=False,
         top_p = top_p.to(device) if isinstance(top_p, torch.Tensor) else top_p
         min_p = min_p.to(device) if min_p is not None else None
     n = sampling_metadata.max_num_logprobs
-    ids, lp = sample_vllm_order(x, temperature, top_k, top_p, min_p, seed, offset, n)
+    ids, lp = sample_vllm_order(x, temperature, top_k, top_p, min_p, seed, offset, None if processed else n)
+    if processed and n is not None:  # raw logprobs of the unprocessed logits
+        lraw = torch.log_softmax(raw.float(), dim=-1)
+        neg, order = torch.sort(-lraw, dim=-1, stable=True)
+        lp = (lraw.gather(1, ids[:, None])[:, 0], order[:, :n], -neg[:, :n])
     logprobs_tensors = None
     if lp is not None:
         token_lp, top_ids, top_lp = lp
-        xf = x.float()
+        xf = raw.float()
         ranks = (xf >= xf.gather(1, ids[:, None])).sum(-1)
         if n == 0 or top_ids is None:
             top_ids = ids.new_zeros(B, 0)
@@ -396,6 +441,7 @@ def _sampler_forward(self, logits, sampling_metadata, predict_bonus_token=False,
         )
     _record(
         logits=x.float(),
+        raw_logits=raw.float(),
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -412,7 +458,7 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
     orig = _State.orig_rejection_forward
     if not _State.active or _in_fallback.get():
         return orig(self, metadata, draft_probs, logits, sampling_metadata)
-    reason = _unsupported(sampling_metadata, self.sampler.logprobs_mode)
+    reason = _unsupported_in_verification(sampling_metadata, self.sampler.logprobs_mode)
     if reason is None and getattr(self, "synthetic_mode", False):
         reason = "synthetic rejection sampling"
     if reason is None and sampling_metadata.max_num_logprobs is not None:
