@@ -273,9 +273,9 @@ def _unsupported(meta, logprobs_mode: str) -> Optional[str]:
     return None
 
 
-def _unsupported_in_verification(meta, logprobs_mode: str) -> Optional[str]:
-    """The first option the plugin's rejection sampler does not route, or None (it does not run
-    vLLM's logits processing on the target's logits, so every such option falls back)."""
+def _processing_reason(meta) -> Optional[str]:
+    """The first option of this batch that vLLM's logits processing (``apply_logits_processors``)
+    acts on, or None when it would change no logit."""
     from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
 
     if not meta.no_penalties:
@@ -296,26 +296,13 @@ def _unsupported_in_verification(meta, logprobs_mode: str) -> Optional[str]:
     holder = meta.thinking_budget_state_holder
     if holder is not None and holder.has_tracked_requests():
         return "thinking token budget"
-    return _unsupported(meta, logprobs_mode)
+    return None
 
 
-def _vllm_processing_active(meta) -> bool:
-    """Whether vLLM's logits processing would change any logit of this batch."""
-    from vllm.v1.sample.logits_processor.builtin import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
-
-    if not meta.no_penalties or meta.allowed_token_ids_mask is not None or meta.bad_words_token_ids:
-        return True
-    for proc in meta.logitsprocs.non_argmax_invariant:
-        if isinstance(proc, LogitBiasLogitsProcessor):
-            if proc.biases:
-                return True
-        elif isinstance(proc, MinTokensLogitsProcessor):
-            if proc.min_toks:
-                return True
-        else:
-            return True
-    holder = meta.thinking_budget_state_holder
-    return holder is not None and holder.has_tracked_requests()
+def _unsupported_in_verification(meta, logprobs_mode: str) -> Optional[str]:
+    """The first option the plugin's rejection sampler does not route, or None (it does not run
+    vLLM's logits processing on the target's logits, so every such option falls back)."""
+    return _processing_reason(meta) or _unsupported(meta, logprobs_mode)
 
 
 def _fallback(where: str, reason: str) -> None:
@@ -407,7 +394,7 @@ def _sampler_forward(self, logits, sampling_metadata, predict_bonus_token=False,
     # vLLM's own logits processing first (penalties, logit bias, min_tokens, allowed ids, bad
     # words, ...), exactly as its Sampler.forward does, on a float32 copy: raw logprobs stay
     # those of the unprocessed logits, as in vLLM.
-    processed = _vllm_processing_active(sampling_metadata)
+    processed = _processing_reason(sampling_metadata) is not None
     if processed:
         x = self.apply_logits_processors(raw.to(torch.float32, copy=True), sampling_metadata, predict_bonus_token)
         x = x.contiguous()
