@@ -556,7 +556,10 @@ def run_report(
 
     cases = [(p, d, None if d == "greedy" else CASE_SEED + i) for i, p in enumerate(prompts) for d in DECODINGS]
     plan = plan_runs(len(cases), runs, batch_sizes, thread_counts, len(fillers), seed)
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    # float32 weights (dequantized once): fast mode then runs torch's GEMM on them directly, where
+    # the GGUF-block model would dequantize every weight at each fast-mode call; both modes decode
+    # the same weights.
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dequantize=True)
     obs, speed = _execute(lm, plan, cases, fillers, max_new_tokens, seed, modes, progress, chat_template)
     modes = {
         m: ModeReport(
