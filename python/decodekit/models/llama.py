@@ -355,8 +355,16 @@ class LlamaModel:
     def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final RMSNorm and LM head: ``x [..., H]`` -> float32 logits ``[..., V]`` (``-inf``
         outside a reduced-vocabulary head's tokens)."""
+        return self._project(self._final_norm(x, fused))
+
+    def _final_norm(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """The final RMSNorm: the hidden state the LM head (and Medusa heads) read."""
         norm = _dk_ops.rms_norm if fused else rms_norm
-        logits = self._linear(norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return norm(x, self.norm, self.config.rms_norm_eps)
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed ``h [..., H]`` -> float32 logits ``[..., V]``."""
+        logits = self._linear(h, self.lm_head)
         if self.head_token_ids is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), -math.inf)
@@ -403,8 +411,14 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward_paged(
-        self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *, all_logits: bool = False
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids: List[int],
+        *,
+        all_logits: bool = False,
+        return_hidden: bool = False,
+    ):
         """Run ``T`` new tokens for each of ``B`` sequences of a paged KV cache.
 
         Row ``b`` is sequence ``seq_ids[b]``, which holds ``n_b = cache.seq_lens(seq_ids)[b]``
@@ -428,10 +442,13 @@ class LlamaModel:
                 (the model's layer count, KV heads, head dim and dtype).
             seq_ids: ``B`` distinct sequence ids of ``cache`` (from ``cache.add_sequence()``).
             all_logits: return the logits of every new position instead of the last one.
+            return_hidden: also return the final-normed hidden states (the LM head's input,
+                what Medusa heads read), with the logits' leading shape.
 
         Returns:
             float32 logits ``[B, V]`` for the last new position of each row, or ``[B, T, V]`` with
-            ``all_logits=True``.
+            ``all_logits=True``; with ``return_hidden``, the pair ``(logits, hidden)`` where
+            ``hidden`` is float32 ``[B, H]`` or ``[B, T, H]``.
 
         Raises:
             TypeError: non-integer ``input_ids``; ``cache`` not a PagedKVCache.
@@ -536,6 +553,9 @@ class LlamaModel:
 
         if not all_logits:
             x = x[:, -1]
+        if return_hidden:
+            h = self._final_norm(x, fused)
+            return self._project(h), h
         return self._head(x, fused)
 
     def to(self, device: torch.device | str) -> LlamaModel:
