@@ -216,6 +216,19 @@ PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tens
   return g;
 }
 
+void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tensor& query) {
+  if (!tree_mask.has_value()) return;
+  const at::Tensor& m = *tree_mask;
+  const int64_t B = query.size(0), Q = query.size(1);
+  TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) == Q && m.size(2) == Q,
+                    "decodekit: tree_mask must be [B=", B, ", Q=", Q, ", Q=", Q, "], got ", m.sizes());
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "decodekit: tree_mask must be bool, got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.is_contiguous(), "decodekit: tree_mask must be contiguous");
+  TORCH_CHECK_VALUE(m.device() == query.device(), "decodekit: tree_mask is on ", m.device(), " but query is on ",
+                    query.device());
+  check_storage(m, "tree_mask");
+}
+
 // ---------------------------------------------------------- speculative ----
 ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids,
                                   const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,

@@ -105,6 +105,9 @@ struct PagedAttentionDims {
 PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                          const std::string& kv_layout);
+// The optional tree mask of paged_attention: contiguous bool [B, Q, Q] on the
+// query's device (its values are not read here).
+void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tensor& query);
 
 // ---------------------------------------------------------- speculative ----
 // Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids

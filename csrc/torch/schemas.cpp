@@ -52,7 +52,7 @@ TORCH_LIBRARY(decodekit, m) {
       "-> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted)");
   m.def(
       "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-      "float scale, str kv_layout) -> Tensor");
+      "float scale, str kv_layout, Tensor? tree_mask=None) -> Tensor");
   // KV cache: write new keys/values into the caches in place.
   m.def(
       "append_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor seq_lens, "

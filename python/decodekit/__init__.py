@@ -8,7 +8,7 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
     penalties: apply_penalties;
     layers: linear (batch-invariant x @ W.T + b, float32 or QuantizedWeight), rms_norm, silu_and_mul, rope_;
     kv_cache: append_kv_cache, append_paged_kv_cache;
-    attention: paged_attention;
+    attention: paged_attention, tree_mask_from_parents;
     speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
     greedy_verify, SpeculativeOutput.
 
@@ -66,6 +66,7 @@ from .ops import (
     top_k_mask_logits,
     top_k_renorm_probs,
     top_p_renorm_probs,
+    tree_mask_from_parents,
 )
 from .params import SamplingParams
 
@@ -105,6 +106,7 @@ __all__ = [
     "PagedKVCache",
     "OutOfBlocksError",
     "paged_attention",
+    "tree_mask_from_parents",
     # speculative
     "SpeculativeOutput",
     "chain_speculative_sampling",

@@ -189,7 +189,11 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     for (int i = 0; i < 12; ++i) tables[i] = i;
     tables[11] = 99;  // out of range: never read
     const cpu::PagedKV kv{kc.data(), vc.data(), dk::ScalarKind::kFloat32, nb, bs, Hkv, D, false};
-    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), 0.125f, threads, ao.data());
+    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), nullptr, 0.125f, threads, ao.data());
+    h = fnv(h, ao);
+    // a tree mask [2, 3, 3] (entries above the diagonal set: never read), one row reading nothing
+    std::vector<uint8_t> tree = {1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1};
+    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), tree.data(), 0.125f, threads, ao.data());
     h = fnv(h, ao);
     cpu::KVCacheTensors c;
     c.k = kc.data();
