@@ -357,6 +357,31 @@ def append_paged_kv_cache_check(args, out):
     assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
 
 
+def compact_kv_cache_samples(d):
+    B, S, H, D = 3, 12, 2, 8
+    k, v = torch.randn(B, S, H, D, generator=_g(41)), torch.randn(B, S, H, D, generator=_g(42))
+    acc = torch.tensor([[0, 2, 5, -1], [-1, -1, -1, -1], [1, 2, 3, 7]])
+    return [_on(d, k, v, torch.tensor([3, 0, 4]), acc, "NHD")]
+
+
+def compact_kv_cache_check(args, out):
+    ek, ev = ref.compact_kv_cache(*args)
+    assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
+
+
+def compact_paged_kv_cache_samples(d):
+    NB, bs, H, D = 7, 4, 2, 8
+    k, v = torch.randn(NB, H, bs, D, generator=_g(43)), torch.randn(NB, H, bs, D, generator=_g(44))
+    tables = torch.tensor([[5, 1, 3], [0, 6, -1]])
+    acc = torch.tensor([[0, 3, 4, 6], [1, -1, -1, -1]])
+    return [_on(d, k, v, tables, torch.tensor([2, 3]), acc, "HND")]
+
+
+def compact_paged_kv_cache_check(args, out):
+    ek, ev = ref.compact_paged_kv_cache(*args)
+    assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
+
+
 def check_probability_rows_samples(d):
     return [_on(d, _probs(seed=24), 300, True)]
 
@@ -560,6 +585,23 @@ OPS: List[OpRow] = [
         append_paged_kv_cache_check,
         mutates=(0, 1),
         wrapper=lambda a: decodekit.append_paged_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], a[4], validate=False),
+    ),
+    OpRow(
+        "compact_kv_cache",
+        compact_kv_cache_samples,
+        compact_kv_cache_check,
+        mutates=(0, 1),
+        batch_args=(0, 1, 2, 3),
+        wrapper=lambda a: decodekit.compact_kv_cache(a[0].clone(), a[1].clone(), a[2], a[3], validate=False),
+    ),
+    OpRow(
+        "compact_paged_kv_cache",
+        compact_paged_kv_cache_samples,
+        compact_paged_kv_cache_check,
+        mutates=(0, 1),
+        wrapper=lambda a: decodekit.compact_paged_kv_cache(
+            a[0].clone(), a[1].clone(), a[2], a[3], a[4], kv_layout=a[5], validate=False
+        ),
     ),
     # A validation helper (an int result, no Meta kernel): run and checked, not opchecked.
     OpRow("check_probability_rows", check_probability_rows_samples, check_probability_rows_check, opcheck=False),

@@ -391,3 +391,49 @@ def test_tree_mask_opcheck_and_meta():
     m = lambda t: t.to("meta")  # noqa: E731
     out = paged_attention(m(q), m(k), m(v), m(tables), m(sl), tree_mask=m(mask))
     assert out.device.type == "meta" and out.shape == q.shape
+
+
+def test_tree_verification_end_to_end():
+    # A sequence appends a token tree, attends with the tree mask, keeps an accepted path
+    # (compact + truncate), then decodes on: its attention is bit-identical to that of a cache
+    # that only ever had the path appended, and the tree step's rows on the path equal
+    # (to float32 rounding) attention over the path alone.
+    from decodekit import PagedKVCache
+
+    g = torch.Generator().manual_seed(28)
+    H, Hq, D, bs, P = 2, 6, 32, 8, 13
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2, 3, 3, 4, 6]])
+    Q = parents.size(1)
+    path = [0, 1, 3, 6]  # root -> 1 -> 3 -> 6
+    kp, vp = torch.randn(P, H, D, generator=g), torch.randn(P, H, D, generator=g)
+    kt, vt = torch.randn(Q, H, D, generator=g), torch.randn(Q, H, D, generator=g)
+    qt = torch.randn(1, Q, Hq, D, generator=g)
+    k_next, v_next = torch.randn(3, H, D, generator=g), torch.randn(3, H, D, generator=g)
+    q_next = torch.randn(1, 3, Hq, D, generator=g)
+    for layout in ("NHD", "HND"):
+        tree = PagedKVCache(1, 8, bs, H, D, kv_layout=layout)
+        only = PagedKVCache(1, 8, bs, H, D, kv_layout=layout)
+        s, r = tree.add_sequence(), only.add_sequence()
+        for c, seq, keys, vals in (
+            (tree, s, torch.cat([kp, kt]), torch.cat([vp, vt])),
+            (only, r, torch.cat([kp, kt[path]]), torch.cat([vp, vt[path]])),
+        ):
+            c.append(0, seq, keys, vals)
+            c.advance(seq, keys.size(0))
+        mask = tree_mask_from_parents(parents)
+        att = paged_attention(
+            qt, tree.k[0], tree.v[0], tree.block_table([s]), tree.seq_lens([s]), kv_layout=layout, tree_mask=mask
+        )
+        path_att = paged_attention(
+            qt[:, path], only.k[0], only.v[0], only.block_table([r]), only.seq_lens([r]), kv_layout=layout
+        )
+        torch.testing.assert_close(att[:, path], path_att, rtol=1e-5, atol=1e-6)
+        tree.compact([s], [P], torch.tensor([path]))
+        assert tree.seq_lens([s]).tolist() == only.seq_lens([r]).tolist() == [P + len(path)]
+        assert tree.num_free_blocks == only.num_free_blocks
+        for c, seq in ((tree, s), (only, r)):
+            c.append(0, seq, k_next, v_next)
+            c.advance(seq, 3)
+        a = paged_attention(q_next, tree.k[0], tree.v[0], tree.block_table([s]), tree.seq_lens([s]), kv_layout=layout)
+        b = paged_attention(q_next, only.k[0], only.v[0], only.block_table([r]), only.seq_lens([r]), kv_layout=layout)
+        assert torch.equal(a, b)
