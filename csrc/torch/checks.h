@@ -86,11 +86,20 @@ using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 // last dimension contiguous) and the index (contiguous 1-D int64), all on one
 // device. Returns the kernels' view of the caches (null pointers on meta).
 cpu::KVLayout kv_layout_of(const std::string& s);
+// The two caches alone (4-D, one shape, dtype float32 / float16 / bfloat16,
+// contiguous, one device).
+cpu::KVCacheTensors check_kv_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const std::string& kv_layout);
 cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
                                     const at::Tensor& value, const at::Tensor& index, const char* index_name,
                                     int64_t key_dims, const char* key_shape, const std::string& kv_layout);
 void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens);
 void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping);
+// compact_kv_cache / compact_paged_kv_cache: accepted_nodes contiguous int64
+// [B, L], start contiguous int64 [B], block_tables (paged) contiguous int64
+// [B, max_blocks], else B = the contiguous cache's rows; all on k_cache's
+// device. Returns B.
+int64_t check_kv_compact(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,
+                         const at::Tensor& start, const at::Tensor& accepted_nodes);
 
 // ------------------------------------------------------------ attention ----
 // Checks of paged_attention (CPU and CUDA): query contiguous float32 [B, Q,
@@ -105,6 +114,9 @@ struct PagedAttentionDims {
 PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                          const std::string& kv_layout);
+// The optional tree mask of paged_attention: contiguous bool [B, Q, Q] on the
+// query's device (its values are not read here).
+void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tensor& query);
 
 // ---------------------------------------------------------- speculative ----
 // Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids

@@ -52,7 +52,7 @@ TORCH_LIBRARY(decodekit, m) {
       "-> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted)");
   m.def(
       "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-      "float scale, str kv_layout) -> Tensor");
+      "float scale, str kv_layout, Tensor? tree_mask=None) -> Tensor");
   // KV cache: write new keys/values into the caches in place.
   m.def(
       "append_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor seq_lens, "
@@ -60,4 +60,11 @@ TORCH_LIBRARY(decodekit, m) {
   m.def(
       "append_paged_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, "
       "Tensor slot_mapping, str kv_layout) -> ()");
+  // KV cache after tree verification: move each row's accepted path to consecutive positions in place.
+  m.def(
+      "compact_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor start, Tensor accepted_nodes, "
+      "str kv_layout) -> ()");
+  m.def(
+      "compact_paged_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tables, Tensor start, "
+      "Tensor accepted_nodes, str kv_layout) -> ()");
 }

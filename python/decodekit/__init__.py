@@ -7,8 +7,8 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
     processed_probs, SamplingOutput;
     penalties: apply_penalties;
     layers: linear (batch-invariant x @ W.T + b, float32 or QuantizedWeight), rms_norm, silu_and_mul, rope_;
-    kv_cache: append_kv_cache, append_paged_kv_cache;
-    attention: paged_attention;
+    kv_cache: append_kv_cache, append_paged_kv_cache, compact_kv_cache, compact_paged_kv_cache;
+    attention: paged_attention, tree_mask_from_parents;
     speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
     greedy_verify, SpeculativeOutput.
 
@@ -51,6 +51,8 @@ from .ops import (
     argmax,
     chain_speculative_sampling,
     chain_speculative_sampling_from_logits,
+    compact_kv_cache,
+    compact_paged_kv_cache,
     filter_probs,
     greedy_verify,
     linear,
@@ -66,6 +68,7 @@ from .ops import (
     top_k_mask_logits,
     top_k_renorm_probs,
     top_p_renorm_probs,
+    tree_mask_from_parents,
 )
 from .params import SamplingParams
 
@@ -101,10 +104,13 @@ __all__ = [
     # kv cache, attention
     "append_kv_cache",
     "append_paged_kv_cache",
+    "compact_kv_cache",
+    "compact_paged_kv_cache",
     "ContiguousKVCache",
     "PagedKVCache",
     "OutOfBlocksError",
     "paged_attention",
+    "tree_mask_from_parents",
     # speculative
     "SpeculativeOutput",
     "chain_speculative_sampling",
