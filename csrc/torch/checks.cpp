@@ -302,6 +302,44 @@ ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, 
   return g;
 }
 
+TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int64_t max_depth) {
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kLong && parents.scalar_type() == at::kLong,
+                   "decodekit: candidates and parents must be int64, got ", candidates.scalar_type(), " and ",
+                   parents.scalar_type());
+  TORCH_CHECK_VALUE(candidates.dim() == 2 && parents.sizes() == candidates.sizes(),
+                    "decodekit: candidates and parents must both be [B, N], got ", candidates.sizes(), " and ",
+                    parents.sizes());
+  TORCH_CHECK_VALUE(candidates.is_contiguous() && parents.is_contiguous(),
+                    "decodekit: candidates and parents must be contiguous");
+  TORCH_CHECK_VALUE(parents.device() == candidates.device(), "decodekit: parents are on ", parents.device(),
+                    " but candidates on ", candidates.device());
+  const int64_t B = candidates.size(0), N = candidates.size(1);
+  TORCH_CHECK_VALUE(N >= 1 && N <= (int64_t{1} << 16),
+                    "decodekit: a tree has N in [1, 65536] nodes (node 0 the root), got N=", N);
+  TORCH_CHECK_VALUE(max_depth >= 0 && max_depth <= N - 1, "decodekit: max_depth must be in [0, N - 1 = ", N - 1,
+                    "], got ", max_depth);
+  check_storage(candidates, "candidates");
+  check_storage(parents, "parents");
+  return TreeDims{B, N};
+}
+
+int64_t check_tree_probs(const TreeDims& t, const at::Tensor& candidates, const at::Tensor& target_probs,
+                         int64_t vocab_size) {
+  TORCH_CHECK_TYPE(target_probs.scalar_type() == at::kFloat, "decodekit: target_probs must be float32, got ",
+                   target_probs.scalar_type());
+  TORCH_CHECK_VALUE(target_probs.dim() == 3 && target_probs.size(0) == t.B && target_probs.size(1) == t.N &&
+                        target_probs.is_contiguous(),
+                    "decodekit: target_probs must be a contiguous float32 [B=", t.B, ", N=", t.N, ", V] tensor, got ",
+                    target_probs.sizes());
+  TORCH_CHECK_VALUE(target_probs.device() == candidates.device(), "decodekit: target_probs are on ",
+                    target_probs.device(), " but candidates on ", candidates.device());
+  const int64_t V = target_probs.size(2);
+  TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= V, "decodekit: vocab_size must be in [1, V=", V, "], got ",
+                    vocab_size);
+  check_storage(target_probs, "target_probs");
+  return V;
+}
+
 void require_meta(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_meta(), "decodekit: all tensor arguments must be on one device; ", name, " are on ", x.device(),
               " but another argument is on meta");

@@ -134,6 +134,17 @@ ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, 
                                   int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,
                                   int64_t vocab_size);
 
+// Checks of the tree ops (CPU and CUDA): candidates and parents contiguous int64
+// [B, N] on one device with 1 <= N <= 2^16 (node n's Philox stream is 2^16 + n);
+// max_depth in [0, N - 1]. Returns B and N.
+struct TreeDims {
+  int64_t B = 0, N = 0;
+};
+TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int64_t max_depth);
+// target_probs contiguous float32 [B, N, V] on the tree's device, vocab_size in [1, V]; returns V.
+int64_t check_tree_probs(const TreeDims& t, const at::Tensor& candidates, const at::Tensor& target_probs,
+                         int64_t vocab_size);
+
 // Meta kernels: shape inference only makes sense when the main input is on
 // meta too; a single meta parameter beside real tensors is a device mismatch.
 void require_meta(const at::Tensor& x, const char* name);

@@ -10,7 +10,8 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
     kv_cache: append_kv_cache, append_paged_kv_cache, compact_kv_cache, compact_paged_kv_cache;
     attention: paged_attention, tree_mask_from_parents;
     speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
-    greedy_verify, SpeculativeOutput.
+    greedy_verify, SpeculativeOutput; trees: tree_speculative_sampling, typical_acceptance,
+    greedy_tree_verify, TreeOutput.
 
 KV-cache managers (:mod:`decodekit.cache`): ContiguousKVCache, PagedKVCache, OutOfBlocksError.
 
@@ -45,6 +46,7 @@ from .ops import (
     QuantizedWeight,
     SamplingOutput,
     SpeculativeOutput,
+    TreeOutput,
     append_kv_cache,
     append_paged_kv_cache,
     apply_penalties,
@@ -54,6 +56,7 @@ from .ops import (
     compact_kv_cache,
     compact_paged_kv_cache,
     filter_probs,
+    greedy_tree_verify,
     greedy_verify,
     linear,
     min_p_renorm_probs,
@@ -69,6 +72,8 @@ from .ops import (
     top_k_renorm_probs,
     top_p_renorm_probs,
     tree_mask_from_parents,
+    tree_speculative_sampling,
+    typical_acceptance,
 )
 from .params import SamplingParams
 
@@ -116,6 +121,10 @@ __all__ = [
     "chain_speculative_sampling",
     "chain_speculative_sampling_from_logits",
     "greedy_verify",
+    "TreeOutput",
+    "tree_speculative_sampling",
+    "typical_acceptance",
+    "greedy_tree_verify",
     # decoding
     "SamplingParams",
     "generate",

@@ -48,6 +48,9 @@ namespace cpu {
   X(linear_quantized, LinearQuantizedKernel)                    \
   X(chain_speculative_sampling, ChainSpeculativeSamplingKernel) \
   X(greedy_verify, GreedyVerifyKernel)                          \
+  X(tree_speculative_sampling, TreeSpeculativeSamplingKernel)   \
+  X(typical_acceptance, TypicalAcceptanceKernel)                \
+  X(greedy_tree_verify, GreedyTreeVerifyKernel)                 \
   X(check_probability_rows, CheckProbabilityRowsKernel)
 
 struct CpuKernels {

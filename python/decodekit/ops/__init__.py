@@ -22,9 +22,13 @@ from .sampling import (
 )
 from .speculative import (
     SpeculativeOutput,
+    TreeOutput,
     chain_speculative_sampling,
     chain_speculative_sampling_from_logits,
+    greedy_tree_verify,
     greedy_verify,
+    tree_speculative_sampling,
+    typical_acceptance,
 )
 
 __all__ = [
@@ -55,4 +59,8 @@ __all__ = [
     "chain_speculative_sampling",
     "chain_speculative_sampling_from_logits",
     "greedy_verify",
+    "TreeOutput",
+    "tree_speculative_sampling",
+    "typical_acceptance",
+    "greedy_tree_verify",
 ]
