@@ -20,7 +20,7 @@ Sampling parameters (:mod:`decodekit.params`): SamplingParams, validated once.
 Threads: set_num_threads, get_num_threads (the CPU kernels' thread count; see :mod:`decodekit._threads`).
 
 Decode loop (:mod:`decodekit.decoding`): generate (plain), speculative_generate (with a
-drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult; vote
+drafter: NgramDrafter, DraftModelDrafter, MedusaDrafter, or any :class:`Drafter`), GenerationResult; vote
 (majority of ``n`` samples, Vote), confidence (greedy vs sampled, Confidence).
 """
 
@@ -34,6 +34,7 @@ from .decoding import (
     Drafter,
     DraftModelDrafter,
     GenerationResult,
+    MedusaDrafter,
     NgramDrafter,
     SpeculativeResult,
     Vote,
@@ -134,6 +135,7 @@ __all__ = [
     "Drafter",
     "NgramDrafter",
     "DraftModelDrafter",
+    "MedusaDrafter",
     "vote",
     "Vote",
     "confidence",

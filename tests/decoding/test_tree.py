@@ -38,6 +38,7 @@ def test_chain_and_default_tree_are_valid():
     assert t.parents.tolist() == [-1, 0, 1, 2]
     assert torch.equal(t.mask, torch.ones(4, 4, dtype=torch.bool).tril())
     d = Tree(DEFAULT_TREE, num_heads=4)
+    assert d.num_nodes >= 2
     assert d.num_nodes == len(DEFAULT_TREE) + 1
     assert all(int(d.parents[i]) < i for i in range(1, d.num_nodes))
 

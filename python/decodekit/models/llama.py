@@ -418,6 +418,7 @@ class LlamaModel:
         *,
         all_logits: bool = False,
         return_hidden: bool = False,
+        tree_parents: Optional[torch.Tensor] = None,
     ):
         """Run ``T`` new tokens for each of ``B`` sequences of a paged KV cache.
 
@@ -444,6 +445,13 @@ class LlamaModel:
             all_logits: return the logits of every new position instead of the last one.
             return_hidden: also return the final-normed hidden states (the LM head's input,
                 what Medusa heads read), with the logits' leading shape.
+            tree_parents: ``None`` (the new tokens are a sequence), or int64 ``[T]`` / ``[B, T]``:
+                the new tokens are a tree (Medusa verification): ``tree_parents[.., 0] == -1``
+                (the root) and ``0 <= tree_parents[.., i] < i``. Token ``i`` then takes position
+                ``n_b + depth(i)`` and attends to the cached tokens and to its ancestors and
+                itself among the new ones (:func:`decodekit.paged_attention` with a tree mask);
+                all ``T`` keys and values are appended at the next ``T`` slots (keep the
+                accepted path with :meth:`PagedKVCache.compact`).
 
         Returns:
             float32 logits ``[B, V]`` for the last new position of each row, or ``[B, T, V]`` with
@@ -497,9 +505,14 @@ class LlamaModel:
                 f"(rows {rows}) exceed the model's context length {c.max_seq_len}"
             )
 
+        tree_mask = None
+        if tree_parents is None:
+            offsets = torch.arange(T, dtype=torch.int64)[None, :]
+        else:
+            offsets, tree_mask = _tree_depths_and_mask(tree_parents, B, T)
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
         x = self._embed(input_ids)  # [B, T, H]
-        positions = start[:, None] + torch.arange(T, dtype=torch.int64)[None, :]  # [B, T]
+        positions = start[:, None] + offsets  # [B, T]
         seq_lens = start + T  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
@@ -538,7 +551,7 @@ class LlamaModel:
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
             attn = _dk_ops.paged_attention(
-                q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64, scale, cache.kv_layout
+                q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64, scale, cache.kv_layout, tree_mask
             )  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
@@ -591,6 +604,35 @@ class LlamaModel:
         if self.lm_head is not self.embed:
             n += self.lm_head.numel()
         return n + sum(getattr(b, name).numel() for b in self.blocks for name in _Block.__slots__)
+
+
+def _tree_depths_and_mask(parents, B: int, T: int):
+    """``(depths [B, T] int64, ancestor-or-self mask [B, T, T] bool)`` of ``parents`` (``[T]`` or
+    ``[B, T]``), checked: the root first with parent -1, every other parent before its child."""
+    if not isinstance(parents, torch.Tensor) or parents.dtype.is_floating_point or parents.dtype == torch.bool:
+        raise TypeError("forward_paged: tree_parents must be an int64 [T] or [B, T] tensor")
+    p = parents.to(torch.int64)
+    if p.dim() == 1:
+        p = p[None]
+    if p.dim() != 2 or p.shape[1] != T or p.shape[0] not in (1, B):
+        raise ValueError(f"forward_paged: tree_parents must be [T={T}] or [B={B}, T={T}], got {tuple(parents.shape)}")
+    depths, masks = [], []
+    for row in p.tolist():  # T is small (a tree's nodes): plain lists are the fastest here
+        if row[0] != -1 or any(not 0 <= row[i] < i for i in range(1, T)):
+            raise ValueError(
+                "forward_paged: tree_parents needs -1 at the root (node 0) and 0 <= parent < node elsewhere"
+            )
+        depth, anc = [0] * T, [[0] * T for _ in range(T)]
+        anc[0][0] = 1
+        for i in range(1, T):
+            depth[i] = depth[row[i]] + 1
+            anc[i] = list(anc[row[i]])
+            anc[i][i] = 1
+        depths.append(depth)
+        masks.append(anc)
+    depth_t = torch.tensor(depths, dtype=torch.int64).expand(B, T)
+    mask_t = torch.tensor(masks, dtype=torch.bool).expand(B, T, T).contiguous()
+    return depth_t, mask_t
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:

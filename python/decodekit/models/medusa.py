@@ -123,6 +123,16 @@ class MedusaHeads:
             index (a stable sort), so the candidates never depend on the batch.
         """
         lg = self.logits(h)
+        n = lg.shape[-1]
+        if k + 8 < n:
+            # The k + 8 largest, then ordered by (logit descending, index ascending); exact unless
+            # a tie reaches past them, which falls back to a full stable sort.
+            vals, idx = lg.topk(k + 8, dim=-1)
+            if bool((vals[..., k - 1] > vals[..., -1]).all()):
+                idx = idx.gather(-1, torch.sort(idx, dim=-1).indices)  # index order first...
+                vals = lg.gather(-1, idx)
+                order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[..., :k]
+                return self.token_ids[idx.gather(-1, order)]  # ...then a stable sort by logit
         order = torch.sort(lg, dim=-1, descending=True, stable=True).indices[..., :k]
         return self.token_ids[order]
 
