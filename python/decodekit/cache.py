@@ -170,7 +170,9 @@ class PagedKVCache:
         cache.advance(seq_ids, T)
 
     ``append`` allocates the blocks the new tokens need (once, for the first layer) and writes
-    at each sequence's current length; ``advance`` then moves the lengths. Released positions
+    at each sequence's current length; ``advance`` then moves the lengths. A caller whose
+    kernels write the cache themselves (:func:`decodekit.decoder_layer`) takes the step's slots
+    from :meth:`slot_mapping` before its first layer instead of calling ``append``. Released positions
     (``truncate``, ``free``) are zeroed, so the pool holds exactly the bits it would hold had
     the released tokens never been written.
 
@@ -309,14 +311,37 @@ class PagedKVCache:
             return self._step[1]
         self._reserve(ids, counts)
         bs = self.block_size
-        parts = []
+        slots = []
         for s, n in zip(ids, counts):
-            pos = torch.arange(self._lens[s], self._lens[s] + n, dtype=torch.int64)
-            table = torch.tensor(self._tables[s], dtype=torch.int64)
-            parts.append(table[pos // bs] * bs + pos % bs)
-        slots = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        self._step = (key, slots)
-        return slots
+            table, start = self._tables[s], self._lens[s]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        out = torch.tensor(slots, dtype=torch.int64)
+        self._step = (key, out)
+        return out
+
+    def slot_mapping(self, seq_ids: IntOrInts, num_tokens: IntOrInts) -> torch.Tensor:
+        """The slots of the next ``num_tokens`` tokens of each sequence, allocating the blocks
+        they need: what :meth:`append` writes to, for callers that write the cache themselves
+        (one fused kernel per layer, :func:`decodekit.decoder_layer`). Lengths do not move (call
+        :meth:`advance` after the last layer); until then every call with the same arguments,
+        and every :meth:`append` of the same tokens, uses the same slots.
+
+        Args:
+            seq_ids: the sequences (ids from :meth:`add_sequence`, no repeats), length ``B``.
+            num_tokens: an int for all, or one count per sequence.
+
+        Returns:
+            int64 ``[N]`` (``N = sum(num_tokens)``): slot ``block * block_size + offset`` of each
+            new token, the tokens of the sequences one after another in ``seq_ids`` order.
+            Shared by the step's callers: do not modify it.
+
+        Raises:
+            OutOfBlocksError: not enough free blocks (nothing is allocated).
+            ValueError / TypeError: unknown or repeated ids, negative counts.
+        """
+        ids = self._seq_list(seq_ids, "slot_mapping")
+        counts = self._counts(num_tokens, len(ids), "slot_mapping")
+        return self._slot_mapping(ids, counts)
 
     # --------------------------------------------------------------- writes ----
     def append(

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
-from ..ops.layers import QuantizedWeight
+from ..ops.layers import QuantizedWeight, layer_weight
 
 _dk_ops = torch.ops.decodekit
 
@@ -216,10 +216,13 @@ def _apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+_BLOCK_WEIGHTS = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+
+
 class _Block:
     """Weights of one block as the forward pass uses them (Q/K/V and gate/up fused)."""
 
-    __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+    __slots__ = _BLOCK_WEIGHTS + ("_op_args",)
 
     def __init__(self, w: LlamaLayerWeights) -> None:
         self.attn_norm = w.attn_norm.contiguous()
@@ -228,6 +231,25 @@ class _Block:
         self.ffn_norm = w.ffn_norm.contiguous()
         self.w_gate_up = _fuse_rows((w.w_gate, w.w_up))
         self.w_down = _contiguous(w.w_down)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_op_args":  # a weight changed: rebuild the op's arguments at the next call
+            object.__setattr__(self, "_op_args", None)
+
+    def op_args(self) -> tuple:
+        """The weight arguments of ``torch.ops.decodekit.decoder_layer`` (attn_norm, wqkv, its type,
+        wo, its type, ffn_norm, w_gate_up, its type, w_down, its type), built once."""
+        if self._op_args is None:
+            self._op_args = (
+                self.attn_norm,
+                *layer_weight(self.wqkv),
+                *layer_weight(self.wo),
+                self.ffn_norm,
+                *layer_weight(self.w_gate_up),
+                *layer_weight(self.w_down),
+            )
+        return self._op_args
 
 
 def _contiguous(w):
@@ -308,6 +330,9 @@ class LlamaModel:
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
         self.fused_layer_ops = True  # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
+        # ... and on that path one decodekit.decoder_layer call per block (False: the per-op Python path,
+        # the readable reference, with the same bits)
+        self.layer_op = True
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
 
     @property
@@ -494,6 +519,36 @@ class LlamaModel:
         fused = (
             self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
         )
+        if fused and self.layer_op:
+            # The same kernels again, one decoder_layer call per block (no PyTorch op inside): the
+            # step's slots are reserved before the first layer (OutOfBlocksError: nothing written),
+            # the tables and lengths come from the cache and the shapes from the model.
+            cos_table, sin_table = self._rope_tables()
+            slots = cache.slot_mapping(seq_ids, T).view(B, T)
+            block_tables = cache.block_table(seq_ids).to(torch.int64)
+            for i, block in enumerate(self.blocks):
+                _dk_ops.decoder_layer(
+                    x,
+                    cache.k[i],
+                    cache.v[i],
+                    slots,
+                    block_tables,
+                    seq_lens,
+                    positions,
+                    cos_table,
+                    sin_table,
+                    *block.op_args(),
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.intermediate_size,
+                    c.rms_norm_eps,
+                    scale,
+                    cache.kv_layout,
+                )
+            cache.advance(seq_ids, T)
+            if not all_logits:
+                x = x[:, -1]
+            return self._head(x, fused)
         if fused:
             cos_table, sin_table = self._rope_tables()
             flat_positions = positions.reshape(-1).contiguous()
@@ -545,7 +600,7 @@ class LlamaModel:
             ValueError: QuantizedWeight matrices (CPU kernels only) and a device other than
             the CPU; load with ``dequantize=True`` for another device.
         """
-        quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _Block.__slots__]
+        quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _BLOCK_WEIGHTS]
         if torch.device(device).type != "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
             raise ValueError(
                 f"LlamaModel.to: quantized weights run on the CPU only; load the model with dequantize=True "
@@ -560,7 +615,7 @@ class LlamaModel:
             self.head_token_ids = self.head_token_ids.to(device)
         self.norm = self.norm.to(device)
         for block in self.blocks:
-            for name in _Block.__slots__:
+            for name in _BLOCK_WEIGHTS:
                 setattr(block, name, getattr(block, name).to(device))
         self._rope = None
         return self
@@ -570,7 +625,7 @@ class LlamaModel:
         n = self.embed.numel() + self.norm.numel()
         if self.lm_head is not self.embed:
             n += self.lm_head.numel()
-        return n + sum(getattr(b, name).numel() for b in self.blocks for name in _Block.__slots__)
+        return n + sum(getattr(b, name).numel() for b in self.blocks for name in _BLOCK_WEIGHTS)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:

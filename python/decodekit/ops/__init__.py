@@ -5,7 +5,7 @@ family: :mod:`~decodekit.ops.sampling`, :mod:`~decodekit.ops.penalties`,
 
 from .attention import paged_attention
 from .kv_cache import append_kv_cache, append_paged_kv_cache
-from .layers import QuantizedWeight, linear, rms_norm, rope_, silu_and_mul
+from .layers import QuantizedWeight, decoder_layer, linear, rms_norm, rope_, silu_and_mul
 from .penalties import apply_penalties
 from .sampling import (
     SamplingOutput,
@@ -45,6 +45,7 @@ __all__ = [
     "rms_norm",
     "silu_and_mul",
     "rope_",
+    "decoder_layer",
     "append_kv_cache",
     "append_paged_kv_cache",
     "paged_attention",
