@@ -518,17 +518,16 @@ class PagedKVCache:
         self._step = None
 
     # -------------------------------------------------------------- queries ----
-    def block_table(self, seq_ids: IntOrInts) -> torch.Tensor:
-        """int32 ``[B, max_blocks]``: row ``b`` lists the blocks of ``seq_ids[b]`` in order
-        (including those allocated for tokens appended but not yet advanced), padded with -1;
-        ``max_blocks`` is the longest table among them."""
+    def block_table(self, seq_ids: IntOrInts, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """``[B, max_blocks]`` of ``dtype`` (torch.int32, the default, or torch.int64): row ``b``
+        lists the blocks of ``seq_ids[b]`` in order (including those allocated for tokens appended
+        but not yet advanced), padded with -1; ``max_blocks`` is the longest table among them."""
         ids = self._seq_list(seq_ids, "block_table")
-        width = max((len(self._tables[s]) for s in ids), default=0)
-        out = torch.full((len(ids), width), -1, dtype=torch.int32)
-        for b, s in enumerate(ids):
-            if self._tables[s]:
-                out[b, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int32)
-        return out
+        if dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"PagedKVCache.block_table: dtype must be torch.int32 or torch.int64, got {dtype}")
+        tables = [self._tables[s] for s in ids]
+        width = max(map(len, tables), default=0)
+        return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=dtype).view(len(ids), width)
 
     def seq_lens(self, seq_ids: IntOrInts) -> torch.Tensor:
         """int64 ``[B]``: the number of cached (advanced) tokens of each of ``seq_ids``."""

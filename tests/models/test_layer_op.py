@@ -116,6 +116,58 @@ def test_out_of_blocks_writes_nothing():
     assert all(torch.equal(x, y) for x, y in zip(before, cache.k + cache.v))
 
 
+def test_fallback_to_the_op_under_a_torch_function_mode():
+    """Under a torch function mode the one-call loop steps aside and the op runs per block (the
+    mode sees it); the bits are the same."""
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    model = _model("quantized")
+    outs = []
+    for mode in (None, Spy()):
+        cache = model.new_paged_cache(8, block_size=4)
+        seq = cache.add_sequence()
+        if mode is None:
+            outs.append(model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq]))
+        else:
+            with mode:
+                outs.append(model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq]))
+    assert torch.equal(outs[0], outs[1])
+    assert sum("decoder_layer" in name for name in seen) == CFG.num_layers
+
+
+def test_one_call_loop_checks_every_block_before_writing():
+    """A bad argument in the last block: the one-call loop declines before writing anything (the
+    model then calls the op per block, which raises naming the argument); good blocks run."""
+    from decodekit._loader import _C
+
+    model = _model("f32")
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    slots = cache.slot_mapping([seq], 2).view(1, 2)
+    tables = cache.block_table([seq]).long()
+    cos, sin = model._rope_tables()
+    layers = [b.op_args() for b in model.blocks]
+    bad = list(layers[-1])
+    bad[8] = bad[8][:, :-1].contiguous()  # w_down [H, I - 1]
+    layers[-1] = tuple(bad)
+    x = torch.randn(1, 2, CFG.hidden_size)
+    x0, before = x.clone(), [t.clone() for t in cache.k + cache.v]
+    c = CFG
+    args = (torch.tensor([2]), torch.tensor([[0, 1]]), cos, sin, layers)
+    rest = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 0.25, "NHD")
+    assert _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args, *rest) is False
+    assert torch.equal(x, x0) and all(torch.equal(a, b) for a, b in zip(before, cache.k + cache.v))
+    assert _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args[:4], layers[:-1] + [layers[0]], *rest)
+    assert not torch.equal(x, x0)
+    with pytest.raises(ValueError, match="w_down must be"):
+        torch.ops.decodekit.decoder_layer(x, cache.k[2], cache.v[2], slots, tables, *args[:4], *bad, *rest)
+
+
 # ----------------------------------------------------------------------------- the default model
 def test_default_model_layer_op_gives_the_per_op_bits(lm):
     net = lm.model

@@ -24,7 +24,9 @@ the same bits as the float32 model on the dequantized weights.
 
 One forward: :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.cache.PagedKVCache`, where
 each row is a sequence of its own length (batched decoding of requests that started at different
-times), with attention by :func:`decodekit.paged_attention`. In deterministic mode a row's logits
+times), with attention by :func:`decodekit.paged_attention`; on the CPU in float32 each block is
+one :func:`decodekit.decoder_layer` call (``model.layer_op``, default True; False runs the block
+op by op in Python, the readable reference, with the same bits). In deterministic mode a row's logits
 are bit-identical whatever the other rows of the call. (The plain-PyTorch contiguous forward with
 SDPA, the transformers-parity reference, lives in the tests: ``tests/reference/llama.py``.)
 """
@@ -38,11 +40,13 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .._loader import _C
 from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
 from ..ops.layers import QuantizedWeight, layer_weight
 
 _dk_ops = torch.ops.decodekit
+_decoder_layers_fast = _C._decoder_layers_fast
 
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin", "rope_table"]
 
@@ -439,6 +443,11 @@ class LlamaModel:
         each new token attends to the row's cached tokens and to the new ones up to itself through
         :func:`decodekit.paged_attention`. The lengths then advance by ``T``.
 
+        Two paths with the same bits: with ``self.layer_op`` (the default; deterministic float32
+        CPU model) each block is one :func:`decodekit.decoder_layer` call (all blocks in one C++
+        call when the arguments are plain tensors), whose kernels are those of the per-op path;
+        with ``layer_op = False`` the block runs op by op in Python (the readable reference).
+
         Batch invariance (deterministic mode, the default): a row's logits are bit-identical
         whatever the other rows (their number, lengths and contents) and its position in the
         batch. Every step is per row: the embedding is a gather; RMSNorm reduces over the hidden
@@ -525,26 +534,19 @@ class LlamaModel:
             # the tables and lengths come from the cache and the shapes from the model.
             cos_table, sin_table = self._rope_tables()
             slots = cache.slot_mapping(seq_ids, T).view(B, T)
-            block_tables = cache.block_table(seq_ids).to(torch.int64)
-            for i, block in enumerate(self.blocks):
-                _dk_ops.decoder_layer(
-                    x,
-                    cache.k[i],
-                    cache.v[i],
-                    slots,
-                    block_tables,
-                    seq_lens,
-                    positions,
-                    cos_table,
-                    sin_table,
-                    *block.op_args(),
-                    c.num_heads,
-                    c.num_kv_heads,
-                    c.intermediate_size,
-                    c.rms_norm_eps,
-                    scale,
-                    cache.kv_layout,
-                )
+            block_tables = cache.block_table(seq_ids, torch.int64)
+            layers = [block.op_args() for block in self.blocks]
+            common = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, scale, cache.kv_layout)
+            # The whole loop in one C++ call (the same kernel and checks); False: nothing was
+            # written and the op itself runs (e.g. under a torch function mode), or raises.
+            if not _decoder_layers_fast(
+                x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common
+            ):
+                for i, args in enumerate(layers):
+                    _dk_ops.decoder_layer(
+                        x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
+                        *args, *common,
+                    )  # fmt: skip
             cache.advance(seq_ids, T)
             if not all_logits:
                 x = x[:, -1]
@@ -571,7 +573,7 @@ class LlamaModel:
                 k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
             if block_tables is None:  # the first append allocated the blocks of the new tokens
-                block_tables = cache.block_table(seq_ids).to(torch.int64).contiguous()
+                block_tables = cache.block_table(seq_ids, torch.int64)
                 seq_lens_i64 = seq_lens.to(torch.int64).contiguous()
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
