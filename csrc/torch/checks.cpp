@@ -14,9 +14,10 @@ bool storage_holds(const at::Tensor& t) {
   if (t.numel() == 0) return true;
   if (!t.has_storage()) return false;
   int64_t last = t.storage_offset();
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.stride(d) < 0) return false;
-    last += (t.size(d) - 1) * t.stride(d);
+  const auto sizes = t.sizes(), strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (strides[d] < 0) return false;
+    last += (sizes[d] - 1) * strides[d];
   }
   return t.storage().data() != nullptr &&
          static_cast<uint64_t>(last + 1) * t.element_size() <= static_cast<uint64_t>(t.storage().nbytes());
