@@ -219,8 +219,11 @@ class PagedKVCache:
         self.dtype, self.kv_layout = dtype, kv_layout
         NB, bs, H, D = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
         shape = (NB, bs, H, D) if kv_layout == "NHD" else (NB, H, bs, D)
-        self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
-        self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
+        # One zeroed allocation for every layer's keys and values ([2, layers, *shape]): zeroing or
+        # copying a block in every layer is one op on it (the per-layer tensors are views).
+        self._pool = torch.zeros((2, self.num_layers) + shape, dtype=dtype)
+        self.k: List[torch.Tensor] = list(self._pool[0].unbind(0))
+        self.v: List[torch.Tensor] = list(self._pool[1].unbind(0))
         self._free: List[int] = list(range(NB - 1, -1, -1))  # pop() gives the lowest id
         self._refs: List[int] = [0] * NB  # sequences holding each block
         self._tables: Dict[int, List[int]] = {}
@@ -284,10 +287,7 @@ class PagedKVCache:
         blocks = last
         if not blocks:
             return
-        idx = torch.tensor(blocks, dtype=torch.int64)
-        for layer in range(self.num_layers):
-            self.k[layer].index_fill_(0, idx, 0)
-            self.v[layer].index_fill_(0, idx, 0)
+        self._pool.index_fill_(2, torch.tensor(blocks, dtype=torch.int64), 0)  # every layer, keys and values
         self._free.extend(reversed(blocks))
 
     def _reserve(self, ids: List[int], counts: List[int]) -> None:
@@ -443,12 +443,10 @@ class PagedKVCache:
             if self._refs[table[keep - 1]] > 1:  # shared with a fork: copy it first
                 table[keep - 1] = self._copy_block(table[keep - 1], "truncate")
             blk, off = table[keep - 1], new_len % bs
-            for layer in range(self.num_layers):
-                for c in (self.k[layer], self.v[layer]):
-                    if self.kv_layout == "NHD":
-                        c[blk, off:] = 0
-                    else:
-                        c[blk, :, off:] = 0
+            if self.kv_layout == "NHD":  # every layer, keys and values
+                self._pool[:, :, blk, off:] = 0
+            else:
+                self._pool[:, :, blk, :, off:] = 0
         self._release(table[keep:])
         del table[keep:]
         self._lens[s] = new_len
@@ -464,9 +462,7 @@ class PagedKVCache:
             )
         dst = self._free.pop()
         self._refs[dst] = 1
-        for layer in range(self.num_layers):
-            self.k[layer][dst].copy_(self.k[layer][src])
-            self.v[layer][dst].copy_(self.v[layer][src])
+        self._pool[:, :, dst].copy_(self._pool[:, :, src])  # every layer, keys and values
         self._refs[src] -= 1
         return dst
 
