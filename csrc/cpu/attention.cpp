@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "decodekit/math.h"
+#include "cpu/common/scratch.h"
 #include "cpu/common/vec.h"
 
 namespace decodekit {
@@ -73,21 +74,34 @@ struct RowState {
   float l = 0.0f;   // running sum of exp(score - m)
 };
 
+// Per-thread scratch of attend_group (scratch.h), trimmed after a call that needed a lot.
+thread_local Buf<float> fbuf;
+thread_local Buf<RowState> sbuf;
+thread_local Buf<int64_t> lbuf;
+thread_local Buf<char> nbuf;
+
 // mask: this sequence's [Q, Q] tree mask (0 / 1 bytes), or null for the causal rule.
 void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* table, int64_t max_blocks,
                   int64_t n, int64_t kvh, const uint8_t* mask, float scale, float* out) {
   const int64_t D = kv.head_dim, Dp = (D + kL - 1) / kL * kL;
   const int64_t group = Hq / kv.num_kv_heads;
   const int64_t rows = Q * group;  // query rows reading this KV head
-  std::vector<float> qbuf(static_cast<size_t>(rows * Dp), 0.0f), acc(static_cast<size_t>(rows * Dp), 0.0f);
-  std::vector<float> kt(static_cast<size_t>(kTile * Dp)), vt(static_cast<size_t>(kTile * Dp));
+  // Per-thread scratch kept between calls: the queries and accumulators of the rows (zero-padded
+  // to Dp), a tile of converted keys and values, and each row's state.
+  float* qbuf = fbuf.get(2 * rows * Dp + 2 * kTile * Dp);
+  float* acc = qbuf + rows * Dp;
+  float* kt = acc + rows * Dp;
+  float* vt = kt + kTile * Dp;
+  std::fill(qbuf, kt, 0.0f);
   // float32 caches with D a multiple of 16 are read in place; others are converted per tile.
   const bool direct = kv.kind == ScalarKind::kFloat32 && Dp == D;
   const float* kp[kTile];
   const float* vp[kTile];
-  std::vector<RowState> st(static_cast<size_t>(rows));
-  std::vector<char> nan_row(static_cast<size_t>(rows), 0);
-  std::vector<int64_t> last(static_cast<size_t>(rows));  // last position each row attends to
+  RowState* st = sbuf.get(rows);
+  std::fill(st, st + rows, RowState{});
+  char* nan_row = nbuf.get(rows);
+  std::fill(nan_row, nan_row + rows, 0);
+  int64_t* last = lbuf.get(rows);  // last position each row attends to
   for (int64_t i = 0; i < Q; ++i)
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = i * group + g, h = kvh * group + g;
@@ -188,14 +202,22 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
   const int64_t tasks = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
   const int nt = threads_for(tasks, num_threads);
-  parallel_rows(tasks, nt, Schedule::kDynamic, [&](int64_t t) {
-    const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
-    // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
-    const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
-    const uint8_t* mask = tree_mask != nullptr ? tree_mask + b * Q * Q : nullptr;
-    attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, mask, scale,
-                 out + b * Q * Hq * D);
-  });
+  parallel_rows(
+      tasks, nt, Schedule::kDynamic,
+      [&](int64_t t) {
+        const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
+        // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
+        const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
+        const uint8_t* mask = tree_mask != nullptr ? tree_mask + b * Q * Q : nullptr;
+        attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, mask, scale,
+                     out + b * Q * Hq * D);
+      },
+      [] {
+        trim(fbuf);
+        trim(sbuf);
+        trim(lbuf);
+        trim(nbuf);
+      });
 }
 
 }  // namespace DK_ISA

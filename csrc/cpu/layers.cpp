@@ -1,14 +1,16 @@
-// Per-token layer operations (see layers.h). Compiled once per instruction set;
-// every build gives the same bits (lane-wise operations, explicit FMAs, no
-// contraction).
+// Per-token layer operations and the decoder block composed of the family's
+// kernels (see layers.h). Compiled once per instruction set; every build gives
+// the same bits (lane-wise operations, explicit FMAs, no contraction).
 #include "layers.h"
 #include "cpu/common/isa.h"
 #include "cpu/common/parallel.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
+#include "cpu/common/scratch.h"
 #include "cpu/common/vec.h"
 
 namespace decodekit {
@@ -107,6 +109,83 @@ void rope_inplace(float* x, int64_t N, int64_t H, int64_t D, int64_t ldx, const 
       }
     }
   });
+}
+
+// ------------------------------------------------------- decoder_layer ----
+namespace {
+
+// y [M, N] = x [M, K] W^T, as decodekit.linear / linear_quantized run it on contiguous rows.
+void project(const LayerWeight& w, const float* x, int64_t M, int64_t K, int64_t N, float* y, int num_threads) {
+  if (w.quantized)
+    linear_quantized(x, M, K, K, static_cast<const uint8_t*>(w.data), w.type, N, nullptr, y, N, num_threads);
+  else
+    linear(x, M, K, K, static_cast<const float*>(w.data), N, K, nullptr, y, N, num_threads);
+}
+
+// x += y over n floats (the residual add: one float32 addition per element, as x + y in torch).
+void add_inplace(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+// Rounds n floats up to a whole number of 64-byte lines, so every scratch region starts on one.
+constexpr int64_t lines(int64_t n) { return (n + 15) / 16 * 16; }
+
+}  // namespace
+
+void decoder_layer(float* x, const DecoderLayerParams& p, int num_threads) {
+  const int64_t M = p.B * p.T, H = p.hidden, D = p.head_dim, I = p.intermediate;
+  if (M <= 0) return;
+  const int64_t q_size = p.num_heads * D, kv_size = p.num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
+  // Scratch, kept per thread between calls: h [M, H] (a norm's output, then a projection's before
+  // its residual add), and one region used first by qkv [M, qkv_size], q [M, q_size] and the
+  // attention output [M, q_size], then by gate/up [M, 2 I] and the activation [M, I].
+  const int64_t n_h = lines(M * H);
+  const int64_t n_qkv = lines(M * qkv_size), n_q = lines(M * q_size);
+  const int64_t n_gu = lines(M * 2 * I), n_act = lines(M * I);
+  const int64_t n_region = std::max(n_qkv + 2 * n_q, n_gu + n_act);
+  static thread_local Buf<float> scratch;
+  float* h = scratch.get(n_h + n_region + 16);
+  h += (16 - (reinterpret_cast<uintptr_t>(h) / sizeof(float)) % 16) % 16;  // 64-byte aligned
+  float* region = h + n_h;
+  float* qkv = region;
+  float* q = qkv + n_qkv;
+  float* attn = q + n_q;
+  float* gu = region;
+  float* act = gu + n_gu;
+
+  // Attention half.
+  rms_norm(x, M, H, H, p.attn_norm, p.eps, h, H, num_threads);
+  project(p.wqkv, h, M, H, qkv_size, qkv, num_threads);
+  rope_inplace(qkv, M, p.num_heads + p.num_kv_heads, D, qkv_size, p.cos_table, p.sin_table, p.positions,
+               num_threads);  // q and k heads are adjacent
+  KVRows rows;
+  rows.key = qkv + q_size;
+  rows.value = qkv + q_size + kv_size;
+  rows.key_stride_t = rows.value_stride_t = qkv_size;
+  rows.key_stride_h = rows.value_stride_h = D;
+  append_paged_kv_cache(p.cache, p.num_blocks, p.block_size, rows, p.slot_mapping, M, num_threads);
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(q + m * q_size, qkv + m * qkv_size, static_cast<size_t>(q_size) * sizeof(float));
+  const PagedKV kv{p.cache.k,
+                   p.cache.v,
+                   ScalarKind::kFloat32,
+                   p.num_blocks,
+                   p.block_size,
+                   p.num_kv_heads,
+                   D,
+                   p.cache.layout == KVLayout::kHND};
+  paged_attention(q, p.B, p.T, p.num_heads, kv, p.block_tables, p.max_blocks, p.seq_lens, p.tree_mask, p.scale,
+                  num_threads, attn);
+  project(p.wo, attn, M, q_size, H, h, num_threads);
+  add_inplace(x, h, M * H);
+
+  // Feed-forward half.
+  rms_norm(x, M, H, H, p.ffn_norm, p.eps, h, H, num_threads);
+  project(p.w_gate_up, h, M, H, 2 * I, gu, num_threads);
+  silu_and_mul(gu, M, I, 2 * I, act, I, num_threads);
+  project(p.w_down, act, M, I, H, h, num_threads);
+  add_inplace(x, h, M * H);
+  trim(scratch);
 }
 
 }  // namespace DK_ISA

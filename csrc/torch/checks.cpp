@@ -3,6 +3,10 @@
 
 #include <ATen/ops/empty.h>
 
+#include <cmath>
+#include <initializer_list>
+#include <utility>
+
 namespace decodekit {
 namespace torch_ops {
 
@@ -10,9 +14,10 @@ bool storage_holds(const at::Tensor& t) {
   if (t.numel() == 0) return true;
   if (!t.has_storage()) return false;
   int64_t last = t.storage_offset();
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.stride(d) < 0) return false;
-    last += (t.size(d) - 1) * t.stride(d);
+  const auto sizes = t.sizes(), strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (strides[d] < 0) return false;
+    last += (sizes[d] - 1) * strides[d];
   }
   return t.storage().data() != nullptr &&
          static_cast<uint64_t>(last + 1) * t.element_size() <= static_cast<uint64_t>(t.storage().nbytes());
@@ -268,6 +273,183 @@ void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tenso
   TORCH_CHECK_VALUE(m.device() == query.device(), "decodekit: tree_mask is on ", m.device(), " but query is on ",
                     query.device());
   check_storage(m, "tree_mask");
+}
+
+// --------------------------------------------------------------- layers ----
+bool block_type_of(const std::string& name, cpu::BlockType* type, int64_t* bytes) {
+  if (name == "q4_1") {
+    *type = cpu::BlockType::kQ4_1;
+    *bytes = cpu::kQ4_1BlockBytes;
+    return true;
+  }
+  if (name == "q8_0") {
+    *type = cpu::BlockType::kQ8_0;
+    *bytes = cpu::kQ8_0BlockBytes;
+    return true;
+  }
+  return false;
+}
+
+namespace {
+constexpr const char* kLayer = "decodekit: decoder_layer ";
+
+// A contiguous 1-D float32 [n] tensor on x's device (the norm weights).
+void check_vector(const at::Tensor& t, const c10::SymInt& n, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kLayer, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.sym_size(0) == n, kLayer, name, " must be [H=", n, "], got ", t.sym_sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), kLayer, name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.device() == x.device(), kLayer, name, " is on ", t.device(), " but x is on ", x.device());
+  check_storage(t, name);
+}
+
+// A contiguous int64 tensor of `dims` dimensions whose leading sizes are `lead` (on x's device).
+void check_index(const at::Tensor& t, std::initializer_list<c10::SymInt> lead, int64_t dims, const char* name,
+                 const char* shape, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, kLayer, name, " must be int64, got ", t.scalar_type());
+  bool ok = t.dim() == dims;
+  int64_t d = 0;
+  for (const auto& n : lead) ok = ok && t.sym_size(d++) == n;
+  TORCH_CHECK_VALUE(ok, kLayer, name, " must be ", shape, ", got ", t.sym_sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), kLayer, name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.device() == x.device(), kLayer, name, " is on ", t.device(), " but x is on ", x.device());
+  check_storage(t, name);
+}
+}  // namespace
+
+cpu::LayerWeight check_layer_weight(const at::Tensor& w, const std::string& type, const c10::SymInt& N,
+                                    const c10::SymInt& K, const char* name, const char* type_name,
+                                    const at::Tensor& x) {
+  cpu::LayerWeight lw;
+  int64_t bytes = 0;
+  if (type == "f32") {
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, kLayer, name, " must be float32 for ", type_name, "='f32', got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.sym_size(0) == N && w.sym_size(1) == K, kLayer, name, " must be [N=", N,
+                      ", K=", K, "], got ", w.sym_sizes());
+  } else if (block_type_of(type, &lw.type, &bytes)) {
+    lw.quantized = true;
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, kLayer, name, " must be uint8 blocks for ", type_name, "='", type,
+                     "', got ", w.scalar_type());
+    TORCH_CHECK_VALUE(K % 32 == 0, kLayer, name, ": ", type, " needs K a multiple of 32 (the block size), got K=", K);
+    const c10::SymInt want = N * (K / 32) * bytes;
+    TORCH_CHECK_VALUE(w.sym_numel() == want, kLayer, name, " must hold N * K / 32 * ", bytes, " = ", want,
+                      " bytes for ", type, " [N=", N, ", K=", K, "], got ", w.sym_numel());
+  } else {
+    TORCH_CHECK_VALUE(false, kLayer, type_name, " must be 'f32', 'q4_1' or 'q8_0', got '", type, "'");
+  }
+  TORCH_CHECK_VALUE(w.is_contiguous(), kLayer, name, " must be contiguous");
+  TORCH_CHECK_VALUE(w.device() == x.device(), kLayer, name, " is on ", w.device(), " but x is on ", x.device());
+  check_storage(w, name);
+  if (!w.is_meta()) lw.data = w.data_ptr();
+  return lw;
+}
+
+cpu::DecoderLayerParams check_decoder_layer(
+    const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& positions,
+    const at::Tensor& cos_table, const at::Tensor& sin_table, const at::Tensor& attn_norm, const at::Tensor& wqkv,
+    const std::string& wqkv_type, const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
+    const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
+    const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
+    double scale, const std::string& kv_layout, bool data) {
+  TORCH_CHECK_VALUE(kv_layout == "NHD" || kv_layout == "HND", kLayer, "kv_layout must be 'NHD' or 'HND', got '",
+                    kv_layout, "'");
+  const bool hnd = kv_layout == "HND";
+  // x: the residual stream, written in place.
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, kLayer, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 3, kLayer, "x must be [B, T, H], got ", x.sym_sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), kLayer, "x must be contiguous (it is updated in place)");
+  check_storage(x, "x");
+  const c10::SymInt B = x.sym_size(0), T = x.sym_size(1), H = x.sym_size(2);
+  TORCH_CHECK_VALUE(H > 0, kLayer, "x must have a hidden size H >= 1, got ", x.sym_sizes());
+  TORCH_CHECK_VALUE(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0, kLayer, "num_heads (",
+                    num_heads, ") must be a positive multiple of num_kv_heads (", num_kv_heads, ")");
+  TORCH_CHECK_VALUE(intermediate_size > 0, kLayer, "intermediate_size must be > 0, got ", intermediate_size);
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 3.4028234663852886e38, kLayer,
+                    "eps must be a finite float32 number >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::abs(scale) <= 3.4028234663852886e38, kLayer,
+                    "scale must be a finite float32 number, got ", scale);
+  // The caches: float32, contiguous, one shape, [num_blocks, block_size, Hkv, D] or [num_blocks, Hkv, block_size, D].
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kLayer, name, " must be float32 (the model's dtype), got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 4, kLayer, name, " must be 4-D (", kv_layout, "), got ", t->sym_sizes());
+    TORCH_CHECK_VALUE(t->is_contiguous(), kLayer, name, " must be contiguous");
+    TORCH_CHECK_VALUE(t->device() == x.device(), kLayer, name, " is on ", t->device(), " but x is on ", x.device());
+    check_storage(*t, name);
+  }
+  TORCH_CHECK_VALUE(v_cache.sym_sizes() == k_cache.sym_sizes(), kLayer, "v_cache must have the shape of k_cache ",
+                    k_cache.sym_sizes(), ", got ", v_cache.sym_sizes());
+  const c10::SymInt Hkv = k_cache.sym_size(hnd ? 1 : 2), D = k_cache.sym_size(3);
+  TORCH_CHECK_VALUE(Hkv == num_kv_heads, kLayer, "k_cache holds ", Hkv, " KV heads (", kv_layout,
+                    ") but num_kv_heads is ", num_kv_heads);
+  TORCH_CHECK_VALUE(D > 0 && D % 2 == 0, kLayer, "the head_dim of k_cache must be even for RoPE, got ", D);
+  // Indices: slots and positions per token, tables and lengths per sequence.
+  check_index(slot_mapping, {B, T}, 2, "slot_mapping", "[B, T] (B, T of x)", x);
+  check_index(positions, {B, T}, 2, "positions", "[B, T] (B, T of x)", x);
+  check_index(block_tables, {B}, 2, "block_tables", "[B, max_blocks] (B of x)", x);
+  check_index(seq_lens, {B}, 1, "seq_lens", "[B] (B of x)", x);
+  // RoPE tables [P, D].
+  for (auto [t, name] : {std::pair{&cos_table, "cos_table"}, {&sin_table, "sin_table"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kLayer, name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->sym_size(1) == D, kLayer, name, " must be [P, D=", D, "], got ",
+                      t->sym_sizes());
+    TORCH_CHECK_VALUE(t->is_contiguous(), kLayer, name, " must be contiguous");
+    TORCH_CHECK_VALUE(t->device() == x.device(), kLayer, name, " is on ", t->device(), " but x is on ", x.device());
+    check_storage(*t, name);
+  }
+  TORCH_CHECK_VALUE(sin_table.sym_sizes() == cos_table.sym_sizes(), kLayer,
+                    "sin_table must have the shape of cos_table ", cos_table.sym_sizes(), ", got ",
+                    sin_table.sym_sizes());
+  // Weights.
+  check_vector(attn_norm, H, "attn_norm", x);
+  check_vector(ffn_norm, H, "ffn_norm", x);
+  const c10::SymInt q_size = D * num_heads, qkv_size = D * (num_heads + 2 * num_kv_heads);
+  cpu::DecoderLayerParams p;
+  p.wqkv = check_layer_weight(wqkv, wqkv_type, qkv_size, H, "wqkv", "wqkv_type", x);
+  p.wo = check_layer_weight(wo, wo_type, H, q_size, "wo", "wo_type", x);
+  p.w_gate_up = check_layer_weight(w_gate_up, gate_up_type, c10::SymInt(2 * intermediate_size), H, "w_gate_up",
+                                   "gate_up_type", x);
+  p.w_down = check_layer_weight(w_down, down_type, H, c10::SymInt(intermediate_size), "w_down", "down_type", x);
+  if (!data) return p;
+
+  // Real tensors: the sizes, the pointers, and the data the kernels index with.
+  p.B = x.size(0), p.T = x.size(1), p.hidden = x.size(2);
+  p.num_heads = num_heads, p.num_kv_heads = num_kv_heads, p.head_dim = k_cache.size(3);
+  p.intermediate = intermediate_size;
+  p.eps = static_cast<float>(eps);
+  p.scale = static_cast<float>(scale);
+  p.attn_norm = attn_norm.data_ptr<float>();
+  p.ffn_norm = ffn_norm.data_ptr<float>();
+  p.cos_table = cos_table.data_ptr<float>();
+  p.sin_table = sin_table.data_ptr<float>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.cache.k = k_cache.data_ptr();
+  p.cache.v = v_cache.data_ptr();
+  p.cache.elem_size = 4;
+  p.cache.num_heads = num_kv_heads;
+  p.cache.head_dim = p.head_dim;
+  p.cache.layout = hnd ? cpu::KVLayout::kHND : cpu::KVLayout::kNHD;
+  p.num_blocks = k_cache.size(0);
+  p.block_size = k_cache.size(hnd ? 2 : 1);
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.block_tables = block_tables.data_ptr<int64_t>();
+  p.max_blocks = block_tables.size(1);
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  const int64_t M = p.B * p.T, P = cos_table.size(0), pool = p.num_blocks * p.block_size;
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK_VALUE(p.positions[i] >= 0 && p.positions[i] < P, kLayer, "positions[", i / p.T, ", ", i % p.T,
+                      "] = ", p.positions[i], " is outside the RoPE tables [0, P=", P, ")");
+    TORCH_CHECK_VALUE(p.slot_mapping[i] < pool, kLayer, "slot_mapping[", i / p.T, ", ", i % p.T,
+                      "] = ", p.slot_mapping[i], " is past the pool (num_blocks * block_size = ", pool,
+                      "; negative slots are padding)");
+  }
+  const int64_t capacity = p.max_blocks * p.block_size;
+  for (int64_t b = 0; b < p.B; ++b)
+    TORCH_CHECK_VALUE(p.seq_lens[b] >= p.T && p.seq_lens[b] <= capacity, kLayer, "seq_lens[", b, "] = ", p.seq_lens[b],
+                      " must count the T=", p.T,
+                      " new tokens and fit the row's block table (max_blocks * block_size = ", capacity, ")");
+  return p;
 }
 
 // ---------------------------------------------------------- speculative ----

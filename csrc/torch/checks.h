@@ -14,6 +14,8 @@
 #include <tuple>
 
 #include "cpu/kv_cache.h"
+#include "cpu/layers.h"
+#include "cpu/linear.h"
 #include "decodekit/types.h"
 
 namespace decodekit {
@@ -117,6 +119,35 @@ PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tens
 // The optional tree mask of paged_attention: contiguous bool [B, Q, Q] on the
 // query's device (its values are not read here).
 void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tensor& query);
+
+// --------------------------------------------------------------- layers ----
+// The GGML block type of a quantized weight ("q4_1", "q8_0"): false for any
+// other name. *bytes: bytes per block of 32 weights.
+bool block_type_of(const std::string& name, cpu::BlockType* type, int64_t* bytes);
+
+// One weight [N, K] of decoder_layer, named `name` (its type argument is
+// `type_name`): type "f32" wants a contiguous float32 [N, K] tensor; "q4_1" /
+// "q8_0" a contiguous uint8 tensor of N * K / 32 blocks (K a multiple of 32).
+// ValueError / TypeError naming the argument. Works on meta tensors with
+// symbolic sizes. Returns the kernel's view (data null on meta).
+cpu::LayerWeight check_layer_weight(const at::Tensor& w, const std::string& type, const c10::SymInt& N,
+                                    const c10::SymInt& K, const char* name, const char* type_name, const at::Tensor& x);
+
+// Checks of decoder_layer (CPU and Meta): shapes, dtypes, contiguity, devices
+// and the scalar arguments (see the schema in schemas.cpp and the wrapper in
+// python/decodekit/ops/layers.py). With `data` (real CPU tensors) also the
+// data the kernels index with, in O(B * T): positions inside the RoPE tables,
+// slots inside the pool (negative: padding, not written), seq_lens in
+// [T, max_blocks * block_size]. Returns the kernel's parameters (pointers null
+// on meta).
+cpu::DecoderLayerParams check_decoder_layer(
+    const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& positions,
+    const at::Tensor& cos_table, const at::Tensor& sin_table, const at::Tensor& attn_norm, const at::Tensor& wqkv,
+    const std::string& wqkv_type, const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
+    const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
+    const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
+    double scale, const std::string& kv_layout, bool data);
 
 // ---------------------------------------------------------- speculative ----
 // Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids

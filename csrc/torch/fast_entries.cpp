@@ -1,6 +1,7 @@
-// The C++ fast entries of decodekit.sample_from_logits and decodekit.softmax:
-// the common call checked here and run on the CPU kernel directly, bypassing the
-// dispatcher (see the comment below).
+// The C++ fast entries of decodekit.sample_from_logits and decodekit.softmax
+// (the common call checked here and run on the CPU kernel directly, bypassing the
+// dispatcher; see the comment below), and of the model's layer loop
+// (decoder_layer over every block in one call).
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -13,6 +14,8 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
@@ -81,16 +84,21 @@ bool fast_param(PyObject* o, bool integer, at::ScalarType dtype, int64_t B, dk::
   return false;
 }
 
+// No torch function mode, dispatch mode or torch.func transform is active (each
+// would want to see the op).
+bool no_python_modes() {
+  return !(at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+           c10::impl::tls_local_dispatch_key_set().included_.has_any(c10::DispatchKeySet(
+               {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode})));
+}
+
 // The logits of a fast entry: an exact, plain CPU tensor [B >= 1, V] of a
 // kernel dtype with contiguous rows, no torch function or dispatch mode
 // active, and deterministic a bool. False: the caller takes the full path.
 bool fast_logits(pybind11::handle logits_obj, pybind11::handle deterministic, dk::LogitsView* view) {
   if (!THPVariable_CheckExact(logits_obj.ptr())) return false;
   if (deterministic.ptr() != Py_True && deterministic.ptr() != Py_False) return false;
-  if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
-      c10::impl::tls_local_dispatch_key_set().included_.has_any(c10::DispatchKeySet(
-          {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode})))
-    return false;  // a torch.func transform is active
+  if (!no_python_modes()) return false;
   const at::Tensor& logits = THPVariable_Unpack(logits_obj.ptr());
   if (!plain_cpu_tensor(logits) || logits.requires_grad() || logits.dim() != 2) return false;
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -187,12 +195,88 @@ pybind11::object softmax_fast(pybind11::handle logits_obj, pybind11::handle temp
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(probs)));
 }
 
+// --------------------------------------------------- the model's layer loop ----
+// LlamaModel.forward_paged calls torch.ops.decodekit.decoder_layer once per
+// block; through the dispatcher each call costs about 10 microseconds of
+// argument boxing before the kernel starts (25 arguments), 2% of a decode step
+// of SmolLM2-135M. This entry takes the whole loop: every block's arguments are
+// checked as the op checks them (check_decoder_layer) before anything is
+// written, then the kernel runs block after block without the GIL. It returns
+// False, having written nothing, whenever anything is unusual (a tensor
+// subclass or non-plain tensor, a torch function or dispatch mode, a failed
+// check): the caller then takes the op, which raises the precise error.
+//   layers: one tuple per block, (attn_norm, wqkv, wqkv_type, wo, wo_type,
+//   ffn_norm, w_gate_up, gate_up_type, w_down, down_type) as the op takes them.
+bool fast_tensor(pybind11::handle o, at::Tensor* out) {
+  if (!THPVariable_CheckExact(o.ptr())) return false;
+  const at::Tensor& t = THPVariable_Unpack(o.ptr());
+  if (!plain_cpu_tensor(t) || t.requires_grad()) return false;
+  *out = t;
+  return true;
+}
+
+bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind11::list v_caches,
+                         pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
+                         pybind11::handle seq_lens_obj, pybind11::handle positions_obj, pybind11::handle cos_obj,
+                         pybind11::handle sin_obj, pybind11::list layers, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t intermediate_size, double eps, double scale, const std::string& kv_layout) {
+  if (!no_python_modes()) return false;
+  const size_t L = layers.size();
+  if (k_caches.size() != L || v_caches.size() != L) return false;
+  at::Tensor x, slots, tables, lens, pos, cos, sin;
+  if (!fast_tensor(x_obj, &x) || !fast_tensor(slot_mapping_obj, &slots) || !fast_tensor(block_tables_obj, &tables) ||
+      !fast_tensor(seq_lens_obj, &lens) || !fast_tensor(positions_obj, &pos) || !fast_tensor(cos_obj, &cos) ||
+      !fast_tensor(sin_obj, &sin))
+    return false;
+  std::vector<at::Tensor> kc(L), vc(L);
+  std::vector<dk::cpu::DecoderLayerParams> params(L);
+  try {
+    const dk::cpu::IeeeDenormals ieee;  // eps and scale become float32 here, as in the op
+    for (size_t l = 0; l < L; ++l) {
+      const pybind11::handle layer = layers[l];
+      if (!PyTuple_CheckExact(layer.ptr()) || PyTuple_GET_SIZE(layer.ptr()) != 10) return false;
+      at::Tensor w[6];
+      std::string type[4];
+      const int tensor_at[6] = {0, 1, 3, 5, 6, 8}, type_at[4] = {2, 4, 7, 9};
+      for (int i = 0; i < 6; ++i)
+        if (!fast_tensor(PyTuple_GET_ITEM(layer.ptr(), tensor_at[i]), &w[i])) return false;
+      for (int i = 0; i < 4; ++i) {
+        PyObject* s = PyTuple_GET_ITEM(layer.ptr(), type_at[i]);
+        if (!PyUnicode_CheckExact(s)) return false;
+        type[i] = PyUnicode_AsUTF8(s);
+      }
+      if (!fast_tensor(k_caches[l], &kc[l]) || !fast_tensor(v_caches[l], &vc[l])) return false;
+      params[l] = check_decoder_layer(x, kc[l], vc[l], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0], w[2],
+                                      type[1], w[3], w[4], type[2], w[5], type[3], num_heads, num_kv_heads,
+                                      intermediate_size, eps, scale, kv_layout, true);
+    }
+  } catch (const std::exception&) {
+    return false;  // the op raises the precise error
+  }
+  if (x.numel() == 0) return true;
+  float* xp = x.data_ptr<float>();
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int nt = dk::torch_ops::num_threads();
+    for (size_t l = 0; l < L; ++l) dk::cpu::kernels().decoder_layer(xp, params[l], nt);
+  }
+  // In-place writes, as the op's Tensor(a!) arguments (inference tensors have no version counter).
+  for (const at::Tensor* t : {&x})
+    if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  for (size_t l = 0; l < L; ++l)
+    for (const at::Tensor* t : {&kc[l], &vc[l]})
+      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  return true;
+}
+
 }  // namespace
 
 namespace decodekit {
 namespace torch_ops {
 
 void add_fast_entries(pybind11::module_& mod) {
+  mod.def("_decoder_layers_fast", &decoder_layers_fast,
+          "decoder_layer over every block of a model; False (nothing written) for the op's path.");
   mod.def("_sample_from_logits_fast", &sample_from_logits_fast,
           "decodekit.sample_from_logits for plain arguments, or None for the full path.");
   mod.def("_softmax_fast", &softmax_fast, "decodekit.softmax for plain arguments, or None for the full path.");

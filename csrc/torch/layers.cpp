@@ -1,5 +1,5 @@
-// Torch bindings of the layers family: rms_norm, silu_and_mul, rope_, linear
-// and linear_quantized (CPU and Meta).
+// Torch bindings of the layers family: rms_norm, silu_and_mul, rope_, linear,
+// linear_quantized and decoder_layer (CPU and Meta).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -97,9 +97,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
 // ------------------------------------------------------ linear_quantized ----
 // block_type -> kernel enum and bytes per block of 32 weights; a clear error otherwise.
 std::pair<dk::cpu::BlockType, int64_t> parse_block_type(const std::string& block_type) {
-  if (block_type == "q4_1") return {dk::cpu::BlockType::kQ4_1, dk::cpu::kQ4_1BlockBytes};
-  if (block_type == "q8_0") return {dk::cpu::BlockType::kQ8_0, dk::cpu::kQ8_0BlockBytes};
-  TORCH_CHECK_VALUE(false, "decodekit: linear_quantized block_type must be 'q4_1' or 'q8_0', got '", block_type, "'");
+  std::pair<dk::cpu::BlockType, int64_t> r;
+  TORCH_CHECK_VALUE(block_type_of(block_type, &r.first, &r.second),
+                    "decodekit: linear_quantized block_type must be 'q4_1' or 'q8_0', got '", block_type, "'");
+  return r;
 }
 
 // blocks_numel: blocks.numel(), or nullopt when it is symbolic (fake tensors under tracing).
@@ -146,6 +147,30 @@ at::Tensor linear_quantized_cpu(const at::Tensor& x, const at::Tensor& blocks, c
   return y;
 }
 
+// -------------------------------------------------------- decoder_layer ----
+// One Llama block of the paged forward in one call (cpu/layers.h,
+// DecoderLayerKernel): the checks of torch/checks.cpp, then the kernel on raw
+// pointers, with x, k_cache and v_cache written in place.
+void decoder_layer_cpu(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                       const at::Tensor& positions, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                       const at::Tensor& attn_norm, const at::Tensor& wqkv, const std::string& wqkv_type,
+                       const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
+                       const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
+                       const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size,
+                       double eps, double scale, const std::string& kv_layout) {
+  dk::cpu::DecoderLayerParams p;
+  {
+    // eps and scale become float32 here, as in rms_norm and paged_attention: with IEEE denormals.
+    const dk::cpu::IeeeDenormals ieee;
+    p = check_decoder_layer(x, k_cache, v_cache, slot_mapping, block_tables, seq_lens, positions, cos_table, sin_table,
+                            attn_norm, wqkv, wqkv_type, wo, wo_type, ffn_norm, w_gate_up, gate_up_type, w_down,
+                            down_type, num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout, true);
+  }
+  if (p.B * p.T == 0) return;
+  dk::cpu::kernels().decoder_layer(x.data_ptr<float>(), p, dk::torch_ops::num_threads());
+}
+
 // ------------------------------------------------------------- Meta ----
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) {
   require_meta(x, "x");
@@ -177,6 +202,35 @@ at::Tensor linear_quantized_meta(const at::Tensor& x, const at::Tensor& blocks, 
   return at::empty_symint({x.sym_size(0), c10::SymInt(N)}, x.options());
 }
 
+void decoder_layer_meta(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                        const at::Tensor& positions, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                        const at::Tensor& attn_norm, const at::Tensor& wqkv, const std::string& wqkv_type,
+                        const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
+                        const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
+                        const std::string& down_type, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t intermediate_size, double eps, double scale, const std::string& kv_layout) {
+  for (auto [t, name] : {std::pair{&x, "x"},
+                         {&k_cache, "k_cache"},
+                         {&v_cache, "v_cache"},
+                         {&slot_mapping, "slot_mapping"},
+                         {&block_tables, "block_tables"},
+                         {&seq_lens, "seq_lens"},
+                         {&positions, "positions"},
+                         {&cos_table, "cos_table"},
+                         {&sin_table, "sin_table"},
+                         {&attn_norm, "attn_norm"},
+                         {&wqkv, "wqkv"},
+                         {&wo, "wo"},
+                         {&ffn_norm, "ffn_norm"},
+                         {&w_gate_up, "w_gate_up"},
+                         {&w_down, "w_down"}})
+    require_meta(*t, name);
+  check_decoder_layer(x, k_cache, v_cache, slot_mapping, block_tables, seq_lens, positions, cos_table, sin_table,
+                      attn_norm, wqkv, wqkv_type, wo, wo_type, ffn_norm, w_gate_up, gate_up_type, w_down, down_type,
+                      num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
@@ -185,6 +239,7 @@ TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("rope_", &rope_inplace_cpu);
   m.impl("linear", &linear_cpu);
   m.impl("linear_quantized", &linear_quantized_cpu);
+  m.impl("decoder_layer", &decoder_layer_cpu);
 }
 
 TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
@@ -193,4 +248,5 @@ TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("rope_", &rope_inplace_meta);
   m.impl("linear", &linear_meta);
   m.impl("linear_quantized", &linear_quantized_meta);
+  m.impl("decoder_layer", &decoder_layer_meta);
 }

@@ -43,6 +43,14 @@ TORCH_LIBRARY(decodekit, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rope_(Tensor(a!) x, int num_heads, Tensor cos_table, Tensor sin_table, Tensor positions) -> ()");
+  // One Llama block of the paged forward: x [B, T, H] (the residual stream) and the layer's paged KV cache are
+  // written in place. Weight types: "f32" (float32 [N, K]) or "q4_1" / "q8_0" (uint8 GGML blocks).
+  m.def(
+      "decoder_layer(Tensor(a!) x, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, "
+      "Tensor block_tables, Tensor seq_lens, Tensor positions, Tensor cos_table, Tensor sin_table, "
+      "Tensor attn_norm, Tensor wqkv, str wqkv_type, Tensor wo, str wo_type, Tensor ffn_norm, "
+      "Tensor w_gate_up, str gate_up_type, Tensor w_down, str down_type, int num_heads, int num_kv_heads, "
+      "int intermediate_size, float eps, float scale, str kv_layout) -> ()");
   m.def(
       "chain_speculative_sampling(Tensor? draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor? seed, "
       "int seed_val, Tensor? offset, int offset_val, int vocab_size) -> (Tensor, Tensor, Tensor)");

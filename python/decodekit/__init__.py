@@ -6,7 +6,8 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
     top_k_renorm_probs, top_p_renorm_probs, min_p_renorm_probs, top_k_mask_logits,
     processed_probs, SamplingOutput;
     penalties: apply_penalties;
-    layers: linear (batch-invariant x @ W.T + b, float32 or QuantizedWeight), rms_norm, silu_and_mul, rope_;
+    layers: linear (batch-invariant x @ W.T + b, float32 or QuantizedWeight), rms_norm, silu_and_mul, rope_,
+    decoder_layer (one Llama block of the paged forward in one call);
     kv_cache: append_kv_cache, append_paged_kv_cache, compact_kv_cache, compact_paged_kv_cache;
     attention: paged_attention, tree_mask_from_parents;
     speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
@@ -56,6 +57,7 @@ from .ops import (
     chain_speculative_sampling_from_logits,
     compact_kv_cache,
     compact_paged_kv_cache,
+    decoder_layer,
     filter_probs,
     greedy_tree_verify,
     greedy_verify,
@@ -107,6 +109,7 @@ __all__ = [
     "rms_norm",
     "silu_and_mul",
     "rope_",
+    "decoder_layer",
     # kv cache, attention
     "append_kv_cache",
     "append_paged_kv_cache",

@@ -246,7 +246,9 @@ class PagedKVCache:
         cache.advance(seq_ids, T)
 
     ``append`` allocates the blocks the new tokens need (once, for the first layer) and writes
-    at each sequence's current length; ``advance`` then moves the lengths. Released positions
+    at each sequence's current length; ``advance`` then moves the lengths. A caller whose
+    kernels write the cache themselves (:func:`decodekit.decoder_layer`) takes the step's slots
+    from :meth:`slot_mapping` before its first layer instead of calling ``append``. Released positions
     (``truncate``, ``free``) are zeroed, so the pool holds exactly the bits it would hold had
     the released tokens never been written.
 
@@ -293,8 +295,11 @@ class PagedKVCache:
         self.dtype, self.kv_layout = dtype, kv_layout
         NB, bs, H, D = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
         shape = (NB, bs, H, D) if kv_layout == "NHD" else (NB, H, bs, D)
-        self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
-        self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
+        # One zeroed allocation for every layer's keys and values ([2, layers, *shape]): zeroing or
+        # copying a block in every layer is one op on it (the per-layer tensors are views).
+        self._pool = torch.zeros((2, self.num_layers) + shape, dtype=dtype)
+        self.k: List[torch.Tensor] = list(self._pool[0].unbind(0))
+        self.v: List[torch.Tensor] = list(self._pool[1].unbind(0))
         self._free: List[int] = list(range(NB - 1, -1, -1))  # pop() gives the lowest id
         self._refs: List[int] = [0] * NB  # sequences holding each block
         self._tables: Dict[int, List[int]] = {}
@@ -358,10 +363,7 @@ class PagedKVCache:
         blocks = last
         if not blocks:
             return
-        idx = torch.tensor(blocks, dtype=torch.int64)
-        for layer in range(self.num_layers):
-            self.k[layer].index_fill_(0, idx, 0)
-            self.v[layer].index_fill_(0, idx, 0)
+        self._pool.index_fill_(2, torch.tensor(blocks, dtype=torch.int64), 0)  # every layer, keys and values
         self._free.extend(reversed(blocks))
 
     def _reserve(self, ids: List[int], counts: List[int]) -> None:
@@ -385,14 +387,37 @@ class PagedKVCache:
             return self._step[1]
         self._reserve(ids, counts)
         bs = self.block_size
-        parts = []
+        slots = []
         for s, n in zip(ids, counts):
-            pos = torch.arange(self._lens[s], self._lens[s] + n, dtype=torch.int64)
-            table = torch.tensor(self._tables[s], dtype=torch.int64)
-            parts.append(table[pos // bs] * bs + pos % bs)
-        slots = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-        self._step = (key, slots)
-        return slots
+            table, start = self._tables[s], self._lens[s]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        out = torch.tensor(slots, dtype=torch.int64)
+        self._step = (key, out)
+        return out
+
+    def slot_mapping(self, seq_ids: IntOrInts, num_tokens: IntOrInts) -> torch.Tensor:
+        """The slots of the next ``num_tokens`` tokens of each sequence, allocating the blocks
+        they need: what :meth:`append` writes to, for callers that write the cache themselves
+        (one fused kernel per layer, :func:`decodekit.decoder_layer`). Lengths do not move (call
+        :meth:`advance` after the last layer); until then every call with the same arguments,
+        and every :meth:`append` of the same tokens, uses the same slots.
+
+        Args:
+            seq_ids: the sequences (ids from :meth:`add_sequence`, no repeats), length ``B``.
+            num_tokens: an int for all, or one count per sequence.
+
+        Returns:
+            int64 ``[N]`` (``N = sum(num_tokens)``): slot ``block * block_size + offset`` of each
+            new token, the tokens of the sequences one after another in ``seq_ids`` order.
+            Shared by the step's callers: do not modify it.
+
+        Raises:
+            OutOfBlocksError: not enough free blocks (nothing is allocated).
+            ValueError / TypeError: unknown or repeated ids, negative counts.
+        """
+        ids = self._seq_list(seq_ids, "slot_mapping")
+        counts = self._counts(num_tokens, len(ids), "slot_mapping")
+        return self._slot_mapping(ids, counts)
 
     # --------------------------------------------------------------- writes ----
     def append(
@@ -494,12 +519,10 @@ class PagedKVCache:
             if self._refs[table[keep - 1]] > 1:  # shared with a fork: copy it first
                 table[keep - 1] = self._copy_block(table[keep - 1], "truncate")
             blk, off = table[keep - 1], new_len % bs
-            for layer in range(self.num_layers):
-                for c in (self.k[layer], self.v[layer]):
-                    if self.kv_layout == "NHD":
-                        c[blk, off:] = 0
-                    else:
-                        c[blk, :, off:] = 0
+            if self.kv_layout == "NHD":  # every layer, keys and values
+                self._pool[:, :, blk, off:] = 0
+            else:
+                self._pool[:, :, blk, :, off:] = 0
         self._release(table[keep:])
         del table[keep:]
         self._lens[s] = new_len
@@ -585,9 +608,7 @@ class PagedKVCache:
             )
         dst = self._free.pop()
         self._refs[dst] = 1
-        for layer in range(self.num_layers):
-            self.k[layer][dst].copy_(self.k[layer][src])
-            self.v[layer][dst].copy_(self.v[layer][src])
+        self._pool[:, :, dst].copy_(self._pool[:, :, src])  # every layer, keys and values
         self._refs[src] -= 1
         return dst
 
@@ -639,17 +660,16 @@ class PagedKVCache:
         self._step = None
 
     # -------------------------------------------------------------- queries ----
-    def block_table(self, seq_ids: IntOrInts) -> torch.Tensor:
-        """int32 ``[B, max_blocks]``: row ``b`` lists the blocks of ``seq_ids[b]`` in order
-        (including those allocated for tokens appended but not yet advanced), padded with -1;
-        ``max_blocks`` is the longest table among them."""
+    def block_table(self, seq_ids: IntOrInts, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """``[B, max_blocks]`` of ``dtype`` (torch.int32, the default, or torch.int64): row ``b``
+        lists the blocks of ``seq_ids[b]`` in order (including those allocated for tokens appended
+        but not yet advanced), padded with -1; ``max_blocks`` is the longest table among them."""
         ids = self._seq_list(seq_ids, "block_table")
-        width = max((len(self._tables[s]) for s in ids), default=0)
-        out = torch.full((len(ids), width), -1, dtype=torch.int32)
-        for b, s in enumerate(ids):
-            if self._tables[s]:
-                out[b, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int32)
-        return out
+        if dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"PagedKVCache.block_table: dtype must be torch.int32 or torch.int64, got {dtype}")
+        tables = [self._tables[s] for s in ids]
+        width = max(map(len, tables), default=0)
+        return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=dtype).view(len(ids), width)
 
     def seq_lens(self, seq_ids: IntOrInts) -> torch.Tensor:
         """int64 ``[B]``: the number of cached (advanced) tokens of each of ``seq_ids``."""

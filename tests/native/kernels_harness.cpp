@@ -229,6 +229,57 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     h = fnv(h, kc);
     h = fnv(h, vc);
   }
+  // One decoder block: 2 sequences x 3 new tokens (6 and 0 cached), float32 then Q8_0 weights
+  // (random scales and quants), NHD then HND.
+  {
+    const int64_t B = 2, T = 3, H = 64, Hq = 4, Hkv = 2, D = 16, I = 96, nb = 6, bs = 4, P = 16;
+    const int64_t qkv = (Hq + 2 * Hkv) * D;
+    auto floats = [&](int64_t n, float scale) {
+      std::vector<float> v(n);
+      for (auto& e : v) e = scale * normal(rng);
+      return v;
+    };
+    auto q8 = [&](int64_t N, int64_t K) {  // Q8_0 blocks: binary16 scale (2^-8 .. 2^-6), 32 int8
+      std::vector<uint8_t> b(N * K / 32 * cpu::kQ8_0BlockBytes);
+      for (size_t i = 0; i < b.size(); i += cpu::kQ8_0BlockBytes) {
+        const uint16_t d = static_cast<uint16_t>((7 + rng() % 3) << 10);
+        std::memcpy(&b[i], &d, 2);
+        for (int j = 2; j < cpu::kQ8_0BlockBytes; ++j) b[i + j] = static_cast<uint8_t>(rng());
+      }
+      return b;
+    };
+    const auto an = floats(H, 1.0f), fn = floats(H, 1.0f), cs = floats(P * D, 1.0f), sn = floats(P * D, 1.0f);
+    const auto wqkv = floats(qkv * H, 0.1f), wo = floats(H * Hq * D, 0.1f), wgu = floats(2 * I * H, 0.1f),
+               wd = floats(H * I, 0.1f);
+    const auto bqkv = q8(qkv, H), bo = q8(H, Hq * D), bgu = q8(2 * I, H), bd = q8(H, I);
+    std::vector<int64_t> pos = {6, 7, 8, 0, 1, 2}, slots = {14, 15, 20, 16, 17, 18}, tables = {1, 3, 5, 4, -1, -1},
+                         lens = {9, 3};
+    for (int quant = 0; quant < 2; ++quant)
+      for (int hnd = 0; hnd < 2; ++hnd) {
+        auto x = floats(B * T * H, 1.0f), kc = floats(nb * bs * Hkv * D, 1.0f), vc = floats(kc.size(), 1.0f);
+        cpu::DecoderLayerParams p;
+        p.B = B, p.T = T, p.hidden = H, p.num_heads = Hq, p.num_kv_heads = Hkv, p.head_dim = D, p.intermediate = I;
+        p.eps = 1e-5f, p.scale = 0.25f;
+        p.attn_norm = an.data(), p.ffn_norm = fn.data();
+        const void* wf[4] = {wqkv.data(), wo.data(), wgu.data(), wd.data()};
+        const void* wq[4] = {bqkv.data(), bo.data(), bgu.data(), bd.data()};
+        cpu::LayerWeight* lw[4] = {&p.wqkv, &p.wo, &p.w_gate_up, &p.w_down};
+        for (int i = 0; i < 4; ++i) {
+          lw[i]->data = quant ? wq[i] : wf[i];
+          lw[i]->quantized = quant;
+          lw[i]->type = cpu::BlockType::kQ8_0;
+        }
+        p.cos_table = cs.data(), p.sin_table = sn.data(), p.positions = pos.data();
+        p.cache.k = kc.data(), p.cache.v = vc.data(), p.cache.elem_size = 4, p.cache.num_heads = Hkv;
+        p.cache.head_dim = D, p.cache.layout = hnd ? cpu::KVLayout::kHND : cpu::KVLayout::kNHD;
+        p.num_blocks = nb, p.block_size = bs, p.slot_mapping = slots.data(), p.block_tables = tables.data();
+        p.max_blocks = 3, p.seq_lens = lens.data();
+        k.decoder_layer(x.data(), p, threads);
+        h = fnv(h, x);
+        h = fnv(h, kc);
+        h = fnv(h, vc);
+      }
+  }
   return h;
 }
 

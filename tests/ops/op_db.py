@@ -18,6 +18,7 @@ import torch
 
 import decodekit
 import reference as ref
+from decodekit import QuantizedWeight
 from decodekit._checks import has_kernel
 from reference.layers import dequantize_blocks, random_blocks
 
@@ -380,6 +381,163 @@ def compact_paged_kv_cache_samples(d):
 def compact_paged_kv_cache_check(args, out):
     ek, ev = ref.compact_paged_kv_cache(*args)
     assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
+# decoder_layer: a small Llama block (every K = H, Hq * D, I a multiple of 32 for the block formats)
+HQ, HKV, D, H, I = 4, 2, 16, 64, 96  # every K (H, Hq * D, I) a multiple of 32 for the block formats
+BS, NB, P = 4, 24, 64  # block size, blocks in the pool, RoPE table length
+EPS = 1e-5
+SCALE = 1.0 / math.sqrt(D)
+# wqkv, wo, w_gate_up, w_down
+WEIGHT_TYPES = {
+    "f32": ("f32", "f32", "f32", "f32"),
+    "gguf": ("q4_1", "q4_1", "q4_1", "q8_0"),  # the default GGUF's mix
+    "mixed": ("q8_0", "f32", "q4_1", "q4_1"),
+}
+
+
+def _decoder_rope_tables(D=D, P=P, theta=10000.0):
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2).double() / D))
+    ang = torch.arange(P).double()[:, None] * inv[None, :]
+    ang = torch.cat((ang, ang), -1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def _layer_weight(kind, N, K, g):
+    if kind == "f32":
+        return torch.randn(N, K, generator=g) * 0.15
+    return QuantizedWeight(random_blocks(kind, N, K, g), kind, (N, K))
+
+
+def dense_weight(w):
+    return dequantize_blocks(w.blocks, w.block_type, *w.shape) if isinstance(w, QuantizedWeight) else w
+
+
+def decoder_layer_case(B, T, layout="NHD", weights="f32", seed=0, cached=(0, 9, 3)):
+    """Arguments of one decoder_layer call: row b has cached[b] tokens already in the cache (its
+    blocks a random choice from the pool, every pool entry random), T new ones."""
+    g = _g(seed)
+    cached = [cached[b % len(cached)] for b in range(B)]
+    shape = (NB, BS, HKV, D) if layout == "NHD" else (NB, HKV, BS, D)
+    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    perm = torch.randperm(NB, generator=g).tolist()
+    need = [-(-(n + T) // BS) for n in cached]
+    width = max(need)
+    tables = torch.full((B, width), -1, dtype=torch.int64)
+    slots = torch.empty(B, T, dtype=torch.int64)
+    for b in range(B):
+        own = [perm.pop() for _ in range(need[b])]
+        tables[b, : need[b]] = torch.tensor(own)
+        for t in range(T):
+            p = cached[b] + t
+            slots[b, t] = own[p // BS] * BS + p % BS
+    positions = torch.tensor(cached)[:, None] + torch.arange(T)[None, :]
+    seq_lens = torch.tensor(cached) + T
+    cos, sin = _decoder_rope_tables()
+    types = WEIGHT_TYPES[weights]
+    w = (
+        1 + 0.1 * torch.randn(H, generator=g),
+        _layer_weight(types[0], (HQ + 2 * HKV) * D, H, g),
+        _layer_weight(types[1], H, HQ * D, g),
+        1 + 0.1 * torch.randn(H, generator=g),
+        _layer_weight(types[2], 2 * I, H, g),
+        _layer_weight(types[3], H, I, g),
+    )
+    x = torch.randn(B, T, H, generator=g)
+    return dict(
+        x=x,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        slot_mapping=slots,
+        block_tables=tables,
+        seq_lens=seq_lens,
+        positions=positions,
+        cos_table=cos,
+        sin_table=sin,
+        weights=w,
+        kv_layout=layout,
+    )
+
+
+def decoder_layer_samples(d):
+    out = []
+    for B, T, layout, weights, seed in ((3, 2, "NHD", "f32", 50), (2, 3, "HND", "gguf", 51)):
+        c = decoder_layer_case(B, T, layout, weights, seed)
+        w = [layers_weight_arg(t) for t in c["weights"]]
+        out.append(
+            _on(
+                d,
+                c["x"],
+                c["k_cache"],
+                c["v_cache"],
+                c["slot_mapping"],
+                c["block_tables"],
+                c["seq_lens"],
+                c["positions"],
+                c["cos_table"],
+                c["sin_table"],
+                c["weights"][0],
+                *w[1],
+                *w[2],
+                c["weights"][3],
+                *w[4],
+                *w[5],
+                HQ,
+                HKV,
+                I,
+                EPS,
+                SCALE,
+                layout,
+            )
+        )
+    return out
+
+
+def layers_weight_arg(w):
+    return decodekit.ops.layers.layer_weight(w)
+
+
+def _decoder_weights(a):
+    """The six weights of raw decoder_layer arguments (QuantizedWeights rebuilt from their blocks)."""
+    H_, I_ = a[0].size(2), a[21]
+    q_size, qkv = a[19] * a[1].size(3), (a[19] + 2 * a[20]) * a[1].size(3)
+    shapes = ((qkv, H_), (H_, q_size), (2 * I_, H_), (H_, I_))
+    ws = []
+    for (t, kind), shape in zip(((a[10], a[11]), (a[12], a[13]), (a[15], a[16]), (a[17], a[18])), shapes):
+        ws.append(t if kind == "f32" else decodekit.QuantizedWeight(t, kind, shape))
+    return a[9], ws[0], ws[1], a[14], ws[2], ws[3]
+
+
+def decoder_layer_check(args, out):
+    x, kc, vc = out
+    ws = [dense_weight(w) for w in _decoder_weights(args)]
+    wx, wk, wv = ref.decoder_layer(
+        *args[:9], ws, num_heads=args[19], num_kv_heads=args[20], eps=args[22], scale=args[23], kv_layout=args[24]
+    )
+    check_against_float64((x, kc, vc), (wx, wk, wv))
+
+
+def check_against_float64(got, want):
+    """x, k_cache, v_cache within float32 rounding of the float64 block: each element within
+    1e-5 of its tensor's largest magnitude (sums of at most 96 products and one softmax per
+    step, about 2^-24 relative each, with cancellation; the random Q4_1 blocks' non-zero mean
+    makes |x| reach ~2000, where the errors are ~2e-7 of it)."""
+    for name, a, b in zip(("x", "k_cache", "v_cache"), got, want):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-5 * float(b.abs().max()), msg=name)
+
+
+def _w_decoder_layer(a):
+    return decodekit.decoder_layer(
+        a[0].clone(),
+        a[1].clone(),
+        a[2].clone(),
+        *a[3:9],
+        *_decoder_weights(a),
+        num_heads=a[19],
+        num_kv_heads=a[20],
+        eps=a[22],
+        scale=a[23],
+        kv_layout=a[24],
+        validate=False,
+    )
 
 
 def check_probability_rows_samples(d):
@@ -625,6 +783,14 @@ OPS: List[OpRow] = [
         mutates=(0,),
         batch_args=(0, 4),
         wrapper=lambda a: decodekit.rope_(a[0].clone(), a[1], a[2], a[3], a[4], validate=False),
+    ),
+    OpRow(
+        "decoder_layer",
+        decoder_layer_samples,
+        decoder_layer_check,
+        mutates=(0, 1, 2),
+        batch_args=(0, 3, 4, 5, 6),
+        wrapper=_w_decoder_layer,
     ),
     OpRow(
         "chain_speculative_sampling",

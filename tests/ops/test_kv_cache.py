@@ -565,6 +565,9 @@ def test_paged_cache_contents_tables_and_allocator(layout):
     table = cache.block_table([a, b, c])
     assert table.dtype == torch.int32
     assert table.tolist() == [[0, 1], [-1, -1], [2, 3]]
+    assert torch.equal(cache.block_table([a, b, c], torch.int64), table.long())
+    with pytest.raises(TypeError, match="int32 or torch.int64"):
+        cache.block_table([a], torch.float32)
     for s in (a, c):
         ks = torch.cat(written[s])
         for layer in range(2):
@@ -590,6 +593,32 @@ def test_paged_cache_contents_tables_and_allocator(layout):
     assert cache.block_table([c]).tolist() == [[2]] and cache.num_free_blocks == 2
     cache.truncate(c, 0)
     assert cache.block_table([c]).tolist() == [[]] and cache.num_free_blocks == 3
+
+
+def test_paged_cache_slot_mapping_reserves_and_matches_append():
+    # block_size 4; a holds 3 tokens (block 0), b none. The next 3 tokens of a take slot 3 of
+    # block 0 and slots 0-1 of a new block 1; b's 2 tokens go to block 2: slots by hand.
+    cache = PagedKVCache(2, 4, 4, 1, 2)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(0, a, torch.ones(3, 1, 2), torch.ones(3, 1, 2))
+    cache.advance(a, 3)
+    slots = cache.slot_mapping([a, b], [3, 2])
+    assert slots.dtype == torch.int64 and slots.tolist() == [3, 4, 5, 8, 9]
+    assert cache.block_table([a, b]).tolist() == [[0, 1], [2, -1]] and cache.num_free_blocks == 1
+    assert cache.slot_mapping([a, b], [3, 2]) is slots  # the same step: the same tensor, nothing allocated
+    key = torch.arange(5 * 2, dtype=torch.float32).view(5, 1, 2)
+    cache.append(1, [a, b], key, -key, num_tokens=[3, 2])  # writes exactly those slots
+    flat = cache.k[1].view(-1, 2)
+    assert torch.equal(flat[[3, 4, 5, 8, 9]], key[:, 0])
+    cache.advance([a, b], [3, 2])
+    assert cache.seq_lens([a, b]).tolist() == [6, 2] and cache.num_free_blocks == 1
+    with pytest.raises(OutOfBlocksError):  # a needs 1 more block, b 1: only 1 free, none taken
+        cache.slot_mapping([a, b], [3, 3])
+    assert cache.num_free_blocks == 1 and cache.block_table([a, b]).tolist() == [[0, 1], [2, -1]]
+    with pytest.raises(ValueError, match="must not repeat"):
+        cache.slot_mapping([a, a], 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        cache.slot_mapping([a], -1)
 
 
 def test_paged_cache_argument_errors():

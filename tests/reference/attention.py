@@ -28,14 +28,15 @@ def paged_attention(
     kv_layout: str = "NHD",
     dtype: torch.dtype = torch.float64,
     tree_mask: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """softmax(scale * q . k) v over each sequence's cached positions, causal within its Q new
     tokens (or, with ``tree_mask`` bool ``[B, Q, Q]``, the prefix plus the new tokens j with
-    ``tree_mask[b, i, j]``), computed in ``dtype`` (float64 by default). Returns float32
-    ``[B, Q, H_q, D]``."""
+    ``tree_mask[b, i, j]``), computed in ``dtype`` (float64 by default). Returns ``[B, Q, H_q, D]``
+    of ``out_dtype`` (float32 by default)."""
     B, Q, Hq, D = query.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.empty(B, Q, Hq, D, dtype=torch.float32)
+    out = torch.empty(B, Q, Hq, D, dtype=out_dtype)
     for b in range(B):
         n = int(seq_lens[b])
         k = _gather(k_cache, block_tables[b], n, kv_layout).to(dtype)

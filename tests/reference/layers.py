@@ -1,4 +1,5 @@
-"""float64 references of the layers family: RMSNorm, SwiGLU, RoPE and linear."""
+"""float64 references of the layers family: RMSNorm, SwiGLU, RoPE, linear, and one decoder block
+composed of them."""
 
 from __future__ import annotations
 
@@ -36,6 +37,64 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """``x @ weight.T + bias`` in float64."""
     y = x.double() @ weight.double().T
     return y + bias.double() if bias is not None else y
+
+
+def decoder_layer(
+    x,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    seq_lens,
+    positions,
+    cos_table,
+    sin_table,
+    weights,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    scale: float,
+    kv_layout: str = "NHD",
+):
+    """One Llama block of the paged forward in float64 (new tensors; nothing is modified).
+
+    ``weights``: ``(attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down)`` as float tensors (a
+    quantized weight dequantized first). ``x [B, T, H]``; ``slot_mapping``, ``positions`` ``[B, T]``.
+    Returns ``(x, k_cache, v_cache)`` in float64: the residual stream after the block and the
+    caches with the new keys and values."""
+    from .attention import paged_attention
+    from .kv_cache import append_paged_kv_cache
+
+    attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down = weights
+    B, T, H = x.shape
+    D = cos_table.size(1)
+    q_size, kv_size = num_heads * D, num_kv_heads * D
+    x = x.double().reshape(B * T, H)
+    qkv = linear(rms_norm(x, attn_norm, eps), wqkv)
+    qkv = rope(qkv, num_heads + num_kv_heads, cos_table, sin_table, positions.reshape(-1))
+    q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+    kc, vc = append_paged_kv_cache(
+        k_cache.double(),
+        v_cache.double(),
+        k.reshape(-1, num_kv_heads, D),
+        v.reshape(-1, num_kv_heads, D),
+        slot_mapping.reshape(-1),
+        kv_layout,
+    )
+    attn = paged_attention(
+        q.reshape(B, T, num_heads, D),
+        kc,
+        vc,
+        block_tables,
+        seq_lens,
+        scale=scale,
+        kv_layout=kv_layout,
+        out_dtype=torch.float64,
+    )
+    x = x + linear(attn.reshape(B * T, q_size), wo)
+    x = x + linear(silu_and_mul(linear(rms_norm(x, ffn_norm, eps), w_gate_up)), w_down)
+    return x.reshape(B, T, H), kc, vc
 
 
 # GGML block formats (ggml-common.h): block_q4_1 = {half d, half m, uint8 qs[16]},

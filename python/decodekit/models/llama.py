@@ -24,7 +24,9 @@ the same bits as the float32 model on the dequantized weights.
 
 One forward: :meth:`LlamaModel.forward_paged` on a :class:`~decodekit.cache.PagedKVCache`, where
 each row is a sequence of its own length (batched decoding of requests that started at different
-times), with attention by :func:`decodekit.paged_attention`. In deterministic mode a row's logits
+times), with attention by :func:`decodekit.paged_attention`; on the CPU in float32 each block is
+one :func:`decodekit.decoder_layer` call (``model.layer_op``, default True; False runs the block
+op by op in Python, the readable reference, with the same bits). In deterministic mode a row's logits
 are bit-identical whatever the other rows of the call. (The plain-PyTorch contiguous forward with
 SDPA, the transformers-parity reference, lives in the tests: ``tests/reference/llama.py``.)
 """
@@ -38,11 +40,13 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .._loader import _C
 from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
-from ..ops.layers import QuantizedWeight
+from ..ops.layers import QuantizedWeight, layer_weight
 
 _dk_ops = torch.ops.decodekit
+_decoder_layers_fast = _C._decoder_layers_fast
 
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin", "rope_table"]
 
@@ -216,10 +220,13 @@ def _apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+_BLOCK_WEIGHTS = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+
+
 class _Block:
     """Weights of one block as the forward pass uses them (Q/K/V and gate/up fused)."""
 
-    __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+    __slots__ = _BLOCK_WEIGHTS + ("_op_args",)
 
     def __init__(self, w: LlamaLayerWeights) -> None:
         self.attn_norm = w.attn_norm.contiguous()
@@ -228,6 +235,25 @@ class _Block:
         self.ffn_norm = w.ffn_norm.contiguous()
         self.w_gate_up = _fuse_rows((w.w_gate, w.w_up))
         self.w_down = _contiguous(w.w_down)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_op_args":  # a weight changed: rebuild the op's arguments at the next call
+            object.__setattr__(self, "_op_args", None)
+
+    def op_args(self) -> tuple:
+        """The weight arguments of ``torch.ops.decodekit.decoder_layer`` (attn_norm, wqkv, its type,
+        wo, its type, ffn_norm, w_gate_up, its type, w_down, its type), built once."""
+        if self._op_args is None:
+            self._op_args = (
+                self.attn_norm,
+                *layer_weight(self.wqkv),
+                *layer_weight(self.wo),
+                self.ffn_norm,
+                *layer_weight(self.w_gate_up),
+                *layer_weight(self.w_down),
+            )
+        return self._op_args
 
 
 def _contiguous(w):
@@ -308,6 +334,9 @@ class LlamaModel:
         self.blocks = [_Block(layer) for layer in weights.layers]
         self.deterministic = True
         self.fused_layer_ops = True  # decodekit's rms_norm / rope_ / silu_and_mul on the paged path
+        # ... and on that path one decodekit.decoder_layer call per block (False: the per-op Python path,
+        # the readable reference, with the same bits)
+        self.layer_op = True
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
 
     @property
@@ -429,6 +458,11 @@ class LlamaModel:
         each new token attends to the row's cached tokens and to the new ones up to itself through
         :func:`decodekit.paged_attention`. The lengths then advance by ``T``.
 
+        Two paths with the same bits: with ``self.layer_op`` (the default; deterministic float32
+        CPU model) each block is one :func:`decodekit.decoder_layer` call (all blocks in one C++
+        call when the arguments are plain tensors), whose kernels are those of the per-op path;
+        with ``layer_op = False`` the block runs op by op in Python (the readable reference).
+
         Batch invariance (deterministic mode, the default): a row's logits are bit-identical
         whatever the other rows (their number, lengths and contents) and its position in the
         batch. Every step is per row: the embedding is a gather; RMSNorm reduces over the hidden
@@ -524,6 +558,32 @@ class LlamaModel:
         fused = (
             self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
         )
+        if fused and self.layer_op and tree_mask is None:  # (the layer op has no tree mask yet)
+            # The same kernels again, one decoder_layer call per block (no PyTorch op inside): the
+            # step's slots are reserved before the first layer (OutOfBlocksError: nothing written),
+            # the tables and lengths come from the cache and the shapes from the model.
+            cos_table, sin_table = self._rope_tables()
+            slots = cache.slot_mapping(seq_ids, T).view(B, T)
+            block_tables = cache.block_table(seq_ids, torch.int64)
+            layers = [block.op_args() for block in self.blocks]
+            common = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, scale, cache.kv_layout)
+            # The whole loop in one C++ call (the same kernel and checks); False: nothing was
+            # written and the op itself runs (e.g. under a torch function mode), or raises.
+            if not _decoder_layers_fast(
+                x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common
+            ):
+                for i, args in enumerate(layers):
+                    _dk_ops.decoder_layer(
+                        x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
+                        *args, *common,
+                    )  # fmt: skip
+            cache.advance(seq_ids, T)
+            if not all_logits:
+                x = x[:, -1]
+            if return_hidden:
+                h = self._final_norm(x, fused)
+                return self._project(h), h
+            return self._head(x, fused)
         if fused:
             cos_table, sin_table = self._rope_tables()
             flat_positions = positions.reshape(-1).contiguous()
@@ -546,7 +606,7 @@ class LlamaModel:
                 k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
             if block_tables is None:  # the first append allocated the blocks of the new tokens
-                block_tables = cache.block_table(seq_ids).to(torch.int64).contiguous()
+                block_tables = cache.block_table(seq_ids, torch.int64)
                 seq_lens_i64 = seq_lens.to(torch.int64).contiguous()
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
@@ -578,7 +638,7 @@ class LlamaModel:
             ValueError: QuantizedWeight matrices (CPU kernels only) and a device other than
             the CPU; load with ``dequantize=True`` for another device.
         """
-        quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _Block.__slots__]
+        quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _BLOCK_WEIGHTS]
         if torch.device(device).type != "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
             raise ValueError(
                 f"LlamaModel.to: quantized weights run on the CPU only; load the model with dequantize=True "
@@ -593,7 +653,7 @@ class LlamaModel:
             self.head_token_ids = self.head_token_ids.to(device)
         self.norm = self.norm.to(device)
         for block in self.blocks:
-            for name in _Block.__slots__:
+            for name in _BLOCK_WEIGHTS:
                 setattr(block, name, getattr(block, name).to(device))
         self._rope = None
         return self
@@ -603,7 +663,7 @@ class LlamaModel:
         n = self.embed.numel() + self.norm.numel()
         if self.lm_head is not self.embed:
             n += self.lm_head.numel()
-        return n + sum(getattr(b, name).numel() for b in self.blocks for name in _Block.__slots__)
+        return n + sum(getattr(b, name).numel() for b in self.blocks for name in _BLOCK_WEIGHTS)
 
 
 def _tree_depths_and_mask(parents, B: int, T: int):

@@ -5,7 +5,7 @@ family: :mod:`~decodekit.ops.sampling`, :mod:`~decodekit.ops.penalties`,
 
 from .attention import paged_attention, tree_mask_from_parents
 from .kv_cache import append_kv_cache, append_paged_kv_cache, compact_kv_cache, compact_paged_kv_cache
-from .layers import QuantizedWeight, linear, rms_norm, rope_, silu_and_mul
+from .layers import QuantizedWeight, decoder_layer, linear, rms_norm, rope_, silu_and_mul
 from .penalties import apply_penalties
 from .sampling import (
     SamplingOutput,
@@ -49,6 +49,7 @@ __all__ = [
     "rms_norm",
     "silu_and_mul",
     "rope_",
+    "decoder_layer",
     "append_kv_cache",
     "append_paged_kv_cache",
     "compact_kv_cache",

@@ -1,9 +1,10 @@
 """Layers family: the per-token kernels of the built-in model: :func:`linear` (batch-invariant
 GEMM), :func:`rms_norm`, :func:`silu_and_mul` (SwiGLU) and :func:`rope_` (rotary embedding in
-place)."""
+place), and :func:`decoder_layer`, one whole Llama block of the paged forward in one call."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -12,7 +13,7 @@ from .._checks import FLT_MAX, check_float32
 
 ops = torch.ops.decodekit
 
-__all__ = ["QuantizedWeight", "linear", "rms_norm", "silu_and_mul", "rope_"]
+__all__ = ["QuantizedWeight", "linear", "rms_norm", "silu_and_mul", "rope_", "decoder_layer"]
 
 # Bytes per block of 32 weights of the GGML block formats that linear() runs on directly.
 _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
@@ -349,4 +350,170 @@ def rope_(
             f"{op}: positions must be in [0, {cos_table.size(0)}), got [{int(positions.min())}, {int(positions.max())}]"
         )
     ops.rope_(x, num_heads, cos_table.contiguous(), sin_table.contiguous(), positions)
+    return x
+
+
+def layer_weight(w: Union[torch.Tensor, QuantizedWeight]) -> tuple[torch.Tensor, str]:
+    """``(tensor, type)`` of one weight as :func:`decoder_layer`'s op takes it: a float32 tensor
+    and ``"f32"``, or a QuantizedWeight's blocks and its block type."""
+    if isinstance(w, QuantizedWeight):
+        return w.blocks, w.block_type
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"decoder_layer: a weight must be a torch.Tensor or a QuantizedWeight, got {type(w).__name__}")
+    return w, "f32"
+
+
+def _int64(t, name: str, rows: Optional[tuple] = None) -> torch.Tensor:
+    """An integer tensor as contiguous int64; with ``rows = (B, T)`` a flat ``[B * T]`` one becomes ``[B, T]``."""
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"decoder_layer: {name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if rows is not None and t.dim() == 1 and t.numel() == rows[0] * rows[1]:  # PagedKVCache.slot_mapping's order
+        t = t.view(rows)
+    return t.to(torch.int64).contiguous()
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    attn_norm: torch.Tensor,
+    wqkv: Union[torch.Tensor, QuantizedWeight],
+    wo: Union[torch.Tensor, QuantizedWeight],
+    ffn_norm: torch.Tensor,
+    w_gate_up: Union[torch.Tensor, QuantizedWeight],
+    w_down: Union[torch.Tensor, QuantizedWeight],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    scale: Optional[float] = None,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> torch.Tensor:
+    """One Llama block of the paged forward in one C++ call, in place on the residual stream.
+
+    With ``M = B * T`` token rows (row ``b * T + t`` is token ``t`` of sequence ``b``)::
+
+        h = rms_norm(x, attn_norm, eps)
+        q, k, v = split(linear(h, wqkv))              # Hq, Hkv, Hkv heads of D
+        rope_(q and k, cos_table, sin_table, positions)
+        k, v -> k_cache, v_cache at slot_mapping      # as append_paged_kv_cache
+        x += linear(paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale), wo)
+        h = rms_norm(x, ffn_norm, eps)
+        x += linear(silu_and_mul(linear(h, w_gate_up)), w_down)
+
+    Each step is the kernel of the op of that name, called as those ops call it, so ``x`` and
+    the caches get exactly the bits of the sequence of ops (the per-op path of
+    :meth:`decodekit.models.llama.LlamaModel.forward_paged`, ``model.layer_op = False``); the
+    intermediates live in scratch kept between calls and no PyTorch op runs inside. Rows stay
+    independent (batch-invariant, like each op).
+
+    Args:
+        x: ``[B, T, H]`` float32, contiguous (CPU): the residual stream, updated in place.
+        k_cache, v_cache: the layer's paged cache, float32 ``[num_blocks, block_size, Hkv, D]``
+            (``"NHD"``) or ``[num_blocks, Hkv, block_size, D]`` (``"HND"``); the new keys and
+            values are written in place. ``D`` is even.
+        slot_mapping: integer ``[B, T]`` (or ``[B * T]``): slot ``block * block_size + offset``
+            of each new token (:meth:`~decodekit.cache.PagedKVCache.slot_mapping`); a negative
+            slot is padding and is not written.
+        block_tables: integer ``[B, max_blocks]``: each sequence's blocks, padded with -1.
+        seq_lens: integer ``[B]``: each sequence's length, the ``T`` new tokens included.
+        positions: integer ``[B, T]`` (or ``[B * T]``): each new token's position, in ``[0, P)``.
+        cos_table, sin_table: float32 ``[P, D]`` RoPE tables
+            (:func:`decodekit.models.llama.rope_table`, "rotate half" layout).
+        attn_norm, ffn_norm: float32 ``[H]`` RMSNorm weights.
+        wqkv: ``[(Hq + 2 Hkv) D, H]``: the q, k and v projections' rows stacked.
+        wo: ``[H, Hq D]``.
+        w_gate_up: ``[2 I, H]``: the gate rows, then the up rows.
+        w_down: ``[H, I]``.
+            Each weight is a contiguous float32 tensor or a :class:`QuantizedWeight` (Q4_1 / Q8_0
+            blocks, ``K`` a multiple of 32), as :func:`linear` takes them.
+        num_heads, num_kv_heads: ``Hq`` and ``Hkv`` (``Hkv`` divides ``Hq``).
+        eps: RMSNorm epsilon (finite, >= 0).
+        scale: attention score scale; ``None`` for ``1 / sqrt(D)``.
+        kv_layout: ``"NHD"`` or ``"HND"``.
+        validate: also check (synchronises) that no slot appears twice; the op itself checks
+            the positions against the tables, the slots against the pool and ``seq_lens`` in
+            ``[T, max_blocks * block_size]``, in ``O(B * T)``, before writing anything.
+
+    Returns:
+        ``x`` (updated in place).
+
+    Raises:
+        TypeError / ValueError naming the argument: dtypes, shapes (against ``x``, the cache's
+        ``Hkv`` and ``D``, ``num_heads``), devices, non-contiguous tensors, a weight type or
+        block size that does not match its tensor, positions outside the tables, slots past
+        the pool or repeated, lengths outside ``[T, max_blocks * block_size]``, ``kv_layout``;
+        nothing is written then. RuntimeError when ``x`` requires grad (not differentiable).
+
+    Source: the Llama block (Touvron et al., 2023) with RMSNorm (Zhang & Sennrich, 2019), RoPE
+    (Su et al., 2021), grouped-query attention (Ainslie et al., 2023) over a paged cache (Kwon
+    et al., 2023, PagedAttention) and SwiGLU (Shazeer, 2020).
+    """
+    op = "decoder_layer"
+    check_float32(op, op, x=x)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: x requires grad; this in-place kernel is not differentiable")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, T, H], got shape {tuple(x.shape)}")
+    B, T = x.shape[0], x.shape[1]
+    slot_mapping = _int64(slot_mapping, "slot_mapping", (B, T))
+    positions = _int64(positions, "positions", (B, T))
+    block_tables = _int64(block_tables, "block_tables")
+    seq_lens = _int64(seq_lens, "seq_lens")
+    if (
+        isinstance(num_heads, bool)
+        or isinstance(num_kv_heads, bool)
+        or not isinstance(num_heads, int)
+        or not isinstance(num_kv_heads, int)
+    ):
+        raise TypeError(f"{op}: num_heads and num_kv_heads must be ints, got {num_heads!r} and {num_kv_heads!r}")
+    if scale is None:
+        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+            raise ValueError(f"{op}: k_cache must be a 4-D tensor")
+        scale = 1.0 / math.sqrt(k_cache.size(3))
+    wqkv_t, wqkv_type = layer_weight(wqkv)
+    wo_t, wo_type = layer_weight(wo)
+    gu_t, gu_type = layer_weight(w_gate_up)
+    down_t, down_type = layer_weight(w_down)
+    if len(w_down.shape) != 2:
+        raise ValueError(f"{op}: w_down must be [H, I], got shape {tuple(w_down.shape)}")
+    intermediate_size = int(w_down.shape[1])
+    if validate and x.device.type != "meta" and slot_mapping.numel() > 1:
+        used = slot_mapping[slot_mapping >= 0]
+        if used.unique().numel() != used.numel():
+            raise ValueError(f"{op}: slot_mapping repeats a slot: {slot_mapping.tolist()}")
+    ops.decoder_layer(
+        x,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        positions,
+        cos_table,
+        sin_table,
+        attn_norm,
+        wqkv_t,
+        wqkv_type,
+        wo_t,
+        wo_type,
+        ffn_norm,
+        gu_t,
+        gu_type,
+        down_t,
+        down_type,
+        num_heads,
+        num_kv_heads,
+        intermediate_size,
+        float(eps),
+        float(scale),
+        kv_layout,
+    )
     return x

@@ -1,0 +1,201 @@
+"""LlamaModel.forward_paged with one decoder_layer call per block (``model.layer_op = True``, the
+default) against the per-op path (``layer_op = False``, the readable reference): the same logits
+and the same cache contents bit for bit, on small random models (float32, Q4_1 / Q8_0 weights,
+NHD and HND, prefill chunks and batched decode steps of rows of different lengths, a rollback)
+and on the default SmolLM2 model; and OutOfBlocksError before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decodekit import OutOfBlocksError, QuantizedWeight
+from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+from reference.layers import random_blocks
+
+CFG = LlamaConfig(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_seq_len=64,
+)
+
+
+def _model(kind: str, seed: int = 0) -> LlamaModel:
+    g = torch.Generator().manual_seed(seed)
+    c = CFG
+
+    def w(n, k, block_type):
+        if kind == "f32":
+            return torch.randn(n, k, generator=g) * 0.15
+        return QuantizedWeight(random_blocks(block_type, n, k, g), block_type, (n, k))
+
+    def norm():
+        return 1 + 0.1 * torch.randn(c.hidden_size, generator=g)
+
+    q, kv, H, I = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+    layers = [
+        LlamaLayerWeights(
+            attn_norm=norm(),
+            wq=w(q, H, "q4_1"),
+            wk=w(kv, H, "q4_1"),
+            wv=w(kv, H, "q4_1"),
+            wo=w(H, q, "q8_0"),
+            ffn_norm=norm(),
+            w_gate=w(I, H, "q4_1"),
+            w_up=w(I, H, "q4_1"),
+            w_down=w(H, I, "q8_0"),
+        )
+        for _ in range(c.num_layers)
+    ]
+    return LlamaModel(c, LlamaWeights(embed=torch.randn(c.vocab_size, H, generator=g), layers=layers, norm=norm()))
+
+
+def _session(model, layer_op: bool, layout: str):
+    """Prefill chunks, batched steps of three rows of different lengths, a chunk of several
+    tokens per row and a rollback; returns every call's logits and the final caches."""
+    model.layer_op = layer_op
+    cache = model.new_paged_cache(20, block_size=4, kv_layout=layout)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    out = [
+        model.forward_paged(torch.tensor([[1, 2, 3, 4, 5]]), cache, [a], all_logits=True),
+        model.forward_paged(torch.tensor([[7, 8]]), cache, [b], all_logits=True),
+        model.forward_paged(torch.tensor([[9, 10, 11, 12, 13], [3, 3, 3, 3, 3]]), cache, [c, b], all_logits=True),
+    ]
+    for s in range(5):
+        out.append(model.forward_paged(torch.tensor([[s], [s + 1], [s + 2]]), cache, [a, b, c]))
+    cache.truncate(b, 5)  # a rejected draft, say
+    out.append(model.forward_paged(torch.tensor([[20, 21, 22], [23, 24, 25]]), cache, [b, a], all_logits=True))
+    return out, [t.clone() for t in cache.k + cache.v]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kind", ["f32", "quantized"])
+def test_layer_op_gives_the_per_op_bits(kind, layout):
+    model = _model(kind)
+    assert model.layer_op  # the default
+    fast, fast_cache = _session(model, True, layout)
+    slow, slow_cache = _session(model, False, layout)
+    assert len(fast) == len(slow)
+    for i, (f, s) in enumerate(zip(fast, slow)):
+        assert torch.equal(f, s), i
+    for f, s in zip(fast_cache, slow_cache):
+        assert torch.equal(f, s)
+
+
+def test_weights_replaced_after_a_call_are_used():
+    model = _model("f32")
+    cache = model.new_paged_cache(4, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2]]), cache, [seq])
+    block = model.blocks[1]
+    block.wo = block.wo * 2  # the op's cached arguments follow the block's weights
+    fast = model.forward_paged(torch.tensor([[3]]), cache, [seq])
+    cache.truncate(seq, 2)
+    model.layer_op = False
+    slow = model.forward_paged(torch.tensor([[3]]), cache, [seq])
+    assert torch.equal(fast, slow)
+
+
+def test_out_of_blocks_writes_nothing():
+    model = _model("quantized")
+    cache = model.new_paged_cache(3, block_size=4)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3, 4, 5]]), cache, [a])  # 2 blocks
+    before = [t.clone() for t in cache.k + cache.v]
+    tables = cache.block_table([a, b]).clone()
+    with pytest.raises(OutOfBlocksError):
+        model.forward_paged(torch.tensor([[1] * 4, [2] * 4]), cache, [a, b])  # needs 1 + 1 > 1 free
+    assert cache.num_free_blocks == 1
+    assert torch.equal(cache.block_table([a, b]), tables)
+    assert cache.seq_lens([a, b]).tolist() == [5, 0]
+    assert all(torch.equal(x, y) for x, y in zip(before, cache.k + cache.v))
+
+
+def test_fallback_to_the_op_under_a_torch_function_mode():
+    """Under a torch function mode the one-call loop steps aside and the op runs per block (the
+    mode sees it); the bits are the same."""
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    model = _model("quantized")
+    outs = []
+    for mode in (None, Spy()):
+        cache = model.new_paged_cache(8, block_size=4)
+        seq = cache.add_sequence()
+        if mode is None:
+            outs.append(model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq]))
+        else:
+            with mode:
+                outs.append(model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq]))
+    assert torch.equal(outs[0], outs[1])
+    assert sum("decoder_layer" in name for name in seen) == CFG.num_layers
+
+
+def test_one_call_loop_checks_every_block_before_writing():
+    """A bad argument in the last block: the one-call loop declines before writing anything (the
+    model then calls the op per block, which raises naming the argument); good blocks run."""
+    from decodekit._loader import _C
+
+    model = _model("f32")
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    slots = cache.slot_mapping([seq], 2).view(1, 2)
+    tables = cache.block_table([seq]).long()
+    cos, sin = model._rope_tables()
+    layers = [b.op_args() for b in model.blocks]
+    bad = list(layers[-1])
+    bad[8] = bad[8][:, :-1].contiguous()  # w_down [H, I - 1]
+    layers[-1] = tuple(bad)
+    x = torch.randn(1, 2, CFG.hidden_size)
+    x0, before = x.clone(), [t.clone() for t in cache.k + cache.v]
+    c = CFG
+    args = (torch.tensor([2]), torch.tensor([[0, 1]]), cos, sin, layers)
+    rest = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 0.25, "NHD")
+    assert _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args, *rest) is False
+    assert torch.equal(x, x0) and all(torch.equal(a, b) for a, b in zip(before, cache.k + cache.v))
+    assert _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args[:4], layers[:-1] + [layers[0]], *rest)
+    assert not torch.equal(x, x0)
+    with pytest.raises(ValueError, match="w_down must be"):
+        torch.ops.decodekit.decoder_layer(x, cache.k[2], cache.v[2], slots, tables, *args[:4], *bad, *rest)
+
+
+# ----------------------------------------------------------------------------- the default model
+def test_default_model_layer_op_gives_the_per_op_bits(lm):
+    net = lm.model
+    tok = lm.tokenizer
+    prompts = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])),
+        tok.encode("The capital of France is"),
+    ]
+
+    def run(layer_op):
+        net.layer_op = layer_op
+        try:
+            cache = net.new_paged_cache(16, block_size=16)
+            seqs = [cache.add_sequence() for _ in prompts]
+            logits = [net.forward_paged(torch.tensor([p]), cache, [s]) for p, s in zip(prompts, seqs)]
+            out = list(logits)
+            nxt = torch.cat(logits).argmax(-1)
+            for _ in range(6):  # greedy, both rows in one batch
+                step = net.forward_paged(nxt[:, None], cache, seqs)
+                out.append(step)
+                nxt = step.argmax(-1)
+            return out, [t.clone() for t in cache.k[:3] + cache.v[-3:]]
+        finally:
+            net.layer_op = True
+
+    fast, fast_cache = run(True)
+    slow, slow_cache = run(False)
+    for i, (f, s) in enumerate(zip(fast, slow)):
+        assert torch.equal(f, s), i
+    for f, s in zip(fast_cache, slow_cache):
+        assert torch.equal(f, s)
