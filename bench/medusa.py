@@ -13,8 +13,9 @@ Sections (all by default):
   a node adds to the expected accepted length); for each size the predicted speed-up
   ``(1 + E[accepted]) * t(1) / t(N)`` uses the measured curve. The best size is printed with
   its paths (what ``DEFAULT_TREE`` ships).
-- ``e2e``: tokens/s on the 50 held-out chat prompts (``bench/data/heldout_chat_prompts.json``),
-  batch 1, ``--new-tokens`` each: plain decoding against Medusa (greedy: the tokens must be the
+- ``e2e``: decode tokens/s (generated tokens over decode seconds, summed over prompts) on the
+  held-out chat prompts (``bench/data/heldout_chat_prompts.json``), batch 1, one prompt after
+  the other, ``--new-tokens`` each: plain decoding against Medusa (greedy: the tokens must be the
   same as plain greedy's, which is checked; T = 0.7 lossless and typical), the draft model and
   n-gram drafting; mean accepted tokens per pass and the share of time in heads, tree building,
   the target's tree pass and verification.
@@ -128,12 +129,14 @@ def e2e(lm, prompts, new_tokens: int, configs) -> list:
     for name, kind, kw in configs:
         t0 = time.perf_counter()
         drafter = kw.pop("drafter_obj", None)
-        if kind == "plain":
-            res = decodekit.generate(prompts, model=lm, max_new_tokens=new_tokens, **kw)
-        else:
-            res = decodekit.speculative_generate(
-                prompts, model=lm, max_new_tokens=new_tokens, drafter=drafter or kind, **kw
-            )
+        res = []
+        for p in prompts:  # batch 1, one prompt after the other
+            if kind == "plain":
+                res.append(decodekit.generate(p, model=lm, max_new_tokens=new_tokens, **kw))
+            else:
+                res.append(
+                    decodekit.speculative_generate(p, model=lm, max_new_tokens=new_tokens, drafter=drafter or kind, **kw)
+                )
         wall = time.perf_counter() - t0
         toks = sum(len(r.token_ids) for r in res)
         dec = sum(r.decode_seconds for r in res)

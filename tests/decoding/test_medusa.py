@@ -170,3 +170,36 @@ def test_heads_top_ids_ties_against_a_stable_sort():
     for k in (1, 3, 10):
         want = ids[torch.sort(lg, dim=-1, descending=True, stable=True).indices[..., :k]]
         assert torch.equal(heads.top_ids(h, k), want)
+
+
+def test_tree_pass_logits_match_each_path_run_alone(lm):
+    # forward_paged with tree_parents: every node's logits equal those of running its path
+    # after the prompt as a plain sequence (float32 rounding: the tree pass reads the ancestors'
+    # keys at other slots, so the attention's summation groups can differ), and a chain tree
+    # gives exactly the bits of the plain pass.
+    net = lm.model
+    prompt = torch.tensor([lm.tokenizer.encode("The tide comes in and", add_bos=False)])
+    tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], num_heads=3)
+    cand = torch.tensor([[11, 22, 33, 44, 55, 66, 77]])
+    cache = net.new_paged_cache(num_blocks=8)
+    s = cache.add_sequence()
+    net.forward_paged(prompt, cache, [s])
+    tree_logits = net.forward_paged(cand, cache, [s], all_logits=True, tree_parents=tree.parents)[0]
+    paths = tree.path_tokens(cand)[0]
+    for i in range(tree.num_nodes):
+        c2 = net.new_paged_cache(num_blocks=8)
+        s2 = c2.add_sequence()
+        net.forward_paged(prompt, c2, [s2])
+        seq = torch.tensor([[11] + paths[i]])
+        alone = net.forward_paged(seq, c2, [s2], all_logits=True)[0, -1]
+        torch.testing.assert_close(tree_logits[i], alone, rtol=0, atol=2e-4)
+    chain = Tree([[0], [0, 0]], num_heads=2)
+    c3 = net.new_paged_cache(num_blocks=8)
+    s3 = c3.add_sequence()
+    net.forward_paged(prompt, c3, [s3])
+    a = net.forward_paged(cand[:, :3], c3, [s3], all_logits=True, tree_parents=chain.parents)
+    c4 = net.new_paged_cache(num_blocks=8)
+    s4 = c4.add_sequence()
+    net.forward_paged(prompt, c4, [s4])
+    b = net.forward_paged(cand[:, :3], c4, [s4], all_logits=True)
+    assert torch.equal(a, b)
