@@ -135,7 +135,9 @@ def e2e(lm, prompts, new_tokens: int, configs) -> list:
                 res.append(decodekit.generate(p, model=lm, max_new_tokens=new_tokens, **kw))
             else:
                 res.append(
-                    decodekit.speculative_generate(p, model=lm, max_new_tokens=new_tokens, drafter=drafter or kind, **kw)
+                    decodekit.speculative_generate(
+                        p, model=lm, max_new_tokens=new_tokens, drafter=drafter or kind, **kw
+                    )
                 )
         wall = time.perf_counter() - t0
         toks = sum(len(r.token_ids) for r in res)
@@ -202,7 +204,11 @@ def main() -> None:
             ("draft greedy", "draft", dict(temperature=0)),
             ("ngram greedy", "ngram", dict(temperature=0)),
             ("plain T=0.7", "plain", dict(temperature=0.7, seed=1)),
-            ("medusa T=0.7 lossless", "medusa", dict(temperature=0.7, seed=1, drafter_obj=MedusaDrafter(heads, tree=tree))),
+            (
+                "medusa T=0.7 lossless",
+                "medusa",
+                dict(temperature=0.7, seed=1, drafter_obj=MedusaDrafter(heads, tree=tree)),
+            ),
             (
                 "medusa T=0.7 typical",
                 "medusa",

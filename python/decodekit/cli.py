@@ -120,8 +120,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--acceptance",
         choices=["lossless", "typical"],
         default="lossless",
-        help="with --speculative medusa: lossless tree verification (default) or Medusa's typical "
-        "acceptance (lossy)",
+        help="with --speculative medusa: lossless tree verification (default) or Medusa's typical acceptance (lossy)",
     )
     p.add_argument(
         "--draft-model",

@@ -107,7 +107,11 @@ def test_heads_for_another_target_are_refused(lm, tmp_path):
     from safetensors.torch import save_file
 
     H = lm.config.hidden_size
-    tensors = {"weight": torch.zeros(2, H, H), "bias": torch.zeros(2, H), "token_ids": torch.arange(8, dtype=torch.int32)}
+    tensors = {
+        "weight": torch.zeros(2, H, H),
+        "bias": torch.zeros(2, H),
+        "token_ids": torch.arange(8, dtype=torch.int32),
+    }
     meta = {
         "format": "decodekit-medusa-v1",
         "num_heads": "2",

@@ -381,6 +381,8 @@ def compact_paged_kv_cache_samples(d):
 def compact_paged_kv_cache_check(args, out):
     ek, ev = ref.compact_paged_kv_cache(*args)
     assert torch.equal(out[0], ek) and torch.equal(out[1], ev)
+
+
 # decoder_layer: a small Llama block (every K = H, Hq * D, I a multiple of 32 for the block formats)
 HQ, HKV, D, H, I = 4, 2, 16, 64, 96  # every K (H, Hq * D, I) a multiple of 32 for the block formats
 BS, NB, P = 4, 24, 64  # block size, blocks in the pool, RoPE table length

@@ -22,7 +22,15 @@ from ..models.gguf_loader import LoadedModel
 from ..models.llama import LlamaModel
 from ..ops import argmax
 
-__all__ = ["Drafter", "SamplingDrafter", "NgramDrafter", "DraftModelDrafter", "MedusaDrafter", "shipped_draft_drafter", "shipped_medusa_heads"]
+__all__ = [
+    "Drafter",
+    "SamplingDrafter",
+    "NgramDrafter",
+    "DraftModelDrafter",
+    "MedusaDrafter",
+    "shipped_draft_drafter",
+    "shipped_medusa_heads",
+]
 
 
 @runtime_checkable
@@ -316,7 +324,9 @@ class MedusaDrafter:
                 raise ValueError(f"MedusaDrafter: {name} must be a number >= 0, got {v!r}")
         if isinstance(tree, Tree):
             if tree.depth > heads.num_heads:
-                raise ValueError(f"MedusaDrafter: the tree has depth {tree.depth} but there are {heads.num_heads} heads")
+                raise ValueError(
+                    f"MedusaDrafter: the tree has depth {tree.depth} but there are {heads.num_heads} heads"
+                )
         else:
             if tree is None:  # the default tree, cut to the heads at hand
                 tree = [p for p in DEFAULT_TREE if len(p) <= heads.num_heads]

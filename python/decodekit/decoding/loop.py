@@ -336,7 +336,6 @@ def _length_control(
         return logits
     B, T, V = logits.shape
     ids = torch.tensor(stop_list, dtype=torch.int64)
-    depth = list(range(T)) if depths is None else depths
     for b, r in enumerate(active):
         if r.eos_bias != 0.0:
             logits[b, :, ids] += r.eos_bias
@@ -484,9 +483,7 @@ def _verify_tree(
     sampled = [b for b, r in enumerate(active) if not r.params.greedy]
     groups = []
     if greedy:
-        groups.append(
-            (greedy, greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth))
-        )
+        groups.append((greedy, greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth)))
     if sampled:
         params, rng = rows(
             [active[b].params for b in sampled],

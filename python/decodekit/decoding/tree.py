@@ -92,9 +92,7 @@ class Tree:
             seen.add(t)
         for t in norm:
             if len(t) > num_heads:
-                raise ValueError(
-                    f"Tree: path {list(t)} has depth {len(t)}, past the number of heads ({num_heads})"
-                )
+                raise ValueError(f"Tree: path {list(t)} has depth {len(t)}, past the number of heads ({num_heads})")
             if len(t) > 1 and t[:-1] not in seen:
                 raise ValueError(f"Tree: path {list(t)} has no parent: path {list(t[:-1])} is missing")
         ordered = sorted(norm, key=lambda t: (len(t), t))
