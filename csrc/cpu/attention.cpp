@@ -9,6 +9,9 @@
 // 2022), exp by our own polynomial, then the weighted value rows added in
 // position order. The operations for a query row depend only on that row's
 // query and cached keys/values, so its result is the same for any B and Q.
+// A tree mask only removes positions from a row's walk (they are neither
+// scored nor added, exactly like positions past the row's last one), so a
+// mask allowing every earlier new token gives the causal bits.
 #include "attention.h"
 #include "cpu/common/isa.h"
 #include "cpu/common/parallel.h"
@@ -77,8 +80,9 @@ thread_local Buf<RowState> sbuf;
 thread_local Buf<int64_t> lbuf;
 thread_local Buf<char> nbuf;
 
+// mask: this sequence's [Q, Q] tree mask (0 / 1 bytes), or null for the causal rule.
 void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* table, int64_t max_blocks,
-                  int64_t n, int64_t kvh, float scale, float* out) {
+                  int64_t n, int64_t kvh, const uint8_t* mask, float scale, float* out) {
   const int64_t D = kv.head_dim, Dp = (D + kL - 1) / kL * kL;
   const int64_t group = Hq / kv.num_kv_heads;
   const int64_t rows = Q * group;  // query rows reading this KV head
@@ -104,7 +108,8 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       std::memcpy(&qbuf[r * Dp], q + (i * Hq + h) * D, static_cast<size_t>(D) * sizeof(float));
       last[r] = n - Q + i;
     }
-  const int64_t end = n;  // positions [0, n)
+  const int64_t end = n;            // positions [0, n)
+  const int64_t first_new = n - Q;  // position of new token 0 (the tree's root)
   for (int64_t t0 = 0; t0 < end; t0 += kTile) {
     const int64_t cnt = std::min<int64_t>(kTile, end - t0);
     bool present[kTile];
@@ -128,10 +133,22 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t upto = std::min<int64_t>(cnt, last[r] - t0 + 1);  // positions of this tile the row sees
       if (upto <= 0) continue;
+      // The positions of the tile this row reads: the readable ones, less those its tree mask
+      // leaves out (query i = r / group; only new tokens j <= i are looked up).
+      const bool* seen = present;
+      bool allowed[kTile];
+      if (mask != nullptr && t0 + upto > first_new) {
+        const uint8_t* mrow = mask + (r / group) * Q;
+        for (int64_t j = 0; j < upto; ++j) {
+          const int64_t pos = t0 + j;
+          allowed[j] = present[j] && (pos < first_new || mrow[pos - first_new] != 0);
+        }
+        seen = allowed;
+      }
       float s[kTile];
       for (int j = 0; j < kTile; ++j) s[j] = -kInf;
       for (int64_t j = 0; j < upto; ++j)
-        if (present[j]) s[j] = dot(&qbuf[r * Dp], kp[j], Dp) * scale;
+        if (seen[j]) s[j] = dot(&qbuf[r * Dp], kp[j], Dp) * scale;
       float tmax = -kInf;
       for (int j = 0; j < kTile; ++j) {
         tmax = s[j] > tmax ? s[j] : tmax;
@@ -148,16 +165,16 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       rs.m = m_new;
       float* a = &acc[r * Dp];
       if (Dp == 64) {
-        accumulate<4>(a, alpha, upto, present, pa, vp);
+        accumulate<4>(a, alpha, upto, seen, pa, vp);
       } else if (Dp == 128) {
-        accumulate<8>(a, alpha, upto, present, pa, vp);
+        accumulate<8>(a, alpha, upto, seen, pa, vp);
       } else if (Dp == 32) {
-        accumulate<2>(a, alpha, upto, present, pa, vp);
+        accumulate<2>(a, alpha, upto, seen, pa, vp);
       } else {
         const VF va = splat(alpha);
         for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, load_f32(a + d) * va);
         for (int64_t j = 0; j < upto; ++j) {
-          if (!present[j]) continue;
+          if (!seen[j]) continue;
           const VF pj = splat(pa[j]);
           for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, fma16(pj, load_f32(vp[j] + d), load_f32(a + d)));
         }
@@ -180,7 +197,8 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
 }  // namespace
 
 void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* block_tables,
-                     int64_t max_blocks, const int64_t* seq_lens, float scale, int num_threads, float* out) {
+                     int64_t max_blocks, const int64_t* seq_lens, const uint8_t* tree_mask, float scale,
+                     int num_threads, float* out) {
   const int64_t tasks = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
   const int nt = threads_for(tasks, num_threads);
@@ -190,7 +208,8 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
         const int64_t b = t / kv.num_kv_heads, kvh = t % kv.num_kv_heads;
         // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
         const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
-        attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, scale,
+        const uint8_t* mask = tree_mask != nullptr ? tree_mask + b * Q * Q : nullptr;
+        attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, mask, scale,
                      out + b * Q * Hq * D);
       },
       [] {

@@ -28,9 +28,17 @@ struct PagedKV {
 // its own query and the cache contents, never on B or Q. Positions whose block
 // id is out of range contribute nothing (never read); a query with no position
 // gets zeros.
+//
+// tree_mask (null: the causal rule above) is bool [B, Q, Q] as bytes (0 / 1):
+// query i of sequence b then reads the prefix 0 .. n_b - Q - 1 and the new
+// token at position n_b - Q + j only where tree_mask[b, i, j] (token trees:
+// ancestors come before descendants, so only j <= i is ever read; entries
+// with j > i are ignored). A masked-out position is never scored nor added:
+// the row's operations are those of the causal kernel with that position
+// absent, so a mask that allows every j <= i gives the causal bits.
 using PagedAttentionKernel = void(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv,
-                                  const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
-                                  int num_threads, float* out);
+                                  const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens,
+                                  const uint8_t* tree_mask, float scale, int num_threads, float* out);
 
 }  // namespace cpu
 }  // namespace decodekit

@@ -51,5 +51,35 @@ using AppendPagedKVCacheKernel = void(const KVCacheTensors& cache, int64_t num_b
                                       const KVRows& rows, const int64_t* slot_mapping, int64_t num_slots,
                                       int num_threads);
 
+// Compaction after tree verification (token trees of speculative decoding): the
+// accepted path's entries move to consecutive positions. Row b's tree starts at
+// position start[b] (the length cached before the tree); accepted_nodes[b]
+// (int64 [batch, max_accepted], row-major) lists the accepted nodes' flat
+// indices relative to start[b], in path order. For k = 0, 1, ... the entry at
+// position start[b] + accepted_nodes[b, k] (every head, key and value) is
+// copied to position start[b] + k. The path ends at the first index that is
+// negative (-1 padding) or not greater than the one before.
+//
+// In place in ascending k: the indices strictly increase from >= 0, so
+// accepted_nodes[b, k] >= k; the write of step k lands at start + k, below
+// every source still to be read (start + accepted_nodes[b, k'] >= start + k' >
+// start + k for k' > k), so no source is overwritten before it is read. An
+// entry already in place (index == k) is not copied.
+//
+// Rows with start[b] < 0 are skipped; the path stops at the first position
+// past the cache (contiguous: max_seq_len; paged: max_blocks * block_size), and
+// in the paged cache a position whose block id is outside [0, num_blocks) is
+// neither read nor written. The rows' written blocks must be distinct (the
+// wrappers check it); each (row, head) is copied by one thread.
+using CompactKVCacheKernel = void(const KVCacheTensors& cache, int64_t batch, int64_t max_seq_len, const int64_t* start,
+                                  const int64_t* accepted_nodes, int64_t max_accepted, int num_threads);
+
+// The paged cache of AppendPagedKVCacheKernel, positions read through
+// block_tables (int64 [batch, max_blocks], row-major).
+using CompactPagedKVCacheKernel = void(const KVCacheTensors& cache, int64_t num_blocks, int64_t block_size,
+                                       const int64_t* block_tables, int64_t max_blocks, int64_t batch,
+                                       const int64_t* start, const int64_t* accepted_nodes, int64_t max_accepted,
+                                       int num_threads);
+
 }  // namespace cpu
 }  // namespace decodekit

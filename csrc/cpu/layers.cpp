@@ -200,7 +200,8 @@ void decoder_layer(float* x, const DecoderLayerParams& p, int num_threads) {
                    p.num_kv_heads,
                    D,
                    p.cache.layout == KVLayout::kHND};
-  paged_attention(q, p.B, p.T, p.num_heads, kv, p.block_tables, p.max_blocks, p.seq_lens, p.scale, num_threads, attn);
+  paged_attention(q, p.B, p.T, p.num_heads, kv, p.block_tables, p.max_blocks, p.seq_lens, p.tree_mask, p.scale,
+                  num_threads, attn);
   laps.lap(Phase::kAttention);
   project(p.wo, attn, M, q_size, H, h, num_threads);
   laps.lap(Phase::kProjectO);

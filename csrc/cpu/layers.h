@@ -69,6 +69,9 @@ struct DecoderLayerParams {
   const int64_t* block_tables = nullptr;  // [B, max_blocks]
   int64_t max_blocks = 0;
   const int64_t* seq_lens = nullptr;  // [B]: cached tokens, the T new ones included
+  // [B, T, T] 0/1 bytes: the new tokens form a tree (paged_attention's tree mask), or null for
+  // the causal rule. Not reachable from the op's schema yet (kernel-level only).
+  const uint8_t* tree_mask = nullptr;
 };
 
 // One Llama block in place on the residual stream x [M, H] (float32, contiguous):

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
 #include "cuda/attention.h"
@@ -19,9 +20,12 @@ namespace {
 
 at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                const std::string& kv_layout) {
+                                const std::string& kv_layout, const std::optional<at::Tensor>& tree_mask) {
   const c10::DeviceGuard guard(query.device());
   const auto g = check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, kv_layout);
+  TORCH_CHECK_NOT_IMPLEMENTED(!tree_mask.has_value(),
+                              "decodekit: paged_attention with a tree_mask is not supported on CUDA yet "
+                              "(the CPU kernel has it); call it without tree_mask or on CPU tensors");
   TORCH_CHECK(g.D <= dk::cuda::kMaxAttentionHeadDim,
               "decodekit: the CUDA paged_attention takes head_dim <= ", dk::cuda::kMaxAttentionHeadDim, ", got ", g.D);
   TORCH_CHECK(g.Q <= 65535, "decodekit: the CUDA paged_attention takes at most 65535 query positions, got ", g.Q);

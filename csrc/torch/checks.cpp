@@ -134,9 +134,8 @@ cpu::KVLayout kv_layout_of(const std::string& s) {
 // (key_dims-D, ending in the cache's [H, D], same dtype, last dimension
 // contiguous), all on one device. Returns the kernel's view of the caches
 // (pointers left null for meta tensors).
-cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
-                                    const at::Tensor& value, const at::Tensor& index, const char* index_name,
-                                    int64_t key_dims, const char* key_shape, const std::string& kv_layout) {
+cpu::KVCacheTensors check_kv_caches(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const std::string& kv_layout) {
   const auto layout = kv_layout_of(kv_layout);
   TORCH_CHECK(k_cache.dim() == 4, "decodekit: k_cache must be 4-D, got ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "decodekit: v_cache must have the shape of k_cache ", k_cache.sizes(),
@@ -147,7 +146,28 @@ cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor&
   TORCH_CHECK(v_cache.scalar_type() == dtype, "decodekit: v_cache must have the dtype of k_cache (", dtype, "), got ",
               v_cache.scalar_type());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decodekit: k_cache and v_cache must be contiguous");
-  const int64_t H = k_cache.size(layout == cpu::KVLayout::kNHD ? 2 : 1), D = k_cache.size(3);
+  TORCH_CHECK(v_cache.device() == k_cache.device(), "decodekit: v_cache is on ", v_cache.device(),
+              " but k_cache is on ", k_cache.device());
+  cpu::KVCacheTensors c;
+  c.elem_size = static_cast<int64_t>(k_cache.element_size());
+  c.num_heads = k_cache.size(layout == cpu::KVLayout::kNHD ? 2 : 1);
+  c.head_dim = k_cache.size(3);
+  c.layout = layout;
+  if (!k_cache.is_meta()) {
+    check_storage(k_cache, "k_cache");
+    check_storage(v_cache, "v_cache");
+    c.k = k_cache.data_ptr();
+    c.v = v_cache.data_ptr();
+  }
+  return c;
+}
+
+cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
+                                    const at::Tensor& value, const at::Tensor& index, const char* index_name,
+                                    int64_t key_dims, const char* key_shape, const std::string& kv_layout) {
+  const cpu::KVCacheTensors c = check_kv_caches(k_cache, v_cache, kv_layout);
+  const auto dtype = k_cache.scalar_type();
+  const int64_t H = c.num_heads, D = c.head_dim;
   for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}}) {
     TORCH_CHECK(t->dim() == key_dims, "decodekit: ", name, " must be ", key_dims, "-D ", key_shape, ", got ",
                 t->sizes());
@@ -162,19 +182,40 @@ cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor&
               value.sizes());
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous(), "decodekit: ", index_name,
               " must be a contiguous 1-D int64 tensor, got ", index.sizes(), " ", index.scalar_type());
-  for (auto [t, name] : {std::pair{&v_cache, "v_cache"}, {&key, "key"}, {&value, "value"}, {&index, index_name}})
+  for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}, {&index, index_name}})
     TORCH_CHECK(t->device() == k_cache.device(), "decodekit: ", name, " is on ", t->device(), " but k_cache is on ",
                 k_cache.device());
-  cpu::KVCacheTensors c;
-  c.elem_size = static_cast<int64_t>(k_cache.element_size());
-  c.num_heads = H;
-  c.head_dim = D;
-  c.layout = layout;
-  if (!k_cache.is_meta()) {
-    c.k = k_cache.data_ptr();
-    c.v = v_cache.data_ptr();
-  }
   return c;
+}
+
+int64_t check_kv_compact(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,
+                         const at::Tensor& start, const at::Tensor& accepted_nodes) {
+  const int64_t B = accepted_nodes.dim() == 2 ? accepted_nodes.size(0) : -1;
+  TORCH_CHECK_VALUE(B >= 0 && accepted_nodes.scalar_type() == at::kLong && accepted_nodes.is_contiguous(),
+                    "decodekit: accepted_nodes must be a contiguous int64 [B, L] tensor, got ", accepted_nodes.sizes(),
+                    " ", accepted_nodes.scalar_type());
+  TORCH_CHECK_VALUE(start.dim() == 1 && start.size(0) == B && start.scalar_type() == at::kLong && start.is_contiguous(),
+                    "decodekit: start must be a contiguous int64 [B=", B, "] tensor, got ", start.sizes(), " ",
+                    start.scalar_type());
+  if (block_tables.has_value()) {
+    TORCH_CHECK_VALUE(block_tables->dim() == 2 && block_tables->size(0) == B &&
+                          block_tables->scalar_type() == at::kLong && block_tables->is_contiguous(),
+                      "decodekit: block_tables must be a contiguous int64 [B=", B, ", max_blocks] tensor, got ",
+                      block_tables->sizes(), " ", block_tables->scalar_type());
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == B, "decodekit: accepted_nodes has ", B,
+                      " rows but the cache has B=", k_cache.size(0));
+  }
+  for (auto [t, name] : {std::pair{&start, "start"}, {&accepted_nodes, "accepted_nodes"}})
+    TORCH_CHECK_VALUE(t->device() == k_cache.device(), "decodekit: ", name, " is on ", t->device(),
+                      " but k_cache is on ", k_cache.device());
+  if (block_tables.has_value()) {
+    TORCH_CHECK_VALUE(block_tables->device() == k_cache.device(), "decodekit: block_tables is on ",
+                      block_tables->device(), " but k_cache is on ", k_cache.device());
+    check_storage(*block_tables, "block_tables");
+  }
+  for (auto [t, name] : {std::pair{&start, "start"}, {&accepted_nodes, "accepted_nodes"}}) check_storage(*t, name);
+  return B;
 }
 
 void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens) {
@@ -219,6 +260,19 @@ PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tens
   g.block_size = hnd ? k_cache.size(2) : k_cache.size(1);
   g.max_blocks = block_tables.size(1);
   return g;
+}
+
+void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tensor& query) {
+  if (!tree_mask.has_value()) return;
+  const at::Tensor& m = *tree_mask;
+  const int64_t B = query.size(0), Q = query.size(1);
+  TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) == Q && m.size(2) == Q,
+                    "decodekit: tree_mask must be [B=", B, ", Q=", Q, ", Q=", Q, "], got ", m.sizes());
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "decodekit: tree_mask must be bool, got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.is_contiguous(), "decodekit: tree_mask must be contiguous");
+  TORCH_CHECK_VALUE(m.device() == query.device(), "decodekit: tree_mask is on ", m.device(), " but query is on ",
+                    query.device());
+  check_storage(m, "tree_mask");
 }
 
 // --------------------------------------------------------------- layers ----
@@ -461,6 +515,44 @@ ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, 
   g.offset = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
   g.B = B, g.K = K, g.V = V;
   return g;
+}
+
+TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int64_t max_depth) {
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kLong && parents.scalar_type() == at::kLong,
+                   "decodekit: candidates and parents must be int64, got ", candidates.scalar_type(), " and ",
+                   parents.scalar_type());
+  TORCH_CHECK_VALUE(candidates.dim() == 2 && parents.sizes() == candidates.sizes(),
+                    "decodekit: candidates and parents must both be [B, N], got ", candidates.sizes(), " and ",
+                    parents.sizes());
+  TORCH_CHECK_VALUE(candidates.is_contiguous() && parents.is_contiguous(),
+                    "decodekit: candidates and parents must be contiguous");
+  TORCH_CHECK_VALUE(parents.device() == candidates.device(), "decodekit: parents are on ", parents.device(),
+                    " but candidates on ", candidates.device());
+  const int64_t B = candidates.size(0), N = candidates.size(1);
+  TORCH_CHECK_VALUE(N >= 1 && N <= (int64_t{1} << 16),
+                    "decodekit: a tree has N in [1, 65536] nodes (node 0 the root), got N=", N);
+  TORCH_CHECK_VALUE(max_depth >= 0 && max_depth <= N - 1, "decodekit: max_depth must be in [0, N - 1 = ", N - 1,
+                    "], got ", max_depth);
+  check_storage(candidates, "candidates");
+  check_storage(parents, "parents");
+  return TreeDims{B, N};
+}
+
+int64_t check_tree_probs(const TreeDims& t, const at::Tensor& candidates, const at::Tensor& target_probs,
+                         int64_t vocab_size) {
+  TORCH_CHECK_TYPE(target_probs.scalar_type() == at::kFloat, "decodekit: target_probs must be float32, got ",
+                   target_probs.scalar_type());
+  TORCH_CHECK_VALUE(target_probs.dim() == 3 && target_probs.size(0) == t.B && target_probs.size(1) == t.N &&
+                        target_probs.is_contiguous(),
+                    "decodekit: target_probs must be a contiguous float32 [B=", t.B, ", N=", t.N, ", V] tensor, got ",
+                    target_probs.sizes());
+  TORCH_CHECK_VALUE(target_probs.device() == candidates.device(), "decodekit: target_probs are on ",
+                    target_probs.device(), " but candidates on ", candidates.device());
+  const int64_t V = target_probs.size(2);
+  TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= V, "decodekit: vocab_size must be in [1, V=", V, "], got ",
+                    vocab_size);
+  check_storage(target_probs, "target_probs");
+  return V;
 }
 
 void require_meta(const at::Tensor& x, const char* name) {

@@ -88,11 +88,20 @@ using SampleResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 // last dimension contiguous) and the index (contiguous 1-D int64), all on one
 // device. Returns the kernels' view of the caches (null pointers on meta).
 cpu::KVLayout kv_layout_of(const std::string& s);
+// The two caches alone (4-D, one shape, dtype float32 / float16 / bfloat16,
+// contiguous, one device).
+cpu::KVCacheTensors check_kv_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const std::string& kv_layout);
 cpu::KVCacheTensors check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& key,
                                     const at::Tensor& value, const at::Tensor& index, const char* index_name,
                                     int64_t key_dims, const char* key_shape, const std::string& kv_layout);
 void check_contiguous_append(const at::Tensor& k_cache, const at::Tensor& key, const at::Tensor& seq_lens);
 void check_paged_append(const at::Tensor& key, const at::Tensor& slot_mapping);
+// compact_kv_cache / compact_paged_kv_cache: accepted_nodes contiguous int64
+// [B, L], start contiguous int64 [B], block_tables (paged) contiguous int64
+// [B, max_blocks], else B = the contiguous cache's rows; all on k_cache's
+// device. Returns B.
+int64_t check_kv_compact(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,
+                         const at::Tensor& start, const at::Tensor& accepted_nodes);
 
 // ------------------------------------------------------------ attention ----
 // Checks of paged_attention (CPU and CUDA): query contiguous float32 [B, Q,
@@ -107,6 +116,9 @@ struct PagedAttentionDims {
 PagedAttentionDims check_paged_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                          const std::string& kv_layout);
+// The optional tree mask of paged_attention: contiguous bool [B, Q, Q] on the
+// query's device (its values are not read here).
+void check_tree_mask(const std::optional<at::Tensor>& tree_mask, const at::Tensor& query);
 
 // --------------------------------------------------------------- layers ----
 // The GGML block type of a quantized weight ("q4_1", "q8_0"): false for any
@@ -166,6 +178,17 @@ ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, 
                                   const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,
                                   int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,
                                   int64_t vocab_size);
+
+// Checks of the tree ops (CPU and CUDA): candidates and parents contiguous int64
+// [B, N] on one device with 1 <= N <= 2^16 (node n's Philox stream is 2^16 + n);
+// max_depth in [0, N - 1]. Returns B and N.
+struct TreeDims {
+  int64_t B = 0, N = 0;
+};
+TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int64_t max_depth);
+// target_probs contiguous float32 [B, N, V] on the tree's device, vocab_size in [1, V]; returns V.
+int64_t check_tree_probs(const TreeDims& t, const at::Tensor& candidates, const at::Tensor& target_probs,
+                         int64_t vocab_size);
 
 // Meta kernels: shape inference only makes sense when the main input is on
 // meta too; a single meta parameter beside real tensors is a device mismatch.

@@ -1,5 +1,5 @@
-// Torch bindings of the KV-cache family: append_kv_cache, append_paged_kv_cache
-// (CPU and Meta).
+// Torch bindings of the KV-cache family: append_kv_cache, append_paged_kv_cache,
+// compact_kv_cache, compact_paged_kv_cache (CPU and Meta).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -72,14 +72,63 @@ void append_paged_kv_cache_meta(const at::Tensor& k_cache, const at::Tensor& v_c
   check_paged_append(key, slot_mapping);
 }
 
+// compact_kv_cache / compact_paged_kv_cache: the accepted path of a verified token tree moves to
+// consecutive positions, in place (cpu/kv_cache.h).
+void compact_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& start,
+                          const at::Tensor& accepted_nodes, const std::string& kv_layout) {
+  const auto c = check_kv_caches(k_cache, v_cache, kv_layout);
+  const int64_t B = check_kv_compact(k_cache, std::nullopt, start, accepted_nodes);
+  const int64_t S = k_cache.size(c.layout == dk::cpu::KVLayout::kNHD ? 1 : 2);
+  dk::cpu::kernels().compact_kv_cache(c, B, S, start.data_ptr<int64_t>(), accepted_nodes.data_ptr<int64_t>(),
+                                      accepted_nodes.size(1), dk::torch_ops::num_threads());
+}
+
+void compact_paged_kv_cache_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                const at::Tensor& start, const at::Tensor& accepted_nodes,
+                                const std::string& kv_layout) {
+  const auto c = check_kv_caches(k_cache, v_cache, kv_layout);
+  const int64_t B = check_kv_compact(k_cache, block_tables, start, accepted_nodes);
+  const int64_t block_size = k_cache.size(c.layout == dk::cpu::KVLayout::kNHD ? 1 : 2);
+  dk::cpu::kernels().compact_paged_kv_cache(c, k_cache.size(0), block_size, block_tables.data_ptr<int64_t>(),
+                                            block_tables.size(1), B, start.data_ptr<int64_t>(),
+                                            accepted_nodes.data_ptr<int64_t>(), accepted_nodes.size(1),
+                                            dk::torch_ops::num_threads());
+}
+
+void compact_kv_cache_meta(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& start,
+                           const at::Tensor& accepted_nodes, const std::string& kv_layout) {
+  for (auto [t, name] :
+       {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&start, "start"}, {&accepted_nodes, "accepted_nodes"}})
+    require_meta(*t, name);
+  check_kv_caches(k_cache, v_cache, kv_layout);
+  check_kv_compact(k_cache, std::nullopt, start, accepted_nodes);
+}
+
+void compact_paged_kv_cache_meta(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& start, const at::Tensor& accepted_nodes,
+                                 const std::string& kv_layout) {
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"},
+                         {&v_cache, "v_cache"},
+                         {&block_tables, "block_tables"},
+                         {&start, "start"},
+                         {&accepted_nodes, "accepted_nodes"}})
+    require_meta(*t, name);
+  check_kv_caches(k_cache, v_cache, kv_layout);
+  check_kv_compact(k_cache, block_tables, start, accepted_nodes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
   m.impl("append_kv_cache", &append_kv_cache_cpu);
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_cpu);
+  m.impl("compact_kv_cache", &compact_kv_cache_cpu);
+  m.impl("compact_paged_kv_cache", &compact_paged_kv_cache_cpu);
 }
 
 TORCH_LIBRARY_IMPL(decodekit, Meta, m) {
   m.impl("append_kv_cache", &append_kv_cache_meta);
   m.impl("append_paged_kv_cache", &append_paged_kv_cache_meta);
+  m.impl("compact_kv_cache", &compact_kv_cache_meta);
+  m.impl("compact_paged_kv_cache", &compact_paged_kv_cache_meta);
 }

@@ -58,9 +58,23 @@ TORCH_LIBRARY(decodekit, m) {
   m.def(
       "greedy_verify(Tensor draft_token_ids, Tensor target, int vocab_size) "
       "-> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted)");
+  // Draft trees: candidates / parents int64 [B, N] (node 0 the root, -1 padding / the root's parent),
+  // target_probs float32 [B, N, V]; outputs [B, max_depth + 1], [B], [B], [B, max_depth + 1].
+  m.def(
+      "tree_speculative_sampling(Tensor candidates, Tensor parents, Tensor target_probs, Tensor? seed, int seed_val, "
+      "Tensor? offset, int offset_val, int vocab_size, int max_depth) "
+      "-> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted, Tensor accepted_nodes)");
+  m.def(
+      "typical_acceptance(Tensor candidates, Tensor parents, Tensor target_probs, Tensor? epsilon, float epsilon_val, "
+      "Tensor? delta, float delta_val, Tensor? seed, int seed_val, Tensor? offset, int offset_val, int vocab_size, "
+      "int max_depth) -> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted, Tensor accepted_nodes)");
+  // target: float logits [B, N, V] or int64 target token ids [B, N].
+  m.def(
+      "greedy_tree_verify(Tensor candidates, Tensor parents, Tensor target, int vocab_size, int max_depth) "
+      "-> (Tensor output_token_ids, Tensor num_accepted, Tensor num_emitted, Tensor accepted_nodes)");
   m.def(
       "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-      "float scale, str kv_layout) -> Tensor");
+      "float scale, str kv_layout, Tensor? tree_mask=None) -> Tensor");
   // KV cache: write new keys/values into the caches in place.
   m.def(
       "append_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor seq_lens, "
@@ -68,4 +82,11 @@ TORCH_LIBRARY(decodekit, m) {
   m.def(
       "append_paged_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, "
       "Tensor slot_mapping, str kv_layout) -> ()");
+  // KV cache after tree verification: move each row's accepted path to consecutive positions in place.
+  m.def(
+      "compact_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor start, Tensor accepted_nodes, "
+      "str kv_layout) -> ()");
+  m.def(
+      "compact_paged_kv_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tables, Tensor start, "
+      "Tensor accepted_nodes, str kv_layout) -> ()");
 }

@@ -8,10 +8,11 @@ Ops (validated wrappers of ``torch.ops.decodekit.*``, one module per family in
     penalties: apply_penalties;
     layers: linear (batch-invariant x @ W.T + b, float32 or QuantizedWeight), rms_norm, silu_and_mul, rope_,
     decoder_layer (one Llama block of the paged forward in one call);
-    kv_cache: append_kv_cache, append_paged_kv_cache;
-    attention: paged_attention;
+    kv_cache: append_kv_cache, append_paged_kv_cache, compact_kv_cache, compact_paged_kv_cache;
+    attention: paged_attention, tree_mask_from_parents;
     speculative: chain_speculative_sampling, chain_speculative_sampling_from_logits,
-    greedy_verify, SpeculativeOutput.
+    greedy_verify, SpeculativeOutput; trees: tree_speculative_sampling, typical_acceptance,
+    greedy_tree_verify, TreeOutput.
 
 KV-cache managers (:mod:`decodekit.cache`): ContiguousKVCache, PagedKVCache, OutOfBlocksError.
 
@@ -20,7 +21,7 @@ Sampling parameters (:mod:`decodekit.params`): SamplingParams, validated once.
 Threads: set_num_threads, get_num_threads (the CPU kernels' thread count; see :mod:`decodekit._threads`).
 
 Decode loop (:mod:`decodekit.decoding`): generate (plain), speculative_generate (with a
-drafter: NgramDrafter, DraftModelDrafter, or any :class:`Drafter`), GenerationResult; vote
+drafter: NgramDrafter, DraftModelDrafter, MedusaDrafter, or any :class:`Drafter`), GenerationResult; vote
 (majority of ``n`` samples, Vote), confidence (greedy vs sampled, Confidence).
 """
 
@@ -34,6 +35,7 @@ from .decoding import (
     Drafter,
     DraftModelDrafter,
     GenerationResult,
+    MedusaDrafter,
     NgramDrafter,
     SpeculativeResult,
     Vote,
@@ -46,14 +48,18 @@ from .ops import (
     QuantizedWeight,
     SamplingOutput,
     SpeculativeOutput,
+    TreeOutput,
     append_kv_cache,
     append_paged_kv_cache,
     apply_penalties,
     argmax,
     chain_speculative_sampling,
     chain_speculative_sampling_from_logits,
+    compact_kv_cache,
+    compact_paged_kv_cache,
     decoder_layer,
     filter_probs,
+    greedy_tree_verify,
     greedy_verify,
     linear,
     min_p_renorm_probs,
@@ -68,6 +74,9 @@ from .ops import (
     top_k_mask_logits,
     top_k_renorm_probs,
     top_p_renorm_probs,
+    tree_mask_from_parents,
+    tree_speculative_sampling,
+    typical_acceptance,
 )
 from .params import SamplingParams
 
@@ -104,15 +113,22 @@ __all__ = [
     # kv cache, attention
     "append_kv_cache",
     "append_paged_kv_cache",
+    "compact_kv_cache",
+    "compact_paged_kv_cache",
     "ContiguousKVCache",
     "PagedKVCache",
     "OutOfBlocksError",
     "paged_attention",
+    "tree_mask_from_parents",
     # speculative
     "SpeculativeOutput",
     "chain_speculative_sampling",
     "chain_speculative_sampling_from_logits",
     "greedy_verify",
+    "TreeOutput",
+    "tree_speculative_sampling",
+    "typical_acceptance",
+    "greedy_tree_verify",
     # decoding
     "SamplingParams",
     "generate",
@@ -122,6 +138,7 @@ __all__ = [
     "Drafter",
     "NgramDrafter",
     "DraftModelDrafter",
+    "MedusaDrafter",
     "vote",
     "Vote",
     "confidence",

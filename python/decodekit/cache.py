@@ -18,7 +18,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import index_tensor
-from .ops.kv_cache import CACHE_DTYPES, IntOrInts, append_kv_cache, append_paged_kv_cache, check_kv_rows, check_layout
+from .ops.kv_cache import (
+    CACHE_DTYPES,
+    IntOrInts,
+    accepted_paths,
+    append_kv_cache,
+    append_paged_kv_cache,
+    check_kv_rows,
+    check_layout,
+    compact_kv_cache,
+    compact_paged_kv_cache,
+)
 
 __all__ = ["ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]
 
@@ -35,6 +45,39 @@ def _cache_args(cls: str, ints: Dict[str, object], dtype, kv_layout) -> Dict[str
         raise TypeError(f"{cls}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     check_layout(kv_layout, cls)
     return out
+
+
+def _accepted_tensor(accepted_nodes, B: int, name: str) -> torch.Tensor:
+    """int64 [B, L] on the CPU from an integer tensor or B lists of ints (ragged: padded with -1)."""
+    if isinstance(accepted_nodes, torch.Tensor):
+        if accepted_nodes.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: accepted_nodes must be an int32/int64 tensor, got {accepted_nodes.dtype}")
+        if accepted_nodes.dim() != 2 or accepted_nodes.size(0) != B:
+            raise ValueError(f"{name}: accepted_nodes must be [B={B}, L], got shape {tuple(accepted_nodes.shape)}")
+        return accepted_nodes.to("cpu", torch.int64).contiguous()
+    if not isinstance(accepted_nodes, (list, tuple)) or len(accepted_nodes) != B:
+        raise TypeError(f"{name}: accepted_nodes must be an int tensor [B={B}, L] or {B} lists of ints")
+    rows = []
+    for r in accepted_nodes:
+        if not isinstance(r, (list, tuple)) or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in r
+        ):
+            raise TypeError(f"{name}: accepted_nodes must be an int tensor [B={B}, L] or {B} lists of ints")
+        rows.append([operator.index(x) for x in r])
+    L = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + [-1] * (L - len(r)) for r in rows], dtype=torch.int64).view(B, L)
+
+
+def _check_tree_rows(name: str, starts: List[int], lens: List[int], paths: List[List[int]], what: str) -> None:
+    """Each row's tree starts within its length and its accepted nodes were cached."""
+    for b, (s0, n, path) in enumerate(zip(starts, lens, paths)):
+        if s0 > n:
+            raise ValueError(f"{name}: start = {s0} of {what} {b} is past its length {n}")
+        if path and s0 + path[-1] >= n:
+            raise ValueError(
+                f"{name}: accepted node {path[-1]} of {what} {b} (position {s0 + path[-1]}) was never cached "
+                f"(length {n}); append and advance the tree first"
+            )
 
 
 class ContiguousKVCache:
@@ -149,6 +192,39 @@ class ContiguousKVCache:
                 else:
                     c[seq, :, new_len:old] = 0
         self.seq_lens[seq] = new_len
+
+    def compact(self, start: IntOrInts, accepted_nodes) -> None:
+        """Keeps only the accepted path of a verified token tree in every row and layer.
+
+        Row ``b`` cached the ``Q`` nodes of a token tree (flattened, ancestors before
+        descendants) at positions ``start[b] ..`` (and advanced past them); verification
+        accepted the nodes ``accepted_nodes[b]`` (flat indices relative to ``start[b]``,
+        increasing, -1 padded). Their keys and values move to positions
+        ``start[b] .. start[b] + n_b - 1`` (:func:`decodekit.compact_kv_cache` in every layer),
+        the row's length becomes ``start[b] + n_b``, and the positions after it are zeroed:
+        the cache then holds exactly the bits it would hold had only the path been appended.
+        A row with ``start[b]`` equal to its length and no accepted node is unchanged.
+
+        Args:
+            start: an int for every row, ``B`` ints or an int ``[B]`` tensor.
+            accepted_nodes: int ``[B, L]`` tensor (-1 padded) or ``B`` lists of ints.
+
+        Raises:
+            ValueError / TypeError: ``start`` outside ``[0, seq_lens[b]]``, nodes that are not
+                strictly increasing, negative (other than trailing -1) or never cached
+                (``start + node >= seq_lens``), shapes and types; nothing changes then.
+        """
+        name = "ContiguousKVCache.compact"
+        B = self.batch_size
+        starts = index_tensor(start, "start", name, self.seq_lens.device, B).tolist()
+        acc = _accepted_tensor(accepted_nodes, B, name)
+        paths = accepted_paths(starts, acc.tolist(), name)
+        _check_tree_rows(name, starts, self.seq_lens.tolist(), paths, "row")
+        st = torch.tensor(starts, dtype=torch.int64)
+        for layer in range(self.num_layers):
+            compact_kv_cache(self.k[layer], self.v[layer], st, acc, kv_layout=self.kv_layout, validate=False)
+        for b, (s0, path) in enumerate(zip(starts, paths)):
+            self.truncate(b, s0 + len(path))
 
 
 class OutOfBlocksError(RuntimeError):
@@ -451,6 +527,76 @@ class PagedKVCache:
         del table[keep:]
         self._lens[s] = new_len
         self._step = None
+
+    def compact(self, seq_ids: IntOrInts, start: IntOrInts, accepted_nodes) -> None:
+        """Keeps only the accepted path of a verified token tree in the given sequences.
+
+        Sequence ``seq_ids[b]`` cached the ``Q`` nodes of a token tree (flattened, ancestors
+        before descendants) at positions ``start[b] ..`` and advanced past them; verification
+        accepted the nodes ``accepted_nodes[b]`` (flat indices relative to ``start[b]``,
+        increasing, -1 padded). In every layer their keys and values move to positions
+        ``start[b] .. start[b] + n_b - 1`` (:func:`decodekit.compact_paged_kv_cache`), then the
+        sequence is truncated to ``start[b] + n_b`` (:meth:`truncate`: the rest zeroed, whole
+        blocks past it released). The pool then holds, for these sequences, exactly the bits
+        it would hold had only the path been appended.
+
+        A block shared with a fork (:meth:`fork`) is never written: each shared block that a
+        move or the truncation would write is first copied into a free block owned by the
+        sequence (the fork keeps the original). All copies are counted first, so the call
+        either completes or changes nothing.
+
+        Args:
+            seq_ids: the sequences (no repeats), length ``B``.
+            start: an int for all, ``B`` ints or an int ``[B]`` tensor: each tree's first
+                position (the length before it).
+            accepted_nodes: int ``[B, L]`` tensor (-1 padded) or ``B`` lists of ints.
+
+        Raises:
+            OutOfBlocksError: shared blocks to copy but not enough free blocks.
+            ValueError / TypeError: unknown or repeated ids, ``start`` past a length, nodes not
+                strictly increasing, negative (other than trailing -1) or never cached; nothing
+                changes then.
+        """
+        name = "PagedKVCache.compact"
+        ids = self._seq_list(seq_ids, "compact")
+        B, bs = len(ids), self.block_size
+        starts = index_tensor(start, "start", name, torch.device("cpu"), B).tolist()
+        acc = _accepted_tensor(accepted_nodes, B, name)
+        paths = accepted_paths(starts, acc.tolist(), name)
+        _check_tree_rows(name, starts, [self._lens[s] for s in ids], paths, "sequence")
+        # The table columns each sequence writes: the moved positions, and the tail of the last
+        # kept block that the truncation zeroes.
+        writes = []
+        for s, s0, path in zip(ids, starts, paths):
+            cols = set()
+            moved = [k for k, node in enumerate(path) if node != k]
+            if moved:
+                cols.update(range((s0 + moved[0]) // bs, (s0 + len(path) - 1) // bs + 1))
+            new_len = s0 + len(path)
+            if new_len % bs and new_len // bs < len(self._tables[s]):
+                cols.add(new_len // bs)
+            writes.append(sorted(c for c in cols if self._refs[self._tables[s][c]] > 1))
+        copies = sum(len(c) for c in writes)
+        if copies > len(self._free):
+            raise OutOfBlocksError(
+                f"{name}: copying {copies} blocks shared with forks needs {copies} free blocks but only "
+                f"{len(self._free)} of {self.num_blocks} are free; free or truncate sequences"
+            )
+        for s, cols in zip(ids, writes):
+            for c in cols:
+                self._tables[s][c] = self._copy_block(self._tables[s][c], "compact")
+        width = max((len(self._tables[s]) for s in ids), default=0)
+        tables = torch.full((B, width), -1, dtype=torch.int64)
+        for b, s in enumerate(ids):
+            if self._tables[s]:
+                tables[b, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int64)
+        st = torch.tensor(starts, dtype=torch.int64)
+        for layer in range(self.num_layers):
+            compact_paged_kv_cache(
+                self.k[layer], self.v[layer], tables, st, acc, kv_layout=self.kv_layout, validate=False
+            )  # written blocks are private to their sequence after the copies above
+        for s, s0, path in zip(ids, starts, paths):
+            self.truncate(s, s0 + len(path))
 
     def _copy_block(self, src: int, name: str) -> int:
         """A fresh block holding a copy of block ``src`` in every layer; drops one reference

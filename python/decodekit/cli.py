@@ -111,10 +111,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speculative",
-        choices=["ngram", "draft"],
+        choices=["ngram", "draft", "medusa"],
         default=None,
         help="speculative decoding with this drafter: ngram = prompt lookup, draft = the trained "
-        "draft model (see --draft-model)",
+        "draft model (see --draft-model), medusa = the shipped Medusa heads and tree",
+    )
+    p.add_argument(
+        "--acceptance",
+        choices=["lossless", "typical"],
+        default="lossless",
+        help="with --speculative medusa: lossless tree verification (default) or Medusa's typical "
+        "acceptance (lossy)",
     )
     p.add_argument(
         "--draft-model",
@@ -291,6 +298,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     try:
         if drafter:
+            if drafter == "medusa":
+                kwargs["acceptance"] = args.acceptance
+            elif args.acceptance != "lossless":
+                print("decodekit: error: --acceptance needs --speculative medusa", file=sys.stderr)
+                return 1
             result = speculative_generate(
                 prompts if batched else prompts[0], drafter=drafter, num_draft_tokens=args.num_draft_tokens, **kwargs
             )

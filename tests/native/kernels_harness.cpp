@@ -189,7 +189,11 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     for (int i = 0; i < 12; ++i) tables[i] = i;
     tables[11] = 99;  // out of range: never read
     const cpu::PagedKV kv{kc.data(), vc.data(), dk::ScalarKind::kFloat32, nb, bs, Hkv, D, false};
-    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), 0.125f, threads, ao.data());
+    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), nullptr, 0.125f, threads, ao.data());
+    h = fnv(h, ao);
+    // a tree mask [2, 3, 3] (entries above the diagonal set: never read), one row reading nothing
+    std::vector<uint8_t> tree = {1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1};
+    k.paged_attention(q.data(), 2, 3, 6, kv, tables.data(), 6, lens.data(), tree.data(), 0.125f, threads, ao.data());
     h = fnv(h, ao);
     cpu::KVCacheTensors c;
     c.k = kc.data();
@@ -209,6 +213,21 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     c.layout = cpu::KVLayout::kHND;
     k.append_paged_kv_cache(c, nb, bs, r, slots.data(), 5, threads);
     h = fnv(h, kc);
+    // compactions with awkward data: a non-increasing index, one past the table, a bad block id,
+    // negative and huge starts; nothing may be touched out of bounds
+    std::vector<int64_t> ctables = {3, 7, 99, 0, 5, -1, 11, 2, 4, 1, 6, 8};  // [3, 4]
+    std::vector<int64_t> cstart = {2, -4, (int64_t{1} << 62)}, cacc = {0, 3, 5, 2, 1, 9, -1, 4, 0, 1, 2, 3};
+    for (auto layout : {cpu::KVLayout::kNHD, cpu::KVLayout::kHND}) {
+      c.layout = layout;
+      k.compact_paged_kv_cache(c, nb, bs, ctables.data(), 4, 3, cstart.data(), cacc.data(), 4, threads);
+      cstart[1] = 5;
+      k.compact_paged_kv_cache(c, nb, bs, ctables.data(), 4, 3, cstart.data(), cacc.data(), 4, threads);
+      // the pool seen as a contiguous cache of 3 rows of nb * bs / 3 positions
+      k.compact_kv_cache(c, 3, nb * bs / 3, cstart.data(), cacc.data(), 4, threads);
+      cstart[1] = -4;
+    }
+    h = fnv(h, kc);
+    h = fnv(h, vc);
   }
   // One decoder block: 2 sequences x 3 new tokens (6 and 0 cached), float32 then Q8_0 weights
   // (random scales and quants), NHD then HND.

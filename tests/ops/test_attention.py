@@ -166,3 +166,274 @@ def test_meta_tensors():
         q, k, k, torch.zeros(2, 3, dtype=torch.int32, device="meta"), torch.zeros(2, dtype=torch.int64, device="meta")
     )
     assert out.device.type == "meta" and out.shape == (2, 3, 4, 16) and out.dtype == torch.float32
+
+
+# ------------------------------------------------------------- tree masks ----
+from decodekit import tree_mask_from_parents  # noqa: E402
+
+
+def random_parents(g, B, Q):
+    """[B, Q] int64 parents of random token trees in flat order: node 0 is a root, every other
+    node's parent is an earlier node (or, rarely, -1: a second root)."""
+    p = torch.empty(B, Q, dtype=torch.int64)
+    for b in range(B):
+        for i in range(Q):
+            if i == 0 or torch.rand(1, generator=g).item() < 0.1:
+                p[b, i] = -1
+            else:
+                p[b, i] = torch.randint(0, i, (1,), generator=g).item()
+    return p
+
+
+def ancestors_mask(parents):
+    """The ancestor-or-self closure by walking up the parent links (plain Python)."""
+    B, Q = parents.shape
+    m = torch.zeros(B, Q, Q, dtype=torch.bool)
+    for b in range(B):
+        for i in range(Q):
+            j = i
+            while j >= 0:
+                m[b, i, j] = True
+                j = int(parents[b, j])
+    return m
+
+
+def sdpa_with_mask(q, k, v, tables, lens, layout, scale, tree_mask):
+    """Gather each sequence and run torch SDPA in float64 with the explicit boolean mask:
+    every prefix position, then the tree mask over the Q new tokens."""
+    B, Q, Hq, D = q.shape
+    out = torch.empty(B, Q, Hq, D, dtype=torch.float64)
+    bs = k.size(1) if layout == "NHD" else k.size(2)
+    for b in range(B):
+        n = int(lens[b])
+        blocks = tables[b, : (n + bs - 1) // bs].long()
+        kk, vv = k[blocks], v[blocks]
+        if layout == "HND":
+            kk, vv = kk.permute(0, 2, 1, 3), vv.permute(0, 2, 1, 3)
+        kk = kk.reshape(-1, kk.size(2), D)[:n].double()
+        vv = vv.reshape(-1, vv.size(2), D)[:n].double()
+        rep = Hq // kk.size(1)
+        kk, vv = kk.repeat_interleave(rep, 1).transpose(0, 1), vv.repeat_interleave(rep, 1).transpose(0, 1)
+        mask = torch.ones(Q, n, dtype=torch.bool)
+        mask[:, n - Q :] = tree_mask[b]
+        out[b] = torch.nn.functional.scaled_dot_product_attention(
+            q[b].double().transpose(0, 1), kk, vv, attn_mask=mask, scale=scale
+        ).transpose(0, 1)
+    return out
+
+
+def test_tree_mask_from_parents_hand_case():
+    #       0
+    #      / \
+    #     1   2        node 4 is a second root
+    #     |
+    #     3
+    parents = torch.tensor([[-1, 0, 0, 1, -1]])
+    expected = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert tree_mask_from_parents(parents)[0].int().tolist() == expected
+    assert tree_mask_from_parents(parents.int()).dtype == torch.bool
+    assert tree_mask_from_parents(torch.empty(2, 0, dtype=torch.int64)).shape == (2, 0, 0)
+
+
+def test_tree_mask_from_parents_random_trees():
+    g = torch.Generator().manual_seed(40)
+    for B, Q in ((1, 1), (3, 7), (2, 40)):
+        p = random_parents(g, B, Q)
+        assert torch.equal(tree_mask_from_parents(p), ancestors_mask(p))
+
+
+def test_tree_mask_from_parents_errors():
+    with pytest.raises(ValueError, match=r"parents\[0, 2\] = 2"):
+        tree_mask_from_parents(torch.tensor([[-1, 0, 2]]))  # a node its own parent
+    with pytest.raises(ValueError, match=r"parents\[1, 1\] = 3"):
+        tree_mask_from_parents(torch.tensor([[-1, 0, 1, 1], [-1, 3, 0, 0]]))  # a parent after its child
+    with pytest.raises(ValueError, match=r"parents\[0, 1\] = -2"):
+        tree_mask_from_parents(torch.tensor([[-1, -2]]))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        tree_mask_from_parents(torch.tensor([[-1.0, 0.0]]))
+    with pytest.raises(ValueError, match="2-D"):
+        tree_mask_from_parents(torch.tensor([-1, 0]))
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize(
+    "B,Q,Hq,Hkv,D,bs,prefix",
+    [
+        (1, 1, 4, 2, 64, 16, [0]),
+        (1, 9, 8, 2, 64, 16, [21]),
+        (3, 6, 9, 3, 64, 16, [3, 40, 100]),
+        (3, 20, 8, 2, 48, 8, [0, 13, 30]),  # the tree crosses tile boundaries (tiles of 16)
+        (2, 5, 6, 1, 80, 32, [70, 2]),
+    ],
+)
+def test_tree_mask_matches_sdpa_with_the_same_mask(layout, B, Q, Hq, Hkv, D, bs, prefix):
+    lens = [p + Q for p in prefix]
+    q, k, v, tables, sl = make_case(B * 1000 + Q, B, Q, Hq, Hkv, D, bs, lens, layout)
+    g = torch.Generator().manual_seed(B * 10 + Q)
+    mask = tree_mask_from_parents(random_parents(g, B, Q))
+    scale = 1 / math.sqrt(D)
+    out = paged_attention(q, k, v, tables, sl, kv_layout=layout, tree_mask=mask)
+    ref = sdpa_with_mask(q, k, v, tables, sl, layout, scale, mask)
+    assert out.dtype == torch.float32 and out.shape == (B, Q, Hq, D)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    # and the plain-torch reference of tests/reference/ with the same mask
+    torch.testing.assert_close(
+        out, paged_attention_reference(q, k, v, tables, sl, kv_layout=layout, tree_mask=mask), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize(
+    "dtype,D", [(torch.float32, 64), (torch.float32, 40), (torch.float16, 128), (torch.bfloat16, 32)]
+)
+def test_chain_mask_gives_the_bits_of_the_causal_path(layout, dtype, D):
+    # Every new token may read every earlier one (a chain): exactly the causal rule, so the
+    # masked kernel must skip nothing and give the unmasked bits.
+    B, Q = 3, 18
+    q, k, v, tables, sl = make_case(21, B, Q, 8, 2, D, 16, [Q, Q + 7, Q + 50], layout, dtype)
+    chain = torch.ones(Q, Q, dtype=torch.bool).tril().expand(B, Q, Q).contiguous()
+    plain = paged_attention(q, k, v, tables, sl, kv_layout=layout)
+    assert torch.equal(paged_attention(q, k, v, tables, sl, kv_layout=layout, tree_mask=chain), plain)
+    chain_parents = (torch.arange(Q) - 1).expand(B, Q)
+    assert torch.equal(tree_mask_from_parents(chain_parents), chain)
+
+
+def test_tree_mask_rows_bit_identical_whatever_b():
+    B, Q = 4, 11
+    q, k, v, tables, sl = make_case(22, B, Q, 9, 3, 64, 16, [Q + 4, Q + 60, Q, Q + 17])
+    mask = tree_mask_from_parents(random_parents(torch.Generator().manual_seed(23), B, Q))
+    full = paged_attention(q, k, v, tables, sl, tree_mask=mask)
+    for b in range(B):
+        alone = paged_attention(q[b : b + 1], k, v, tables[b : b + 1], sl[b : b + 1], tree_mask=mask[b : b + 1])
+        assert torch.equal(alone[0], full[b])
+    for b in (0, 2):  # in another batch, next to other rows
+        idx = torch.tensor([b, 3, 1])
+        mixed = paged_attention(q[idx], k, v, tables[idx], sl[idx], tree_mask=mask[idx])
+        assert torch.equal(mixed[0], full[b])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(paged_attention(q, k, v, tables, sl, tree_mask=mask), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_masked_out_keys_are_never_read():
+    # A NaN key or value at a masked-out node leaves the rows that do not read it finite and
+    # unchanged: the kernel skips the position instead of scoring it.
+    B, Q, bs = 1, 4, 16
+    q, k, v, tables, sl = make_case(24, B, Q, 4, 2, 32, bs, [10 + Q])
+    mask = tree_mask_from_parents(torch.tensor([[-1, 0, 0, 1]]))  # node 2 is read only by itself
+    before = paged_attention(q, k, v, tables, sl, tree_mask=mask)
+    pos = 10 + 2
+    blk = int(tables[0, pos // bs])
+    k2, v2 = k.clone(), v.clone()
+    k2[blk, pos % bs] = float("nan")
+    v2[blk, pos % bs] = float("nan")
+    after = paged_attention(q, k2, v2, tables, sl, tree_mask=mask)
+    for i in (0, 1, 3):
+        assert torch.equal(after[0, i], before[0, i])
+    assert torch.isnan(after[0, 2]).all()
+
+
+def test_tree_mask_errors():
+    B, Q = 2, 3
+    q, k, v, tables, sl = make_case(25, B, Q, 4, 2, 16, 4, [5, 9])
+    good = tree_mask_from_parents(torch.tensor([[-1, 0, 0], [-1, 0, 1]]))
+    with pytest.raises(ValueError, match=r"tree_mask must be \[B=2, Q=3, Q=3\]"):
+        paged_attention(q, k, v, tables, sl, tree_mask=good[:1])
+    with pytest.raises(ValueError, match=r"tree_mask must be \[B=2, Q=3, Q=3\]"):
+        paged_attention(q, k, v, tables, sl, tree_mask=good[:, :2])
+    with pytest.raises(TypeError, match="tree_mask must be bool"):
+        paged_attention(q, k, v, tables, sl, tree_mask=good.int())
+    with pytest.raises(TypeError, match="tree_mask must be a bool torch.Tensor"):
+        paged_attention(q, k, v, tables, sl, tree_mask=[[True]])
+    above = good.clone()
+    above[1, 0, 2] = True
+    with pytest.raises(ValueError, match=r"j > i.*\[\[1, 0, 2\]\]"):
+        paged_attention(q, k, v, tables, sl, tree_mask=above)
+    no_diag = good.clone()
+    no_diag[0, 1, 1] = False
+    with pytest.raises(ValueError, match=r"tree_mask\[b, i, i\] must be True.*\[\[0, 1\]\]"):
+        paged_attention(q, k, v, tables, sl, tree_mask=no_diag)
+    # The raw op checks shape and dtype too (never reads out of bounds).
+    op = torch.ops.decodekit.paged_attention
+    args = (q, k, v, tables.long(), sl.long(), 0.25, "NHD")
+    with pytest.raises(ValueError, match="tree_mask must be"):
+        op(*args, good[:, :2].contiguous())
+    with pytest.raises(TypeError, match="tree_mask must be bool"):
+        op(*args, good.to(torch.uint8))
+    with pytest.raises(ValueError, match="contiguous"):
+        op(*args, good.transpose(1, 2))
+
+
+def test_tree_mask_without_validation_ignores_entries_above_the_diagonal():
+    # validate=False: entries with j > i are never looked at; a row whose diagonal is False
+    # and whose prefix is empty reads nothing and gets zeros.
+    B, Q = 1, 3
+    q, k, v, tables, sl = make_case(26, B, Q, 4, 2, 16, 4, [Q])
+    good = tree_mask_from_parents(torch.tensor([[-1, 0, 0]]))
+    ref = paged_attention(q, k, v, tables, sl, tree_mask=good)
+    noisy = good | torch.ones(Q, Q, dtype=torch.bool).triu(1)
+    assert torch.equal(paged_attention(q, k, v, tables, sl, tree_mask=noisy, validate=False), ref)
+    lonely = good.clone()
+    lonely[0, 0, 0] = False  # node 0: no prefix, not itself -> nothing to read
+    out = paged_attention(q, k, v, tables, sl, tree_mask=lonely, validate=False)
+    assert (out[0, 0] == 0).all() and torch.equal(out[0, 1:], ref[0, 1:])
+
+
+def test_tree_mask_opcheck_and_meta():
+    q, k, v, tables, sl = make_case(27, 2, 3, 4, 2, 16, 4, [5, 9])
+    mask = tree_mask_from_parents(torch.tensor([[-1, 0, 0], [-1, 0, 1]]))
+    torch.library.opcheck(
+        torch.ops.decodekit.paged_attention.default, (q, k, v, tables.long(), sl.long(), 0.25, "NHD", mask)
+    )
+    m = lambda t: t.to("meta")  # noqa: E731
+    out = paged_attention(m(q), m(k), m(v), m(tables), m(sl), tree_mask=m(mask))
+    assert out.device.type == "meta" and out.shape == q.shape
+
+
+def test_tree_verification_end_to_end():
+    # A sequence appends a token tree, attends with the tree mask, keeps an accepted path
+    # (compact + truncate), then decodes on: its attention is bit-identical to that of a cache
+    # that only ever had the path appended, and the tree step's rows on the path equal
+    # (to float32 rounding) attention over the path alone.
+    from decodekit import PagedKVCache
+
+    g = torch.Generator().manual_seed(28)
+    H, Hq, D, bs, P = 2, 6, 32, 8, 13
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2, 3, 3, 4, 6]])
+    Q = parents.size(1)
+    path = [0, 1, 3, 6]  # root -> 1 -> 3 -> 6
+    kp, vp = torch.randn(P, H, D, generator=g), torch.randn(P, H, D, generator=g)
+    kt, vt = torch.randn(Q, H, D, generator=g), torch.randn(Q, H, D, generator=g)
+    qt = torch.randn(1, Q, Hq, D, generator=g)
+    k_next, v_next = torch.randn(3, H, D, generator=g), torch.randn(3, H, D, generator=g)
+    q_next = torch.randn(1, 3, Hq, D, generator=g)
+    for layout in ("NHD", "HND"):
+        tree = PagedKVCache(1, 8, bs, H, D, kv_layout=layout)
+        only = PagedKVCache(1, 8, bs, H, D, kv_layout=layout)
+        s, r = tree.add_sequence(), only.add_sequence()
+        for c, seq, keys, vals in (
+            (tree, s, torch.cat([kp, kt]), torch.cat([vp, vt])),
+            (only, r, torch.cat([kp, kt[path]]), torch.cat([vp, vt[path]])),
+        ):
+            c.append(0, seq, keys, vals)
+            c.advance(seq, keys.size(0))
+        mask = tree_mask_from_parents(parents)
+        att = paged_attention(
+            qt, tree.k[0], tree.v[0], tree.block_table([s]), tree.seq_lens([s]), kv_layout=layout, tree_mask=mask
+        )
+        path_att = paged_attention(
+            qt[:, path], only.k[0], only.v[0], only.block_table([r]), only.seq_lens([r]), kv_layout=layout
+        )
+        torch.testing.assert_close(att[:, path], path_att, rtol=1e-5, atol=1e-6)
+        tree.compact([s], [P], torch.tensor([path]))
+        assert tree.seq_lens([s]).tolist() == only.seq_lens([r]).tolist() == [P + len(path)]
+        assert tree.num_free_blocks == only.num_free_blocks
+        for c, seq in ((tree, s), (only, r)):
+            c.append(0, seq, k_next, v_next)
+            c.advance(seq, 3)
+        a = paged_attention(q_next, tree.k[0], tree.v[0], tree.block_table([s]), tree.seq_lens([s]), kv_layout=layout)
+        b = paged_attention(q_next, only.k[0], only.v[0], only.block_table([r]), only.seq_lens([r]), kv_layout=layout)
+        assert torch.equal(a, b)

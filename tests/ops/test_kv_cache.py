@@ -1,4 +1,5 @@
-"""Tests of the KV-cache writes (append_kv_cache, append_paged_kv_cache) and the cache managers
+"""Tests of the KV-cache writes (append_kv_cache, append_paged_kv_cache), the compactions after
+tree verification (compact_kv_cache, compact_paged_kv_cache) and the cache managers
 (ContiguousKVCache, PagedKVCache). Expected caches are built with plain torch indexing;
 comparisons are on the raw bits (NaN payloads included)."""
 
@@ -642,7 +643,15 @@ def test_paged_cache_argument_errors():
 
 
 def test_exports():
-    for name in ("append_kv_cache", "append_paged_kv_cache", "ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"):
+    for name in (
+        "append_kv_cache",
+        "append_paged_kv_cache",
+        "compact_kv_cache",
+        "compact_paged_kv_cache",
+        "ContiguousKVCache",
+        "PagedKVCache",
+        "OutOfBlocksError",
+    ):
         assert name in decodekit.__all__ and hasattr(decodekit, name)
 
 
@@ -665,3 +674,392 @@ def test_key_or_value_overlapping_the_cache_raises():
     src = pk.view(16, 1, 2)[:3].clone()
     append_paged_kv_cache(pk, pv, src, src, torch.tensor([5, 6, 7]))
     assert torch.equal(pk.view(16, 1, 2)[5:8], src)
+
+
+# ------------------------------------------------------------- compaction ----
+import reference as ref  # noqa: E402
+from decodekit import compact_kv_cache, compact_paged_kv_cache  # noqa: E402
+
+
+def random_paths(g, B, Q, L):
+    """[B, L] accepted nodes: increasing subsets of range(Q) (lengths 0..L), -1 padded."""
+    out = torch.full((B, L), -1, dtype=torch.int64)
+    for b in range(B):
+        n = int(torch.randint(0, min(L, Q) + 1, (1,), generator=g))
+        nodes = torch.randperm(Q, generator=g)[:n].sort().values
+        out[b, :n] = nodes
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compact_hand_cases(layout):
+    # contiguous: row 0's tree at 2..6 keeps nodes 0, 2, 4; row 1's tree at 0..3 keeps node 3
+    k = torch.arange(16.0).view(2, 8, 1, 1).expand(2, 8, 2, 3).contiguous()
+    k = nhd_view(k, layout).contiguous() if layout == "HND" else k
+    v = -k
+    compact_kv_cache(k, v, [2, 0], torch.tensor([[0, 2, 4], [3, -1, -1]]), kv_layout=layout)
+    first = nhd_view(k, layout)[:, :, 0, 0]
+    assert first.tolist() == [[0, 1, 2, 4, 6, 5, 6, 7], [11, 9, 10, 11, 12, 13, 14, 15]]
+    assert torch.equal(v, -k)
+    # paged: 3 blocks of 4 slots; the sequence's positions 0..7 live in blocks 2, 0
+    pk = torch.arange(12.0).view(3, 4, 1, 1)
+    pk = pk.transpose(1, 2).contiguous() if layout == "HND" else pk
+    pv = pk.clone()
+    compact_paged_kv_cache(pk, pv, torch.tensor([[2, 0]]), [3], torch.tensor([[1, 4]]), kv_layout=layout)
+    # tree at positions 3..7 = slots 11, 0, 1, 2, 3; node 1 (slot 0) -> position 3 (slot 11),
+    # node 4 (slot 3) -> position 4 (slot 0)
+    assert pk.flatten().tolist() == [3, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]
+    assert torch.equal(pk, pv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compact_random_against_reference(dtype, layout):
+    g = torch.Generator().manual_seed(50)
+    B, S, H, D, Q, L = 3, 40, 2, 8, 12, 6
+    shape = (B, S, H, D) if layout == "NHD" else (B, H, S, D)
+    for _ in range(4):
+        k, v = random_bits(shape, dtype, g), random_bits(shape, dtype, g)
+        start = torch.randint(0, S - Q + 1, (B,), generator=g)
+        acc = random_paths(g, B, Q, L)
+        ek, ev = ref.compact_kv_cache(k, v, start, acc, layout)
+        compact_kv_cache(k, v, start, acc, kv_layout=layout)
+        assert same_bits(k, ek) and same_bits(v, ev)
+    NB, bs = 20, 4
+    shape = (NB, bs, H, D) if layout == "NHD" else (NB, H, bs, D)
+    for _ in range(4):
+        k, v = random_bits(shape, dtype, g), random_bits(shape, dtype, g)
+        tables = torch.randperm(NB, generator=g)[: B * 6].view(B, 6)
+        start = torch.randint(0, 6 * bs - Q + 1, (B,), generator=g)
+        acc = random_paths(g, B, Q, L).int()
+        ek, ev = ref.compact_paged_kv_cache(k, v, tables, start, acc, layout)
+        compact_paged_kv_cache(k, v, tables.int(), start, acc, kv_layout=layout)
+        assert same_bits(k, ek) and same_bits(v, ev)
+
+
+def test_compact_thread_count_does_not_matter():
+    g = torch.Generator().manual_seed(51)
+    B, NB, bs, H, D, Q = 16, 200, 16, 8, 64, 40
+    k, v = torch.randn(NB, bs, H, D, generator=g), torch.randn(NB, bs, H, D, generator=g)
+    tables = torch.randperm(NB, generator=g)[: B * 12].view(B, 12)
+    start = torch.randint(0, 100, (B,), generator=g)
+    acc = random_paths(g, B, Q, 10)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            kk, vv = k.clone(), v.clone()
+            compact_paged_kv_cache(kk, vv, tables, start, acc)
+            outs.append((kk, vv))
+    finally:
+        torch.set_num_threads(threads)
+    ek, ev = ref.compact_paged_kv_cache(k, v, tables, start, acc)
+    for kk, vv in outs:
+        assert torch.equal(kk, ek) and torch.equal(vv, ev)
+
+
+def test_compact_errors_leave_cache_unchanged():
+    k, v = torch.randn(2, 10, 1, 2), torch.randn(2, 10, 1, 2)
+    pk, pv = torch.randn(4, 4, 1, 2), torch.randn(4, 4, 1, 2)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    before = [t.clone() for t in (k, v, pk, pv)]
+    acc_ok = torch.tensor([[0, 2], [1, -1]])
+    cases = [
+        (ValueError, "increase strictly", torch.tensor([[0, 2], [3, 1]])),
+        (ValueError, "increase strictly", torch.tensor([[2, 2], [0, -1]])),
+        (ValueError, "after the -1 padding", torch.tensor([[0, -1], [-1, 2]])),
+        (ValueError, "values < -1", torch.tensor([[0, -3], [0, -1]])),
+    ]
+    for exc, match, acc in cases:
+        with pytest.raises(exc, match=match):
+            compact_kv_cache(k, v, [1, 1], acc)
+        with pytest.raises(exc, match=match):
+            compact_paged_kv_cache(pk, pv, tables, [1, 1], acc)
+    with pytest.raises(ValueError, match="past the cache"):
+        compact_kv_cache(k, v, [1, 2], torch.tensor([[0, 2], [8, -1]]))  # position 10 >= S_max
+    with pytest.raises(ValueError, match="past its block table"):
+        compact_paged_kv_cache(pk, pv, tables, [1, 2], torch.tensor([[0, 2], [6, -1]]))
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        compact_kv_cache(k, v, [-1, 0], acc_ok)
+    with pytest.raises(ValueError, match=r"block_tables\[1, 1\] = 9"):
+        compact_paged_kv_cache(pk, pv, torch.tensor([[0, 1], [2, 9]]), [1, 2], torch.tensor([[0, 2], [3, -1]]))
+    with pytest.raises(ValueError, match="block 1 is moved in by rows 0 and 1"):
+        compact_paged_kv_cache(pk, pv, torch.tensor([[0, 1], [1, 3]]), [1, 0], torch.tensor([[0, 4], [2, -1]]))
+    with pytest.raises(ValueError, match=r"accepted_nodes must be \[B=2, L\]"):
+        compact_kv_cache(k, v, [1, 1], acc_ok[:1])
+    with pytest.raises(TypeError, match="accepted_nodes must be int32 or int64"):
+        compact_kv_cache(k, v, [1, 1], acc_ok.float())
+    with pytest.raises(TypeError, match="block_tables must be int32 or int64"):
+        compact_paged_kv_cache(pk, pv, tables.float(), [1, 1], acc_ok)
+    with pytest.raises(ValueError, match="kv_layout"):
+        compact_kv_cache(k, v, [1, 1], acc_ok, kv_layout="BHSD")
+    assert all(torch.equal(a, b) for a, b in zip((k, v, pk, pv), before))
+    # the raw ops check shapes and dtypes too
+    op = torch.ops.decodekit
+    with pytest.raises(ValueError, match="accepted_nodes must be a contiguous int64"):
+        op.compact_kv_cache(k, v, torch.tensor([1, 1]), acc_ok.int(), "NHD")
+    with pytest.raises(ValueError, match="start must be a contiguous int64"):
+        op.compact_kv_cache(k, v, torch.tensor([1]), acc_ok, "NHD")
+    with pytest.raises(ValueError, match="accepted_nodes has 1 rows"):
+        op.compact_kv_cache(k, v, torch.tensor([1]), acc_ok[:1], "NHD")
+    with pytest.raises(ValueError, match="block_tables must be a contiguous int64"):
+        op.compact_paged_kv_cache(pk, pv, tables[:1], torch.tensor([1, 1]), acc_ok, "NHD")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compact_kernels_stay_in_bounds_without_validation(layout):
+    # validate=False with bogus data: the path stops at the first non-increasing or
+    # out-of-range index, bad block ids are skipped; nothing outside the caches is touched.
+    k = torch.arange(40.0).view(1, 40, 1, 1) if layout == "NHD" else torch.arange(40.0).view(1, 1, 40, 1)
+    v = k.clone()
+    compact_kv_cache(k, v, [30], torch.tensor([[0, 3, 2, 9]]), kv_layout=layout, validate=False)
+    assert k.flatten()[30:34].tolist() == [30, 33, 32, 33]  # stopped at node 2 (not past 3)
+    compact_kv_cache(k, v, [38], torch.tensor([[1, 2**40]]), kv_layout=layout, validate=False)
+    assert k.flatten()[38].item() == 39
+    compact_kv_cache(k, v, [2**62], torch.tensor([[1, 2]]), kv_layout=layout, validate=False)
+    compact_kv_cache(k, v, [-5], torch.tensor([[1, 2]]), kv_layout=layout, validate=False)
+    assert torch.equal(k, v)
+    pk = torch.arange(8.0).view(2, 4, 1, 1)
+    pk = pk if layout == "NHD" else pk.transpose(1, 2).contiguous()
+    pv = pk.clone()
+    compact_paged_kv_cache(
+        pk, pv, torch.tensor([[0, 7]]), [0], torch.tensor([[1, 5, 6]]), kv_layout=layout, validate=False
+    )  # nodes 5, 6 sit in block 7 (not in the pool): skipped
+    assert pk.flatten().tolist() == [1, 1, 2, 3, 4, 5, 6, 7]
+    compact_paged_kv_cache(
+        pk, pv, torch.tensor([[0]]), [0], torch.tensor([[2**61, 2**62]]), kv_layout=layout, validate=False
+    )
+    assert torch.equal(pk, pv)
+
+
+def test_compact_meta_and_opcheck():
+    g = torch.Generator().manual_seed(52)
+    k, v = torch.randn(2, 10, 2, 4, generator=g), torch.randn(2, 10, 2, 4, generator=g)
+    acc = torch.tensor([[0, 2, 3], [1, -1, -1]])
+    torch.library.opcheck(torch.ops.decodekit.compact_kv_cache.default, (k, v, torch.tensor([1, 4]), acc, "NHD"))
+    pk, pv = torch.randn(5, 4, 2, 4, generator=g), torch.randn(5, 4, 2, 4, generator=g)
+    tables = torch.tensor([[3, 0, -1], [1, 4, 2]])
+    torch.library.opcheck(
+        torch.ops.decodekit.compact_paged_kv_cache.default, (pk, pv, tables, torch.tensor([1, 4]), acc, "HND")
+    )
+    m = lambda t: t.to("meta")  # noqa: E731
+    compact_kv_cache(m(k), m(v), m(torch.tensor([1, 4])), m(acc))
+    compact_paged_kv_cache(m(pk), m(pv), m(tables), m(torch.tensor([1, 4])), m(acc))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_contiguous_cache_compact_equals_appending_only_the_path(dtype, layout):
+    g = torch.Generator().manual_seed(53)
+    L, B, S, H, D, Q = 2, 3, 24, 2, 4, 7
+    prompt = [(random_bits((B, 5, H, D), dtype, g), random_bits((B, 5, H, D), dtype, g)) for _ in range(L)]
+    tree = [(random_bits((B, Q, H, D), dtype, g), random_bits((B, Q, H, D), dtype, g)) for _ in range(L)]
+    paths = [[0, 2, 5], [], [0, 1, 2, 3, 4, 5, 6]]
+    lens = [5, 3, 4]  # the rows' prompt lengths
+    real = ContiguousKVCache(L, B, S, H, D, dtype=dtype, kv_layout=layout)
+    for layer, (key, value) in enumerate(prompt):
+        real.append(layer, key, value)
+    real.advance(5)
+    for b in range(B):
+        real.truncate(b, lens[b])
+    for layer, (key, value) in enumerate(tree):
+        real.append(layer, key, value)
+    real.advance(Q)
+    real.compact(lens, paths)
+    # The expected cache: zeros, then each row's prompt and accepted path written by indexing.
+    assert real.seq_lens.tolist() == [5 + 3, 3, 4 + 7]
+    for layer in range(L):
+        for got, src_p, src_t in (
+            (real.k[layer], prompt[layer][0], tree[layer][0]),
+            (real.v[layer], prompt[layer][1], tree[layer][1]),
+        ):
+            want = torch.zeros(B, S, H, D, dtype=dtype)
+            for b in range(B):
+                rows = torch.cat([src_p[b, : lens[b]], src_t[b, paths[b]]])
+                want[b, : rows.size(0)] = rows
+            assert same_bits(nhd_view(got, layout), want)
+
+
+def test_contiguous_cache_compact_errors():
+    c = ContiguousKVCache(1, 2, 10, 1, 2)
+    c.append(0, torch.ones(2, 6, 1, 2), torch.ones(2, 6, 1, 2))
+    c.advance(6)
+    before = [t.clone() for t in c.k + c.v]
+    with pytest.raises(ValueError, match="start = 7 of row 1 is past its length 6"):
+        c.compact([2, 7], [[0], []])
+    with pytest.raises(ValueError, match="accepted node 4 of row 0 .position 6. was never cached"):
+        c.compact([2, 2], [[0, 4], [1]])
+    with pytest.raises(ValueError, match="increase strictly"):
+        c.compact([2, 2], [[1, 0], [1]])
+    with pytest.raises(TypeError, match="2 lists of ints"):
+        c.compact([2, 2], [[0.5], [1]])
+    assert all(torch.equal(a, b) for a, b in zip(c.k + c.v, before)) and c.seq_lens.tolist() == [6, 6]
+    c.compact(2, torch.tensor([[0, 3], [-1, -1]]))
+    assert c.seq_lens.tolist() == [4, 2]
+
+
+def paged_contents(cache: PagedKVCache, seqs):
+    """Every layer's keys and values of each sequence, read through its block table."""
+    return [[gather(cache, layer, s) for s in seqs] for layer in range(cache.num_layers)]
+
+
+def assert_same_contents(a, b):
+    for la, lb in zip(a, b):
+        for (ka, va), (kb, vb) in zip(la, lb):
+            assert same_bits(ka, kb) and same_bits(va, vb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_cache_compact_equals_appending_only_the_path(dtype, layout):
+    L, NB, bs, H, D, Q = 2, 16, 4, 2, 3, 9
+    g = torch.Generator().manual_seed(54)
+    prompts = [6, 8, 3]
+    paths = [[0, 1, 4, 8], [], [0, 3, 5, 6, 7]]
+    kv_prompt = [
+        [(random_bits((n, H, D), dtype, g), random_bits((n, H, D), dtype, g)) for n in prompts] for _ in range(L)
+    ]
+    kv_tree = [
+        [(random_bits((Q, H, D), dtype, g), random_bits((Q, H, D), dtype, g)) for _ in prompts] for _ in range(L)
+    ]
+
+    def build(only_path: bool):
+        c = PagedKVCache(L, NB, bs, H, D, dtype=dtype, kv_layout=layout)
+        ids = [c.add_sequence() for _ in prompts]
+        for layer in range(L):
+            c.append(
+                layer,
+                ids,
+                torch.cat([k for k, _ in kv_prompt[layer]]),
+                torch.cat([v for _, v in kv_prompt[layer]]),
+                num_tokens=prompts,
+            )
+        c.advance(ids, prompts)
+        counts = [len(p) if only_path else Q for p in paths]
+        for layer in range(L):
+            ks = [k[p] if only_path else k for (k, _), p in zip(kv_tree[layer], paths)]
+            vs = [v[p] if only_path else v for (_, v), p in zip(kv_tree[layer], paths)]
+            c.append(layer, ids, torch.cat(ks), torch.cat(vs), num_tokens=counts)
+        c.advance(ids, counts)
+        return c, ids
+
+    real, ids = build(False)
+    want, _ = build(True)
+    free_before = real.num_free_blocks
+    real.compact(ids, prompts, paths)
+    assert real.seq_lens(ids).tolist() == want.seq_lens(ids).tolist() == [10, 8, 8]
+    assert real.num_free_blocks == want.num_free_blocks
+    # blocks freed: sequence 0 held ceil(15/4)=4 blocks and now 3, sequence 1 5 -> 2, sequence 2 3 -> 2
+    assert real.num_free_blocks - free_before == 1 + 3 + 1
+    assert_same_contents(paged_contents(real, ids), paged_contents(want, ids))
+    for layer in range(L):  # everything not held by a sequence is zero
+        free = ~used_mask(real, ids)
+        for c in (real.k[layer], real.v[layer]):
+            assert (bits(nhd_view(c, layout))[free] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_cache_compact_with_forks(layout):
+    L, NB, bs, H, D = 2, 24, 4, 2, 3
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(55)
+    rb = lambda n: (random_bits((n, H, D), dtype, g), random_bits((n, H, D), dtype, g))  # noqa: E731
+    prompt = [rb(8) for _ in range(L)]
+    trees = [[rb(6) for _ in range(L)] for _ in range(2)]
+    paths = [[0, 2, 3], [0, 1, 5]]
+
+    # 1. A prompt of 8 (two full blocks, shared after the fork), then each sample appends its
+    #    own tree and keeps a path: equal to appending only the paths; the shared prompt
+    #    blocks are never copied.
+    def build(only_path: bool):
+        c = PagedKVCache(L, NB, bs, H, D, dtype=dtype, kv_layout=layout)
+        a = c.add_sequence()
+        for layer in range(L):
+            c.append(layer, a, *prompt[layer])
+        c.advance(a, 8)
+        b = c.fork(a)
+        for s, tree, path in zip((a, b), trees, paths):
+            for layer in range(L):
+                k, v = tree[layer]
+                c.append(layer, s, k[path] if only_path else k, v[path] if only_path else v)
+            c.advance(s, len(path) if only_path else 6)
+        return c, [a, b]
+
+    real, ids = build(False)
+    want, _ = build(True)
+    shared = real.block_table(ids)[0, :2].tolist()
+    real.compact(ids, [8, 8], paths)
+    assert [real.refcount(x) for x in shared] == [2, 2]
+    assert real.block_table(ids)[:, :2].tolist() == [shared, shared]
+    assert real.num_free_blocks == want.num_free_blocks == NB - 2 - 2
+    assert_same_contents(paged_contents(real, ids), paged_contents(want, ids))
+
+    # 2. The tree is appended first (8 + 8 = 4 full blocks), then the sequence is forked: the
+    #    tree's blocks are shared. Compacting the original copies the shared blocks it writes
+    #    (and the one whose tail the truncation zeroes); the fork keeps the whole tree.
+    c = PagedKVCache(L, NB, bs, H, D, dtype=dtype, kv_layout=layout)
+    a = c.add_sequence()
+    tree8 = [rb(8) for _ in range(L)]
+    for layer in range(L):
+        c.append(
+            layer, a, torch.cat([prompt[layer][0], tree8[layer][0]]), torch.cat([prompt[layer][1], tree8[layer][1]])
+        )
+    c.advance(a, 16)
+    f = c.fork(a)
+    fork_before = paged_contents(c, [f])
+    table_before = c.block_table([a])[0].tolist()
+    assert [c.refcount(x) for x in table_before] == [2, 2, 2, 2]
+    path = [0, 1, 2, 5, 6]  # positions 8, 9, 10 stay; 13 -> 11, 14 -> 12; new length 13
+    c.compact([a], [8], [path])
+    assert c.seq_lens([a, f]).tolist() == [13, 16]
+    table = c.block_table([a])[0].tolist()
+    # blocks 0, 1 (the prompt) still shared; block 2 (positions 8-11, written) and block 3
+    # (positions 12-15: written and its tail zeroed) copied
+    assert table[:2] == table_before[:2] and table[2] not in table_before and table[3] not in table_before
+    assert [c.refcount(x) for x in table_before] == [2, 2, 1, 1]
+    assert c.num_free_blocks == NB - 4 - 2
+    assert_same_contents(paged_contents(c, [f]), fork_before)
+    want = [
+        [(torch.cat([prompt[layer][0], tree8[layer][0][path]]), torch.cat([prompt[layer][1], tree8[layer][1][path]]))]
+        for layer in range(L)
+    ]
+    assert_same_contents(paged_contents(c, [a]), want)
+    # the fork's tree survives its original: freeing the fork releases only its own blocks
+    c.free(f)
+    assert c.num_free_blocks == NB - 4
+
+
+def test_paged_cache_compact_errors_change_nothing():
+    L, NB, bs, H, D = 1, 5, 4, 1, 2
+    c = PagedKVCache(L, NB, bs, H, D)
+    a = c.add_sequence()
+    c.append(0, a, torch.randn(16, H, D), torch.randn(16, H, D))
+    c.advance(a, 16)
+    f = c.fork(a)  # all four blocks shared; one free block left
+    snapshot = ([t.clone() for t in c.k + c.v], c.block_table([a, f]).clone(), c.num_free_blocks)
+
+    def unchanged():
+        assert all(torch.equal(x, y) for x, y in zip(c.k + c.v, snapshot[0]))
+        assert torch.equal(c.block_table([a, f]), snapshot[1]) and c.num_free_blocks == snapshot[2]
+        assert c.seq_lens([a, f]).tolist() == [16, 16]
+
+    with pytest.raises(ValueError, match="was never cached"):
+        c.compact([a], [8], [[0, 8]])  # position 16 is past the length
+    with pytest.raises(ValueError, match="start = 17 of sequence 0 is past its length 16"):
+        c.compact([a], [17], [[]])
+    with pytest.raises(ValueError, match="increase strictly"):
+        c.compact([a], [4], [[0, 3, 3]])
+    with pytest.raises(ValueError, match="after the -1 padding"):
+        c.compact([a], torch.tensor([4]), torch.tensor([[0, -1, 3]]))
+    with pytest.raises(ValueError, match="unknown sequence id"):
+        c.compact([7], [4], [[0]])
+    # positions 5..8 written (blocks 1 and 2, both shared), new length 9: 2 copies, 1 free block
+    with pytest.raises(OutOfBlocksError, match="copying 2 blocks shared with forks needs 2 free blocks"):
+        c.compact([a], [4], [[0, 3, 4, 5, 6]])
+    unchanged()
+    # nothing moves; only block 2, whose tail the truncation zeroes, is copied (the last free
+    # block); block 3 goes back to the fork alone, so nothing is freed
+    c.compact([a], [4], [[0, 1, 2, 3, 4]])
+    assert c.seq_lens([a, f]).tolist() == [9, 16] and c.num_free_blocks == 0
+    assert [c.refcount(int(x)) for x in snapshot[1][1]] == [2, 2, 1, 1]

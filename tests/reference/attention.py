@@ -27,11 +27,13 @@ def paged_attention(
     scale: Optional[float] = None,
     kv_layout: str = "NHD",
     dtype: torch.dtype = torch.float64,
+    tree_mask: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """softmax(scale * q . k) v over each sequence's cached positions, causal within its Q new
-    tokens, computed in ``dtype`` (float64 by default). Returns ``[B, Q, H_q, D]`` of
-    ``out_dtype`` (float32 by default)."""
+    tokens (or, with ``tree_mask`` bool ``[B, Q, Q]``, the prefix plus the new tokens j with
+    ``tree_mask[b, i, j]``), computed in ``dtype`` (float64 by default). Returns ``[B, Q, H_q, D]``
+    of ``out_dtype`` (float32 by default)."""
     B, Q, Hq, D = query.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.empty(B, Q, Hq, D, dtype=out_dtype)
@@ -45,5 +47,7 @@ def paged_attention(
         q = query[b].to(dtype).transpose(0, 1)  # [Hq, Q, D]
         pos = torch.arange(n - Q, n)
         mask = torch.arange(n)[None, :] <= pos[:, None]  # [Q, n]
+        if tree_mask is not None:
+            mask[:, n - Q :] = tree_mask[b].cpu()
         out[b] = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
     return out

@@ -38,6 +38,8 @@ namespace cpu {
   X(apply_penalties, ApplyPenaltiesKernel)                      \
   X(append_kv_cache, AppendKVCacheKernel)                       \
   X(append_paged_kv_cache, AppendPagedKVCacheKernel)            \
+  X(compact_kv_cache, CompactKVCacheKernel)                     \
+  X(compact_paged_kv_cache, CompactPagedKVCacheKernel)          \
   X(paged_attention, PagedAttentionKernel)                      \
   X(rms_norm, RmsNormKernel)                                    \
   X(silu_and_mul, SiluAndMulKernel)                             \
@@ -48,6 +50,9 @@ namespace cpu {
   X(decoder_layer, DecoderLayerKernel)                          \
   X(chain_speculative_sampling, ChainSpeculativeSamplingKernel) \
   X(greedy_verify, GreedyVerifyKernel)                          \
+  X(tree_speculative_sampling, TreeSpeculativeSamplingKernel)   \
+  X(typical_acceptance, TypicalAcceptanceKernel)                \
+  X(greedy_tree_verify, GreedyTreeVerifyKernel)                 \
   X(check_probability_rows, CheckProbabilityRowsKernel)
 
 struct CpuKernels {

@@ -23,25 +23,6 @@
 namespace decodekit {
 namespace cpu {
 namespace DK_ISA {
-namespace detail {
-
-// Inverse CDF in ascending index order with one float64 uniform: the common
-// draw of cpu/common/draw.h (block sums in 16 float64 lanes, a split that
-// depends only on n, then a scan of the chosen block). Returns -1 when the
-// total is 0; zero weights are never drawn.
-int64_t draw(const Residual& r, int64_t n, double u, Buf<double>& scratch) {
-  double* sums = scratch.get(reduce::num_blocks(n));
-  const double total = block_sums(r, n, sums);
-  if (!(total > 0.0)) return -1;
-  const int64_t t = draw_from_blocks(r, n, sums, u * total);
-  if (t >= 0) return t;
-  // Rounding put the target past every positive weight of the later blocks.
-  for (int64_t i = n - 1; i >= 0; --i)
-    if (r.at(i) > 0.0f) return i;
-  return -1;
-}
-
-}  // namespace detail
 
 using namespace detail;
 

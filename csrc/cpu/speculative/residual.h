@@ -1,13 +1,17 @@
-// The weights of the speculative family's draws (chain verification; tree
-// verification will share them): the residual max(0, p - q) of a target and a
-// draft distribution, one-hot drafts, and the checks of probability rows.
+// The weights of the speculative family's draws (chain and tree verification):
+// the residual max(0, p - q) of a target and a draft distribution, one-hot
+// drafts, a row with rejected tokens removed, the checks of probability rows and
+// the common draw.
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
+#include "cpu/common/draw.h"
 #include "cpu/common/isa.h"
+#include "cpu/common/scratch.h"
 #include "cpu/common/vec.h"
+#include "decodekit/reduce.h"
 
 namespace decodekit {
 namespace cpu {
@@ -85,11 +89,56 @@ inline bool row_valid(const float* p, int64_t n) {
   return true;
 }
 
+// p over [0, n) (negative and NaN entries as 0) with the tokens ex[0, nex) set
+// to 0: the residual of a tree node whose one-hot candidates ex were rejected.
+struct Excluding {
+  const float* p;
+  const int64_t* ex;
+  int64_t nex;
+  DK_VINLINE VF chunk(int64_t c, int64_t n) const {
+    VF pv = Residual::load_upto(p, c, n);
+    const VF zero = splat(0.0f);
+    pv = select(pv > zero, pv, zero);
+    bool hit = false;
+    for (int64_t k = 0; k < nex; ++k) hit |= ex[k] >= c && ex[k] < c + 16;
+    if (!hit) return pv;
+    float t[16];
+    to_array(pv, t);
+    for (int64_t k = 0; k < nex; ++k)
+      if (ex[k] >= c && ex[k] < c + 16) t[ex[k] - c] = 0.0f;
+    return load_f32(t);
+  }
+  DK_VINLINE VF full(int64_t c) const { return chunk(c, c + 16); }
+  DK_VINLINE VF tail(int64_t c, int64_t end) const { return chunk(c, end); }
+  float at(int64_t i) const {
+    for (int64_t k = 0; k < nex; ++k)
+      if (ex[k] == i) return 0.0f;
+    return p[i] > 0.0f ? p[i] : 0.0f;
+  }
+};
+
 inline double row_mass(const float* p, int64_t n) {
   Acc16d acc;
   const Residual r{p, nullptr, -1, false};
   for (int64_t c = 0; c < n; c += 16) acc.add(r.chunk(c, n));
   return acc.sum();
+}
+
+// Inverse CDF in ascending index order with one float64 uniform: the common
+// draw of cpu/common/draw.h (block sums in 16 float64 lanes, a split that
+// depends only on n, then a scan of the chosen block). Returns -1 when the
+// total is 0; zero weights are never drawn.
+template <class S>
+int64_t draw(const S& r, int64_t n, double u, Buf<double>& scratch) {
+  double* sums = scratch.get(reduce::num_blocks(n));
+  const double total = block_sums(r, n, sums);
+  if (!(total > 0.0)) return -1;
+  const int64_t t = draw_from_blocks(r, n, sums, u * total);
+  if (t >= 0) return t;
+  // Rounding put the target past every positive weight of the later blocks.
+  for (int64_t i = n - 1; i >= 0; --i)
+    if (r.at(i) > 0.0f) return i;
+  return -1;
 }
 
 }  // namespace detail

@@ -70,9 +70,13 @@ DK_FN Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
 
 // Stream numbers (DESIGN.md). New purposes get new numbers; never reuse one.
 enum PhiloxStream : uint32_t {
-  kStreamSample = 0,       // drawing the sampled token
-  kStreamSpecAccept = 1,   // speculative acceptance uniforms
-  kStreamSpecResidual = 2  // 2 + j: residual draw at draft position j; 2 + K: bonus
+  kStreamSample = 0,        // drawing the sampled token
+  kStreamSpecAccept = 1,    // speculative acceptance uniforms
+  kStreamSpecResidual = 2,  // 2 + j: residual draw at draft position j; 2 + K: bonus
+  // 2^16 + n: tree node n (flat index, root 0): uniform 0 (elements 0-1) decides whether node n
+  // is accepted, uniform 1 (elements 2-3) is the residual draw after n's children are all rejected.
+  kStreamTreeNode = 1u << 16,
+  kStreamTreeBonus = 1u << 17  // the bonus draw after an accepted leaf of a tree
 };
 
 // The random stream of one request: all numbers depend only on (seed, offset, stream, i).

@@ -22,7 +22,7 @@ from ..models.gguf_loader import LoadedModel
 from ..models.llama import LlamaModel
 from ..ops import argmax
 
-__all__ = ["Drafter", "SamplingDrafter", "NgramDrafter", "DraftModelDrafter", "shipped_draft_drafter"]
+__all__ = ["Drafter", "SamplingDrafter", "NgramDrafter", "DraftModelDrafter", "MedusaDrafter", "shipped_draft_drafter", "shipped_medusa_heads"]
 
 
 @runtime_checkable
@@ -231,6 +231,18 @@ class DraftModelDrafter:
 
 
 _SHIPPED_DRAFTER: dict = {}
+_SHIPPED_MEDUSA: dict = {}
+
+
+def shipped_medusa_heads(lm: LoadedModel):
+    """The shipped Medusa heads for ``lm`` (loaded once, reused by later calls)."""
+    from ..models.medusa import load_medusa_heads
+
+    key = id(lm)
+    if key not in _SHIPPED_MEDUSA or _SHIPPED_MEDUSA[key][0] is not lm:
+        _SHIPPED_MEDUSA.clear()
+        _SHIPPED_MEDUSA[key] = (lm, load_medusa_heads(target=lm))
+    return _SHIPPED_MEDUSA[key][1]
 
 
 def shipped_draft_drafter(lm: LoadedModel) -> DraftModelDrafter:
@@ -241,3 +253,104 @@ def shipped_draft_drafter(lm: LoadedModel) -> DraftModelDrafter:
         _SHIPPED_DRAFTER.clear()
         _SHIPPED_DRAFTER[key] = (lm, DraftModelDrafter(target=lm))
     return _SHIPPED_DRAFTER[key][1]
+
+
+class MedusaDrafter:
+    """Medusa drafting (Cai et al., 2024): heads on the target's own last hidden state propose a
+    tree of candidates, which the target verifies in one pass with a tree attention mask.
+
+    The decode loop drives it (``speculative_generate(drafter="medusa")``): after each target
+    pass it keeps the final-normed hidden state at the last accepted position of every request,
+    runs all heads on them in one call (:meth:`MedusaHeads.top_ids`), and builds each request's
+    ``[N]`` candidates from the :class:`~decodekit.decoding.tree.Tree` (node 0 is the last
+    emitted token). Verification is one of:
+
+    - ``"lossless"``: :func:`decodekit.tree_speculative_sampling` (the output distribution is
+      exactly the target's; greedy requests use :func:`decodekit.greedy_tree_verify`, which
+      reproduces plain greedy decoding token for token);
+    - ``"typical"``: :func:`decodekit.typical_acceptance`, Medusa's typical acceptance (lossy:
+      it accepts every candidate the target finds plausible enough, so the output distribution
+      is *not* the target's; faster at high temperature).
+
+    Args:
+        heads: :class:`~decodekit.models.medusa.MedusaHeads`, or ``None`` for the shipped heads
+            of SmolLM2-135M-Instruct (``target`` is then needed).
+        tree: a list of choice paths (see :mod:`decodekit.decoding.tree`), a
+            :class:`~decodekit.decoding.tree.Tree`, or ``None`` for ``DEFAULT_TREE`` (its paths no
+            longer than the number of heads).
+        acceptance: ``"lossless"`` (default) or ``"typical"``.
+        typical_epsilon, typical_delta: the typical-acceptance threshold
+            ``min(epsilon, delta * exp(-H))`` (defaults 0.09 and 0.3).
+        target: the target (a ``LoadedModel``), used to load the shipped heads.
+
+    Attributes (timings accumulated over the drafter's life, seconds): ``heads_seconds``,
+    ``tree_seconds`` (building candidates), ``forward_seconds`` (the target's tree passes),
+    ``verify_seconds``; ``passes`` and ``accepted`` (tokens accepted from the tree, not counting
+    the emitted one) for the mean accepted length per pass.
+
+    Raises:
+        ValueError / TypeError: an unknown acceptance, a bad tree (see :class:`Tree`).
+    """
+
+    def __init__(
+        self,
+        heads=None,
+        *,
+        tree=None,
+        acceptance: str = "lossless",
+        typical_epsilon: float = 0.09,
+        typical_delta: float = 0.3,
+        target: Optional[LoadedModel] = None,
+    ) -> None:
+        from ..models.medusa import MedusaHeads, load_medusa_heads
+        from .tree import DEFAULT_TREE, Tree
+
+        if heads is None:
+            heads = load_medusa_heads(target=target)
+        if not isinstance(heads, MedusaHeads):
+            raise TypeError(f"MedusaDrafter: heads must be MedusaHeads or None, got {type(heads).__name__}")
+        if acceptance not in ("lossless", "typical"):
+            raise ValueError(f"MedusaDrafter: acceptance must be 'lossless' or 'typical', got {acceptance!r}")
+        for name, v in (("typical_epsilon", typical_epsilon), ("typical_delta", typical_delta)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"MedusaDrafter: {name} must be a number >= 0, got {v!r}")
+        if isinstance(tree, Tree):
+            if tree.depth > heads.num_heads:
+                raise ValueError(f"MedusaDrafter: the tree has depth {tree.depth} but there are {heads.num_heads} heads")
+        else:
+            if tree is None:  # the default tree, cut to the heads at hand
+                tree = [p for p in DEFAULT_TREE if len(p) <= heads.num_heads]
+            tree = Tree(tree, heads.num_heads)
+        self.heads = heads
+        self.tree = tree
+        self.acceptance = acceptance
+        self.typical_epsilon = float(typical_epsilon)
+        self.typical_delta = float(typical_delta)
+        self.heads_seconds = self.tree_seconds = self.forward_seconds = self.verify_seconds = 0.0
+        self.passes = 0
+        self.accepted = 0
+
+    def __repr__(self) -> str:
+        return f"MedusaDrafter({self.heads!r}, {self.tree!r}, acceptance={self.acceptance!r})"
+
+    def propose(self, context: Sequence[int], k: int) -> List[int]:
+        raise TypeError(
+            "MedusaDrafter drafts from the target's hidden states inside the decode loop; use "
+            "speculative_generate(drafter=MedusaDrafter(...)) rather than propose()"
+        )
+
+    def candidates(self, root_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B, N]`` tree candidates: ``root_ids [B]`` the last emitted tokens, ``hidden
+        [B, H]`` the final-normed states that chose them."""
+        t0 = time.perf_counter()
+        top = self.heads.top_ids(hidden, self.tree.top_k)
+        t1 = time.perf_counter()
+        cand = self.tree.candidates(root_ids, top)
+        self.heads_seconds += t1 - t0
+        self.tree_seconds += time.perf_counter() - t1
+        return cand
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens accepted from the tree per pass (the emitted token not counted)."""
+        return self.accepted / self.passes if self.passes else 0.0

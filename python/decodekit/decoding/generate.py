@@ -17,7 +17,7 @@ import torch
 
 from .._threads import threads_for_call
 from ..models.gguf_loader import LoadedModel, load_model
-from .drafters import DraftModelDrafter, NgramDrafter, shipped_draft_drafter
+from .drafters import DraftModelDrafter, MedusaDrafter, NgramDrafter, shipped_draft_drafter, shipped_medusa_heads
 from .loop import run
 from .request import (
     GenerationResult,
@@ -104,6 +104,8 @@ def _decode(
         drafter = NgramDrafter()
     elif drafter == "draft":
         drafter = shipped_draft_drafter(lm)
+    elif isinstance(drafter, tuple) and drafter[0] == "medusa":
+        drafter = MedusaDrafter(shipped_medusa_heads(lm), tree=drafter[1], acceptance=drafter[2])
 
     if stream is None:
         emit_to = None
@@ -370,6 +372,8 @@ def speculative_generate(
     logprobs: bool = False,
     top_logprobs: int = 0,
     logprobs_mode: str = "processed",
+    tree=None,
+    acceptance: str = "lossless",
 ) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate with speculative decoding, for one prompt or a batch of prompts.
 
@@ -393,8 +397,17 @@ def speculative_generate(
             after the one that completes a stop string are dropped.
         drafter: ``"ngram"`` (:class:`~decodekit.decoding.drafters.NgramDrafter`), ``"draft"``
             (:class:`~decodekit.decoding.drafters.DraftModelDrafter` with the shipped draft model
-            for SmolLM2-135M-Instruct) or any :class:`~decodekit.decoding.drafters.Drafter`.
-        num_draft_tokens: K, the most tokens proposed per step (int >= 1).
+            for SmolLM2-135M-Instruct), ``"medusa"`` (:class:`~decodekit.decoding.drafters.MedusaDrafter`
+            with the shipped Medusa heads: a tree of candidates verified in one pass with a tree
+            attention mask) or any :class:`~decodekit.decoding.drafters.Drafter` (a
+            ``MedusaDrafter`` object included).
+        num_draft_tokens: K, the most tokens proposed per step (int >= 1; a Medusa tree sets its
+            own size).
+        tree: with ``drafter="medusa"``: the tree as Medusa choice paths (``[[0], [0, 0], [1],
+            ...]``, :mod:`decodekit.decoding.tree`), or ``None`` for ``DEFAULT_TREE``.
+        acceptance: with ``drafter="medusa"``: ``"lossless"`` (default; the output distribution is
+            the target's) or ``"typical"`` (Medusa's typical acceptance; lossy). Greedy requests
+            always use greedy tree verification, which reproduces plain greedy decoding.
 
     Returns:
         :class:`GenerationResult` (with ``drafted``, ``accepted``, ``acceptance_rate`` and
@@ -414,10 +427,16 @@ def speculative_generate(
     op = "speculative_generate"
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"{op}: num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
-    if isinstance(drafter, str) and drafter not in ("ngram", "draft"):
-        raise ValueError(f"{op}: drafter must be 'ngram', 'draft' or a drafter object, got {drafter!r}")
+    if isinstance(drafter, str) and drafter not in ("ngram", "draft", "medusa"):
+        raise ValueError(f"{op}: drafter must be 'ngram', 'draft', 'medusa' or a drafter object, got {drafter!r}")
     if not isinstance(drafter, str) and not callable(getattr(drafter, "propose", None)):
-        raise TypeError(f"{op}: drafter must be 'ngram', 'draft' or have a propose(context, k) method")
+        raise TypeError(f"{op}: drafter must be 'ngram', 'draft', 'medusa' or have a propose(context, k) method")
+    if acceptance not in ("lossless", "typical"):
+        raise ValueError(f"{op}: acceptance must be 'lossless' or 'typical', got {acceptance!r}")
+    if drafter != "medusa" and (tree is not None or acceptance != "lossless"):
+        raise ValueError(f"{op}: tree and acceptance apply to drafter='medusa' (a MedusaDrafter sets its own)")
+    if drafter == "medusa":
+        drafter = ("medusa", tree, acceptance)
     values = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -42,13 +42,17 @@ from ..models.gguf_loader import LoadedModel
 from ..ops import (
     apply_penalties,
     chain_speculative_sampling_from_logits,
+    greedy_tree_verify,
     greedy_verify,
     processed_probs,
     sample_from_logits,
     sample_from_probs,
+    tree_speculative_sampling,
+    typical_acceptance,
 )
 from ..params import rows
 from ..tokenizer import StreamDecoder
+from .drafters import MedusaDrafter
 from .request import Request
 
 __all__ = ["run", "PAGE_SIZE", "DRAFT_OFFSET_BIT"]
@@ -79,7 +83,10 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     A request with ``fork_of`` set shares the prefill of the request with that index. ``deterministic`` is the sampler's mode (the
     model's is ``lm.model.deterministic``)."""
     net = lm.model
-    K = num_draft_tokens if drafter is not None else 0
+    tree_mode = isinstance(drafter, MedusaDrafter)
+    tree = drafter.tree if tree_mode else None
+    K = (tree.num_nodes - 1 if tree_mode else num_draft_tokens) if drafter is not None else 0
+    hidden = {}  # tree mode: request index -> the final-normed state that chose its last token
     blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens + K + 1) // PAGE_SIZE) for r in requests)
     cache = net.new_paged_cache(max(blocks, 1), block_size=PAGE_SIZE)
     t_decode = 0.0
@@ -136,11 +143,18 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             parent = by_index[r.fork_of]
             r.seq_id = cache.fork(parent.seq_id)
             first[r.index] = first[parent.index].clone()
+            if tree_mode:
+                hidden[r.index] = hidden[parent.index]
             r.prefill_seconds = parent.prefill_seconds
             continue
         r.seq_id = cache.add_sequence()
         t0 = time.perf_counter()
-        first[r.index] = net.forward_paged(torch.tensor([r.prompt_ids], dtype=torch.long), cache, [r.seq_id])
+        ids = torch.tensor([r.prompt_ids], dtype=torch.long)
+        if tree_mode:
+            first[r.index], h = net.forward_paged(ids, cache, [r.seq_id], return_hidden=True)
+            hidden[r.index] = h[0]
+        else:
+            first[r.index] = net.forward_paged(ids, cache, [r.seq_id])
         r.prefill_seconds = time.perf_counter() - t0
     t_decode = time.perf_counter()
     for r in requests:
@@ -153,25 +167,47 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     drafts: List[List[int]] = [[] for _ in active]
     draft_logits: List[Optional[torch.Tensor]] = [None] * len(active)
     before: Optional[List[int]] = None  # cached lengths before a verification pass
+    cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
+    tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
         # 4-5. process every position, then sample (the first token, and plain decoding) or
         # verify (every pass of speculative decoding, also one without drafts, so that a
         # request's random numbers never depend on what its neighbours drafted)
-        logits = _length_control(_processed(logits, active, drafts), active, stop_list)
-        emitted, accepted, lps = _sample_or_verify(
-            logits,
-            active,
-            drafts,
-            draft_logits,
-            verify=before is not None,
-            top_logprobs=top_logprobs,
-            logprobs_mode=logprobs_mode,
-            deterministic=deterministic,
-        )
+        if cand is None:
+            logits = _length_control(_processed(logits, active, drafts), active, stop_list)
+            emitted, accepted, lps = _sample_or_verify(
+                logits,
+                active,
+                drafts,
+                draft_logits,
+                verify=before is not None,
+                top_logprobs=top_logprobs,
+                logprobs_mode=logprobs_mode,
+                deterministic=deterministic,
+            )
+        else:
+            depths = tree.depths.tolist()
+            prefixes = tree.path_tokens(cand)
+            logits = _length_control(_processed(logits, active, None, prefixes), active, stop_list, depths)
+            t0 = time.perf_counter()
+            emitted, accepted, nodes, lps = _verify_tree(
+                logits, active, cand, drafter, top_logprobs, logprobs_mode, deterministic
+            )
+            drafter.verify_seconds += time.perf_counter() - t0
+            drafter.passes += len(active)
+            drafter.accepted += sum(accepted)
+            # the accepted path's keys and values move next to the root; the rest is dropped
+            path = torch.full((len(active), tree.depth + 1), -1, dtype=torch.int64)
+            path[:, 0] = 0
+            for b in range(len(active)):
+                path[b, 1 : 1 + accepted[b]] = torch.tensor(nodes[b][: accepted[b]], dtype=torch.int64)
+                last = nodes[b][accepted[b] - 1] if accepted[b] else 0
+                hidden[active[b].index] = tree_hidden[b, last]
+            cache.compact([r.seq_id for r in active], torch.tensor(before, dtype=torch.int64), path)
         # 6-7. append or roll back; stop; stream
         running = []
         for b, r in enumerate(active):
-            if before is not None:
+            if before is not None and cand is None:
                 cache.truncate(r.seq_id, before[b] + 1 + accepted[b])  # the last token and the accepted drafts
             taken = 0
             for j, token in enumerate(emitted[b]):
@@ -187,6 +223,20 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         active = running
         if not active:
             return
+        seqs = [r.seq_id for r in active]
+        if tree_mode:  # 2-3. the heads' tree, and one target pass over it with the tree mask
+            before = cache.seq_lens(seqs).tolist()
+            roots = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)
+            cand = drafter.candidates(roots, torch.stack([hidden[r.index] for r in active]))
+            t0 = time.perf_counter()
+            logits, tree_hidden = net.forward_paged(
+                cand, cache, seqs, all_logits=True, return_hidden=True, tree_parents=tree.parents
+            )  # [B, N, V], [B, N, H]
+            drafter.forward_seconds += time.perf_counter() - t0
+            for r in active:
+                r.steps += 1
+                r.drafted += tree.num_nodes - 1
+            continue
         # 2. draft
         drafts, draft_logits = [], []
         for r in active:
@@ -195,7 +245,6 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             drafts.append(d)
             draft_logits.append(dl)
         width = max(len(d) for d in drafts)
-        seqs = [r.seq_id for r in active]
         # 3. one target pass over [last token] + drafts
         if drafter is None:
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
@@ -211,9 +260,12 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             r.steps += 1
 
 
-def _processed(logits: torch.Tensor, active: List[Request], drafts: List[List[int]]) -> torch.Tensor:
+def _processed(
+    logits: torch.Tensor, active: List[Request], drafts: Optional[List[List[int]]], prefixes=None
+) -> torch.Tensor:
     """Penalties and logit bias of each request at every position of ``logits [B, T, V]`` (in
-    place): position ``j`` sees the prompt, the output and the drafts before it.
+    place): position ``j`` sees the prompt, the output and the drafts before it (``drafts[b][:j]``,
+    or in a tree pass ``prefixes[b][j]``: the candidates on the path down to node ``j``).
 
     Only the rows whose request asks for them go through :func:`decodekit.apply_penalties`, so a
     request without penalties keeps its logits' bits whatever its neighbours ask for. Repetition
@@ -226,7 +278,7 @@ def _processed(logits: torch.Tensor, active: List[Request], drafts: List[List[in
     for b, r in enumerate(active):
         p = r.params
         for j in range(T):
-            out = r.token_ids + drafts[b][:j]
+            out = r.token_ids + (drafts[b][:j] if prefixes is None else prefixes[b][j])
             if p.repetition_penalty != 1.0 or p.logit_bias:
                 rep.append((b * T + j, r, out))
             if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and out:
@@ -273,20 +325,29 @@ def _held_back(text: str, emitted: int, stop) -> int:
     return hold
 
 
-def _length_control(logits: torch.Tensor, active: List[Request], stop_list: List[int]) -> torch.Tensor:
+def _length_control(
+    logits: torch.Tensor, active: List[Request], stop_list: List[int], depths: Optional[List[int]] = None
+) -> torch.Tensor:
     """``eos_bias`` added to every stop id's logit, and the stop ids at ``-inf`` at the positions
     before ``min_new_tokens`` (position ``j`` of ``logits [B, T, V]`` draws token number
-    ``len(token_ids) + j``), in place, only in the rows that ask for it."""
+    ``len(token_ids) + j``, or ``+ depths[j]`` in a tree pass), in place, only in the rows that
+    ask for it."""
     if not stop_list:
         return logits
     B, T, V = logits.shape
     ids = torch.tensor(stop_list, dtype=torch.int64)
+    depth = list(range(T)) if depths is None else depths
     for b, r in enumerate(active):
         if r.eos_bias != 0.0:
             logits[b, :, ids] += r.eos_bias
-        masked = min(T, r.min_new_tokens - len(r.token_ids))
-        if masked > 0:
-            logits[b, :masked, ids] = float("-inf")
+        before_min = r.min_new_tokens - len(r.token_ids)
+        if depths is None:
+            if before_min > 0:
+                logits[b, : min(T, before_min), ids] = float("-inf")
+        else:
+            for j in range(T):
+                if depths[j] < before_min:
+                    logits[b, j, ids] = float("-inf")
     return logits
 
 
@@ -396,6 +457,86 @@ def _sample_or_verify(
     for (b, _), x in zip(flat, got):
         lps[b].append(x)
     return emitted, accepted, lps
+
+
+def _verify_tree(
+    logits: torch.Tensor,
+    active: List[Request],
+    cand: torch.Tensor,
+    drafter: MedusaDrafter,
+    top_logprobs: Optional[int],
+    logprobs_mode: str,
+    deterministic: bool,
+):
+    """Tree verification of one pass: per request the emitted tokens, the number of accepted
+    candidates, the accepted nodes (flat indices, in path order) and the logprobs.
+
+    Greedy requests: :func:`decodekit.greedy_tree_verify` on the processed logits. Others: the
+    processed distributions of every node (:func:`decodekit.processed_probs`, the filters of
+    plain sampling), then :func:`decodekit.tree_speculative_sampling` (lossless) or
+    :func:`decodekit.typical_acceptance`, with the request's seed and the offset of the pass
+    (the position of its first new token); the node streams are DESIGN.md's."""
+    B, N, V = logits.shape
+    tree = drafter.tree
+    parents = tree.parents[None].expand(B, N).contiguous()
+    emitted: List[List[int]] = [[] for _ in range(B)]
+    accepted = [0] * B
+    nodes: List[List[int]] = [[] for _ in range(B)]
+    greedy = [b for b, r in enumerate(active) if r.params.greedy]
+    sampled = [b for b, r in enumerate(active) if not r.params.greedy]
+    groups = []
+    if greedy:
+        groups.append(
+            (greedy, greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth))
+        )
+    if sampled:
+        params, rng = rows(
+            [active[b].params for b in sampled],
+            [len(active[b].token_ids) for b in sampled],
+            [active[b].sample for b in sampled],
+        )
+        per_node = [p.repeat_interleave(N) for p in params]
+        probs = processed_probs(logits[sampled].reshape(-1, V), *per_node).view(len(sampled), N, V)
+        if drafter.acceptance == "typical":
+            res = typical_acceptance(
+                cand[sampled],
+                parents[sampled],
+                probs,
+                **rng,
+                epsilon=drafter.typical_epsilon,
+                delta=drafter.typical_delta,
+                max_depth=tree.depth,
+                deterministic=deterministic,
+                validate=False,  # the tree is the drafter's and the rows come from processed_probs
+            )
+        else:
+            res = tree_speculative_sampling(
+                cand[sampled], parents[sampled], probs, **rng, max_depth=tree.depth, deterministic=deterministic,
+                validate=False,
+            )  # fmt: skip
+        groups.append((sampled, res))
+    for members, res in groups:
+        for i, b in enumerate(members):
+            n = int(res.num_accepted[i])
+            accepted[b] = n
+            emitted[b] = res.output_token_ids[i, : n + 1].tolist()
+            nodes[b] = res.accepted_nodes[i, :n].tolist()
+    if top_logprobs is None:
+        return emitted, accepted, nodes, None
+    # token j of a pass is chosen at the root (j = 0) or at accepted node j - 1
+    flat = [(b, j) for b in range(B) for j in range(len(emitted[b]))]
+    at = [0 if j == 0 else nodes[b][j - 1] for b, j in flat]
+    got = _logprob_rows(
+        logits[[b for b, _ in flat], at] if flat else logits[:0, 0],
+        [active[b] for b, _ in flat],
+        [emitted[b][j] for b, j in flat],
+        top_logprobs,
+        logprobs_mode,
+    )
+    lps: List[list] = [[] for _ in range(B)]
+    for (b, _), x in zip(flat, got):
+        lps[b].append(x)
+    return emitted, accepted, nodes, lps
 
 
 def _propose(drafter, r: Request, K: int, V: int, call_key, op: str):

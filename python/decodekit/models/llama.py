@@ -384,8 +384,16 @@ class LlamaModel:
     def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final RMSNorm and LM head: ``x [..., H]`` -> float32 logits ``[..., V]`` (``-inf``
         outside a reduced-vocabulary head's tokens)."""
+        return self._project(self._final_norm(x, fused))
+
+    def _final_norm(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """The final RMSNorm: the hidden state the LM head (and Medusa heads) read."""
         norm = _dk_ops.rms_norm if fused else rms_norm
-        logits = self._linear(norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return norm(x, self.norm, self.config.rms_norm_eps)
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed ``h [..., H]`` -> float32 logits ``[..., V]``."""
+        logits = self._linear(h, self.lm_head)
         if self.head_token_ids is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), -math.inf)
@@ -432,8 +440,15 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward_paged(
-        self, input_ids: torch.Tensor, cache: PagedKVCache, seq_ids: List[int], *, all_logits: bool = False
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids: List[int],
+        *,
+        all_logits: bool = False,
+        return_hidden: bool = False,
+        tree_parents: Optional[torch.Tensor] = None,
+    ):
         """Run ``T`` new tokens for each of ``B`` sequences of a paged KV cache.
 
         Row ``b`` is sequence ``seq_ids[b]``, which holds ``n_b = cache.seq_lens(seq_ids)[b]``
@@ -462,10 +477,20 @@ class LlamaModel:
                 (the model's layer count, KV heads, head dim and dtype).
             seq_ids: ``B`` distinct sequence ids of ``cache`` (from ``cache.add_sequence()``).
             all_logits: return the logits of every new position instead of the last one.
+            return_hidden: also return the final-normed hidden states (the LM head's input,
+                what Medusa heads read), with the logits' leading shape.
+            tree_parents: ``None`` (the new tokens are a sequence), or int64 ``[T]`` / ``[B, T]``:
+                the new tokens are a tree (Medusa verification): ``tree_parents[.., 0] == -1``
+                (the root) and ``0 <= tree_parents[.., i] < i``. Token ``i`` then takes position
+                ``n_b + depth(i)`` and attends to the cached tokens and to its ancestors and
+                itself among the new ones (:func:`decodekit.paged_attention` with a tree mask);
+                all ``T`` keys and values are appended at the next ``T`` slots (keep the
+                accepted path with :meth:`PagedKVCache.compact`).
 
         Returns:
             float32 logits ``[B, V]`` for the last new position of each row, or ``[B, T, V]`` with
-            ``all_logits=True``.
+            ``all_logits=True``; with ``return_hidden``, the pair ``(logits, hidden)`` where
+            ``hidden`` is float32 ``[B, H]`` or ``[B, T, H]``.
 
         Raises:
             TypeError: non-integer ``input_ids``; ``cache`` not a PagedKVCache.
@@ -514,9 +539,15 @@ class LlamaModel:
                 f"(rows {rows}) exceed the model's context length {c.max_seq_len}"
             )
 
+        tree_mask = None
+        if tree_parents is not None:
+            depths, tree_mask = _tree_depths_and_mask(tree_parents, B, T)
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
         x = self._embed(input_ids)  # [B, T, H]
-        positions = torch.tensor([[s + t for t in range(T)] for s in start], dtype=torch.int64).view(B, T)
+        if tree_mask is None:  # built from Python ints (no small tensor ops per step)
+            positions = torch.tensor([[s + t for t in range(T)] for s in start], dtype=torch.int64).view(B, T)
+        else:  # a token's position is the row's length plus its depth in the tree
+            positions = torch.tensor(start, dtype=torch.int64)[:, None] + depths  # [B, T]
         seq_lens = torch.tensor([s + T for s in start], dtype=torch.int64)  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
@@ -528,7 +559,7 @@ class LlamaModel:
         fused = (
             self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
         )
-        if fused and self.layer_op:
+        if fused and self.layer_op and tree_mask is None:  # (the layer op has no tree mask yet)
             # The same kernels again, one decoder_layer call per block (no PyTorch op inside): the
             # step's slots are reserved before the first layer (OutOfBlocksError: nothing written),
             # the tables and lengths come from the cache and the shapes from the model.
@@ -550,6 +581,9 @@ class LlamaModel:
             cache.advance(seq_ids, T)
             if not all_logits:
                 x = x[:, -1]
+            if return_hidden:
+                h = self._final_norm(x, fused)
+                return self._project(h), h
             return self._head(x, fused)
         if fused:
             cos_table, sin_table = self._rope_tables()
@@ -578,7 +612,7 @@ class LlamaModel:
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
             attn = _dk_ops.paged_attention(
-                q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64, scale, cache.kv_layout
+                q.contiguous(), cache.k[i], cache.v[i], block_tables, seq_lens_i64, scale, cache.kv_layout, tree_mask
             )  # [B, T, Hq, D]
             x = x + self._linear(attn.reshape(B, T, q_size), block.wo)
 
@@ -593,6 +627,9 @@ class LlamaModel:
 
         if not all_logits:
             x = x[:, -1]
+        if return_hidden:
+            h = self._final_norm(x, fused)
+            return self._project(h), h
         return self._head(x, fused)
 
     def to(self, device: torch.device | str) -> LlamaModel:
@@ -628,6 +665,35 @@ class LlamaModel:
         if self.lm_head is not self.embed:
             n += self.lm_head.numel()
         return n + sum(getattr(b, name).numel() for b in self.blocks for name in _BLOCK_WEIGHTS)
+
+
+def _tree_depths_and_mask(parents, B: int, T: int):
+    """``(depths [B, T] int64, ancestor-or-self mask [B, T, T] bool)`` of ``parents`` (``[T]`` or
+    ``[B, T]``), checked: the root first with parent -1, every other parent before its child."""
+    if not isinstance(parents, torch.Tensor) or parents.dtype.is_floating_point or parents.dtype == torch.bool:
+        raise TypeError("forward_paged: tree_parents must be an int64 [T] or [B, T] tensor")
+    p = parents.to(torch.int64)
+    if p.dim() == 1:
+        p = p[None]
+    if p.dim() != 2 or p.shape[1] != T or p.shape[0] not in (1, B):
+        raise ValueError(f"forward_paged: tree_parents must be [T={T}] or [B={B}, T={T}], got {tuple(parents.shape)}")
+    depths, masks = [], []
+    for row in p.tolist():  # T is small (a tree's nodes): plain lists are the fastest here
+        if row[0] != -1 or any(not 0 <= row[i] < i for i in range(1, T)):
+            raise ValueError(
+                "forward_paged: tree_parents needs -1 at the root (node 0) and 0 <= parent < node elsewhere"
+            )
+        depth, anc = [0] * T, [[0] * T for _ in range(T)]
+        anc[0][0] = 1
+        for i in range(1, T):
+            depth[i] = depth[row[i]] + 1
+            anc[i] = list(anc[row[i]])
+            anc[i][i] = 1
+        depths.append(depth)
+        masks.append(anc)
+    depth_t = torch.tensor(depths, dtype=torch.int64).expand(B, T)
+    mask_t = torch.tensor(masks, dtype=torch.bool).expand(B, T, T).contiguous()
+    return depth_t, mask_t
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:

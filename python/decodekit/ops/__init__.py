@@ -3,8 +3,8 @@ family: :mod:`~decodekit.ops.sampling`, :mod:`~decodekit.ops.penalties`,
 :mod:`~decodekit.ops.layers`, :mod:`~decodekit.ops.kv_cache`, :mod:`~decodekit.ops.attention`,
 :mod:`~decodekit.ops.speculative`. Every name here is also exported by :mod:`decodekit`."""
 
-from .attention import paged_attention
-from .kv_cache import append_kv_cache, append_paged_kv_cache
+from .attention import paged_attention, tree_mask_from_parents
+from .kv_cache import append_kv_cache, append_paged_kv_cache, compact_kv_cache, compact_paged_kv_cache
 from .layers import QuantizedWeight, decoder_layer, linear, rms_norm, rope_, silu_and_mul
 from .penalties import apply_penalties
 from .sampling import (
@@ -22,9 +22,13 @@ from .sampling import (
 )
 from .speculative import (
     SpeculativeOutput,
+    TreeOutput,
     chain_speculative_sampling,
     chain_speculative_sampling_from_logits,
+    greedy_tree_verify,
     greedy_verify,
+    tree_speculative_sampling,
+    typical_acceptance,
 )
 
 __all__ = [
@@ -48,9 +52,16 @@ __all__ = [
     "decoder_layer",
     "append_kv_cache",
     "append_paged_kv_cache",
+    "compact_kv_cache",
+    "compact_paged_kv_cache",
     "paged_attention",
+    "tree_mask_from_parents",
     "SpeculativeOutput",
     "chain_speculative_sampling",
     "chain_speculative_sampling_from_logits",
     "greedy_verify",
+    "TreeOutput",
+    "tree_speculative_sampling",
+    "typical_acceptance",
+    "greedy_tree_verify",
 ]

@@ -1,6 +1,7 @@
 """KV-cache family: writes into contiguous and paged caches (validated wrappers of
-``torch.ops.decodekit.append_*kv_cache``). The cache managers built on them are in
-:mod:`decodekit.cache`.
+``torch.ops.decodekit.append_*kv_cache``) and the compaction of a verified token tree's
+accepted path (``torch.ops.decodekit.compact_*kv_cache``). The cache managers built on them
+are in :mod:`decodekit.cache`.
 
 Layouts (``kv_layout``), for one layer's key cache (the value cache has the same shape):
 
@@ -29,7 +30,7 @@ from .._checks import check_device, index_tensor
 
 ops = torch.ops.decodekit
 
-__all__ = ["append_kv_cache", "append_paged_kv_cache"]
+__all__ = ["append_kv_cache", "append_paged_kv_cache", "compact_kv_cache", "compact_paged_kv_cache"]
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("NHD", "HND")
@@ -308,3 +309,216 @@ def append_paged_kv_cache(
                 seen.add(x)
             raise ValueError(f"{op}: slot_mapping repeats slots {rep[:8]}; each slot may be written once per call")
     ops.append_paged_kv_cache(_detached(k_cache), _detached(v_cache), key, value, slots, kv_layout)
+
+
+# ------------------------------------------------------------ compaction ----
+def _check_accepted(accepted_nodes, B: int, device: torch.device, op: str) -> torch.Tensor:
+    """int32/int64 [B, L] -> contiguous int64 on ``device``."""
+    if not isinstance(accepted_nodes, torch.Tensor):
+        raise TypeError(
+            f"{op}: accepted_nodes must be an int32/int64 torch.Tensor [B, L], got {type(accepted_nodes).__name__}"
+        )
+    if accepted_nodes.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: accepted_nodes must be int32 or int64, got {accepted_nodes.dtype}")
+    if accepted_nodes.dim() != 2 or accepted_nodes.size(0) != B:
+        raise ValueError(f"{op}: accepted_nodes must be [B={B}, L], got shape {tuple(accepted_nodes.shape)}")
+    if accepted_nodes.device != device:
+        raise ValueError(f"{op}: accepted_nodes is on {accepted_nodes.device} but the caches are on {device}")
+    return accepted_nodes.to(torch.int64).contiguous()
+
+
+def accepted_paths(start: List[int], accepted: List[List[int]], op: str) -> List[List[int]]:
+    """Each row's accepted nodes (the entries before the -1 padding), after checking that
+    ``start >= 0``, the entries are ``>= -1``, the padding only trails, and the nodes strictly
+    increase. Raises ValueError naming the row."""
+    paths = []
+    for b, (s0, row) in enumerate(zip(start, accepted)):
+        if s0 < 0:
+            raise ValueError(f"{op}: start must be >= 0; row {b} has {s0}")
+        n = next((k for k, x in enumerate(row) if x == -1), len(row))
+        path = row[:n]
+        if any(x < -1 for x in row):
+            raise ValueError(f"{op}: accepted_nodes holds values < -1 in row {b}: {row[:16]} (-1 is the padding)")
+        if any(x != -1 for x in row[n:]):
+            raise ValueError(f"{op}: accepted_nodes row {b} has entries after the -1 padding: {row[:16]}")
+        if any(b2 <= a for a, b2 in zip(path, path[1:])):
+            raise ValueError(
+                f"{op}: accepted_nodes must increase strictly along a path (ancestors come before "
+                f"descendants in the flat order); row {b} is {path[:16]}"
+            )
+        paths.append(path)
+    return paths
+
+
+def compact_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: IntOrInts,
+    accepted_nodes: torch.Tensor,
+    *,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> None:
+    """Moves the accepted path of a verified token tree to consecutive positions of a
+    contiguous cache, in place.
+
+    Row ``b`` appended the ``Q`` nodes of a token tree (flattened, ancestors before
+    descendants) at positions ``start[b] .. start[b] + Q - 1``; verification accepted the path
+    ``accepted_nodes[b, 0], accepted_nodes[b, 1], ...`` (flat indices relative to ``start[b]``,
+    increasing, then -1 padding). For every ``k`` the key and value at position
+    ``start[b] + accepted_nodes[b, k]`` (all heads) are copied to position ``start[b] + k``, so
+    that positions ``start[b] .. start[b] + n_b - 1`` (``n_b`` accepted nodes) hold exactly the
+    bits a cache holds that had only the path appended. Other positions are untouched (the
+    caller then sets the row's length to ``start[b] + n_b``, e.g. with
+    :meth:`decodekit.ContiguousKVCache.compact`, which also zeroes the rest).
+
+    The copies run in ascending ``k`` in place: the indices strictly increase from >= 0, so
+    ``accepted_nodes[b, k] >= k``, and step ``k`` writes position ``start + k``, below every
+    position a later step reads (``start + accepted_nodes[b, k'] >= start + k' > start + k``).
+
+    Args:
+        k_cache, v_cache: ``[B, S_max, H, D]`` (``"NHD"``) or ``[B, H, S_max, D]``
+            (``"HND"``), float32 / float16 / bfloat16, contiguous. Modified in place.
+        start: int64/int32 ``[B]`` tensor, list of ``B`` ints or one int: the position of each
+            row's first tree node (its length before the tree).
+        accepted_nodes: int32/int64 ``[B, L]``: the accepted nodes of each row in path order,
+            -1 after the end (a row of -1 moves nothing).
+        kv_layout: ``"NHD"`` (default) or ``"HND"``.
+        validate: check (synchronises) that ``start >= 0``, entries are ``>= -1`` with the -1
+            padding only at the end, the nodes strictly increase, and
+            ``start[b] + accepted_nodes[b, k] < S_max``. Without it, a row's path ends at the
+            first entry that is negative or not greater than the one before, or that lies past
+            the cache; nothing is ever written out of bounds.
+
+    Returns:
+        None (the caches are written in place).
+
+    Raises:
+        TypeError: non-tensor caches or accepted_nodes, dtypes. ValueError: shapes, devices,
+            layout, and (``validate``) the data checks above, naming the row; nothing is
+            written when it raises.
+
+    Source: the KV-cache update after tree verification of speculative decoding (SpecInfer,
+    Miao et al., 2024; Medusa, Cai et al., 2024), here one in-place pass per row.
+
+    Example:
+        >>> k = torch.arange(6.0).view(1, 6, 1, 1); v = k.clone()   # positions hold 0..5
+        >>> compact_kv_cache(k, v, [2], torch.tensor([[0, 2, 3, -1]]))   # tree at 2..5, path 0, 2, 3
+        >>> k.flatten().tolist()[:5]
+        [0.0, 1.0, 2.0, 4.0, 5.0]
+    """
+    op = "compact_kv_cache"
+    kv_layout = check_layout(kv_layout, op)
+    shape_doc = "[B, S_max, H, D]" if kv_layout == "NHD" else "[B, H, S_max, D]"
+    _check_caches(k_cache, v_cache, op, shape_doc)
+    B = k_cache.size(0)
+    S = k_cache.size(1) if kv_layout == "NHD" else k_cache.size(2)
+    starts = index_tensor(start, "start", op, k_cache.device, B)
+    acc = _check_accepted(accepted_nodes, B, k_cache.device, op)
+    if validate and not k_cache.is_meta and acc.numel() > 0:
+        s_list = starts.tolist()  # synchronises
+        paths = accepted_paths(s_list, acc.tolist(), op)
+        for b, (s0, path) in enumerate(zip(s_list, paths)):
+            if path and s0 + path[-1] >= S:
+                raise ValueError(
+                    f"{op}: row {b}'s accepted node {path[-1]} at start {s0} lies past the cache "
+                    f"(S_max = {S}); nothing was written"
+                )
+    ops.compact_kv_cache(_detached(k_cache), _detached(v_cache), starts, acc, kv_layout)
+
+
+def compact_paged_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    start: IntOrInts,
+    accepted_nodes: torch.Tensor,
+    *,
+    kv_layout: str = "NHD",
+    validate: bool = True,
+) -> None:
+    """Moves the accepted path of a verified token tree to consecutive positions of a paged
+    cache (one layer), in place: :func:`compact_kv_cache` with each sequence's positions read
+    through its block table (position ``p`` is slot ``block_tables[b, p // block_size] *
+    block_size + p % block_size``).
+
+    The sequences' written blocks must be their own: a block shared with another sequence (a
+    fork's prefix) must be copied first, as :meth:`decodekit.PagedKVCache.compact` does.
+
+    Args:
+        k_cache, v_cache: ``[num_blocks, block_size, H, D]`` (``"NHD"``) or
+            ``[num_blocks, H, block_size, D]`` (``"HND"``), float32 / float16 / bfloat16,
+            contiguous. Modified in place.
+        block_tables: int32/int64 ``[B, max_blocks]``, -1 padded.
+        start: int64/int32 ``[B]`` tensor, list of ``B`` ints or one int: the position of each
+            sequence's first tree node (its length before the tree).
+        accepted_nodes: int32/int64 ``[B, L]``: accepted nodes in path order, -1 after the end.
+        kv_layout: ``"NHD"`` (default) or ``"HND"``.
+        validate: the checks of :func:`compact_kv_cache` with the cache's end at
+            ``max_blocks * block_size``, plus: the blocks of the positions each row moves are
+            valid ids in ``[0, num_blocks)``, and no block is touched by two rows (synchronises).
+            Without it, a position whose block id is out of range is neither read nor written.
+
+    Returns:
+        None (the caches are written in place).
+
+    Raises:
+        TypeError / ValueError as :func:`compact_kv_cache`, and for block_tables' dtype, shape,
+        block ids out of range or shared between rows; nothing is written when it raises.
+
+    Source: as :func:`compact_kv_cache`, on vLLM-style block tables.
+
+    Example:
+        >>> k = torch.arange(8.0).view(2, 4, 1, 1); v = k.clone()   # 2 blocks of 4 slots
+        >>> compact_paged_kv_cache(k, v, torch.tensor([[1, 0]]), [1], torch.tensor([[0, 3]]))
+        >>> k.flatten().tolist()   # sequence positions 1.. are slots 5, 6, 7, 0: node 3 (slot 0) -> slot 6
+        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 7.0]
+    """
+    op = "compact_paged_kv_cache"
+    kv_layout = check_layout(kv_layout, op)
+    shape_doc = "[num_blocks, block_size, H, D]" if kv_layout == "NHD" else "[num_blocks, H, block_size, D]"
+    _check_caches(k_cache, v_cache, op, shape_doc)
+    num_blocks = k_cache.size(0)
+    bs = k_cache.size(1) if kv_layout == "NHD" else k_cache.size(2)
+    if not isinstance(block_tables, torch.Tensor):
+        raise TypeError(
+            f"{op}: block_tables must be an int32/int64 torch.Tensor [B, max_blocks], got {type(block_tables).__name__}"
+        )
+    if block_tables.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: block_tables must be int32 or int64, got {block_tables.dtype}")
+    if block_tables.dim() != 2:
+        raise ValueError(f"{op}: block_tables must be 2-D [B, max_blocks], got shape {tuple(block_tables.shape)}")
+    if block_tables.device != k_cache.device:
+        raise ValueError(f"{op}: block_tables is on {block_tables.device} but the caches are on {k_cache.device}")
+    B = block_tables.size(0)
+    tables = block_tables.to(torch.int64).contiguous()
+    starts = index_tensor(start, "start", op, k_cache.device, B)
+    acc = _check_accepted(accepted_nodes, B, k_cache.device, op)
+    if validate and not k_cache.is_meta and acc.numel() > 0:
+        s_list, t_list = starts.tolist(), tables.tolist()  # synchronises
+        paths = accepted_paths(s_list, acc.tolist(), op)
+        cap = tables.size(1) * bs
+        owner = {}
+        for b, (s0, path) in enumerate(zip(s_list, paths)):
+            moved = [k for k, node in enumerate(path) if node != k]
+            if not moved:
+                continue
+            if s0 + path[-1] >= cap:
+                raise ValueError(
+                    f"{op}: row {b}'s accepted node {path[-1]} at start {s0} lies past its block table "
+                    f"(max_blocks * block_size = {cap}); nothing was written"
+                )
+            # The blocks this row reads and writes: positions start + moved[0] .. start + last node.
+            for col in range((s0 + moved[0]) // bs, (s0 + path[-1]) // bs + 1):
+                blk = t_list[b][col]
+                if not 0 <= blk < num_blocks:
+                    raise ValueError(
+                        f"{op}: row {b} needs block_tables[{b}, {col}] = {blk}, outside [0, num_blocks={num_blocks})"
+                        "; nothing was written"
+                    )
+                if owner.setdefault(blk, b) != b:
+                    raise ValueError(
+                        f"{op}: block {blk} is moved in by rows {owner[blk]} and {b}; each row's written blocks "
+                        "must be its own (copy a shared block first); nothing was written"
+                    )
+    ops.compact_paged_kv_cache(_detached(k_cache), _detached(v_cache), tables, starts, acc, kv_layout)

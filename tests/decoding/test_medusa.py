@@ -1,0 +1,172 @@
+"""Medusa drafting on SmolLM2-135M: greedy tree verification reproduces plain greedy decoding
+token for token (batch 1 and 4, the shipped heads and untrained heads), seeded sampling is
+reproducible and batch-invariant, length rules hold inside a tree accept, and heads files for
+another target are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decodekit
+from decodekit.decoding import MedusaDrafter, Tree
+from decodekit.models.medusa import MedusaHeads, default_medusa_path, load_medusa_heads
+
+PROMPTS = [
+    "What is a good way to start learning to play the guitar?",
+    "Explain why the sky looks blue during the day.",
+    "Write a short poem about autumn leaves.",
+    "Give me three ideas for a quick vegetarian dinner.",
+]
+
+
+def zero_heads(lm, num_heads=3, vocab=4096):
+    """Untrained heads (W = 0, b = 0): each head is the LM head over the first `vocab` ids."""
+    H = lm.config.hidden_size
+    ids = torch.arange(vocab, dtype=torch.int64)
+    emb = lm.model.lm_head
+    rows = emb.rows(ids) if isinstance(emb, decodekit.QuantizedWeight) else emb[ids]
+    return MedusaHeads(torch.zeros(num_heads, H, H), torch.zeros(num_heads, H), ids, rows)
+
+
+@pytest.fixture(scope="module")
+def heads(lm):
+    if not default_medusa_path().is_file():
+        pytest.skip("no shipped Medusa heads file")
+    return load_medusa_heads(target=lm)
+
+
+@pytest.mark.slow
+def test_greedy_medusa_equals_plain_greedy_batch1(lm, heads):
+    for prompt in PROMPTS[:3]:
+        plain = decodekit.generate(prompt, model=lm, max_new_tokens=64, temperature=0)
+        d = MedusaDrafter(heads)
+        spec = decodekit.speculative_generate(prompt, model=lm, drafter=d, max_new_tokens=64, temperature=0)
+        assert spec.token_ids == plain.token_ids
+        assert spec.text == plain.text
+        assert d.passes > 0
+
+
+@pytest.mark.slow
+def test_greedy_medusa_equals_plain_greedy_batch4(lm, heads):
+    plain = decodekit.generate(PROMPTS, model=lm, max_new_tokens=64, temperature=0)
+    spec = decodekit.speculative_generate(PROMPTS, model=lm, drafter="medusa", max_new_tokens=64, temperature=0)
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    assert sum(s.accepted for s in spec) > 0  # the trained heads get tokens accepted
+
+
+@pytest.mark.slow
+def test_greedy_untrained_heads_and_odd_trees(lm):
+    # Untrained heads and trees with several siblings at every level: the output stays exact.
+    h = zero_heads(lm)
+    plain = decodekit.generate(PROMPTS[1], model=lm, max_new_tokens=40, temperature=0)
+    for tree in ([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]], [[0], [0, 0], [0, 0, 0]], [[3]]):
+        d = MedusaDrafter(h, tree=tree)
+        spec = decodekit.speculative_generate(PROMPTS[1], model=lm, drafter=d, max_new_tokens=40, temperature=0)
+        assert spec.token_ids == plain.token_ids, tree
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("acceptance", ["lossless", "typical"])
+def test_seeded_medusa_reproducible_and_batch_invariant(lm, acceptance):
+    h = zero_heads(lm)
+    kw = dict(model=lm, max_new_tokens=24, temperature=0.8, top_p=0.95)
+
+    def run(prompts, seeds):
+        return decodekit.speculative_generate(
+            prompts, drafter=MedusaDrafter(h, acceptance=acceptance), seed=seeds, **kw
+        )
+
+    alone = run([PROMPTS[2]], [7])[0]
+    again = run([PROMPTS[2]], [7])[0]
+    mixed = run([PROMPTS[0], PROMPTS[2], PROMPTS[3]], [1, 7, 3])[1]
+    assert alone.token_ids == again.token_ids == mixed.token_ids
+    assert alone.seed == 7
+
+
+@pytest.mark.slow
+def test_min_new_tokens_and_stop_inside_a_tree_accept(lm):
+    h = zero_heads(lm)
+    short = decodekit.generate("Say hi.", model=lm, max_new_tokens=32, temperature=0)
+    assert short.finish_reason == "eos"
+    n = len(short.token_ids) + 3
+    r = decodekit.speculative_generate(
+        "Say hi.", model=lm, drafter=MedusaDrafter(h), max_new_tokens=32, temperature=0, min_new_tokens=n
+    )
+    plain = decodekit.generate("Say hi.", model=lm, max_new_tokens=32, temperature=0, min_new_tokens=n)
+    assert r.token_ids == plain.token_ids and len(r.token_ids) >= n
+    stop = plain.text.split()[1] if len(plain.text.split()) > 1 else plain.text[:3]
+    a = decodekit.generate("Say hi.", model=lm, max_new_tokens=32, temperature=0, min_new_tokens=n, stop=stop)
+    b = decodekit.speculative_generate(
+        "Say hi.", model=lm, drafter=MedusaDrafter(h), max_new_tokens=32, temperature=0, min_new_tokens=n, stop=stop
+    )
+    assert (a.text, a.finish_reason, a.token_ids) == (b.text, b.finish_reason, b.token_ids)
+
+
+def test_heads_for_another_target_are_refused(lm, tmp_path):
+    from safetensors.torch import save_file
+
+    H = lm.config.hidden_size
+    tensors = {"weight": torch.zeros(2, H, H), "bias": torch.zeros(2, H), "token_ids": torch.arange(8, dtype=torch.int32)}
+    meta = {
+        "format": "decodekit-medusa-v1",
+        "num_heads": "2",
+        "target_vocab_size": str(lm.config.vocab_size),
+        "target_hidden_size": str(H),
+        "target_embed_checksum": "1.0,2.0",
+    }
+    path = tmp_path / "other.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="trained for another target"):
+        load_medusa_heads(path, target=lm)
+    save_file(tensors, str(path), metadata={**meta, "format": "something-else"})
+    with pytest.raises(ValueError, match="not a decodekit-medusa-v1 file"):
+        load_medusa_heads(path, target=lm)
+    with pytest.raises(FileNotFoundError):
+        load_medusa_heads(tmp_path / "missing.safetensors", target=lm)
+
+
+def test_bad_medusa_arguments(lm):
+    h = zero_heads(lm, num_heads=2)
+    with pytest.raises(ValueError, match="past the number of heads"):
+        MedusaDrafter(h, tree=[[0], [0, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match="acceptance"):
+        MedusaDrafter(h, acceptance="greedy")
+    with pytest.raises(ValueError, match="acceptance"):
+        decodekit.speculative_generate("hi", model=lm, drafter="medusa", acceptance="nope")
+    with pytest.raises(ValueError, match="apply to drafter='medusa'"):
+        decodekit.speculative_generate("hi", model=lm, drafter="ngram", tree=[[0]])
+    with pytest.raises(TypeError, match="inside the decode loop"):
+        MedusaDrafter(h).propose([1, 2], 2)
+    assert isinstance(MedusaDrafter(h).tree, Tree)
+
+
+def test_heads_top_ids_by_hand():
+    # Two heads, H = 2, vocabulary of 3 tokens (ids 10, 11, 12), W = 0: u = h + silu(b).
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 0.0], [0.0, 4.0]])
+    heads = MedusaHeads(torch.zeros(2, 2, 2), b, torch.tensor([10, 11, 12]), rows)
+    h = torch.tensor([[2.0, 1.0]])
+    lg = heads.logits(h)
+    silu4 = 4.0 / (1.0 + torch.exp(torch.tensor(-4.0)))
+    want = torch.tensor([[[2.0, 1.0, 3.0], [2.0, 1.0 + silu4, 3.0 + silu4]]])
+    torch.testing.assert_close(lg, want)
+    assert heads.top_ids(h, 2).tolist() == [[[12, 10], [12, 11]]]
+    # ties: the lower reduced-vocabulary index first
+    tie = MedusaHeads(torch.zeros(1, 2, 2), torch.zeros(1, 2), torch.tensor([5, 6]), torch.ones(2, 2))
+    assert tie.top_ids(torch.tensor([[1.0, 1.0]]), 2).tolist() == [[[5, 6]]]
+
+
+def test_heads_top_ids_ties_against_a_stable_sort():
+    # 64-token vocabulary with many exact ties (rows repeat): the fast top-k path must give the
+    # order of a full stable sort (logit descending, lower reduced index first).
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 4, generator=g)
+    rows = base[torch.randint(0, 8, (64,), generator=g)]
+    ids = torch.arange(100, 164)
+    heads = MedusaHeads(torch.zeros(2, 4, 4), torch.zeros(2, 4), ids, rows)
+    h = torch.randn(5, 4, generator=g)
+    lg = heads.logits(h)
+    for k in (1, 3, 10):
+        want = ids[torch.sort(lg, dim=-1, descending=True, stable=True).indices[..., :k]]
+        assert torch.equal(heads.top_ids(h, k), want)
