@@ -6,6 +6,7 @@
 #include "cpu/common/parallel.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -130,6 +131,24 @@ void add_inplace(float* x, const float* y, int64_t n) {
 // Rounds n floats up to a whole number of 64-byte lines, so every scratch region starts on one.
 constexpr int64_t lines(int64_t n) { return (n + 15) / 16 * 16; }
 
+// The phase timers (layers.h, layer_profile): lap(phase) adds the time since the previous lap.
+struct Laps {
+  bool on;
+  std::chrono::steady_clock::time_point t;
+  explicit Laps(bool enabled) : on(enabled) {
+    if (on) {
+      layer_profile::count_call();
+      t = std::chrono::steady_clock::now();
+    }
+  }
+  void lap(layer_profile::Phase phase) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    layer_profile::add(phase, std::chrono::duration_cast<std::chrono::nanoseconds>(now - t).count());
+    t = now;
+  }
+};
+
 }  // namespace
 
 void decoder_layer(float* x, const DecoderLayerParams& p, int num_threads) {
@@ -153,17 +172,24 @@ void decoder_layer(float* x, const DecoderLayerParams& p, int num_threads) {
   float* gu = region;
   float* act = gu + n_gu;
 
+  using layer_profile::Phase;
+  Laps laps(layer_profile::enabled());
+
   // Attention half.
   rms_norm(x, M, H, H, p.attn_norm, p.eps, h, H, num_threads);
+  laps.lap(Phase::kNorm);
   project(p.wqkv, h, M, H, qkv_size, qkv, num_threads);
+  laps.lap(Phase::kProjectQKV);
   rope_inplace(qkv, M, p.num_heads + p.num_kv_heads, D, qkv_size, p.cos_table, p.sin_table, p.positions,
                num_threads);  // q and k heads are adjacent
+  laps.lap(Phase::kRope);
   KVRows rows;
   rows.key = qkv + q_size;
   rows.value = qkv + q_size + kv_size;
   rows.key_stride_t = rows.value_stride_t = qkv_size;
   rows.key_stride_h = rows.value_stride_h = D;
   append_paged_kv_cache(p.cache, p.num_blocks, p.block_size, rows, p.slot_mapping, M, num_threads);
+  laps.lap(Phase::kKVAppend);
   for (int64_t m = 0; m < M; ++m)
     std::memcpy(q + m * q_size, qkv + m * qkv_size, static_cast<size_t>(q_size) * sizeof(float));
   const PagedKV kv{p.cache.k,
@@ -176,16 +202,24 @@ void decoder_layer(float* x, const DecoderLayerParams& p, int num_threads) {
                    p.cache.layout == KVLayout::kHND};
   paged_attention(q, p.B, p.T, p.num_heads, kv, p.block_tables, p.max_blocks, p.seq_lens, p.tree_mask, p.scale,
                   num_threads, attn);
+  laps.lap(Phase::kAttention);
   project(p.wo, attn, M, q_size, H, h, num_threads);
+  laps.lap(Phase::kProjectO);
   add_inplace(x, h, M * H);
+  laps.lap(Phase::kResidual);
 
   // Feed-forward half.
   rms_norm(x, M, H, H, p.ffn_norm, p.eps, h, H, num_threads);
+  laps.lap(Phase::kNorm);
   project(p.w_gate_up, h, M, H, 2 * I, gu, num_threads);
+  laps.lap(Phase::kProjectGateUp);
   silu_and_mul(gu, M, I, 2 * I, act, I, num_threads);
+  laps.lap(Phase::kActivation);
   project(p.w_down, act, M, I, H, h, num_threads);
+  laps.lap(Phase::kProjectDown);
   add_inplace(x, h, M * H);
   trim(scratch);
+  laps.lap(Phase::kResidual);
 }
 
 }  // namespace DK_ISA

@@ -88,5 +88,31 @@ struct DecoderLayerParams {
 // the slots against the pool.
 using DecoderLayerKernel = void(float* x, const DecoderLayerParams& p, int num_threads);
 
+// Phase timers of DecoderLayerKernel, off by default (a diagnostic for
+// bench/anchors/e2e/profile_step.py, through decodekit._C._layer_profile): while
+// on, every call adds the wall nanoseconds of each of its phases, as the calling
+// thread sees them, to process-wide counters. Off, a call reads one flag.
+// Compiled once (csrc/cpu/layers_profile.cpp), shared by every instruction set.
+namespace layer_profile {
+enum Phase : int {
+  kNorm,        // both RMSNorms
+  kProjectQKV,  // the four weight products
+  kProjectO,
+  kProjectGateUp,
+  kProjectDown,
+  kRope,
+  kKVAppend,
+  kAttention,   // including the copy of q out of the fused projection
+  kActivation,  // SiLU-and-mul
+  kResidual,    // both residual adds
+  kNumPhases
+};
+bool enabled();
+void set_enabled(bool on);  // also resets the counters
+void add(Phase phase, int64_t ns);
+void read(int64_t* ns, int64_t* calls);  // ns[kNumPhases]; calls: decoder_layer calls timed
+void count_call();
+}  // namespace layer_profile
+
 }  // namespace cpu
 }  // namespace decodekit

@@ -343,6 +343,37 @@ void linear_quantized(const float* x, int64_t M, int64_t K, int64_t ldx, const u
     linear_quantized_t<BlockType::kQ8_0>(x, M, K, ldx, blocks, N, bias, y, ldy, num_threads);
 }
 
+namespace {
+template <BlockType BT>
+void dequantize_rows_t(const uint8_t* blocks, int64_t N, int64_t K, const int64_t* rows, int64_t R, float* out,
+                       int num_threads) {
+  const int64_t nb = K / kQuantBlockSize, row_bytes = nb * kBlockBytes<BT>;
+  const int nt = threads_for(R, num_threads, R * K, int64_t{1} << 15);
+  parallel_rows(R, nt, Schedule::kStatic, [&](int64_t r) {
+    float* o = out + r * K;
+    if (rows[r] < 0 || rows[r] >= N) {  // never read outside the weight
+      std::memset(o, 0, static_cast<size_t>(K) * sizeof(float));
+      return;
+    }
+    const uint8_t* src = blocks + rows[r] * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      VF w0, w1;
+      dequant<BT>(src + b * kBlockBytes<BT>, w0, w1);
+      store_f32(o + b * kQuantBlockSize, w0);
+      store_f32(o + b * kQuantBlockSize + kL, w1);
+    }
+  });
+}
+}  // namespace
+
+void dequantize_rows(const uint8_t* blocks, BlockType type, int64_t N, int64_t K, const int64_t* rows, int64_t R,
+                     float* out, int num_threads) {
+  if (type == BlockType::kQ4_1)
+    dequantize_rows_t<BlockType::kQ4_1>(blocks, N, K, rows, R, out, num_threads);
+  else
+    dequantize_rows_t<BlockType::kQ8_0>(blocks, N, K, rows, R, out, num_threads);
+}
+
 }  // namespace DK_ISA
 }  // namespace cpu
 }  // namespace decodekit

@@ -42,5 +42,12 @@ using LinearQuantizedKernel = void(const float* x, int64_t M, int64_t K, int64_t
                                    BlockType type, int64_t N, const float* bias, float* y, int64_t ldy,
                                    int num_threads);
 
+// out[r, :] = the K float32 values of weight row rows[r] (r < R) of an [N, K]
+// weight given as blocks (an embedding lookup): each value as LinearQuantizedKernel
+// sees it (the one rounding of fma(d, q, m) for Q4_1, d * q exactly for Q8_0). A
+// row id outside [0, N) gives zeros (never read). out is [R, K], contiguous.
+using DequantizeRowsKernel = void(const uint8_t* blocks, BlockType type, int64_t N, int64_t K, const int64_t* rows,
+                                  int64_t R, float* out, int num_threads);
+
 }  // namespace cpu
 }  // namespace decodekit

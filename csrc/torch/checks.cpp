@@ -452,6 +452,39 @@ cpu::DecoderLayerParams check_decoder_layer(
   return p;
 }
 
+cpu::DecoderLayerParams check_decoder_layer_next(const cpu::DecoderLayerParams& first, const at::Tensor& first_k_cache,
+                                                 const at::Tensor& x, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& attn_norm,
+                                                 const at::Tensor& wqkv, const std::string& wqkv_type,
+                                                 const at::Tensor& wo, const std::string& wo_type,
+                                                 const at::Tensor& ffn_norm, const at::Tensor& w_gate_up,
+                                                 const std::string& gate_up_type, const at::Tensor& w_down,
+                                                 const std::string& down_type) {
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kLayer, name, " must be float32 (the model's dtype), got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == first_k_cache.sizes(), kLayer, name, " must have the first block's shape ",
+                      first_k_cache.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_VALUE(t->is_contiguous(), kLayer, name, " must be contiguous");
+    TORCH_CHECK_VALUE(t->device() == x.device(), kLayer, name, " is on ", t->device(), " but x is on ", x.device());
+    check_storage(*t, name);
+  }
+  const c10::SymInt H(first.hidden), D(first.head_dim), I(first.intermediate);
+  check_vector(attn_norm, H, "attn_norm", x);
+  check_vector(ffn_norm, H, "ffn_norm", x);
+  cpu::DecoderLayerParams p = first;
+  p.wqkv =
+      check_layer_weight(wqkv, wqkv_type, D * (first.num_heads + 2 * first.num_kv_heads), H, "wqkv", "wqkv_type", x);
+  p.wo = check_layer_weight(wo, wo_type, H, D * first.num_heads, "wo", "wo_type", x);
+  p.w_gate_up = check_layer_weight(w_gate_up, gate_up_type, I * 2, H, "w_gate_up", "gate_up_type", x);
+  p.w_down = check_layer_weight(w_down, down_type, H, I, "w_down", "down_type", x);
+  p.attn_norm = attn_norm.data_ptr<float>();
+  p.ffn_norm = ffn_norm.data_ptr<float>();
+  p.cache.k = k_cache.data_ptr();
+  p.cache.v = v_cache.data_ptr();
+  return p;
+}
+
 // ---------------------------------------------------------- speculative ----
 ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, const at::Tensor& draft_token_ids,
                                   const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,

@@ -149,6 +149,20 @@ cpu::DecoderLayerParams check_decoder_layer(
     const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
     double scale, const std::string& kv_layout, bool data);
 
+// A later block of the same step, after check_decoder_layer passed for the first
+// block (first, first_k_cache): its caches must be float32, contiguous, on x's
+// device and of the first block's shape; its norms and weights are checked as
+// check_decoder_layer checks them. Returns the first block's parameters with this
+// block's pointers. (The one-call layer loop of fast_entries.cpp.)
+cpu::DecoderLayerParams check_decoder_layer_next(const cpu::DecoderLayerParams& first, const at::Tensor& first_k_cache,
+                                                 const at::Tensor& x, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& attn_norm,
+                                                 const at::Tensor& wqkv, const std::string& wqkv_type,
+                                                 const at::Tensor& wo, const std::string& wo_type,
+                                                 const at::Tensor& ffn_norm, const at::Tensor& w_gate_up,
+                                                 const std::string& gate_up_type, const at::Tensor& w_down,
+                                                 const std::string& down_type);
+
 // ---------------------------------------------------------- speculative ----
 // Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids
 // contiguous int64 [B, K]; target_probs contiguous float32 [B, K + 1, V];

@@ -246,9 +246,12 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
         type[i] = PyUnicode_AsUTF8(s);
       }
       if (!fast_tensor(k_caches[l], &kc[l]) || !fast_tensor(v_caches[l], &vc[l])) return false;
-      params[l] = check_decoder_layer(x, kc[l], vc[l], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0], w[2],
-                                      type[1], w[3], w[4], type[2], w[5], type[3], num_heads, num_kv_heads,
-                                      intermediate_size, eps, scale, kv_layout, true);
+      // The first block checks everything; the later ones what differs from it (caches and weights).
+      params[l] = l == 0 ? check_decoder_layer(x, kc[l], vc[l], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0],
+                                               w[2], type[1], w[3], w[4], type[2], w[5], type[3], num_heads,
+                                               num_kv_heads, intermediate_size, eps, scale, kv_layout, true)
+                         : check_decoder_layer_next(params[0], kc[0], x, kc[l], vc[l], w[0], w[1], type[0], w[2],
+                                                    type[1], w[3], w[4], type[2], w[5], type[3]);
     }
   } catch (const std::exception&) {
     return false;  // the op raises the precise error
@@ -269,12 +272,45 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
   return true;
 }
 
+// QuantizedWeight.dequantize_rows (an embedding lookup on GGML blocks) for plain
+// arguments: blocks a contiguous uint8 CPU tensor of N * K / 32 blocks of
+// block_type, ids a contiguous int64 CPU tensor of ids in [0, N) (any shape).
+// Returns float32 [*ids.shape, K], or None for the Python path (which raises
+// for bad ids). One call instead of a dozen small torch ops per decode step.
+pybind11::object dequantize_rows_fast(pybind11::handle blocks_obj, const std::string& block_type, int64_t N, int64_t K,
+                                      pybind11::handle ids_obj) {
+  if (!no_python_modes()) return pybind11::none();
+  at::Tensor blocks, ids;
+  if (!fast_tensor(blocks_obj, &blocks) || !fast_tensor(ids_obj, &ids)) return pybind11::none();
+  dk::cpu::BlockType type;
+  int64_t bytes = 0;
+  if (!block_type_of(block_type, &type, &bytes) || N < 0 || K <= 0 || K % 32) return pybind11::none();
+  if (blocks.scalar_type() != at::kByte || !blocks.is_contiguous() || blocks.numel() != N * (K / 32) * bytes)
+    return pybind11::none();
+  if (ids.scalar_type() != at::kLong || !ids.is_contiguous()) return pybind11::none();
+  const int64_t R = ids.numel();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    if (id[r] < 0 || id[r] >= N) return pybind11::none();
+  auto sizes = ids.sizes().vec();
+  sizes.push_back(K);
+  at::Tensor out = at::detail::empty_cpu(sizes, at::kFloat);
+  if (R > 0) {
+    pybind11::gil_scoped_release no_gil;
+    dk::cpu::kernels().dequantize_rows(blocks.data_ptr<uint8_t>(), type, N, K, id, R, out.data_ptr<float>(),
+                                       dk::torch_ops::num_threads());
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
+}
+
 }  // namespace
 
 namespace decodekit {
 namespace torch_ops {
 
 void add_fast_entries(pybind11::module_& mod) {
+  mod.def("_dequantize_rows_fast", &dequantize_rows_fast,
+          "QuantizedWeight.dequantize_rows for plain arguments, or None for the Python path.");
   mod.def("_decoder_layers_fast", &decoder_layers_fast,
           "decoder_layer over every block of a model; False (nothing written) for the op's path.");
   mod.def("_sample_from_logits_fast", &sample_from_logits_fast,

@@ -56,6 +56,24 @@ PYBIND11_MODULE(_C, mod) {
           "decodekit's own thread-count setting: 0 when it follows torch.get_num_threads().");
   mod.def("_num_threads", &dk::torch_ops::num_threads, "The thread count the CPU kernels use now (>= 1).");
   mod.def("_pool_size", &dk::cpu::pool::pool_size, "Worker threads the CPU kernels' pool has started.");
+  // decoder_layer's phase timers (cpu/layers.h, layer_profile), for bench/anchors/e2e/profile_step.py.
+  mod.def("_layer_profile", &dk::cpu::layer_profile::set_enabled,
+          "Turn decoder_layer's phase timers on or off (either way the counters restart at 0).");
+  mod.def(
+      "_layer_profile_read",
+      [] {
+        namespace lp = dk::cpu::layer_profile;
+        int64_t ns[lp::kNumPhases], calls = 0;
+        lp::read(ns, &calls);
+        static const char* names[lp::kNumPhases] = {"norm",         "project_qkv", "project_o", "project_gate_up",
+                                                    "project_down", "rope",        "kv_append", "attention",
+                                                    "activation",   "residual"};
+        pybind11::dict d;
+        for (int i = 0; i < lp::kNumPhases; ++i) d[names[i]] = ns[i];
+        d["calls"] = calls;
+        return d;
+      },
+      "decoder_layer's phase timers: wall nanoseconds per phase summed over the timed calls, and the calls.");
   mod.def("cpu_isa", &dk::cpu::active_isa,
           "The instruction set the CPU kernels run with: avx512, avx2 or baseline (all give the same bits).");
 #ifdef DK_WITH_CUDA

@@ -148,14 +148,23 @@ def _logit_bias(bias, op: str, where: str) -> Optional[Dict[int, float]]:
     return out or None
 
 
-def rows(params: Sequence[SamplingParams], offsets: Sequence[int], sample: Sequence[int] = ()) -> tuple:
+def rows(
+    params: Sequence[SamplingParams], offsets: Sequence[int], sample: Sequence[int] = (), scalars: bool = False
+) -> tuple:
     """The sampling-op arguments of ``B`` requests: ``((temperature, top_k, top_p, min_p), rng)``
     with ``[B]`` tensors and ``rng = {"seed": [B] int64, "offset": [B] int64}``.
 
     ``offsets[b]`` is the offset of row ``b``'s call (DESIGN.md "Randomness": the 0-based
     position, in the generated sequence, of the first token the call draws); ``sample[b]``
-    (default 0) goes into bits 48-61 of the offset.
+    (default 0) goes into bits 48-61 of the offset. With ``scalars`` and one request, the same
+    values as Python numbers (the ops take a number for every row; no tensor is built).
     """
+    if scalars and len(params) == 1:
+        p, s = params[0], (list(sample) or [0])[0]
+        return (
+            (T_TINY if 0 < p.temperature < T_TINY else p.temperature, p.top_k, p.top_p, p.min_p),
+            {"seed": to_int64_bits(p.seed or 0, "seed", "rows"), "offset": offsets[0] | (s << 48)},
+        )
     temperature = torch.tensor(
         [T_TINY if 0 < p.temperature < T_TINY else p.temperature for p in params], dtype=torch.float32
     )

@@ -199,3 +199,27 @@ def test_default_model_layer_op_gives_the_per_op_bits(lm):
         assert torch.equal(f, s), i
     for f, s in zip(fast_cache, slow_cache):
         assert torch.equal(f, s)
+
+
+def test_phase_timers_count_only_while_on():
+    from decodekit._loader import _C
+
+    model = _model("f32")
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    _C._layer_profile(True)
+    try:
+        model.forward_paged(torch.tensor([[1, 2]]), cache, [seq])
+        on = _C._layer_profile_read()
+    finally:
+        _C._layer_profile(False)
+    model.forward_paged(torch.tensor([[3]]), cache, [seq])
+    off = _C._layer_profile_read()
+    assert on["calls"] == CFG.num_layers and all(v >= 0 for v in on.values()) and on["project_qkv"] > 0
+    assert set(on) == {"calls", "norm", "project_qkv", "project_o", "project_gate_up", "project_down", "rope"} | {
+        "kv_append",
+        "attention",
+        "activation",
+        "residual",
+    }
+    assert all(v == 0 for v in off.values())

@@ -30,6 +30,23 @@ def test_dequantize_matches_reference(block_type):
 
 
 @pytest.mark.parametrize("block_type", TYPES)
+def test_dequantize_rows_one_call_and_fallbacks(block_type):
+    """int64 ids on plain CPU tensors take one C++ call; other ids the torch path; both give the
+    reference's values, and an id outside [0, N) raises (the C++ entry declines it)."""
+    from decodekit._loader import _C
+
+    qw, w_ref = _weight(block_type, 40, 64, 2)
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(3))
+    fast = _C._dequantize_rows_fast(qw.blocks, block_type, 40, 64, ids)
+    assert fast is not None and fast.shape == (3, 7, 64) and torch.equal(fast, w_ref[ids])
+    assert torch.equal(qw.dequantize_rows(ids.int()), w_ref[ids])  # int32: the torch path
+    assert torch.equal(qw.dequantize_rows(ids[:0]), w_ref[ids[:0]])
+    assert _C._dequantize_rows_fast(qw.blocks, block_type, 40, 64, torch.tensor([40])) is None
+    with pytest.raises(IndexError):
+        qw.dequantize_rows(torch.tensor([40]))
+
+
+@pytest.mark.parametrize("block_type", TYPES)
 @pytest.mark.parametrize("N,K", [(37, 64), (576, 576), (130, 1536), (5, 32)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bit_identical_to_float_linear_on_dequantized_weights(block_type, N, K, with_bias):

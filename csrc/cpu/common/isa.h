@@ -46,6 +46,7 @@ namespace cpu {
   X(rope_inplace, RopeInplaceKernel)                            \
   X(linear, LinearKernel)                                       \
   X(linear_quantized, LinearQuantizedKernel)                    \
+  X(dequantize_rows, DequantizeRowsKernel)                      \
   X(decoder_layer, DecoderLayerKernel)                          \
   X(chain_speculative_sampling, ChainSpeculativeSamplingKernel) \
   X(greedy_verify, GreedyVerifyKernel)                          \

@@ -387,7 +387,9 @@ def _sample_or_verify(
     ``top_logprobs`` is not None) each emitted token's ``(logprob, top list)``."""
     B, T, V = logits.shape
     if not verify:  # plain sampling, offset = the position of the token drawn
-        params, rng = rows([r.params for r in active], [len(r.token_ids) for r in active], [r.sample for r in active])
+        params, rng = rows(
+            [r.params for r in active], [len(r.token_ids) for r in active], [r.sample for r in active], scalars=True
+        )
         if top_logprobs is None:
             tokens = sample_from_logits(logits[:, 0], *params, **rng, deterministic=deterministic).tolist()
             return [[t] for t in tokens], [0] * B, None

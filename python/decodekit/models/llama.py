@@ -531,25 +531,26 @@ class LlamaModel:
         seq_ids = list(seq_ids)
         if len(seq_ids) != B:
             raise ValueError(f"forward_paged: input_ids has {B} rows but {len(seq_ids)} seq_ids were given")
-        start = cache.seq_lens(seq_ids)  # [B] int64; checks the ids
-        if B and int(start.max()) + T > c.max_seq_len:
-            rows = [b for b in range(B) if int(start[b]) + T > c.max_seq_len]
+        start = cache.seq_lens(seq_ids).tolist()  # cached tokens per row; checks the ids
+        if B and max(start) + T > c.max_seq_len:
+            rows = [b for b in range(B) if start[b] + T > c.max_seq_len]
             raise ValueError(
-                f"forward_paged: {T} new tokens after {[int(start[b]) for b in rows]} cached ones "
+                f"forward_paged: {T} new tokens after {[start[b] for b in rows]} cached ones "
                 f"(rows {rows}) exceed the model's context length {c.max_seq_len}"
             )
 
         tree_mask = None
-        if tree_parents is None:
-            offsets = torch.arange(T, dtype=torch.int64)[None, :]
-        else:
-            offsets, tree_mask = _tree_depths_and_mask(tree_parents, B, T)
-            if bool((offsets == torch.arange(T)).all()):  # a chain: the causal rule is its mask
+        if tree_parents is not None:
+            depths, tree_mask = _tree_depths_and_mask(tree_parents, B, T)
+            if bool((depths == torch.arange(T)).all()):  # a chain: the causal rule is its mask
                 tree_mask = None
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
         x = self._embed(input_ids)  # [B, T, H]
-        positions = start[:, None] + offsets  # [B, T]
-        seq_lens = start + T  # including the new tokens
+        if tree_mask is None:  # built from Python ints (no small tensor ops per step)
+            positions = torch.tensor([[s + t for t in range(T)] for s in start], dtype=torch.int64).view(B, T)
+        else:  # a token's position is the row's length plus its depth in the tree
+            positions = torch.tensor(start, dtype=torch.int64)[:, None] + depths  # [B, T]
+        seq_lens = torch.tensor([s + T for s in start], dtype=torch.int64)  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
 

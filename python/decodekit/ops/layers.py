@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 
 from .._checks import FLT_MAX, check_float32
+from .._loader import _C
 
 ops = torch.ops.decodekit
 
@@ -118,6 +119,10 @@ class QuantizedWeight:
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 ``[*ids.shape, K]``: rows ``ids`` (integer tensor) dequantized (an embedding lookup)."""
+        if ids.dtype == torch.int64:  # plain CPU tensors: one C++ call (the same values), else None
+            out = _C._dequantize_rows_fast(self.blocks, self.block_type, self.shape[0], self.shape[1], ids)
+            if out is not None:
+                return out
         blk = self.blocks[ids.reshape(-1)].reshape(-1, self.shape[1] // _QK, _BLOCK_BYTES[self.block_type])
         d = blk[..., 0:2].contiguous().view(torch.float16).float()  # [R, nb, 1], exact
         if self.block_type == "q4_1":
