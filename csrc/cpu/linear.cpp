@@ -102,6 +102,10 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
 #endif
 constexpr int kQuantTileN = DK_QTN;  // weight rows per tile at M <= 4
 
+// How many tiles ahead quant_tile prefetches its weights (measured on the 2-core EPYC:
+// 2 to 8 give the same speed, 0 is 1.5-5x slower on weights that are not in the cache).
+constexpr int64_t kQuantPrefetchTiles = 3;
+
 template <BlockType BT>
 constexpr int64_t kBlockBytes = BT == BlockType::kQ4_1 ? kQ4_1BlockBytes : kQ8_0BlockBytes;
 
@@ -184,7 +188,14 @@ void quant_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) acc[i][j] = splat(0.0f);
   const int64_t nb = K / kQuantBlockSize;
+  // The TN rows of this tile are contiguous (TN * row_bytes bytes, read as TN interleaved
+  // streams); the hardware prefetcher does not keep up with that pattern (a 30 MB Q8_0 head
+  // read at 6 GB/s of the 35 a core can stream). So each block step prefetches the same
+  // share of the tile kQuantPrefetchTiles tiles ahead, as one sequential stream.
+  const char* ahead = reinterpret_cast<const char*>(w) + kQuantPrefetchTiles * TN * row_bytes;
   for (int64_t blk = 0; blk < nb; ++blk) {
+    const char* pf = ahead + blk * (TN * kBlockBytes<BT>);
+    for (int64_t q = 0; q < (TN * kBlockBytes<BT> + 63) / 64 + 1; ++q) __builtin_prefetch(pf + 64 * q, 0, 3);
     VF w0[TN], w1[TN];
     for (int j = 0; j < TN; ++j) dequant<BT>(w + j * row_bytes + blk * kBlockBytes<BT>, w0[j], w1[j]);
     const int64_t k = blk * kQuantBlockSize;
