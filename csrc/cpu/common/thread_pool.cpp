@@ -110,6 +110,8 @@ struct Pool {
   Job job{};
   int64_t n = 0;
   int64_t chunk = 1;
+  bool guided = false;
+  uint64_t guided_divisor = 2;
   std::mutex error_mutex;
   std::exception_ptr error;
   std::atomic<int> size{0};  // workers started (grown under `submit`)
@@ -123,18 +125,24 @@ int64_t participate(Pool& p, uint64_t gen) {
   uint64_t s = p.state.load(std::memory_order_acquire);
   for (;;) {
     if (gen_of(s) != gen || next_of(s) >= count_of(s)) break;
-    if (!p.state.compare_exchange_weak(s, s + (uint64_t{1} << kCountBits), std::memory_order_acq_rel,
+    // Guided: a claim takes 1 / (2 nt) of the chunks left (at least one), so a region of
+    // equal items costs a few claims per thread and every thread reads one long stretch
+    // at a time, while a thread that arrives late still finds work and one that never
+    // arrives leaves the caller nothing to wait for.
+    const uint64_t take =
+        p.guided ? std::max<uint64_t>(1, (count_of(s) - next_of(s)) / p.guided_divisor) : uint64_t{1};
+    if (!p.state.compare_exchange_weak(s, s + (take << kCountBits), std::memory_order_acq_rel,
                                        std::memory_order_acquire))
       continue;
     const int64_t begin = static_cast<int64_t>(next_of(s)) * p.chunk;
-    const int64_t end = std::min(p.n, begin + p.chunk);
+    const int64_t end = std::min(p.n, begin + static_cast<int64_t>(take) * p.chunk);
     try {
       p.job.run(p.job.ctx, begin, end);
     } catch (...) {
       std::lock_guard<std::mutex> g(p.error_mutex);
       if (!p.error) p.error = std::current_exception();
     }
-    ++ran;
+    ran += static_cast<int64_t>(take);
     s = p.state.load(std::memory_order_acquire);
   }
   if (ran > 0 && p.job.on_exit != nullptr) {
@@ -237,7 +245,7 @@ int pool_size() {
   return p == nullptr ? 0 : p->size.load(std::memory_order_relaxed);
 }
 
-void run(const Job& job, int64_t n, int num_threads, int64_t chunk) {
+void run(const Job& job, int64_t n, int num_threads, int64_t chunk, bool guided) {
   if (n <= 0) return;
   chunk = std::max<int64_t>(1, chunk);
   const int64_t nchunks = (n + chunk - 1) / chunk;
@@ -257,6 +265,8 @@ void run(const Job& job, int64_t n, int num_threads, int64_t chunk) {
   p.job = job;
   p.n = n;
   p.chunk = chunk;
+  p.guided = guided;
+  p.guided_divisor = static_cast<uint64_t>(2 * (workers + 1));
   p.error = nullptr;
   p.done.store(0, std::memory_order_relaxed);
   p.wanted.store(workers, std::memory_order_relaxed);
