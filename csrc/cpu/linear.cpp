@@ -105,6 +105,12 @@ constexpr int kQuantTileN = DK_QTN;  // weight rows per tile at M <= 4
 // How many tiles ahead quant_tile prefetches its weights (measured on the 2-core EPYC:
 // 2 to 8 give the same speed, 0 is 1.5-5x slower on weights that are not in the cache).
 constexpr int64_t kQuantPrefetchTiles = 3;
+// Up to this many rows of x, quantized tiles are dequantized in registers for each group of 4
+// rows; above it, once into a float32 buffer for the float32 kernel (measured crossover).
+#ifndef DK_QGROUPED_MAX_M
+#define DK_QGROUPED_MAX_M 16
+#endif
+constexpr int64_t kQuantGroupedMaxM = DK_QGROUPED_MAX_M;
 
 template <BlockType BT>
 constexpr int64_t kBlockBytes = BT == BlockType::kQ4_1 ? kQ4_1BlockBytes : kQ8_0BlockBytes;
@@ -283,8 +289,42 @@ void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const
     });
     return;
   }
-  // Prefill / verification: each tile of kTileN weight rows is dequantized once into a
-  // per-thread float32 buffer [kTileN, K], then the float32 kernel runs every row of x on it.
+  if (M <= kQuantGroupedMaxM) {
+    // A few rows (batched decoding, speculative verification): each tile of TN weight rows is
+    // dequantized in registers again for every group of kTileM rows of x (its blocks stay in
+    // L1 between the groups). Dequantizing costs less than storing the float32 tile and
+    // loading it back up to about this M.
+    constexpr int TN = kTileN;
+    const int64_t tiles = (N + TN - 1) / TN;
+    parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
+      const int64_t n0 = t * TN;
+      const int64_t tn = std::min<int64_t>(TN, N - n0);
+      const uint8_t* w = blocks + n0 * row_bytes;
+      const float* b = bias ? bias + n0 : nullptr;
+      for (int64_t m = 0; m < M; m += kTileM) {
+        const int64_t mm = std::min<int64_t>(kTileM, M - m);
+        const float* xm = x + m * ldx;
+        float* ym = y + m * ldy + n0;
+        switch (tn) {
+          case 4:
+            quant_small_m<BT, 4>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+          case 3:
+            quant_small_m<BT, 3>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+          case 2:
+            quant_small_m<BT, 2>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+          default:
+            quant_small_m<BT, 1>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+        }
+      }
+    });
+    return;
+  }
+  // Prefill: each tile of kTileN weight rows is dequantized once into a per-thread float32
+  // buffer [kTileN, K], then the float32 kernel runs every row of x on it.
   const int64_t tiles = (N + kTileN - 1) / kTileN;
   parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
     static thread_local Buf<float> buf;

@@ -398,6 +398,36 @@ DK_VINLINE float tree_sum16(VF v) {
 #endif
 }
 
+// out[j] = tree_sum16(v[j]) for 16 vectors at once, the same bits (the same pairwise tree:
+// lane i + lane i + w for w = 8, 4, 2, 1). The AVX-512 build runs the tree on all 16 vectors
+// together (15 vector adds and 30 shuffles instead of 16 separate reductions); the sums land
+// in a fixed lane order that one permute puts right.
+DK_VINLINE VF tree_sum16x16(const VF* v) {
+#if defined(__AVX512F__)
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // w = 8: [v2i halves summed | v2i+1 halves summed]
+    const __m512 x = (__m512)v[2 * i].p[0], y = (__m512)v[2 * i + 1].p[0];
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // w = 4: 128-bit lanes 0+1 and 2+3 of each half
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // w = 2: elements 0+2 and 1+3 of each 128-bit lane
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  // w = 1: elements 0+1 of each pair
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  // Lane L of d holds the sum of vector idx[L]; scatter back to position order.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  VF r;
+  r.p[0] = (nf)_mm512_permutexvar_ps(order, d);
+  return r;
+#else
+  float s[16];
+  for (int j = 0; j < 16; ++j) s[j] = tree_sum16(v[j]);
+  return load_f32(s);
+#endif
+}
+
 // 16 float64 lanes (lane j accumulates the j-th float lane of every add).
 struct Acc16d {
 #if defined(__AVX512F__)
