@@ -295,6 +295,9 @@ def _generate(args: argparse.Namespace) -> int:
         logprobs=args.logprobs,
         top_logprobs=args.top_logprobs,
     )
+    if not drafter and args.acceptance != "lossless":
+        print("decodekit: error: --acceptance needs --speculative medusa", file=sys.stderr)
+        return 1
     try:
         if drafter:
             if drafter == "medusa":

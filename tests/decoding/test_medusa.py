@@ -207,3 +207,13 @@ def test_tree_pass_logits_match_each_path_run_alone(lm):
     net.forward_paged(prompt, c4, [s4])
     b = net.forward_paged(cand[:, :3], c4, [s4], all_logits=True)
     assert torch.equal(a, b)
+
+
+def test_cli_acceptance_needs_medusa(capsys):
+    # --acceptance only means something for tree verification: without --speculative medusa it is
+    # refused (exit 1, naming the flag) instead of being silently ignored.
+    from decodekit.cli import main
+
+    for argv in (["--acceptance", "typical"], ["--acceptance", "typical", "--speculative", "ngram"]):
+        assert main(["--prompt", "Hi", "--max-new-tokens", "2", *argv]) == 1
+        assert "--acceptance needs --speculative medusa" in capsys.readouterr().err
