@@ -71,6 +71,31 @@ DK_VINLINE void accumulate(float* a, float alpha, int64_t upto, const bool* pres
   for (int c = 0; c < NV; ++c) store_f32(a + c * kL, ar[c]);
 }
 
+// accumulate() for R rows at once over a whole tile (positions j with seen[i * 16 + j]): row i's
+// accumulator is scaled by alphas[i], then gets p_ij v_j added in position order, exactly as
+// accumulate() does it; the R rows' independent FMA chains interleave.
+template <int NV, int R>
+DK_VINLINE void accumulate_rows(float* const* a, const float* alphas, const bool* seen, const float* pa,
+                                const float* const* vp) {
+  VF ar[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) ar[i][c] = load_f32(a[i] + c * kL) * splat(alphas[i]);
+  for (int j = 0; j < kTile; ++j) {
+    bool any = false;
+    for (int i = 0; i < R; ++i) any |= seen[i * kTile + j];
+    if (!any) continue;
+    VF v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = load_f32(vp[j] + c * kL);
+    for (int i = 0; i < R; ++i) {
+      if (!seen[i * kTile + j]) continue;
+      const VF pj = splat(pa[i * kTile + j]);
+      for (int c = 0; c < NV; ++c) ar[i][c] = fma16(pj, v[c], ar[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) store_f32(a[i] + c * kL, ar[i][c]);
+}
+
 struct RowState {
   float m = -kInf;  // running max of the scores
   float l = 0.0f;   // running sum of exp(score - m)
@@ -81,6 +106,8 @@ thread_local Buf<float> fbuf;
 thread_local Buf<RowState> sbuf;
 thread_local Buf<int64_t> lbuf;
 thread_local Buf<char> nbuf;
+thread_local Buf<float> pbuf;
+thread_local Buf<char> bbuf;
 
 // mask: this sequence's [Q, Q] tree mask (0 / 1 bytes), or null for the causal rule.
 // Rows [r_begin, r_end) of the Q * group query rows that read KV head kvh (row r is new token
@@ -106,7 +133,12 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   std::fill(st, st + rows, RowState{});
   char* nan_row = nbuf.get(rows);
   std::fill(nan_row, nan_row + rows, 0);
-  int64_t* last = lbuf.get(rows);  // last position each row attends to
+  int64_t* last = lbuf.get(2 * rows);  // last position each row attends to, then the tile's active rows
+  int64_t* active = last + rows;
+  // Per tile: each active row's weights, readable positions and rescale factor.
+  float* pa_all = pbuf.get(rows * (kTile + 1));
+  float* alpha_all = pa_all + rows * kTile;
+  bool* seen_all = reinterpret_cast<bool*>(bbuf.get(rows * kTile));
   for (int64_t lr = 0; lr < rows; ++lr) {
     const int64_t r = r_begin + lr, i = r / group, h = kvh * group + r % group;
     std::memcpy(&qbuf[lr * Dp], q + (i * Hq + h) * D, static_cast<size_t>(D) * sizeof(float));
@@ -134,20 +166,21 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
         vp[j] = &vt[j * Dp];
       }
     }
+    // Phase 1, per row: the tile's scores, the running max and sum, the weights p_j and alpha.
+    int64_t n_active = 0;
     for (int64_t r = 0; r < rows; ++r) {  // local row index
       const int64_t upto = std::min<int64_t>(cnt, last[r] - t0 + 1);  // positions of this tile the row sees
       if (upto <= 0) continue;
       // The positions of the tile this row reads: the readable ones, less those its tree mask
       // leaves out (query i = r / group; only new tokens j <= i are looked up).
-      const bool* seen = present;
-      bool allowed[kTile];
+      bool* seen = &seen_all[n_active * kTile];
+      for (int64_t j = 0; j < kTile; ++j) seen[j] = j < upto && present[j];
       if (mask != nullptr && t0 + upto > first_new) {
         const uint8_t* mrow = mask + ((r_begin + r) / group) * Q;
         for (int64_t j = 0; j < upto; ++j) {
           const int64_t pos = t0 + j;
-          allowed[j] = present[j] && (pos < first_new || mrow[pos - first_new] != 0);
+          seen[j] = present[j] && (pos < first_new || mrow[pos - first_new] != 0);
         }
-        seen = allowed;
       }
       float s[kTile];
       if (Dp == 64) {
@@ -156,7 +189,7 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
         const VF q0 = load_f32(qr), q1 = load_f32(qr + kL), q2 = load_f32(qr + 2 * kL), q3 = load_f32(qr + 3 * kL);
         VF acc16[kTile];
         for (int j = 0; j < kTile; ++j) {
-          const float* k = j < upto && seen[j] ? kp[j] : kZeroRow;
+          const float* k = seen[j] ? kp[j] : kZeroRow;
           VF a = fma16(q0, load_f32(k), splat(0.0f));
           a = fma16(q1, load_f32(k + kL), a);
           a = fma16(q2, load_f32(k + 2 * kL), a);
@@ -164,40 +197,69 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
         }
         float dots[kTile];
         store_f32(dots, tree_sum16x16(acc16));
-        for (int j = 0; j < kTile; ++j) s[j] = j < upto && seen[j] ? dots[j] * scale : -kInf;
+        for (int j = 0; j < kTile; ++j) s[j] = seen[j] ? dots[j] * scale : -kInf;
       } else {
-        for (int j = 0; j < kTile; ++j) s[j] = -kInf;
-        for (int64_t j = 0; j < upto; ++j)
-          if (seen[j]) s[j] = dot(&qbuf[r * Dp], kp[j], Dp) * scale;
+        for (int j = 0; j < kTile; ++j) s[j] = seen[j] ? dot(&qbuf[r * Dp], kp[j], Dp) * scale : -kInf;
       }
-      float tmax = -kInf;
-      for (int j = 0; j < kTile; ++j) {
-        tmax = s[j] > tmax ? s[j] : tmax;
-        if (s[j] != s[j]) nan_row[r] = 1;  // a NaN score (NaN or inf in q or k) makes the output NaN
-      }
+      // The tile max, NaN scores left out (a NaN score, from NaN or inf in q or k, makes the
+      // output NaN); max is exact, so the lane order does not matter.
+      const VF sv = load_f32(s);
+      const VI is_nan = sv != sv;
+      if (any_lane(is_nan)) nan_row[r] = 1;
+      const float tmax = max_lane(select(is_nan, splat(-kInf), sv));
       if (tmax == -kInf) continue;  // nothing readable in this tile
       RowState& rs = st[r];
       const float m_new = rs.m > tmax ? rs.m : tmax;
       const float alpha = exp_nonpositive(rs.m - m_new);  // exp(-inf) = 0 on the first tile
       const VF p = exp16(load_f32(s) - splat(m_new));
-      float pa[kTile];
-      to_array(p, pa);
+      to_array(p, &pa_all[n_active * kTile]);
       rs.l = rs.l * alpha + tree_sum16(p);
       rs.m = m_new;
-      float* a = &acc[r * Dp];
+      alpha_all[n_active] = alpha;
+      active[n_active++] = r;
+    }
+    // Phase 2: acc = acc * alpha + sum_j p_j v_j in position order, for up to 4 rows at a time
+    // (each row's operations as alone; the rows' FMA chains interleave).
+    for (int64_t a0 = 0; a0 < n_active; a0 += 4) {
+      const int nr = static_cast<int>(std::min<int64_t>(4, n_active - a0));
+      float* accs[4];
+      for (int i = 0; i < nr; ++i) accs[i] = &acc[active[a0 + i] * Dp];
+      const float* pas = &pa_all[a0 * kTile];
+      const bool* seens = &seen_all[a0 * kTile];
+      const float* alphas = &alpha_all[a0];
       if (Dp == 64) {
-        accumulate<4>(a, alpha, upto, seen, pa, vp);
-      } else if (Dp == 128) {
-        accumulate<8>(a, alpha, upto, seen, pa, vp);
-      } else if (Dp == 32) {
-        accumulate<2>(a, alpha, upto, seen, pa, vp);
-      } else {
-        const VF va = splat(alpha);
-        for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, load_f32(a + d) * va);
-        for (int64_t j = 0; j < upto; ++j) {
-          if (!seen[j]) continue;
-          const VF pj = splat(pa[j]);
-          for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, fma16(pj, load_f32(vp[j] + d), load_f32(a + d)));
+        switch (nr) {
+          case 4:
+            accumulate_rows<4, 4>(accs, alphas, seens, pas, vp);
+            break;
+          case 3:
+            accumulate_rows<4, 3>(accs, alphas, seens, pas, vp);
+            break;
+          case 2:
+            accumulate_rows<4, 2>(accs, alphas, seens, pas, vp);
+            break;
+          default:
+            accumulate_rows<4, 1>(accs, alphas, seens, pas, vp);
+            break;
+        }
+        continue;
+      }
+      for (int i = 0; i < nr; ++i) {
+        float* a = accs[i];
+        const float* pa = pas + i * kTile;
+        const bool* seen = seens + i * kTile;
+        if (Dp == 128) {
+          accumulate<8>(a, alphas[i], kTile, seen, pa, vp);
+        } else if (Dp == 32) {
+          accumulate<2>(a, alphas[i], kTile, seen, pa, vp);
+        } else {
+          const VF va = splat(alphas[i]);
+          for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, load_f32(a + d) * va);
+          for (int64_t j = 0; j < kTile; ++j) {
+            if (!seen[j]) continue;
+            const VF pj = splat(pa[j]);
+            for (int64_t d = 0; d < Dp; d += kL) store_f32(a + d, fma16(pj, load_f32(vp[j] + d), load_f32(a + d)));
+          }
         }
       }
     }
@@ -221,13 +283,12 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
                      int num_threads, float* out) {
   const int64_t groups = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
-  // A task is a (sequence, KV head) pair, or a part of its query rows when there are too few
-  // pairs to keep the threads busy (decoding one sequence: 3 KV heads on 2 threads). A row's
-  // operations are the same whichever task runs it.
+  // A task is a (sequence, KV head) pair (its query rows' FMA chains interleave), or a part of
+  // its query rows when there are fewer pairs than threads. A row's operations are the same
+  // whichever task runs it.
   const int64_t rows = Q * (Hq / kv.num_kv_heads);
-  const int64_t split = num_threads <= 1 || groups >= 4 * num_threads
-                            ? 1
-                            : std::min<int64_t>(rows, (4 * num_threads + groups - 1) / groups);
+  const int64_t split =
+      groups >= num_threads ? 1 : std::min<int64_t>(rows, (num_threads + groups - 1) / groups);
   const int64_t tasks = groups * split;
   const int nt = threads_for(tasks, num_threads);
   parallel_rows(
@@ -247,6 +308,8 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
         trim(sbuf);
         trim(lbuf);
         trim(nbuf);
+        trim(pbuf);
+        trim(bbuf);
       });
 }
 
