@@ -512,6 +512,8 @@ class PagedKVCache:
             raise ValueError(
                 f"PagedKVCache.truncate: new_len must be an int in [0, {old}] (sequence {s}'s length), got {new_len!r}"
             )
+        if new_len == old:  # nothing to release (e.g. a speculative pass whose drafts were all kept)
+            return
         bs = self.block_size
         keep = -(-new_len // bs)
         table = self._tables[s]

@@ -130,6 +130,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per step (default 4)")
     p.add_argument(
+        "--draft-schedule",
+        choices=("adaptive", "constant"),
+        default="adaptive",
+        help="with --speculative ngram/draft: draft length per request follows its acceptance (0 to K; default) or stays K",
+    )
+    p.add_argument(
         "--model",
         default=None,
         metavar="PATH.gguf",
@@ -300,6 +306,8 @@ def _generate(args: argparse.Namespace) -> int:
         return 1
     try:
         if drafter:
+            if drafter != "medusa":
+                kwargs["draft_schedule"] = args.draft_schedule
             if drafter == "medusa":
                 kwargs["acceptance"] = args.acceptance
             elif args.acceptance != "lossless":

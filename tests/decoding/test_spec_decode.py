@@ -210,3 +210,51 @@ def test_drafters_follow_the_protocol():
     assert isinstance(NgramDrafter(), decodekit.Drafter)
     assert not isinstance(NgramDrafter(), SamplingDrafter)
     assert isinstance(decodekit.DraftModelDrafter, type) and hasattr(decodekit.DraftModelDrafter, "propose_with_logits")
+
+
+class _AlwaysWrong:
+    """Proposes k copies of the last vocabulary id (never the target's greedy choice here)."""
+
+    def __init__(self, V):
+        self.V, self.asked = V, []
+
+    def propose(self, context, k):
+        self.asked.append(k)
+        return [self.V - 1] * k
+
+
+def test_adaptive_draft_schedule_by_hand(lm):
+    # A drafter that is never right, K = 4, 40 new tokens greedy (39 verification passes, one
+    # token each). Adaptive: 4 -> 2 -> 1 -> 0 (a failed probe: wait 8), 8 plain steps, a probe of
+    # 1 (wait 16), 16 plain steps, a probe of 1 (wait 32), then plain steps to the end: drafts
+    # asked 4, 2, 1, 1, 1 = 9 tokens. Constant: 4 per pass while 4 tokens still fit (36 passes),
+    # then 3, 2, 1 = 150. The tokens are plain greedy's either way.
+    plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=40, temperature=0, stop_on_eos=False)
+    runs = {}
+    for schedule in ("adaptive", "constant"):
+        d = _AlwaysWrong(lm.config.vocab_size)
+        r = speculative_generate(
+            PROMPTS[0], model=lm, drafter=d, num_draft_tokens=4, max_new_tokens=40, temperature=0,
+            stop_on_eos=False, draft_schedule=schedule,
+        )  # fmt: skip
+        assert r.token_ids == plain.token_ids
+        assert r.accepted == 0  # the premise: nothing proposed is ever right
+        assert r.target_passes == 39
+        runs[schedule] = (r.drafted, [k for k in d.asked])
+    assert runs["adaptive"] == (9, [4, 2, 1, 1, 1])
+    assert runs["constant"][0] == 150
+
+
+def test_adaptive_schedule_grows_back_after_accepts(lm):
+    # On the input-grounded prompt the n-gram drafter is often right: the adaptive schedule
+    # reaches K again after full accepts, so it drafts and accepts about as much as constant K
+    # (at least 80 % of its accepted drafts), with the same greedy tokens.
+    out = {}
+    for schedule in ("adaptive", "constant"):
+        out[schedule] = speculative_generate(
+            CODE_PROMPT, model=lm, num_draft_tokens=4, max_new_tokens=64, temperature=0, draft_schedule=schedule
+        )
+    assert out["adaptive"].token_ids == out["constant"].token_ids
+    assert out["adaptive"].accepted >= 0.8 * out["constant"].accepted > 0
+    with pytest.raises(ValueError, match="draft_schedule must be 'adaptive' or 'constant'"):
+        speculative_generate("x", model=lm, draft_schedule="fast")

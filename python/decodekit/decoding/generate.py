@@ -15,7 +15,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .._threads import threads_for_call
+from .._loader import _C
+from .._threads import get_num_threads, threads_for_call
 from ..models.gguf_loader import LoadedModel, load_model
 from .drafters import DraftModelDrafter, MedusaDrafter, NgramDrafter, shipped_draft_drafter, shipped_medusa_heads
 from .loop import run
@@ -69,6 +70,7 @@ def _decode(
     threads: Optional[int] = None,
     options: Optional[dict] = None,
     deterministic: Optional[bool] = None,
+    adaptive_drafts: bool = False,
 ):
     """The shared body of :func:`generate` and :func:`speculative_generate`; ``options`` holds
     the sample, length-control and logprob arguments (see :func:`generate`)."""
@@ -123,9 +125,20 @@ def _decode(
         if threads is not None:
             torch.set_num_threads(threads)
         saved_mode = lm.model.deterministic
+        kernel_threads = get_num_threads()
         try:
             if deterministic is not None:  # for this call only
                 lm.model.deterministic = deterministic
+            if lm.model.deterministic and lm.model.device.type == "cpu":
+                # Every product and attention of the step runs on decodekit's pool; torch's own
+                # ops in the loop are small (a [B, T, V] copy, a cache slice zeroed). With more
+                # than one torch thread those wake torch's OpenMP workers between our regions,
+                # and its spinning workers and ours then take turns on the cores: a stall of a
+                # scheduler time slice (1-13 ms measured per cache rollback on the 2-core
+                # machine). So torch runs them on one thread for the call, and decodekit's
+                # kernels keep their thread count.
+                _C._set_num_threads(kernel_threads)
+                torch.set_num_threads(1)
             run(
                 lm,
                 requests,
@@ -133,6 +146,7 @@ def _decode(
                 emit_to=emit_to,
                 drafter=drafter,
                 num_draft_tokens=num_draft_tokens,
+                adaptive_drafts=adaptive_drafts,
                 call_key=next(_CALLS),
                 op=op,
                 top_logprobs=opts["top_logprobs"] if opts["logprobs"] else None,
@@ -141,8 +155,7 @@ def _decode(
             )
         finally:
             lm.model.deterministic = saved_mode
-            if threads is not None:
-                torch.set_num_threads(torch_threads)
+            torch.set_num_threads(torch_threads)
     results = [r.result(lm.name, speculative=drafter is not None) for r in requests]
     N = opts["n"]
     if N is not None:
@@ -374,6 +387,7 @@ def speculative_generate(
     logprobs_mode: str = "processed",
     tree=None,
     acceptance: str = "lossless",
+    draft_schedule: str = "adaptive",
 ) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate with speculative decoding, for one prompt or a batch of prompts.
 
@@ -403,6 +417,15 @@ def speculative_generate(
             ``MedusaDrafter`` object included).
         num_draft_tokens: K, the most tokens proposed per step (int >= 1; a Medusa tree sets its
             own size).
+        draft_schedule: how many tokens a request drafts per step (chain drafters; a Medusa
+            tree is fixed). ``"adaptive"`` (default): each request's draft length follows its own
+            acceptance, between 0 and K: 2 more after a pass whose drafts were all accepted, one
+            more than were accepted after a partial accept, half as many after a pass with none
+            accepted; at 0 the step is a plain decoding step (no drafting, one verified row), and
+            one draft is tried again after 4 such steps (the wait doubles after each failed try,
+            up to 64). A drafter that keeps missing then costs little more than plain decoding.
+            ``"constant"``: always up to K. The schedule of a request depends only on its own
+            passes, so seeded requests still reproduce whatever the batch.
         tree: with ``drafter="medusa"``: the tree as Medusa choice paths (``[[0], [0, 0], [1],
             ...]``, :mod:`decodekit.decoding.tree`), or ``None`` for ``DEFAULT_TREE``.
         acceptance: with ``drafter="medusa"``: ``"lossless"`` (default; the output distribution is
@@ -431,6 +454,8 @@ def speculative_generate(
         raise ValueError(f"{op}: drafter must be 'ngram', 'draft', 'medusa' or a drafter object, got {drafter!r}")
     if not isinstance(drafter, str) and not callable(getattr(drafter, "propose", None)):
         raise TypeError(f"{op}: drafter must be 'ngram', 'draft', 'medusa' or have a propose(context, k) method")
+    if draft_schedule not in ("adaptive", "constant"):
+        raise ValueError(f"{op}: draft_schedule must be 'adaptive' or 'constant', got {draft_schedule!r}")
     if acceptance not in ("lossless", "typical"):
         raise ValueError(f"{op}: acceptance must be 'lossless' or 'typical', got {acceptance!r}")
     if drafter != "medusa" and (tree is not None or acceptance != "lossless"):
@@ -459,6 +484,7 @@ def speculative_generate(
         values,
         drafter=drafter,
         num_draft_tokens=num_draft_tokens,
+        adaptive_drafts=draft_schedule == "adaptive",
         threads=threads,
         options=dict(
             n=n,

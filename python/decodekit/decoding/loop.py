@@ -74,6 +74,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     top_logprobs: Optional[int] = None,
     logprobs_mode: str = "processed",
     deterministic: bool = True,
+    adaptive_drafts: bool = False,
 ) -> None:
     """Decode every request until it stops; fills in tokens, text pieces, finish reasons,
     counts and timings of ``requests`` (see the module docstring).
@@ -81,7 +82,8 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     ``top_logprobs``: ``None`` records no logprobs; an int ``n >= 0`` records each emitted
     token's logprob and its top ``n`` (``logprobs_mode`` as in :func:`decodekit.sample_from_logits`).
     A request with ``fork_of`` set shares the prefill of the request with that index. ``deterministic`` is the sampler's mode (the
-    model's is ``lm.model.deterministic``)."""
+    model's is ``lm.model.deterministic``). ``adaptive_drafts``: each request's draft length
+    follows its own acceptance (:func:`_next_draft_len`) instead of staying at ``num_draft_tokens``."""
     net = lm.model
     tree_mode = isinstance(drafter, MedusaDrafter)
     tree = drafter.tree if tree_mode else None
@@ -216,6 +218,8 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                     r.alive = False
                     break
             r.accepted += min(accepted[b], taken)  # drafts accepted after a stop are not emitted
+            if adaptive_drafts and before is not None and cand is None:
+                r.draft_len = _next_draft_len(r, len(drafts[b]), accepted[b], K)
             if r.alive:
                 running.append(r)
             else:
@@ -240,7 +244,12 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         # 2. draft
         drafts, draft_logits = [], []
         for r in active:
-            d, dl = _propose(drafter, r, K, net.config.vocab_size, call_key, op) if drafter is not None else ([], None)
+            k = K if not adaptive_drafts or r.draft_len < 0 else r.draft_len
+            d, dl = (
+                _propose(drafter, r, k, net.config.vocab_size, call_key, op)
+                if drafter is not None and k > 0
+                else ([], None)
+            )
             r.drafted += len(d)
             drafts.append(d)
             draft_logits.append(dl)
@@ -419,8 +428,11 @@ def _sample_or_verify(
     greedy = [b for b, r in enumerate(active) if r.params.greedy]
     sampled = [b for b, r in enumerate(active) if not r.params.greedy]
     groups = []
-    if greedy:
-        groups.append((greedy, greedy_verify(draft_t[greedy], logits[greedy])))
+    if greedy:  # (no copy of the logits when every row is greedy)
+        everyone = len(greedy) == B
+        groups.append(
+            (greedy, greedy_verify(draft_t if everyone else draft_t[greedy], logits if everyone else logits[greedy]))
+        )
     if sampled:
         # The offset of a pass is the position of its first draft in the generated sequence.
         params, rng = rows(
@@ -534,6 +546,48 @@ def _verify_tree(
     for (b, _), x in zip(flat, got):
         lps[b].append(x)
     return emitted, accepted, nodes, lps
+
+
+#: Adaptive drafting: passes without drafts before the first probe, and the most between probes.
+DRAFT_PROBE_WAIT = 4
+DRAFT_PROBE_WAIT_MAX = 64
+
+
+def _next_draft_len(r: Request, drafted: int, accepted: int, K: int) -> int:
+    """The request's draft length for its next pass, from its own last pass only (so a seeded
+    request drafts, and draws, the same whatever its neighbours do).
+
+    After a pass with drafts: all accepted -> 2 more (at most ``K``); some accepted -> one more
+    than were accepted; none accepted -> half as many (down to 0: plain decoding steps, which
+    cost no drafting and no extra verified rows). At 0, one draft is tried again after
+    ``draft_wait`` passes; the wait doubles after each probe that fails (up to
+    DRAFT_PROBE_WAIT_MAX) and starts again from DRAFT_PROBE_WAIT once one succeeds. The idea is
+    that of the "heuristic" schedule of HF transformers' assisted generation (2 more when every
+    draft is accepted, 1 fewer otherwise), with the length allowed to reach 0 so that a drafter
+    that keeps missing costs almost nothing.
+    """
+    k = K if r.draft_len < 0 else r.draft_len
+    if r.draft_wait == 0:
+        r.draft_wait = DRAFT_PROBE_WAIT
+    if drafted == 0:
+        if k > 0:  # the drafter had nothing to propose (e.g. no n-gram match): keep the length
+            return k
+        r.draft_idle += 1
+        if r.draft_idle >= r.draft_wait:
+            r.draft_idle = 0
+            return 1
+        return 0
+    if accepted == drafted:
+        nxt = min(K, k + 2)
+    elif accepted > 0:
+        nxt = min(K, accepted + 1)
+    else:
+        nxt = k // 2
+    if k == 1 and nxt == 0:  # a failed probe (or a last miss): wait longer before the next one
+        r.draft_wait = min(DRAFT_PROBE_WAIT_MAX, 2 * r.draft_wait)
+    elif accepted > 0:
+        r.draft_wait = DRAFT_PROBE_WAIT
+    return nxt
 
 
 def _propose(drafter, r: Request, K: int, V: int, call_key, op: str):

@@ -167,6 +167,9 @@ class Request:
     want_logprobs: bool = False
     logprobs: List[float] = field(default_factory=list)
     top_logprobs: List[list] = field(default_factory=list)
+    draft_len: int = -1  # speculative: drafts asked for in the next pass (-1: not started)
+    draft_wait: int = 0  # adaptive drafting: passes without drafts before the next probe
+    draft_idle: int = 0  # passes without drafts since the last probe
 
     @property
     def seed(self) -> Optional[int]:
