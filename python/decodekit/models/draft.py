@@ -90,6 +90,54 @@ class DraftModel:
         )
 
 
+def read_target_file(path: Path, fmt: str, target, op: str, what: str, checksum_of: str = "embed"):
+    """The checks every file trained for one target shares (draft models, Medusa heads): returns
+    ``(target LlamaModel, metadata dict, tensors dict)`` of the safetensors file ``path``.
+    ``checksum_of``: the target matrix whose :func:`embedding_checksum` the file must carry,
+    ``"embed"`` or ``"lm_head"`` (the same matrix when they are tied).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        TypeError: ``target`` is not a LoadedModel, a LlamaModel or None (the default model).
+        ValueError: not a readable safetensors file; its ``format`` metadata is not ``fmt``; it
+            was trained for another target (``target_vocab_size``, ``target_hidden_size`` or
+            ``target_embed_checksum`` differ from the target's).
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    net = target.model if isinstance(target, LoadedModel) else (target if target is not None else load_model().model)
+    if not isinstance(net, LlamaModel):
+        raise TypeError(f"{op}: target must be a LoadedModel or LlamaModel, got {type(target).__name__}")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != fmt:
+                raise ValueError(f"{op}: {path} is not a {fmt} file (format={meta.get('format')!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' own error type for a file that is not safetensors
+        raise ValueError(f"{op}: {path} is not a readable safetensors file ({exc})") from None
+    c = net.config
+    matrix = net.lm_head if checksum_of == "lm_head" else net.embed
+    want = {
+        "target_vocab_size": str(c.vocab_size),
+        "target_hidden_size": str(c.hidden_size),
+        "target_embed_checksum": embedding_checksum(
+            matrix.dequantize() if isinstance(matrix, QuantizedWeight) else matrix
+        ),
+    }
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ValueError(
+                f"{op}: {path.name} was trained for another target ({key} = {meta.get(key)!r}, "
+                f"this target has {value!r})"
+            )
+    return net, meta, tensors
+
+
 def load_draft_model(
     path: Union[None, str, os.PathLike] = None, *, target: Union[None, LoadedModel, LlamaModel] = None
 ) -> DraftModel:
@@ -110,40 +158,9 @@ def load_draft_model(
             missing tensors), or was trained for another target (vocabulary size, hidden size or
             embedding checksum differ), or a tensor has the wrong shape.
     """
-    from safetensors import safe_open
-
     path = default_draft_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"draft model file not found: {path}")
-    net = target.model if isinstance(target, LoadedModel) else (target if target is not None else load_model().model)
-    if not isinstance(net, LlamaModel):
-        raise TypeError(f"load_draft_model: target must be a LoadedModel or LlamaModel, got {type(target).__name__}")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != DRAFT_FORMAT:
-                raise ValueError(
-                    f"load_draft_model: {path} is not a {DRAFT_FORMAT} file (format={meta.get('format')!r})"
-                )
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except ValueError:
-        raise
-    except Exception as exc:  # safetensors' own error type for a file that is not safetensors
-        raise ValueError(f"load_draft_model: {path} is not a readable safetensors file ({exc})") from None
+    net, meta, tensors = read_target_file(path, DRAFT_FORMAT, target, "load_draft_model", "draft model")
     tc = net.config
-    want = {
-        "target_vocab_size": str(tc.vocab_size),
-        "target_hidden_size": str(tc.hidden_size),
-        "target_embed_checksum": embedding_checksum(
-            net.embed.dequantize() if isinstance(net.embed, QuantizedWeight) else net.embed
-        ),
-    }
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise ValueError(
-                f"load_draft_model: {path.name} was trained for another target ({key} = "
-                f"{meta.get(key)!r}, this target has {value!r})"
-            )
     try:
         num_layers = int(meta["num_layers"])
         if num_layers < 1:

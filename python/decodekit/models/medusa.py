@@ -34,8 +34,8 @@ import torch
 
 from ..ops import linear as _dk_linear
 from ..ops.layers import QuantizedWeight
-from .draft import embedding_checksum
-from .gguf_loader import LoadedModel, load_model
+from .draft import read_target_file
+from .gguf_loader import LoadedModel
 from .llama import LlamaModel
 
 __all__ = ["MEDUSA_FORMAT", "MedusaHeads", "default_medusa_path", "load_medusa_heads"]
@@ -156,40 +156,13 @@ def load_medusa_heads(
         ValueError: not a safetensors file or not a decodekit Medusa file, heads trained for another
             target (vocabulary size, hidden size or embedding checksum differ), wrong shapes.
     """
-    from safetensors import safe_open
-
     path = default_medusa_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Medusa heads file not found: {path}")
-    net = target.model if isinstance(target, LoadedModel) else (target if target is not None else load_model().model)
-    if not isinstance(net, LlamaModel):
-        raise TypeError(f"load_medusa_heads: target must be a LoadedModel or LlamaModel, got {type(target).__name__}")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != MEDUSA_FORMAT:
-                raise ValueError(
-                    f"load_medusa_heads: {path} is not a {MEDUSA_FORMAT} file (format={meta.get('format')!r})"
-                )
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except ValueError:
-        raise
-    except Exception as exc:  # safetensors' own error type for a file that is not safetensors
-        raise ValueError(f"load_medusa_heads: {path} is not a readable safetensors file ({exc})") from None
+    net, meta, tensors = read_target_file(
+        path, MEDUSA_FORMAT, target, "load_medusa_heads", "Medusa heads", checksum_of="lm_head"
+    )
     c = net.config
     if net.head_token_ids is not None:
         raise ValueError("load_medusa_heads: the target must have a full-vocabulary LM head")
-    want = {
-        "target_vocab_size": str(c.vocab_size),
-        "target_hidden_size": str(c.hidden_size),
-        "target_embed_checksum": embedding_checksum(_target_embed(net)),
-    }
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise ValueError(
-                f"load_medusa_heads: {path.name} was trained for another target ({key} = {meta.get(key)!r}, "
-                f"this target has {value!r})"
-            )
     missing = [n for n in ("weight", "bias", "token_ids") if n not in tensors]
     if missing:
         raise ValueError(f"load_medusa_heads: {path.name} lacks the tensors {missing}")
