@@ -146,11 +146,13 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   }
   const int64_t end = n;            // positions [0, n)
   const int64_t first_new = n - Q;  // position of new token 0 (the tree's root)
+  // Position t0 + j sits at offset `off` of table entry `blk_idx`, stepped along (no division
+  // per position).
+  int64_t blk_idx = 0, off = 0;
   for (int64_t t0 = 0; t0 < end; t0 += kTile) {
     const int64_t cnt = std::min<int64_t>(kTile, end - t0);
     bool present[kTile];
-    for (int64_t j = 0; j < cnt; ++j) {
-      const int64_t pos = t0 + j, blk_idx = pos / kv.block_size, off = pos % kv.block_size;
+    for (int64_t j = 0; j < cnt; ++j, off = off + 1 == kv.block_size ? (++blk_idx, 0) : off + 1) {
       const int64_t blk = blk_idx < max_blocks ? table[blk_idx] : -1;
       present[j] = blk >= 0 && blk < kv.num_blocks;
       if (!present[j]) continue;
