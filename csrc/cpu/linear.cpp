@@ -25,7 +25,7 @@ namespace {
 constexpr int kL = kVecLanes;
 constexpr int kTileN = 4;
 constexpr int kTileM = 4;
-constexpr int64_t kPrefetch = 256;  // floats ahead (1 KiB)
+constexpr int64_t kPrefetchTiles = 3;  // tiles ahead (see tile())
 
 // The tail of K (K mod 16 elements) is zero-padded into full vectors, so the
 // operation sequence is the same for every row.
@@ -44,10 +44,10 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, c
   const int64_t K16 = K - K % kL;
   for (int64_t k = 0; k < K16; k += kL) {
     VF wv[TN];
-    // Software prefetch a few cache lines ahead in each weight row: with several input rows
-    // per tile the loop does more arithmetic per byte and the hardware prefetcher falls behind.
-    if (TM > 1)
-      for (int j = 0; j < TN; ++j) __builtin_prefetch(w + j * ldw + k + kPrefetch, 0, 0);
+    // Software prefetch a few cache lines ahead in each weight row: the hardware prefetcher
+    // falls behind on the TN interleaved row streams (with one input row too).
+    // The tile kPrefetchTiles tiles ahead, read as one stream (rows contiguous, ldw == K).
+    for (int j = 0; j < TN; ++j) __builtin_prefetch(w + kPrefetchTiles * TN * ldw + k * TN + j * kL, 0, 3);
     for (int j = 0; j < TN; ++j) wv[j] = load_f32(w + j * ldw + k);
     for (int i = 0; i < TM; ++i) {
       const VF xv = load_f32(x + i * ldx + k);
