@@ -409,6 +409,23 @@ def test_top_p_alone_on_flat_rows_keeps_the_reference_nucleus(V, scale, T, p, mi
     assert bool((want[fast] > 0).all())
 
 
+@pytest.mark.parametrize("max_at", [0, 70000, 128255])
+def test_top_p_alone_on_flat_rows_with_the_maximum_anywhere(max_at):
+    # The flat cut reuses the weights of the one-read pass only where they were taken
+    # relative to the row maximum: the maximum first, past the capture (~32768 tokens),
+    # and in the last chunk, with a slow drift so that the running maximum moves often.
+    g = torch.Generator().manual_seed(31 + max_at)
+    V, T, p = 128256, 0.8, 0.9
+    row = torch.randn(V, generator=g) + torch.linspace(-0.5, 0.5, V)
+    row[max_at] = float(row.max()) + 1.0
+    want = ref.filtered_probs(row, temperature=T, top_p=p)
+    got = decodekit.processed_probs(row[None], T, top_p=p)[0]
+    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), int((want > 0).sum()))
+    seeds = torch.arange(24) * 7 + 1
+    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+
+
 def test_top_p_alone_on_flat_tied_rows_ranks_ties_by_index():
     # Flat rows of heavily tied logits: the nucleus boundary falls inside a run of thousands
     # of equal logits, where the lowest indices must be kept first, as in the reference.

@@ -20,9 +20,14 @@ struct FlatNucleus {
   float bx = 0.0f;
   int32_t bi = -1;
   Buf<float> w;            // every token's weight exp((x - max) / T)
+  Buf<float> eref;         // per chunk: the maximum nucleus_online's weights in w are relative to (NaN: none)
   Buf<double> hist;        // bucket masses
   Buf<double> block_sums;  // the kept mass per reduce::kBlock tokens
   std::vector<Cand> band;  // the boundary bucket
+  Buf<int32_t> count;      // the estimate's bucket counts (banded_cut)
+  Buf<int32_t> band_idx;   // the band's token ids, then their fine buckets
+  Buf<int32_t> band_q;
+  Buf<float> band_x, band_e;  // the band's logits and weights
 };
 FlatNucleus& flat_nucleus();
 

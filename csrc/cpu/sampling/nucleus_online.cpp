@@ -20,6 +20,7 @@ namespace detail {
 constexpr int kBucketsPerOctave = 8;
 constexpr int kOctaves = 16;
 constexpr int kBuckets = kBucketsPerOctave * kOctaves;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Pass A and the nucleus in one read of a float32 row (top-p without top-k,
 // T > 0). Each 256-token chunk is loaded once: its maximum (kept for the
@@ -56,6 +57,8 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   FlatNucleus& flat = flat_nucleus();
   flat.on = false;
   const int64_t nch = (V + kChunk - 1) / kChunk;
+  float* eref = flat.eref.get(nch);  // per chunk: the maximum its stored weights are relative to, or NaN
+  float* Ew = nullptr;
   cmax_buf.resize(nch);
   seg_buf.resize(6 * nch + 6);  // (m_s, W_s, M_s[0..3]) per segment
   ns.reserve();
@@ -100,6 +103,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     auto load = [&](int64_t k) __attribute__((always_inline)) { return sp.load(k); };
     const float chunk_max = span_max(row, c0, n, V, vnan);
     cmax[ch] = chunk_max;
+    eref[ch] = kNaN;
     if (chunk_max > m) {
       flush();
       m = chunk_max;
@@ -107,7 +111,10 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
     const VF vm = splat(m);
     auto weight = [&](VF d) __attribute__((always_inline)) { return exp16_scaled(d, vch, vcl); };  // 0 at -inf
-    if (capturing && ncap + kChunk > kCaptureCap) capturing = false;
+    if (capturing && ncap + kChunk > kCaptureCap) {
+      capturing = false;
+      Ew = flat.w.get(V + kLanes);
+    }
     int64_t k = 0;
     if (capturing) {
       for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
@@ -127,8 +134,14 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       }
       continue;
     }
-    for (; k + 2 * kLanes <= n; k += 2 * kLanes) {  // every value into float64 lanes, as gather_nucleus
+    // Past the capture: every value into float64 lanes, as gather_nucleus, and
+    // the weights into flat.w (flat_cut's, where m is the row maximum).
+    eref[ch] = m;
+    float* ew = Ew + c0;
+    for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
       const VF ea = weight(load(k) - vm), eb = weight(load(k + kLanes) - vm);
+      store_f32(ew + k, ea);
+      store_f32(ew + k + kLanes, eb);
       acc.add(ea);
       acc_odd.add(eb);
       m0 = m0 + (select(ea > vt0, ea, zero) + select(eb > vt0, eb, zero));
@@ -138,6 +151,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     }
     for (; k < n; k += kLanes) {
       const VF e = weight(load(k) - vm);
+      store_f32(ew + k, e);  // load_tail's -inf weighs 0; flat.w has kLanes of slack
       acc.add(e);
       m0 = m0 + select(e > vt0, e, zero);
       m1 = m1 + select(e > vt1, e, zero);
@@ -173,27 +187,31 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   *W_out = W;
 
   // The captured tokens whose final z = (x - m) * c_hi exceeds -16, compacted
-  // in place (in index order), with their weights and buckets 8 (-z).
+  // in place (in index order), with their weights and buckets 8 (-z): only
+  // where they are used (the capture's cut, and the fallback's masses).
   float* ce = ns.e.data();
   int32_t* cq = ns.q.data();
-  const VF vm = splat(m), vbuckets = splat(static_cast<float>(kBuckets)),
-           vper = splat(static_cast<float>(kBucketsPerOctave));
   int64_t nc = 0;
-  for (int64_t i = 0; i < ncap; i += kLanes) {
-    const VF xs = load_f32(cx + i);
-    const VI ids = load_i32(cap + i);
-    const VF d = xs - vm;
-    const VF qf = (zero - d * vch) * vper;  // >= 0; lanes past ncap hold old values
-    const VI keep = (vbuckets > qf) & (lane_ids < splati(static_cast<int32_t>(ncap - i)));
-    VI qi;
-    const VF qk = select(keep, qf, zero);
-    for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
-    compress_store(keep, exp16_scaled(d, vch, vcl), ce + nc);
-    compress_store(keep, qi, cq + nc);
-    compress_store(keep, xs, cx + nc);  // nc <= i: never past what this step has read
-    nc += compress_store(keep, ids, cap + nc);
-  }
+  auto compact = [&]() {
+    const VF vm = splat(m), vbuckets = splat(static_cast<float>(kBuckets)),
+             vper = splat(static_cast<float>(kBucketsPerOctave));
+    for (int64_t i = 0; i < ncap; i += kLanes) {
+      const VF xs = load_f32(cx + i);
+      const VI ids = load_i32(cap + i);
+      const VF d = xs - vm;
+      const VF qf = (zero - d * vch) * vper;  // >= 0; lanes past ncap hold old values
+      const VI keep = (vbuckets > qf) & (lane_ids < splati(static_cast<int32_t>(ncap - i)));
+      VI qi;
+      const VF qk = select(keep, qf, zero);
+      for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
+      compress_store(keep, exp16_scaled(d, vch, vcl), ce + nc);
+      compress_store(keep, qi, cq + nc);
+      compress_store(keep, xs, cx + nc);  // nc <= i: never past what this step has read
+      nc += compress_store(keep, ids, cap + nc);
+    }
+  };
   if (capturing && W < 4096.0) {
+    compact();
     // Exact bucket masses (four histograms so that neighbours in one bucket
     // do not wait on each other's add; merging them changes no bit).
     double h4[4][kBuckets] = {};
@@ -260,6 +278,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     return st;
   }
   // Fallback: lower bounds of the masses above tau_j, the captured part exactly.
+  if (!(capturing && W < 4096.0)) compact();
   const float t[4] = {0.0625f, 0.00390625f, 0.000244140625f, 1.52587890625e-05f};
   for (int64_t i = 0; i < nc; ++i)
     for (int j = 0; j < 4; ++j)
@@ -293,10 +312,173 @@ constexpr int kFlatBuckets = kFlatPerOctave * 30;
 // is every token ranked at or above that token: ns.bx, ns.bi; ns.block_sums
 // its exact mass per block of reduce::kBlock tokens, for draw_flat. False (nothing
 // decided) when the boundary lies below the exact domain: the caller then
-// takes the general path (nucleus_candidates, top_p_stage).
+// takes the general path (nucleus_candidates, top_p_stage). banded_cut (below)
+// is tried first and finds the same cut with counts instead of masses; the
+// reads above run only where it declines.
 FlatNucleus& flat_nucleus() {
   thread_local FlatNucleus f;
   return f;
+}
+
+// The flat cut without a histogram of masses: the same kept set and block
+// sums as the full histogram below (flat_cut), or false (nothing decided).
+//
+// Counts: the coarse bucket (64 per octave, as below) of every token, counted
+// (integer increments: no weight is needed). A token of bucket q weighs within
+// [2^-((q + 1) / 64), 2^-(q / 64)] up to the roundings of z and of exp (1e-5
+// relative, far above them), so the counts bound the mass before every
+// bucket from both sides; the band [qa, qb) is where those bounds straddle
+// p W (about 1% of the mass: a few thousand tokens of a flat row). qb <= nq:
+// the band lies in the exact domain.
+//
+// Read: every weight e into ns.w (nucleus_online stored it already for the
+// chunks it weighed relative to the row maximum: the same bits), the exact
+// mass of the tokens ranked above the band per block (reduce::kBlock), and the
+// ids of the band's tokens. The band's exact masses in fine buckets (512 per
+// octave, monotone in the logit) give the one where the running sum reaches
+// p W; only that one is sorted by rank and scanned. The boundary token is the
+// one the full histogram finds: both reproduce the exact rank-order running sum.
+constexpr int kFinePerBucket = 8;
+
+static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int nq,
+                       FlatNucleus& ns) {
+  if (nq < 2) return false;
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
+           vper = splat(static_cast<float>(kFlatPerOctave)), vnq = splat(static_cast<float>(nq));
+  // Counts of the coarse buckets (two arrays: neighbours do not wait on each other).
+  int32_t* cnt = ns.count.get(2 * (nq + 1));
+  int32_t* cnt1 = cnt + nq + 1;
+  std::memset(cnt, 0, sizeof(int32_t) * 2 * (nq + 1));
+  alignas(64) int32_t keys[kBlock];
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - b0);
+    for (int64_t k = 0; k < n; k += kLanes) {
+      const VF xs = k + kLanes <= n ? load_f32(row + b0 + k) : load_tail(row + b0, k, n);
+      const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
+      const VF qk = select(vnq > qf, qf, vnq);
+      VI qi;
+      for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
+      to_array(qi, keys + k);
+    }
+    int64_t k = 0;
+    for (; k + 2 <= n; k += 2) {
+      ++cnt[keys[k]];
+      ++cnt1[keys[k + 1]];
+    }
+    if (k < n) ++cnt[keys[k]];
+  }
+  // Bounds of the mass before each bucket: a token of bucket q weighs within
+  // [2^-((q + 1) / 64), 2^-(q / 64)], up to the roundings of z and of exp (1e-5).
+  const double target = p * W;
+  double lo = 0.0, hi = 0.0;
+  int qa = 0, qb = nq;
+  const double step = std::exp2(-1.0 / kFlatPerOctave);
+  double wq = 1.0;
+  for (int q = 0; q < nq; ++q) {
+    const double n = static_cast<double>(cnt[q] + cnt1[q]);
+    hi += n * wq * (1.0 + 1e-5);
+    wq *= step;
+    lo += n * wq * (1.0 - 1e-5);
+    if (hi < target) qa = q + 1;  // the mass before q + 1 is below p W
+    if (lo >= target) {           // the mass before q + 1 reaches p W
+      qb = q + 1;
+      break;
+    }
+  }
+  if (qa >= qb) return false;
+  // The read.
+  float* E = ns.w.get(V + kLanes);  // nucleus_online's weights where eref == m
+  const float* eref = ns.eref.data();
+  const int64_t nb = reduce::num_blocks(V);
+  double* bs = ns.block_sums.get(nb);
+  int32_t* bid = ns.band_idx.get(V + kLanes);
+  int64_t nband = 0;
+  const VF vqa = splat(static_cast<float>(qa)), vqb = splat(static_cast<float>(qb));
+  const VI lane_ids = iota16();
+  double before = 0.0;
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t end = std::min(V, b0 + kBlock);
+    Acc16d acc;
+    for (int64_t c = b0; c < end; c += kLanes) {
+      const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
+      const VF d = xs - vm;
+      VF e;
+      if (eref[c / kChunk] == m) {  // nucleus_online stored it relative to m: the same bits
+        e = load_f32(E + c);
+      } else {
+        e = exp16_scaled(d, vch, vcl);  // 0 at -inf
+        store_f32(E + c, e);
+      }
+      const VF qf = (zero - d * vch) * vper;  // +inf at -inf: in no band
+      acc.add(select(vqa > qf, e, zero));
+      const VI in_band = (vqb > qf) & (qf >= vqa);
+      nband += compress_store(in_band, lane_ids + splati(static_cast<int32_t>(c)), bid + nband);
+    }
+    bs[blk] = acc.sum();
+    before += bs[blk];  // exact: every weight above the band is in the exact domain
+  }
+  if (!(before < target)) return false;  // the boundary lies above the band
+  // The band's exact masses in fine buckets (monotone in the logit, like the coarse ones).
+  const int F = kFinePerBucket * (qb - qa);
+  double* h = ns.hist.get(F);
+  std::memset(h, 0, sizeof(double) * F);
+  int32_t* bq = ns.band_q.get(nband + 1);
+  float* bx = ns.band_x.get(nband + 1);
+  float* be = ns.band_e.get(nband + 1);
+  const float fine = static_cast<float>(kFlatPerOctave * kFinePerBucket);
+  for (int64_t j = 0; j < nband; ++j) {
+    bx[j] = row[bid[j]];
+    be[j] = E[bid[j]];
+    const float qf = (0.0f - (bx[j] - m) * ec.hi) * fine;
+    int f = static_cast<int>(qf) - kFinePerBucket * qa;
+    f = std::min(std::max(f, 0), F - 1);
+    bq[j] = f;
+    h[f] += static_cast<double>(be[j]);
+  }
+  double run = before;
+  int fb = 0;
+  for (; fb < F; ++fb) {
+    if (run + h[fb] >= target) break;
+    run += h[fb];
+  }
+  if (fb == F) return false;  // the boundary lies below the band
+  std::vector<Cand>& band = ns.band;
+  band.clear();
+  for (int64_t j = 0; j < nband; ++j)
+    if (bq[j] == fb) band.push_back(Cand{bx[j], be[j], bid[j]});
+  if (!std::is_sorted(band.begin(), band.end(), rank_before)) std::sort(band.begin(), band.end(), rank_before);
+  size_t n = 0;
+  while (n < band.size()) {
+    run += static_cast<double>(band[n++].e);
+    if (run >= target) break;
+  }
+  if (n == 0 || run < target) return false;  // cannot happen: the bucket's exact mass reaches p W
+  // e where the token's fine bucket is above fb, else 0 (no branch: half the band either way).
+  auto kept_weight = [&](int64_t j) {
+    uint32_t u;
+    std::memcpy(&u, &be[j], 4);
+    u &= 0u - static_cast<uint32_t>(bq[j] < fb);
+    float e;
+    std::memcpy(&e, &u, 4);
+    return static_cast<double>(e);
+  };
+  // The kept band tokens of the buckets above fb into their blocks' sums (ids
+  // ascending: a run per block, two accumulators; exact, so in any order).
+  for (int64_t j = 0; j < nband;) {
+    const int32_t blk = bid[j] / kBlock, next = (blk + 1) * kBlock;
+    double a0 = 0.0, a1 = 0.0;
+    for (; j + 1 < nband && bid[j + 1] < next; j += 2) {
+      a0 += kept_weight(j);
+      a1 += kept_weight(j + 1);
+    }
+    if (j < nband && bid[j] < next) a0 += kept_weight(j++);
+    bs[blk] += a0 + a1;
+  }
+  for (size_t j = 0; j < n; ++j) bs[band[j].idx / kBlock] += static_cast<double>(band[j].e);
+  ns.bx = band[n - 1].x;
+  ns.bi = band[n - 1].idx;
+  ns.on = true;
+  return true;
 }
 
 bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns) {
@@ -307,6 +489,7 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
   const int A = 29 - L;
   if (A < 2) return false;
   const int nq = std::min(kFlatBuckets, static_cast<int>(kFlatPerOctave * (static_cast<double>(A) - 0.01)));
+  if (banded_cut(row, V, m, ec, p, W, nq, ns)) return true;
   float* E = ns.w.get(V + kLanes);
   double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
   double* h1 = h0 + kFlatBuckets + 1;
