@@ -170,7 +170,7 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
     }
     // Phase 1, per row: the tile's scores, the running max and sum, the weights p_j and alpha.
     int64_t n_active = 0;
-    for (int64_t r = 0; r < rows; ++r) {  // local row index
+    for (int64_t r = 0; r < rows; ++r) {                              // local row index
       const int64_t upto = std::min<int64_t>(cnt, last[r] - t0 + 1);  // positions of this tile the row sees
       if (upto <= 0) continue;
       // The positions of the tile this row reads: the readable ones, less those its tree mask
@@ -289,8 +289,7 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
   // its query rows when there are fewer pairs than threads. A row's operations are the same
   // whichever task runs it.
   const int64_t rows = Q * (Hq / kv.num_kv_heads);
-  const int64_t split =
-      groups >= num_threads ? 1 : std::min<int64_t>(rows, (num_threads + groups - 1) / groups);
+  const int64_t split = groups >= num_threads ? 1 : std::min<int64_t>(rows, (num_threads + groups - 1) / groups);
   const int64_t tasks = groups * split;
   const int nt = threads_for(tasks, num_threads);
   parallel_rows(

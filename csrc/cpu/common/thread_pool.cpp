@@ -129,8 +129,7 @@ int64_t participate(Pool& p, uint64_t gen) {
     // equal items costs a few claims per thread and every thread reads one long stretch
     // at a time, while a thread that arrives late still finds work and one that never
     // arrives leaves the caller nothing to wait for.
-    const uint64_t take =
-        p.guided ? std::max<uint64_t>(1, (count_of(s) - next_of(s)) / p.guided_divisor) : uint64_t{1};
+    const uint64_t take = p.guided ? std::max<uint64_t>(1, (count_of(s) - next_of(s)) / p.guided_divisor) : uint64_t{1};
     if (!p.state.compare_exchange_weak(s, s + (take << kCountBits), std::memory_order_acq_rel,
                                        std::memory_order_acquire))
       continue;

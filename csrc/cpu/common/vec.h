@@ -413,7 +413,8 @@ DK_VINLINE VF tree_sum16x16(const VF* v) {
     b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
                          _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
   for (int i = 0; i < 2; ++i)  // w = 2: elements 0+2 and 1+3 of each 128-bit lane
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    c[i] =
+        _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
   // w = 1: elements 0+1 of each pair
   const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
   // Lane L of d holds the sum of vector idx[L]; scatter back to position order.
