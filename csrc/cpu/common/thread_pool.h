@@ -34,8 +34,10 @@ struct Job {
 };
 
 // Runs items [0, n) on up to num_threads threads (the caller included), in
-// chunks of `chunk` items (>= 1). Every thread that runs items does so with
-// IEEE denormals (fpenv.h). Returns after every item and every on_exit ran.
+// chunks of `chunk` items (>= 1): one chunk per claim, or with `guided` as
+// many chunks per claim as 1 / (2 * threads) of the chunks left (at least
+// one). Every thread that runs items does so with IEEE denormals (fpenv.h).
+// Returns after every item and every on_exit ran.
 void run(const Job& job, int64_t n, int num_threads, int64_t chunk, bool guided = false);
 
 // True on a pool worker, and on a caller inside its own region: a call from
