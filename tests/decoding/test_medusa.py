@@ -217,3 +217,23 @@ def test_cli_acceptance_needs_medusa(capsys):
     for argv in (["--acceptance", "typical"], ["--acceptance", "typical", "--speculative", "ngram"]):
         assert main(["--prompt", "Hi", "--max-new-tokens", "2", *argv]) == 1
         assert "--acceptance needs --speculative medusa" in capsys.readouterr().err
+
+
+def test_adaptive_medusa_falls_back_to_plain_steps(lm):
+    # Heads that are never right (untrained heads, a tree of the 4th candidate only), 40 new
+    # tokens greedy = 39 passes. Adaptive: a tree pass, then plain steps with a one-pass probe
+    # after 8, then after 16 more: tree passes 1, 10 and 27 (3 in all). Constant: 39 tree passes.
+    # The tokens are plain greedy's either way.
+    plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=40, temperature=0, stop_on_eos=False)
+    passes = {}
+    for schedule in ("adaptive", "constant"):
+        d = MedusaDrafter(zero_heads(lm), tree=[[3]])
+        r = decodekit.speculative_generate(
+            PROMPTS[0], model=lm, drafter=d, max_new_tokens=40, temperature=0, stop_on_eos=False,
+            draft_schedule=schedule,
+        )  # fmt: skip
+        assert r.token_ids == plain.token_ids
+        assert r.accepted == 0  # the premise: the heads' candidates are never the target's
+        assert r.target_passes == 39
+        passes[schedule] = d.passes
+    assert passes == {"adaptive": 3, "constant": 39}

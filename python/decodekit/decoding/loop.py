@@ -170,6 +170,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     draft_logits: List[Optional[torch.Tensor]] = [None] * len(active)
     before: Optional[List[int]] = None  # cached lengths before a verification pass
     cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
+    plain_pass = False  # tree mode: the last pass was a plain step (adaptive, all greedy)
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
         # 4-5. process every position, then sample (the first token, and plain decoding) or
@@ -220,6 +221,9 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             r.accepted += min(accepted[b], taken)  # drafts accepted after a stop are not emitted
             if adaptive_drafts and before is not None and cand is None:
                 r.draft_len = _next_draft_len(r, len(drafts[b]), accepted[b], K)
+            elif adaptive_drafts and tree_mode and r.params.greedy and (cand is not None or plain_pass):
+                # a greedy request in tree mode: length 1 = a tree pass, 0 = a plain step
+                r.draft_len = _next_draft_len(r, 0 if plain_pass else 1, min(accepted[b], 1), 1)
             if r.alive:
                 running.append(r)
             else:
@@ -228,6 +232,18 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         if not active:
             return
         seqs = [r.seq_id for r in active]
+        if tree_mode and adaptive_drafts and all(r.params.greedy and r.draft_len == 0 for r in active):
+            # Every request is greedy and its heads keep missing: a plain step (its argmax is
+            # the token the tree pass would emit), which also gives the heads their next state.
+            before, cand, plain_pass = None, None, True
+            inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
+            logits, h = net.forward_paged(inp, cache, seqs, return_hidden=True)  # [B, V], [B, H]
+            logits = logits[:, None]
+            for b, r in enumerate(active):
+                hidden[r.index] = h[b]
+                r.steps += 1
+            continue
+        plain_pass = False
         if tree_mode:  # 2-3. the heads' tree, and one target pass over it with the tree mask
             before = cache.seq_lens(seqs).tolist()
             roots = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)
