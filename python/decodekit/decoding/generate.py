@@ -245,7 +245,10 @@ def generate(
         threads: CPU threads for this call (an int in [1, 1024]): decodekit's kernels and torch's
             both use it, and the previous settings come back when the call returns. None (the
             default) keeps the current settings (:func:`decodekit.set_num_threads`). Tokens are
-            the same for every thread count.
+            the same for every thread count. In deterministic mode on the CPU (the default),
+            where every product and attention runs on decodekit's kernels, torch's own small
+            ops in the loop run on one thread for the call (with more, torch's OpenMP workers
+            and decodekit's pool stall each other for milliseconds on a small machine).
         n: ``None`` (default) for one result per prompt; an int ``N >= 1`` draws N samples per
             prompt. Sample ``i`` uses the request's seed (one seed drawn at random for all N
             when none is given) with ``i`` in bits 48-61 of its Philox offsets (DESIGN.md
