@@ -21,6 +21,8 @@ constexpr int kBucketsPerOctave = 8;
 constexpr int kOctaves = 16;
 constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Captures at least this large go to flat_cut's counted cut first (see below).
+constexpr int64_t kCountedCapture = 16384;
 
 // Pass A and the nucleus in one read of a float32 row (top-p without top-k,
 // T > 0). Each 256-token chunk is loaded once: its maximum (kept for the
@@ -210,6 +212,14 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       nc += compress_store(keep, ids, cap + nc);
     }
   };
+  // A large capture (a flat row of a small vocabulary): the capture's cut would
+  // weigh and bucket every captured token, sort the boundary bucket (hundreds of
+  // tokens) and list the nucleus; the counted cut of flat_cut finds the same kept
+  // set (both are the exact rank-order prefix) and draws from block sums.
+  if (capturing && W < 4096.0 && ncap >= kCountedCapture && flat_cut(row, V, m, ec, p, W, flat, true)) {
+    *cut = true;
+    return st;
+  }
   if (capturing && W < 4096.0) {
     compact();
     // Exact bucket masses (four histograms so that neighbours in one bucket
@@ -481,7 +491,8 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
   return true;
 }
 
-bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns) {
+bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns,
+              bool counted_only) {
   ns.on = false;
   if (!(W >= 1.0) || !(W < 1e12)) return false;  // the top token weighs 1
   int L = 0;
@@ -490,6 +501,7 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
   if (A < 2) return false;
   const int nq = std::min(kFlatBuckets, static_cast<int>(kFlatPerOctave * (static_cast<double>(A) - 0.01)));
   if (banded_cut(row, V, m, ec, p, W, nq, ns)) return true;
+  if (counted_only) return false;
   float* E = ns.w.get(V + kLanes);
   double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
   double* h1 = h0 + kFlatBuckets + 1;
