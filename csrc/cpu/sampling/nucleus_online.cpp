@@ -47,8 +47,9 @@ constexpr int64_t kCountedCapture = 16384;
 // falls back to float32 mass lanes above tau_j = 16^-(j+1) relative to m_s
 // (the masses of the captured part are added exactly). If the boundary lies
 // below 2^-16, or the weight above it reaches 4096, flat_cut (below) cuts the
-// nucleus exactly over every token; only when its boundary lies below its
-// exact domain do the masses feed nucleus_candidates, which gathers a superset
+// nucleus exactly over every token (a capture of kCountedCapture tokens or
+// more tries flat_cut's counted cut first); only when its boundary lies below
+// its exact domain do the masses feed nucleus_candidates, which gathers a superset
 // of the nucleus from a second read of the row (from cache) for apply_chain
 // to cut. Returns the row stats;
 // W and the candidates only for a valid row.
