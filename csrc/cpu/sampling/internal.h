@@ -25,11 +25,12 @@
 //            end: nucleus_online, plain_online); top-p alone also captures the
 //            ids of the tokens within 2^-16 of the running maximum in that read
 //            and cuts the nucleus among them with exact float64 bucket sums.
-//            On a flat row (the capture overflows: a nucleus of thousands of
-//            tokens) flat_cut (nucleus_online.cpp, nucleus_flat.h) counts the
-//            tokens per bucket, bounds the buckets' masses from their weight
-//            ranges, and in one more read sums the tokens above the boundary's
-//            band exactly and gathers the band, cut in finer buckets; only the
+//            On a flat row (the capture overflows, or holds 16384 tokens or
+//            more: a nucleus of thousands of tokens) flat_cut
+//            (nucleus_online.cpp, nucleus_flat.h) counts the tokens per
+//            bucket, bounds the buckets' masses from their weight ranges, and
+//            in one more read sums the tokens above the boundary's band
+//            exactly and gathers the band, cut in finer buckets; only the
 //            boundary's fine bucket is sorted. The nucleus is kept as a rank
 //            threshold that the draw reads through exact block sums.
 //   softmax  reads the row once: each chunk relative to the running maximum,

@@ -31,8 +31,10 @@ struct FlatNucleus {
 };
 FlatNucleus& flat_nucleus();
 
-// The cut (see nucleus_online.cpp); false when the row is left to the general path.
-bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& fl);
+// The cut (see nucleus_online.cpp); false when the row is left to the general path
+// (counted_only: also when the counted cut, banded_cut, declines).
+bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& fl,
+              bool counted_only = false);
 // The inverse-CDF draw from the kept tokens (min-p: also w >= min_w); *W_out = their mass.
 int64_t draw_flat(const float* x, int64_t V, const FlatNucleus& fl, float min_w, double u, Buf<double>& sums,
                   int64_t fallback, double* W_out);

@@ -21,6 +21,8 @@ constexpr int kBucketsPerOctave = 8;
 constexpr int kOctaves = 16;
 constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Captures at least this large go to flat_cut's counted cut first (see below).
+constexpr int64_t kCountedCapture = 16384;
 
 // Pass A and the nucleus in one read of a float32 row (top-p without top-k,
 // T > 0). Each 256-token chunk is loaded once: its maximum (kept for the
@@ -45,8 +47,9 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // falls back to float32 mass lanes above tau_j = 16^-(j+1) relative to m_s
 // (the masses of the captured part are added exactly). If the boundary lies
 // below 2^-16, or the weight above it reaches 4096, flat_cut (below) cuts the
-// nucleus exactly over every token; only when its boundary lies below its
-// exact domain do the masses feed nucleus_candidates, which gathers a superset
+// nucleus exactly over every token (a capture of kCountedCapture tokens or
+// more tries flat_cut's counted cut first); only when its boundary lies below
+// its exact domain do the masses feed nucleus_candidates, which gathers a superset
 // of the nucleus from a second read of the row (from cache) for apply_chain
 // to cut. Returns the row stats;
 // W and the candidates only for a valid row.
@@ -210,6 +213,14 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       nc += compress_store(keep, ids, cap + nc);
     }
   };
+  // A large capture (a flat row of a small vocabulary): the capture's cut would
+  // weigh and bucket every captured token, sort the boundary bucket (hundreds of
+  // tokens) and list the nucleus; the counted cut of flat_cut finds the same kept
+  // set (both are the exact rank-order prefix) and draws from block sums.
+  if (capturing && W < 4096.0 && ncap >= kCountedCapture && flat_cut(row, V, m, ec, p, W, flat, true)) {
+    *cut = true;
+    return st;
+  }
   if (capturing && W < 4096.0) {
     compact();
     // Exact bucket masses (four histograms so that neighbours in one bucket
@@ -481,7 +492,8 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
   return true;
 }
 
-bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns) {
+bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns,
+              bool counted_only) {
   ns.on = false;
   if (!(W >= 1.0) || !(W < 1e12)) return false;  // the top token weighs 1
   int L = 0;
@@ -490,6 +502,7 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
   if (A < 2) return false;
   const int nq = std::min(kFlatBuckets, static_cast<int>(kFlatPerOctave * (static_cast<double>(A) - 0.01)));
   if (banded_cut(row, V, m, ec, p, W, nq, ns)) return true;
+  if (counted_only) return false;
   float* E = ns.w.get(V + kLanes);
   double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
   double* h1 = h0 + kFlatBuckets + 1;
