@@ -363,7 +363,9 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(info=info, results=results, flat_rows=flat), f, indent=1)
-    if args.png:
+    if args.png and not results:
+        print(f"--png: no op results to plot (--flat runs only the flat-row cases); {args.png} not written")
+    elif args.png:
         os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
         plot(results, args.png)
     if args.markdown:
