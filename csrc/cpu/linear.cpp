@@ -100,7 +100,7 @@ void column_block(const float* x, int64_t M, int64_t K, int64_t ldx, const float
 #ifndef DK_QTN
 #define DK_QTN 4
 #endif
-constexpr int kQuantTileN = DK_QTN;  // weight rows per tile at M <= 4
+constexpr int kQuantTileN = DK_QTN;  // weight rows per tile at M <= kQuantGroupedMaxM
 
 // How many tiles ahead quant_tile prefetches its weights (measured on the 2-core EPYC:
 // 2 to 8 give the same speed, 0 is 1.5-5x slower on weights that are not in the cache).
@@ -248,53 +248,13 @@ template <BlockType BT>
 void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* blocks, int64_t N,
                         const float* bias, float* y, int64_t ldy, int num_threads) {
   const int64_t row_bytes = K / kQuantBlockSize * kBlockBytes<BT>;
-  if (M <= kTileM) {
-    // Decoding: weights dequantized in registers, TN weight rows per tile (each x vector
-    // loaded once for the TN rows).
-    constexpr int TN = kQuantTileN;
-    const int64_t tiles = (N + TN - 1) / TN;
-    parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
-      const int64_t n0 = t * TN;
-      const int64_t tn = std::min<int64_t>(TN, N - n0);
-      const uint8_t* w = blocks + n0 * row_bytes;
-      const float* b = bias ? bias + n0 : nullptr;
-      switch (tn) {
-#if DK_QTN == 8
-        case 8:
-          quant_small_m<BT, 8>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-        case 7:
-          quant_small_m<BT, 7>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-        case 6:
-          quant_small_m<BT, 6>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-        case 5:
-          quant_small_m<BT, 5>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-#endif
-        case 4:
-          quant_small_m<BT, 4>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-        case 3:
-          quant_small_m<BT, 3>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-        case 2:
-          quant_small_m<BT, 2>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-        default:
-          quant_small_m<BT, 1>(x, M, K, ldx, w, row_bytes, b, y + n0, ldy);
-          break;
-      }
-    });
-    return;
-  }
   if (M <= kQuantGroupedMaxM) {
-    // A few rows (batched decoding, speculative verification): each tile of TN weight rows is
-    // dequantized in registers again for every group of kTileM rows of x (its blocks stay in
-    // L1 between the groups). Dequantizing costs less than storing the float32 tile and
-    // loading it back up to about this M.
-    constexpr int TN = kTileN;
+    // Decoding, batched decoding, speculative verification: each tile of TN weight rows is
+    // dequantized in registers for every group of up to kTileM rows of x (one group when
+    // decoding one sequence; the tile's blocks stay in L1 between the groups). Dequantizing
+    // again per group costs less than storing a float32 tile and loading it back, up to
+    // about kQuantGroupedMaxM rows.
+    constexpr int TN = kQuantTileN;
     const int64_t tiles = (N + TN - 1) / TN;
     parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
       const int64_t n0 = t * TN;
@@ -306,6 +266,20 @@ void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const
         const float* xm = x + m * ldx;
         float* ym = y + m * ldy + n0;
         switch (tn) {
+#if DK_QTN == 8
+          case 8:
+            quant_small_m<BT, 8>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+          case 7:
+            quant_small_m<BT, 7>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+          case 6:
+            quant_small_m<BT, 6>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+          case 5:
+            quant_small_m<BT, 5>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            break;
+#endif
           case 4:
             quant_small_m<BT, 4>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
             break;
