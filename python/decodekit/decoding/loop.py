@@ -472,18 +472,8 @@ def _sample_or_verify(
             emitted[b] = res.output_token_ids[i, : n + 1].tolist()
     if top_logprobs is None:
         return emitted, accepted, None
-    flat = [(b, j) for b in range(B) for j in range(len(emitted[b]))]
-    got = _logprob_rows(
-        logits[[b for b, _ in flat], [j for _, j in flat]] if flat else logits[:0, 0],
-        [active[b] for b, _ in flat],
-        [emitted[b][j] for b, j in flat],
-        top_logprobs,
-        logprobs_mode,
-    )
-    lps: List[list] = [[] for _ in range(B)]
-    for (b, _), x in zip(flat, got):
-        lps[b].append(x)
-    return emitted, accepted, lps
+    # token j of a pass is chosen at position j (the last token, then the drafts)
+    return emitted, accepted, _pass_logprobs(logits, active, emitted, lambda b, j: j, top_logprobs, logprobs_mode)
 
 
 def _verify_tree(
@@ -549,19 +539,27 @@ def _verify_tree(
     if top_logprobs is None:
         return emitted, accepted, nodes, None
     # token j of a pass is chosen at the root (j = 0) or at accepted node j - 1
-    flat = [(b, j) for b in range(B) for j in range(len(emitted[b]))]
-    at = [0 if j == 0 else nodes[b][j - 1] for b, j in flat]
+    lps = _pass_logprobs(
+        logits, active, emitted, lambda b, j: 0 if j == 0 else nodes[b][j - 1], top_logprobs, logprobs_mode
+    )
+    return emitted, accepted, nodes, lps
+
+
+def _pass_logprobs(logits: torch.Tensor, active: List[Request], emitted, position, top_logprobs: int, mode: str):
+    """Per request, the ``(logprob, top list)`` of each token it emitted in a pass: token ``j``
+    of request ``b`` was chosen from ``logits[b, position(b, j)]``."""
+    flat = [(b, j) for b in range(len(emitted)) for j in range(len(emitted[b]))]
     got = _logprob_rows(
-        logits[[b for b, _ in flat], at] if flat else logits[:0, 0],
+        logits[[b for b, _ in flat], [position(b, j) for b, j in flat]] if flat else logits[:0, 0],
         [active[b] for b, _ in flat],
         [emitted[b][j] for b, j in flat],
         top_logprobs,
-        logprobs_mode,
+        mode,
     )
-    lps: List[list] = [[] for _ in range(B)]
+    lps: List[list] = [[] for _ in emitted]
     for (b, _), x in zip(flat, got):
         lps[b].append(x)
-    return emitted, accepted, nodes, lps
+    return lps
 
 
 #: Adaptive drafting: passes without drafts before the first probe, and the most between probes.
