@@ -351,7 +351,7 @@ cpu::DecoderLayerParams check_decoder_layer(
     const std::string& wqkv_type, const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
     const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
     const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
-    double scale, const std::string& kv_layout, bool data) {
+    double scale, const std::string& kv_layout, bool data, const std::optional<at::Tensor>& tree_mask) {
   TORCH_CHECK_VALUE(kv_layout == "NHD" || kv_layout == "HND", kLayer, "kv_layout must be 'NHD' or 'HND', got '",
                     kv_layout, "'");
   const bool hnd = kv_layout == "HND";
@@ -411,6 +411,16 @@ cpu::DecoderLayerParams check_decoder_layer(
   p.w_gate_up = check_layer_weight(w_gate_up, gate_up_type, c10::SymInt(2 * intermediate_size), H, "w_gate_up",
                                    "gate_up_type", x);
   p.w_down = check_layer_weight(w_down, down_type, H, c10::SymInt(intermediate_size), "w_down", "down_type", x);
+  // The tree mask (paged_attention's): bool [B, T, T], the new tokens' ancestor-or-self closure.
+  if (tree_mask.has_value()) {
+    const at::Tensor& m = *tree_mask;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kLayer, "tree_mask must be bool, got ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 3 && m.sym_size(0) == B && m.sym_size(1) == T && m.sym_size(2) == T, kLayer,
+                      "tree_mask must be [B=", B, ", T=", T, ", T=", T, "] (B, T of x), got ", m.sym_sizes());
+    TORCH_CHECK_VALUE(m.is_contiguous(), kLayer, "tree_mask must be contiguous");
+    TORCH_CHECK_VALUE(m.device() == x.device(), kLayer, "tree_mask is on ", m.device(), " but x is on ", x.device());
+    check_storage(m, "tree_mask");
+  }
   if (!data) return p;
 
   // Real tensors: the sizes, the pointers, and the data the kernels index with.
@@ -449,6 +459,17 @@ cpu::DecoderLayerParams check_decoder_layer(
     TORCH_CHECK_VALUE(p.seq_lens[b] >= p.T && p.seq_lens[b] <= capacity, kLayer, "seq_lens[", b, "] = ", p.seq_lens[b],
                       " must count the T=", p.T,
                       " new tokens and fit the row's block table (max_blocks * block_size = ", capacity, ")");
+  if (tree_mask.has_value()) {  // a node reads itself and only earlier nodes: O(B T^2) bytes
+    const bool* m = tree_mask->data_ptr<bool>();
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t i = 0; i < p.T; ++i)
+        for (int64_t j = 0; j < p.T; ++j) {
+          const bool set = m[(b * p.T + i) * p.T + j];
+          TORCH_CHECK_VALUE(j > i ? !set : (j < i || set), kLayer, "tree_mask[", b, ", ", i, ", ", j, "] must be ",
+                            j == i ? "True (a node reads itself)" : "False (ancestors come before descendants)");
+        }
+    p.tree_mask = reinterpret_cast<const uint8_t*>(m);
+  }
   return p;
 }
 

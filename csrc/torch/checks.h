@@ -147,7 +147,7 @@ cpu::DecoderLayerParams check_decoder_layer(
     const std::string& wqkv_type, const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
     const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
     const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
-    double scale, const std::string& kv_layout, bool data);
+    double scale, const std::string& kv_layout, bool data, const std::optional<at::Tensor>& tree_mask = std::nullopt);
 
 // A later block of the same step, after check_decoder_layer passed for the first
 // block (first, first_k_cache): its caches must be float32, contiguous, on x's

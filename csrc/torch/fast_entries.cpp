@@ -219,7 +219,8 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
                          pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
                          pybind11::handle seq_lens_obj, pybind11::handle positions_obj, pybind11::handle cos_obj,
                          pybind11::handle sin_obj, pybind11::list layers, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t intermediate_size, double eps, double scale, const std::string& kv_layout) {
+                         int64_t intermediate_size, double eps, double scale, const std::string& kv_layout,
+                         pybind11::handle tree_mask_obj) {
   if (!no_python_modes()) return false;
   const size_t L = layers.size();
   if (k_caches.size() != L || v_caches.size() != L) return false;
@@ -228,6 +229,12 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
       !fast_tensor(seq_lens_obj, &lens) || !fast_tensor(positions_obj, &pos) || !fast_tensor(cos_obj, &cos) ||
       !fast_tensor(sin_obj, &sin))
     return false;
+  std::optional<at::Tensor> tree_mask;
+  if (!tree_mask_obj.is_none()) {
+    at::Tensor m;
+    if (!fast_tensor(tree_mask_obj, &m)) return false;
+    tree_mask = m;
+  }
   std::vector<at::Tensor> kc(L), vc(L);
   std::vector<dk::cpu::DecoderLayerParams> params(L);
   try {
@@ -249,7 +256,7 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
       // The first block checks everything; the later ones what differs from it (caches and weights).
       params[l] = l == 0 ? check_decoder_layer(x, kc[l], vc[l], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0],
                                                w[2], type[1], w[3], w[4], type[2], w[5], type[3], num_heads,
-                                               num_kv_heads, intermediate_size, eps, scale, kv_layout, true)
+                                               num_kv_heads, intermediate_size, eps, scale, kv_layout, true, tree_mask)
                          : check_decoder_layer_next(params[0], kc[0], x, kc[l], vc[l], w[0], w[1], type[0], w[2],
                                                     type[1], w[3], w[4], type[2], w[5], type[3]);
     }
@@ -312,7 +319,12 @@ void add_fast_entries(pybind11::module_& mod) {
   mod.def("_dequantize_rows_fast", &dequantize_rows_fast,
           "QuantizedWeight.dequantize_rows for plain arguments, or None for the Python path.");
   mod.def("_decoder_layers_fast", &decoder_layers_fast,
-          "decoder_layer over every block of a model; False (nothing written) for the op's path.");
+          "decoder_layer over every block of a model; False (nothing written) for the op's path.", pybind11::arg("x"),
+          pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("slot_mapping"),
+          pybind11::arg("block_tables"), pybind11::arg("seq_lens"), pybind11::arg("positions"),
+          pybind11::arg("cos_table"), pybind11::arg("sin_table"), pybind11::arg("layers"), pybind11::arg("num_heads"),
+          pybind11::arg("num_kv_heads"), pybind11::arg("intermediate_size"), pybind11::arg("eps"),
+          pybind11::arg("scale"), pybind11::arg("kv_layout"), pybind11::arg("tree_mask") = pybind11::none());
   mod.def("_sample_from_logits_fast", &sample_from_logits_fast,
           "decodekit.sample_from_logits for plain arguments, or None for the full path.");
   mod.def("_softmax_fast", &softmax_fast, "decodekit.softmax for plain arguments, or None for the full path.");

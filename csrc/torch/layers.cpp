@@ -158,14 +158,16 @@ void decoder_layer_cpu(const at::Tensor& x, const at::Tensor& k_cache, const at:
                        const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
                        const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
                        const std::string& down_type, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size,
-                       double eps, double scale, const std::string& kv_layout) {
+                       double eps, double scale, const std::string& kv_layout,
+                       const std::optional<at::Tensor>& tree_mask) {
   dk::cpu::DecoderLayerParams p;
   {
     // eps and scale become float32 here, as in rms_norm and paged_attention: with IEEE denormals.
     const dk::cpu::IeeeDenormals ieee;
     p = check_decoder_layer(x, k_cache, v_cache, slot_mapping, block_tables, seq_lens, positions, cos_table, sin_table,
                             attn_norm, wqkv, wqkv_type, wo, wo_type, ffn_norm, w_gate_up, gate_up_type, w_down,
-                            down_type, num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout, true);
+                            down_type, num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout, true,
+                            tree_mask);
   }
   if (p.B * p.T == 0) return;
   dk::cpu::kernels().decoder_layer(x.data_ptr<float>(), p, dk::torch_ops::num_threads());
@@ -209,7 +211,9 @@ void decoder_layer_meta(const at::Tensor& x, const at::Tensor& k_cache, const at
                         const at::Tensor& wo, const std::string& wo_type, const at::Tensor& ffn_norm,
                         const at::Tensor& w_gate_up, const std::string& gate_up_type, const at::Tensor& w_down,
                         const std::string& down_type, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t intermediate_size, double eps, double scale, const std::string& kv_layout) {
+                        int64_t intermediate_size, double eps, double scale, const std::string& kv_layout,
+                        const std::optional<at::Tensor>& tree_mask) {
+  if (tree_mask.has_value()) require_meta(*tree_mask, "tree_mask");
   for (auto [t, name] : {std::pair{&x, "x"},
                          {&k_cache, "k_cache"},
                          {&v_cache, "v_cache"},
@@ -228,7 +232,7 @@ void decoder_layer_meta(const at::Tensor& x, const at::Tensor& k_cache, const at
     require_meta(*t, name);
   check_decoder_layer(x, k_cache, v_cache, slot_mapping, block_tables, seq_lens, positions, cos_table, sin_table,
                       attn_norm, wqkv, wqkv_type, wo, wo_type, ffn_norm, w_gate_up, gate_up_type, w_down, down_type,
-                      num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout, false);
+                      num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout, false, tree_mask);
 }
 
 }  // namespace

@@ -50,7 +50,7 @@ TORCH_LIBRARY(decodekit, m) {
       "Tensor block_tables, Tensor seq_lens, Tensor positions, Tensor cos_table, Tensor sin_table, "
       "Tensor attn_norm, Tensor wqkv, str wqkv_type, Tensor wo, str wo_type, Tensor ffn_norm, "
       "Tensor w_gate_up, str gate_up_type, Tensor w_down, str down_type, int num_heads, int num_kv_heads, "
-      "int intermediate_size, float eps, float scale, str kv_layout) -> ()");
+      "int intermediate_size, float eps, float scale, str kv_layout, Tensor? tree_mask=None) -> ()");
   m.def(
       "chain_speculative_sampling(Tensor? draft_probs, Tensor draft_token_ids, Tensor target_probs, Tensor? seed, "
       "int seed_val, Tensor? offset, int offset_val, int vocab_size) -> (Tensor, Tensor, Tensor)");

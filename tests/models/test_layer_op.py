@@ -1,7 +1,8 @@
 """LlamaModel.forward_paged with one decoder_layer call per block (``model.layer_op = True``, the
 default) against the per-op path (``layer_op = False``, the readable reference): the same logits
 and the same cache contents bit for bit, on small random models (float32, Q4_1 / Q8_0 weights,
-NHD and HND, prefill chunks and batched decode steps of rows of different lengths, a rollback)
+NHD and HND, prefill chunks and batched decode steps of rows of different lengths, a rollback,
+a tree pass)
 and on the default SmolLM2 model; and OutOfBlocksError before anything is written."""
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def _session(model, layer_op: bool, layout: str):
         out.append(model.forward_paged(torch.tensor([[s], [s + 1], [s + 2]]), cache, [a, b, c]))
     cache.truncate(b, 5)  # a rejected draft, say
     out.append(model.forward_paged(torch.tensor([[20, 21, 22], [23, 24, 25]]), cache, [b, a], all_logits=True))
+    # a tree pass (Medusa verification): a different tree per row, the mask in every block
+    parents = torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, 1, 0]])
+    out.append(
+        model.forward_paged(torch.tensor([[30, 31, 32, 33, 34], [35, 36, 37, 38, 39]]), cache, [a, c],
+                            all_logits=True, tree_parents=parents)
+    )  # fmt: skip
     return out, [t.clone() for t in cache.k + cache.v]
 
 

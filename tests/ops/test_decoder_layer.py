@@ -5,6 +5,8 @@
   weights, B = 1 and 3, T = 1 and 5 (prefill), rows with different cached lengths, NHD and HND;
 * within float32 rounding of a float64 reference of the block (``reference.decoder_layer``,
   quantized weights dequantized by the reference's own decoder);
+* a tree of new tokens (``tree_mask``): bit-identical to the per-op path with the same mask,
+  within float32 rounding of the float64 reference with it, and different from the causal rule;
 * bad arguments: a ValueError / TypeError naming the argument, and nothing written.
 """
 
@@ -43,6 +45,7 @@ def run_op(case, **overrides):
     """decoder_layer on copies of x and the caches; returns them."""
     a = dict(case, **overrides)
     x, kc, vc = a["x"].clone(), a["k_cache"].clone(), a["v_cache"].clone()
+    tree = {"tree_mask": a["tree_mask"]} if "tree_mask" in a else {}
     decodekit.decoder_layer(
         x,
         kc,
@@ -59,11 +62,12 @@ def run_op(case, **overrides):
         eps=EPS,
         scale=SCALE,
         kv_layout=a["kv_layout"],
+        **tree,
     )
     return x, kc, vc
 
 
-def run_per_op(case):
+def run_per_op(case, tree_mask=None):
     """The per-op path: the individual ops, called as LlamaModel.forward_paged (layer_op = False)
     calls them."""
     x, kc, vc = case["x"].clone(), case["k_cache"].clone(), case["v_cache"].clone()
@@ -78,7 +82,7 @@ def run_per_op(case):
         kc, vc, k.reshape(B * T, HKV, D), v.reshape(B * T, HKV, D), case["slot_mapping"].reshape(-1), layout
     )
     attn = ops.paged_attention(
-        q.reshape(B, T, HQ, D).contiguous(), kc, vc, case["block_tables"], case["seq_lens"], SCALE, layout
+        q.reshape(B, T, HQ, D).contiguous(), kc, vc, case["block_tables"], case["seq_lens"], SCALE, layout, tree_mask
     )
     x = x + decodekit.linear(attn.reshape(B, T, HQ * D), wo)
     h = ops.rms_norm(x, ffn_norm, EPS)
@@ -120,6 +124,57 @@ def test_matches_float64_reference(weights, layout):
         kv_layout=layout,
     )
     check_against_float64((x, kc, vc), (wx, wk, wv))
+
+
+# node i's parent; row 1 of a batch of 3 is a chain, rows 0 and 2 branch
+TREE_PARENTS = torch.tensor([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3], [-1, 0, 0, 0, 3]])
+
+
+def _tree_case(weights, layout, seed):
+    """decoder_layer arguments for 5 new tokens per row that form the trees of TREE_PARENTS:
+    node i takes position cached + depth(i)."""
+    case = make_case(3, 5, layout, weights, seed=seed)
+    mask = decodekit.tree_mask_from_parents(TREE_PARENTS)
+    depth = mask.sum(-1) - 1  # ancestors of each node
+    case["positions"] = (case["seq_lens"] - 5)[:, None] + depth
+    return case, mask
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("weights", sorted(WEIGHT_TYPES))
+def test_tree_mask_bit_identical_to_the_per_op_path(weights, layout):
+    case, mask = _tree_case(weights, layout, seed=21)
+    got, want = run_op(case, tree_mask=mask), run_per_op(case, mask)
+    for name, a, b in zip(("x", "k_cache", "v_cache"), got, want):
+        assert torch.equal(a, b), name
+    causal = run_op(case)[0]
+    assert torch.equal(causal[1], got[0][1])  # a chain's mask is the causal rule
+    assert not torch.equal(causal[0, 2:], got[0][0, 2:])  # branches read other tokens
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_tree_mask_matches_float64_reference(layout):
+    case, mask = _tree_case("gguf", layout, seed=22)
+    got = run_op(case, tree_mask=mask)
+    want = ref.decoder_layer(
+        case["x"],
+        case["k_cache"],
+        case["v_cache"],
+        case["slot_mapping"],
+        case["block_tables"],
+        case["seq_lens"],
+        case["positions"],
+        case["cos_table"],
+        case["sin_table"],
+        [dense_weight(w) for w in case["weights"]],
+        num_heads=HQ,
+        num_kv_heads=HKV,
+        eps=EPS,
+        scale=SCALE,
+        kv_layout=layout,
+        tree_mask=mask,
+    )
+    check_against_float64(got, want)
 
 
 def test_rows_do_not_depend_on_the_batch():
@@ -259,6 +314,11 @@ BAD = [
     (lambda c: {"seq_lens": c["seq_lens"] * 0 + 1}, ValueError, "seq_lens"),
     (lambda c: {"seq_lens": c["seq_lens"] + 1000}, ValueError, "seq_lens"),
     (lambda c: {"block_tables": c["block_tables"].to("meta")}, RuntimeError, "meta"),
+    (lambda c: {"tree_mask": torch.ones(3, 2, 2).tril()}, TypeError, "tree_mask must be bool"),
+    (lambda c: {"tree_mask": torch.ones(3, 2, 3, dtype=torch.bool)}, ValueError, r"tree_mask must be \[B=3, T=2"),
+    (lambda c: {"tree_mask": torch.eye(2, dtype=torch.bool).expand(3, 2, 2)}, ValueError, "must be contiguous"),
+    (lambda c: {"tree_mask": torch.zeros(3, 2, 2, dtype=torch.bool)}, ValueError, r"tree_mask\[0, 0, 0\] must be True"),
+    (lambda c: {"tree_mask": torch.ones(3, 2, 2, dtype=torch.bool)}, ValueError, r"tree_mask\[0, 0, 1\] must be False"),
 ]
 
 

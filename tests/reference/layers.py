@@ -56,13 +56,15 @@ def decoder_layer(
     eps: float,
     scale: float,
     kv_layout: str = "NHD",
+    tree_mask=None,
 ):
     """One Llama block of the paged forward in float64 (new tensors; nothing is modified).
 
     ``weights``: ``(attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down)`` as float tensors (a
     quantized weight dequantized first). ``x [B, T, H]``; ``slot_mapping``, ``positions`` ``[B, T]``.
     Returns ``(x, k_cache, v_cache)`` in float64: the residual stream after the block and the
-    caches with the new keys and values."""
+    caches with the new keys and values. ``tree_mask``: bool ``[B, T, T]`` for new tokens that
+    form a tree (the attention reference's mask), or None for the causal rule."""
     from .attention import paged_attention
     from .kv_cache import append_paged_kv_cache
 
@@ -90,6 +92,7 @@ def decoder_layer(
         seq_lens,
         scale=scale,
         kv_layout=kv_layout,
+        tree_mask=tree_mask,
         out_dtype=torch.float64,
     )
     x = x + linear(attn.reshape(B * T, q_size), wo)

@@ -561,10 +561,11 @@ class LlamaModel:
         fused = (
             self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
         )
-        if fused and self.layer_op and tree_mask is None:  # (the layer op has no tree mask yet)
+        if fused and self.layer_op:
             # The same kernels again, one decoder_layer call per block (no PyTorch op inside): the
             # step's slots are reserved before the first layer (OutOfBlocksError: nothing written),
-            # the tables and lengths come from the cache and the shapes from the model.
+            # the tables and lengths come from the cache and the shapes from the model; a tree's
+            # mask goes to the attention of every block.
             cos_table, sin_table = self._rope_tables()
             slots = cache.slot_mapping(seq_ids, T).view(B, T)
             block_tables = cache.block_table(seq_ids, torch.int64)
@@ -573,12 +574,13 @@ class LlamaModel:
             # The whole loop in one C++ call (the same kernel and checks); False: nothing was
             # written and the op itself runs (e.g. under a torch function mode), or raises.
             if not _decoder_layers_fast(
-                x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common
-            ):
+                x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common,
+                tree_mask,
+            ):  # fmt: skip
                 for i, args in enumerate(layers):
                     _dk_ops.decoder_layer(
                         x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
-                        *args, *common,
+                        *args, *common, tree_mask,
                     )  # fmt: skip
             cache.advance(seq_ids, T)
             if not all_logits:

@@ -399,6 +399,7 @@ def decoder_layer(
     eps: float,
     scale: Optional[float] = None,
     kv_layout: str = "NHD",
+    tree_mask: Optional[torch.Tensor] = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """One Llama block of the paged forward in one C++ call, in place on the residual stream.
@@ -409,7 +410,8 @@ def decoder_layer(
         q, k, v = split(linear(h, wqkv))              # Hq, Hkv, Hkv heads of D
         rope_(q and k, cos_table, sin_table, positions)
         k, v -> k_cache, v_cache at slot_mapping      # as append_paged_kv_cache
-        x += linear(paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale), wo)
+        x += linear(paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                    tree_mask=tree_mask), wo)
         h = rms_norm(x, ffn_norm, eps)
         x += linear(silu_and_mul(linear(h, w_gate_up)), w_down)
 
@@ -443,6 +445,12 @@ def decoder_layer(
         eps: RMSNorm epsilon (finite, >= 0).
         scale: attention score scale; ``None`` for ``1 / sqrt(D)``.
         kv_layout: ``"NHD"`` or ``"HND"``.
+        tree_mask: ``None`` (the new tokens of a row are a sequence: causal among them), or
+            bool ``[B, T, T]``: the ``T`` new tokens of each row are the flattened nodes of a
+            token tree and ``tree_mask[b, i, j]`` is True when node ``j`` is node ``i`` itself or
+            one of its ancestors (:func:`decodekit.tree_mask_from_parents`), as
+            :func:`decodekit.paged_attention` takes it. The diagonal must be True and nothing
+            above it (parents come first); ``positions`` then carry each node's depth.
         validate: also check (synchronises) that no slot appears twice; the op itself checks
             the positions against the tables, the slots against the pool and ``seq_lens`` in
             ``[T, max_blocks * block_size]``, in ``O(B * T)``, before writing anything.
@@ -454,7 +462,8 @@ def decoder_layer(
         TypeError / ValueError naming the argument: dtypes, shapes (against ``x``, the cache's
         ``Hkv`` and ``D``, ``num_heads``), devices, non-contiguous tensors, a weight type or
         block size that does not match its tensor, positions outside the tables, slots past
-        the pool or repeated, lengths outside ``[T, max_blocks * block_size]``, ``kv_layout``;
+        the pool or repeated, lengths outside ``[T, max_blocks * block_size]``, ``kv_layout``, a
+        ``tree_mask`` of the wrong dtype or shape or with a False diagonal or a True entry above it;
         nothing is written then. RuntimeError when ``x`` requires grad (not differentiable).
 
     Source: the Llama block (Touvron et al., 2023) with RMSNorm (Zhang & Sennrich, 2019), RoPE
@@ -490,6 +499,10 @@ def decoder_layer(
     if len(w_down.shape) != 2:
         raise ValueError(f"{op}: w_down must be [H, I], got shape {tuple(w_down.shape)}")
     intermediate_size = int(w_down.shape[1])
+    if tree_mask is not None and not isinstance(tree_mask, torch.Tensor):
+        raise TypeError(
+            f"{op}: tree_mask must be None or a bool torch.Tensor [B, T, T], got {type(tree_mask).__name__}"
+        )
     if validate and x.device.type != "meta" and slot_mapping.numel() > 1:
         used = slot_mapping[slot_mapping >= 0]
         if used.unique().numel() != used.numel():
@@ -520,5 +533,6 @@ def decoder_layer(
         float(eps),
         float(scale),
         kv_layout,
+        tree_mask,
     )
     return x
