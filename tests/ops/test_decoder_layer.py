@@ -349,3 +349,14 @@ def test_wrapper_errors():
     x = case["x"].clone().requires_grad_()
     with pytest.raises(RuntimeError, match="grad"):
         run_op(case, x=x)
+
+
+def test_tree_mask_meta_kernel_checks_the_shape():
+    case, mask = _tree_case("f32", "NHD", seed=23)
+    meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    meta["weights"] = tuple(w.to("meta") for w in case["weights"])
+    run_op(meta, tree_mask=mask.to("meta"))  # shapes agree: no error, nothing computed
+    with pytest.raises(ValueError, match=r"tree_mask must be \[B=3, T=5, T=5\]"):
+        run_op(meta, tree_mask=mask[:, :4, :4].contiguous().to("meta"))
+    with pytest.raises(TypeError, match="tree_mask must be None or a bool torch.Tensor"):
+        run_op(case, tree_mask=[[True]])
