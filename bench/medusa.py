@@ -13,6 +13,10 @@ Sections (all by default):
   a node adds to the expected accepted length); for each size the predicted speed-up
   ``(1 + E[accepted]) * t(1) / t(N)`` uses the measured curve. The best size is printed with
   its paths (what ``DEFAULT_TREE`` ships).
+- ``agreement``: the heads' teacher-forced top-1 / top-5 agreement on the held-out chat prompts
+  themselves: the target's greedy answers (``--new-tokens``) to the first ``--prompts`` prompts,
+  one teacher-forced pass each for the hidden states, and per head the share of answer positions
+  whose token ``t + 2 + i`` is the head's first (among its five first) candidate.
 - ``e2e``: decode tokens/s (generated tokens over decode seconds, summed over prompts) on the
   held-out chat prompts (``bench/data/heldout_chat_prompts.json``), batch 1, one prompt after
   the other, ``--new-tokens`` each: plain decoding against Medusa (greedy: the tokens must be the
@@ -20,7 +24,7 @@ Sections (all by default):
   n-gram drafting; mean accepted tokens per pass and the share of time in heads, tree building,
   the target's tree pass and verification.
 
-    python bench/medusa.py [--sections curve tree e2e] [--data build/chat-data] [--prompts 50]
+    python bench/medusa.py [--sections curve tree agreement e2e] [--data build/chat-data] [--prompts 50]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 import decodekit
-from decodekit.decoding import MedusaDrafter, Tree
+from decodekit.decoding import MedusaDrafter
 from decodekit.models import load_model
 from decodekit.models.medusa import load_medusa_heads
 
@@ -123,6 +127,35 @@ def choose_tree(heads, hidden, true, costs: dict, max_nodes: int, top_k: int = 4
     return results
 
 
+@torch.inference_mode()
+def agreement(lm, heads, prompts, new_tokens: int) -> dict:
+    """Per head: top-1 and top-5 agreement with the target's greedy answers, teacher-forced."""
+    K = heads.num_heads
+    net = lm.model
+    res = decodekit.generate(prompts, model=lm, max_new_tokens=new_tokens, temperature=0)
+    top1, top5, count = [0] * K, [0] * K, [0] * K
+    for r in res:
+        ids = list(r.prompt_token_ids) + list(r.token_ids)
+        P, A = len(r.prompt_token_ids), len(r.token_ids)
+        cache = net.new_paged_cache(num_blocks=len(ids) // 16 + 2)
+        s = cache.add_sequence()
+        _, h = net.forward_paged(torch.tensor([ids]), cache, [s], all_logits=True, return_hidden=True)
+        states = h[0, P - 1 : P + A - 1]  # state t chooses answer token t + 1
+        top = heads.top_ids(states, 5)  # [A, K, 5]
+        for i in range(K):
+            for n in range(A):
+                t = P - 1 + n + 2 + i  # head i predicts token t + 2 + i from the state at t
+                if t < len(ids):
+                    count[i] += 1
+                    top1[i] += int(top[n, i, 0] == ids[t])
+                    top5[i] += int((top[n, i] == ids[t]).any())
+    return {
+        "positions": count,
+        "top1": [a / max(c, 1) for a, c in zip(top1, count)],
+        "top5": [a / max(c, 1) for a, c in zip(top5, count)],
+    }
+
+
 def e2e(lm, prompts, new_tokens: int, configs) -> list:
     rows = []
     plain_tokens = None
@@ -166,7 +199,7 @@ def e2e(lm, prompts, new_tokens: int, configs) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", nargs="+", default=["curve", "tree", "e2e"])
+    ap.add_argument("--sections", nargs="+", default=["curve", "tree", "agreement", "e2e"])
     ap.add_argument("--data", nargs="+", default=["build/chat-data"])
     ap.add_argument("--heads", default=None, help="heads file (default: the shipped one)")
     ap.add_argument("--context", type=int, default=200)
@@ -189,14 +222,20 @@ def main() -> None:
         hidden, true = heldout_states(args.data)
         print(f"tree choice on {hidden.shape[0]} held-out states:", flush=True)
         res = choose_tree(heads, hidden, true, costs, args.max_nodes)
-        for n, acc, speed, paths in res:
+        for n, acc, speed, _paths in res:
             print(f"  N = {n:3d}: E[accepted] {acc:.3f}, predicted speed-up {speed:.2f}x", flush=True)
         best = max(res, key=lambda x: x[2])
         print(f"best: N = {best[0]}, paths = {[list(p) for p in best[3]]}", flush=True)
         out["tree"] = [dict(nodes=n, expected_accepted=a, predicted_speedup=s) for n, a, s, _ in res]
         out["best_tree"] = [list(p) for p in best[3]]
+    prompts = json.loads((ROOT / "data" / "heldout_chat_prompts.json").read_text())["prompts"][: args.prompts]
+    if "agreement" in args.sections:
+        agr = agreement(lm, heads, prompts, args.new_tokens)
+        print(f"teacher-forced agreement on {len(prompts)} held-out chat prompts ({agr['positions'][0]} positions):")
+        for i, (a1, a5) in enumerate(zip(agr["top1"], agr["top5"])):
+            print(f"  head {i}: top-1 {a1:.3f}, top-5 {a5:.3f}", flush=True)
+        out["agreement"] = agr
     if "e2e" in args.sections:
-        prompts = json.loads((ROOT / "data" / "heldout_chat_prompts.json").read_text())["prompts"][: args.prompts]
         tree = out.get("best_tree")
         configs = [
             ("plain greedy", "plain", dict(temperature=0)),

