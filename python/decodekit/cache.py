@@ -32,6 +32,8 @@ from .ops.kv_cache import (
 
 __all__ = ["ContiguousKVCache", "PagedKVCache", "OutOfBlocksError"]
 
+_dk_ops = torch.ops.decodekit  # the raw ops, for the per-layer calls after one checked call
+
 
 def _positive_int(value, name: str, cls: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
@@ -593,10 +595,13 @@ class PagedKVCache:
             if self._tables[s]:
                 tables[b, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int64)
         st = torch.tensor(starts, dtype=torch.int64)
-        for layer in range(self.num_layers):
-            compact_paged_kv_cache(
-                self.k[layer], self.v[layer], tables, st, acc, kv_layout=self.kv_layout, validate=False
-            )  # written blocks are private to their sequence after the copies above
+        if any(node != k for path in paths for k, node in enumerate(path)):  # else nothing moves
+            # the first layer through the wrapper's checks, the others (same shapes) directly
+            compact_paged_kv_cache(self.k[0], self.v[0], tables, st, acc, kv_layout=self.kv_layout, validate=False)
+            acc64 = acc.to(torch.int64).contiguous()
+            for layer in range(1, self.num_layers):
+                _dk_ops.compact_paged_kv_cache(self.k[layer], self.v[layer], tables, st, acc64, self.kv_layout)
+            # (written blocks are private to their sequence after the copies above)
         for s, s0, path in zip(ids, starts, paths):
             self.truncate(s, s0 + len(path))
 

@@ -237,3 +237,45 @@ def test_adaptive_medusa_falls_back_to_plain_steps(lm):
         assert r.target_passes == 39
         passes[schedule] = d.passes
     assert passes == {"adaptive": 3, "constant": 39}
+
+
+def test_adaptive_medusa_keeps_trees_that_pay(lm, monkeypatch):
+    # The same never-right heads, with the loop's clock saying that tree passes pay: a greedy
+    # request keeps verifying trees after its misses (39 tree passes, as "constant"), and the
+    # tokens are still plain greedy's.
+    from decodekit.decoding import loop
+
+    monkeypatch.setattr(loop._PassClock, "tree_pays", lambda self, gain: True)
+    plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=40, temperature=0, stop_on_eos=False)
+    d = MedusaDrafter(zero_heads(lm), tree=[[3]])
+    r = decodekit.speculative_generate(
+        PROMPTS[0], model=lm, drafter=d, max_new_tokens=40, temperature=0, stop_on_eos=False
+    )
+    assert r.token_ids == plain.token_ids and r.accepted == 0
+    assert d.passes == 39
+
+
+def test_pass_clock_rule_by_hand():
+    from decodekit.decoding.loop import _PassClock
+
+    c = _PassClock()
+    assert not c.tree_pays(1.0)  # nothing timed yet
+    c.mean = {"plain": 4.0, "tree": 6.0}
+    assert c.tree_pays(0.5)  # 1.5 tokens in 6 ms = 1.5 plain steps of 4 ms: break-even
+    assert not c.tree_pays(0.49)
+    assert not c.tree_pays(0.0)  # a tree that accepts nothing never pays
+    c.mean = {"plain": 4.0, "tree": 3.9}
+    assert not c.tree_pays(0.0) and c.tree_pays(0.01)
+
+
+def test_heads_computed_for_a_shallow_tree_are_the_same_bits(lm):
+    from decodekit.models.medusa import load_medusa_heads
+
+    heads = load_medusa_heads(target=lm)
+    h = torch.randn(3, heads.hidden_size, generator=torch.Generator().manual_seed(4))
+    full = heads.logits(h)
+    for n in (1, 2):
+        assert torch.equal(heads.logits(h, n), full[:, :n])
+        assert torch.equal(heads.top_ids(h, 4, n), heads.top_ids(h, 4)[:, :n])
+    with pytest.raises(ValueError, match="num_heads must be in"):
+        heads.logits(h, heads.num_heads + 1)

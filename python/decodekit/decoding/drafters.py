@@ -353,7 +353,7 @@ class MedusaDrafter:
         """int64 ``[B, N]`` tree candidates: ``root_ids [B]`` the last emitted tokens, ``hidden
         [B, H]`` the final-normed states that chose them."""
         t0 = time.perf_counter()
-        top = self.heads.top_ids(hidden, self.tree.top_k)
+        top = self.heads.top_ids(hidden, self.tree.top_k, self.tree.depth)  # the heads the tree reads
         t1 = time.perf_counter()
         cand = self.tree.candidates(root_ids, top)
         self.heads_seconds += t1 - t0

@@ -171,6 +171,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     before: Optional[List[int]] = None  # cached lengths before a verification pass
     cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
     plain_pass = False  # tree mode: the last pass was a plain step (adaptive, all greedy)
+    pass_clock = _PassClock()  # tree mode: seconds per plain step and per tree pass
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
         # 4-5. process every position, then sample (the first token, and plain decoding) or
@@ -223,7 +224,14 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                 r.draft_len = _next_draft_len(r, len(drafts[b]), accepted[b], K)
             elif adaptive_drafts and tree_mode and r.params.greedy and (cand is not None or plain_pass):
                 # a greedy request in tree mode: length 1 = a tree pass, 0 = a plain step
+                if cand is not None:
+                    g = float(accepted[b])
+                    r.tree_gain = g if r.tree_gain < 0 else (1 - TREE_GAIN_WEIGHT) * r.tree_gain + TREE_GAIN_WEIGHT * g
                 r.draft_len = _next_draft_len(r, 0 if plain_pass else 1, min(accepted[b], 1), 1)
+                if r.draft_len == 0 and cand is not None and pass_clock.tree_pays(r.tree_gain):
+                    # a miss, but on average the tree passes emit more per second than plain
+                    # steps would: keep verifying trees (greedy tokens are the same either way)
+                    r.draft_len, r.draft_wait = 1, DRAFT_PROBE_WAIT
             if r.alive:
                 running.append(r)
             else:
@@ -236,6 +244,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             # Every request is greedy and its heads keep missing: a plain step (its argmax is
             # the token the tree pass would emit), which also gives the heads their next state.
             before, cand, plain_pass = None, None, True
+            pass_clock.start("plain")
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
             logits, h = net.forward_paged(inp, cache, seqs, return_hidden=True)  # [B, V], [B, H]
             logits = logits[:, None]
@@ -245,6 +254,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             continue
         plain_pass = False
         if tree_mode:  # 2-3. the heads' tree, and one target pass over it with the tree mask
+            pass_clock.start("tree")
             before = cache.seq_lens(seqs).tolist()
             roots = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)
             cand = drafter.candidates(roots, torch.stack([hidden[r.index] for r in active]))
@@ -503,7 +513,8 @@ def _verify_tree(
     sampled = [b for b, r in enumerate(active) if not r.params.greedy]
     groups = []
     if greedy:
-        groups.append((greedy, greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth)))
+        res = greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth, validate=False)
+        groups.append((greedy, res))  # (validate=False: the tree is the drafter's, checked when it was built)
     if sampled:
         params, rng = rows(
             [active[b].params for b in sampled],
@@ -565,6 +576,41 @@ def _pass_logprobs(logits: torch.Tensor, active: List[Request], emitted, positio
 #: Adaptive drafting: passes without drafts before the first probe, and the most between probes.
 DRAFT_PROBE_WAIT = 4
 DRAFT_PROBE_WAIT_MAX = 64
+#: Greedy tree mode: the weight of a tree pass in a request's running mean of accepted tokens,
+#: and of a pass in the running mean of its kind's duration.
+TREE_GAIN_WEIGHT = 0.25
+PASS_TIME_WEIGHT = 0.2
+
+
+class _PassClock:
+    """Running means of the wall time of a plain step and of a tree pass in greedy tree mode,
+    each from the moment the pass is chosen to the moment the next one is (the target pass, the
+    heads, the tree, verification and bookkeeping). The first pass of each kind is not counted
+    (it may include one-time work)."""
+
+    def __init__(self) -> None:
+        self.mean = {"plain": 0.0, "tree": 0.0}
+        self.seen = {"plain": 0, "tree": 0}
+        self._kind: Optional[str] = None
+        self._t0 = 0.0
+
+    def start(self, kind: str) -> None:
+        now = time.perf_counter()
+        if self._kind is not None:
+            k, dt = self._kind, now - self._t0
+            self.seen[k] += 1
+            if self.seen[k] == 2:
+                self.mean[k] = dt
+            elif self.seen[k] > 2:
+                self.mean[k] += PASS_TIME_WEIGHT * (dt - self.mean[k])
+        self._kind, self._t0 = kind, now
+
+    def tree_pays(self, gain: float) -> bool:
+        """True when both kinds have been timed, the tree passes accept something (``gain > 0``
+        tokens per pass on average) and a tree pass, which emits ``1 + gain`` tokens, takes at
+        most as long as ``1 + gain`` plain steps."""
+        plain, tree = self.mean["plain"], self.mean["tree"]
+        return plain > 0 and tree > 0 and gain > 0 and (1 + gain) * plain >= tree
 
 
 def _next_draft_len(r: Request, drafted: int, accepted: int, K: int) -> int:

@@ -25,13 +25,14 @@ import torch
 __all__ = ["Tree", "DEFAULT_TREE", "chain_tree"]
 
 # The default tree for SmolLM2-135M with the shipped heads on a 2-core CPU, chosen with
-# bench/medusa.py: on this CPU a target pass of N new tokens costs much more than one token once
-# N > 2 (the products become compute-bound), and the heads' held-out acceptance (greedy, teacher
-# forced) adds 0.40 accepted tokens for the first node, 0.16 for the second ((0, 0)) and 0.12 for
-# the third ((1,)); the predicted speed-up peaks at 2-3 nodes (bench/RESULTS.md, "Medusa").
-# Larger trees ([[0], [0, 0], [1], [0, 0, 0], [2], [0, 1], ...], that order) pay off where a pass
-# of a few more tokens is nearly free, as on a GPU.
-DEFAULT_TREE: Tuple[Tuple[int, ...], ...] = ((0,), (0, 0))
+# bench/medusa.py: on this CPU a target pass of N new tokens costs 1.10x one token for N = 2,
+# 1.25x for 3 and 1.46x for 4 (the products become compute-bound), and the heads' held-out
+# acceptance (greedy, teacher forced) adds 0.39 accepted tokens for the first node, 0.14 for
+# the second ((0, 0)) and 0.12 for the third ((1,)); the predicted speed-up is largest with the
+# one node (1.27x; 1.22x with two; bench/RESULTS.md, "Medusa"). Larger trees ([[0], [0, 0],
+# [1], [0, 0, 0], [2], [0, 1], ...], that order) pay off where a pass of a few more tokens is
+# nearly free, as on a GPU.
+DEFAULT_TREE: Tuple[Tuple[int, ...], ...] = ((0,),)
 
 
 def chain_tree(depth: int) -> Tuple[Tuple[int, ...], ...]:

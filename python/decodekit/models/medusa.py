@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -95,34 +95,41 @@ class MedusaHeads:
         )
 
     @torch.inference_mode()
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
         """Head logits over the reduced vocabulary.
 
         Args:
             h: float32 ``[B, H]``: final-normed hidden states (the LM head's input).
+            num_heads: compute only the first ``num_heads`` heads (a tree of that depth needs no
+                more); ``None`` for all ``K``. The heads computed get the same bits either way.
 
         Returns:
-            float32 ``[B, K, N]``: ``logits[b, i, j]`` scores token ``token_ids[j]`` for head ``i``.
+            float32 ``[B, K', N]`` (``K'`` the heads computed): ``logits[b, i, j]`` scores token
+            ``token_ids[j]`` for head ``i``.
         """
         B, H = h.shape
-        K = self.num_heads
-        a = _dk_linear(h, self.w, self.b).view(B, K, H)  # W_i h + b_i, all heads at once
+        K = self.num_heads if num_heads is None else num_heads
+        if not 1 <= K <= self.num_heads:
+            raise ValueError(f"MedusaHeads: num_heads must be in [1, {self.num_heads}], got {num_heads}")
+        w, b = (self.w, self.b) if K == self.num_heads else (self.w[: K * H], self.b[: K * H])
+        a = _dk_linear(h, w, b).view(B, K, H)  # W_i h + b_i, all heads at once
         u = (h[:, None, :] + torch.nn.functional.silu(a)).reshape(B * K, H)
         return _dk_linear(u, self.lm_rows).view(B, K, -1)
 
     @torch.inference_mode()
-    def top_ids(self, h: torch.Tensor, k: int) -> torch.Tensor:
+    def top_ids(self, h: torch.Tensor, k: int, num_heads: Optional[int] = None) -> torch.Tensor:
         """Each head's ``k`` best tokens, as target token ids.
 
         Args:
             h: float32 ``[B, H]``.
             k: candidates per head (``1 <= k <= N``).
+            num_heads: only the first ``num_heads`` heads (as :meth:`logits`).
 
         Returns:
-            int64 ``[B, K, k]``, best first; equal logits are ordered by the lower reduced-vocabulary
+            int64 ``[B, K', k]``, best first; equal logits are ordered by the lower reduced-vocabulary
             index (a stable sort), so the candidates never depend on the batch.
         """
-        lg = self.logits(h)
+        lg = self.logits(h, num_heads)
         n = lg.shape[-1]
         if k + 8 < n:
             # The k + 8 largest, then ordered by (logit descending, index ascending); exact unless
