@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import decodekit
+from decodekit._threads import threads_for_call
 from decodekit.decoding import MedusaDrafter
 from decodekit.models import load_model
 from decodekit.models.medusa import load_medusa_heads
@@ -46,22 +47,32 @@ ROOT = Path(__file__).resolve().parent
 
 
 def curve(lm, context: int, sizes, reps: int) -> dict:
-    """Median seconds of one target pass with Q new tokens after ``context`` cached ones."""
+    """Median seconds of one target pass with Q new tokens after ``context`` cached ones. The
+    sizes take turns within each repetition (a slow spell of the machine then touches them all
+    alike) and every pass rolls the same cached context back. torch's own ops run on one thread
+    meanwhile, as in the decode loop (its OpenMP workers and decodekit's pool stall each other)."""
     net = lm.model
-    out = {}
+    torch_threads = torch.get_num_threads()
+    pinned = threads_for_call(decodekit.get_num_threads())  # decodekit's own count stays
+    pinned.__enter__()
+    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (1, context), generator=g)
-    for q in sizes:
-        times = []
-        for _ in range(reps):
-            cache = net.new_paged_cache(num_blocks=(context + q) // 16 + 2)
-            s = cache.add_sequence()
-            net.forward_paged(prompt, cache, [s])
+    cache = net.new_paged_cache(num_blocks=(context + max(sizes)) // 16 + 2)
+    s = cache.add_sequence()
+    net.forward_paged(prompt, cache, [s])
+    times = {q: [] for q in sizes}
+    for _ in range(reps):
+        for q in sizes:
             new = torch.randint(100, 40000, (1, q), generator=g)
             t0 = time.perf_counter()
             net.forward_paged(new, cache, [s], all_logits=True)
-            times.append(time.perf_counter() - t0)
-        out[q] = statistics.median(times)
+            times[q].append(time.perf_counter() - t0)
+            cache.truncate(s, context)
+    torch.set_num_threads(torch_threads)
+    pinned.__exit__(None, None, None)
+    out = {q: statistics.median(t) for q, t in times.items()}
+    for q in sizes:
         print(f"  Q = {q:3d}: {1e3 * out[q]:7.2f} ms ({out[q] / out[sizes[0]]:.2f}x Q=1)", flush=True)
     return out
 
@@ -204,7 +215,7 @@ def main() -> None:
     ap.add_argument("--heads", default=None, help="heads file (default: the shipped one)")
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--max-nodes", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", default=None)
