@@ -245,6 +245,39 @@ def test_adaptive_draft_schedule_by_hand(lm):
     assert runs["constant"][0] == 150
 
 
+def test_adaptive_greedy_steps_without_drafts_are_plain(lm, monkeypatch):
+    # The never-right drafter again: of the 39 passes only the 5 with drafts verify; the 34
+    # passes where the greedy request drafts nothing are plain steps (one new token, no
+    # verification op), and the tokens are still plain greedy's.
+    from decodekit.decoding import loop
+
+    widths = []
+    forward = type(lm.model).forward_paged
+
+    def spy(self, input_ids, *args, **kw):
+        widths.append((input_ids.shape[1], kw.get("all_logits", False)))
+        return forward(self, input_ids, *args, **kw)
+
+    monkeypatch.setattr(type(lm.model), "forward_paged", spy)
+    verified = []
+    sample_or_verify = loop._sample_or_verify
+    monkeypatch.setattr(
+        loop, "_sample_or_verify", lambda *a, **kw: verified.append(kw["verify"]) or sample_or_verify(*a, **kw)
+    )
+    plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=40, temperature=0, stop_on_eos=False)
+    widths.clear(), verified.clear()
+    r = speculative_generate(
+        PROMPTS[0], model=lm, drafter=_AlwaysWrong(lm.config.vocab_size), num_draft_tokens=4, max_new_tokens=40,
+        temperature=0, stop_on_eos=False,
+    )  # fmt: skip
+    assert r.token_ids == plain.token_ids
+    steps = widths[1:]  # after the prefill
+    assert len(steps) == 39
+    assert sorted(w for w, _ in steps if w > 1) == [2, 2, 2, 3, 5]  # the passes with 4, 2, 1, 1, 1 drafts
+    assert all(not all_logits for w, all_logits in steps if w == 1)
+    assert verified.count(True) == 5 and verified.count(False) == 35  # the first token, 34 plain steps
+
+
 def test_adaptive_schedule_grows_back_after_accepts(lm):
     # On the input-grounded prompt the n-gram drafter is often right: the adaptive schedule
     # reaches K again after full accepts, so it drafts and accepts about as much as constant K

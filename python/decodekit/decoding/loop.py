@@ -172,6 +172,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
     plain_pass = False  # tree mode: the last pass was a plain step (adaptive, all greedy)
     pass_clock = _PassClock()  # tree mode: seconds per plain step and per tree pass
+    chain_plain = False  # chain mode: the last pass was a plain step (no drafts, all greedy)
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
         # 4-5. process every position, then sample (the first token, and plain decoding) or
@@ -220,7 +221,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                     r.alive = False
                     break
             r.accepted += min(accepted[b], taken)  # drafts accepted after a stop are not emitted
-            if adaptive_drafts and before is not None and cand is None:
+            if adaptive_drafts and (before is not None or chain_plain) and cand is None:
                 r.draft_len = _next_draft_len(r, len(drafts[b]), accepted[b], K)
             elif adaptive_drafts and tree_mode and r.params.greedy and (cand is not None or plain_pass):
                 # a greedy request in tree mode: length 1 = a tree pass, 0 = a plain step
@@ -280,8 +281,12 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             drafts.append(d)
             draft_logits.append(dl)
         width = max(len(d) for d in drafts)
-        # 3. one target pass over [last token] + drafts
-        if drafter is None:
+        # 3. one target pass over [last token] + drafts; a plain step when nobody drafted and
+        # every request is greedy (its argmax is the token verification would emit, and greedy
+        # requests draw nothing), as without a drafter
+        chain_plain = drafter is not None and width == 0 and all(r.params.greedy for r in active)
+        if drafter is None or chain_plain:
+            before = None
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
             logits = net.forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
         else:
