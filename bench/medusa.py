@@ -168,41 +168,47 @@ def agreement(lm, heads, prompts, new_tokens: int) -> dict:
 
 
 def e2e(lm, prompts, new_tokens: int, configs) -> list:
-    rows = []
-    plain_tokens = None
-    for name, kind, kw in configs:
-        t0 = time.perf_counter()
-        drafter = kw.pop("drafter_obj", None)
-        res = []
-        for p in prompts:  # batch 1, one prompt after the other
+    """Every configuration on every prompt, batch 1. The configurations take turns on each prompt
+    (in an order rotated from one prompt to the next), so a slow spell of the machine touches
+    them alike."""
+    res = {name: [] for name, _, _ in configs}
+    walls = {name: 0.0 for name, _, _ in configs}
+    drafters = {name: kw.pop("drafter_obj", None) for name, _, kw in configs}
+    for i, p in enumerate(prompts):
+        for j in range(len(configs)):
+            name, kind, kw = configs[(i + j) % len(configs)]
+            t0 = time.perf_counter()
             if kind == "plain":
-                res.append(decodekit.generate(p, model=lm, max_new_tokens=new_tokens, **kw))
+                r = decodekit.generate(p, model=lm, max_new_tokens=new_tokens, **kw)
             else:
-                res.append(
-                    decodekit.speculative_generate(
-                        p, model=lm, max_new_tokens=new_tokens, drafter=drafter or kind, **kw
-                    )
+                r = decodekit.speculative_generate(
+                    p, model=lm, max_new_tokens=new_tokens, drafter=drafters[name] or kind, **kw
                 )
-        wall = time.perf_counter() - t0
-        toks = sum(len(r.token_ids) for r in res)
-        dec = sum(r.decode_seconds for r in res)
-        row = dict(name=name, tokens=toks, decode_s=dec, tok_s=toks / dec, wall_s=wall)
+            walls[name] += time.perf_counter() - t0
+            res[name].append(r)
+    rows = []
+    plain_tokens = [r.token_ids for r in res["plain greedy"]] if "plain greedy" in res else None
+    for name, kind, kw in configs:
+        rs, drafter = res[name], drafters[name]
+        toks = sum(len(r.token_ids) for r in rs)
+        dec = sum(r.decode_seconds for r in rs)
+        row = dict(name=name, tokens=toks, decode_s=dec, tok_s=toks / dec, wall_s=walls[name])
         if kind != "plain":
-            drafted = sum(r.drafted for r in res)
-            accepted = sum(r.accepted for r in res)
-            passes = sum(r.decode_steps for r in res)
+            drafted = sum(r.drafted for r in rs)
+            accepted = sum(r.accepted for r in rs)
+            passes = sum(r.decode_steps for r in rs)
             row.update(accepted_per_pass=accepted / max(passes, 1), acceptance=accepted / max(drafted, 1))
         if isinstance(drafter, MedusaDrafter):
             row.update(
+                tree_passes=drafter.passes,
+                accepted_per_tree_pass=drafter.mean_accepted,
                 heads_share=drafter.heads_seconds / dec,
                 tree_share=drafter.tree_seconds / dec,
                 forward_share=drafter.forward_seconds / dec,
                 verify_share=drafter.verify_seconds / dec,
             )
-        if name == "plain greedy":
-            plain_tokens = [r.token_ids for r in res]
         if kw.get("temperature") == 0 and kind != "plain" and plain_tokens is not None:
-            row["same_as_plain"] = [r.token_ids for r in res] == plain_tokens
+            row["same_as_plain"] = [r.token_ids for r in rs] == plain_tokens
         rows.append(row)
         print("  " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return rows
@@ -251,6 +257,11 @@ def main() -> None:
         configs = [
             ("plain greedy", "plain", dict(temperature=0)),
             ("medusa greedy", "medusa", dict(temperature=0, drafter_obj=MedusaDrafter(heads, tree=tree))),
+            (
+                "medusa greedy constant",  # a tree pass every step: what the passes alone give
+                "medusa",
+                dict(temperature=0, draft_schedule="constant", drafter_obj=MedusaDrafter(heads, tree=tree)),
+            ),
             ("draft greedy", "draft", dict(temperature=0)),
             ("ngram greedy", "ngram", dict(temperature=0)),
             ("plain T=0.7", "plain", dict(temperature=0.7, seed=1)),
