@@ -424,14 +424,18 @@ def speculative_generate(
             each request's draft length follows its own
             acceptance, between 0 and K: 2 more after a pass whose drafts were all accepted, one
             more than were accepted after a partial accept, half as many after a pass with none
-            accepted; at 0 the step is a plain decoding step (no drafting, one verified row), and
-            one draft is tried again after 4 such steps (the wait doubles after each failed try,
-            up to 64). A drafter that keeps missing then costs little more than plain decoding.
-            With ``drafter="medusa"`` the length is 1 (a tree pass) or 0 for greedy requests, and
-            a step where every request of the batch is greedy at 0 is a plain step (sampled
-            requests always verify the tree: their random streams are the tree's).
-            ``"constant"``: always up to K (always the tree). The schedule of a request depends
-            only on its own passes, so seeded requests still reproduce whatever the batch.
+            accepted; at 0 the step drafts nothing (one verified row; a plain step with no
+            verification when every request of the batch is greedy), and one draft is tried
+            again after 4 such steps (the wait doubles after each failed try, up to 64). A
+            drafter that keeps missing then costs little more than plain decoding. With
+            ``drafter="medusa"`` the length is 1 (a tree pass) or 0 for greedy requests, and a
+            step where every request of the batch is greedy at 0 is a plain step (sampled
+            requests always verify the tree: their random streams are the tree's); a greedy
+            request stays on tree passes after a miss while its running mean of accepted
+            tokens per tree pass beats the loop's measured cost of a tree pass over a plain
+            step. ``"constant"``: always up to K (always the tree). The schedule of a sampled
+            request depends only on its own passes, so seeded requests still reproduce whatever
+            the batch (greedy requests' tokens never depend on the schedule).
         tree: with ``drafter="medusa"``: the tree as Medusa choice paths (``[[0], [0, 0], [1],
             ...]``, :mod:`decodekit.decoding.tree`), or ``None`` for ``DEFAULT_TREE``.
         acceptance: with ``drafter="medusa"``: ``"lossless"`` (default; the output distribution is
