@@ -132,8 +132,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--draft-schedule",
         choices=("adaptive", "constant"),
-        default="adaptive",
-        help="with --speculative ngram/draft: draft length per request follows its acceptance (0 to K; default) or stays K",
+        default=None,
+        help="with --speculative: draft length per request follows its acceptance (0 to K; with medusa: tree "
+        "passes or plain steps for greedy requests; default) or stays K (always the tree)",
     )
     p.add_argument(
         "--model",
@@ -304,10 +305,12 @@ def _generate(args: argparse.Namespace) -> int:
     if not drafter and args.acceptance != "lossless":
         print("decodekit: error: --acceptance needs --speculative medusa", file=sys.stderr)
         return 1
+    if not drafter and args.draft_schedule is not None:
+        print("decodekit: error: --draft-schedule needs --speculative", file=sys.stderr)
+        return 1
     try:
         if drafter:
-            if drafter != "medusa":
-                kwargs["draft_schedule"] = args.draft_schedule
+            kwargs["draft_schedule"] = args.draft_schedule or "adaptive"
             if drafter == "medusa":
                 kwargs["acceptance"] = args.acceptance
             elif args.acceptance != "lossless":

@@ -219,6 +219,26 @@ def test_cli_acceptance_needs_medusa(capsys):
         assert "--acceptance needs --speculative medusa" in capsys.readouterr().err
 
 
+def test_cli_draft_schedule_reaches_every_drafter(capsys, monkeypatch):
+    # --draft-schedule is passed on with --speculative medusa too, and refused without --speculative.
+    import decodekit.cli as cli
+
+    seen = []
+
+    def fake(prompt, **kw):
+        seen.append((kw["drafter"], kw["draft_schedule"]))
+        raise SystemExit(0)  # stop before anything runs
+
+    monkeypatch.setattr("decodekit.decoding.speculative_generate", fake)
+    for drafter in ("medusa", "ngram"):
+        for flag in ([], ["--draft-schedule", "constant"]):
+            with pytest.raises(SystemExit):
+                cli.main(["--prompt", "Hi", "--max-new-tokens", "2", "--speculative", drafter, *flag])
+    assert seen == [("medusa", "adaptive"), ("medusa", "constant"), ("ngram", "adaptive"), ("ngram", "constant")]
+    assert cli.main(["--prompt", "Hi", "--max-new-tokens", "2", "--draft-schedule", "constant"]) == 1
+    assert "--draft-schedule needs --speculative" in capsys.readouterr().err
+
+
 def test_adaptive_medusa_falls_back_to_plain_steps(lm):
     # Heads that are never right (untrained heads, a tree of the 4th candidate only), 40 new
     # tokens greedy = 39 passes. Adaptive: a tree pass, then plain steps with a one-pass probe
@@ -279,3 +299,23 @@ def test_heads_computed_for_a_shallow_tree_are_the_same_bits(lm):
         assert torch.equal(heads.top_ids(h, 4, n), heads.top_ids(h, 4)[:, :n])
     with pytest.raises(ValueError, match="num_heads must be in"):
         heads.logits(h, heads.num_heads + 1)
+
+
+def test_heads_and_drafter_argument_errors(lm):
+    from decodekit.models.medusa import load_medusa_heads
+
+    heads = load_medusa_heads(target=lm)
+    h = torch.randn(2, heads.hidden_size)
+    n = heads.token_ids.numel()
+    for k in (0, -1, n + 1, 2.0, True):
+        with pytest.raises(ValueError, match="k must be an int in"):
+            heads.top_ids(h, k)
+    for bad in (2.0, "2", True):
+        with pytest.raises(TypeError, match="num_heads must be an int"):
+            heads.logits(h, bad)
+    with pytest.raises(ValueError, match=r"h must be a float32 \[B, H="):
+        heads.logits(h[0])
+    assert heads.logits(h[:0], 2).shape == (0, 2, n)
+    with pytest.raises(ValueError, match=f"candidate rank {n} but the heads rank only {n} tokens"):
+        MedusaDrafter(heads, tree=[[n]])
+    assert MedusaDrafter(heads, tree=[[n - 1]]).tree.top_k == n

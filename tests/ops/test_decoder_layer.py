@@ -147,6 +147,8 @@ def test_tree_mask_bit_identical_to_the_per_op_path(weights, layout):
     got, want = run_op(case, tree_mask=mask), run_per_op(case, mask)
     for name, a, b in zip(("x", "k_cache", "v_cache"), got, want):
         assert torch.equal(a, b), name
+    strided = mask.transpose(1, 2).contiguous().transpose(1, 2)  # the same mask, not contiguous
+    assert not strided.is_contiguous() and torch.equal(run_op(case, tree_mask=strided)[0], got[0])
     causal = run_op(case)[0]
     assert torch.equal(causal[1], got[0][1])  # a chain's mask is the causal rule
     assert not torch.equal(causal[0, 2:], got[0][0, 2:])  # branches read other tokens

@@ -331,6 +331,12 @@ class MedusaDrafter:
             if tree is None:  # the default tree, cut to the heads at hand
                 tree = [p for p in DEFAULT_TREE if len(p) <= heads.num_heads]
             tree = Tree(tree, heads.num_heads)
+        vocab = heads.token_ids.numel()
+        if tree.top_k > vocab:
+            raise ValueError(
+                f"MedusaDrafter: the tree asks for candidate rank {tree.top_k - 1} but the heads rank only "
+                f"{vocab} tokens (ranks 0..{vocab - 1})"
+            )
         self.heads = heads
         self.tree = tree
         self.acceptance = acceptance

@@ -107,10 +107,19 @@ class MedusaHeads:
             float32 ``[B, K', N]`` (``K'`` the heads computed): ``logits[b, i, j]`` scores token
             ``token_ids[j]`` for head ``i``.
         """
+        if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.hidden_size:
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"MedusaHeads: h must be a float32 [B, H={self.hidden_size}] tensor, got {got}")
         B, H = h.shape
         K = self.num_heads if num_heads is None else num_heads
+        if isinstance(K, bool) or not isinstance(K, int):
+            raise TypeError(
+                f"MedusaHeads: num_heads must be an int in [1, {self.num_heads}] or None, got {num_heads!r}"
+            )
         if not 1 <= K <= self.num_heads:
             raise ValueError(f"MedusaHeads: num_heads must be in [1, {self.num_heads}], got {num_heads}")
+        if B == 0:
+            return h.new_empty(0, K, self.token_ids.numel())
         w, b = (self.w, self.b) if K == self.num_heads else (self.w[: K * H], self.b[: K * H])
         a = _dk_linear(h, w, b).view(B, K, H)  # W_i h + b_i, all heads at once
         u = (h[:, None, :] + torch.nn.functional.silu(a)).reshape(B * K, H)
@@ -129,8 +138,10 @@ class MedusaHeads:
             int64 ``[B, K', k]``, best first; equal logits are ordered by the lower reduced-vocabulary
             index (a stable sort), so the candidates never depend on the batch.
         """
+        n = self.token_ids.numel()
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"MedusaHeads.top_ids: k must be an int in [1, {n}] (the heads' vocabulary), got {k!r}")
         lg = self.logits(h, num_heads)
-        n = lg.shape[-1]
         if k + 8 < n:
             # The k + 8 largest, then ordered by (logit descending, index ascending); exact unless
             # a tie reaches past them, which falls back to a full stable sort.

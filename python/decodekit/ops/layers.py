@@ -449,8 +449,9 @@ def decoder_layer(
             bool ``[B, T, T]``: the ``T`` new tokens of each row are the flattened nodes of a
             token tree and ``tree_mask[b, i, j]`` is True when node ``j`` is node ``i`` itself or
             one of its ancestors (:func:`decodekit.tree_mask_from_parents`), as
-            :func:`decodekit.paged_attention` takes it. The diagonal must be True and nothing
-            above it (parents come first); ``positions`` then carry each node's depth.
+            :func:`decodekit.paged_attention` takes it (any strides: it is made contiguous
+            here). The diagonal must be True and nothing above it (parents come first);
+            ``positions`` then carry each node's depth.
         validate: also check (synchronises) that no slot appears twice; the op itself checks
             the positions against the tables, the slots against the pool and ``seq_lens`` in
             ``[T, max_blocks * block_size]``, in ``O(B * T)``, before writing anything.
@@ -499,10 +500,12 @@ def decoder_layer(
     if len(w_down.shape) != 2:
         raise ValueError(f"{op}: w_down must be [H, I], got shape {tuple(w_down.shape)}")
     intermediate_size = int(w_down.shape[1])
-    if tree_mask is not None and not isinstance(tree_mask, torch.Tensor):
-        raise TypeError(
-            f"{op}: tree_mask must be None or a bool torch.Tensor [B, T, T], got {type(tree_mask).__name__}"
-        )
+    if tree_mask is not None:
+        if not isinstance(tree_mask, torch.Tensor):
+            raise TypeError(
+                f"{op}: tree_mask must be None or a bool torch.Tensor [B, T, T], got {type(tree_mask).__name__}"
+            )
+        tree_mask = tree_mask.detach().contiguous()  # (the op itself wants it contiguous)
     if validate and x.device.type != "meta" and slot_mapping.numel() > 1:
         used = slot_mapping[slot_mapping >= 0]
         if used.unique().numel() != used.numel():
