@@ -52,25 +52,25 @@ def curve(lm, context: int, sizes, reps: int) -> dict:
     alike) and every pass rolls the same cached context back. torch's own ops run on one thread
     meanwhile, as in the decode loop (its OpenMP workers and decodekit's pool stall each other)."""
     net = lm.model
-    torch_threads = torch.get_num_threads()
-    pinned = threads_for_call(decodekit.get_num_threads())  # decodekit's own count stays
-    pinned.__enter__()
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (1, context), generator=g)
     cache = net.new_paged_cache(num_blocks=(context + max(sizes)) // 16 + 2)
     s = cache.add_sequence()
     net.forward_paged(prompt, cache, [s])
     times = {q: [] for q in sizes}
-    for _ in range(reps):
-        for q in sizes:
-            new = torch.randint(100, 40000, (1, q), generator=g)
-            t0 = time.perf_counter()
-            net.forward_paged(new, cache, [s], all_logits=True)
-            times[q].append(time.perf_counter() - t0)
-            cache.truncate(s, context)
-    torch.set_num_threads(torch_threads)
-    pinned.__exit__(None, None, None)
+    torch_threads = torch.get_num_threads()
+    with threads_for_call(decodekit.get_num_threads()):  # decodekit's own count stays
+        torch.set_num_threads(1)
+        try:
+            for _ in range(reps):
+                for q in sizes:
+                    new = torch.randint(100, 40000, (1, q), generator=g)
+                    t0 = time.perf_counter()
+                    net.forward_paged(new, cache, [s], all_logits=True)
+                    times[q].append(time.perf_counter() - t0)
+                    cache.truncate(s, context)
+        finally:
+            torch.set_num_threads(torch_threads)
     out = {q: statistics.median(t) for q, t in times.items()}
     for q in sizes:
         print(f"  Q = {q:3d}: {1e3 * out[q]:7.2f} ms ({out[q] / out[sizes[0]]:.2f}x Q=1)", flush=True)

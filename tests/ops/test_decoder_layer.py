@@ -90,6 +90,28 @@ def run_per_op(case, tree_mask=None):
     return x, kc, vc
 
 
+def run_reference(case, tree_mask=None):
+    """The float64 reference block on the case's arguments (quantized weights dequantized)."""
+    return ref.decoder_layer(
+        case["x"],
+        case["k_cache"],
+        case["v_cache"],
+        case["slot_mapping"],
+        case["block_tables"],
+        case["seq_lens"],
+        case["positions"],
+        case["cos_table"],
+        case["sin_table"],
+        [dense_weight(w) for w in case["weights"]],
+        num_heads=HQ,
+        num_kv_heads=HKV,
+        eps=EPS,
+        scale=SCALE,
+        kv_layout=case["kv_layout"],
+        tree_mask=tree_mask,
+    )
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("weights", sorted(WEIGHT_TYPES))
 @pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (1, 5), (3, 5)])
@@ -105,25 +127,7 @@ def test_bit_identical_to_the_per_op_path(B, T, weights, layout):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_matches_float64_reference(weights, layout):
     case = make_case(3, 5, layout, weights, seed=7)
-    x, kc, vc = run_op(case)
-    wx, wk, wv = ref.decoder_layer(
-        case["x"],
-        case["k_cache"],
-        case["v_cache"],
-        case["slot_mapping"],
-        case["block_tables"],
-        case["seq_lens"],
-        case["positions"],
-        case["cos_table"],
-        case["sin_table"],
-        [dense_weight(w) for w in case["weights"]],
-        num_heads=HQ,
-        num_kv_heads=HKV,
-        eps=EPS,
-        scale=SCALE,
-        kv_layout=layout,
-    )
-    check_against_float64((x, kc, vc), (wx, wk, wv))
+    check_against_float64(run_op(case), run_reference(case))
 
 
 # node i's parent; row 1 of a batch of 3 is a chain, rows 0 and 2 branch
@@ -157,26 +161,7 @@ def test_tree_mask_bit_identical_to_the_per_op_path(weights, layout):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_tree_mask_matches_float64_reference(layout):
     case, mask = _tree_case("gguf", layout, seed=22)
-    got = run_op(case, tree_mask=mask)
-    want = ref.decoder_layer(
-        case["x"],
-        case["k_cache"],
-        case["v_cache"],
-        case["slot_mapping"],
-        case["block_tables"],
-        case["seq_lens"],
-        case["positions"],
-        case["cos_table"],
-        case["sin_table"],
-        [dense_weight(w) for w in case["weights"]],
-        num_heads=HQ,
-        num_kv_heads=HKV,
-        eps=EPS,
-        scale=SCALE,
-        kv_layout=layout,
-        tree_mask=mask,
-    )
-    check_against_float64(got, want)
+    check_against_float64(run_op(case, tree_mask=mask), run_reference(case, mask))
 
 
 def test_rows_do_not_depend_on_the_batch():

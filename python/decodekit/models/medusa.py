@@ -106,6 +106,10 @@ class MedusaHeads:
         Returns:
             float32 ``[B, K', N]`` (``K'`` the heads computed): ``logits[b, i, j]`` scores token
             ``token_ids[j]`` for head ``i``.
+
+        Raises:
+            ValueError: ``h`` not ``[B, H]``; ``num_heads`` outside ``[1, K]``.
+            TypeError: ``num_heads`` not an int (bool refused) or None.
         """
         if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.hidden_size:
             got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
@@ -137,6 +141,9 @@ class MedusaHeads:
         Returns:
             int64 ``[B, K', k]``, best first; equal logits are ordered by the lower reduced-vocabulary
             index (a stable sort), so the candidates never depend on the batch.
+
+        Raises:
+            ValueError: ``k`` not an int in ``[1, N]``; and as :meth:`logits`.
         """
         n = self.token_ids.numel()
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
