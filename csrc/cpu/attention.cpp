@@ -108,6 +108,7 @@ thread_local Buf<int64_t> lbuf;
 thread_local Buf<char> nbuf;
 thread_local Buf<float> pbuf;
 thread_local Buf<char> bbuf;
+thread_local Buf<int64_t> ibuf;  // paged_attention's item list, on the calling thread
 
 // mask: this sequence's [Q, Q] tree mask (0 / 1 bytes), or null for the causal rule.
 // Rows [r_begin, r_end) of the Q * group query rows that read KV head kvh (row r is new token
@@ -278,31 +279,83 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   }
 }
 
+// Reads one byte of every 64-byte line of the keys and values of blocks [blk_begin, blk_end) of
+// a block table (its invalid entries skipped), in address order within each block.
+void warm_blocks(const PagedKV& kv, const int64_t* table, int64_t blk_begin, int64_t blk_end) {
+  const int64_t esz = kv.kind == ScalarKind::kFloat32 ? 4 : 2;
+  const int64_t bytes = kv.block_size * kv.num_kv_heads * kv.head_dim * esz;  // a block, NHD or HND
+  unsigned sum = 0;
+  for (int64_t i = blk_begin; i < blk_end; ++i) {
+    const int64_t blk = table[i];
+    if (blk < 0 || blk >= kv.num_blocks) continue;
+    const unsigned char* kb = static_cast<const unsigned char*>(kv.k) + blk * bytes;
+    const unsigned char* vb = static_cast<const unsigned char*>(kv.v) + blk * bytes;
+    for (int64_t c = 0; c < bytes; c += 64) sum += kb[c] + vb[c];
+  }
+  static thread_local volatile unsigned sink;
+  sink = sum;
+}
+
+// Bytes of keys and values per warm-up item (see paged_attention).
+constexpr int64_t kWarmBytes = 32 * 1024;
+
 }  // namespace
 
 void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKV& kv, const int64_t* block_tables,
                      int64_t max_blocks, const int64_t* seq_lens, const uint8_t* tree_mask, float scale,
                      int num_threads, float* out) {
-  const int64_t groups = B * kv.num_kv_heads;
   const int64_t D = kv.head_dim;
   // A task is a (sequence, KV head) pair (its query rows' FMA chains interleave), or a part of
   // its query rows when there are fewer pairs than threads. A row's operations are the same
   // whichever task runs it.
   const int64_t rows = Q * (Hq / kv.num_kv_heads);
+  const int64_t groups = B * kv.num_kv_heads;
   const int64_t split = groups >= num_threads ? 1 : std::min<int64_t>(rows, (num_threads + groups - 1) / groups);
-  const int64_t tasks = groups * split;
-  const int nt = threads_for(tasks, num_threads);
+  const int64_t per_seq = kv.num_kv_heads * split;  // tasks of one sequence
+  // In a decode step the cache is cold (the layers' weights have passed through L3 since this
+  // layer last ran), and a task's keys and values are runs of a few lines (one head's rows)
+  // that the hardware prefetcher does not follow: measured on the 2-core EPYC, such a task read
+  // them at 10-15 GB/s, and software prefetches did not help. A plain read of each whole block,
+  // line by line, runs at stream speed and leaves the block in L2 for the tasks. So each
+  // sequence's blocks are first read by up to num_threads warm-up items of about kWarmBytes
+  // each, listed just before that sequence's tasks (items are claimed in order). Reads change
+  // no bits.
+  const int64_t esz = kv.kind == ScalarKind::kFloat32 ? 4 : 2;
+  const int64_t block_bytes = 2 * kv.block_size * kv.num_kv_heads * D * esz;
+  auto seq_n = [&](int64_t b) {
+    // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
+    return std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
+  };
+  auto seq_blocks = [&](int64_t b) { return (seq_n(b) + kv.block_size - 1) / kv.block_size; };
+  auto warm_parts = [&](int64_t b) {
+    const int64_t nb = seq_blocks(b);
+    return nb == 0 ? int64_t{0}
+                   : std::max<int64_t>(1, std::min<int64_t>({num_threads, nb, nb * block_bytes / kWarmBytes}));
+  };
+  // Item i -> (sequence, warm-up part or task): first[b] is sequence b's first item (in the
+  // caller's scratch; the workers reach it through the pointer).
+  int64_t* first = ibuf.get(B + 1);
+  first[0] = 0;
+  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + warm_parts(b) + per_seq;
+  const int64_t items = first[B];
+  const int nt = threads_for(B * per_seq, num_threads);
   parallel_rows(
-      tasks, nt, Schedule::kDynamic,
-      [&](int64_t t) {
-        const int64_t pair = t / split, part = t % split;
-        const int64_t b = pair / kv.num_kv_heads, kvh = pair % kv.num_kv_heads;
+      items, nt, Schedule::kDynamic,
+      [&](int64_t it) {
+        const int64_t b = std::upper_bound(first, first + B + 1, it) - first - 1;
+        const int64_t wp = warm_parts(b), k = it - first[b];
+        const int64_t* table = block_tables + b * max_blocks;
+        if (k < wp) {
+          const int64_t nb = seq_blocks(b);
+          warm_blocks(kv, table, nb * k / wp, nb * (k + 1) / wp);
+          return;
+        }
+        const int64_t t = k - wp;
+        const int64_t kvh = t / split, part = t % split;
         const int64_t r_begin = rows * part / split, r_end = rows * (part + 1) / split;
-        // Positions past the block table cannot be read; clamp so a bogus length cannot make the loop long.
-        const int64_t n = std::min<int64_t>(std::max<int64_t>(0, seq_lens[b]), max_blocks * kv.block_size);
         const uint8_t* mask = tree_mask != nullptr ? tree_mask + b * Q * Q : nullptr;
-        attend_group(q + b * Q * Hq * D, Q, Hq, kv, block_tables + b * max_blocks, max_blocks, n, kvh, r_begin, r_end,
-                     mask, scale, out + b * Q * Hq * D);
+        attend_group(q + b * Q * Hq * D, Q, Hq, kv, table, max_blocks, seq_n(b), kvh, r_begin, r_end, mask, scale,
+                     out + b * Q * Hq * D);
       },
       [] {
         trim(fbuf);
@@ -312,6 +365,7 @@ void paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const Pag
         trim(pbuf);
         trim(bbuf);
       });
+  trim(ibuf);
 }
 
 }  // namespace DK_ISA
