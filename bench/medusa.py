@@ -225,6 +225,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--configs", nargs="+", default=None, help="e2e: only these runs (by name, e.g. 'plain greedy' 'draft greedy')"
+    )
     args = ap.parse_args()
     lm = load_model()
     heads = load_medusa_heads(args.heads, target=lm)
@@ -276,6 +279,11 @@ def main() -> None:
                 dict(temperature=0.7, seed=1, drafter_obj=MedusaDrafter(heads, tree=tree, acceptance="typical")),
             ),
         ]
+        if args.configs:
+            unknown = set(args.configs) - {c[0] for c in configs}
+            if unknown:
+                raise SystemExit(f"--configs: unknown runs {sorted(unknown)}; choose from {[c[0] for c in configs]}")
+            configs = [c for c in configs if c[0] in args.configs]
         print(f"end to end on {len(prompts)} held-out chat prompts, {args.new_tokens} new tokens:", flush=True)
         rows = e2e(lm, prompts, args.new_tokens, configs)
         base = {r["name"].split()[-1]: r["tok_s"] for r in rows if r["name"].startswith("plain")}

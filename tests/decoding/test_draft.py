@@ -53,12 +53,20 @@ def test_shipped_draft_file():
     assert dtypes <= {torch.float16, torch.bfloat16}
 
 
-def _reference_draft_logits(lm, draft, ids):
+def _reference_draft_logits(lm, draft, ids, weights="float32"):
     """The draft's logits for a whole sequence in float64 plain torch, straight from the file's
-    tensors and the target's embedding (full causal attention, no cache)."""
+    tensors and the target's embedding (full causal attention, no cache). With ``weights="q8_0"``
+    the blocks' matrices are first rounded to Q8_0 (QuantizedWeight.quantize, tested on its own
+    below) and dequantized, as the draft holds them."""
     from safetensors.torch import load_file
 
+    from decodekit import QuantizedWeight
+
     w = {k: v.double() for k, v in load_file(str(draft.path)).items()}
+    if weights == "q8_0":
+        for k in list(w):
+            if k.split(".")[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+                w[k] = QuantizedWeight.quantize(w[k]).dequantize().double()
     c = lm.config
     emb = lm.model.embed.double()
     T = len(ids)
@@ -98,14 +106,20 @@ def _reference_draft_logits(lm, draft, ids):
     return out
 
 
-def test_draft_logits_match_float64_reference_and_are_minus_inf_outside_the_head(lm, draft):
+@pytest.mark.parametrize("weights", ["q8_0", "float32"])
+def test_draft_logits_match_float64_reference_and_are_minus_inf_outside_the_head(lm, draft, weights):
     ids = lm.tokenizer.encode("To be, or not to be, that is the question:", add_bos=False)
+    if weights == "q8_0":  # the default
+        assert isinstance(draft.model.blocks[0].wqkv, decodekit.QuantizedWeight)
+    else:
+        draft = load_draft_model(target=lm, weights=weights)
+        assert isinstance(draft.model.blocks[0].wqkv, torch.Tensor)
     net = draft.model
     cache = net.new_paged_cache(num_blocks=8)
     seq = cache.add_sequence()
     got = net.forward_paged(torch.tensor([ids[:5]]), cache, [seq], all_logits=True)[0]
     got = torch.cat([got, net.forward_paged(torch.tensor([ids[5:]]), cache, [seq], all_logits=True)[0]])
-    ref = _reference_draft_logits(lm, draft, ids)
+    ref = _reference_draft_logits(lm, draft, ids, weights)
     inside = torch.zeros(lm.config.vocab_size, dtype=torch.bool)
     inside[net.head_token_ids] = True
     assert torch.isneginf(got[:, ~inside]).all()
@@ -116,6 +130,8 @@ def test_draft_logits_match_float64_reference_and_are_minus_inf_outside_the_head
 
 
 def test_load_draft_model_errors(lm, tmp_path):
+    with pytest.raises(ValueError, match="weights must be 'q8_0' or 'float32'"):
+        load_draft_model(target=lm, weights="int4")
     with pytest.raises(FileNotFoundError):
         load_draft_model(tmp_path / "missing.safetensors", target=lm)
     from safetensors.torch import save_file

@@ -278,10 +278,14 @@ def test_adaptive_greedy_steps_without_drafts_are_plain(lm, monkeypatch):
     assert verified.count(True) == 5 and verified.count(False) == 35  # the first token, 34 plain steps
 
 
-def test_adaptive_schedule_grows_back_after_accepts(lm):
+def test_adaptive_schedule_grows_back_after_accepts(lm, monkeypatch):
     # On the input-grounded prompt the n-gram drafter is often right: the adaptive schedule
     # reaches K again after full accepts, so it drafts and accepts about as much as constant K
-    # (at least 80 % of its accepted drafts), with the same greedy tokens.
+    # (at least 80 % of its accepted drafts), with the same greedy tokens. (The loop's clock is
+    # kept out: this is the length schedule alone, whatever the machine's speed.)
+    from decodekit.decoding import loop
+
+    monkeypatch.setattr(loop._PassClock, "timed", lambda self, kind: False)
     out = {}
     for schedule in ("adaptive", "constant"):
         out[schedule] = speculative_generate(
@@ -291,3 +295,41 @@ def test_adaptive_schedule_grows_back_after_accepts(lm):
     assert out["adaptive"].accepted >= 0.8 * out["constant"].accepted > 0
     with pytest.raises(ValueError, match="draft_schedule must be 'adaptive' or 'constant'"):
         speculative_generate("x", model=lm, draft_schedule="fast")
+
+
+def test_greedy_chain_drafting_stops_when_the_clock_says_it_does_not_pay(lm, monkeypatch):
+    # The n-gram drafter is often right on the code prompt (the test above), but with the loop's
+    # clock saying that drafting passes never pay, a greedy request takes plain steps after its
+    # first drafting pass and probes one draft after 4, 8, 16, 32 plain steps, whatever the probes
+    # accept: 64 tokens in 1 + 4 passes with drafts. The tokens are plain greedy's.
+    from decodekit.decoding import loop
+
+    monkeypatch.setattr(loop._PassClock, "timed", lambda self, kind: True)
+    monkeypatch.setattr(loop._PassClock, "pays", lambda self, kind, gain: False)
+    passes = []
+    verify = loop._sample_or_verify
+    monkeypatch.setattr(loop, "_sample_or_verify", lambda *a, **kw: passes.append(kw["verify"]) or verify(*a, **kw))
+    plain = decodekit.generate(CODE_PROMPT, model=lm, max_new_tokens=64, temperature=0, stop_on_eos=False)
+    passes.clear()
+    r = speculative_generate(
+        CODE_PROMPT, model=lm, drafter=NgramDrafter(), num_draft_tokens=4, max_new_tokens=64, temperature=0,
+        stop_on_eos=False,
+    )  # fmt: skip
+    assert r.token_ids == plain.token_ids
+    # passes[0] samples the first token; then a pass with K = 4 drafts, and probes of one draft
+    # after at least 4, 8, 16 plain steps (a probe waits while the drafter finds no match)
+    verifying = [i for i, v in enumerate(passes) if v]
+    gaps = [b - a - 1 for a, b in zip(verifying, verifying[1:])]
+    assert verifying[0] == 1 and len(gaps) >= 2, passes
+    assert all(g >= w for g, w in zip(gaps, (4, 8, 16, 32))), gaps
+    assert r.drafted == 4 + len(gaps), r.drafted
+
+    # The same with the clock saying that they always pay: the request keeps drafting (a miss
+    # leaves it at one draft instead of plain steps), so it drafts far more.
+    monkeypatch.setattr(loop._PassClock, "pays", lambda self, kind, gain: True)
+    r2 = speculative_generate(
+        CODE_PROMPT, model=lm, drafter=NgramDrafter(), num_draft_tokens=4, max_new_tokens=64, temperature=0,
+        stop_on_eos=False,
+    )  # fmt: skip
+    assert r2.token_ids == plain.token_ids
+    assert r2.drafted >= 3 * r.drafted, (r2.drafted, r.drafted)

@@ -138,3 +138,41 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.decodekit.linear_quantized.default, (torch.randn(3, 64), blocks, "q8_0", 7, 64, None)
     )
+
+
+def test_quantize_q8_0_hand_case_and_bound():
+    # One block by hand: max |x| = 2.54, so d = 0.02 and q = round(x / 0.02), halves away from
+    # zero (0.01 / 0.02 = 0.5 -> 1, -0.03 / 0.02 = -1.5 -> -2); the rest of the row is zeros
+    # (an all-zero block: d = 0, q = 0).
+    x = torch.zeros(1, 64, dtype=torch.float64)
+    x[0, :5] = torch.tensor([2.54, -2.54, 0.01, -0.03, 1.0])
+    qw = QuantizedWeight.quantize(x)
+    assert qw.block_type == "q8_0" and tuple(qw.shape) == (1, 64) and qw.blocks.numel() == 2 * 34
+    blk = qw.blocks[0, :34]
+    d = float(blk[:2].contiguous().view(torch.float16))
+    assert d == float(torch.tensor(0.02, dtype=torch.float16))
+    q = blk[2:].contiguous().view(torch.int8).tolist()
+    assert q[:5] == [127, -127, 1, -2, 50] and q[5:] == [0] * 27
+    assert qw.blocks[0, 34:].tolist() == [0] * 34
+    # Random rows: every dequantized weight within half a step (plus the binary16 scale's own
+    # rounding: 127 * 2^-11 of a step) of the float64 value.
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    dq = QuantizedWeight.quantize(w).dequantize().double()
+    step = w.reshape(48, 8, 32).abs().amax(-1, keepdim=True) / 127
+    err = (dq.reshape(48, 8, 32) - w.reshape(48, 8, 32)).abs()
+    assert bool((err <= step * (0.5 + 127 * 2.0**-11) + 1e-12).all())
+    # and linear() on it gives the bits of linear() on its dequantized tensor
+    x2 = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    qw2 = QuantizedWeight.quantize(w)
+    assert torch.equal(decodekit.linear(x2, qw2), decodekit.linear(x2, qw2.dequantize()))
+
+
+def test_quantize_bad_input():
+    with pytest.raises(ValueError, match="block_type must be 'q8_0'"):
+        QuantizedWeight.quantize(torch.zeros(2, 32), "q4_1")
+    with pytest.raises(TypeError, match="floating-point"):
+        QuantizedWeight.quantize(torch.zeros(2, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantizedWeight.quantize(torch.zeros(2, 33))
+    with pytest.raises(ValueError, match="finite"):
+        QuantizedWeight.quantize(torch.full((1, 32), float("nan")))

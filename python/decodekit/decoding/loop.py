@@ -171,7 +171,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     before: Optional[List[int]] = None  # cached lengths before a verification pass
     cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
     plain_pass = False  # tree mode: the last pass was a plain step (adaptive, all greedy)
-    pass_clock = _PassClock()  # tree mode: seconds per plain step and per tree pass
+    pass_clock = _PassClock()  # greedy adaptive drafting: seconds per plain step, tree and chain pass
     chain_plain = False  # chain mode: the last pass was a plain step (no drafts, all greedy)
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
@@ -222,14 +222,32 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                     break
             r.accepted += min(accepted[b], taken)  # drafts accepted after a stop are not emitted
             if adaptive_drafts and (before is not None or chain_plain) and cand is None:
+                wait = r.draft_wait
                 r.draft_len = _next_draft_len(r, len(drafts[b]), accepted[b], K)
+                if r.params.greedy and drafts[b] and pass_clock.timed("draft"):
+                    # A greedy request (its tokens are the same either way) drafts on while its
+                    # drafting passes emit more per second than plain steps, and otherwise
+                    # takes plain steps, probing one draft after a wait that only grows while
+                    # drafting does not pay, whatever single probes accept.
+                    g = float(accepted[b])
+                    r.draft_gain = (
+                        g if r.draft_gain < 0 else (1 - DRAFT_GAIN_WEIGHT) * r.draft_gain + DRAFT_GAIN_WEIGHT * g
+                    )
+                    if pass_clock.pays("draft", r.draft_gain):
+                        if r.draft_len == 0:
+                            r.draft_len, r.draft_wait = 1, DRAFT_PROBE_WAIT
+                    else:
+                        r.draft_len = 0
+                        r.draft_wait = min(DRAFT_PROBE_WAIT_MAX, 2 * max(wait, DRAFT_PROBE_WAIT // 2))
             elif adaptive_drafts and tree_mode and r.params.greedy and (cand is not None or plain_pass):
                 # a greedy request in tree mode: length 1 = a tree pass, 0 = a plain step
                 if cand is not None:
                     g = float(accepted[b])
-                    r.tree_gain = g if r.tree_gain < 0 else (1 - TREE_GAIN_WEIGHT) * r.tree_gain + TREE_GAIN_WEIGHT * g
+                    r.draft_gain = (
+                        g if r.draft_gain < 0 else (1 - DRAFT_GAIN_WEIGHT) * r.draft_gain + DRAFT_GAIN_WEIGHT * g
+                    )
                 r.draft_len = _next_draft_len(r, 0 if plain_pass else 1, min(accepted[b], 1), 1)
-                if r.draft_len == 0 and cand is not None and pass_clock.tree_pays(r.tree_gain):
+                if r.draft_len == 0 and cand is not None and pass_clock.tree_pays(r.draft_gain):
                     # a miss, but on average the tree passes emit more per second than plain
                     # steps would: keep verifying trees (greedy tokens are the same either way)
                     r.draft_len, r.draft_wait = 1, DRAFT_PROBE_WAIT
@@ -269,6 +287,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                 r.drafted += tree.num_nodes - 1
             continue
         # 2. draft
+        t_pass = time.perf_counter()
         drafts, draft_logits = [], []
         for r in active:
             k = K if not adaptive_drafts or r.draft_len < 0 else r.draft_len
@@ -285,6 +304,8 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         # every request is greedy (its argmax is the token verification would emit, and greedy
         # requests draw nothing), as without a drafter
         chain_plain = drafter is not None and width == 0 and all(r.params.greedy for r in active)
+        if drafter is not None and adaptive_drafts:
+            pass_clock.start("plain" if width == 0 else "draft", t_pass)
         if drafter is None or chain_plain:
             before = None
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
@@ -581,26 +602,28 @@ def _pass_logprobs(logits: torch.Tensor, active: List[Request], emitted, positio
 #: Adaptive drafting: passes without drafts before the first probe, and the most between probes.
 DRAFT_PROBE_WAIT = 4
 DRAFT_PROBE_WAIT_MAX = 64
-#: Greedy tree mode: the weight of a tree pass in a request's running mean of accepted tokens,
-#: and of a pass in the running mean of its kind's duration.
-TREE_GAIN_WEIGHT = 0.25
+#: Greedy adaptive drafting: the weight of a drafting pass (tree or chain) in a request's running
+#: mean of accepted tokens, and of a pass in the running mean of its kind's duration.
+DRAFT_GAIN_WEIGHT = 0.25
 PASS_TIME_WEIGHT = 0.2
 
 
 class _PassClock:
-    """Running means of the wall time of a plain step and of a tree pass in greedy tree mode,
-    each from the moment the pass is chosen to the moment the next one is (the target pass, the
-    heads, the tree, verification and bookkeeping). The first pass of each kind is not counted
+    """Running means of the wall time of each kind of pass in greedy adaptive drafting: a plain
+    step ("plain"), a tree pass ("tree") and a chain pass with drafts ("draft"), each from the
+    moment the pass is chosen to the moment the next one is (drafting or the heads, the tree,
+    the target pass, verification and bookkeeping). The first pass of each kind is not counted
     (it may include one-time work)."""
 
     def __init__(self) -> None:
-        self.mean = {"plain": 0.0, "tree": 0.0}
-        self.seen = {"plain": 0, "tree": 0}
+        self.mean = {"plain": 0.0, "tree": 0.0, "draft": 0.0}
+        self.seen = {"plain": 0, "tree": 0, "draft": 0}
         self._kind: Optional[str] = None
         self._t0 = 0.0
 
-    def start(self, kind: str) -> None:
-        now = time.perf_counter()
+    def start(self, kind: str, now: Optional[float] = None) -> None:
+        """A pass of ``kind`` begins (at ``now``, default: this moment); the previous one ends."""
+        now = time.perf_counter() if now is None else now
         if self._kind is not None:
             k, dt = self._kind, now - self._t0
             self.seen[k] += 1
@@ -610,12 +633,20 @@ class _PassClock:
                 self.mean[k] += PASS_TIME_WEIGHT * (dt - self.mean[k])
         self._kind, self._t0 = kind, now
 
+    def timed(self, kind: str) -> bool:
+        """True when both plain steps and passes of ``kind`` have been timed."""
+        return self.mean["plain"] > 0 and self.mean[kind] > 0
+
+    def pays(self, kind: str, gain: float) -> bool:
+        """True when both kinds have been timed, the passes of ``kind`` accept something
+        (``gain > 0`` tokens per pass on average) and such a pass, which emits ``1 + gain``
+        tokens, takes at most as long as ``1 + gain`` plain steps."""
+        plain, other = self.mean["plain"], self.mean[kind]
+        return self.timed(kind) and gain > 0 and (1 + gain) * plain >= other
+
     def tree_pays(self, gain: float) -> bool:
-        """True when both kinds have been timed, the tree passes accept something (``gain > 0``
-        tokens per pass on average) and a tree pass, which emits ``1 + gain`` tokens, takes at
-        most as long as ``1 + gain`` plain steps."""
-        plain, tree = self.mean["plain"], self.mean["tree"]
-        return plain > 0 and tree > 0 and gain > 0 and (1 + gain) * plain >= tree
+        """:meth:`pays` for tree passes."""
+        return self.pays("tree", gain)
 
 
 def _next_draft_len(r: Request, drafted: int, accepted: int, K: int) -> int:

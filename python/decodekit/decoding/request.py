@@ -170,7 +170,7 @@ class Request:
     draft_len: int = -1  # speculative: drafts asked for in the next pass (-1: not started)
     draft_wait: int = 0  # adaptive drafting: passes without drafts before the next probe
     draft_idle: int = 0  # passes without drafts since the last probe
-    tree_gain: float = -1.0  # greedy tree mode: running mean of tokens accepted per tree pass (-1: none yet)
+    draft_gain: float = -1.0  # greedy adaptive drafting: mean tokens accepted per drafting pass (-1: none yet)
 
     @property
     def seed(self) -> Optional[int]:

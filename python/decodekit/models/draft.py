@@ -139,7 +139,10 @@ def read_target_file(path: Path, fmt: str, target, op: str, what: str, checksum_
 
 
 def load_draft_model(
-    path: Union[None, str, os.PathLike] = None, *, target: Union[None, LoadedModel, LlamaModel] = None
+    path: Union[None, str, os.PathLike] = None,
+    *,
+    target: Union[None, LoadedModel, LlamaModel] = None,
+    weights: str = "q8_0",
 ) -> DraftModel:
     """Load a draft model file for ``target``.
 
@@ -148,9 +151,15 @@ def load_draft_model(
             SmolLM2-135M-Instruct draft (:func:`default_draft_path`).
         target: the target model (``LoadedModel`` or ``LlamaModel``), or ``None`` for
             :func:`decodekit.load_model`'s default model.
+        weights: how the blocks' matrices are held: ``"q8_0"`` (default: quantized at load with
+            :meth:`decodekit.QuantizedWeight.quantize`, 8.5 bits per weight, so a draft step
+            reads a quarter of the bytes; the drafts may differ from float32's where two logits
+            are within the quantization error, and verification keeps the output exact either
+            way) or ``"float32"`` (the file's values exactly).
 
     Returns:
-        :class:`DraftModel` (float32 weights, deterministic mode like the target).
+        :class:`DraftModel` (norms float32, matrices as ``weights`` says; deterministic mode like
+        the target).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -158,6 +167,8 @@ def load_draft_model(
             missing tensors), or was trained for another target (vocabulary size, hidden size or
             embedding checksum differ), or a tensor has the wrong shape.
     """
+    if weights not in ("q8_0", "float32"):
+        raise ValueError(f"load_draft_model: weights must be 'q8_0' or 'float32', got {weights!r}")
     path = default_draft_path() if path is None else Path(path)
     net, meta, tensors = read_target_file(path, DRAFT_FORMAT, target, "load_draft_model", "draft model")
     tc = net.config
@@ -200,6 +211,10 @@ def load_draft_model(
         )
     if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= tc.vocab_size:
         raise ValueError(f"load_draft_model: lm_head_token_ids must be ids in [0, {tc.vocab_size})")
+    if weights == "q8_0":
+        for lw in layers:
+            for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+                setattr(lw, n, QuantizedWeight.quantize(getattr(lw, n)))
     if isinstance(net.lm_head, QuantizedWeight):  # the target's head rows, still quantized
         head = net.lm_head.rows(ids)
     else:

@@ -117,6 +117,48 @@ class QuantizedWeight:
         blocks = torch.cat([w.blocks for w in weights], 0)
         return QuantizedWeight(blocks, weights[0].block_type, (blocks.size(0), weights[0].shape[1]))
 
+    @staticmethod
+    def quantize(weight: torch.Tensor, block_type: str = "q8_0") -> QuantizedWeight:
+        """Quantize a float ``[N, K]`` weight (``K`` a multiple of 32) to Q8_0 blocks.
+
+        GGML's Q8_0 rule per block of 32 weights ``x``: scale ``d = max|x| / 127`` (stored as
+        binary16), ``q = round(x / d)`` (halves away from zero, clamped to [-127, 127]; ``q = 0``
+        for an all-zero block). Each dequantized weight ``fp16(d) * q`` is within
+        ``fp16(d) / 2`` (plus the scale's own rounding) of ``x``.
+
+        Args:
+            weight: float16 / bfloat16 / float32 / float64 ``[N, K]`` tensor (CPU), finite.
+            block_type: ``"q8_0"`` (the only type this quantizer writes).
+
+        Returns:
+            A new :class:`QuantizedWeight` (``N * K / 32 * 34`` bytes).
+
+        Raises:
+            ValueError: another block type, a shape that is not ``[N, K]`` with ``K`` a positive
+                multiple of 32, or non-finite weights.
+            TypeError: ``weight`` not a floating-point tensor.
+        """
+        if block_type != "q8_0":
+            raise ValueError(f"QuantizedWeight.quantize: block_type must be 'q8_0', got {block_type!r}")
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError("QuantizedWeight.quantize: weight must be a floating-point tensor")
+        if weight.dim() != 2 or weight.shape[1] == 0 or weight.shape[1] % _QK:
+            raise ValueError(
+                f"QuantizedWeight.quantize: weight must be [N, K] with K a positive multiple of 32, "
+                f"got {tuple(weight.shape)}"
+            )
+        x = weight.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("QuantizedWeight.quantize: weight must be finite")
+        N, K = x.shape
+        xb = x.reshape(N, K // _QK, _QK)
+        d = xb.abs().amax(-1, keepdim=True) / 127.0
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        v = xb * inv
+        q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp_(-127, 127).to(torch.int8)
+        blocks = torch.cat((d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)), dim=-1)
+        return QuantizedWeight(blocks.reshape(-1).contiguous(), "q8_0", (N, K))
+
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 ``[*ids.shape, K]``: rows ``ids`` (integer tensor) dequantized (an embedding lookup)."""
         if ids.dtype == torch.int64:  # plain CPU tensors: one C++ call (the same values), else None
