@@ -215,15 +215,57 @@ bool fast_tensor(pybind11::handle o, at::Tensor* out) {
   return true;
 }
 
+// What decoder_layers_fast checked about the blocks of one model on one cache, kept (by the
+// caller, on the cache object) for the next steps. The block arguments and the cache tensors
+// are the same Python objects from step to step, but a step that has just streamed the model's
+// weights through the caches finds their Python and tensor objects cold: reconverting and
+// rechecking 30 blocks cost ~0.1 ms of cache misses per step on the 2-core EPYC. A plan holds
+// strong references to the objects it checked (so none can be freed and its address reused),
+// their tensors, and the data pointers they had; a later call reuses the per-block part of its
+// checks when the same objects come again and every tensor still has its data pointer (an
+// in-place resize_ or set_ would change it), and checks the per-step arguments and block 0 in
+// full as always.
+struct DecoderLayersPlan {
+  std::vector<pybind11::object> refs;  // layers[l], k_caches[l], v_caches[l] for each l
+  std::vector<at::Tensor> held;        // each block's 6 weight tensors and 2 caches
+  std::vector<const void*> data;       // their data pointers when checked
+  std::vector<std::string> types;      // each block's 4 weight types
+  std::vector<dk::cpu::DecoderLayerParams> params;
+  int64_t num_heads = 0, num_kv_heads = 0, intermediate = 0;
+  double eps = 0.0, scale = 0.0;
+  std::string kv_layout;
+
+  bool matches(const pybind11::list& layers, const pybind11::list& k_caches, const pybind11::list& v_caches, int64_t nh,
+               int64_t nkv, int64_t inter, double e, double sc, const std::string& layout) const {
+    const size_t L = layers.size();
+    if (params.size() != L || nh != num_heads || nkv != num_kv_heads || inter != intermediate || e != eps ||
+        sc != scale || layout != kv_layout)
+      return false;
+    for (size_t l = 0; l < L; ++l)
+      if (PyList_GET_ITEM(layers.ptr(), l) != refs[3 * l].ptr() ||
+          PyList_GET_ITEM(k_caches.ptr(), l) != refs[3 * l + 1].ptr() ||
+          PyList_GET_ITEM(v_caches.ptr(), l) != refs[3 * l + 2].ptr())
+        return false;
+    // Every tensor keeps its data pointer (an in-place resize_ or set_ that reallocates changes
+    // it; the plan's references keep the storages themselves alive), and the caches, which the
+    // blocks write, still hold their whole shape.
+    for (size_t i = 0; i < held.size(); ++i)
+      if (held[i].unsafeGetTensorImpl()->data() != data[i]) return false;
+    for (size_t l = 0; l < L; ++l)
+      if (!storage_holds(held[8 * l + 6]) || !storage_holds(held[8 * l + 7])) return false;
+    return true;
+  }
+};
+
 bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind11::list v_caches,
                          pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
                          pybind11::handle seq_lens_obj, pybind11::handle positions_obj, pybind11::handle cos_obj,
                          pybind11::handle sin_obj, pybind11::list layers, int64_t num_heads, int64_t num_kv_heads,
                          int64_t intermediate_size, double eps, double scale, const std::string& kv_layout,
-                         pybind11::handle tree_mask_obj) {
+                         pybind11::handle tree_mask_obj, pybind11::handle plan_obj) {
   if (!no_python_modes()) return false;
   const size_t L = layers.size();
-  if (k_caches.size() != L || v_caches.size() != L) return false;
+  if (k_caches.size() != L || v_caches.size() != L || L == 0) return false;
   at::Tensor x, slots, tables, lens, pos, cos, sin;
   if (!fast_tensor(x_obj, &x) || !fast_tensor(slot_mapping_obj, &slots) || !fast_tensor(block_tables_obj, &tables) ||
       !fast_tensor(seq_lens_obj, &lens) || !fast_tensor(positions_obj, &pos) || !fast_tensor(cos_obj, &cos) ||
@@ -235,33 +277,79 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
     if (!fast_tensor(tree_mask_obj, &m)) return false;
     tree_mask = m;
   }
-  std::vector<at::Tensor> kc(L), vc(L);
+  DecoderLayersPlan* plan = nullptr;
+  if (!plan_obj.is_none()) {
+    try {
+      plan = plan_obj.cast<DecoderLayersPlan*>();
+    } catch (const pybind11::cast_error&) {
+      return false;
+    }
+  }
   std::vector<dk::cpu::DecoderLayerParams> params(L);
+  std::vector<at::Tensor> held;         // each block's 6 weight tensors and 2 caches, when not from a plan
+  const at::Tensor* tensors = nullptr;  // the 8 L tensors checked (plan->held or held)
   try {
     const dk::cpu::IeeeDenormals ieee;  // eps and scale become float32 here, as in the op
-    for (size_t l = 0; l < L; ++l) {
-      const pybind11::handle layer = layers[l];
-      if (!PyTuple_CheckExact(layer.ptr()) || PyTuple_GET_SIZE(layer.ptr()) != 10) return false;
-      at::Tensor w[6];
-      std::string type[4];
-      const int tensor_at[6] = {0, 1, 3, 5, 6, 8}, type_at[4] = {2, 4, 7, 9};
-      for (int i = 0; i < 6; ++i)
-        if (!fast_tensor(PyTuple_GET_ITEM(layer.ptr(), tensor_at[i]), &w[i])) return false;
-      for (int i = 0; i < 4; ++i) {
-        PyObject* s = PyTuple_GET_ITEM(layer.ptr(), type_at[i]);
-        if (!PyUnicode_CheckExact(s)) return false;
-        type[i] = PyUnicode_AsUTF8(s);
+    if (plan != nullptr &&
+        plan->matches(layers, k_caches, v_caches, num_heads, num_kv_heads, intermediate_size, eps, scale, kv_layout)) {
+      // Block 0 and the per-step arguments in full, then the other blocks' checked parts.
+      const at::Tensor* h = tensors = plan->held.data();
+      const std::string* t = plan->types.data();
+      params[0] = check_decoder_layer(x, h[6], h[7], slots, tables, lens, pos, cos, sin, h[0], h[1], t[0], h[2], t[1],
+                                      h[3], h[4], t[2], h[5], t[3], num_heads, num_kv_heads, intermediate_size, eps,
+                                      scale, kv_layout, true, tree_mask);
+      for (size_t l = 1; l < L; ++l) {
+        const dk::cpu::DecoderLayerParams& q = plan->params[l];
+        dk::cpu::DecoderLayerParams p = params[0];
+        p.attn_norm = q.attn_norm, p.wqkv = q.wqkv, p.wo = q.wo, p.ffn_norm = q.ffn_norm;
+        p.w_gate_up = q.w_gate_up, p.w_down = q.w_down, p.cache.k = q.cache.k, p.cache.v = q.cache.v;
+        params[l] = p;
       }
-      if (!fast_tensor(k_caches[l], &kc[l]) || !fast_tensor(v_caches[l], &vc[l])) return false;
-      // The first block checks everything; the later ones what differs from it (caches and weights).
-      params[l] = l == 0 ? check_decoder_layer(x, kc[l], vc[l], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0],
-                                               w[2], type[1], w[3], w[4], type[2], w[5], type[3], num_heads,
-                                               num_kv_heads, intermediate_size, eps, scale, kv_layout, true, tree_mask)
-                         : check_decoder_layer_next(params[0], kc[0], x, kc[l], vc[l], w[0], w[1], type[0], w[2],
-                                                    type[1], w[3], w[4], type[2], w[5], type[3]);
+    } else {
+      held.resize(8 * L);
+      tensors = held.data();
+      std::vector<std::string> types(4 * L);
+      for (size_t l = 0; l < L; ++l) {
+        const pybind11::handle layer = layers[l];
+        if (!PyTuple_CheckExact(layer.ptr()) || PyTuple_GET_SIZE(layer.ptr()) != 10) return false;
+        at::Tensor* w = &held[8 * l];
+        std::string* type = &types[4 * l];
+        const int tensor_at[6] = {0, 1, 3, 5, 6, 8}, type_at[4] = {2, 4, 7, 9};
+        for (int i = 0; i < 6; ++i)
+          if (!fast_tensor(PyTuple_GET_ITEM(layer.ptr(), tensor_at[i]), &w[i])) return false;
+        for (int i = 0; i < 4; ++i) {
+          PyObject* s = PyTuple_GET_ITEM(layer.ptr(), type_at[i]);
+          if (!PyUnicode_CheckExact(s)) return false;
+          type[i] = PyUnicode_AsUTF8(s);
+        }
+        if (!fast_tensor(k_caches[l], &w[6]) || !fast_tensor(v_caches[l], &w[7])) return false;
+        // The first block checks everything; the later ones what differs from it (caches and weights).
+        params[l] = l == 0
+                        ? check_decoder_layer(x, w[6], w[7], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0],
+                                              w[2], type[1], w[3], w[4], type[2], w[5], type[3], num_heads,
+                                              num_kv_heads, intermediate_size, eps, scale, kv_layout, true, tree_mask)
+                        : check_decoder_layer_next(params[0], held[6], x, w[6], w[7], w[0], w[1], type[0], w[2],
+                                                   type[1], w[3], w[4], type[2], w[5], type[3]);
+      }
+      if (plan != nullptr) {  // every block checked: keep it for the next steps
+        plan->refs.clear();
+        for (size_t l = 0; l < L; ++l) {
+          plan->refs.push_back(pybind11::reinterpret_borrow<pybind11::object>(layers[l]));
+          plan->refs.push_back(pybind11::reinterpret_borrow<pybind11::object>(k_caches[l]));
+          plan->refs.push_back(pybind11::reinterpret_borrow<pybind11::object>(v_caches[l]));
+        }
+        plan->data.resize(held.size());
+        for (size_t i = 0; i < held.size(); ++i) plan->data[i] = held[i].data_ptr();
+        plan->held = held;
+        plan->types = std::move(types);
+        plan->params = params;
+        plan->num_heads = num_heads, plan->num_kv_heads = num_kv_heads, plan->intermediate = intermediate_size;
+        plan->eps = eps, plan->scale = scale, plan->kv_layout = kv_layout;
+      }
     }
   } catch (const std::exception&) {
-    return false;  // the op raises the precise error
+    if (plan != nullptr) plan->params.clear();  // the op raises the precise error; nothing is kept
+    return false;
   }
   if (x.numel() == 0) return true;
   float* xp = x.data_ptr<float>();
@@ -271,11 +359,10 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
     for (size_t l = 0; l < L; ++l) dk::cpu::kernels().decoder_layer(xp, params[l], nt);
   }
   // In-place writes, as the op's Tensor(a!) arguments (inference tensors have no version counter).
-  for (const at::Tensor* t : {&x})
-    if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
   for (size_t l = 0; l < L; ++l)
-    for (const at::Tensor* t : {&kc[l], &vc[l]})
-      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+    for (int c = 6; c < 8; ++c)
+      if (!tensors[8 * l + c].is_inference()) tensors[8 * l + c].unsafeGetTensorImpl()->bump_version();
   return true;
 }
 
@@ -324,7 +411,12 @@ void add_fast_entries(pybind11::module_& mod) {
           pybind11::arg("block_tables"), pybind11::arg("seq_lens"), pybind11::arg("positions"),
           pybind11::arg("cos_table"), pybind11::arg("sin_table"), pybind11::arg("layers"), pybind11::arg("num_heads"),
           pybind11::arg("num_kv_heads"), pybind11::arg("intermediate_size"), pybind11::arg("eps"),
-          pybind11::arg("scale"), pybind11::arg("kv_layout"), pybind11::arg("tree_mask") = pybind11::none());
+          pybind11::arg("scale"), pybind11::arg("kv_layout"), pybind11::arg("tree_mask") = pybind11::none(),
+          pybind11::arg("plan") = pybind11::none());
+  pybind11::class_<DecoderLayersPlan>(mod, "_DecoderLayersPlan",
+                                      "What _decoder_layers_fast checked about a model's blocks on one cache "
+                                      "(kept on the cache object; see fast_entries.cpp).")
+      .def(pybind11::init<>());
   mod.def("_sample_from_logits_fast", &sample_from_logits_fast,
           "decodekit.sample_from_logits for plain arguments, or None for the full path.");
   mod.def("_softmax_fast", &softmax_fast, "decodekit.softmax for plain arguments, or None for the full path.");

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from decodekit import OutOfBlocksError, QuantizedWeight
+from decodekit._loader import _C
 from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
 from reference.layers import random_blocks
 
@@ -230,3 +231,62 @@ def test_phase_timers_count_only_while_on():
         "residual",
     }
     assert all(v == 0 for v in off.values())
+
+
+# ------------------------------------------------------------------------- the one-call loop's plan
+def _steps(model, cache, seq, tokens):
+    return [model.forward_paged(torch.tensor([[t]]), cache, [seq]) for t in tokens]
+
+
+def test_plan_kept_on_the_cache_gives_the_per_op_bits():
+    """The cache keeps what the one-call loop checked about the blocks; later steps reuse it.
+    The logits and the cache are the per-op path's bits step after step."""
+    out = {}
+    for layer_op in (True, False):
+        model = _model("quantized")
+        model.layer_op = layer_op
+        cache = model.new_paged_cache(8, block_size=4)
+        seq = cache.add_sequence()
+        out[layer_op] = [model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])] + _steps(
+            model, cache, seq, [4, 5, 6, 7]
+        )
+        out[layer_op].append([t.clone() for t in cache.k + cache.v])
+        if layer_op:
+            assert isinstance(cache.__dict__["_layers_plan"], _C._DecoderLayersPlan)
+    for a, b in zip(out[True][:-1], out[False][:-1]):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(out[True][-1], out[False][-1]))
+
+
+def test_plan_follows_a_replaced_cache_tensor():
+    """A layer's cache tensor replaced in cache.k after a step: the next step writes and reads
+    the new tensor (the plan is rebuilt), with the per-op path's bits."""
+    res = []
+    for layer_op in (True, False):
+        model = _model("f32")
+        model.layer_op = layer_op
+        cache = model.new_paged_cache(8, block_size=4)
+        seq = cache.add_sequence()
+        model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])
+        _steps(model, cache, seq, [4])
+        old = cache.k[1]
+        cache.k[1] = old.clone()
+        snapshot = old.clone()
+        res.append(_steps(model, cache, seq, [5, 6]))
+        assert torch.equal(old, snapshot)  # the replaced tensor is not written any more
+        assert not torch.equal(cache.k[1], snapshot)
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+
+
+def test_plan_refuses_a_cache_resized_in_place():
+    """A cache tensor resized in place after a step (its storage reallocated): the plan is not
+    reused, and the op raises naming the argument instead of writing through a stale pointer."""
+    model = _model("f32")
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])
+    _steps(model, cache, seq, [4])
+    shape = cache.v[2].shape
+    cache.v[2].resize_(shape[0] * 4, *shape[1:])  # a bigger storage: new data pointer
+    with pytest.raises(ValueError, match="v_cache"):
+        _steps(model, cache, seq, [5])

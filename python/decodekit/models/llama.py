@@ -572,10 +572,15 @@ class LlamaModel:
             layers = [block.op_args() for block in self.blocks]
             common = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, scale, cache.kv_layout)
             # The whole loop in one C++ call (the same kernel and checks); False: nothing was
-            # written and the op itself runs (e.g. under a torch function mode), or raises.
+            # written and the op itself runs (e.g. under a torch function mode), or raises. The
+            # cache keeps what the call checked about the blocks for the next steps (its "plan":
+            # it holds the blocks' arguments, and so this model's weights, while the cache lives).
+            plan = cache.__dict__.get("_layers_plan")
+            if plan is None:
+                plan = cache.__dict__["_layers_plan"] = _C._DecoderLayersPlan()
             if not _decoder_layers_fast(
                 x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common,
-                tree_mask,
+                tree_mask, plan,
             ):  # fmt: skip
                 for i, args in enumerate(layers):
                     _dk_ops.decoder_layer(
