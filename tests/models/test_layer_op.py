@@ -290,3 +290,36 @@ def test_plan_refuses_a_cache_resized_in_place():
     cache.v[2].resize_(shape[0] * 4, *shape[1:])  # a bigger storage: new data pointer
     with pytest.raises(ValueError, match="v_cache"):
         _steps(model, cache, seq, [5])
+
+
+def _resize_wo(model, cache):
+    model.blocks[1].wo.resize_(32, CFG.num_heads * CFG.head_dim)  # fewer rows, same data pointer
+
+
+def _resize_k(model, cache):
+    cache.k[1].resize_(4, *cache.k[1].shape[1:])  # half the blocks, same data pointer
+
+
+def _restride_k(model, cache):
+    k = cache.k[1]
+    st = list(k.stride())
+    st[2], st[3] = 1, k.shape[2]  # not contiguous any more, same data pointer
+    k.as_strided_(k.shape, st)
+
+
+@pytest.mark.parametrize("change", [_resize_wo, _resize_k, _restride_k])
+def test_plan_refuses_a_tensor_changed_in_place_with_the_same_data_pointer(change):
+    """A block >= 1 weight or cache tensor whose shape or strides change in place without a new
+    data pointer (resize_ to fewer elements, as_strided_): with a fresh plan the step raises
+    naming the argument; a plan kept from the previous step must do the same (not run the
+    stale shapes)."""
+    for warm in (False, True):
+        model = _model("f32")
+        cache = model.new_paged_cache(8, block_size=4)
+        seq = cache.add_sequence()
+        model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])
+        if not warm:
+            del cache.__dict__["_layers_plan"]
+        change(model, cache)
+        with pytest.raises(ValueError, match="decoder_layer"):
+            _steps(model, cache, seq, [4])

@@ -176,3 +176,16 @@ def test_quantize_bad_input():
         QuantizedWeight.quantize(torch.zeros(2, 33))
     with pytest.raises(ValueError, match="finite"):
         QuantizedWeight.quantize(torch.full((1, 32), float("nan")))
+
+
+def test_quantize_large_finite_weights_do_not_become_inf_or_nan():
+    """A finite float32 block whose max |x| / 127 exceeds binary16's largest value (65504), e.g.
+    max |x| = 1e7: the scale must not be stored as inf (dequantized inf / NaN weights). Either
+    a ValueError naming the range, or finite values close to the weights."""
+    w = torch.tensor([[1e7] + [1.0] * 31])
+    try:
+        qw = QuantizedWeight.quantize(w)
+    except ValueError:
+        return
+    deq = qw.dequantize()
+    assert torch.isfinite(deq).all(), deq[0, :4]
