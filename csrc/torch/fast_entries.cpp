@@ -221,14 +221,50 @@ bool fast_tensor(pybind11::handle o, at::Tensor* out) {
 // weights through the caches finds their Python and tensor objects cold: reconverting and
 // rechecking 30 blocks cost ~0.1 ms of cache misses per step on the 2-core EPYC. A plan holds
 // strong references to the objects it checked (so none can be freed and its address reused),
-// their tensors, and the data pointers they had; a later call reuses the per-block part of its
-// checks when the same objects come again and every tensor still has its data pointer (an
-// in-place resize_ or set_ would change it), and checks the per-step arguments and block 0 in
-// full as always.
+// their tensors and storages, and each tensor's layout when checked (storage, data pointer,
+// offset, dtype, sizes, strides, and the storage's byte count). A later call reuses the
+// per-block part of its checks only when the same objects come again with exactly that layout
+// (an in-place resize_, set_, as_strided_ or .data assignment changes some of it), and checks
+// the per-step arguments and block 0 in full as always. The layout reads are independent
+// loads, prefetched together first, so they cost a few microseconds even when cold.
+struct HeldLayout {
+  const c10::TensorImpl* impl = nullptr;
+  const c10::StorageImpl* storage = nullptr;
+  const void* data = nullptr;
+  size_t nbytes = 0;
+  int64_t offset = 0;
+  caffe2::TypeMeta dtype;
+  int64_t dim = 0;
+  int64_t sizes[4] = {0, 0, 0, 0}, strides[4] = {0, 0, 0, 0};
+
+  static bool of(const at::Tensor& t, HeldLayout* out) {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    if (!impl->has_storage() || impl->dim() > 4) return false;
+    out->impl = impl;
+    out->storage = impl->storage().unsafeGetStorageImpl();
+    out->data = impl->storage().data();
+    out->nbytes = impl->storage().nbytes();
+    out->offset = impl->storage_offset();
+    out->dtype = impl->dtype();
+    out->dim = impl->dim();
+    for (int64_t d = 0; d < out->dim; ++d) out->sizes[d] = impl->sizes()[d], out->strides[d] = impl->strides()[d];
+    return true;
+  }
+  bool same(const HeldLayout& now) const {
+    if (storage != now.storage || data != now.data || nbytes != now.nbytes || offset != now.offset ||
+        dtype != now.dtype || dim != now.dim)
+      return false;
+    for (int64_t d = 0; d < dim; ++d)
+      if (sizes[d] != now.sizes[d] || strides[d] != now.strides[d]) return false;
+    return true;
+  }
+};
+
 struct DecoderLayersPlan {
   std::vector<pybind11::object> refs;  // layers[l], k_caches[l], v_caches[l] for each l
   std::vector<at::Tensor> held;        // each block's 6 weight tensors and 2 caches
-  std::vector<const void*> data;       // their data pointers when checked
+  std::vector<c10::Storage> storages;  // their storages (kept alive, so no address is reused)
+  std::vector<HeldLayout> layouts;     // their layouts when checked
   std::vector<std::string> types;      // each block's 4 weight types
   std::vector<dk::cpu::DecoderLayerParams> params;
   int64_t num_heads = 0, num_kv_heads = 0, intermediate = 0;
@@ -246,13 +282,17 @@ struct DecoderLayersPlan {
           PyList_GET_ITEM(k_caches.ptr(), l) != refs[3 * l + 1].ptr() ||
           PyList_GET_ITEM(v_caches.ptr(), l) != refs[3 * l + 2].ptr())
         return false;
-    // Every tensor keeps its data pointer (an in-place resize_ or set_ that reallocates changes
-    // it; the plan's references keep the storages themselves alive), and the caches, which the
-    // blocks write, still hold their whole shape.
-    for (size_t i = 0; i < held.size(); ++i)
-      if (held[i].unsafeGetTensorImpl()->data() != data[i]) return false;
-    for (size_t l = 0; l < L; ++l)
-      if (!storage_holds(held[8 * l + 6]) || !storage_holds(held[8 * l + 7])) return false;
+    // The tensors' and storages' metadata, fetched together (independent cold lines).
+    for (const HeldLayout& h : layouts) {
+      __builtin_prefetch(h.impl);
+      __builtin_prefetch(reinterpret_cast<const char*>(h.impl) + 64);
+      __builtin_prefetch(h.storage);
+    }
+    for (size_t i = 0; i < held.size(); ++i) {
+      HeldLayout now;
+      if (held[i].unsafeGetTensorImpl() != layouts[i].impl || !HeldLayout::of(held[i], &now) || !layouts[i].same(now))
+        return false;
+    }
     return true;
   }
 };
@@ -338,11 +378,18 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
           plan->refs.push_back(pybind11::reinterpret_borrow<pybind11::object>(k_caches[l]));
           plan->refs.push_back(pybind11::reinterpret_borrow<pybind11::object>(v_caches[l]));
         }
-        plan->data.resize(held.size());
-        for (size_t i = 0; i < held.size(); ++i) plan->data[i] = held[i].data_ptr();
+        plan->layouts.assign(held.size(), HeldLayout{});
+        plan->storages.clear();
+        for (size_t i = 0; i < held.size(); ++i) {
+          if (!HeldLayout::of(held[i], &plan->layouts[i])) break;  // not kept (e.g. more than 4 dims)
+          plan->storages.push_back(held[i].storage());
+        }
         plan->held = held;
         plan->types = std::move(types);
-        plan->params = params;
+        if (plan->storages.size() == held.size())
+          plan->params = params;
+        else
+          plan->params.clear();
         plan->num_heads = num_heads, plan->num_kv_heads = num_kv_heads, plan->intermediate = intermediate_size;
         plan->eps = eps, plan->scale = scale, plan->kv_layout = kv_layout;
       }

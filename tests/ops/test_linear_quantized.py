@@ -179,13 +179,16 @@ def test_quantize_bad_input():
 
 
 def test_quantize_large_finite_weights_do_not_become_inf_or_nan():
-    """A finite float32 block whose max |x| / 127 exceeds binary16's largest value (65504), e.g.
-    max |x| = 1e7: the scale must not be stored as inf (dequantized inf / NaN weights). Either
-    a ValueError naming the range, or finite values close to the weights."""
-    w = torch.tensor([[1e7] + [1.0] * 31])
-    try:
-        qw = QuantizedWeight.quantize(w)
-    except ValueError:
-        return
-    deq = qw.dequantize()
-    assert torch.isfinite(deq).all(), deq[0, :4]
+    """A finite block whose max |x| / 127 exceeds binary16's largest value (65504), e.g. max |x| =
+    1e7, would store an infinite scale (inf / NaN weights): refused, naming the range. At the
+    limit itself the scale is 65504 exactly and the weights are finite; float64 beyond float32's
+    range gets the range message too, and a block too small for a binary16 scale becomes zeros."""
+    with pytest.raises(ValueError, match="at most 65504 \\* 127"):
+        QuantizedWeight.quantize(torch.tensor([[1e7] + [1.0] * 31]))
+    with pytest.raises(ValueError, match="at most 65504 \\* 127"):
+        QuantizedWeight.quantize(torch.tensor([[1e300] + [1.0] * 31], dtype=torch.float64))
+    deq = QuantizedWeight.quantize(torch.tensor([[65504.0 * 127] + [0.0] * 31])).dequantize()
+    assert deq[0, 0].item() == 65504.0 * 127 and torch.isfinite(deq).all()
+    tiny = QuantizedWeight.quantize(torch.full((1, 32), 1e-39))  # float32 subnormal
+    assert torch.equal(tiny.dequantize(), torch.zeros(1, 32))
+    assert tiny.blocks[0, 2:].tolist() == [0] * 32

@@ -21,6 +21,10 @@ _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 _QK = 32  # weights per block
 
 
+# The largest |weight| Q8_0 holds: the largest finite binary16 scale (65504) times 127.
+_Q8_0_MAX = 65504.0 * 127
+
+
 class QuantizedWeight:
     """A block-quantized ``[N, K]`` weight as stored in a GGUF file (no float32 copy).
 
@@ -127,7 +131,9 @@ class QuantizedWeight:
         ``fp16(d) / 2`` (plus the scale's own rounding) of ``x``.
 
         Args:
-            weight: float16 / bfloat16 / float32 / float64 ``[N, K]`` tensor (CPU), finite.
+            weight: float16 / bfloat16 / float32 / float64 ``[N, K]`` tensor (CPU), finite, with
+                ``|w| <= 65504 * 127`` (larger scales overflow binary16). A block whose scale
+                underflows binary16 (``max|x| < 127 * 2^-25``) becomes zeros.
             block_type: ``"q8_0"`` (the only type this quantizer writes).
 
         Returns:
@@ -135,7 +141,7 @@ class QuantizedWeight:
 
         Raises:
             ValueError: another block type, a shape that is not ``[N, K]`` with ``K`` a positive
-                multiple of 32, or non-finite weights.
+                multiple of 32, non-finite weights, or weights beyond ``65504 * 127``.
             TypeError: ``weight`` not a floating-point tensor.
         """
         if block_type != "q8_0":
@@ -147,13 +153,22 @@ class QuantizedWeight:
                 f"QuantizedWeight.quantize: weight must be [N, K] with K a positive multiple of 32, "
                 f"got {tuple(weight.shape)}"
             )
-        x = weight.detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        w = weight.detach().to("cpu")
+        if not bool(torch.isfinite(w).all()):
             raise ValueError("QuantizedWeight.quantize: weight must be finite")
+        big = float(w.abs().max()) if w.numel() else 0.0
+        if big > _Q8_0_MAX:
+            raise ValueError(
+                f"QuantizedWeight.quantize: |weight| must be at most 65504 * 127 = {_Q8_0_MAX:.0f} (the largest "
+                f"binary16 scale times 127), got max |weight| = {big:.6g}"
+            )
+        x = w.to(torch.float32)
         N, K = x.shape
         xb = x.reshape(N, K // _QK, _QK)
         d = xb.abs().amax(-1, keepdim=True) / 127.0
-        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        # a scale that underflows binary16 stores 0: the block's weights become 0 (q = 0)
+        d16 = d.to(torch.float16).float()
+        inv = torch.where(d16 > 0, 1.0 / d, torch.zeros_like(d))
         v = xb * inv
         q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp_(-127, 127).to(torch.int8)
         blocks = torch.cat((d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)), dim=-1)
