@@ -189,7 +189,7 @@ DK_VINLINE void dequant(const uint8_t* b, VF& w0, VF& w1) {
 // row_bytes), each block dequantized once in registers for the TM rows.
 template <BlockType BT, int TM, int TN>
 void quant_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes, int64_t K, const float* bias,
-                float* y, int64_t ldy) {
+                float* y, int64_t ldy, bool stream) {
   VF acc[TM][TN];
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) acc[i][j] = splat(0.0f);
@@ -201,7 +201,11 @@ void quant_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes
   const char* ahead = reinterpret_cast<const char*>(w) + kQuantPrefetchTiles * TN * row_bytes;
   for (int64_t blk = 0; blk < nb; ++blk) {
     const char* pf = ahead + blk * (TN * kBlockBytes<BT>);
-    for (int64_t q = 0; q < (TN * kBlockBytes<BT> + 63) / 64 + 1; ++q) __builtin_prefetch(pf + 64 * q, 0, 3);
+    if (stream) {  // weight_stream::on(): non-temporal, so the stream does not evict the rest of L3
+      for (int64_t q = 0; q < (TN * kBlockBytes<BT> + 63) / 64 + 1; ++q) __builtin_prefetch(pf + 64 * q, 0, 0);
+    } else {
+      for (int64_t q = 0; q < (TN * kBlockBytes<BT> + 63) / 64 + 1; ++q) __builtin_prefetch(pf + 64 * q, 0, 3);
+    }
     VF w0[TN], w1[TN];
     for (int j = 0; j < TN; ++j) dequant<BT>(w + j * row_bytes + blk * kBlockBytes<BT>, w0[j], w1[j]);
     const int64_t k = blk * kQuantBlockSize;
@@ -221,19 +225,19 @@ void quant_tile(const float* x, int64_t ldx, const uint8_t* w, int64_t row_bytes
 // Rows tn (<= TN) of weights, x with M <= kTileM rows: one quant_tile.
 template <BlockType BT, int TN>
 void quant_small_m(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t row_bytes,
-                   const float* bias, float* y, int64_t ldy) {
+                   const float* bias, float* y, int64_t ldy, bool stream) {
   switch (M) {
     case 4:
-      quant_tile<BT, 4, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      quant_tile<BT, 4, TN>(x, ldx, w, row_bytes, K, bias, y, ldy, stream);
       break;
     case 3:
-      quant_tile<BT, 3, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      quant_tile<BT, 3, TN>(x, ldx, w, row_bytes, K, bias, y, ldy, stream);
       break;
     case 2:
-      quant_tile<BT, 2, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      quant_tile<BT, 2, TN>(x, ldx, w, row_bytes, K, bias, y, ldy, stream);
       break;
     default:
-      quant_tile<BT, 1, TN>(x, ldx, w, row_bytes, K, bias, y, ldy);
+      quant_tile<BT, 1, TN>(x, ldx, w, row_bytes, K, bias, y, ldy, stream);
       break;
   }
 }
@@ -256,6 +260,7 @@ void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const
     // about kQuantGroupedMaxM rows.
     constexpr int TN = kQuantTileN;
     const int64_t tiles = (N + TN - 1) / TN;
+    const bool stream = weight_stream::on();
     parallel_rows(tiles, threads_for(tiles, num_threads), Schedule::kStatic, [&](int64_t t) {
       const int64_t n0 = t * TN;
       const int64_t tn = std::min<int64_t>(TN, N - n0);
@@ -268,29 +273,29 @@ void linear_quantized_t(const float* x, int64_t M, int64_t K, int64_t ldx, const
         switch (tn) {
 #if DK_QTN == 8
           case 8:
-            quant_small_m<BT, 8>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 8>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
           case 7:
-            quant_small_m<BT, 7>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 7>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
           case 6:
-            quant_small_m<BT, 6>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 6>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
           case 5:
-            quant_small_m<BT, 5>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 5>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
 #endif
           case 4:
-            quant_small_m<BT, 4>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 4>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
           case 3:
-            quant_small_m<BT, 3>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 3>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
           case 2:
-            quant_small_m<BT, 2>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 2>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
           default:
-            quant_small_m<BT, 1>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy);
+            quant_small_m<BT, 1>(xm, mm, K, ldx, w, row_bytes, b, ym, ldy, stream);
             break;
         }
       }

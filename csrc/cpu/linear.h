@@ -26,6 +26,17 @@ using LinearKernel = void(const float* x, int64_t M, int64_t K, int64_t ldx, con
 // value of a weight is fma(d, q, m) (one rounding) for Q4_1 and exact for Q8_0:
 // the same bits as any correct dequantization to float32.
 enum class BlockType : int32_t { kQ4_1 = 0, kQ8_0 = 1 };
+
+// Streamed weights (weight_stream.cpp). While on, the quantized products of a few rows (decoding,
+// verification) prefetch their weights with the non-temporal hint: a model whose weights do not
+// fit in the last-level cache then stops evicting everything else there (the KV cache, the
+// interpreter's objects) at every step. A hint only: the results are the same bits either way.
+// One process-wide switch (the pool's workers read it); callers set it around a whole forward.
+namespace weight_stream {
+bool on();
+bool set(bool enable);             // returns the previous state
+int64_t last_level_cache_bytes();  // the CPU's last-level cache (sysfs / sysconf), 32 MiB if unknown
+}  // namespace weight_stream
 constexpr int64_t kQuantBlockSize = 32;  // weights per block
 constexpr int64_t kQ4_1BlockBytes = 20;
 constexpr int64_t kQ8_0BlockBytes = 34;

@@ -9,6 +9,7 @@
 
 #include "cpu/common/isa.h"
 #include "cpu/common/thread_pool.h"
+#include "cpu/linear.h"
 #include "decodekit/philox.h"
 #include "decodekit/reduce.h"
 #include "torch/threads.h"
@@ -56,6 +57,12 @@ PYBIND11_MODULE(_C, mod) {
           "decodekit's own thread-count setting: 0 when it follows torch.get_num_threads().");
   mod.def("_num_threads", &dk::torch_ops::num_threads, "The thread count the CPU kernels use now (>= 1).");
   mod.def("_pool_size", &dk::cpu::pool::pool_size, "Worker threads the CPU kernels' pool has started.");
+  // The linear kernels' streamed-weights switch (cpu/linear.h, weight_stream): LlamaModel sets it
+  // around a forward whose weights exceed the last-level cache.
+  mod.def("_weight_stream", &dk::cpu::weight_stream::set,
+          "Turn the linear kernels' non-temporal weight prefetch on or off; returns the previous state.");
+  mod.def("_last_level_cache_bytes", &dk::cpu::weight_stream::last_level_cache_bytes,
+          "The CPU's last-level cache in bytes (sysfs, sysconf; 32 MiB when unknown).");
   // decoder_layer's phase timers (cpu/layers.h, layer_profile), for bench/anchors/e2e/profile_step.py.
   mod.def("_layer_profile", &dk::cpu::layer_profile::set_enabled,
           "Turn decoder_layer's phase timers on or off (either way the counters restart at 0).");

@@ -323,3 +323,40 @@ def test_plan_refuses_a_tensor_changed_in_place_with_the_same_data_pointer(chang
         change(model, cache)
         with pytest.raises(ValueError, match="decoder_layer"):
             _steps(model, cache, seq, [4])
+
+
+# ----------------------------------------------------------------------- streamed weights (a hint)
+def test_streamed_weights_give_the_same_bits_and_the_switch_is_restored(monkeypatch):
+    """A model whose weights exceed the last-level cache prefetches them non-temporally in its
+    quantized products (_C._weight_stream around the forward): the same bits either way, and the
+    switch is back to its previous state afterwards, also when the forward raises."""
+    out = {}
+    for stream in (False, True):
+        model = _model("quantized")
+        model._stream_weights = stream
+        cache = model.new_paged_cache(3, block_size=4)
+        seq = cache.add_sequence()
+        out[stream] = [model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])] + _steps(model, cache, seq, [4, 5])
+        assert _C._weight_stream(False) is False  # restored (and left off)
+        with pytest.raises(OutOfBlocksError):
+            model.forward_paged(torch.tensor([[1] * 9]), cache, [seq])
+        assert _C._weight_stream(False) is False
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+    assert _C._weight_stream(True) is False and _C._weight_stream(False) is True  # the switch itself
+
+
+def test_streams_weights_when_they_exceed_the_last_level_cache(monkeypatch):
+    from decodekit.models import llama
+
+    model = _model("quantized")
+    # the weight bytes, counted from _model's choices: Q4_1 (20 bytes per 32 weights) for q, k,
+    # v, gate and up, Q8_0 (34 bytes) for o and down, float32 norms, and the tied float32 head
+    c = CFG
+    q, kv, H, I = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+    per_block = 20 * (q + 2 * kv + 2 * I) * H // 32 + 34 * (H * q + H * I) // 32 + 2 * 4 * H
+    total = c.num_layers * per_block + 4 * c.vocab_size * H
+    for llc, want in ((total - 1, True), (total, False)):
+        monkeypatch.setattr(llama._C, "_last_level_cache_bytes", lambda llc=llc: llc)
+        model._stream_weights = None
+        assert model._streams_weights() is want
+    assert _C._last_level_cache_bytes() > 0

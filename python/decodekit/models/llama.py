@@ -338,6 +338,7 @@ class LlamaModel:
         # the readable reference, with the same bits)
         self.layer_op = True
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
+        self._stream_weights: Optional[bool] = None  # _streams_weights(), computed at the first forward
 
     @property
     def device(self) -> torch.device:
@@ -562,38 +563,17 @@ class LlamaModel:
             self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
         )
         if fused and self.layer_op:
-            # The same kernels again, one decoder_layer call per block (no PyTorch op inside): the
-            # step's slots are reserved before the first layer (OutOfBlocksError: nothing written),
-            # the tables and lengths come from the cache and the shapes from the model; a tree's
-            # mask goes to the attention of every block.
-            cos_table, sin_table = self._rope_tables()
-            slots = cache.slot_mapping(seq_ids, T).view(B, T)
-            block_tables = cache.block_table(seq_ids, torch.int64)
-            layers = [block.op_args() for block in self.blocks]
-            common = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, scale, cache.kv_layout)
-            # The whole loop in one C++ call (the same kernel and checks); False: nothing was
-            # written and the op itself runs (e.g. under a torch function mode), or raises. The
-            # cache keeps what the call checked about the blocks for the next steps (its "plan":
-            # it holds the blocks' arguments, and so this model's weights, while the cache lives).
-            plan = cache.__dict__.get("_layers_plan")
-            if plan is None:
-                plan = cache.__dict__["_layers_plan"] = _C._DecoderLayersPlan()
-            if not _decoder_layers_fast(
-                x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common,
-                tree_mask, plan,
-            ):  # fmt: skip
-                for i, args in enumerate(layers):
-                    _dk_ops.decoder_layer(
-                        x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
-                        *args, *common, tree_mask,
-                    )  # fmt: skip
-            cache.advance(seq_ids, T)
-            if not all_logits:
-                x = x[:, -1]
-            if return_hidden:
-                h = self._final_norm(x, fused)
-                return self._project(h), h
-            return self._head(x, fused)
+            # Weights larger than the last-level cache stream through it at every step; the
+            # quantized products then prefetch them non-temporally so that the cache keeps the KV
+            # cache and the interpreter's objects (a hint: the same bits either way).
+            stream = self._streams_weights()
+            prev = _C._weight_stream(True) if stream else None
+            try:
+                return self._forward_layer_op(x, cache, seq_ids, B, T, positions, seq_lens, scale, tree_mask,
+                                              all_logits, return_hidden, fused)  # fmt: skip
+            finally:
+                if stream:
+                    _C._weight_stream(prev)
         if fused:
             cos_table, sin_table = self._rope_tables()
             flat_positions = positions.reshape(-1).contiguous()
@@ -641,6 +621,53 @@ class LlamaModel:
             return self._project(h), h
         return self._head(x, fused)
 
+    def _forward_layer_op(self, x, cache, seq_ids, B, T, positions, seq_lens, scale, tree_mask, all_logits,
+                          return_hidden, fused):  # fmt: skip
+        """forward_paged's layer-op path (``self.layer_op``, deterministic float32 CPU): every block
+        in one C++ call (or one decoder_layer op per block), then the final norm and the head."""
+        c = self.config
+        # The same kernels again, one decoder_layer call per block (no PyTorch op inside): the
+        # step's slots are reserved before the first layer (OutOfBlocksError: nothing written),
+        # the tables and lengths come from the cache and the shapes from the model; a tree's
+        # mask goes to the attention of every block.
+        cos_table, sin_table = self._rope_tables()
+        slots = cache.slot_mapping(seq_ids, T).view(B, T)
+        block_tables = cache.block_table(seq_ids, torch.int64)
+        layers = [block.op_args() for block in self.blocks]
+        common = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, scale, cache.kv_layout)
+        # The whole loop in one C++ call (the same kernel and checks); False: nothing was
+        # written and the op itself runs (e.g. under a torch function mode), or raises. The
+        # cache keeps what the call checked about the blocks for the next steps (its "plan":
+        # it holds the blocks' arguments, and so this model's weights, while the cache lives).
+        plan = cache.__dict__.get("_layers_plan")
+        if plan is None:
+            plan = cache.__dict__["_layers_plan"] = _C._DecoderLayersPlan()
+        if not _decoder_layers_fast(
+            x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common,
+            tree_mask, plan,
+        ):  # fmt: skip
+            for i, args in enumerate(layers):
+                _dk_ops.decoder_layer(
+                    x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
+                    *args, *common, tree_mask,
+                )  # fmt: skip
+        cache.advance(seq_ids, T)
+        if not all_logits:
+            x = x[:, -1]
+        if return_hidden:
+            h = self._final_norm(x, fused)
+            return self._project(h), h
+        return self._head(x, fused)
+
+    def _streams_weights(self) -> bool:
+        """Whether a forward reads more weight bytes than the CPU's last-level cache holds (then
+        the quantized products prefetch them non-temporally; computed once per set of weights)."""
+        if self._stream_weights is None:
+            ws = [self.lm_head] + [getattr(b, n) for b in self.blocks for n in _BLOCK_WEIGHTS]
+            total = sum(w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size() for w in ws)
+            self._stream_weights = total > _C._last_level_cache_bytes()
+        return self._stream_weights
+
     def to(self, device: torch.device | str) -> LlamaModel:
         """Move every weight to ``device`` in place; returns ``self``.
 
@@ -666,6 +693,7 @@ class LlamaModel:
             for name in _BLOCK_WEIGHTS:
                 setattr(block, name, getattr(block, name).to(device))
         self._rope = None
+        self._stream_weights = None
         return self
 
     def num_parameters(self) -> int:
