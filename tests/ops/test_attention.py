@@ -437,3 +437,34 @@ def test_tree_verification_end_to_end():
         a = paged_attention(q_next, tree.k[0], tree.v[0], tree.block_table([s]), tree.seq_lens([s]), kv_layout=layout)
         b = paged_attention(q_next, only.k[0], only.v[0], only.block_table([r]), only.seq_lens([r]), kv_layout=layout)
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_invalid_table_entries_without_validation_are_skipped(layout):
+    # validate=False: a block-table entry that is -1 or past num_blocks inside a sequence's
+    # length is neither read (the blocks' warm-up read skips it too) nor attended to; the row
+    # equals float64 attention over the positions of its valid blocks only.
+    torch.manual_seed(3)
+    bs, Hq, Hkv, D, nblk = 4, 4, 2, 16, 6
+    shape = (nblk, bs, Hkv, D) if layout == "NHD" else (nblk, Hkv, bs, D)
+    k, v = torch.randn(shape), torch.randn(shape)
+    q = torch.randn(2, 1, Hq, D)
+    tables = torch.tensor([[0, 2**40, 3], [5, -1, 1]], dtype=torch.int64)
+    sl = torch.tensor([12, 10], dtype=torch.int64)
+    out = paged_attention(q, k, v, tables, sl, kv_layout=layout, validate=False)
+    for b in range(2):
+        keys, vals = [], []
+        for i, blk in enumerate(tables[b].tolist()):
+            if not 0 <= blk < nblk:
+                continue
+            for o in range(bs):
+                if i * bs + o < int(sl[b]):
+                    kk = k[blk, o] if layout == "NHD" else k[blk, :, o]
+                    vv = v[blk, o] if layout == "NHD" else v[blk, :, o]
+                    keys.append(kk.double())
+                    vals.append(vv.double())
+        K_, V_ = torch.stack(keys, 1), torch.stack(vals, 1)  # [Hkv, n, D]
+        rep = Hq // Hkv
+        K_, V_ = K_.repeat_interleave(rep, 0), V_.repeat_interleave(rep, 0)
+        ref = torch.softmax(q[b, 0].double()[:, None, :] @ K_.transpose(1, 2) / D**0.5, -1) @ V_  # [Hq, 1, D]
+        torch.testing.assert_close(out[b, 0].double(), ref[:, 0], rtol=1e-5, atol=1e-6)
