@@ -238,6 +238,18 @@ def _steps(model, cache, seq, tokens):
     return [model.forward_paged(torch.tensor([[t]]), cache, [seq]) for t in tokens]
 
 
+def _prefill_and_steps(model, num_blocks, tokens):
+    """A new cache of ``num_blocks`` blocks of 4, a prefill of [1, 2, 3], then one step per token:
+    (cache, seq, every call's logits)."""
+    cache = model.new_paged_cache(num_blocks, block_size=4)
+    seq = cache.add_sequence()
+    return (
+        cache,
+        seq,
+        [model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])] + _steps(model, cache, seq, tokens),
+    )
+
+
 def test_plan_kept_on_the_cache_gives_the_per_op_bits():
     """The cache keeps what the one-call loop checked about the blocks; later steps reuse it.
     The logits and the cache are the per-op path's bits step after step."""
@@ -245,11 +257,7 @@ def test_plan_kept_on_the_cache_gives_the_per_op_bits():
     for layer_op in (True, False):
         model = _model("quantized")
         model.layer_op = layer_op
-        cache = model.new_paged_cache(8, block_size=4)
-        seq = cache.add_sequence()
-        out[layer_op] = [model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])] + _steps(
-            model, cache, seq, [4, 5, 6, 7]
-        )
+        cache, seq, out[layer_op] = _prefill_and_steps(model, 8, [4, 5, 6, 7])
         out[layer_op].append([t.clone() for t in cache.k + cache.v])
         if layer_op:
             assert isinstance(cache.__dict__["_layers_plan"], _C._DecoderLayersPlan)
@@ -334,9 +342,7 @@ def test_streamed_weights_give_the_same_bits_and_the_switch_is_restored(monkeypa
     for stream in (False, True):
         model = _model("quantized")
         model._stream_weights = stream
-        cache = model.new_paged_cache(3, block_size=4)
-        seq = cache.add_sequence()
-        out[stream] = [model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])] + _steps(model, cache, seq, [4, 5])
+        cache, seq, out[stream] = _prefill_and_steps(model, 3, [4, 5])
         assert _C._weight_stream(False) is False  # restored (and left off)
         with pytest.raises(OutOfBlocksError):
             model.forward_paged(torch.tensor([[1] * 9]), cache, [seq])

@@ -612,8 +612,12 @@ class LlamaModel:
                 h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
                 gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
                 x = x + self._linear(F.silu(gate) * up, block.w_down)
-        cache.advance(seq_ids, T)
+        return self._advance_and_head(x, cache, seq_ids, T, all_logits, return_hidden, fused)
 
+    def _advance_and_head(self, x, cache, seq_ids, T, all_logits, return_hidden, fused):
+        """forward_paged's end: the cache lengths move by ``T``, then the final norm and the head on
+        the last position (every position with ``all_logits``), with the hidden states if asked."""
+        cache.advance(seq_ids, T)
         if not all_logits:
             x = x[:, -1]
         if return_hidden:
@@ -651,13 +655,7 @@ class LlamaModel:
                     x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
                     *args, *common, tree_mask,
                 )  # fmt: skip
-        cache.advance(seq_ids, T)
-        if not all_logits:
-            x = x[:, -1]
-        if return_hidden:
-            h = self._final_norm(x, fused)
-            return self._project(h), h
-        return self._head(x, fused)
+        return self._advance_and_head(x, cache, seq_ids, T, all_logits, return_hidden, fused)
 
     def _streams_weights(self) -> bool:
         """Whether a forward reads more weight bytes than the CPU's last-level cache holds (then
