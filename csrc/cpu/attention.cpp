@@ -96,6 +96,25 @@ DK_VINLINE void accumulate_rows(float* const* a, const float* alphas, const bool
     for (int c = 0; c < NV; ++c) store_f32(a[i] + c * kL, ar[i][c]);
 }
 
+// accumulate_rows() for R rows that all read the whole tile (every seen flag set): the same
+// operations without the per-position checks.
+template <int NV, int R>
+DK_VINLINE void accumulate_rows_full(float* const* a, const float* alphas, const float* pa, const float* const* vp) {
+  VF ar[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) ar[i][c] = load_f32(a[i] + c * kL) * splat(alphas[i]);
+  for (int j = 0; j < kTile; ++j) {
+    VF v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = load_f32(vp[j] + c * kL);
+    for (int i = 0; i < R; ++i) {
+      const VF pj = splat(pa[i * kTile + j]);
+      for (int c = 0; c < NV; ++c) ar[i][c] = fma16(pj, v[c], ar[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) store_f32(a[i] + c * kL, ar[i][c]);
+}
+
 struct RowState {
   float m = -kInf;  // running max of the scores
   float l = 0.0f;   // running sum of exp(score - m)
@@ -132,8 +151,9 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   const float* vp[kTile];
   RowState* st = sbuf.get(rows);
   std::fill(st, st + rows, RowState{});
-  char* nan_row = nbuf.get(rows);
+  char* nan_row = nbuf.get(2 * rows);  // then, per active row of a tile: it reads the whole tile
   std::fill(nan_row, nan_row + rows, 0);
+  char* full_row = nan_row + rows;
   int64_t* last = lbuf.get(2 * rows);  // last position each row attends to, then the tile's active rows
   int64_t* active = last + rows;
   // Per tile: each active row's weights, readable positions and rescale factor.
@@ -150,23 +170,43 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
   // Position t0 + j sits at offset `off` of table entry `blk_idx`, stepped along (no division
   // per position).
   int64_t blk_idx = 0, off = 0;
+  // float32 in place with tiles that each lie in one block: a tile's rows are one pointer and a
+  // fixed stride apart (no per-position lookup).
+  const bool tile_in_block = direct && kv.block_size % kTile == 0;
+  const int64_t pos_stride = kv.hnd ? D : kv.num_kv_heads * D;
   for (int64_t t0 = 0; t0 < end; t0 += kTile) {
     const int64_t cnt = std::min<int64_t>(kTile, end - t0);
     bool present[kTile];
-    for (int64_t j = 0; j < cnt; ++j, off = off + 1 == kv.block_size ? (++blk_idx, 0) : off + 1) {
-      const int64_t blk = blk_idx < max_blocks ? table[blk_idx] : -1;
-      present[j] = blk >= 0 && blk < kv.num_blocks;
-      if (!present[j]) continue;
-      const int64_t elem = kv.hnd ? ((blk * kv.num_kv_heads + kvh) * kv.block_size + off) * D
-                                  : ((blk * kv.block_size + off) * kv.num_kv_heads + kvh) * D;
-      if (direct) {
-        kp[j] = static_cast<const float*>(kv.k) + elem;
-        vp[j] = static_cast<const float*>(kv.v) + elem;
-      } else {
-        load_row(kv, kv.k, elem, D, &kt[j * Dp], Dp);
-        load_row(kv, kv.v, elem, D, &vt[j * Dp], Dp);
-        kp[j] = &kt[j * Dp];
-        vp[j] = &vt[j * Dp];
+    bool all_present = cnt == kTile;  // every position of a whole tile is readable
+    if (tile_in_block) {
+      const int64_t bi = t0 / kv.block_size, off0 = t0 % kv.block_size;
+      const int64_t blk = bi < max_blocks ? table[bi] : -1;
+      const bool ok = blk >= 0 && blk < kv.num_blocks;
+      all_present = all_present && ok;
+      const int64_t elem0 = kv.hnd ? ((blk * kv.num_kv_heads + kvh) * kv.block_size + off0) * D
+                                   : ((blk * kv.block_size + off0) * kv.num_kv_heads + kvh) * D;
+      for (int64_t j = 0; j < cnt; ++j) {
+        present[j] = ok;
+        kp[j] = ok ? static_cast<const float*>(kv.k) + elem0 + j * pos_stride : kZeroRow;
+        vp[j] = ok ? static_cast<const float*>(kv.v) + elem0 + j * pos_stride : kZeroRow;
+      }
+    } else {
+      for (int64_t j = 0; j < cnt; ++j, off = off + 1 == kv.block_size ? (++blk_idx, 0) : off + 1) {
+        const int64_t blk = blk_idx < max_blocks ? table[blk_idx] : -1;
+        present[j] = blk >= 0 && blk < kv.num_blocks;
+        all_present = all_present && present[j];
+        if (!present[j]) continue;
+        const int64_t elem = kv.hnd ? ((blk * kv.num_kv_heads + kvh) * kv.block_size + off) * D
+                                    : ((blk * kv.block_size + off) * kv.num_kv_heads + kvh) * D;
+        if (direct) {
+          kp[j] = static_cast<const float*>(kv.k) + elem;
+          vp[j] = static_cast<const float*>(kv.v) + elem;
+        } else {
+          load_row(kv, kv.k, elem, D, &kt[j * Dp], Dp);
+          load_row(kv, kv.v, elem, D, &vt[j * Dp], Dp);
+          kp[j] = &kt[j * Dp];
+          vp[j] = &vt[j * Dp];
+        }
       }
     }
     // Phase 1, per row: the tile's scores, the running max and sum, the weights p_j and alpha.
@@ -177,8 +217,14 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       // The positions of the tile this row reads: the readable ones, less those its tree mask
       // leaves out (query i = r / group; only new tokens j <= i are looked up).
       bool* seen = &seen_all[n_active * kTile];
-      for (int64_t j = 0; j < kTile; ++j) seen[j] = j < upto && present[j];
-      if (mask != nullptr && t0 + upto > first_new) {
+      const bool masked = mask != nullptr && t0 + upto > first_new;
+      const bool full = all_present && upto == kTile && !masked;  // the row reads the whole tile
+      if (full) {
+        std::memset(seen, 1, kTile);
+      } else {
+        for (int64_t j = 0; j < kTile; ++j) seen[j] = j < upto && present[j];
+      }
+      if (masked) {
         const uint8_t* mrow = mask + ((r_begin + r) / group) * Q;
         for (int64_t j = 0; j < upto; ++j) {
           const int64_t pos = t0 + j;
@@ -192,15 +238,19 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
         const VF q0 = load_f32(qr), q1 = load_f32(qr + kL), q2 = load_f32(qr + 2 * kL), q3 = load_f32(qr + 3 * kL);
         VF acc16[kTile];
         for (int j = 0; j < kTile; ++j) {
-          const float* k = seen[j] ? kp[j] : kZeroRow;
+          const float* k = full || seen[j] ? kp[j] : kZeroRow;
           VF a = fma16(q0, load_f32(k), splat(0.0f));
           a = fma16(q1, load_f32(k + kL), a);
           a = fma16(q2, load_f32(k + 2 * kL), a);
           acc16[j] = fma16(q3, load_f32(k + 3 * kL), a);
         }
-        float dots[kTile];
-        store_f32(dots, tree_sum16x16(acc16));
-        for (int j = 0; j < kTile; ++j) s[j] = seen[j] ? dots[j] * scale : -kInf;
+        if (full) {  // the same products as below, lane-wise
+          store_f32(s, tree_sum16x16(acc16) * splat(scale));
+        } else {
+          float dots[kTile];
+          store_f32(dots, tree_sum16x16(acc16));
+          for (int j = 0; j < kTile; ++j) s[j] = seen[j] ? dots[j] * scale : -kInf;
+        }
       } else {
         for (int j = 0; j < kTile; ++j) s[j] = seen[j] ? dot(&qbuf[r * Dp], kp[j], Dp) * scale : -kInf;
       }
@@ -219,6 +269,7 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       rs.l = rs.l * alpha + tree_sum16(p);
       rs.m = m_new;
       alpha_all[n_active] = alpha;
+      full_row[n_active] = full;
       active[n_active++] = r;
     }
     // Phase 2: acc = acc * alpha + sum_j p_j v_j in position order, for up to 4 rows at a time
@@ -230,6 +281,25 @@ void attend_group(const float* q, int64_t Q, int64_t Hq, const PagedKV& kv, cons
       const float* pas = &pa_all[a0 * kTile];
       const bool* seens = &seen_all[a0 * kTile];
       const float* alphas = &alpha_all[a0];
+      bool all_full = true;
+      for (int i = 0; i < nr; ++i) all_full = all_full && full_row[a0 + i];
+      if (Dp == 64 && all_full) {
+        switch (nr) {
+          case 4:
+            accumulate_rows_full<4, 4>(accs, alphas, pas, vp);
+            break;
+          case 3:
+            accumulate_rows_full<4, 3>(accs, alphas, pas, vp);
+            break;
+          case 2:
+            accumulate_rows_full<4, 2>(accs, alphas, pas, vp);
+            break;
+          default:
+            accumulate_rows_full<4, 1>(accs, alphas, pas, vp);
+            break;
+        }
+        continue;
+      }
       if (Dp == 64) {
         switch (nr) {
           case 4:
