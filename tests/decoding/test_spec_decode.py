@@ -333,3 +333,64 @@ def test_greedy_chain_drafting_stops_when_the_clock_says_it_does_not_pay(lm, mon
     )  # fmt: skip
     assert r2.token_ids == plain.token_ids
     assert r2.drafted >= 3 * r.drafted, (r2.drafted, r.drafted)
+
+
+def test_draft_memory_by_hand():
+    # The record's running means, by hand: the first pass sets them, later ones move them by
+    # DRAFT_MEMORY_WEIGHT (0.05). Unknown until 16 passes; then a drafting pass that emits
+    # 1 + gain tokens in more than that many plain steps' time does not pay, and every greedy
+    # request skips drafting except one in 16 (the scouts: requests 16, 32, ...).
+    from decodekit.decoding import loop
+
+    m = loop._DraftMemory()
+    m.add_pass(1.0, 2.0)
+    assert (m.gain, m.ratio, m.passes) == (1.0, 2.0, 1)
+    m.add_pass(0.0, 1.0)
+    assert m.gain == pytest.approx(0.95) and m.ratio == pytest.approx(1.95)
+    assert m.pays()  # 2 passes: not enough on record
+    for _ in range(14):
+        m.add_pass(0.0, 1.5)
+    # gain 0.95 * 0.95^14 = 0.463, ratio 1.5 + 0.45 * 0.95^14 = 1.719: 1.463 < 1.719, it does not pay
+    assert m.passes == 16
+    assert m.gain == pytest.approx(0.95 * 0.95**14) and m.ratio == pytest.approx(1.5 + 0.45 * 0.95**14)
+    assert not m.pays()
+    assert [m.skips_next() for _ in range(32)] == [True] * 15 + [False] + [True] * 15 + [False]
+    m.add_pass(8.0, 1.5)  # gain 0.463 + 0.05 * 7.537 = 0.840, ratio 1.708: 1.840 >= 1.708, it pays again
+    assert m.gain == pytest.approx(0.95**16 + 0.4) and m.ratio == pytest.approx(1.5 + 0.45 * 0.95**15)
+    assert m.pays() and not m.skips_next()
+
+
+def test_greedy_requests_skip_a_drafter_on_record_as_not_paying(lm):
+    # A never-right drafter whose record says it does not pay: greedy requests of later calls
+    # propose nothing and take plain steps (same tokens), except the 16th (a scout, which probes
+    # one draft first); sampled requests draft as usual (their schedule depends on their own
+    # passes only).
+    from decodekit.decoding import loop
+
+    d = _AlwaysWrong(lm.config.vocab_size)
+    mem = loop._draft_memory(d)
+    for _ in range(loop.DRAFT_MEMORY_MIN_PASSES):
+        mem.add_pass(0.0, 1.3)
+    plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=12, temperature=0, stop_on_eos=False)
+    asked = []
+    for _ in range(16):
+        d.asked.clear()
+        r = speculative_generate(
+            PROMPTS[0], model=lm, drafter=d, num_draft_tokens=4, max_new_tokens=12, temperature=0, stop_on_eos=False
+        )
+        assert r.token_ids == plain.token_ids
+        asked.append((r.drafted, list(d.asked)))
+    assert asked[:15] == [(0, [])] * 15
+    assert asked[15][0] > 0 and asked[15][1][0] == 1  # the scout probes one draft first
+    d.asked.clear()
+    r = speculative_generate(
+        PROMPTS[0], model=lm, drafter=d, num_draft_tokens=4, max_new_tokens=12, temperature=0.7, seed=3,
+        stop_on_eos=False,
+    )  # fmt: skip
+    assert r.drafted > 0 and d.asked[0] == 4
+    # A fresh drafter object has no record: it drafts from the first pass.
+    fresh = _AlwaysWrong(lm.config.vocab_size)
+    r = speculative_generate(
+        PROMPTS[0], model=lm, drafter=fresh, num_draft_tokens=4, max_new_tokens=12, temperature=0, stop_on_eos=False
+    )
+    assert r.token_ids == plain.token_ids and fresh.asked[0] == 4

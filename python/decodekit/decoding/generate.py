@@ -433,7 +433,13 @@ def speculative_generate(
             requests always verify the tree: their random streams are the tree's); a greedy
             request stays on tree passes after a miss while its running mean of accepted
             tokens per tree pass beats the loop's measured cost of a tree pass over a plain
-            step. ``"constant"``: always up to K (always the tree). The schedule of a sampled
+            step. A chain drafter also keeps a record across calls (per drafter object) of
+            what its greedy drafting passes accepted and cost against plain steps: once 16
+            passes are on record and drafting does not pay, new greedy requests take plain steps
+            only, except one in 16, which probes one draft first and then drafts as usual,
+            keeping the record current (so the shipped draft model costs almost nothing on text
+            it cannot predict, and a drafter that starts to pay is noticed within 16 requests).
+            ``"constant"``: always up to K (always the tree). The schedule of a sampled
             request depends only on its own passes, so seeded requests still reproduce whatever
             the batch (greedy requests' tokens never depend on the schedule).
         tree: with ``drafter="medusa"``: the tree as Medusa choice paths (``[[0], [0, 0], [1],

@@ -33,6 +33,7 @@ in a pass, greedy speculative decoding reproduces plain greedy decoding token fo
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable, List, Optional
 
 import torch
@@ -172,6 +173,18 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
     plain_pass = False  # tree mode: the last pass was a plain step (adaptive, all greedy)
     pass_clock = _PassClock()  # greedy adaptive drafting: seconds per plain step, tree and chain pass
+    # Greedy chain drafting across calls: a greedy request takes plain steps only (no drafting,
+    # no probes) while what this drafter's earlier greedy passes measured says drafting does
+    # not pay, except every DRAFT_SCOUT_EVERY-th request, which starts with one draft instead of
+    # K and then drafts as usual, keeping the record current. Greedy tokens are the same either
+    # way; sampled requests never look at it.
+    memory = _draft_memory(drafter) if drafter is not None and adaptive_drafts and not tree_mode else None
+    if memory is not None:
+        for r in active:
+            if r.params.greedy and memory.skips_next():
+                r.draft_len, r.draft_wait = 0, DRAFT_NEVER
+            elif r.params.greedy and not memory.pays():
+                r.draft_len = 1
     chain_plain = False  # chain mode: the last pass was a plain step (no drafts, all greedy)
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
@@ -233,6 +246,8 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                     r.draft_gain = (
                         g if r.draft_gain < 0 else (1 - DRAFT_GAIN_WEIGHT) * r.draft_gain + DRAFT_GAIN_WEIGHT * g
                     )
+                    if memory is not None and pass_clock.mean["plain"] > 0:
+                        memory.add_pass(g, pass_clock.mean["draft"] / pass_clock.mean["plain"])
                     if pass_clock.pays("draft", r.draft_gain):
                         if r.draft_len == 0:
                             r.draft_len, r.draft_wait = 1, DRAFT_PROBE_WAIT
@@ -606,6 +621,60 @@ DRAFT_PROBE_WAIT_MAX = 64
 #: mean of accepted tokens, and of a pass in the running mean of its kind's duration.
 DRAFT_GAIN_WEIGHT = 0.25
 PASS_TIME_WEIGHT = 0.2
+
+
+#: Greedy chain drafting across calls (_DraftMemory): drafting passes on record before a drafter
+#: that does not pay makes greedy requests skip drafting, one request in how many still drafts,
+#: and the weight of a pass in the record's running mean of accepted tokens.
+DRAFT_MEMORY_MIN_PASSES = 16
+DRAFT_SCOUT_EVERY = 16
+DRAFT_MEMORY_WEIGHT = 0.05
+DRAFT_NEVER = 1 << 62  # a probe wait that never ends
+
+
+class _DraftMemory:
+    """What a chain drafter's greedy drafting passes measured, kept from one decode call to the
+    next (per drafter object): the running mean of tokens accepted per drafting pass, and of a
+    drafting pass's time over a plain step's (from each call's :class:`_PassClock`)."""
+
+    def __init__(self) -> None:
+        self.gain = 0.0  # accepted tokens per greedy drafting pass (running mean)
+        self.ratio = 0.0  # a drafting pass's time / a plain step's (running mean; 0: unknown)
+        self.passes = 0  # greedy drafting passes on record
+        self.requests = 0  # greedy requests started with this drafter
+
+    def add_pass(self, accepted: float, ratio: float) -> None:
+        """One greedy drafting pass: ``accepted`` tokens, at ``ratio`` plain steps' time."""
+        w = DRAFT_MEMORY_WEIGHT if self.passes else 1.0
+        self.gain += w * (accepted - self.gain)
+        self.ratio += w * (ratio - self.ratio)
+        self.passes += 1
+
+    def pays(self) -> bool:
+        """False once enough passes are on record and a drafting pass, which emits ``1 + gain``
+        tokens on average, takes longer than as many plain steps."""
+        return self.passes < DRAFT_MEMORY_MIN_PASSES or (1 + self.gain) * 1.0 >= self.ratio
+
+    def skips_next(self) -> bool:
+        """Counts a new greedy request; True when it should take plain steps only (the record
+        says drafting does not pay and the request is not a scout)."""
+        self.requests += 1
+        return not self.pays() and self.requests % DRAFT_SCOUT_EVERY != 0
+
+
+_DRAFT_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _draft_memory(drafter) -> Optional[_DraftMemory]:
+    """The record of ``drafter`` (created on first use; None for an object that cannot be
+    weakly referenced, which then drafts as if it were new at every call)."""
+    try:
+        mem = _DRAFT_MEMORIES.get(drafter)
+        if mem is None:
+            mem = _DRAFT_MEMORIES[drafter] = _DraftMemory()
+        return mem
+    except TypeError:
+        return None
 
 
 class _PassClock:
