@@ -275,6 +275,35 @@ def test_adaptive_medusa_keeps_trees_that_pay(lm, monkeypatch):
     assert d.passes == 39
 
 
+@pytest.mark.parametrize("acceptance", ["lossless", "typical"])
+def test_adaptive_medusa_sampled_requests_fall_back_to_plain_sampling(lm, monkeypatch, acceptance):
+    # Sampled requests follow the length schedule too (from their own passes only): with heads
+    # that rarely propose the sampled token, a seeded request verifies its own tree on only a
+    # few of its 39 passes (constant: on every pass); at length 0 its token is sampled from the
+    # root's logits as a plain step samples it. Its tokens are the same alone (plain steps when
+    # it is at 0) and beside a greedy request kept on tree passes by the clock (its root's token
+    # sampled inside their tree passes).
+    from decodekit.decoding import loop
+
+    kw = dict(model=lm, max_new_tokens=40, temperature=0.8, top_p=0.95, stop_on_eos=False)
+
+    def run(prompts, seeds, schedule="adaptive", temps=None):
+        d = MedusaDrafter(zero_heads(lm), tree=[[3], [3, 3]], acceptance=acceptance)
+        args = dict(kw, temperature=temps) if temps else kw
+        out = decodekit.speculative_generate(prompts, drafter=d, seed=seeds, draft_schedule=schedule, **args)
+        return out, d
+
+    (alone,), d_alone = run([PROMPTS[2]], [11])
+    assert alone.target_passes == 39
+    (const,), d_const = run([PROMPTS[2]], [11], "constant")
+    assert d_const.passes == const.target_passes >= 30  # every pass verifies the tree
+    assert d_alone.passes <= 8, (d_alone.passes, alone.accepted)
+    monkeypatch.setattr(loop._PassClock, "tree_pays", lambda self, gain: True)
+    mixed, d_mixed = run([PROMPTS[0], PROMPTS[2]], [None, 11], temps=[0.0, 0.8])
+    assert mixed[1].token_ids == alone.token_ids
+    assert d_mixed.passes >= 39  # the greedy neighbour verified its tree on every pass
+
+
 def test_pass_clock_rule_by_hand():
     from decodekit.decoding.loop import _PassClock
 

@@ -428,9 +428,11 @@ def speculative_generate(
             verification when every request of the batch is greedy), and one draft is tried
             again after 4 such steps (the wait doubles after each failed try, up to 64). A
             drafter that keeps missing then costs little more than plain decoding. With
-            ``drafter="medusa"`` the length is 1 (a tree pass) or 0 for greedy requests, and a
-            step where every request of the batch is greedy at 0 is a plain step (sampled
-            requests always verify the tree: their random streams are the tree's); a greedy
+            ``drafter="medusa"`` the length is 1 (the request's tree is verified) or 0 (only
+            the root: one token, drawn by the verification op as a tree of one node, so a
+            sampled request's random numbers are those of its tree passes whatever the batch
+            does); a step where every request is at 0 runs one new token per request (a plain
+            step when all are greedy, a root-only pass otherwise); a greedy
             request stays on tree passes after a miss while its running mean of accepted
             tokens per tree pass beats the loop's measured cost of a tree pass over a plain
             step. A chain drafter also keeps a record across calls (per drafter object) of

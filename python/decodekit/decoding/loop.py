@@ -172,6 +172,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     before: Optional[List[int]] = None  # cached lengths before a verification pass
     cand: Optional[torch.Tensor] = None  # tree mode: [B, N] candidates of the pass
     plain_pass = False  # tree mode: the last pass was a plain step (adaptive, all greedy)
+    own_tree: List[bool] = []  # tree mode: per request, its candidates were verified in the last pass
     pass_clock = _PassClock()  # greedy adaptive drafting: seconds per plain step, tree and chain pass
     # Greedy chain drafting across calls: a greedy request takes plain steps only (no drafting,
     # no probes) while what this drafter's earlier greedy passes measured says drafting does
@@ -208,11 +209,11 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             prefixes = tree.path_tokens(cand)
             logits = _length_control(_processed(logits, active, None, prefixes), active, stop_list, depths)
             t0 = time.perf_counter()
-            emitted, accepted, nodes, lps = _verify_tree(
-                logits, active, cand, drafter, top_logprobs, logprobs_mode, deterministic
+            emitted, accepted, nodes, lps = _verify_tree_rows(
+                logits, active, cand, own_tree, drafter, top_logprobs, logprobs_mode, deterministic
             )
             drafter.verify_seconds += time.perf_counter() - t0
-            drafter.passes += len(active)
+            drafter.passes += sum(own_tree)
             drafter.accepted += sum(accepted)
             # the accepted path's keys and values move next to the root; the rest is dropped
             path = torch.full((len(active), tree.depth + 1), -1, dtype=torch.int64)
@@ -256,16 +257,23 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                         r.draft_wait = min(DRAFT_PROBE_WAIT_MAX, 2 * max(wait, DRAFT_PROBE_WAIT // 2))
             elif adaptive_drafts and tree_mode and r.params.greedy and (cand is not None or plain_pass):
                 # a greedy request in tree mode: length 1 = a tree pass, 0 = a plain step
-                if cand is not None:
+                mine = cand is not None and own_tree[b]
+                if mine:
                     g = float(accepted[b])
                     r.draft_gain = (
                         g if r.draft_gain < 0 else (1 - DRAFT_GAIN_WEIGHT) * r.draft_gain + DRAFT_GAIN_WEIGHT * g
                     )
-                r.draft_len = _next_draft_len(r, 0 if plain_pass else 1, min(accepted[b], 1), 1)
-                if r.draft_len == 0 and cand is not None and pass_clock.tree_pays(r.draft_gain):
+                r.draft_len = _next_draft_len(r, 1 if mine else 0, min(accepted[b], 1), 1)
+                if r.draft_len == 0 and mine and pass_clock.tree_pays(r.draft_gain):
                     # a miss, but on average the tree passes emit more per second than plain
                     # steps would: keep verifying trees (greedy tokens are the same either way)
                     r.draft_len, r.draft_wait = 1, DRAFT_PROBE_WAIT
+            elif adaptive_drafts and tree_mode and (cand is not None or plain_pass):
+                # a sampled request in tree mode: its own tree verified (length 1), or its token
+                # sampled from the root's distribution as in plain decoding (0), from its own
+                # passes only, so that a seeded request draws the same whatever its neighbours
+                # do (the root's logits are the same bits in a tree pass and a plain step)
+                r.draft_len = _next_draft_len(r, 1 if own_tree[b] else 0, min(accepted[b], 1), 1)
             if r.alive:
                 running.append(r)
             else:
@@ -274,10 +282,11 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         if not active:
             return
         seqs = [r.seq_id for r in active]
-        if tree_mode and adaptive_drafts and all(r.params.greedy and r.draft_len == 0 for r in active):
-            # Every request is greedy and its heads keep missing: a plain step (its argmax is
-            # the token the tree pass would emit), which also gives the heads their next state.
-            before, cand, plain_pass = None, None, True
+        if tree_mode and adaptive_drafts and all(r.draft_len == 0 for r in active):
+            # Every request's heads keep missing: a plain step (a greedy request's argmax is the
+            # token the tree pass would emit; a sampled request at length 0 draws from its root
+            # by plain sampling in a tree pass too), which also gives the heads their next state.
+            before, cand, plain_pass, own_tree = None, None, True, [False] * len(active)
             pass_clock.start("plain")
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
             logits, h = net.forward_paged(inp, cache, seqs, return_hidden=True)  # [B, V], [B, H]
@@ -292,14 +301,18 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             before = cache.seq_lens(seqs).tolist()
             roots = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)
             cand = drafter.candidates(roots, torch.stack([hidden[r.index] for r in active]))
+            # a sampled request at length 0 samples its root's token instead of verifying its
+            # tree (its candidates still run through the pass, which the batch takes anyway;
+            # they are dropped at compaction)
+            own_tree = [not adaptive_drafts or r.params.greedy or r.draft_len != 0 for r in active]
             t0 = time.perf_counter()
             logits, tree_hidden = net.forward_paged(
                 cand, cache, seqs, all_logits=True, return_hidden=True, tree_parents=tree.parents
             )  # [B, N, V], [B, N, H]
             drafter.forward_seconds += time.perf_counter() - t0
-            for r in active:
+            for r, own in zip(active, own_tree):
                 r.steps += 1
-                r.drafted += tree.num_nodes - 1
+                r.drafted += tree.num_nodes - 1 if own else 0
             continue
         # 2. draft
         t_pass = time.perf_counter()
@@ -527,6 +540,52 @@ def _sample_or_verify(
     return emitted, accepted, _pass_logprobs(logits, active, emitted, lambda b, j: j, top_logprobs, logprobs_mode)
 
 
+def _verify_tree_rows(
+    logits: torch.Tensor,
+    active: List[Request],
+    cand: torch.Tensor,
+    own_tree: List[bool],
+    drafter: MedusaDrafter,
+    top_logprobs: Optional[int],
+    logprobs_mode: str,
+    deterministic: bool,
+):
+    """:func:`_verify_tree` for the requests whose tree is verified (``own_tree``), and for the
+    others one token sampled from the root's processed logits exactly as a plain step samples
+    it (:func:`_sample_or_verify`); the same outputs as :func:`_verify_tree`."""
+    if all(own_tree):
+        return _verify_tree(logits, active, cand, drafter, top_logprobs, logprobs_mode, deterministic)
+    B = len(active)
+    emitted: List[List[int]] = [[] for _ in range(B)]
+    accepted, nodes = [0] * B, [[] for _ in range(B)]
+    lps = None if top_logprobs is None else [[] for _ in range(B)]
+    mine = [b for b in range(B) if own_tree[b]]
+    root = [b for b in range(B) if not own_tree[b]]
+    e, a, lp = _sample_or_verify(
+        logits[root, :1],
+        [active[b] for b in root],
+        [[] for _ in root],
+        [None] * len(root),
+        verify=False,
+        top_logprobs=top_logprobs,
+        logprobs_mode=logprobs_mode,
+        deterministic=deterministic,
+    )
+    for i, b in enumerate(root):
+        emitted[b], accepted[b] = e[i], a[i]
+        if lps is not None:
+            lps[b] = lp[i]
+    if mine:
+        e, a, n, lp = _verify_tree(
+            logits[mine], [active[b] for b in mine], cand[mine], drafter, top_logprobs, logprobs_mode, deterministic
+        )
+        for i, b in enumerate(mine):
+            emitted[b], accepted[b], nodes[b] = e[i], a[i], n[i]
+            if lps is not None:
+                lps[b] = lp[i]
+    return emitted, accepted, nodes, lps
+
+
 def _verify_tree(
     logits: torch.Tensor,
     active: List[Request],
@@ -547,6 +606,7 @@ def _verify_tree(
     B, N, V = logits.shape
     tree = drafter.tree
     parents = tree.parents[None].expand(B, N).contiguous()
+    depth = tree.depth
     emitted: List[List[int]] = [[] for _ in range(B)]
     accepted = [0] * B
     nodes: List[List[int]] = [[] for _ in range(B)]
@@ -554,7 +614,7 @@ def _verify_tree(
     sampled = [b for b, r in enumerate(active) if not r.params.greedy]
     groups = []
     if greedy:
-        res = greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth, validate=False)
+        res = greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=depth, validate=False)
         groups.append((greedy, res))  # (validate=False: the tree is the drafter's, checked when it was built)
     if sampled:
         params, rng = rows(
@@ -572,13 +632,13 @@ def _verify_tree(
                 **rng,
                 epsilon=drafter.typical_epsilon,
                 delta=drafter.typical_delta,
-                max_depth=tree.depth,
+                max_depth=depth,
                 deterministic=deterministic,
                 validate=False,  # the tree is the drafter's and the rows come from processed_probs
             )
         else:
             res = tree_speculative_sampling(
-                cand[sampled], parents[sampled], probs, **rng, max_depth=tree.depth, deterministic=deterministic,
+                cand[sampled], parents[sampled], probs, **rng, max_depth=depth, deterministic=deterministic,
                 validate=False,
             )  # fmt: skip
         groups.append((sampled, res))
