@@ -342,7 +342,7 @@ def test_draft_memory_by_hand():
     # request skips drafting except one in 16 (the scouts: requests 16, 32, ...).
     from decodekit.decoding import loop
 
-    m = loop._DraftMemory()
+    m = loop._DraftMemory(0)
     m.add_pass(1.0, 2.0)
     assert (m.gain, m.ratio, m.passes) == (1.0, 2.0, 1)
     m.add_pass(0.0, 1.0)
@@ -358,6 +358,19 @@ def test_draft_memory_by_hand():
     m.add_pass(8.0, 1.5)  # gain 0.463 + 0.05 * 7.537 = 0.840, ratio 1.708: 1.840 >= 1.708, it pays again
     assert m.gain == pytest.approx(0.95**16 + 0.4) and m.ratio == pytest.approx(1.5 + 0.45 * 0.95**15)
     assert m.pays() and not m.skips_next()
+    # One record per drafter object and target: another target starts a new record; a drafter
+    # that cannot be hashed (or weakly referenced) gets none.
+    d, t1, t2 = _AlwaysWrong(10), object(), object()
+    rec = loop._draft_memory(d, t1)
+    rec.add_pass(1.0, 1.0)
+    assert loop._draft_memory(d, t1) is rec
+    fresh = loop._draft_memory(d, t2)
+    assert fresh is not rec and fresh.passes == 0
+
+    class Unhashable(_AlwaysWrong):
+        __hash__ = None
+
+    assert loop._draft_memory(Unhashable(10), t1) is None
 
 
 def test_greedy_requests_skip_a_drafter_on_record_as_not_paying(lm):
@@ -368,7 +381,7 @@ def test_greedy_requests_skip_a_drafter_on_record_as_not_paying(lm):
     from decodekit.decoding import loop
 
     d = _AlwaysWrong(lm.config.vocab_size)
-    mem = loop._draft_memory(d)
+    mem = loop._draft_memory(d, lm.model)
     for _ in range(loop.DRAFT_MEMORY_MIN_PASSES):
         mem.add_pass(0.0, 1.3)
     plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=12, temperature=0, stop_on_eos=False)

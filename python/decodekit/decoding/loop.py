@@ -179,7 +179,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     # not pay, except every DRAFT_SCOUT_EVERY-th request, which starts with one draft instead of
     # K and then drafts as usual, keeping the record current. Greedy tokens are the same either
     # way; sampled requests never look at it.
-    memory = _draft_memory(drafter) if drafter is not None and adaptive_drafts and not tree_mode else None
+    memory = _draft_memory(drafter, net) if drafter is not None and adaptive_drafts and not tree_mode else None
     if memory is not None:
         for r in active:
             if r.params.greedy and memory.skips_next():
@@ -606,7 +606,6 @@ def _verify_tree(
     B, N, V = logits.shape
     tree = drafter.tree
     parents = tree.parents[None].expand(B, N).contiguous()
-    depth = tree.depth
     emitted: List[List[int]] = [[] for _ in range(B)]
     accepted = [0] * B
     nodes: List[List[int]] = [[] for _ in range(B)]
@@ -614,7 +613,7 @@ def _verify_tree(
     sampled = [b for b, r in enumerate(active) if not r.params.greedy]
     groups = []
     if greedy:
-        res = greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=depth, validate=False)
+        res = greedy_tree_verify(cand[greedy], parents[greedy], logits[greedy], max_depth=tree.depth, validate=False)
         groups.append((greedy, res))  # (validate=False: the tree is the drafter's, checked when it was built)
     if sampled:
         params, rng = rows(
@@ -632,13 +631,13 @@ def _verify_tree(
                 **rng,
                 epsilon=drafter.typical_epsilon,
                 delta=drafter.typical_delta,
-                max_depth=depth,
+                max_depth=tree.depth,
                 deterministic=deterministic,
                 validate=False,  # the tree is the drafter's and the rows come from processed_probs
             )
         else:
             res = tree_speculative_sampling(
-                cand[sampled], parents[sampled], probs, **rng, max_depth=depth, deterministic=deterministic,
+                cand[sampled], parents[sampled], probs, **rng, max_depth=tree.depth, deterministic=deterministic,
                 validate=False,
             )  # fmt: skip
         groups.append((sampled, res))
@@ -697,7 +696,8 @@ class _DraftMemory:
     next (per drafter object): the running mean of tokens accepted per drafting pass, and of a
     drafting pass's time over a plain step's (from each call's :class:`_PassClock`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, target_id: int) -> None:
+        self.target_id = target_id  # id() of the target model the record was measured with
         self.gain = 0.0  # accepted tokens per greedy drafting pass (running mean)
         self.ratio = 0.0  # a drafting pass's time / a plain step's (running mean; 0: unknown)
         self.passes = 0  # greedy drafting passes on record
@@ -713,7 +713,7 @@ class _DraftMemory:
     def pays(self) -> bool:
         """False once enough passes are on record and a drafting pass, which emits ``1 + gain``
         tokens on average, takes longer than as many plain steps."""
-        return self.passes < DRAFT_MEMORY_MIN_PASSES or (1 + self.gain) * 1.0 >= self.ratio
+        return self.passes < DRAFT_MEMORY_MIN_PASSES or 1 + self.gain >= self.ratio
 
     def skips_next(self) -> bool:
         """Counts a new greedy request; True when it should take plain steps only (the record
@@ -725,13 +725,14 @@ class _DraftMemory:
 _DRAFT_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _draft_memory(drafter) -> Optional[_DraftMemory]:
-    """The record of ``drafter`` (created on first use; None for an object that cannot be
-    weakly referenced, which then drafts as if it were new at every call)."""
+def _draft_memory(drafter, target) -> Optional[_DraftMemory]:
+    """The record of ``drafter`` with ``target`` (created on first use, and anew when the drafter
+    is used with another target; None for an object that cannot be weakly referenced or hashed,
+    which then drafts as if it were new at every call)."""
     try:
         mem = _DRAFT_MEMORIES.get(drafter)
-        if mem is None:
-            mem = _DRAFT_MEMORIES[drafter] = _DraftMemory()
+        if mem is None or mem.target_id != id(target):
+            mem = _DRAFT_MEMORIES[drafter] = _DraftMemory(id(target))
         return mem
     except TypeError:
         return None
