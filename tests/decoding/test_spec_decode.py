@@ -407,3 +407,42 @@ def test_greedy_requests_skip_a_drafter_on_record_as_not_paying(lm):
         PROMPTS[0], model=lm, drafter=fresh, num_draft_tokens=4, max_new_tokens=12, temperature=0, stop_on_eos=False
     )
     assert r.token_ids == plain.token_ids and fresh.asked[0] == 4
+
+
+def test_a_scout_puts_a_drafter_that_now_pays_back_on_record(lm):
+    # A drafter on record as not paying (16 passes that accepted nothing, at 1.3 plain steps
+    # each) that now proposes exactly the greedy continuation. The scout (the 16th greedy
+    # request) must get its drafting passes on record, so that greedy requests draft again:
+    # each of its passes accepts all 4 drafts, so after n of them the record's gain is
+    # 4 * (1 - 0.95^n) (1.35 at n = 8) and its ratio 1.3 + (1 - 0.95^n) * (measured - 1.3);
+    # a pass of 5 positions would have to cost over 4 plain steps for drafting not to pay.
+    # (Before the fix the scout never took a plain step, so its call never timed one and not
+    # one of its passes was recorded: the record stayed at 16 passes, not paying, for good.)
+    from decodekit.decoding import loop
+
+    plain = decodekit.generate(PROMPTS[0], model=lm, max_new_tokens=48, temperature=0, stop_on_eos=False)
+    seq = plain.prompt_token_ids + plain.token_ids
+
+    class Oracle:
+        def __init__(self):
+            self.asked = []
+
+        def propose(self, context, k):
+            self.asked.append(k)
+            assert list(context) == seq[: len(context)]
+            return seq[len(context) : len(context) + k]
+
+    d = Oracle()
+    mem = loop._draft_memory(d, lm.model)
+    for _ in range(loop.DRAFT_MEMORY_MIN_PASSES):
+        mem.add_pass(0.0, 1.3)
+    mem.requests = loop.DRAFT_SCOUT_EVERY - 1  # the next greedy request is a scout
+    kw = dict(model=lm, drafter=d, num_draft_tokens=4, max_new_tokens=48, temperature=0, stop_on_eos=False)
+    scout = speculative_generate(PROMPTS[0], **kw)
+    assert scout.token_ids == plain.token_ids
+    assert d.asked[0] == 1 and scout.accepted == scout.drafted > 0  # it probes one draft first
+    assert mem.passes >= loop.DRAFT_MEMORY_MIN_PASSES + 5, mem.passes
+    assert mem.pays(), (mem.gain, mem.ratio)
+    d.asked.clear()
+    after = speculative_generate(PROMPTS[0], **kw)
+    assert after.token_ids == plain.token_ids and d.asked[0] == 4  # drafts K from its first pass

@@ -438,9 +438,10 @@ def speculative_generate(
             step. A chain drafter also keeps a record across calls (per drafter object) of
             what its greedy drafting passes accepted and cost against plain steps: once 16
             passes are on record and drafting does not pay, new greedy requests take plain steps
-            only, except one in 16, which probes one draft first and then drafts as usual,
-            keeping the record current (so the shipped draft model costs almost nothing on text
-            it cannot predict, and a drafter that starts to pay is noticed within 16 requests).
+            only, except one in 16, which takes two plain steps (timing them), probes one draft
+            and then drafts as usual, keeping the record current (so the shipped draft model
+            costs almost nothing on text it cannot predict, and a drafter that starts to pay is
+            noticed within 16 requests).
             ``"constant"``: always up to K (always the tree). The schedule of a sampled
             request depends only on its own passes, so seeded requests still reproduce whatever
             the batch (greedy requests' tokens never depend on the schedule).

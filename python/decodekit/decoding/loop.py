@@ -176,16 +176,18 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     pass_clock = _PassClock()  # greedy adaptive drafting: seconds per plain step, tree and chain pass
     # Greedy chain drafting across calls: a greedy request takes plain steps only (no drafting,
     # no probes) while what this drafter's earlier greedy passes measured says drafting does
-    # not pay, except every DRAFT_SCOUT_EVERY-th request, which starts with one draft instead of
-    # K and then drafts as usual, keeping the record current. Greedy tokens are the same either
-    # way; sampled requests never look at it.
+    # not pay, except every DRAFT_SCOUT_EVERY-th request, which first takes DRAFT_SCOUT_PLAIN
+    # plain steps (so that this call's clock has timed plain steps: a pass is only recorded
+    # against them, and a drafter that now pays would otherwise never take one), then probes
+    # one draft and drafts as usual, keeping the record current. Greedy tokens are the same
+    # either way; sampled requests never look at it.
     memory = _draft_memory(drafter, net) if drafter is not None and adaptive_drafts and not tree_mode else None
     if memory is not None:
         for r in active:
             if r.params.greedy and memory.skips_next():
                 r.draft_len, r.draft_wait = 0, DRAFT_NEVER
             elif r.params.greedy and not memory.pays():
-                r.draft_len = 1
+                r.draft_len, r.draft_wait = 0, DRAFT_SCOUT_PLAIN
     chain_plain = False  # chain mode: the last pass was a plain step (no drafts, all greedy)
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
@@ -687,6 +689,9 @@ PASS_TIME_WEIGHT = 0.2
 #: and the weight of a pass in the record's running mean of accepted tokens.
 DRAFT_MEMORY_MIN_PASSES = 16
 DRAFT_SCOUT_EVERY = 16
+#: Plain steps a scout takes before its first draft (the clock times a kind of pass from its
+#: second one on, and a drafting pass is recorded only against timed plain steps).
+DRAFT_SCOUT_PLAIN = 2
 DRAFT_MEMORY_WEIGHT = 0.05
 DRAFT_NEVER = 1 << 62  # a probe wait that never ends
 
