@@ -468,3 +468,49 @@ def test_invalid_table_entries_without_validation_are_skipped(layout):
         K_, V_ = K_.repeat_interleave(rep, 0), V_.repeat_interleave(rep, 0)
         ref = torch.softmax(q[b, 0].double()[:, None, :] @ K_.transpose(1, 2) / D**0.5, -1) @ V_  # [Hq, 1, D]
         torch.testing.assert_close(out[b, 0].double(), ref[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_rows_bit_identical_whatever_the_block_size(layout):
+    # A row's operations depend only on its query and the cached values, in tiles of 16
+    # positions from position 0, not on how the cache is paged: the same logical keys and
+    # values in blocks of 8 and 24 (tiles spanning blocks: one lookup per position) and of 16,
+    # 32 and 64 (a tile inside one block: one pointer and a stride) give the same bits, and
+    # match the float64 reference. Lengths below, at and across tile and block edges; Q = 1
+    # and Q = 3 (causal among the new tokens).
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, D = 3, 6, 2, 64
+    lens = [5, 16, 97]
+    keys = [torch.randn(n, Hkv, D, generator=g) * 2 for n in lens]
+    values = [torch.randn(n, Hkv, D, generator=g) for n in lens]
+    for Q in (1, 3):
+        q = torch.randn(B, Q, Hq, D, generator=g)
+        outs = {}
+        for bs in (8, 16, 24, 32, 64):
+            max_blocks = max(-(-n // bs) for n in lens)
+            num_blocks = B * max_blocks + 2
+            shape = (num_blocks, bs, Hkv, D) if layout == "NHD" else (num_blocks, Hkv, bs, D)
+            k = torch.full(shape, float("nan"))  # positions past a sequence's end are never read
+            v = torch.full(shape, float("nan"))
+            tables = torch.full((B, max_blocks), -1, dtype=torch.int32)
+            perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(bs))
+            used = 0
+            for b, n in enumerate(lens):
+                for j in range(-(-n // bs)):
+                    blk = int(perm[used])
+                    used += 1
+                    tables[b, j] = blk
+                    lo, hi = j * bs, min(n, (j + 1) * bs)
+                    if layout == "NHD":
+                        k[blk, : hi - lo] = keys[b][lo:hi]
+                        v[blk, : hi - lo] = values[b][lo:hi]
+                    else:
+                        k[blk, :, : hi - lo] = keys[b][lo:hi].transpose(0, 1)
+                        v[blk, :, : hi - lo] = values[b][lo:hi].transpose(0, 1)
+            lens_t = torch.tensor(lens, dtype=torch.int32)
+            outs[bs] = paged_attention(q, k, v, tables, lens_t, kv_layout=layout)
+            if bs == 16:
+                ref = sdpa_on_gathered(q, k, v, tables, lens_t, layout, 1.0 / math.sqrt(D))
+                torch.testing.assert_close(outs[bs].double(), ref, rtol=1e-5, atol=1e-5)
+        for bs, out in outs.items():
+            assert torch.equal(out, outs[16]), (Q, bs)
