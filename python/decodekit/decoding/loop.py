@@ -423,8 +423,8 @@ def _length_control(
     before ``min_new_tokens`` (position ``j`` of ``logits [B, T, V]`` draws token number
     ``len(token_ids) + j``, or ``+ depths[j]`` in a tree pass), in place, only in the rows that
     ask for it."""
-    if not stop_list:
-        return logits
+    if not stop_list or all(r.eos_bias == 0.0 and len(r.token_ids) >= r.min_new_tokens for r in active):
+        return logits  # (no request asks for either: no tensor built at this step)
     B, T, V = logits.shape
     ids = torch.tensor(stop_list, dtype=torch.int64)
     for b, r in enumerate(active):
