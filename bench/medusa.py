@@ -268,6 +268,8 @@ def main() -> None:
             ("draft greedy", "draft", dict(temperature=0)),
             ("ngram greedy", "ngram", dict(temperature=0)),
             ("plain T=0.7", "plain", dict(temperature=0.7, seed=1)),
+            ("draft T=0.7", "draft", dict(temperature=0.7, seed=1)),
+            ("ngram T=0.7", "ngram", dict(temperature=0.7, seed=1)),
             (
                 "medusa T=0.7 lossless",
                 "medusa",

@@ -446,3 +446,48 @@ def test_a_scout_puts_a_drafter_that_now_pays_back_on_record(lm):
     d.asked.clear()
     after = speculative_generate(PROMPTS[0], **kw)
     assert after.token_ids == plain.token_ids and d.asked[0] == 4  # drafts K from its first pass
+
+
+class _Never:
+    """Proposes nothing."""
+
+    def propose(self, context, k):
+        return []
+
+
+class _WrongOnEvenLengths:
+    """Proposes k copies of the last vocabulary id when the context's length is even, else nothing."""
+
+    def __init__(self, V):
+        self.V = V
+
+    def propose(self, context, k):
+        return [self.V - 1] * k if len(context) % 2 == 0 else []
+
+
+def test_sampled_requests_without_drafts_sample_as_plain_decoding(lm):
+    # A request that drafts nothing takes its token as a plain step does (the plain stream at
+    # its offset): with a drafter that never proposes, seeded sampled runs give exactly plain
+    # generation's tokens, alone and in a batch.
+    kw = dict(model=lm, max_new_tokens=24, temperature=0.8, top_p=0.9, stop_on_eos=False)
+    plain = decodekit.generate([PROMPTS[0], PROMPTS[1]], seed=[4, 9], **kw)
+    spec = speculative_generate([PROMPTS[0], PROMPTS[1]], drafter=_Never(), num_draft_tokens=3, seed=[4, 9], **kw)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert all(r.drafted == 0 for r in spec)
+
+
+def test_sampled_request_without_drafts_beside_drafting_neighbours(lm):
+    # The drafter proposes (wrong drafts) only on even context lengths, so within one pass some
+    # requests verify drafts and others draw plainly; a seeded request's tokens are the same
+    # alone and in batches with greedy and sampled neighbours, in both schedules.
+    for schedule in ("adaptive", "constant"):
+        kw = dict(
+            model=lm, max_new_tokens=20, stop_on_eos=False, num_draft_tokens=2, draft_schedule=schedule,
+            drafter=_WrongOnEvenLengths(lm.config.vocab_size),
+        )  # fmt: skip
+        alone = speculative_generate(PROMPTS[2], temperature=0.8, seed=21, **kw)
+        mixed = speculative_generate(
+            [PROMPTS[0], PROMPTS[2], PROMPTS[1]], temperature=[0.0, 0.8, 0.8], seed=[None, 21, 5], **kw
+        )
+        assert mixed[1].token_ids == alone.token_ids, schedule
+        assert alone.drafted > 0

@@ -11,7 +11,8 @@
    position (prompt + output + the drafts before it) and the logit bias; then length control:
    ``eos_bias`` added to every stop id's logit, and every stop id at ``-inf`` while the position
    is before ``min_new_tokens``.
-5. **Sample or verify**: without drafts, :func:`decodekit.sample_from_logits`; with drafts,
+5. **Sample or verify**: without drafts, :func:`decodekit.sample_from_logits` (also for a
+   request without drafts in a pass where others drafted); with drafts,
    :func:`decodekit.greedy_verify` for greedy requests and lossless
    :func:`decodekit.chain_speculative_sampling_from_logits` for the others.
 6. **Append or roll back**: keep the accepted drafts plus the emitted token; the cache rolls back
@@ -188,12 +189,12 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                 r.draft_len, r.draft_wait = 0, DRAFT_NEVER
             elif r.params.greedy and not memory.pays():
                 r.draft_len, r.draft_wait = 0, DRAFT_SCOUT_PLAIN
-    chain_plain = False  # chain mode: the last pass was a plain step (no drafts, all greedy)
+    chain_plain = False  # chain mode: the last pass was a plain step (nobody drafted)
     tree_hidden: Optional[torch.Tensor] = None  # tree mode: [B, N, H] states of the pass
     while True:
-        # 4-5. process every position, then sample (the first token, and plain decoding) or
-        # verify (every pass of speculative decoding, also one without drafts, so that a
-        # request's random numbers never depend on what its neighbours drafted)
+        # 4-5. process every position, then sample (the first token, plain decoding, and a
+        # request without drafts in any pass, so that its random numbers never depend on what
+        # its neighbours drafted) or verify the drafts
         if cand is None:
             logits = _length_control(_processed(logits, active, drafts), active, stop_list)
             emitted, accepted, lps = _sample_or_verify(
@@ -330,10 +331,10 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             drafts.append(d)
             draft_logits.append(dl)
         width = max(len(d) for d in drafts)
-        # 3. one target pass over [last token] + drafts; a plain step when nobody drafted and
-        # every request is greedy (its argmax is the token verification would emit, and greedy
-        # requests draw nothing), as without a drafter
-        chain_plain = drafter is not None and width == 0 and all(r.params.greedy for r in active)
+        # 3. one target pass over [last token] + drafts; a plain step when nobody drafted, as
+        # without a drafter (a request without drafts takes its token as a plain step does in
+        # any pass: the argmax, or a draw at its own offset from its first position's logits)
+        chain_plain = drafter is not None and width == 0
         if drafter is not None and adaptive_drafts:
             pass_clock.start("plain" if width == 0 else "draft", t_pass)
         if drafter is None or chain_plain:
@@ -508,7 +509,18 @@ def _sample_or_verify(
     emitted: List[List[int]] = [[] for _ in range(B)]
     accepted = [0] * B
     greedy = [b for b, r in enumerate(active) if r.params.greedy]
-    sampled = [b for b, r in enumerate(active) if not r.params.greedy]
+    sampled = [b for b, r in enumerate(active) if not r.params.greedy and drafts[b]]
+    # A sampled request without drafts draws its token as a plain step does (its offset, the
+    # plain stream), whatever its neighbours drafted: from its first position's logits, which
+    # are the same bits in a pass of any width.
+    undrafted = [b for b, r in enumerate(active) if not r.params.greedy and not drafts[b]]
+    if undrafted:
+        tokens, _, _ = _sample_or_verify(
+            logits[undrafted, :1], [active[b] for b in undrafted], [[] for _ in undrafted], [None] * len(undrafted),
+            verify=False, deterministic=deterministic,
+        )  # fmt: skip
+        for b, t in zip(undrafted, tokens):
+            emitted[b] = t
     groups = []
     if greedy:  # (no copy of the logits when every row is greedy)
         everyone = len(greedy) == B
