@@ -424,15 +424,14 @@ def speculative_generate(
             each request's draft length follows its own
             acceptance, between 0 and K: 2 more after a pass whose drafts were all accepted, one
             more than were accepted after a partial accept, half as many after a pass with none
-            accepted; at 0 the step drafts nothing (one verified row; a plain step with no
-            verification when every request of the batch is greedy), and one draft is tried
-            again after 4 such steps (the wait doubles after each failed try, up to 64). A
-            drafter that keeps missing then costs little more than plain decoding. With
-            ``drafter="medusa"`` the length is 1 (the request's tree is verified) or 0 (only
-            the root: one token, drawn by the verification op as a tree of one node, so a
-            sampled request's random numbers are those of its tree passes whatever the batch
-            does); a step where every request is at 0 runs one new token per request (a plain
-            step when all are greedy, a root-only pass otherwise); a greedy
+            accepted; at 0 the request drafts nothing and takes its token exactly as a plain
+            step does (the argmax, or the sampling op at its own offset, whatever its
+            neighbours drafted; a step where nobody drafts is a plain step), and one draft is
+            tried again after 4 such steps (the wait doubles after each failed try, up to 64).
+            A drafter that keeps missing then costs little more than plain decoding. With
+            ``drafter="medusa"`` the length is 1 (the request's tree is verified) or 0 (its
+            token is taken from the root's logits as a plain step takes it; a step where every
+            request is at 0 is a plain step); a greedy
             request stays on tree passes after a miss while its running mean of accepted
             tokens per tree pass beats the loop's measured cost of a tree pass over a plain
             step. A chain drafter also keeps a record across calls (per drafter object) of
