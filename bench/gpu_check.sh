@@ -33,7 +33,7 @@ case "$SECTION" in
     timeout 300 $PY bench/gpu_sampling.py ${BENCH_ARGS:-} --json "$OUT/sampling.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   decode)
-    DECODE_TESTS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py"
+    DECODE_TESTS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py tests/ops/test_tree_cuda.py"
     timeout 100 $PY -m pytest -q -ra -p no:cacheprovider $DECODE_TESTS "tests/ops/test_contracts.py::test_cpu_equals_cuda" \
       2>&1 | tee "$OUT/tests.log" | tail -30
     echo "tests exit: ${PIPESTATUS[0]}"

@@ -58,7 +58,8 @@ template <int K>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     paged_attention_kernel(const float* __restrict__ q, int64_t Q, int64_t Hq, PagedKVView kv,
                            const int64_t* __restrict__ block_tables, int64_t max_blocks,
-                           const int64_t* __restrict__ seq_lens, float scale, float* __restrict__ out) {
+                           const int64_t* __restrict__ seq_lens, const uint8_t* __restrict__ tree_mask, float scale,
+                           float* __restrict__ out) {
   extern __shared__ float smem[];
   const int64_t Hkv = kv.num_kv_heads, D = kv.head_dim, bs = kv.block_size;
   const int Dp = static_cast<int>((D + 15) / 16 * 16);
@@ -82,6 +83,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   n = n < max_blocks * bs ? n : max_blocks * bs;  // positions past the table cannot be read
   const int64_t last = n - Q + i;                 // the last position this query row attends to
   const int64_t end = last + 1;
+  // A tree mask removes new tokens from this row's walk (never scored nor added), as on the CPU:
+  // position pos >= first_new is new token pos - first_new (<= i, since pos <= last).
+  const int64_t first_new = n - Q;
+  const uint8_t* mrow = tree_mask != nullptr ? tree_mask + (b * Q + i) * Q : nullptr;
 
   const float* qrow = q + ((b * Q + i) * Hq + h) * D;
   const int nc = Dp / 16, nc2 = (Dp + 31) / 32;
@@ -128,6 +133,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
       const float* kt = ks + sub * kTile * Ds;
       const float* vt = vs + sub * kTile * Ds;
       const int* pt = pres + sub * kTile;
+      // The positions of the tile this row reads: present, at most its last, and allowed by its mask.
+      unsigned seen = 0;
+      for (int j = 0; j < kTile; ++j) {
+        const int64_t pos = t1 + j;
+        if (j < upto && pt[j] && (mrow == nullptr || pos < first_new || mrow[pos - first_new] != 0)) seen |= 1u << j;
+      }
       // The 8 dot products of this half-warp side by side (independent chains,
       // then the 8 trees together): the same operations per product.
       float dots[kTile / 2];
@@ -148,7 +159,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
 #pragma unroll
         for (int jj = 0; jj < kTile / 2; ++jj) {
           const int j = 2 * jj + hw;
-          s_sh[warp * kTile + j] = (j < upto && pt[j]) ? dots[jj] * scale : -kInf;
+          s_sh[warp * kTile + j] = (seen >> j) & 1u ? dots[jj] * scale : -kInf;
         }
       __syncwarp();
       float tmax = -kInf;
@@ -170,7 +181,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
         for (int c = 0; c < kMaxDp / 32; ++c)
           if (c < nc2) ac[c] = ac[c] * alpha;
         for (int j = 0; j < upto; ++j) {
-          if (!pt[j]) continue;
+          if (!((seen >> j) & 1u)) continue;
           const float w = p_sh[warp * kTile + j];
 #pragma unroll
           for (int c = 0; c < kMaxDp / 32; ++c) {
@@ -196,8 +207,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
 }  // namespace
 
 cudaError_t paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKVView& kv,
-                            const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
-                            float* out, cudaStream_t stream) {
+                            const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens,
+                            const uint8_t* tree_mask, float scale, float* out, cudaStream_t stream) {
   if (B <= 0 || Q <= 0 || Hq <= 0 || kv.head_dim <= 0) return cudaSuccess;
   if (kv.num_kv_heads <= 0 || Hq % kv.num_kv_heads != 0 || kv.head_dim > kMaxAttentionHeadDim || kv.block_size <= 0)
     return cudaErrorInvalidValue;
@@ -213,15 +224,15 @@ cudaError_t paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, co
   switch (kv.kind) {
     case ScalarKind::kFloat32:
       paged_attention_kernel<0>
-          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, scale, out);
+          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, tree_mask, scale, out);
       break;
     case ScalarKind::kFloat16:
       paged_attention_kernel<1>
-          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, scale, out);
+          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, tree_mask, scale, out);
       break;
     case ScalarKind::kBFloat16:
       paged_attention_kernel<2>
-          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, scale, out);
+          <<<grid, threads, shmem, stream>>>(q, Q, Hq, kv, block_tables, max_blocks, seq_lens, tree_mask, scale, out);
       break;
     default:
       return cudaErrorInvalidValue;

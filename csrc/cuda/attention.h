@@ -34,10 +34,13 @@ struct PagedKVView {
 // read through block_tables[b] (int64 [B, max_blocks]); query head h reads KV
 // head h / (H_q / H_kv). Positions whose block id is outside [0, num_blocks)
 // contribute nothing; a row with no position gets zeros; a NaN score makes the
-// row NaN. q and out are float32 [B, Q, H_q, D], contiguous.
+// row NaN. q and out are float32 [B, Q, H_q, D], contiguous. tree_mask (null:
+// the causal rule) is bool [B, Q, Q] as 0 / 1 bytes on the device, with the
+// CPU's meaning (cpu/attention.h): query i reads new token j <= i only where
+// tree_mask[b, i, j]; a masked-out position is neither scored nor added.
 cudaError_t paged_attention(const float* q, int64_t B, int64_t Q, int64_t Hq, const PagedKVView& kv,
-                            const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens, float scale,
-                            float* out, cudaStream_t stream);
+                            const int64_t* block_tables, int64_t max_blocks, const int64_t* seq_lens,
+                            const uint8_t* tree_mask, float scale, float* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace decodekit

@@ -6,6 +6,12 @@
 // bytes), so consecutive threads read and write consecutive bytes of a head
 // row. Each destination element is written by at most one thread (given
 // distinct slots), and the kernels are pure copies: the result is the CPU's.
+//
+// The compactions (after tree verification): one block per (row, head); the
+// block walks the accepted path in ascending k as the CPU does, its threads
+// copy the head row's vectors of step k, and a barrier separates the steps,
+// so a source is read before any later step overwrites it (kv_cache.h explains
+// why ascending k is safe in place).
 #include "cuda/kv_cache.h"
 
 #include <cstdint>
@@ -103,6 +109,61 @@ unsigned grid_for(int64_t items) {
   return static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16);  // grid-stride past ~268M items
 }
 
+// Compaction: block (b, h) moves row b's accepted path for head h. `at(pos)`: the element offset
+// (in vectors) of (pos, h) in a cache tensor, or -1 when pos cannot be addressed.
+template <class Vec, class At>
+__device__ void compact_head(Vec* __restrict__ kc, Vec* __restrict__ vc, int64_t vpr, int64_t s0,
+                             const int64_t* __restrict__ acc, int64_t L, int64_t cap, At at) {
+  if (s0 < 0 || s0 >= cap) return;
+  int64_t prev = -1;
+  for (int64_t k = 0; k < L; ++k) {
+    const int64_t node = acc[k];
+    if (node <= prev) break;      // -1 padding (or a non-increasing index) ends the path
+    if (node >= cap - s0) break;  // past the cache (so is every later node)
+    prev = node;
+    if (node == k) continue;  // already in place
+    const int64_t src = at(s0 + node), dst = at(s0 + k);
+    if (src >= 0 && dst >= 0)
+      for (int64_t c = threadIdx.x; c < vpr; c += blockDim.x) {
+        kc[dst + c] = kc[src + c];
+        vc[dst + c] = vc[src + c];
+      }
+    __syncthreads();  // step k's reads before a later step's writes (uniform: every thread takes each step)
+  }
+}
+
+template <class Vec>
+__global__ void __launch_bounds__(kThreads)
+    compact_contiguous_kernel(Vec* __restrict__ kc, Vec* __restrict__ vc, int64_t H, int64_t vpr, int64_t S, bool hnd,
+                              const int64_t* __restrict__ start, const int64_t* __restrict__ accepted, int64_t L) {
+  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
+  compact_head(kc, vc, vpr, start[b], accepted + b * L, L, S,
+               [&](int64_t pos) { return hnd ? ((b * H + h) * S + pos) * vpr : ((b * S + pos) * H + h) * vpr; });
+}
+
+template <class Vec>
+__global__ void __launch_bounds__(kThreads)
+    compact_paged_kernel(Vec* __restrict__ kc, Vec* __restrict__ vc, int64_t H, int64_t vpr, int64_t num_blocks,
+                         int64_t bs, bool hnd, const int64_t* __restrict__ block_tables, int64_t max_blocks,
+                         const int64_t* __restrict__ start, const int64_t* __restrict__ accepted, int64_t L) {
+  const int64_t b = blockIdx.x / H, h = blockIdx.x % H;
+  const int64_t* table = block_tables + b * max_blocks;
+  compact_head(kc, vc, vpr, start[b], accepted + b * L, L, max_blocks * bs, [&](int64_t pos) {
+    const int64_t blk = table[pos / bs];  // pos < max_blocks * bs: the column is in the table
+    if (blk < 0 || blk >= num_blocks) return int64_t{-1};
+    return hnd ? ((blk * H + h) * bs + pos % bs) * vpr : ((blk * bs + pos % bs) * H + h) * vpr;
+  });
+}
+
+// The widest vector dividing both cache addresses and the head row (compactions).
+int cache_vector_bytes(const cpu::KVCacheTensors& c) {
+  const uint64_t bits = (static_cast<uint64_t>(c.head_dim) * static_cast<uint64_t>(c.elem_size)) |
+                        reinterpret_cast<uintptr_t>(c.k) | reinterpret_cast<uintptr_t>(c.v);
+  for (int w : {16, 8, 4})
+    if (bits % static_cast<uint64_t>(w) == 0) return w;
+  return 2;
+}
+
 }  // namespace
 
 cudaError_t append_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_t max_seq_len, const cpu::KVRows& r,
@@ -151,6 +212,72 @@ cudaError_t append_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_bloc
   append_paged_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v),                   \
                                                         static_cast<const V*>(r.key), static_cast<const V*>(r.value), \
                                                         g, total, block_size, hnd, slot_mapping, items)
+  switch (w) {
+    case 16:
+      DK_LAUNCH(V16);
+      break;
+    case 8:
+      DK_LAUNCH(V8);
+      break;
+    case 4:
+      DK_LAUNCH(V4);
+      break;
+    default:
+      DK_LAUNCH(V2);
+      break;
+  }
+#undef DK_LAUNCH
+  return cudaGetLastError();
+}
+
+cudaError_t compact_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_t max_seq_len, const int64_t* start,
+                             const int64_t* accepted_nodes, int64_t max_accepted, cudaStream_t stream) {
+  const int64_t H = c.num_heads;
+  if (batch <= 0 || max_accepted <= 0 || H <= 0 || c.head_dim <= 0 || max_seq_len <= 0) return cudaSuccess;
+  if ((c.elem_size != 2 && c.elem_size != 4) || batch * H > 2147483647) return cudaErrorInvalidValue;
+  const int w = cache_vector_bytes(c);
+  const int64_t vpr = c.head_dim * c.elem_size / w;
+  const bool hnd = c.layout == cpu::KVLayout::kHND;
+  const unsigned grid = static_cast<unsigned>(batch * H);
+  const unsigned threads = static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads);
+#define DK_LAUNCH(V)                                                                                             \
+  compact_contiguous_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr, \
+                                                             max_seq_len, hnd, start, accepted_nodes, max_accepted)
+  switch (w) {
+    case 16:
+      DK_LAUNCH(V16);
+      break;
+    case 8:
+      DK_LAUNCH(V8);
+      break;
+    case 4:
+      DK_LAUNCH(V4);
+      break;
+    default:
+      DK_LAUNCH(V2);
+      break;
+  }
+#undef DK_LAUNCH
+  return cudaGetLastError();
+}
+
+cudaError_t compact_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_blocks, int64_t block_size,
+                                   const int64_t* block_tables, int64_t max_blocks, int64_t batch, const int64_t* start,
+                                   const int64_t* accepted_nodes, int64_t max_accepted, cudaStream_t stream) {
+  const int64_t H = c.num_heads;
+  if (batch <= 0 || max_accepted <= 0 || H <= 0 || c.head_dim <= 0 || block_size <= 0 || num_blocks <= 0 ||
+      max_blocks <= 0)
+    return cudaSuccess;
+  if ((c.elem_size != 2 && c.elem_size != 4) || batch * H > 2147483647) return cudaErrorInvalidValue;
+  const int w = cache_vector_bytes(c);
+  const int64_t vpr = c.head_dim * c.elem_size / w;
+  const bool hnd = c.layout == cpu::KVLayout::kHND;
+  const unsigned grid = static_cast<unsigned>(batch * H);
+  const unsigned threads = static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads);
+#define DK_LAUNCH(V)                                                                                                  \
+  compact_paged_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr,           \
+                                                        num_blocks, block_size, hnd, block_tables, max_blocks, start, \
+                                                        accepted_nodes, max_accepted)
   switch (w) {
     case 16:
       DK_LAUNCH(V16);

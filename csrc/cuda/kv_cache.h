@@ -1,8 +1,7 @@
-// CUDA kernels of the KV-cache family: append_kv_cache and append_paged_kv_cache
-// with the semantics of csrc/cpu/kv_cache.h (the same framework-free structs,
-// holding DEVICE pointers). Raw element bytes are copied (float32, float16 and
-// bfloat16 alike); positions past the cache, negative slots and slots outside
-// the pool are skipped, never written. On the given stream, no host
+// CUDA kernels of the KV-cache family: append_kv_cache, append_paged_kv_cache
+// and the compactions after tree verification, with the semantics of csrc/cpu/kv_cache.h (the same framework-free
+// structs, holding DEVICE pointers). Raw element bytes are copied (float32, float16 and bfloat16 alike); positions past
+// the cache, negative slots and slots outside the pool are skipped, never written. On the given stream, no host
 // synchronisation (capturable in a CUDA graph).
 #pragma once
 
@@ -23,6 +22,17 @@ cudaError_t append_kv_cache(const cpu::KVCacheTensors& cache, int64_t batch, int
 cudaError_t append_paged_kv_cache(const cpu::KVCacheTensors& cache, int64_t num_blocks, int64_t block_size,
                                   const cpu::KVRows& rows, const int64_t* slot_mapping, int64_t num_slots,
                                   cudaStream_t stream);
+
+// Compaction after tree verification (cpu/kv_cache.h's CompactKVCacheKernel and
+// CompactPagedKVCacheKernel): row b's accepted path (accepted_nodes [batch,
+// max_accepted], relative to start[b], on the device) moves to consecutive
+// positions in place. One block per (row, head), the path's steps in order.
+cudaError_t compact_kv_cache(const cpu::KVCacheTensors& cache, int64_t batch, int64_t max_seq_len, const int64_t* start,
+                             const int64_t* accepted_nodes, int64_t max_accepted, cudaStream_t stream);
+
+cudaError_t compact_paged_kv_cache(const cpu::KVCacheTensors& cache, int64_t num_blocks, int64_t block_size,
+                                   const int64_t* block_tables, int64_t max_blocks, int64_t batch, const int64_t* start,
+                                   const int64_t* accepted_nodes, int64_t max_accepted, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace decodekit

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "decodekit/math.h"
 #include "decodekit/philox.h"
 #include "decodekit/reduce.h"
 
@@ -44,6 +45,20 @@ struct Residual {
     }
     const float w = pc * sp - qc;
     return w > 0.0f ? w : 0.0f;
+  }
+};
+
+// The weights of a tree node whose rejected candidates ex[0, nex) are removed:
+// clean(p) with those tokens at 0 (the CPU's Excluding, cpu/speculative/residual.h).
+struct Excluding {
+  const float* p;
+  const int64_t* ex;
+  int64_t nex;
+  __device__ __forceinline__ float at(int64_t i) const {
+    for (int64_t k = 0; k < nex; ++k)
+      if (ex[k] == i) return 0.0f;
+    const float pi = p[i];
+    return pi > 0.0f ? pi : 0.0f;
   }
 };
 
@@ -99,7 +114,8 @@ __global__ void __launch_bounds__(kThreads)
 // 2v + 1 of each full pair go to the even and odd accumulators, the vectors
 // after the last full pair to the even one; the two merged lane by lane, then
 // the fixed tree. Called by a whole warp; every lane returns the sum.
-__device__ double exact_block_sum(const Residual& r, int64_t k, int64_t n) {
+template <class W>
+__device__ double exact_block_sum(const W& r, int64_t k, int64_t n) {
   const int lane = threadIdx.x & 31, l = lane & 15, par = lane >> 4;
   const int64_t b0 = k * kBlock, end = b0 + kBlock < n ? b0 + kBlock : n;
   const int64_t len = end - b0;
@@ -120,7 +136,8 @@ __device__ double exact_block_sum(const Residual& r, int64_t k, int64_t n) {
 // their total in order, the walk over the block sums and the scan of the
 // chosen block; -1 when the total is 0. Called by the whole block; every
 // thread returns the token.
-__device__ int64_t draw(const Residual& r, int64_t n, double u, double* sums, Shared& sh) {
+template <class W>
+__device__ int64_t draw(const W& r, int64_t n, double u, double* sums, Shared& sh) {
   const int64_t nb = reduce::num_blocks(n);
   const int warp = threadIdx.x / 32;
   for (int64_t k = warp; k < nb; k += kWarps) {
@@ -290,6 +307,256 @@ __global__ void __launch_bounds__(kVerifyThreads)
   num_emitted[b] = a + (row_out[a] >= 0 ? 1 : 0);
 }
 
+// ------------------------------------------------------------------ trees ----
+// The tree ops (csrc/cpu/speculative/tree.cpp, step by step). Two launches
+// each: every node row's check, mass (and for typical acceptance its sum of
+// w ln w) in parallel, one block per (row, node), as the chain's row_stats;
+// then one block per row, where thread 0 builds the tree and walks it (the
+// walk reads only the node stats, one probability per candidate and the
+// Philox uniforms), and the whole block makes the one draw of the row
+// (bonus token, residual token) in the CPU's block-sum order.
+
+// Per-row int64 scratch of a tree: depth, first child, next sibling, last
+// child, and the kernels' per-node scratch (rejected tokens, acceptance flags).
+struct TreeView {
+  int64_t* depth;
+  int64_t* first;
+  int64_t* next;
+  int64_t* last;
+  int64_t* aux;
+};
+
+// The CPU's Tree::build: node n takes part when its token is in [0,
+// vocab_size), its parent is an earlier node that takes part, and its depth is
+// at most max_depth; the children of a node linked in ascending index order.
+// One thread.
+__device__ TreeView build_tree(const int64_t* cand, const int64_t* par, int64_t N, int64_t vocab_size,
+                               int64_t max_depth, int64_t* m) {
+  TreeView t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
+  for (int64_t i = 0; i < 5 * N; ++i) m[i] = -1;
+  t.depth[0] = 0;
+  for (int64_t n = 1; n < N; ++n) {
+    const int64_t x = cand[n], p = par[n];
+    if (x < 0 || x >= vocab_size || p < 0 || p >= n || t.depth[p] < 0 || t.depth[p] >= max_depth) continue;
+    t.depth[n] = t.depth[p] + 1;
+    if (t.last[p] < 0)
+      t.first[p] = n;
+    else
+      t.next[t.last[p]] = n;
+    t.last[p] = n;
+  }
+  return t;
+}
+
+// The CPU's finish(): the path root -> end (root excluded), its tokens, the
+// emitted token (-1: none), the counts. One thread.
+__device__ void finish_tree(const TreeView& t, const int64_t* cand, const int64_t* par, int64_t end, int64_t token,
+                            int64_t b, int64_t D, const TreeOutputs& out) {
+  int64_t* tokens = out.tokens + b * (D + 1);
+  int64_t* nodes = out.nodes + b * (D + 1);
+  for (int64_t j = 0; j <= D; ++j) tokens[j] = nodes[j] = -1;
+  const int64_t a = t.depth[end];
+  for (int64_t n = end, j = a - 1; j >= 0; n = par[n], --j) {
+    nodes[j] = n;
+    tokens[j] = cand[n];
+  }
+  tokens[a] = token;
+  out.num_accepted[b] = a;
+  out.num_emitted[b] = a + (token >= 0 ? 1 : 0);
+}
+
+// stats[(b N + n) * 2]: node row (b, n)'s mass over [0, vocab_size), or -1 when it holds a
+// negative, NaN or infinite entry there; [.. + 1]: with `entropy`, sum of w ln w over its
+// weights w >= float32's smallest normal (float32 terms, as the CPU's sum_w_log_w), else 0.
+// The sums are float64 over the block's threads in a fixed tree: batch-invariant, and
+// equal to the CPU's 16-lane sums up to the last bits (see speculative.h).
+__global__ void __launch_bounds__(kThreads)
+    tree_stats_kernel(const float* __restrict__ target_probs, int64_t V, int64_t vocab_size, bool entropy,
+                      double* __restrict__ stats) {
+  __shared__ Shared sh;
+  const int64_t row = blockIdx.x;
+  const float* p = target_probs + row * V;
+  double mass = 0.0;
+  const bool ok = row_check_mass(p, vocab_size, sh, &mass);
+  double swl = 0.0;
+  if (entropy && ok) {
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < vocab_size; i += kThreads) {
+      const float w = p[i];
+      if (w >= 1.17549435e-38f) s += static_cast<double>(w * log_positive_normal(w));
+    }
+    sh.red[threadIdx.x] = s;
+    __syncthreads();
+    for (int w = kThreads / 2; w >= 1; w /= 2) {
+      if (static_cast<int>(threadIdx.x) < w) sh.red[threadIdx.x] += sh.red[threadIdx.x + w];
+      __syncthreads();
+    }
+    swl = sh.red[0];
+  }
+  if (threadIdx.x == 0) {
+    stats[2 * row] = ok ? mass : -1.0;
+    stats[2 * row + 1] = swl;
+  }
+}
+
+enum TreeEnd : int { kEndNone = 0, kEndBonus = 1, kEndResidual = 2 };
+
+// Lossless tree verification of one row (block b); see speculative.h.
+__global__ void __launch_bounds__(kThreads, 1)
+    tree_sampling_kernel(const int64_t* __restrict__ candidates, const int64_t* __restrict__ parents,
+                         const float* __restrict__ target_probs, int64_t N, int64_t V, int64_t vocab_size,
+                         int64_t max_depth, RowParam<int64_t> seed, RowParam<int64_t> offset,
+                         const double* __restrict__ stats, int64_t* tree_scratch, double* sums_all, TreeOutputs out) {
+  __shared__ Shared sh;
+  __shared__ int64_t end_node, end_nrej;
+  __shared__ int end_kind;
+  const int64_t b = blockIdx.x;
+  const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
+  const int64_t* cand = candidates + b * N;
+  const int64_t* par = parents + b * N;
+  const double* st = stats + 2 * b * N;
+  int64_t* m = tree_scratch + 5 * b * N;
+  if (threadIdx.x == 0) {
+    const TreeView t = build_tree(cand, par, N, vocab_size, max_depth, m);
+    int64_t* rejected = t.aux;  // the distinct tokens rejected at the current node
+    int64_t c = 0, nrej = 0;
+    int kind = kEndNone;
+    for (;;) {
+      const double mass = st[2 * c];
+      if (mass < 0.0) break;  // an invalid row: nothing emitted
+      if (t.first[c] < 0) {   // an accepted leaf (or a root without children)
+        kind = kEndBonus;
+        break;
+      }
+      const float* p = target_probs + (b * N + c) * V;
+      double rest = mass;
+      nrej = 0;
+      int64_t next = -1;
+      for (int64_t n = t.first[c]; n >= 0; n = t.next[n]) {
+        const int64_t x = cand[n];
+        bool seen = false;
+        for (int64_t k = 0; k < nrej; ++k) seen |= rejected[k] == x;
+        const double rx = seen ? 0.0 : clean(p[x]);
+        const double u = PhiloxStreamRef{s, o, kStreamTreeNode + static_cast<uint32_t>(n)}.uniform_double(0);
+        if (u * rest < rx) {
+          next = n;
+          break;
+        }
+        if (!seen) {
+          rejected[nrej++] = x;
+          rest -= rx;
+        }
+      }
+      if (next < 0) {
+        kind = kEndResidual;
+        break;
+      }
+      c = next;
+    }
+    end_node = c;
+    end_nrej = nrej;
+    end_kind = kind;
+  }
+  __syncthreads();  // the walk's result and the rejected tokens (global scratch) for every thread
+  const int64_t c = end_node;
+  const int kind = end_kind;
+  const float* p = target_probs + (b * N + c) * V;
+  double* sums = sums_all + b * reduce::num_blocks(vocab_size);
+  int64_t token = -1;
+  if (kind == kEndBonus) {
+    const double u = PhiloxStreamRef{s, o, kStreamTreeBonus}.uniform_double(0);
+    token = draw(Residual{p, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u, sums, sh);
+  } else if (kind == kEndResidual) {
+    // A token from r (p without the rejected tokens), or from p when only float64 rounding
+    // left r without mass.
+    const double u = PhiloxStreamRef{s, o, kStreamTreeNode + static_cast<uint32_t>(c)}.uniform_double(1);
+    token = draw(Excluding{p, m + 4 * N, end_nrej}, vocab_size, u, sums, sh);
+    if (token < 0) token = draw(Residual{p, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u, sums, sh);
+  }
+  if (threadIdx.x == 0) {
+    const TreeView t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
+    finish_tree(t, cand, par, c, token, b, max_depth, out);
+  }
+}
+
+// Typical acceptance of one row (block b); see speculative.h.
+__global__ void __launch_bounds__(kThreads, 1)
+    typical_kernel(const int64_t* __restrict__ candidates, const int64_t* __restrict__ parents,
+                   const float* __restrict__ target_probs, int64_t N, int64_t V, int64_t vocab_size, int64_t max_depth,
+                   RowParam<double> epsilon, RowParam<double> delta, RowParam<int64_t> seed, RowParam<int64_t> offset,
+                   const double* __restrict__ stats, int64_t* tree_scratch, double* sums_all, TreeOutputs out) {
+  __shared__ Shared sh;
+  __shared__ int64_t end_node;
+  const int64_t b = blockIdx.x;
+  const int64_t* cand = candidates + b * N;
+  const int64_t* par = parents + b * N;
+  const double* st = stats + 2 * b * N;
+  int64_t* m = tree_scratch + 5 * b * N;
+  if (threadIdx.x == 0) {
+    const TreeView t = build_tree(cand, par, N, vocab_size, max_depth, m);
+    int64_t* accepted = t.aux;  // 1: node accepted (the root counts as accepted)
+    const double eps = epsilon.at(b), log_delta = log_double(delta.at(b));  // -inf for delta = 0
+    accepted[0] = 1;
+    int64_t end = 0;
+    for (int64_t n = 1; n < N; ++n) {
+      accepted[n] = 0;
+      if (t.depth[n] < 0) continue;
+      const int64_t p = par[n];
+      if (!accepted[p]) continue;
+      const double mass = st[2 * p];
+      if (!(mass > 0.0)) continue;  // an invalid parent row, or one without mass
+      // H(q) for q = w / m: ln m - sum(w ln w) / m.
+      const double entropy = log_double(mass) - st[2 * p + 1] / mass;
+      const double q = clean(target_probs[(b * N + p) * V + cand[n]]) / mass;
+      // q > min(eps, delta exp(-H)), the second test in logs: ln q > ln delta - H.
+      if (q > eps || (q > 0.0 && log_double(q) > log_delta - entropy)) {
+        accepted[n] = 1;
+        if (t.depth[n] > t.depth[end]) end = n;  // ascending n: the lowest index among the deepest
+      }
+    }
+    end_node = end;
+  }
+  __syncthreads();
+  const int64_t end = end_node;
+  int64_t token = -1;
+  if (st[2 * end] >= 0.0) {  // a valid row (a row without mass draws nothing: -1)
+    const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
+    const double u = PhiloxStreamRef{s, o, kStreamTreeBonus}.uniform_double(0);
+    token = draw(Residual{target_probs + (b * N + end) * V, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u,
+                 sums_all + b * reduce::num_blocks(vocab_size), sh);
+  }
+  if (threadIdx.x == 0) {
+    const TreeView t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
+    finish_tree(t, cand, par, end, token, b, max_depth, out);
+  }
+}
+
+// Greedy tree verification, one thread per row; see speculative.h.
+__global__ void __launch_bounds__(kVerifyThreads)
+    greedy_tree_kernel(const int64_t* __restrict__ candidates, const int64_t* __restrict__ parents,
+                       const int64_t* __restrict__ target_ids, int64_t B, int64_t N, int64_t vocab_size,
+                       int64_t max_depth, int64_t* tree_scratch, TreeOutputs out) {
+  const int64_t b = blockIdx.x * int64_t{kVerifyThreads} + threadIdx.x;
+  if (b >= B) return;
+  const int64_t* cand = candidates + b * N;
+  const int64_t* par = parents + b * N;
+  const int64_t* top = target_ids + b * N;
+  const TreeView t = build_tree(cand, par, N, vocab_size, max_depth, tree_scratch + 5 * b * N);
+  int64_t* accepted = t.aux;
+  accepted[0] = 1;
+  int64_t end = 0;
+  for (int64_t n = 1; n < N; ++n) {
+    accepted[n] = 0;
+    if (t.depth[n] < 0) continue;
+    const int64_t p = par[n];
+    if (accepted[p] && top[p] >= 0 && cand[n] == top[p]) {
+      accepted[n] = 1;
+      if (t.depth[n] > t.depth[end]) end = n;
+    }
+  }
+  finish_tree(t, cand, par, end, top[end] >= 0 && top[end] < vocab_size ? top[end] : -1, b, max_depth, out);
+}
+
 }  // namespace
 
 int64_t chain_scratch_size(int64_t B, int64_t K, int64_t vocab_size) {
@@ -320,6 +587,59 @@ cudaError_t greedy_verify(const int64_t* draft_ids, const int64_t* target_ids, i
   if (blocks > 2147483647) return cudaErrorInvalidValue;
   greedy_verify_kernel<<<static_cast<unsigned>(blocks), kVerifyThreads, 0, stream>>>(draft_ids, target_ids, B, K, out,
                                                                                      num_accepted, num_emitted);
+  return cudaGetLastError();
+}
+
+int64_t tree_scratch_doubles(int64_t B, int64_t N, int64_t vocab_size) {
+  return B * reduce::num_blocks(vocab_size) + 2 * B * N;
+}
+
+int64_t tree_scratch_ints(int64_t B, int64_t N) { return 5 * B * N; }
+
+namespace {
+
+cudaError_t tree_launch_check(int64_t B, int64_t N, int64_t V, int64_t vocab_size) {
+  if (B > 2147483647 || B * N > 2147483647 || vocab_size < 1 || vocab_size > V || N < 1) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t tree_speculative_sampling(const int64_t* candidates, const int64_t* parents, const float* target_probs,
+                                      int64_t B, int64_t N, int64_t V, int64_t vocab_size, int64_t max_depth,
+                                      RowParam<int64_t> seed, RowParam<int64_t> offset, double* scratch,
+                                      int64_t* tree_scratch, TreeOutputs out, cudaStream_t stream) {
+  if (B <= 0) return cudaSuccess;
+  if (const cudaError_t e = tree_launch_check(B, N, V, vocab_size); e != cudaSuccess) return e;
+  double* stats = scratch + B * reduce::num_blocks(vocab_size);
+  tree_stats_kernel<<<static_cast<unsigned>(B * N), kThreads, 0, stream>>>(target_probs, V, vocab_size, false, stats);
+  tree_sampling_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+      candidates, parents, target_probs, N, V, vocab_size, max_depth, seed, offset, stats, tree_scratch, scratch, out);
+  return cudaGetLastError();
+}
+
+cudaError_t typical_acceptance(const int64_t* candidates, const int64_t* parents, const float* target_probs, int64_t B,
+                               int64_t N, int64_t V, int64_t vocab_size, int64_t max_depth, RowParam<double> epsilon,
+                               RowParam<double> delta, RowParam<int64_t> seed, RowParam<int64_t> offset,
+                               double* scratch, int64_t* tree_scratch, TreeOutputs out, cudaStream_t stream) {
+  if (B <= 0) return cudaSuccess;
+  if (const cudaError_t e = tree_launch_check(B, N, V, vocab_size); e != cudaSuccess) return e;
+  double* stats = scratch + B * reduce::num_blocks(vocab_size);
+  tree_stats_kernel<<<static_cast<unsigned>(B * N), kThreads, 0, stream>>>(target_probs, V, vocab_size, true, stats);
+  typical_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(candidates, parents, target_probs, N, V, vocab_size,
+                                                                    max_depth, epsilon, delta, seed, offset, stats,
+                                                                    tree_scratch, scratch, out);
+  return cudaGetLastError();
+}
+
+cudaError_t greedy_tree_verify(const int64_t* candidates, const int64_t* parents, const int64_t* target_ids, int64_t B,
+                               int64_t N, int64_t vocab_size, int64_t max_depth, int64_t* tree_scratch, TreeOutputs out,
+                               cudaStream_t stream) {
+  if (B <= 0) return cudaSuccess;
+  const int64_t blocks = (B + kVerifyThreads - 1) / kVerifyThreads;
+  if (blocks > 2147483647 || N < 1) return cudaErrorInvalidValue;
+  greedy_tree_kernel<<<static_cast<unsigned>(blocks), kVerifyThreads, 0, stream>>>(
+      candidates, parents, target_ids, B, N, vocab_size, max_depth, tree_scratch, out);
   return cudaGetLastError();
 }
 

@@ -23,9 +23,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
                                 const std::string& kv_layout, const std::optional<at::Tensor>& tree_mask) {
   const c10::DeviceGuard guard(query.device());
   const auto g = check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, kv_layout);
-  TORCH_CHECK_NOT_IMPLEMENTED(!tree_mask.has_value(),
-                              "decodekit: paged_attention with a tree_mask is not supported on CUDA yet "
-                              "(the CPU kernel has it); call it without tree_mask or on CPU tensors");
+  check_tree_mask(tree_mask, query);
   TORCH_CHECK(g.D <= dk::cuda::kMaxAttentionHeadDim,
               "decodekit: the CUDA paged_attention takes head_dim <= ", dk::cuda::kMaxAttentionHeadDim, ", got ", g.D);
   TORCH_CHECK(g.Q <= 65535, "decodekit: the CUDA paged_attention takes at most 65535 query positions, got ", g.Q);
@@ -34,9 +32,11 @@ at::Tensor paged_attention_cuda(const at::Tensor& query, const at::Tensor& k_cac
       k_cache.data_ptr(), v_cache.data_ptr(), logits_kind(k_cache), g.num_blocks, g.block_size, g.Hkv, g.D, g.hnd};
   auto out = at::empty({g.B, g.Q, g.Hq, g.D}, query.options());
   if (out.numel() == 0) return out;
-  check_ok(dk::cuda::paged_attention(query.data_ptr<float>(), g.B, g.Q, g.Hq, kv, block_tables.data_ptr<int64_t>(),
-                                     g.max_blocks, seq_lens.data_ptr<int64_t>(), static_cast<float>(scale),
-                                     out.data_ptr<float>(), current_stream(query.device())),
+  check_ok(dk::cuda::paged_attention(
+               query.data_ptr<float>(), g.B, g.Q, g.Hq, kv, block_tables.data_ptr<int64_t>(), g.max_blocks,
+               seq_lens.data_ptr<int64_t>(),
+               tree_mask.has_value() ? reinterpret_cast<const uint8_t*>(tree_mask->data_ptr<bool>()) : nullptr,
+               static_cast<float>(scale), out.data_ptr<float>(), current_stream(query.device())),
            "paged_attention");
   return out;
 }

@@ -1,5 +1,6 @@
 // CUDA registration of the speculative family (chain_speculative_sampling,
-// greedy_verify): the CPU's checks (torch/checks.h), raw device pointers and
+// greedy_verify, tree_speculative_sampling, typical_acceptance,
+// greedy_tree_verify): the CPU's checks (torch/checks.h), raw device pointers and
 // the current stream for csrc/cuda/speculative.cu (and the sampling family's
 // argmax for greedy_verify on logits).
 #include <ATen/core/Tensor.h>
@@ -83,9 +84,132 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tens
   return {out, acc, emit};
 }
 
+// ------------------------------------------------------------- trees ----
+using TreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The outputs of a tree op: tokens [B, D + 1], num_accepted [B], num_emitted [B], nodes [B, D + 1].
+TreeResult tree_outputs(const at::Tensor& like, int64_t B, int64_t max_depth) {
+  const auto opts = like.options().dtype(at::kLong);
+  return {at::empty({B, max_depth + 1}, opts), at::empty({B}, opts), at::empty({B}, opts),
+          at::empty({B, max_depth + 1}, opts)};
+}
+
+dk::cuda::TreeOutputs tree_pointers(TreeResult& r) {
+  return {std::get<0>(r).data_ptr<int64_t>(), std::get<3>(r).data_ptr<int64_t>(), std::get<1>(r).data_ptr<int64_t>(),
+          std::get<2>(r).data_ptr<int64_t>()};
+}
+
+void check_tree_cuda(const TreeDims& t) {
+  TORCH_CHECK(t.B < (int64_t{1} << 31) && t.B * t.N < (int64_t{1} << 31),
+              "decodekit: the CUDA tree ops take B * N < 2^31 nodes, got B=", t.B, ", N=", t.N);
+}
+
+TreeResult tree_speculative_sampling_cuda(const at::Tensor& candidates, const at::Tensor& parents,
+                                          const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,
+                                          int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,
+                                          int64_t vocab_size, int64_t max_depth) {
+  const c10::DeviceGuard guard(candidates.device());
+  const auto t = check_tree(candidates, parents, max_depth);
+  const int64_t V = check_tree_probs(t, candidates, target_probs, vocab_size);
+  check_tree_cuda(t);
+  check_same_device(target_probs, seed, "seed");
+  check_same_device(target_probs, offset, "offset");
+  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, t.B, "seed");
+  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, t.B, "offset");
+  auto r = tree_outputs(candidates, t.B, max_depth);
+  if (t.B == 0) return r;
+  auto scratch =
+      at::empty({dk::cuda::tree_scratch_doubles(t.B, t.N, vocab_size)}, target_probs.options().dtype(at::kDouble));
+  auto tree = at::empty({dk::cuda::tree_scratch_ints(t.B, t.N)}, candidates.options());
+  check_ok(dk::cuda::tree_speculative_sampling(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(),
+                                               target_probs.data_ptr<float>(), t.B, t.N, V, vocab_size, max_depth, s, o,
+                                               scratch.data_ptr<double>(), tree.data_ptr<int64_t>(), tree_pointers(r),
+                                               current_stream(candidates.device())),
+           "tree_speculative_sampling");
+  return r;
+}
+
+TreeResult typical_acceptance_cuda(const at::Tensor& candidates, const at::Tensor& parents,
+                                   const at::Tensor& target_probs, const std::optional<at::Tensor>& epsilon,
+                                   double epsilon_val, const std::optional<at::Tensor>& delta, double delta_val,
+                                   const std::optional<at::Tensor>& seed, int64_t seed_val,
+                                   const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t vocab_size,
+                                   int64_t max_depth) {
+  const c10::DeviceGuard guard(candidates.device());
+  const auto t = check_tree(candidates, parents, max_depth);
+  const int64_t V = check_tree_probs(t, candidates, target_probs, vocab_size);
+  check_tree_cuda(t);
+  check_same_device(target_probs, epsilon, "epsilon");
+  check_same_device(target_probs, delta, "delta");
+  check_same_device(target_probs, seed, "seed");
+  check_same_device(target_probs, offset, "offset");
+  const auto e = row_param<double>(epsilon, epsilon_val, at::kDouble, t.B, "epsilon");
+  const auto d = row_param<double>(delta, delta_val, at::kDouble, t.B, "delta");
+  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, t.B, "seed");
+  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, t.B, "offset");
+  auto r = tree_outputs(candidates, t.B, max_depth);
+  if (t.B == 0) return r;
+  auto scratch =
+      at::empty({dk::cuda::tree_scratch_doubles(t.B, t.N, vocab_size)}, target_probs.options().dtype(at::kDouble));
+  auto tree = at::empty({dk::cuda::tree_scratch_ints(t.B, t.N)}, candidates.options());
+  check_ok(dk::cuda::typical_acceptance(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(),
+                                        target_probs.data_ptr<float>(), t.B, t.N, V, vocab_size, max_depth, e, d, s, o,
+                                        scratch.data_ptr<double>(), tree.data_ptr<int64_t>(), tree_pointers(r),
+                                        current_stream(candidates.device())),
+           "typical_acceptance");
+  return r;
+}
+
+// greedy_tree_verify: target is float logits [B, N, V] (their argmax over [0, vocab_size), lowest
+// index on ties, -1 for a row with a NaN or no finite logit: the sampling family's CUDA argmax)
+// or int64 target token ids [B, N].
+TreeResult greedy_tree_verify_cuda(const at::Tensor& candidates, const at::Tensor& parents, const at::Tensor& target,
+                                   int64_t vocab_size, int64_t max_depth) {
+  const c10::DeviceGuard guard(candidates.device());
+  const auto t = check_tree(candidates, parents, max_depth);
+  check_tree_cuda(t);
+  TORCH_CHECK(target.device() == candidates.device(), "decodekit: target is on ", target.device(),
+              " but candidates are on ", candidates.device());
+  const cudaStream_t stream = current_stream(candidates.device());
+  at::Tensor top;
+  if (target.scalar_type() == at::kLong) {
+    TORCH_CHECK_VALUE(vocab_size >= 1, "decodekit: vocab_size must be >= 1, got ", vocab_size);
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == t.B && target.size(1) == t.N,
+                "decodekit: target ids must be int64 [B=", t.B, ", ", t.N, "], got ", target.sizes());
+    top = target.contiguous();
+    check_storage(top, "target");
+  } else {
+    TORCH_CHECK_VALUE(target.dim() == 3, "decodekit: target logits must be [B, N, V], got ", target.sizes());
+    TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= target.size(2),
+                      "decodekit: vocab_size must be in [1, V=", target.size(2), "], got ", vocab_size);
+    TORCH_CHECK(target.size(0) == t.B && target.size(1) == t.N, "decodekit: target logits must be [B=", t.B, ", ", t.N,
+                ", V], got ", target.sizes());
+    auto rows = target.reshape({t.B * t.N, target.size(2)});
+    if (rows.size(1) > 1 && rows.stride(1) != 1) rows = rows.contiguous();
+    check_logits(rows, vocab_size);
+    check_cuda_batch(rows);
+    top = at::empty({t.B, t.N}, candidates.options());
+    auto valid = at::empty({t.B * t.N}, candidates.options().dtype(at::kBool));
+    if (rows.size(0) > 0)
+      check_ok(dk::cuda::argmax(logits_view(rows, vocab_size), top.data_ptr<int64_t>(), valid.data_ptr<bool>(), stream),
+               "greedy_tree_verify (argmax)");
+  }
+  auto r = tree_outputs(candidates, t.B, max_depth);
+  if (t.B == 0) return r;
+  auto tree = at::empty({dk::cuda::tree_scratch_ints(t.B, t.N)}, candidates.options());
+  check_ok(
+      dk::cuda::greedy_tree_verify(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(), top.data_ptr<int64_t>(),
+                                   t.B, t.N, vocab_size, max_depth, tree.data_ptr<int64_t>(), tree_pointers(r), stream),
+      "greedy_tree_verify");
+  return r;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(decodekit, CUDA, m) {
   m.impl("chain_speculative_sampling", &chain_speculative_sampling_cuda);
   m.impl("greedy_verify", &greedy_verify_cuda);
+  m.impl("tree_speculative_sampling", &tree_speculative_sampling_cuda);
+  m.impl("typical_acceptance", &typical_acceptance_cuda);
+  m.impl("greedy_tree_verify", &greedy_tree_verify_cuda);
 }

@@ -314,13 +314,10 @@ def paged_attention_samples(d):
     tables = torch.tensor([[3, 1, 0, -1], [2, 4, 5, 6], [9, -1, -1, -1]])
     lens = torch.tensor([40, 61, 5])
     q = torch.randn(3, 2, 4, 32, generator=_g(19))
-    samples = [_on(d, q, k, v, tables, lens, 1.0 / math.sqrt(32), "NHD")]
-    if d == "cpu":  # the tree mask has no CUDA kernel yet (it raises there); kept last for the zip
-        q5 = torch.randn(3, 5, 4, 32, generator=_g(40))
-        parents = torch.tensor([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3], [-1, -1, 0, 1, 1]])
-        mask = decodekit.tree_mask_from_parents(parents)
-        samples.append(_on(d, q5, k, v, tables, lens, 0.2, "NHD", mask))
-    return samples
+    q5 = torch.randn(3, 5, 4, 32, generator=_g(40))
+    parents = torch.tensor([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3], [-1, -1, 0, 1, 1]])
+    mask = decodekit.tree_mask_from_parents(parents)
+    return [_on(d, q, k, v, tables, lens, 1.0 / math.sqrt(32), "NHD"), _on(d, q5, k, v, tables, lens, 0.2, "NHD", mask)]
 
 
 def paged_attention_check(args, out):

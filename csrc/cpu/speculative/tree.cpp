@@ -78,33 +78,6 @@ void finish(const Tree& t, const int64_t* cand, const int64_t* par, int64_t end,
   out.num_emitted[b] = a + (token >= 0 ? 1 : 0);
 }
 
-// ln x for the positive normal floats of 16 lanes: x = f 2^e with f in
-// [sqrt(1/2), sqrt(2)), ln x = e ln 2 + 2 atanh(s), s = (f - 1) / (f + 1), the
-// series to s^9 (|s| <= 0.172: relative error ~1e-8 before float32 rounding).
-// IEEE operations only, so every build gives the same bits.
-DK_VINLINE VF log16(VF x) {
-  const VI bits = as_vi(x);
-  VI e;
-  VF f;
-  for (int i = 0; i < kParts; ++i) {
-    e.p[i] = (bits.p[i] >> 23) - 127;
-    f.p[i] = (nf)((bits.p[i] & 0x007fffff) | 0x3f800000);
-  }
-  const VI big = f > splat(1.41421356f);
-  f = select(big, f * splat(0.5f), f);
-  e = e + (big & splati(1));
-  const VF s = (f - splat(1.0f)) / (f + splat(1.0f));
-  const VF s2 = s * s;
-  VF t = splat(1.0f / 9.0f);
-  t = t * s2 + splat(1.0f / 7.0f);
-  t = t * s2 + splat(1.0f / 5.0f);
-  t = t * s2 + splat(1.0f / 3.0f);
-  t = t * s2 + splat(1.0f);
-  VF ef;
-  for (int i = 0; i < kParts; ++i) ef.p[i] = __builtin_convertvector(e.p[i], nf);
-  return ef * splat(0.693147182f) + splat(2.0f) * s * t;
-}
-
 // sum of w ln w over the weights w = clean(p) of [0, n): float32 terms in 16
 // float64 lanes (fixed order). Weights below float32's smallest normal count 0
 // (their term is below 1e-36).

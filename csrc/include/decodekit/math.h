@@ -137,6 +137,30 @@ DK_FN float inverse_temperature(float T) {
   return 1.0f / (T < 1.17549435082228751e-38f ? 1.17549435082228751e-38f : T);
 }
 
+// ln x for a positive normal float (the summands of typical acceptance's
+// entropy): x = f 2^e with f in [sqrt(1/2), sqrt(2)), ln x = e ln 2 + 2 atanh(s),
+// s = (f - 1) / (f + 1), the series to s^9 (|s| <= 0.172: relative error ~1e-8
+// before float32 rounding). The scalar twin of the CPU's 16-lane log16
+// (cpu/speculative/residual.h): the same IEEE operations in the same order, so
+// the same bits (checked by tests/native/kernels_harness.cpp).
+DK_FN float log_positive_normal(float x) {
+  const uint32_t bits = float_to_bits(x);
+  int e = static_cast<int>(bits >> 23) - 127;
+  float f = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);
+  if (f > 1.41421356f) {
+    f = f * 0.5f;
+    e += 1;
+  }
+  const float s = (f - 1.0f) / (f + 1.0f);
+  const float s2 = s * s;
+  float t = 1.0f / 9.0f;
+  t = t * s2 + 1.0f / 7.0f;
+  t = t * s2 + 1.0f / 5.0f;
+  t = t * s2 + 1.0f / 3.0f;
+  t = t * s2 + 1.0f;
+  return static_cast<float>(e) * 0.693147182f + 2.0f * s * t;
+}
+
 // Natural log of a positive finite double, with plain double arithmetic (no
 // libm, whose implementation may differ between machines): x = f 2^e with f in
 // [sqrt(1/2), sqrt(2)), log x = e ln 2 + 2 atanh(s), s = (f - 1) / (f + 1),
