@@ -50,6 +50,8 @@ struct Residual {
 
 // The weights of a tree node whose rejected candidates ex[0, nex) are removed:
 // clean(p) with those tokens at 0 (the CPU's Excluding, cpu/speculative/residual.h).
+// ex lies in shared memory when it fits (kSharedRejected tokens), else in global.
+constexpr int kSharedRejected = 64;
 struct Excluding {
   const float* p;
   const int64_t* ex;
@@ -410,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ Shared sh;
   __shared__ int64_t end_node, end_nrej;
   __shared__ int end_kind;
+  __shared__ int64_t rejected_sh[kSharedRejected];
   const int64_t b = blockIdx.x;
   const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
   const int64_t* cand = candidates + b * N;
@@ -470,7 +473,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     // A token from r (p without the rejected tokens), or from p when only float64 rounding
     // left r without mass.
     const double u = PhiloxStreamRef{s, o, kStreamTreeNode + static_cast<uint32_t>(c)}.uniform_double(1);
-    token = draw(Excluding{p, m + 4 * N, end_nrej}, vocab_size, u, sums, sh);
+    // Every element of the row tests the rejected tokens: from shared memory when they fit.
+    const int64_t nrej = end_nrej;
+    const int64_t* ex = m + 4 * N;
+    if (nrej <= kSharedRejected) {
+      for (int64_t k = threadIdx.x; k < nrej; k += kThreads) rejected_sh[k] = ex[k];
+      __syncthreads();
+      ex = rejected_sh;
+    }
+    token = draw(Excluding{p, ex, nrej}, vocab_size, u, sums, sh);
     if (token < 0) token = draw(Residual{p, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u, sums, sh);
   }
   if (threadIdx.x == 0) {
@@ -598,8 +609,11 @@ int64_t tree_scratch_ints(int64_t B, int64_t N) { return 5 * B * N; }
 
 namespace {
 
-cudaError_t tree_launch_check(int64_t B, int64_t N, int64_t V, int64_t vocab_size) {
-  if (B > 2147483647 || B * N > 2147483647 || vocab_size < 1 || vocab_size > V || N < 1) return cudaErrorInvalidValue;
+// The bindings' checks (torch/checks.cpp check_tree), repeated for direct callers.
+cudaError_t tree_launch_check(int64_t B, int64_t N, int64_t V, int64_t vocab_size, int64_t max_depth) {
+  if (B > 2147483647 || N < 1 || N > 65536 || B * N > 2147483647 || vocab_size < 1 || vocab_size > V || max_depth < 0 ||
+      max_depth > N - 1)
+    return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
@@ -610,7 +624,7 @@ cudaError_t tree_speculative_sampling(const int64_t* candidates, const int64_t* 
                                       RowParam<int64_t> seed, RowParam<int64_t> offset, double* scratch,
                                       int64_t* tree_scratch, TreeOutputs out, cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
-  if (const cudaError_t e = tree_launch_check(B, N, V, vocab_size); e != cudaSuccess) return e;
+  if (const cudaError_t e = tree_launch_check(B, N, V, vocab_size, max_depth); e != cudaSuccess) return e;
   double* stats = scratch + B * reduce::num_blocks(vocab_size);
   tree_stats_kernel<<<static_cast<unsigned>(B * N), kThreads, 0, stream>>>(target_probs, V, vocab_size, false, stats);
   tree_sampling_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
@@ -623,7 +637,7 @@ cudaError_t typical_acceptance(const int64_t* candidates, const int64_t* parents
                                RowParam<double> delta, RowParam<int64_t> seed, RowParam<int64_t> offset,
                                double* scratch, int64_t* tree_scratch, TreeOutputs out, cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
-  if (const cudaError_t e = tree_launch_check(B, N, V, vocab_size); e != cudaSuccess) return e;
+  if (const cudaError_t e = tree_launch_check(B, N, V, vocab_size, max_depth); e != cudaSuccess) return e;
   double* stats = scratch + B * reduce::num_blocks(vocab_size);
   tree_stats_kernel<<<static_cast<unsigned>(B * N), kThreads, 0, stream>>>(target_probs, V, vocab_size, true, stats);
   typical_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(candidates, parents, target_probs, N, V, vocab_size,
@@ -637,7 +651,8 @@ cudaError_t greedy_tree_verify(const int64_t* candidates, const int64_t* parents
                                cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
   const int64_t blocks = (B + kVerifyThreads - 1) / kVerifyThreads;
-  if (blocks > 2147483647 || N < 1) return cudaErrorInvalidValue;
+  if (blocks > 2147483647 || N < 1 || N > 65536 || vocab_size < 1 || max_depth < 0 || max_depth > N - 1)
+    return cudaErrorInvalidValue;
   greedy_tree_kernel<<<static_cast<unsigned>(blocks), kVerifyThreads, 0, stream>>>(
       candidates, parents, target_ids, B, N, vocab_size, max_depth, tree_scratch, out);
   return cudaGetLastError();

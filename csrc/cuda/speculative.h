@@ -19,7 +19,8 @@
 // below one in a million per draw). The tree ops likewise: node masses (and
 // typical acceptance's sums of w ln w, whose float32 terms are the CPU's bits)
 // are summed in the block's tree, so an acceptance can differ only when u sum(r)
-// lies within ~1e-15 relative of r(x), or q within as much of its threshold.
+// lies within ~1e-15 relative of r(x), or when q lies within ~1e-15 sum|w ln w| / m
+// of its threshold (the entropy's rounding; rows need not be normalised).
 #pragma once
 
 #include <cstdint>
@@ -61,6 +62,8 @@ int64_t tree_scratch_ints(int64_t B, int64_t N);
 // and GreedyTreeVerifyKernel (target_ids int64 [B, N]: the target's argmax after
 // each node, -1 for an invalid row). Two launches for the sampling ops (every node
 // row's check and mass in parallel, then one block per row), one for greedy.
+// Shapes as the bindings check them (N in [1, 65536], max_depth in [0, N - 1],
+// vocab_size in [1, V]); other values return cudaErrorInvalidValue.
 cudaError_t tree_speculative_sampling(const int64_t* candidates, const int64_t* parents, const float* target_probs,
                                       int64_t B, int64_t N, int64_t V, int64_t vocab_size, int64_t max_depth,
                                       RowParam<int64_t> seed, RowParam<int64_t> offset, double* scratch,

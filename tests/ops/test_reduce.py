@@ -10,7 +10,7 @@ import decodekit  # noqa: F401  (loads the ops)
 from decodekit import _C
 
 
-@pytest.mark.parametrize("V", [1, 15, 16, 17, 1023, 1024, 1025, 3 * 1024 + 7, 40000])
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 52, 1023, 1024, 1025, 1024 + 60, 3 * 1024 + 7, 40000])
 def test_sample_from_probs_draw_equals_reduce_reference(V):
     g = torch.Generator().manual_seed(V)
     probs = torch.rand(6, V, generator=g) ** 4

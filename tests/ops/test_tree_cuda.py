@@ -105,6 +105,7 @@ def test_greedy_tree_same_as_cpu(kind):
     logits[0, 2, 7] = logits[0, 2, 9] = 100.0  # a tie: the lowest index wins
     logits[1, 0] = float("nan")  # an invalid row: nothing accepted, nothing emitted
     top = logits.argmax(-1)
+    top[1, 0] = -1  # the ids form of the invalid row (torch.argmax gives 0 for an all-NaN row)
     for i in range(1, N):  # most candidates follow the target's argmax
         follow = (cand[:, i] >= 0) & (cand[:, i] % 4 != 0)
         cand[:, i] = torch.where(follow, top.gather(1, par[:, i : i + 1].clamp_min(0))[:, 0], cand[:, i])
@@ -114,6 +115,58 @@ def test_greedy_tree_same_as_cpu(kind):
         gpu = ops.greedy_tree_verify(*_to("cuda", cand, par, target), V, N - 1)
     _same(cpu, gpu)
     assert int(cpu[1].max()) >= 2
+
+
+def _bad_rows(probs, cand, par):
+    """Invalid and empty rows for the walks: a NaN in row 0's root, a negative entry in row 2's
+    first accepted-looking node, an all-zero row 4 root, an inf in row 6's second node."""
+    probs = probs.clone()
+    probs[0, 0, 3] = float("nan")
+    first = int((par[2] == 0).nonzero()[0]) if bool((par[2] == 0).any()) else 0
+    probs[2, first, 1] = -0.5
+    probs[4, 0] = 0.0
+    probs[6, 1, 0] = float("inf")
+    return probs
+
+
+@pytest.mark.parametrize("max_depth", [0, 1, 2])
+@pytest.mark.parametrize("vs", [3000, 2500])
+def test_tree_ops_shallow_depth_bad_rows_and_vocab_size(max_depth, vs):
+    B, N, V = 16, 12, 3000
+    cand, par, probs = random_trees(40 + max_depth, B, N, V, vs)
+    probs = _bad_rows(probs, cand, par)
+    seed = torch.arange(B) * 3 + 1
+    calls = [
+        lambda d: ops.tree_speculative_sampling(*d[:3], d[3], 0, None, 4, vs, max_depth),
+        lambda d: ops.typical_acceptance(*d[:3], None, 0.05, None, 0.2, d[3], 0, None, 4, vs, max_depth),
+        lambda d: ops.greedy_tree_verify(d[0], d[1], d[2].log(), vs, max_depth),
+    ]
+    args = (cand, par, probs, seed)
+    for fn in calls:
+        cpu = fn(args)
+        with no_sync():
+            gpu = fn(_to("cuda", *args))
+        _same(cpu, gpu)
+        assert int(cpu[1].max()) <= max_depth
+
+
+@pytest.mark.parametrize("B,N", [(0, 5), (3, 1)])
+def test_tree_ops_empty_batch_and_root_only(B, N):
+    V = 50
+    cand = torch.randint(0, V, (B, N), generator=_g(3))
+    par = torch.full((B, N), -1, dtype=torch.int64)
+    if N > 1:
+        par[:, 1:] = 0
+    probs = torch.softmax(torch.randn(B, N, V, generator=_g(4)), -1)
+    args = (cand, par, probs, torch.arange(B))
+    for fn in (
+        lambda d: ops.tree_speculative_sampling(*d[:3], d[3], 0, None, 0, V, N - 1),
+        lambda d: ops.typical_acceptance(*d[:3], None, 0.1, None, 0.2, d[3], 0, None, 0, V, N - 1),
+        lambda d: ops.greedy_tree_verify(d[0], d[1], d[2], V, N - 1),
+    ):
+        cpu = fn(args)
+        gpu = fn(_to("cuda", *args))
+        _same(cpu, gpu)
 
 
 def test_tree_rows_do_not_depend_on_the_batch():
@@ -179,9 +232,19 @@ def test_raw_tree_ops_read_malformed_trees_safely():
 
 # ------------------------------------------------------------- compaction ----
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_compact_kv_cache_same_as_cpu(layout, dtype):
-    B, S, H, D = 5, 40, 3, 64
+@pytest.mark.parametrize(
+    "dtype,D",
+    [
+        (torch.float32, 64),
+        (torch.bfloat16, 64),
+        (torch.float16, 64),
+        (torch.bfloat16, 20),
+        (torch.bfloat16, 6),
+        (torch.float16, 3),
+    ],
+)  # fmt: skip  (head rows of 256, 128, 40, 12 and 6 bytes: copy vectors of 16, 8, 4 and 2 bytes)
+def test_compact_kv_cache_same_as_cpu(layout, dtype, D):
+    B, S, H = 5, 40, 3
     shape = (B, S, H, D) if layout == "NHD" else (B, H, S, D)
     k = torch.randn(shape, generator=_g(1)).to(dtype)
     v = torch.randn(shape, generator=_g(2)).to(dtype)
@@ -199,15 +262,18 @@ def test_compact_kv_cache_same_as_cpu(layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("D", [64, 24])
-def test_compact_paged_kv_cache_same_as_cpu(layout, D):
+@pytest.mark.parametrize(
+    "dtype,D", [(torch.float32, 64), (torch.float32, 24), (torch.bfloat16, 20), (torch.float16, 3)]
+)
+def test_compact_paged_kv_cache_same_as_cpu(layout, dtype, D):
     NB, bs, H = 12, 4, 3
     shape = (NB, bs, H, D) if layout == "NHD" else (NB, H, bs, D)
-    k = torch.randn(shape, generator=_g(3))
-    v = torch.randn(shape, generator=_g(4))
-    tables = torch.tensor([[5, 1, 3, 7], [0, 6, -1, -1], [2, 8, 9, 40]])  # 40: outside the pool
-    start = torch.tensor([2, 3, 6])
-    acc = torch.tensor([[0, 3, 4, 6, 9], [1, 5, -1, -1, -1], [0, 2, 3, 5, 7]])
+    k = torch.randn(shape, generator=_g(3)).to(dtype)
+    v = torch.randn(shape, generator=_g(4)).to(dtype)
+    # 40: outside the pool; row 3 repeats a block id of its own; row 4 starts past its table
+    tables = torch.tensor([[5, 1, 3, 7], [0, 6, -1, -1], [2, 8, 9, 40], [10, 11, 10, -1], [4, -1, -1, -1]])
+    start = torch.tensor([2, 3, 6, 1, 16])
+    acc = torch.tensor([[0, 3, 4, 6, 9], [1, 5, -1, -1, -1], [0, 2, 3, 5, 7], [0, 2, 5, 6, -1], [0, 1, 2, 3, 4]])
     ck, cv = k.clone(), v.clone()
     ops.compact_paged_kv_cache(ck, cv, tables, start, acc, layout)
     gk, gv = k.cuda(), v.cuda()

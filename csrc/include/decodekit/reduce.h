@@ -34,15 +34,18 @@ DK_FN double tree_sum16(double* s) {
 
 // The float64 sum of the weights w(i), i in [begin, end) (end - begin <= kBlock),
 // as every kernel computes it: the block is read as vectors of 16 (the last one
-// zero-padded); vector v adds its lanes, converted to float64, into the even
-// accumulator when v is even and the odd one when v is odd (two chains, half the
-// dependency); the two are added lane by lane, then summed by tree_sum16.
-// Weights are >= 0 (a token outside the kept set weighs 0).
+// zero-padded); in each full pair of vectors (2p, 2p + 1) vector 2p adds its
+// lanes, converted to float64, into the even accumulator and 2p + 1 into the odd
+// one (two chains, half the dependency); a vector after the last full pair (a
+// block whose length is not a multiple of 32) goes to the even one; the two are
+// added lane by lane, then summed by tree_sum16. Weights are >= 0 (a token
+// outside the kept set weighs 0).
 template <class W>
 DK_FN double block_sum(const W& w, int64_t begin, int64_t end) {
   double even[kLanes] = {}, odd[kLanes] = {};
+  const int64_t pairs = (end - begin) / (2 * kLanes);
   for (int64_t v = 0; begin + v * kLanes < end; ++v) {
-    double* acc = (v & 1) ? odd : even;
+    double* acc = (v & 1) && v < 2 * pairs ? odd : even;
     for (int j = 0; j < kLanes; ++j) {
       const int64_t i = begin + v * kLanes + j;
       acc[j] += i < end ? static_cast<double>(w(i)) : 0.0;
