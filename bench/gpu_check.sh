@@ -3,8 +3,10 @@
 # tests, compute-sanitizer memcheck, then the benchmarks. Full logs and JSON under $OUT
 # (bench/out without it); a short table last.
 #   bench/gpu_check.sh sampling     the sampling family (each section under 5 minutes)
-#   bench/gpu_check.sh decode       KV-cache append, paged attention, the layers (linear,
-#                                   rms_norm, silu_and_mul, RoPE) and speculative verification
+#   bench/gpu_check.sh decode       KV-cache append and compaction, paged attention (tree mask),
+#                                   the layers (linear, rms_norm, silu_and_mul, RoPE), chain and
+#                                   tree verification, and the model's decode step (CUDA graph)
+#                                   against the CPU and HF transformers on SmolLM2's shape
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECTION=${1:-sampling}
@@ -33,7 +35,7 @@ case "$SECTION" in
     timeout 300 $PY bench/gpu_sampling.py ${BENCH_ARGS:-} --json "$OUT/sampling.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   decode)
-    DECODE_TESTS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py tests/ops/test_tree_cuda.py"
+    DECODE_TESTS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py tests/ops/test_tree_cuda.py tests/models/test_device_path.py"
     timeout 100 $PY -m pytest -q -ra -p no:cacheprovider $DECODE_TESTS "tests/ops/test_contracts.py::test_cpu_equals_cuda" \
       2>&1 | tee "$OUT/tests.log" | tail -30
     echo "tests exit: ${PIPESTATUS[0]}"
@@ -43,7 +45,7 @@ case "$SECTION" in
       echo "memcheck exit: $? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses)"
       grep "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1
     fi
-    timeout 170 $PY bench/gpu_decode.py ${BENCH_ARGS:-} --json "$OUT/decode.json" 2>&1 | tee "$OUT/bench.log"
+    timeout 180 $PY bench/gpu_decode.py ${BENCH_ARGS:-} --json "$OUT/decode.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   *) echo "unknown section $SECTION (sampling, decode)"; exit 2 ;;
 esac

@@ -15,9 +15,11 @@ run) that the op's compulsory bytes represent:
                           vs torch.matmul (cuBLAS);
   chain verification      B = 64, K = 4, V = 128256 (and 32000): target + draft bytes read,
                           vs the vectorised PyTorch recipe of bench/speculative.py.
-First, greedy decoding of a SmolLM2-135M-shaped stack of the ops with seeded random weights on
-this machine's CPU and on the GPU: the same 64 tokens on three prompts (the CUDA kernels give the
-CPU's bits, so the logits must be bit-identical too).
+First ("loop"), decodekit's model (LlamaModel.forward_paged, SmolLM2-135M's shape, seeded random
+weights) with the decode loop's host-side argmax, on this machine's CPU and on the GPU (a replayed
+CUDA graph per step, and eagerly): the same 64 greedy tokens on three prompts; tokens/s at batch 1
+against HF transformers' generate with the same weights on the same GPU, and total tokens/s at
+batch 64. Then ("greedy") the same check on a bare stack of the ops (bit-identical logits).
 
 Usage: python bench/gpu_decode.py --json OUT.json
 """
@@ -34,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import decodekit  # noqa: F401  (registers torch.ops.decodekit)
+import decodekit  # (registers torch.ops.decodekit)
 
 ops = torch.ops.decodekit
 L2_BYTES = 60 * 2**20
@@ -330,10 +332,161 @@ def check_greedy(_bw):
     )
 
 
+# --------------------------------------------------------------- the model ----
+def smollm2_like(seed: int = 1234):
+    """decodekit's LlamaModel with SmolLM2-135M's exact shape (30 layers, hidden 576, 9 / 3 heads
+    of 64, MLP 1536, vocabulary 49152, RoPE base 1e5) and seeded random weights
+    (the GGUF cannot travel to the GPU machine) and an untied head, so that greedy tokens vary,
+    on the CPU."""
+    from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+
+    c = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, max_seq_len=2048)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=0.02):
+        return torch.randn(*shape, generator=g) * s
+
+    H, q, kv, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    layers = [
+        LlamaLayerWeights(
+            attn_norm=1.0 + r(H, s=0.1),
+            wq=r(q, H),
+            wk=r(kv, H),
+            wv=r(kv, H),
+            wo=r(H, q),
+            ffn_norm=1.0 + r(H, s=0.1),
+            w_gate=r(inter, H),
+            w_up=r(inter, H),
+            w_down=r(H, inter),
+        )  # fmt: skip
+        for _ in range(c.num_layers)
+    ]
+    embed, norm, head = r(c.vocab_size, H), 1.0 + r(H, s=0.1), r(c.vocab_size, H, s=0.05)  # untied: tokens vary
+    return LlamaModel(c, LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=head))
+
+
+def greedy_with(model, prompts, steps):
+    """What decodekit's decode loop does per step, with greedy sampling: forward_paged (on the
+    model's device; a replayed CUDA graph there in deterministic mode), the logits to the host,
+    decodekit's argmax. All rows together after one prefill each. Returns (tokens per row,
+    decode seconds)."""
+    cache = model.new_paged_cache(sum(-(-(len(p) + steps) // 16) for p in prompts), 16)
+    seqs = [cache.add_sequence() for _ in prompts]
+    last = [model.forward_paged(torch.tensor([p]), cache, [s]).cpu() for p, s in zip(prompts, seqs)]
+    nxt = [int(decodekit.argmax(x)[0]) for x in last]
+    out = [[t] for t in nxt]
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(steps - 1):
+        logits = model.forward_paged(torch.tensor(nxt)[:, None], cache, seqs).cpu()
+        nxt = decodekit.argmax(logits).tolist()
+        for o, t in zip(out, nxt):
+            o.append(t)
+    return out, time.time() - t0
+
+
+def check_loop(_bw):
+    """decodekit's model (LlamaModel.forward_paged with the loop's host-side argmax) on the GPU
+    against the same weights on this machine's CPU: the same 64 greedy tokens on three prompts,
+    with the CUDA graph and without; tokens/s at batch 1 (graph, eager) against HF transformers'
+    generate with the same weights on the same GPU; total tokens/s at batch 64."""
+    prompts = [[1, 2, 3, 4, 5], [100, 2000, 30000, 7, 7, 7], list(range(200, 240))]
+    steps = 64
+    cpu_model = smollm2_like()
+    gpu_model = smollm2_like().to("cuda")
+    cpu_tokens = [greedy_with(cpu_model, [p], steps)[0][0] for p in prompts]
+    same = {}
+    for graphs in (True, False):
+        gpu_model.cuda_graphs = graphs
+        got = [greedy_with(gpu_model, [p], steps)[0][0] for p in prompts]
+        same[graphs] = sum(a == b for a, b in zip(cpu_tokens, got))
+        print(f"loop greedy CPU == GPU ({'graph' if graphs else 'eager'}): {same[graphs]}/{len(prompts)} prompts",
+              flush=True)  # fmt: skip
+    n = 128
+    rates = {}
+    for graphs in (True, False):
+        gpu_model.cuda_graphs = graphs
+        greedy_with(gpu_model, [prompts[0]], 8)  # warm-up (and the capture)
+        _, dt = greedy_with(gpu_model, [prompts[0]], n)
+        rates[graphs] = (n - 1) / dt
+    gpu_model.cuda_graphs = True
+    hf_rate = None
+    try:
+        hf_rate = hf_tokens_per_second(gpu_model, prompts[0], n)
+    except Exception as exc:  # noqa: BLE001  (transformers absent or incompatible: reported, not fatal)
+        print(f"HF transformers: not measured ({type(exc).__name__}: {exc})", flush=True)
+    B = 64
+    batch = [[(7 * b + j) % 49152 for j in range(16)] for b in range(B)]
+    greedy_with(gpu_model, batch, 4)
+    _, dt = greedy_with(gpu_model, batch, 64)
+    total = B * 63 / dt
+    hf_txt = f"{hf_rate:.0f} tokens/s, ratio {rates[True] / hf_rate:.2f}x" if hf_rate else "not measured"
+    print(f"loop batch 1: graph {rates[True]:.0f} tokens/s, eager {rates[False]:.0f}; HF generate {hf_txt}; "
+          f"batch {B}: {total:.0f} total tokens/s", flush=True)  # fmt: skip
+    ROWS.append({"op": "loop greedy CPU == GPU (graph / eager)", "us": 0.0, "baseline": "cpu", "baseline_us": None,
+                 "speedup": None, "bytes": 0, "frac_copy_bw": 0.0, "same": [same[True], same[False]],
+                 "of": len(prompts)})  # fmt: skip
+    ROWS.append({"op": "loop decode batch 1 (graph) vs HF generate", "us": 1e6 / rates[True],
+                 "baseline": "hf generate", "baseline_us": 1e6 / hf_rate if hf_rate else None,
+                 "speedup": rates[True] / hf_rate if hf_rate else None, "bytes": 0, "frac_copy_bw": 0.0,
+                 "eager_tokens_per_s": rates[False], "batch64_tokens_per_s": total})  # fmt: skip
+
+
+def hf_tokens_per_second(model, prompt, n, device="cuda"):
+    """HF transformers' LlamaForCausalLM with the same weights (float32, on the GPU), greedy
+    generate of n tokens (min_new_tokens = n): tokens per second of its decode (the prefill
+    measured alone and subtracted)."""
+    import transformers
+
+    c = model.config
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=False,
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.embed)
+        hf.model.norm.weight.copy_(model.norm)
+        hf.lm_head.weight.copy_(model.lm_head)
+        for layer, blk in zip(hf.model.layers, model.blocks):
+            wq, wk, wv = blk.wqkv.split((q, kv, kv))
+            gate, up = blk.w_gate_up.chunk(2)
+            layer.self_attn.q_proj.weight.copy_(wq)
+            layer.self_attn.k_proj.weight.copy_(wk)
+            layer.self_attn.v_proj.weight.copy_(wv)
+            layer.self_attn.o_proj.weight.copy_(blk.wo)
+            layer.mlp.gate_proj.weight.copy_(gate)
+            layer.mlp.up_proj.weight.copy_(up)
+            layer.mlp.down_proj.weight.copy_(blk.w_down)
+            layer.input_layernorm.weight.copy_(blk.attn_norm)
+            layer.post_attention_layernorm.weight.copy_(blk.ffn_norm)
+    ids = torch.tensor([prompt], device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    first = hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)[0, len(prompt) :].tolist()  # warm-up
+    ours = greedy_with(model, [prompt], 8)[0][0]
+    print(f"HF greedy tokens equal decodekit's for {sum(a == b for a, b in zip(first, ours))}/8 (same weights)",
+          flush=True)  # fmt: skip
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.time()
+    hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    sync()
+    t_prefill = time.time() - t0
+    t0 = time.time()
+    hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    sync()
+    return (n - 1) / (time.time() - t0 - t_prefill)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="greedy,append,attention,linear,chain")
+    ap.add_argument("--only", default="loop,greedy,append,attention,linear,chain")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -344,6 +497,7 @@ def main():
         try:
             parts = {
                 "greedy": check_greedy,
+                "loop": check_loop,
                 "append": bench_append,
                 "attention": bench_attention,
                 "linear": bench_linear,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -263,8 +263,11 @@ class PagedKVCache:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim: positive ints.
         dtype: torch.float32 (default), torch.float16 or torch.bfloat16.
         kv_layout: ``"NHD"`` (default) or ``"HND"``.
+        device: where the pool lives (default the CPU; ``"cuda"`` for the CUDA kernels). The
+            bookkeeping (block tables, lengths, free list) stays in Python; :meth:`slot_mapping`
+            returns its slots on this device, :meth:`block_table` and :meth:`seq_lens` on the CPU.
 
-    Memory: ``2 * num_layers * num_blocks * block_size * H * D * dtype.itemsize`` bytes (CPU).
+    Memory: ``2 * num_layers * num_blocks * block_size * H * D * dtype.itemsize`` bytes on ``device``.
 
     Raises:
         ValueError / TypeError naming the argument for bad sizes, dtype or layout.
@@ -279,6 +282,7 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         kv_layout: str = "NHD",
+        device: Union[str, torch.device, None] = None,
     ) -> None:
         a = _cache_args(
             "PagedKVCache",
@@ -299,7 +303,8 @@ class PagedKVCache:
         shape = (NB, bs, H, D) if kv_layout == "NHD" else (NB, H, bs, D)
         # One zeroed allocation for every layer's keys and values ([2, layers, *shape]): zeroing or
         # copying a block in every layer is one op on it (the per-layer tensors are views).
-        self._pool = torch.zeros((2, self.num_layers) + shape, dtype=dtype)
+        self._pool = torch.zeros((2, self.num_layers) + shape, dtype=dtype, device=device)
+        self.device = self._pool.device
         self.k: List[torch.Tensor] = list(self._pool[0].unbind(0))
         self.v: List[torch.Tensor] = list(self._pool[1].unbind(0))
         self._free: List[int] = list(range(NB - 1, -1, -1))  # pop() gives the lowest id
@@ -365,7 +370,8 @@ class PagedKVCache:
         blocks = last
         if not blocks:
             return
-        self._pool.index_fill_(2, torch.tensor(blocks, dtype=torch.int64), 0)  # every layer, keys and values
+        index = torch.tensor(blocks, dtype=torch.int64).to(self.device)
+        self._pool.index_fill_(2, index, 0)  # every layer, keys and values
         self._free.extend(reversed(blocks))
 
     def _reserve(self, ids: List[int], counts: List[int]) -> None:
@@ -394,6 +400,8 @@ class PagedKVCache:
             table, start = self._tables[s], self._lens[s]
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         out = torch.tensor(slots, dtype=torch.int64)
+        if self.device.type != "cpu":
+            out = out.to(self.device)
         self._step = (key, out)
         return out
 
@@ -409,8 +417,9 @@ class PagedKVCache:
             num_tokens: an int for all, or one count per sequence.
 
         Returns:
-            int64 ``[N]`` (``N = sum(num_tokens)``): slot ``block * block_size + offset`` of each
-            new token, the tokens of the sequences one after another in ``seq_ids`` order.
+            int64 ``[N]`` (``N = sum(num_tokens)``) on the cache's device: slot ``block *
+            block_size + offset`` of each new token, the tokens of the sequences one after
+            another in ``seq_ids`` order.
             Shared by the step's callers: do not modify it.
 
         Raises:
@@ -595,6 +604,8 @@ class PagedKVCache:
             if self._tables[s]:
                 tables[b, : len(self._tables[s])] = torch.tensor(self._tables[s], dtype=torch.int64)
         st = torch.tensor(starts, dtype=torch.int64)
+        if self.device.type != "cpu":
+            tables, st, acc = tables.to(self.device), st.to(self.device), acc.to(self.device)
         if any(node != k for path in paths for k, node in enumerate(path)):  # else nothing moves
             # the first layer through the wrapper's checks, the others (same shapes) directly
             compact_paged_kv_cache(self.k[0], self.v[0], tables, st, acc, kv_layout=self.kv_layout, validate=False)

@@ -142,6 +142,19 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH.gguf",
         help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct.Q4_1.gguf)",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="where the model and its KV cache run: cpu (default) or cuda (the weights dequantized there; "
+        "sampling stays on the host)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="with --device: the weight matrices' dtype (default float32; activations and cache stay float32)",
+    )
     add_temperature_use_arguments(p)
 
 
@@ -301,6 +314,8 @@ def _generate(args: argparse.Namespace) -> int:
         eos_bias=args.eos_bias,
         logprobs=args.logprobs,
         top_logprobs=args.top_logprobs,
+        device=args.device,
+        dtype=None if args.dtype is None else getattr(__import__("torch"), args.dtype),
     )
     if not drafter and args.acceptance != "lossless":
         print("decodekit: error: --acceptance needs --speculative medusa", file=sys.stderr)

@@ -71,6 +71,8 @@ def _decode(
     options: Optional[dict] = None,
     deterministic: Optional[bool] = None,
     adaptive_drafts: bool = False,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
 ):
     """The shared body of :func:`generate` and :func:`speculative_generate`; ``options`` holds
     the sample, length-control and logprob arguments (see :func:`generate`)."""
@@ -85,7 +87,23 @@ def _decode(
     requests = make_requests(n, batched, columns, op)
     opts = check_length_options(op, n, batched, **(options or {}))
 
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    if isinstance(model, LoadedModel):
+        lm = model
+        want = torch.device(device) if device is not None else lm.model.device
+        if want.type != lm.model.device.type or (dtype is not None and dtype != lm.model.weight_dtype):
+            raise ValueError(
+                f"{op}: the given model is on {lm.model.device} with {lm.model.weight_dtype} weights, but "
+                f"device={device!r}, dtype={dtype} were asked for; load it with "
+                "decodekit.models.load_model(path, device=..., dtype=...) or leave device and dtype out"
+            )
+    else:
+        try:
+            lm = load_model(model, device=device, dtype=dtype)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{op}: {e}") from None
+    # Drafters run on the CPU: the draft model and the Medusa heads take the target's CPU copy
+    # (the same file, float32) for their shared embedding rows and checks.
+    host_lm = lm if lm.model.device.type == "cpu" else load_model(lm.path)
     for r, p in zip(requests, prompts):
         where = f" {r.index}" if batched else ""
         r.prompt_ids = prompt_ids(lm, p, chat_template, where, op)
@@ -105,9 +123,9 @@ def _decode(
     if drafter == "ngram":
         drafter = NgramDrafter()
     elif drafter == "draft":
-        drafter = shipped_draft_drafter(lm)
+        drafter = shipped_draft_drafter(host_lm)
     elif isinstance(drafter, tuple) and drafter[0] == "medusa":
-        drafter = MedusaDrafter(shipped_medusa_heads(lm), tree=drafter[1], acceptance=drafter[2])
+        drafter = MedusaDrafter(shipped_medusa_heads(host_lm), tree=drafter[1], acceptance=drafter[2])
 
     if stream is None:
         emit_to = None
@@ -193,6 +211,8 @@ def generate(
     top_logprobs: int = 0,
     logprobs_mode: str = "processed",
     deterministic: Optional[bool] = None,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
 ) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate a continuation of one prompt, or of a batch of prompts, one token at a time.
 
@@ -287,6 +307,13 @@ def generate(
             sampler's (``sample_from_logits(..., deterministic=)``). ``False`` is the fast mode:
             a request's tokens may then depend on the batch and the thread count
             (``python -m decodekit determinism`` measures how much).
+        device: ``None`` (default: the CPU, or a given model's device) or e.g. ``"cuda"``: the
+            model's forward and its KV cache run there (:func:`~decodekit.models.load_model` with
+            ``device``; in deterministic mode each decode step replays a CUDA graph); the
+            logits come back to the host each step, where penalties, sampling and verification
+            run with the CPU kernels, so the tokens follow from the logits exactly as on the CPU.
+        dtype: ``None`` (float32) or torch.bfloat16 / torch.float16 weight matrices on ``device``
+            (activations, logits and KV cache stay float32).
 
     Per-request parameters: ``max_new_tokens`` and every sampling parameter are each one value
     for every request, or a list (or tuple, or 1-D tensor) with one value per prompt.
@@ -356,6 +383,8 @@ def generate(
         threads=threads,
         options=options,
         deterministic=deterministic,
+        device=device,
+        dtype=dtype,
     )
 
 
@@ -391,6 +420,8 @@ def speculative_generate(
     tree=None,
     acceptance: str = "lossless",
     draft_schedule: str = "adaptive",
+    device=None,
+    dtype: Optional[torch.dtype] = None,
 ) -> Union[GenerationResult, List[GenerationResult], List[List[GenerationResult]], Voted, List[Voted]]:
     """Generate with speculative decoding, for one prompt or a batch of prompts.
 
@@ -449,6 +480,13 @@ def speculative_generate(
         acceptance: with ``drafter="medusa"``: ``"lossless"`` (default; the output distribution is
             the target's) or ``"typical"`` (Medusa's typical acceptance; lossy). Greedy requests
             always use greedy tree verification, which reproduces plain greedy decoding.
+        device: ``None`` (default: the CPU; drafters always run on the CPU, or a given model's device) or e.g. ``"cuda"``: the
+            model's forward and its KV cache run there (:func:`~decodekit.models.load_model` with
+            ``device``; in deterministic mode each decode step replays a CUDA graph); the
+            logits come back to the host each step, where penalties, sampling and verification
+            run with the CPU kernels, so the tokens follow from the logits exactly as on the CPU.
+        dtype: ``None`` (float32) or torch.bfloat16 / torch.float16 weight matrices on ``device``
+            (activations, logits and KV cache stay float32).
 
     Returns:
         :class:`GenerationResult` (with ``drafted``, ``accepted``, ``acceptance_rate`` and
@@ -504,6 +542,8 @@ def speculative_generate(
         num_draft_tokens=num_draft_tokens,
         adaptive_drafts=draft_schedule == "adaptive",
         threads=threads,
+        device=device,
+        dtype=dtype,
         options=dict(
             n=n,
             vote=vote,

@@ -87,6 +87,17 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     model's is ``lm.model.deterministic``). ``adaptive_drafts``: each request's draft length
     follows its own acceptance (:func:`_next_draft_len`) instead of staying at ``num_draft_tokens``."""
     net = lm.model
+    on_host = net.device.type == "cpu"
+
+    def forward_paged(*args, **kwargs):
+        """The model's forward (on its device, its KV cache there too); the logits (and hidden
+        states) come back to the host, where the loop applies penalties, samples and verifies
+        with the CPU kernels: the same tokens for the same logits on every device."""
+        out = net.forward_paged(*args, **kwargs)
+        if on_host:
+            return out
+        return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
+
     tree_mode = isinstance(drafter, MedusaDrafter)
     tree = drafter.tree if tree_mode else None
     K = (tree.num_nodes - 1 if tree_mode else num_draft_tokens) if drafter is not None else 0
@@ -155,10 +166,10 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         t0 = time.perf_counter()
         ids = torch.tensor([r.prompt_ids], dtype=torch.long)
         if tree_mode:
-            first[r.index], h = net.forward_paged(ids, cache, [r.seq_id], return_hidden=True)
+            first[r.index], h = forward_paged(ids, cache, [r.seq_id], return_hidden=True)
             hidden[r.index] = h[0]
         else:
-            first[r.index] = net.forward_paged(ids, cache, [r.seq_id])
+            first[r.index] = forward_paged(ids, cache, [r.seq_id])
         r.prefill_seconds = time.perf_counter() - t0
     t_decode = time.perf_counter()
     for r in requests:
@@ -292,7 +303,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             before, cand, plain_pass, own_tree = None, None, True, [False] * len(active)
             pass_clock.start("plain")
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
-            logits, h = net.forward_paged(inp, cache, seqs, return_hidden=True)  # [B, V], [B, H]
+            logits, h = forward_paged(inp, cache, seqs, return_hidden=True)  # [B, V], [B, H]
             logits = logits[:, None]
             for b, r in enumerate(active):
                 hidden[r.index] = h[b]
@@ -309,7 +320,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             # they are dropped at compaction)
             own_tree = [not adaptive_drafts or r.params.greedy or r.draft_len != 0 for r in active]
             t0 = time.perf_counter()
-            logits, tree_hidden = net.forward_paged(
+            logits, tree_hidden = forward_paged(
                 cand, cache, seqs, all_logits=True, return_hidden=True, tree_parents=tree.parents
             )  # [B, N, V], [B, N, H]
             drafter.forward_seconds += time.perf_counter() - t0
@@ -340,14 +351,14 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         if drafter is None or chain_plain:
             before = None
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
-            logits = net.forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
+            logits = forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
         else:
             before = cache.seq_lens(seqs).tolist()
             inp = torch.tensor(
                 [[r.token_ids[-1]] + d + [r.token_ids[-1]] * (width - len(d)) for r, d in zip(active, drafts)],
                 dtype=torch.long,
             )
-            logits = net.forward_paged(inp, cache, seqs, all_logits=True)  # [B, 1 + width, V]
+            logits = forward_paged(inp, cache, seqs, all_logits=True)  # [B, 1 + width, V]
         for r in active:
             r.steps += 1
 

