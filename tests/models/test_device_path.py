@@ -151,6 +151,14 @@ def test_generate_device_arguments_are_checked():
         decodekit.speculative_generate("hi", model=lm, max_new_tokens=2, device="cuda")
     with pytest.raises(TypeError, match="dtype must be"):
         decodekit.generate("hi", max_new_tokens=2, dtype=torch.int8)
+    with pytest.raises(ValueError, match="kernels for 'cpu' and 'cuda' devices, got 'mps'"):
+        decodekit.generate("hi", max_new_tokens=2, device="mps")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu please'"):
+        decodekit.models.load_model(device="gpu please")
+    with pytest.raises(TypeError, match="dtype must be"):
+        decodekit.models.load_model(dtype="float64")
+    with pytest.raises(ValueError, match="bfloat16 weights, but device=None, dtype=torch.float32"):
+        decodekit.generate("hi", model=decodekit.models.load_model(dtype="bfloat16"), max_new_tokens=2, dtype="float32")
 
 
 # ------------------------------------------------------------------- GPU ----

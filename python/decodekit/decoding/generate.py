@@ -17,7 +17,7 @@ import torch
 
 from .._loader import _C
 from .._threads import get_num_threads, threads_for_call
-from ..models.gguf_loader import LoadedModel, load_model
+from ..models.gguf_loader import LoadedModel, load_model, model_device_and_dtype
 from .drafters import DraftModelDrafter, MedusaDrafter, NgramDrafter, shipped_draft_drafter, shipped_medusa_heads
 from .loop import run
 from .request import (
@@ -89,7 +89,8 @@ def _decode(
 
     if isinstance(model, LoadedModel):
         lm = model
-        want = torch.device(device) if device is not None else lm.model.device
+        want, dtype = model_device_and_dtype(device, dtype, op)
+        want = want if device is not None else lm.model.device
         if want.type != lm.model.device.type or (dtype is not None and dtype != lm.model.weight_dtype):
             raise ValueError(
                 f"{op}: the given model is on {lm.model.device} with {lm.model.weight_dtype} weights, but "

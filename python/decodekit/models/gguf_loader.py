@@ -305,25 +305,49 @@ def load_model(
         device: ``None`` / ``"cpu"`` (default), or another device such as ``"cuda"``: the
             weights are dequantized to float32 and copied there (the CPU copy stays cached for
             CPU callers); the model's KV caches then live on that device too.
-        dtype: ``None`` (float32), or torch.bfloat16 / torch.float16 for the weight matrices
-            (:meth:`LlamaModel.to`; activations, logits and KV cache stay float32). Implies
-            ``dequantize``.
+        dtype: ``None`` (float32), or torch.bfloat16 / torch.float16 (or ``"bfloat16"`` /
+            ``"float16"``) for the weight matrices (:meth:`LlamaModel.to`; activations, logits
+            and KV cache stay float32). Implies ``dequantize``.
 
     Raises:
         FileNotFoundError: when the default model's package or the given file is missing.
-        ValueError / NotImplementedError: as :func:`load_gguf`; ValueError for a device torch
-            cannot use (e.g. ``"cuda"`` without a GPU).
+        ValueError / NotImplementedError: as :func:`load_gguf`; ValueError for a device other
+            than the CPU or CUDA, or one torch cannot use (e.g. ``"cuda"`` without a GPU).
         TypeError: another ``dtype``.
     """
     resolved = default_model_path() if path is None else Path(path)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"load_model: dtype must be None, torch.float32, bfloat16 or float16, got {dtype!r}")
+    dev, dtype = model_device_and_dtype(device, dtype, "load_model")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("load_model: device 'cuda' was asked for but torch sees no GPU (torch.cuda.is_available())")
     if dev.type == "cpu" and dtype in (None, torch.float32):
         return _load_cached(os.path.realpath(resolved), bool(dequantize))
     return _load_on(os.path.realpath(resolved), str(dev), dtype or torch.float32)
+
+
+_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_device_and_dtype(device, dtype, name: str):
+    """``(torch.device, dtype or None)`` from a ``device`` (None, a string or a torch.device: the
+    CPU or CUDA) and a weight ``dtype`` (None, a torch dtype or its name: float32, bfloat16,
+    float16); ValueError / TypeError naming the argument otherwise."""
+    if device is None:
+        dev = torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{name}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: decodekit has kernels for 'cpu' and 'cuda' devices, got {device!r}")
+    if isinstance(dtype, str) and dtype in _WEIGHT_DTYPES:
+        dtype = _WEIGHT_DTYPES[dtype]
+    if dtype is not None and dtype not in _WEIGHT_DTYPES.values():
+        raise TypeError(
+            f"{name}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16 (or their names), "
+            f"got {dtype!r}"
+        )
+    return dev, dtype
 
 
 @functools.lru_cache(maxsize=2)
