@@ -93,7 +93,7 @@ def test_graph_step_body_equals_the_per_op_path(layout):
         assert torch.equal(a, b)
     assert torch.equal(cache._pool, ref_cache._pool)  # the same keys and values in the same slots
     graphs = cache.__dict__["_decode_graphs"]
-    assert sorted(B for B, _ in graphs) == [3, 4]  # one per batch size
+    assert sorted(key[0] for key in graphs) == [4]  # 4 rows, then 3 in the same 4-row bucket (one padding row)
 
 
 def test_graph_static_table_is_padded_past_the_longest_row():
@@ -101,13 +101,17 @@ def test_graph_static_table_is_padded_past_the_longest_row():
     cache = model.new_paged_cache(32, block_size=4)
     s = cache.add_sequence()
     model.forward_paged(torch.tensor([[1, 2, 3, 4, 5]]), cache, [s])
-    g = llama_mod._DecodeGraph(model, cache, 1, capture=False)
-    assert tuple(g.tables.shape) == (1, CFG.max_seq_len // 4)
+    g = llama_mod._DecodeGraph(model, cache, 2, capture=False)
+    assert tuple(g.tables.shape) == (2, CFG.max_seq_len // 4)
     slots = cache.slot_mapping([s], 1)
     table = cache.block_table([s], torch.int64)
     g.tables.fill_(7)  # stale entries from a longer earlier batch must not survive
-    g.run(torch.tensor([[6]]), torch.tensor([[5]]), torch.tensor([6]), table, slots)
+    g.slots.fill_(3)
+    out = g.run(cache, torch.tensor([[6]]), torch.tensor([[5]]), torch.tensor([6]), table, slots)
+    assert out.shape == (1, CFG.vocab_size)
     assert torch.equal(g.tables[0, : table.size(1)], table[0]) and bool((g.tables[0, table.size(1) :] == -1).all())
+    # the padding row writes nothing (slot -1) and reads nothing (length 0)
+    assert int(g.slots[1]) == -1 and int(g.seq_lens[1]) == 0 and bool((g.tables[1] == -1).all())
 
 
 def test_bfloat16_matrices_keep_float32_activations_and_cache():
@@ -162,6 +166,75 @@ def test_generate_device_arguments_are_checked():
 
 
 # ------------------------------------------------------------------- GPU ----
+cuda_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or not decodekit.HAS_CUDA_OPS, reason="needs a GPU and a CUDA build of decodekit"
+)
+
+
+def _steps_on(model, prompts, steps, layout="NHD"):
+    """Greedy steps of a batch through forward_paged as the model's settings choose (a graph on
+    a GPU in deterministic mode); row 1 stops after 3 steps, row 3 after 6 (buckets 4, 3 -> 4
+    with padding, 2). Returns every step's logits on the CPU and the cache's pool."""
+    cache = model.new_paged_cache(32, block_size=4, kv_layout=layout)
+    seqs = [cache.add_sequence() for _ in prompts]
+    last = [model.forward_paged(torch.tensor([p]), cache, [s])[0].cpu() for p, s in zip(prompts, seqs)]
+    tokens = [int(x.argmax()) for x in last]
+    out, live = [torch.stack(last)], list(range(len(prompts)))
+    for step in range(steps):
+        for stop_at, row in ((3, 1), (6, 3)):
+            if step == stop_at and row in live:
+                live.remove(row)
+        logits = model.forward_paged(torch.tensor([[tokens[b]] for b in live]), cache, [seqs[b] for b in live]).cpu()
+        out.append(logits)
+        for i, b in enumerate(live):
+            tokens[b] = int(logits[i].argmax())
+    return out, cache._pool.cpu()
+
+
+PROMPTS_IDS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
+
+
+@cuda_only
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_model_steps_equal_cpu_bit_for_bit(layout, graphs):
+    cpu_out, cpu_pool = _steps_on(_model(), PROMPTS_IDS, 9, layout)
+    gpu = _model().to("cuda")
+    gpu.cuda_graphs = graphs
+    gpu_out, gpu_pool = _steps_on(gpu, PROMPTS_IDS, 9, layout)
+    for a, b in zip(cpu_out, gpu_out):
+        assert torch.equal(a, b)
+    assert torch.equal(cpu_pool, gpu_pool)
+
+
+@cuda_only
+def test_cuda_tree_pass_compact_fork_truncate_equal_cpu():
+    def session(model):
+        cache = model.new_paged_cache(32, block_size=4)
+        a = cache.add_sequence()
+        outs = [model.forward_paged(torch.tensor([[5, 6, 7, 8, 9]]), cache, [a]).cpu()]
+        b = cache.fork(a)
+        parents = torch.tensor([-1, 0, 0, 1, 2, 3])
+        tree = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]])
+        outs.append(model.forward_paged(tree, cache, [a, b], all_logits=True, tree_parents=parents).cpu())
+        cache.compact([a, b], [5, 5], torch.tensor([[1, 3, 5], [2, 4, -1]]))
+        cache.truncate(b, 6)
+        outs.append(model.forward_paged(torch.tensor([[30], [31]]), cache, [a, b]).cpu())
+        return outs, cache._pool.cpu()
+
+    cpu_out, cpu_pool = session(_model(4))
+    gpu_out, gpu_pool = session(_model(4).to("cuda"))
+    for x, y in zip(cpu_out, gpu_out):
+        assert torch.equal(x, y)
+    assert torch.equal(cpu_pool, gpu_pool)
+
+
+def test_graph_buckets():
+    assert [llama_mod._graph_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 24, 64, 72,
+    ]  # fmt: skip
+
+
 def _has_default_model() -> bool:
     try:
         decodekit.models.default_model_path()

@@ -90,8 +90,11 @@ def _decode(
     if isinstance(model, LoadedModel):
         lm = model
         want, dtype = model_device_and_dtype(device, dtype, op)
-        want = want if device is not None else lm.model.device
-        if want.type != lm.model.device.type or (dtype is not None and dtype != lm.model.weight_dtype):
+        have = lm.model.device
+        other_device = device is not None and (
+            want.type != have.type or (want.index is not None and want.index != (have.index or 0))
+        )
+        if other_device or (dtype is not None and dtype != lm.model.weight_dtype):
             raise ValueError(
                 f"{op}: the given model is on {lm.model.device} with {lm.model.weight_dtype} weights, but "
                 f"device={device!r}, dtype={dtype} were asked for; load it with "
@@ -102,9 +105,12 @@ def _decode(
             lm = load_model(model, device=device, dtype=dtype)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{op}: {e}") from None
-    # Drafters run on the CPU: the draft model and the Medusa heads take the target's CPU copy
-    # (the same file, float32) for their shared embedding rows and checks.
-    host_lm = lm if lm.model.device.type == "cpu" else load_model(lm.path)
+
+    def host_lm() -> LoadedModel:
+        """Drafters run on the CPU: the draft model and the Medusa heads take the target's CPU
+        copy (the same file, float32) for their shared embedding rows and checks."""
+        return lm if lm.model.device.type == "cpu" else load_model(lm.path)
+
     for r, p in zip(requests, prompts):
         where = f" {r.index}" if batched else ""
         r.prompt_ids = prompt_ids(lm, p, chat_template, where, op)
@@ -124,9 +130,9 @@ def _decode(
     if drafter == "ngram":
         drafter = NgramDrafter()
     elif drafter == "draft":
-        drafter = shipped_draft_drafter(host_lm)
+        drafter = shipped_draft_drafter(host_lm())
     elif isinstance(drafter, tuple) and drafter[0] == "medusa":
-        drafter = MedusaDrafter(shipped_medusa_heads(host_lm), tree=drafter[1], acceptance=drafter[2])
+        drafter = MedusaDrafter(shipped_medusa_heads(host_lm()), tree=drafter[1], acceptance=drafter[2])
 
     if stream is None:
         emit_to = None

@@ -317,11 +317,24 @@ def load_model(
     """
     resolved = default_model_path() if path is None else Path(path)
     dev, dtype = model_device_and_dtype(device, dtype, "load_model")
+    if dev.type == "cuda" and torch.cuda.is_available() and not _has_cuda_ops():
+        raise ValueError(
+            "load_model: this decodekit build has no CUDA kernels (built without nvcc or against a CPU torch); "
+            "rebuild it against a CUDA torch to use device='cuda'"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("load_model: device 'cuda' was asked for but torch sees no GPU (torch.cuda.is_available())")
     if dev.type == "cpu" and dtype in (None, torch.float32):
         return _load_cached(os.path.realpath(resolved), bool(dequantize))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # one cached copy for "cuda" and "cuda:N"
     return _load_on(os.path.realpath(resolved), str(dev), dtype or torch.float32)
+
+
+def _has_cuda_ops() -> bool:
+    from .._loader import HAS_CUDA_OPS
+
+    return bool(HAS_CUDA_OPS)
 
 
 _WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -342,6 +342,7 @@ class LlamaModel:
         # On a GPU in deterministic mode, the decode step (T = 1, no tree) is captured once per batch
         # size and cache in a CUDA graph and replayed (False: every step launches its kernels).
         self.cuda_graphs = True
+        self._weights_version = 0  # bumped by to(): captured graphs hold the weights' addresses
 
     @property
     def device(self) -> torch.device:
@@ -532,8 +533,8 @@ class LlamaModel:
             raise TypeError(
                 f"forward_paged: cache must be a PagedKVCache (see new_paged_cache), got {type(cache).__name__}"
             )
-        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device.type)
-        want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device.type)
+        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.dtype, str(cache.device))
+        want = (c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, str(self.device))
         if got != want:
             raise ValueError(
                 f"forward_paged: the cache has (layers, kv heads, head dim, dtype, device) = {got}, the model "
@@ -652,18 +653,27 @@ class LlamaModel:
         )
 
     def _graph_step(self, input_ids, cache, seq_ids, positions, seq_lens) -> torch.Tensor:
-        """forward_paged's decode step through the cache's captured graph for this batch size
-        (captured at its first use): the step's slots are reserved and the host-side values
-        (ids, positions, lengths, block table, slots) copied into the graph's static inputs,
-        then the graph replays the per-op path's kernels (the same ops, so the same bits)."""
+        """forward_paged's decode step through one of the cache's captured graphs: the step's
+        slots are reserved, the host-side values (ids, positions, lengths, block table, slots)
+        copied into the static inputs of the graph for the smallest bucket of rows holding B
+        (1, 2, 4, 8, then multiples of 8; the padding rows write nothing and read nothing), then
+        the graph replays the per-op path's kernels (the same ops, so the same bits). A graph is
+        captured at its bucket's first use and kept with the cache (it holds the cache's and
+        the weights' addresses; :meth:`to` retires it)."""
         B = input_ids.size(0)
         slots = cache.slot_mapping(seq_ids, 1)  # reserves the step's blocks (OutOfBlocksError: nothing written)
         tables = cache.block_table(seq_ids, torch.int64)
+        bucket = _graph_bucket(B)
         graphs = cache.__dict__.setdefault("_decode_graphs", {})
-        g = graphs.get((B, id(self)))
+        key = (bucket, id(self), self._weights_version)
+        g = graphs.get(key)
         if g is None or g.model is not self:
-            g = graphs[(B, id(self))] = _DecodeGraph(self, cache, B, capture=self.device.type == "cuda")
-        logits = g.run(input_ids, positions, seq_lens, tables, slots)
+            g = graphs[key] = _DecodeGraph(self, cache, bucket, capture=self.device.type == "cuda")
+        try:
+            logits = g.run(cache, input_ids, positions, seq_lens, tables, slots)
+        except BaseException:
+            graphs.pop(key, None)  # a failed capture is not retried from a half-built graph
+            raise
         cache.advance(seq_ids, 1)
         return logits
 
@@ -757,7 +767,9 @@ class LlamaModel:
                 weight matrices (embedding, projections, LM head); the norms, activations,
                 logits and KV cache stay float32 (:attr:`dtype`). Products with bfloat16 /
                 float16 matrices go through ``torch.nn.functional.linear`` (not batch-invariant
-                on every backend); deterministic mode's bit-exact rows need float32.
+                on every backend); deterministic mode's bit-exact rows need float32. float16
+                rounds the activations into the products too, and overflows where they pass
+                65504: prefer bfloat16.
 
         Raises:
             ValueError: QuantizedWeight matrices (CPU kernels only) and a device other than
@@ -790,6 +802,7 @@ class LlamaModel:
                 setattr(block, name, w.to(device, dtype if w.dim() == 2 else None))  # norms stay float32
         self._rope = None
         self._stream_weights = None
+        self._weights_version += 1
         return self
 
     def num_parameters(self) -> int:
@@ -805,55 +818,76 @@ def _graphs_capturable() -> bool:
     return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
 
 
-class _DecodeGraph:
-    """A CUDA graph of one model's decode step (T = 1) for ``B`` sequences of one paged cache.
+def _graph_bucket(B: int) -> int:
+    """The rows of the captured graph that serves a batch of B: 1, 2, 4, 8, then multiples of 8."""
+    return 1 << (B - 1).bit_length() if B <= 8 else -(-B // 8) * 8
 
-    Static inputs on the device: ids ``[B, 1]``, positions ``[B, 1]``, lengths ``[B]``, a block
-    table ``[B, W]`` as wide as the model's context (``W = ceil(max_seq_len / block_size)``, -1
-    padded, so that no step needs a wider one) and the slots ``[B]``. :meth:`run` copies the
-    step's values into them and replays; the first call warms up on a side stream (a real step:
-    it writes the same keys and values as the replay that follows) and captures. With
-    ``capture=False`` the body runs eagerly on the static inputs (how the CPU tests check it).
+
+class _DecodeGraph:
+    """A CUDA graph of one model's decode step (T = 1) for ``R`` rows of one paged cache.
+
+    Static inputs on the device: ids ``[R, 1]``, positions ``[R, 1]``, lengths ``[R]``, a block
+    table ``[R, W]`` as wide as the model's context (``W = ceil(max_seq_len / block_size)``, -1
+    padded, so that no step needs a wider one) and the slots ``[R]``. A batch of ``B <= R``
+    rows fills the first ``B``; the others are padding (slot -1: no key or value written;
+    length 0: no position read; their logits are dropped). :meth:`run` copies the step's values
+    in and replays; the first call warms up on a side stream (a real step: it writes the same
+    keys and values as the replay that follows) and captures on the model's device, into a
+    memory pool shared by the cache's graphs (their outputs are copied out after each replay).
+    With ``capture=False`` the body runs eagerly on the static inputs (how the CPU tests check
+    it). The cache is passed to each call, not kept (the cache keeps its graphs).
     """
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, B: int, capture: bool = True) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, rows: int, capture: bool = True) -> None:
         dev = model.device
-        self.model, self.cache, self.capture = model, cache, capture
+        self.model, self.capture, self.rows = model, capture, rows
         width = -(-model.config.max_seq_len // cache.block_size)
-        self.ids = torch.zeros((B, 1), dtype=torch.int64, device=dev)
-        self.positions = torch.zeros((B, 1), dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros((B,), dtype=torch.int64, device=dev)
-        self.tables = torch.full((B, width), -1, dtype=torch.int64, device=dev)
-        self.slots = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        self.ids = torch.zeros((rows, 1), dtype=torch.int64, device=dev)
+        self.positions = torch.zeros((rows, 1), dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros((rows,), dtype=torch.int64, device=dev)
+        self.tables = torch.full((rows, width), -1, dtype=torch.int64, device=dev)
+        self.slots = torch.full((rows,), -1, dtype=torch.int64, device=dev)
         self.graph = None
         self.logits: Optional[torch.Tensor] = None
 
-    def _body(self) -> torch.Tensor:
-        return self.model._decode_body(self.cache, self.ids, self.positions, self.seq_lens, self.tables, self.slots)
+    def _body(self, cache) -> torch.Tensor:
+        return self.model._decode_body(cache, self.ids, self.positions, self.seq_lens, self.tables, self.slots)
 
-    def run(self, ids, positions, seq_lens, tables, slots) -> torch.Tensor:
-        """The step's logits ``[B, V]`` (a new tensor; the graph's output is reused)."""
-        self.ids.copy_(ids, non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
-        self.seq_lens.copy_(seq_lens, non_blocking=True)
-        self.tables[:, tables.size(1) :].fill_(-1)
-        self.tables[:, : tables.size(1)].copy_(tables, non_blocking=True)
-        self.slots.copy_(slots, non_blocking=True)
+    def run(self, cache, ids, positions, seq_lens, tables, slots) -> torch.Tensor:
+        """The step's logits ``[B, V]`` for the ``B`` rows given (a new tensor)."""
+        B, w = ids.size(0), tables.size(1)
+        self.ids[:B].copy_(ids, non_blocking=True)
+        self.positions[:B].copy_(positions, non_blocking=True)
+        self.seq_lens[:B].copy_(seq_lens, non_blocking=True)
+        self.tables[:B, w:].fill_(-1)
+        self.tables[:B, :w].copy_(tables, non_blocking=True)
+        self.slots[:B].copy_(slots, non_blocking=True)
+        if B < self.rows:  # padding rows: id 0 at position 0, nothing written, nothing read
+            self.ids[B:].zero_()
+            self.positions[B:].zero_()
+            self.seq_lens[B:].zero_()
+            self.tables[B:].fill_(-1)
+            self.slots[B:].fill_(-1)
         if not self.capture:  # the same static inputs run eagerly (CPU tests of this path)
-            return self._body().clone()
-        if self.graph is None:
-            self.model._rope_tables()  # built before the capture (a graph allocates nothing it keeps)
-            side = torch.cuda.Stream(device=self.ids.device)
-            side.wait_stream(torch.cuda.current_stream(self.ids.device))
-            with torch.cuda.stream(side):
-                self._body()  # warm-up: the step itself (the replay writes the same values again)
-            torch.cuda.current_stream(self.ids.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._body()
-            self.graph = graph
-        self.graph.replay()
-        return self.logits.clone()
+            return self._body(cache)[:B].clone()
+        dev = self.ids.device
+        with torch.cuda.device(dev):
+            if self.graph is None:
+                self.model._rope_tables()  # built before the capture (a graph allocates nothing it keeps)
+                side = torch.cuda.Stream(device=dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    self._body(cache)  # warm-up: the step itself (the replay writes the same values again)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                pool = cache.__dict__.get("_decode_graph_pool")
+                if pool is None:
+                    pool = cache.__dict__["_decode_graph_pool"] = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=dev)):
+                    self.logits = self._body(cache)
+                self.graph = graph
+            self.graph.replay()
+            return self.logits[:B].clone()
 
 
 def _tree_depths_and_mask(parents, B: int, T: int):
