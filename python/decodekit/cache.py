@@ -303,6 +303,15 @@ class PagedKVCache:
         shape = (NB, bs, H, D) if kv_layout == "NHD" else (NB, H, bs, D)
         # One zeroed allocation for every layer's keys and values ([2, layers, *shape]): zeroing or
         # copying a block in every layer is one op on it (the per-layer tensors are views).
+        if device is not None:
+            try:
+                dev = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"PagedKVCache: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+            if dev.type not in ("cpu", "cuda", "meta"):
+                raise ValueError(f"PagedKVCache: device must be 'cpu' or 'cuda' (or 'meta' for shapes), got {device!r}")
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("PagedKVCache: device 'cuda' was asked for but torch sees no GPU")
         self._pool = torch.zeros((2, self.num_layers) + shape, dtype=dtype, device=device)
         self.device = self._pool.device
         self.k: List[torch.Tensor] = list(self._pool[0].unbind(0))

@@ -153,7 +153,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="with --device: the weight matrices' dtype (default float32; activations and cache stay float32)",
+        help="the weight matrices' dtype (default: the file's blocks on the CPU, float32 on a GPU; activations "
+        "and cache stay float32; on a CPU bfloat16 / float16 save memory, not time)",
     )
     add_temperature_use_arguments(p)
 
@@ -315,7 +316,7 @@ def _generate(args: argparse.Namespace) -> int:
         logprobs=args.logprobs,
         top_logprobs=args.top_logprobs,
         device=args.device,
-        dtype=None if args.dtype is None else getattr(__import__("torch"), args.dtype),
+        dtype=args.dtype,  # a name: generate accepts it
     )
     if not drafter and args.acceptance != "lossless":
         print("decodekit: error: --acceptance needs --speculative medusa", file=sys.stderr)
@@ -419,6 +420,9 @@ def _confidence(args: argparse.Namespace, prompts: List[str]) -> int:
                 eos_token_ids=args.eos_token_id,
                 stop=args.stop,
                 eos_bias=args.eos_bias,
+                threads=args.threads,
+                device=args.device,
+                dtype=args.dtype,
             )
         except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as exc:
             print(f"decodekit: error: {exc}", file=sys.stderr)

@@ -131,14 +131,42 @@ def test_bfloat16_matrices_keep_float32_activations_and_cache():
     # bfloat16 matrices (8-bit mantissa, x rounded too): logits within a few percent of their spread.
     err = (got - want).abs().max() / want.std()
     assert 0 < float(err) < 0.1, float(err)
-    with pytest.raises(TypeError, match="dtype must be torch.float32, bfloat16 or float16"):
+    with pytest.raises(TypeError, match=r"LlamaModel.to: dtype must be None, torch.float32, torch.bfloat16"):
         model.to("cpu", torch.int8)
+    with pytest.raises(ValueError, match="LlamaModel.to: decodekit has kernels for 'cpu' and 'cuda' devices"):
+        model.to("meta")
+
+
+def test_bfloat16_deterministic_rows_do_not_depend_on_the_batch():
+    # Deterministic mode converts bf16 matrices to their exact float32 values for decodekit.linear:
+    # a row's logits are the same bits alone and beside another row (fast mode makes no such promise).
+    model = _model(5).to("cpu", torch.bfloat16)
+    cache = model.new_paged_cache(16, block_size=4)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    alone = model.forward_paged(torch.tensor([[3, 1, 4, 1, 5]]), cache, [a], all_logits=True)
+    a2 = cache.add_sequence()
+    pair = model.forward_paged(torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]), cache, [a2, b],
+                               all_logits=True)  # fmt: skip
+    assert torch.equal(pair[0], alone[0])
+
+
+def test_bfloat16_greedy_speculative_equals_plain_greedy():
+    # The shipped draft model checks the target's file copy (not the rounded bf16 embedding), and
+    # greedy verification reproduces plain greedy decoding with bf16 matrices too.
+    kw = dict(max_new_tokens=12, temperature=0, dtype=torch.bfloat16, stop_on_eos=False)
+    plain = decodekit.generate("Write a haiku about the sea.", **kw)
+    spec = decodekit.speculative_generate("Write a haiku about the sea.", drafter="draft", **kw)
+    assert spec.token_ids == plain.token_ids
 
 
 def test_cache_device_and_mismatch_errors():
     model = _model(3)
     cache = decodekit.PagedKVCache(3, 8, 4, 2, 16, device="cpu")
     assert cache.device.type == "cpu" and cache.slot_mapping([cache.add_sequence()], 2).device.type == "cpu"
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        decodekit.PagedKVCache(3, 8, 4, 2, 16, device="mps")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'garbage'"):
+        decodekit.PagedKVCache(3, 8, 4, 2, 16, device="garbage")
     meta = decodekit.PagedKVCache(3, 8, 4, 2, 16, device="meta")
     seq = meta.add_sequence()
     with pytest.raises(ValueError, match="device"):

@@ -92,7 +92,8 @@ def _decode(
         want, dtype = model_device_and_dtype(device, dtype, op)
         have = lm.model.device
         other_device = device is not None and (
-            want.type != have.type or (want.index is not None and want.index != (have.index or 0))
+            want.type != have.type
+            or (want.type == "cuda" and want.index is not None and want.index != (have.index or 0))
         )
         if other_device or (dtype is not None and dtype != lm.model.weight_dtype):
             raise ValueError(
@@ -108,8 +109,11 @@ def _decode(
 
     def host_lm() -> LoadedModel:
         """Drafters run on the CPU: the draft model and the Medusa heads take the target's CPU
-        copy (the same file, float32) for their shared embedding rows and checks."""
-        return lm if lm.model.device.type == "cpu" else load_model(lm.path)
+        copy as stored in the file (its embedding rows and checksum) when the target runs
+        elsewhere or with bfloat16 / float16 matrices."""
+        if lm.model.device.type == "cpu" and lm.model.weight_dtype == torch.float32:
+            return lm
+        return load_model(lm.path)
 
     for r, p in zip(requests, prompts):
         where = f" {r.index}" if batched else ""

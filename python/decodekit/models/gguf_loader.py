@@ -305,9 +305,13 @@ def load_model(
         device: ``None`` / ``"cpu"`` (default), or another device such as ``"cuda"``: the
             weights are dequantized to float32 and copied there (the CPU copy stays cached for
             CPU callers); the model's KV caches then live on that device too.
-        dtype: ``None`` (float32), or torch.bfloat16 / torch.float16 (or ``"bfloat16"`` /
-            ``"float16"``) for the weight matrices (:meth:`LlamaModel.to`; activations, logits
-            and KV cache stay float32). Implies ``dequantize``.
+        dtype: ``None`` (the file's blocks on the CPU, float32 elsewhere), or torch.float32 /
+            torch.bfloat16 / torch.float16 (or their names) for the weight matrices
+            (:meth:`LlamaModel.to`; activations, logits and KV cache stay float32). Implies
+            ``dequantize``. On a CPU, bfloat16 / float16 save memory but not time.
+
+    The returned object is shared by every caller with the same arguments: do not move it
+    (:meth:`LlamaModel.to`) in place; ask for the device and dtype here instead.
 
     Raises:
         FileNotFoundError: when the default model's package or the given file is missing.
@@ -324,8 +328,10 @@ def load_model(
         )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("load_model: device 'cuda' was asked for but torch sees no GPU (torch.cuda.is_available())")
-    if dev.type == "cpu" and dtype in (None, torch.float32):
+    if dev.type == "cpu" and dtype is None:
         return _load_cached(os.path.realpath(resolved), bool(dequantize))
+    if dev.type == "cpu" and dtype == torch.float32:  # float32 matrices asked for: the dequantized model
+        return _load_cached(os.path.realpath(resolved), True)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # one cached copy for "cuda" and "cuda:N"
     return _load_on(os.path.realpath(resolved), str(dev), dtype or torch.float32)
@@ -353,6 +359,8 @@ def model_device_and_dtype(device, dtype, name: str):
             raise ValueError(f"{name}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"{name}: decodekit has kernels for 'cpu' and 'cuda' devices, got {device!r}")
+        if dev.type == "cpu":
+            dev = torch.device("cpu")  # one CPU, whatever the index
     if isinstance(dtype, str) and dtype in _WEIGHT_DTYPES:
         dtype = _WEIGHT_DTYPES[dtype]
     if dtype is not None and dtype not in _WEIGHT_DTYPES.values():

@@ -368,7 +368,10 @@ class LlamaModel:
         In deterministic mode (``self.deterministic``, the default) float32 products (CPU and
         CUDA) go through :func:`decodekit.linear`, whose rows are bit-identical whatever the
         number of rows in the call; otherwise ``torch.nn.functional.linear``. bfloat16 / float16
-        matrices multiply ``x`` rounded to their dtype (``torch.nn.functional.linear``), float32 out. A
+        matrices: in deterministic mode their exact float32 values go through
+        :func:`decodekit.linear` (converted at each call: batch-invariant, the same bits on
+        every device, at the cost of the conversion); in fast mode ``x`` rounded to their dtype
+        meets them in ``torch.nn.functional.linear``, float32 out. A
         :class:`~decodekit.QuantizedWeight` goes through ``linear_quantized`` in deterministic
         mode (the same bits as :func:`decodekit.linear` on its float32 values); otherwise it is
         dequantized at each call for ``torch.nn.functional.linear`` (slow: a reference path).
@@ -381,8 +384,10 @@ class LlamaModel:
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
             return _dk_ops.linear_quantized(x2, weight.blocks, weight.block_type, N, K, None).view(*x.shape[:-1], N)
-        if weight.dtype != x.dtype:  # bfloat16 / float16 matrices: the product in their dtype, float32 out
-            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        if weight.dtype != x.dtype:  # bfloat16 / float16 matrices
+            if not self.deterministic:  # the product in their dtype, float32 out
+                return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+            weight = weight.to(x.dtype)  # exact: decodekit.linear's fixed order on the same values
         if self.deterministic and x.dtype == weight.dtype == torch.float32 and x.device.type in ("cpu", "cuda"):
             # The op itself (decodekit.linear's checks hold by construction: weights contiguous).
             x2 = x.reshape(-1, x.size(-1))
@@ -766,18 +771,19 @@ class LlamaModel:
             dtype: ``None`` (keep), or torch.float32 / torch.bfloat16 / torch.float16 for the
                 weight matrices (embedding, projections, LM head); the norms, activations,
                 logits and KV cache stay float32 (:attr:`dtype`). Products with bfloat16 /
-                float16 matrices go through ``torch.nn.functional.linear`` (not batch-invariant
-                on every backend); deterministic mode's bit-exact rows need float32. float16
-                rounds the activations into the products too, and overflows where they pass
-                65504: prefer bfloat16.
+                float16 matrices are converted to float32 at each product in deterministic mode
+                (rows bit-exact whatever the batch, as with float32 weights) and used as they
+                are in fast mode (``torch.nn.functional.linear``; float16 then rounds the
+                activations too and overflows where they pass 65504: prefer bfloat16).
 
         Raises:
             ValueError: QuantizedWeight matrices (CPU kernels only) and a device other than
             the CPU, or a ``dtype`` for them; load with ``dequantize=True`` for another device.
             TypeError: another ``dtype``.
         """
-        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"LlamaModel.to: dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+        from .gguf_loader import model_device_and_dtype
+
+        device, dtype = model_device_and_dtype(device, dtype, "LlamaModel.to")
         quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _BLOCK_WEIGHTS]
         if torch.device(device).type != "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
             raise ValueError(
