@@ -35,13 +35,14 @@ case "$SECTION" in
     timeout 300 $PY bench/gpu_sampling.py ${BENCH_ARGS:-} --json "$OUT/sampling.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   decode)
-    DECODE_TESTS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py tests/ops/test_tree_cuda.py tests/models/test_device_path.py"
+    DECODE_OPS="tests/ops/test_kv_cache_cuda.py tests/ops/test_layers_cuda.py tests/ops/test_attention_cuda.py tests/ops/test_speculative_cuda.py tests/ops/test_tree_cuda.py"
+    DECODE_TESTS="$DECODE_OPS tests/models/test_device_path.py"
     timeout 100 $PY -m pytest -q -ra -p no:cacheprovider $DECODE_TESTS "tests/ops/test_contracts.py::test_cpu_equals_cuda" \
       2>&1 | tee "$OUT/tests.log" | tail -30
     echo "tests exit: ${PIPESTATUS[0]}"
     if command -v compute-sanitizer >/dev/null; then
       timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -x -p no:cacheprovider \
-        $DECODE_TESTS -k "not 128256 and not graph and not bad_arguments" >"$OUT/memcheck.log" 2>&1
+        $DECODE_OPS -k "not 128256 and not graph and not bad_arguments" >"$OUT/memcheck.log" 2>&1
       echo "memcheck exit: $? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses)"
       grep "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1
     fi
