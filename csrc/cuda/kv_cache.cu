@@ -104,6 +104,25 @@ Geometry geometry(const cpu::KVCacheTensors& c, const cpu::KVRows& r, int w) {
   return g;
 }
 
+// Calls f(V{}) with the vector type of w bytes (16, 8, 4, else 2): one launch site per kernel.
+template <class F>
+void with_vector(int w, F&& f) {
+  switch (w) {
+    case 16:
+      f(V16{});
+      break;
+    case 8:
+      f(V8{});
+      break;
+    case 4:
+      f(V4{});
+      break;
+    default:
+      f(V2{});
+      break;
+  }
+}
+
 unsigned grid_for(int64_t items) {
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16);  // grid-stride past ~268M items
@@ -175,25 +194,12 @@ cudaError_t append_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_t
   const int64_t items = batch * tokens * g.H * g.vpr;
   const bool hnd = c.layout == cpu::KVLayout::kHND;
   const unsigned grid = grid_for(items);
-#define DK_LAUNCH(V)                                                                                            \
-  append_contiguous_kernel<V>                                                                                   \
-      <<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), static_cast<const V*>(r.key), \
-                                      static_cast<const V*>(r.value), g, tokens, max_seq_len, hnd, seq_lens, items)
-  switch (w) {
-    case 16:
-      DK_LAUNCH(V16);
-      break;
-    case 8:
-      DK_LAUNCH(V8);
-      break;
-    case 4:
-      DK_LAUNCH(V4);
-      break;
-    default:
-      DK_LAUNCH(V2);
-      break;
-  }
-#undef DK_LAUNCH
+  with_vector(w, [&](auto tag) {
+    using V = decltype(tag);
+    append_contiguous_kernel<V>
+        <<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), static_cast<const V*>(r.key),
+                                        static_cast<const V*>(r.value), g, tokens, max_seq_len, hnd, seq_lens, items);
+  });
   return cudaGetLastError();
 }
 
@@ -208,25 +214,12 @@ cudaError_t append_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_bloc
   const bool hnd = c.layout == cpu::KVLayout::kHND;
   const unsigned grid = grid_for(items);
   const int64_t total = num_blocks * block_size;
-#define DK_LAUNCH(V)                                                                                                  \
-  append_paged_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v),                   \
-                                                        static_cast<const V*>(r.key), static_cast<const V*>(r.value), \
-                                                        g, total, block_size, hnd, slot_mapping, items)
-  switch (w) {
-    case 16:
-      DK_LAUNCH(V16);
-      break;
-    case 8:
-      DK_LAUNCH(V8);
-      break;
-    case 4:
-      DK_LAUNCH(V4);
-      break;
-    default:
-      DK_LAUNCH(V2);
-      break;
-  }
-#undef DK_LAUNCH
+  with_vector(w, [&](auto tag) {
+    using V = decltype(tag);
+    append_paged_kernel<V><<<grid, kThreads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v),
+                                                          static_cast<const V*>(r.key), static_cast<const V*>(r.value),
+                                                          g, total, block_size, hnd, slot_mapping, items);
+  });
   return cudaGetLastError();
 }
 
@@ -240,24 +233,11 @@ cudaError_t compact_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_
   const bool hnd = c.layout == cpu::KVLayout::kHND;
   const unsigned grid = static_cast<unsigned>(batch * H);
   const unsigned threads = static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads);
-#define DK_LAUNCH(V)                                                                                             \
-  compact_contiguous_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr, \
-                                                             max_seq_len, hnd, start, accepted_nodes, max_accepted)
-  switch (w) {
-    case 16:
-      DK_LAUNCH(V16);
-      break;
-    case 8:
-      DK_LAUNCH(V8);
-      break;
-    case 4:
-      DK_LAUNCH(V4);
-      break;
-    default:
-      DK_LAUNCH(V2);
-      break;
-  }
-#undef DK_LAUNCH
+  with_vector(w, [&](auto tag) {
+    using V = decltype(tag);
+    compact_contiguous_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr,
+                                                               max_seq_len, hnd, start, accepted_nodes, max_accepted);
+  });
   return cudaGetLastError();
 }
 
@@ -274,25 +254,12 @@ cudaError_t compact_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_blo
   const bool hnd = c.layout == cpu::KVLayout::kHND;
   const unsigned grid = static_cast<unsigned>(batch * H);
   const unsigned threads = static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads);
-#define DK_LAUNCH(V)                                                                                                  \
-  compact_paged_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr,           \
-                                                        num_blocks, block_size, hnd, block_tables, max_blocks, start, \
-                                                        accepted_nodes, max_accepted)
-  switch (w) {
-    case 16:
-      DK_LAUNCH(V16);
-      break;
-    case 8:
-      DK_LAUNCH(V8);
-      break;
-    case 4:
-      DK_LAUNCH(V4);
-      break;
-    default:
-      DK_LAUNCH(V2);
-      break;
-  }
-#undef DK_LAUNCH
+  with_vector(w, [&](auto tag) {
+    using V = decltype(tag);
+    compact_paged_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr,
+                                                          num_blocks, block_size, hnd, block_tables, max_blocks, start,
+                                                          accepted_nodes, max_accepted);
+  });
   return cudaGetLastError();
 }
 

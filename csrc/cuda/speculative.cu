@@ -326,6 +326,8 @@ struct TreeView {
   int64_t* next;
   int64_t* last;
   int64_t* aux;
+  // The five arrays of N nodes laid out from m.
+  __device__ static TreeView at(int64_t* m, int64_t N) { return {m, m + N, m + 2 * N, m + 3 * N, m + 4 * N}; }
 };
 
 // The CPU's Tree::build: node n takes part when its token is in [0,
@@ -334,7 +336,7 @@ struct TreeView {
 // One thread.
 __device__ TreeView build_tree(const int64_t* cand, const int64_t* par, int64_t N, int64_t vocab_size,
                                int64_t max_depth, int64_t* m) {
-  TreeView t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
+  TreeView t = TreeView::at(m, N);
   for (int64_t i = 0; i < 5 * N; ++i) m[i] = -1;
   t.depth[0] = 0;
   for (int64_t n = 1; n < N; ++n) {
@@ -485,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (token < 0) token = draw(Residual{p, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u, sums, sh);
   }
   if (threadIdx.x == 0) {
-    const TreeView t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
+    const TreeView t = TreeView::at(m, N);
     finish_tree(t, cand, par, c, token, b, max_depth, out);
   }
 }
@@ -537,7 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                  sums_all + b * reduce::num_blocks(vocab_size), sh);
   }
   if (threadIdx.x == 0) {
-    const TreeView t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
+    const TreeView t = TreeView::at(m, N);
     finish_tree(t, cand, par, end, token, b, max_depth, out);
   }
 }

@@ -27,7 +27,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include "decodekit/types.h"  // RowParam
+#include "cpu/speculative/speculative.h"  // TreeOutputs
+#include "decodekit/types.h"              // RowParam
 
 namespace decodekit {
 namespace cuda {
@@ -43,14 +44,9 @@ cudaError_t chain_speculative_sampling(const float* draft_probs, const int64_t* 
                                        RowParam<int64_t> offset, double* scratch, int64_t* out, int64_t* num_accepted,
                                        int64_t* num_emitted, cudaStream_t stream);
 
-// The outputs of a tree op (device pointers): tokens and nodes [B, max_depth + 1],
-// num_accepted and num_emitted [B].
-struct TreeOutputs {
-  int64_t* tokens;
-  int64_t* nodes;
-  int64_t* num_accepted;
-  int64_t* num_emitted;
-};
+// The outputs of a tree op (the CPU's struct, holding DEVICE pointers here): tokens
+// and nodes [B, max_depth + 1], num_accepted and num_emitted [B].
+using cpu::TreeOutputs;
 
 // Scratch of the tree ops: float64 (the draws' block sums, B num_blocks(vocab_size), then
 // two stats per node, 2 B N) and int64 (each row's tree, 5 B N).

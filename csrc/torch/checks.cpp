@@ -559,6 +559,17 @@ TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int
   return TreeDims{B, N};
 }
 
+TreeResult tree_outputs(const at::Tensor& like, int64_t B, int64_t max_depth) {
+  const auto opts = like.options().dtype(at::kLong);
+  return {at::empty({B, max_depth + 1}, opts), at::empty({B}, opts), at::empty({B}, opts),
+          at::empty({B, max_depth + 1}, opts)};
+}
+
+cpu::TreeOutputs tree_pointers(TreeResult& r) {
+  return {std::get<0>(r).data_ptr<int64_t>(), std::get<3>(r).data_ptr<int64_t>(), std::get<1>(r).data_ptr<int64_t>(),
+          std::get<2>(r).data_ptr<int64_t>()};
+}
+
 int64_t check_tree_probs(const TreeDims& t, const at::Tensor& candidates, const at::Tensor& target_probs,
                          int64_t vocab_size) {
   TORCH_CHECK_TYPE(target_probs.scalar_type() == at::kFloat, "decodekit: target_probs must be float32, got ",

@@ -16,6 +16,7 @@
 #include "cpu/kv_cache.h"
 #include "cpu/layers.h"
 #include "cpu/linear.h"
+#include "cpu/speculative/speculative.h"
 #include "decodekit/types.h"
 
 namespace decodekit {
@@ -186,6 +187,11 @@ struct TreeDims {
   int64_t B = 0, N = 0;
 };
 TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int64_t max_depth);
+// The outputs of a tree op, allocated like `like` (CPU and CUDA): tokens [B, max_depth + 1],
+// num_accepted [B], num_emitted [B], accepted nodes [B, max_depth + 1]; and their pointers.
+using TreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+TreeResult tree_outputs(const at::Tensor& like, int64_t B, int64_t max_depth);
+cpu::TreeOutputs tree_pointers(TreeResult& r);
 // target_probs contiguous float32 [B, N, V] on the tree's device, vocab_size in [1, V]; returns V.
 int64_t check_tree_probs(const TreeDims& t, const at::Tensor& candidates, const at::Tensor& target_probs,
                          int64_t vocab_size);

@@ -87,20 +87,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tenso
 }
 
 // ------------------------------------------------------------- trees ----
-using TreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The outputs of a tree op: tokens [B, D + 1], num_accepted [B], num_emitted [B], nodes [B, D + 1].
-TreeResult tree_outputs(const at::Tensor& like, int64_t B, int64_t max_depth) {
-  const auto opts = like.options().dtype(at::kLong);
-  return {at::empty({B, max_depth + 1}, opts), at::empty({B}, opts), at::empty({B}, opts),
-          at::empty({B, max_depth + 1}, opts)};
-}
-
-dk::cpu::TreeOutputs tree_pointers(TreeResult& r) {
-  return {std::get<0>(r).data_ptr<int64_t>(), std::get<3>(r).data_ptr<int64_t>(), std::get<1>(r).data_ptr<int64_t>(),
-          std::get<2>(r).data_ptr<int64_t>()};
-}
-
 TreeResult tree_speculative_sampling_cpu(const at::Tensor& candidates, const at::Tensor& parents,
                                          const at::Tensor& target_probs, const std::optional<at::Tensor>& seed,
                                          int64_t seed_val, const std::optional<at::Tensor>& offset, int64_t offset_val,

@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "cuda/sampling.h"
 #include "cuda/speculative.h"
@@ -85,18 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_verify_cuda(const at::Tens
 }
 
 // ------------------------------------------------------------- trees ----
-using TreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The outputs of a tree op: tokens [B, D + 1], num_accepted [B], num_emitted [B], nodes [B, D + 1].
-TreeResult tree_outputs(const at::Tensor& like, int64_t B, int64_t max_depth) {
-  const auto opts = like.options().dtype(at::kLong);
-  return {at::empty({B, max_depth + 1}, opts), at::empty({B}, opts), at::empty({B}, opts),
-          at::empty({B, max_depth + 1}, opts)};
-}
-
-dk::cuda::TreeOutputs tree_pointers(TreeResult& r) {
-  return {std::get<0>(r).data_ptr<int64_t>(), std::get<3>(r).data_ptr<int64_t>(), std::get<1>(r).data_ptr<int64_t>(),
-          std::get<2>(r).data_ptr<int64_t>()};
+// Scratch of the CUDA tree ops (the caching allocator: no synchronisation): float64 block sums and
+// node stats, int64 trees.
+std::pair<at::Tensor, at::Tensor> tree_scratch(const TreeDims& t, int64_t vocab_size, const at::Tensor& candidates) {
+  return {at::empty({dk::cuda::tree_scratch_doubles(t.B, t.N, vocab_size)}, candidates.options().dtype(at::kDouble)),
+          at::empty({dk::cuda::tree_scratch_ints(t.B, t.N)}, candidates.options())};
 }
 
 void check_tree_cuda(const TreeDims& t) {
@@ -118,9 +112,7 @@ TreeResult tree_speculative_sampling_cuda(const at::Tensor& candidates, const at
   const auto o = row_param<int64_t>(offset, offset_val, at::kLong, t.B, "offset");
   auto r = tree_outputs(candidates, t.B, max_depth);
   if (t.B == 0) return r;
-  auto scratch =
-      at::empty({dk::cuda::tree_scratch_doubles(t.B, t.N, vocab_size)}, target_probs.options().dtype(at::kDouble));
-  auto tree = at::empty({dk::cuda::tree_scratch_ints(t.B, t.N)}, candidates.options());
+  auto [scratch, tree] = tree_scratch(t, vocab_size, candidates);
   check_ok(dk::cuda::tree_speculative_sampling(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(),
                                                target_probs.data_ptr<float>(), t.B, t.N, V, vocab_size, max_depth, s, o,
                                                scratch.data_ptr<double>(), tree.data_ptr<int64_t>(), tree_pointers(r),
@@ -149,9 +141,7 @@ TreeResult typical_acceptance_cuda(const at::Tensor& candidates, const at::Tenso
   const auto o = row_param<int64_t>(offset, offset_val, at::kLong, t.B, "offset");
   auto r = tree_outputs(candidates, t.B, max_depth);
   if (t.B == 0) return r;
-  auto scratch =
-      at::empty({dk::cuda::tree_scratch_doubles(t.B, t.N, vocab_size)}, target_probs.options().dtype(at::kDouble));
-  auto tree = at::empty({dk::cuda::tree_scratch_ints(t.B, t.N)}, candidates.options());
+  auto [scratch, tree] = tree_scratch(t, vocab_size, candidates);
   check_ok(dk::cuda::typical_acceptance(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(),
                                         target_probs.data_ptr<float>(), t.B, t.N, V, vocab_size, max_depth, e, d, s, o,
                                         scratch.data_ptr<double>(), tree.data_ptr<int64_t>(), tree_pointers(r),

@@ -498,3 +498,11 @@ def all_greedy(op, t_tensor, t_val, k_tensor, k_val, p_tensor, p_val) -> bool:
         g = test(tensor) if tensor is not None else torch.tensor(bool(test(val)))
         greedy = g if greedy is None else (greedy | g)
     return host_bool(greedy.all(), op)
+
+
+def parse_device(device, name: str) -> torch.device:
+    """``torch.device(device)``, or ValueError naming ``name`` for a value torch cannot read."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import index_tensor
+from ._checks import index_tensor, parse_device
 from .ops.kv_cache import (
     CACHE_DTYPES,
     IntOrInts,
@@ -304,10 +304,7 @@ class PagedKVCache:
         # One zeroed allocation for every layer's keys and values ([2, layers, *shape]): zeroing or
         # copying a block in every layer is one op on it (the per-layer tensors are views).
         if device is not None:
-            try:
-                dev = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"PagedKVCache: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+            dev = parse_device(device, "PagedKVCache")
             if dev.type not in ("cpu", "cuda", "meta"):
                 raise ValueError(f"PagedKVCache: device must be 'cpu' or 'cuda' (or 'meta' for shapes), got {device!r}")
             if dev.type == "cuda" and not torch.cuda.is_available():

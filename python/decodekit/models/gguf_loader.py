@@ -32,7 +32,7 @@ import torch
 
 from ..ops.layers import QuantizedWeight
 from ..tokenizer import Tokenizer
-from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+from .llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights, model_device_and_dtype
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
@@ -341,34 +341,6 @@ def _has_cuda_ops() -> bool:
     from .._loader import HAS_CUDA_OPS
 
     return bool(HAS_CUDA_OPS)
-
-
-_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_device_and_dtype(device, dtype, name: str):
-    """``(torch.device, dtype or None)`` from a ``device`` (None, a string or a torch.device: the
-    CPU or CUDA) and a weight ``dtype`` (None, a torch dtype or its name: float32, bfloat16,
-    float16); ValueError / TypeError naming the argument otherwise."""
-    if device is None:
-        dev = torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"{name}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name}: decodekit has kernels for 'cpu' and 'cuda' devices, got {device!r}")
-        if dev.type == "cpu":
-            dev = torch.device("cpu")  # one CPU, whatever the index
-    if isinstance(dtype, str) and dtype in _WEIGHT_DTYPES:
-        dtype = _WEIGHT_DTYPES[dtype]
-    if dtype is not None and dtype not in _WEIGHT_DTYPES.values():
-        raise TypeError(
-            f"{name}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16 (or their names), "
-            f"got {dtype!r}"
-        )
-    return dev, dtype
 
 
 @functools.lru_cache(maxsize=2)

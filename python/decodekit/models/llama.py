@@ -40,6 +40,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .._checks import parse_device
 from .._loader import _C
 from ..cache import PagedKVCache
 from ..ops import linear as _dk_linear
@@ -781,8 +782,6 @@ class LlamaModel:
             the CPU, or a ``dtype`` for them; load with ``dequantize=True`` for another device.
             TypeError: another ``dtype``.
         """
-        from .gguf_loader import model_device_and_dtype
-
         device, dtype = model_device_and_dtype(device, dtype, "LlamaModel.to")
         quantized = [self.embed, self.lm_head] + [getattr(b, n) for b in self.blocks for n in _BLOCK_WEIGHTS]
         if torch.device(device).type != "cpu" and any(isinstance(w, QuantizedWeight) for w in quantized):
@@ -817,6 +816,31 @@ class LlamaModel:
         if self.lm_head is not self.embed:
             n += self.lm_head.numel()
         return n + sum(getattr(b, name).numel() for b in self.blocks for name in _BLOCK_WEIGHTS)
+
+
+_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_device_and_dtype(device, dtype, name: str):
+    """``(torch.device, dtype or None)`` from a ``device`` (None, a string or a torch.device: the
+    CPU or CUDA) and a weight ``dtype`` (None, a torch dtype or its name: float32, bfloat16,
+    float16); ValueError / TypeError naming the argument otherwise."""
+    if device is None:
+        dev = torch.device("cpu")
+    else:
+        dev = parse_device(device, name)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: decodekit has kernels for 'cpu' and 'cuda' devices, got {device!r}")
+        if dev.type == "cpu":
+            dev = torch.device("cpu")  # one CPU, whatever the index
+    if isinstance(dtype, str) and dtype in _WEIGHT_DTYPES:
+        dtype = _WEIGHT_DTYPES[dtype]
+    if dtype is not None and dtype not in _WEIGHT_DTYPES.values():
+        raise TypeError(
+            f"{name}: dtype must be None, torch.float32, torch.bfloat16 or torch.float16 (or their names), "
+            f"got {dtype!r}"
+        )
+    return dev, dtype
 
 
 def _graphs_capturable() -> bool:
