@@ -350,7 +350,11 @@ def generate(
             before the model is loaded, except the token checks). Messages of a batch name the
             request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
-        TypeError: ``deterministic`` that is not None or a bool.
+        TypeError: ``deterministic`` that is not None or a bool; a ``dtype`` other than None,
+            torch.float32 / bfloat16 / float16 or their names.
+        ValueError: a ``device`` other than the CPU or CUDA, ``"cuda"`` without a GPU (or with a
+            decodekit build without CUDA kernels), a given LoadedModel on another device or
+            with other weights than ``device`` / ``dtype`` ask for.
 
     Example:
         >>> r = generate("Name a colour.", max_new_tokens=16, temperature=0.7, seed=1)
