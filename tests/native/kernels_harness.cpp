@@ -46,10 +46,14 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
   uint64_t h = 1469598103934665603ull;
   std::mt19937_64 rng(7);
   std::normal_distribution<float> normal(0.0f, 3.0f);
-  for (int64_t V : {1, 15, 17, 300, 1025, 5003, 40000}) {
+  for (int64_t V : {1, 15, 17, 300, 1025, 5003, 40000, 70001}) {
     const int64_t B = 5;
     std::vector<float> x(B * V);
     for (auto& v : x) v = normal(rng);
+    if (V == 70001) {  // flat rows (top-p's sampled band), one whose sample misleads (every 256th run of 16)
+      for (auto& v : x) v *= 0.25f;
+      for (int64_t i = 0; i < V; ++i) x[4 * V + i] += (i % 256) < 16 ? 0.3f : 0.0f;
+    }
     x[1 * V] = NAN;                                            // an invalid row
     for (int64_t i = 0; i < V; ++i) x[2 * V + i] = -INFINITY;  // no finite logit
     if (V > 3) x[3 * V + 3] = INFINITY;
