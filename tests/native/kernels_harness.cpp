@@ -50,7 +50,7 @@ uint64_t run_all(const cpu::CpuKernels& k, int threads) {
     const int64_t B = 5;
     std::vector<float> x(B * V);
     for (auto& v : x) v = normal(rng);
-    if (V == 70001) {  // flat rows (top-p's sampled band), one whose sample misleads (every 256th run of 16)
+    if (V == 70001) {  // flat rows (top-p's flat cut), one with a periodic structure (every 256th run of 16)
       for (auto& v : x) v *= 0.25f;
       for (int64_t i = 0; i < V; ++i) x[4 * V + i] += (i % 256) < 16 ? 0.3f : 0.0f;
     }

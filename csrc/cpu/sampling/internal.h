@@ -235,9 +235,6 @@ RowStats plain_online(const float* row, int64_t V, float inv_t, Buf<float>& bmax
 // top_p.cpp
 template <class Wt>
 double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out);
-// The total weight (returned) and the discounted float32 masses above w_max * 16^-(j+1), j < 4.
-template <class Wt>
-double nucleus_masses(const float* x, int64_t V, const Wt& w, float w_max, double* mass);
 template <class Wt>
 double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, double p, double W, const double* mass,
                           std::vector<Cand>& out);

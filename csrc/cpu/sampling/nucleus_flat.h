@@ -1,6 +1,6 @@
 // Top-p alone on flat rows (nucleus_online.cpp): the exact nucleus of a row
-// whose nucleus holds thousands of tokens, cut in a band of weight buckets and
-// held as a rank threshold instead of a candidate list.
+// whose nucleus holds thousands of tokens, cut by bucket masses over every
+// token's weight and held as a rank threshold instead of a candidate list.
 #pragma once
 
 #include <cstdint>
@@ -19,26 +19,22 @@ struct FlatNucleus {
   bool on = false;  // the last nucleus_online call on this thread cut its row here
   float bx = 0.0f;
   int32_t bi = -1;
-  float m = 0.0f;  // the row maximum and exp scale of the weights e = exp((x - m) / T)
-  ExpScale ec{};
-  Buf<double> hist;        // the band's masses per fine bucket
+  Buf<float> w;            // every token's weight exp((x - max) / T)
+  Buf<float> eref;         // per chunk: the maximum nucleus_online's weights in w are relative to (NaN: none)
+  Buf<double> hist;        // bucket masses
   Buf<double> block_sums;  // the kept mass per reduce::kBlock tokens
-  std::vector<Cand> band;  // the boundary fine bucket
-  Buf<int32_t> count;      // counted_band's bucket counts
-  Buf<int32_t> band_idx;   // the band's token ids, logits, weights and fine buckets
-  Buf<float> band_x, band_e;
+  std::vector<Cand> band;  // the boundary bucket
+  Buf<int32_t> count;      // the estimate's bucket counts (banded_cut)
+  Buf<int32_t> band_idx;   // the band's token ids, then their fine buckets
   Buf<int32_t> band_q;
-  Buf<float> sample_e;  // sampled_band's weights, buckets, bucket masses and counts
-  Buf<int32_t> sample_q;
-  Buf<double> sample_hist;
-  Buf<int32_t> sample_count;
+  Buf<float> band_x, band_e;  // the band's logits and weights
 };
 FlatNucleus& flat_nucleus();
 
-// The cut (see nucleus_online.cpp); false when the row is left to the general path.
-// sample: try the band of a sample first (rows whose capture overflowed: a large nucleus).
+// The cut (see nucleus_online.cpp); false when the row is left to the general path
+// (counted_only: also when the counted cut, banded_cut, declines).
 bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& fl,
-              bool sample);
+              bool counted_only = false);
 // The inverse-CDF draw from the kept tokens (min-p: also w >= min_w); *W_out = their mass.
 int64_t draw_flat(const float* x, int64_t V, const FlatNucleus& fl, float min_w, double u, Buf<double>& sums,
                   int64_t fallback, double* W_out);

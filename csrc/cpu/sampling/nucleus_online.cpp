@@ -21,7 +21,7 @@ constexpr int kBucketsPerOctave = 8;
 constexpr int kOctaves = 16;
 constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-// Captures at least this large go to flat_cut first (see below).
+// Captures at least this large go to flat_cut's counted cut first (see below).
 constexpr int64_t kCountedCapture = 16384;
 
 // Pass A and the nucleus in one read of a float32 row (top-p without top-k,
@@ -44,15 +44,15 @@ constexpr int64_t kCountedCapture = 16384;
 // running sum of top_p_select_sorted_input keeps, bit for bit; *cut is set.
 //
 // If the capture would exceed kCaptureCap (a flat row), the rest of the row
-// only adds its weights into the float64 lanes: nothing is stored, so the row
-// stays in cache for flat_cut's read. If the boundary lies below 2^-16, or the
-// weight above it reaches 4096, flat_cut (below) cuts the nucleus exactly over
-// every token (a capture of kCountedCapture tokens or more tries it first);
-// only when its boundary lies below its exact domain does the general path
-// run: lower bounds of the masses above tau_j = 16^-(j+1) (from the captured
-// tokens exactly, or from a read of the row when the capture overflowed) feed
-// nucleus_candidates, which gathers a superset of the nucleus for apply_chain
-// to cut. Returns the row stats; W and the candidates only for a valid row.
+// falls back to float32 mass lanes above tau_j = 16^-(j+1) relative to m_s
+// (the masses of the captured part are added exactly). If the boundary lies
+// below 2^-16, or the weight above it reaches 4096, flat_cut (below) cuts the
+// nucleus exactly over every token (a capture of kCountedCapture tokens or
+// more tries flat_cut's counted cut first); only when its boundary lies below
+// its exact domain do the masses feed nucleus_candidates, which gathers a superset
+// of the nucleus from a second read of the row (from cache) for apply_chain
+// to cut. Returns the row stats;
+// W and the candidates only for a valid row.
 RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf, Buf<double>& seg_buf,
                         NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut) {
   out.clear();
@@ -60,8 +60,10 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   FlatNucleus& flat = flat_nucleus();
   flat.on = false;
   const int64_t nch = (V + kChunk - 1) / kChunk;
+  float* eref = flat.eref.get(nch);  // per chunk: the maximum its stored weights are relative to, or NaN
+  float* Ew = nullptr;
   cmax_buf.resize(nch);
-  seg_buf.resize(2 * nch + 2);  // (m_s, W_s) per segment
+  seg_buf.resize(6 * nch + 6);  // (m_s, W_s, M_s[0..3]) per segment
   ns.reserve();
   float* cmax = cmax_buf.data();
   double* seg = seg_buf.data();
@@ -77,16 +79,24 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   // d = x - m_s above this captures every token whose final z = d * c_hi
   // exceeds -16 (slack 1e-3, far above the roundings of d and z).
   const VF vdcap = splat(static_cast<float>(-16.016 / static_cast<double>(ec.hi)));
+  const VF vt0 = splat(0.0625f), vt1 = splat(0.00390625f), vt2 = splat(0.000244140625f),
+           vt3 = splat(1.52587890625e-05f);
   Acc16d acc, acc_odd;
+  VF m0 = zero, m1 = zero, m2 = zero, m3 = zero;
   auto flush = [&]() {
     if (m > -kInf && m < kInf) {
-      double* q = seg + 2 * nseg++;
+      double* q = seg + 6 * nseg++;
       acc.merge(acc_odd);
       q[0] = static_cast<double>(m);
       q[1] = acc.sum();
+      q[2] = lane_total(m0);
+      q[3] = lane_total(m1);
+      q[4] = lane_total(m2);
+      q[5] = lane_total(m3);
     }
     acc = Acc16d{};
     acc_odd = Acc16d{};
+    m0 = m1 = m2 = m3 = zero;
   };
   const VI lane_ids = iota16();
   for (int64_t ch = 0; ch < nch; ++ch) {
@@ -96,6 +106,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     auto load = [&](int64_t k) __attribute__((always_inline)) { return sp.load(k); };
     const float chunk_max = span_max(row, c0, n, V, vnan);
     cmax[ch] = chunk_max;
+    eref[ch] = kNaN;
     if (chunk_max > m) {
       flush();
       m = chunk_max;
@@ -103,7 +114,10 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     if (!(m > -kInf) || m == kInf) continue;  // nothing finite yet, or +inf (the row is invalid)
     const VF vm = splat(m);
     auto weight = [&](VF d) __attribute__((always_inline)) { return exp16_scaled(d, vch, vcl); };  // 0 at -inf
-    if (capturing && ncap + kChunk > kCaptureCap) capturing = false;
+    if (capturing && ncap + kChunk > kCaptureCap) {
+      capturing = false;
+      Ew = flat.w.get(V + kLanes);
+    }
     int64_t k = 0;
     if (capturing) {
       for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
@@ -123,26 +137,55 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       }
       continue;
     }
-    // Past the capture: only the weights into float64 lanes (nothing stored:
-    // the row stays in cache for flat_cut's read).
+    // Past the capture: every value into float64 lanes, as gather_nucleus, and
+    // the weights into flat.w (flat_cut's, where m is the row maximum).
+    eref[ch] = m;
+    float* ew = Ew + c0;
     for (; k + 2 * kLanes <= n; k += 2 * kLanes) {
-      acc.add(weight(load(k) - vm));
-      acc_odd.add(weight(load(k + kLanes) - vm));
+      const VF ea = weight(load(k) - vm), eb = weight(load(k + kLanes) - vm);
+      store_f32(ew + k, ea);
+      store_f32(ew + k + kLanes, eb);
+      acc.add(ea);
+      acc_odd.add(eb);
+      m0 = m0 + (select(ea > vt0, ea, zero) + select(eb > vt0, eb, zero));
+      m1 = m1 + (select(ea > vt1, ea, zero) + select(eb > vt1, eb, zero));
+      m2 = m2 + (select(ea > vt2, ea, zero) + select(eb > vt2, eb, zero));
+      m3 = m3 + (select(ea > vt3, ea, zero) + select(eb > vt3, eb, zero));
     }
-    for (; k < n; k += kLanes) acc.add(weight(load(k) - vm));  // load_tail's -inf weighs 0
+    for (; k < n; k += kLanes) {
+      const VF e = weight(load(k) - vm);
+      store_f32(ew + k, e);  // load_tail's -inf weighs 0; flat.w has kLanes of slack
+      acc.add(e);
+      m0 = m0 + select(e > vt0, e, zero);
+      m1 = m1 + select(e > vt1, e, zero);
+      m2 = m2 + select(e > vt2, e, zero);
+      m3 = m3 + select(e > vt3, e, zero);
+    }
   }
   flush();
   RowStats st{m, 0, any_lane(vnan), m == kInf};
   if (st.has_nan || !(m > -kInf) || m == kInf) return st;
   st.argmax = first_index_of_max(row, V, cmax, kChunk, m);
-  double W = 0.0;
+  double W = 0.0, mass[4] = {0.0, 0.0, 0.0, 0.0};
+  const double discount = mass_discount(V);
   for (int64_t i = 0; i < nseg; ++i) {
-    const double* q = seg + 2 * i;
+    const double* q = seg + 6 * i;
     const float ms = static_cast<float>(q[0]);
-    if (ms == m)  // the last segment: weights are relative to m already
+    if (ms == m) {  // the last segment: weights are relative to m already
       W += q[1];
-    else
-      W += q[1] * static_cast<double>(exp_scaled_nonpositive(ms - m, ec.hi, ec.lo));
+      for (int j = 0; j < 4; ++j) mass[j] += q[2 + j] * discount;
+      continue;
+    }
+    const double f = static_cast<double>(exp_scaled_nonpositive(ms - m, ec.hi, ec.lo));
+    W += q[1] * f;
+    if (!(f > 0.0)) continue;
+    int d = 1;
+    double level = 0.0625;
+    while (d < 4 && level > f * (1.0 - 1e-4)) {
+      ++d;
+      level *= 0.0625;
+    }
+    for (int j = 0; j + d < 4; ++j) mass[j + d] += q[2 + j] * f * (1.0 - 1e-4) * discount;
   }
   *W_out = W;
 
@@ -172,9 +215,9 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   };
   // A large capture (a flat row of a small vocabulary): the capture's cut would
   // weigh and bucket every captured token, sort the boundary bucket (hundreds of
-  // tokens) and list the nucleus; flat_cut finds the same kept set (both are the
-  // exact rank-order prefix) and draws from block sums.
-  if (capturing && W < 4096.0 && ncap >= kCountedCapture && flat_cut(row, V, m, ec, p, W, flat, false)) {
+  // tokens) and list the nucleus; the counted cut of flat_cut finds the same kept
+  // set (both are the exact rank-order prefix) and draws from block sums.
+  if (capturing && W < 4096.0 && ncap >= kCountedCapture && flat_cut(row, V, m, ec, p, W, flat, true)) {
     *cut = true;
     return st;
   }
@@ -241,26 +284,17 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   }
   // A flat row (the capture overflowed, or its weight was too large): the
   // exact cut over every token whose weight is large enough for exact sums.
-  if (flat_cut(row, V, m, ec, p, W, flat, !capturing)) {
+  if (flat_cut(row, V, m, ec, p, W, flat)) {
     *cut = true;
     return st;
   }
-  // Fallback: lower bounds of the masses above tau_j, then the superset of the
-  // nucleus above the bound they give (nucleus_candidates). The masses come
-  // from the captured tokens exactly where the capture holds every token that
-  // can count, else from a read of the row (float32 lanes, discounted).
-  const LogitWeight lw{m, inv_t};
-  double mass[4] = {0.0, 0.0, 0.0, 0.0};
-  if (capturing) {
-    if (!(W < 4096.0)) compact();
-    const float t[4] = {0.0625f, 0.00390625f, 0.000244140625f, 1.52587890625e-05f};
-    for (int64_t i = 0; i < nc; ++i)
-      for (int j = 0; j < 4; ++j)
-        if (ce[i] > t[j]) mass[j] += static_cast<double>(ce[i]) * (1.0 - 1e-9);
-  } else {
-    nucleus_masses(row, V, lw, 1.0f, mass);
-  }
-  nucleus_candidates(row, V, lw, 1.0f, p, W, mass, out);
+  // Fallback: lower bounds of the masses above tau_j, the captured part exactly.
+  if (!(capturing && W < 4096.0)) compact();
+  const float t[4] = {0.0625f, 0.00390625f, 0.000244140625f, 1.52587890625e-05f};
+  for (int64_t i = 0; i < nc; ++i)
+    for (int j = 0; j < 4; ++j)
+      if (ce[i] > t[j]) mass[j] += static_cast<double>(ce[i]) * (1.0 - 1e-9);
+  nucleus_candidates(row, V, LogitWeight{m, inv_t}, 1.0f, p, W, mass, out);
   return st;
 }
 
@@ -268,11 +302,9 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
 // Buckets per octave of weight in the flat-row cut, and the most buckets.
 constexpr int kFlatPerOctave = 64;
 constexpr int kFlatBuckets = kFlatPerOctave * 30;
-// Fine buckets per coarse bucket inside the band.
-constexpr int kFinePerBucket = 8;
 
 // The exact nucleus of a flat row (one whose nucleus holds many thousand
-// tokens), without a sort of the row and without storing its weights.
+// tokens), in two more reads of the row (from cache) and no sort of the row.
 //
 // Exact domain: with the total W < 2^L, every token whose weight is >= 2^-A,
 // A = 29 - L, is a multiple of 2^-(A+23), and every partial sum of such
@@ -280,54 +312,51 @@ constexpr int kFinePerBucket = 8;
 // order. The rank-order running sum of top_p_select_sorted_input is then the
 // exact prefix mass, which the buckets below reproduce.
 //
-// Buckets: q = floor(64 z), z = (m - x) c_hi (log2 of 1 / e up to rounding,
-// e = exp((x - m) / T) with the bits of LogitWeight and the capture).
-// Monotone in the logit, so bucket q ranks wholly above bucket q + 1; the fine
-// buckets floor(512 z) split each coarse one in 8 (scaling by a power of two is
-// exact, so a fine bucket lies inside its coarse bucket). Only buckets with
+// Read 1 computes every weight e = exp((x - m) / T) (the same bits as
+// LogitWeight and the capture), stores it in ns.w, and adds it to its bucket
+// q = floor(64 z), z = (m - x) c_hi (log2 of 1 / e up to rounding; monotone in
+// the logit, so bucket q ranks wholly above bucket q + 1). Only buckets with
 // z < A - 0.01 (weights >= 2^-A, slack far above the roundings of z and the
-// exp error) are in the domain (nq of them).
-//
-// The cut (band_cut) takes a band [qa, qb) of coarse buckets that should hold
-// the boundary, and reads the row once: the exact mass of the tokens above the
-// band per block of reduce::kBlock tokens, and the band's logits and ids. The
-// band's exact masses in fine buckets give the one where the running sum
-// reaches p W; only that one is sorted by rank (logit desc, index asc) and
-// scanned. The kept set is every token ranked at or above the boundary token
-// (ns.bx, ns.bi), with its exact mass per block in ns.block_sums for
-// draw_flat. When the boundary lies outside the band, band_cut says so and
-// decides nothing.
-//
-// The band comes from a sample of the row first (sampled_band: a guess, one
-// token in 16, no pass over the row), else from counts of every token's
-// bucket (counted_band: bounds, one pass). Either way the kept set is the
-// exact rank-order prefix, so it never depends on which band was used. Where
-// both decline (the boundary below the domain), flat_cut returns false and the
-// caller takes the general path (nucleus_candidates, top_p_stage).
+// exp error) count; their masses are exact. The first bucket where the
+// cumulative mass reaches p W holds the boundary token; read 2 gathers that
+// bucket, sorts it by rank (logit desc, index asc) and scans it. The kept set
+// is every token ranked at or above that token: ns.bx, ns.bi; ns.block_sums
+// its exact mass per block of reduce::kBlock tokens, for draw_flat. False (nothing
+// decided) when the boundary lies below the exact domain: the caller then
+// takes the general path (nucleus_candidates, top_p_stage). banded_cut (below)
+// is tried first and finds the same cut with counts instead of masses; the
+// reads above run only where it declines.
 FlatNucleus& flat_nucleus() {
   thread_local FlatNucleus f;
   return f;
 }
 
-// The coarse bucket of each lane: nq (outside the domain) unless z < nq / 64.
-DK_INLINE VI coarse_bucket(VF d, VF vch, VF vper, VF vnq) {
-  const VF qf = (splat(0.0f) - d * vch) * vper;  // >= 0; +inf at -inf
-  const VF qk = select(vnq > qf, qf, vnq);
-  VI qi;
-  for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
-  return qi;
-}
+// The flat cut without a histogram of masses: the same kept set and block
+// sums as the full histogram below (flat_cut), or false (nothing decided).
+//
+// Counts: the coarse bucket (64 per octave, as below) of every token, counted
+// (integer increments: no weight is needed). A token of bucket q weighs within
+// [2^-((q + 1) / 64), 2^-(q / 64)] up to the roundings of z and of exp (1e-5
+// relative, far above them), so the counts bound the mass before every
+// bucket from both sides; the band [qa, qb) is where those bounds straddle
+// p W (about 1% of the mass: a few thousand tokens of a flat row). qb <= nq:
+// the band lies in the exact domain.
+//
+// Read: every weight e into ns.w (nucleus_online stored it already for the
+// chunks it weighed relative to the row maximum: the same bits), the exact
+// mass of the tokens ranked above the band per block (reduce::kBlock), and the
+// ids of the band's tokens. The band's exact masses in fine buckets (512 per
+// octave, monotone in the logit) give the one where the running sum reaches
+// p W; only that one is sorted by rank and scanned. The boundary token is the
+// one the full histogram finds: both reproduce the exact rank-order running sum.
+constexpr int kFinePerBucket = 8;
 
-// The band from counts (integer increments: no weight is needed). A token of
-// bucket q weighs within [2^-((q + 1) / 64), 2^-(q / 64)] up to the roundings
-// of z and of exp (1e-5 relative, far above them), so the counts bound the
-// mass before every bucket from both sides; the band [qa, qb) is where those
-// bounds straddle p W (about 1% of the mass). qb <= nq. False: no band.
-static bool counted_band(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int nq,
-                         FlatNucleus& ns, int* qa_out, int* qb_out) {
-  const VF vm = splat(m), vch = splat(ec.hi), vper = splat(static_cast<float>(kFlatPerOctave)),
-           vnq = splat(static_cast<float>(nq));
-  // Two count arrays: neighbours in one bucket do not wait on each other.
+static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int nq,
+                       FlatNucleus& ns) {
+  if (nq < 2) return false;
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
+           vper = splat(static_cast<float>(kFlatPerOctave)), vnq = splat(static_cast<float>(nq));
+  // Counts of the coarse buckets (two arrays: neighbours do not wait on each other).
   int32_t* cnt = ns.count.get(2 * (nq + 1));
   int32_t* cnt1 = cnt + nq + 1;
   std::memset(cnt, 0, sizeof(int32_t) * 2 * (nq + 1));
@@ -336,7 +365,11 @@ static bool counted_band(const float* row, int64_t V, float m, const ExpScale& e
     const int64_t n = std::min(kBlock, V - b0);
     for (int64_t k = 0; k < n; k += kLanes) {
       const VF xs = k + kLanes <= n ? load_f32(row + b0 + k) : load_tail(row + b0, k, n);
-      to_array(coarse_bucket(xs - vm, vch, vper, vnq), keys + k);
+      const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
+      const VF qk = select(vnq > qf, qf, vnq);
+      VI qi;
+      for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
+      to_array(qi, keys + k);
     }
     int64_t k = 0;
     for (; k + 2 <= n; k += 2) {
@@ -345,6 +378,8 @@ static bool counted_band(const float* row, int64_t V, float m, const ExpScale& e
     }
     if (k < n) ++cnt[keys[k]];
   }
+  // Bounds of the mass before each bucket: a token of bucket q weighs within
+  // [2^-((q + 1) / 64), 2^-(q / 64)], up to the roundings of z and of exp (1e-5).
   const double target = p * W;
   double lo = 0.0, hi = 0.0;
   int qa = 0, qb = nq;
@@ -361,171 +396,67 @@ static bool counted_band(const float* row, int64_t V, float m, const ExpScale& e
       break;
     }
   }
-  *qa_out = qa;
-  *qb_out = qb;
-  return qa < qb;
-}
-
-// The band guessed from a sample: the first kLanes tokens of every kChunk
-// (one token in 16, over the whole row). F(q), the sample's share of its
-// weight in buckets below q, estimates the row's; sigma, the standard error of
-// that ratio at the sample's boundary bucket, is estimated over the sample's
-// clusters (one vector each). The band runs from the last bucket boundary with
-// F <= p - delta to the first with F >= p + delta, delta = kSampleSigmas sigma
-// + kSampleSlack. False (use the counts) when the row is short, when the
-// nucleus holds fewer than kSampleMinNucleus tokens by the sample's count, or
-// when the band would hold more than kSampleMaxBand.
-constexpr int64_t kMinSampleClusters = 64;
-constexpr double kSampleSigmas = 6.0, kSampleSlack = 0.002;
-constexpr int64_t kSampleMaxBand = 16384, kSampleMinNucleus = 16384;
-
-static bool sampled_band(const float* row, int64_t V, float m, const ExpScale& ec, double p, int nq, FlatNucleus& ns,
-                         int* qa_out, int* qb_out) {
-  const int64_t nc = V / kChunk;
-  if (nc < kMinSampleClusters) return false;
-  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), vper = splat(static_cast<float>(kFlatPerOctave)),
-           vnq = splat(static_cast<float>(nq));
-  float* se = ns.sample_e.get(nc * kLanes);
-  int32_t* sq = ns.sample_q.get(nc * kLanes);
-  double* h = ns.sample_hist.get(nq + 1);
-  int32_t* hn = ns.sample_count.get(nq + 1);
-  std::memset(h, 0, sizeof(double) * (nq + 1));
-  std::memset(hn, 0, sizeof(int32_t) * (nq + 1));
-  for (int64_t c = 0; c < nc; ++c) {
-    const VF d = load_f32(row + c * kChunk) - vm;
-    store_f32(se + c * kLanes, exp16_scaled(d, vch, vcl));  // 0 at -inf
-    to_array(coarse_bucket(d, vch, vper, vnq), sq + c * kLanes);
-  }
-  for (int64_t i = 0; i < nc * kLanes; ++i) {
-    h[sq[i]] += static_cast<double>(se[i]);
-    ++hn[sq[i]];
-  }
-  double S = 0.0;
-  for (int q = 0; q <= nq; ++q) S += h[q];
-  if (!(S > 0.0)) return false;
-  // The sample's boundary bucket qs: F(qs) < p <= F(qs + 1).
-  double before = 0.0;
-  int qs = 0;
-  for (; qs < nq; ++qs) {
-    if (before + h[qs] >= p * S) break;
-    before += h[qs];
-  }
-  if (qs == nq) return false;  // below the domain: the counts decide
-  // A narrow nucleus (few sampled tokens above the boundary): the counts' band is
-  // far narrower than any the sample can give.
-  int64_t nabove = 0;
-  for (int q = 0; q <= qs; ++q) nabove += hn[q];
-  if (nabove * (kChunk / kLanes) < kSampleMinNucleus) return false;
-  const double R = before / S;
-  const VI vqs = splati(qs);
-  const VF zero = splat(0.0f);
-  double s2 = 0.0;  // float sums per cluster: only an estimate
-  for (int64_t c = 0; c < nc; ++c) {
-    const VF e = load_f32(se + c * kLanes);
-    const double xc = tree_sum16(e), yc = tree_sum16(select(load_i32(sq + c * kLanes) < vqs, e, zero));
-    s2 += (yc - R * xc) * (yc - R * xc);
-  }
-  const double xbar = S / static_cast<double>(nc);
-  const double sigma = std::sqrt(s2 / (static_cast<double>(nc) * static_cast<double>(nc - 1))) / xbar;
-  const double delta = kSampleSigmas * sigma + kSampleSlack;
-  int qa = qs;
-  double f = before;
-  int64_t nin = hn[qs];
-  while (qa > 0 && f > (p - delta) * S) {
-    f -= h[--qa];
-    nin += hn[qa];
-  }
-  int qb = qs + 1;
-  f = before + h[qs];
-  while (qb < nq && f < (p + delta) * S) {
-    nin += hn[qb];
-    f += h[qb++];
-  }
-  if (nin * kChunk / kLanes > kSampleMaxBand) return false;
-  *qa_out = qa;
-  *qb_out = qb;
-  return qa < qb;
-}
-
-// The cut inside the band [qa, qb) (see above); false when the exact boundary
-// lies outside the band (nothing decided).
-static bool band_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int qa, int qb,
-                     FlatNucleus& ns) {
-  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
-           vper = splat(static_cast<float>(kFlatPerOctave));
-  const double target = p * W;
+  if (qa >= qb) return false;
+  // The read.
+  float* E = ns.w.get(V + kLanes);  // nucleus_online's weights where eref == m
+  const float* eref = ns.eref.data();
   const int64_t nb = reduce::num_blocks(V);
   double* bs = ns.block_sums.get(nb);
   int32_t* bid = ns.band_idx.get(V + kLanes);
-  float* bx = ns.band_x.get(V + kLanes);
   int64_t nband = 0;
   const VF vqa = splat(static_cast<float>(qa)), vqb = splat(static_cast<float>(qb));
   const VI lane_ids = iota16();
   double before = 0.0;
-  // The read: the mass above the band per block, the band's logits and ids.
-  // One vector: its weight above the band into acc, its band tokens appended.
-  auto step = [&](VF xs, int64_t c, Acc16d& acc) __attribute__((always_inline)) {
-    const VF d = xs - vm;
-    const VF qf = (zero - d * vch) * vper;  // +inf at -inf: in no band
-    acc.add(select(vqa > qf, exp16_scaled(d, vch, vcl), zero));
-    const VI in_band = (vqb > qf) & (qf >= vqa);
-    compress_store(in_band, xs, bx + nband);
-    nband += compress_store(in_band, lane_ids + splati(static_cast<int32_t>(c)), bid + nband);
-  };
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t end = std::min(V, b0 + kBlock);
-    // Two accumulators: every weight above the band is in the exact domain, so
-    // the sums are exact in any order.
-    Acc16d acc0, acc1;
-    int64_t c = b0;
-    for (; c + 2 * kLanes <= end; c += 2 * kLanes) {
-      step(load_f32(row + c), c, acc0);
-      step(load_f32(row + c + kLanes), c + kLanes, acc1);
+    Acc16d acc;
+    for (int64_t c = b0; c < end; c += kLanes) {
+      const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
+      const VF d = xs - vm;
+      VF e;
+      if (eref[c / kChunk] == m) {  // nucleus_online stored it relative to m: the same bits
+        e = load_f32(E + c);
+      } else {
+        e = exp16_scaled(d, vch, vcl);  // 0 at -inf
+        store_f32(E + c, e);
+      }
+      const VF qf = (zero - d * vch) * vper;  // +inf at -inf: in no band
+      acc.add(select(vqa > qf, e, zero));
+      const VI in_band = (vqb > qf) & (qf >= vqa);
+      nband += compress_store(in_band, lane_ids + splati(static_cast<int32_t>(c)), bid + nband);
     }
-    for (; c < end; c += kLanes) step(c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end), c, acc0);
-    acc0.merge(acc1);
-    bs[blk] = acc0.sum();
-    before += bs[blk];
+    bs[blk] = acc.sum();
+    before += bs[blk];  // exact: every weight above the band is in the exact domain
   }
   if (!(before < target)) return false;  // the boundary lies above the band
-  // The band's weights and fine buckets, then its exact masses per fine bucket.
+  // The band's exact masses in fine buckets (monotone in the logit, like the coarse ones).
   const int F = kFinePerBucket * (qb - qa);
-  double* h = ns.hist.get(2 * F);
-  double* h1 = h + F;
-  std::memset(h, 0, sizeof(double) * 2 * F);
-  float* be = ns.band_e.get(nband + kLanes);
-  int32_t* bq = ns.band_q.get(nband + kLanes);
-  const VF vfine = splat(static_cast<float>(kFlatPerOctave * kFinePerBucket));
-  const VI vf0 = splati(-kFinePerBucket * qa), vflast = splati(F - 1), izero = splati(0);
-  for (int64_t j = 0; j < nband; j += kLanes) {  // bx has kLanes of slack past nband
-    const VF d = load_f32(bx + j) - vm;
-    const VF qf = (zero - d * vch) * vfine;
-    VI f;
-    for (int pi = 0; pi < kParts; ++pi) f.p[pi] = __builtin_convertvector(qf.p[pi], ni);
-    f = f + vf0;
-    f = select(f < izero, izero, f);
-    f = select(vflast < f, vflast, f);
-    to_array(f, bq + j);
-    store_f32(be + j, exp16_scaled(d, vch, vcl));
+  double* h = ns.hist.get(F);
+  std::memset(h, 0, sizeof(double) * F);
+  int32_t* bq = ns.band_q.get(nband + 1);
+  float* bx = ns.band_x.get(nband + 1);
+  float* be = ns.band_e.get(nband + 1);
+  const float fine = static_cast<float>(kFlatPerOctave * kFinePerBucket);
+  for (int64_t j = 0; j < nband; ++j) {
+    bx[j] = row[bid[j]];
+    be[j] = E[bid[j]];
+    const float qf = (0.0f - (bx[j] - m) * ec.hi) * fine;
+    int f = static_cast<int>(qf) - kFinePerBucket * qa;
+    f = std::min(std::max(f, 0), F - 1);
+    bq[j] = f;
+    h[f] += static_cast<double>(be[j]);
   }
-  int64_t j = 0;
-  for (; j + 2 <= nband; j += 2) {
-    h[bq[j]] += static_cast<double>(be[j]);
-    h1[bq[j + 1]] += static_cast<double>(be[j + 1]);
-  }
-  if (j < nband) h[bq[j]] += static_cast<double>(be[j]);
   double run = before;
   int fb = 0;
   for (; fb < F; ++fb) {
-    const double hb = h[fb] + h1[fb];  // exact
-    if (run + hb >= target) break;
-    run += hb;
+    if (run + h[fb] >= target) break;
+    run += h[fb];
   }
   if (fb == F) return false;  // the boundary lies below the band
   std::vector<Cand>& band = ns.band;
   band.clear();
-  for (int64_t i = 0; i < nband; ++i)
-    if (bq[i] == fb) band.push_back(Cand{bx[i], be[i], bid[i]});
+  for (int64_t j = 0; j < nband; ++j)
+    if (bq[j] == fb) band.push_back(Cand{bx[j], be[j], bid[j]});
   if (!std::is_sorted(band.begin(), band.end(), rank_before)) std::sort(band.begin(), band.end(), rank_before);
   size_t n = 0;
   while (n < band.size()) {
@@ -534,37 +465,35 @@ static bool band_cut(const float* row, int64_t V, float m, const ExpScale& ec, d
   }
   if (n == 0 || run < target) return false;  // cannot happen: the bucket's exact mass reaches p W
   // e where the token's fine bucket is above fb, else 0 (no branch: half the band either way).
-  auto kept_weight = [&](int64_t i) {
+  auto kept_weight = [&](int64_t j) {
     uint32_t u;
-    std::memcpy(&u, &be[i], 4);
-    u &= 0u - static_cast<uint32_t>(bq[i] < fb);
+    std::memcpy(&u, &be[j], 4);
+    u &= 0u - static_cast<uint32_t>(bq[j] < fb);
     float e;
     std::memcpy(&e, &u, 4);
     return static_cast<double>(e);
   };
   // The kept band tokens of the buckets above fb into their blocks' sums (ids
   // ascending: a run per block, two accumulators; exact, so in any order).
-  for (int64_t i = 0; i < nband;) {
-    const int32_t blk = bid[i] / kBlock, next = (blk + 1) * kBlock;
+  for (int64_t j = 0; j < nband;) {
+    const int32_t blk = bid[j] / kBlock, next = (blk + 1) * kBlock;
     double a0 = 0.0, a1 = 0.0;
-    for (; i + 1 < nband && bid[i + 1] < next; i += 2) {
-      a0 += kept_weight(i);
-      a1 += kept_weight(i + 1);
+    for (; j + 1 < nband && bid[j + 1] < next; j += 2) {
+      a0 += kept_weight(j);
+      a1 += kept_weight(j + 1);
     }
-    if (i < nband && bid[i] < next) a0 += kept_weight(i++);
+    if (j < nband && bid[j] < next) a0 += kept_weight(j++);
     bs[blk] += a0 + a1;
   }
-  for (size_t i = 0; i < n; ++i) bs[band[i].idx / kBlock] += static_cast<double>(band[i].e);
+  for (size_t j = 0; j < n; ++j) bs[band[j].idx / kBlock] += static_cast<double>(band[j].e);
   ns.bx = band[n - 1].x;
   ns.bi = band[n - 1].idx;
-  ns.m = m;
-  ns.ec = ec;
   ns.on = true;
   return true;
 }
 
 bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns,
-              bool sample) {
+              bool counted_only) {
   ns.on = false;
   if (!(W >= 1.0) || !(W < 1e12)) return false;  // the top token weighs 1
   int L = 0;
@@ -572,44 +501,103 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
   const int A = 29 - L;
   if (A < 2) return false;
   const int nq = std::min(kFlatBuckets, static_cast<int>(kFlatPerOctave * (static_cast<double>(A) - 0.01)));
-  if (nq < 2) return false;
-  int qa = 0, qb = 0;
-  if (sample && sampled_band(row, V, m, ec, p, nq, ns, &qa, &qb) && band_cut(row, V, m, ec, p, W, qa, qb, ns))
-    return true;
-  return counted_band(row, V, m, ec, p, W, nq, ns, &qa, &qb) && band_cut(row, V, m, ec, p, W, qa, qb, ns);
+  if (banded_cut(row, V, m, ec, p, W, nq, ns)) return true;
+  if (counted_only) return false;
+  float* E = ns.w.get(V + kLanes);
+  double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
+  double* h1 = h0 + kFlatBuckets + 1;
+  std::memset(h0, 0, sizeof(double) * 2 * (kFlatBuckets + 1));
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
+           vper = splat(static_cast<float>(kFlatPerOctave)), vnq = splat(static_cast<float>(nq));
+  // The bucket of each lane: nq (a bucket outside the domain, never read) unless z < nq / 64.
+  auto bucket = [&](VF xs) __attribute__((always_inline)) {
+    const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
+    const VF qk = select(vnq > qf, qf, vnq);
+    VI qi;
+    for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
+    return qi;
+  };
+  alignas(64) int32_t qa[kLanes];
+  alignas(64) float ea[kLanes];
+  for (int64_t c = 0; c < V; c += kLanes) {
+    const VF xs = c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V);
+    const VF e = exp16_scaled(xs - vm, vch, vcl);  // 0 at -inf
+    store_f32(E + c, e);
+    store_f32(ea, e);
+    to_array(bucket(xs), qa);
+    // Two histograms: neighbours in one bucket do not wait on each other's add.
+    for (int j = 0; j < kLanes; j += 2) {
+      h0[qa[j]] += static_cast<double>(ea[j]);
+      h1[qa[j + 1]] += static_cast<double>(ea[j + 1]);
+    }
+  }
+  const double target = p * W;
+  double before = 0.0;
+  int b = 0;
+  for (; b < nq; ++b) {
+    const double hb = h0[b] + h1[b];
+    if (before + hb >= target) break;
+    before += hb;
+  }
+  if (b == nq) return false;
+  // Read 2: the boundary bucket's tokens, and the block sums (reduce::kBlock) of
+  // the weights in the buckets above it, for the draw.
+  std::vector<Cand>& band = ns.band;
+  band.clear();
+  const int64_t nb = reduce::num_blocks(V);
+  double* bs = ns.block_sums.get(nb);
+  const VI vb = splati(b);
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t end = std::min(V, b0 + kBlock);
+    Acc16d acc;
+    for (int64_t c = b0; c < end; c += kLanes) {
+      const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
+      const VI q = bucket(xs);                         // load_tail's -inf lands in bucket nq
+      acc.add(select(q < vb, load_f32(E + c), zero));  // E has kLanes of slack past V
+      uint32_t bits = lane_bits(q == vb);
+      while (bits) {
+        const int64_t i = c + __builtin_ctz(bits);
+        bits &= bits - 1;
+        band.push_back(Cand{row[i], E[i], static_cast<int32_t>(i)});
+      }
+    }
+    bs[blk] = acc.sum();
+  }
+  // The band in rank order (gathered in index order: often sorted already, as in a run of ties).
+  if (!std::is_sorted(band.begin(), band.end(), rank_before)) std::sort(band.begin(), band.end(), rank_before);
+  double run = before;
+  size_t n = 0;
+  while (n < band.size()) {
+    run += static_cast<double>(band[n++].e);
+    if (run >= target) break;
+  }
+  if (n == 0 || run < target) return false;  // cannot happen: the bucket's exact mass reaches p W
+  for (size_t j = 0; j < n; ++j) bs[band[j].idx / kBlock] += static_cast<double>(band[j].e);
+  ns.bx = band[n - 1].x;
+  ns.bi = band[n - 1].idx;
+  ns.on = true;
+  return true;
 }
 
 // The weights of a flat row's kept tokens (cpu/common/draw.h's source): e
 // where the token ranks at or above (bx, bi) and e >= min_w (min-p), else 0.
-// e is computed again from the logit (the bits of the cut's weights); at()
-// weighs a whole block at a time.
 struct FlatWeights {
   const float* x;
-  int64_t n;
-  float m, bx;
-  ExpScale ec;
+  const float* e;
+  float bx;
   int32_t bi;
   float min_w;
-  float* block;            // kBlock weights of block `cached`
-  mutable int64_t cached;  // -1: none
-  DK_INLINE VF of(VF xs, int64_t c) const {
-    const VF es = exp16_scaled(xs - splat(m), splat(ec.hi), splat(ec.lo));  // 0 at -inf
+  DK_INLINE VF of(VF xs, VF es, int64_t c) const {
     const VF vbx = splat(bx);
     const VI ids = iota16() + splati(static_cast<int32_t>(c));
     const VI kept = ((xs > vbx) | ((xs == vbx) & (ids <= splati(bi)))) & (es >= splat(min_w));
     return select(kept, es, splat(0.0f));
   }
-  DK_INLINE VF full(int64_t c) const { return of(load_f32(x + c), c); }
-  DK_INLINE VF tail(int64_t c, int64_t end) const { return of(load_tail(x, c, end), c); }
-  float at(int64_t i) const {
-    const int64_t b = i / kBlock;
-    if (b != cached) {
-      const int64_t b0 = b * kBlock, end = std::min(n, b0 + kBlock);
-      for (int64_t c = b0; c < end; c += kLanes)
-        store_f32(block + (c - b0), c + kLanes <= end ? full(c) : tail(c, end));
-      cached = b;
-    }
-    return block[i - b * kBlock];
+  DK_INLINE VF full(int64_t c) const { return of(load_f32(x + c), load_f32(e + c), c); }
+  DK_INLINE VF tail(int64_t c, int64_t end) const { return of(load_tail(x, c, end), load_tail(e, c, end), c); }
+  DK_INLINE float at(int64_t i) const {
+    const bool kept = (x[i] > bx || (x[i] == bx && i <= bi)) && e[i] >= min_w;
+    return kept ? e[i] : 0.0f;
   }
 };
 
@@ -620,8 +608,7 @@ struct FlatWeights {
 // *W_out = the kept mass.
 int64_t draw_flat(const float* x, int64_t V, const FlatNucleus& ns, float min_w, double u, Buf<double>& sums,
                   int64_t fallback, double* W_out) {
-  alignas(64) float block[kBlock + kLanes];
-  const FlatWeights src{x, V, ns.m, ns.bx, ns.ec, ns.bi, min_w, block, -1};
+  const FlatWeights src{x, ns.w.data(), ns.bx, ns.bi, min_w};
   const int64_t nb = reduce::num_blocks(V);
   double W = 0.0;
   const double* bs = ns.block_sums.data();
@@ -640,21 +627,11 @@ int64_t draw_flat(const float* x, int64_t V, const FlatNucleus& ns, float min_w,
 // A flat row's kept tokens as candidates, in index order (what the general
 // path leaves after top_p_stage and min_p_stage).
 void flat_cands(const float* x, int64_t V, const FlatNucleus& ns, float min_w, std::vector<Cand>& out) {
-  alignas(64) float block[kBlock + kLanes];
-  const FlatWeights src{x, V, ns.m, ns.bx, ns.ec, ns.bi, min_w, block, -1};
+  const float* e = ns.w.data();
   out.clear();
-  alignas(64) float e[kLanes];
-  for (int64_t c = 0; c < V; c += kLanes) {
-    const VF w = c + kLanes <= V ? src.full(c) : src.tail(c, V);
-    uint32_t bits = lane_bits(w > splat(0.0f));
-    if (!bits) continue;
-    store_f32(e, w);
-    while (bits) {
-      const int j = __builtin_ctz(bits);
-      bits &= bits - 1;
-      out.push_back(Cand{x[c + j], e[j], static_cast<int32_t>(c + j)});
-    }
-  }
+  for (int64_t i = 0; i < V; ++i)
+    if ((x[i] > ns.bx || (x[i] == ns.bx && i <= ns.bi)) && e[i] >= min_w)
+      out.push_back(Cand{x[i], e[i], static_cast<int32_t>(i)});
 }
 
 }  // namespace detail

@@ -31,15 +31,6 @@ namespace detail {
 template <class Wt>
 double gather_nucleus(const float* x, int64_t V, const Wt& w, float w_max, double p, std::vector<Cand>& out) {
   out.clear();
-  double mass[4];
-  const double W = nucleus_masses(x, V, w, w_max, mass);
-  return nucleus_candidates(x, V, w, w_max, p, W, mass, out);
-}
-
-// Pass 1 of the nucleus gather: the total W (returned) and lower bounds
-// mass[j] of the weight above tau_j = w_max * 16^-(j+1) (see gather_nucleus).
-template <class Wt>
-double nucleus_masses(const float* x, int64_t V, const Wt& w, float w_max, double* mass) {
   // Even and odd vectors go to separate float64 accumulators (merged in a
   // fixed order), and the masses add a pair of vectors at a time: shorter
   // dependency chains, the same split for every row.
@@ -67,12 +58,11 @@ double nucleus_masses(const float* x, int64_t V, const Wt& w, float w_max, doubl
     m3 = m3 + select(e > vt3, e, zero);
   }
   acc0.merge(acc1);
+  const double W = acc0.sum();
   const double discount = mass_discount(V);
-  mass[0] = lane_total(m0) * discount;
-  mass[1] = lane_total(m1) * discount;
-  mass[2] = lane_total(m2) * discount;
-  mass[3] = lane_total(m3) * discount;
-  return acc0.sum();
+  const double mass[4] = {lane_total(m0) * discount, lane_total(m1) * discount, lane_total(m2) * discount,
+                          lane_total(m3) * discount};
+  return nucleus_candidates(x, V, w, w_max, p, W, mass, out);
 }
 
 // The float32 lane masses are discounted by twice their worst relative
@@ -126,7 +116,6 @@ double nucleus_candidates(const float* x, int64_t V, const Wt& w, float w_max, d
 template double gather_nucleus<LogitWeight>(const float*, int64_t, const LogitWeight&, float, double,
                                             std::vector<Cand>&);
 template double gather_nucleus<ProbWeight>(const float*, int64_t, const ProbWeight&, float, double, std::vector<Cand>&);
-template double nucleus_masses<LogitWeight>(const float*, int64_t, const LogitWeight&, float, double*);
 template double nucleus_candidates<LogitWeight>(const float*, int64_t, const LogitWeight&, float, double, double,
                                                 const double*, std::vector<Cand>&);
 
