@@ -183,6 +183,21 @@ int cache_vector_bytes(const cpu::KVCacheTensors& c) {
   return 2;
 }
 
+// The compactions' launch: one block per (row, head) of warps covering a head's
+// vectors of w bytes (vpr per position).
+struct CompactLaunch {
+  int w;
+  int64_t vpr;
+  bool hnd;
+  unsigned grid, threads;
+};
+CompactLaunch compact_launch(const cpu::KVCacheTensors& c, int64_t batch) {
+  const int w = cache_vector_bytes(c);
+  const int64_t vpr = c.head_dim * c.elem_size / w;
+  return CompactLaunch{w, vpr, c.layout == cpu::KVLayout::kHND, static_cast<unsigned>(batch * c.num_heads),
+                       static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads)};
+}
+
 }  // namespace
 
 cudaError_t append_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_t max_seq_len, const cpu::KVRows& r,
@@ -228,15 +243,11 @@ cudaError_t compact_kv_cache(const cpu::KVCacheTensors& c, int64_t batch, int64_
   const int64_t H = c.num_heads;
   if (batch <= 0 || max_accepted <= 0 || H <= 0 || c.head_dim <= 0 || max_seq_len <= 0) return cudaSuccess;
   if ((c.elem_size != 2 && c.elem_size != 4) || batch * H > 2147483647) return cudaErrorInvalidValue;
-  const int w = cache_vector_bytes(c);
-  const int64_t vpr = c.head_dim * c.elem_size / w;
-  const bool hnd = c.layout == cpu::KVLayout::kHND;
-  const unsigned grid = static_cast<unsigned>(batch * H);
-  const unsigned threads = static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads);
-  with_vector(w, [&](auto tag) {
+  const CompactLaunch l = compact_launch(c, batch);
+  with_vector(l.w, [&](auto tag) {
     using V = decltype(tag);
-    compact_contiguous_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr,
-                                                               max_seq_len, hnd, start, accepted_nodes, max_accepted);
+    compact_contiguous_kernel<V><<<l.grid, l.threads, 0, stream>>>(
+        static_cast<V*>(c.k), static_cast<V*>(c.v), H, l.vpr, max_seq_len, l.hnd, start, accepted_nodes, max_accepted);
   });
   return cudaGetLastError();
 }
@@ -249,16 +260,12 @@ cudaError_t compact_paged_kv_cache(const cpu::KVCacheTensors& c, int64_t num_blo
       max_blocks <= 0)
     return cudaSuccess;
   if ((c.elem_size != 2 && c.elem_size != 4) || batch * H > 2147483647) return cudaErrorInvalidValue;
-  const int w = cache_vector_bytes(c);
-  const int64_t vpr = c.head_dim * c.elem_size / w;
-  const bool hnd = c.layout == cpu::KVLayout::kHND;
-  const unsigned grid = static_cast<unsigned>(batch * H);
-  const unsigned threads = static_cast<unsigned>(vpr < kThreads ? (vpr + 31) / 32 * 32 : kThreads);
-  with_vector(w, [&](auto tag) {
+  const CompactLaunch l = compact_launch(c, batch);
+  with_vector(l.w, [&](auto tag) {
     using V = decltype(tag);
-    compact_paged_kernel<V><<<grid, threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, vpr,
-                                                          num_blocks, block_size, hnd, block_tables, max_blocks, start,
-                                                          accepted_nodes, max_accepted);
+    compact_paged_kernel<V><<<l.grid, l.threads, 0, stream>>>(static_cast<V*>(c.k), static_cast<V*>(c.v), H, l.vpr,
+                                                              num_blocks, block_size, l.hnd, block_tables, max_blocks,
+                                                              start, accepted_nodes, max_accepted);
   });
   return cudaGetLastError();
 }

@@ -12,6 +12,7 @@
 #include "decodekit/math.h"
 #include "decodekit/philox.h"
 #include "decodekit/reduce.h"
+#include "decodekit/tree.h"
 
 namespace decodekit {
 namespace cuda {
@@ -318,57 +319,6 @@ __global__ void __launch_bounds__(kVerifyThreads)
 // Philox uniforms), and the whole block makes the one draw of the row
 // (bonus token, residual token) in the CPU's block-sum order.
 
-// Per-row int64 scratch of a tree: depth, first child, next sibling, last
-// child, and the kernels' per-node scratch (rejected tokens, acceptance flags).
-struct TreeView {
-  int64_t* depth;
-  int64_t* first;
-  int64_t* next;
-  int64_t* last;
-  int64_t* aux;
-  // The five arrays of N nodes laid out from m.
-  __device__ static TreeView at(int64_t* m, int64_t N) { return {m, m + N, m + 2 * N, m + 3 * N, m + 4 * N}; }
-};
-
-// The CPU's Tree::build: node n takes part when its token is in [0,
-// vocab_size), its parent is an earlier node that takes part, and its depth is
-// at most max_depth; the children of a node linked in ascending index order.
-// One thread.
-__device__ TreeView build_tree(const int64_t* cand, const int64_t* par, int64_t N, int64_t vocab_size,
-                               int64_t max_depth, int64_t* m) {
-  TreeView t = TreeView::at(m, N);
-  for (int64_t i = 0; i < 5 * N; ++i) m[i] = -1;
-  t.depth[0] = 0;
-  for (int64_t n = 1; n < N; ++n) {
-    const int64_t x = cand[n], p = par[n];
-    if (x < 0 || x >= vocab_size || p < 0 || p >= n || t.depth[p] < 0 || t.depth[p] >= max_depth) continue;
-    t.depth[n] = t.depth[p] + 1;
-    if (t.last[p] < 0)
-      t.first[p] = n;
-    else
-      t.next[t.last[p]] = n;
-    t.last[p] = n;
-  }
-  return t;
-}
-
-// The CPU's finish(): the path root -> end (root excluded), its tokens, the
-// emitted token (-1: none), the counts. One thread.
-__device__ void finish_tree(const TreeView& t, const int64_t* cand, const int64_t* par, int64_t end, int64_t token,
-                            int64_t b, int64_t D, const TreeOutputs& out) {
-  int64_t* tokens = out.tokens + b * (D + 1);
-  int64_t* nodes = out.nodes + b * (D + 1);
-  for (int64_t j = 0; j <= D; ++j) tokens[j] = nodes[j] = -1;
-  const int64_t a = t.depth[end];
-  for (int64_t n = end, j = a - 1; j >= 0; n = par[n], --j) {
-    nodes[j] = n;
-    tokens[j] = cand[n];
-  }
-  tokens[a] = token;
-  out.num_accepted[b] = a;
-  out.num_emitted[b] = a + (token >= 0 ? 1 : 0);
-}
-
 // stats[(b N + n) * 2]: node row (b, n)'s mass over [0, vocab_size), or -1 when it holds a
 // negative, NaN or infinite entry there; [.. + 1]: with `entropy`, sum of w ln w over its
 // weights w >= float32's smallest normal (float32 terms, as the CPU's sum_w_log_w), else 0.
@@ -487,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (token < 0) token = draw(Residual{p, nullptr, -1, false, 1.0f, 1.0f}, vocab_size, u, sums, sh);
   }
   if (threadIdx.x == 0) {
-    const TreeView t = TreeView::at(m, N);
+    const TreeView t = tree_view(m, N);
     finish_tree(t, cand, par, c, token, b, max_depth, out);
   }
 }
@@ -507,27 +457,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   int64_t* m = tree_scratch + 5 * b * N;
   if (threadIdx.x == 0) {
     const TreeView t = build_tree(cand, par, N, vocab_size, max_depth, m);
-    int64_t* accepted = t.aux;  // 1: node accepted (the root counts as accepted)
     const double eps = epsilon.at(b), log_delta = log_double(delta.at(b));  // -inf for delta = 0
-    accepted[0] = 1;
-    int64_t end = 0;
-    for (int64_t n = 1; n < N; ++n) {
-      accepted[n] = 0;
-      if (t.depth[n] < 0) continue;
-      const int64_t p = par[n];
-      if (!accepted[p]) continue;
+    end_node = deepest_accepted(t, par, N, [&](int64_t n, int64_t p) {
       const double mass = st[2 * p];
-      if (!(mass > 0.0)) continue;  // an invalid parent row, or one without mass
+      if (!(mass > 0.0)) return false;  // an invalid parent row, or one without mass
       // H(q) for q = w / m: ln m - sum(w ln w) / m.
       const double entropy = log_double(mass) - st[2 * p + 1] / mass;
-      const double q = clean(target_probs[(b * N + p) * V + cand[n]]) / mass;
-      // q > min(eps, delta exp(-H)), the second test in logs: ln q > ln delta - H.
-      if (q > eps || (q > 0.0 && log_double(q) > log_delta - entropy)) {
-        accepted[n] = 1;
-        if (t.depth[n] > t.depth[end]) end = n;  // ascending n: the lowest index among the deepest
-      }
-    }
-    end_node = end;
+      return typical_accepts(clean(target_probs[(b * N + p) * V + cand[n]]) / mass, eps, log_delta, entropy);
+    });
   }
   __syncthreads();
   const int64_t end = end_node;
@@ -539,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                  sums_all + b * reduce::num_blocks(vocab_size), sh);
   }
   if (threadIdx.x == 0) {
-    const TreeView t = TreeView::at(m, N);
+    const TreeView t = tree_view(m, N);
     finish_tree(t, cand, par, end, token, b, max_depth, out);
   }
 }
@@ -555,18 +492,8 @@ __global__ void __launch_bounds__(kVerifyThreads)
   const int64_t* par = parents + b * N;
   const int64_t* top = target_ids + b * N;
   const TreeView t = build_tree(cand, par, N, vocab_size, max_depth, tree_scratch + 5 * b * N);
-  int64_t* accepted = t.aux;
-  accepted[0] = 1;
-  int64_t end = 0;
-  for (int64_t n = 1; n < N; ++n) {
-    accepted[n] = 0;
-    if (t.depth[n] < 0) continue;
-    const int64_t p = par[n];
-    if (accepted[p] && top[p] >= 0 && cand[n] == top[p]) {
-      accepted[n] = 1;
-      if (t.depth[n] > t.depth[end]) end = n;
-    }
-  }
+  const int64_t end =
+      deepest_accepted(t, par, N, [&](int64_t n, int64_t p) { return top[p] >= 0 && cand[n] == top[p]; });
   finish_tree(t, cand, par, end, top[end] >= 0 && top[end] < vocab_size ? top[end] : -1, b, max_depth, out);
 }
 

@@ -530,12 +530,27 @@ ChainDims check_chain_speculative(const std::optional<at::Tensor>& draft_probs, 
     g.draft_probs = draft_probs->data_ptr<float>();
   }
   TORCH_CHECK(draft_token_ids.device() == target_probs.device(), "decodekit: tensors must be on one device");
-  check_same_device(target_probs, seed, "seed");
-  check_same_device(target_probs, offset, "offset");
-  g.seed = row_param<int64_t>(seed, seed_val, at::kLong, B, "seed");
-  g.offset = row_param<int64_t>(offset, offset_val, at::kLong, B, "offset");
+  const SeedOffset so = seed_offset(target_probs, seed, seed_val, offset, offset_val, B);
+  g.seed = so.seed;
+  g.offset = so.offset;
   g.B = B, g.K = K, g.V = V;
   return g;
+}
+
+SeedOffset seed_offset(const at::Tensor& like, const std::optional<at::Tensor>& seed, int64_t seed_val,
+                       const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t B) {
+  check_same_device(like, seed, "seed");
+  check_same_device(like, offset, "offset");
+  return SeedOffset{row_param<int64_t>(seed, seed_val, at::kLong, B, "seed"),
+                    row_param<int64_t>(offset, offset_val, at::kLong, B, "offset")};
+}
+
+TypicalParams typical_params(const at::Tensor& like, const std::optional<at::Tensor>& epsilon, double epsilon_val,
+                             const std::optional<at::Tensor>& delta, double delta_val, int64_t B) {
+  check_same_device(like, epsilon, "epsilon");
+  check_same_device(like, delta, "delta");
+  return TypicalParams{row_param<double>(epsilon, epsilon_val, at::kDouble, B, "epsilon"),
+                       row_param<double>(delta, delta_val, at::kDouble, B, "delta")};
 }
 
 TreeDims check_tree(const at::Tensor& candidates, const at::Tensor& parents, int64_t max_depth) {

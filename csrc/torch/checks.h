@@ -165,6 +165,20 @@ cpu::DecoderLayerParams check_decoder_layer_next(const cpu::DecoderLayerParams& 
                                                  const std::string& down_type);
 
 // ---------------------------------------------------------- speculative ----
+// The per-row int64 seed and offset of a random op (1-D [B] tensors on `like`'s
+// device, or the scalars).
+struct SeedOffset {
+  RowParam<int64_t> seed, offset;
+};
+SeedOffset seed_offset(const at::Tensor& like, const std::optional<at::Tensor>& seed, int64_t seed_val,
+                       const std::optional<at::Tensor>& offset, int64_t offset_val, int64_t B);
+// typical_acceptance's per-row float64 epsilon and delta (on `like`'s device).
+struct TypicalParams {
+  RowParam<double> epsilon, delta;
+};
+TypicalParams typical_params(const at::Tensor& like, const std::optional<at::Tensor>& epsilon, double epsilon_val,
+                             const std::optional<at::Tensor>& delta, double delta_val, int64_t B);
+
 // Checks of chain_speculative_sampling (CPU and CUDA): draft_token_ids
 // contiguous int64 [B, K]; target_probs contiguous float32 [B, K + 1, V];
 // draft_probs (optional) contiguous float32 [B, K, V]; vocab_size in [1, V];

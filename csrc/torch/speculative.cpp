@@ -93,10 +93,7 @@ TreeResult tree_speculative_sampling_cpu(const at::Tensor& candidates, const at:
                                          int64_t vocab_size, int64_t max_depth) {
   const auto t = check_tree(candidates, parents, max_depth);
   const int64_t V = check_tree_probs(t, candidates, target_probs, vocab_size);
-  check_same_device(target_probs, seed, "seed");
-  check_same_device(target_probs, offset, "offset");
-  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, t.B, "seed");
-  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, t.B, "offset");
+  const auto [s, o] = seed_offset(target_probs, seed, seed_val, offset, offset_val, t.B);
   auto r = tree_outputs(candidates, t.B, max_depth);
   dk::cpu::kernels().tree_speculative_sampling(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(),
                                                target_probs.data_ptr<float>(), t.B, t.N, V, vocab_size, max_depth, s, o,
@@ -112,14 +109,8 @@ TreeResult typical_acceptance_cpu(const at::Tensor& candidates, const at::Tensor
                                   int64_t max_depth) {
   const auto t = check_tree(candidates, parents, max_depth);
   const int64_t V = check_tree_probs(t, candidates, target_probs, vocab_size);
-  check_same_device(target_probs, epsilon, "epsilon");
-  check_same_device(target_probs, delta, "delta");
-  check_same_device(target_probs, seed, "seed");
-  check_same_device(target_probs, offset, "offset");
-  const auto e = row_param<double>(epsilon, epsilon_val, at::kDouble, t.B, "epsilon");
-  const auto d = row_param<double>(delta, delta_val, at::kDouble, t.B, "delta");
-  const auto s = row_param<int64_t>(seed, seed_val, at::kLong, t.B, "seed");
-  const auto o = row_param<int64_t>(offset, offset_val, at::kLong, t.B, "offset");
+  const auto [e, d] = typical_params(target_probs, epsilon, epsilon_val, delta, delta_val, t.B);
+  const auto [s, o] = seed_offset(target_probs, seed, seed_val, offset, offset_val, t.B);
   auto r = tree_outputs(candidates, t.B, max_depth);
   dk::cpu::kernels().typical_acceptance(candidates.data_ptr<int64_t>(), parents.data_ptr<int64_t>(),
                                         target_probs.data_ptr<float>(), t.B, t.N, V, vocab_size, max_depth, e, d, s, o,

@@ -22,6 +22,7 @@
 #include "cpu/speculative/speculative.h"
 #include "decodekit/math.h"
 #include "decodekit/philox.h"
+#include "decodekit/tree.h"
 
 namespace decodekit {
 namespace cpu {
@@ -31,51 +32,10 @@ using namespace detail;
 
 namespace {
 
-// The tree of one row: depth[n] (-1: node n does not take part), and the
-// children of each node in ascending index order (first[n], then next[]).
-struct Tree {
-  int64_t* depth;
-  int64_t* first;
-  int64_t* next;
-  int64_t* last;
-  int64_t* aux;  // per-node scratch of the kernels (rejected tokens, acceptance flags)
-
-  static Tree build(const int64_t* cand, const int64_t* par, int64_t N, int64_t vocab_size, int64_t max_depth,
-                    Buf<int64_t>& buf) {
-    int64_t* m = buf.get(5 * N);
-    Tree t{m, m + N, m + 2 * N, m + 3 * N, m + 4 * N};
-    std::fill(m, m + 5 * N, int64_t{-1});
-    t.depth[0] = 0;  // the root always takes part; its token is not read
-    for (int64_t n = 1; n < N; ++n) {
-      const int64_t x = cand[n], p = par[n];
-      if (x < 0 || x >= vocab_size || p < 0 || p >= n || t.depth[p] < 0 || t.depth[p] >= max_depth) continue;
-      t.depth[n] = t.depth[p] + 1;
-      if (t.last[p] < 0)
-        t.first[p] = n;
-      else
-        t.next[t.last[p]] = n;
-      t.last[p] = n;
-    }
-    return t;
-  }
-};
-
-// Writes row b's outputs for a walk that ended at node `end` and emitted `token`
-// (-1: none): the path root -> end (excluding the root), its tokens, the token.
-void finish(const Tree& t, const int64_t* cand, const int64_t* par, int64_t end, int64_t token, int64_t b, int64_t D,
-            const TreeOutputs& out) {
-  int64_t* tokens = out.tokens + b * (D + 1);
-  int64_t* nodes = out.nodes + b * (D + 1);
-  std::fill(tokens, tokens + D + 1, int64_t{-1});
-  std::fill(nodes, nodes + D + 1, int64_t{-1});
-  const int64_t a = t.depth[end];
-  for (int64_t n = end, j = a - 1; j >= 0; n = par[n], --j) {
-    nodes[j] = n;
-    tokens[j] = cand[n];
-  }
-  tokens[a] = token;
-  out.num_accepted[b] = a;
-  out.num_emitted[b] = a + (token >= 0 ? 1 : 0);
+// The tree of one row (decodekit/tree.h) in this thread's scratch.
+TreeView row_tree(const int64_t* cand, const int64_t* par, int64_t N, int64_t vocab_size, int64_t max_depth,
+                  Buf<int64_t>& buf) {
+  return build_tree(cand, par, N, vocab_size, max_depth, buf.get(5 * N));
 }
 
 // sum of w ln w over the weights w = clean(p) of [0, n): float32 terms in 16
@@ -110,15 +70,16 @@ void tree_speculative_sampling(const int64_t* candidates, const int64_t* parents
     const uint64_t s = static_cast<uint64_t>(seed.at(b)), o = static_cast<uint64_t>(offset.at(b));
     const int64_t* cand = candidates + b * N;
     const int64_t* par = parents + b * N;
-    const Tree t = Tree::build(cand, par, N, vocab_size, max_depth, buf);
+    const TreeView t = row_tree(cand, par, N, vocab_size, max_depth, buf);
     int64_t* rejected = t.aux;  // the distinct tokens rejected at the current node
     int64_t c = 0;              // the current node
     for (;;) {
       const float* p = target_probs + (b * N + c) * V;
-      if (!row_valid(p, vocab_size)) return finish(t, cand, par, c, -1, b, max_depth, out);
+      if (!row_valid(p, vocab_size)) return finish_tree(t, cand, par, c, -1, b, max_depth, out);
       if (t.first[c] < 0) {  // an accepted leaf (or a root without children): the bonus token
         const double u = PhiloxStreamRef{s, o, kStreamTreeBonus}.uniform_double(0);
-        return finish(t, cand, par, c, draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums), b, max_depth, out);
+        return finish_tree(t, cand, par, c, draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums), b, max_depth,
+                           out);
       }
       double rest = row_mass(p, vocab_size);  // sum(r) (float64)
       int64_t nrej = 0;
@@ -146,7 +107,7 @@ void tree_speculative_sampling(const int64_t* candidates, const int64_t* parents
       const double u = PhiloxStreamRef{s, o, kStreamTreeNode + static_cast<uint32_t>(c)}.uniform_double(1);
       int64_t tok = draw(Excluding{p, rejected, nrej}, vocab_size, u, sums);
       if (tok < 0) tok = draw(Residual{p, nullptr, -1, false}, vocab_size, u, sums);
-      return finish(t, cand, par, c, tok, b, max_depth, out);
+      return finish_tree(t, cand, par, c, tok, b, max_depth, out);
     }
   });
 }
@@ -161,20 +122,13 @@ void typical_acceptance(const int64_t* candidates, const int64_t* parents, const
     thread_local Buf<ParentRow> rows;
     const int64_t* cand = candidates + b * N;
     const int64_t* par = parents + b * N;
-    const Tree t = Tree::build(cand, par, N, vocab_size, max_depth, buf);
-    int64_t* accepted = t.aux;  // 1: node accepted (the root counts as accepted)
+    const TreeView t = row_tree(cand, par, N, vocab_size, max_depth, buf);
     ParentRow* info = rows.get(N);
     std::fill(info, info + N, ParentRow{false, false, 0.0, 0.0});
     const double eps = epsilon.at(b), log_delta = log_double(delta.at(b));  // -inf for delta = 0
-    accepted[0] = 1;
-    int64_t end = 0;
-    for (int64_t n = 1; n < N; ++n) {
-      accepted[n] = 0;
-      if (t.depth[n] < 0) continue;
-      const int64_t p = par[n];
-      if (!accepted[p]) continue;
+    const int64_t end = deepest_accepted(t, par, N, [&](int64_t n, int64_t p) {
       const float* row = target_probs + (b * N + p) * V;
-      ParentRow& r = info[p];
+      ParentRow& r = info[p];  // the parent's row, read once
       if (!r.ready) {
         r.ready = true;
         r.valid = row_valid(row, vocab_size);
@@ -185,14 +139,8 @@ void typical_acceptance(const int64_t* candidates, const int64_t* parents, const
         // H(q) for q = w / m: ln m - sum(w ln w) / m.
         if (r.valid) r.entropy = log_double(r.mass) - sum_w_log_w(row, vocab_size) / r.mass;
       }
-      if (!r.valid) continue;
-      const double q = clean(row[cand[n]]) / r.mass;
-      // q > min(eps, delta exp(-H)), the second test in logs (no exp): ln q > ln delta - H.
-      if (q > eps || (q > 0.0 && log_double(q) > log_delta - r.entropy)) {
-        accepted[n] = 1;
-        if (t.depth[n] > t.depth[end]) end = n;  // ascending n: the lowest index among the deepest
-      }
-    }
+      return r.valid && typical_accepts(clean(row[cand[n]]) / r.mass, eps, log_delta, r.entropy);
+    });
     const float* row = target_probs + (b * N + end) * V;
     int64_t tok = -1;
     if (row_valid(row, vocab_size)) {
@@ -200,7 +148,7 @@ void typical_acceptance(const int64_t* candidates, const int64_t* parents, const
       const double u = PhiloxStreamRef{s, o, kStreamTreeBonus}.uniform_double(0);
       tok = draw(Residual{row, nullptr, -1, false}, vocab_size, u, sums);
     }
-    finish(t, cand, par, end, tok, b, max_depth, out);
+    finish_tree(t, cand, par, end, tok, b, max_depth, out);
   });
 }
 
@@ -211,20 +159,10 @@ void greedy_tree_verify(const int64_t* candidates, const int64_t* parents, const
     const int64_t* cand = candidates + b * N;
     const int64_t* par = parents + b * N;
     const int64_t* top = target_ids + b * N;
-    const Tree t = Tree::build(cand, par, N, vocab_size, max_depth, buf);
-    int64_t* accepted = t.aux;
-    accepted[0] = 1;
-    int64_t end = 0;
-    for (int64_t n = 1; n < N; ++n) {
-      accepted[n] = 0;
-      if (t.depth[n] < 0) continue;
-      const int64_t p = par[n];
-      if (accepted[p] && top[p] >= 0 && cand[n] == top[p]) {
-        accepted[n] = 1;
-        if (t.depth[n] > t.depth[end]) end = n;
-      }
-    }
-    finish(t, cand, par, end, top[end] >= 0 && top[end] < vocab_size ? top[end] : -1, b, max_depth, out);
+    const TreeView t = row_tree(cand, par, N, vocab_size, max_depth, buf);
+    const int64_t end =
+        deepest_accepted(t, par, N, [&](int64_t n, int64_t p) { return top[p] >= 0 && cand[n] == top[p]; });
+    finish_tree(t, cand, par, end, top[end] >= 0 && top[end] < vocab_size ? top[end] : -1, b, max_depth, out);
   });
 }
 

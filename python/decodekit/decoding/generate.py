@@ -496,10 +496,10 @@ def speculative_generate(
         acceptance: with ``drafter="medusa"``: ``"lossless"`` (default; the output distribution is
             the target's) or ``"typical"`` (Medusa's typical acceptance; lossy). Greedy requests
             always use greedy tree verification, which reproduces plain greedy decoding.
-        device: ``None`` (default: the CPU; drafters always run on the CPU, or a given model's device) or e.g. ``"cuda"``: the
-            model's forward and its KV cache run there (:func:`~decodekit.models.load_model` with
-            ``device``; in deterministic mode each decode step replays a CUDA graph); the
-            logits come back to the host each step, where penalties, sampling and verification
+        device: ``None`` (default: the CPU, or a given model's device) or e.g. ``"cuda"``: the
+            target model's forward and its KV cache run there (:func:`~decodekit.models.load_model`
+            with ``device``; in deterministic mode each decode step replays a CUDA graph; drafters
+            always run on the CPU); the logits come back to the host each step, where penalties, sampling and verification
             run with the CPU kernels, so the tokens follow from the logits exactly as on the CPU.
         dtype: ``None`` (float32) or torch.bfloat16 / torch.float16 weight matrices on ``device``
             (activations, logits and KV cache stay float32).
