@@ -102,9 +102,11 @@ enum Phase : int {
   kProjectDown,
   kRope,
   kKVAppend,
-  kAttention,   // including the copy of q out of the fused projection
-  kActivation,  // SiLU-and-mul
-  kResidual,    // both residual adds
+  kAttention,    // including the copy of q out of the fused projection
+  kActivation,   // SiLU-and-mul
+  kResidual,     // both residual adds
+  kHeadNorm,     // the final RMSNorm (when the fast layer loop also runs the LM head)
+  kProjectHead,  // the LM head's product (idem)
   kNumPhases
 };
 bool enabled();

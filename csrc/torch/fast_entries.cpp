@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -19,6 +20,7 @@
 
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
+#include "cpu/layers.h"
 #include "torch/checks.h"
 #include "torch/threads.h"
 
@@ -297,24 +299,60 @@ struct DecoderLayersPlan {
   }
 };
 
-bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind11::list v_caches,
-                         pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
-                         pybind11::handle seq_lens_obj, pybind11::handle positions_obj, pybind11::handle cos_obj,
-                         pybind11::handle sin_obj, pybind11::list layers, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t intermediate_size, double eps, double scale, const std::string& kv_layout,
-                         pybind11::handle tree_mask_obj, pybind11::handle plan_obj) {
-  if (!no_python_modes()) return false;
+// The LM head after the last block (decoder_layers_fast's `head`): the final RMSNorm of each
+// sequence's last new token, then the product with the head's weight, with the kernels and
+// arguments of LlamaModel._head's op path (rms_norm, then linear_quantized or linear on
+// contiguous rows), so the same bits.
+struct FastHead {
+  at::Tensor norm, weight;
+  dk::cpu::LayerWeight w;
+  int64_t N = 0;
+};
+
+// head: a tuple (final norm weight float32 [H], weight, its type 'f32' / 'q4_1' / 'q8_0', N)
+// for x [B, T, H]. False: the caller takes the op path.
+bool fast_head(pybind11::handle head_obj, const at::Tensor& x, FastHead* out) {
+  if (!PyTuple_CheckExact(head_obj.ptr()) || PyTuple_GET_SIZE(head_obj.ptr()) != 4) return false;
+  PyObject* type_obj = PyTuple_GET_ITEM(head_obj.ptr(), 2);
+  PyObject* n_obj = PyTuple_GET_ITEM(head_obj.ptr(), 3);
+  if (!PyUnicode_CheckExact(type_obj) || !PyLong_CheckExact(n_obj)) return false;
+  if (!fast_tensor(PyTuple_GET_ITEM(head_obj.ptr(), 0), &out->norm) ||
+      !fast_tensor(PyTuple_GET_ITEM(head_obj.ptr(), 1), &out->weight))
+    return false;
+  int overflow = 0;
+  out->N = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
+  if (overflow != 0 || out->N <= 0 || out->N >= (int64_t{1} << 31) || x.dim() != 3) return false;
+  const int64_t H = x.size(2);
+  const at::Tensor& nw = out->norm;
+  if (nw.scalar_type() != at::kFloat || nw.dim() != 1 || nw.size(0) != H || !nw.is_contiguous()) return false;
+  try {
+    out->w = check_layer_weight(out->weight, PyUnicode_AsUTF8(type_obj), out->N, H, "lm_head", "head type", x);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return true;
+}
+
+pybind11::object decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind11::list v_caches,
+                                     pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
+                                     pybind11::handle seq_lens_obj, pybind11::handle positions_obj,
+                                     pybind11::handle cos_obj, pybind11::handle sin_obj, pybind11::list layers,
+                                     int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
+                                     double scale, const std::string& kv_layout, pybind11::handle tree_mask_obj,
+                                     pybind11::handle plan_obj, pybind11::handle head_obj) {
+  const pybind11::object no = pybind11::bool_(false);
+  if (!no_python_modes()) return no;
   const size_t L = layers.size();
-  if (k_caches.size() != L || v_caches.size() != L || L == 0) return false;
+  if (k_caches.size() != L || v_caches.size() != L || L == 0) return no;
   at::Tensor x, slots, tables, lens, pos, cos, sin;
   if (!fast_tensor(x_obj, &x) || !fast_tensor(slot_mapping_obj, &slots) || !fast_tensor(block_tables_obj, &tables) ||
       !fast_tensor(seq_lens_obj, &lens) || !fast_tensor(positions_obj, &pos) || !fast_tensor(cos_obj, &cos) ||
       !fast_tensor(sin_obj, &sin))
-    return false;
+    return no;
   std::optional<at::Tensor> tree_mask;
   if (!tree_mask_obj.is_none()) {
     at::Tensor m;
-    if (!fast_tensor(tree_mask_obj, &m)) return false;
+    if (!fast_tensor(tree_mask_obj, &m)) return no;
     tree_mask = m;
   }
   DecoderLayersPlan* plan = nullptr;
@@ -322,9 +360,13 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
     try {
       plan = plan_obj.cast<DecoderLayersPlan*>();
     } catch (const pybind11::cast_error&) {
-      return false;
+      return no;
     }
   }
+  // The head is checked before anything is written (x's shape is checked with block 0 below).
+  FastHead head;
+  const bool with_head = !head_obj.is_none();
+  if (with_head && !fast_head(head_obj, x, &head)) return no;
   std::vector<dk::cpu::DecoderLayerParams> params(L);
   std::vector<at::Tensor> held;         // each block's 6 weight tensors and 2 caches, when not from a plan
   const at::Tensor* tensors = nullptr;  // the 8 L tensors checked (plan->held or held)
@@ -351,18 +393,18 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
       std::vector<std::string> types(4 * L);
       for (size_t l = 0; l < L; ++l) {
         const pybind11::handle layer = layers[l];
-        if (!PyTuple_CheckExact(layer.ptr()) || PyTuple_GET_SIZE(layer.ptr()) != 10) return false;
+        if (!PyTuple_CheckExact(layer.ptr()) || PyTuple_GET_SIZE(layer.ptr()) != 10) return no;
         at::Tensor* w = &held[8 * l];
         std::string* type = &types[4 * l];
         const int tensor_at[6] = {0, 1, 3, 5, 6, 8}, type_at[4] = {2, 4, 7, 9};
         for (int i = 0; i < 6; ++i)
-          if (!fast_tensor(PyTuple_GET_ITEM(layer.ptr(), tensor_at[i]), &w[i])) return false;
+          if (!fast_tensor(PyTuple_GET_ITEM(layer.ptr(), tensor_at[i]), &w[i])) return no;
         for (int i = 0; i < 4; ++i) {
           PyObject* s = PyTuple_GET_ITEM(layer.ptr(), type_at[i]);
-          if (!PyUnicode_CheckExact(s)) return false;
+          if (!PyUnicode_CheckExact(s)) return no;
           type[i] = PyUnicode_AsUTF8(s);
         }
-        if (!fast_tensor(k_caches[l], &w[6]) || !fast_tensor(v_caches[l], &w[7])) return false;
+        if (!fast_tensor(k_caches[l], &w[6]) || !fast_tensor(v_caches[l], &w[7])) return no;
         // The first block checks everything; the later ones what differs from it (caches and weights).
         params[l] = l == 0
                         ? check_decoder_layer(x, w[6], w[7], slots, tables, lens, pos, cos, sin, w[0], w[1], type[0],
@@ -396,21 +438,50 @@ bool decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind
     }
   } catch (const std::exception&) {
     if (plan != nullptr) plan->params.clear();  // the op raises the precise error; nothing is kept
-    return false;
+    return no;
   }
-  if (x.numel() == 0) return true;
-  float* xp = x.data_ptr<float>();
-  {
+  const int64_t B = params[0].B, T = params[0].T, H = params[0].hidden;
+  at::Tensor hidden, logits;
+  float eps_f = 0.0f;
+  if (with_head) {
+    const dk::cpu::IeeeDenormals ieee;  // as rms_norm converts eps
+    eps_f = static_cast<float>(eps);
+    hidden = at::detail::empty_cpu({B, H}, at::kFloat);
+    logits = at::detail::empty_cpu({B, head.N}, at::kFloat);
+  }
+  if (x.numel() != 0) {
+    float* xp = x.data_ptr<float>();
     pybind11::gil_scoped_release no_gil;
     const int nt = dk::torch_ops::num_threads();
     for (size_t l = 0; l < L; ++l) dk::cpu::kernels().decoder_layer(xp, params[l], nt);
+    if (with_head && B > 0) {
+      namespace lp = dk::cpu::layer_profile;
+      const bool timed = lp::enabled();
+      auto t0 = std::chrono::steady_clock::now();
+      float* h = hidden.data_ptr<float>();
+      float* y = logits.data_ptr<float>();
+      dk::cpu::kernels().rms_norm(xp + (T - 1) * H, B, H, T * H, head.norm.data_ptr<float>(), eps_f, h, H, nt);
+      auto t1 = std::chrono::steady_clock::now();
+      if (head.w.quantized)
+        dk::cpu::kernels().linear_quantized(h, B, H, H, static_cast<const uint8_t*>(head.w.data), head.w.type, head.N,
+                                            nullptr, y, head.N, nt);
+      else
+        dk::cpu::kernels().linear(h, B, H, H, static_cast<const float*>(head.w.data), head.N, H, nullptr, y, head.N,
+                                  nt);
+      if (timed) {
+        auto t2 = std::chrono::steady_clock::now();
+        lp::add(lp::kHeadNorm, std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
+        lp::add(lp::kProjectHead, std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count());
+      }
+    }
   }
   // In-place writes, as the op's Tensor(a!) arguments (inference tensors have no version counter).
   if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
   for (size_t l = 0; l < L; ++l)
     for (int c = 6; c < 8; ++c)
       if (!tensors[8 * l + c].is_inference()) tensors[8 * l + c].unsafeGetTensorImpl()->bump_version();
-  return true;
+  if (!with_head) return pybind11::bool_(true);
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(logits)));
 }
 
 // QuantizedWeight.dequantize_rows (an embedding lookup on GGML blocks) for plain
@@ -453,13 +524,14 @@ void add_fast_entries(pybind11::module_& mod) {
   mod.def("_dequantize_rows_fast", &dequantize_rows_fast,
           "QuantizedWeight.dequantize_rows for plain arguments, or None for the Python path.");
   mod.def("_decoder_layers_fast", &decoder_layers_fast,
-          "decoder_layer over every block of a model; False (nothing written) for the op's path.", pybind11::arg("x"),
-          pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("slot_mapping"),
+          "decoder_layer over every block of a model (then the LM head with `head`: the logits); False (nothing "
+          "written) for the op's path.",
+          pybind11::arg("x"), pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("slot_mapping"),
           pybind11::arg("block_tables"), pybind11::arg("seq_lens"), pybind11::arg("positions"),
           pybind11::arg("cos_table"), pybind11::arg("sin_table"), pybind11::arg("layers"), pybind11::arg("num_heads"),
           pybind11::arg("num_kv_heads"), pybind11::arg("intermediate_size"), pybind11::arg("eps"),
           pybind11::arg("scale"), pybind11::arg("kv_layout"), pybind11::arg("tree_mask") = pybind11::none(),
-          pybind11::arg("plan") = pybind11::none());
+          pybind11::arg("plan") = pybind11::none(), pybind11::arg("head") = pybind11::none());
   pybind11::class_<DecoderLayersPlan>(mod, "_DecoderLayersPlan",
                                       "What _decoder_layers_fast checked about a model's blocks on one cache "
                                       "(kept on the cache object; see fast_entries.cpp).")

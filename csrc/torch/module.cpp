@@ -74,7 +74,7 @@ PYBIND11_MODULE(_C, mod) {
         lp::read(ns, &calls);
         static const char* names[lp::kNumPhases] = {"norm",         "project_qkv", "project_o", "project_gate_up",
                                                     "project_down", "rope",        "kv_append", "attention",
-                                                    "activation",   "residual"};
+                                                    "activation",   "residual",    "head_norm", "project_head"};
         pybind11::dict d;
         for (int i = 0; i < lp::kNumPhases; ++i) d[names[i]] = ns[i];
         d["calls"] = calls;

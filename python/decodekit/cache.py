@@ -695,6 +695,18 @@ class PagedKVCache:
         width = max(map(len, tables), default=0)
         return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=dtype).view(len(ids), width)
 
+    def _lens_list(self, seq_ids: IntOrInts) -> Tuple[List[int], List[int]]:
+        """(ids, lengths) as Python lists, with :meth:`seq_lens`'s checks (forward_paged's step)."""
+        ids = self._seq_list(seq_ids, "seq_lens")
+        return ids, [self._lens[s] for s in ids]
+
+    def _advance_reserved(self, ids: List[int], num_tokens: int) -> None:
+        """:meth:`advance` by ``num_tokens`` for checked ``ids`` whose blocks :meth:`slot_mapping`
+        reserved in the same step (forward_paged's one-call loop)."""
+        for s in ids:
+            self._lens[s] += num_tokens
+        self._step = None
+
     def seq_lens(self, seq_ids: IntOrInts) -> torch.Tensor:
         """int64 ``[B]``: the number of cached (advanced) tokens of each of ``seq_ids``."""
         ids = self._seq_list(seq_ids, "seq_lens")

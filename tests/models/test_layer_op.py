@@ -176,6 +176,71 @@ def test_one_call_loop_checks_every_block_before_writing():
         torch.ops.decodekit.decoder_layer(x, cache.k[2], cache.v[2], slots, tables, *args[:4], *bad, *rest)
 
 
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_one_call_loop_runs_the_head_on_the_last_positions(kind):
+    """With ``head``, the one-call loop also runs the final norm and the LM head on each row's last
+    new token: logits [B, V] within float32 rounding of a float64 reference of the last hidden
+    state; a head it cannot take (a norm of the wrong size, N that does not match the weight, a
+    non-contiguous weight, a bad type) makes it decline before writing anything."""
+    model = _model("f32")
+    c = CFG
+    g = torch.Generator().manual_seed(5)
+    if kind == "f32":
+        head_w = torch.randn(c.vocab_size, c.hidden_size, generator=g) * 0.2
+        head_args, dense = (head_w, "f32"), head_w.double()
+    else:
+        qw = QuantizedWeight(
+            random_blocks("q8_0", c.vocab_size, c.hidden_size, g), "q8_0", (c.vocab_size, c.hidden_size)
+        )
+        head_args, dense = (qw.blocks, "q8_0"), qw.dequantize().double()
+    norm = 1 + 0.1 * torch.randn(c.hidden_size, generator=g)
+    cache = model.new_paged_cache(8, block_size=4)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    slots = cache.slot_mapping([a, b], 3).view(2, 3)
+    tables = cache.block_table([a, b]).long()
+    cos, sin = model._rope_tables()
+    layers = [blk.op_args() for blk in model.blocks]
+    args = (torch.tensor([3, 3]), torch.tensor([[0, 1, 2], [0, 1, 2]]), cos, sin, layers)
+    rest = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 0.25, "NHD")
+    x = torch.randn(2, 3, c.hidden_size, generator=g)
+    x0, before = x.clone(), [t.clone() for t in cache.k + cache.v]
+    bad_heads = [
+        (norm[:-1], *head_args, c.vocab_size),  # norm [H - 1]
+        (norm, *head_args, c.vocab_size + 1),  # N does not match the weight
+        (norm, head_args[0], "q4_0", c.vocab_size),  # not a type the kernels take
+        (norm, *head_args, 0),
+    ]
+    if kind == "f32":
+        bad_heads.append((norm, head_w.t().contiguous().t(), "f32", c.vocab_size))  # columns contiguous
+    for bad in bad_heads:
+        assert _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args, *rest, None, None, bad) is False
+        assert torch.equal(x, x0) and all(torch.equal(t, u) for t, u in zip(before, cache.k + cache.v))
+    logits = _C._decoder_layers_fast(
+        x, cache.k, cache.v, slots, tables, *args, *rest, None, None, (norm, *head_args, c.vocab_size)
+    )
+    assert isinstance(logits, torch.Tensor) and logits.dtype == torch.float32 and logits.shape == (2, c.vocab_size)
+    last = x[:, -1].double()  # the hidden state the layers left
+    h = last * torch.rsqrt(last.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps) * norm.double()
+    ref = h @ dense.T
+    assert torch.allclose(logits.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_float_head_the_loop_cannot_take_falls_back_with_the_same_bits():
+    """A non-contiguous float32 LM head: the one-call loop declines and the model's op path gives the
+    per-op path's bits."""
+    head = (torch.randn(CFG.hidden_size, CFG.vocab_size, generator=torch.Generator().manual_seed(6)) * 0.2).t()
+    assert not head.is_contiguous()
+    outs = []
+    for layer_op in (True, False):
+        model = _model("f32")
+        model.lm_head = head
+        model.layer_op = layer_op
+        cache = model.new_paged_cache(8, block_size=4)
+        seq = cache.add_sequence()
+        outs.append([model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])] + _steps(model, cache, seq, [4, 5]))
+    assert all(torch.equal(f, s) for f, s in zip(*outs))
+
+
 # ----------------------------------------------------------------------------- the default model
 def test_default_model_layer_op_gives_the_per_op_bits(lm):
     net = lm.model
@@ -229,7 +294,10 @@ def test_phase_timers_count_only_while_on():
         "attention",
         "activation",
         "residual",
+        "head_norm",
+        "project_head",
     }
+    assert on["project_head"] > 0  # the last position's logits: the head runs in the same call
     assert all(v == 0 for v in off.values())
 
 

@@ -479,8 +479,9 @@ class LlamaModel:
         :func:`decodekit.paged_attention`. The lengths then advance by ``T``.
 
         Two paths with the same bits: with ``self.layer_op`` (the default; deterministic float32
-        CPU model) each block is one :func:`decodekit.decoder_layer` call (all blocks in one C++
-        call when the arguments are plain tensors), whose kernels are those of the per-op path;
+        CPU model) each block is one :func:`decodekit.decoder_layer` call (all blocks, then the
+        final norm and the LM head for the last positions' logits, in one C++ call when the
+        arguments are plain tensors), whose kernels are those of the per-op path;
         with ``layer_op = False`` the block runs op by op in Python (the readable reference).
 
         Batch invariance (deterministic mode, the default): a row's logits are bit-identical
@@ -552,7 +553,7 @@ class LlamaModel:
         seq_ids = list(seq_ids)
         if len(seq_ids) != B:
             raise ValueError(f"forward_paged: input_ids has {B} rows but {len(seq_ids)} seq_ids were given")
-        start = cache.seq_lens(seq_ids).tolist()  # cached tokens per row; checks the ids
+        seq_ids, start = cache._lens_list(seq_ids)  # cached tokens per row; checks the ids
         if B and max(start) + T > c.max_seq_len:
             rows = [b for b in range(B) if start[b] + T > c.max_seq_len]
             raise ValueError(
@@ -744,15 +745,24 @@ class LlamaModel:
         plan = cache.__dict__.get("_layers_plan")
         if plan is None:
             plan = cache.__dict__["_layers_plan"] = _C._DecoderLayersPlan()
-        if not _decoder_layers_fast(
+        # The last positions' logits: the same call also runs the final norm and the LM head (the
+        # kernels of _head's op path on the same rows, so the same bits); returns the logits.
+        head = None
+        if not all_logits and not return_hidden and self.head_token_ids is None and fused:
+            head = (self.norm, *layer_weight(self.lm_head), self.lm_head.shape[0])
+        done = _decoder_layers_fast(
             x, cache.k, cache.v, slots, block_tables, seq_lens, positions, cos_table, sin_table, layers, *common,
-            tree_mask, plan,
-        ):  # fmt: skip
+            tree_mask, plan, head,
+        )  # fmt: skip
+        if done is False:
             for i, args in enumerate(layers):
                 _dk_ops.decoder_layer(
                     x, cache.k[i], cache.v[i], slots, block_tables, seq_lens, positions, cos_table, sin_table,
                     *args, *common, tree_mask,
                 )  # fmt: skip
+        elif head is not None:
+            cache._advance_reserved(seq_ids, T)  # slot_mapping reserved the blocks
+            return done
         return self._advance_and_head(x, cache, seq_ids, T, all_logits, return_hidden, fused)
 
     def _streams_weights(self) -> bool:
