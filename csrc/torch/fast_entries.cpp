@@ -209,6 +209,19 @@ pybind11::object softmax_fast(pybind11::handle logits_obj, pybind11::handle temp
 // check): the caller then takes the op, which raises the precise error.
 //   layers: one tuple per block, (attn_norm, wqkv, wqkv_type, wo, wo_type,
 //   ffn_norm, w_gate_up, gate_up_type, w_down, down_type) as the op takes them.
+// A str argument's UTF-8 text, or false (and no pending Python error) when it has none (e.g. a
+// lone surrogate).
+bool fast_utf8(PyObject* s, std::string* out) {
+  if (!PyUnicode_CheckExact(s)) return false;
+  const char* u = PyUnicode_AsUTF8(s);
+  if (u == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  *out = u;
+  return true;
+}
+
 bool fast_tensor(pybind11::handle o, at::Tensor* out) {
   if (!THPVariable_CheckExact(o.ptr())) return false;
   const at::Tensor& t = THPVariable_Unpack(o.ptr());
@@ -310,23 +323,24 @@ struct FastHead {
 };
 
 // head: a tuple (final norm weight float32 [H], weight, its type 'f32' / 'q4_1' / 'q8_0', N)
-// for x [B, T, H]. False: the caller takes the op path.
+// for x [B, T >= 1, H]. False: the caller takes the op path.
 bool fast_head(pybind11::handle head_obj, const at::Tensor& x, FastHead* out) {
   if (!PyTuple_CheckExact(head_obj.ptr()) || PyTuple_GET_SIZE(head_obj.ptr()) != 4) return false;
   PyObject* type_obj = PyTuple_GET_ITEM(head_obj.ptr(), 2);
   PyObject* n_obj = PyTuple_GET_ITEM(head_obj.ptr(), 3);
-  if (!PyUnicode_CheckExact(type_obj) || !PyLong_CheckExact(n_obj)) return false;
+  std::string type;
+  if (!fast_utf8(type_obj, &type) || !PyLong_CheckExact(n_obj)) return false;
   if (!fast_tensor(PyTuple_GET_ITEM(head_obj.ptr(), 0), &out->norm) ||
       !fast_tensor(PyTuple_GET_ITEM(head_obj.ptr(), 1), &out->weight))
     return false;
   int overflow = 0;
   out->N = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
-  if (overflow != 0 || out->N <= 0 || out->N >= (int64_t{1} << 31) || x.dim() != 3) return false;
+  if (overflow != 0 || out->N <= 0 || out->N >= (int64_t{1} << 31) || x.dim() != 3 || x.size(1) == 0) return false;
   const int64_t H = x.size(2);
   const at::Tensor& nw = out->norm;
   if (nw.scalar_type() != at::kFloat || nw.dim() != 1 || nw.size(0) != H || !nw.is_contiguous()) return false;
   try {
-    out->w = check_layer_weight(out->weight, PyUnicode_AsUTF8(type_obj), out->N, H, "lm_head", "head type", x);
+    out->w = check_layer_weight(out->weight, type, out->N, H, "lm_head", "head type", x);
   } catch (const std::exception&) {
     return false;
   }
@@ -400,9 +414,7 @@ pybind11::object decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_ca
         for (int i = 0; i < 6; ++i)
           if (!fast_tensor(PyTuple_GET_ITEM(layer.ptr(), tensor_at[i]), &w[i])) return no;
         for (int i = 0; i < 4; ++i) {
-          PyObject* s = PyTuple_GET_ITEM(layer.ptr(), type_at[i]);
-          if (!PyUnicode_CheckExact(s)) return no;
-          type[i] = PyUnicode_AsUTF8(s);
+          if (!fast_utf8(PyTuple_GET_ITEM(layer.ptr(), type_at[i]), &type[i])) return no;
         }
         if (!fast_tensor(k_caches[l], &w[6]) || !fast_tensor(v_caches[l], &w[7])) return no;
         // The first block checks everything; the later ones what differs from it (caches and weights).

@@ -225,6 +225,43 @@ def test_one_call_loop_runs_the_head_on_the_last_positions(kind):
     assert torch.allclose(logits.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+def test_one_call_loop_declines_no_new_tokens_and_unencodable_types():
+    """The one-call loop declines (False, nothing written, no pending Python error) a head with no
+    new token to take it from (T = 0) and a type string without UTF-8 text, in the head or in a
+    block."""
+    model = _model("f32")
+    c = CFG
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    cos, sin = model._rope_tables()
+    layers = [blk.op_args() for blk in model.blocks]
+    rest = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 0.25, "NHD")
+    head = (model.norm, model.lm_head, "f32", c.vocab_size)
+    before = [t.clone() for t in cache.k + cache.v]
+    # T = 0: no last position
+    x = torch.randn(1, 0, c.hidden_size)
+    none = torch.zeros(1, 0, dtype=torch.int64)
+    tables = cache.block_table([seq]).long()
+    args = (torch.tensor([0]), none, cos, sin, layers)
+    assert _C._decoder_layers_fast(x, cache.k, cache.v, none, tables, *args, *rest, None, None, head) is False
+    # a lone surrogate as the head's type, then as a block's weight type
+    slots = cache.slot_mapping([seq], 2).view(1, 2)
+    tables = cache.block_table([seq]).long()
+    args = (torch.tensor([2]), torch.tensor([[0, 1]]), cos, sin)
+    x = torch.randn(1, 2, c.hidden_size)
+    x0 = x.clone()
+    bad_head = (model.norm, model.lm_head, "\ud800", c.vocab_size)
+    assert (
+        _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args, layers, *rest, None, None, bad_head) is False
+    )
+    block0 = list(layers[0])
+    block0[2] = "\ud800"
+    bad_layers = [tuple(block0)] + layers[1:]
+    assert _C._decoder_layers_fast(x, cache.k, cache.v, slots, tables, *args, bad_layers, *rest) is False
+    assert len([1, 2]) == 2  # no exception left pending
+    assert torch.equal(x, x0) and all(torch.equal(t, u) for t, u in zip(before, cache.k + cache.v))
+
+
 def test_float_head_the_loop_cannot_take_falls_back_with_the_same_bits():
     """A non-contiguous float32 LM head: the one-call loop declines and the model's op path gives the
     per-op path's bits."""
