@@ -338,6 +338,28 @@ def test_wrapper_errors():
         run_op(case, x=x)
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_wrapper_rejects_block_ids_outside_the_pool_among_the_blocks_read(layout):
+    """validate (the default): a block the sequences read (positions [0, seq_lens)) that is -1 or
+    past the pool raises naming block_tables, as paged_attention does, and writes nothing; ids
+    past the blocks read are not looked at."""
+    case = make_case(2, 2, layout, "f32", seed=11)
+    tables, lens = case["block_tables"], case["seq_lens"]
+    num_blocks = case["k_cache"].size(0)
+    block_size = case["k_cache"].size(2 if layout == "HND" else 1)
+    read = (int(lens[0]) + block_size - 1) // block_size  # blocks row 0 reads (row 1 reads more)
+    assert read < tables.size(1)
+    for bad_id in (-1, num_blocks, num_blocks + 7):
+        bad = tables.clone()
+        bad[1, 0] = bad_id
+        x, kc = case["x"].clone(), case["k_cache"].clone()
+        with pytest.raises(ValueError, match=r"block_tables holds block ids outside \[0, num_blocks="):
+            run_op(dict(case, x=x, k_cache=kc), block_tables=bad)
+    spare = tables.clone()  # an unread column may hold anything
+    spare[0, read:] = num_blocks + 3
+    assert all(torch.equal(a, b) for a, b in zip(run_op(case, block_tables=spare), run_op(case)))
+
+
 def test_tree_mask_meta_kernel_checks_the_shape():
     case, mask = _tree_case("f32", "NHD", seed=23)
     meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in case.items()}

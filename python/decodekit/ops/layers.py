@@ -509,9 +509,12 @@ def decoder_layer(
             :func:`decodekit.paged_attention` takes it (any strides: it is made contiguous
             here). The diagonal must be True and nothing above it (parents come first);
             ``positions`` then carry each node's depth.
-        validate: also check (synchronises) that no slot appears twice; the op itself checks
-            the positions against the tables, the slots against the pool and ``seq_lens`` in
-            ``[T, max_blocks * block_size]``, in ``O(B * T)``, before writing anything.
+        validate: also check (synchronises) that no slot appears twice and that every block the
+            sequences read (those holding positions ``[0, seq_lens[b])``) is an id in
+            ``[0, num_blocks)``, as :func:`decodekit.paged_attention` does (without it, such
+            blocks are skipped); the op itself checks the positions against the tables, the
+            slots against the pool and ``seq_lens`` in ``[T, max_blocks * block_size]``, in
+            ``O(B * T)``, before writing anything.
 
     Returns:
         ``x`` (updated in place).
@@ -520,9 +523,10 @@ def decoder_layer(
         TypeError / ValueError naming the argument: dtypes, shapes (against ``x``, the cache's
         ``Hkv`` and ``D``, ``num_heads``), devices, non-contiguous tensors, a weight type or
         block size that does not match its tensor, positions outside the tables, slots past
-        the pool or repeated, lengths outside ``[T, max_blocks * block_size]``, ``kv_layout``, a
-        ``tree_mask`` of the wrong dtype or shape or with a False diagonal or a True entry above it;
-        nothing is written then. RuntimeError when ``x`` requires grad (not differentiable).
+        the pool or repeated, block ids outside the pool among the blocks read, lengths
+        outside ``[T, max_blocks * block_size]``, ``kv_layout``, a ``tree_mask`` of the wrong
+        dtype or shape or with a False diagonal or a True entry above it; nothing is written
+        then. RuntimeError when ``x`` requires grad (not differentiable).
 
     Source: the Llama block (Touvron et al., 2023) with RMSNorm (Zhang & Sennrich, 2019), RoPE
     (Su et al., 2021), grouped-query attention (Ainslie et al., 2023) over a paged cache (Kwon
@@ -567,6 +571,25 @@ def decoder_layer(
         used = slot_mapping[slot_mapping >= 0]
         if used.unique().numel() != used.numel():
             raise ValueError(f"{op}: slot_mapping repeats a slot: {slot_mapping.tolist()}")
+    if (
+        validate
+        and x.device.type != "meta"
+        and isinstance(k_cache, torch.Tensor)
+        and k_cache.dim() == 4
+        and block_tables.dim() == 2
+        and seq_lens.shape == (B,)
+        and block_tables.size(0) == B
+    ):  # (other shapes: the op raises naming them)
+        num_blocks, block_size = k_cache.size(0), k_cache.size(2 if kv_layout == "HND" else 1)
+        if block_size > 0:
+            need = (seq_lens.clamp(min=0) + block_size - 1) // block_size
+            cols = torch.arange(block_tables.size(1), device=block_tables.device)[None, :] < need[:, None]
+            read = block_tables[cols]
+            if read.numel() and bool(((read < 0) | (read >= num_blocks)).any()):
+                raise ValueError(
+                    f"{op}: block_tables holds block ids outside [0, num_blocks={num_blocks}) among the blocks "
+                    "the sequences read (positions [0, seq_lens))"
+                )
     ops.decoder_layer(
         x,
         k_cache,
