@@ -168,7 +168,12 @@ def add_temperature_use_arguments(p: argparse.ArgumentParser) -> None:
         help="read prompts from a file, one per non-empty line ('-' = stdin); added after any --prompt",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
-    p.add_argument("--n", type=int, default=None, help="draw N samples per prompt (sample i: seed + index i)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="draw N samples per prompt (sample i: the request's seed, with i in bits 48-61 of the Philox offset)",
+    )
     p.add_argument("--vote", action="store_true", help="majority vote over the --n samples (stripped text)")
     p.add_argument(
         "--confidence", action="store_true", help="compare the greedy answer with --n samples at T = 1 (default n 1)"
@@ -216,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _read_prompts(args: argparse.Namespace) -> List[str]:
     """The prompts of ``--prompt`` (``-`` = all of stdin, as is) and ``--prompt-file`` (one per
-    non-empty line)."""
+    non-empty line). OSError for a file that cannot be read or holds no prompt."""
     prompts = [sys.stdin.read() if p == "-" else p for p in (args.prompt or [])]
     if args.prompt_file is not None:
         if args.prompt_file == "-":
@@ -224,7 +229,11 @@ def _read_prompts(args: argparse.Namespace) -> List[str]:
         else:
             with open(args.prompt_file, encoding="utf-8") as f:
                 text = f.read()
-        prompts += [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            where = "stdin" if args.prompt_file == "-" else repr(args.prompt_file)
+            raise OSError(f"no prompt in {where} (one prompt per non-empty line)")
+        prompts += lines
     return prompts
 
 
@@ -255,7 +264,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         prompts = _read_prompts(args) or [DEFAULT_PROMPT]
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         print(f"decodekit: error: --prompt-file: {exc}", file=sys.stderr)
         return 1
     if args.vote and args.n is None:

@@ -212,8 +212,15 @@ def test_batch_argument_errors_name_the_request(lm):
         generate(["a", "b"], model=lm, seed=[1, -1])
     with pytest.raises(ValueError, match="prompt 1 has no tokens"):
         generate(["a", []], model=lm)
+    with pytest.raises(ValueError, match=r"prompt 1 must be text that UTF-8 can encode; character 2 is '\\ud800'"):
+        generate(["a", "ab\ud800c"], model=lm)  # a lone surrogate
     with pytest.raises(ValueError, match="has 2 values but there is 1 prompt"):
         generate("a", model=lm, temperature=[0.1, 0.2])
+    V = lm.config.vocab_size
+    with pytest.raises(ValueError, match=rf"generate: logit_bias\[1\] token ids \[{V}\] outside \[0, {V}\)"):
+        generate(["a", "b"], model=lm, logit_bias=[None, {V: 1.0}])
+    with pytest.raises(ValueError, match=rf"generate: top_logprobs must be an int in \[0, V={V}\]"):
+        generate("a", model=lm, logprobs=True, top_logprobs=V + 1)
 
 
 # ----------------------------------------------------------------------------- paged forward

@@ -447,6 +447,13 @@ def test_cli_samples_vote_stop_and_prompt_file(lm, capsys, tmp_path):
         assert sum(c for _, c in o["vote"]["counts"]) == 3
     assert main(["--prompt", "Hi", "--vote"]) == 1
     assert "--vote needs --n" in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert main(["--prompt-file", str(blank)]) == 1  # not the default prompt
+    assert "--prompt-file: no prompt in" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    assert main(["--prompt-file", str(tmp_path / "latin1.txt")]) == 1
+    assert "--prompt-file:" in capsys.readouterr().err
     assert main(["--prompt", "Hi", "--n", "2", "--seed", "1", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "=== [0] sample 0: Hi ===" in out and "=== [0] sample 1: Hi ===" in out

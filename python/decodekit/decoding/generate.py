@@ -125,8 +125,17 @@ def _decode(
                 f"+ max_new_tokens={r.max_new_tokens} exceed the model's context length "
                 f"{lm.config.max_seq_len}"
             )
+        bad = sorted(t for t in (r.params.logit_bias or {}) if t >= lm.config.vocab_size)
+        if bad:
+            at = f"[{r.index}]" if batched else ""
+            raise ValueError(f"{op}: logit_bias{at} token ids {bad[:5]} outside [0, {lm.config.vocab_size})")
         if r.seed is None and not r.params.greedy and r.max_new_tokens > 0:
             r.params = r.params.with_seed(int.from_bytes(os.urandom(4), "little"))
+    if opts["logprobs"] and opts["top_logprobs"] > lm.config.vocab_size:
+        raise ValueError(
+            f"{op}: top_logprobs must be an int in [0, V={lm.config.vocab_size}] (the model's vocabulary), "
+            f"got {opts['top_logprobs']}"
+        )
     if opts["eos_token_ids"] is not None:
         bad = [t for t in opts["eos_token_ids"] if not t < lm.config.vocab_size]
         if bad:
@@ -347,8 +356,9 @@ def generate(
             ``threads`` not an int in [1, 1024] or None,
             ``min_new_tokens < 0``, an empty stop string, a non-finite ``eos_bias``, stop ids or
             ``top_logprobs`` out of range, ``logprobs_mode`` not "processed"/"raw" (all checked
-            before the model is loaded, except the token checks). Messages of a batch name the
-            request (``temperature[2]``).
+            before the model is loaded, except those against the model's vocabulary: token
+            ids, ``logit_bias`` ids, stop ids, ``top_logprobs <= V``). Messages of a batch name
+            the request (``temperature[2]``).
         FileNotFoundError: the model file (or the default model's package) is missing.
         TypeError: ``deterministic`` that is not None or a bool; a ``dtype`` other than None,
             torch.float32 / bfloat16 / float16 or their names.

@@ -258,6 +258,13 @@ def prompt_ids(lm: LoadedModel, prompt, chat_template: bool, where: str, op: str
     tokenizer = lm.tokenizer
     name = f"prompt{where}"
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # e.g. a lone surrogate, which the tokenizer cannot take
+            raise ValueError(
+                f"{op}: {name} must be text that UTF-8 can encode; character {exc.start} is "
+                f"{prompt[exc.start]!r} ({exc.reason})"
+            ) from None
         text = prompt
         if chat_template:
             if tokenizer.chat_template:
