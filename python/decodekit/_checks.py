@@ -393,8 +393,14 @@ def clamp_top_k(k_v):
 
 
 # -------------------------------------------------------------------- RNG ----
-def seed_and_offset(seed, offset, generator, ref: torch.Tensor, op: str, needs_rng: bool, validate: bool):
-    """``(seed tensor or None, seed int, offset tensor or None, offset int)`` for the kernel.
+_WHY_RNG = "when any row samples (temperature > 0 with top_k != 1 and top_p > 0)"
+
+
+def seed_and_offset(
+    seed, offset, generator, ref: torch.Tensor, op: str, needs_rng: bool, validate: bool, why: str = _WHY_RNG
+):
+    """``(seed tensor or None, seed int, offset tensor or None, offset int)`` for the kernel;
+    ``why`` ends the error for a missing seed (when the op needs one).
 
     A negative int offset is an error with ``validate=True``; with ``validate=False`` it is
     passed on (the sampling wrappers then mark those rows invalid, see :func:`negative_offset`).
@@ -419,10 +425,7 @@ def seed_and_offset(seed, offset, generator, ref: torch.Tensor, op: str, needs_r
         return None, drawn, offs, 0
     if seed is None:
         if needs_rng:
-            raise ValueError(
-                f"{op}: a seed (int or [B] int64 tensor) or a torch.Generator is required when any row samples "
-                "(temperature > 0 with top_k != 1 and top_p > 0)"
-            )
+            raise ValueError(f"{op}: a seed (int or [B] int64 tensor) or a torch.Generator is required {why}")
         seed = 0
     if isinstance(seed, torch.Tensor):
         s_t, s_v = row_param(
@@ -447,8 +450,13 @@ def seed_and_offset(seed, offset, generator, ref: torch.Tensor, op: str, needs_r
         needs_host(offset, op, validate)
         o_t, o_v = torch.full((B,), offset, dtype=torch.int64, device=ref.device), 0
     else:
-        if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or (validate and offset < 0):
-            raise ValueError(f"{op}: offset must be an int >= 0 or a [B] int64 tensor, got {offset!r}")
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, numbers.Integral)
+            or (validate and offset < 0)
+            or offset >= UINT64_END
+        ):
+            raise ValueError(f"{op}: offset must be an int in [0, 2^64) or a [B] int64 tensor, got {offset!r}")
         o_t, o_v = None, to_int64_bits(offset, "offset", op)
     return s_t, s_v, o_t, o_v
 

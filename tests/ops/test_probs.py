@@ -182,6 +182,11 @@ def test_vocab_size_masks_padding_columns():
     assert out[0, 3] == 0 and (out[0, :3] > 0).sum() == 2
     ids = decodekit.sample_from_probs(p.expand(3000, 4), seed=torch.arange(3000), vocab_size=3)
     assert ids.max() <= 2
+    # The row is its first vocab_size entries: with nothing removed there, they come back as they
+    # are (the padding's mass is not renormalised away); a filter that removes one renormalises.
+    q = torch.tensor([[0.3, 0.3, 0.4]])
+    assert decodekit.filter_probs(q, vocab_size=2).tolist() == [[0.30000001192092896, 0.30000001192092896, 0.0]]
+    assert torch.allclose(decodekit.filter_probs(q, top_k=1, vocab_size=2), torch.tensor([[1.0, 0.0, 0.0]]))
 
 
 def test_invalid_rows():
@@ -323,3 +328,10 @@ def test_zero_probability_never_drawn_in_ten_million_draws():
     for chunk in range(10):
         ids = decodekit.sample_from_probs(q, seed=torch.arange(1_000_000) + chunk * 1_000_000)
         assert not bool((ids == 2).any())
+
+
+def test_missing_seed_error_names_what_samples():
+    """Without a seed, the error says what makes the op draw, in the op's own arguments."""
+    with pytest.raises(ValueError, match=r"sample_from_probs: a seed .* is required when any row samples \(top_k != 1"):
+        decodekit.sample_from_probs(torch.tensor([[0.5, 0.5]]))
+    assert int(decodekit.sample_from_probs(torch.tensor([[0.25, 0.75]]), top_k=1)) == 1  # greedy: no seed needed

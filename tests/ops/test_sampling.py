@@ -1247,3 +1247,11 @@ def test_readme_first_example_uses_per_row_seeds():
     ids, logits = scope["ids"], scope["logits"]
     for b in (0, 5):
         assert int(ids[b]) == ref.sample(logits[b], 1234 + b, 0, temperature=0.7, top_k=50, top_p=0.9)
+
+
+def test_scalar_offset_range_in_the_error():
+    x = torch.zeros(1, 4)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"offset must be an int in \[0, 2\^64\) or a \[B\] int64 tensor"):
+            decodekit.sample_from_logits(x, temperature=1.0, seed=1, offset=bad)
+    assert 0 <= int(decodekit.sample_from_logits(x, temperature=1.0, seed=1, offset=2**64 - 1)) < 4

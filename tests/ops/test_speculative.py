@@ -305,3 +305,8 @@ def test_meta_tensors():
         )
         assert out.output_token_ids.device.type == "meta" and out.output_token_ids.shape == (B, K + 1)
         assert out.num_accepted.shape == (B,) and out.num_emitted.shape == (B,)
+
+
+def test_missing_seed_error_names_the_draws():
+    with pytest.raises(ValueError, match=r"chain_speculative_sampling: a seed .* is required for the acceptance tests"):
+        decodekit.chain_speculative_sampling(None, torch.tensor([[0]]), torch.full((1, 2, 2), 0.5))

@@ -437,7 +437,9 @@ def sample_from_probs(
     needs_rng = B > 0 and probs.device.type != "meta"  # shape-only calls draw nothing
     if seed is None and generator is None and needs_rng:
         needs_rng = not all_greedy(op, None, 1.0, k_t, k_v, p_t, p_v)
-    rng = seed_and_offset(seed, offset, generator, probs, op, needs_rng, validate)
+    rng = seed_and_offset(
+        seed, offset, generator, probs, op, needs_rng, validate, why="when any row samples (top_k != 1 and top_p > 0)"
+    )
     s_t, s_v, o_t, o_v = rng
     n_top, raw = logprob_args(op, top_logprobs, logprobs_mode, vs)
     out = ops.sample_from_probs(
@@ -481,14 +483,17 @@ def filter_probs(
             mass, after top-k renormalisation, is ``>= top_p``; ``1`` disables
             exactly, ``0`` keeps only the top token.
         min_p: keep ``p >= min_p * max(p)`` (float32, ties kept); ``0`` disables.
-        vocab_size: columns at or past it are padding and come back as 0.
+        vocab_size: columns at or past it are padding and come back as 0; the row
+            is its first ``vocab_size`` entries (padding mass is not part of it).
         validate: raise for invalid rows and out-of-range parameter tensors
             (synchronises); with ``False`` invalid rows come back as NaN.
 
     Returns:
         ``[B, V]`` float32: kept entries divided by their float64 sum, the rest
-        0. A row from which no positive entry is removed is returned bit for
-        bit unchanged (no renormalisation).
+        0. A row from which the filters remove no positive entry of
+        ``[0, vocab_size)`` is returned bit for bit unchanged there (no
+        renormalisation: it sums to what those entries summed to, e.g.
+        ``[0.3, 0.3, 0.4]`` with ``vocab_size=2`` gives ``[0.3, 0.3, 0]``).
 
     Raises:
         TypeError / ValueError naming the argument; ValueError naming the rows

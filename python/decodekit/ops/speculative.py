@@ -148,7 +148,9 @@ def chain_speculative_sampling(
             if status == 2:
                 raise ValueError(f"{op}: every target_probs row needs positive mass in [0, vocab_size)")
     needs_rng = B > 0 and target_probs.device.type != "meta"  # shape-only calls draw nothing
-    s_t, s_v, o_t, o_v = seed_and_offset(seed, offset, generator, target_probs, op, needs_rng, validate)
+    s_t, s_v, o_t, o_v = seed_and_offset(
+        seed, offset, generator, target_probs, op, needs_rng, validate, why="for the acceptance tests and the draws"
+    )
     out, acc, emit = ops.chain_speculative_sampling(
         None if draft_probs is None else draft_probs.detach().contiguous(),
         ids,
@@ -550,7 +552,9 @@ def tree_speculative_sampling(
     if validate:
         _validate_tree_probs(op, target_probs, cand, vs)
     needs_rng = cand.size(0) > 0 and target_probs.device.type != "meta"
-    s_t, s_v, o_t, o_v = seed_and_offset(seed, offset, generator, target_probs, op, needs_rng, validate)
+    s_t, s_v, o_t, o_v = seed_and_offset(
+        seed, offset, generator, target_probs, op, needs_rng, validate, why="for the acceptance tests and the draws"
+    )
     return TreeOutput(
         *ops.tree_speculative_sampling(
             cand, par, target_probs.detach().contiguous(), s_t, int(s_v), o_t, int(o_v), vs, D
@@ -644,7 +648,9 @@ def typical_acceptance(
         # Every real node's row one-hot (greedy processing): the draw cannot depend on the seed.
         positive = (target_probs[..., :vs] > 0).sum(-1)
         needs_rng = host_bool(((positive != 1) & (cand >= 0)).any(), op)
-    s_t, s_v, o_t, o_v = seed_and_offset(seed, offset, generator, target_probs, op, needs_rng, validate)
+    s_t, s_v, o_t, o_v = seed_and_offset(
+        seed, offset, generator, target_probs, op, needs_rng, validate, why="when a node's row is not one-hot"
+    )
     return TreeOutput(
         *ops.typical_acceptance(
             cand,
