@@ -96,7 +96,9 @@ class ContiguousKVCache:
     Rows may have different lengths (``advance`` takes per-row counts, ``truncate`` one row).
     ``truncate`` rolls a row back (e.g. rejected speculative tokens) and zeroes the released
     positions in every layer, so the cache then holds exactly the bits it would hold had those
-    tokens never been written.
+    tokens never been written. A row advanced by fewer tokens than the step appended keeps the
+    extra ones past its length (never read; the next append overwrites them) until ``truncate``
+    or ``compact`` zeroes them.
 
     Args:
         num_layers, batch_size, max_seq_len, num_kv_heads, head_dim: positive ints.
@@ -139,6 +141,10 @@ class ContiguousKVCache:
         self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
         self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
         self.seq_lens = torch.zeros(B, dtype=torch.int64)
+        # Every position at or past it is zero in every row and layer (appends write below it):
+        # truncate zeroes a row up to it, including what an append wrote past the length that
+        # advance then did not count (a row advanced by fewer tokens than were appended).
+        self._written_end = 0
 
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
@@ -156,6 +162,8 @@ class ContiguousKVCache:
         """
         i = self._layer(layer)
         append_kv_cache(self.k[i], self.v[i], key, value, self.seq_lens, kv_layout=self.kv_layout)
+        if self.batch_size and key.dim() == 4 and key.size(1):
+            self._written_end = max(self._written_end, int(self.seq_lens.max()) + key.size(1))
 
     def advance(self, num_tokens: IntOrInts) -> None:
         """Moves the lengths by ``num_tokens`` (an int for every row, or ``B`` ints), after every
@@ -176,7 +184,8 @@ class ContiguousKVCache:
 
     def truncate(self, seq: int, new_len: int) -> None:
         """Rolls row ``seq`` back to ``new_len`` tokens (``0 <= new_len <= seq_lens[seq]``) and
-        zeroes the released positions in every layer.
+        zeroes the released positions in every layer (and any position past the row's length
+        that an append wrote but :meth:`advance` did not count).
 
         Raises:
             ValueError: ``seq`` outside ``[0, B)`` or ``new_len`` outside ``[0, seq_lens[seq]]``.
@@ -187,12 +196,13 @@ class ContiguousKVCache:
         old = int(self.seq_lens[seq])
         if isinstance(new_len, bool) or not isinstance(new_len, numbers.Integral) or not 0 <= new_len <= old:
             raise ValueError(f"{name}: new_len must be an int in [0, {old}] (row {seq}'s length), got {new_len!r}")
+        end = max(old, min(self._written_end, self.max_seq_len))
         for layer in range(self.num_layers):
             for c in (self.k[layer], self.v[layer]):
                 if self.kv_layout == "NHD":
-                    c[seq, new_len:old] = 0
+                    c[seq, new_len:end] = 0
                 else:
-                    c[seq, :, new_len:old] = 0
+                    c[seq, :, new_len:end] = 0
         self.seq_lens[seq] = new_len
 
     def compact(self, start: IntOrInts, accepted_nodes) -> None:
@@ -518,10 +528,12 @@ class PagedKVCache:
     def truncate(self, seq: int, new_len: int) -> None:
         """Rolls sequence ``seq`` back to ``new_len`` tokens (``0 <= new_len <= length``): the
         released positions are zeroed in every layer and whole blocks past the new length go
-        back to the free list.
+        back to the free list. A block the new length cuts into that a fork shares is copied
+        first (copy on write), which takes a free block.
 
         Raises:
             ValueError: unknown ``seq``, ``new_len`` outside ``[0, length]``.
+            OutOfBlocksError: that copy finds no free block (nothing changes then).
         """
         s = self._seq(seq, "truncate")
         old = self._lens[s]
@@ -649,7 +661,10 @@ class PagedKVCache:
         s = self._seq(seq, "fork")
         table, n = self._tables[s], self._lens[s]
         full = n // self.block_size
-        if len(table) > full and not self._free:
+        # A partial block holds n % block_size tokens; blocks past the length (reserved by
+        # slot_mapping for a step not yet advanced) are not the sequence's contents.
+        partial = n % self.block_size != 0
+        if partial and not self._free:
             raise OutOfBlocksError(
                 f"PagedKVCache.fork: copying the last partial block needs 1 free block but none of "
                 f"{self.num_blocks} is free; free or truncate sequences"
@@ -658,7 +673,7 @@ class PagedKVCache:
         for b in table[:full]:
             self._refs[b] += 1
         self._tables[new] = list(table[:full])
-        if len(table) > full:  # a partial block (and any blocks reserved past it) is copied
+        if partial:  # the partial block is copied (blocks reserved past it are not)
             self._refs[table[full]] += 1  # _copy_block drops it again
             self._tables[new].append(self._copy_block(table[full], "fork"))
         self._lens[new] = n

@@ -71,6 +71,21 @@ def _spanning_stop(lm, ids, lo):
 
 
 # ------------------------------------------------------------------------------- fork
+def test_fork_of_whole_blocks_copies_nothing_even_with_a_reserved_block():
+    """A sequence of exactly two full blocks with a third reserved for its next token (as a decode
+    step reserves it before its layers): the fork shares the two, needs no free block, and the
+    parent keeps its reservation."""
+    cache = PagedKVCache(num_layers=1, num_blocks=3, block_size=2, num_kv_heads=1, head_dim=1)
+    a = cache.add_sequence()
+    cache.advance([a], 4)
+    slots = cache.slot_mapping([a], 1)  # reserves block 2: the pool is now full
+    assert cache.num_free_blocks == 0 and cache.block_table(a)[0].tolist() == [0, 1, 2]
+    b = cache.fork(a)
+    assert cache.block_table(b)[0].tolist() == [0, 1] and cache.seq_lens([a, b]).tolist() == [4, 4]
+    assert cache.refcount(0) == cache.refcount(1) == 2 and cache.refcount(2) == 1
+    assert torch.equal(cache.slot_mapping([a], 1), slots)  # the parent's step is unchanged
+
+
 def test_fork_shares_full_blocks_and_copies_the_partial_one():
     cache = PagedKVCache(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=1, head_dim=2)
     a = cache.add_sequence()

@@ -431,6 +431,33 @@ def test_contiguous_cache_truncate_then_reappend_is_bit_exact(dtype, layout):
         assert same_bits(cache.k[layer], ek) and same_bits(cache.v[layer], ev)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_contiguous_cache_truncate_zeroes_what_advance_did_not_count(layout):
+    """A step appends 2 tokens to both rows but row 1 advances by none: its 2 written positions
+    lie past its length; truncate (and compact, which truncates) zeroes them, so the cache holds
+    what it would hold had they never been written."""
+    cache = ContiguousKVCache(2, 2, 6, 1, 1, kv_layout=layout)
+    k = torch.arange(1.0, 5.0).reshape(2, 2, 1, 1)
+    for layer in range(2):
+        cache.append(layer, k, -k)
+    cache.advance([2, 0])
+    row1 = cache.k[0][1].flatten().tolist()
+    assert row1[:2] == [3.0, 4.0]  # written, past row 1's length 0
+    cache.truncate(1, 0)
+    for layer in range(2):
+        for c in (cache.k[layer], cache.v[layer]):
+            assert not c[1].any() and c[0].flatten().abs().tolist()[:2] == [1.0, 2.0]
+    # compact: row 0 keeps node 1 of the 2 it cached; row 1 appended 2 more it never counted
+    for layer in range(2):
+        cache.append(layer, k, -k)
+    cache.advance([0, 0])
+    cache.compact([0, 0], [[1], []])
+    assert cache.seq_lens.tolist() == [1, 0]
+    for layer in range(2):
+        assert cache.k[layer][0].flatten().tolist() == [2.0, 0, 0, 0, 0, 0]
+        assert not cache.k[layer][1].any() and not cache.v[layer][1].any()
+
+
 def test_contiguous_cache_errors():
     cache = ContiguousKVCache(2, 2, 4, 1, 2)
     key = torch.ones(2, 3, 1, 2)
