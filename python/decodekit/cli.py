@@ -128,7 +128,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH.safetensors",
         help="draft model file for --speculative draft (default: the shipped SmolLM2-135M draft)",
     )
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per step (default 4)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per step (default 4, at most 256)")
     p.add_argument(
         "--draft-schedule",
         choices=("adaptive", "constant"),

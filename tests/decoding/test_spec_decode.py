@@ -62,8 +62,9 @@ def test_sampled_speculative_is_reproducible_and_in_range(lm):
 
 
 def test_bad_arguments(lm):
-    with pytest.raises(ValueError, match="num_draft_tokens"):
-        speculative_generate("hi", model=lm, num_draft_tokens=0)
+    for bad in (0, 257, 10**6):  # (10**6 used to reach the allocator: 46 GB of draft rows)
+        with pytest.raises(ValueError, match=r"num_draft_tokens must be an int in \[1, 256\]"):
+            speculative_generate("hi", model=lm, num_draft_tokens=bad)
     with pytest.raises(TypeError, match="drafter"):
         speculative_generate("hi", model=lm, drafter=object())
     # the checks shared with generate() name the function that was called

@@ -43,6 +43,9 @@ DEFAULT_TEMPERATURE = 0.7
 #: The default nucleus mass (top-p) of :func:`generate`, :func:`speculative_generate` and the CLI.
 DEFAULT_TOP_P = 0.9
 
+# The most draft tokens per step (num_draft_tokens): a pass verifies K + 1 positions and keeps
+# K rows of draft logits per request, so K is bounded before anything is allocated.
+MAX_DRAFT_TOKENS = 256
 _CALLS = itertools.count()  # a key per call, so a keyed drafter keeps requests of different calls apart
 _PARAMS = (
     "max_new_tokens",
@@ -475,8 +478,8 @@ def speculative_generate(
             with the shipped Medusa heads: a tree of candidates verified in one pass with a tree
             attention mask) or any :class:`~decodekit.decoding.drafters.Drafter` (a
             ``MedusaDrafter`` object included).
-        num_draft_tokens: K, the most tokens proposed per step (int >= 1; a Medusa tree sets its
-            own size).
+        num_draft_tokens: K, the most tokens proposed per step (int in ``[1, 256]``; a Medusa
+            tree sets its own size). A pass verifies ``K + 1`` positions per request.
         draft_schedule: how many tokens a request drafts per step. ``"adaptive"`` (default):
             each request's draft length follows its own
             acceptance, between 0 and K: 2 more after a pass whose drafts were all accepted, one
@@ -520,7 +523,8 @@ def speculative_generate(
 
     Raises:
         TypeError / ValueError for bad arguments (as :func:`generate`), a drafter without
-        ``propose``, ``num_draft_tokens < 1``, or a per-request list of the wrong length.
+        ``propose``, ``num_draft_tokens`` outside ``[1, 256]``, or a per-request list of the
+        wrong length.
 
     Source: Leviathan et al., ICML 2023 and Chen et al., 2023 (verification); prompt lookup
     decoding for the n-gram drafter.
@@ -530,8 +534,12 @@ def speculative_generate(
         >>> r.summary()
     """
     op = "speculative_generate"
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-        raise ValueError(f"{op}: num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
+    if (
+        isinstance(num_draft_tokens, bool)
+        or not isinstance(num_draft_tokens, int)
+        or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS
+    ):
+        raise ValueError(f"{op}: num_draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens!r}")
     if isinstance(drafter, str) and drafter not in ("ngram", "draft", "medusa"):
         raise ValueError(f"{op}: drafter must be 'ngram', 'draft', 'medusa' or a drafter object, got {drafter!r}")
     if not isinstance(drafter, str) and not callable(getattr(drafter, "propose", None)):
