@@ -127,8 +127,16 @@ def install() -> None:
 
     Raises:
         UnsupportedVLLMVersionError: ``vllm.__version__`` not in :data:`SUPPORTED_VLLM_VERSIONS`.
+        ModuleNotFoundError: vLLM is not installed.
     """
-    import vllm
+    try:
+        import vllm
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"decodekit's vLLM plugin needs vLLM ({', '.join(SUPPORTED_VLLM_VERSIONS)}), which is not installed: "
+            f"install it (README, 'Using decodekit inside vLLM') or unset {ENV_ENABLE}",
+            name=exc.name,
+        ) from None
 
     version = getattr(vllm, "__version__", "unknown")
     if version not in SUPPORTED_VLLM_VERSIONS:
