@@ -259,11 +259,12 @@ def sample_from_logits(
             0.9). ``1`` disables exactly; ``0`` keeps only the top token.
         min_p: number or ``[B]`` tensor in ``[0, 1]``; keep tokens with
             ``prob >= min_p * max_prob`` (after top-k and top-p). ``0`` disables.
-        seed: int (every row the same Philox key) or ``[B]`` int64 tensor. The
-            random numbers of a row depend only on (seed, offset), never on the
-            batch. Required (or ``generator``) unless every row is greedy.
-        offset: int ``>= 0`` or ``[B]`` int64 tensor: the Philox counter, e.g.
-            the decoding step.
+        seed: int in ``[-2^63, 2^64)`` (every row the same Philox key; its low 64
+            bits, so ``-1`` and ``2^64 - 1`` are one key) or ``[B]`` int64 tensor.
+            The random numbers of a row depend only on (seed, offset), never on
+            the batch. Required (or ``generator``) unless every row is greedy.
+        offset: int in ``[0, 2^64)`` or ``[B]`` int64 tensor (``>= 0``): the
+            Philox counter, e.g. the decoding step.
         generator: a ``torch.Generator`` instead of ``seed``: one seed is drawn
             from it per call and row ``b`` uses offset ``offset + b``.
         vocab_size: columns at or past it are padding and never sampled.
