@@ -471,3 +471,20 @@ def test_streams_weights_when_they_exceed_the_last_level_cache(monkeypatch):
         model._stream_weights = None
         assert model._streams_weights() is want
     assert _C._last_level_cache_bytes() > 0
+
+
+@pytest.mark.parametrize("kind", ["f32", "quantized"])
+def test_token_ids_outside_the_vocabulary_are_named(kind):
+    """forward_paged with an id outside [0, V) (float or quantized embedding): a ValueError naming
+    input_ids, and the cache keeps its lengths."""
+    model = _model(kind)
+    if kind == "quantized":
+        g = torch.Generator().manual_seed(9)
+        model.embed = QuantizedWeight(random_blocks("q8_0", CFG.vocab_size, CFG.hidden_size, g), "q8_0",
+                                      (CFG.vocab_size, CFG.hidden_size))  # fmt: skip
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    for bad in (CFG.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, vocab_size={CFG.vocab_size}\)"):
+            model.forward_paged(torch.tensor([[1, bad]]), cache, [seq])
+        assert cache.seq_lens([seq]).tolist() == [0]

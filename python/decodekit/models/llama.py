@@ -398,10 +398,20 @@ class LlamaModel:
         return F.linear(x, weight)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The embedding rows of int64 ``input_ids`` (only those rows are dequantized)."""
-        if isinstance(self.embed, QuantizedWeight):
-            return self.embed.dequantize_rows(input_ids)
-        return F.embedding(input_ids, self.embed).to(self.dtype)
+        """The embedding rows of int64 ``input_ids`` (only those rows are dequantized).
+        ValueError naming ``input_ids`` for an id outside ``[0, vocab_size)``."""
+        try:
+            if isinstance(self.embed, QuantizedWeight):
+                return self.embed.dequantize_rows(input_ids)
+            return F.embedding(input_ids, self.embed).to(self.dtype)
+        except (IndexError, ValueError, RuntimeError):
+            V = self.config.vocab_size
+            bad = input_ids[(input_ids < 0) | (input_ids >= V)]
+            if bad.numel():
+                raise ValueError(
+                    f"LlamaModel: input_ids must be token ids in [0, vocab_size={V}), got {bad[:5].tolist()}"
+                ) from None
+            raise
 
     def _head(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Final RMSNorm and LM head: ``x [..., H]`` -> float32 logits ``[..., V]`` (``-inf``
