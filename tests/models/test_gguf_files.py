@@ -16,14 +16,9 @@ from decodekit import QuantizedWeight
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    pytest.importorskip("gguf")
-    from decodekit.models.gguf_loader import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def gguf_path(lm):
+    """The default model's file (conftest's lm: skipped where it is missing)."""
+    return lm.path
 
 
 def test_damaged_files_name_the_file(gguf_path, tmp_path):
