@@ -141,10 +141,12 @@ class ContiguousKVCache:
         self.k: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
         self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype) for _ in range(self.num_layers)]
         self.seq_lens = torch.zeros(B, dtype=torch.int64)
-        # Every position at or past it is zero in every row and layer (appends write below it):
+        # Every position at or past _written_end is zero in every row and layer, once the appends
+        # since the lengths last moved (at most _pending tokens past each length) are counted in:
         # truncate zeroes a row up to it, including what an append wrote past the length that
         # advance then did not count (a row advanced by fewer tokens than were appended).
         self._written_end = 0
+        self._pending = 0
 
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
@@ -162,8 +164,14 @@ class ContiguousKVCache:
         """
         i = self._layer(layer)
         append_kv_cache(self.k[i], self.v[i], key, value, self.seq_lens, kv_layout=self.kv_layout)
-        if self.batch_size and key.dim() == 4 and key.size(1):
-            self._written_end = max(self._written_end, int(self.seq_lens.max()) + key.size(1))
+        self._pending = max(self._pending, key.size(1))  # (append_kv_cache checked [B, T, H, D])
+
+    def _fold_pending(self) -> int:
+        """_written_end with the appends at the current lengths counted in."""
+        if self._pending:
+            self._written_end = max(self._written_end, int(self.seq_lens.max()) + self._pending)
+            self._pending = 0
+        return self._written_end
 
     def advance(self, num_tokens: IntOrInts) -> None:
         """Moves the lengths by ``num_tokens`` (an int for every row, or ``B`` ints), after every
@@ -180,6 +188,7 @@ class ContiguousKVCache:
             raise ValueError(
                 f"ContiguousKVCache.advance: lengths {new.tolist()} would pass max_seq_len={self.max_seq_len}"
             )
+        self._fold_pending()
         self.seq_lens.copy_(new)
 
     def truncate(self, seq: int, new_len: int) -> None:
@@ -196,7 +205,7 @@ class ContiguousKVCache:
         old = int(self.seq_lens[seq])
         if isinstance(new_len, bool) or not isinstance(new_len, numbers.Integral) or not 0 <= new_len <= old:
             raise ValueError(f"{name}: new_len must be an int in [0, {old}] (row {seq}'s length), got {new_len!r}")
-        end = max(old, min(self._written_end, self.max_seq_len))
+        end = max(old, min(self._fold_pending(), self.max_seq_len))
         for layer in range(self.num_layers):
             for c in (self.k[layer], self.v[layer]):
                 if self.kv_layout == "NHD":
