@@ -11,16 +11,20 @@
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu/common/fpenv.h"
 #include "cpu/common/isa.h"
 #include "cpu/layers.h"
+#include "cpu/linear.h"
 #include "torch/checks.h"
 #include "torch/threads.h"
 
@@ -97,17 +101,23 @@ bool no_python_modes() {
 // The logits of a fast entry: an exact, plain CPU tensor [B >= 1, V] of a
 // kernel dtype with contiguous rows, no torch function or dispatch mode
 // active, and deterministic a bool. False: the caller takes the full path.
-bool fast_logits(pybind11::handle logits_obj, pybind11::handle deterministic, dk::LogitsView* view) {
+// With `middle_one` the logits may also be [B, 1, V] (the decode loop's plain step), read as
+// [B, V].
+bool fast_logits(pybind11::handle logits_obj, pybind11::handle deterministic, dk::LogitsView* view,
+                 bool middle_one = false) {
   if (!THPVariable_CheckExact(logits_obj.ptr())) return false;
   if (deterministic.ptr() != Py_True && deterministic.ptr() != Py_False) return false;
   if (!no_python_modes()) return false;
   const at::Tensor& logits = THPVariable_Unpack(logits_obj.ptr());
-  if (!plain_cpu_tensor(logits) || logits.requires_grad() || logits.dim() != 2) return false;
-  const int64_t B = logits.size(0), V = logits.size(1);
+  if (!plain_cpu_tensor(logits) || logits.requires_grad()) return false;
+  const bool three = middle_one && logits.dim() == 3 && logits.size(1) == 1;
+  if (logits.dim() != 2 && !three) return false;
+  const int64_t B = logits.size(0), V = logits.size(three ? 2 : 1);
+  const int64_t row_stride = logits.stride(0), col_stride = logits.stride(three ? 2 : 1);
   dk::ScalarKind kind;
   if (!kind_of(logits.scalar_type(), &kind)) return false;
-  if (B == 0 || V == 0 || V >= (int64_t{1} << 31) || (logits.stride(1) != 1 && V != 1)) return false;
-  *view = dk::LogitsView{logits.data_ptr(), kind, B, V, logits.stride(0), V};
+  if (B == 0 || V == 0 || V >= (int64_t{1} << 31) || (col_stride != 1 && V != 1)) return false;
+  *view = dk::LogitsView{logits.data_ptr(), kind, B, V, row_stride, V};
   return true;
 }
 
@@ -118,10 +128,10 @@ bool fast_temperature_ok(double t) { return t >= 0.0 && t <= kFastFltMax && !(t 
 
 pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::handle temperature,
                                          pybind11::handle top_k, pybind11::handle top_p, pybind11::handle min_p,
-                                         pybind11::handle seed, pybind11::handle offset,
-                                         pybind11::handle deterministic) {
+                                         pybind11::handle seed, pybind11::handle offset, pybind11::handle deterministic,
+                                         bool as_list) {
   dk::LogitsView view;
-  if (!fast_logits(logits_obj, deterministic, &view)) return pybind11::none();
+  if (!fast_logits(logits_obj, deterministic, &view, as_list)) return pybind11::none();
   const int64_t B = view.batch;
   dk::SamplingParams prm;
   double t = 0.0, p = 0.0, m = 0.0, o = 0.0;
@@ -163,6 +173,12 @@ pybind11::object sample_from_logits_fast(pybind11::handle logits_obj, pybind11::
     }
   }
   if (!all_valid) return pybind11::none();
+  if (as_list) {
+    pybind11::list out(B);
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) out[i] = pybind11::int_(id[i]);
+    return std::move(out);
+  }
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(ids)));
 }
 
@@ -347,36 +363,30 @@ bool fast_head(pybind11::handle head_obj, const at::Tensor& x, FastHead* out) {
   return true;
 }
 
-pybind11::object decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind11::list v_caches,
-                                     pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
-                                     pybind11::handle seq_lens_obj, pybind11::handle positions_obj,
-                                     pybind11::handle cos_obj, pybind11::handle sin_obj, pybind11::list layers,
-                                     int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
-                                     double scale, const std::string& kv_layout, pybind11::handle tree_mask_obj,
-                                     pybind11::handle plan_obj, pybind11::handle head_obj) {
+// The plan argument of the fast entries: None, or a _DecoderLayersPlan. False: neither.
+bool fast_plan(pybind11::handle plan_obj, DecoderLayersPlan** plan) {
+  *plan = nullptr;
+  if (plan_obj.is_none()) return true;
+  try {
+    *plan = plan_obj.cast<DecoderLayersPlan*>();
+  } catch (const pybind11::cast_error&) {
+    return false;
+  }
+  return true;
+}
+
+// The loop of decoder_layers_fast and decode_step_fast on checked-plain tensors: returns
+// the logits (with a head), True, or False having written nothing.
+pybind11::object layer_loop(at::Tensor x, const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& lens,
+                            const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
+                            const pybind11::list& k_caches, const pybind11::list& v_caches,
+                            const pybind11::list& layers, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t intermediate_size, double eps, double scale, const std::string& kv_layout,
+                            const std::optional<at::Tensor>& tree_mask, DecoderLayersPlan* plan,
+                            pybind11::handle head_obj) {
   const pybind11::object no = pybind11::bool_(false);
-  if (!no_python_modes()) return no;
   const size_t L = layers.size();
   if (k_caches.size() != L || v_caches.size() != L || L == 0) return no;
-  at::Tensor x, slots, tables, lens, pos, cos, sin;
-  if (!fast_tensor(x_obj, &x) || !fast_tensor(slot_mapping_obj, &slots) || !fast_tensor(block_tables_obj, &tables) ||
-      !fast_tensor(seq_lens_obj, &lens) || !fast_tensor(positions_obj, &pos) || !fast_tensor(cos_obj, &cos) ||
-      !fast_tensor(sin_obj, &sin))
-    return no;
-  std::optional<at::Tensor> tree_mask;
-  if (!tree_mask_obj.is_none()) {
-    at::Tensor m;
-    if (!fast_tensor(tree_mask_obj, &m)) return no;
-    tree_mask = m;
-  }
-  DecoderLayersPlan* plan = nullptr;
-  if (!plan_obj.is_none()) {
-    try {
-      plan = plan_obj.cast<DecoderLayersPlan*>();
-    } catch (const pybind11::cast_error&) {
-      return no;
-    }
-  }
   // The head is checked before anything is written (x's shape is checked with block 0 below).
   FastHead head;
   const bool with_head = !head_obj.is_none();
@@ -496,6 +506,160 @@ pybind11::object decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_ca
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(logits)));
 }
 
+pybind11::object decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_caches, pybind11::list v_caches,
+                                     pybind11::handle slot_mapping_obj, pybind11::handle block_tables_obj,
+                                     pybind11::handle seq_lens_obj, pybind11::handle positions_obj,
+                                     pybind11::handle cos_obj, pybind11::handle sin_obj, pybind11::list layers,
+                                     int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, double eps,
+                                     double scale, const std::string& kv_layout, pybind11::handle tree_mask_obj,
+                                     pybind11::handle plan_obj, pybind11::handle head_obj) {
+  const pybind11::object no = pybind11::bool_(false);
+  if (!no_python_modes()) return no;
+  at::Tensor x, slots, tables, lens, pos, cos, sin;
+  if (!fast_tensor(x_obj, &x) || !fast_tensor(slot_mapping_obj, &slots) || !fast_tensor(block_tables_obj, &tables) ||
+      !fast_tensor(seq_lens_obj, &lens) || !fast_tensor(positions_obj, &pos) || !fast_tensor(cos_obj, &cos) ||
+      !fast_tensor(sin_obj, &sin))
+    return no;
+  std::optional<at::Tensor> tree_mask;
+  if (!tree_mask_obj.is_none()) {
+    at::Tensor m;
+    if (!fast_tensor(tree_mask_obj, &m)) return no;
+    tree_mask = m;
+  }
+  DecoderLayersPlan* plan = nullptr;
+  if (!fast_plan(plan_obj, &plan)) return no;
+  return layer_loop(x, slots, tables, lens, pos, cos, sin, k_caches, v_caches, layers, num_heads, num_kv_heads,
+                    intermediate_size, eps, scale, kv_layout, tree_mask, plan, head_obj);
+}
+
+// A list of B Python ints (exact int, not bool) in [lo, hi) into out. False: anything else.
+bool fast_int_list(pybind11::handle o, int64_t B, int64_t lo, int64_t hi, int64_t* out) {
+  if (!PyList_CheckExact(o.ptr()) || PyList_GET_SIZE(o.ptr()) != B) return false;
+  for (int64_t b = 0; b < B; ++b) {
+    PyObject* v = PyList_GET_ITEM(o.ptr(), b);
+    if (!PyLong_CheckExact(v)) return false;
+    int overflow = 0;
+    const long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow != 0 || (n == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return false;
+    }
+    if (n < lo || n >= hi) return false;
+    out[b] = n;
+  }
+  return true;
+}
+
+// One decode step of B sequences (one new token each) with the step's small tensors built
+// here instead of in Python: LlamaModel._decode_step. A step that has just streamed the
+// model's weights finds the interpreter's and the dispatcher's code and data cold, and each
+// small torch op in Python then costs 25-150 microseconds (torch.tensor of one id about 90 on
+// the 2-core EPYC). This entry takes the step's numbers as Python ints:
+//   tokens: B token ids; starts: B cached lengths (the new token's position); tables: B lists
+//   of block ids, each holding the block of position starts[b] (the cache reserved it);
+//   embed: (weight, type, N, K), the embedding as layer_weight gives it: a float32 [N, K]
+//   tensor ('f32') or a QuantizedWeight's blocks ('q4_1' / 'q8_0').
+// It builds the embedding rows (the kernels of LlamaModel._embed: a row copy, or
+// dequantize_rows), the slots, positions, lengths and the int64 block table padded with -1
+// (what forward_paged builds), then runs layer_loop with the head. `stream`: the quantized
+// products stream their weights during the call (forward_paged's switch), restored after.
+// Returns the logits [B, V], or False having written nothing (an id outside [0, N), a
+// position past its table, anything unusual): the caller then takes forward_paged, which
+// raises the precise error. `keepdim`: the logits as [B, 1, V] (the decode loop's shape).
+pybind11::object decode_step_fast(pybind11::list tokens, pybind11::list starts, pybind11::list tables_obj,
+                                  int64_t block_size, pybind11::tuple embed, pybind11::list k_caches,
+                                  pybind11::list v_caches, pybind11::handle cos_obj, pybind11::handle sin_obj,
+                                  pybind11::list layers, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t intermediate_size, double eps, double scale, const std::string& kv_layout,
+                                  pybind11::handle plan_obj, pybind11::handle head_obj, bool stream, bool keepdim) {
+  const pybind11::object no = pybind11::bool_(false);
+  if (!no_python_modes()) return no;
+  const int64_t B = static_cast<int64_t>(tokens.size());
+  if (B == 0 || block_size <= 0 || PyTuple_GET_SIZE(embed.ptr()) != 4 || head_obj.is_none()) return no;
+  at::Tensor cos, sin, ew;
+  if (!fast_tensor(cos_obj, &cos) || !fast_tensor(sin_obj, &sin)) return no;
+  DecoderLayersPlan* plan = nullptr;
+  if (!fast_plan(plan_obj, &plan)) return no;
+  // The embedding.
+  std::string etype;
+  PyObject* en = PyTuple_GET_ITEM(embed.ptr(), 2);
+  PyObject* ek = PyTuple_GET_ITEM(embed.ptr(), 3);
+  if (!fast_tensor(PyTuple_GET_ITEM(embed.ptr(), 0), &ew) || !fast_utf8(PyTuple_GET_ITEM(embed.ptr(), 1), &etype) ||
+      !PyLong_CheckExact(en) || !PyLong_CheckExact(ek))
+    return no;
+  int overflow = 0;
+  const int64_t N = PyLong_AsLongLongAndOverflow(en, &overflow);
+  if (overflow != 0) return no;
+  const int64_t K = PyLong_AsLongLongAndOverflow(ek, &overflow);
+  if (overflow != 0 || PyErr_Occurred() || N <= 0 || K <= 0) {
+    PyErr_Clear();
+    return no;
+  }
+  dk::cpu::BlockType btype{};
+  int64_t bbytes = 0;
+  const bool quantized = etype != "f32";
+  if (!ew.is_contiguous()) return no;
+  if (quantized) {
+    if (!block_type_of(etype, &btype, &bbytes) || K % 32 != 0 || ew.scalar_type() != at::kByte ||
+        ew.numel() != N * (K / 32) * bbytes)
+      return no;
+  } else if (ew.scalar_type() != at::kFloat || ew.dim() != 2 || ew.size(0) != N || ew.size(1) != K) {
+    return no;
+  }
+  // The step's numbers.
+  at::Tensor ids = at::detail::empty_cpu({B}, at::kLong);
+  at::Tensor pos = at::detail::empty_cpu({B, 1}, at::kLong);
+  at::Tensor lens = at::detail::empty_cpu({B}, at::kLong);
+  at::Tensor slots = at::detail::empty_cpu({B, 1}, at::kLong);
+  int64_t* id = ids.data_ptr<int64_t>();
+  int64_t* p = pos.data_ptr<int64_t>();
+  if (!fast_int_list(tokens, B, 0, N, id) || !fast_int_list(starts, B, 0, int64_t{1} << 40, p)) return no;
+  if (!PyList_CheckExact(tables_obj.ptr()) || PyList_GET_SIZE(tables_obj.ptr()) != B) return no;
+  int64_t width = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    PyObject* t = PyList_GET_ITEM(tables_obj.ptr(), b);
+    if (!PyList_CheckExact(t)) return no;
+    width = std::max<int64_t>(width, PyList_GET_SIZE(t));
+  }
+  at::Tensor tables = at::detail::empty_cpu({B, width}, at::kLong);
+  int64_t* tb = tables.data_ptr<int64_t>();
+  int64_t* ln = lens.data_ptr<int64_t>();
+  int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    pybind11::handle t = PyList_GET_ITEM(tables_obj.ptr(), b);
+    const int64_t n = PyList_GET_SIZE(t.ptr());
+    if (!fast_int_list(t, n, 0, int64_t{1} << 40, tb + b * width)) return no;
+    for (int64_t j = n; j < width; ++j) tb[b * width + j] = -1;
+    const int64_t blk = p[b] / block_size;
+    if (blk >= n) return no;  // the cache did not reserve the new token's block
+    sl[b] = tb[b * width + blk] * block_size + p[b] % block_size;
+    ln[b] = p[b] + 1;
+  }
+  at::Tensor x = at::detail::empty_cpu({B, 1, K}, at::kFloat);
+  {
+    pybind11::gil_scoped_release no_gil;
+    float* xp = x.data_ptr<float>();
+    if (quantized)
+      dk::cpu::kernels().dequantize_rows(ew.data_ptr<uint8_t>(), btype, N, K, id, B, xp, dk::torch_ops::num_threads());
+    else
+      for (int64_t b = 0; b < B; ++b) std::memcpy(xp + b * K, ew.data_ptr<float>() + id[b] * K, sizeof(float) * K);
+  }
+  const bool before = dk::cpu::weight_stream::set(stream);
+  pybind11::object out;
+  try {
+    out = layer_loop(x, slots, tables, lens, pos, cos, sin, k_caches, v_caches, layers, num_heads, num_kv_heads,
+                     intermediate_size, eps, scale, kv_layout, std::nullopt, plan, head_obj);
+  } catch (...) {
+    dk::cpu::weight_stream::set(before);
+    throw;
+  }
+  dk::cpu::weight_stream::set(before);
+  if (PyBool_Check(out.ptr())) return no;  // (True cannot come back with a head)
+  if (!keepdim) return out;
+  const at::Tensor& logits = THPVariable_Unpack(out.ptr());
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(logits.view({B, 1, logits.size(1)})));
+}
+
 // QuantizedWeight.dequantize_rows (an embedding lookup on GGML blocks) for plain
 // arguments: blocks a contiguous uint8 CPU tensor of N * K / 32 blocks of
 // block_type, ids a contiguous int64 CPU tensor of ids in [0, N) (any shape).
@@ -544,12 +708,25 @@ void add_fast_entries(pybind11::module_& mod) {
           pybind11::arg("num_kv_heads"), pybind11::arg("intermediate_size"), pybind11::arg("eps"),
           pybind11::arg("scale"), pybind11::arg("kv_layout"), pybind11::arg("tree_mask") = pybind11::none(),
           pybind11::arg("plan") = pybind11::none(), pybind11::arg("head") = pybind11::none());
+  mod.def("_decode_step_fast", &decode_step_fast,
+          "One decode step (a token per sequence) from Python ints: the logits, or False (nothing written) for "
+          "forward_paged.",
+          pybind11::arg("tokens"), pybind11::arg("starts"), pybind11::arg("tables"), pybind11::arg("block_size"),
+          pybind11::arg("embed"), pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("cos_table"),
+          pybind11::arg("sin_table"), pybind11::arg("layers"), pybind11::arg("num_heads"),
+          pybind11::arg("num_kv_heads"), pybind11::arg("intermediate_size"), pybind11::arg("eps"),
+          pybind11::arg("scale"), pybind11::arg("kv_layout"), pybind11::arg("plan"), pybind11::arg("head"),
+          pybind11::arg("stream"), pybind11::arg("keepdim") = false);
   pybind11::class_<DecoderLayersPlan>(mod, "_DecoderLayersPlan",
                                       "What _decoder_layers_fast checked about a model's blocks on one cache "
                                       "(kept on the cache object; see fast_entries.cpp).")
       .def(pybind11::init<>());
   mod.def("_sample_from_logits_fast", &sample_from_logits_fast,
-          "decodekit.sample_from_logits for plain arguments, or None for the full path.");
+          "decodekit.sample_from_logits for plain arguments, or None for the full path. as_list: the ids as a "
+          "list of ints, and logits [B, 1, V] are taken as [B, V] (the decode loop's plain step).",
+          pybind11::arg("logits"), pybind11::arg("temperature"), pybind11::arg("top_k"), pybind11::arg("top_p"),
+          pybind11::arg("min_p"), pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("deterministic"),
+          pybind11::arg("as_list") = false);
   mod.def("_softmax_fast", &softmax_fast, "decodekit.softmax for plain arguments, or None for the full path.");
 }
 

@@ -253,13 +253,24 @@ def test_adaptive_greedy_steps_without_drafts_are_plain(lm, monkeypatch):
     from decodekit.decoding import loop
 
     widths = []
-    forward = type(lm.model).forward_paged
+    forward, step = type(lm.model).forward_paged, type(lm.model)._decode_step
+    inside_step = []
 
     def spy(self, input_ids, *args, **kw):
-        widths.append((input_ids.shape[1], kw.get("all_logits", False)))
+        if not inside_step:
+            widths.append((input_ids.shape[1], kw.get("all_logits", False)))
         return forward(self, input_ids, *args, **kw)
 
+    def step_spy(self, tokens, *args, **kw):  # the loop's plain step (forward_paged's, less Python)
+        widths.append((1, False))
+        inside_step.append(1)
+        try:
+            return step(self, tokens, *args, **kw)
+        finally:
+            inside_step.pop()
+
     monkeypatch.setattr(type(lm.model), "forward_paged", spy)
+    monkeypatch.setattr(type(lm.model), "_decode_step", step_spy)
     verified = []
     sample_or_verify = loop._sample_or_verify
     monkeypatch.setattr(

@@ -488,3 +488,146 @@ def test_token_ids_outside_the_vocabulary_are_named(kind):
         with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, vocab_size={CFG.vocab_size}\)"):
             model.forward_paged(torch.tensor([[1, bad]]), cache, [seq])
         assert cache.seq_lens([seq]).tolist() == [0]
+
+
+def _decode_session(model, layout, use_step, keepdim=False):
+    """Three prompts (5, 3 and 4 tokens: blocks of 4, so the rows open new blocks at different
+    steps), then six one-token steps over changing row sets and orders, by
+    LlamaModel._decode_step or by forward_paged; the logits, the caches, lengths and tables."""
+    cache = model.new_paged_cache(16, block_size=4, kv_layout=layout)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3, 4, 5]]), cache, [a])
+    model.forward_paged(torch.tensor([[7, 8, 9]]), cache, [b])
+    model.forward_paged(torch.tensor([[9, 10, 11, 12]]), cache, [c])
+    out = []
+    for s in range(6):
+        ids = [a, b, c] if s % 2 == 0 else [c, a]
+        tokens = [(7 * s + 3 * i) % CFG.vocab_size for i in range(len(ids))]
+        if use_step:
+            out.append(model._decode_step(tokens, cache, ids, keepdim=keepdim))
+        else:
+            out.append(model.forward_paged(torch.tensor(tokens).view(-1, 1), cache, ids))
+    state = ([t.clone() for t in cache.k + cache.v], cache.seq_lens([a, b, c]).tolist(), cache.block_table([a, b, c]))
+    return out, state
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kind", ["f32", "quantized", "quantized_embed"])
+def test_decode_step_gives_forward_pageds_bits_without_calling_it(kind, layout, monkeypatch):
+    """The decode loop's step (tokens and sequence ids as Python lists, the step's numbers built
+    in C++) against forward_paged of the same tokens: the same logits and the same cache
+    contents, lengths and block tables bit for bit, with forward_paged never called by the
+    steps (a float32 or Q8_0 embedding; float32 or quantized layers)."""
+    model = _model("f32" if kind == "f32" else "quantized")
+    if kind == "quantized_embed":
+        g = torch.Generator().manual_seed(9)
+        model.embed = QuantizedWeight(random_blocks("q8_0", CFG.vocab_size, CFG.hidden_size, g), "q8_0",
+                                      (CFG.vocab_size, CFG.hidden_size))  # fmt: skip
+    want, want_state = _decode_session(model, layout, False)
+    calls = []
+    original = LlamaModel.forward_paged
+
+    def counted(self, input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward_paged", counted)
+    got, got_state = _decode_session(model, layout, True)
+    assert calls == [(1, 5), (1, 3), (1, 4)]  # the prompts only
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.equal(g, w)
+    for g, w in zip(got_state[0], want_state[0]):
+        assert torch.equal(g, w)
+    assert got_state[1] == want_state[1] and torch.equal(got_state[2], want_state[2])
+    kept, _ = _decode_session(model, layout, True, keepdim=True)
+    assert all(k.shape == (w.shape[0], 1, CFG.vocab_size) and torch.equal(k[:, 0], w) for k, w in zip(kept, want))
+
+
+def test_decode_step_errors_are_forward_pageds_and_write_nothing():
+    """What forward_paged rejects, _decode_step rejects with the same error, before anything is
+    reserved or written: an id outside the vocabulary, an unknown or repeated sequence id, a row
+    at the context length, a pool without a free block."""
+    model = _model("quantized")
+    cache = model.new_paged_cache(3, block_size=4)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3, 4]]), cache, [a])  # one whole block
+    model.forward_paged(torch.tensor([[5, 6, 7, 8]]), cache, [b])
+
+    def state():
+        return [t.clone() for t in cache.k + cache.v], cache.seq_lens([a, b]).tolist(), cache.block_table([a, b])
+
+    def same(x, y):
+        return all(torch.equal(p, q) for p, q in zip(x[0], y[0])) and x[1] == y[1] and torch.equal(x[2], y[2])
+
+    before = state()
+    for tokens, ids, err, match in (
+        ([CFG.vocab_size], [a], ValueError, "input_ids must be token ids"),
+        ([-1, 2], [a, b], ValueError, "input_ids must be token ids"),
+        ([3], [99], ValueError, "unknown sequence id"),
+        ([3, 4], [a, a], ValueError, "must not repeat"),
+        ([3, 4], [a, b], OutOfBlocksError, None),  # two new blocks, one free
+    ):
+        with pytest.raises(err, match=match):
+            model._decode_step(tokens, cache, ids)
+        assert same(state(), before), (tokens, ids)
+    full = model.new_paged_cache(CFG.max_seq_len // 4 + 1, block_size=4)
+    s = full.add_sequence()
+    model.forward_paged(torch.ones(1, CFG.max_seq_len, dtype=torch.long), full, [s])
+    with pytest.raises(ValueError, match="context length"):
+        model._decode_step([1], full, [s])
+    assert full.seq_lens([s]).tolist() == [CFG.max_seq_len]
+
+
+def test_decode_step_follows_the_models_changes():
+    """The arguments _decode_step keeps on the cache are rebuilt after a block's weight or a
+    model attribute is set: a replaced weight is used, and with the layer op off the step is
+    forward_paged's per-op path (the same bits either way)."""
+    model = _model("f32")
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2]]), cache, [seq])
+    model._decode_step([3], cache, [seq])
+    block = model.blocks[2]
+    block.w_down = block.w_down * 2
+    fast = model._decode_step([4], cache, [seq])
+    cache.truncate(seq, 3)
+    model.layer_op = False
+    slow = model._decode_step([4], cache, [seq])
+    assert torch.equal(fast, slow)
+    cache.truncate(seq, 3)
+    model.layer_op = True
+    model.lm_head = model.lm_head * 0.5  # the head's weight: rebuilt too
+    halved = model._decode_step([4], cache, [seq])
+    cache.truncate(seq, 3)
+    model.layer_op = False
+    assert torch.equal(halved, model._decode_step([4], cache, [seq]))
+    assert not torch.equal(halved, fast)
+
+
+def test_decode_step_entry_declines_what_it_cannot_check():
+    """_C._decode_step_fast returns False, writing nothing, for a position whose block the
+    cache has not reserved, a block id outside the pool, a bool or float token, no head, or
+    lists of the wrong length; the cache is unchanged."""
+    model = _model("f32")
+    cache = model.new_paged_cache(4, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3, 4]]), cache, [seq])  # the next position needs a new block
+    embed, cos, sin, shapes, plan, head, stream = model._step_args(cache)
+    layers = [blk.op_args() for blk in model.blocks]
+    before = [t.clone() for t in cache.k + cache.v]
+
+    def call(tokens=(5,), starts=(4,), tables=None, head=head):
+        tokens, starts = list(tokens), list(starts)
+        tables = [list(cache._tables[seq])] if tables is None else tables
+        return _C._decode_step_fast(tokens, starts, tables, 4, embed, cache.k, cache.v, cos, sin, layers, *shapes,
+                                    cache.kv_layout, plan, head, stream)  # fmt: skip
+
+    assert call() is False  # position 4's block is not in the table
+    assert call(starts=(3,), tables=[[cache.num_blocks + 5]]) is False  # a block outside the pool
+    assert call(tokens=(True,), starts=(3,)) is False
+    assert call(tokens=(5.0,), starts=(3,)) is False
+    assert call(tokens=(5, 6), starts=(3,)) is False
+    assert call(starts=(3,), head=None) is False
+    assert all(torch.equal(x, y) for x, y in zip(before, cache.k + cache.v))
+    logits = call(starts=(3,))  # rewrites position 3's slot with the same token's key and value
+    assert logits is not False and logits.shape == (1, CFG.vocab_size)

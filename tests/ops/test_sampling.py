@@ -1025,6 +1025,25 @@ def test_fast_entry_samples_plain_calls_and_declines_everything_else():
         assert decodekit.sample_from_logits(x, 0.7, top_p=0.9, seed=1).shape == (6,)
 
 
+def test_fast_entry_as_list_for_the_decode_loop():
+    """as_list (the decode loop's plain step): the ids as a list of Python ints, equal to the
+    reference's draws; logits [B, 1, V] read as [B, V] (a view of a wider buffer too), and only
+    with as_list; [B, T > 1, V] declined."""
+    fast = _C._sample_from_logits_fast
+    g = torch.Generator().manual_seed(43)
+    x = torch.randn(4, 700, generator=g) * 2
+    for T, k, p in ((0.0, 0, 1.0), (0.8, 0, 0.9), (1.2, 30, 1.0)):
+        ids = fast(x[:, None], T, k, p, 0.0, 11, 5, True, True)
+        assert type(ids) is list and all(type(i) is int for i in ids)
+        assert ids == [ref.sample(x[b], 11, 5, temperature=T, top_k=k, top_p=p) for b in range(4)]
+    wide = torch.randn(4, 3, 700, generator=g)
+    ids = fast(wide[:, 1:2], 0.0, 0, 1.0, 0.0, 0, 0, True, True)  # rows 2100 floats apart
+    assert ids == [int(wide[b, 1].argmax()) for b in range(4)]
+    assert fast(x[:, None], 0.0, 0, 1.0, 0.0, 0, 0, True) is None  # 3-d only with as_list
+    assert fast(wide, 0.0, 0, 1.0, 0.0, 0, 0, True, True) is None  # T = 3
+    assert fast(x[:, None, :0], 0.0, 0, 1.0, 0.0, 0, 0, True, True) is None  # V = 0
+
+
 def test_softmax_fast_entry_matches_reference_and_declines_the_rest():
     fast = _C._softmax_fast
     g = torch.Generator().manual_seed(41)

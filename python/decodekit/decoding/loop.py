@@ -40,6 +40,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .._checks import to_int64_bits
+from .._loader import _C
 from ..models.gguf_loader import LoadedModel
 from ..ops import (
     apply_penalties,
@@ -58,6 +59,8 @@ from .drafters import MedusaDrafter
 from .request import Request
 
 __all__ = ["run", "PAGE_SIZE", "DRAFT_OFFSET_BIT"]
+
+_sample_from_logits_fast = _C._sample_from_logits_fast
 
 PAGE_SIZE = 16  # positions per block of the paged KV cache
 DRAFT_OFFSET_BIT = 1 << 62  # set in the offsets of the draft model's own draws
@@ -88,6 +91,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
     follows its own acceptance (:func:`_next_draft_len`) instead of staying at ``num_draft_tokens``."""
     net = lm.model
     on_host = net.device.type == "cpu"
+    decode_step = getattr(net, "_decode_step", None) if on_host else None
 
     def forward_paged(*args, **kwargs):
         """The model's forward (on its device, its KV cache there too); the logits (and hidden
@@ -350,8 +354,11 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             pass_clock.start("plain" if width == 0 else "draft", t_pass)
         if drafter is None or chain_plain:
             before = None
-            inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
-            logits = forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
+            if decode_step is not None:  # forward_paged's step with less Python (the same bits)
+                logits = decode_step([r.token_ids[-1] for r in active], cache, seqs, keepdim=True)  # [B, 1, V]
+            else:
+                inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
+                logits = forward_paged(inp, cache, seqs)[:, None]  # [B, 1, V]
         else:
             before = cache.seq_lens(seqs).tolist()
             inp = torch.tensor(
@@ -375,10 +382,19 @@ def _processed(
     counts every token of the prompt and the output once (HF transformers); frequency and
     presence count the output (OpenAI API, vLLM).
     """
+    wants = [
+        (b, r)
+        for b, r in enumerate(active)
+        if r.params.repetition_penalty != 1.0
+        or r.params.logit_bias
+        or r.params.frequency_penalty != 0.0
+        or r.params.presence_penalty != 0.0
+    ]
+    if not wants:
+        return logits  # (no request asks for them: nothing built at this step)
     B, T, V = logits.shape
-    flat = logits.view(B * T, V)
     rep, freq = [], []  # (flat row, request, output before the position)
-    for b, r in enumerate(active):
+    for b, r in wants:
         p = r.params
         for j in range(T):
             out = r.token_ids + (drafts[b][:j] if prefixes is None else prefixes[b][j])
@@ -386,6 +402,7 @@ def _processed(
                 rep.append((b * T + j, r, out))
             if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and out:
                 freq.append((b * T + j, r, out))
+    flat = logits.view(B * T, V)
     if rep:
         idx = [i for i, _, _ in rep]
         seen = [sorted(set(r.prompt_ids) | set(out)) for _, r, out in rep]
@@ -488,13 +505,17 @@ def _sample_or_verify(
 ):
     """Per request: the tokens to emit, the number of accepted drafts and (when
     ``top_logprobs`` is not None) each emitted token's ``(logprob, top list)``."""
-    B, T, V = logits.shape
+    B = len(active)
     if not verify:  # plain sampling, offset = the position of the token drawn
         params, rng = rows(
             [r.params for r in active], [len(r.token_ids) for r in active], [r.sample for r in active], scalars=True
         )
         if top_logprobs is None:
-            tokens = sample_from_logits(logits[:, 0], *params, **rng, deterministic=deterministic).tolist()
+            # The common call straight to the C++ entry (ids as a list, no [B, V] view): None
+            # for anything unusual, then the full op, which raises the precise error.
+            tokens = _sample_from_logits_fast(logits, *params, rng["seed"], rng["offset"], deterministic, True)
+            if tokens is None:
+                tokens = sample_from_logits(logits[:, 0], *params, **rng, deterministic=deterministic).tolist()
             return [[t] for t in tokens], [0] * B, None
         out = sample_from_logits(
             logits[:, 0],
@@ -516,6 +537,7 @@ def _sample_or_verify(
             for b in range(B)
         ]
         return [[t] for t in tokens], [0] * B, lps
+    _, T, V = logits.shape
     draft_t = torch.tensor([d + [-1] * (T - 1 - len(d)) for d in drafts], dtype=torch.int64)  # [B, K]
     emitted: List[List[int]] = [[] for _ in range(B)]
     accepted = [0] * B

@@ -48,6 +48,10 @@ from ..ops.layers import QuantizedWeight, layer_weight
 
 _dk_ops = torch.ops.decodekit
 _decoder_layers_fast = _C._decoder_layers_fast
+_decode_step_fast = _C._decode_step_fast
+# Bumped whenever an attribute of a LlamaModel or of one of its blocks is set: the arguments
+# LlamaModel._decode_step keeps between steps are then rebuilt.
+_EDITS = [0]
 
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin", "rope_table"]
 
@@ -241,6 +245,7 @@ class _Block:
         object.__setattr__(self, name, value)
         if name != "_op_args":  # a weight changed: rebuild the op's arguments at the next call
             object.__setattr__(self, "_op_args", None)
+            _EDITS[0] += 1
 
     def op_args(self) -> tuple:
         """The weight arguments of ``torch.ops.decodekit.decoder_layer`` (attn_norm, wqkv, its type,
@@ -286,6 +291,10 @@ class LlamaModel:
         >>> next_id = logits.argmax(-1)                                              # [1]
         >>> logits = model.forward_paged(next_id[:, None], cache, [seq])            # [1, V]
     """
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        _EDITS[0] += 1  # (see _decode_step)
 
     def __init__(self, config: LlamaConfig, weights: LlamaWeights) -> None:
         self.config = config
@@ -651,6 +660,78 @@ class LlamaModel:
                 gate, up = self._linear(h, block.w_gate_up).chunk(2, dim=-1)
                 x = x + self._linear(F.silu(gate) * up, block.w_down)
         return self._advance_and_head(x, cache, seq_ids, T, all_logits, return_hidden, fused)
+
+    def _decode_step(self, tokens: List[int], cache: PagedKVCache, seq_ids: List[int], keepdim: bool = False):
+        """``forward_paged(torch.tensor(tokens).view(-1, 1), cache, seq_ids)``: one new token per
+        row (``tokens``: a list of ``B`` ints, ``seq_ids``: a list of ``B`` ints), the float32
+        logits ``[B, V]`` of the new positions (``[B, 1, V]`` with ``keepdim``), with the same
+        bits, the same cache contents and the same errors.
+
+        The decode loop's plain step. Where forward_paged would run its one C++ call (a
+        deterministic float32 CPU model with the layer op and the full-vocabulary head), the
+        step's ids, positions, lengths, slots and block table go to that call as Python ints
+        (``_C._decode_step_fast``, which also looks up the embedding rows) instead of as small
+        tensors built here, and the call's other arguments are kept on the cache between steps
+        (rebuilt after any attribute of the model or of a block is set). Right after a step
+        has streamed the weights through the caches, each small torch op or check in Python
+        costs microseconds to tens of microseconds of cache misses. Anything else, and anything
+        the C++ entry declines (an id outside the vocabulary, say), takes forward_paged."""
+        args = cache.__dict__.get("_step_args")
+        if args is None or args[0] is not self or args[1] != _EDITS[0]:
+            fast = self._step_args(cache)  # (may build the RoPE tables: an attribute set)
+            args = cache.__dict__["_step_args"] = (self, _EDITS[0], fast)
+        fast = args[2]
+        if fast is not None and type(tokens) is list and type(seq_ids) is list and len(tokens) == len(seq_ids):
+            lens, tables, V = cache._lens, cache._tables, self.config.vocab_size
+            if (
+                all(type(s) is int and s in lens for s in seq_ids)
+                and len(set(seq_ids)) == len(seq_ids)
+                and all(type(t) is int and 0 <= t < V for t in tokens)
+            ):  # (else forward_paged raises its error before anything is reserved)
+                start = [lens[s] for s in seq_ids]
+                if start and max(start) < self.config.max_seq_len:
+                    bs = cache.block_size
+                    rows = [tables[s] for s in seq_ids]
+                    if any(len(t) * bs <= n for t, n in zip(rows, start)):
+                        cache._reserve(seq_ids, [1] * len(seq_ids))  # OutOfBlocksError: nothing written
+                    logits = _decode_step_fast(
+                        tokens, start, rows, bs, fast[0], cache.k, cache.v, fast[1], fast[2],
+                        [block.op_args() for block in self.blocks], *fast[3], cache.kv_layout, fast[4], fast[5],
+                        fast[6], keepdim,
+                    )  # fmt: skip
+                    if logits is not False:
+                        cache._advance_reserved(seq_ids, 1)
+                        return logits
+        logits = self.forward_paged(torch.tensor(tokens, dtype=torch.long).view(-1, 1), cache, seq_ids)
+        return logits[:, None] if keepdim else logits
+
+    def _step_args(self, cache: PagedKVCache) -> Optional[tuple]:
+        """The arguments of ``_C._decode_step_fast`` that stay the same from step to step
+        (embedding, RoPE tables, shapes, the cache's plan, the head, the weight stream), or None
+        where forward_paged would not take its one C++ call with the head."""
+        c = self.config
+        if not (
+            self.layer_op
+            and self.fused_layer_ops
+            and self.deterministic
+            and self.head_token_ids is None
+            and isinstance(cache, PagedKVCache)
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and self.weight_dtype == torch.float32
+            and cache.device.type == "cpu"
+            and cache.dtype == torch.float32
+            and (cache.num_layers, cache.num_kv_heads, cache.head_dim) == (c.num_layers, c.num_kv_heads, c.head_dim)
+        ):
+            return None
+        plan = cache.__dict__.get("_layers_plan")
+        if plan is None:
+            plan = cache.__dict__["_layers_plan"] = _C._DecoderLayersPlan()
+        cos_table, sin_table = self._rope_tables()
+        shapes = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 1.0 / math.sqrt(c.head_dim))
+        embed = (*layer_weight(self.embed), c.vocab_size, c.hidden_size)
+        head = (self.norm, *layer_weight(self.lm_head), self.lm_head.shape[0])
+        return embed, cos_table, sin_table, shapes, plan, head, self._streams_weights()
 
     # ------------------------------------------------------------- CUDA graphs ----
     def _graph_step_applies(self, T, tree_mask, all_logits, return_hidden) -> bool:
