@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
@@ -565,7 +566,8 @@ bool fast_int_list(pybind11::handle o, int64_t B, int64_t lo, int64_t hi, int64_
 // products stream their weights during the call (forward_paged's switch), restored after.
 // Returns the logits [B, V], or False having written nothing (an id outside [0, N), a
 // position past its table, anything unusual): the caller then takes forward_paged, which
-// raises the precise error. `keepdim`: the logits as [B, 1, V] (the decode loop's shape).
+// raises the precise error. `keepdim`: the logits as [B, 1, V] (the decode loop's shape). The
+// logits are inference tensors, as forward_paged's (it runs in torch.inference_mode()).
 pybind11::object decode_step_fast(pybind11::list tokens, pybind11::list starts, pybind11::list tables_obj,
                                   int64_t block_size, pybind11::tuple embed, pybind11::list k_caches,
                                   pybind11::list v_caches, pybind11::handle cos_obj, pybind11::handle sin_obj,
@@ -574,6 +576,7 @@ pybind11::object decode_step_fast(pybind11::list tokens, pybind11::list starts, 
                                   pybind11::handle plan_obj, pybind11::handle head_obj, bool stream, bool keepdim) {
   const pybind11::object no = pybind11::bool_(false);
   if (!no_python_modes()) return no;
+  const c10::InferenceMode inference;  // the tensors it makes are inference tensors, as forward_paged's
   const int64_t B = static_cast<int64_t>(tokens.size());
   if (B == 0 || block_size <= 0 || PyTuple_GET_SIZE(embed.ptr()) != 4 || head_obj.is_none()) return no;
   at::Tensor cos, sin, ew;
@@ -591,7 +594,7 @@ pybind11::object decode_step_fast(pybind11::list tokens, pybind11::list starts, 
   const int64_t N = PyLong_AsLongLongAndOverflow(en, &overflow);
   if (overflow != 0) return no;
   const int64_t K = PyLong_AsLongLongAndOverflow(ek, &overflow);
-  if (overflow != 0 || PyErr_Occurred() || N <= 0 || K <= 0) {
+  if (overflow != 0 || PyErr_Occurred() || N <= 0 || K <= 0 || N >= (int64_t{1} << 31) || K >= (int64_t{1} << 31)) {
     PyErr_Clear();
     return no;
   }
@@ -644,16 +647,17 @@ pybind11::object decode_step_fast(pybind11::list tokens, pybind11::list starts, 
     else
       for (int64_t b = 0; b < B; ++b) std::memcpy(xp + b * K, ew.data_ptr<float>() + id[b] * K, sizeof(float) * K);
   }
-  const bool before = dk::cpu::weight_stream::set(stream);
+  // The weight stream on for the call where forward_paged turns it on (restored after).
+  const bool before = stream ? dk::cpu::weight_stream::set(true) : false;
   pybind11::object out;
   try {
     out = layer_loop(x, slots, tables, lens, pos, cos, sin, k_caches, v_caches, layers, num_heads, num_kv_heads,
                      intermediate_size, eps, scale, kv_layout, std::nullopt, plan, head_obj);
   } catch (...) {
-    dk::cpu::weight_stream::set(before);
+    if (stream) dk::cpu::weight_stream::set(before);
     throw;
   }
-  dk::cpu::weight_stream::set(before);
+  if (stream) dk::cpu::weight_stream::set(before);
   if (PyBool_Check(out.ptr())) return no;  // (True cannot come back with a head)
   if (!keepdim) return out;
   const at::Tensor& logits = THPVariable_Unpack(out.ptr());

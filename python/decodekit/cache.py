@@ -414,6 +414,17 @@ class PagedKVCache:
                 self._refs[b] = 1
                 self._tables[s].append(b)
 
+    def _unreserve(self, ids: List[int], held: List[int]) -> None:
+        """Undoes a :meth:`_reserve` whose blocks nothing has written: sequence ``ids[b]`` keeps
+        its first ``held[b]`` blocks; the others go back to the free list (zeroed, in the order
+        that gives the same ids to the next reservation)."""
+        blocks = []  # in the order _reserve took them from the free list
+        for s, n in zip(ids, held):
+            blocks.extend(self._tables[s][n:])
+            del self._tables[s][n:]
+        self._release(blocks)
+        self._step = None
+
     def _slot_mapping(self, ids: List[int], counts: List[int]) -> torch.Tensor:
         key = (tuple(ids), tuple(counts))
         if self._step is not None and self._step[0] == key:

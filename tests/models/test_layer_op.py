@@ -13,6 +13,7 @@ import torch
 from decodekit import OutOfBlocksError, QuantizedWeight
 from decodekit._loader import _C
 from decodekit.models.llama import LlamaConfig, LlamaLayerWeights, LlamaModel, LlamaWeights
+from decodekit.ops.layers import layer_weight
 from reference.layers import random_blocks
 
 CFG = LlamaConfig(
@@ -612,7 +613,9 @@ def test_decode_step_entry_declines_what_it_cannot_check():
     cache = model.new_paged_cache(4, block_size=4)
     seq = cache.add_sequence()
     model.forward_paged(torch.tensor([[1, 2, 3, 4]]), cache, [seq])  # the next position needs a new block
-    embed, cos, sin, shapes, plan, head, stream = model._step_args(cache)
+    embed, cos, sin, shapes, plan, lm_head, nk, stream = model._step_args(cache)
+    embed = (*layer_weight(embed), *nk)
+    head = (model.norm, *layer_weight(lm_head), CFG.vocab_size)
     layers = [blk.op_args() for blk in model.blocks]
     before = [t.clone() for t in cache.k + cache.v]
 
@@ -631,3 +634,74 @@ def test_decode_step_entry_declines_what_it_cannot_check():
     assert all(torch.equal(x, y) for x, y in zip(before, cache.k + cache.v))
     logits = call(starts=(3,))  # rewrites position 3's slot with the same token's key and value
     assert logits is not False and logits.shape == (1, CFG.vocab_size)
+
+
+def test_decode_step_reads_a_replaced_embedding_or_head_block_tensor():
+    """A QuantizedWeight's blocks replaced in place (no attribute of the model set): the step
+    reads the new blocks, as forward_paged does."""
+    g = torch.Generator().manual_seed(5)
+    model = _model("quantized")
+    V, H = CFG.vocab_size, CFG.hidden_size
+    model.embed = QuantizedWeight(random_blocks("q8_0", V, H, g), "q8_0", (V, H))
+    model.lm_head = QuantizedWeight(random_blocks("q4_1", V, H, g), "q4_1", (V, H))
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2]]), cache, [seq])
+    model._decode_step([3], cache, [seq])
+    for weight, block_type in ((model.embed, "q8_0"), (model.lm_head, "q4_1")):
+        cache.truncate(seq, 2)
+        weight.blocks = random_blocks(block_type, V, H, g)
+        fast = model._decode_step([3], cache, [seq])
+        cache.truncate(seq, 2)
+        assert torch.equal(fast, model.forward_paged(torch.tensor([[3]]), cache, [seq]))
+
+
+def test_decode_step_gives_back_its_blocks_when_the_entry_declines():
+    """Under a torch function mode the C++ entry declines after the step reserved the new
+    token's block: the block goes back, and forward_paged (which the mode sees) then takes the
+    same block; the tables, free list and bits are forward_paged's alone."""
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model = _model("f32")
+    results = []
+    for use_step in (True, False):
+        cache = model.new_paged_cache(6, block_size=4)
+        seq = cache.add_sequence()
+        model.forward_paged(torch.tensor([[1, 2, 3, 4]]), cache, [seq])  # the next token opens a block
+        with Mode():
+            if use_step:
+                out = model._decode_step([5], cache, [seq])
+            else:
+                out = model.forward_paged(torch.tensor([[5]]), cache, [seq])
+        results.append((out, cache.block_table([seq]), list(cache._free), cache.seq_lens([seq]).tolist()))
+    (a, ta, fa, la), (b, tb, fb, lb) = results
+    assert torch.equal(a, b) and torch.equal(ta, tb) and fa == fb and la == lb == [5]
+
+
+def test_decode_step_rejects_other_caches_as_forward_paged_does():
+    """A cache that is not a PagedKVCache: forward_paged's TypeError, and nothing set on it."""
+    model = _model("f32")
+
+    class NotACache:
+        pass
+
+    other = NotACache()
+    for cache in (None, other):
+        with pytest.raises(TypeError, match="cache must be a PagedKVCache"):
+            model._decode_step([1], cache, [0])
+    assert vars(other) == {}
+
+
+def test_decode_step_logits_are_inference_tensors_like_forward_pageds():
+    model = _model("f32")
+    cache = model.new_paged_cache(8, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2]]), cache, [seq])
+    fast = model._decode_step([3], cache, [seq])
+    cache.truncate(seq, 2)
+    slow = model.forward_paged(torch.tensor([[3]]), cache, [seq])
+    assert fast.is_inference() and slow.is_inference() and torch.equal(fast, slow)

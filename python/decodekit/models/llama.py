@@ -676,11 +676,13 @@ class LlamaModel:
         has streamed the weights through the caches, each small torch op or check in Python
         costs microseconds to tens of microseconds of cache misses. Anything else, and anything
         the C++ entry declines (an id outside the vocabulary, say), takes forward_paged."""
-        args = cache.__dict__.get("_step_args")
-        if args is None or args[0] is not self or args[1] != _EDITS[0]:
-            fast = self._step_args(cache)  # (may build the RoPE tables: an attribute set)
-            args = cache.__dict__["_step_args"] = (self, _EDITS[0], fast)
-        fast = args[2]
+        fast = None
+        if isinstance(cache, PagedKVCache):  # (else forward_paged's TypeError)
+            args = cache.__dict__.get("_step_args")
+            if args is None or args[0] is not self or args[1] != _EDITS[0]:
+                fast = self._step_args(cache)  # (may build the RoPE tables: an attribute set)
+                args = cache.__dict__["_step_args"] = (self, _EDITS[0], fast)
+            fast = args[2]
         if fast is not None and type(tokens) is list and type(seq_ids) is list and len(tokens) == len(seq_ids):
             lens, tables, V = cache._lens, cache._tables, self.config.vocab_size
             if (
@@ -692,13 +694,21 @@ class LlamaModel:
                 if start and max(start) < self.config.max_seq_len:
                     bs = cache.block_size
                     rows = [tables[s] for s in seq_ids]
+                    held = None
                     if any(len(t) * bs <= n for t, n in zip(rows, start)):
+                        held = [len(t) for t in rows]
                         cache._reserve(seq_ids, [1] * len(seq_ids))  # OutOfBlocksError: nothing written
-                    logits = _decode_step_fast(
-                        tokens, start, rows, bs, fast[0], cache.k, cache.v, fast[1], fast[2],
-                        [block.op_args() for block in self.blocks], *fast[3], cache.kv_layout, fast[4], fast[5],
-                        fast[6], keepdim,
-                    )  # fmt: skip
+                    embed, head = fast[0], fast[5]  # (their blocks read now: a QuantizedWeight's may be replaced)
+                    logits = False
+                    try:
+                        logits = _decode_step_fast(
+                            tokens, start, rows, bs, (*layer_weight(embed), *fast[6]), cache.k, cache.v, fast[1],
+                            fast[2], [block.op_args() for block in self.blocks], *fast[3], cache.kv_layout, fast[4],
+                            (self.norm, *layer_weight(head), head.shape[0]), fast[7], keepdim,
+                        )  # fmt: skip
+                    finally:
+                        if logits is False and held is not None:  # nothing written: the blocks go back
+                            cache._unreserve(seq_ids, held)
                     if logits is not False:
                         cache._advance_reserved(seq_ids, 1)
                         return logits
@@ -706,9 +716,10 @@ class LlamaModel:
         return logits[:, None] if keepdim else logits
 
     def _step_args(self, cache: PagedKVCache) -> Optional[tuple]:
-        """The arguments of ``_C._decode_step_fast`` that stay the same from step to step
-        (embedding, RoPE tables, shapes, the cache's plan, the head, the weight stream), or None
-        where forward_paged would not take its one C++ call with the head."""
+        """What ``_C._decode_step_fast`` takes from step to step: (embedding, RoPE tables, shapes,
+        the cache's plan, the LM head, the embedding's (N, K), the weight stream), or None where
+        forward_paged would not take its one C++ call with the head. The embedding's and the
+        head's tensors (a QuantizedWeight's blocks) are read at each step."""
         c = self.config
         if not (
             self.layer_op
@@ -729,9 +740,8 @@ class LlamaModel:
             plan = cache.__dict__["_layers_plan"] = _C._DecoderLayersPlan()
         cos_table, sin_table = self._rope_tables()
         shapes = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 1.0 / math.sqrt(c.head_dim))
-        embed = (*layer_weight(self.embed), c.vocab_size, c.hidden_size)
-        head = (self.norm, *layer_weight(self.lm_head), self.lm_head.shape[0])
-        return embed, cos_table, sin_table, shapes, plan, head, self._streams_weights()
+        stream = self._streams_weights()
+        return self.embed, cos_table, sin_table, shapes, plan, self.lm_head, (c.vocab_size, c.hidden_size), stream
 
     # ------------------------------------------------------------- CUDA graphs ----
     def _graph_step_applies(self, T, tree_mask, all_logits, return_hidden) -> bool:
