@@ -140,6 +140,8 @@ def check_number(value, name: str, op: str, lo: float, hi: float, allowed: str) 
 
 def to_int64_bits(v: int, name: str, op: str) -> int:
     """Maps an int in [-2^63, 2^64) to the int64 with the same low 64 bits."""
+    if type(v) is int and INT64_MIN <= v < 2**63:  # (the common case, without the ABC check)
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     v = operator.index(v)
