@@ -337,12 +337,18 @@ struct FastHead {
   at::Tensor norm, weight;
   dk::cpu::LayerWeight w;
   int64_t N = 0;
+  at::Tensor token_ids;  // a reduced head's int64 [N] ids (LlamaModel.head_token_ids), or undefined
+  int64_t V = 0;         // then the vocabulary: the logits are [B, V], -inf off the head's tokens
 };
 
 // head: a tuple (final norm weight float32 [H], weight, its type 'f32' / 'q4_1' / 'q8_0', N)
-// for x [B, T >= 1, H]. False: the caller takes the op path.
+// for x [B, T >= 1, H]; or with two more items (token_ids int64 [N], distinct ids in [0, V); V)
+// for a head over N tokens of the vocabulary (LlamaModel._project: -inf elsewhere). False: the
+// caller takes the op path.
 bool fast_head(pybind11::handle head_obj, const at::Tensor& x, FastHead* out) {
-  if (!PyTuple_CheckExact(head_obj.ptr()) || PyTuple_GET_SIZE(head_obj.ptr()) != 4) return false;
+  if (!PyTuple_CheckExact(head_obj.ptr())) return false;
+  const Py_ssize_t items = PyTuple_GET_SIZE(head_obj.ptr());
+  if (items != 4 && items != 6) return false;
   PyObject* type_obj = PyTuple_GET_ITEM(head_obj.ptr(), 2);
   PyObject* n_obj = PyTuple_GET_ITEM(head_obj.ptr(), 3);
   std::string type;
@@ -360,6 +366,21 @@ bool fast_head(pybind11::handle head_obj, const at::Tensor& x, FastHead* out) {
     out->w = check_layer_weight(out->weight, type, out->N, H, "lm_head", "head type", x);
   } catch (const std::exception&) {
     return false;
+  }
+  if (items == 6) {
+    PyObject* v_obj = PyTuple_GET_ITEM(head_obj.ptr(), 5);
+    if (!fast_tensor(PyTuple_GET_ITEM(head_obj.ptr(), 4), &out->token_ids) || !PyLong_CheckExact(v_obj)) return false;
+    out->V = PyLong_AsLongLongAndOverflow(v_obj, &overflow);
+    const at::Tensor& ids = out->token_ids;
+    if (overflow != 0 || out->V < out->N || out->V >= (int64_t{1} << 31) || ids.scalar_type() != at::kLong ||
+        ids.dim() != 1 || ids.size(0) != out->N || !ids.is_contiguous())
+      return false;
+    std::vector<bool> seen(static_cast<size_t>(out->V), false);  // distinct ids in [0, V)
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t j = 0; j < out->N; ++j) {
+      if (id[j] < 0 || id[j] >= out->V || seen[id[j]]) return false;
+      seen[id[j]] = true;
+    }
   }
   return true;
 }
@@ -504,6 +525,16 @@ pybind11::object layer_loop(at::Tensor x, const at::Tensor& slots, const at::Ten
     for (int c = 6; c < 8; ++c)
       if (!tensors[8 * l + c].is_inference()) tensors[8 * l + c].unsafeGetTensorImpl()->bump_version();
   if (!with_head) return pybind11::bool_(true);
+  if (head.token_ids.defined()) {  // a reduced head: its logits at their tokens, -inf elsewhere
+    at::Tensor full = at::detail::empty_cpu({B, head.V}, at::kFloat);
+    float* f = full.data_ptr<float>();
+    const float* y = logits.data_ptr<float>();
+    const int64_t* id = head.token_ids.data_ptr<int64_t>();
+    std::fill(f, f + B * head.V, -std::numeric_limits<float>::infinity());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < head.N; ++j) f[b * head.V + id[j]] = y[b * head.N + j];
+    logits = std::move(full);
+  }
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(logits)));
 }
 

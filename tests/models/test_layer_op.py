@@ -28,7 +28,7 @@ CFG = LlamaConfig(
 )
 
 
-def _model(kind: str, seed: int = 0) -> LlamaModel:
+def _model(kind: str, seed: int = 0, head_ids=None) -> LlamaModel:
     g = torch.Generator().manual_seed(seed)
     c = CFG
 
@@ -55,7 +55,13 @@ def _model(kind: str, seed: int = 0) -> LlamaModel:
         )
         for _ in range(c.num_layers)
     ]
-    return LlamaModel(c, LlamaWeights(embed=torch.randn(c.vocab_size, H, generator=g), layers=layers, norm=norm()))
+    embed = torch.randn(c.vocab_size, H, generator=g)
+    if head_ids is None:
+        return LlamaModel(c, LlamaWeights(embed=embed, layers=layers, norm=norm()))
+    # a head over part of the vocabulary (a draft model's): its rows score tokens head_ids
+    head = w(len(head_ids), H, "q8_0")
+    return LlamaModel(c, LlamaWeights(embed=embed, layers=layers, norm=norm(), lm_head=head,
+                                      lm_head_token_ids=torch.tensor(head_ids)))  # fmt: skip
 
 
 def _session(model, layer_op: bool, layout: str):
@@ -513,13 +519,14 @@ def _decode_session(model, layout, use_step, keepdim=False):
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("kind", ["f32", "quantized", "quantized_embed"])
+@pytest.mark.parametrize("kind", ["f32", "quantized", "quantized_embed", "reduced_head"])
 def test_decode_step_gives_forward_pageds_bits_without_calling_it(kind, layout, monkeypatch):
     """The decode loop's step (tokens and sequence ids as Python lists, the step's numbers built
     in C++) against forward_paged of the same tokens: the same logits and the same cache
     contents, lengths and block tables bit for bit, with forward_paged never called by the
     steps (a float32 or Q8_0 embedding; float32 or quantized layers)."""
-    model = _model("f32" if kind == "f32" else "quantized")
+    head_ids = [97, 3, 50, 0, 12, 64, 31, 88] if kind == "reduced_head" else None  # any order
+    model = _model("f32" if kind == "f32" else "quantized", head_ids=head_ids)
     if kind == "quantized_embed":
         g = torch.Generator().manual_seed(9)
         model.embed = QuantizedWeight(random_blocks("q8_0", CFG.vocab_size, CFG.hidden_size, g), "q8_0",
@@ -613,7 +620,7 @@ def test_decode_step_entry_declines_what_it_cannot_check():
     cache = model.new_paged_cache(4, block_size=4)
     seq = cache.add_sequence()
     model.forward_paged(torch.tensor([[1, 2, 3, 4]]), cache, [seq])  # the next position needs a new block
-    embed, cos, sin, shapes, plan, lm_head, nk, stream = model._step_args(cache)
+    embed, cos, sin, shapes, plan, lm_head, nk, stream, _ = model._step_args(cache)
     embed = (*layer_weight(embed), *nk)
     head = (model.norm, *layer_weight(lm_head), CFG.vocab_size)
     layers = [blk.op_args() for blk in model.blocks]
@@ -705,3 +712,51 @@ def test_decode_step_logits_are_inference_tensors_like_forward_pageds():
     cache.truncate(seq, 2)
     slow = model.forward_paged(torch.tensor([[3]]), cache, [seq])
     assert fast.is_inference() and slow.is_inference() and torch.equal(fast, slow)
+
+
+def test_decode_step_entry_declines_bad_reduced_heads():
+    """A head over part of the vocabulary: the entry declines token ids that repeat, lie outside
+    [0, V), or do not match the head's rows, writing nothing."""
+    model = _model("quantized", head_ids=[5, 9, 2, 40])
+    cache = model.new_paged_cache(4, block_size=4)
+    seq = cache.add_sequence()
+    model.forward_paged(torch.tensor([[1, 2, 3]]), cache, [seq])
+    embed, cos, sin, shapes, plan, lm_head, nk, stream, reduced = model._step_args(cache)
+    assert reduced[1] == CFG.vocab_size and torch.equal(reduced[0], model.head_token_ids)
+    layers = [blk.op_args() for blk in model.blocks]
+    before = [t.clone() for t in cache.k + cache.v]
+
+    def call(ids, V=CFG.vocab_size):
+        head = (model.norm, *layer_weight(lm_head), 4, torch.tensor(ids, dtype=torch.int64), V)
+        return _C._decode_step_fast([7], [3], [list(cache._tables[seq])], 4, (*layer_weight(embed), *nk), cache.k,
+                                    cache.v, cos, sin, layers, *shapes, cache.kv_layout, plan, head, stream)  # fmt: skip
+
+    for ids, V in (([5, 9, 5, 40], CFG.vocab_size), ([5, 9, 2, CFG.vocab_size], CFG.vocab_size), ([5, 9, 2], 100),
+                   ([5, 9, 2, -1], CFG.vocab_size), ([5, 9, 2, 40], 3)):  # fmt: skip
+        assert call(ids, V) is False, (ids, V)
+    assert all(torch.equal(x, y) for x, y in zip(before, cache.k + cache.v))
+    out = call([5, 9, 2, 40])
+    assert out.shape == (1, CFG.vocab_size) and torch.isinf(out[0, [0, 1, 99]]).all()
+    assert torch.isfinite(out[0, [5, 9, 2, 40]]).all()
+
+
+def test_shipped_draft_models_step_gives_forward_pageds_bits(lm):
+    """The shipped draft model (2 layers, a head over 8192 tokens): _decode_step's logits equal
+    forward_paged's over a few steps."""
+    from decodekit.models.draft import load_draft_model
+
+    net = load_draft_model(target=lm).model
+    outs = []
+    for use_step in (True, False):
+        cache = net.new_paged_cache(8, block_size=16)
+        seq = cache.add_sequence()
+        net.forward_paged(torch.tensor([[1, 2, 3, 4, 5]]), cache, [seq])
+        res = []
+        for t in (10, 200, 3000, 45000):
+            if use_step:
+                res.append(net._decode_step([t], cache, [seq]))
+            else:
+                res.append(net.forward_paged(torch.tensor([[t]]), cache, [seq]))
+        outs.append(torch.stack(res))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.isinf(outs[0]).any(dim=-1).all()  # tokens off the head: -inf

@@ -667,9 +667,11 @@ class LlamaModel:
         logits ``[B, V]`` of the new positions (``[B, 1, V]`` with ``keepdim``), with the same
         bits, the same cache contents and the same errors.
 
-        The decode loop's plain step. Where forward_paged would run its one C++ call (a
-        deterministic float32 CPU model with the layer op and the full-vocabulary head), the
-        step's ids, positions, lengths, slots and block table go to that call as Python ints
+        The decode loop's plain step (and a draft model's). Where forward_paged would run its
+        one C++ layer call (a deterministic float32 CPU model with the layer op), the same call
+        also runs the final norm and the LM head (a head over part of the vocabulary scatters its
+        logits, -inf elsewhere, as ``_project`` does), and the step's ids, positions, lengths,
+        slots and block table go to it as Python ints
         (``_C._decode_step_fast``, which also looks up the embedding rows) instead of as small
         tensors built here, and the call's other arguments are kept on the cache between steps
         (rebuilt after any attribute of the model or of a block is set). Right after a step
@@ -704,7 +706,7 @@ class LlamaModel:
                         logits = _decode_step_fast(
                             tokens, start, rows, bs, (*layer_weight(embed), *fast[6]), cache.k, cache.v, fast[1],
                             fast[2], [block.op_args() for block in self.blocks], *fast[3], cache.kv_layout, fast[4],
-                            (self.norm, *layer_weight(head), head.shape[0]), fast[7], keepdim,
+                            (self.norm, *layer_weight(head), head.shape[0], *fast[8]), fast[7], keepdim,
                         )  # fmt: skip
                     finally:
                         if logits is False and held is not None:  # nothing written: the blocks go back
@@ -717,15 +719,15 @@ class LlamaModel:
 
     def _step_args(self, cache: PagedKVCache) -> Optional[tuple]:
         """What ``_C._decode_step_fast`` takes from step to step: (embedding, RoPE tables, shapes,
-        the cache's plan, the LM head, the embedding's (N, K), the weight stream), or None where
-        forward_paged would not take its one C++ call with the head. The embedding's and the
-        head's tensors (a QuantizedWeight's blocks) are read at each step."""
+        the cache's plan, the LM head, the embedding's (N, K), the weight stream, and for a head
+        over part of the vocabulary its token ids and V), or None where forward_paged would not
+        take its one C++ layer call. The embedding's and the head's tensors (a QuantizedWeight's
+        blocks) are read at each step."""
         c = self.config
         if not (
             self.layer_op
             and self.fused_layer_ops
             and self.deterministic
-            and self.head_token_ids is None
             and isinstance(cache, PagedKVCache)
             and self.device.type == "cpu"
             and self.dtype == torch.float32
@@ -741,7 +743,18 @@ class LlamaModel:
         cos_table, sin_table = self._rope_tables()
         shapes = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 1.0 / math.sqrt(c.head_dim))
         stream = self._streams_weights()
-        return self.embed, cos_table, sin_table, shapes, plan, self.lm_head, (c.vocab_size, c.hidden_size), stream
+        reduced = () if self.head_token_ids is None else (self.head_token_ids, c.vocab_size)
+        return (
+            self.embed,
+            cos_table,
+            sin_table,
+            shapes,
+            plan,
+            self.lm_head,
+            (c.vocab_size, c.hidden_size),
+            stream,
+            reduced,
+        )
 
     # ------------------------------------------------------------- CUDA graphs ----
     def _graph_step_applies(self, T, tree_mask, all_logits, return_hidden) -> bool:
