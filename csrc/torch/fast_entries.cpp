@@ -564,6 +564,15 @@ pybind11::object decoder_layers_fast(pybind11::handle x_obj, pybind11::list k_ca
                     intermediate_size, eps, scale, kv_layout, tree_mask, plan, head_obj);
 }
 
+// A GGML weight's blocks for an [N, K] matrix of block type `name`: a contiguous uint8 tensor of
+// N * K / 32 blocks, K a positive multiple of 32 (the embedding lookups of the fast entries).
+// False: anything else.
+bool fast_blocks(const at::Tensor& blocks, const std::string& name, int64_t N, int64_t K, dk::cpu::BlockType* type) {
+  int64_t bytes = 0;
+  if (!block_type_of(name, type, &bytes) || N < 0 || K <= 0 || K % 32) return false;
+  return blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.numel() == N * (K / 32) * bytes;
+}
+
 // A list of B Python ints (exact int, not bool) in [lo, hi) into out. False: anything else.
 bool fast_int_list(pybind11::handle o, int64_t B, int64_t lo, int64_t hi, int64_t* out) {
   if (!PyList_CheckExact(o.ptr()) || PyList_GET_SIZE(o.ptr()) != B) return false;
@@ -630,14 +639,11 @@ pybind11::object decode_step_fast(pybind11::list tokens, pybind11::list starts, 
     return no;
   }
   dk::cpu::BlockType btype{};
-  int64_t bbytes = 0;
   const bool quantized = etype != "f32";
-  if (!ew.is_contiguous()) return no;
   if (quantized) {
-    if (!block_type_of(etype, &btype, &bbytes) || K % 32 != 0 || ew.scalar_type() != at::kByte ||
-        ew.numel() != N * (K / 32) * bbytes)
-      return no;
-  } else if (ew.scalar_type() != at::kFloat || ew.dim() != 2 || ew.size(0) != N || ew.size(1) != K) {
+    if (!fast_blocks(ew, etype, N, K, &btype)) return no;
+  } else if (ew.scalar_type() != at::kFloat || ew.dim() != 2 || ew.size(0) != N || ew.size(1) != K ||
+             !ew.is_contiguous()) {
     return no;
   }
   // The step's numbers.
@@ -706,10 +712,7 @@ pybind11::object dequantize_rows_fast(pybind11::handle blocks_obj, const std::st
   at::Tensor blocks, ids;
   if (!fast_tensor(blocks_obj, &blocks) || !fast_tensor(ids_obj, &ids)) return pybind11::none();
   dk::cpu::BlockType type;
-  int64_t bytes = 0;
-  if (!block_type_of(block_type, &type, &bytes) || N < 0 || K <= 0 || K % 32) return pybind11::none();
-  if (blocks.scalar_type() != at::kByte || !blocks.is_contiguous() || blocks.numel() != N * (K / 32) * bytes)
-    return pybind11::none();
+  if (!fast_blocks(blocks, block_type, N, K, &type)) return pybind11::none();
   if (ids.scalar_type() != at::kLong || !ids.is_contiguous()) return pybind11::none();
   const int64_t R = ids.numel();
   const int64_t* id = ids.data_ptr<int64_t>();

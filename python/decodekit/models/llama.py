@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,21 @@ _decode_step_fast = _C._decode_step_fast
 # Bumped whenever an attribute of a LlamaModel or of one of its blocks is set: the arguments
 # LlamaModel._decode_step keeps between steps are then rebuilt.
 _EDITS = [0]
+
+
+class _StepArgs(NamedTuple):
+    """What LlamaModel._decode_step keeps on a cache between steps (see _step_args)."""
+
+    embed: object  # the embedding: a float32 tensor or a QuantizedWeight
+    cos: torch.Tensor  # RoPE tables
+    sin: torch.Tensor
+    shapes: tuple  # (num_heads, num_kv_heads, intermediate_size, rms_norm_eps, attention scale)
+    plan: object  # the cache's _C._DecoderLayersPlan
+    lm_head: object
+    embed_shape: tuple  # (N, K) of the embedding
+    stream: bool  # the quantized products stream their weights
+    reduced_head: tuple  # () or (head_token_ids, vocab_size) for a head over part of the vocabulary
+
 
 __all__ = ["LlamaConfig", "LlamaLayerWeights", "LlamaWeights", "LlamaModel", "rms_norm", "rope_cos_sin", "rope_table"]
 
@@ -700,13 +715,15 @@ class LlamaModel:
                     if any(len(t) * bs <= n for t, n in zip(rows, start)):
                         held = [len(t) for t in rows]
                         cache._reserve(seq_ids, [1] * len(seq_ids))  # OutOfBlocksError: nothing written
-                    embed, head = fast[0], fast[5]  # (their blocks read now: a QuantizedWeight's may be replaced)
+                    # (the embedding's and the head's blocks are read now: a QuantizedWeight's may be replaced)
+                    embed = (*layer_weight(fast.embed), *fast.embed_shape)
+                    head = (self.norm, *layer_weight(fast.lm_head), fast.lm_head.shape[0], *fast.reduced_head)
                     logits = False
                     try:
                         logits = _decode_step_fast(
-                            tokens, start, rows, bs, (*layer_weight(embed), *fast[6]), cache.k, cache.v, fast[1],
-                            fast[2], [block.op_args() for block in self.blocks], *fast[3], cache.kv_layout, fast[4],
-                            (self.norm, *layer_weight(head), head.shape[0], *fast[8]), fast[7], keepdim,
+                            tokens, start, rows, bs, embed, cache.k, cache.v, fast.cos, fast.sin,
+                            [block.op_args() for block in self.blocks], *fast.shapes, cache.kv_layout, fast.plan, head,
+                            fast.stream, keepdim,
                         )  # fmt: skip
                     finally:
                         if logits is False and held is not None:  # nothing written: the blocks go back
@@ -717,7 +734,7 @@ class LlamaModel:
         logits = self.forward_paged(torch.tensor(tokens, dtype=torch.long).view(-1, 1), cache, seq_ids)
         return logits[:, None] if keepdim else logits
 
-    def _step_args(self, cache: PagedKVCache) -> Optional[tuple]:
+    def _step_args(self, cache: PagedKVCache) -> Optional[_StepArgs]:
         """What ``_C._decode_step_fast`` takes from step to step: (embedding, RoPE tables, shapes,
         the cache's plan, the LM head, the embedding's (N, K), the weight stream, and for a head
         over part of the vocabulary its token ids and V), or None where forward_paged would not
@@ -744,17 +761,8 @@ class LlamaModel:
         shapes = (c.num_heads, c.num_kv_heads, c.intermediate_size, c.rms_norm_eps, 1.0 / math.sqrt(c.head_dim))
         stream = self._streams_weights()
         reduced = () if self.head_token_ids is None else (self.head_token_ids, c.vocab_size)
-        return (
-            self.embed,
-            cos_table,
-            sin_table,
-            shapes,
-            plan,
-            self.lm_head,
-            (c.vocab_size, c.hidden_size),
-            stream,
-            reduced,
-        )
+        embed_shape = (c.vocab_size, c.hidden_size)
+        return _StepArgs(self.embed, cos_table, sin_table, shapes, plan, self.lm_head, embed_shape, stream, reduced)
 
     # ------------------------------------------------------------- CUDA graphs ----
     def _graph_step_applies(self, T, tree_mask, all_logits, return_hidden) -> bool:
