@@ -514,3 +514,74 @@ def test_rows_bit_identical_whatever_the_block_size(layout):
                 torch.testing.assert_close(outs[bs].double(), ref, rtol=1e-5, atol=1e-5)
         for bs, out in outs.items():
             assert torch.equal(out, outs[16]), (Q, bs)
+
+
+# Long rows (hundreds to thousands of positions, many tiles of 16), against float64 SDPA with one
+# and two threads, and bit-identical whatever the threads, B and Q.
+LONG_LENS = [63, 64, 65, 128, 129, 300, 1000]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "Q,Hq,Hkv,D,bs,dtype",
+    [
+        (1, 9, 3, 64, 16, torch.float32),  # tiles inside blocks (one pointer and a stride)
+        (4, 8, 2, 80, 7, torch.float32),  # tiles across blocks, D not a multiple of 16
+        (2, 4, 1, 64, 32, torch.bfloat16),  # converted per tile
+    ],
+)
+def test_long_rows_match_sdpa(layout, threads, Q, Hq, Hkv, D, bs, dtype):
+    import decodekit
+
+    lens = [max(n, Q) for n in LONG_LENS]
+    q, k, v, tables, sl = make_case(31 + Q, len(lens), Q, Hq, Hkv, D, bs, lens, layout, dtype)
+    saved = decodekit._threads._get_setting()
+    try:
+        decodekit.set_num_threads(threads)
+        out = paged_attention(q, k, v, tables, sl, kv_layout=layout)
+    finally:
+        decodekit._threads._restore_setting(saved)
+    ref = sdpa_on_gathered(q, k.float(), v.float(), tables, sl, layout, 1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_long_rows_bit_identical_whatever_threads_b_and_q():
+    # A row inside a 5-token verification, inside a batch, inside a 200-row prefill, and alone,
+    # with one thread and with two: the same bits.
+    import decodekit
+
+    lens = [700, 65, 5, 129, 2000]
+    B, Q, Hq, Hkv, D = len(lens), 5, 9, 3, 64
+    q, k, v, tables, sl = make_case(41, B, Q, Hq, Hkv, D, 16, lens)
+    saved = decodekit._threads._get_setting()
+    outs = {}
+    try:
+        for threads in (1, 2):
+            decodekit.set_num_threads(threads)
+            outs[threads] = paged_attention(q, k, v, tables, sl)
+            for b in range(B):
+                for i in range(Q):
+                    one = paged_attention(q[b : b + 1, i : i + 1], k, v, tables[b : b + 1], sl[b : b + 1] - (Q - 1 - i))
+                    assert torch.equal(one[0, 0], outs[threads][b, i]), (threads, b, i)
+            qb = torch.randn(1, 200, Hq, D, generator=torch.Generator().manual_seed(5))
+            qb[0, -1] = q[4, -1]
+            wide = paged_attention(qb, k, v, tables[4:5], sl[4:5])
+            assert torch.equal(wide[0, -1], outs[threads][4, -1]), threads
+    finally:
+        decodekit._threads._restore_setting(saved)
+    assert torch.equal(outs[1], outs[2])
+    ref = sdpa_on_gathered(q, k, v, tables, sl, "NHD", 1 / 8)
+    torch.testing.assert_close(outs[2].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_long_rows_with_a_tree_mask_match_sdpa():
+    lens_prefix = [61, 130, 250]
+    Q = 20  # trees over several tiles after long prefixes
+    B, Hq, Hkv, D = 3, 6, 2, 64
+    lens = [p + Q for p in lens_prefix]
+    q, k, v, tables, sl = make_case(51, B, Q, Hq, Hkv, D, 16, lens)
+    mask = tree_mask_from_parents(random_parents(torch.Generator().manual_seed(3), B, Q))
+    out = paged_attention(q, k, v, tables, sl, tree_mask=mask)
+    ref = sdpa_with_mask(q, k, v, tables, sl, "NHD", 1 / 8, mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
