@@ -193,8 +193,10 @@ def test_vote_by_hand():
 
 
 def test_sample_arguments_are_checked(lm):
-    with pytest.raises(ValueError, match="n must be None or an int >= 1"):
+    with pytest.raises(ValueError, match=r"n must be None or an int in \[1, 1024\]"):
         generate("Hi", model=lm, n=0)
+    with pytest.raises(ValueError, match=r"n must be None or an int in \[1, 1024\], got 1000000000"):
+        generate("Hi", model=lm, n=10**9)  # at once, before any request is built
     with pytest.raises(ValueError, match="vote=True needs n"):
         generate("Hi", model=lm, vote=True)
     with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0"):

@@ -293,7 +293,7 @@ def generate(
             where every product and attention runs on decodekit's kernels, torch's own small
             ops in the loop run on one thread for the call (with more, torch's OpenMP workers
             and decodekit's pool stall each other for milliseconds on a small machine).
-        n: ``None`` (default) for one result per prompt; an int ``N >= 1`` draws N samples per
+        n: ``None`` (default) for one result per prompt; an int ``N`` in [1, 1024] draws N samples per
             prompt. Sample ``i`` uses the request's seed (one seed drawn at random for all N
             when none is given) with ``i`` in bits 48-61 of its Philox offsets (DESIGN.md
             "Randomness"), so sample 0 is exactly plain generation and the N samples are N

@@ -18,6 +18,9 @@ from ..models.gguf_loader import LoadedModel
 from ..params import SamplingParams
 from ..tokenizer import StreamDecoder
 
+# The most samples per prompt (n): each is a request with its own cache sequence.
+MAX_N = 1024
+
 __all__ = ["GenerationResult", "SpeculativeResult", "Request", "Prompt", "PerRequest"]
 
 Prompt = Union[str, Sequence[int], torch.Tensor]  # text, or token ids
@@ -315,8 +318,8 @@ def check_length_options(
     """Checks the sample, length-control and logprob arguments of :func:`decodekit.generate`
     (before the model is loaded); returns them normalised, ``min_new_tokens`` and ``eos_bias``
     as per-prompt lists."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
-        raise ValueError(f"{op}: n must be None or an int >= 1, got {n!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_N):
+        raise ValueError(f"{op}: n must be None or an int in [1, {MAX_N}], got {n!r}")
     if not isinstance(vote, bool):
         raise TypeError(f"{op}: vote must be True or False, got {type(vote).__name__}")
     if vote and n is None:
