@@ -348,3 +348,20 @@ def test_heads_and_drafter_argument_errors(lm):
     with pytest.raises(ValueError, match=f"candidate rank {n} but the heads rank only {n} tokens"):
         MedusaDrafter(heads, tree=[[n]])
     assert MedusaDrafter(heads, tree=[[n - 1]]).tree.top_k == n
+
+
+def test_a_tree_that_would_pass_the_context_end_takes_plain_steps(lm, monkeypatch):
+    # A request that ends exactly at the context length: where the tree's nodes would not fit in
+    # the context left, the loop takes plain steps instead, and greedy output is plain greedy's.
+    import dataclasses
+
+    prompt = list(range(200, 230))
+    n_new = 40
+    monkeypatch.setattr(lm.model, "config", dataclasses.replace(lm.model.config, max_seq_len=len(prompt) + n_new))
+    plain = decodekit.generate(prompt, model=lm, max_new_tokens=n_new, temperature=0, stop_on_eos=False)
+    d = MedusaDrafter(zero_heads(lm), tree=[[0], [0, 0], [0, 0, 0], [1]])
+    spec = decodekit.speculative_generate(
+        prompt, model=lm, drafter=d, max_new_tokens=n_new, temperature=0, stop_on_eos=False, draft_schedule="constant"
+    )
+    assert spec.token_ids == plain.token_ids and len(spec.token_ids) == n_new
+    assert d.passes > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import decodekit
 from decodekit import NgramDrafter, speculative_generate
@@ -503,3 +504,33 @@ def test_sampled_request_without_drafts_beside_drafting_neighbours(lm):
         )
         assert mixed[1].token_ids == alone.token_ids, schedule
         assert alone.drafted > 0
+
+
+class _LogitsDrafter:
+    """A drafter with its own distribution (flat logits over the first 64 ids, drafts chosen with
+    the loop's `choose`) that returns `extra` more drafts than asked for."""
+
+    def __init__(self, V, extra):
+        self.V, self.extra = V, extra
+
+    def propose(self, context, k):
+        return []
+
+    def propose_with_logits(self, context, k, choose, key=None):
+        logits = torch.full((k + self.extra, self.V), float("-inf"))
+        logits[:, :64] = 0.0
+        drafts = [choose(logits[j], j) for j in range(k)] + [7] * self.extra
+        return drafts, logits
+
+
+def test_drafts_with_logits_beyond_k_are_cut_to_k(lm):
+    # propose_with_logits returning more than k drafts: the first k and their logits are used,
+    # exactly as from a drafter that returned k (propose()'s drafts are cut the same way).
+    V = lm.config.vocab_size
+    kw = dict(model=lm, max_new_tokens=20, temperature=0.9, seed=5, num_draft_tokens=3, stop_on_eos=False)
+    kw["draft_schedule"] = "constant"
+    exact = speculative_generate(PROMPTS[0], drafter=_LogitsDrafter(V, 0), **kw)
+    for extra in (3, 40):  # (40: more than the cache's free blocks would take)
+        more = speculative_generate(PROMPTS[0], drafter=_LogitsDrafter(V, extra), **kw)
+        assert more.token_ids == exact.token_ids and len(more.token_ids) == 20
+        assert more.drafted == exact.drafted and more.drafted > 0

@@ -300,10 +300,14 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         if not active:
             return
         seqs = [r.seq_id for r in active]
-        if tree_mode and adaptive_drafts and all(r.draft_len == 0 for r in active):
-            # Every request's heads keep missing: a plain step (a greedy request's argmax is the
-            # token the tree pass would emit; a sampled request at length 0 draws from its root
-            # by plain sampling in a tree pass too), which also gives the heads their next state.
+        if tree_mode and (
+            (adaptive_drafts and all(r.draft_len == 0 for r in active))
+            or max(len(r.prompt_ids) + len(r.token_ids) - 1 for r in active) + len(tree.depths) > lm.config.max_seq_len
+        ):
+            # Every request's heads keep missing, or the tree's nodes would not fit in the context
+            # left: a plain step (a greedy request's argmax is the token the tree pass would emit;
+            # a sampled request at length 0 draws from its root by plain sampling in a tree pass
+            # too), which also gives the heads their next state.
             before, cand, plain_pass, own_tree = None, None, True, [False] * len(active)
             pass_clock.start("plain")
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
@@ -881,6 +885,8 @@ def _propose(drafter, r: Request, K: int, V: int, call_key, op: str):
                 f"{op}: the drafter returned logits of shape {tuple(getattr(dl, 'shape', ()))} for "
                 f"{len(proposal)} drafts; expected [{len(proposal)}, {V}]"
             )
+        # (more than asked for: the first `room` drafts and their logits, as propose()'s are cut)
+        proposal, dl = proposal[:room], dl[:room]
     else:
         proposal = drafter.propose(context, room, **kw)
         if proposal is None or isinstance(proposal, (str, bytes)) or not hasattr(proposal, "__iter__"):
