@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import struct
 from typing import Optional, Union
 
 import torch
@@ -33,6 +34,23 @@ FLT_MAX = 3.4028234663852886e38
 #: ``T -> 0+`` limit: uniform over the tied maxima), never as ``T = 0`` (greedy) by rounding.
 T_TINY = 1.1754943508222875e-38
 INT64_MIN, UINT64_END = -(2**63), 2**64
+
+
+def is_float32_number(x) -> bool:
+    """A real number (not bool) that is finite in float32: NaN, +-inf and |x| > FLT_MAX are not."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    try:
+        return abs(float(x)) <= FLT_MAX
+    except OverflowError:  # (an int beyond float64's range)
+        return False
+
+
+def float32_value(x: float) -> float:
+    """x rounded to float32 (x a float32-range number)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 WHY_LOGITS = "have a NaN, no finite logit, or +inf logits with temperature > 0"

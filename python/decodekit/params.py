@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._checks import FLT_MAX, T_TINY, check_number, to_int64_bits
+from ._checks import FLT_MAX, T_TINY, check_number, float32_value, is_float32_number, to_int64_bits
 
 __all__ = ["SamplingParams", "rows"]
 
@@ -35,11 +35,12 @@ class SamplingParams:
         min_p: keep tokens with ``p >= min_p * p_max``, in ``[0, 1]``; 0 disables (default).
         seed: Philox seed, an int in ``[0, 2^64)``, or None (the decode loop then draws one
             when the request samples).
-        repetition_penalty: finite and ``> 0``; 1 disables. Counts prompt and output tokens.
-        frequency_penalty, presence_penalty: finite; 0 disables. Count output tokens.
-        logit_bias: ``{token_id: bias}`` added to the logits; ``-inf`` bans a token, ``+inf``
-            and NaN are errors (use ``allowed_token_ids`` of :func:`decodekit.apply_penalties`
-            to force a token).
+        repetition_penalty: finite in float32 (``|x| <= 3.4028235e38``) and ``> 0`` there; 1
+            disables. Counts prompt and output tokens.
+        frequency_penalty, presence_penalty: finite in float32; 0 disables. Count output tokens.
+        logit_bias: ``{token_id: bias}`` added to the logits: finite in float32, or ``-inf`` to
+            ban a token; ``+inf`` and NaN are errors (a large finite bias such as 1e9 forces a
+            token; the op :func:`decodekit.apply_penalties` also takes ``allowed_token_ids``).
 
     Raises:
         TypeError / ValueError naming the field (and, from :meth:`checked`, the caller and the
@@ -113,15 +114,16 @@ def _normalised(v: dict, op: str, where: str) -> dict:
     out["seed"] = None if seed is None else int(seed)
     for name, default in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
         value = v.get(name, default)
-        try:
-            ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
-        except OverflowError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{op}: {name}{where} must be a finite number, got {value!r:.60}")
+        if not is_float32_number(value):
+            raise ValueError(
+                f"{op}: {name}{where} must be a finite number of float32 range (|x| <= {FLT_MAX:.7g}), "
+                f"got {value!r:.60}"
+            )
         out[name] = float(value)
-    if not out["repetition_penalty"] > 0:
-        raise ValueError(f"{op}: repetition_penalty{where} must be > 0, got {out['repetition_penalty']}")
+    if not float32_value(out["repetition_penalty"]) > 0:  # (1e-300 is 0 in float32)
+        raise ValueError(
+            f"{op}: repetition_penalty{where} must be > 0 (and > 0 in float32), got {out['repetition_penalty']}"
+        )
     out["logit_bias"] = _logit_bias(v.get("logit_bias"), op, where)
     return out
 
@@ -135,16 +137,16 @@ def _logit_bias(bias, op: str, where: str) -> Optional[Dict[int, float]]:
     for tok, val in bias.items():
         if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
             raise ValueError(f"{op}: logit_bias{where} token ids must be ints >= 0, got {tok!r}")
-        try:
-            f = float(val) if isinstance(val, numbers.Real) and not isinstance(val, bool) else math.nan
-        except OverflowError:
-            f = math.nan
-        if math.isnan(f) or f == math.inf:
+        ok = is_float32_number(val) or (
+            isinstance(val, numbers.Real) and not isinstance(val, bool) and val == -math.inf
+        )
+        if not ok:
             raise ValueError(
-                f"{op}: logit_bias{where} values must be numbers below +inf (-inf bans a token; to "
-                f"force one, pass allowed_token_ids), got {val!r:.60} for token {tok}"
+                f"{op}: logit_bias{where} values must be finite numbers of float32 range (|bias| <= "
+                f"{FLT_MAX:.7g}) or -inf (bans the token); to force a token, give it a large finite bias "
+                f"such as 1e9; got {val!r:.60} for token {tok}"
             )
-        out[int(tok)] = f
+        out[int(tok)] = float(val)
     return out or None
 
 

@@ -9,6 +9,7 @@ module; "alone" results are computed once and shared by the tests.
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -318,3 +319,46 @@ def test_subnormal_temperature_request_is_not_greedy():
 
     (t, *_), _ = rows([SamplingParams(temperature=1e-46, seed=1)], [0])
     assert t.tolist() == [1.1754943508222875e-38]
+
+
+def test_out_of_float32_range_numbers_and_flags_are_refused_at_once(lm):
+    # Found by a trial: values past float32's range failed late (in the penalties op, after the
+    # prefill) or with another op's advice; flags took any truthy object.
+    kw = dict(model=lm, max_new_tokens=2)
+    for name, value in (("presence_penalty", 1e300), ("frequency_penalty", -1e39), ("repetition_penalty", 1e39)):
+        with pytest.raises(ValueError, match=f"generate: {name} must be a finite number of float32 range"):
+            generate("Hi", **kw, **{name: value})
+    with pytest.raises(ValueError, match=r"repetition_penalty must be > 0 \(and > 0 in float32\)"):
+        generate("Hi", **kw, repetition_penalty=1e-300)
+    with pytest.raises(ValueError, match="eos_bias must be a finite number of float32 range"):
+        generate("Hi", **kw, temperature=0.7, eos_bias=1e300)
+    with pytest.raises(ValueError, match="logit_bias values must be finite numbers of float32 range .* or -inf"):
+        generate("Hi", **kw, logit_bias={5: 1e39})
+    with pytest.raises(ValueError, match=r"logit_bias\[1\] bans every token of the vocabulary \(49152\)"):
+        V = lm.config.vocab_size
+        generate(["Hi", "Yo"], **kw, logit_bias=[None, {t: float("-inf") for t in range(V)}])
+    for name in ("chat_template", "stop_on_eos"):
+        with pytest.raises(TypeError, match=f"generate: {name} must be True or False, got 'no'"):
+            generate("Hi", **kw, **{name: "no"})
+    # the largest float32-range values and -inf bans are still taken
+    out = generate("Hi", **kw, temperature=0.0, logit_bias={5: -3e38, 6: float("-inf")}, presence_penalty=3e38)
+    assert len(out.token_ids) == 2 and not {5, 6} & set(out.token_ids)
+
+
+def test_cli_stops_quietly_when_stdout_closes(lm):
+    # Found by a trial: `decodekit ... | head` printed a BrokenPipeError traceback.
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    cmd = [sys.executable, "-m", "decodekit", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"]
+    try:
+        proc = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_confidence_refuses_speculative(capsys):
+    from decodekit.cli import main
+
+    assert main(["--confidence", "--speculative", "ngram", "--prompt", "Hi"]) == 1
+    assert "--confidence does not take --speculative" in capsys.readouterr().err

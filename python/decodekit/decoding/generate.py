@@ -10,6 +10,7 @@ Defaults shared with the command line (:mod:`decodekit.cli`): ``DEFAULT_TEMPERAT
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -61,6 +62,23 @@ _PARAMS = (
 )
 
 
+def _check_flags(op: str, **flags) -> None:
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {flag!r:.60}")
+
+
+def _check_logit_bias_ids(r, V: int, batched: bool, op: str) -> None:
+    """A request's logit_bias names ids of the vocabulary and leaves at least one token allowed."""
+    bias = r.params.logit_bias or {}
+    at = f"[{r.index}]" if batched else ""
+    bad = sorted(t for t in bias if t >= V)
+    if bad:
+        raise ValueError(f"{op}: logit_bias{at} token ids {bad[:5]} outside [0, {V})")
+    if sum(1 for b in bias.values() if b == -math.inf) >= V:
+        raise ValueError(f"{op}: logit_bias{at} bans every token of the vocabulary ({V}); leave at least one allowed")
+
+
 def _decode(
     op: str,
     prompt,
@@ -82,6 +100,7 @@ def _decode(
     the sample, length-control and logprob arguments (see :func:`generate`)."""
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"{op}: deterministic must be None, True or False, got {deterministic!r}")
+    _check_flags(op, chat_template=chat_template, stop_on_eos=stop_on_eos)
     batched = is_prompt_batch(prompt)
     prompts = list(prompt) if batched else [prompt]
     n = len(prompts)
@@ -128,10 +147,7 @@ def _decode(
                 f"+ max_new_tokens={r.max_new_tokens} exceed the model's context length "
                 f"{lm.config.max_seq_len}"
             )
-        bad = sorted(t for t in (r.params.logit_bias or {}) if t >= lm.config.vocab_size)
-        if bad:
-            at = f"[{r.index}]" if batched else ""
-            raise ValueError(f"{op}: logit_bias{at} token ids {bad[:5]} outside [0, {lm.config.vocab_size})")
+        _check_logit_bias_ids(r, lm.config.vocab_size, batched, op)
         if r.seed is None and not r.params.greedy and r.max_new_tokens > 0:
             r.params = r.params.with_seed(int.from_bytes(os.urandom(4), "little"))
     if opts["logprobs"] and opts["top_logprobs"] > lm.config.vocab_size:
