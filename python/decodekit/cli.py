@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -212,11 +213,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
-    if args.command == "determinism":
-        from . import determinism
+    try:
+        if args.command == "determinism":
+            from . import determinism
 
-        return determinism.main(args)
-    return _generate(args)
+            return determinism.main(args)
+        return _generate(args)
+    except BrokenPipeError:
+        # stdout's reader went away (e.g. `| head`): stop quietly; Python's exit flush must not
+        # raise again on the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 def _read_prompts(args: argparse.Namespace) -> List[str]:
@@ -271,6 +279,11 @@ def _generate(args: argparse.Namespace) -> int:
         print("decodekit: error: --vote needs --n (the number of samples)", file=sys.stderr)
         return 1
     if args.confidence:
+        if args.speculative:
+            print(
+                "decodekit: error: --confidence does not take --speculative (it runs plain decoding)", file=sys.stderr
+            )
+            return 1
         return _confidence(args, prompts)
     seeds = args.seed
     if seeds is not None and len(seeds) == 1:
