@@ -485,3 +485,19 @@ def test_cli_confidence(lm, capsys):
     want = decodekit.confidence("Hi", n=2, model=lm, seed=3, max_new_tokens=4)
     assert obj["confidence"]["greedy_text"] == want.greedy_text
     assert obj["confidence"]["token_agreement"] == want.token_agreement
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_speculative_logprobs_are_plain_decodings_bits(lm, top):
+    # Found by a trial: a speculative pass reported a token's logprob from float64 arithmetic,
+    # 1e-7 away from the op's value that a plain step reports (and from the token's own entry
+    # in its top list). A token in the op's top list (a greedy token always is) now takes the
+    # op's value: greedy speculative decoding reports plain decoding's raw logprobs bit for bit
+    # (processed ones are 0 for a greedy token either way).
+    kw = dict(model=lm, max_new_tokens=24, temperature=0, logprobs=True, logprobs_mode="raw", stop_on_eos=False)
+    plain = generate(PROMPT, top_logprobs=top, **kw)
+    spec = speculative_generate(PROMPT, drafter="ngram", top_logprobs=top, draft_schedule="constant", **kw)
+    assert spec.token_ids == plain.token_ids and spec.accepted > 0
+    assert spec.logprobs == plain.logprobs and spec.top_logprobs == plain.top_logprobs
+    if top:
+        assert [t[0][1] for t in spec.top_logprobs] == spec.logprobs

@@ -477,14 +477,15 @@ def _length_control(
 def _logprob_rows(logits: torch.Tensor, reqs: List[Request], tokens: List[int], n: int, mode: str) -> list:
     """``(logprob, [(id, logprob)] * n)`` of ``tokens[i]`` under the processed distribution of
     row ``i`` of ``logits [N, V]`` (request ``reqs[i]``'s parameters), from the sampling op's
-    logprob outputs: the op's top-``n`` list, and the logprob of the given token from
-    :func:`decodekit.processed_probs` (``log_softmax`` of the logits in "raw" mode)."""
+    logprob outputs: the op's top-``n`` list, and the logprob of the given token: the op's value
+    where the token is in its top ``max(n, 1)`` (as a plain step reports it), else from
+    :func:`decodekit.processed_probs` in float64 (``log_softmax`` of the logits in "raw" mode)."""
     if not tokens:
         return []
     params, rng = rows([r.params for r in reqs], [0] * len(reqs))
-    out = None
-    if n:
-        out = sample_from_logits(logits, *params, **rng, top_logprobs=n, logprobs_mode=mode)
+    # The op's top list (at least the top 1): a token in it takes the op's value, the bits a
+    # plain step reports for it (a greedy token always is); any other token, the float64 value.
+    out = sample_from_logits(logits, *params, **rng, top_logprobs=max(n, 1), logprobs_mode=mode)
     tok = torch.tensor(tokens, dtype=torch.int64)[:, None]
     if mode == "raw":
         lp = torch.log_softmax(logits.double(), dim=-1).gather(1, tok)[:, 0]
@@ -492,8 +493,9 @@ def _logprob_rows(logits: torch.Tensor, reqs: List[Request], tokens: List[int], 
         lp = processed_probs(logits, *params).double().log().gather(1, tok)[:, 0]
     res = []
     for i in range(len(tokens)):
-        top = list(zip(out.top_ids[i].tolist(), out.top_logprobs[i].tolist())) if out is not None else []
-        res.append((float(lp[i]), top))
+        ids, vals = out.top_ids[i].tolist(), out.top_logprobs[i].tolist()
+        own = vals[ids.index(tokens[i])] if tokens[i] in ids else float(lp[i])
+        res.append((own, list(zip(ids[:n], vals[:n])) if n else []))
     return res
 
 
