@@ -350,18 +350,36 @@ def test_heads_and_drafter_argument_errors(lm):
     assert MedusaDrafter(heads, tree=[[n - 1]]).tree.top_k == n
 
 
-def test_a_tree_that_would_pass_the_context_end_takes_plain_steps(lm, monkeypatch):
-    # A request that ends exactly at the context length: where the tree's nodes would not fit in
-    # the context left, the loop takes plain steps instead, and greedy output is plain greedy's.
+@pytest.mark.parametrize("acceptance", ["lossless", "typical"])
+def test_requests_near_the_context_end_take_their_root_alone(lm, monkeypatch, acceptance):
+    # A request that ends exactly at the context length: where its tree's nodes would not fit in
+    # the context left, it runs its root alone (a plain step) and draws as a plain step does,
+    # while its neighbours verify their trees as they would alone. Greedy output is plain
+    # greedy's; seeded sampled requests give their tokens alone, whatever the batch.
     import dataclasses
 
-    prompt = list(range(200, 230))
+    lm.model._rope_tables()  # built at full length before the context is shortened (they are kept)
+    long = list(range(200, 230))
     n_new = 40
-    monkeypatch.setattr(lm.model, "config", dataclasses.replace(lm.model.config, max_seq_len=len(prompt) + n_new))
-    plain = decodekit.generate(prompt, model=lm, max_new_tokens=n_new, temperature=0, stop_on_eos=False)
-    d = MedusaDrafter(zero_heads(lm), tree=[[0], [0, 0], [0, 0, 0], [1]])
-    spec = decodekit.speculative_generate(
-        prompt, model=lm, drafter=d, max_new_tokens=n_new, temperature=0, stop_on_eos=False, draft_schedule="constant"
-    )
-    assert spec.token_ids == plain.token_ids and len(spec.token_ids) == n_new
-    assert d.passes > 0
+    monkeypatch.setattr(lm.model, "config", dataclasses.replace(lm.model.config, max_seq_len=len(long) + n_new))
+    tree = [[0], [0, 0], [0, 0, 0], [1]]
+    kw = dict(model=lm, stop_on_eos=False, draft_schedule="constant")
+
+    def medusa(prompts, **more):
+        d = MedusaDrafter(zero_heads(lm), tree=tree, acceptance=acceptance)
+        return decodekit.speculative_generate(prompts, drafter=d, **kw, **more), d
+
+    plain = decodekit.generate(long, model=lm, max_new_tokens=n_new, temperature=0, stop_on_eos=False)
+    spec, d = medusa(long, max_new_tokens=n_new, temperature=0)
+    assert spec.token_ids == plain.token_ids and len(spec.token_ids) == n_new and d.passes > 0
+    # A seeded sampled request beside one that reaches the context end: its tokens as alone.
+    tree = [[0], [0, 0], [1], [2]]
+    L = 80  # (at 70 the sampled request's tokens happened to agree even with a batch-wide plain step)
+    monkeypatch.setattr(lm.model, "config", dataclasses.replace(lm.model.config, max_seq_len=L))
+    near_end = list(range(200, 200 + L - 12))
+    sampled = dict(temperature=0.8, top_p=0.95)
+    prompts, seeds, lengths = [PROMPTS[2], near_end], [7, 1], [30, 12]
+    both, _ = medusa(prompts, seed=seeds, max_new_tokens=lengths, **sampled)
+    alone = [medusa(p, seed=s, max_new_tokens=m, **sampled)[0] for p, s, m in zip(prompts, seeds, lengths)]
+    assert [r.token_ids for r in both] == [r.token_ids for r in alone]
+    assert [len(r.token_ids) for r in both] == lengths and both[0].drafted > 0

@@ -300,14 +300,10 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         if not active:
             return
         seqs = [r.seq_id for r in active]
-        if tree_mode and (
-            (adaptive_drafts and all(r.draft_len == 0 for r in active))
-            or max(len(r.prompt_ids) + len(r.token_ids) - 1 for r in active) + len(tree.depths) > lm.config.max_seq_len
-        ):
-            # Every request's heads keep missing, or the tree's nodes would not fit in the context
-            # left: a plain step (a greedy request's argmax is the token the tree pass would emit;
-            # a sampled request at length 0 draws from its root by plain sampling in a tree pass
-            # too), which also gives the heads their next state.
+        if tree_mode and adaptive_drafts and all(r.draft_len == 0 for r in active):
+            # Every request's heads keep missing: a plain step (a greedy request's argmax is the
+            # token the tree pass would emit; a sampled request at length 0 draws from its root
+            # by plain sampling in a tree pass too), which also gives the heads their next state.
             before, cand, plain_pass, own_tree = None, None, True, [False] * len(active)
             pass_clock.start("plain")
             inp = torch.tensor([r.token_ids[-1] for r in active], dtype=torch.long)[:, None]
@@ -328,9 +324,14 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             # they are dropped at compaction)
             own_tree = [not adaptive_drafts or r.params.greedy or r.draft_len != 0 for r in active]
             t0 = time.perf_counter()
-            logits, tree_hidden = forward_paged(
-                cand, cache, seqs, all_logits=True, return_hidden=True, tree_parents=tree.parents
-            )  # [B, N, V], [B, N, H]
+            # A request whose tree's nodes would not fit in the context left takes its root alone
+            # (a plain step's logits and state, the same bits as the root's in a tree pass) and
+            # draws from it as a request at length 0 does: what it would do alone; the others
+            # verify their trees as they would alone.
+            tail = [b for b in range(len(active)) if before[b] + tree.num_nodes > lm.config.max_seq_len]
+            for b in tail:
+                own_tree[b] = False
+            logits, tree_hidden = _tree_pass(forward_paged, cand, cache, seqs, tree, tail)  # [B, N, V], [B, N, H]
             drafter.forward_seconds += time.perf_counter() - t0
             for r, own in zip(active, own_tree):
                 r.steps += 1
@@ -372,6 +373,27 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             logits = forward_paged(inp, cache, seqs, all_logits=True)  # [B, 1 + width, V]
         for r in active:
             r.steps += 1
+
+
+def _tree_pass(forward_paged, cand: torch.Tensor, cache, seqs: List[int], tree, tail: List[int]):
+    """The tree pass's ``(logits [B, N, V], hidden [B, N, H])``: one target pass over the trees
+    (tree mask), except for the rows ``tail``, which run their root (``cand[b, 0]``) alone, as a
+    plain step, every node's row then holding the root's."""
+    if not tail:
+        return forward_paged(cand, cache, seqs, all_logits=True, return_hidden=True, tree_parents=tree.parents)
+    B, N = cand.shape
+    fit = [b for b in range(B) if b not in set(tail)]
+    root_logits, root_hidden = forward_paged(cand[tail, :1], cache, [seqs[b] for b in tail], return_hidden=True)
+    logits = root_logits.new_empty(B, N, root_logits.shape[-1])
+    hidden = root_hidden.new_empty(B, N, root_hidden.shape[-1])
+    logits[tail] = root_logits[:, None]
+    hidden[tail] = root_hidden[:, None]
+    if fit:
+        lf, hf = forward_paged(
+            cand[fit], cache, [seqs[b] for b in fit], all_logits=True, return_hidden=True, tree_parents=tree.parents
+        )
+        logits[fit], hidden[fit] = lf, hf
+    return logits, hidden
 
 
 def _processed(
