@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import struct
 from typing import Optional, Union
 
 import torch
@@ -34,6 +33,8 @@ FLT_MAX = 3.4028234663852886e38
 #: ``T -> 0+`` limit: uniform over the tied maxima), never as ``T = 0`` (greedy) by rounding.
 T_TINY = 1.1754943508222875e-38
 INT64_MIN, UINT64_END = -(2**63), 2**64
+#: The smallest repetition_penalty the penalties op takes.
+REPETITION_PENALTY_MIN = 1e-30
 
 
 def is_float32_number(x) -> bool:
@@ -44,11 +45,6 @@ def is_float32_number(x) -> bool:
         return abs(float(x)) <= FLT_MAX
     except OverflowError:  # (an int beyond float64's range)
         return False
-
-
-def float32_value(x: float) -> float:
-    """x rounded to float32 (x a float32-range number)."""
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -221,9 +221,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _generate(args)
     except BrokenPipeError:
         # stdout's reader went away (e.g. `| head`): stop quietly; Python's exit flush must not
-        # raise again on the closed pipe.
+        # raise again on the closed pipe (a stdout without a file descriptor has nothing to flush).
+        try:
+            fd = sys.stdout.fileno()
+        except (OSError, ValueError):
+            return 1
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fd)
+        os.close(devnull)
         return 1
 
 
@@ -279,10 +284,18 @@ def _generate(args: argparse.Namespace) -> int:
         print("decodekit: error: --vote needs --n (the number of samples)", file=sys.stderr)
         return 1
     if args.confidence:
-        if args.speculative:
-            print(
-                "decodekit: error: --confidence does not take --speculative (it runs plain decoding)", file=sys.stderr
+        spec = [
+            flag
+            for flag, given in (
+                ("--speculative", bool(args.speculative)),
+                ("--acceptance", args.acceptance != "lossless"),
+                ("--draft-schedule", args.draft_schedule is not None),
+                ("--draft-model", bool(args.draft_model)),
             )
+            if given
+        ]
+        if spec:
+            print(f"decodekit: error: --confidence does not take {spec[0]} (it runs plain decoding)", file=sys.stderr)
             return 1
         return _confidence(args, prompts)
     seeds = args.seed

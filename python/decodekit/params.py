@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._checks import FLT_MAX, T_TINY, check_number, float32_value, is_float32_number, to_int64_bits
+from ._checks import FLT_MAX, REPETITION_PENALTY_MIN, T_TINY, check_number, is_float32_number, to_int64_bits
 
 __all__ = ["SamplingParams", "rows"]
 
@@ -35,7 +35,7 @@ class SamplingParams:
         min_p: keep tokens with ``p >= min_p * p_max``, in ``[0, 1]``; 0 disables (default).
         seed: Philox seed, an int in ``[0, 2^64)``, or None (the decode loop then draws one
             when the request samples).
-        repetition_penalty: finite in float32 (``|x| <= 3.4028235e38``) and ``> 0`` there; 1
+        repetition_penalty: finite in float32 (``|x| <= 3.4028235e38``) and ``>= 1e-30``; 1
             disables. Counts prompt and output tokens.
         frequency_penalty, presence_penalty: finite in float32; 0 disables. Count output tokens.
         logit_bias: ``{token_id: bias}`` added to the logits: finite in float32, or ``-inf`` to
@@ -120,9 +120,10 @@ def _normalised(v: dict, op: str, where: str) -> dict:
                 f"got {value!r:.60}"
             )
         out[name] = float(value)
-    if not float32_value(out["repetition_penalty"]) > 0:  # (1e-300 is 0 in float32)
+    if not out["repetition_penalty"] >= REPETITION_PENALTY_MIN:
         raise ValueError(
-            f"{op}: repetition_penalty{where} must be > 0 (and > 0 in float32), got {out['repetition_penalty']}"
+            f"{op}: repetition_penalty{where} must be >= {REPETITION_PENALTY_MIN:g} (the penalties op's "
+            f"smallest), got {out['repetition_penalty']}"
         )
     out["logit_bias"] = _logit_bias(v.get("logit_bias"), op, where)
     return out

@@ -328,8 +328,9 @@ def test_out_of_float32_range_numbers_and_flags_are_refused_at_once(lm):
     for name, value in (("presence_penalty", 1e300), ("frequency_penalty", -1e39), ("repetition_penalty", 1e39)):
         with pytest.raises(ValueError, match=f"generate: {name} must be a finite number of float32 range"):
             generate("Hi", **kw, **{name: value})
-    with pytest.raises(ValueError, match=r"repetition_penalty must be > 0 \(and > 0 in float32\)"):
-        generate("Hi", **kw, repetition_penalty=1e-300)
+    for tiny in (1e-300, 1e-35):  # (0 in float32; a positive float32 below the op's smallest)
+        with pytest.raises(ValueError, match=r"generate: repetition_penalty must be >= 1e-30"):
+            generate("Hi", **kw, repetition_penalty=tiny)
     with pytest.raises(ValueError, match="eos_bias must be a finite number of float32 range"):
         generate("Hi", **kw, temperature=0.7, eos_bias=1e300)
     with pytest.raises(ValueError, match="logit_bias values must be finite numbers of float32 range .* or -inf"):
@@ -360,5 +361,6 @@ def test_cli_stops_quietly_when_stdout_closes(lm):
 def test_cli_confidence_refuses_speculative(capsys):
     from decodekit.cli import main
 
-    assert main(["--confidence", "--speculative", "ngram", "--prompt", "Hi"]) == 1
-    assert "--confidence does not take --speculative" in capsys.readouterr().err
+    for flags in (["--speculative", "ngram"], ["--acceptance", "typical"], ["--draft-schedule", "constant"]):
+        assert main(["--confidence", *flags, "--prompt", "Hi"]) == 1
+        assert f"--confidence does not take {flags[0]}" in capsys.readouterr().err

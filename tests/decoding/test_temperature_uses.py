@@ -197,6 +197,8 @@ def test_sample_arguments_are_checked(lm):
         generate("Hi", model=lm, n=0)
     with pytest.raises(ValueError, match=r"n must be None or an int in \[1, 1024\], got 1000000000"):
         generate("Hi", model=lm, n=10**9)  # at once, before any request is built
+    with pytest.raises(ValueError, match=r"confidence: n must be an int in \[1, 1024\], got 2000"):
+        decodekit.confidence("Hi", model=lm, n=2000)  # before the greedy answer is decoded
     with pytest.raises(ValueError, match="vote=True needs n"):
         generate("Hi", model=lm, vote=True)
     with pytest.raises(ValueError, match="min_new_tokens must be an int >= 0"):
@@ -247,7 +249,7 @@ def test_confidence_compares_greedy_with_samples_at_t1(lm):
     assert c.greedy_mean_logprob == pytest.approx(sum(want) / len(want), abs=1e-4)
     with pytest.raises(ValueError, match="temperature cannot be set here"):
         decodekit.confidence("Hi", model=lm, temperature=0.5)
-    with pytest.raises(ValueError, match="n must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"n must be an int in \[1, 1024\]"):
         decodekit.confidence("Hi", n=0, model=lm)
 
 

@@ -101,10 +101,10 @@ def confidence(
         >>> c.token_agreement, c.edit_distance
     """
     from .generate import generate
-    from .request import is_prompt_batch
+    from .request import MAX_N, is_prompt_batch
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"confidence: n must be an int >= 1, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ValueError(f"confidence: n must be an int in [1, {MAX_N}], got {n!r}")
     fixed = ("temperature", "top_p", "top_k", "min_p", "n", "vote", "logprobs", "top_logprobs", "logprobs_mode")
     clash = sorted(set(kwargs) & set(fixed))
     if clash:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import RowParam, check_logits, check_vocab_size, has_data, host_bool, row_param
+from .._checks import REPETITION_PENALTY_MIN, RowParam, check_logits, check_vocab_size, has_data, host_bool, row_param
 
 ops = torch.ops.decodekit
 
@@ -154,7 +154,12 @@ def apply_penalties(
     vs = check_vocab_size(vocab_size, V, op)
     common = dict(op=op, ref=logits, validate=validate, integer=False, dtype=torch.float32)
     r_t, r_v = row_param(
-        repetition_penalty, "repetition_penalty", lo=1e-30, hi=None, allowed="finite and > 0", **common
+        repetition_penalty,
+        "repetition_penalty",
+        lo=REPETITION_PENALTY_MIN,
+        hi=None,
+        allowed=f"finite and >= {REPETITION_PENALTY_MIN:g}",
+        **common,
     )
     f_t, f_v = row_param(frequency_penalty, "frequency_penalty", lo=None, hi=None, allowed="finite", **common)
     p_t, p_v = row_param(presence_penalty, "presence_penalty", lo=None, hi=None, allowed="finite", **common)
