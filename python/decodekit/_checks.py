@@ -47,6 +47,15 @@ def is_float32_number(x) -> bool:
         return False
 
 
+def check_float32_number(value, name: str, op: str) -> float:
+    """``value`` as a float when :func:`is_float32_number`, else a ValueError naming ``name``."""
+    if not is_float32_number(value):
+        raise ValueError(
+            f"{op}: {name} must be a finite number of float32 range (|x| <= {FLT_MAX:.7g}), got {value!r:.60}"
+        )
+    return float(value)
+
+
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 WHY_LOGITS = "have a NaN, no finite logit, or +inf logits with temperature > 0"

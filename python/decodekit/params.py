@@ -16,7 +16,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._checks import FLT_MAX, REPETITION_PENALTY_MIN, T_TINY, check_number, is_float32_number, to_int64_bits
+from ._checks import (
+    FLT_MAX,
+    REPETITION_PENALTY_MIN,
+    T_TINY,
+    check_float32_number,
+    check_number,
+    is_float32_number,
+    to_int64_bits,
+)
 
 __all__ = ["SamplingParams", "rows"]
 
@@ -113,13 +121,7 @@ def _normalised(v: dict, op: str, where: str) -> dict:
         raise ValueError(f"{op}: seed{where} must be None or an int in [0, 2^64), got {seed!r}")
     out["seed"] = None if seed is None else int(seed)
     for name, default in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
-        value = v.get(name, default)
-        if not is_float32_number(value):
-            raise ValueError(
-                f"{op}: {name}{where} must be a finite number of float32 range (|x| <= {FLT_MAX:.7g}), "
-                f"got {value!r:.60}"
-            )
-        out[name] = float(value)
+        out[name] = check_float32_number(v.get(name, default), f"{name}{where}", op)
     if not out["repetition_penalty"] >= REPETITION_PENALTY_MIN:
         raise ValueError(
             f"{op}: repetition_penalty{where} must be >= {REPETITION_PENALTY_MIN:g} (the penalties op's "

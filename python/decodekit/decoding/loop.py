@@ -382,7 +382,8 @@ def _tree_pass(forward_paged, cand: torch.Tensor, cache, seqs: List[int], tree, 
     if not tail:
         return forward_paged(cand, cache, seqs, all_logits=True, return_hidden=True, tree_parents=tree.parents)
     B, N = cand.shape
-    fit = [b for b in range(B) if b not in set(tail)]
+    rest = set(tail)
+    fit = [b for b in range(B) if b not in rest]
     root_logits, root_hidden = forward_paged(cand[tail, :1], cache, [seqs[b] for b in tail], return_hidden=True)
     logits = root_logits.new_empty(B, N, root_logits.shape[-1])
     hidden = root_hidden.new_empty(B, N, root_hidden.shape[-1])

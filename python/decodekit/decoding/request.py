@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._checks import FLT_MAX, is_float32_number
+from .._checks import check_float32_number
 from ..models.gguf_loader import LoadedModel
 from ..params import SamplingParams
 from ..tokenizer import StreamDecoder
@@ -332,10 +332,7 @@ def check_length_options(
     biases = per_request("eos_bias", eos_bias, num_prompts, op)
     for i, b in enumerate(biases):
         where = f"[{i}]" if batched else ""
-        if not is_float32_number(b):
-            raise ValueError(
-                f"{op}: eos_bias{where} must be a finite number of float32 range (|x| <= {FLT_MAX:.7g}), got {b!r:.60}"
-            )
+        check_float32_number(b, f"eos_bias{where}", op)
     ids = None
     if eos_token_ids is not None:
         raw = [eos_token_ids] if isinstance(eos_token_ids, numbers.Integral) else eos_token_ids
