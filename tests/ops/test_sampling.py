@@ -409,6 +409,34 @@ def test_top_p_alone_on_flat_rows_keeps_the_reference_nucleus(V, scale, T, p, mi
     assert bool((want[fast] > 0).all())
 
 
+@pytest.mark.parametrize(
+    "V,scale,T,p,order",
+    [
+        (49152, 3.0, 1.0, 0.5, "ascending"),  # the heavy tokens in the row's last vectors
+        (49152, 3.0, 1.0, 0.9, "descending"),  # ... and in its first ones
+        (128256, 3.5, 1.0, 0.999, "random"),  # the boundary in the far tail: the guess misses
+        (32000, 2.0, 0.7, 0.95, "ascending"),
+    ],
+)
+def test_top_p_on_flat_rows_whose_sample_misleads_keeps_the_reference_nucleus(V, scale, T, p, order):
+    # The flat cut first guesses the band holding the boundary from a sample of the row (one
+    # vector in eight) and verifies it exactly; where the guess misses (here the p = 0.999 row,
+    # whose boundary lies in the far tail) it counts every token. Sorted rows put the heavy
+    # tokens in a few vectors that the sample may skip. Either way the kept set and the draws
+    # must be the float64 reference's.
+    g = torch.Generator().manual_seed(int(V * scale * 10 + p * 1000) % 100003)
+    row = torch.randn(V, generator=g) * (scale * T)
+    if order != "random":
+        row = torch.sort(row, descending=order == "descending").values
+    want = ref.filtered_probs(row, temperature=T, top_p=p)
+    got = decodekit.processed_probs(row[None], T, top_p=p)[0]
+    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), int((want > 0).sum()))
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-12)
+    seeds = torch.arange(40) * 11 + 2
+    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+
+
 def test_top_p_gather_starts_empty_after_other_rows():
     # The nucleus gather of non-float32 rows reuses per-thread candidate lists: what a
     # previous call left there must not join the next row's candidates.

@@ -324,8 +324,8 @@ constexpr int kFlatBuckets = kFlatPerOctave * 30;
 // its exact mass per block of reduce::kBlock tokens, for draw_flat. False (nothing
 // decided) when the boundary lies below the exact domain: the caller then
 // takes the general path (nucleus_candidates, top_p_stage). banded_cut (below)
-// is tried first and finds the same cut with counts instead of masses; the
-// reads above run only where it declines.
+// is tried first and finds the same cut from a band of buckets instead of a
+// histogram of masses; the reads above run only where it declines.
 FlatNucleus& flat_nucleus() {
   thread_local FlatNucleus f;
   return f;
@@ -334,43 +334,70 @@ FlatNucleus& flat_nucleus() {
 // The flat cut without a histogram of masses: the same kept set and block
 // sums as the full histogram below (flat_cut), or false (nothing decided).
 //
-// Counts: the coarse bucket (64 per octave, as below) of every token, counted
-// (integer increments: no weight is needed). A token of bucket q weighs within
-// [2^-((q + 1) / 64), 2^-(q / 64)] up to the roundings of z and of exp (1e-5
-// relative, far above them), so the counts bound the mass before every
-// bucket from both sides; the band [qa, qb) is where those bounds straddle
-// p W (about 1% of the mass: a few thousand tokens of a flat row). qb <= nq:
-// the band lies in the exact domain.
+// The band: a range [qa, qb) of coarse buckets (64 per octave, as below)
+// that holds the boundary token. First guessed from the counts of a sample of
+// the row (one vector in 8: band_from_sample); the read below verifies it
+// exactly. Where it misses (rare: a boundary in the far tail, a row whose
+// heavy tokens all sit in unsampled vectors), every token is counted
+// (integer increments: no weight is needed), and since a token of bucket q
+// weighs within [2^-((q + 1) / 64), 2^-(q / 64)] up to the roundings of z and
+// of exp (1e-5 relative, far above them), the counts bound the mass before
+// every bucket from both sides: the band is where those bounds straddle p W
+// (band_from_counts; about 1% of the mass, a few thousand tokens of a flat
+// row). qb <= nq: the band lies in the exact domain.
 //
-// Read: every weight e into ns.w (nucleus_online stored it already for the
-// chunks it weighed relative to the row maximum: the same bits), the exact
-// mass of the tokens ranked above the band per block (reduce::kBlock), and the
-// ids of the band's tokens. The band's exact masses in fine buckets (512 per
+// Read (cut_in_band): every weight e into ns.w (nucleus_online stored it
+// already for the chunks it weighed relative to the row maximum: the same
+// bits), the exact mass of the tokens ranked above the band per block
+// (reduce::kBlock), and the ids of the band's tokens; false where the
+// boundary lies outside the band. The band's exact masses in fine buckets (512 per
 // octave, monotone in the logit) give the one where the running sum reaches
 // p W; only that one is sorted by rank and scanned. The boundary token is the
 // one the full histogram finds: both reproduce the exact rank-order running sum.
 constexpr int kFinePerBucket = 8;
 
-static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int nq,
-                       FlatNucleus& ns) {
-  if (nq < 2) return false;
-  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
-           vper = splat(static_cast<float>(kFlatPerOctave)), vnq = splat(static_cast<float>(nq));
-  // Counts of the coarse buckets (two arrays: neighbours do not wait on each other).
-  int32_t* cnt = ns.count.get(2 * (nq + 1));
+// The coarse bucket of each lane (as flat_cut's): nq (outside the domain) unless z < nq / 64.
+struct CoarseKey {
+  VF vm, vch, zero, vper, vnq;
+  CoarseKey(float m, const ExpScale& ec, int nq)
+      : vm(splat(m)),
+        vch(splat(ec.hi)),
+        zero(splat(0.0f)),
+        vper(splat(static_cast<float>(kFlatPerOctave))),
+        vnq(splat(static_cast<float>(nq))) {}
+  DK_INLINE VI operator()(VF xs) const {
+    const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
+    const VF qk = select(vnq > qf, qf, vnq);
+    VI qi;
+    for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
+    return qi;
+  }
+};
+
+// Counts of the coarse buckets into cnt[0..nq] (two arrays: neighbours do not
+// wait on each other's increment): of every token (stride 1), or of one vector
+// of 16 tokens in each group of `stride` vectors, at a position that varies
+// from group to group (a hash of the group), so that no periodic layout of the
+// row hides from the sample. Returns the number of tokens counted.
+static int64_t count_buckets(const float* row, int64_t V, const CoarseKey& key, int nq, int64_t stride, int32_t* cnt) {
   int32_t* cnt1 = cnt + nq + 1;
   std::memset(cnt, 0, sizeof(int32_t) * 2 * (nq + 1));
-  alignas(64) int32_t keys[kBlock];
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
-    const int64_t n = std::min(kBlock, V - b0);
-    for (int64_t k = 0; k < n; k += kLanes) {
-      const VF xs = k + kLanes <= n ? load_f32(row + b0 + k) : load_tail(row + b0, k, n);
-      const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
-      const VF qk = select(vnq > qf, qf, vnq);
-      VI qi;
-      for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
-      to_array(qi, keys + k);
+  alignas(64) int32_t keys[kBlock + kLanes];
+  const int64_t step = kLanes * stride;
+  int64_t counted = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock * stride) {
+    // Up to kBlock keys at a time, then their increments.
+    int64_t n = 0;
+    for (int64_t g0 = b0; g0 < std::min(V, b0 + kBlock * stride); g0 += step) {
+      const uint32_t h = static_cast<uint32_t>(g0 / step) * 2654435761u;
+      const int64_t c =
+          stride == 1 ? g0 : g0 + kLanes * static_cast<int64_t>((h >> 16) % static_cast<uint32_t>(stride));
+      if (c >= V) continue;
+      const VF xs = c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V);
+      to_array(key(xs), keys + n);
+      n += std::min<int64_t>(kLanes, V - c);  // a tail vector's padding lanes are overwritten or dropped
     }
+    counted += n;
     int64_t k = 0;
     for (; k + 2 <= n; k += 2) {
       ++cnt[keys[k]];
@@ -378,15 +405,23 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
     }
     if (k < n) ++cnt[keys[k]];
   }
-  // Bounds of the mass before each bucket: a token of bucket q weighs within
-  // [2^-((q + 1) / 64), 2^-(q / 64)], up to the roundings of z and of exp (1e-5).
-  const double target = p * W;
+  for (int q = 0; q <= nq; ++q) cnt[q] += cnt1[q];
+  return counted;
+}
+
+// The band [qa, qb) of coarse buckets that holds the boundary token, with
+// certainty: a token of bucket q weighs within [2^-((q + 1) / 64), 2^-(q / 64)]
+// up to the roundings of z and of exp (1e-5 relative, far above them), so the
+// counts of every token bound the mass before every bucket from both sides;
+// the band is where those bounds straddle p W (about 1% of the mass: a few
+// thousand tokens of a flat row). qb <= nq: the band lies in the exact domain.
+static bool band_from_counts(const int32_t* cnt, int nq, double target, int* qa_out, int* qb_out) {
   double lo = 0.0, hi = 0.0;
   int qa = 0, qb = nq;
   const double step = std::exp2(-1.0 / kFlatPerOctave);
   double wq = 1.0;
   for (int q = 0; q < nq; ++q) {
-    const double n = static_cast<double>(cnt[q] + cnt1[q]);
+    const double n = static_cast<double>(cnt[q]);
     hi += n * wq * (1.0 + 1e-5);
     wq *= step;
     lo += n * wq * (1.0 - 1e-5);
@@ -396,7 +431,80 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
       break;
     }
   }
-  if (qa >= qb) return false;
+  *qa_out = qa;
+  *qb_out = qb;
+  return qa < qb;
+}
+
+// The band estimated from a sample of the tokens (one vector in kSampleStride):
+// the mass below each bucket edge (the tail, many light tokens: a low-variance
+// estimate) scaled from the sample, with kSampleSigmas standard deviations
+// (Poisson) of margin on each side. Only a guess: the read verifies it exactly
+// and the caller counts every token when it misses.
+constexpr int64_t kSampleStride = 8;
+constexpr double kSampleSigmas = 4.0;
+static bool band_from_sample(const int32_t* cnt, int nq, int64_t counted, int64_t V, double tail_target, int* qa_out,
+                             int* qb_out, double* scratch) {
+  if (counted <= 0) return false;
+  const double scale = static_cast<double>(V) / static_cast<double>(counted);
+  // t1[q], t2[q]: sums of n w and n w^2 over buckets q..nq (w: the bucket's middle weight).
+  double* t1 = scratch;
+  double* t2 = scratch + nq + 2;
+  t1[nq + 1] = t2[nq + 1] = 0.0;
+  const double wnq = std::exp2(-static_cast<double>(nq) / kFlatPerOctave);
+  t1[nq] = cnt[nq] * wnq;  // beyond the domain: at most 2^-(nq / 64) each
+  t2[nq] = cnt[nq] * wnq * wnq;
+  const double step = std::exp2(1.0 / kFlatPerOctave);
+  double w = std::exp2(-(nq - 0.5) / kFlatPerOctave);  // bucket q's middle weight, from q = nq - 1 up
+  for (int q = nq - 1; q >= 0; --q, w *= step) {
+    const double n = static_cast<double>(cnt[q]);
+    t1[q] = t1[q + 1] + n * w;
+    t2[q] = t2[q + 1] + n * w * w;
+  }
+  // The boundary bucket b is the first whose following tail T(b + 1) <= (1 - p) W.
+  // qa: the largest q whose estimated tail surely exceeds the target; qb: the
+  // smallest q whose tail is surely at or below it.
+  int qa = 0, qb = nq;
+  for (int q = 0; q <= nq; ++q) {
+    const double est = scale * t1[q], sd = scale * std::sqrt(t2[q]) * kSampleSigmas + 1e-3 * tail_target;
+    if (est - sd > tail_target) qa = q;
+    if (est + sd <= tail_target) {
+      qb = q;
+      break;
+    }
+  }
+  *qa_out = qa;
+  *qb_out = std::min(qb, nq);
+  return qa < *qb_out;
+}
+
+static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int qa, int qb,
+                        FlatNucleus& ns);
+
+static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int nq,
+                       FlatNucleus& ns) {
+  if (nq < 2) return false;
+  const CoarseKey key(m, ec, nq);
+  int32_t* cnt = ns.count.get(2 * (nq + 1));
+  const double target = p * W;
+  int qa, qb;
+  // A sample of the row first: right unless the row's order hides its shape.
+  const int64_t counted = count_buckets(row, V, key, nq, kSampleStride, cnt);
+  if (band_from_sample(cnt, nq, counted, V, W - target, &qa, &qb, ns.hist.get(2 * (nq + 2))) &&
+      cut_in_band(row, V, m, ec, p, W, qa, qb, ns))
+    return true;
+  count_buckets(row, V, key, nq, 1, cnt);
+  if (!band_from_counts(cnt, nq, target, &qa, &qb)) return false;
+  return cut_in_band(row, V, m, ec, p, W, qa, qb, ns);
+}
+
+// The read: the exact masses above the band, the band's tokens, and the cut
+// among them; false (nothing decided) when the boundary lies outside the band.
+static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int qa, int qb,
+                        FlatNucleus& ns) {
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
+           vper = splat(static_cast<float>(kFlatPerOctave));
+  const double target = p * W;
   // The read.
   float* E = ns.w.get(V + kLanes);  // nucleus_online's weights where eref == m
   const float* eref = ns.eref.data();
@@ -409,43 +517,66 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
   double before = 0.0;
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t end = std::min(V, b0 + kBlock);
-    Acc16d acc;
-    for (int64_t c = b0; c < end; c += kLanes) {
-      const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
-      const VF d = xs - vm;
-      VF e;
-      if (eref[c / kChunk] == m) {  // nucleus_online stored it relative to m: the same bits
-        e = load_f32(E + c);
-      } else {
-        e = exp16_scaled(d, vch, vcl);  // 0 at -inf
-        store_f32(E + c, e);
-      }
-      const VF qf = (zero - d * vch) * vper;  // +inf at -inf: in no band
+    // Two accumulators (even and odd vectors): the sums are exact, so their order is free.
+    Acc16d acc0, acc1;
+    auto step = [&](VF xs, VF e, int64_t c, Acc16d& acc) __attribute__((always_inline)) {
+      const VF qf = (zero - (xs - vm) * vch) * vper;  // +inf at -inf: in no band
       acc.add(select(vqa > qf, e, zero));
       const VI in_band = (vqb > qf) & (qf >= vqa);
       nband += compress_store(in_band, lane_ids + splati(static_cast<int32_t>(c)), bid + nband);
+    };
+    for (int64_t c0 = b0; c0 < end; c0 += kChunk) {
+      const int64_t cend = std::min(end, c0 + kChunk);
+      int64_t c = c0;
+      if (eref[c0 / kChunk] == m) {  // nucleus_online stored them relative to m: the same bits
+        for (; c + 2 * kLanes <= cend; c += 2 * kLanes) {
+          step(load_f32(row + c), load_f32(E + c), c, acc0);
+          step(load_f32(row + c + kLanes), load_f32(E + c + kLanes), c + kLanes, acc1);
+        }
+      } else {
+        for (; c + 2 * kLanes <= cend; c += 2 * kLanes) {
+          const VF xa = load_f32(row + c), xb = load_f32(row + c + kLanes);
+          const VF ea = exp16_scaled(xa - vm, vch, vcl), eb = exp16_scaled(xb - vm, vch, vcl);
+          store_f32(E + c, ea);
+          store_f32(E + c + kLanes, eb);
+          step(xa, ea, c, acc0);
+          step(xb, eb, c + kLanes, acc1);
+        }
+      }
+      for (; c < cend; c += kLanes) {
+        const VF xs = c + kLanes <= cend ? load_f32(row + c) : load_tail(row, c, cend);
+        const VF e = exp16_scaled(xs - vm, vch, vcl);  // 0 at -inf
+        store_f32(E + c, e);
+        step(xs, e, c, acc0);
+      }
     }
-    bs[blk] = acc.sum();
+    acc0.merge(acc1);
+    bs[blk] = acc0.sum();
     before += bs[blk];  // exact: every weight above the band is in the exact domain
   }
   if (!(before < target)) return false;  // the boundary lies above the band
   // The band's exact masses in fine buckets (monotone in the logit, like the coarse ones).
   const int F = kFinePerBucket * (qb - qa);
-  double* h = ns.hist.get(F);
-  std::memset(h, 0, sizeof(double) * F);
+  // Four histograms: neighbours in one bucket do not wait on each other's add
+  // (exact sums: merging them changes no bit).
+  double* h = ns.hist.get(4 * F);
+  std::memset(h, 0, sizeof(double) * 4 * F);
   int32_t* bq = ns.band_q.get(nband + 1);
   float* bx = ns.band_x.get(nband + 1);
   float* be = ns.band_e.get(nband + 1);
-  const float fine = static_cast<float>(kFlatPerOctave * kFinePerBucket);
+  const float fine = static_cast<float>(kFlatPerOctave * kFinePerBucket), chi = ec.hi;
+  const int f0 = kFinePerBucket * qa;
   for (int64_t j = 0; j < nband; ++j) {
-    bx[j] = row[bid[j]];
-    be[j] = E[bid[j]];
-    const float qf = (0.0f - (bx[j] - m) * ec.hi) * fine;
-    int f = static_cast<int>(qf) - kFinePerBucket * qa;
-    f = std::min(std::max(f, 0), F - 1);
+    const int32_t i = bid[j];
+    const float x = row[i], e = E[i];
+    bx[j] = x;
+    be[j] = e;
+    const float qf = (0.0f - (x - m) * chi) * fine;
+    const int f = std::min(std::max(static_cast<int>(qf) - f0, 0), F - 1);
     bq[j] = f;
-    h[f] += static_cast<double>(be[j]);
+    h[(j & 3) * F + f] += static_cast<double>(e);
   }
+  for (int f = 0; f < F; ++f) h[f] = (h[f] + h[F + f]) + (h[2 * F + f] + h[3 * F + f]);
   double run = before;
   int fb = 0;
   for (; fb < F; ++fb) {
