@@ -437,6 +437,29 @@ def test_top_p_on_flat_rows_whose_sample_misleads_keeps_the_reference_nucleus(V,
     assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
 
 
+def test_top_p_on_a_flat_row_whose_boundary_lies_below_the_exact_domain():
+    # 32768 tokens of weight exactly 1 and the rest tied near 2^-15: the nucleus ends among the
+    # light tokens, below the weights whose float64 sums the flat cut takes as exact, so the row
+    # goes to the general gather, whose bound comes from the masses above 16^-(j + 1) measured
+    # in a read of the whole row. p puts the boundary half a token past a tie's running sum, far
+    # from the float32 roundings of the weights; ties are kept lowest index first.
+    g = torch.Generator().manual_seed(3)
+    V, T, heavy = 128256, 1.0, 32768
+    row = torch.full((V,), -15.0 * math.log(2.0) * T)
+    row[torch.randperm(V, generator=g)[:heavy]] = 0.0
+    w = math.exp(float(row.min()) / T)
+    W = heavy + (V - heavy) * w
+    for light in (47000, 90000):
+        p = (heavy + (light + 0.5) * w) / W
+        want = ref.filtered_probs(row, temperature=T, top_p=p)
+        assert int((want > 0).sum()) == heavy + light + 1
+        got = decodekit.processed_probs(row[None], T, top_p=p)[0]
+        assert torch.equal(got > 0, want > 0), (p, int((got > 0).sum()), int((want > 0).sum()))
+        seeds = torch.arange(24) * 13 + 1
+        ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+        assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds], p
+
+
 def test_top_p_gather_starts_empty_after_other_rows():
     # The nucleus gather of non-float32 rows reuses per-thread candidate lists: what a
     # previous call left there must not join the next row's candidates.

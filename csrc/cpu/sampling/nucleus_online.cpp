@@ -63,7 +63,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   float* eref = flat.eref.get(nch);  // per chunk: the maximum its stored weights are relative to, or NaN
   float* Ew = nullptr;
   cmax_buf.resize(nch);
-  seg_buf.resize(6 * nch + 6);  // (m_s, W_s, M_s[0..3]) per segment
+  seg_buf.resize(2 * nch + 2);  // (m_s, W_s) per segment
   ns.reserve();
   float* cmax = cmax_buf.data();
   double* seg = seg_buf.data();
@@ -79,24 +79,16 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   // d = x - m_s above this captures every token whose final z = d * c_hi
   // exceeds -16 (slack 1e-3, far above the roundings of d and z).
   const VF vdcap = splat(static_cast<float>(-16.016 / static_cast<double>(ec.hi)));
-  const VF vt0 = splat(0.0625f), vt1 = splat(0.00390625f), vt2 = splat(0.000244140625f),
-           vt3 = splat(1.52587890625e-05f);
   Acc16d acc, acc_odd;
-  VF m0 = zero, m1 = zero, m2 = zero, m3 = zero;
   auto flush = [&]() {
     if (m > -kInf && m < kInf) {
-      double* q = seg + 6 * nseg++;
+      double* q = seg + 2 * nseg++;
       acc.merge(acc_odd);
       q[0] = static_cast<double>(m);
       q[1] = acc.sum();
-      q[2] = lane_total(m0);
-      q[3] = lane_total(m1);
-      q[4] = lane_total(m2);
-      q[5] = lane_total(m3);
     }
     acc = Acc16d{};
     acc_odd = Acc16d{};
-    m0 = m1 = m2 = m3 = zero;
   };
   const VI lane_ids = iota16();
   for (int64_t ch = 0; ch < nch; ++ch) {
@@ -147,45 +139,26 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       store_f32(ew + k + kLanes, eb);
       acc.add(ea);
       acc_odd.add(eb);
-      m0 = m0 + (select(ea > vt0, ea, zero) + select(eb > vt0, eb, zero));
-      m1 = m1 + (select(ea > vt1, ea, zero) + select(eb > vt1, eb, zero));
-      m2 = m2 + (select(ea > vt2, ea, zero) + select(eb > vt2, eb, zero));
-      m3 = m3 + (select(ea > vt3, ea, zero) + select(eb > vt3, eb, zero));
     }
     for (; k < n; k += kLanes) {
       const VF e = weight(load(k) - vm);
       store_f32(ew + k, e);  // load_tail's -inf weighs 0; flat.w has kLanes of slack
       acc.add(e);
-      m0 = m0 + select(e > vt0, e, zero);
-      m1 = m1 + select(e > vt1, e, zero);
-      m2 = m2 + select(e > vt2, e, zero);
-      m3 = m3 + select(e > vt3, e, zero);
     }
   }
   flush();
   RowStats st{m, 0, any_lane(vnan), m == kInf};
   if (st.has_nan || !(m > -kInf) || m == kInf) return st;
   st.argmax = first_index_of_max(row, V, cmax, kChunk, m);
-  double W = 0.0, mass[4] = {0.0, 0.0, 0.0, 0.0};
-  const double discount = mass_discount(V);
+  double W = 0.0;
   for (int64_t i = 0; i < nseg; ++i) {
-    const double* q = seg + 6 * i;
+    const double* q = seg + 2 * i;
     const float ms = static_cast<float>(q[0]);
     if (ms == m) {  // the last segment: weights are relative to m already
       W += q[1];
-      for (int j = 0; j < 4; ++j) mass[j] += q[2 + j] * discount;
       continue;
     }
-    const double f = static_cast<double>(exp_scaled_nonpositive(ms - m, ec.hi, ec.lo));
-    W += q[1] * f;
-    if (!(f > 0.0)) continue;
-    int d = 1;
-    double level = 0.0625;
-    while (d < 4 && level > f * (1.0 - 1e-4)) {
-      ++d;
-      level *= 0.0625;
-    }
-    for (int j = 0; j + d < 4; ++j) mass[j + d] += q[2 + j] * f * (1.0 - 1e-4) * discount;
+    W += q[1] * static_cast<double>(exp_scaled_nonpositive(ms - m, ec.hi, ec.lo));
   }
   *W_out = W;
 
@@ -288,12 +261,25 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
     *cut = true;
     return st;
   }
-  // Fallback: lower bounds of the masses above tau_j, the captured part exactly.
-  if (!(capturing && W < 4096.0)) compact();
+  // Fallback (rare): lower bounds of the masses above tau_j, from the captured
+  // tokens (every token above 2^-16 when the capture held them all), or from a
+  // read of the whole row once it overflowed.
   const float t[4] = {0.0625f, 0.00390625f, 0.000244140625f, 1.52587890625e-05f};
-  for (int64_t i = 0; i < nc; ++i)
-    for (int j = 0; j < 4; ++j)
-      if (ce[i] > t[j]) mass[j] += static_cast<double>(ce[i]) * (1.0 - 1e-9);
+  double mass[4] = {0.0, 0.0, 0.0, 0.0};
+  if (capturing) {
+    if (!(W < 4096.0)) compact();
+    for (int64_t i = 0; i < nc; ++i)
+      for (int j = 0; j < 4; ++j)
+        if (ce[i] > t[j]) mass[j] += static_cast<double>(ce[i]) * (1.0 - 1e-9);
+  } else {
+    const VF vm = splat(m), zero = splat(0.0f);
+    Acc16d acc[4];
+    for (int64_t c = 0; c < V; c += kLanes) {
+      const VF e = exp16_scaled((c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V)) - vm, vch, vcl);
+      for (int j = 0; j < 4; ++j) acc[j].add(select(e > splat(t[j]), e, zero));
+    }
+    for (int j = 0; j < 4; ++j) mass[j] = acc[j].sum() * (1.0 - 1e-9);  // float64 sums of < 2^17 terms
+  }
   nucleus_candidates(row, V, LogitWeight{m, inv_t}, 1.0f, p, W, mass, out);
   return st;
 }
@@ -498,6 +484,36 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
   return cut_in_band(row, V, m, ec, p, W, qa, qb, ns);
 }
 
+// The smallest logit x whose coarse bucket, qf(x) = (0 - (x - m) c_hi) 64 in
+// float32 (CoarseKey's operations, in the same order), is below q: qf is
+// non-increasing in x (every rounding is monotone), so bucket(x) < q exactly
+// where x >= the result, and a compare of the logits replaces the three
+// operations of qf. +inf when no logit up to m qualifies; a bisection over the
+// ordered float32 values between -FLT_MAX and m.
+static float bucket_threshold(float m, float c_hi, int q) {
+  const float qv = static_cast<float>(q), per = static_cast<float>(kFlatPerOctave);
+  auto below = [&](float x) { return (0.0f - (x - m) * c_hi) * per < qv; };
+  auto ord = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return (u >> 31) ? -static_cast<int64_t>(u & 0x7fffffffu) : static_cast<int64_t>(u);
+  };
+  auto value = [](int64_t o) {
+    const uint32_t u = o < 0 ? (static_cast<uint32_t>(-o) | 0x80000000u) : static_cast<uint32_t>(o);
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  if (!below(m)) return kInf;
+  int64_t lo = ord(-std::numeric_limits<float>::max()), hi = ord(m);  // below(value(hi))
+  if (below(value(lo))) return value(lo);
+  while (hi - lo > 1) {  // !below(value(lo)), below(value(hi))
+    const int64_t mid = lo + (hi - lo) / 2;
+    (below(value(mid)) ? hi : lo) = mid;
+  }
+  return value(hi);
+}
+
 // The read: the exact masses above the band, the band's tokens, and the cut
 // among them; false (nothing decided) when the boundary lies outside the band.
 static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int qa, int qb,
@@ -512,7 +528,8 @@ static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec
   double* bs = ns.block_sums.get(nb);
   int32_t* bid = ns.band_idx.get(V + kLanes);
   int64_t nband = 0;
-  const VF vqa = splat(static_cast<float>(qa)), vqb = splat(static_cast<float>(qb));
+  // The buckets as logit thresholds: bucket(x) < q exactly where x >= t(q).
+  const VF vta = splat(bucket_threshold(m, ec.hi, qa)), vtb = splat(bucket_threshold(m, ec.hi, qb));
   const VI lane_ids = iota16();
   double before = 0.0;
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
@@ -520,9 +537,9 @@ static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec
     // Two accumulators (even and odd vectors): the sums are exact, so their order is free.
     Acc16d acc0, acc1;
     auto step = [&](VF xs, VF e, int64_t c, Acc16d& acc) __attribute__((always_inline)) {
-      const VF qf = (zero - (xs - vm) * vch) * vper;  // +inf at -inf: in no band
-      acc.add(select(vqa > qf, e, zero));
-      const VI in_band = (vqb > qf) & (qf >= vqa);
+      const VI above = xs >= vta;  // bucket < qa (-inf: in no band)
+      acc.add(select(above, e, zero));
+      const VI in_band = (xs >= vtb) & (vta > xs);
       nband += compress_store(in_band, lane_ids + splati(static_cast<int32_t>(c)), bid + nband);
     };
     for (int64_t c0 = b0; c0 < end; c0 += kChunk) {
