@@ -25,10 +25,12 @@ struct Pool {
   int64_t B, V;
   std::vector<std::vector<float>> bufs;
   size_t next = 0;
-  Pool(int64_t b, int64_t v, bool probs) : B(b), V(v) {
+  // Logits N(0, sd^2); at T = 0.7, sd = 4 gives a top-p 0.9 nucleus of a few tokens (peaked),
+  // sd = 1 one of ~56,000 tokens at V = 128256 (flat: randn logits).
+  Pool(int64_t b, int64_t v, bool probs, float sd = 4.0f) : B(b), V(v) {
     const int64_t n = std::max<int64_t>(2, kPoolBytes / (B * V * 4));
     std::mt19937 gen(1234);
-    std::normal_distribution<float> normal(0.0f, 4.0f);
+    std::normal_distribution<float> normal(0.0f, sd);
     bufs.resize(static_cast<size_t>(std::min<int64_t>(n, 64)));
     for (auto& buf : bufs) {
       buf.resize(static_cast<size_t>(B * V));
@@ -50,8 +52,8 @@ struct Pool {
 
 int threads() { return 2; }
 
-void SampleFromLogits(benchmark::State& state, int64_t top_k, double top_p, float min_p) {
-  Pool pool(state.range(0), state.range(1), false);
+void SampleFromLogits(benchmark::State& state, int64_t top_k, double top_p, float min_p, float sd = 4.0f) {
+  Pool pool(state.range(0), state.range(1), false, sd);
   dk::SamplingParams p;
   p.temperature.scalar = 0.7f;
   p.top_k.scalar = top_k;
@@ -71,6 +73,7 @@ void SampleFromLogits(benchmark::State& state, int64_t top_k, double top_p, floa
 
 void BM_Sample_k50_p09(benchmark::State& s) { SampleFromLogits(s, 50, 0.9, 0.0f); }
 void BM_Sample_p09(benchmark::State& s) { SampleFromLogits(s, 0, 0.9, 0.0f); }
+void BM_Sample_p09_flat(benchmark::State& s) { SampleFromLogits(s, 0, 0.9, 0.0f, 1.0f); }  // the hard case
 void BM_Sample_plain(benchmark::State& s) { SampleFromLogits(s, 0, 1.0, 0.0f); }
 void BM_Sample_minp(benchmark::State& s) { SampleFromLogits(s, 0, 1.0, 0.05f); }
 
@@ -157,6 +160,7 @@ void Shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_Sample_k50_p09)->Apply(Shapes);
 BENCHMARK(BM_Sample_p09)->Apply(Shapes);
+BENCHMARK(BM_Sample_p09_flat)->Apply(Shapes);
 BENCHMARK(BM_Sample_plain)->Apply(Shapes);
 BENCHMARK(BM_Sample_minp)->Apply(Shapes);
 BENCHMARK(BM_Softmax)->Apply(Shapes);
