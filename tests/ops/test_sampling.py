@@ -437,6 +437,37 @@ def test_top_p_on_flat_rows_whose_sample_misleads_keeps_the_reference_nucleus(V,
     assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
 
 
+def _sampled_vectors(V: int) -> torch.Tensor:
+    """The 16-token vectors the flat cut's sample counts (nucleus_online.cpp, count_buckets):
+    in each group of 8 vectors, the one at a position hashed from the group's index."""
+    groups = torch.arange(0, V, 128)
+    pick = (((groups // 128) * 2654435761) % 2**32 >> 16) % 8
+    first = groups + 16 * pick
+    return first[first < V] // 16
+
+
+@pytest.mark.parametrize("heavy_in_sample", [True, False])
+def test_top_p_on_a_flat_row_built_against_its_sample_keeps_the_reference_nucleus(heavy_in_sample):
+    # Heavy tokens exactly in the vectors the sample counts (it overestimates the heavy part,
+    # the guessed band lies too high) or exactly outside them (it sees only light tokens):
+    # the read rejects the guess and the cut counts every token; the kept set and the draws
+    # stay the float64 reference's.
+    g = torch.Generator().manual_seed(11)
+    V, T, p = 128256, 1.0, 0.9
+    in_sample = torch.zeros(V // 16 + 1, dtype=torch.bool)
+    in_sample[_sampled_vectors(V)] = True
+    heavy = in_sample.repeat_interleave(16)[:V]
+    if not heavy_in_sample:
+        heavy = ~heavy
+    row = torch.where(heavy, 0.0, -2.0) + 0.05 * torch.randn(V, generator=g)
+    want = ref.filtered_probs(row, temperature=T, top_p=p)
+    got = decodekit.processed_probs(row[None], T, top_p=p)[0]
+    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), int((want > 0).sum()))
+    seeds = torch.arange(24) * 17 + 5
+    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+
+
 def test_top_p_on_a_flat_row_whose_boundary_lies_below_the_exact_domain():
     # 32768 tokens of weight exactly 1 and the rest tied near 2^-15: the nucleus ends among the
     # light tokens, below the weights whose float64 sums the flat cut takes as exact, so the row

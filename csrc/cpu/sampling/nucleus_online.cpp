@@ -21,7 +21,7 @@ constexpr int kBucketsPerOctave = 8;
 constexpr int kOctaves = 16;
 constexpr int kBuckets = kBucketsPerOctave * kOctaves;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-// Captures at least this large go to flat_cut's counted cut first (see below).
+// Captures at least this large go to flat_cut's banded cut first (see below).
 constexpr int64_t kCountedCapture = 16384;
 
 // Pass A and the nucleus in one read of a float32 row (top-p without top-k,
@@ -44,15 +44,16 @@ constexpr int64_t kCountedCapture = 16384;
 // running sum of top_p_select_sorted_input keeps, bit for bit; *cut is set.
 //
 // If the capture would exceed kCaptureCap (a flat row), the rest of the row
-// falls back to float32 mass lanes above tau_j = 16^-(j+1) relative to m_s
-// (the masses of the captured part are added exactly). If the boundary lies
-// below 2^-16, or the weight above it reaches 4096, flat_cut (below) cuts the
-// nucleus exactly over every token (a capture of kCountedCapture tokens or
-// more tries flat_cut's counted cut first); only when its boundary lies below
-// its exact domain do the masses feed nucleus_candidates, which gathers a superset
-// of the nucleus from a second read of the row (from cache) for apply_chain
-// to cut. Returns the row stats;
-// W and the candidates only for a valid row.
+// is weighed into flat.w (relative to the row maximum where it is already
+// known). If the boundary lies below 2^-16, or the weight above it reaches
+// 4096, flat_cut (below) cuts the nucleus exactly over every token (a capture
+// of kCountedCapture tokens or more tries flat_cut's banded cut first); only
+// when its boundary lies below its exact domain does the row go to
+// nucleus_candidates, with lower bounds of the masses above tau_j = 16^-(j+1)
+// from the captured tokens (all of those above 2^-16 when the capture held
+// them) or, past an overflow, from a read of their own; it gathers a superset
+// of the nucleus from another read of the row (from cache) for apply_chain to
+// cut. Returns the row stats; W and the candidates only for a valid row.
 RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<float>& cmax_buf, Buf<double>& seg_buf,
                         NucleusScratch& ns, std::vector<Cand>& out, double* W_out, bool* cut) {
   out.clear();
@@ -188,7 +189,7 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
   };
   // A large capture (a flat row of a small vocabulary): the capture's cut would
   // weigh and bucket every captured token, sort the boundary bucket (hundreds of
-  // tokens) and list the nucleus; the counted cut of flat_cut finds the same kept
+  // tokens) and list the nucleus; the banded cut of flat_cut finds the same kept
   // set (both are the exact rank-order prefix) and draws from block sums.
   if (capturing && W < 4096.0 && ncap >= kCountedCapture && flat_cut(row, V, m, ec, p, W, flat, true)) {
     *cut = true;
@@ -272,13 +273,16 @@ RowStats nucleus_online(const float* row, int64_t V, float inv_t, double p, Buf<
       for (int j = 0; j < 4; ++j)
         if (ce[i] > t[j]) mass[j] += static_cast<double>(ce[i]) * (1.0 - 1e-9);
   } else {
-    const VF vm = splat(m), zero = splat(0.0f);
+    const VF vmax = splat(m);
     Acc16d acc[4];
     for (int64_t c = 0; c < V; c += kLanes) {
-      const VF e = exp16_scaled((c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V)) - vm, vch, vcl);
+      const VF e = exp16_scaled((c + kLanes <= V ? load_f32(row + c) : load_tail(row, c, V)) - vmax, vch, vcl);
       for (int j = 0; j < 4; ++j) acc[j].add(select(e > splat(t[j]), e, zero));
     }
-    for (int j = 0; j < 4; ++j) mass[j] = acc[j].sum() * (1.0 - 1e-9);  // float64 sums of < 2^17 terms
+    // Each lane adds V / 16 + 1 terms, then 16 lanes: a relative error below (V + 64) 2^-53
+    // (doubled for slack), so the discounted sums are lower bounds for any V.
+    const double discount = 1.0 - 1e-9 - 2.0 * static_cast<double>(V + 64) * 0x1p-53;
+    for (int j = 0; j < 4; ++j) mass[j] = acc[j].sum() * discount;
   }
   nucleus_candidates(row, V, LogitWeight{m, inv_t}, 1.0f, p, W, mass, out);
   return st;
@@ -342,32 +346,35 @@ FlatNucleus& flat_nucleus() {
 // one the full histogram finds: both reproduce the exact rank-order running sum.
 constexpr int kFinePerBucket = 8;
 
-// The coarse bucket of each lane (as flat_cut's): nq (outside the domain) unless z < nq / 64.
+// The coarse bucket of each lane (as flat_cut's): nq (outside the domain) unless
+// z < nq / 64, and nq + 1 for -inf (a masked token, which weighs nothing).
 struct CoarseKey {
   VF vm, vch, zero, vper, vnq;
+  VI masked;
   CoarseKey(float m, const ExpScale& ec, int nq)
       : vm(splat(m)),
         vch(splat(ec.hi)),
         zero(splat(0.0f)),
         vper(splat(static_cast<float>(kFlatPerOctave))),
-        vnq(splat(static_cast<float>(nq))) {}
+        vnq(splat(static_cast<float>(nq))),
+        masked(splati(nq + 1)) {}
   DK_INLINE VI operator()(VF xs) const {
     const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
     const VF qk = select(vnq > qf, qf, vnq);
     VI qi;
     for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
-    return qi;
+    return select(xs > splat(-kInf), qi, masked);
   }
 };
 
-// Counts of the coarse buckets into cnt[0..nq] (two arrays: neighbours do not
+// Counts of the coarse buckets into cnt[0..nq + 1] (two arrays: neighbours do not
 // wait on each other's increment): of every token (stride 1), or of one vector
 // of 16 tokens in each group of `stride` vectors, at a position that varies
 // from group to group (a hash of the group), so that no periodic layout of the
 // row hides from the sample. Returns the number of tokens counted.
 static int64_t count_buckets(const float* row, int64_t V, const CoarseKey& key, int nq, int64_t stride, int32_t* cnt) {
-  int32_t* cnt1 = cnt + nq + 1;
-  std::memset(cnt, 0, sizeof(int32_t) * 2 * (nq + 1));
+  int32_t* cnt1 = cnt + nq + 2;
+  std::memset(cnt, 0, sizeof(int32_t) * 2 * (nq + 2));
   alignas(64) int32_t keys[kBlock + kLanes];
   const int64_t step = kLanes * stride;
   int64_t counted = 0;
@@ -391,16 +398,12 @@ static int64_t count_buckets(const float* row, int64_t V, const CoarseKey& key, 
     }
     if (k < n) ++cnt[keys[k]];
   }
-  for (int q = 0; q <= nq; ++q) cnt[q] += cnt1[q];
+  for (int q = 0; q <= nq + 1; ++q) cnt[q] += cnt1[q];
   return counted;
 }
 
 // The band [qa, qb) of coarse buckets that holds the boundary token, with
-// certainty: a token of bucket q weighs within [2^-((q + 1) / 64), 2^-(q / 64)]
-// up to the roundings of z and of exp (1e-5 relative, far above them), so the
-// counts of every token bound the mass before every bucket from both sides;
-// the band is where those bounds straddle p W (about 1% of the mass: a few
-// thousand tokens of a flat row). qb <= nq: the band lies in the exact domain.
+// certainty, from the counts of every token (see above).
 static bool band_from_counts(const int32_t* cnt, int nq, double target, int* qa_out, int* qb_out) {
   double lo = 0.0, hi = 0.0;
   int qa = 0, qb = nq;
@@ -438,7 +441,7 @@ static bool band_from_sample(const int32_t* cnt, int nq, int64_t counted, int64_
   double* t2 = scratch + nq + 2;
   t1[nq + 1] = t2[nq + 1] = 0.0;
   const double wnq = std::exp2(-static_cast<double>(nq) / kFlatPerOctave);
-  t1[nq] = cnt[nq] * wnq;  // beyond the domain: at most 2^-(nq / 64) each
+  t1[nq] = cnt[nq] * wnq;  // beyond the domain: at most 2^-(nq / 64) each (masked tokens, cnt[nq + 1], weigh 0)
   t2[nq] = cnt[nq] * wnq * wnq;
   const double step = std::exp2(1.0 / kFlatPerOctave);
   double w = std::exp2(-(nq - 0.5) / kFlatPerOctave);  // bucket q's middle weight, from q = nq - 1 up
@@ -471,7 +474,7 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
                        FlatNucleus& ns) {
   if (nq < 2) return false;
   const CoarseKey key(m, ec, nq);
-  int32_t* cnt = ns.count.get(2 * (nq + 1));
+  int32_t* cnt = ns.count.get(2 * (nq + 2));
   const double target = p * W;
   int qa, qb;
   // A sample of the row first: right unless the row's order hides its shape.
@@ -518,12 +521,11 @@ static float bucket_threshold(float m, float c_hi, int q) {
 // among them; false (nothing decided) when the boundary lies outside the band.
 static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, int qa, int qb,
                         FlatNucleus& ns) {
-  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
-           vper = splat(static_cast<float>(kFlatPerOctave));
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f);
   const double target = p * W;
   // The read.
   float* E = ns.w.get(V + kLanes);  // nucleus_online's weights where eref == m
-  const float* eref = ns.eref.data();
+  float* eref = ns.eref.data();
   const int64_t nb = reduce::num_blocks(V);
   double* bs = ns.block_sums.get(nb);
   int32_t* bid = ns.band_idx.get(V + kLanes);
@@ -566,12 +568,13 @@ static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec
         store_f32(E + c, e);
         step(xs, e, c, acc0);
       }
+      eref[c0 / kChunk] = m;  // E now holds the chunk's weights relative to m (a second read loads them)
     }
     acc0.merge(acc1);
     bs[blk] = acc0.sum();
-    before += bs[blk];  // exact: every weight above the band is in the exact domain
+    before += bs[blk];                     // exact: every weight above the band is in the exact domain
+    if (!(before < target)) return false;  // the boundary lies above the band
   }
-  if (!(before < target)) return false;  // the boundary lies above the band
   // The band's exact masses in fine buckets (monotone in the logit, like the coarse ones).
   const int F = kFinePerBucket * (qb - qa);
   // Four histograms: neighbours in one bucket do not wait on each other's add
@@ -641,7 +644,7 @@ static bool cut_in_band(const float* row, int64_t V, float m, const ExpScale& ec
 }
 
 bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p, double W, FlatNucleus& ns,
-              bool counted_only) {
+              bool banded_only) {
   ns.on = false;
   if (!(W >= 1.0) || !(W < 1e12)) return false;  // the top token weighs 1
   int L = 0;
@@ -650,7 +653,7 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
   if (A < 2) return false;
   const int nq = std::min(kFlatBuckets, static_cast<int>(kFlatPerOctave * (static_cast<double>(A) - 0.01)));
   if (banded_cut(row, V, m, ec, p, W, nq, ns)) return true;
-  if (counted_only) return false;
+  if (banded_only) return false;
   float* E = ns.w.get(V + kLanes);
   double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
   double* h1 = h0 + kFlatBuckets + 1;
