@@ -123,6 +123,15 @@ def test_padding_invalid_rows_and_one_hot():
     assert valid.tolist() == [False] and torch.isnan(bad).all()
 
 
+def test_invalid_rows_raise_naming_the_rows_and_the_cause():
+    # The public op raises for invalid rows (validate=True) and names +inf with T > 0 too.
+    x = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("inf"), 0.0]])
+    with pytest.raises(ValueError, match=r"processed_probs: rows \[1\] .*\+inf logits with temperature > 0"):
+        decodekit.processed_probs(x, 1.0)
+    probs = decodekit.processed_probs(x, 1.0, validate=False)
+    assert torch.isnan(probs[1]).all() and abs(float(probs[0].sum()) - 1.0) < 1e-6
+
+
 # ------------------------------------------------------ against reference ----
 @pytest.mark.parametrize(
     "params",

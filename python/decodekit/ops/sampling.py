@@ -651,7 +651,7 @@ def processed_probs(
     probs, valid = ops.processed_probs(logits, t_t, t_v, k_t, k_v, p_t, p_v, m_t, m_v, vs, deterministic)
     if validate and has_data(valid) and not host_bool(valid.all(), op):
         raise ValueError(
-            f"{op}: rows {torch.nonzero(~valid).flatten().tolist()[:16]} have a NaN or no finite logit; "
+            f"{op}: rows {torch.nonzero(~valid).flatten().tolist()[:16]} {WHY_LOGITS}; "
             "pass validate=False to get them back as NaN"
         )
     return probs
