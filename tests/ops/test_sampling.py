@@ -409,6 +409,16 @@ def test_top_p_alone_on_flat_rows_keeps_the_reference_nucleus(V, scale, T, p, mi
     assert bool((want[fast] > 0).all())
 
 
+def _assert_reference_nucleus_and_draws(row: torch.Tensor, T: float, p: float, seeds: torch.Tensor) -> None:
+    """processed_probs keeps the float64 reference's nucleus of one row, and the seeded draws of
+    sample_from_logits are its inverse CDF with the same uniforms."""
+    want = ref.filtered_probs(row, temperature=T, top_p=p)
+    got = decodekit.processed_probs(row[None], T, top_p=p)[0]
+    assert torch.equal(got > 0, want > 0), (p, int((got > 0).sum()), int((want > 0).sum()))
+    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
+    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds], p
+
+
 @pytest.mark.parametrize(
     "V,scale,T,p,order",
     [
@@ -428,13 +438,9 @@ def test_top_p_on_flat_rows_whose_sample_misleads_keeps_the_reference_nucleus(V,
     row = torch.randn(V, generator=g) * (scale * T)
     if order != "random":
         row = torch.sort(row, descending=order == "descending").values
-    want = ref.filtered_probs(row, temperature=T, top_p=p)
+    _assert_reference_nucleus_and_draws(row, T, p, torch.arange(40) * 11 + 2)
     got = decodekit.processed_probs(row[None], T, top_p=p)[0]
-    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), int((want > 0).sum()))
-    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-12)
-    seeds = torch.arange(40) * 11 + 2
-    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
-    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+    assert torch.allclose(got.double(), ref.filtered_probs(row, temperature=T, top_p=p), rtol=1e-5, atol=1e-12)
 
 
 def _sampled_vectors(V: int) -> torch.Tensor:
@@ -460,12 +466,7 @@ def test_top_p_on_a_flat_row_built_against_its_sample_keeps_the_reference_nucleu
     if not heavy_in_sample:
         heavy = ~heavy
     row = torch.where(heavy, 0.0, -2.0) + 0.05 * torch.randn(V, generator=g)
-    want = ref.filtered_probs(row, temperature=T, top_p=p)
-    got = decodekit.processed_probs(row[None], T, top_p=p)[0]
-    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), int((want > 0).sum()))
-    seeds = torch.arange(24) * 17 + 5
-    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
-    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+    _assert_reference_nucleus_and_draws(row, T, p, torch.arange(24) * 17 + 5)
 
 
 def test_top_p_on_a_flat_row_whose_boundary_lies_below_the_exact_domain():
@@ -482,13 +483,8 @@ def test_top_p_on_a_flat_row_whose_boundary_lies_below_the_exact_domain():
     W = heavy + (V - heavy) * w
     for light in (47000, 90000):
         p = (heavy + (light + 0.5) * w) / W
-        want = ref.filtered_probs(row, temperature=T, top_p=p)
-        assert int((want > 0).sum()) == heavy + light + 1
-        got = decodekit.processed_probs(row[None], T, top_p=p)[0]
-        assert torch.equal(got > 0, want > 0), (p, int((got > 0).sum()), int((want > 0).sum()))
-        seeds = torch.arange(24) * 13 + 1
-        ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
-        assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds], p
+        assert int((ref.filtered_probs(row, temperature=T, top_p=p) > 0).sum()) == heavy + light + 1
+        _assert_reference_nucleus_and_draws(row, T, p, torch.arange(24) * 13 + 1)
 
 
 def test_top_p_gather_starts_empty_after_other_rows():
@@ -513,12 +509,7 @@ def test_top_p_alone_on_flat_rows_with_the_maximum_anywhere(max_at):
     V, T, p = 128256, 0.8, 0.9
     row = torch.randn(V, generator=g) + torch.linspace(-0.5, 0.5, V)
     row[max_at] = float(row.max()) + 1.0
-    want = ref.filtered_probs(row, temperature=T, top_p=p)
-    got = decodekit.processed_probs(row[None], T, top_p=p)[0]
-    assert torch.equal(got > 0, want > 0), (int((got > 0).sum()), int((want > 0).sum()))
-    seeds = torch.arange(24) * 7 + 1
-    ids = decodekit.sample_from_logits(row.repeat(len(seeds), 1), T, top_p=p, seed=seeds)
-    assert ids.tolist() == [ref.draw(want, ref.uniform_double(int(sd), 0, 0, 0)) for sd in seeds]
+    _assert_reference_nucleus_and_draws(row, T, p, torch.arange(24) * 7 + 1)
 
 
 def test_top_p_alone_on_flat_tied_rows_ranks_ties_by_index():
