@@ -655,19 +655,12 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
   if (banded_cut(row, V, m, ec, p, W, nq, ns)) return true;
   if (banded_only) return false;
   float* E = ns.w.get(V + kLanes);
-  double* h0 = ns.hist.get(2 * (kFlatBuckets + 1));
-  double* h1 = h0 + kFlatBuckets + 1;
-  std::memset(h0, 0, sizeof(double) * 2 * (kFlatBuckets + 1));
-  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f),
-           vper = splat(static_cast<float>(kFlatPerOctave)), vnq = splat(static_cast<float>(nq));
-  // The bucket of each lane: nq (a bucket outside the domain, never read) unless z < nq / 64.
-  auto bucket = [&](VF xs) __attribute__((always_inline)) {
-    const VF qf = (zero - (xs - vm) * vch) * vper;  // >= 0; +inf at -inf
-    const VF qk = select(vnq > qf, qf, vnq);
-    VI qi;
-    for (int pi = 0; pi < kParts; ++pi) qi.p[pi] = __builtin_convertvector(qk.p[pi], ni);
-    return qi;
-  };
+  double* h0 = ns.hist.get(2 * (kFlatBuckets + 2));
+  double* h1 = h0 + kFlatBuckets + 2;
+  std::memset(h0, 0, sizeof(double) * 2 * (kFlatBuckets + 2));
+  const VF vm = splat(m), vch = splat(ec.hi), vcl = splat(ec.lo), zero = splat(0.0f);
+  // The bucket of each lane: nq (outside the domain) or nq + 1 (-inf), never read, unless z < nq / 64.
+  const CoarseKey bucket(m, ec, nq);
   alignas(64) int32_t qa[kLanes];
   alignas(64) float ea[kLanes];
   for (int64_t c = 0; c < V; c += kLanes) {
@@ -703,7 +696,7 @@ bool flat_cut(const float* row, int64_t V, float m, const ExpScale& ec, double p
     Acc16d acc;
     for (int64_t c = b0; c < end; c += kLanes) {
       const VF xs = c + kLanes <= end ? load_f32(row + c) : load_tail(row, c, end);
-      const VI q = bucket(xs);                         // load_tail's -inf lands in bucket nq
+      const VI q = bucket(xs);                         // load_tail's -inf lands in bucket nq + 1
       acc.add(select(q < vb, load_f32(E + c), zero));  // E has kLanes of slack past V
       uint32_t bits = lane_bits(q == vb);
       while (bits) {
