@@ -281,6 +281,9 @@ def index_tensor(x, name: str, op: str, device: torch.device, length: Optional[i
 
 
 # ------------------------------------------------------ per-row parameters ----
+_WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+
+
 def _tensor_param(value, name, op, ref, *, integer, dtype, lo, hi, validate, allowed, tiny_positive):
     B = ref.size(0)
     if value.dim() != 1 or value.size(0) != B:
@@ -292,6 +295,9 @@ def _tensor_param(value, name, op, ref, *, integer, dtype, lo, hi, validate, all
     non_int = value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
     if integer and non_int:
         raise TypeError(f"{op}: {name} must be an integer tensor, got {value.dtype}")
+    if integer and value.dtype in _WIDE_UNSIGNED and (lo is not None or hi is not None):
+        # (torch has no comparisons for them; the range check needs one)
+        raise TypeError(f"{op}: {name} must be an int or a signed integer tensor (int64), got a {value.dtype} tensor")
     if not integer and not (value.dtype.is_floating_point or value.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
     t = value.to(dtype).contiguous()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -222,6 +223,34 @@ def test_batch_argument_errors_name_the_request(lm):
         generate(["a", "b"], model=lm, logit_bias=[None, {V: 1.0}])
     with pytest.raises(ValueError, match=rf"generate: top_logprobs must be an int in \[0, V={V}\]"):
         generate("a", model=lm, logprobs=True, top_logprobs=V + 1)
+
+
+def test_no_drawable_token_is_named_by_request(lm):
+    """Arguments that pass their own checks but leave no token to draw: a logit_bias near float32's
+    largest value with a negative frequency penalty overflows to +inf once the token has been
+    drawn (a sampled request), or a logit_bias that leaves only the stop ids, which
+    min_new_tokens masks. The error names the request (prompt 2 of the batch, not the batch row it
+    had once prompt 0 finished) and its arguments, not the sampler's internals; the second case
+    is refused before the prompt runs."""
+    big = {100: 3.0e38}  # finite in float32
+    with pytest.raises(ValueError, match=r"generate: no token can be drawn for prompt 2 at new token 1: ") as e:
+        generate(["Hi", "Yo", "Hey"], model=lm, max_new_tokens=[1, 4, 4], temperature=0.7, seed=[1, 2, 3],
+                 logit_bias=[None, None, big], frequency_penalty=[0.0, 0.0, -3.0e38])  # fmt: skip
+    assert "return_valid" not in str(e.value) and "rows" not in str(e.value)
+    with pytest.raises(ValueError, match=r"sample 1 at new token 1"):
+        generate(["Hi", "Hey"], model=lm, max_new_tokens=4, temperature=0.7, seed=3, n=2,
+                 logit_bias=[None, big], frequency_penalty=[0.0, -3.0e38])  # fmt: skip
+    # greedy takes the first +inf: no error, and token 100 is chosen from then on
+    r = generate("Hey", model=lm, max_new_tokens=4, temperature=0.0, logit_bias=big, frequency_penalty=-3.0e38)
+    assert r.token_ids[1:] == [100, 100, 100]
+    stop = sorted(lm.tokenizer.stop_ids)
+    only_stops = {t: float("-inf") for t in range(lm.config.vocab_size) if t not in stop}
+    with pytest.raises(ValueError, match=rf"generate: logit_bias\[1\] bans every token except stop ids {re.escape(str(stop))}, "
+                       r"which min_new_tokens\[1\]=2 masks until then"):  # fmt: skip
+        generate(["a", "b"], model=lm, logit_bias=[None, only_stops], min_new_tokens=[0, 2], max_new_tokens=3)
+    # without the mask (stop_on_eos=False, or min_new_tokens 0) the stop ids are drawable
+    r = generate("b", model=lm, logit_bias=only_stops, min_new_tokens=2, max_new_tokens=3, stop_on_eos=False)
+    assert set(r.token_ids) <= set(stop)
 
 
 # ----------------------------------------------------------------------------- paged forward

@@ -1347,3 +1347,19 @@ def test_scalar_offset_range_in_the_error():
         with pytest.raises(ValueError, match=r"offset must be an int in \[0, 2\^64\) or a \[B\] int64 tensor"):
             decodekit.sample_from_logits(x, temperature=1.0, seed=1, offset=bad)
     assert 0 <= int(decodekit.sample_from_logits(x, temperature=1.0, seed=1, offset=2**64 - 1)) < 4
+
+
+def test_wide_unsigned_parameter_tensors():
+    """A uint16 / uint32 / uint64 offset tensor (torch cannot compare them with the range 0
+    must be checked against) is a TypeError naming offset; a uint64 seed tensor, which needs no
+    range check, draws with the same 64 bits as the int64 tensor of those bits."""
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        with pytest.raises(
+            TypeError, match=rf"offset must be an int or a signed integer tensor \(int64\), got a {dtype}"
+        ):
+            decodekit.sample_from_logits(x, 1.0, seed=1, offset=torch.tensor([0, 1, 2, 3], dtype=dtype))
+    bits = [0, 1, 2**63 - 1, -(2**63)]  # the last: seed 2^63 as int64 bits
+    want = [ref.sample(x[b], s % 2**64, 0, temperature=1.0) for b, s in enumerate(bits)]
+    got = decodekit.sample_from_logits(x, 1.0, seed=torch.tensor(bits, dtype=torch.int64).view(torch.uint64))
+    assert got.tolist() == want

@@ -21,7 +21,7 @@ from .._threads import get_num_threads, threads_for_call
 from ..models.gguf_loader import LoadedModel, load_model
 from ..models.llama import model_device_and_dtype
 from .drafters import DraftModelDrafter, MedusaDrafter, NgramDrafter, shipped_draft_drafter, shipped_medusa_heads
-from .loop import run
+from .loop import Undrawable, run
 from .request import (
     GenerationResult,
     PerRequest,
@@ -66,6 +66,42 @@ def _check_flags(op: str, **flags) -> None:
     for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise TypeError(f"{op}: {name} must be True or False, got {flag!r:.60}")
+
+
+def _stop_ids(lm: LoadedModel, opts: dict, stop_on_eos: bool, requests, batched: bool, op: str) -> frozenset:
+    """The ids that stop a request (none without ``stop_on_eos``). Checks that each request with
+    ``min_new_tokens > 0`` keeps a token allowed besides them (they are masked until then): its
+    logit_bias must not ban every other token."""
+    eos_ids = lm.tokenizer.stop_ids if opts["eos_token_ids"] is None else frozenset(opts["eos_token_ids"])
+    stop_ids = eos_ids if stop_on_eos else frozenset()
+    for r in requests:
+        least = opts["min_new_tokens"][r.index]
+        if least <= 0 or not stop_ids or r.max_new_tokens == 0:
+            continue
+        banned = {t for t, b in (r.params.logit_bias or {}).items() if b == -math.inf}
+        if len(banned) + len(stop_ids - banned) >= lm.config.vocab_size:
+            at = f"[{r.index}]" if batched else ""
+            raise ValueError(
+                f"{op}: logit_bias{at} bans every token except stop ids {sorted(stop_ids - banned)[:5]}, which "
+                f"min_new_tokens{at}={least} masks until then: no token could be drawn; leave another "
+                "token allowed, or pass min_new_tokens=0 or stop_on_eos=False"
+            )
+    return stop_ids
+
+
+def _undrawable_message(e: Undrawable, op: str, batched: bool, with_n: bool) -> str:
+    """The error for requests whose processed logits left no token to draw (see Undrawable)."""
+    names = []
+    for r in e.requests:
+        i, s = (r.key if isinstance(r.key, tuple) else (r.key, r.sample)) if with_n else (r.key, 0)
+        name = f"prompt {i}" if batched else "the prompt"
+        names.append(f"{name}, sample {s}" if with_n else name)
+    return (
+        f"{op}: no token can be drawn for {'; '.join(names)} at new token {e.position}: its logits after "
+        "repetition/frequency/presence penalties, logit_bias, eos_bias and the min_new_tokens mask hold a NaN, "
+        "+inf (with temperature > 0) or no finite value; check those arguments (finite values that overflow "
+        "float32 together, e.g. a logit_bias near 3.4e38 with a penalty, do this)"
+    )
 
 
 def _check_logit_bias_ids(r, V: int, batched: bool, op: str) -> None:
@@ -159,6 +195,7 @@ def _decode(
         bad = [t for t in opts["eos_token_ids"] if not t < lm.config.vocab_size]
         if bad:
             raise ValueError(f"{op}: eos_token_ids {bad[:5]} outside [0, {lm.config.vocab_size})")
+    stop_ids = _stop_ids(lm, opts, stop_on_eos, requests, batched, op)
     requests = sample_requests(requests, opts, batched)
     if drafter == "ngram":
         drafter = NgramDrafter()
@@ -176,8 +213,6 @@ def _decode(
         def emit_to(index: int, piece: str) -> None:
             stream(piece)
 
-    eos_ids = lm.tokenizer.stop_ids if opts["eos_token_ids"] is None else frozenset(opts["eos_token_ids"])
-    stop_ids = eos_ids if stop_on_eos else frozenset()
     torch_threads = torch.get_num_threads()
     with torch.inference_mode(), call_threads:
         if threads is not None:
@@ -197,20 +232,23 @@ def _decode(
                 # kernels keep their thread count.
                 _C._set_num_threads(kernel_threads)
                 torch.set_num_threads(1)
-            run(
-                lm,
-                requests,
-                stop_ids=stop_ids,
-                emit_to=emit_to,
-                drafter=drafter,
-                num_draft_tokens=num_draft_tokens,
-                adaptive_drafts=adaptive_drafts,
-                call_key=next(_CALLS),
-                op=op,
-                top_logprobs=opts["top_logprobs"] if opts["logprobs"] else None,
-                logprobs_mode=opts["logprobs_mode"],
-                deterministic=lm.model.deterministic,
-            )
+            try:
+                run(
+                    lm,
+                    requests,
+                    stop_ids=stop_ids,
+                    emit_to=emit_to,
+                    drafter=drafter,
+                    num_draft_tokens=num_draft_tokens,
+                    adaptive_drafts=adaptive_drafts,
+                    call_key=next(_CALLS),
+                    op=op,
+                    top_logprobs=opts["top_logprobs"] if opts["logprobs"] else None,
+                    logprobs_mode=opts["logprobs_mode"],
+                    deterministic=lm.model.deterministic,
+                )
+            except Undrawable as e:
+                raise ValueError(_undrawable_message(e, op, batched, opts["n"] is not None)) from None
         finally:
             lm.model.deterministic = saved_mode
             torch.set_num_threads(torch_threads)
@@ -376,8 +414,12 @@ def generate(
             ``min_new_tokens < 0``, an empty stop string, a non-finite ``eos_bias``, stop ids or
             ``top_logprobs`` out of range, ``logprobs_mode`` not "processed"/"raw" (all checked
             before the model is loaded, except those against the model's vocabulary: token
-            ids, ``logit_bias`` ids, stop ids, ``top_logprobs <= V``). Messages of a batch name
-            the request (``temperature[2]``).
+            ids, ``logit_bias`` ids, stop ids, ``top_logprobs <= V``, and a ``logit_bias`` that
+            leaves only the stop ids while ``min_new_tokens`` masks them). Messages of a batch
+            name the request (``temperature[2]``). During decoding: a request whose logits after
+            its penalties, ``logit_bias``, ``eos_bias`` and ``min_new_tokens`` mask leave no
+            token to draw (a NaN, +inf at temperature > 0, or no finite logit: finite arguments
+            that overflow float32 together), named by its prompt (and sample).
         FileNotFoundError: the model file (or the default model's package) is missing.
         TypeError: ``deterministic`` that is not None or a bool; a ``dtype`` other than None,
             torch.float32 / bfloat16 / float16 or their names.

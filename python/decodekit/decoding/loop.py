@@ -210,37 +210,43 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         # 4-5. process every position, then sample (the first token, plain decoding, and a
         # request without drafts in any pass, so that its random numbers never depend on what
         # its neighbours drafted) or verify the drafts
-        if cand is None:
-            logits = _length_control(_processed(logits, active, drafts), active, stop_list)
-            emitted, accepted, lps = _sample_or_verify(
-                logits,
-                active,
-                drafts,
-                draft_logits,
-                verify=before is not None,
-                top_logprobs=top_logprobs,
-                logprobs_mode=logprobs_mode,
-                deterministic=deterministic,
-            )
-        else:
-            depths = tree.depths.tolist()
-            prefixes = tree.path_tokens(cand)
-            logits = _length_control(_processed(logits, active, None, prefixes), active, stop_list, depths)
-            t0 = time.perf_counter()
-            emitted, accepted, nodes, lps = _verify_tree_rows(
-                logits, active, cand, own_tree, drafter, top_logprobs, logprobs_mode, deterministic
-            )
-            drafter.verify_seconds += time.perf_counter() - t0
-            drafter.passes += sum(own_tree)
-            drafter.accepted += sum(accepted)
-            # the accepted path's keys and values move next to the root; the rest is dropped
-            path = torch.full((len(active), tree.depth + 1), -1, dtype=torch.int64)
-            path[:, 0] = 0
-            for b in range(len(active)):
-                path[b, 1 : 1 + accepted[b]] = torch.tensor(nodes[b][: accepted[b]], dtype=torch.int64)
-                last = nodes[b][accepted[b] - 1] if accepted[b] else 0
-                hidden[active[b].index] = tree_hidden[b, last]
-            cache.compact([r.seq_id for r in active], torch.tensor(before, dtype=torch.int64), path)
+        try:
+            if cand is None:
+                logits = _length_control(_processed(logits, active, drafts), active, stop_list)
+                emitted, accepted, lps = _sample_or_verify(
+                    logits,
+                    active,
+                    drafts,
+                    draft_logits,
+                    verify=before is not None,
+                    top_logprobs=top_logprobs,
+                    logprobs_mode=logprobs_mode,
+                    deterministic=deterministic,
+                )
+            else:
+                depths = tree.depths.tolist()
+                prefixes = tree.path_tokens(cand)
+                logits = _length_control(_processed(logits, active, None, prefixes), active, stop_list, depths)
+                t0 = time.perf_counter()
+                emitted, accepted, nodes, lps = _verify_tree_rows(
+                    logits, active, cand, own_tree, drafter, top_logprobs, logprobs_mode, deterministic
+                )
+                drafter.verify_seconds += time.perf_counter() - t0
+                drafter.passes += sum(own_tree)
+                drafter.accepted += sum(accepted)
+                # the accepted path's keys and values move next to the root; the rest is dropped
+                path = torch.full((len(active), tree.depth + 1), -1, dtype=torch.int64)
+                path[:, 0] = 0
+                for b in range(len(active)):
+                    path[b, 1 : 1 + accepted[b]] = torch.tensor(nodes[b][: accepted[b]], dtype=torch.int64)
+                    last = nodes[b][accepted[b] - 1] if accepted[b] else 0
+                    hidden[active[b].index] = tree_hidden[b, last]
+                cache.compact([r.seq_id for r in active], torch.tensor(before, dtype=torch.int64), path)
+        except ValueError as e:  # a row the sampler or the verifier cannot draw from: name its request
+            bad = _undrawable(logits, active)
+            if not bad:
+                raise
+            raise Undrawable(bad, len(bad[0].token_ids)) from e
         # 6-7. append or roll back; stop; stream
         running = []
         for b, r in enumerate(active):
@@ -373,6 +379,26 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
             logits = forward_paged(inp, cache, seqs, all_logits=True)  # [B, 1 + width, V]
         for r in active:
             r.steps += 1
+
+
+class Undrawable(Exception):
+    """Raised by :func:`run` when the processed logits of ``requests`` leave no token to draw
+    (a NaN, ``+inf`` with temperature > 0, or no finite logit) after ``position`` new tokens:
+    the sampler's error names batch rows, which :func:`decodekit.generate` turns into requests."""
+
+    def __init__(self, requests: List[Request], position: int) -> None:
+        super().__init__(f"no token can be drawn for requests {[r.index for r in requests]}")
+        self.requests, self.position = requests, position
+
+
+def _undrawable(logits: torch.Tensor, active: List[Request]) -> List[Request]:
+    """The requests of ``active`` with a row of ``logits [B, T, V]`` the sampler rejects: a NaN,
+    no finite logit, or ``+inf`` with temperature > 0 (greedy rows take the first ``+inf``)."""
+    x = logits.reshape(len(active), -1, logits.shape[-1])
+    nan = torch.isnan(x).any(-1).any(-1).tolist()
+    no_finite = (~torch.isfinite(x).any(-1)).any(-1).tolist()
+    pos_inf = torch.isposinf(x).any(-1).any(-1).tolist()
+    return [r for b, r in enumerate(active) if nan[b] or no_finite[b] or (pos_inf[b] and r.params.temperature > 0)]
 
 
 def _tree_pass(forward_paged, cand: torch.Tensor, cache, seqs: List[int], tree, tail: List[int]):

@@ -34,12 +34,20 @@ What is routed through decodekit (vLLM's semantics win):
   tokens do not depend on what else is in the batch. Requests without a seed get a random key
   from torch's global generator (which vLLM seeds).
 
-Everything else falls back to vLLM's own sampler for that batch, with one logged line per
-reason: repetition / frequency / presence penalties, ``logit_bias``, ``min_tokens``,
-``allowed_token_ids``, ``bad_words``, custom logits processors, thinking budgets,
-``logprob_token_ids``, full-vocabulary logprobs (``logprobs=-1``), other ``logprobs_mode``
-values, synthetic rejection sampling, and logprobs during speculative decoding. With
-``DECODEKIT_VLLM_FALLBACK=0`` such a batch raises :class:`UnsupportedSamplingError` instead.
+- vLLM's own logits processing in the sampler: repetition / frequency / presence penalties,
+  ``logit_bias``, ``min_tokens``, ``allowed_token_ids``, ``bad_words``, the thinking budget and
+  other logits processors that may change the argmax are applied by vLLM's
+  ``Sampler.apply_logits_processors``, run by the plugin, before decodekit's draw (per
+  request, as in vLLM).
+
+Everything else falls back to vLLM's own sampler or rejection sampler for that batch, with one
+logged line per reason: logits processors other than vLLM's min-p that act inside its sampling
+step, ``logprob_token_ids``, full-vocabulary logprobs (``logprobs=-1``), other
+``logprobs_mode`` values, synthetic rejection sampling, and logprobs during speculative
+decoding. In speculative verification (the rejection sampler), a batch that any of vLLM's
+logits processing acts on (the options above, the thinking budget, any other logits
+processor) also falls back. With ``DECODEKIT_VLLM_FALLBACK=0`` such a batch raises :class:`UnsupportedSamplingError`
+instead.
 """
 
 from __future__ import annotations
