@@ -92,10 +92,9 @@ def _stop_ids(lm: LoadedModel, opts: dict, stop_on_eos: bool, requests, batched:
 def _undrawable_message(e: Undrawable, op: str, batched: bool, with_n: bool) -> str:
     """The error for requests whose processed logits left no token to draw (see Undrawable)."""
     names = []
-    for r in e.requests:
-        i, s = (r.key if isinstance(r.key, tuple) else (r.key, r.sample)) if with_n else (r.key, 0)
-        name = f"prompt {i}" if batched else "the prompt"
-        names.append(f"{name}, sample {s}" if with_n else name)
+    for r in e.requests:  # (the key: the prompt index, or (prompt, sample) for a batch with n)
+        name = f"prompt {r.key[0] if isinstance(r.key, tuple) else r.key}" if batched else "the prompt"
+        names.append(f"{name}, sample {r.sample}" if with_n else name)
     return (
         f"{op}: no token can be drawn for {'; '.join(names)} at new token {e.position}: its logits after "
         "repetition/frequency/presence penalties, logit_bias, eos_bias and the min_new_tokens mask hold a NaN, "

@@ -210,7 +210,7 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
         # 4-5. process every position, then sample (the first token, plain decoding, and a
         # request without drafts in any pass, so that its random numbers never depend on what
         # its neighbours drafted) or verify the drafts
-        try:
+        try:  # a row the sampler or the verifier cannot draw from: name its request
             if cand is None:
                 logits = _length_control(_processed(logits, active, drafts), active, stop_list)
                 emitted, accepted, lps = _sample_or_verify(
@@ -231,22 +231,23 @@ def run(  # noqa: C901 (the one decode loop; its steps are numbered in the body)
                 emitted, accepted, nodes, lps = _verify_tree_rows(
                     logits, active, cand, own_tree, drafter, top_logprobs, logprobs_mode, deterministic
                 )
-                drafter.verify_seconds += time.perf_counter() - t0
-                drafter.passes += sum(own_tree)
-                drafter.accepted += sum(accepted)
-                # the accepted path's keys and values move next to the root; the rest is dropped
-                path = torch.full((len(active), tree.depth + 1), -1, dtype=torch.int64)
-                path[:, 0] = 0
-                for b in range(len(active)):
-                    path[b, 1 : 1 + accepted[b]] = torch.tensor(nodes[b][: accepted[b]], dtype=torch.int64)
-                    last = nodes[b][accepted[b] - 1] if accepted[b] else 0
-                    hidden[active[b].index] = tree_hidden[b, last]
-                cache.compact([r.seq_id for r in active], torch.tensor(before, dtype=torch.int64), path)
-        except ValueError as e:  # a row the sampler or the verifier cannot draw from: name its request
+        except ValueError as e:
             bad = _undrawable(logits, active)
             if not bad:
                 raise
             raise Undrawable(bad, len(bad[0].token_ids)) from e
+        if cand is not None:
+            drafter.verify_seconds += time.perf_counter() - t0
+            drafter.passes += sum(own_tree)
+            drafter.accepted += sum(accepted)
+            # the accepted path's keys and values move next to the root; the rest is dropped
+            path = torch.full((len(active), tree.depth + 1), -1, dtype=torch.int64)
+            path[:, 0] = 0
+            for b in range(len(active)):
+                path[b, 1 : 1 + accepted[b]] = torch.tensor(nodes[b][: accepted[b]], dtype=torch.int64)
+                last = nodes[b][accepted[b] - 1] if accepted[b] else 0
+                hidden[active[b].index] = tree_hidden[b, last]
+            cache.compact([r.seq_id for r in active], torch.tensor(before, dtype=torch.int64), path)
         # 6-7. append or roll back; stop; stream
         running = []
         for b, r in enumerate(active):
@@ -392,13 +393,15 @@ class Undrawable(Exception):
 
 
 def _undrawable(logits: torch.Tensor, active: List[Request]) -> List[Request]:
-    """The requests of ``active`` with a row of ``logits [B, T, V]`` the sampler rejects: a NaN,
-    no finite logit, or ``+inf`` with temperature > 0 (greedy rows take the first ``+inf``)."""
-    x = logits.reshape(len(active), -1, logits.shape[-1])
-    nan = torch.isnan(x).any(-1).any(-1).tolist()
-    no_finite = (~torch.isfinite(x).any(-1)).any(-1).tolist()
-    pos_inf = torch.isposinf(x).any(-1).any(-1).tolist()
-    return [r for b, r in enumerate(active) if nan[b] or no_finite[b] or (pos_inf[b] and r.params.temperature > 0)]
+    """The requests of ``active`` with a row of ``logits [B, T, V]`` that the sampler marks invalid
+    at the request's temperature (its own rule, through ``return_valid``)."""
+    B, V = len(active), logits.shape[-1]
+    x = logits.reshape(B, -1, V)
+    temperature = torch.tensor([r.params.temperature for r in active], dtype=torch.float32)
+    valid = sample_from_logits(
+        x.reshape(-1, V), temperature.repeat_interleave(x.shape[1]), seed=0, return_valid=True
+    ).valid.view(B, -1)
+    return [r for r, ok in zip(active, valid.all(-1).tolist()) if not ok]
 
 
 def _tree_pass(forward_paged, cand: torch.Tensor, cache, seqs: List[int], tree, tail: List[int]):
