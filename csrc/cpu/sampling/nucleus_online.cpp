@@ -4,6 +4,7 @@
 #include "cpu/common/draw.h"
 #include "cpu/sampling/nucleus_flat.h"
 #include "cpu/sampling/top_k.h"
+#include "decodekit/fixed.h"
 
 #include <algorithm>
 #include <cmath>
@@ -496,22 +497,13 @@ static bool banded_cut(const float* row, int64_t V, float m, const ExpScale& ec,
 static float bucket_threshold(float m, float c_hi, int q) {
   const float qv = static_cast<float>(q), per = static_cast<float>(kFlatPerOctave);
   auto below = [&](float x) { return (0.0f - (x - m) * c_hi) * per < qv; };
-  auto ord = [](float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return (u >> 31) ? -static_cast<int64_t>(u & 0x7fffffffu) : static_cast<int64_t>(u);
-  };
-  auto value = [](int64_t o) {
-    const uint32_t u = o < 0 ? (static_cast<uint32_t>(-o) | 0x80000000u) : static_cast<uint32_t>(o);
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  };
+  // rank_key's inverse (key 0x7fffffff, between rank_key(-0) and the negatives, is -0).
+  auto value = [](uint32_t k) { return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); };
   if (!below(m)) return kInf;
-  int64_t lo = ord(-std::numeric_limits<float>::max()), hi = ord(m);  // below(value(hi))
+  uint32_t lo = rank_key(-std::numeric_limits<float>::max()), hi = rank_key(m);  // below(value(hi))
   if (below(value(lo))) return value(lo);
   while (hi - lo > 1) {  // !below(value(lo)), below(value(hi))
-    const int64_t mid = lo + (hi - lo) / 2;
+    const uint32_t mid = lo + (hi - lo) / 2;
     (below(value(mid)) ? hi : lo) = mid;
   }
   return value(hi);

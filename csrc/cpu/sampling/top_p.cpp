@@ -4,10 +4,10 @@
 // nucleus_online.cpp.
 #include "cpu/sampling/internal.h"
 #include "cpu/sampling/top_k.h"
+#include "decodekit/fixed.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -173,13 +173,7 @@ int64_t top_p_select(std::vector<Cand>& cands, double p, double total) {
 // does. cands must be in ascending index order; cands[0, L) come back so too.
 int64_t top_p_select_sorted_input(std::vector<Cand>& cands, double p, double total, std::vector<Cand>& tmp) {
   const size_t n = cands.size();
-  auto key = [](float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if (u == 0x80000000u) u = 0;                     // -0 ranks with +0
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending in x
-    return ~u;                                       // descending in x
-  };
+  auto key = [](float x) { return ~rank_key(x); };  // descending in x (-0 ranks with +0)
   tmp.resize(2 * n);
   Cand* a = tmp.data();
   Cand* bbuf = a + n;
